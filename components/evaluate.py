@@ -1,0 +1,148 @@
+"""Evaluate: score the new model and the serving champion on the same holdout, then gate."""
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import numpy as np
+import pandas as pd
+
+from driftloop.config import higher_is_better
+
+__all__ = ["score", "gate", "Decision", "evaluate_models"]
+
+
+def score(model: Any, test: pd.DataFrame, *, target: str, task: str, numeric: list[str], categorical: list[str]) -> dict[str, float]:
+    """The task's metrics of ``model`` on ``test``."""
+    from sklearn import metrics as skm
+
+    from components.train import prepare_features
+
+    X = prepare_features(test, numeric, categorical)
+    y = test[target]
+    pred = model.predict(X)
+    if task == "regression":
+        return {
+            "rmse": float(math.sqrt(skm.mean_squared_error(y, pred))),
+            "mae": float(skm.mean_absolute_error(y, pred)),
+            "r2": float(skm.r2_score(y, pred)),
+        }
+    classes = list(getattr(model, "classes_", sorted(pd.unique(y))))
+    out = {"accuracy": float(skm.accuracy_score(y, pred))}
+    if len(classes) == 2:
+        out["f1"] = float(skm.f1_score(y, pred, pos_label=classes[1], zero_division=0))
+    else:
+        out["f1"] = float(skm.f1_score(y, pred, average="macro", zero_division=0))
+    if hasattr(model, "predict_proba") and y.nunique() > 1:
+        proba = model.predict_proba(X)
+        try:
+            if len(classes) == 2:
+                out["roc_auc"] = float(skm.roc_auc_score(y == classes[1], proba[:, 1]))
+            else:
+                out["roc_auc"] = float(skm.roc_auc_score(y, proba, multi_class="ovr", labels=classes))
+        except ValueError:
+            pass  # a class missing from the holdout: AUC undefined, other metrics stand
+    return out
+
+
+@dataclass(frozen=True)
+class Decision:
+    passed: bool
+    reason: str
+    metric: str
+    new_value: float
+    champion_value: float | None = None
+    champion_version: str | None = None
+    new_metrics: dict[str, float] = field(default_factory=dict)
+    champion_metrics: dict[str, float] = field(default_factory=dict)
+
+
+def gate(
+    new_metrics: dict[str, float],
+    champion_metrics: dict[str, float] | None,
+    *,
+    metric: str,
+    min_value: float | None = None,
+    margin: float = 0.0,
+    champion_version: str | None = None,
+) -> Decision:
+    """Decide whether the new model may go out.
+
+    Bootstrap rule: with no champion the first model passes when it meets ``min_value``
+    (or when no minimum is set). Otherwise it must meet the minimum and beat the
+    champion by ``margin`` in the metric's direction (lower is better for rmse/mae).
+    """
+    if metric not in new_metrics:
+        return Decision(False, f"metric {metric!r} could not be computed for the new model", metric, float("nan"), new_metrics=new_metrics)
+    value = new_metrics[metric]
+    up = higher_is_better(metric)
+    cmp = ">=" if up else "<="
+    if min_value is not None and not (value >= min_value if up else value <= min_value):
+        return Decision(False, f"{metric} {value:.4f} misses the minimum ({cmp} {min_value})", metric, value,
+                        new_metrics=new_metrics, champion_metrics=champion_metrics or {}, champion_version=champion_version)
+    if not champion_metrics:
+        floor = f" and meets the minimum ({cmp} {min_value})" if min_value is not None else ""
+        return Decision(True, f"no champion yet: first model passes by the bootstrap rule ({metric} {value:.4f}{floor})",
+                        metric, value, new_metrics=new_metrics)
+    champ = champion_metrics.get(metric)
+    if champ is None or (isinstance(champ, float) and math.isnan(champ)):
+        return Decision(True, f"champion v{champion_version} has no {metric}; new model passes on the minimum alone",
+                        metric, value, None, champion_version, new_metrics, champion_metrics)
+    need = champ + margin if up else champ - margin
+    ok = value >= need if up else value <= need
+    delta = value - champ
+    verb = "beats" if ok else "does not beat"
+    reason = (f"{metric} {value:.4f} vs champion v{champion_version} {champ:.4f} (delta {delta:+.4f}); "
+              f"new model {verb} the champion by the margin {margin:+g}")
+    return Decision(ok, reason, metric, value, champ, champion_version, new_metrics, champion_metrics)
+
+
+def evaluate_models(
+    new_model: Any,
+    champion: Any | None,
+    test: pd.DataFrame,
+    *,
+    target: str,
+    task: str,
+    numeric: list[str],
+    categorical: list[str],
+    metric: str,
+    min_value: float | None = None,
+    margin: float = 0.0,
+    champion_version: str | None = None,
+) -> Decision:
+    """Score both models on the same holdout and apply the gate."""
+    new_metrics = score(new_model, test, target=target, task=task, numeric=numeric, categorical=categorical)
+    champion_metrics = None
+    if champion is not None:
+        try:
+            champion_metrics = score(champion, test, target=target, task=task, numeric=numeric, categorical=categorical)
+        except (ValueError, KeyError) as exc:
+            # The champion cannot read this data (its schema changed): say so, judge on the minimum.
+            d = gate(new_metrics, None, metric=metric, min_value=min_value, margin=margin)
+            return Decision(d.passed, f"champion v{champion_version} cannot score the holdout ({exc}); {d.reason}",
+                            metric, d.new_value, None, champion_version, new_metrics, {})
+    return gate(new_metrics, champion_metrics, metric=metric, min_value=min_value, margin=margin, champion_version=champion_version)
+
+
+def curves(model: Any, test: pd.DataFrame, *, target: str, numeric: list[str], categorical: list[str]) -> dict[str, Any]:
+    """Confusion matrix and (binary) ROC points for the Kubeflow UI."""
+    from sklearn import metrics as skm
+
+    from components.train import prepare_features
+
+    X = prepare_features(test, numeric, categorical)
+    y = test[target]
+    pred = model.predict(X)
+    classes = list(getattr(model, "classes_", sorted(pd.unique(y))))
+    out: dict[str, Any] = {
+        "labels": [str(c) for c in classes],
+        "confusion": skm.confusion_matrix(y, pred, labels=classes).tolist(),
+    }
+    if len(classes) == 2 and hasattr(model, "predict_proba") and y.nunique() == 2:
+        fpr, tpr, thr = skm.roc_curve(y == classes[1], model.predict_proba(X)[:, 1])
+        # Keep the UI light: at most ~200 points.
+        idx = np.unique(np.linspace(0, len(fpr) - 1, num=min(len(fpr), 200)).astype(int))
+        thr = np.where(np.isinf(thr), 1.0, thr)
+        out["roc"] = {"fpr": fpr[idx].tolist(), "tpr": tpr[idx].tolist(), "thresholds": thr[idx].tolist()}
+    return out

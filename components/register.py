@@ -1,0 +1,157 @@
+"""Register: log the run to MLflow and register the model version with alias ``challenger``.
+
+The first model of a name (no champion yet) also gets ``champion``. When the gate
+rejects the model, :func:`record_rejection` logs the run and the reason without
+registering anything, so every retraining run is tracked.
+"""
+
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import pandas as pd
+
+
+__all__ = ["RunContext", "trusted_types", "register_model", "record_rejection"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What links an MLflow run and model version to its origin."""
+
+    trigger: str
+    pipeline_run_id: str
+    request_id: str
+    data_window: str
+    data_source: str
+    learner: str
+    task: str
+    device: str
+    params: dict[str, Any]
+
+
+def _run_tags(ctx: RunContext, decision: dict[str, Any]) -> dict[str, str]:
+    from driftloop.registry import TAG
+
+    tags = {
+        TAG.TRIGGER: ctx.trigger,
+        TAG.PIPELINE_RUN: ctx.pipeline_run_id,
+        TAG.REQUEST: ctx.request_id,
+        TAG.WINDOW: ctx.data_window,
+        TAG.SOURCE: ctx.data_source,
+        TAG.GATE: "passed" if decision.get("passed") else "rejected",
+        TAG.GATE_REASON: decision.get("reason", "")[:5000],
+        TAG.DEVICE: ctx.device,
+    }
+    if ctx.trigger.startswith("drift:"):
+        tags[TAG.ALERT] = ctx.trigger.split(":", 1)[1]
+    if ctx.trigger.startswith("schedule:"):
+        tags[TAG.SCHEDULE] = ctx.trigger.split(":", 1)[1]
+    return tags
+
+
+def _log_run_body(mlflow: Any, ctx: RunContext, decision: dict[str, Any], train: pd.DataFrame, test: pd.DataFrame,
+                  schema: dict[str, Any], target: str) -> None:
+    mlflow.log_params({
+        "learner": ctx.learner, "task": ctx.task, "device": ctx.device, "target": target,
+        "train_rows": len(train), "test_rows": len(test), "gate_metric": decision.get("metric"),
+        **{f"learner.{k}": v for k, v in (ctx.params or {}).items()},
+    })
+    mlflow.log_metrics({k: float(v) for k, v in (decision.get("new_metrics") or {}).items()})
+    mlflow.log_metrics({f"champion_{k}": float(v) for k, v in (decision.get("champion_metrics") or {}).items()})
+    mlflow.log_metric("gate_passed", 1.0 if decision.get("passed") else 0.0)
+    mlflow.set_tags(_run_tags(ctx, decision))
+    source = ctx.data_source or "unknown"
+    train_ds = mlflow.data.from_pandas(train, source=source, name="train", targets=target)
+    test_ds = mlflow.data.from_pandas(test, source=source, name="test", targets=target)
+    mlflow.log_input(train_ds, context="training")
+    mlflow.log_input(test_ds, context="evaluation")
+    mlflow.log_dict(decision, "gate/decision.json")
+    mlflow.log_dict(schema, "schema/schema.json")
+
+
+def trusted_types(model: Any) -> list[str]:
+    """The types MLflow's skops format must trust to load this model.
+
+    MLflow 3 saves sklearn models with skops, which refuses types it does not know
+    (e.g. HistGradientBoosting's tree predictors). We built this model in this run, so
+    we list exactly its own types rather than switching to pickle.
+    """
+    from skops.io import dumps, get_untrusted_types
+
+    return get_untrusted_types(data=dumps(model))
+
+
+def register_model(
+    model: Any,
+    *,
+    registry: Any,
+    model_name: str,
+    train: pd.DataFrame,
+    test: pd.DataFrame,
+    reference: pd.DataFrame,
+    schema: dict[str, Any],
+    decision: dict[str, Any],
+    ctx: RunContext,
+) -> tuple[str, list[str], str]:
+    """Log run + model + datasets; register a version; set aliases. Returns (version, aliases, run_id).
+
+    Aliases are moved last, so a failure earlier leaves the registry's aliases untouched.
+    """
+    import mlflow
+    from mlflow.models import infer_signature
+
+    from components.train import prepare_features
+    from driftloop.registry import CHALLENGER, CHAMPION, REFERENCE_ARTIFACT, TAG
+
+    target = schema["target"]
+    numeric, categorical = schema["numeric"], schema["categorical"]
+    features = prepare_features(train, numeric, categorical)
+    example = features.head(5)
+    signature = infer_signature(example, model.predict(example))
+    exp_id = registry.experiment_id()
+    with registry._translate(f"cannot register model {model_name!r}"):
+        with mlflow.start_run(experiment_id=exp_id, run_name=f"train-{ctx.request_id[:8]}") as run:
+            _log_run_body(mlflow, ctx, decision, train, test, schema, target)
+            with tempfile.TemporaryDirectory() as tmp:
+                ref_path = Path(tmp) / "reference.parquet"
+                reference.to_parquet(ref_path, index=False)
+                mlflow.log_artifact(str(ref_path), artifact_path=str(Path(REFERENCE_ARTIFACT).parent))
+            info = mlflow.sklearn.log_model(
+                model, name="model", signature=signature, input_example=example, registered_model_name=model_name,
+                await_registration_for=60, skops_trusted_types=trusted_types(model),
+            )
+            version = str(info.registered_model_version)
+        first = registry.version_by_alias(model_name, CHAMPION) is None
+        registry.tag_version(model_name, version, {**_run_tags(ctx, decision), "driftloop.mlflow_run_id": run.info.run_id})
+        aliases = [CHALLENGER]
+        registry.set_alias(model_name, CHALLENGER, version)
+        if first:
+            registry.set_alias(model_name, CHAMPION, version)
+            registry.tag_version(model_name, version, {TAG.ROLLOUT: "bootstrap", TAG.ROLLOUT_REASON: "first model of this name"})
+            aliases.append(CHAMPION)
+    log.info("registered %s version %s with aliases %s", model_name, version, aliases)
+    return version, aliases, run.info.run_id
+
+
+def record_rejection(*, registry: Any, train: pd.DataFrame, test: pd.DataFrame, schema: dict[str, Any],
+                     decision: dict[str, Any], ctx: RunContext) -> str:
+    """Log a rejected run (params, metrics, reason, datasets); register nothing."""
+    import mlflow
+
+    exp_id = registry.experiment_id()
+    with registry._translate("cannot log the rejected run"):
+        with mlflow.start_run(experiment_id=exp_id, run_name=f"rejected-{ctx.request_id[:8]}") as run:
+            _log_run_body(mlflow, ctx, decision, train, test, schema, schema["target"])
+    return run.info.run_id
+
+
+def _ctx(train_meta: dict, trigger: str, pipeline_run_id: str, request_id: str, source: str, learner: str, task: str,
+         device: str, params: dict) -> RunContext:
+    return RunContext(trigger=trigger or "manual", pipeline_run_id=pipeline_run_id, request_id=request_id or pipeline_run_id,
+                      data_window=str(train_meta.get("window", "")), data_source=source, learner=learner, task=task,
+                      device=device, params=params)

@@ -1,0 +1,141 @@
+"""Validate: schema and data-quality rules. A violation stops the run naming column and rule."""
+
+from typing import Any
+
+import pandas as pd
+
+from driftloop.errors import DataValidationError
+
+__all__ = ["infer_schema", "validate_frames", "feature_columns"]
+
+
+def feature_columns(df: pd.DataFrame, target: str, time_column: str | None = None) -> tuple[list[str], list[str]]:
+    """Split the feature columns into (numeric, categorical). Booleans count as categorical."""
+    numeric, categorical = [], []
+    for col in df.columns:
+        if col in (target, time_column):
+            continue
+        s = df[col]
+        if pd.api.types.is_bool_dtype(s):
+            categorical.append(col)
+        elif pd.api.types.is_numeric_dtype(s):
+            numeric.append(col)
+        elif pd.api.types.is_datetime64_any_dtype(s):
+            raise DataValidationError(
+                f"column {col!r}: datetime features are not supported (name it data.time_column or drop it)",
+                column=col, rule="dtype",
+            )
+        else:
+            values = s.dropna()
+            kinds = {type(v).__name__ for v in values.head(10_000)}
+            if kinds - {"str"}:
+                raise DataValidationError(
+                    f"column {col!r}: mixed value types {sorted(kinds)}; expected numbers or strings",
+                    column=col, rule="dtype",
+                )
+            categorical.append(col)
+    return numeric, categorical
+
+
+def infer_schema(df: pd.DataFrame, target: str, task: str, time_column: str | None = None) -> dict[str, Any]:
+    """The training schema: feature kinds, numeric ranges, categorical levels, target classes."""
+    numeric, categorical = feature_columns(df, target, time_column)
+    schema: dict[str, Any] = {
+        "target": target,
+        "task": task,
+        "time_column": time_column,
+        "numeric": numeric,
+        "categorical": categorical,
+        "ranges": {c: [float(df[c].min()), float(df[c].max())] for c in numeric if df[c].notna().any()},
+        "levels": {c: sorted(map(str, df[c].dropna().unique()))[:1000] for c in categorical},
+    }
+    if task == "classification":
+        schema["classes"] = sorted(df[target].dropna().unique().tolist())
+    return schema
+
+
+def _check_target(df: pd.DataFrame, target: str, task: str, split: str) -> None:
+    if target not in df.columns:
+        raise DataValidationError(f"target column {target!r} is missing from the {split} split", column=target, rule="target_present")
+    missing = int(df[target].isna().sum())
+    if missing:
+        raise DataValidationError(f"target column {target!r} has {missing} missing values in the {split} split", column=target, rule="target_missing")
+    if task == "regression" and not pd.api.types.is_numeric_dtype(df[target]):
+        raise DataValidationError(
+            f"target column {target!r} must be numeric for regression (dtype {df[target].dtype})", column=target, rule="dtype"
+        )
+
+
+def validate_frames(
+    train: pd.DataFrame,
+    test: pd.DataFrame,
+    *,
+    target: str,
+    task: str,
+    time_column: str | None = None,
+    max_missing: float = 0.3,
+    max_unseen_share: float = 0.05,
+    columns: dict[str, dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Check schema and quality; return the training schema. Raises DataValidationError on the first violation."""
+    columns = columns or {}
+    for split, frame in (("train", train), ("test", test)):
+        _check_target(frame, target, task, split)
+    unknown = set(columns) - set(train.columns)
+    if unknown:
+        col = sorted(unknown)[0]
+        raise DataValidationError(f"column {col!r} has quality rules but is not in the data", column=col, rule="column_present")
+    if list(train.columns) != list(test.columns):
+        missing = [c for c in train.columns if c not in test.columns]
+        col = missing[0] if missing else str(test.columns[0])
+        raise DataValidationError(f"column {col!r}: train and test splits have different columns", column=col, rule="schema")
+    schema = infer_schema(train, target, task, time_column)
+    if not schema["numeric"] and not schema["categorical"]:
+        raise DataValidationError("the data has no feature columns besides the target", column=target, rule="schema")
+    if task == "classification" and len(schema["classes"]) < 2:
+        raise DataValidationError(
+            f"target column {target!r} has a single class ({schema['classes'][0]!r}) in the training split; need at least two",
+            column=target, rule="classes",
+        )
+    for col in schema["numeric"]:
+        if not pd.api.types.is_numeric_dtype(test[col]):
+            raise DataValidationError(f"column {col!r}: numeric in train but {test[col].dtype} in test", column=col, rule="dtype")
+    both = pd.concat([train, test], ignore_index=True)
+    for col in schema["numeric"] + schema["categorical"]:
+        rule = columns.get(col, {})
+        limit = rule.get("max_missing")
+        limit = max_missing if limit is None else limit
+        share = float(both[col].isna().mean())
+        if share > limit:
+            raise DataValidationError(
+                f"column {col!r}: {share:.1%} missing values exceeds max_missing {limit:.1%}", column=col, rule="max_missing"
+            )
+        values = both[col].dropna()
+        if rule.get("min") is not None and col in schema["numeric"] and (values < rule["min"]).any():
+            raise DataValidationError(
+                f"column {col!r}: {int((values < rule['min']).sum())} values below min {rule['min']} (lowest {values.min()})",
+                column=col, rule="min",
+            )
+        if rule.get("max") is not None and col in schema["numeric"] and (values > rule["max"]).any():
+            raise DataValidationError(
+                f"column {col!r}: {int((values > rule['max']).sum())} values above max {rule['max']} (highest {values.max()})",
+                column=col, rule="max",
+            )
+        if rule.get("allowed") is not None:
+            bad = sorted(set(map(str, values.unique())) - set(map(str, rule["allowed"])))
+            if bad:
+                raise DataValidationError(f"column {col!r}: levels {bad[:5]} are not in the allowed list", column=col, rule="allowed")
+    for col in schema["categorical"]:
+        seen = set(schema["levels"][col])
+        test_values = test[col].dropna().astype(str)
+        if len(test_values):
+            unseen = ~test_values.isin(seen)
+            share = float(unseen.mean())
+            if share > max_unseen_share:
+                levels = sorted(test_values[unseen].unique())[:5]
+                raise DataValidationError(
+                    f"column {col!r}: {share:.1%} of test rows have levels never seen in training {levels} "
+                    f"(max_unseen_share {max_unseen_share:.1%})",
+                    column=col, rule="unseen_levels",
+                )
+    return schema

@@ -1,0 +1,197 @@
+"""The driftloop command line: the user's front door, one verb per step of the loop.
+
+User errors (``DriftloopError``) print one clear line and exit with status 2; only
+bugs show a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from driftloop.config import Settings, load_settings
+from driftloop.errors import DriftloopError
+
+__all__ = ["app", "main", "console", "settings_from", "ConfigOpt", "ParamOpt"]
+
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+app = typer.Typer(
+    name="driftloop",
+    help="Train, serve, monitor and retrain a production model on Kubeflow, KServe, MLflow and Evidently.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+run_app = typer.Typer(help="Run a pipeline (kfp.local by default, Kubeflow when kfp.host is set).", no_args_is_help=True)
+data_app = typer.Typer(help="Built-in scenario data.", no_args_is_help=True)
+config_app = typer.Typer(help="Inspect the configuration.", no_args_is_help=True)
+app.add_typer(run_app, name="run")
+app.add_typer(data_app, name="data")
+app.add_typer(config_app, name="config")
+
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file (or $DRIFTLOOP_CONFIG).")]
+ParamOpt = Annotated[Optional[list[str]], typer.Option("--param", "-p", help="Override a config key: section.key=value.")]
+
+
+def settings_from(config: Path | None, params: list[str] | None = None, **extra: object) -> Settings:
+    """Load the settings for a command: file, environment, ``--param`` overrides, then flag values."""
+    overrides = list(params or [])
+    overrides += [f"{k}={v}" for k, v in extra.items() if v is not None]
+    return load_settings(config, overrides)
+
+
+def _quiet_libraries() -> None:
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    for name in ("mlflow", "alembic", "urllib3", "kserve"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+
+
+@app.callback()
+def _root(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s")
+    _quiet_libraries()
+
+
+# --- compile -------------------------------------------------------------------------
+@app.command("compile")
+def compile_cmd(
+    config: ConfigOpt = None,
+    params: ParamOpt = None,
+    output_dir: Annotated[Path, typer.Option("--output-dir", "-o", help="Where the YAML goes.")] = Path("compiled"),
+) -> None:
+    """Compile the pipelines to Kubeflow Pipelines YAML, ready to upload in the Kubeflow UI."""
+    from pipelines.training import compile_pipeline
+
+    settings = settings_from(config, params)
+    path = compile_pipeline(settings, output_dir / f"{settings.kfp.pipeline_name}.yaml")
+    console.print(f"[green]compiled[/] training pipeline -> {path}")
+    console.print("Upload it in the Kubeflow UI (Pipelines > Upload pipeline) or submit it with `driftloop run train --kfp-host …`.")
+
+
+# --- run train -------------------------------------------------------------------------
+@run_app.command("train")
+def run_train(
+    config: ConfigOpt = None,
+    params: ParamOpt = None,
+    kfp_host: Annotated[Optional[str], typer.Option("--kfp-host", help="Kubeflow Pipelines endpoint (cluster run).")] = None,
+    trigger: Annotated[str, typer.Option(help="What started this run: manual, schedule:<name>, drift:<alert-id>.")] = "manual",
+    window_start: Annotated[Optional[str], typer.Option(help="Inclusive start of the data window (ISO time).")] = None,
+    window_end: Annotated[Optional[str], typer.Option(help="Exclusive end of the data window (ISO time).")] = None,
+    wait: Annotated[bool, typer.Option(help="On Kubeflow: wait for the run to finish.")] = False,
+) -> None:
+    """Run the training pipeline and print a summary: rows, metrics, gate decision, model version."""
+    from driftloop.runner import RunRequest, runner_for
+
+    validate_trigger(trigger)
+    settings = settings_from(config, params, **{"kfp.host": kfp_host})
+    runner = runner_for(settings)
+    where = f"Kubeflow at {settings.kfp.host}" if settings.is_cluster else "kfp.local (embedded default)"
+    console.print(f"[bold]driftloop[/] training pipeline on {where}; data {settings.data.source}")
+    request = RunRequest(trigger=trigger, window_start=window_start, window_end=window_end)
+    result = runner.run_training(request, wait=wait) if settings.is_cluster else runner.run_training(request)
+    print_run_result(settings, result)
+    if result.state == "FAILED":
+        raise typer.Exit(1)
+
+
+def validate_trigger(trigger: str) -> None:
+    if trigger != "manual" and not trigger.startswith(("schedule:", "drift:")):
+        raise DriftloopError(f"trigger {trigger!r} must be manual, schedule:<name> or drift:<alert-id>")
+    if trigger.endswith(":"):
+        raise DriftloopError(f"trigger {trigger!r} names no schedule or alert")
+
+
+def print_run_result(settings: Settings, result) -> None:  # noqa: ANN001 (RunResult)
+    if result.state == "FAILED":
+        err_console.print(f"[red]run failed[/]: {result.error}")
+        err_console.print("Nothing was registered; the registry's aliases are unchanged.")
+        return
+    if not result.summary:
+        console.print(f"run [bold]{result.run_id}[/] {result.state.lower()}" + (f": {result.url}" if result.url else ""))
+        return
+    s = result.summary
+    table = Table(title="training run", show_header=False)
+    table.add_row("trigger", s.get("trigger", ""))
+    table.add_row("data window", s.get("window", ""))
+    table.add_row("rows (train/test)", f"{s['train_rows']} / {s['test_rows']}")
+    table.add_row("device", s.get("device", ""))
+    table.add_row("metrics", ", ".join(f"{k}={v:.4f}" for k, v in sorted(s["metrics"].items())))
+    if s.get("champion_metrics"):
+        table.add_row("champion", ", ".join(f"{k}={v:.4f}" for k, v in sorted(s["champion_metrics"].items())))
+    colour = "green" if s["gate"] == "passed" else "yellow"
+    table.add_row("gate", f"[{colour}]{s['gate']}[/]: {s['reason']}")
+    if s.get("model_version"):
+        table.add_row("model", f"{settings.mlflow.model_name} v{s['model_version']} aliases {', '.join(s.get('aliases', []))}")
+    table.add_row("MLflow run", s["mlflow_run_id"])
+    table.add_row("tracking", settings.tracking_uri)
+    console.print(table)
+
+
+# --- data ---------------------------------------------------------------------------------
+@data_app.command("generate")
+def data_generate(
+    output: Annotated[Path, typer.Argument(help="Parquet file to write.")],
+    kind: Annotated[str, typer.Option(help="classification or regression")] = "classification",
+    rows: Annotated[int, typer.Option(min=100)] = 20_000,
+    days: Annotated[float, typer.Option(min=1)] = 60.0,
+    drift_at: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="Fraction of the span where drift starts.")] = 0.5,
+    seed: int = 7,
+) -> None:
+    """Write a timestamped scenario (with drift) as parquet."""
+    from driftloop.scenario import write_scenario
+
+    if kind not in ("classification", "regression"):
+        raise DriftloopError(f"unknown scenario kind {kind!r} (classification or regression)")
+    path = write_scenario(output, kind, rows, days=days, drift_at=drift_at, seed=seed)
+    console.print(f"wrote {rows} rows ({kind}) -> {path}")
+
+
+# --- config -------------------------------------------------------------------------------
+@config_app.command("show")
+def config_show(config: ConfigOpt = None, params: ParamOpt = None) -> None:
+    """Print the validated configuration (secrets are never part of it)."""
+    import yaml
+
+    settings = settings_from(config, params)
+    console.print(yaml.safe_dump(settings.model_dump(mode="json"), sort_keys=False))
+
+
+def _register_plugins() -> None:
+    """Attach the command groups of the serving and monitoring packages."""
+    import importlib
+
+    for module in ("serving.cli", "monitoring.cli", "driftloop.loop_cli"):
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name == module:
+                continue
+            raise
+        mod.register(app)
+
+
+_register_plugins()
+
+
+def main() -> None:
+    try:
+        app()
+    except DriftloopError as exc:
+        err_console.print(f"[red]error:[/] {exc}")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,376 @@
+"""The one configuration object.
+
+Loaded once from a YAML file plus ``DRIFTLOOP_*`` environment variables
+(nested keys joined by ``__``, e.g. ``DRIFTLOOP_MLFLOW__TRACKING_URI``),
+validated by pydantic, frozen and passed down. Unknown keys fail at load time
+with the dotted name of the key. Secrets (MLflow credentials, KFP tokens,
+webhook tokens) are never read from the file: they come from the environment
+(locally) or from Kubernetes Secrets (mounted as environment variables).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from driftloop.errors import ConfigError
+
+__all__ = [
+    "Settings",
+    "DataConfig",
+    "ColumnRule",
+    "ValidationConfig",
+    "ModelConfig",
+    "GateConfig",
+    "MlflowConfig",
+    "KfpConfig",
+    "ServingConfig",
+    "RolloutConfig",
+    "MonitorConfig",
+    "TriggerConfig",
+    "load_settings",
+    "apply_overrides",
+    "ENV_PREFIX",
+    "DEFAULT_IMAGE",
+]
+
+ENV_PREFIX = "DRIFTLOOP_"
+# The one image constant shared by pipelines (component base image) and infra manifests.
+DEFAULT_IMAGE = "ghcr.io/driftloop/driftloop:0.1.0"
+
+# Environment variables that carry secrets; never accepted from a config file.
+SECRET_ENV = ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_PASSWORD", "KFP_TOKEN", "DRIFTLOOP_WEBHOOK_TOKEN")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Section):
+    """Where the training data comes from and how it is split."""
+
+    source: str = Field("", description="URI of a parquet or csv table (path, file://, s3://, gs://, http(s)://)")
+    format: Literal["auto", "parquet", "csv"] = "auto"
+    target: str = "label"
+    time_column: str | None = None
+    window_start: str | None = Field(None, description="inclusive ISO timestamp on time_column")
+    window_end: str | None = Field(None, description="exclusive ISO timestamp on time_column")
+    test_size: float = Field(0.2, gt=0.0, lt=1.0)
+    reference_size: int = Field(5000, ge=100, description="rows kept as the monitoring reference sample")
+    seed: int = 42
+
+
+class ColumnRule(_Section):
+    """Quality rules for one column; unset fields fall back to the defaults."""
+
+    max_missing: float | None = Field(None, ge=0.0, le=1.0)
+    min: float | None = None
+    max: float | None = None
+    allowed: list[str] | None = Field(None, description="allowed categorical levels")
+
+
+class ValidationConfig(_Section):
+    max_missing: float = Field(0.3, ge=0.0, le=1.0, description="default share of missing values tolerated")
+    max_unseen_share: float = Field(0.05, ge=0.0, le=1.0, description="share of test rows with levels unseen in training")
+    columns: dict[str, ColumnRule] = Field(default_factory=dict)
+
+
+class ModelConfig(_Section):
+    task: Literal["classification", "regression"] = "classification"
+    learner: Literal["hist_gradient_boosting", "random_forest", "linear", "xgboost"] = "hist_gradient_boosting"
+    params: dict[str, Any] = Field(default_factory=dict, description="learner hyper-parameters")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto: CUDA when a GPU is visible (GPU learners only); cuda: fail without one"
+    )
+    gpu: bool = Field(False, description="request an accelerator for the train step on Kubernetes")
+    accelerator_type: str = "nvidia.com/gpu"
+    accelerator_limit: int = Field(1, ge=1)
+    gpu_toleration_key: str = "nvidia.com/gpu"
+    gpu_node_selector: dict[str, str] = Field(default_factory=dict)
+
+
+_HIGHER_IS_BETTER = {"accuracy": True, "f1": True, "roc_auc": True, "r2": True, "rmse": False, "mae": False}
+_TASK_METRICS = {"classification": {"accuracy", "f1", "roc_auc"}, "regression": {"r2", "rmse", "mae"}}
+
+
+class GateConfig(_Section):
+    """The evaluation gate: the new model must reach ``min_value`` and beat the champion by ``margin``."""
+
+    metric: str | None = Field(None, description="default: accuracy (classification) or rmse (regression)")
+    min_value: float | None = Field(None, description="absolute floor (ceiling for error metrics)")
+    margin: float = Field(0.0, description="required improvement over the champion; negative = tolerance")
+
+
+class MlflowConfig(_Section):
+    tracking_uri: str | None = Field(None, description="default: SQLite store in the workspace")
+    registry_uri: str | None = None
+    experiment: str = "driftloop"
+    model_name: str = "driftloop-model"
+
+
+class KfpConfig(_Section):
+    host: str | None = Field(None, description="Kubeflow Pipelines endpoint; unset = kfp.local")
+    namespace: str = "kubeflow"
+    experiment: str = "driftloop"
+    pipeline_name: str = "driftloop-train"
+    mlflow_secret: str | None = Field("driftloop-mlflow", description="Secret mounted as MLflow env vars")
+    service_account: str | None = "driftloop-pipeline"
+
+
+class ServingConfig(_Section):
+    name: str = "driftloop-model"
+    namespace: str = "driftloop"
+    host: str = "127.0.0.1"
+    gateway_port: int = Field(8080, ge=0, le=65535)
+    primary_port: int = Field(0, ge=0, le=65535, description="0 = pick a free port")
+    canary_port: int = Field(0, ge=0, le=65535)
+    sticky_key: str | None = Field(None, description="request header used for sticky canary assignment")
+    max_payload_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    image: str = DEFAULT_IMAGE
+    use_mlflow_runtime: bool = Field(False, description="use KServe's mlflow model format instead of the predictor image")
+    storage_uri: str | None = None
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(3, ge=1)
+    scale_metric: Literal["concurrency", "rps", "cpu", "memory"] = "concurrency"
+    scale_target: int = Field(10, ge=1)
+    cpu_request: str = "500m"
+    memory_request: str = "1Gi"
+    cpu_limit: str = "2"
+    memory_limit: str = "2Gi"
+    gpu: int = Field(0, ge=0)
+    logger_url: str = "http://driftloop-monitor.driftloop.svc.cluster.local/events"
+    logger_mode: Literal["all", "request", "response"] = "all"
+
+    @model_validator(mode="after")
+    def _replicas(self) -> "ServingConfig":
+        if self.max_replicas < self.min_replicas:
+            raise ValueError("max_replicas must be >= min_replicas")
+        return self
+
+
+class RolloutConfig(_Section):
+    step_weight: int = Field(20, ge=1, le=100)
+    step_weights: list[int] | None = None
+    max_weight: int = Field(100, ge=1, le=100)
+    interval_seconds: float = Field(30.0, gt=0)
+    threshold: int = Field(2, ge=1, description="failed checks before rollback")
+    manual_approval: bool = False
+    max_error_rate: float = Field(0.05, ge=0.0, le=1.0)
+    max_p99_latency_ms: float = Field(500.0, gt=0)
+    min_requests: int = Field(20, ge=0)
+    max_prediction_psi: float = Field(0.25, gt=0)
+    min_quality_delta: float = Field(-0.05, description="canary quality minus primary's, on labelled feedback")
+    min_labels: int = Field(20, ge=0)
+
+    @field_validator("step_weights")
+    @classmethod
+    def _weights(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None:
+            if not v or any(w < 1 or w > 100 for w in v) or v != sorted(v):
+                raise ValueError("step_weights must be increasing percentages between 1 and 100")
+        return v
+
+
+class MonitorConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8090, ge=0, le=65535)
+    window_rows: int = Field(1000, ge=1, description="rows per window (count windows)")
+    window_seconds: float | None = Field(None, gt=0, description="time window; None = count windows only")
+    window_kind: Literal["tumbling", "sliding"] = "tumbling"
+    min_samples: int = Field(200, ge=1)
+    check_interval_seconds: float = Field(10.0, gt=0)
+    drift_share: float = Field(0.5, gt=0.0, le=1.0, description="share of drifted columns that makes dataset drift")
+    num_method: str | None = None
+    cat_method: str | None = None
+    num_threshold: float | None = None
+    cat_threshold: float | None = None
+    per_column_method: dict[str, str] = Field(default_factory=dict)
+    per_column_threshold: dict[str, float] = Field(default_factory=dict)
+    report_sample_rows: int = Field(50_000, ge=100)
+
+
+class TriggerConfig(_Section):
+    enabled: bool = True
+    min_samples: int = Field(200, ge=0)
+    cooldown_seconds: float = Field(3600.0, ge=0)
+    daily_budget: int = Field(4, ge=0)
+    blackout: list[str] = Field(default_factory=list, description='windows like "22:00-06:00" (UTC)')
+    recent_rows: int | None = Field(None, ge=1, description="retrain on the last N rows of the source")
+    recent_days: float | None = Field(None, gt=0, description="retrain on the last N days of the source")
+
+    @field_validator("blackout")
+    @classmethod
+    def _blackout(cls, v: list[str]) -> list[str]:
+        import re
+
+        for item in v:
+            if not re.fullmatch(r"([01]\d|2[0-3]):[0-5]\d-([01]\d|2[0-3]):[0-5]\d", item):
+                raise ValueError(f"blackout window {item!r} is not HH:MM-HH:MM")
+        return v
+
+
+class Settings(_Section):
+    """Everything driftloop needs, validated once and frozen."""
+
+    project: str = "driftloop"
+    workspace: Path = Field(Path(".driftloop"), description="local state: MLflow store, pipeline root, logs")
+    data: DataConfig = DataConfig()
+    validation: ValidationConfig = ValidationConfig()
+    model: ModelConfig = ModelConfig()
+    gate: GateConfig = GateConfig()
+    mlflow: MlflowConfig = MlflowConfig()
+    kfp: KfpConfig = KfpConfig()
+    serving: ServingConfig = ServingConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    monitor: MonitorConfig = MonitorConfig()
+    trigger: TriggerConfig = TriggerConfig()
+
+    @model_validator(mode="after")
+    def _gate_metric(self) -> "Settings":
+        metric = self.gate.metric
+        if metric is not None and metric not in _TASK_METRICS[self.model.task]:
+            allowed = ", ".join(sorted(_TASK_METRICS[self.model.task]))
+            raise ValueError(f"gate.metric {metric!r} does not fit task {self.model.task!r} (use one of: {allowed})")
+        return self
+
+    # Derived values -----------------------------------------------------------------
+    @property
+    def workspace_dir(self) -> Path:
+        return self.workspace.expanduser().resolve()
+
+    @property
+    def tracking_uri(self) -> str:
+        """The MLflow tracking URI: from config unchanged, else the embedded SQLite store."""
+        if self.mlflow.tracking_uri:
+            return self.mlflow.tracking_uri
+        return f"sqlite:///{self.workspace_dir / 'mlflow.db'}"
+
+    @property
+    def artifact_location(self) -> str | None:
+        """Artifact folder of the embedded store (None when a remote server decides)."""
+        if self.mlflow.tracking_uri:
+            return None
+        return (self.workspace_dir / "mlartifacts").as_uri()
+
+    @property
+    def gate_metric(self) -> str:
+        return self.gate.metric or ("accuracy" if self.model.task == "classification" else "rmse")
+
+    @property
+    def is_cluster(self) -> bool:
+        return bool(self.kfp.host)
+
+
+def higher_is_better(metric: str) -> bool:
+    return _HIGHER_IS_BETTER[metric]
+
+
+def _format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(root)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"{key}: {msg}")
+    return f"invalid configuration ({source}): " + "; ".join(lines)
+
+
+def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
+    """``DRIFTLOOP_SECTION__KEY=value`` → ``{"section": {"key": value}}`` (values parsed as YAML scalars)."""
+    out: dict[str, Any] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX) or name in SECRET_ENV:
+            continue
+        if name in ("DRIFTLOOP_CONFIG",):
+            continue
+        path = name[len(ENV_PREFIX):].lower().split("__")
+        _set_path(out, path, _parse_scalar(raw))
+    return out
+
+
+def _parse_scalar(raw: str) -> Any:
+    try:
+        return yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        return raw
+
+
+def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
+    node = tree
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(path)}: cannot set a key below a non-section value")
+        node = child
+    node[path[-1]] = value
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | dict[str, Any]) -> dict[str, Any]:
+    """Apply ``key.sub=value`` overrides (CLI ``--param``) to a raw config tree."""
+    extra: dict[str, Any] = {}
+    items = overrides.items() if isinstance(overrides, dict) else [_split_override(o) for o in overrides]
+    for key, value in items:
+        _set_path(extra, key.split("."), _parse_scalar(value) if isinstance(value, str) else value)
+    return _merge(raw, extra)
+
+
+def _split_override(item: str) -> tuple[str, str]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not key=value")
+    key, value = item.split("=", 1)
+    if not key.strip():
+        raise ConfigError(f"override {item!r} has an empty key")
+    return key.strip(), value
+
+
+def load_settings(
+    path: str | Path | None = None,
+    overrides: list[str] | dict[str, Any] | None = None,
+    environ: dict[str, str] | None = None,
+) -> Settings:
+    """Load YAML (``path`` or ``$DRIFTLOOP_CONFIG``), then environment, then overrides; validate once."""
+    environ = dict(os.environ if environ is None else environ)
+    path = path or environ.get("DRIFTLOOP_CONFIG")
+    raw: dict[str, Any] = {}
+    source = "defaults"
+    if path:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {p} is not valid YAML: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must hold a mapping at the top level")
+        raw = loaded
+        # Relative paths in the file are relative to the file's folder.
+        base = p.resolve().parent
+        if "workspace" in raw and not Path(str(raw["workspace"])).is_absolute():
+            raw["workspace"] = str(base / str(raw["workspace"]))
+        src = (raw.get("data") or {}).get("source") if isinstance(raw.get("data"), dict) else None
+        if src and "://" not in src and not Path(src).is_absolute():
+            raw["data"]["source"] = str(base / src)
+    raw = _merge(raw, _env_overrides(environ))
+    if overrides:
+        raw = apply_overrides(raw, overrides)
+    try:
+        return Settings.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, source)) from exc

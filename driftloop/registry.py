@@ -1,0 +1,250 @@
+"""The MLflow adapter: tracking, the model registry (aliases, tags) and reference samples.
+
+One small interface over MLflow for the rest of driftloop. The embedded default is
+a SQLite store with an artifact folder in the workspace; a remote tracking URI from
+config is used unchanged (credentials come from ``MLFLOW_TRACKING_*`` env vars).
+MLflow exceptions are translated to :class:`RegistryError` here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from driftloop.errors import RegistryError
+
+__all__ = ["Registry", "VersionInfo", "CHAMPION", "CHALLENGER", "TAG"]
+
+log = logging.getLogger(__name__)
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+
+
+class TAG:
+    """Tag keys driftloop writes on runs and model versions."""
+
+    TRIGGER = "driftloop.trigger"
+    PIPELINE_RUN = "driftloop.pipeline_run_id"
+    KFP_RUN = "driftloop.kfp_run_id"
+    REQUEST = "driftloop.request_id"
+    WINDOW = "driftloop.data_window"
+    SOURCE = "driftloop.data_source"
+    GATE = "driftloop.gate.decision"
+    GATE_REASON = "driftloop.gate.reason"
+    DEVICE = "driftloop.train.device"
+    ROLLOUT = "driftloop.rollout.outcome"
+    ROLLOUT_REASON = "driftloop.rollout.reason"
+    ALERT = "driftloop.alert_id"
+    SCHEDULE = "driftloop.schedule"
+
+
+REFERENCE_ARTIFACT = "reference/reference.parquet"
+SCHEMA_ARTIFACT = "schema/schema.json"
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    name: str
+    version: str
+    run_id: str | None
+    source: str
+    aliases: tuple[str, ...]
+    tags: dict[str, str]
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+
+def _is_missing(exc: Exception) -> bool:
+    code = getattr(exc, "error_code", "") or ""
+    return "RESOURCE_DOES_NOT_EXIST" in code or "not found" in str(exc).lower()
+
+
+class Registry:
+    """MLflow tracking + registry for one project."""
+
+    def __init__(
+        self,
+        tracking_uri: str,
+        *,
+        registry_uri: str | None = None,
+        experiment: str = "driftloop",
+        artifact_location: str | None = None,
+    ) -> None:
+        self.tracking_uri = tracking_uri
+        self.registry_uri = registry_uri or tracking_uri
+        self.experiment = experiment
+        self.artifact_location = artifact_location
+        self._client = None
+        if tracking_uri.startswith("sqlite:///"):
+            Path(tracking_uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> "Registry":
+        return cls(
+            settings.tracking_uri,
+            registry_uri=settings.mlflow.registry_uri,
+            experiment=settings.mlflow.experiment,
+            artifact_location=settings.artifact_location,
+        )
+
+    # -- plumbing -------------------------------------------------------------------
+    @property
+    def client(self):
+        if self._client is None:
+            import mlflow
+            from mlflow.tracking import MlflowClient
+
+            mlflow.set_tracking_uri(self.tracking_uri)
+            mlflow.set_registry_uri(self.registry_uri)
+            self._client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.registry_uri)
+        return self._client
+
+    @contextlib.contextmanager
+    def _translate(self, what: str) -> Iterator[None]:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            yield
+        except MlflowException as exc:
+            raise RegistryError(f"{what}: {exc.message if hasattr(exc, 'message') else exc}") from exc
+        except OSError as exc:  # unreachable server, refused connection
+            raise RegistryError(f"{what}: cannot reach MLflow at {self.tracking_uri}: {exc}") from exc
+
+    def check(self) -> None:
+        """Fail early and clearly when the tracking server cannot be reached."""
+        with self._translate("MLflow is not reachable"):
+            self.client.search_experiments(max_results=1)
+
+    def experiment_id(self) -> str:
+        import mlflow
+
+        with self._translate(f"cannot open experiment {self.experiment!r}"):
+            exp = self.client.get_experiment_by_name(self.experiment)
+            if exp is not None:
+                return exp.experiment_id
+            try:
+                return self.client.create_experiment(self.experiment, artifact_location=self.artifact_location)
+            except mlflow.exceptions.MlflowException:
+                exp = self.client.get_experiment_by_name(self.experiment)  # created concurrently
+                if exp is None:
+                    raise
+                return exp.experiment_id
+
+    # -- registry -------------------------------------------------------------------
+    def _info(self, mv: Any) -> VersionInfo:
+        return VersionInfo(
+            name=mv.name,
+            version=str(mv.version),
+            run_id=mv.run_id,
+            source=mv.source,
+            aliases=tuple(getattr(mv, "aliases", []) or []),
+            tags=dict(mv.tags or {}),
+        )
+
+    def version_by_alias(self, name: str, alias: str) -> VersionInfo | None:
+        """The version behind ``name@alias``, or None when the model or the alias does not exist."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            mv = self.client.get_model_version_by_alias(name, alias)
+        except MlflowException as exc:
+            if _is_missing(exc):
+                return None
+            raise RegistryError(f"cannot read alias {name}@{alias}: {exc}") from exc
+        return self._info(mv)
+
+    def get_version(self, name: str, version: str) -> VersionInfo:
+        with self._translate(f"model version {name}/{version} not found"):
+            return self._info(self.client.get_model_version(name, str(version)))
+
+    def resolve(self, ref: str) -> VersionInfo:
+        """Resolve ``name``, ``name@alias``, ``name/version`` or ``models:/…`` to a version."""
+        ref = ref.removeprefix("models:/")
+        if "@" in ref:
+            name, alias = ref.split("@", 1)
+            info = self.version_by_alias(name, alias)
+            if info is None:
+                raise RegistryError(f"model {name!r} has no alias {alias!r}")
+            return info
+        if "/" in ref:
+            name, version = ref.rsplit("/", 1)
+            return self.get_version(name, version)
+        info = self.version_by_alias(ref, CHAMPION)
+        if info is None:
+            raise RegistryError(f"model {ref!r} has no {CHAMPION!r} alias")
+        return info
+
+    def list_versions(self, name: str) -> list[VersionInfo]:
+        with self._translate(f"cannot list versions of {name!r}"):
+            found = self.client.search_model_versions(f"name = '{name}'")
+        return sorted((self._info(mv) for mv in found), key=lambda v: int(v.version))
+
+    def set_alias(self, name: str, alias: str, version: str) -> None:
+        with self._translate(f"cannot set alias {name}@{alias} -> {version}"):
+            self.client.set_registered_model_alias(name, alias, str(version))
+
+    def delete_alias(self, name: str, alias: str) -> None:
+        with self._translate(f"cannot delete alias {name}@{alias}"):
+            self.client.delete_registered_model_alias(name, alias)
+
+    def tag_version(self, name: str, version: str, tags: dict[str, str]) -> None:
+        with self._translate(f"cannot tag {name}/{version}"):
+            for key, value in tags.items():
+                self.client.set_model_version_tag(name, str(version), key, str(value))
+
+    def load_sklearn(self, uri: str) -> Any:
+        import mlflow.sklearn
+
+        with self._translate(f"cannot load model {uri}"):
+            return mlflow.sklearn.load_model(uri)
+
+    def load_pyfunc(self, uri: str) -> Any:
+        import mlflow.pyfunc
+
+        with self._translate(f"cannot load model {uri}"):
+            return mlflow.pyfunc.load_model(uri)
+
+    # -- run artifacts ----------------------------------------------------------------
+    def download(self, run_id: str, artifact_path: str, dst: str | Path | None = None) -> Path:
+        import mlflow.artifacts
+
+        dst = Path(dst or tempfile.mkdtemp(prefix="driftloop-"))
+        with self._translate(f"artifact {artifact_path!r} of run {run_id} not found"):
+            local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path, dst_path=str(dst), tracking_uri=self.tracking_uri)
+        return Path(local)
+
+    def reference_sample(self, ref: str):
+        """The monitoring reference sample logged with a model version (DataFrame)."""
+        import pandas as pd
+
+        info = self.resolve(ref)
+        if not info.run_id:
+            raise RegistryError(f"model version {info.uri} has no MLflow run; its reference sample is unknown")
+        try:
+            path = self.download(info.run_id, REFERENCE_ARTIFACT)
+        except RegistryError as exc:
+            raise RegistryError(f"no reference sample for {info.uri} (run {info.run_id}): {exc}") from exc
+        return pd.read_parquet(path)
+
+    def schema(self, ref: str) -> dict[str, Any]:
+        import json
+
+        info = self.resolve(ref)
+        path = self.download(info.run_id, SCHEMA_ARTIFACT)
+        return json.loads(path.read_text())
+
+    def run(self, run_id: str) -> Any:
+        with self._translate(f"run {run_id} not found"):
+            return self.client.get_run(run_id)
+
+    def find_runs(self, filter_string: str, max_results: int = 50) -> list[Any]:
+        with self._translate("cannot search runs"):
+            return self.client.search_runs([self.experiment_id()], filter_string=filter_string, max_results=max_results, order_by=["attributes.start_time DESC"])

@@ -1,0 +1,253 @@
+"""The pipeline-runner adapter: one interface, two homes.
+
+``LocalRunner`` runs the training pipeline with ``kfp.local`` (SubprocessRunner in
+this environment, no cluster). ``KfpRunner`` compiles it, uploads it as a version
+of a stably named pipeline and starts a run in a named experiment through
+``kfp.Client``. ``runner_for(settings)`` picks one from the configuration; the CLI,
+the drift trigger and the scheduler all go through it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from driftloop.config import Settings
+from driftloop.errors import PipelineRunError, RegistryError
+
+__all__ = ["RunRequest", "RunResult", "PipelineRunner", "LocalRunner", "KfpRunner", "runner_for", "summarize_run"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """One training run: who asked (trigger) and on which data window."""
+
+    trigger: str = "manual"
+    window_start: str | None = None
+    window_end: str | None = None
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
+@dataclass
+class RunResult:
+    request_id: str
+    run_id: str
+    state: str  # SUCCEEDED | FAILED | SUBMITTED | RUNNING
+    home: str  # local | kubeflow
+    summary: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    url: str | None = None
+
+
+class PipelineRunner(Protocol):
+    def run_training(self, request: RunRequest, *, wait: bool = True) -> RunResult: ...
+
+
+def summarize_run(settings: Settings, request_id: str) -> dict[str, Any]:
+    """Read what the pipeline recorded in MLflow for this request: rows, metrics, gate, version."""
+    from driftloop.registry import TAG, Registry
+
+    registry = Registry.from_settings(settings)
+    runs = registry.find_runs(f"tags.`{TAG.REQUEST}` = '{request_id}'", max_results=1)
+    if not runs:
+        return {}
+    run = runs[0]
+    params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
+    summary: dict[str, Any] = {
+        "mlflow_run_id": run.info.run_id,
+        "train_rows": int(params.get("train_rows", 0)),
+        "test_rows": int(params.get("test_rows", 0)),
+        "metrics": {k: v for k, v in metrics.items() if not k.startswith("champion_") and k != "gate_passed"},
+        "champion_metrics": {k[len("champion_"):]: v for k, v in metrics.items() if k.startswith("champion_")},
+        "gate": tags.get(TAG.GATE, "unknown"),
+        "reason": tags.get(TAG.GATE_REASON, ""),
+        "window": tags.get(TAG.WINDOW, ""),
+        "trigger": tags.get(TAG.TRIGGER, ""),
+        "device": tags.get(TAG.DEVICE, ""),
+    }
+    for info in registry.list_versions(settings.mlflow.model_name) if summary["gate"] == "passed" else []:
+        if info.run_id == run.info.run_id:
+            # search results carry no aliases; read the version itself
+            info = registry.get_version(info.name, info.version)
+            summary["model_version"] = info.version
+            summary["aliases"] = list(info.aliases)
+    return summary
+
+
+class LocalRunner:
+    """Runs the pipeline on this machine with ``kfp.local`` (the embedded default)."""
+
+    home = "local"
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    @property
+    def pipeline_root(self) -> Path:
+        return self.settings.workspace_dir / "pipeline-root"
+
+    def run_training(self, request: RunRequest, *, wait: bool = True) -> RunResult:
+        import kfp.local
+
+        from driftloop.registry import Registry
+        from pipelines.training import build_training_pipeline, pipeline_arguments
+
+        registry = Registry.from_settings(self.settings)
+        try:
+            registry.experiment_id()  # creates the experiment with the workspace's artifact folder
+        except RegistryError as exc:
+            raise PipelineRunError(f"cannot start the run: {exc}") from exc
+        args = pipeline_arguments(self.settings, trigger=request.trigger, request_id=request.request_id,
+                                  window_start=request.window_start, window_end=request.window_end)
+        self.pipeline_root.mkdir(parents=True, exist_ok=True)
+        kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(self.pipeline_root),
+                       raise_on_error=True)
+        pipeline = build_training_pipeline(self.settings)
+        with _error_file() as err_path:
+            try:
+                pipeline(**args)
+            except RuntimeError as exc:
+                detail = _read_error(err_path)
+                message = f"step {detail['step']!r} failed: {detail['message']}" if detail else str(exc)
+                return RunResult(request.request_id, request.request_id, "FAILED", self.home, error=message)
+        return RunResult(request.request_id, request.request_id, "SUCCEEDED", self.home,
+                         summary=summarize_run(self.settings, request.request_id))
+
+
+@contextlib.contextmanager
+def _error_file():
+    from components._runtime import ERROR_FILE_ENV
+
+    fd, path = tempfile.mkstemp(prefix="driftloop-error-", suffix=".json")
+    os.close(fd)
+    old = os.environ.get(ERROR_FILE_ENV)
+    os.environ[ERROR_FILE_ENV] = path
+    try:
+        yield path
+    finally:
+        if old is None:
+            os.environ.pop(ERROR_FILE_ENV, None)
+        else:
+            os.environ[ERROR_FILE_ENV] = old
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
+def _read_error(path: str) -> dict[str, str] | None:
+    try:
+        text = Path(path).read_text()
+        return json.loads(text) if text.strip() else None
+    except (OSError, ValueError):
+        return None
+
+
+class KfpRunner:
+    """Submits the pipeline to Kubeflow Pipelines through ``kfp.Client``.
+
+    The compiled pipeline is uploaded as a version of a stably named pipeline
+    (version name = content hash, so re-submitting the same pipeline reuses it) and
+    runs in a named experiment. The MLflow run records the KFP run id (the register
+    step's ``PIPELINE_JOB_ID`` placeholder resolves to it on the cluster).
+    """
+
+    home = "kubeflow"
+
+    def __init__(self, settings: Settings, client: Any | None = None) -> None:
+        self.settings = settings
+        self._client = client
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            import kfp
+
+            try:
+                self._client = kfp.Client(host=self.settings.kfp.host, namespace=self.settings.kfp.namespace,
+                                          existing_token=os.environ.get("KFP_TOKEN") or None)
+            except Exception as exc:  # kfp raises bare exceptions for unreachable hosts and auth failures
+                raise PipelineRunError(f"cannot reach Kubeflow Pipelines at {self.settings.kfp.host}: {exc}") from exc
+        return self._client
+
+    def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except PipelineRunError:
+            raise
+        except Exception as exc:
+            raise PipelineRunError(f"{what} failed on {self.settings.kfp.host}: {type(exc).__name__}: {exc}") from exc
+
+    def compile(self, directory: Path) -> Path:
+        from pipelines.training import compile_pipeline
+
+        return compile_pipeline(self.settings, directory / f"{self.settings.kfp.pipeline_name}.yaml")
+
+    def ensure_pipeline_version(self, package: Path) -> tuple[str, str]:
+        """Upload ``package`` as a version of the named pipeline; return (pipeline_id, version_id)."""
+        name = self.settings.kfp.pipeline_name
+        digest = hashlib.sha256(package.read_bytes()).hexdigest()[:12]
+        version_name = f"{name}-{digest}"
+        pipeline_id = self._call("looking up the pipeline", self.client.get_pipeline_id, name)
+        if pipeline_id is None:
+            created = self._call("uploading the pipeline", self.client.upload_pipeline, str(package), pipeline_name=name,
+                                 description="driftloop training pipeline")
+            pipeline_id = created.pipeline_id
+        versions = self._call("listing pipeline versions", self.client.list_pipeline_versions, pipeline_id, page_size=100,
+                              filter=_name_filter(version_name))
+        for v in getattr(versions, "pipeline_versions", None) or []:
+            if v.display_name == version_name:
+                return pipeline_id, v.pipeline_version_id
+        created = self._call("uploading the pipeline version", self.client.upload_pipeline_version, str(package),
+                             pipeline_version_name=version_name, pipeline_id=pipeline_id)
+        return pipeline_id, created.pipeline_version_id
+
+    def experiment_id(self) -> str:
+        name = self.settings.kfp.experiment
+        try:
+            exp = self.client.get_experiment(experiment_name=name, namespace=self.settings.kfp.namespace)
+        except ValueError:
+            exp = self._call("creating the experiment", self.client.create_experiment, name, namespace=self.settings.kfp.namespace)
+        except Exception as exc:
+            raise PipelineRunError(f"looking up experiment {name!r} failed on {self.settings.kfp.host}: {exc}") from exc
+        return exp.experiment_id
+
+    def run_training(self, request: RunRequest, *, wait: bool = False, timeout: int = 3600) -> RunResult:
+        from pipelines.training import pipeline_arguments
+
+        args = pipeline_arguments(self.settings, trigger=request.trigger, request_id=request.request_id,
+                                  window_start=request.window_start, window_end=request.window_end)
+        with tempfile.TemporaryDirectory() as tmp:
+            package = self.compile(Path(tmp))
+            pipeline_id, version_id = self.ensure_pipeline_version(package)
+        experiment_id = self.experiment_id()
+        job_name = f"{self.settings.kfp.pipeline_name}-{request.trigger.replace(':', '-')}-{request.request_id[:8]}"
+        run = self._call("starting the run", self.client.run_pipeline, experiment_id=experiment_id, job_name=job_name,
+                         params=args, pipeline_id=pipeline_id, version_id=version_id, enable_caching=False,
+                         service_account=self.settings.kfp.service_account or None)
+        result = RunResult(request.request_id, run.run_id, "SUBMITTED", self.home,
+                           url=f"{self.settings.kfp.host.rstrip('/')}/#/runs/details/{run.run_id}")
+        if wait:
+            done = self._call("waiting for the run", self.client.wait_for_run_completion, run.run_id, timeout)
+            result.state = str(getattr(done, "state", "UNKNOWN"))
+            if result.state == "SUCCEEDED":
+                result.summary = summarize_run(self.settings, request.request_id)
+        return result
+
+
+def _name_filter(display_name: str) -> str:
+    """A KFP API filter on ``display_name`` (same shape as ``kfp.Client.get_pipeline_id`` sends)."""
+    return json.dumps({"predicates": [{"operation": 1, "key": "display_name", "stringValue": display_name}]})
+
+
+def runner_for(settings: Settings) -> LocalRunner | KfpRunner:
+    """The runner for this configuration: Kubeflow when ``kfp.host`` is set, else kfp.local."""
+    return KfpRunner(settings) if settings.is_cluster else LocalRunner(settings)

@@ -1,0 +1,7 @@
+"""KFP pipeline wiring only: ``dsl.pipeline`` functions and their compile targets."""
+
+from pipelines.training import training_pipeline, pipeline_arguments, compile_pipeline
+
+__all__ = ["training_pipeline", "pipeline_arguments", "compile_pipeline", "PIPELINES"]
+
+PIPELINES = {"train": training_pipeline}

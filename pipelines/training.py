@@ -1,0 +1,187 @@
+"""The training pipeline: ingest → validate → train → evaluate vs champion → (gate) register."""
+
+
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kfp import compiler, dsl, kubernetes
+
+from components.ops import evaluate_op, ingest_op, register_op, reject_op, train_op, validate_op
+
+__all__ = ["training_pipeline", "pipeline_arguments", "compile_pipeline", "make_training_pipeline", "build_training_pipeline", "ClusterOptions", "GPU_TOLERATION_EFFECT"]
+
+GPU_TOLERATION_EFFECT = "NoSchedule"
+
+
+@dataclass(frozen=True)
+class ClusterOptions:
+    """Per-step Kubernetes settings; kfp.local ignores them, the compiled YAML keeps them."""
+
+    gpu: bool = False
+    accelerator_type: str = "nvidia.com/gpu"
+    accelerator_limit: int = 1
+    toleration_key: str = "nvidia.com/gpu"
+    node_selector: tuple[tuple[str, str], ...] = ()
+    mlflow_secret: str | None = None
+    cpu_limit: str = "2"
+    memory_limit: str = "4G"
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> "ClusterOptions":
+        m = settings.model
+        return cls(gpu=m.gpu, accelerator_type=m.accelerator_type, accelerator_limit=m.accelerator_limit,
+                   toleration_key=m.gpu_toleration_key, node_selector=tuple(sorted(m.gpu_node_selector.items())),
+                   mlflow_secret=settings.kfp.mlflow_secret)
+
+
+# Keys of the MLflow Secret mounted into steps that talk to MLflow (optional keys: a
+# tracking server without auth needs none of them).
+MLFLOW_SECRET_KEYS = {
+    "MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN": "MLFLOW_TRACKING_TOKEN",
+    "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY",
+}
+
+
+def _use_mlflow_secret(task: dsl.PipelineTask, opts: ClusterOptions) -> dsl.PipelineTask:
+    if opts.mlflow_secret:
+        kubernetes.use_secret_as_env(task, secret_name=opts.mlflow_secret, secret_key_to_env=MLFLOW_SECRET_KEYS, optional=True)
+    return task
+
+
+def _request_gpu(task: dsl.PipelineTask, opts: ClusterOptions) -> dsl.PipelineTask:
+    if not opts.gpu:
+        return task
+    task.set_accelerator_type(opts.accelerator_type).set_accelerator_limit(opts.accelerator_limit)
+    kubernetes.add_toleration(task, key=opts.toleration_key, operator="Exists", effect=GPU_TOLERATION_EFFECT)
+    for key, value in opts.node_selector:
+        kubernetes.add_node_selector(task, label_key=key, label_value=value)
+    return task
+
+
+def make_training_pipeline(opts: ClusterOptions = ClusterOptions()):
+    """Build the pipeline with these cluster options applied to its steps."""
+
+    @dsl.pipeline(name="driftloop-train", description="Ingest, validate, train, judge against the champion, register in MLflow.")
+    def training_pipeline(
+        source: str,
+        target: str = "label",
+        fmt: str = "auto",
+        time_column: str = "",
+        window_start: str = "",
+        window_end: str = "",
+        test_size: float = 0.2,
+        reference_size: int = 5000,
+        seed: int = 42,
+        max_missing: float = 0.3,
+        max_unseen_share: float = 0.05,
+        column_rules: dict = {},
+        task: str = "classification",
+        learner: str = "hist_gradient_boosting",
+        learner_params: dict = {},
+        device: str = "auto",
+        gate_metric: str = "accuracy",
+        gate_min_value: str = "",
+        gate_margin: float = 0.0,
+        tracking_uri: str = "",
+        experiment: str = "driftloop",
+        model_name: str = "driftloop-model",
+        trigger: str = "manual",
+        request_id: str = "",
+    ):
+        ingest = ingest_op(
+            source=source, fmt=fmt, target=target, time_column=time_column, window_start=window_start,
+            window_end=window_end, test_size=test_size, reference_size=reference_size, seed=seed,
+        ).set_display_name("ingest")
+        validate = validate_op(
+            train=ingest.outputs["train"], test=ingest.outputs["test"], target=target, task=task, time_column=time_column,
+            max_missing=max_missing, max_unseen_share=max_unseen_share, column_rules=column_rules,
+        ).set_display_name("validate")
+        train = train_op(
+            train=ingest.outputs["train"], schema=validate.outputs["schema"], target=target, task=task,
+            learner=learner, params=learner_params, device=device,
+        ).set_display_name("train")
+        _request_gpu(train, opts)
+        evaluate = evaluate_op(
+            model=train.outputs["model"], test=ingest.outputs["test"], schema=validate.outputs["schema"], target=target,
+            task=task, metric=gate_metric, min_value=gate_min_value, margin=gate_margin, tracking_uri=tracking_uri,
+            model_name=model_name,
+        ).set_display_name("evaluate vs champion")
+        _use_mlflow_secret(evaluate, opts)
+        common = dict(
+            model=train.outputs["model"], train=ingest.outputs["train"], test=ingest.outputs["test"],
+            schema=validate.outputs["schema"], decision=evaluate.outputs["decision"], tracking_uri=tracking_uri,
+            experiment=experiment, trigger=trigger, request_id=request_id, source=source, learner=learner, task=task,
+            params=learner_params,
+        )
+        with dsl.If(evaluate.outputs["passed"] == True, name="gate-passed"):  # noqa: E712 (KFP condition)
+            register = register_op(reference=ingest.outputs["reference"], model_name=model_name, **common)
+            _use_mlflow_secret(register.set_display_name("register"), opts)
+        with dsl.Else(name="gate-rejected"):
+            _use_mlflow_secret(reject_op(**common).set_display_name("record rejection"), opts)
+
+
+    def configure_cluster_task(task: dsl.PipelineTask, settings: Any) -> dsl.PipelineTask:
+        """Per-step cluster settings; kfp.local ignores them, the compiled YAML keeps them."""
+        return task
+
+    return training_pipeline
+
+
+training_pipeline = make_training_pipeline()
+
+
+def _tasks(pipeline: Any) -> dict[str, Any]:
+    return {name: t for name, t in pipeline.pipeline_spec.root.dag.tasks.items()}
+
+
+def pipeline_arguments(settings: Any, *, trigger: str = "manual", request_id: str | None = None,
+                       window_start: str | None = None, window_end: str | None = None) -> dict[str, Any]:
+    """The pipeline's parameters from the configuration (plus per-run trigger and window)."""
+    d = settings.data
+    rules = {name: rule.model_dump(exclude_none=True) for name, rule in settings.validation.columns.items()}
+    return {
+        "source": d.source,
+        "target": d.target,
+        "fmt": d.format,
+        "time_column": d.time_column or "",
+        "window_start": (window_start if window_start is not None else d.window_start) or "",
+        "window_end": (window_end if window_end is not None else d.window_end) or "",
+        "test_size": d.test_size,
+        "reference_size": d.reference_size,
+        "seed": d.seed,
+        "max_missing": settings.validation.max_missing,
+        "max_unseen_share": settings.validation.max_unseen_share,
+        "column_rules": rules,
+        "task": settings.model.task,
+        "learner": settings.model.learner,
+        "learner_params": dict(settings.model.params),
+        "device": settings.model.device,
+        "gate_metric": settings.gate_metric,
+        "gate_min_value": "" if settings.gate.min_value is None else str(settings.gate.min_value),
+        "gate_margin": settings.gate.margin,
+        "tracking_uri": settings.tracking_uri,
+        "experiment": settings.mlflow.experiment,
+        "model_name": settings.mlflow.model_name,
+        "trigger": trigger,
+        "request_id": request_id or uuid.uuid4().hex,
+    }
+
+
+def compile_pipeline(settings: Any, package_path: str | Path) -> Path:
+    """Compile the training pipeline to KFP YAML with the config's values as parameter defaults."""
+    args = pipeline_arguments(settings, request_id="")
+    args.pop("request_id")
+    path = Path(package_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    compiler.Compiler().compile(build_training_pipeline(settings), str(path), pipeline_parameters=args)
+    return path
+
+
+def build_training_pipeline(settings: Any):
+    """The pipeline with this config's cluster settings (GPU, secrets) applied to its steps."""
+    return make_training_pipeline(ClusterOptions.from_settings(settings))
