@@ -1,0 +1,58 @@
+"""Shared fixtures: scenario data, settings in a temporary workspace, one trained champion per session."""
+
+import os
+import socket
+import warnings
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_settings(workspace: Path, source: Path, **overrides):
+    """Settings for a test workspace (embedded default), with dotted-key overrides."""
+    from driftloop.config import load_settings
+
+    base = {
+        "workspace": str(workspace),
+        "data.source": str(source),
+        "data.time_column": "event_time",
+        "data.reference_size": 1000,
+        "mlflow.model_name": "churn",
+        "mlflow.experiment": "test",
+        "model.params": {"max_iter": 50},
+    }
+    base.update(overrides)
+    return load_settings(overrides=base, environ={})
+
+
+@pytest.fixture(scope="session")
+def scenario_path(tmp_path_factory) -> Path:
+    """4000 rows over 60 days; drift (covariate + concept) from day 30."""
+    from driftloop.scenario import write_scenario
+
+    return write_scenario(tmp_path_factory.mktemp("data") / "scenario.parquet", rows=4000)
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, scenario_path):
+    """A workspace whose MLflow registry holds one champion (trained on the first 30 days).
+
+    Returns (settings, RunResult). Shared by the whole session: tests must not move its aliases;
+    tests that change the registry make their own workspace.
+    """
+    from driftloop.runner import LocalRunner, RunRequest
+
+    settings = make_settings(tmp_path_factory.mktemp("ws"), scenario_path)
+    result = LocalRunner(settings).run_training(RunRequest(window_end="2026-01-31"))
+    assert result.state == "SUCCEEDED", result.error
+    return settings, result
