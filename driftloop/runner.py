@@ -16,6 +16,7 @@ import logging
 import os
 import tempfile
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -113,6 +114,8 @@ class LocalRunner:
         kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(self.pipeline_root),
                        raise_on_error=True)
         pipeline = build_training_pipeline(self.settings)
+        # Display names, resources and accelerators matter on Kubeflow; kfp.local says so once per task.
+        warnings.filterwarnings("ignore", message=".*have no effect in the current local runner")
         with _error_file() as err_path:
             try:
                 pipeline(**args)

@@ -1,0 +1,87 @@
+"""Configuration: one object, validated once; wrong keys and values fail naming the key."""
+
+import pytest
+
+from driftloop.config import load_settings
+from driftloop.errors import ConfigError
+
+
+def test_defaults_give_embedded_sqlite_store(tmp_path):
+    s = load_settings(overrides={"workspace": str(tmp_path)}, environ={})
+    assert s.tracking_uri == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    assert not s.is_cluster
+    assert s.gate_metric == "accuracy"
+
+
+def test_remote_tracking_uri_used_unchanged(tmp_path):
+    s = load_settings(overrides={"mlflow.tracking_uri": "https://mlflow.example.com"}, environ={})
+    assert s.tracking_uri == "https://mlflow.example.com"
+    assert s.artifact_location is None
+
+
+def test_unknown_key_names_the_key(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model:\n  learnr: xgboost\n")
+    with pytest.raises(ConfigError, match=r"model\.learnr: unknown key"):
+        load_settings(cfg, environ={})
+
+
+def test_unknown_learner_fails_at_load():
+    with pytest.raises(ConfigError, match=r"model\.learner"):
+        load_settings(overrides=["model.learner=deep_forest"], environ={})
+
+
+def test_bad_value_names_the_key():
+    with pytest.raises(ConfigError, match=r"data\.test_size"):
+        load_settings(overrides=["data.test_size=1.5"], environ={})
+
+
+def test_gate_metric_must_fit_task():
+    with pytest.raises(ConfigError, match="rmse"):
+        load_settings(overrides=["gate.metric=rmse"], environ={})
+    s = load_settings(overrides=["model.task=regression", "gate.metric=rmse"], environ={})
+    assert s.gate_metric == "rmse"
+
+
+def test_environment_overrides_file_and_params_override_environment(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("data:\n  target: y\n  test_size: 0.3\n")
+    env = {"DRIFTLOOP_DATA__TEST_SIZE": "0.25", "DRIFTLOOP_MLFLOW__MODEL_NAME": "m1"}
+    s = load_settings(cfg, environ=env)
+    assert (s.data.target, s.data.test_size, s.mlflow.model_name) == ("y", 0.25, "m1")
+    s = load_settings(cfg, overrides=["data.test_size=0.1"], environ=env)
+    assert s.data.test_size == 0.1
+
+
+def test_relative_source_resolved_against_config_file(tmp_path):
+    cfg = tmp_path / "sub" / "c.yaml"
+    cfg.parent.mkdir()
+    cfg.write_text("data:\n  source: data/x.parquet\n")
+    s = load_settings(cfg, environ={})
+    assert s.data.source == str(tmp_path / "sub" / "data" / "x.parquet")
+
+
+def test_secrets_are_not_config_keys():
+    env = {"DRIFTLOOP_WEBHOOK_TOKEN": "s3cret"}
+    s = load_settings(environ=env)
+    assert "s3cret" not in s.model_dump_json()
+
+
+def test_settings_are_frozen():
+    s = load_settings(environ={})
+    with pytest.raises(Exception):
+        s.data.target = "other"  # type: ignore[misc]
+
+
+def test_missing_or_broken_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_settings(tmp_path / "nope.yaml", environ={})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_settings(bad, environ={})
+
+
+def test_malformed_override():
+    with pytest.raises(ConfigError, match="key=value"):
+        load_settings(overrides=["data.target"], environ={})

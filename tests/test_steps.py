@@ -1,0 +1,192 @@
+"""Unit tests of the plain step functions, including their failure cases."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from components.evaluate import evaluate_models, gate
+from components.ingest import ingest, read_table
+from components.train import resolve_device, train_model
+from components.validate import validate_frames
+from driftloop.errors import DataSourceError, DataValidationError, DeviceUnavailableError, TrainingError
+from driftloop.scenario import generate
+
+
+@pytest.fixture(scope="module")
+def frame():
+    return generate("classification", 3000, days=30, drift_at=None, seed=1)
+
+
+# --- ingest -------------------------------------------------------------------------------
+def test_read_parquet_and_csv(tmp_path, frame):
+    frame.to_parquet(tmp_path / "d.parquet")
+    frame.drop(columns=["event_time"]).to_csv(tmp_path / "d.csv", index=False)
+    assert len(read_table(str(tmp_path / "d.parquet"))) == 3000
+    assert len(read_table(f"file://{tmp_path / 'd.parquet'}")) == 3000
+    assert list(read_table(str(tmp_path / "d.csv")).columns) == [c for c in frame.columns if c != "event_time"]
+
+
+def test_read_missing_and_corrupt(tmp_path):
+    with pytest.raises(DataSourceError, match="not found"):
+        read_table(str(tmp_path / "missing.parquet"))
+    bad = tmp_path / "bad.parquet"
+    bad.write_bytes(b"PAR1 this is not parquet")
+    with pytest.raises(DataSourceError, match="cannot read"):
+        read_table(str(bad))
+
+
+def test_time_window_and_time_ordered_split(frame):
+    r = ingest(frame, target="label", time_column="event_time", window_start="2026-01-10", window_end="2026-01-20", test_size=0.25)
+    times = pd.concat([r.train, r.test])["event_time"]
+    assert times.min() >= pd.Timestamp("2026-01-10", tz="UTC") and times.max() < pd.Timestamp("2026-01-20", tz="UTC")
+    assert r.train["event_time"].max() <= r.test["event_time"].min()  # time-ordered: test is the latest
+    assert abs(len(r.test) / (len(r.train) + len(r.test)) - 0.25) < 0.01
+    assert len(r.reference) <= len(r.train)
+
+
+def test_empty_window_and_missing_target(frame):
+    with pytest.raises(DataSourceError, match="holds no rows"):
+        ingest(frame, target="label", time_column="event_time", window_start="2030-01-01")
+    with pytest.raises(DataSourceError, match="target column 'churned'"):
+        ingest(frame, target="churned")
+    with pytest.raises(DataSourceError, match="time column 'ts'"):
+        ingest(frame, target="label", time_column="ts")
+
+
+# --- validate -----------------------------------------------------------------------------
+def _split(df):
+    return df.iloc[:2400].reset_index(drop=True), df.iloc[2400:].reset_index(drop=True)
+
+
+def test_validate_passes_and_infers_schema(frame):
+    train, test = _split(frame)
+    schema = validate_frames(train, test, target="label", task="classification", time_column="event_time")
+    assert set(schema["numeric"]) == {"tenure", "monthly_spend", "sessions", "support_calls", "latency_ms"}
+    assert set(schema["categorical"]) == {"region", "plan"}
+    assert schema["classes"] == [0, 1]
+
+
+def test_validate_missing_share_names_column_and_rule(frame):
+    train, test = _split(frame.copy())
+    train.loc[: len(train) // 2, "tenure"] = np.nan
+    with pytest.raises(DataValidationError, match="'tenure'.*max_missing") as exc:
+        validate_frames(train, test, target="label", task="classification", time_column="event_time")
+    assert (exc.value.column, exc.value.rule) == ("tenure", "max_missing")
+
+
+def test_validate_ordinary_gaps_tolerated_and_per_column_rule(frame):
+    train, test = _split(frame.copy())
+    # the scenario has ~2 % gaps in monthly_spend: fine by default, not under a strict per-column rule
+    validate_frames(train, test, target="label", task="classification", time_column="event_time")
+    with pytest.raises(DataValidationError, match="monthly_spend"):
+        validate_frames(train, test, target="label", task="classification", time_column="event_time",
+                        columns={"monthly_spend": {"max_missing": 0.0}})
+
+
+def test_validate_range_levels_dtype_target(frame):
+    train, test = _split(frame.copy())
+    with pytest.raises(DataValidationError, match="'sessions'.*below min") as exc:
+        validate_frames(train, test, target="label", task="classification", time_column="event_time",
+                        columns={"sessions": {"min": 100}})
+    assert exc.value.rule == "min"
+    with pytest.raises(DataValidationError, match="'region'.*allowed"):
+        validate_frames(train, test, target="label", task="classification", time_column="event_time",
+                        columns={"region": {"allowed": ["north", "south"]}})
+    bad = test.copy()
+    bad["region"] = "atlantis"
+    with pytest.raises(DataValidationError, match="'region'.*never seen in training"):
+        validate_frames(train, bad, target="label", task="classification", time_column="event_time")
+    mixed = train.copy()
+    mixed["tenure"] = mixed["tenure"].astype(object)
+    mixed.loc[0, "tenure"] = "ten"
+    with pytest.raises(DataValidationError, match="'tenure'.*mixed value types"):
+        validate_frames(mixed, test, target="label", task="classification", time_column="event_time")
+    with pytest.raises(DataValidationError, match="target column 'label' is missing"):
+        validate_frames(train.drop(columns="label"), test, target="label", task="classification")
+
+
+def test_validate_single_class(frame):
+    train, test = _split(frame.copy())
+    train["label"] = 1
+    with pytest.raises(DataValidationError, match="single class") as exc:
+        validate_frames(train, test, target="label", task="classification", time_column="event_time")
+    assert exc.value.rule == "classes"
+
+
+# --- train ----------------------------------------------------------------------------------
+NUM = ["tenure", "monthly_spend", "sessions", "support_calls", "latency_ms"]
+CAT = ["region", "plan"]
+
+
+@pytest.mark.parametrize("learner", ["hist_gradient_boosting", "random_forest", "linear", "xgboost"])
+def test_train_classifier_takes_raw_rows_with_gaps(frame, learner):
+    train, test = _split(frame)
+    result = train_model(train, target="label", task="classification", numeric=NUM, categorical=CAT, learner=learner,
+                         params={"n_estimators": 20} if learner in ("random_forest", "xgboost") else {})
+    assert result.device == "cpu"
+    raw = test[NUM + CAT].head(3).astype(object)
+    raw.iloc[0, 0] = None  # a gap in a numeric column
+    raw.iloc[1, 5] = None  # a gap in a categorical column
+    raw.iloc[2, 6] = "never-seen-plan"
+    from components.train import prepare_features
+
+    assert len(result.model.predict(prepare_features(raw, NUM, CAT))) == 3
+    acc = (result.model.predict(prepare_features(test, NUM, CAT)) == test["label"]).mean()
+    assert acc > 0.65
+
+
+def test_train_regression():
+    df = generate("regression", 2000, drift_at=None, seed=3)
+    train, test = df.iloc[:1600], df.iloc[1600:]
+    result = train_model(train, target="label", task="regression", numeric=NUM, categorical=CAT)
+    from components.evaluate import score
+
+    metrics = score(result.model, test, target="label", task="regression", numeric=NUM, categorical=CAT)
+    assert metrics["r2"] > 0.5 and metrics["rmse"] > 0
+
+
+def test_device_resolution():
+    assert resolve_device("xgboost", "auto", gpu_visible=False) == "cpu"
+    assert resolve_device("xgboost", "auto", gpu_visible=True) == "cuda"
+    assert resolve_device("hist_gradient_boosting", "auto", gpu_visible=True) == "cpu"
+    with pytest.raises(DeviceUnavailableError, match="no GPU is visible"):
+        resolve_device("xgboost", "cuda", gpu_visible=False)
+    with pytest.raises(DeviceUnavailableError, match="CPU only"):
+        resolve_device("random_forest", "cuda", gpu_visible=True)
+    with pytest.raises(TrainingError, match="unknown learner 'deep_forest'"):
+        resolve_device("deep_forest", "auto")
+
+
+def test_train_bad_hyper_parameter(frame):
+    train, _ = _split(frame)
+    with pytest.raises(TrainingError, match="hist_gradient_boosting"):
+        train_model(train, target="label", task="classification", numeric=NUM, categorical=CAT, params={"max_iter": -3})
+
+
+# --- evaluate / gate -----------------------------------------------------------------------
+def test_gate_bootstrap_and_minimum():
+    d = gate({"accuracy": 0.8}, None, metric="accuracy", min_value=0.7)
+    assert d.passed and "bootstrap" in d.reason
+    d = gate({"accuracy": 0.6}, None, metric="accuracy", min_value=0.7)
+    assert not d.passed and "minimum" in d.reason
+
+
+def test_gate_against_champion_with_margin_and_direction():
+    assert gate({"accuracy": 0.81}, {"accuracy": 0.80}, metric="accuracy", margin=0.0, champion_version="3").passed
+    d = gate({"accuracy": 0.81}, {"accuracy": 0.80}, metric="accuracy", margin=0.02, champion_version="3")
+    assert not d.passed and "v3" in d.reason and "does not beat" in d.reason
+    assert gate({"rmse": 4.0}, {"rmse": 5.0}, metric="rmse", champion_version="1").passed  # lower is better
+    assert not gate({"rmse": 6.0}, {"rmse": 5.0}, metric="rmse", champion_version="1").passed
+
+
+def test_evaluate_scores_both_on_same_holdout(frame):
+    train, test = _split(frame)
+    good = train_model(train, target="label", task="classification", numeric=NUM, categorical=CAT).model
+    weak = train_model(train.head(60), target="label", task="classification", numeric=NUM, categorical=CAT,
+                       learner="linear", params={"C": 1e-4}).model
+    d = evaluate_models(good, weak, test, target="label", task="classification", numeric=NUM, categorical=CAT,
+                        metric="accuracy", champion_version="1")
+    assert d.passed and d.champion_value is not None and d.new_value > d.champion_value
+    d = evaluate_models(weak, good, test, target="label", task="classification", numeric=NUM, categorical=CAT,
+                        metric="accuracy", champion_version="1")
+    assert not d.passed
