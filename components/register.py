@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 import pandas as pd
 
 
-__all__ = ["RunContext", "trusted_types", "register_model", "record_rejection"]
+__all__ = ["RunContext", "trusted_types", "model_requirements", "register_model", "record_rejection"]
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,20 @@ def trusted_types(model: Any) -> list[str]:
     return get_untrusted_types(data=dumps(model))
 
 
+def model_requirements(model: Any) -> list[str]:
+    """Pinned runtime requirements of the model.
+
+    MLflow would infer these by re-importing the model in a subprocess (~5 s a run);
+    the model is always our sklearn Pipeline, so we state them from what is installed.
+    """
+    from importlib.metadata import version
+
+    packages = ["mlflow", "scikit-learn", "numpy", "pandas", "scipy", "skops", "cloudpickle"]
+    if "xgboost" in type(getattr(model, "steps", [[None, model]])[-1][1]).__module__:
+        packages.append("xgboost")
+    return [f"{name}=={version(name)}" for name in packages]
+
+
 def register_model(
     model: Any,
     *,
@@ -108,6 +122,10 @@ def register_model(
     from components.train import prepare_features
     from driftloop.registry import CHALLENGER, CHAMPION, REFERENCE_ARTIFACT, TAG
 
+    import warnings
+
+    # MLflow warns about integer outputs and ambiguous local dataset sources; neither applies here.
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow\..*")
     target = schema["target"]
     numeric, categorical = schema["numeric"], schema["categorical"]
     features = prepare_features(train, numeric, categorical)
@@ -124,6 +142,7 @@ def register_model(
             info = mlflow.sklearn.log_model(
                 model, name="model", signature=signature, input_example=example, registered_model_name=model_name,
                 await_registration_for=60, skops_trusted_types=trusted_types(model),
+                pip_requirements=model_requirements(model),
             )
             version = str(info.registered_model_version)
         first = registry.version_by_alias(model_name, CHAMPION) is None
