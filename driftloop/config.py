@@ -363,10 +363,10 @@ def load_settings(
         # Relative paths in the file are relative to the file's folder.
         base = p.resolve().parent
         if "workspace" in raw and not Path(str(raw["workspace"])).is_absolute():
-            raw["workspace"] = str(base / str(raw["workspace"]))
+            raw["workspace"] = str((base / str(raw["workspace"])).resolve())
         src = (raw.get("data") or {}).get("source") if isinstance(raw.get("data"), dict) else None
         if src and "://" not in src and not Path(src).is_absolute():
-            raw["data"]["source"] = str(base / src)
+            raw["data"]["source"] = str((base / src).resolve())
     raw = _merge(raw, _env_overrides(environ))
     if overrides:
         raw = apply_overrides(raw, overrides)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -83,6 +84,7 @@ class Registry:
         self.experiment = experiment
         self.artifact_location = artifact_location
         self._client = None
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         if tracking_uri.startswith("sqlite:///"):
             Path(tracking_uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
 
@@ -173,7 +175,7 @@ class Registry:
             info = self.version_by_alias(name, alias)
             if info is None:
                 raise RegistryError(f"model {name!r} has no alias {alias!r}")
-            return info
+            return self.get_version(name, info.version)  # the alias lookup omits the version's aliases
         if "/" in ref:
             name, version = ref.rsplit("/", 1)
             return self.get_version(name, version)

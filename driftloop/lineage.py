@@ -1,0 +1,147 @@
+"""Lineage of a model version: trigger → pipeline run → data window → metrics and gate → rollout.
+
+Everything comes from what the loop recorded: MLflow version tags and run data
+(trigger, pipeline/KFP run id, window, metrics, gate decision), the alert store (the
+drift report behind a ``drift:<alert-id>`` trigger) and the rollout history.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from driftloop.config import Settings
+from driftloop.errors import RegistryError
+from driftloop.registry import TAG, Registry
+
+__all__ = ["Lineage", "build_lineage", "render_lineage"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Lineage:
+    model: str
+    version: str
+    aliases: list[str]
+    trigger: str
+    trigger_detail: dict[str, Any] = field(default_factory=dict)
+    pipeline_run_id: str = ""
+    mlflow_run_id: str = ""
+    data_source: str = ""
+    data_window: str = ""
+    train_rows: int | None = None
+    test_rows: int | None = None
+    device: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)
+    champion_metrics: dict[str, float] = field(default_factory=dict)
+    gate: str = ""
+    gate_reason: str = ""
+    rollout_outcome: str = ""
+    rollout_reason: str = ""
+    rollout_steps: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _alert_detail(settings: Settings, alert_id: str) -> dict[str, Any]:
+    """The alert behind a drift trigger, from the monitor's alert store (if this machine has it)."""
+    try:
+        from monitoring.alerts import lookup_alert
+    except ImportError:
+        return {"alert_id": alert_id}
+    try:
+        found = lookup_alert(settings, alert_id)
+    except Exception as exc:  # the store is optional on machines that never ran the monitor
+        log.debug("alert store not readable: %s", exc)
+        found = None
+    return {"alert_id": alert_id, **(found or {})}
+
+
+def _rollout_steps(settings: Settings, registry: Registry, model: str, version: str, run_id: str | None) -> list[dict[str, Any]]:
+    """Rollout steps recorded for this version: the MLflow artifact first, else the local rollout history."""
+    if run_id:
+        try:
+            path = registry.download(run_id, f"rollout/v{version}.json")
+            data = json.loads(path.read_text())
+            return list(data.get("steps", data if isinstance(data, list) else []))
+        except (RegistryError, ValueError, OSError):
+            pass
+    try:
+        from serving.rollout import rollout_history
+    except ImportError:
+        return []
+    try:
+        return rollout_history(settings, model, version)
+    except Exception as exc:
+        log.debug("rollout history not readable: %s", exc)
+        return []
+
+
+def build_lineage(settings: Settings, ref: str) -> Lineage:
+    """Lineage of ``model``, ``model@alias`` or ``model/version``."""
+    registry = Registry.from_settings(settings)
+    info = registry.resolve(ref if ("@" in ref or "/" in ref) else f"{ref}@champion")
+    tags = info.tags
+    lineage = Lineage(model=info.name, version=info.version, aliases=list(info.aliases),
+                      trigger=tags.get(TAG.TRIGGER, "unknown"), pipeline_run_id=tags.get(TAG.PIPELINE_RUN, ""),
+                      mlflow_run_id=info.run_id or "", data_window=tags.get(TAG.WINDOW, ""),
+                      data_source=tags.get(TAG.SOURCE, ""), gate=tags.get(TAG.GATE, ""),
+                      gate_reason=tags.get(TAG.GATE_REASON, ""), device=tags.get(TAG.DEVICE, ""),
+                      rollout_outcome=tags.get(TAG.ROLLOUT, "pending" if "champion" not in info.aliases else ""),
+                      rollout_reason=tags.get(TAG.ROLLOUT_REASON, ""))
+    if lineage.trigger.startswith("drift:"):
+        lineage.trigger_detail = _alert_detail(settings, lineage.trigger.split(":", 1)[1])
+    elif lineage.trigger.startswith("schedule:"):
+        lineage.trigger_detail = {"schedule": lineage.trigger.split(":", 1)[1]}
+    if info.run_id:
+        run = registry.run(info.run_id)
+        metrics = run.data.metrics
+        lineage.metrics = {k: v for k, v in metrics.items() if not k.startswith("champion_") and k != "gate_passed"}
+        lineage.champion_metrics = {k[len("champion_"):]: v for k, v in metrics.items() if k.startswith("champion_")}
+        params = run.data.params
+        lineage.train_rows = int(params["train_rows"]) if "train_rows" in params else None
+        lineage.test_rows = int(params["test_rows"]) if "test_rows" in params else None
+    lineage.rollout_steps = _rollout_steps(settings, registry, info.name, info.version, info.run_id)
+    return lineage
+
+
+def render_lineage(lineage: Lineage):
+    """A rich Tree, read top to bottom: trigger, run, data, gate, rollout."""
+    from rich.tree import Tree
+
+    from rich.markup import escape
+
+    aliases = escape(f" [{', '.join(lineage.aliases)}]") if lineage.aliases else ""
+    tree = Tree(f"[bold]{lineage.model}[/] v{lineage.version}{aliases}")
+    trig = tree.add(f"trigger: [cyan]{lineage.trigger}[/]")
+    for key, value in lineage.trigger_detail.items():
+        if value not in (None, "", {}):
+            trig.add(f"{key}: {value}")
+    run = tree.add(f"pipeline run: {lineage.pipeline_run_id or '-'}")
+    run.add(f"MLflow run: {lineage.mlflow_run_id or '-'}")
+    if lineage.device:
+        run.add(f"trained on: {lineage.device}")
+    data = tree.add(f"data: {lineage.data_source or '-'}")
+    data.add(f"window: {lineage.data_window or '-'}")
+    if lineage.train_rows is not None:
+        data.add(f"rows: {lineage.train_rows} train / {lineage.test_rows} test")
+    gate = tree.add(f"gate: [{'green' if lineage.gate == 'passed' else 'yellow'}]{lineage.gate or '-'}[/]: {lineage.gate_reason}")
+    if lineage.metrics:
+        gate.add("metrics: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(lineage.metrics.items())))
+    if lineage.champion_metrics:
+        gate.add("champion then: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(lineage.champion_metrics.items())))
+    colour = {"promoted": "green", "bootstrap": "green", "rolled_back": "red"}.get(lineage.rollout_outcome, "yellow")
+    roll = tree.add(f"rollout: [{colour}]{lineage.rollout_outcome or '-'}[/] {lineage.rollout_reason}")
+    for step in lineage.rollout_steps:
+        roll.add(_format_step(step))
+    return tree
+
+
+def _format_step(step: dict[str, Any]) -> str:
+    parts = [str(step.get(k)) for k in ("time", "weight", "decision") if step.get(k) is not None]
+    reason = step.get("reason")
+    return " | ".join(parts) + (f" — {reason}" if reason else "")
