@@ -16,7 +16,8 @@ $(BIN)/.installed: pyproject.toml
 setup: $(BIN)/.installed
 
 demo: setup
-	$(BIN)/driftloop demo
+	$(BIN)/driftloop data generate .driftloop/data/scenario.parquet
+	$(BIN)/driftloop run train -c examples/demo.yaml --window-end 2026-01-31
 
 test: setup
 	$(BIN)/python -m pytest -q
