@@ -3,10 +3,27 @@
 The public surface is small: the configuration (:func:`load_settings`), the error
 hierarchy, the MLflow adapter (:class:`Registry`) and the pipeline runner adapter
 (:func:`runner_for`). Everything else is reached through the ``driftloop`` CLI.
+Names are imported lazily: each pipeline step is a fresh process, and importing
+``driftloop.errors`` there should not pay for pydantic and the config module.
 """
 
-from driftloop.config import Settings, load_settings
-from driftloop.errors import DriftloopError
+from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["Settings", "load_settings", "DriftloopError", "__version__"]
+__all__ = ["Settings", "load_settings", "DriftloopError", "Registry", "runner_for", "__version__"]
+
+_LAZY = {
+    "Settings": "driftloop.config",
+    "load_settings": "driftloop.config",
+    "DriftloopError": "driftloop.errors",
+    "Registry": "driftloop.registry",
+    "runner_for": "driftloop.runner",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'driftloop' has no attribute {name!r}")
