@@ -1,0 +1,336 @@
+"""Parse and flatten the CloudEvents that KServe's inference logger sends.
+
+KServe's logger (and driftloop's local gateway) posts every request and every response as a
+CloudEvent v1 in *binary* mode: attributes in ``ce-*`` headers, the V1 or V2 inference payload
+as the JSON body. A request and its response share ``ce-id``; pairing them (in the store) gives
+one row per instance: the features that went in and the prediction that came out.
+
+Two parsers produce the same attributes:
+
+* :func:`attributes_from_headers` — the hot path. ``cloudevents.http.from_http`` builds a
+  ``CloudEvent`` object, re-decodes the body, fills in a ``time`` it invents when the sender
+  sent none, and reports a missing ``ce-id`` as "Failed to find specversion". At 5k+ events/s on
+  one core that costs a large share of the budget, and its messages do not name the header that
+  is missing. This function reads the headers once and names exactly what is wrong.
+* :func:`attributes_via_sdk` — the same attributes through ``cloudevents.http.from_http``; the
+  tests prove both give the same result on real events built with the ``cloudevents`` package.
+
+Bad events raise :class:`EventError` carrying the HTTP status the sink answers with.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from driftloop.errors import MonitorError
+
+__all__ = [
+    "REQUEST_TYPE",
+    "RESPONSE_TYPE",
+    "REQUIRED_HEADERS",
+    "EventError",
+    "ParsedEvent",
+    "attributes_from_headers",
+    "attributes_via_sdk",
+    "parse_binary",
+    "parse_structured",
+    "parse_batch",
+    "flatten_request",
+    "flatten_response",
+]
+
+log = logging.getLogger(__name__)
+
+REQUEST_TYPE = "org.kubeflow.serving.inference.request"
+RESPONSE_TYPE = "org.kubeflow.serving.inference.response"
+_KINDS = {REQUEST_TYPE: "request", RESPONSE_TYPE: "response"}
+REQUIRED_HEADERS = ("ce-id", "ce-type", "ce-source", "ce-specversion")
+_MAX_ROWS = 100_000  # one inference call with more instances than this is refused (413)
+
+
+class EventError(MonitorError):
+    """An event the sink refuses; ``status`` is the HTTP status, ``reason`` a short metric label."""
+
+    def __init__(self, status: int, message: str, *, reason: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.reason = reason or _reason_for(status)
+
+
+def _reason_for(status: int) -> str:
+    return {400: "bad_request", 404: "unknown_model", 413: "too_large", 422: "unprocessable"}.get(status, "error")
+
+
+@dataclass(slots=True)
+class ParsedEvent:
+    """One accepted CloudEvent, flattened.
+
+    ``rows`` holds the feature rows of a request (dicts column → value), ``predictions`` the
+    per-instance predictions of a response; the other is ``None``.
+    """
+
+    id: str
+    kind: str  # "request" | "response"
+    source: str
+    model_name: str
+    model_version: str | None
+    role: str | None
+    headers: dict[str, str]
+    body: bytes
+    rows: list[dict[str, Any]] | None = None
+    predictions: list[Any] | None = None
+    received_at: float = field(default_factory=time.time)
+
+    @property
+    def n(self) -> int:
+        """Number of instances carried by the event."""
+        return len(self.rows if self.rows is not None else self.predictions or [])
+
+
+# --------------------------------------------------------------------------- attributes
+
+
+def attributes_from_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """CloudEvent attributes of a binary-mode event from its (lower-cased) HTTP headers.
+
+    Returns ``{"id", "type", "source", "specversion", <extensions>...}`` — the same keys
+    ``cloudevents.http.from_http(...).get_attributes()`` gives, without ``datacontenttype``/
+    invented ``time``. Raises ``EventError(400)`` naming the first missing required header.
+    """
+    for name in REQUIRED_HEADERS:
+        if not headers.get(name):
+            raise EventError(400, f"missing CloudEvent header {name!r}", reason="missing_header")
+    if headers["ce-specversion"] != "1.0":
+        raise EventError(400, f"unsupported ce-specversion {headers['ce-specversion']!r} (expected '1.0')",
+                         reason="bad_header")
+    return {k[3:]: v for k, v in headers.items() if k.startswith("ce-")}
+
+
+def attributes_via_sdk(headers: Mapping[str, str], body: bytes) -> dict[str, str]:
+    """The same attributes as :func:`attributes_from_headers`, parsed by ``cloudevents.http.from_http``."""
+    from cloudevents.exceptions import GenericException
+    from cloudevents.http import from_http
+
+    try:
+        event = from_http(dict(headers), body, data_unmarshaller=lambda b: b)
+    except GenericException as exc:
+        raise EventError(400, f"not a CloudEvent: {exc}", reason="missing_header") from exc
+    attrs = {k: str(v) for k, v in event.get_attributes().items()}
+    attrs.pop("datacontenttype", None)
+    if "ce-time" not in headers:
+        attrs.pop("time", None)  # the SDK invents one when the sender sent none
+    return attrs
+
+
+# --------------------------------------------------------------------------- flattening
+
+
+def _loads(body: bytes | str) -> Any:
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise EventError(400, f"body is not JSON: {exc}", reason="bad_json") from exc
+
+
+def _tensor_rows(data: Any, shape: Any, name: str) -> list[Any]:
+    """A V2 tensor's data as one entry per instance (flat data reshaped by ``shape``)."""
+    if not isinstance(data, list):
+        raise EventError(422, f"tensor {name!r}: 'data' must be a list", reason="bad_payload")
+    if data and isinstance(data[0], list):  # already nested, row-major
+        return data
+    if isinstance(shape, list) and len(shape) == 2 and isinstance(shape[1], int) and shape[1] > 1:
+        k = shape[1]
+        if len(data) % k:
+            raise EventError(422, f"tensor {name!r}: {len(data)} values do not fit shape {shape}", reason="bad_payload")
+        return [data[i:i + k] for i in range(0, len(data), k)]
+    return data
+
+
+def _check_columns(got: Iterable[str], reference: list[str] | None) -> None:
+    if reference is None:
+        return
+    got_set, ref_set = set(got), set(reference)
+    if got_set != ref_set:
+        parts = []
+        if ref_set - got_set:
+            parts.append(f"missing {sorted(ref_set - got_set)}")
+        if got_set - ref_set:
+            parts.append(f"unexpected {sorted(got_set - ref_set)}")
+        raise EventError(422, "columns do not match the reference: " + ", ".join(parts), reason="columns")
+
+
+def _positional(rows: list[list[Any]], reference: list[str] | None) -> list[dict[str, Any]]:
+    width = len(rows[0])
+    if any(not isinstance(r, list) or len(r) != width for r in rows):
+        raise EventError(422, "instances have different lengths", reason="bad_payload")
+    if reference is None:
+        names = [str(i) for i in range(width)]
+    elif width != len(reference):
+        raise EventError(422, f"rows have {width} unnamed columns but the reference has {len(reference)}: "
+                              f"{reference}", reason="columns")
+    else:
+        names = reference
+    return [dict(zip(names, r)) for r in rows]
+
+
+def flatten_request(payload: Any, reference_columns: list[str] | None = None) -> list[dict[str, Any]]:
+    """Feature rows of a V1 (``instances``) or V2 (``inputs``) request payload.
+
+    V1 instances may be dicts (named columns) or lists (columns in reference order). V2 inputs are
+    either one tensor per column (named by the tensor) or one 2-D tensor of unnamed columns, which
+    are mapped by ``reference_columns``. Column names are checked against the reference.
+    """
+    if not isinstance(payload, dict):
+        raise EventError(422, "request body must be a JSON object with 'instances' or 'inputs'", reason="bad_payload")
+    if "instances" in payload:
+        inst = payload["instances"]
+        if not isinstance(inst, list) or not inst:
+            raise EventError(422, "'instances' must be a non-empty list", reason="bad_payload")
+        if len(inst) > _MAX_ROWS:
+            raise EventError(413, f"{len(inst)} instances in one event (at most {_MAX_ROWS})")
+        if isinstance(inst[0], dict):
+            if any(not isinstance(r, dict) for r in inst):
+                raise EventError(422, "instances mix objects and lists", reason="bad_payload")
+            cols = inst[0].keys()
+            _check_columns(cols, reference_columns)
+            if any(r.keys() != cols for r in inst):
+                raise EventError(422, "instances do not all have the same columns", reason="columns")
+            return inst
+        if isinstance(inst[0], list):
+            return _positional(inst, reference_columns)
+        raise EventError(422, "each instance must be an object or a list", reason="bad_payload")
+    if "inputs" in payload:
+        inputs = payload["inputs"]
+        if not isinstance(inputs, list) or not inputs or not all(isinstance(t, dict) and "data" in t for t in inputs):
+            raise EventError(422, "'inputs' must be a non-empty list of tensors with 'name' and 'data'",
+                             reason="bad_payload")
+        if len(inputs) == 1:
+            t = inputs[0]
+            shape = t.get("shape")
+            data = _tensor_rows(t["data"], shape, str(t.get("name")))
+            if data and isinstance(data[0], list):  # one 2-D tensor of unnamed columns
+                return _positional(data, reference_columns)
+        names = [str(t.get("name")) for t in inputs]
+        _check_columns(names, reference_columns)
+        cols = [_tensor_rows(t["data"], t.get("shape"), n) for t, n in zip(inputs, names)]
+        n = len(cols[0])
+        if any(len(c) != n for c in cols):
+            raise EventError(422, "input tensors have different lengths", reason="bad_payload")
+        if n > _MAX_ROWS:
+            raise EventError(413, f"{n} instances in one event (at most {_MAX_ROWS})")
+        return [dict(zip(names, vals)) for vals in zip(*cols)]
+    raise EventError(422, "request body has neither 'instances' (V1) nor 'inputs' (V2)", reason="bad_payload")
+
+
+def flatten_response(payload: Any) -> tuple[list[Any], str | None]:
+    """Per-instance predictions of a V1 (``predictions``) or V2 (``outputs``) response, and the
+    ``model_version`` the body names (or ``None``)."""
+    if not isinstance(payload, dict):
+        raise EventError(422, "response body must be a JSON object with 'predictions' or 'outputs'",
+                         reason="bad_payload")
+    version = payload.get("model_version")
+    version = None if version in (None, "") else str(version)
+    if "predictions" in payload:
+        preds = payload["predictions"]
+        if not isinstance(preds, list):
+            raise EventError(422, "'predictions' must be a list", reason="bad_payload")
+        return preds, version
+    if "outputs" in payload:
+        outs = payload["outputs"]
+        if not isinstance(outs, list) or not outs or not isinstance(outs[0], dict) or "data" not in outs[0]:
+            raise EventError(422, "'outputs' must be a non-empty list of tensors", reason="bad_payload")
+        t = outs[0]
+        return _tensor_rows(t["data"], t.get("shape"), str(t.get("name"))), version
+    raise EventError(422, "response body has neither 'predictions' (V1) nor 'outputs' (V2)", reason="bad_payload")
+
+
+# --------------------------------------------------------------------------- events
+
+
+def _build(attrs: dict[str, str], headers: dict[str, str], body: bytes, payload: Any, *,
+           model_names: set[str] | None, reference_columns: list[str] | None,
+           received_at: float | None) -> ParsedEvent:
+    kind = _KINDS.get(attrs["type"])
+    if kind is None:
+        raise EventError(400, f"unknown ce-type {attrs['type']!r} (expected {REQUEST_TYPE!r} or {RESPONSE_TYPE!r})",
+                         reason="bad_header")
+    model = attrs.get("inferenceservicename") or ""
+    if not model:
+        raise EventError(400, "missing CloudEvent header 'ce-inferenceservicename'", reason="missing_header")
+    if model_names is not None and model not in model_names:
+        raise EventError(404, f"unknown model {model!r} (this monitor watches {sorted(model_names)})",
+                         reason="unknown_model")
+    rows = preds = None
+    version = attrs.get("modelversion") or None
+    if kind == "request":
+        rows = flatten_request(payload, reference_columns)
+    else:
+        preds, body_version = flatten_response(payload)
+        version = version or body_version
+    return ParsedEvent(
+        id=attrs["id"], kind=kind, source=attrs["source"], model_name=model, model_version=version,
+        role=attrs.get("servingrole") or None, headers=headers, body=body, rows=rows, predictions=preds,
+        received_at=time.time() if received_at is None else received_at,
+    )
+
+
+def parse_binary(headers: Mapping[str, str], body: bytes, *, model_names: set[str] | None = None,
+                 reference_columns: list[str] | None = None, received_at: float | None = None,
+                 use_sdk: bool = False) -> ParsedEvent:
+    """One binary-mode event (lower-cased ``headers`` + raw ``body``) → :class:`ParsedEvent`.
+
+    ``use_sdk=True`` reads the attributes with ``cloudevents.http.from_http`` instead of the fast
+    path; the result is the same.
+    """
+    attrs = attributes_via_sdk(headers, body) if use_sdk else attributes_from_headers(headers)
+    payload = _loads(body)
+    kept = {k: v for k, v in headers.items() if k.startswith("ce-") or k == "content-type"}
+    return _build(attrs, kept, body, payload, model_names=model_names, reference_columns=reference_columns,
+                  received_at=received_at)
+
+
+def parse_structured(event: Any, *, model_names: set[str] | None = None,
+                     reference_columns: list[str] | None = None, received_at: float | None = None) -> ParsedEvent:
+    """One structured-mode event (a decoded JSON object with attributes and ``data``)."""
+    if not isinstance(event, dict):
+        raise EventError(400, "each event in a batch must be a JSON object", reason="bad_payload")
+    headers = {f"ce-{k}": str(v) for k, v in event.items() if k not in ("data", "data_base64", "datacontenttype")}
+    if "datacontenttype" in event:
+        headers["content-type"] = str(event["datacontenttype"])
+    attrs = attributes_from_headers(headers)
+    if "data" not in event:
+        raise EventError(400, f"event {attrs['id']!r} has no 'data'", reason="bad_payload")
+    payload = event["data"]
+    if isinstance(payload, str):  # data sent as a JSON string
+        payload = _loads(payload)
+    body = orjson.dumps(payload)
+    return _build(attrs, headers, body, payload, model_names=model_names, reference_columns=reference_columns,
+                  received_at=received_at)
+
+
+def parse_batch(body: bytes, *, model_names: set[str] | None = None, reference_columns: list[str] | None = None,
+                received_at: float | None = None) -> list[ParsedEvent]:
+    """A structured-mode batch (``application/cloudevents-batch+json``: a JSON list of events).
+
+    The batch is all-or-nothing: the first bad event raises, naming its position and id.
+    """
+    items = _loads(body)
+    if not isinstance(items, list) or not items:
+        raise EventError(400, "a cloudevents batch must be a non-empty JSON list", reason="bad_payload")
+    now = time.time() if received_at is None else received_at
+    out = []
+    for i, item in enumerate(items):
+        try:
+            out.append(parse_structured(item, model_names=model_names, reference_columns=reference_columns,
+                                        received_at=now))
+        except EventError as exc:
+            ident = item.get("id") if isinstance(item, dict) else None
+            raise EventError(exc.status, f"batch event #{i} (id {ident!r}): {exc.message}", reason=exc.reason) from exc
+    return out

@@ -1,0 +1,59 @@
+"""Prometheus metrics of the drift monitor, in one dedicated registry.
+
+A dedicated ``CollectorRegistry`` (not the process-global one) lets several monitors — and the
+tests — live in one process without "duplicated timeseries" errors, and keeps ``/metrics`` to
+what the monitor itself measures. The sink sets the ingest metrics; the drift check and the
+trigger set the drift and decision metrics.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+__all__ = ["MonitorMetrics", "CONTENT_TYPE_LATEST"]
+
+_PREFIX = "driftloop_monitor"
+
+
+class MonitorMetrics:
+    """Every metric the monitor exports, registered in ``self.registry``."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        r = self.registry
+        # ingest (sink)
+        self.events_ingested = Counter(f"{_PREFIX}_events_ingested", "Inference events stored, by CloudEvent kind",
+                                       ["type"], registry=r)
+        self.events_rejected = Counter(f"{_PREFIX}_events_rejected", "Events refused with a 4xx/5xx, by reason",
+                                       ["reason"], registry=r)
+        self.events_duplicate = Counter(f"{_PREFIX}_events_duplicate", "Re-sent events already stored (acked again)",
+                                        registry=r)
+        self.rows_stored = Counter(f"{_PREFIX}_rows_stored", "Paired feature rows (request + response) stored",
+                                   registry=r)
+        self.labels_stored = Counter(f"{_PREFIX}_labels_stored", "Ground-truth labels stored from feedback",
+                                     registry=r)
+        self.commit_seconds = Histogram(f"{_PREFIX}_commit_seconds", "Duration of one group commit to the store",
+                                        registry=r, buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                                                             0.25, 1.0))
+        self.commit_group_events = Histogram(f"{_PREFIX}_commit_group_events", "Events per group commit",
+                                             registry=r, buckets=(1, 2, 5, 10, 25, 50, 100, 250, 1000, 5000))
+        # drift check
+        self.window_size = Gauge(f"{_PREFIX}_window_rows", "Rows in the window of the last drift check", registry=r)
+        self.dataset_drift_share = Gauge(f"{_PREFIX}_dataset_drift_share", "Share of drifted columns, last check",
+                                         registry=r)
+        self.dataset_drift = Gauge(f"{_PREFIX}_dataset_drift", "1 if the last check found dataset drift", registry=r)
+        self.feature_drift_score = Gauge(f"{_PREFIX}_feature_drift_score", "Drift statistic per column, last check",
+                                         ["feature", "method"], registry=r)
+        self.feature_drifted = Gauge(f"{_PREFIX}_feature_drifted", "1 if the column drifted in the last check",
+                                     ["feature", "method"], registry=r)
+        self.last_check_timestamp = Gauge(f"{_PREFIX}_last_check_timestamp_seconds",
+                                          "Unix time of the last completed drift check", registry=r)
+        self.check_seconds = Histogram(f"{_PREFIX}_check_seconds", "Duration of one drift check", registry=r)
+        # trigger
+        self.trigger_decisions = Counter(f"{_PREFIX}_trigger_decisions", "Retraining trigger decisions, by decision",
+                                         ["decision"], registry=r)
+        self.alerts = Counter(f"{_PREFIX}_alerts", "Alerts received or raised, by source", ["source"], registry=r)
+
+    def render(self) -> tuple[bytes, str]:
+        """The Prometheus text exposition of the registry and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -1,0 +1,559 @@
+"""The durable inference-log store: SQLite in WAL mode.
+
+Why SQLite/WAL and not parquet segments: every accepted event must survive a SIGKILL of the
+monitor the moment it is acknowledged, and earlier data must never be corrupted. SQLite gives
+atomic multi-row transactions, and in WAL mode a commit is an append to the ``-wal`` file: with
+``synchronous=NORMAL`` the WAL frames are written (not fsync'd) before ``commit()`` returns, so
+they sit in the OS page cache and survive the death of the process (only a power loss or kernel
+crash can drop the last transactions — ``synchronous=FULL`` fsyncs every commit and closes that
+gap at a throughput cost; both are configurable). Readers (the drift check, ``/quality``) read a
+consistent snapshot without blocking the single writer. A crash mid-transaction leaves the
+transaction out entirely; ``PRAGMA integrity_check`` stays ``ok``.
+
+Tables:
+
+* ``events`` — every accepted event as received (ce-id, kind, headers JSON, raw body,
+  received_at) plus its flattened payload, so nothing accepted is lost even before it is paired.
+  ``(ce_id, kind)`` is unique: a logger retrying an event after a lost ack is stored once.
+* ``rows`` — one row per instance once request and response are paired by ce-id: features (JSON),
+  prediction (JSON), model name/version, serving role, ts (when the request was received).
+* ``labels`` — ground truth sent later as feedback, keyed by (request_id, row_index).
+
+Throughput comes from group commit: callers hand over many events at once
+(:meth:`InferenceStore.append_groups`), one transaction per group of concurrent HTTP requests.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sqlite3
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import orjson
+import pandas as pd
+
+from monitoring.events import EventError, ParsedEvent
+
+__all__ = ["InferenceStore", "Window", "LabelResult", "ROW_COLUMNS"]
+
+log = logging.getLogger(__name__)
+
+ROW_COLUMNS = ["request_id", "row_index", "ts", "model_name", "model_version", "role", "prediction"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY,
+    ce_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    model_name TEXT NOT NULL,
+    headers TEXT NOT NULL,
+    body BLOB NOT NULL,
+    flat TEXT NOT NULL,
+    received_at REAL NOT NULL,
+    paired INTEGER NOT NULL DEFAULT 0,
+    UNIQUE (ce_id, kind)
+);
+CREATE INDEX IF NOT EXISTS events_unpaired ON events (paired) WHERE paired = 0;
+CREATE TABLE IF NOT EXISTS rows (
+    seq INTEGER PRIMARY KEY,
+    request_id TEXT NOT NULL,
+    row_index INTEGER NOT NULL,
+    ts REAL NOT NULL,
+    model_name TEXT NOT NULL,
+    model_version TEXT,
+    role TEXT,
+    features TEXT NOT NULL,
+    prediction TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS rows_ts ON rows (ts);
+CREATE INDEX IF NOT EXISTS rows_request ON rows (request_id, row_index);
+CREATE TABLE IF NOT EXISTS labels (
+    request_id TEXT NOT NULL,
+    row_index INTEGER NOT NULL,
+    label TEXT NOT NULL,
+    ts REAL NOT NULL,
+    PRIMARY KEY (request_id, row_index)
+);
+"""
+
+Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
+
+
+@dataclass(frozen=True)
+class _Pending:
+    """An accepted event still waiting for its counterpart."""
+
+    seq: int
+    kind: str
+    model_name: str
+    model_version: str | None
+    role: str | None
+    flat: list[Any]
+    received_at: float
+
+
+@dataclass(frozen=True)
+class Window:
+    """The rows of one monitoring window and where it sits in the log."""
+
+    rows: pd.DataFrame
+    kind: str
+    start_seq: int
+    end_seq: int
+    start_ts: float | None
+    end_ts: float | None
+    complete: bool
+
+    @property
+    def n(self) -> int:
+        return len(self.rows)
+
+    @property
+    def id(self) -> str:
+        """Stable id of the window (the same tumbling window always gets the same id)."""
+        return f"{self.kind}:{self.start_seq}-{self.end_seq}"
+
+
+@dataclass(frozen=True)
+class LabelResult:
+    stored: int
+    unknown_ids: list[str]
+
+
+def _dumps(value: Any) -> str:
+    return orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY).decode()
+
+
+class InferenceStore:
+    """Durable store of inference events, paired rows and labels (one SQLite file).
+
+    One process writes (the sink); the writer methods are serialised by a lock, so the store may
+    be shared by threads. Readers open their own connection per call and never block the writer.
+    """
+
+    def __init__(self, path: str | Path, *, synchronous: Synchronous = "NORMAL", max_pending: int = 200_000):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.synchronous = synchronous
+        self._lock = threading.Lock()
+        self._db = self._connect()
+        self._db.executescript(_SCHEMA)
+        self._max_pending = max_pending
+        self._pending: OrderedDict[str, _Pending] = OrderedDict()
+        self._pending_complete = True  # False: some unpaired events live only in the database
+        self._load_pending()
+        self._closed = False
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute(f"PRAGMA synchronous={self.synchronous}")
+        db.execute("PRAGMA busy_timeout=30000")
+        return db
+
+    def _load_pending(self) -> None:
+        cur = self._db.execute(
+            "SELECT seq, ce_id, kind, model_name, headers, flat, received_at FROM events WHERE paired = 0 "
+            "ORDER BY seq DESC LIMIT ?", (self._max_pending + 1,))
+        found = cur.fetchall()
+        self._pending_complete = len(found) <= self._max_pending
+        for seq, ce_id, kind, model, headers, flat, received_at in reversed(found[: self._max_pending]):
+            self._pending[ce_id] = self._pending_from_db(seq, kind, model, headers, flat, received_at)
+        if found:
+            log.info("store %s: %d unpaired events waiting for their counterpart", self.path, len(self._pending))
+
+    @staticmethod
+    def _pending_from_db(seq: int, kind: str, model: str, headers: str, flat: str, received_at: float) -> _Pending:
+        h = orjson.loads(headers)
+        return _Pending(seq, kind, model, h.get("ce-modelversion") or h.get("_model_version"),
+                        h.get("ce-servingrole") or None, orjson.loads(flat), received_at)
+
+    # ------------------------------------------------------------------ writing
+
+    def append_events(self, events: Sequence[ParsedEvent]) -> int:
+        """Store ``events`` in one transaction (all or nothing); pair requests with responses.
+
+        Returns the number of events newly stored (re-sent duplicates are not counted). Raises
+        :class:`EventError` (422) — storing nothing — if a request and its response disagree on
+        the number of instances or the model.
+        """
+        result = self.append_groups([events])[0]
+        if isinstance(result, EventError):
+            raise result
+        return result
+
+    def append_groups(self, groups: Sequence[Sequence[ParsedEvent]]) -> list[int | EventError]:
+        """Group commit: store several callers' event lists in ONE transaction.
+
+        Each group is all-or-nothing on its own (a bad group gets an ``EventError`` in its slot and
+        leaves the others untouched); the transaction commits once for all. When this returns,
+        every group reported as an ``int`` is durable. Database errors propagate and nothing of the
+        call is stored.
+        """
+        with self._lock:
+            if self._closed:
+                raise EventError(503, "the store is closed", reason="closed")
+            db = self._db
+            results: list[int | EventError] = []
+            undo_all: list[tuple[str, _Pending | None]] = []
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                for group in groups:
+                    db.execute("SAVEPOINT g")
+                    undo: list[tuple[str, _Pending | None]] = []
+                    try:
+                        stored = sum(self._append_one(db, ev, undo) for ev in group)
+                    except EventError as exc:
+                        db.execute("ROLLBACK TO g")
+                        db.execute("RELEASE g")
+                        self._undo(undo)
+                        results.append(exc)
+                        continue
+                    db.execute("RELEASE g")
+                    undo_all.extend(undo)
+                    results.append(stored)
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                self._undo(undo_all)
+                raise
+        while len(self._pending) > self._max_pending:
+            self._pending.popitem(last=False)
+            self._pending_complete = False
+        return results
+
+    def _undo(self, undo: list[tuple[str, _Pending | None]]) -> None:
+        for ce_id, previous in reversed(undo):
+            if previous is None:
+                self._pending.pop(ce_id, None)
+            else:
+                self._pending[ce_id] = previous
+
+    def _counterpart(self, db: sqlite3.Connection, ev: ParsedEvent) -> _Pending | None:
+        other = self._pending.get(ev.id)
+        if other is not None:
+            return other if other.kind != ev.kind else None
+        if self._pending_complete:
+            return None
+        row = db.execute("SELECT seq, kind, model_name, headers, flat, received_at FROM events "
+                         "WHERE ce_id = ? AND kind != ? AND paired = 0", (ev.id, ev.kind)).fetchone()
+        return None if row is None else self._pending_from_db(*row)
+
+    def _append_one(self, db: sqlite3.Connection, ev: ParsedEvent, undo: list) -> int:
+        flat = ev.rows if ev.kind == "request" else ev.predictions
+        headers = ev.headers
+        if ev.model_version and "ce-modelversion" not in headers:
+            headers = {**headers, "_model_version": ev.model_version}
+        cur = db.execute(
+            "INSERT INTO events (ce_id, kind, model_name, headers, body, flat, received_at) VALUES (?,?,?,?,?,?,?) "
+            "ON CONFLICT (ce_id, kind) DO NOTHING",
+            (ev.id, ev.kind, ev.model_name, _dumps(headers), ev.body, _dumps(flat), ev.received_at))
+        if cur.rowcount == 0:
+            log.debug("duplicate %s %s ignored", ev.kind, ev.id)
+            return 0
+        seq = cur.lastrowid
+        other = self._counterpart(db, ev)
+        if other is None:
+            undo.append((ev.id, self._pending.get(ev.id)))
+            self._pending[ev.id] = _Pending(seq, ev.kind, ev.model_name, ev.model_version, ev.role, flat,
+                                            ev.received_at)
+            return 1
+        if other.model_name != ev.model_name:
+            raise EventError(422, f"event {ev.id!r}: request and response name different models "
+                                  f"({other.model_name!r} vs {ev.model_name!r})", reason="mismatch")
+        request, response = (ev, other) if ev.kind == "request" else (other, ev)
+        rows, preds = (flat, other.flat) if ev.kind == "request" else (other.flat, flat)
+        if len(rows) != len(preds):
+            raise EventError(422, f"event {ev.id!r}: request has {len(rows)} rows but response has {len(preds)} "
+                                  "predictions", reason="row_count")
+        ts = request.received_at
+        version = response.model_version or request.model_version
+        role = response.role or request.role
+        db.executemany(
+            "INSERT INTO rows (request_id, row_index, ts, model_name, model_version, role, features, prediction) "
+            "VALUES (?,?,?,?,?,?,?,?)",
+            [(ev.id, i, ts, ev.model_name, version, role, _dumps(r), _dumps(p))
+             for i, (r, p) in enumerate(zip(rows, preds))])
+        db.execute("UPDATE events SET paired = 1 WHERE seq IN (?, ?)", (seq, other.seq))
+        undo.append((ev.id, self._pending.pop(ev.id, None)))
+        return 1
+
+    def add_labels(self, labels: Sequence[dict[str, Any]]) -> LabelResult:
+        """Store ground-truth labels ``[{"id", "label", "row_index"=0, "ts"=now}]`` in one transaction.
+
+        Labels for ids the store has never seen are stored too (the events may still be in flight)
+        and reported in ``unknown_ids``.
+        """
+        now = time.time()
+        params = []
+        for item in labels:
+            if not isinstance(item, dict) or "id" not in item or "label" not in item:
+                raise EventError(422, "each feedback item needs 'id' and 'label'", reason="bad_feedback")
+            row_index = item.get("row_index", 0)
+            if not isinstance(row_index, int) or row_index < 0:
+                raise EventError(422, f"feedback for {item['id']!r}: row_index must be a non-negative integer",
+                                 reason="bad_feedback")
+            params.append((str(item["id"]), row_index, _dumps(item["label"]), float(item.get("ts", now))))
+        with self._lock:
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.executemany("INSERT INTO labels (request_id, row_index, label, ts) VALUES (?,?,?,?) "
+                               "ON CONFLICT (request_id, row_index) DO UPDATE SET label = excluded.label, "
+                               "ts = excluded.ts", params)
+                ids = sorted({p[0] for p in params})
+                known = set()
+                for chunk in range(0, len(ids), 500):
+                    part = ids[chunk:chunk + 500]
+                    marks = ",".join("?" * len(part))
+                    known.update(r[0] for r in db.execute(
+                        f"SELECT DISTINCT ce_id FROM events WHERE ce_id IN ({marks})", part))
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+        return LabelResult(stored=len(params), unknown_ids=[i for i in ids if i not in known])
+
+    # ------------------------------------------------------------------ reading
+
+    def _reader(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=30.0)
+        db.execute("PRAGMA busy_timeout=30000")
+        return db
+
+    def _frame(self, where: str, params: Sequence[Any], order: str = "seq", limit: int | None = None,
+               desc: bool = False) -> pd.DataFrame:
+        sql = ("SELECT seq, request_id, row_index, ts, model_name, model_version, role, features, prediction "
+               f"FROM rows {where} ORDER BY {order} {'DESC' if desc else 'ASC'}")
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        db = self._reader()
+        try:
+            data = db.execute(sql, params).fetchall()
+        finally:
+            db.close()
+        if desc:
+            data.reverse()
+        return _to_frame(data)
+
+    def rows(self, since: float | str | pd.Timestamp | None = None, until: float | str | pd.Timestamp | None = None,
+             limit: int | None = None, model_name: str | None = None) -> pd.DataFrame:
+        """Paired rows as a DataFrame: ``seq, request_id, row_index, ts`` (UTC), ``model_name,
+        model_version, role``, one column per feature, ``prediction``. ``since`` inclusive,
+        ``until`` exclusive; with ``limit`` the LATEST ``limit`` rows of the range."""
+        where, params = _range(since, until, model_name)
+        return self._frame(where, params, limit=limit, desc=limit is not None)
+
+    def latest_rows(self, n: int, model_name: str | None = None) -> pd.DataFrame:
+        """The ``n`` most recent paired rows, oldest first."""
+        return self.rows(limit=n, model_name=model_name)
+
+    def count(self, since: float | str | pd.Timestamp | None = None, model_name: str | None = None) -> int:
+        """Number of paired rows (received at or after ``since``)."""
+        where, params = _range(since, None, model_name)
+        db = self._reader()
+        try:
+            return int(db.execute(f"SELECT COUNT(*) FROM rows {where}", params).fetchone()[0])
+        finally:
+            db.close()
+
+    def counts(self) -> dict[str, int]:
+        """Totals: events, unpaired events, paired rows, labels."""
+        db = self._reader()
+        try:
+            return {
+                "events": db.execute("SELECT COUNT(*) FROM events").fetchone()[0],
+                "unpaired": db.execute("SELECT COUNT(*) FROM events WHERE paired = 0").fetchone()[0],
+                "rows": db.execute("SELECT COUNT(*) FROM rows").fetchone()[0],
+                "labels": db.execute("SELECT COUNT(*) FROM labels").fetchone()[0],
+            }
+        finally:
+            db.close()
+
+    def event_ids(self, kind: str | None = None) -> set[str]:
+        """ce-ids of all stored events (of one ``kind``)."""
+        db = self._reader()
+        try:
+            if kind is None:
+                return {r[0] for r in db.execute("SELECT ce_id FROM events")}
+            return {r[0] for r in db.execute("SELECT ce_id FROM events WHERE kind = ?", (kind,))}
+        finally:
+            db.close()
+
+    def window(self, kind: Literal["tumbling", "sliding"] = "tumbling", rows: int | None = None,
+               seconds: float | None = None, *, now: float | None = None, model_name: str | None = None) -> Window:
+        """The current monitoring window.
+
+        * sliding: the last ``rows`` rows, restricted to the last ``seconds`` when given.
+        * tumbling by count (no ``seconds``): the latest COMPLETE block of ``rows`` rows in arrival
+          order (blocks ``[k*rows, (k+1)*rows)``), or the partial first block while none is complete.
+        * tumbling by time: the latest complete interval ``[k*seconds, (k+1)*seconds)`` (epoch
+          aligned) — or the running one while none is complete — capped to its last ``rows`` rows.
+
+        ``Window.id`` is stable for a tumbling window, so a check can skip windows it has seen.
+        The minimum sample size before a verdict is the caller's decision (``Window.n``).
+        """
+        if rows is None and seconds is None:
+            raise ValueError("a window needs rows and/or seconds")
+        now = time.time() if now is None else now
+        mfilter, mparams = ("AND model_name = ?", [model_name]) if model_name else ("", [])
+        if kind == "sliding":
+            since = now - seconds if seconds is not None else None
+            df = self.rows(since=since, limit=rows, model_name=model_name)
+            return self._window(df, kind, complete=True)
+        if kind != "tumbling":
+            raise ValueError(f"unknown window kind {kind!r} (tumbling or sliding)")
+        if seconds is None:
+            total = self.count(model_name=model_name)
+            k = total // rows
+            start = (k - 1) * rows if k else 0
+            df = self._frame(f"WHERE 1 = 1 {mfilter}", mparams, limit=rows) if k == 0 else \
+                self._nth_block(start, rows, mfilter, mparams)
+            return self._window(df, kind, complete=k > 0)
+        current = math.floor(now / seconds) * seconds
+        earliest = self._first_ts(model_name)
+        complete = earliest is not None and earliest < current
+        start = current - seconds if complete else current
+        df = self.rows(since=start, until=start + seconds, limit=rows, model_name=model_name)
+        win = self._window(df, kind, complete=complete)
+        return Window(win.rows, kind, win.start_seq, win.end_seq, start, start + seconds, complete)
+
+    def _nth_block(self, offset: int, n: int, mfilter: str, mparams: list) -> pd.DataFrame:
+        sql = ("SELECT seq, request_id, row_index, ts, model_name, model_version, role, features, prediction "
+               f"FROM rows WHERE 1 = 1 {mfilter} ORDER BY seq LIMIT ? OFFSET ?")
+        db = self._reader()
+        try:
+            data = db.execute(sql, [*mparams, n, offset]).fetchall()
+        finally:
+            db.close()
+        return _to_frame(data)
+
+    def _first_ts(self, model_name: str | None) -> float | None:
+        db = self._reader()
+        try:
+            if model_name:
+                r = db.execute("SELECT MIN(ts) FROM rows WHERE model_name = ?", (model_name,)).fetchone()
+            else:
+                r = db.execute("SELECT MIN(ts) FROM rows").fetchone()
+            return r[0]
+        finally:
+            db.close()
+
+    @staticmethod
+    def _window(df: pd.DataFrame, kind: str, *, complete: bool) -> Window:
+        if df.empty:
+            return Window(df, kind, 0, 0, None, None, complete)
+        ts = df["ts"]
+        return Window(df, kind, int(df["seq"].iloc[0]), int(df["seq"].iloc[-1]) + 1,
+                      ts.iloc[0].timestamp(), ts.iloc[-1].timestamp(), complete)
+
+    def labelled(self, since: float | str | pd.Timestamp | None = None) -> pd.DataFrame:
+        """Paired rows that have a label: ``request_id, row_index, ts, model_version, role,
+        prediction, label``."""
+        where, params = _range(since, None, None, prefix="r.")
+        db = self._reader()
+        try:
+            data = db.execute(
+                "SELECT r.request_id, r.row_index, r.ts, r.model_version, r.role, r.prediction, l.label "
+                f"FROM rows r JOIN labels l ON l.request_id = r.request_id AND l.row_index = r.row_index {where} "
+                "ORDER BY r.seq", params).fetchall()
+        finally:
+            db.close()
+        df = pd.DataFrame(data, columns=["request_id", "row_index", "ts", "model_version", "role", "prediction",
+                                         "label"])
+        df["prediction"] = [orjson.loads(p) for p in df["prediction"]]
+        df["label"] = [orjson.loads(v) for v in df["label"]]
+        df["ts"] = pd.to_datetime(df["ts"], unit="s", utc=True)
+        return df
+
+    def quality_by_version(self, since: float | str | pd.Timestamp | None = None,
+                           task: Literal["classification", "regression"] = "classification") -> dict[str, dict[str, float]]:
+        """Quality of labelled predictions per model version: ``{version: {"n", "accuracy"}}`` for
+        classification, ``{version: {"n", "rmse", "mae"}}`` for regression."""
+        df = self.labelled(since)
+        out: dict[str, dict[str, float]] = {}
+        for version, part in df.groupby(df["model_version"].fillna("unknown"), sort=True):
+            if task == "classification":
+                hits = [_same_class(p, y) for p, y in zip(part["prediction"], part["label"])]
+                out[str(version)] = {"n": len(part), "accuracy": sum(hits) / len(hits)}
+            else:
+                err = pd.to_numeric(part["prediction"], errors="coerce") - pd.to_numeric(part["label"], errors="coerce")
+                err = err.dropna()
+                out[str(version)] = {"n": len(part), "rmse": float((err ** 2).mean() ** 0.5) if len(err) else math.nan,
+                                     "mae": float(err.abs().mean()) if len(err) else math.nan}
+        return out
+
+    def integrity_check(self) -> str:
+        """``PRAGMA integrity_check`` ("ok" when the file is sound)."""
+        db = self._reader()
+        try:
+            return db.execute("PRAGMA integrity_check").fetchone()[0]
+        finally:
+            db.close()
+
+    def close(self) -> None:
+        """Checkpoint the WAL and close the writer connection (idempotent)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            try:
+                self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            finally:
+                self._db.close()
+
+    def __enter__(self) -> "InferenceStore":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _same_class(pred: Any, label: Any) -> bool:
+    if isinstance(pred, list) and len(pred) == 1:
+        pred = pred[0]
+    if isinstance(pred, (int, float)) and isinstance(label, (int, float)) and not isinstance(pred, bool):
+        return float(pred) == float(label)
+    return str(pred) == str(label)
+
+
+def _epoch(value: float | str | pd.Timestamp) -> float:
+    if isinstance(value, (int, float)):
+        return float(value)
+    ts = pd.Timestamp(value)
+    if ts.tzinfo is None:
+        ts = ts.tz_localize("UTC")
+    return ts.timestamp()
+
+
+def _range(since: Any, until: Any, model_name: str | None, prefix: str = "") -> tuple[str, list[Any]]:
+    clauses, params = [], []
+    if since is not None:
+        clauses.append(f"{prefix}ts >= ?")
+        params.append(_epoch(since))
+    if until is not None:
+        clauses.append(f"{prefix}ts < ?")
+        params.append(_epoch(until))
+    if model_name:
+        clauses.append(f"{prefix}model_name = ?")
+        params.append(model_name)
+    return ("WHERE " + " AND ".join(clauses) if clauses else ""), params
+
+
+def _to_frame(data: list[tuple]) -> pd.DataFrame:
+    meta = pd.DataFrame([d[:7] for d in data], columns=["seq", *ROW_COLUMNS[:6]])
+    features = pd.DataFrame.from_records([orjson.loads(d[7]) for d in data]) if data else pd.DataFrame()
+    features = features.drop(columns=[c for c in features.columns if c in meta.columns or c == "prediction"])
+    meta["ts"] = pd.to_datetime(meta["ts"], unit="s", utc=True)
+    out = pd.concat([meta, features], axis=1)
+    out["prediction"] = [orjson.loads(d[8]) for d in data]
+    return out

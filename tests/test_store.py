@@ -1,0 +1,139 @@
+"""The SQLite/WAL inference store: pairing by ce-id, atomicity, restart, windows, labels, quality."""
+
+import sqlite3
+
+import pytest
+
+from monitoring.events import EventError, parse_binary
+from monitoring.store import InferenceStore
+from tests.ce_events import binary, instance, pair
+
+
+def events_of(ce_id, n=1, start=0, version="1", role="champion", t=None):
+    (rq_h, rq_b), (rs_h, rs_b) = pair(ce_id, n, start, version, role)
+    return parse_binary(rq_h, rq_b, received_at=t), parse_binary(rs_h, rs_b, received_at=t)
+
+
+def test_pairs_request_and_response_in_either_order(tmp_path):
+    with InferenceStore(tmp_path / "log.db") as store:
+        req, resp = events_of("a", n=3, version="5", role="challenger")
+        assert store.append_events([req]) == 1
+        assert store.count() == 0 and store.counts()["unpaired"] == 1
+        assert store.append_events([resp]) == 1
+        req2, resp2 = events_of("b", n=1, start=10)
+        store.append_events([resp2, req2])
+        df = store.rows()
+    assert list(df["request_id"]) == ["a", "a", "a", "b"]
+    assert list(df["row_index"]) == [0, 1, 2, 0]
+    assert list(df["model_version"]) == ["5", "5", "5", "1"]
+    assert list(df["role"]) == ["challenger"] * 3 + ["champion"]
+    assert list(df["prediction"]) == [0, 1, 0, 0]
+    assert df.loc[1, "tenure"] == instance(1)["tenure"] and df.loc[3, "region"] == instance(10)["region"]
+    assert df["sessions"].dtype == "float64" and df["sessions"].isna().iloc[0]  # None -> NaN
+    assert str(df["ts"].dt.tz) == "UTC"
+
+
+def test_unpaired_events_survive_restart_and_pair_later(tmp_path):
+    path = tmp_path / "log.db"
+    req, resp = events_of("a", n=2)
+    store = InferenceStore(path)
+    store.append_events([req])
+    store.close()
+    with InferenceStore(path) as store:
+        store.append_events([resp])
+        assert store.count() == 2 and store.counts()["unpaired"] == 0
+
+
+def test_pairing_falls_back_to_the_database_beyond_the_memory_bound(tmp_path):
+    with InferenceStore(tmp_path / "log.db", max_pending=2) as store:
+        evs = [events_of(f"e{i}") for i in range(5)]
+        store.append_events([rq for rq, _ in evs])  # 5 pending, only 2 kept in memory
+        store.append_events([rs for _, rs in evs])
+        assert store.count() == 5 and store.counts()["unpaired"] == 0
+
+
+def test_duplicates_are_stored_once(tmp_path):
+    with InferenceStore(tmp_path / "log.db") as store:
+        req, resp = events_of("a")
+        assert store.append_events([req, resp]) == 2
+        assert store.append_events([req, resp]) == 0
+        assert store.count() == 1 and store.counts()["events"] == 2
+
+
+def test_row_count_mismatch_rejected_and_group_is_atomic(tmp_path):
+    with InferenceStore(tmp_path / "log.db") as store:
+        req, _ = events_of("a", n=3)
+        store.append_events([req])
+        ok_req, ok_resp = events_of("ok")
+        bad_resp = parse_binary(*binary("a", "response", {"predictions": [1, 0]}))
+        results = store.append_groups([[ok_req, bad_resp], [ok_resp]])
+        assert isinstance(results[0], EventError) and results[0].status == 422
+        assert "3 rows" in results[0].message and "2 predictions" in results[0].message
+        assert results[1] == 1
+        # the failed group stored nothing (not even ok_req): ok's response stays unpaired
+        assert store.event_ids("request") == {"a"} and store.count() == 0
+        with pytest.raises(EventError):
+            store.append_events([bad_resp])
+        # the original request is still waiting and pairs with a correct response
+        good = parse_binary(*binary("a", "response", {"predictions": [1, 0, 1]}))
+        store.append_events([good])
+        assert store.count() == 3
+
+
+def test_database_error_stores_nothing_and_keeps_earlier_data(tmp_path):
+    with InferenceStore(tmp_path / "log.db") as store:
+        store.append_events(list(events_of("a")))
+        other = sqlite3.connect(tmp_path / "log.db", timeout=0.1)
+        other.execute("BEGIN IMMEDIATE")  # another writer holds the lock
+        store._db.execute("PRAGMA busy_timeout=100")
+        with pytest.raises(sqlite3.OperationalError):
+            store.append_events(list(events_of("b")))
+        other.rollback()
+        other.close()
+        assert store.count() == 1 and store.event_ids() == {"a"}
+        store.append_events(list(events_of("b")))  # the in-memory pairing state was rolled back too
+        assert store.count() == 2
+
+
+def test_windows(tmp_path):
+    with InferenceStore(tmp_path / "log.db") as store:
+        for i in range(25):
+            store.append_events(list(events_of(f"r{i:02d}", start=i, t=1000.0 + i * 10)))
+        tumbling = store.window("tumbling", rows=10)
+        assert tumbling.complete and list(tumbling.rows["request_id"]) == [f"r{i:02d}" for i in range(10, 20)]
+        assert tumbling.id == store.window("tumbling", rows=10).id
+        sliding = store.window("sliding", rows=10)
+        assert list(sliding.rows["request_id"]) == [f"r{i:02d}" for i in range(15, 25)]
+        timed = store.window("sliding", rows=100, seconds=50, now=1250.0)
+        assert list(timed.rows["request_id"]) == [f"r{i:02d}" for i in range(20, 25)]
+        # tumbling by time: intervals of 100 s aligned at 0; at t=1250 the last complete one is [1100, 1200)
+        tt = store.window("tumbling", rows=1000, seconds=100, now=1250.0)
+        assert tt.complete and (tt.start_ts, tt.end_ts) == (1100.0, 1200.0) and tt.n == 10
+        capped = store.window("tumbling", rows=4, seconds=100, now=1250.0)
+        assert list(capped.rows["request_id"]) == ["r16", "r17", "r18", "r19"]
+        assert store.count(since=1200.0) == 5
+
+
+def test_first_tumbling_window_is_partial(tmp_path):
+    with InferenceStore(tmp_path / "log.db") as store:
+        for i in range(3):
+            store.append_events(list(events_of(f"p{i}")))
+        win = store.window("tumbling", rows=10)
+        assert not win.complete and win.n == 3
+
+
+def test_labels_and_quality_by_version(tmp_path):
+    with InferenceStore(tmp_path / "log.db") as store:
+        store.append_events(list(events_of("a", n=2, start=0, version="1")))  # predictions 0, 1
+        store.append_events(list(events_of("b", n=2, start=0, version="2")))  # predictions 0, 1
+        res = store.add_labels([{"id": "a", "label": 0}, {"id": "a", "row_index": 1, "label": 0},
+                                {"id": "b", "label": 0}, {"id": "b", "row_index": 1, "label": 1},
+                                {"id": "ghost", "label": 1}])
+        assert res.stored == 5 and res.unknown_ids == ["ghost"]
+        q = store.quality_by_version()
+        assert q == {"1": {"n": 2, "accuracy": 0.5}, "2": {"n": 2, "accuracy": 1.0}}
+        qr = store.quality_by_version(task="regression")
+        assert qr["1"]["rmse"] == pytest.approx(0.5 ** 0.5) and qr["2"]["mae"] == 0.0
+        with pytest.raises(EventError) as err:
+            store.add_labels([{"label": 1}])
+        assert err.value.status == 422
