@@ -41,7 +41,7 @@ import pandas as pd
 
 from monitoring.events import EventError, ParsedEvent
 
-__all__ = ["InferenceStore", "Window", "LabelResult", "ROW_COLUMNS"]
+__all__ = ["InferenceStore", "Window", "GroupResult", "LabelResult", "ROW_COLUMNS"]
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +121,20 @@ class Window:
         return f"{self.kind}:{self.start_seq}-{self.end_seq}"
 
 
+@dataclass
+class GroupResult:
+    """What one caller's events did: newly stored per kind, duplicates ignored, rows paired."""
+
+    requests: int = 0
+    responses: int = 0
+    duplicates: int = 0
+    rows: int = 0
+
+    @property
+    def stored(self) -> int:
+        return self.requests + self.responses
+
+
 @dataclass(frozen=True)
 class LabelResult:
     stored: int
@@ -187,29 +201,31 @@ class InferenceStore:
         result = self.append_groups([events])[0]
         if isinstance(result, EventError):
             raise result
-        return result
+        return result.stored
 
-    def append_groups(self, groups: Sequence[Sequence[ParsedEvent]]) -> list[int | EventError]:
+    def append_groups(self, groups: Sequence[Sequence[ParsedEvent]]) -> list[GroupResult | EventError]:
         """Group commit: store several callers' event lists in ONE transaction.
 
         Each group is all-or-nothing on its own (a bad group gets an ``EventError`` in its slot and
         leaves the others untouched); the transaction commits once for all. When this returns,
-        every group reported as an ``int`` is durable. Database errors propagate and nothing of the
+        every group reported as a :class:`GroupResult` is durable. Database errors propagate and nothing of the
         call is stored.
         """
         with self._lock:
             if self._closed:
                 raise EventError(503, "the store is closed", reason="closed")
             db = self._db
-            results: list[int | EventError] = []
+            results: list[GroupResult | EventError] = []
             undo_all: list[tuple[str, _Pending | None]] = []
             db.execute("BEGIN IMMEDIATE")
             try:
                 for group in groups:
                     db.execute("SAVEPOINT g")
                     undo: list[tuple[str, _Pending | None]] = []
+                    stored = GroupResult()
                     try:
-                        stored = sum(self._append_one(db, ev, undo) for ev in group)
+                        for ev in group:
+                            self._append_one(db, ev, undo, stored)
                     except EventError as exc:
                         db.execute("ROLLBACK TO g")
                         db.execute("RELEASE g")
@@ -247,7 +263,7 @@ class InferenceStore:
                          "WHERE ce_id = ? AND kind != ? AND paired = 0", (ev.id, ev.kind)).fetchone()
         return None if row is None else self._pending_from_db(*row)
 
-    def _append_one(self, db: sqlite3.Connection, ev: ParsedEvent, undo: list) -> int:
+    def _append_one(self, db: sqlite3.Connection, ev: ParsedEvent, undo: list, stats: GroupResult) -> None:
         flat = ev.rows if ev.kind == "request" else ev.predictions
         headers = ev.headers
         if ev.model_version and "ce-modelversion" not in headers:
@@ -258,14 +274,19 @@ class InferenceStore:
             (ev.id, ev.kind, ev.model_name, _dumps(headers), ev.body, _dumps(flat), ev.received_at))
         if cur.rowcount == 0:
             log.debug("duplicate %s %s ignored", ev.kind, ev.id)
-            return 0
+            stats.duplicates += 1
+            return
         seq = cur.lastrowid
+        if ev.kind == "request":
+            stats.requests += 1
+        else:
+            stats.responses += 1
         other = self._counterpart(db, ev)
         if other is None:
             undo.append((ev.id, self._pending.get(ev.id)))
             self._pending[ev.id] = _Pending(seq, ev.kind, ev.model_name, ev.model_version, ev.role, flat,
                                             ev.received_at)
-            return 1
+            return
         if other.model_name != ev.model_name:
             raise EventError(422, f"event {ev.id!r}: request and response name different models "
                                   f"({other.model_name!r} vs {ev.model_name!r})", reason="mismatch")
@@ -284,7 +305,7 @@ class InferenceStore:
              for i, (r, p) in enumerate(zip(rows, preds))])
         db.execute("UPDATE events SET paired = 1 WHERE seq IN (?, ?)", (seq, other.seq))
         undo.append((ev.id, self._pending.pop(ev.id, None)))
-        return 1
+        stats.rows += len(rows)
 
     def add_labels(self, labels: Sequence[dict[str, Any]]) -> LabelResult:
         """Store ground-truth labels ``[{"id", "label", "row_index"=0, "ts"=now}]`` in one transaction.

@@ -69,7 +69,7 @@ def test_row_count_mismatch_rejected_and_group_is_atomic(tmp_path):
         results = store.append_groups([[ok_req, bad_resp], [ok_resp]])
         assert isinstance(results[0], EventError) and results[0].status == 422
         assert "3 rows" in results[0].message and "2 predictions" in results[0].message
-        assert results[1] == 1
+        assert results[1].responses == 1 and results[1].rows == 0
         # the failed group stored nothing (not even ok_req): ok's response stays unpaired
         assert store.event_ids("request") == {"a"} and store.count() == 0
         with pytest.raises(EventError):

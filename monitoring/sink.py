@@ -1,0 +1,327 @@
+"""The inference-log sink: an HTTP endpoint for KServe's logger that stores every event durably.
+
+``create_sink_app`` returns a **Starlette** app (FastAPI is a Starlette subclass too, but its
+dependency injection and validation cost more per request than the whole store). Other parts of
+the monitor add their routes with ``app.add_route(...)``/``app.mount(...)``, or take the routes
+from :func:`build_routes` into their own app; the group-commit writer starts lazily on the first
+event, so no lifespan wiring is needed there.
+
+Routes:
+
+* ``POST /events`` — one CloudEvent in binary mode (what KServe's logger and the local gateway
+  send), one structured event (``application/cloudevents+json``) or a batch
+  (``application/cloudevents-batch+json``). Answered 200 only after the events are committed.
+* ``POST /feedback`` — ``{"id": <ce-id>, "label": v, "row_index": 0}`` or a list of them.
+* ``GET /quality?since=<iso|epoch>&task=`` — quality of labelled predictions per model version.
+* ``GET /healthz``, ``GET /readyz``, ``GET /metrics`` (Prometheus text).
+
+Throughput: requests hand their parsed events to a :class:`GroupCommitter`; one writer task
+collects everything that arrived while the previous commit ran and stores it in ONE transaction,
+then wakes every waiting request. Bad input gets a 4xx JSON ``{"error": ...}`` naming the
+problem and is counted in ``driftloop_monitor_events_rejected_total{reason}``; the service keeps
+running, and nothing already stored is touched.
+
+Run alone: ``python -m monitoring.sink --store log.db --port 8090``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import orjson
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from monitoring.events import EventError, ParsedEvent, parse_batch, parse_binary, parse_structured
+from monitoring.metrics import MonitorMetrics
+from monitoring.store import GroupResult, InferenceStore
+
+__all__ = ["create_sink_app", "build_routes", "GroupCommitter", "DEFAULT_MAX_BODY_BYTES", "main"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
+_BATCH_TYPE = "application/cloudevents-batch+json"
+_STRUCTURED_TYPE = "application/cloudevents+json"
+
+
+def _json(status: int, payload: Any) -> Response:
+    return Response(orjson.dumps(payload), status_code=status, media_type="application/json")
+
+
+class GroupCommitter:
+    """Collects the events of concurrent requests and commits them together.
+
+    ``submit(events)`` returns once the events are durable (or raises ``EventError``). The commit
+    runs on the event loop itself: on one core a thread would only add hand-offs, and while a
+    commit runs the next group piles up in the socket buffers, which is what makes groups large.
+    """
+
+    def __init__(self, store: InferenceStore, metrics: MonitorMetrics, *, max_group_events: int = 20_000):
+        self.store = store
+        self.metrics = metrics
+        self.max_group_events = max_group_events
+        self._queue: asyncio.Queue[tuple[Sequence[ParsedEvent], asyncio.Future]] | None = None
+        self._task: asyncio.Task | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    def _ensure_started(self) -> asyncio.Queue:
+        if self._queue is None or not self.running:
+            self._queue = asyncio.Queue()
+            self._task = asyncio.get_running_loop().create_task(self._run(self._queue), name="sink-group-commit")
+        return self._queue
+
+    async def submit(self, events: Sequence[ParsedEvent]) -> GroupResult:
+        """Store ``events`` (all or nothing) and return what was stored once it is committed."""
+        future = asyncio.get_running_loop().create_future()
+        self._ensure_started().put_nowait((events, future))
+        return await future
+
+    async def _run(self, queue: asyncio.Queue) -> None:
+        while True:
+            item = await queue.get()
+            await asyncio.sleep(0)  # let requests that are ready enqueue too: bigger groups
+            batch = [item]
+            size = len(item[0])
+            while size < self.max_group_events and not queue.empty():
+                item = queue.get_nowait()
+                batch.append(item)
+                size += len(item[0])
+            self._commit(batch, size)
+
+    def _commit(self, batch: list[tuple[Sequence[ParsedEvent], asyncio.Future]], size: int) -> None:
+        started = time.perf_counter()
+        try:
+            results = self.store.append_groups([events for events, _ in batch])
+        except Exception as exc:  # the database failed: nothing of this batch is stored
+            log.exception("group commit of %d events failed", size)
+            error = EventError(503, f"the store could not commit: {exc}", reason="store_error")
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(error)
+            return
+        m = self.metrics
+        m.commit_seconds.observe(time.perf_counter() - started)
+        m.commit_group_events.observe(size)
+        requests = responses = rows = duplicates = 0
+        for (_, future), result in zip(batch, results):
+            if isinstance(result, GroupResult):
+                requests += result.requests
+                responses += result.responses
+                rows += result.rows
+                duplicates += result.duplicates
+            if not future.done():  # the waiting request may have been cancelled (client gone)
+                if isinstance(result, EventError):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)
+        if requests:
+            m.events_ingested.labels(type="request").inc(requests)
+        if responses:
+            m.events_ingested.labels(type="response").inc(responses)
+        if rows:
+            m.rows_stored.inc(rows)
+        if duplicates:
+            m.events_duplicate.inc(duplicates)
+
+    async def aclose(self) -> None:
+        """Stop the writer after committing what is already queued."""
+        if self._task is None:
+            return
+        queue = self._queue
+        while queue is not None and not queue.empty():
+            await asyncio.sleep(0.001)
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self._task = None
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise EventError(413, f"body of {declared} bytes is over the limit of {limit}", reason="too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise EventError(413, f"body is over the limit of {limit} bytes", reason="too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _since(value: str | None) -> float | None:
+    if value in (None, ""):
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    import pandas as pd
+
+    try:
+        ts = pd.Timestamp(value)
+    except (ValueError, TypeError) as exc:
+        raise EventError(400, f"'since' must be an ISO time or epoch seconds, got {value!r}", reason="bad_query") from exc
+    return (ts.tz_localize("UTC") if ts.tzinfo is None else ts).timestamp()
+
+
+def build_routes(store: InferenceStore, *, metrics: MonitorMetrics, model_names: set[str] | None = None,
+                 reference_columns: list[str] | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+                 task: str = "classification", committer: GroupCommitter | None = None) -> list[Route]:
+    """The sink's routes, sharing one :class:`GroupCommitter` (made here unless given)."""
+    committer = committer or GroupCommitter(store, metrics)
+    rejected = metrics.events_rejected
+    names = set(model_names) if model_names is not None else None
+    columns = list(reference_columns) if reference_columns is not None else None
+
+    def refuse(exc: EventError) -> Response:
+        rejected.labels(reason=exc.reason).inc()
+        if exc.status >= 500:
+            log.error("event refused: %s", exc.message)
+        else:
+            log.info("event refused (%d): %s", exc.status, exc.message)
+        return _json(exc.status, {"error": exc.message})
+
+    async def events(request: Request) -> Response:
+        try:
+            body = await _read_body(request, max_body_bytes)
+            # scope headers are already lower-case latin-1 bytes: one dict, no Headers object
+            headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in request.scope["headers"]}
+            ctype = headers.get("content-type", "")
+            if ctype.startswith(_BATCH_TYPE):
+                parsed = parse_batch(body, model_names=names, reference_columns=columns)
+            elif ctype.startswith(_STRUCTURED_TYPE):
+                parsed = [parse_structured(_loads_object(body), model_names=names, reference_columns=columns)]
+            else:
+                parsed = [parse_binary(headers, body, model_names=names, reference_columns=columns)]
+            result = await committer.submit(parsed)
+        except EventError as exc:
+            return refuse(exc)
+        return _json(200, {"stored": result.stored, "duplicates": result.duplicates})
+
+    async def feedback(request: Request) -> Response:
+        try:
+            payload = _loads_any(await _read_body(request, max_body_bytes))
+            items = payload if isinstance(payload, list) else [payload]
+            result = store.add_labels(items)
+        except EventError as exc:
+            return refuse(exc)
+        metrics.labels_stored.inc(result.stored)
+        return _json(200, {"stored": result.stored, "unknown_ids": result.unknown_ids})
+
+    async def quality(request: Request) -> Response:
+        try:
+            since = _since(request.query_params.get("since"))
+            kind = request.query_params.get("task", task)
+            if kind not in ("classification", "regression"):
+                raise EventError(400, f"task must be classification or regression, got {kind!r}", reason="bad_query")
+        except EventError as exc:
+            return refuse(exc)
+        q = await asyncio.to_thread(store.quality_by_version, since, kind)
+        clean = {v: {k: (None if isinstance(x, float) and math.isnan(x) else x) for k, x in d.items()}
+                 for v, d in q.items()}
+        return _json(200, {"task": kind, "since": since, "versions": clean})
+
+    async def healthz(request: Request) -> Response:
+        return _json(200, {"status": "ok"})
+
+    async def readyz(request: Request) -> Response:
+        try:
+            await asyncio.to_thread(store.count)
+        except Exception as exc:  # noqa: BLE001 - readiness reports any store failure
+            return _json(503, {"status": "store unavailable", "error": str(exc)})
+        return _json(200, {"status": "ready"})
+
+    async def metrics_route(request: Request) -> Response:
+        data, ctype = metrics.render()
+        return Response(data, media_type=ctype)
+
+    return [
+        Route("/events", events, methods=["POST"]),
+        Route("/feedback", feedback, methods=["POST"]),
+        Route("/quality", quality, methods=["GET"]),
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        Route("/metrics", metrics_route, methods=["GET"]),
+    ]
+
+
+def _loads_any(body: bytes) -> Any:
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise EventError(400, f"body is not JSON: {exc}", reason="bad_json") from exc
+
+
+def _loads_object(body: bytes) -> dict:
+    value = _loads_any(body)
+    if not isinstance(value, dict):
+        raise EventError(400, "a structured CloudEvent must be a JSON object", reason="bad_payload")
+    return value
+
+
+def create_sink_app(store: InferenceStore, *, metrics: MonitorMetrics, model_names: set[str] | None = None,
+                    reference_columns: list[str] | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+                    task: str = "classification", close_store: bool = False) -> Starlette:
+    """The sink as a Starlette app; ``app.state`` holds ``store``, ``metrics`` and ``committer``.
+
+    ``model_names``: the InferenceService names this monitor accepts (others → 404).
+    ``reference_columns``: the champion's feature columns (rows must have exactly these; unnamed
+    rows are mapped in this order). On shutdown the writer finishes what is queued; the store is
+    closed too when ``close_store``.
+    """
+    committer = GroupCommitter(store, metrics)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        await committer.aclose()
+        if close_store:
+            store.close()
+
+    app = Starlette(routes=build_routes(store, metrics=metrics, model_names=model_names,
+                                        reference_columns=reference_columns, max_body_bytes=max_body_bytes,
+                                        task=task, committer=committer), lifespan=lifespan)
+    app.state.store = store
+    app.state.metrics = metrics
+    app.state.committer = committer
+    return app
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the sink alone: ``python -m monitoring.sink --store PATH [--port N] ...``."""
+    import uvicorn
+
+    p = argparse.ArgumentParser(prog="python -m monitoring.sink", description=__doc__.splitlines()[0])
+    p.add_argument("--store", required=True, type=Path, help="SQLite file of the inference log")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8090)
+    p.add_argument("--model", action="append", dest="models", help="accepted model name (repeatable)")
+    p.add_argument("--columns", help="reference feature columns, comma-separated")
+    p.add_argument("--synchronous", default="NORMAL", choices=["OFF", "NORMAL", "FULL", "EXTRA"])
+    p.add_argument("--log-level", default="warning")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper())
+    store = InferenceStore(args.store, synchronous=args.synchronous)
+    app = create_sink_app(store, metrics=MonitorMetrics(), model_names=set(args.models) if args.models else None,
+                          reference_columns=args.columns.split(",") if args.columns else None, close_store=True)
+    uvicorn.run(app, host=args.host, port=args.port, loop="uvloop", http="httptools", access_log=False,
+                log_level=args.log_level, lifespan="on")
+
+
+if __name__ == "__main__":
+    main()
