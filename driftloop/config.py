@@ -191,6 +191,11 @@ class MonitorConfig(_Section):
     per_column_method: dict[str, str] = Field(default_factory=dict)
     per_column_threshold: dict[str, float] = Field(default_factory=dict)
     report_sample_rows: int = Field(50_000, ge=100)
+    store: Path | None = Field(None, description="inference-log SQLite file; default <workspace>/monitor/inference.db, "
+                                                 "relative paths are inside the workspace")
+    store_synchronous: Literal["NORMAL", "FULL"] = Field(
+        "NORMAL", description="NORMAL: acked events survive a crash of the process; FULL: also a power loss (slower)")
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="largest event or batch the sink accepts")
 
 
 class TriggerConfig(_Section):
