@@ -41,7 +41,7 @@ import pandas as pd
 
 from monitoring.events import EventError, ParsedEvent
 
-__all__ = ["InferenceStore", "Window", "GroupResult", "LabelResult", "ROW_COLUMNS"]
+__all__ = ["InferenceStore", "Window", "GroupResult", "LabelResult", "ROW_COLUMNS", "store_path"]
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +164,11 @@ class InferenceStore:
         self._pending_complete = True  # False: some unpaired events live only in the database
         self._load_pending()
         self._closed = False
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> "InferenceStore":
+        """The store named by ``settings.monitor`` (default ``<workspace>/monitor/inference.db``)."""
+        return cls(store_path(settings), synchronous=settings.monitor.store_synchronous)
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
@@ -537,6 +542,15 @@ class InferenceStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def store_path(settings: Any) -> Path:
+    """Where the inference log lives: ``monitor.store``, relative paths inside the workspace."""
+    configured = settings.monitor.store
+    if configured is None:
+        return settings.workspace_dir / "monitor" / "inference.db"
+    path = Path(configured).expanduser()
+    return path if path.is_absolute() else settings.workspace_dir / path
 
 
 def _same_class(pred: Any, label: Any) -> bool:

@@ -137,3 +137,18 @@ def test_labels_and_quality_by_version(tmp_path):
         with pytest.raises(EventError) as err:
             store.add_labels([{"label": 1}])
         assert err.value.status == 422
+
+
+def test_store_from_settings_lives_in_the_workspace(tmp_path):
+    from driftloop.config import load_settings
+
+    s = load_settings(overrides={"workspace": str(tmp_path / "ws")}, environ={})
+    with InferenceStore.from_settings(s) as store:
+        assert store.path == tmp_path / "ws" / "monitor" / "inference.db" and store.synchronous == "NORMAL"
+    s = load_settings(overrides={"workspace": str(tmp_path / "ws"), "monitor.store": "logs/x.db",
+                                 "monitor.store_synchronous": "FULL"}, environ={})
+    with InferenceStore.from_settings(s) as store:
+        store.append_events(list(events_of("a")))
+        assert store.path == tmp_path / "ws" / "logs" / "x.db" and store.count() == 1
+        assert store._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+        assert store._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
