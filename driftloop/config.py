@@ -32,6 +32,7 @@ __all__ = [
     "RolloutConfig",
     "MonitorConfig",
     "TriggerConfig",
+    "ScheduleConfig",
     "load_settings",
     "apply_overrides",
     "ENV_PREFIX",
@@ -218,6 +219,14 @@ class TriggerConfig(_Section):
         return v
 
 
+class ScheduleConfig(_Section):
+    """Recurring runs on the embedded default (on a cluster, KFP recurring runs keep time)."""
+
+    store: Path | None = Field(None, description="SQLite file of the local scheduler; default <workspace>/schedules.db")
+    tick_seconds: float = Field(30.0, gt=0, description="how often the local scheduler looks for due slots")
+    grace_seconds: float = Field(300.0, ge=0, description="a slot this late still runs on a no-catchup schedule")
+
+
 class Settings(_Section):
     """Everything driftloop needs, validated once and frozen."""
 
@@ -233,6 +242,7 @@ class Settings(_Section):
     rollout: RolloutConfig = RolloutConfig()
     monitor: MonitorConfig = MonitorConfig()
     trigger: TriggerConfig = TriggerConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
 
     @model_validator(mode="after")
     def _gate_metric(self) -> "Settings":
