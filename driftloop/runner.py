@@ -213,12 +213,25 @@ class KfpRunner:
                              pipeline_version_name=version_name, pipeline_id=pipeline_id)
         return pipeline_id, created.pipeline_version_id
 
-    def experiment_id(self) -> str:
+    def upload(self) -> tuple[str, str]:
+        """Compile the pipeline and make sure it is uploaded; return (pipeline_id, version_id)."""
+        with tempfile.TemporaryDirectory() as tmp:
+            return self.ensure_pipeline_version(self.compile(Path(tmp)))
+
+    def experiment_id(self, create: bool = True) -> str | None:
+        """The id of the named experiment, created when missing (or None when ``create`` is False)."""
         name = self.settings.kfp.experiment
         try:
             exp = self.client.get_experiment(experiment_name=name, namespace=self.settings.kfp.namespace)
-        except ValueError:
+        except ValueError as exc:
+            # kfp raises ValueError("No experiment is found with name ...") when it is missing
+            if not str(exc).startswith("No experiment is found"):
+                raise PipelineRunError(f"experiment {name!r} on {self.settings.kfp.host}: {exc}") from exc
+            if not create:
+                return None
             exp = self._call("creating the experiment", self.client.create_experiment, name, namespace=self.settings.kfp.namespace)
+        except PipelineRunError:
+            raise
         except Exception as exc:
             raise PipelineRunError(f"looking up experiment {name!r} failed on {self.settings.kfp.host}: {exc}") from exc
         return exp.experiment_id
@@ -228,9 +241,7 @@ class KfpRunner:
 
         args = pipeline_arguments(self.settings, trigger=request.trigger, request_id=request.request_id,
                                   window_start=request.window_start, window_end=request.window_end)
-        with tempfile.TemporaryDirectory() as tmp:
-            package = self.compile(Path(tmp))
-            pipeline_id, version_id = self.ensure_pipeline_version(package)
+        pipeline_id, version_id = self.upload()
         experiment_id = self.experiment_id()
         job_name = f"{self.settings.kfp.pipeline_name}-{request.trigger.replace(':', '-')}-{request.request_id[:8]}"
         run = self._call("starting the run", self.client.run_pipeline, experiment_id=experiment_id, job_name=job_name,

@@ -1,0 +1,122 @@
+"""Kubeflow submission: what KfpRunner sends to kfp.Client, and its errors."""
+
+import sys
+
+import pytest
+
+from driftloop.errors import PipelineRunError
+from driftloop.runner import KfpRunner, RunRequest, runner_for
+from pipelines.training import pipeline_arguments
+from tests.conftest import free_port, make_settings
+from tests.kfp_recording import RecordingKfpClient
+
+
+@pytest.fixture
+def cluster_settings(tmp_path, scenario_path):
+    return make_settings(tmp_path / "ws", scenario_path, **{"kfp.host": "http://kfp.example:8888",
+                                                            "kfp.experiment": "churn-retrain"})
+
+
+def test_runner_for_picks_kubeflow_when_a_host_is_set(cluster_settings, tmp_path, scenario_path):
+    assert isinstance(runner_for(cluster_settings), KfpRunner)
+    assert not isinstance(runner_for(make_settings(tmp_path / "local", scenario_path)), KfpRunner)
+
+
+def test_first_submission_uploads_a_version_creates_the_experiment_and_starts_the_run(cluster_settings):
+    client = RecordingKfpClient()
+    request = RunRequest(trigger="drift:alert-7", window_start="2026-01-05", window_end="2026-01-31")
+
+    result = KfpRunner(cluster_settings, client=client).run_training(request)
+
+    assert client.names() == ["get_pipeline_id", "upload_pipeline", "list_pipeline_versions",
+                              "upload_pipeline_version", "get_experiment", "create_experiment", "run_pipeline"]
+    assert client.of("upload_pipeline")[0]["pipeline_name"] == "driftloop-train"
+    version_name = client.of("upload_pipeline_version")[0]["pipeline_version_name"]
+    assert version_name.startswith("driftloop-train-") and len(version_name) == len("driftloop-train-") + 12
+    pipeline_id = client.pipelines["driftloop-train"].pipeline_id
+    version = client.versions[pipeline_id][-1]
+    assert version.display_name == version_name
+    assert client.of("create_experiment")[0]["name"] == "churn-retrain"
+
+    (run,) = client.of("run_pipeline")
+    assert run["experiment_id"] == client.experiments["churn-retrain"].experiment_id
+    assert run["pipeline_id"] == pipeline_id and run["version_id"] == version.pipeline_version_id
+    assert run["params"] == pipeline_arguments(cluster_settings, trigger="drift:alert-7", request_id=request.request_id,
+                                               window_start="2026-01-05", window_end="2026-01-31")
+    assert run["params"]["trigger"] == "drift:alert-7" and run["params"]["window_end"] == "2026-01-31"
+    assert run["service_account"] == "driftloop-pipeline"
+    assert request.request_id[:8] in run["job_name"]
+    assert result.state == "SUBMITTED" and result.home == "kubeflow"
+    assert result.run_id == client.runs[-1].run_id
+    assert result.url == f"http://kfp.example:8888/#/runs/details/{result.run_id}"
+
+
+def test_resubmitting_the_same_pipeline_reuses_its_version_and_experiment(cluster_settings):
+    client = RecordingKfpClient()
+    runner = KfpRunner(cluster_settings, client=client)
+    runner.run_training(RunRequest())
+    client.calls.clear()
+
+    runner.run_training(RunRequest())
+
+    assert client.names() == ["get_pipeline_id", "list_pipeline_versions", "get_experiment", "run_pipeline"]
+    first, second = client.runs
+    assert client.of("run_pipeline")[0]["version_id"] == client.versions[client.pipelines["driftloop-train"].pipeline_id][-1].pipeline_version_id
+    assert first.run_id != second.run_id
+
+
+def test_a_changed_pipeline_becomes_a_new_version_of_the_same_pipeline(cluster_settings, tmp_path, scenario_path):
+    client = RecordingKfpClient()
+    KfpRunner(cluster_settings, client=client).run_training(RunRequest())
+    gpu = make_settings(tmp_path / "ws", scenario_path, **{"kfp.host": "http://kfp.example:8888",
+                                                           "kfp.experiment": "churn-retrain", "model.gpu": True})
+    client.calls.clear()
+
+    KfpRunner(gpu, client=client).run_training(RunRequest())
+
+    assert "upload_pipeline" not in client.names()
+    (upload,) = client.of("upload_pipeline_version")
+    pipeline_id = client.pipelines["driftloop-train"].pipeline_id
+    assert upload["pipeline_id"] == pipeline_id
+    hashed = [v for v in client.versions[pipeline_id] if v.display_name != "driftloop-train"]
+    assert len(hashed) == 2 and len({client.version_digests[v.pipeline_version_id] for v in hashed}) == 2
+    assert client.of("run_pipeline")[0]["version_id"] == hashed[-1].pipeline_version_id
+
+
+def test_waiting_reports_the_final_state(cluster_settings):
+    client = RecordingKfpClient()
+    result = KfpRunner(cluster_settings, client=client).run_training(RunRequest(), wait=True, timeout=60)
+    assert client.of("wait_for_run_completion")[0]["run_id"] == result.run_id
+    assert result.state == "FAILED"
+
+
+def test_an_ambiguous_experiment_name_is_an_error_not_a_new_experiment(cluster_settings):
+    class TwoExperiments(RecordingKfpClient):
+        def get_experiment(self, experiment_id=None, experiment_name=None, namespace=None):
+            raise ValueError(f"Multiple experiments is found with name {experiment_name}.")
+
+    client = TwoExperiments()
+    with pytest.raises(PipelineRunError, match="Multiple experiments"):
+        KfpRunner(cluster_settings, client=client).experiment_id()
+    assert "create_experiment" not in client.names()
+
+
+def test_an_unreachable_host_is_a_clear_error(tmp_path, scenario_path):
+    host = f"http://127.0.0.1:{free_port()}"
+    settings = make_settings(tmp_path / "ws", scenario_path, **{"kfp.host": host})
+    with pytest.raises(PipelineRunError, match=f"Kubeflow Pipelines at {host}"):
+        KfpRunner(settings).run_training(RunRequest())
+
+
+def test_cli_run_train_on_an_unreachable_host_prints_one_line(tmp_path, scenario_path, monkeypatch, capsys):
+    from driftloop import cli
+
+    host = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("DRIFTLOOP_WORKSPACE", str(tmp_path / "ws"))
+    monkeypatch.setattr(sys, "argv", ["driftloop", "run", "train", "--kfp-host", host,
+                                      "--param", f"data.source={scenario_path}"])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert host in err and "Traceback" not in err
