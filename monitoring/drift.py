@@ -167,9 +167,16 @@ def _column_type(kind: str) -> Any:
     return ColumnType.Numerical if kind == NUMERICAL else ColumnType.Categorical
 
 
-def _stattest(method: str, kind: str) -> Any:
-    from evidently.legacy.calculations.stattests.registry import StatTestNotFoundError, get_registered_stattest
+def _stattest(method: str, kind: str, *, default: bool = False) -> Any:
+    """Evidently's StatTest for a configured method (type-checked, as Evidently does) or a default one."""
+    from evidently.legacy.calculations.stattests.registry import (
+        StatTestNotFoundError,
+        _registered_stat_tests,
+        get_registered_stattest,
+    )
 
+    if default:  # Evidently's default selection returns the test object without a type check
+        return next(iter(_registered_stat_tests[method].values()))
     try:
         return get_registered_stattest(method, _column_type(kind))
     except (StatTestNotFoundError, ValueError) as exc:
@@ -348,13 +355,14 @@ def _column_check(name: str, prof: _ColumnProfile, current: np.ndarray, options:
     if n_cur == 0:
         raise MonitorError(f"column {name!r} has no values in the current window")
     method = options.method_for(name, prof.kind)
-    if method is None:
+    default = method is None
+    if default:
         if prof.levels is not None and cur_levels is not None:
             n_values = len(set(prof.levels) | set(cur_levels))
         else:
             n_values = _KEEP_LEVELS + 1
         method = _default_method(prof.n, n_values, prof.kind)
-    test = _stattest(method, prof.kind)
+    test = _stattest(method, prof.kind, default=default)
     method = test.name
     threshold = options.threshold_for(name, prof.kind)
     threshold = test.default_threshold if threshold is None else threshold

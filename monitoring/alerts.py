@@ -1,0 +1,296 @@
+"""Alerts and the retraining guardrails, recorded durably in SQLite in the workspace.
+
+An alert comes from the monitor's own drift check or from a Prometheus Alertmanager webhook.
+Its id is deterministic — drift: champion version + window bounds; Alertmanager: fingerprint +
+``startsAt`` — so the same drift re-detected, or the same webhook re-delivered, maps to the same
+row and starts at most one run.
+
+:func:`decide` applies the guardrails in a fixed order (first failing one is the reason):
+duplicate → trigger disabled → minimum samples → blackout window → a run in flight → cooldown
+since the last started run → daily budget (runs started in the last 24 hours). Every decision,
+duplicates included, is appended to the ``decisions`` table with its reason.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from driftloop.errors import MonitorError
+
+__all__ = [
+    "Alert",
+    "AlertStore",
+    "Decision",
+    "STARTED",
+    "drift_alert_id",
+    "alertmanager_alerts",
+    "in_blackout",
+    "decide",
+    "alerts_path",
+    "lookup_alert",
+]
+
+log = logging.getLogger(__name__)
+
+STARTED = "started"
+_DAY = 86400.0
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS alerts (
+    id TEXT PRIMARY KEY,
+    source TEXT NOT NULL,
+    created REAL NOT NULL,
+    details TEXT NOT NULL,
+    samples INTEGER,
+    window_start TEXT,
+    window_end TEXT,
+    report_path TEXT,
+    report_uri TEXT,
+    decision TEXT,
+    reason TEXT,
+    request_id TEXT,
+    pipeline_run_id TEXT,
+    model_version TEXT,
+    run_state TEXT,
+    worker_pid INTEGER,
+    started REAL,
+    finished REAL,
+    deliveries INTEGER NOT NULL DEFAULT 1
+);
+CREATE INDEX IF NOT EXISTS alerts_started ON alerts (started);
+CREATE TABLE IF NOT EXISTS decisions (
+    seq INTEGER PRIMARY KEY,
+    alert_id TEXT NOT NULL,
+    ts REAL NOT NULL,
+    decision TEXT NOT NULL,
+    reason TEXT NOT NULL
+);
+"""
+
+
+@dataclass
+class Alert:
+    """An alert to act on; ``window_*`` is the data window a retraining run would use."""
+
+    id: str
+    source: str  # drift | alertmanager
+    created: float = field(default_factory=time.time)
+    details: dict[str, Any] = field(default_factory=dict)
+    samples: int | None = None
+    window_start: str | None = None
+    window_end: str | None = None
+    report_path: str | None = None
+    report_uri: str | None = None
+
+
+@dataclass(frozen=True)
+class Decision:
+    alert_id: str
+    decision: str  # started | duplicate | disabled | insufficient_samples | blackout | in_flight | cooldown | budget | failed
+    reason: str
+    request_id: str | None = None
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def drift_alert_id(model: str, version: str, window_start: Any, window_end: Any) -> str:
+    """Same champion + same window bounds → same id (re-detection is de-duplicated)."""
+    return f"drift-{_digest(f'{model}:{version}:{window_start}:{window_end}')}"
+
+
+def alertmanager_alerts(payload: Any, *, now: float | None = None) -> list[Alert]:
+    """Firing alerts of an Alertmanager webhook payload; raises ``ValueError`` naming the problem."""
+    if not isinstance(payload, dict):
+        raise ValueError("the payload must be a JSON object (Alertmanager webhook format)")
+    items = payload.get("alerts")
+    if not isinstance(items, list) or not items:
+        raise ValueError("the payload has no 'alerts' list")
+    out = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise ValueError(f"alerts[{i}] is not an object")
+        fingerprint, starts = item.get("fingerprint"), item.get("startsAt")
+        if not isinstance(fingerprint, str) or not fingerprint:
+            raise ValueError(f"alerts[{i}] has no 'fingerprint'")
+        if not isinstance(starts, str) or not starts:
+            raise ValueError(f"alerts[{i}] has no 'startsAt'")
+        try:
+            started = dt.datetime.fromisoformat(starts.replace("Z", "+00:00"))
+        except ValueError as exc:
+            raise ValueError(f"alerts[{i}].startsAt {starts!r} is not an RFC 3339 time") from exc
+        if item.get("status", payload.get("status", "firing")) != "firing":
+            continue
+        labels = item.get("labels") if isinstance(item.get("labels"), dict) else {}
+        out.append(Alert(
+            id=f"am-{_digest(f'{fingerprint}:{starts}')}",
+            source="alertmanager",
+            created=time.time() if now is None else now,
+            details={"fingerprint": fingerprint, "startsAt": starts, "labels": labels,
+                     "annotations": item.get("annotations") or {}, "receiver": payload.get("receiver")},
+            window_end=(started if started.tzinfo else started.replace(tzinfo=dt.timezone.utc))
+            .astimezone(dt.timezone.utc).isoformat(),
+        ))
+    return out
+
+
+def in_blackout(windows: list[str], now: float) -> str | None:
+    """The blackout window (``HH:MM-HH:MM`` UTC, may wrap midnight) that ``now`` falls in, if any."""
+    t = dt.datetime.fromtimestamp(now, dt.timezone.utc)
+    minute = t.hour * 60 + t.minute
+    for window in windows:
+        start_s, end_s = window.split("-")
+        start = int(start_s[:2]) * 60 + int(start_s[3:])
+        end = int(end_s[:2]) * 60 + int(end_s[3:])
+        inside = start <= minute < end if start <= end else (minute >= start or minute < end)
+        if inside:
+            return window
+    return None
+
+
+def decide(alert: Alert, config: Any, *, now: float, seen: bool, in_flight: str | None,
+           last_started: float | None, started_last_day: int) -> tuple[str, str]:
+    """The guardrails (``TriggerConfig``) as one pure function → (decision, reason)."""
+    if seen:
+        return "duplicate", f"alert {alert.id} was already received; it starts at most one run"
+    if not config.enabled:
+        return "disabled", "trigger.enabled is false"
+    if alert.samples is not None and alert.samples < config.min_samples:
+        return "insufficient_samples", f"{alert.samples} rows < trigger.min_samples={config.min_samples}"
+    blackout = in_blackout(list(config.blackout), now)
+    if blackout:
+        return "blackout", f"inside blackout window {blackout} UTC"
+    if in_flight:
+        return "in_flight", f"retraining run for alert {in_flight} is still in flight"
+    if last_started is not None and now - last_started < config.cooldown_seconds:
+        left = config.cooldown_seconds - (now - last_started)
+        return "cooldown", f"last run started {now - last_started:.0f}s ago; cooldown {config.cooldown_seconds:.0f}s ({left:.0f}s left)"
+    if started_last_day >= config.daily_budget:
+        return "budget", f"{started_last_day} runs started in the last 24h; trigger.daily_budget={config.daily_budget}"
+    return STARTED, "guardrails passed"
+
+
+def alerts_path(settings: Any) -> Path:
+    return settings.workspace_dir / "monitor" / "alerts.db"
+
+
+class AlertStore:
+    """The alerts and decisions tables (SQLite, WAL); safe to share between threads."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> "AlertStore":
+        return cls(alerts_path(settings))
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _tx(self, sql: str, params: Any = ()) -> sqlite3.Cursor:
+        with self._lock:
+            return self._db.execute(sql, params)
+
+    def insert(self, alert: Alert) -> bool:
+        """Record a new alert; False (and one more delivery counted) when the id is known."""
+        with self._lock:
+            cur = self._db.execute(
+                "INSERT OR IGNORE INTO alerts (id, source, created, details, samples, window_start, window_end, "
+                "report_path, report_uri) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (alert.id, alert.source, alert.created, json.dumps(alert.details, default=str), alert.samples,
+                 alert.window_start, alert.window_end, alert.report_path, alert.report_uri))
+            if cur.rowcount == 0:
+                self._db.execute("UPDATE alerts SET deliveries = deliveries + 1 WHERE id = ?", (alert.id,))
+                return False
+            return True
+
+    def record_decision(self, alert_id: str, decision: str, reason: str, *, now: float, final: bool = True) -> None:
+        with self._lock:
+            self._db.execute("INSERT INTO decisions (alert_id, ts, decision, reason) VALUES (?, ?, ?, ?)",
+                             (alert_id, now, decision, reason))
+            if final:
+                self._db.execute("UPDATE alerts SET decision = ?, reason = ? WHERE id = ?", (decision, reason, alert_id))
+
+    def update(self, alert_id: str, **fields: Any) -> None:
+        if not fields:
+            return
+        allowed = {"report_path", "report_uri", "request_id", "pipeline_run_id", "model_version", "run_state",
+                   "worker_pid", "started", "finished", "decision", "reason", "window_start", "window_end"}
+        unknown = set(fields) - allowed
+        if unknown:
+            raise ValueError(f"unknown alert fields {sorted(unknown)}")
+        cols = ", ".join(f"{k} = ?" for k in fields)
+        self._tx(f"UPDATE alerts SET {cols} WHERE id = ?", (*fields.values(), alert_id))
+
+    def get(self, alert_id: str) -> dict[str, Any] | None:
+        row = self._tx("SELECT * FROM alerts WHERE id = ?", (alert_id,)).fetchone()
+        return _row(row) if row else None
+
+    def recent(self, limit: int = 20) -> list[dict[str, Any]]:
+        rows = self._tx("SELECT * FROM alerts ORDER BY created DESC LIMIT ?", (limit,)).fetchall()
+        return [_row(r) for r in rows]
+
+    def decisions(self, alert_id: str | None = None) -> list[dict[str, Any]]:
+        if alert_id is None:
+            rows = self._tx("SELECT * FROM decisions ORDER BY seq").fetchall()
+        else:
+            rows = self._tx("SELECT * FROM decisions WHERE alert_id = ? ORDER BY seq", (alert_id,)).fetchall()
+        return [dict(r) for r in rows]
+
+    def running(self) -> list[dict[str, Any]]:
+        """Alerts whose retraining run has not finished (as far as the store knows)."""
+        rows = self._tx("SELECT * FROM alerts WHERE decision = ? AND finished IS NULL ORDER BY started",
+                        (STARTED,)).fetchall()
+        return [_row(r) for r in rows]
+
+    def last_started(self) -> float | None:
+        return self._tx("SELECT MAX(started) FROM alerts WHERE decision = ?", (STARTED,)).fetchone()[0]
+
+    def started_since(self, since: float) -> int:
+        return int(self._tx("SELECT COUNT(*) FROM alerts WHERE decision = ? AND started >= ?",
+                            (STARTED, since)).fetchone()[0])
+
+
+def _row(row: sqlite3.Row) -> dict[str, Any]:
+    out = dict(row)
+    try:
+        out["details"] = json.loads(out.get("details") or "{}")
+    except ValueError:
+        pass
+    return out
+
+
+def lookup_alert(settings: Any, alert_id: str) -> dict[str, Any] | None:
+    """One alert from the workspace's alert store (used by lineage and ``driftloop alerts``)."""
+    path = alerts_path(settings)
+    if not path.exists():
+        return None
+    store = AlertStore(path)
+    try:
+        return store.get(alert_id)
+    except sqlite3.Error as exc:
+        raise MonitorError(f"alert store {path} is not readable: {exc}") from exc
+    finally:
+        store.close()
+
+
+def day_ago(now: float) -> float:
+    return now - _DAY

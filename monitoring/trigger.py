@@ -1,0 +1,301 @@
+"""The retraining trigger: an alert that passes the guardrails starts the training pipeline.
+
+Runs go through the same runner adapter as ``driftloop run train``
+(``driftloop.runner.runner_for(settings).run_training(RunRequest(trigger="drift:<alert-id>", …))``),
+so the registered model version carries ``driftloop.trigger=drift:<id>`` and
+``driftloop.alert_id``. Where the run executes:
+
+* embedded default (kfp.local): a background worker process (``python -m monitoring.trigger``)
+  runs the pipeline and writes its outcome into the alert store, so the monitor keeps ingesting
+  and a restart of the monitor neither kills the run nor forgets it: the worker's pid is stored
+  and its liveness checked (``/proc``) by the in-flight guard.
+* Kubernetes (``kfp.host`` set): the run is submitted with ``kfp.Client`` (non-blocking); the
+  in-flight guard asks Kubeflow for the run's state.
+* an injected runner (tests, embedding): called in a background thread of this process.
+
+Data window of the retraining run: it ends at the alert's window end (the time of the last row
+the drift check saw, or the Alertmanager ``startsAt``); it starts ``trigger.recent_days`` before
+that, or at the time of the ``trigger.recent_rows``-th last row of the training source before the
+end; with neither set, all data up to the end is used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from driftloop.errors import DriftloopError, MonitorError
+from monitoring.alerts import STARTED, Alert, AlertStore, Decision, day_ago, decide
+
+__all__ = ["Trigger", "retrain_window", "worker_alive", "main"]
+
+log = logging.getLogger(__name__)
+
+_TERMINAL = {"SUCCEEDED", "FAILED", "SKIPPED", "CANCELED", "CANCELLED", "CANCELING"}
+
+
+def worker_alive(pid: int | None) -> bool:
+    """True while ``pid`` is a live (non-zombie) retraining worker process."""
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    stat = Path(f"/proc/{pid}/stat")
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    try:
+        if stat.read_text().rsplit(")", 1)[1].split()[0] == "Z":
+            return False
+        return pid == os.getpid() or b"monitoring.trigger" in cmdline.read_bytes()
+    except (OSError, IndexError):
+        return True  # no /proc (not Linux): trust kill(0)
+
+
+def _iso(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, (int, float)):
+        return dt.datetime.fromtimestamp(value, dt.timezone.utc).isoformat()
+    return str(value)
+
+
+def retrain_window(settings: Any, window_end: str | None) -> tuple[str | None, str | None]:
+    """(window_start, window_end) of the retraining run's data, as described in the module doc."""
+    end = window_end
+    cfg = settings.trigger
+    if end is None:
+        return None, None
+    end_ts = _to_timestamp(end)
+    if cfg.recent_days is not None:
+        return (end_ts - dt.timedelta(days=cfg.recent_days)).isoformat(), end_ts.isoformat()
+    if cfg.recent_rows is not None and settings.data.time_column:
+        start = _nth_last_time(settings, end_ts, cfg.recent_rows)
+        return (start.isoformat() if start is not None else None), end_ts.isoformat()
+    return None, end_ts.isoformat()
+
+
+def _to_timestamp(value: str) -> Any:
+    import pandas as pd
+
+    ts = pd.Timestamp(value)
+    return ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
+
+
+def _nth_last_time(settings: Any, end: Any, n: int) -> Any:
+    """Time of the n-th last row of the training source before ``end`` (None: fewer rows)."""
+    import pandas as pd
+
+    from components.ingest import read_table
+
+    col = settings.data.time_column
+    frame = read_table(settings.data.source, settings.data.format)
+    times = pd.to_datetime(frame[col], utc=True)
+    times = times[times < end].sort_values()
+    return None if len(times) <= n else times.iloc[-n]
+
+
+class Trigger:
+    """Applies the guardrails to alerts and starts (and follows) retraining runs."""
+
+    def __init__(self, settings: Any, alerts: AlertStore, *, runner: Any | None = None, metrics: Any | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self.alerts = alerts
+        self.runner = runner
+        self.metrics = metrics
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._threads: dict[str, threading.Thread] = {}
+        self._workers: dict[str, subprocess.Popen] = {}
+
+    # -- in flight --------------------------------------------------------------------------
+    def refresh(self) -> str | None:
+        """Update runs the store thinks are running; the alert id of one still in flight, if any."""
+        in_flight = None
+        for rec in self.alerts.running():
+            if self._still_running(rec):
+                in_flight = in_flight or rec["id"]
+            elif (self.alerts.get(rec["id"]) or {}).get("finished") is None:  # gone without writing a result
+                self.alerts.update(rec["id"], finished=self.clock(), run_state="LOST")
+                log.warning("retraining run for alert %s is gone without a result; marked LOST", rec["id"])
+        return in_flight
+
+    def _still_running(self, rec: dict[str, Any]) -> bool:
+        alert_id = rec["id"]
+        thread = self._threads.get(alert_id)
+        if thread is not None:
+            return thread.is_alive()
+        proc = self._workers.get(alert_id)
+        if proc is not None and proc.poll() is not None:
+            self._workers.pop(alert_id, None)  # reaped; the worker wrote its result (or died)
+            return False
+        if rec.get("pipeline_run_id") and rec.get("run_state") == "SUBMITTED" and self.settings.is_cluster:
+            return self._cluster_running(alert_id, rec["pipeline_run_id"])
+        pid = rec.get("worker_pid")
+        if pid and pid != os.getpid():
+            return worker_alive(pid)
+        return False
+
+    def _cluster_running(self, alert_id: str, run_id: str) -> bool:
+        try:
+            state = str(getattr(self._runner().client.get_run(run_id), "state", "") or "")
+        except Exception as exc:  # Kubeflow unreachable: keep the guard closed rather than start a second run
+            log.warning("cannot read the state of run %s: %s; treating it as in flight", run_id, exc)
+            return True
+        if state.upper() in _TERMINAL:
+            self.alerts.update(alert_id, run_state=state.upper(), finished=self.clock())
+            return False
+        return True
+
+    def _runner(self) -> Any:
+        if self.runner is None:
+            from driftloop.runner import runner_for
+
+            self.runner = runner_for(self.settings)
+        return self.runner
+
+    # -- decisions ---------------------------------------------------------------------------
+    def submit(self, alert: Alert) -> Decision:
+        """Record the alert, apply the guardrails, start a run when they pass. Never raises for a refusal."""
+        with self._lock:
+            now = self.clock()
+            fresh = self.alerts.insert(alert)
+            in_flight = self.refresh() if fresh else None
+            decision, reason = decide(alert, self.settings.trigger, now=now, seen=not fresh, in_flight=in_flight,
+                                      last_started=self.alerts.last_started(),
+                                      started_last_day=self.alerts.started_since(day_ago(now)))
+            request_id = None
+            if decision == STARTED:
+                try:
+                    request_id = self._start(alert, now)
+                except DriftloopError as exc:
+                    decision, reason = "failed", f"could not start the run: {exc}"
+            self.alerts.record_decision(alert.id, decision, reason, now=now, final=fresh)
+            if self.metrics is not None:
+                self.metrics.trigger_decisions.labels(decision=decision).inc()
+            log.info("alert %s (%s): %s — %s", alert.id, alert.source, decision, reason)
+            return Decision(alert.id, decision, reason, request_id)
+
+    def _start(self, alert: Alert, now: float) -> str:
+        from driftloop.runner import RunRequest
+
+        start, end = retrain_window(self.settings, alert.window_end)
+        request = RunRequest(trigger=f"drift:{alert.id}", window_start=start, window_end=end)
+        self.alerts.update(alert.id, request_id=request.request_id, started=now, run_state="RUNNING",
+                           window_start=start, window_end=end)
+        if self.runner is not None and not self.settings.is_cluster:
+            thread = threading.Thread(target=self._run_in_thread, args=(alert.id, request), daemon=True,
+                                      name=f"retrain-{alert.id}")
+            self.alerts.update(alert.id, worker_pid=os.getpid())
+            self._threads[alert.id] = thread
+            thread.start()
+        elif self.settings.is_cluster:
+            result = self._runner().run_training(request, wait=False)
+            self.alerts.update(alert.id, pipeline_run_id=result.run_id, run_state=result.state)
+        else:
+            self._spawn_worker(alert.id, request)
+        return request.request_id
+
+    def _run_in_thread(self, alert_id: str, request: Any) -> None:
+        try:
+            result = self.runner.run_training(request)
+            record_result(self.alerts, alert_id, result, self.clock())
+        except Exception as exc:  # the monitor keeps running; the failure is recorded on the alert
+            log.exception("retraining run for alert %s failed", alert_id)
+            self.alerts.update(alert_id, run_state="FAILED", finished=self.clock(), reason=f"run failed: {exc}")
+
+    def _spawn_worker(self, alert_id: str, request: Any) -> None:
+        settings_file = self.settings.workspace_dir / "monitor" / "runs" / f"{alert_id}.settings.json"
+        settings_file.parent.mkdir(parents=True, exist_ok=True)
+        settings_file.write_text(self.settings.model_dump_json())
+        log_file = settings_file.with_suffix("").with_suffix(".log")
+        cmd = [sys.executable, "-m", "monitoring.trigger", "--settings", str(settings_file), "--alert-id", alert_id,
+               "--request-id", request.request_id, "--store", str(self.alerts.path)]
+        if request.window_start:
+            cmd += ["--window-start", request.window_start]
+        if request.window_end:
+            cmd += ["--window-end", request.window_end]
+        root = Path(__file__).resolve().parent.parent
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+        with open(log_file, "ab") as out:
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self._workers[alert_id] = proc
+        self.alerts.update(alert_id, worker_pid=proc.pid)
+        log.info("retraining worker pid %d for alert %s (log %s)", proc.pid, alert_id, log_file)
+
+    def wait(self, alert_id: str, timeout: float = 600.0) -> dict[str, Any]:
+        """Block until the run started for ``alert_id`` has finished (tests, one-shot use)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            thread, proc = self._threads.get(alert_id), self._workers.get(alert_id)
+            if thread is not None:
+                thread.join(max(0.0, deadline - time.monotonic()))
+            elif proc is not None:
+                try:
+                    proc.wait(max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    break
+            rec = self.alerts.get(alert_id)
+            if rec is None or rec.get("finished") is not None:
+                return rec or {}
+            self.refresh()
+            time.sleep(0.2)
+        raise MonitorError(f"the retraining run for alert {alert_id} did not finish within {timeout:.0f}s")
+
+
+def record_result(alerts: AlertStore, alert_id: str, result: Any, now: float) -> None:
+    """Write a RunResult (state, pipeline run id, model version) onto the alert."""
+    fields: dict[str, Any] = {"pipeline_run_id": result.run_id, "run_state": result.state}
+    if result.state not in ("SUBMITTED", "RUNNING"):
+        fields["finished"] = now
+    version = (result.summary or {}).get("model_version")
+    if version:
+        fields["model_version"] = str(version)
+    if result.error:
+        fields["reason"] = f"run failed: {result.error}"
+    alerts.update(alert_id, **fields)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The background worker: run the training pipeline for one alert and record the outcome."""
+    from driftloop.config import Settings
+    from driftloop.runner import RunRequest, runner_for
+
+    p = argparse.ArgumentParser(prog="python -m monitoring.trigger")
+    p.add_argument("--settings", required=True, type=Path)
+    p.add_argument("--alert-id", required=True)
+    p.add_argument("--request-id", required=True)
+    p.add_argument("--store", required=True, type=Path)
+    p.add_argument("--window-start")
+    p.add_argument("--window-end")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    settings = Settings.model_validate(json.loads(args.settings.read_text()))
+    alerts = AlertStore(args.store)
+    request = RunRequest(trigger=f"drift:{args.alert_id}", window_start=args.window_start,
+                         window_end=args.window_end, request_id=args.request_id)
+    try:
+        result = runner_for(settings).run_training(request)
+        record_result(alerts, args.alert_id, result, time.time())
+        log.info("alert %s: run %s %s", args.alert_id, result.run_id, result.state)
+    except Exception as exc:
+        alerts.update(args.alert_id, run_state="FAILED", finished=time.time(), reason=f"run failed: {exc}")
+        raise
+    finally:
+        alerts.close()
+
+
+if __name__ == "__main__":
+    main()
