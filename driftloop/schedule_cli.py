@@ -1,0 +1,167 @@
+"""CLI verbs for recurring runs: ``driftloop schedule create|list|delete|update`` and ``driftloop scheduler``."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from typing import Annotated, Any, Optional
+
+import typer
+
+__all__ = ["register", "schedule_app"]
+
+schedule_app = typer.Typer(
+    help="Recurring training runs: KFP recurring runs when kfp.host is set, else the local scheduler "
+    "(`driftloop scheduler`). Cron is standard 5-field (minute hour day-of-month month day-of-week, UTC); "
+    "it is converted to KFP's 6-field form (seconds first) on Kubeflow.",
+    no_args_is_help=True,
+)
+
+CronOpt = Annotated[str, typer.Option("--cron", help='Standard 5-field cron in UTC, e.g. "0 3 * * *" (or @daily).')]
+NameArg = Annotated[str, typer.Argument(help="Schedule name.")]
+KfpHostOpt = Annotated[Optional[str], typer.Option("--kfp-host", help="Kubeflow Pipelines endpoint (cluster schedules).")]
+RunParamOpt = Annotated[Optional[list[str]], typer.Option(
+    "--param", "-p", help="Config override for every run of the schedule: section.key=value (repeatable).")]
+WindowOpt = Annotated[Optional[float], typer.Option(
+    "--window-days", min=0.0, help="Train on the last N days before each slot (local scheduler).")]
+
+
+def _backend(config: Any, kfp_host: str | None) -> Any:
+    from driftloop.cli import settings_from
+    from driftloop.schedule import schedule_backend
+
+    settings = settings_from(config, None, **{"kfp.host": kfp_host})
+    return settings, schedule_backend(settings)
+
+
+def _check(schedule: Any, settings: Any) -> None:
+    schedule.settings_for(settings)  # bad overrides fail now, not at the first slot
+
+
+@schedule_app.command("create")
+def create_cmd(
+    name: Annotated[str, typer.Option("--name", help="Unique schedule name (lowercase, digits, '-').")],
+    cron: CronOpt,
+    params: RunParamOpt = None,
+    window_days: WindowOpt = None,
+    max_concurrency: Annotated[int, typer.Option("--max-concurrency", min=1, help="Runs of it at once.")] = 1,
+    no_catchup: Annotated[bool, typer.Option("--no-catchup", help="Skip slots missed while down.")] = False,
+    paused: Annotated[bool, typer.Option("--paused", help="Create it paused.")] = False,
+    config: Annotated[Optional[str], typer.Option("--config", "-c", help="YAML config file.")] = None,
+    kfp_host: KfpHostOpt = None,
+) -> None:
+    """Create a schedule that runs the training pipeline on cron (trigger schedule:<name>)."""
+    from driftloop.cli import console
+    from driftloop.schedule import Schedule, parse_params
+
+    settings, backend = _backend(config, kfp_host)
+    schedule = Schedule(name, cron, parse_params(params), window_days, max_concurrency, not no_catchup, paused)
+    _check(schedule, settings)
+    backend.create(schedule)
+    where = f"Kubeflow at {settings.kfp.host}" if settings.is_cluster else "the local scheduler (run `driftloop scheduler`)"
+    console.print(f"[green]created[/] schedule {name} ({schedule.cron}) on {where}")
+
+
+@schedule_app.command("list")
+def list_cmd(
+    config: Annotated[Optional[str], typer.Option("--config", "-c", help="YAML config file.")] = None,
+    kfp_host: KfpHostOpt = None,
+) -> None:
+    """List the schedules (on Kubeflow this also deletes retired generations whose runs have finished)."""
+    from rich.table import Table
+
+    from driftloop.cli import console
+
+    _, backend = _backend(config, kfp_host)
+    statuses = backend.list()
+    if not statuses:
+        console.print("no schedules")
+        return
+    table = Table(title=f"schedules ({backend.home})")
+    for col in ("name", "cron (UTC)", "state", "next run", "window", "max conc.", "catch-up", "params", "detail"):
+        table.add_column(col)
+    for st in statuses:
+        s = st.schedule
+        table.add_row(s.name, s.cron, st.state, st.next_run.strftime("%Y-%m-%d %H:%M") if st.next_run else "-",
+                      f"{s.window_days:g} d" if s.window_days else "all", str(s.max_concurrency),
+                      "yes" if s.catchup else "no", ", ".join(f"{k}={v}" for k, v in s.params.items()) or "-", st.note)
+    console.print(table)
+
+
+@schedule_app.command("delete")
+def delete_cmd(
+    name: NameArg,
+    config: Annotated[Optional[str], typer.Option("--config", "-c", help="YAML config file.")] = None,
+    kfp_host: KfpHostOpt = None,
+) -> None:
+    """Delete a schedule; runs already in progress finish."""
+    from driftloop.cli import console
+
+    _, backend = _backend(config, kfp_host)
+    backend.delete(name)
+    console.print(f"deleted schedule {name}")
+
+
+@schedule_app.command("update")
+def update_cmd(
+    name: NameArg,
+    cron: Annotated[Optional[str], typer.Option("--cron", help="New 5-field cron (UTC).")] = None,
+    params: RunParamOpt = None,
+    window_days: WindowOpt = None,
+    max_concurrency: Annotated[Optional[int], typer.Option("--max-concurrency", min=1)] = None,
+    catchup: Annotated[Optional[bool], typer.Option("--catchup/--no-catchup", help="Catch-up policy.")] = None,
+    paused: Annotated[Optional[bool], typer.Option("--paused/--resume", help="Pause or resume.")] = None,
+    config: Annotated[Optional[str], typer.Option("--config", "-c", help="YAML config file.")] = None,
+    kfp_host: KfpHostOpt = None,
+) -> None:
+    """Change a schedule in place by name; runs in progress are not stopped. --param replaces all overrides."""
+    from driftloop.cli import console
+    from driftloop.errors import ScheduleError
+    from driftloop.schedule import Schedule, normalize_cron, parse_params
+
+    changes: dict[str, Any] = {}
+    if cron is not None:
+        changes["cron"] = normalize_cron(cron)
+    if params is not None:
+        changes["params"] = parse_params(params)
+    for key, value in (("window_days", window_days), ("max_concurrency", max_concurrency), ("catchup", catchup),
+                       ("paused", paused)):
+        if value is not None:
+            changes[key] = value
+    if not changes:
+        raise ScheduleError("nothing to update: give --cron, --param, --window-days, --max-concurrency, "
+                            "--catchup/--no-catchup or --paused/--resume")
+    settings, backend = _backend(config, kfp_host)
+    _check(Schedule(name, changes.get("cron", "* * * * *"), changes.get("params", {})), settings)
+    new = backend.update(name, **changes)
+    console.print(f"[green]updated[/] schedule {name} ({new.cron}{', paused' if new.paused else ''})")
+
+
+def scheduler_cmd(
+    once: Annotated[bool, typer.Option("--once", help="Run the due slots once and exit.")] = False,
+    config: Annotated[Optional[str], typer.Option("--config", "-c", help="YAML config file.")] = None,
+    params: Annotated[Optional[list[str]], typer.Option("--param", "-p", help="Override a config key.")] = None,
+) -> None:
+    """Run the local scheduler: the stored schedules' slots, through kfp.local, until Ctrl-C."""
+    from driftloop.cli import console, settings_from
+    from driftloop.scheduler import Scheduler
+
+    scheduler = Scheduler(settings_from(config, params))
+    if once:
+        for outcome in scheduler.tick():
+            console.print(f"{outcome.schedule} {outcome.slot.isoformat()}: {outcome.state}"
+                          + (f" ({outcome.error})" if outcome.error else ""))
+        return
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    console.print(f"scheduler watching {scheduler.store.path} (Ctrl-C stops it)")
+    try:
+        scheduler.run_forever(stop)
+    except KeyboardInterrupt:
+        stop.set()
+    console.print("scheduler stopped")
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(schedule_app, name="schedule")
+    app.command("scheduler")(scheduler_cmd)
