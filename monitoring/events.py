@@ -37,8 +37,10 @@ __all__ = [
     "EventError",
     "ParsedEvent",
     "attributes_from_headers",
+    "attributes_from_raw_headers",
     "attributes_via_sdk",
     "parse_binary",
+    "parse_binary_attributes",
     "parse_structured",
     "parse_batch",
     "flatten_request",
@@ -82,7 +84,7 @@ class ParsedEvent:
     model_name: str
     model_version: str | None
     role: str | None
-    headers: dict[str, str]
+    attributes: dict[str, Any]  # CloudEvent attributes (ce-* headers without the prefix, datacontenttype)
     body: bytes
     rows: list[dict[str, Any]] | None = None
     predictions: list[Any] | None = None
@@ -104,13 +106,35 @@ def attributes_from_headers(headers: Mapping[str, str]) -> dict[str, str]:
     ``cloudevents.http.from_http(...).get_attributes()`` gives, without ``datacontenttype``/
     invented ``time``. Raises ``EventError(400)`` naming the first missing required header.
     """
-    for name in REQUIRED_HEADERS:
-        if not headers.get(name):
-            raise EventError(400, f"missing CloudEvent header {name!r}", reason="missing_header")
-    if headers["ce-specversion"] != "1.0":
-        raise EventError(400, f"unsupported ce-specversion {headers['ce-specversion']!r} (expected '1.0')",
+    attrs = {k[3:]: v for k, v in headers.items() if k[:3] == "ce-"}
+    _require(attrs, "header 'ce-")
+    return attrs
+
+
+def attributes_from_raw_headers(raw: Iterable[tuple[bytes, bytes]]) -> tuple[dict[str, str], str | None]:
+    """Attributes and content type straight from an ASGI scope's header list (lower-case bytes).
+
+    The sink's hot path: one pass, decoding only the ``ce-*`` headers; the same attributes as
+    :func:`attributes_from_headers` on the decoded headers. Not validated here:
+    :func:`parse_binary_attributes` checks the required ones.
+    """
+    attrs: dict[str, str] = {}
+    ctype = None
+    for k, v in raw:
+        if k[:3] == b"ce-":
+            attrs[k[3:].decode("latin-1")] = v.decode("latin-1")
+        elif k == b"content-type":
+            ctype = v.decode("latin-1")
+    return attrs, ctype
+
+
+def _require(attrs: Mapping[str, Any], what: str) -> None:
+    for name in ("id", "type", "source", "specversion"):
+        if not attrs.get(name):
+            raise EventError(400, f"missing CloudEvent {what}{name}'", reason="missing_header")
+    if attrs["specversion"] != "1.0":
+        raise EventError(400, f"unsupported CloudEvent specversion {attrs['specversion']!r} (expected '1.0')",
                          reason="bad_header")
-    return {k[3:]: v for k, v in headers.items() if k.startswith("ce-")}
 
 
 def attributes_via_sdk(headers: Mapping[str, str], body: bytes) -> dict[str, str]:
@@ -254,29 +278,30 @@ def flatten_response(payload: Any) -> tuple[list[Any], str | None]:
 # --------------------------------------------------------------------------- events
 
 
-def _build(attrs: dict[str, str], headers: dict[str, str], body: bytes, payload: Any, *,
+def _build(attrs: dict[str, Any], body: bytes, payload: Any, *,
            model_names: set[str] | None, reference_columns: list[str] | None,
            received_at: float | None) -> ParsedEvent:
     kind = _KINDS.get(attrs["type"])
     if kind is None:
         raise EventError(400, f"unknown ce-type {attrs['type']!r} (expected {REQUEST_TYPE!r} or {RESPONSE_TYPE!r})",
                          reason="bad_header")
-    model = attrs.get("inferenceservicename") or ""
+    model = str(attrs.get("inferenceservicename") or "")
     if not model:
         raise EventError(400, "missing CloudEvent header 'ce-inferenceservicename'", reason="missing_header")
     if model_names is not None and model not in model_names:
         raise EventError(404, f"unknown model {model!r} (this monitor watches {sorted(model_names)})",
                          reason="unknown_model")
     rows = preds = None
-    version = attrs.get("modelversion") or None
+    version = str(attrs["modelversion"]) if attrs.get("modelversion") else None
     if kind == "request":
         rows = flatten_request(payload, reference_columns)
     else:
         preds, body_version = flatten_response(payload)
         version = version or body_version
     return ParsedEvent(
-        id=attrs["id"], kind=kind, source=attrs["source"], model_name=model, model_version=version,
-        role=attrs.get("servingrole") or None, headers=headers, body=body, rows=rows, predictions=preds,
+        id=str(attrs["id"]), kind=kind, source=str(attrs["source"]), model_name=model, model_version=version,
+        role=str(attrs["servingrole"]) if attrs.get("servingrole") else None, attributes=attrs, body=body,
+        rows=rows, predictions=preds,
         received_at=time.time() if received_at is None else received_at,
     )
 
@@ -290,29 +315,38 @@ def parse_binary(headers: Mapping[str, str], body: bytes, *, model_names: set[st
     path; the result is the same.
     """
     attrs = attributes_via_sdk(headers, body) if use_sdk else attributes_from_headers(headers)
+    return parse_binary_attributes(attrs, headers.get("content-type"), body, model_names=model_names,
+                                   reference_columns=reference_columns, received_at=received_at)
+
+
+def parse_binary_attributes(attrs: dict[str, str], content_type: str | None, body: bytes, *,
+                            model_names: set[str] | None = None, reference_columns: list[str] | None = None,
+                            received_at: float | None = None) -> ParsedEvent:
+    """A binary-mode event whose attributes were already read from its headers."""
+    _require(attrs, "header 'ce-")
     payload = _loads(body)
-    kept = {k: v for k, v in headers.items() if k.startswith("ce-") or k == "content-type"}
-    return _build(attrs, kept, body, payload, model_names=model_names, reference_columns=reference_columns,
+    if content_type is not None:
+        attrs["datacontenttype"] = content_type
+    return _build(attrs, body, payload, model_names=model_names, reference_columns=reference_columns,
                   received_at=received_at)
 
 
 def parse_structured(event: Any, *, model_names: set[str] | None = None,
                      reference_columns: list[str] | None = None, received_at: float | None = None) -> ParsedEvent:
-    """One structured-mode event (a decoded JSON object with attributes and ``data``)."""
+    """One structured-mode event (a decoded JSON object with attributes and ``data``).
+
+    The object is consumed: its ``data`` is taken out and the rest kept as the attributes.
+    """
     if not isinstance(event, dict):
         raise EventError(400, "each event in a batch must be a JSON object", reason="bad_payload")
-    headers = {f"ce-{k}": str(v) for k, v in event.items() if k not in ("data", "data_base64", "datacontenttype")}
-    if "datacontenttype" in event:
-        headers["content-type"] = str(event["datacontenttype"])
-    attrs = attributes_from_headers(headers)
-    if "data" not in event:
-        raise EventError(400, f"event {attrs['id']!r} has no 'data'", reason="bad_payload")
-    payload = event["data"]
+    payload = event.pop("data", None)
+    _require(event, "attribute '")
+    if payload is None:
+        raise EventError(400, f"event {event['id']!r} has no 'data'", reason="bad_payload")
     if isinstance(payload, str):  # data sent as a JSON string
         payload = _loads(payload)
-    body = orjson.dumps(payload)
-    return _build(attrs, headers, body, payload, model_names=model_names, reference_columns=reference_columns,
-                  received_at=received_at)
+    return _build(event, orjson.dumps(payload), payload, model_names=model_names,
+                  reference_columns=reference_columns, received_at=received_at)
 
 
 def parse_batch(body: bytes, *, model_names: set[str] | None = None, reference_columns: list[str] | None = None,

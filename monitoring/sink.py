@@ -42,11 +42,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from monitoring.events import EventError, ParsedEvent, parse_batch, parse_binary, parse_structured
+from monitoring.events import (EventError, ParsedEvent, attributes_from_raw_headers, parse_batch,
+                               parse_binary_attributes, parse_structured)
 from monitoring.metrics import MonitorMetrics
 from monitoring.store import GroupResult, InferenceStore
 
-__all__ = ["create_sink_app", "build_routes", "GroupCommitter", "DEFAULT_MAX_BODY_BYTES", "main"]
+__all__ = ["create_sink_app", "build_routes", "SinkApp", "EventsEndpoint", "GroupCommitter", "DEFAULT_MAX_BODY_BYTES",
+           "main"]
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +152,97 @@ class GroupCommitter:
         self._task = None
 
 
+def _count_refusal(metrics: MonitorMetrics, exc: EventError) -> None:
+    metrics.events_rejected.labels(reason=exc.reason).inc()
+    if exc.status >= 500:
+        log.error("refused: %s", exc.message)
+    else:
+        log.info("refused (%d): %s", exc.status, exc.message)
+
+
+class EventsEndpoint:
+    """``POST /events`` as a bare ASGI app — the hot path.
+
+    A Starlette ``Request``/``Response`` pair, its body stream and the middleware stack cost more
+    per event than parsing and storing it; this reads the scope's raw header list once (only the
+    ``ce-*`` ones are decoded), receives the body and answers with two ``send`` calls.
+    """
+
+    def __init__(self, committer: GroupCommitter, *, model_names: set[str] | None = None,
+                 reference_columns: list[str] | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
+        self.committer = committer
+        self.metrics = committer.metrics
+        self.model_names = set(model_names) if model_names is not None else None
+        self.columns = list(reference_columns) if reference_columns is not None else None
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        try:
+            body = await self._body(scope, receive)
+            attrs, ctype = attributes_from_raw_headers(scope["headers"])
+            if ctype is not None and ctype.startswith(_BATCH_TYPE):
+                parsed = parse_batch(body, model_names=self.model_names, reference_columns=self.columns)
+            elif ctype is not None and ctype.startswith(_STRUCTURED_TYPE):
+                parsed = [parse_structured(_loads_object(body), model_names=self.model_names,
+                                           reference_columns=self.columns)]
+            else:
+                parsed = [parse_binary_attributes(attrs, ctype, body, model_names=self.model_names,
+                                                  reference_columns=self.columns)]
+            result = await self.committer.submit(parsed)
+        except EventError as exc:
+            _count_refusal(self.metrics, exc)
+            await _send(send, exc.status, orjson.dumps({"error": exc.message}))
+            return
+        await _send(send, 200, b'{"stored":%d,"duplicates":%d}' % (result.stored, result.duplicates))
+
+    async def _body(self, scope: dict, receive: Any) -> bytes:
+        limit = self.max_body_bytes
+        for k, v in scope["headers"]:
+            if k == b"content-length" and v.isdigit() and int(v) > limit:
+                raise EventError(413, f"body of {int(v)} bytes is over the limit of {limit}", reason="too_large")
+        message = await receive()
+        body = message.get("body", b"")
+        if not message.get("more_body", False):
+            return body
+        chunks = [body]
+        size = len(body)
+        while message.get("more_body", False):
+            message = await receive()
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise EventError(413, f"body is over the limit of {limit} bytes", reason="too_large")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+_JSON_HEADERS = [(b"content-type", b"application/json")]
+
+
+async def _send(send: Any, status: int, body: bytes) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [*_JSON_HEADERS, (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class SinkApp(Starlette):
+    """The sink's Starlette app; ``POST /events`` is dispatched before the middleware stack.
+
+    Everything else (more routes added with ``add_route``/``mount``, lifespan, 404/405) is plain
+    Starlette.
+    """
+
+    def __init__(self, *args: Any, events: EventsEndpoint, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._events = events
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] == "/events" and scope["method"] == "POST":
+            await self._events(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
+
+
 async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -175,7 +268,8 @@ def _since(value: str | None) -> float | None:
     try:
         ts = pd.Timestamp(value)
     except (ValueError, TypeError) as exc:
-        raise EventError(400, f"'since' must be an ISO time or epoch seconds, got {value!r}", reason="bad_query") from exc
+        raise EventError(400, f"'since' must be an ISO time or epoch seconds, got {value!r}",
+                         reason="bad_query") from exc
     return (ts.tz_localize("UTC") if ts.tzinfo is None else ts).timestamp()
 
 
@@ -184,34 +278,12 @@ def build_routes(store: InferenceStore, *, metrics: MonitorMetrics, model_names:
                  task: str = "classification", committer: GroupCommitter | None = None) -> list[Route]:
     """The sink's routes, sharing one :class:`GroupCommitter` (made here unless given)."""
     committer = committer or GroupCommitter(store, metrics)
-    rejected = metrics.events_rejected
-    names = set(model_names) if model_names is not None else None
-    columns = list(reference_columns) if reference_columns is not None else None
+    events = EventsEndpoint(committer, model_names=model_names, reference_columns=reference_columns,
+                            max_body_bytes=max_body_bytes)
 
     def refuse(exc: EventError) -> Response:
-        rejected.labels(reason=exc.reason).inc()
-        if exc.status >= 500:
-            log.error("event refused: %s", exc.message)
-        else:
-            log.info("event refused (%d): %s", exc.status, exc.message)
+        _count_refusal(metrics, exc)
         return _json(exc.status, {"error": exc.message})
-
-    async def events(request: Request) -> Response:
-        try:
-            body = await _read_body(request, max_body_bytes)
-            # scope headers are already lower-case latin-1 bytes: one dict, no Headers object
-            headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in request.scope["headers"]}
-            ctype = headers.get("content-type", "")
-            if ctype.startswith(_BATCH_TYPE):
-                parsed = parse_batch(body, model_names=names, reference_columns=columns)
-            elif ctype.startswith(_STRUCTURED_TYPE):
-                parsed = [parse_structured(_loads_object(body), model_names=names, reference_columns=columns)]
-            else:
-                parsed = [parse_binary(headers, body, model_names=names, reference_columns=columns)]
-            result = await committer.submit(parsed)
-        except EventError as exc:
-            return refuse(exc)
-        return _json(200, {"stored": result.stored, "duplicates": result.duplicates})
 
     async def feedback(request: Request) -> Response:
         try:
@@ -251,7 +323,7 @@ def build_routes(store: InferenceStore, *, metrics: MonitorMetrics, model_names:
         return Response(data, media_type=ctype)
 
     return [
-        Route("/events", events, methods=["POST"]),
+        Route("/events", events, methods=["POST"]),  # an ASGI app: Starlette passes scope/receive/send
         Route("/feedback", feedback, methods=["POST"]),
         Route("/quality", quality, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
@@ -285,6 +357,9 @@ def create_sink_app(store: InferenceStore, *, metrics: MonitorMetrics, model_nam
     closed too when ``close_store``.
     """
     committer = GroupCommitter(store, metrics)
+    routes = build_routes(store, metrics=metrics, model_names=model_names, reference_columns=reference_columns,
+                          max_body_bytes=max_body_bytes, task=task, committer=committer)
+    events = next(r.endpoint for r in routes if r.path == "/events")
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -293,9 +368,7 @@ def create_sink_app(store: InferenceStore, *, metrics: MonitorMetrics, model_nam
         if close_store:
             store.close()
 
-    app = Starlette(routes=build_routes(store, metrics=metrics, model_names=model_names,
-                                        reference_columns=reference_columns, max_body_bytes=max_body_bytes,
-                                        task=task, committer=committer), lifespan=lifespan)
+    app = SinkApp(routes=routes, lifespan=lifespan, events=events)
     app.state.store = store
     app.state.metrics = metrics
     app.state.committer = committer
@@ -320,7 +393,7 @@ def main(argv: list[str] | None = None) -> None:
     app = create_sink_app(store, metrics=MonitorMetrics(), model_names=set(args.models) if args.models else None,
                           reference_columns=args.columns.split(",") if args.columns else None, close_store=True)
     uvicorn.run(app, host=args.host, port=args.port, loop="uvloop", http="httptools", access_log=False,
-                log_level=args.log_level, lifespan="on")
+                proxy_headers=False, log_level=args.log_level, lifespan="on")
 
 
 if __name__ == "__main__":

@@ -12,8 +12,9 @@ transaction out entirely; ``PRAGMA integrity_check`` stays ``ok``.
 
 Tables:
 
-* ``events`` — every accepted event as received (ce-id, kind, headers JSON, raw body,
-  received_at) plus its flattened payload, so nothing accepted is lost even before it is paired.
+* ``events`` — every accepted event as received (ce-id, kind, its CloudEvent attributes — the
+  ``ce-*`` headers — as JSON, raw body, received_at) plus its flattened payload, so nothing
+  accepted is lost even before it is paired.
   ``(ce_id, kind)`` is unique: a logger retrying an event after a lost ack is stored once.
 * ``rows`` — one row per instance once request and response are paired by ce-id: features (JSON),
   prediction (JSON), model name/version, serving role, ts (when the request was received).
@@ -25,6 +26,7 @@ Throughput comes from group commit: callers hand over many events at once
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import sqlite3
@@ -53,7 +55,9 @@ CREATE TABLE IF NOT EXISTS events (
     ce_id TEXT NOT NULL,
     kind TEXT NOT NULL,
     model_name TEXT NOT NULL,
-    headers TEXT NOT NULL,
+    model_version TEXT,
+    role TEXT,
+    attributes TEXT NOT NULL,
     body BLOB NOT NULL,
     flat TEXT NOT NULL,
     received_at REAL NOT NULL,
@@ -90,7 +94,6 @@ Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
 class _Pending:
     """An accepted event still waiting for its counterpart."""
 
-    seq: int
     kind: str
     model_name: str
     model_version: str | None
@@ -141,8 +144,18 @@ class LabelResult:
     unknown_ids: list[str]
 
 
-def _dumps(value: Any) -> str:
-    return orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY).decode()
+_INSERT_CHUNK = 3000  # rows per multi-row INSERT: 9 parameters each, under SQLite's 32766
+
+
+@functools.lru_cache(maxsize=64)
+def _insert_sql(n: int) -> str:
+    return ("INSERT INTO events (ce_id, kind, model_name, model_version, role, attributes, body, flat, received_at) "
+            "VALUES " + ",".join(["(?,?,?,?,?,?,?,?,?)"] * n)
+            + " ON CONFLICT (ce_id, kind) DO NOTHING RETURNING ce_id, kind")
+
+
+def _dumps(value: Any) -> bytes:
+    return orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
 class InferenceStore:
@@ -179,20 +192,19 @@ class InferenceStore:
 
     def _load_pending(self) -> None:
         cur = self._db.execute(
-            "SELECT seq, ce_id, kind, model_name, headers, flat, received_at FROM events WHERE paired = 0 "
+            "SELECT ce_id, kind, model_name, model_version, role, flat, received_at FROM events WHERE paired = 0 "
             "ORDER BY seq DESC LIMIT ?", (self._max_pending + 1,))
         found = cur.fetchall()
         self._pending_complete = len(found) <= self._max_pending
-        for seq, ce_id, kind, model, headers, flat, received_at in reversed(found[: self._max_pending]):
-            self._pending[ce_id] = self._pending_from_db(seq, kind, model, headers, flat, received_at)
+        for ce_id, *fields in reversed(found[: self._max_pending]):
+            self._pending[ce_id] = self._pending_from_db(*fields)
         if found:
             log.info("store %s: %d unpaired events waiting for their counterpart", self.path, len(self._pending))
 
     @staticmethod
-    def _pending_from_db(seq: int, kind: str, model: str, headers: str, flat: str, received_at: float) -> _Pending:
-        h = orjson.loads(headers)
-        return _Pending(seq, kind, model, h.get("ce-modelversion") or h.get("_model_version"),
-                        h.get("ce-servingrole") or None, orjson.loads(flat), received_at)
+    def _pending_from_db(kind: str, model: str, version: str | None, role: str | None, flat: bytes,
+                         received_at: float) -> _Pending:
+        return _Pending(kind, model, version, role, orjson.loads(flat), received_at)
 
     # ------------------------------------------------------------------ writing
 
@@ -213,43 +225,89 @@ class InferenceStore:
 
         Each group is all-or-nothing on its own (a bad group gets an ``EventError`` in its slot and
         leaves the others untouched); the transaction commits once for all. When this returns,
-        every group reported as a :class:`GroupResult` is durable. Database errors propagate and nothing of the
-        call is stored.
+        every group reported as a :class:`GroupResult` is durable. Database errors propagate and
+        nothing of the call is stored.
+
+        The SQL is set-based — one multi-row ``INSERT ... RETURNING`` tells which events are new
+        (not re-sent duplicates), pairing runs in memory, then one ``executemany`` each writes the
+        rows and marks the pairs — because per-event statements cost more than parsing the events.
         """
         with self._lock:
             if self._closed:
                 raise EventError(503, "the store is closed", reason="closed")
             db = self._db
-            results: list[GroupResult | EventError] = []
             undo_all: list[tuple[str, _Pending | None]] = []
             db.execute("BEGIN IMMEDIATE")
             try:
-                for group in groups:
-                    db.execute("SAVEPOINT g")
-                    undo: list[tuple[str, _Pending | None]] = []
-                    stored = GroupResult()
-                    try:
-                        for ev in group:
-                            self._append_one(db, ev, undo, stored)
-                    except EventError as exc:
-                        db.execute("ROLLBACK TO g")
-                        db.execute("RELEASE g")
-                        self._undo(undo)
-                        results.append(exc)
-                        continue
-                    db.execute("RELEASE g")
-                    undo_all.extend(undo)
-                    results.append(stored)
+                fresh = self._insert_events(db, [ev for group in groups for ev in group])
+                results, rows, paired, released = self._pair_groups(db, groups, fresh, undo_all)
+                if released:  # new events of refused groups
+                    db.executemany("DELETE FROM events WHERE ce_id = ? AND kind = ?", released)
+                if rows:
+                    db.executemany(
+                        "INSERT INTO rows (request_id, row_index, ts, model_name, model_version, role, features, "
+                        "prediction) VALUES (?,?,?,?,?,?,?,?)", rows)
+                if paired:
+                    db.executemany("UPDATE events SET paired = 1 WHERE ce_id = ? AND kind = ?", paired)
                 db.execute("COMMIT")
             except BaseException:
                 if db.in_transaction:
                     db.execute("ROLLBACK")
                 self._undo(undo_all)
                 raise
-        while len(self._pending) > self._max_pending:
-            self._pending.popitem(last=False)
-            self._pending_complete = False
+            while len(self._pending) > self._max_pending:
+                self._pending.popitem(last=False)
+                self._pending_complete = False
         return results
+
+    @staticmethod
+    def _insert_events(db: sqlite3.Connection, events: list[ParsedEvent]) -> set[tuple[str, str]]:
+        """Insert ``events`` (duplicates of stored ones are skipped); the (ce_id, kind) keys that are new."""
+        fresh: set[tuple[str, str]] = set()
+        for start in range(0, len(events), _INSERT_CHUNK):
+            chunk = events[start:start + _INSERT_CHUNK]
+            params: list[Any] = []
+            for ev in chunk:
+                flat = ev.rows if ev.kind == "request" else ev.predictions
+                params += (ev.id, ev.kind, ev.model_name, ev.model_version, ev.role, _dumps(ev.attributes), ev.body,
+                           _dumps(flat), ev.received_at)
+            fresh.update(db.execute(_insert_sql(len(chunk)), params).fetchall())
+        return fresh
+
+    def _pair_groups(self, db: sqlite3.Connection, groups: Sequence[Sequence[ParsedEvent]],
+                     fresh: set[tuple[str, str]], undo_all: list) -> tuple[list, list, list, list]:
+        """Pair the new events of each group with their counterparts (in memory, else in the database)."""
+        inserted = frozenset(fresh)
+        unclaimed = set(fresh)  # new keys not yet owned by an accepted group
+        results: list[GroupResult | EventError] = []
+        rows: list[tuple] = []
+        paired: list[tuple[str, str]] = []
+        for group in groups:
+            stats, undo, claims, g_rows, g_paired = GroupResult(), [], [], [], []
+            try:
+                for ev in group:
+                    key = (ev.id, ev.kind)
+                    if key not in unclaimed:
+                        stats.duplicates += 1
+                        continue
+                    unclaimed.discard(key)
+                    claims.append(key)
+                    if ev.kind == "request":
+                        stats.requests += 1
+                    else:
+                        stats.responses += 1
+                    self._pair_one(db, ev, inserted, undo, g_rows, g_paired)
+            except EventError as exc:
+                self._undo(undo)
+                unclaimed.update(claims)
+                results.append(exc)
+                continue
+            stats.rows = len(g_rows)
+            rows += g_rows
+            paired += g_paired
+            undo_all += undo
+            results.append(stats)
+        return results, rows, paired, sorted(unclaimed)
 
     def _undo(self, undo: list[tuple[str, _Pending | None]]) -> None:
         for ce_id, previous in reversed(undo):
@@ -258,39 +316,25 @@ class InferenceStore:
             else:
                 self._pending[ce_id] = previous
 
-    def _counterpart(self, db: sqlite3.Connection, ev: ParsedEvent) -> _Pending | None:
+    def _counterpart(self, db: sqlite3.Connection, ev: ParsedEvent, inserted: frozenset) -> _Pending | None:
         other = self._pending.get(ev.id)
         if other is not None:
             return other if other.kind != ev.kind else None
         if self._pending_complete:
             return None
-        row = db.execute("SELECT seq, kind, model_name, headers, flat, received_at FROM events "
+        row = db.execute("SELECT kind, model_name, model_version, role, flat, received_at FROM events "
                          "WHERE ce_id = ? AND kind != ? AND paired = 0", (ev.id, ev.kind)).fetchone()
-        return None if row is None else self._pending_from_db(*row)
+        if row is None or (ev.id, row[0]) in inserted:  # events of this call are tracked in memory only
+            return None
+        return self._pending_from_db(*row)
 
-    def _append_one(self, db: sqlite3.Connection, ev: ParsedEvent, undo: list, stats: GroupResult) -> None:
+    def _pair_one(self, db: sqlite3.Connection, ev: ParsedEvent, inserted: frozenset, undo: list,
+                  rows_out: list, paired_out: list) -> None:
         flat = ev.rows if ev.kind == "request" else ev.predictions
-        headers = ev.headers
-        if ev.model_version and "ce-modelversion" not in headers:
-            headers = {**headers, "_model_version": ev.model_version}
-        cur = db.execute(
-            "INSERT INTO events (ce_id, kind, model_name, headers, body, flat, received_at) VALUES (?,?,?,?,?,?,?) "
-            "ON CONFLICT (ce_id, kind) DO NOTHING",
-            (ev.id, ev.kind, ev.model_name, _dumps(headers), ev.body, _dumps(flat), ev.received_at))
-        if cur.rowcount == 0:
-            log.debug("duplicate %s %s ignored", ev.kind, ev.id)
-            stats.duplicates += 1
-            return
-        seq = cur.lastrowid
-        if ev.kind == "request":
-            stats.requests += 1
-        else:
-            stats.responses += 1
-        other = self._counterpart(db, ev)
+        other = self._counterpart(db, ev, inserted)
         if other is None:
             undo.append((ev.id, self._pending.get(ev.id)))
-            self._pending[ev.id] = _Pending(seq, ev.kind, ev.model_name, ev.model_version, ev.role, flat,
-                                            ev.received_at)
+            self._pending[ev.id] = _Pending(ev.kind, ev.model_name, ev.model_version, ev.role, flat, ev.received_at)
             return
         if other.model_name != ev.model_name:
             raise EventError(422, f"event {ev.id!r}: request and response name different models "
@@ -303,14 +347,10 @@ class InferenceStore:
         ts = request.received_at
         version = response.model_version or request.model_version
         role = response.role or request.role
-        db.executemany(
-            "INSERT INTO rows (request_id, row_index, ts, model_name, model_version, role, features, prediction) "
-            "VALUES (?,?,?,?,?,?,?,?)",
-            [(ev.id, i, ts, ev.model_name, version, role, _dumps(r), _dumps(p))
-             for i, (r, p) in enumerate(zip(rows, preds))])
-        db.execute("UPDATE events SET paired = 1 WHERE seq IN (?, ?)", (seq, other.seq))
+        rows_out += [(ev.id, i, ts, ev.model_name, version, role, _dumps(r), _dumps(p))
+                     for i, (r, p) in enumerate(zip(rows, preds))]
+        paired_out += ((ev.id, "request"), (ev.id, "response"))
         undo.append((ev.id, self._pending.pop(ev.id, None)))
-        stats.rows += len(rows)
 
     def add_labels(self, labels: Sequence[dict[str, Any]]) -> LabelResult:
         """Store ground-truth labels ``[{"id", "label", "row_index"=0, "ts"=now}]`` in one transaction.
@@ -502,7 +542,8 @@ class InferenceStore:
         return df
 
     def quality_by_version(self, since: float | str | pd.Timestamp | None = None,
-                           task: Literal["classification", "regression"] = "classification") -> dict[str, dict[str, float]]:
+                           task: Literal["classification", "regression"] = "classification",
+                           ) -> dict[str, dict[str, float]]:
         """Quality of labelled predictions per model version: ``{version: {"n", "accuracy"}}`` for
         classification, ``{version: {"n", "rmse", "mae"}}`` for regression."""
         df = self.labelled(since)

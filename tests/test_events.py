@@ -114,9 +114,21 @@ def test_structured_batch_parses_and_is_all_or_nothing():
     assert [e.kind for e in events] == ["request"] * 3 + ["response"]
     assert events[0].rows == [instance(0)] and events[3].model_version == "2"
     # same attributes as binary mode
-    assert events[1].headers["ce-id"] == "b1" and events[1].source == "http://localhost:9081/"
+    assert events[1].attributes["id"] == "b1" and events[1].source == "http://localhost:9081/"
+    assert events[1].attributes["namespace"] == "default"
 
     items[1] = {k: v for k, v in items[1].items() if k != "id"}
     with pytest.raises(EventError) as err:
         parse_batch(orjson.dumps(items))
-    assert err.value.status == 400 and "#1" in err.value.message and "ce-id" in err.value.message
+    assert err.value.status == 400 and "#1" in err.value.message and "attribute 'id'" in err.value.message
+
+
+def test_raw_asgi_header_parse_equals_cloudevents_from_http():
+    from monitoring.events import attributes_from_raw_headers, parse_binary_attributes
+
+    headers, body = binary("id-3", "response", {"predictions": [0]}, version="2", role="champion")
+    raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()] + [(b"host", b"x")]
+    attrs, ctype = attributes_from_raw_headers(raw)
+    assert attrs == attributes_via_sdk(headers, body) and ctype == "application/json"
+    assert parse_binary_attributes(attrs, ctype, body, received_at=2.0) == parse_binary(headers, body, received_at=2.0,
+                                                                                        use_sdk=True)

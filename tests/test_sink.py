@@ -102,7 +102,8 @@ def test_batches_are_stored_in_one_request(sink):
         items.append(structured(f"batch-{i}", "response", {"predictions": [i % 2]}, version="1"))
     with httpx.Client(base_url=sink.url) as c:
         before = metric(c, "driftloop_monitor_rows_stored_total")
-        r = c.post("/events", content=orjson.dumps(items), headers={"content-type": "application/cloudevents-batch+json"})
+        r = c.post("/events", content=orjson.dumps(items),
+                   headers={"content-type": "application/cloudevents-batch+json"})
         assert r.status_code == 200 and r.json()["stored"] == 100
         assert metric(c, "driftloop_monitor_rows_stored_total") == before + 50
 
@@ -241,3 +242,32 @@ def test_kill_9_mid_stream_loses_no_acknowledged_event(tmp_path):
                 assert store.count() == n + 1
     finally:
         restarted.stop()
+
+
+def test_app_takes_more_routes_and_serves_events_in_process(tmp_path):
+    from starlette.responses import PlainTextResponse
+    from starlette.testclient import TestClient
+
+    from monitoring.metrics import MonitorMetrics
+    from monitoring.sink import create_sink_app
+
+    store = InferenceStore(tmp_path / "log.db")
+    app = create_sink_app(store, metrics=MonitorMetrics(), model_names={"churn"}, reference_columns=COLUMNS,
+                          close_store=True, max_body_bytes=2048)
+
+    async def extra(request):
+        return PlainTextResponse("extra")
+
+    app.add_route("/extra", extra)
+    with TestClient(app) as c:
+        assert c.get("/extra").text == "extra"
+        for ev in pair("in-proc", n=2):
+            assert c.post("/events", headers=ev[0], content=ev[1]).json() == {"stored": 1, "duplicates": 0}
+        assert c.get("/events").status_code == 405
+        big = binary("big", "request", {"instances": [instance(i) for i in range(40)]})
+        r = c.post("/events", headers=big[0], content=big[1])
+        assert r.status_code == 413 and "limit of 2048" in r.json()["error"]
+        assert 'driftloop_monitor_events_rejected_total{reason="too_large"} 1.0' in c.get("/metrics").text
+        assert c.get("/readyz").json() == {"status": "ready"}
+    with InferenceStore(tmp_path / "log.db") as reopened:
+        assert reopened.count() == 2

@@ -152,3 +152,16 @@ def test_store_from_settings_lives_in_the_workspace(tmp_path):
         assert store.path == tmp_path / "ws" / "logs" / "x.db" and store.count() == 1
         assert store._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
         assert store._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_event_in_a_refused_group_and_an_accepted_one_is_stored_once(tmp_path):
+    with InferenceStore(tmp_path / "log.db") as store:
+        req_a, _ = events_of("a", n=2)
+        store.append_events([req_a])
+        shared_req, shared_resp = events_of("s")
+        bad = parse_binary(*binary("a", "response", {"predictions": [1]}))
+        # group 1 is refused (a's row count) after claiming "s"; group 2 re-sends "s" and must keep it
+        results = store.append_groups([[shared_req, bad], [shared_req, shared_req, shared_resp]])
+        assert isinstance(results[0], EventError)
+        assert (results[1].requests, results[1].responses, results[1].duplicates, results[1].rows) == (1, 1, 1, 1)
+        assert store.counts() == {"events": 3, "unpaired": 1, "rows": 1, "labels": 0}
