@@ -1,0 +1,202 @@
+"""The local gateway against live upstreams and a live recording sink (all on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import pytest
+
+from serving.gateway import GatewayConfig, Upstream, create_gateway_app
+from serving.traffic import Splitter, sticky_bucket
+from tests.serving_helpers import FakeModelServer, RecordingSink, free_port, row, serve_app, truth
+
+
+@pytest.fixture(scope="module")
+def upstreams():
+    primary, canary = FakeModelServer("churn", "1"), FakeModelServer("churn", "2")
+    with serve_app(primary.app) as p_url, serve_app(canary.app) as c_url:
+        yield primary, p_url, canary, c_url
+
+
+@pytest.fixture(scope="module")
+def sink():
+    rec = RecordingSink()
+    with serve_app(rec.app) as url:
+        yield rec, url + "/events"
+
+
+def gateway(p_url, c_url=None, pct=0.0, **kw):
+    cfg = GatewayConfig(name="churn", namespace="test", primary=Upstream(p_url, "1"),
+                        canary=Upstream(c_url, "2") if c_url else None, canary_percent=pct, **kw)
+    return serve_app(create_gateway_app(cfg))
+
+
+def predict(client: httpx.Client, i: int, **headers):
+    return client.post("/v1/models/churn:predict", json={"instances": [row(i)]}, headers=headers)
+
+
+def test_split_follows_percentage(upstreams):
+    _, p_url, _, c_url = upstreams
+    with gateway(p_url, c_url, 30, seed=3) as url, httpx.Client(base_url=url) as c:
+        roles = [predict(c, i).headers["x-serving-role"] for i in range(400)]
+        share = roles.count("canary") / len(roles)
+        assert 0.22 < share < 0.38, share
+        # moving the split changes where requests go
+        assert c.put("/admin/split", json={"canary_percent": 0}).status_code == 200
+        assert {predict(c, i).headers["x-model-version"] for i in range(30)} == {"1"}
+        assert c.put("/admin/split", json={"canary_percent": 100}).status_code == 200
+        assert {predict(c, i).headers["x-model-version"] for i in range(30)} == {"2"}
+
+
+def test_split_statistics_of_splitter():
+    s = Splitter(10, seed=1)
+    n = 20_000
+    share = sum(s.choose() == "canary" for _ in range(n)) / n
+    assert abs(share - 0.10) < 0.01
+
+
+def test_sticky_key_keeps_a_user_on_one_side(upstreams):
+    _, p_url, _, c_url = upstreams
+    with gateway(p_url, c_url, 50, sticky_key="x-user") as url, httpx.Client(base_url=url) as c:
+        for user in ("alice", "bob", "carol", "dave", "erin", "frank"):
+            versions = {predict(c, i, **{"x-user": user}).headers["x-model-version"] for i in range(8)}
+            assert len(versions) == 1
+            expected = "2" if sticky_bucket(user) < 50 else "1"
+            assert versions == {expected}
+        users = [f"user-{i}" for i in range(300)]
+        canary_users = sum(predict(c, 0, **{"x-user": u}).headers["x-serving-role"] == "canary" for u in users)
+        assert 100 < canary_users < 200
+
+
+def test_forwards_v1_and_v2_unchanged(upstreams):
+    primary, p_url, _, _ = upstreams
+    v2 = {"id": "r1", "inputs": [{"name": "tenure", "shape": [2], "datatype": "FP64", "data": [3.0, 30.0]},
+                                 {"name": "region", "shape": [2], "datatype": "BYTES", "data": ["eu", "us"]}]}
+    with gateway(p_url) as url, httpx.Client(base_url=url) as c:
+        v1_body = json.dumps({"instances": [row(1), row(20)]}).encode()
+        direct = httpx.post(p_url + "/v1/models/churn:predict", content=v1_body, headers={"content-type": "application/json"})
+        via = c.post("/v1/models/churn:predict", content=v1_body, headers={"content-type": "application/json"})
+        assert via.status_code == 200 and via.json() == direct.json()
+        assert primary.seen[-1]["body"] == v1_body
+        body2 = json.dumps(v2).encode()
+        r2 = c.post("/v2/models/churn/infer", content=body2, headers={"content-type": "application/json"})
+        assert r2.status_code == 200
+        assert r2.json()["outputs"][0]["data"] == [1, 0]
+        assert primary.seen[-1]["body"] == body2 and primary.seen[-1]["path"] == "/v2/models/churn/infer"
+        assert c.get("/v2/health/ready").json() == {"ready": True}
+        # the upstream's own 400 passes through with its message
+        bad = c.post("/v1/models/churn:predict", content=b'{"rows": []}', headers={"content-type": "application/json"})
+        assert bad.status_code == 400 and "instances" in bad.json()["error"]
+        # an incoming request id is honoured and returned
+        r = predict(c, 1, **{"x-request-id": "abc-123"})
+        assert r.headers["x-request-id"] == "abc-123" == r.headers["ce-id"]
+        assert primary.seen[-1]["headers"]["x-request-id"] == "abc-123"
+
+
+def test_oversize_payload_is_refused_with_413(upstreams):
+    primary, p_url, _, _ = upstreams
+    with gateway(p_url, max_payload_bytes=2048) as url, httpx.Client(base_url=url) as c:
+        before = len(primary.seen)
+        r = c.post("/v1/models/churn:predict", json={"instances": [row(i) for i in range(100)]})
+        assert r.status_code == 413 and "max_payload_bytes" in r.json()["error"]
+        assert len(primary.seen) == before
+        assert predict(c, 1).status_code == 200
+
+
+def test_events_pair_request_and_response_by_ce_id(upstreams, sink):
+    _, p_url, _, c_url = upstreams
+    rec, sink_url = sink
+    rec.events.clear()
+    with gateway(p_url, c_url, 50, sink_url=sink_url, seed=5) as url, httpx.Client(base_url=url) as c:
+        served = {}
+        for i in range(20):
+            r = predict(c, i)
+            served[r.headers["ce-id"]] = (r.headers["x-model-version"], r.headers["x-serving-role"], r.content)
+        events = rec.wait_for(40)
+    assert len(events) == 40
+    by_id: dict[str, dict[str, dict]] = {}
+    for e in events:
+        h = e["headers"]
+        assert h["ce-specversion"] == "1.0" and h["ce-inferenceservicename"] == "churn"
+        assert h["ce-namespace"] == "test" and h["ce-component"] == "predictor" and h["ce-source"]
+        by_id.setdefault(h["ce-id"], {})[h["ce-type"]] = e
+    assert set(by_id) == set(served)
+    for ce_id, pair in by_id.items():
+        req = pair["org.kubeflow.serving.inference.request"]
+        resp = pair["org.kubeflow.serving.inference.response"]
+        version, role, content = served[ce_id]
+        assert json.loads(req["body"])["instances"][0].keys() == row(0).keys()
+        assert resp["body"] == content
+        for e in (req, resp):
+            assert e["headers"]["ce-modelversion"] == version and e["headers"]["ce-servingrole"] == role
+            assert e["headers"]["ce-endpoint"] == ("canary" if role == "canary" else "default")
+
+
+def test_sink_down_serving_continues_and_drops_are_counted(upstreams):
+    _, p_url, _, _ = upstreams
+    dead_sink = f"http://127.0.0.1:{free_port()}/events"
+    with gateway(p_url, sink_url=dead_sink) as url, httpx.Client(base_url=url) as c:
+        t0 = time.perf_counter()
+        assert all(predict(c, i).status_code == 200 for i in range(50))
+        assert time.perf_counter() - t0 < 10
+        deadline = time.monotonic() + 10
+        dropped = 0.0
+        while time.monotonic() < deadline and dropped < 100:
+            text = c.get("/metrics").text
+            dropped = sum(float(line.split()[-1]) for line in text.splitlines()
+                          if line.startswith("driftloop_gateway_events_dropped_total{"))
+            time.sleep(0.05)
+        assert dropped == 100
+
+
+def test_feedback_joins_labels_with_the_version_that_answered(upstreams):
+    _, p_url, canary, c_url = upstreams
+    canary.wrong = True
+    try:
+        with gateway(p_url, c_url, 50, seed=11) as url, httpx.Client(base_url=url) as c:
+            feedback = []
+            for i in range(60):
+                r = predict(c, i)
+                feedback.append({"id": r.headers["ce-id"], "label": truth(row(i))})
+            assert c.post("/feedback", json=feedback).json()["accepted"] == 60
+            stats = c.get("/admin/stats").json()["versions"]
+            assert stats["1"]["quality"] == 1.0 and stats["2"]["quality"] == 0.0
+            assert stats["1"]["labels"] + stats["2"]["labels"] == 60
+            assert stats["1"]["requests"] + stats["2"]["requests"] == 60
+            unknown = c.post("/feedback", json={"id": "nope", "label": 1})
+            assert unknown.status_code == 404 and "nope" in unknown.json()["error"]
+            assert c.post("/feedback", content=b"{not json").status_code == 400
+            mismatch = c.post("/feedback", json={"id": feedback[0]["id"], "label": [1, 0, 1]})
+            assert mismatch.status_code == 400 and "label" in mismatch.json()["error"]
+    finally:
+        canary.wrong = False
+
+
+def test_admin_rejects_bad_split_before_changing_anything(upstreams):
+    _, p_url, _, c_url = upstreams
+    with gateway(p_url, c_url, 10) as url, httpx.Client(base_url=url) as c:
+        for bad in ({"canary_percent": 101}, {"canary_percent": -1}, {"canary_percent": "x"}, {"weight": 5}):
+            r = c.put("/admin/split", json=bad)
+            assert r.status_code == 400 and r.json()["error"]
+        assert c.get("/admin/status").json()["canary_percent"] == 10
+    with gateway(p_url) as url, httpx.Client(base_url=url) as c:
+        r = c.put("/admin/split", json={"canary_percent": 20})
+        assert r.status_code == 400 and "canary upstream" in r.json()["error"]
+        assert c.put("/admin/upstreams", json={"canary": {"url": c_url, "version": "2"}, "canary_percent": 100}).status_code == 200
+        assert predict(c, 1).headers["x-model-version"] == "2"
+    with pytest.raises(ValueError, match="between 0 and 100"):
+        GatewayConfig(name="x", primary=Upstream(p_url, "1"), canary_percent=150)
+
+
+def test_upstream_down_gives_502_and_the_gateway_keeps_serving(upstreams):
+    _, p_url, _, _ = upstreams
+    dead = f"http://127.0.0.1:{free_port()}"
+    with gateway(p_url, dead, 100) as url, httpx.Client(base_url=url) as c:
+        r = predict(c, 1)
+        assert r.status_code == 502 and "canary" in r.json()["error"]
+        stats = c.get("/admin/stats").json()["versions"]
+        assert stats["2"]["errors"] == 1 and stats["2"]["error_rate"] == 1.0
+        c.put("/admin/split", json={"canary_percent": 0})
+        assert predict(c, 1).status_code == 200
