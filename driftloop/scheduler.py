@@ -155,6 +155,9 @@ class Scheduler:
             runner = self.runner_factory(schedule.settings_for(self.settings))
             result = runner.run_training(RunRequest(trigger=schedule.trigger, window_start=window_start,
                                                     window_end=window_end))
+        except KeyboardInterrupt:
+            self.store.set_slot(name, slot, "failed", error="interrupted: the scheduler was stopped", now=self.clock())
+            raise
         except DriftloopError as exc:
             outcome = SlotOutcome(name, slot, "failed", error=str(exc))
         except Exception as exc:  # keep the scheduler alive; the slot records what broke

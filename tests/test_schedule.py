@@ -358,6 +358,21 @@ def test_restart_does_not_rerun_an_interrupted_slot(local):
     assert outcome.slot == slot + timedelta(hours=1) and len(runner.requests) == 1
 
 
+def test_ctrl_c_during_a_run_records_the_slot_failed_and_stops(local):
+    settings, store = local
+    store.create(Schedule("nightly", "0 * * * *"), now=T0)
+
+    def interrupt(_req):
+        raise KeyboardInterrupt
+
+    sched = _scheduler(settings, store, RecordingRunner(during=interrupt), Clock(T0 + timedelta(hours=1)))
+    with pytest.raises(KeyboardInterrupt):
+        sched.tick()
+    (rec,) = store.slots("nightly")
+    assert rec.state == "failed" and "stopped" in rec.error
+    assert sched.tick() == []  # not run again
+
+
 @pytest.mark.parametrize("catchup", [True, False])
 def test_missed_slots_after_downtime_follow_the_catch_up_policy(local, catchup):
     settings, store = local
