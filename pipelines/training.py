@@ -112,6 +112,8 @@ def make_training_pipeline(opts: ClusterOptions = ClusterOptions()):
             model_name=model_name,
         ).set_display_name("evaluate vs champion")
         _use_mlflow_secret(evaluate, opts)
+        for step in (ingest, validate, train, evaluate):
+            step.set_caching_options(False)  # each run reads the source afresh and judges today's champion
         common = dict(
             model=train.outputs["model"], train=ingest.outputs["train"], test=ingest.outputs["test"],
             schema=validate.outputs["schema"], decision=evaluate.outputs["decision"], tracking_uri=tracking_uri,
@@ -120,9 +122,9 @@ def make_training_pipeline(opts: ClusterOptions = ClusterOptions()):
         )
         with dsl.If(evaluate.outputs["passed"] == True, name="gate-passed"):  # noqa: E712 (KFP condition)
             register = register_op(reference=ingest.outputs["reference"], model_name=model_name, **common)
-            _use_mlflow_secret(register.set_display_name("register"), opts)
+            _use_mlflow_secret(register.set_display_name("register").set_caching_options(False), opts)
         with dsl.Else(name="gate-rejected"):
-            _use_mlflow_secret(reject_op(**common).set_display_name("record rejection"), opts)
+            _use_mlflow_secret(reject_op(**common).set_display_name("record rejection").set_caching_options(False), opts)
 
 
     def configure_cluster_task(task: dsl.PipelineTask, settings: Any) -> dsl.PipelineTask:

@@ -51,6 +51,20 @@ def test_first_submission_uploads_a_version_creates_the_experiment_and_starts_th
     assert result.url == f"http://kfp.example:8888/#/runs/details/{result.run_id}"
 
 
+def test_the_uploaded_pipeline_caches_no_step(cluster_settings, tmp_path):
+    """Runs by version id ignore the client's enable_caching, so the package itself must not cache:
+    a recurring run with the same parameters would otherwise reuse yesterday's data and model."""
+    import yaml
+
+    package = KfpRunner(cluster_settings, client=RecordingKfpClient()).compile(tmp_path)
+    spec = next(yaml.safe_load_all(package.read_text()))
+    tasks = dict(spec["root"]["dag"]["tasks"])
+    for comp in spec["components"].values():
+        tasks.update(comp.get("dag", {}).get("tasks", {}))
+    assert {"ingest-op", "train-op", "evaluate-op", "register-op", "reject-op"} <= set(tasks)
+    assert all(not t.get("cachingOptions", {}).get("enableCache") for t in tasks.values())
+
+
 def test_resubmitting_the_same_pipeline_reuses_its_version_and_experiment(cluster_settings):
     client = RecordingKfpClient()
     runner = KfpRunner(cluster_settings, client=client)
