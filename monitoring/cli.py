@@ -1,0 +1,157 @@
+"""CLI verbs of the monitoring capability: ``driftloop monitor``, ``driftloop drift check``, ``driftloop alerts``."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import pandas as pd
+import typer
+from rich.table import Table
+
+from driftloop.errors import MonitorError
+
+__all__ = ["register", "infer_columns"]
+
+log = logging.getLogger(__name__)
+
+drift_app = typer.Typer(help="One-off drift reports with Evidently.", no_args_is_help=True)
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file (or $DRIFTLOOP_CONFIG).")]
+ParamOpt = Annotated[Optional[list[str]], typer.Option("--param", "-p", help="Override a config key: section.key=value.")]
+
+
+def monitor_cmd(
+    config: ConfigOpt = None,
+    params: ParamOpt = None,
+    host: Annotated[Optional[str], typer.Option(help="Bind address (default monitor.host, 127.0.0.1).")] = None,
+    port: Annotated[Optional[int], typer.Option(help="Port (default monitor.port).")] = None,
+) -> None:
+    """Run the monitor: inference-log sink, periodic drift checks, metrics, alerts and the retraining trigger."""
+    from driftloop.cli import console, settings_from
+    from monitoring.service import WEBHOOK_TOKEN_ENV, MonitorService
+
+    settings = settings_from(config, params)
+    service = MonitorService(settings)
+    bind_host = host or settings.monitor.host
+    bind_port = settings.monitor.port if port is None else port
+    console.print(f"[bold]driftloop monitor[/] on http://{bind_host}:{bind_port} — POST /events, GET /metrics, "
+                  f"GET /alerts; checks every {settings.monitor.check_interval_seconds:g}s")
+    import os
+
+    if not os.environ.get(WEBHOOK_TOKEN_ENV):
+        console.print(f"[yellow]{WEBHOOK_TOKEN_ENV} is not set: the Alertmanager webhook refuses every call[/]")
+    service.run(host=bind_host, port=bind_port)
+
+
+def infer_columns(frame: pd.DataFrame, exclude: list[str]) -> tuple[list[str], list[str]]:
+    """Numeric and categorical columns of a table (time columns and ``exclude`` left out)."""
+    numeric, categorical = [], []
+    for col in frame.columns:
+        if col in exclude or pd.api.types.is_datetime64_any_dtype(frame[col]):
+            continue
+        if pd.api.types.is_bool_dtype(frame[col]):
+            categorical.append(col)
+        elif pd.api.types.is_numeric_dtype(frame[col]):
+            numeric.append(col)
+        else:
+            categorical.append(col)
+    return numeric, categorical
+
+
+def _read(path: Path) -> pd.DataFrame:
+    from components.ingest import read_table
+
+    return read_table(str(path))
+
+
+@drift_app.command("check")
+def drift_check_cmd(
+    reference: Annotated[Path, typer.Option("--reference", help="Reference table (parquet or csv).")],
+    current: Annotated[Path, typer.Option("--current", help="Current table (parquet or csv).")],
+    html: Annotated[Optional[Path], typer.Option("--html", help="Write Evidently's HTML report here.")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the report's JSON here.")] = None,
+    exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="Column to leave out (repeatable).")] = None,
+    config: ConfigOpt = None,
+    params: ParamOpt = None,
+) -> None:
+    """Compare two files with Evidently's DataDriftPreset (methods/thresholds from monitor.*)."""
+    from driftloop.cli import console, settings_from
+    from monitoring.drift import DriftOptions, evidently_report
+
+    settings = settings_from(config, params)
+    ref, cur = _read(reference), _read(current)
+    numeric, categorical = infer_columns(ref, list(exclude or []))
+    if not numeric and not categorical:
+        raise MonitorError(f"{reference} has no columns to compare")
+    snapshot, result = evidently_report(ref, cur, numeric, categorical, DriftOptions.from_config(settings.monitor))
+    table = Table(title=f"drift: {current.name} vs {reference.name} ({len(cur)} vs {len(ref)} rows)")
+    for name in ("column", "method", "score", "threshold", "drifted"):
+        table.add_column(name, justify="right" if name in ("score", "threshold") else "left")
+    for c in result.columns:
+        table.add_row(c.column, c.method, f"{c.score:.4g}", f"{c.threshold:g}", "[red]yes[/]" if c.drifted else "no")
+    console.print(table)
+    verdict = "[red]dataset drift[/]" if result.dataset_drift else "[green]no dataset drift[/]"
+    console.print(f"{verdict}: {len(result.drifted_columns)}/{len(result.columns)} columns drifted "
+                  f"(share {result.share:.2f}, threshold {result.drift_share:g})")
+    if html:
+        html.parent.mkdir(parents=True, exist_ok=True)
+        snapshot.save_html(str(html))
+        console.print(f"HTML report -> {html}")
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        snapshot.save_json(str(json_out))
+        console.print(f"JSON report -> {json_out}")
+
+
+def _versions_by_alert(settings: Any) -> dict[str, str]:
+    """alert id -> model version, from the MLflow tag ``driftloop.alert_id`` on model versions."""
+    from driftloop.errors import RegistryError
+    from driftloop.registry import TAG, Registry
+
+    try:
+        versions = Registry.from_settings(settings).list_versions(settings.mlflow.model_name)
+    except RegistryError as exc:
+        log.debug("model versions not readable: %s", exc)
+        return {}
+    return {v.tags[TAG.ALERT]: v.version for v in versions if TAG.ALERT in v.tags}
+
+
+def alerts_cmd(
+    config: ConfigOpt = None,
+    params: ParamOpt = None,
+    limit: Annotated[int, typer.Option(min=1, help="How many recent alerts.")] = 20,
+) -> None:
+    """Recent alerts: their decision and reason, the run they started and its model version."""
+    import datetime as dt
+
+    from driftloop.cli import console, settings_from
+    from monitoring.alerts import AlertStore, alerts_path
+
+    settings = settings_from(config, params)
+    if not alerts_path(settings).exists():
+        console.print(f"no alerts yet (no alert store at {alerts_path(settings)})")
+        return
+    store = AlertStore.from_settings(settings)
+    try:
+        rows = store.recent(limit)
+    finally:
+        store.close()
+    versions = _versions_by_alert(settings)
+    table = Table(title=f"alerts ({settings.workspace_dir})")
+    for name in ("alert", "source", "created (UTC)", "decision", "reason", "run", "state", "model version", "report"):
+        table.add_column(name)
+    for a in rows:
+        created = dt.datetime.fromtimestamp(a["created"], dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+        version = a.get("model_version") or versions.get(a["id"], "")
+        table.add_row(a["id"], a["source"], created, a.get("decision") or "", a.get("reason") or "",
+                      a.get("pipeline_run_id") or a.get("request_id") or "", a.get("run_state") or "",
+                      f"{settings.mlflow.model_name} v{version}" if version else "",
+                      a.get("report_uri") or a.get("report_path") or "")
+    console.print(table)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("monitor")(monitor_cmd)
+    app.command("alerts")(alerts_cmd)
+    app.add_typer(drift_app, name="drift")

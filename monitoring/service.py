@@ -1,0 +1,312 @@
+"""The ``driftloop monitor`` process: sink + periodic drift check + alerts + retraining trigger.
+
+One Starlette app: the inference-log sink (``POST /events``, ``/feedback``, ``/quality``,
+``/healthz``, ``/metrics``) plus the monitor's own routes:
+
+* ``POST /alerts/alertmanager`` — Prometheus Alertmanager webhook; bearer token from the
+  environment variable ``DRIFTLOOP_WEBHOOK_TOKEN`` only (401 without / with a wrong token,
+  400 naming the problem for a malformed payload; both counted in
+  ``driftloop_monitor_events_rejected_total{reason}``).
+* ``GET /alerts`` — recent alerts with their decisions and runs.
+* ``POST /check`` — check now (``?report=true`` renders Evidently's report even without drift).
+* ``GET /reports/{alert_id}`` — the alert's Evidently HTML report.
+
+A background thread checks every ``monitor.check_interval_seconds``: the current window (from
+``monitor.window_*``) is compared with the champion's reference by the fast path; below
+``monitor.min_samples`` rows the verdict is "insufficient data" and nothing is raised. When the
+fast path finds dataset drift, Evidently (the judge of record) runs on the window (sampled down
+to ``monitor.report_sample_rows``), its HTML + JSON report is saved under
+``<workspace>/monitor/reports/<alert-id>/`` and logged to MLflow (a run tagged with the alert id
+and the champion version), and — if Evidently confirms — the alert goes to the trigger.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import hmac
+import logging
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import FileResponse, Response
+from starlette.routing import Route
+
+from driftloop.errors import DriftloopError, MonitorError
+from driftloop.registry import Registry
+from monitoring.alerts import Alert, AlertStore, drift_alert_id, alertmanager_alerts
+from monitoring.drift import DriftOptions, DriftResult, evidently_report, fast_check, save_report
+from monitoring.metrics import MonitorMetrics
+from monitoring.reference import ChampionReference, ReferenceCache
+from monitoring.sink import create_sink_app
+from monitoring.store import InferenceStore
+from monitoring.trigger import Trigger
+
+__all__ = ["MonitorService", "WEBHOOK_TOKEN_ENV", "log_report_to_mlflow"]
+
+log = logging.getLogger(__name__)
+
+WEBHOOK_TOKEN_ENV = "DRIFTLOOP_WEBHOOK_TOKEN"
+REPORT_ARTIFACT_DIR = "drift_report"
+
+
+def _json(status: int, payload: Any) -> Response:
+    return Response(orjson.dumps(payload, default=str, option=orjson.OPT_SERIALIZE_NUMPY),
+                    status_code=status, media_type="application/json")
+
+
+def _iso(ts: float | None) -> str | None:
+    return None if ts is None else dt.datetime.fromtimestamp(ts, dt.timezone.utc).isoformat()
+
+
+def log_report_to_mlflow(registry: Registry, files: list[Path], *, alert_id: str, champion: ChampionReference,
+                         result: DriftResult) -> str:
+    """Log the report files as artifacts of a monitoring run; returns the HTML's ``runs:/`` URI."""
+    client = registry.client
+    run = client.create_run(registry.experiment_id(), run_name=f"drift-{alert_id}", tags={
+        "driftloop.alert_id": alert_id, "driftloop.champion_version": champion.version,
+        "driftloop.model": champion.model, "driftloop.kind": "drift-report"})
+    run_id = run.info.run_id
+    client.log_metric(run_id, "drift_share", result.share)
+    client.log_metric(run_id, "window_rows", result.n_current)
+    for path in files:
+        client.log_artifact(run_id, str(path), REPORT_ARTIFACT_DIR)
+    client.set_terminated(run_id)
+    return f"runs:/{run_id}/{REPORT_ARTIFACT_DIR}/{files[0].name}"
+
+
+class MonitorService:
+    """The monitor's parts wired together; ``app`` serves them, ``run`` blocks until SIGTERM/Ctrl-C."""
+
+    def __init__(self, settings: Any, *, registry: Registry | None = None, runner: Any | None = None,
+                 metrics: MonitorMetrics | None = None, store: InferenceStore | None = None,
+                 alerts: AlertStore | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics or MonitorMetrics()
+        self.store = store or InferenceStore.from_settings(settings)
+        self.alerts = alerts or AlertStore.from_settings(settings)
+        self.registry = registry or Registry.from_settings(settings)
+        self.references = ReferenceCache(settings, self.registry)
+        self.trigger = Trigger(settings, self.alerts, runner=runner, metrics=self.metrics)
+        self.options = DriftOptions.from_config(settings.monitor)
+        self.reports_dir = settings.workspace_dir / "monitor" / "reports"
+        self.last_outcome: dict[str, Any] | None = None
+        self._checked: dict[str, dict[str, Any]] = {}
+        self._check_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.app = self._build_app()
+
+    # -- the check ----------------------------------------------------------------------------
+    def check(self, *, force: bool = False, report: bool = False) -> dict[str, Any]:
+        """One drift check of the current window; returns the outcome (verdict, columns, alert)."""
+        with self._check_lock:
+            outcome = self._check(force=force, report=report)
+            self.last_outcome = outcome
+            return outcome
+
+    def _check(self, *, force: bool, report: bool) -> dict[str, Any]:
+        cfg = self.settings.monitor
+        champion = self.references.get()
+        window = self.store.window(cfg.window_kind, rows=cfg.window_rows, seconds=cfg.window_seconds)
+        self.metrics.window_size.set(window.n)
+        info = {"id": window.id, "kind": window.kind, "rows": window.n, "start": _iso(window.start_ts),
+                "end": _iso(window.end_ts), "complete": window.complete}
+        base = {"checked_at": _iso(time.time()), "champion": f"{champion.model} v{champion.version}", "window": info}
+        if window.n < cfg.min_samples:
+            return {**base, "verdict": "insufficient data",
+                    "reason": f"{window.n} rows < monitor.min_samples={cfg.min_samples}"}
+        key = f"{champion.version}:{window.id}"
+        if window.kind == "tumbling" and window.complete and key in self._checked and not (force or report):
+            return {**self._checked[key], "verdict_cached": True}
+        started = time.perf_counter()
+        result = fast_check(champion.profile, window.rows, self.options)
+        self._export(result, time.perf_counter() - started)
+        outcome: dict[str, Any] = {**base, "verdict": "drift" if result.dataset_drift else "no drift",
+                                   "result": result.to_dict()}
+        if result.dataset_drift or report:
+            alert_id = drift_alert_id(champion.model, champion.version, window.start_ts, window.end_ts)
+            outcome["alert"] = self._raise(alert_id, champion, window, result)
+        if window.kind == "tumbling" and window.complete:
+            self._checked[key] = outcome
+            while len(self._checked) > 64:  # only recent windows can come round again
+                self._checked.pop(next(iter(self._checked)))
+        return outcome
+
+    def _export(self, result: DriftResult, seconds: float) -> None:
+        m = self.metrics
+        m.dataset_drift_share.set(result.share)
+        m.dataset_drift.set(1.0 if result.dataset_drift else 0.0)
+        for col in result.columns:
+            m.feature_drift_score.labels(feature=col.column, method=col.method).set(col.score)
+            m.feature_drifted.labels(feature=col.column, method=col.method).set(1.0 if col.drifted else 0.0)
+        m.last_check_timestamp.set(time.time())
+        m.check_seconds.observe(seconds)
+
+    def _raise(self, alert_id: str, champion: ChampionReference, window: Any, fast: DriftResult) -> dict[str, Any]:
+        known = self.alerts.get(alert_id)
+        if known is not None:  # the same drift re-detected: no second report, the trigger records a duplicate
+            alert = Alert(alert_id, "drift", samples=window.n)
+            decision = self.trigger.submit(alert)
+            return {"id": alert_id, "decision": decision.decision, "reason": decision.reason,
+                    "report": f"/reports/{alert_id}"}
+        rows = window.rows
+        limit = self.settings.monitor.report_sample_rows
+        if len(rows) > limit:
+            rows = rows.sample(n=limit, random_state=0)
+        snapshot, judged = evidently_report(champion.frame, rows, champion.numeric, champion.categorical, self.options)
+        html, js = save_report(snapshot, self.reports_dir / alert_id)
+        uri = None
+        try:
+            uri = log_report_to_mlflow(self.registry, [html, js], alert_id=alert_id, champion=champion, result=judged)
+        except Exception as exc:  # MLflow down: the report is kept locally and the alert still raised
+            log.warning("drift report for %s not logged to MLflow: %s", alert_id, exc)
+        details = {"champion_version": champion.version, "window": window.id,
+                   "drifted_columns": judged.drifted_columns, "share": judged.share,
+                   "fast_path": fast.to_dict(), "evidently": judged.to_dict()}
+        alert = Alert(alert_id, "drift", details=details, samples=window.n, window_end=_iso(window.end_ts),
+                      window_start=_iso(window.start_ts), report_path=str(html), report_uri=uri)
+        if not judged.dataset_drift and not fast.dataset_drift:
+            self.alerts.insert(alert)
+            self.alerts.record_decision(alert_id, "report_only", "report requested; no dataset drift", now=time.time())
+            return {"id": alert_id, "decision": "report_only", "report": f"/reports/{alert_id}", "report_uri": uri}
+        if not judged.dataset_drift:
+            self.alerts.insert(alert)
+            self.alerts.record_decision(alert_id, "not_confirmed", "Evidently found no dataset drift on the "
+                                        f"reported sample ({judged.share:.2f} of columns)", now=time.time())
+            return {"id": alert_id, "decision": "not_confirmed", "report": f"/reports/{alert_id}", "report_uri": uri}
+        self.metrics.alerts.labels(source="drift").inc()
+        decision = self.trigger.submit(alert)
+        return {"id": alert_id, "decision": decision.decision, "reason": decision.reason,
+                "request_id": decision.request_id, "report": f"/reports/{alert_id}", "report_uri": uri}
+
+    # -- HTTP ---------------------------------------------------------------------------------
+    def _build_app(self) -> Starlette:
+        columns = None
+        try:
+            columns = self.references.get().features
+        except MonitorError as exc:
+            log.warning("%s; events are accepted with any columns until a champion exists", exc)
+        names = {self.settings.serving.name, self.settings.mlflow.model_name}
+        app = create_sink_app(self.store, metrics=self.metrics, model_names=names, reference_columns=columns,
+                              max_body_bytes=self.settings.monitor.max_body_bytes, task=self.settings.model.task)
+        for route in self._routes():
+            app.router.routes.append(route)
+        app.state.monitor = self
+        return app
+
+    def _routes(self) -> list[Route]:
+        token = os.environ.get(WEBHOOK_TOKEN_ENV) or None
+        rejected = self.metrics.events_rejected
+
+        async def alertmanager(request: Request) -> Response:
+            if token is None:
+                rejected.labels(reason="webhook_not_configured").inc()
+                return _json(401, {"error": f"webhook refused: {WEBHOOK_TOKEN_ENV} is not set on the monitor"})
+            given = request.headers.get("authorization", "")
+            if not given.lower().startswith("bearer ") or not hmac.compare_digest(given[7:].strip().encode(),
+                                                                                   token.encode()):
+                rejected.labels(reason="webhook_unauthorized").inc()
+                return _json(401, {"error": "missing or wrong bearer token"})
+            try:
+                payload = orjson.loads(await request.body())
+            except orjson.JSONDecodeError as exc:
+                rejected.labels(reason="webhook_malformed").inc()
+                return _json(400, {"error": f"body is not JSON: {exc}"})
+            try:
+                alerts = alertmanager_alerts(payload)
+            except ValueError as exc:
+                rejected.labels(reason="webhook_malformed").inc()
+                return _json(400, {"error": f"malformed Alertmanager payload: {exc}"})
+            decisions = []
+            for alert in alerts:
+                self.metrics.alerts.labels(source="alertmanager").inc()
+                d = await asyncio.to_thread(self.trigger.submit, alert)
+                decisions.append({"id": d.alert_id, "decision": d.decision, "reason": d.reason,
+                                  "request_id": d.request_id})
+            return _json(200, {"decisions": decisions})
+
+        async def list_alerts(request: Request) -> Response:
+            try:
+                limit = int(request.query_params.get("limit", "20"))
+            except ValueError:
+                return _json(400, {"error": "limit must be an integer"})
+            return _json(200, {"alerts": await asyncio.to_thread(self.alerts.recent, limit)})
+
+        async def check_now(request: Request) -> Response:
+            report = request.query_params.get("report", "false").lower() in ("1", "true", "yes")
+            try:
+                outcome = await asyncio.to_thread(self.check, force=True, report=report)
+            except DriftloopError as exc:
+                return _json(409, {"error": str(exc)})
+            return _json(200, outcome)
+
+        async def report(request: Request) -> Response:
+            alert = await asyncio.to_thread(self.alerts.get, request.path_params["alert_id"])
+            path = Path(alert["report_path"]) if alert and alert.get("report_path") else None
+            if path is None or not path.is_file():
+                return _json(404, {"error": f"no report for alert {request.path_params['alert_id']!r}"})
+            return FileResponse(path, media_type="text/html")
+
+        return [
+            Route("/alerts/alertmanager", alertmanager, methods=["POST"]),
+            Route("/alerts", list_alerts, methods=["GET"]),
+            Route("/check", check_now, methods=["POST"]),
+            Route("/reports/{alert_id}", report, methods=["GET"]),
+        ]
+
+    # -- process ------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        interval = self.settings.monitor.check_interval_seconds
+        while not self._stop.wait(interval):
+            try:
+                outcome = self.check()
+                log.info("drift check: %s (%s rows)", outcome["verdict"], outcome["window"]["rows"])
+            except DriftloopError as exc:
+                log.warning("drift check skipped: %s", exc)
+            except Exception:  # the service keeps running; the next check tries again
+                log.exception("drift check failed")
+
+    def start_checks(self) -> None:
+        if self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._loop, name="drift-check", daemon=True)
+            self._thread.start()
+
+    def stop_checks(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    def run(self, host: str | None = None, port: int | None = None) -> None:
+        """Serve until SIGTERM or Ctrl-C (uvicorn handles both), then stop the check loop cleanly."""
+        import uvicorn
+
+        host = host or self.settings.monitor.host
+        port = self.settings.monitor.port if port is None else port
+        config = uvicorn.Config(self.app, host=host, port=port, log_level="warning", access_log=False, lifespan="on")
+        server = uvicorn.Server(config)
+        self.start_checks()
+        log.info("driftloop monitor on http://%s:%d (checks every %.0fs)", host, port,
+                 self.settings.monitor.check_interval_seconds)
+        # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal with the handler it
+        # found; a no-op handler here turns that into a normal return, so the stores close cleanly (exit 0).
+        previous = {}
+        if threading.current_thread() is threading.main_thread():
+            previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            server.run()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            self.stop_checks()
+            self.store.close()
+            self.alerts.close()

@@ -1,0 +1,182 @@
+"""The monitor service: real CloudEvents into the sink, drift checks against the trained champion,
+alerts, the Alertmanager webhook, reports in MLflow, metrics; and ``driftloop monitor`` stopping on SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import httpx
+import numpy as np
+import pandas as pd
+import pytest
+from starlette.testclient import TestClient
+
+from driftloop.registry import Registry
+from driftloop.scenario import FEATURES_CATEGORICAL, FEATURES_NUMERIC, generate
+from monitoring.service import WEBHOOK_TOKEN_ENV, MonitorService
+from tests.ce_events import structured
+from tests.conftest import free_port, make_settings
+from tests.test_trigger import RecordingRunner
+
+FEATURES = [*FEATURES_NUMERIC, *FEATURES_CATEGORICAL]
+TOKEN = "s3cret-token"
+
+
+@pytest.fixture(scope="module")
+def champion_model(trained):
+    settings, _ = trained
+    return Registry.from_settings(settings).load_pyfunc("models:/churn@champion")
+
+
+def _settings(tmp_path, trained, **extra):
+    base, _ = trained
+    cfg = {"mlflow.tracking_uri": base.tracking_uri, "monitor.window_rows": 300, "monitor.min_samples": 200,
+           "monitor.check_interval_seconds": 3600, "trigger.cooldown_seconds": 0, "trigger.min_samples": 100,
+           "serving.name": "churn"}
+    cfg.update(extra)
+    return make_settings(tmp_path / "ws", base.data.source, **cfg)
+
+
+def _service(tmp_path, trained, monkeypatch, **extra):
+    monkeypatch.setenv(WEBHOOK_TOKEN_ENV, TOKEN)
+    runner = RecordingRunner()
+    return MonitorService(_settings(tmp_path, trained, **extra), runner=runner), runner
+
+
+def _send(client: TestClient, rows: pd.DataFrame, model) -> None:
+    """The rows as request/response CloudEvents (one batch of structured events), predicted by ``model``."""
+    features = rows[FEATURES]
+    preds = [int(p) for p in model.predict(features)]
+    instances = json.loads(features.to_json(orient="records"))  # NaN -> null, as a JSON client sends it
+    events = []
+    for i in range(0, len(rows), 50):
+        ce_id = uuid.uuid4().hex
+        events.append(structured(ce_id, "request", {"instances": instances[i:i + 50]}))
+        events.append(structured(ce_id, "response", {"predictions": preds[i:i + 50]}, version="1", role="champion"))
+    r = client.post("/events", content=json.dumps(events), headers={"content-type": "application/cloudevents-batch+json"})
+    assert r.status_code == 200, r.text
+
+
+def _rows(drift: bool, n: int = 300, seed: int = 5) -> pd.DataFrame:
+    return generate(rows=n, drift_at=0.0 if drift else None, seed=seed)
+
+
+def test_drift_is_flagged_reported_and_triggers_one_run(tmp_path, trained, champion_model, monkeypatch):
+    service, runner = _service(tmp_path, trained, monkeypatch)
+    with TestClient(service.app) as client:
+        _send(client, _rows(drift=True), champion_model)
+        first = client.post("/check").json()
+        assert first["verdict"] == "drift", first
+        drifted = set(first["result"]["drifted_columns"])
+        assert {"tenure", "monthly_spend", "sessions", "region"} <= drifted
+        assert "plan" not in drifted and "latency_ms" not in drifted
+        alert = first["alert"]
+        assert alert["decision"] == "started"
+        service.trigger.wait(alert["id"], timeout=30)
+        # the same drift re-detected: same alert id, no second run
+        again = client.post("/check").json()
+        assert again["alert"]["id"] == alert["id"] and again["alert"]["decision"] == "duplicate"
+        assert len(runner.requests) == 1 and runner.requests[0].trigger == f"drift:{alert['id']}"
+
+        listed = client.get("/alerts").json()["alerts"]
+        assert listed[0]["id"] == alert["id"] and listed[0]["decision"] == "started"
+        assert listed[0]["model_version"] == "1" and listed[0]["samples"] == 300
+        html = client.get(f"/reports/{alert['id']}")
+        assert html.status_code == 200 and "<html" in html.text.lower()
+        assert client.get("/reports/nope").status_code == 404
+
+        metrics = client.get("/metrics").text
+        assert 'driftloop_monitor_feature_drifted{feature="tenure",method="ks"} 1.0' in metrics
+        assert "driftloop_monitor_window_rows 300.0" in metrics
+        assert 'driftloop_monitor_trigger_decisions_total{decision="started"} 1.0' in metrics
+
+    # the report is in MLflow, on a run tagged with the alert id and the champion version
+    registry = Registry.from_settings(service.settings)
+    runs = registry.find_runs(f"tags.`driftloop.alert_id` = '{alert['id']}'")
+    assert len(runs) == 1 and runs[0].data.tags["driftloop.champion_version"] == "1"
+    assert alert["report_uri"] == f"runs:/{runs[0].info.run_id}/drift_report/drift.html"
+    artifacts = {a.path for a in registry.client.list_artifacts(runs[0].info.run_id, "drift_report")}
+    assert artifacts == {"drift_report/drift.html", "drift_report/drift.json"}
+
+
+def test_no_drift_and_insufficient_data(tmp_path, trained, champion_model, monkeypatch):
+    service, runner = _service(tmp_path, trained, monkeypatch)
+    with TestClient(service.app) as client:
+        _send(client, _rows(drift=False, n=100), champion_model)
+        thin = client.post("/check").json()
+        assert thin["verdict"] == "insufficient data" and "100 rows" in thin["reason"]
+        _send(client, _rows(drift=False, n=200, seed=6), champion_model)
+        calm = client.post("/check").json()
+        assert calm["verdict"] == "no drift", calm["result"]["drifted_columns"]
+        assert "alert" not in calm and client.get("/alerts").json()["alerts"] == []
+        assert "driftloop_monitor_dataset_drift 0.0" in client.get("/metrics").text
+    assert runner.requests == []
+
+
+def test_alertmanager_webhook_needs_the_token(tmp_path, trained, monkeypatch):
+    service, runner = _service(tmp_path, trained, monkeypatch)
+    payload = {"version": "4", "status": "firing", "receiver": "driftloop", "alerts": [
+        {"status": "firing", "labels": {"alertname": "ChurnDrift"}, "fingerprint": "f00d",
+         "startsAt": "2026-01-31T00:00:00Z"}]}
+    with TestClient(service.app) as client:
+        assert client.post("/alerts/alertmanager", json=payload).status_code == 401
+        wrong = client.post("/alerts/alertmanager", json=payload, headers={"authorization": "Bearer nope"})
+        assert wrong.status_code == 401 and "token" in wrong.json()["error"]
+        auth = {"authorization": f"Bearer {TOKEN}"}
+        bad = client.post("/alerts/alertmanager", content=b"{not json", headers=auth)
+        assert bad.status_code == 400 and "not JSON" in bad.json()["error"]
+        bad = client.post("/alerts/alertmanager", json={"alerts": [{"startsAt": "2026-01-31T00:00:00Z"}]}, headers=auth)
+        assert bad.status_code == 400 and "fingerprint" in bad.json()["error"]
+        ok = client.post("/alerts/alertmanager", json=payload, headers=auth).json()["decisions"]
+        assert ok[0]["decision"] == "started"
+        service.trigger.wait(ok[0]["id"], timeout=30)
+        again = client.post("/alerts/alertmanager", json=payload, headers=auth).json()["decisions"]
+        assert again[0] == {**again[0], "id": ok[0]["id"], "decision": "duplicate"}
+        metrics = client.get("/metrics").text
+        assert 'driftloop_monitor_events_rejected_total{reason="webhook_unauthorized"} 2.0' in metrics
+        assert 'driftloop_monitor_events_rejected_total{reason="webhook_malformed"} 2.0' in metrics
+    assert len(runner.requests) == 1
+    assert runner.requests[0].window_end == "2026-01-31T00:00:00+00:00"
+
+
+def test_missing_reference_is_an_error_not_a_pass(tmp_path, scenario_path, monkeypatch):
+    monkeypatch.setenv(WEBHOOK_TOKEN_ENV, TOKEN)
+    settings = make_settings(tmp_path / "empty", scenario_path, **{"monitor.min_samples": 1})
+    service = MonitorService(settings, runner=RecordingRunner())
+    with TestClient(service.app) as client:
+        r = client.post("/check")
+        assert r.status_code == 409 and "no drift reference" in r.json()["error"]
+
+
+def test_monitor_command_serves_and_stops_on_sigterm(tmp_path, trained):
+    settings = _settings(tmp_path, trained)
+    port = free_port()
+    env = {**os.environ, "DRIFTLOOP_WORKSPACE": str(settings.workspace_dir),
+           "DRIFTLOOP_MLFLOW__TRACKING_URI": settings.tracking_uri, "DRIFTLOOP_MLFLOW__MODEL_NAME": "churn",
+           "DRIFTLOOP_MLFLOW__EXPERIMENT": "test"}
+    proc = subprocess.Popen([sys.executable, "-m", "driftloop.cli", "monitor", "--port", str(port)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.3)
+        else:
+            pytest.fail(proc.communicate(timeout=5)[0].decode()[-2000:])
+        assert httpx.get(f"http://127.0.0.1:{port}/alerts").json() == {"alerts": []}
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0, out.decode()[-2000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
