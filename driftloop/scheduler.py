@@ -56,13 +56,14 @@ class SlotOutcome:
 def plan_slots(cron: str, start: datetime, now: datetime, *, catchup: bool, grace_seconds: float) -> SlotPlan:
     """Slots of ``cron`` in ``(start, now]``: run the latest if on time or ``catchup``; skip the rest."""
     start, now = utc(start), utc(now)
-    it = croniter(cron, now + timedelta(seconds=1))
+    it = croniter(cron, now + timedelta(seconds=1))  # get_prev is strict: a slot at exactly `now` counts
     due: list[datetime] = []
     while len(due) <= MAX_RECORDED_MISSES:
         slot = utc(it.get_prev(datetime))
         if slot <= start:
             break
-        due.append(slot)
+        if slot <= now:
+            due.append(slot)
     if not due:
         return SlotPlan(None, ())
     latest, missed = due[0], tuple(reversed(due[1:]))

@@ -11,7 +11,7 @@ import pytest
 from driftloop.errors import PipelineRunError, ScheduleError
 from driftloop.runner import RunResult
 from driftloop.schedule import KfpSchedules, LocalSchedules, Schedule, kfp_cron, normalize_cron, schedule_backend
-from driftloop.scheduler import Scheduler, plan_slots
+from driftloop.scheduler import Scheduler, SlotPlan, plan_slots
 from pipelines.training import pipeline_arguments
 from tests.conftest import free_port, make_settings
 from tests.kfp_recording import RecordingKfpClient
@@ -227,6 +227,9 @@ def test_plan_slots_catch_up_policy():
     on_time = plan_slots("0 * * * *", start, hourly[-1] + timedelta(seconds=30), catchup=False, grace_seconds=60)
     assert on_time.run == hourly[-1] and on_time.skipped == tuple(hourly[:-1])
     assert plan_slots("0 * * * *", start, T0 + timedelta(minutes=59), catchup=True, grace_seconds=60).run is None
+    just_before = T0 + timedelta(hours=1) - timedelta(milliseconds=500)
+    assert plan_slots("0 * * * *", start, just_before, catchup=True, grace_seconds=60) == SlotPlan(None, ())
+    assert plan_slots("0 * * * *", start, T0 + timedelta(hours=1), catchup=False, grace_seconds=0).run == hourly[0]
 
 
 # --- embedded default: scheduler ----------------------------------------------------------------
