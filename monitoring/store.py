@@ -61,10 +61,8 @@ CREATE TABLE IF NOT EXISTS events (
     body BLOB NOT NULL,
     flat TEXT NOT NULL,
     received_at REAL NOT NULL,
-    paired INTEGER NOT NULL DEFAULT 0,
     UNIQUE (ce_id, kind)
 );
-CREATE INDEX IF NOT EXISTS events_unpaired ON events (paired) WHERE paired = 0;
 CREATE TABLE IF NOT EXISTS rows (
     seq INTEGER PRIMARY KEY,
     request_id TEXT NOT NULL,
@@ -98,7 +96,7 @@ class _Pending:
     model_name: str
     model_version: str | None
     role: str | None
-    flat: list[Any]
+    items: list[bytes]  # JSON of each instance: feature row (request) or prediction (response)
     received_at: float
 
 
@@ -144,6 +142,10 @@ class LabelResult:
     unknown_ids: list[str]
 
 
+# An event is unpaired while its counterpart is not stored: pairing is 1:1 on the unique
+# (ce_id, kind), so this needs no flag to update when a pair completes.
+_UNPAIRED = "NOT EXISTS (SELECT 1 FROM events o WHERE o.ce_id = e.ce_id AND o.kind != e.kind)"
+
 _INSERT_CHUNK = 3000  # rows per multi-row INSERT: 9 parameters each, under SQLite's 32766
 
 
@@ -154,8 +156,7 @@ def _insert_sql(n: int) -> str:
             + " ON CONFLICT (ce_id, kind) DO NOTHING RETURNING ce_id, kind")
 
 
-def _dumps(value: Any) -> bytes:
-    return orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY)
+_dumps = orjson.dumps
 
 
 class InferenceStore:
@@ -165,18 +166,41 @@ class InferenceStore:
     be shared by threads. Readers open their own connection per call and never block the writer.
     """
 
-    def __init__(self, path: str | Path, *, synchronous: Synchronous = "NORMAL", max_pending: int = 200_000):
+    def __init__(self, path: str | Path, *, synchronous: Synchronous = "NORMAL", max_pending: int = 200_000,
+                 pair_lookback: int = 1_000_000, checkpoint_seconds: float = 1.0):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.synchronous = synchronous
         self._lock = threading.Lock()
         self._db = self._connect()
         self._db.executescript(_SCHEMA)
+        # checkpoints (which fsync) run in a background thread, not inside the commits of the sink
+        self._db.execute("PRAGMA wal_autocheckpoint=0")
         self._max_pending = max_pending
         self._pending: OrderedDict[str, _Pending] = OrderedDict()
         self._pending_complete = True  # False: some unpaired events live only in the database
-        self._load_pending()
+        self._load_pending(pair_lookback)
         self._closed = False
+        self._stop = threading.Event()
+        self._checkpointer = threading.Thread(target=self._checkpoint_loop, args=(checkpoint_seconds,),
+                                              name="store-checkpoint", daemon=True)
+        self._checkpointer.start()
+
+    def _checkpoint_loop(self, interval: float) -> None:
+        """Copy committed WAL frames into the database file every ``interval`` seconds.
+
+        PASSIVE never blocks the writer; once a checkpoint has caught up, the writer's next
+        transaction starts the WAL from its beginning again, so the ``-wal`` file stays small.
+        """
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
+        try:
+            while not self._stop.wait(interval):
+                try:
+                    db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                except sqlite3.Error as exc:  # a busy database is retried at the next tick
+                    log.debug("checkpoint skipped: %s", exc)
+        finally:
+            db.close()
 
     @classmethod
     def from_settings(cls, settings: Any) -> "InferenceStore":
@@ -190,10 +214,15 @@ class InferenceStore:
         db.execute("PRAGMA busy_timeout=30000")
         return db
 
-    def _load_pending(self) -> None:
+    def _load_pending(self, lookback: int) -> None:
+        """Reload the events still waiting for their counterpart, among the last ``lookback`` events.
+
+        Older unpaired events (e.g. a logger in ``mode: request``) stay stored but are not paired.
+        """
+        last = self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
         cur = self._db.execute(
-            "SELECT ce_id, kind, model_name, model_version, role, flat, received_at FROM events WHERE paired = 0 "
-            "ORDER BY seq DESC LIMIT ?", (self._max_pending + 1,))
+            "SELECT e.ce_id, e.kind, e.model_name, e.model_version, e.role, e.flat, e.received_at FROM events e "
+            f"WHERE e.seq > ? AND {_UNPAIRED} ORDER BY e.seq DESC LIMIT ?", (last - lookback, self._max_pending + 1))
         found = cur.fetchall()
         self._pending_complete = len(found) <= self._max_pending
         for ce_id, *fields in reversed(found[: self._max_pending]):
@@ -204,7 +233,7 @@ class InferenceStore:
     @staticmethod
     def _pending_from_db(kind: str, model: str, version: str | None, role: str | None, flat: bytes,
                          received_at: float) -> _Pending:
-        return _Pending(kind, model, version, role, orjson.loads(flat), received_at)
+        return _Pending(kind, model, version, role, [_dumps(x) for x in orjson.loads(flat)], received_at)
 
     # ------------------------------------------------------------------ writing
 
@@ -239,16 +268,14 @@ class InferenceStore:
             undo_all: list[tuple[str, _Pending | None]] = []
             db.execute("BEGIN IMMEDIATE")
             try:
-                fresh = self._insert_events(db, [ev for group in groups for ev in group])
-                results, rows, paired, released = self._pair_groups(db, groups, fresh, undo_all)
+                fresh, items = self._insert_events(db, [ev for group in groups for ev in group])
+                results, rows, released = self._pair_groups(db, groups, fresh, items, undo_all)
                 if released:  # new events of refused groups
                     db.executemany("DELETE FROM events WHERE ce_id = ? AND kind = ?", released)
                 if rows:
                     db.executemany(
                         "INSERT INTO rows (request_id, row_index, ts, model_name, model_version, role, features, "
                         "prediction) VALUES (?,?,?,?,?,?,?,?)", rows)
-                if paired:
-                    db.executemany("UPDATE events SET paired = 1 WHERE ce_id = ? AND kind = ?", paired)
                 db.execute("COMMIT")
             except BaseException:
                 if db.in_transaction:
@@ -261,31 +288,41 @@ class InferenceStore:
         return results
 
     @staticmethod
-    def _insert_events(db: sqlite3.Connection, events: list[ParsedEvent]) -> set[tuple[str, str]]:
-        """Insert ``events`` (duplicates of stored ones are skipped); the (ce_id, kind) keys that are new."""
+    def _insert_events(db: sqlite3.Connection, events: list[ParsedEvent]
+                       ) -> tuple[set[tuple[str, str]], list[list[bytes]]]:
+        """Insert ``events`` (duplicates of stored ones are skipped).
+
+        Returns the (ce_id, kind) keys that are new, and per event the JSON of each instance (its
+        feature row or prediction), serialised once and reused for the paired rows.
+        """
         fresh: set[tuple[str, str]] = set()
+        items: list[list[bytes]] = []
         for start in range(0, len(events), _INSERT_CHUNK):
             chunk = events[start:start + _INSERT_CHUNK]
             params: list[Any] = []
             for ev in chunk:
-                flat = ev.rows if ev.kind == "request" else ev.predictions
+                parts = [_dumps(x) for x in (ev.rows if ev.kind == "request" else ev.predictions)]
+                items.append(parts)
                 params += (ev.id, ev.kind, ev.model_name, ev.model_version, ev.role, _dumps(ev.attributes), ev.body,
-                           _dumps(flat), ev.received_at)
+                           b"[" + b",".join(parts) + b"]", ev.received_at)
             fresh.update(db.execute(_insert_sql(len(chunk)), params).fetchall())
-        return fresh
+        return fresh, items
 
     def _pair_groups(self, db: sqlite3.Connection, groups: Sequence[Sequence[ParsedEvent]],
-                     fresh: set[tuple[str, str]], undo_all: list) -> tuple[list, list, list, list]:
+                     fresh: set[tuple[str, str]], items: list[list[bytes]], undo_all: list
+                     ) -> tuple[list, list, list]:
         """Pair the new events of each group with their counterparts (in memory, else in the database)."""
         inserted = frozenset(fresh)
         unclaimed = set(fresh)  # new keys not yet owned by an accepted group
         results: list[GroupResult | EventError] = []
         rows: list[tuple] = []
-        paired: list[tuple[str, str]] = []
+        offset = 0
         for group in groups:
-            stats, undo, claims, g_rows, g_paired = GroupResult(), [], [], [], []
+            group_items = items[offset:offset + len(group)]
+            offset += len(group)
+            stats, undo, claims, g_rows = GroupResult(), [], [], []
             try:
-                for ev in group:
+                for ev, parts in zip(group, group_items):
                     key = (ev.id, ev.kind)
                     if key not in unclaimed:
                         stats.duplicates += 1
@@ -296,7 +333,7 @@ class InferenceStore:
                         stats.requests += 1
                     else:
                         stats.responses += 1
-                    self._pair_one(db, ev, inserted, undo, g_rows, g_paired)
+                    self._pair_one(db, ev, parts, inserted, undo, g_rows)
             except EventError as exc:
                 self._undo(undo)
                 unclaimed.update(claims)
@@ -304,10 +341,9 @@ class InferenceStore:
                 continue
             stats.rows = len(g_rows)
             rows += g_rows
-            paired += g_paired
             undo_all += undo
             results.append(stats)
-        return results, rows, paired, sorted(unclaimed)
+        return results, rows, sorted(unclaimed)
 
     def _undo(self, undo: list[tuple[str, _Pending | None]]) -> None:
         for ce_id, previous in reversed(undo):
@@ -323,33 +359,30 @@ class InferenceStore:
         if self._pending_complete:
             return None
         row = db.execute("SELECT kind, model_name, model_version, role, flat, received_at FROM events "
-                         "WHERE ce_id = ? AND kind != ? AND paired = 0", (ev.id, ev.kind)).fetchone()
+                         "WHERE ce_id = ? AND kind != ?", (ev.id, ev.kind)).fetchone()
         if row is None or (ev.id, row[0]) in inserted:  # events of this call are tracked in memory only
             return None
         return self._pending_from_db(*row)
 
-    def _pair_one(self, db: sqlite3.Connection, ev: ParsedEvent, inserted: frozenset, undo: list,
-                  rows_out: list, paired_out: list) -> None:
-        flat = ev.rows if ev.kind == "request" else ev.predictions
+    def _pair_one(self, db: sqlite3.Connection, ev: ParsedEvent, parts: list[bytes], inserted: frozenset,
+                  undo: list, rows_out: list) -> None:
         other = self._counterpart(db, ev, inserted)
         if other is None:
             undo.append((ev.id, self._pending.get(ev.id)))
-            self._pending[ev.id] = _Pending(ev.kind, ev.model_name, ev.model_version, ev.role, flat, ev.received_at)
+            self._pending[ev.id] = _Pending(ev.kind, ev.model_name, ev.model_version, ev.role, parts, ev.received_at)
             return
         if other.model_name != ev.model_name:
             raise EventError(422, f"event {ev.id!r}: request and response name different models "
                                   f"({other.model_name!r} vs {ev.model_name!r})", reason="mismatch")
         request, response = (ev, other) if ev.kind == "request" else (other, ev)
-        rows, preds = (flat, other.flat) if ev.kind == "request" else (other.flat, flat)
+        rows, preds = (parts, other.items) if ev.kind == "request" else (other.items, parts)
         if len(rows) != len(preds):
             raise EventError(422, f"event {ev.id!r}: request has {len(rows)} rows but response has {len(preds)} "
                                   "predictions", reason="row_count")
         ts = request.received_at
         version = response.model_version or request.model_version
         role = response.role or request.role
-        rows_out += [(ev.id, i, ts, ev.model_name, version, role, _dumps(r), _dumps(p))
-                     for i, (r, p) in enumerate(zip(rows, preds))]
-        paired_out += ((ev.id, "request"), (ev.id, "response"))
+        rows_out += [(ev.id, i, ts, ev.model_name, version, role, r, p) for i, (r, p) in enumerate(zip(rows, preds))]
         undo.append((ev.id, self._pending.pop(ev.id, None)))
 
     def add_labels(self, labels: Sequence[dict[str, Any]]) -> LabelResult:
@@ -438,7 +471,7 @@ class InferenceStore:
         try:
             return {
                 "events": db.execute("SELECT COUNT(*) FROM events").fetchone()[0],
-                "unpaired": db.execute("SELECT COUNT(*) FROM events WHERE paired = 0").fetchone()[0],
+                "unpaired": db.execute(f"SELECT COUNT(*) FROM events e WHERE {_UNPAIRED}").fetchone()[0],
                 "rows": db.execute("SELECT COUNT(*) FROM rows").fetchone()[0],
                 "labels": db.execute("SELECT COUNT(*) FROM labels").fetchone()[0],
             }
@@ -569,6 +602,8 @@ class InferenceStore:
 
     def close(self) -> None:
         """Checkpoint the WAL and close the writer connection (idempotent)."""
+        self._stop.set()
+        self._checkpointer.join()
         with self._lock:
             if self._closed:
                 return

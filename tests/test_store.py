@@ -165,3 +165,17 @@ def test_event_in_a_refused_group_and_an_accepted_one_is_stored_once(tmp_path):
         assert isinstance(results[0], EventError)
         assert (results[1].requests, results[1].responses, results[1].duplicates, results[1].rows) == (1, 1, 1, 1)
         assert store.counts() == {"events": 3, "unpaired": 1, "rows": 1, "labels": 0}
+
+
+def test_restart_reloads_unpaired_events_within_the_lookback(tmp_path):
+    path = tmp_path / "log.db"
+    with InferenceStore(path) as store:
+        store.append_events([events_of(f"u{i}")[0] for i in range(3)])
+        store.append_events(list(events_of("done")))
+    with InferenceStore(path, pair_lookback=3) as store:  # the last 3 events: u2 and done's pair
+        assert list(store._pending) == ["u2"]
+        store.append_events([events_of("u2")[1], events_of("u0")[1]])
+        assert set(store.rows()["request_id"]) == {"done", "u2"}  # u0 was older than the look-back
+        assert store.counts()["unpaired"] == 1  # u1's request; u0's events are both stored (unpaired rows)
+    with InferenceStore(path) as store:
+        assert store.counts()["events"] == 7 and store.count() == 2
