@@ -436,6 +436,14 @@ def test_cli_schedule_errors_are_one_line(tmp_path, monkeypatch, capsys):
     assert (s.cron, s.max_concurrency, s.catchup) == ("15 3 * * *", 2, False)
     assert run("schedule", "delete", "nightly") == 0
     assert LocalSchedules(tmp_path / "ws" / "schedules.db").schedules() == []
+    capsys.readouterr()
+
+    host = f"http://127.0.0.1:{free_port()}"
+    assert run("schedule", "list", "--kfp-host", host) == 2
+    assert run("scheduler", "--once", "--param", f"kfp.host={host}") == 2
+    err = capsys.readouterr().err
+    assert f"cannot reach Kubeflow Pipelines at {host}" in err and "Kubeflow runs the schedules" in err
+    assert "Traceback" not in err
 
 
 @pytest.mark.slow
@@ -451,6 +459,6 @@ def test_a_scheduled_slot_runs_the_real_pipeline_and_mlflow_records_the_schedule
 
     assert outcome.state == "done", outcome.error
     (run,) = Registry.from_settings(settings).find_runs(f"tags.`{TAG.TRIGGER}` = 'schedule:e2e'")
-    assert run.data.tags[TAG.REQUEST] == outcome.run_id
+    assert run.data.tags[TAG.REQUEST] == outcome.run_id and run.data.tags[TAG.SCHEDULE] == "e2e"
     window = run.data.tags[TAG.WINDOW]
     assert window.startswith("2026-01-11") and window.split(" .. ")[1].startswith("2026-01-30")
