@@ -73,7 +73,7 @@ class GroupCommitter:
         self.store = store
         self.metrics = metrics
         self.max_group_events = max_group_events
-        self._queue: asyncio.Queue[tuple[Sequence[ParsedEvent], asyncio.Future]] | None = None
+        self._queue: asyncio.Queue[tuple[Sequence[ParsedEvent], asyncio.Future] | None] | None = None
         self._task: asyncio.Task | None = None
 
     @property
@@ -93,16 +93,22 @@ class GroupCommitter:
         return await future
 
     async def _run(self, queue: asyncio.Queue) -> None:
-        while True:
+        stop = False
+        while not stop:
             item = await queue.get()
             await asyncio.sleep(0)  # let requests that are ready enqueue too: bigger groups
-            batch = [item]
-            size = len(item[0])
-            while size < self.max_group_events and not queue.empty():
+            batch, size = [], 0
+            while True:
+                if item is None:  # aclose(): commit what came before, then end
+                    stop = True
+                else:
+                    batch.append(item)
+                    size += len(item[0])
+                if stop or size >= self.max_group_events or queue.empty():
+                    break
                 item = queue.get_nowait()
-                batch.append(item)
-                size += len(item[0])
-            self._commit(batch, size)
+            if batch:
+                self._commit(batch, size)
 
     def _commit(self, batch: list[tuple[Sequence[ParsedEvent], asyncio.Future]], size: int) -> None:
         started = time.perf_counter()
@@ -140,14 +146,9 @@ class GroupCommitter:
             m.events_duplicate.inc(duplicates)
 
     async def aclose(self) -> None:
-        """Stop the writer after committing what is already queued."""
-        if self._task is None:
-            return
-        queue = self._queue
-        while queue is not None and not queue.empty():
-            await asyncio.sleep(0.001)
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
+        """Stop the writer after committing everything already submitted."""
+        if self.running and self._queue is not None:
+            self._queue.put_nowait(None)
             await self._task
         self._task = None
 

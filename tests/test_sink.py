@@ -14,6 +14,7 @@ import httpx
 import orjson
 import pytest
 
+from monitoring.events import EventError
 from monitoring.store import InferenceStore
 from tests.ce_events import COLUMNS, binary, instance, pair, structured
 from tests.conftest import free_port
@@ -271,3 +272,31 @@ def test_app_takes_more_routes_and_serves_events_in_process(tmp_path):
         assert c.get("/readyz").json() == {"status": "ready"}
     with InferenceStore(tmp_path / "log.db") as reopened:
         assert reopened.count() == 2
+
+
+def test_group_commit_joins_concurrent_requests_and_drains_on_close(tmp_path):
+    import asyncio
+
+    from monitoring.events import parse_binary
+    from monitoring.metrics import MonitorMetrics
+    from monitoring.sink import GroupCommitter
+
+    store = InferenceStore(tmp_path / "log.db")
+    metrics = MonitorMetrics()
+    committer = GroupCommitter(store, metrics)
+
+    async def main():
+        tasks = [asyncio.create_task(committer.submit([parse_binary(*ev) for ev in pair(f"g{i}")])) for i in range(20)]
+        mismatch = [parse_binary(*binary("bad", "request", {"instances": [instance(0), instance(1)]})),
+                    parse_binary(*binary("bad", "response", {"predictions": [1]}))]
+        bad = asyncio.create_task(committer.submit(mismatch))
+        await asyncio.sleep(0)  # every request has queued its events
+        await committer.aclose()  # commits what was submitted, then stops
+        return await asyncio.gather(*tasks), await asyncio.gather(bad, return_exceptions=True)
+
+    results, (refused,) = asyncio.run(main())
+    assert [r.stored for r in results] == [2] * 20 and store.count() == 20
+    assert isinstance(refused, EventError) and refused.status == 422 and "bad" not in store.event_ids()
+    assert metrics.registry.get_sample_value("driftloop_monitor_commit_group_events_count") == 1  # one commit
+    assert metrics.registry.get_sample_value("driftloop_monitor_rows_stored_total") == 20
+    store.close()
