@@ -107,7 +107,8 @@ def update_cmd(
     name: NameArg,
     cron: Annotated[Optional[str], typer.Option("--cron", help="New 5-field cron (UTC).")] = None,
     params: RunParamOpt = None,
-    window_days: WindowOpt = None,
+    window_days: Annotated[Optional[float], typer.Option(
+        "--window-days", min=0.0, help="Train on the last N days before each slot; 0 = no window.")] = None,
     max_concurrency: Annotated[Optional[int], typer.Option("--max-concurrency", min=1)] = None,
     catchup: Annotated[Optional[bool], typer.Option("--catchup/--no-catchup", help="Catch-up policy.")] = None,
     paused: Annotated[Optional[bool], typer.Option("--paused/--resume", help="Pause or resume.")] = None,
@@ -124,8 +125,9 @@ def update_cmd(
         changes["cron"] = normalize_cron(cron)
     if params is not None:
         changes["params"] = parse_params(params)
-    for key, value in (("window_days", window_days), ("max_concurrency", max_concurrency), ("catchup", catchup),
-                       ("paused", paused)):
+    if window_days is not None:
+        changes["window_days"] = window_days or None
+    for key, value in (("max_concurrency", max_concurrency), ("catchup", catchup), ("paused", paused)):
         if value is not None:
             changes[key] = value
     if not changes:

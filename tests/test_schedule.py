@@ -425,15 +425,17 @@ def test_cli_schedule_errors_are_one_line(tmp_path, monkeypatch, capsys):
             return exc.code
         return 0
 
-    assert run("schedule", "create", "--name", "nightly", "--cron", "0 3 * * *", "--no-catchup") == 0
+    assert run("schedule", "create", "--name", "nightly", "--cron", "0 3 * * *", "--no-catchup",
+               "--window-days", "30") == 0
     assert run("schedule", "create", "--name", "nightly", "--cron", "0 4 * * *") == 2
     assert run("schedule", "create", "--name", "other", "--cron", "0 25 * * *") == 2
-    assert run("schedule", "update", "nightly", "--cron", "15 3 * * *", "--max-concurrency", "2") == 0
+    assert run("schedule", "update", "nightly", "--cron", "15 3 * * *", "--max-concurrency", "2",
+               "--window-days", "0") == 0
     err = capsys.readouterr().err
     assert "'nightly' already exists" in err and "invalid cron expression '0 25 * * *'" in err
     assert "Traceback" not in err
     (s, _since) = LocalSchedules(tmp_path / "ws" / "schedules.db").get("nightly")
-    assert (s.cron, s.max_concurrency, s.catchup) == ("15 3 * * *", 2, False)
+    assert (s.cron, s.max_concurrency, s.catchup, s.window_days) == ("15 3 * * *", 2, False, None)
     assert run("schedule", "delete", "nightly") == 0
     assert LocalSchedules(tmp_path / "ws" / "schedules.db").schedules() == []
     capsys.readouterr()
