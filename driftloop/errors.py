@@ -21,6 +21,7 @@ __all__ = [
     "RolloutAborted",
     "MonitorError",
     "ScheduleError",
+    "InfraCheckError",
 ]
 
 
@@ -79,3 +80,7 @@ class MonitorError(DriftloopError):
 
 class ScheduleError(DriftloopError):
     """A schedule is malformed, clashes with another, or cannot be created."""
+
+
+class InfraCheckError(DriftloopError):
+    """The Kubernetes manifests in infra/ cannot be built or checked (e.g. no kubectl, a broken overlay)."""

@@ -1,0 +1,412 @@
+"""The one check of the Kubernetes manifests in ``infra/``, run by the tests and CI.
+
+For the base and every overlay it
+
+1. builds the kustomization with a real kustomize (``kubectl kustomize``; ``$KUBECTL``
+   chooses the binary), so a missing file or a patch that no longer applies fails here;
+2. validates every core object against the Kubernetes JSON schemas with
+   ``kubernetes-validate`` in strict mode (an unknown field fails);
+3. parses the InferenceService with kserve's own model classes and fails on every field
+   they would drop (an unknown or misplaced field);
+4. checks the Prometheus Operator objects against the compact CRD schemas in
+   :mod:`driftloop.infra_crds`;
+5. checks what the manifests share with the Python side: the driftloop configuration in
+   the ``driftloop-config``/``driftloop-env`` ConfigMaps loads with :mod:`driftloop.config`,
+   every driftloop container runs :data:`driftloop.config.DEFAULT_IMAGE` (the image the
+   compiled pipelines use), and no Secret carries values.
+
+Each problem names the source file(s) of the object (found by kind and name under
+``infra/``) and the field. ``python -m driftloop.infra_check [ROOT]`` exits 1 with one
+line per problem; ``driftloop infra check`` does the same.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+from driftloop.config import DEFAULT_IMAGE, Settings, load_settings
+from driftloop.errors import ConfigError, InfraCheckError
+from driftloop.infra_crds import CRD_SCHEMAS
+
+__all__ = [
+    "K8S_VERSION",
+    "IMAGE_REPOSITORY",
+    "Problem",
+    "find_kubectl",
+    "kustomize_targets",
+    "build",
+    "load_documents",
+    "source_index",
+    "check_objects",
+    "check_target",
+    "check_tree",
+    "settings_from_objects",
+    "objects_by_kind",
+    "main",
+]
+
+log = logging.getLogger(__name__)
+
+# Kubernetes minor version whose schemas the core objects must satisfy.
+K8S_VERSION = "1.30"
+# Containers whose image starts with this run driftloop itself and must use DEFAULT_IMAGE.
+IMAGE_REPOSITORY = DEFAULT_IMAGE.rsplit(":", 1)[0]
+_ISVC = "serving.kserve.io/v1beta1/InferenceService"
+_KUSTOMIZE_TIMEOUT_S = 60
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One finding: where (files and object) and what (field and rule)."""
+
+    where: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.message}"
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that reads a bare ``=`` (kustomize prints it unquoted) as a string."""
+
+
+_Loader.add_constructor("tag:yaml.org,2002:value", lambda loader, node: loader.construct_scalar(node))
+
+
+def load_documents(text: str) -> list[dict[str, Any]]:
+    """The non-empty mapping documents of a multi-document YAML stream."""
+    return [d for d in yaml.load_all(text, Loader=_Loader) if isinstance(d, dict)]
+
+
+def find_kubectl() -> str:
+    """The kubectl binary: ``$KUBECTL`` or the one on PATH."""
+    explicit = os.environ.get("KUBECTL")
+    found = explicit if explicit else shutil.which("kubectl")
+    if not found or not Path(found).exists():
+        raise InfraCheckError("kubectl not found (install Debian's kubernetes-client or set $KUBECTL); "
+                              "the infra check builds the overlays with `kubectl kustomize`")
+    return found
+
+
+def kustomize_targets(infra: Path) -> list[Path]:
+    """The base and every overlay: folders under ``infra/`` that hold a kustomization."""
+    targets = []
+    base = infra / "base"
+    if (base / "kustomization.yaml").is_file():
+        targets.append(base)
+    overlays = infra / "overlays"
+    if overlays.is_dir():
+        targets += sorted(p for p in overlays.iterdir() if (p / "kustomization.yaml").is_file())
+    return targets
+
+
+def build(target: Path, kubectl: str | None = None) -> list[dict[str, Any]]:
+    """Render one kustomization with ``kubectl kustomize``; its error text names the file."""
+    kubectl = kubectl or find_kubectl()
+    try:
+        proc = subprocess.run([kubectl, "kustomize", str(target)], capture_output=True, text=True,
+                              timeout=_KUSTOMIZE_TIMEOUT_S, check=False)
+    except subprocess.TimeoutExpired as exc:
+        raise InfraCheckError(f"{target}/kustomization.yaml: kustomize did not finish in {_KUSTOMIZE_TIMEOUT_S} s") from exc
+    if proc.returncode != 0:
+        detail = " ".join(line.strip() for line in proc.stderr.splitlines() if line.strip() and not line.startswith("# Warning"))
+        raise InfraCheckError(f"{target}/kustomization.yaml: kustomize build failed: {detail or 'no message'}")
+    return load_documents(proc.stdout)
+
+
+def _key(obj: dict[str, Any]) -> tuple[str, str]:
+    return str(obj.get("kind", "")), str((obj.get("metadata") or {}).get("name", ""))
+
+
+def source_index(infra: Path) -> dict[tuple[str, str], list[str]]:
+    """(kind, name) → the files under ``infra/`` that define or patch that object."""
+    index: dict[tuple[str, str], list[str]] = {}
+    root = infra.parent
+    for path in sorted(infra.rglob("*.yaml")):
+        if path.name == "kustomization.yaml":
+            continue
+        try:
+            docs = load_documents(path.read_text())
+        except yaml.YAMLError:
+            continue
+        for doc in docs:
+            index.setdefault(_key(doc), []).append(str(path.relative_to(root)))
+    return index
+
+
+def _where(obj: dict[str, Any], index: dict[tuple[str, str], list[str]], label: str) -> str:
+    kind, name = _key(obj)
+    # Generated ConfigMaps carry a hash suffix; their source is the kustomization's generator.
+    files = index.get((kind, name)) or index.get((kind, name.rsplit("-", 1)[0])) or [f"{label}/kustomization.yaml"]
+    namespace = (obj.get("metadata") or {}).get("namespace")
+    return f"{', '.join(files)} ({kind} {namespace + '/' if namespace else ''}{name}, {label})"
+
+
+def _field(path: Iterable[Any]) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(object)"
+
+
+# --- core objects --------------------------------------------------------------------------
+def _validate_core(obj: dict[str, Any]) -> list[str] | None:
+    """Strict schema errors of a core object; None when Kubernetes has no schema for its kind."""
+    import kubernetes_validate
+    from kubernetes_validate.utils import SchemaNotFoundError, ValidationError
+
+    try:
+        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+    except SchemaNotFoundError:
+        return None
+    except ValidationError as exc:
+        return [f"field {_field(exc.path)}: {exc.message}"]
+    return []
+
+
+# --- InferenceService ------------------------------------------------------------------------
+# kserve's ApiClient.deserialize only looks classes up in kserve.models, so it cannot build the
+# V1ObjectMeta/V1Container parts; this walk does the same over the model classes' own
+# ``openapi_types``/``attribute_map`` (kserve.models, then kubernetes.client.models), and
+# reports every key those classes have no attribute for instead of dropping it silently.
+_PRIMITIVES: dict[str, tuple[type, ...]] = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,)}
+
+
+def _model_class(name: str) -> type:
+    import kserve.models
+    import kubernetes.client.models
+
+    klass = getattr(kserve.models, name, None) or getattr(kubernetes.client.models, name, None)
+    if klass is None:
+        raise TypeError(f"no model class {name}")
+    return klass
+
+
+def _parse_model(data: Any, type_name: str, path: list[Any], problems: list[str]) -> Any:
+    """Build kserve/kubernetes model objects from ``data``; unknown keys go to ``problems``."""
+    if data is None:
+        return None
+    if type_name.startswith("list["):
+        if not isinstance(data, list):
+            problems.append(f"field {_field(path)}: must be a list")
+            return None
+        return [_parse_model(item, type_name[5:-1], path + [i], problems) for i, item in enumerate(data)]
+    if type_name.startswith("dict("):
+        if not isinstance(data, dict):
+            problems.append(f"field {_field(path)}: must be an object")
+            return None
+        value_type = type_name[5:-1].split(", ", 1)[1]
+        return {k: _parse_model(v, value_type, path + [k], problems) for k, v in data.items()}
+    if type_name in ("object", "datetime", "date"):
+        return data
+    if type_name in _PRIMITIVES:
+        if not isinstance(data, _PRIMITIVES[type_name]) or (type_name != "bool" and isinstance(data, bool)):
+            problems.append(f"field {_field(path)}: must be {type_name}, got {type(data).__name__}")
+        return data
+    klass = _model_class(type_name)
+    if not isinstance(data, dict):
+        problems.append(f"field {_field(path)}: must be an object ({type_name})")
+        return None
+    by_key = {key: attr for attr, key in klass.attribute_map.items()}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in by_key:
+            problems.append(f"field {_field(path + [key])}: unknown to kserve's {type_name} (it would be dropped)")
+            continue
+        attr = by_key[key]
+        kwargs[attr] = _parse_model(value, klass.openapi_types[attr], path + [key], problems)
+    try:
+        return klass(**kwargs)
+    except ValueError as exc:  # the classes' own required-field checks
+        problems.append(f"field {_field(path)}: {exc}")
+        return None
+
+
+def _validate_inference_service(obj: dict[str, Any]) -> list[str]:
+    """Parse into kserve's V1beta1InferenceService; report whatever it would drop or refuse."""
+    problems: list[str] = []
+    parsed = _parse_model(obj, "V1beta1InferenceService", [], problems)
+    if parsed is not None and (parsed.spec is None or parsed.spec.predictor is None):
+        problems.append("field spec.predictor: required by kserve")
+    return problems
+
+
+# --- Prometheus Operator custom resources --------------------------------------------------
+_TYPES: dict[str, tuple[type, ...]] = {
+    "object": (dict,), "array": (list,), "string": (str,), "boolean": (bool,),
+    "integer": (int,), "number": (int, float), "int-or-string": (int, str),
+}
+
+
+def _validate_compact(value: Any, schema: dict[str, Any], path: list[Any]) -> list[str]:
+    """Check ``value`` against a compact CRD schema (types, required, enums, known keys)."""
+    kind = schema.get("type", "any")
+    allowed = _TYPES.get(kind)
+    if allowed is not None and (not isinstance(value, allowed) or (kind in ("integer", "number") and isinstance(value, bool))):
+        return [f"field {_field(path)}: must be {kind}, got {type(value).__name__}"]
+    if "enum" in schema and value not in schema["enum"]:
+        return [f"field {_field(path)}: {value!r} is not one of {schema['enum']}"]
+    out: list[str] = []
+    if isinstance(value, dict):
+        props = schema.get("properties")
+        for name in schema.get("required", []):
+            if name not in value:
+                out.append(f"field {_field(path + [name])}: required by the CRD")
+        if props is not None:
+            for name, sub in value.items():
+                if name not in props:
+                    out.append(f"field {_field(path + [name])}: unknown to the CRD")
+                else:
+                    out += _validate_compact(sub, props[name], path + [name])
+    elif isinstance(value, list) and "items" in schema:
+        for i, item in enumerate(value):
+            out += _validate_compact(item, schema["items"], path + [i])
+    return out
+
+
+def _validate_custom(obj: dict[str, Any], schema: dict[str, Any]) -> list[str]:
+    body = {k: v for k, v in obj.items() if k not in ("apiVersion", "kind", "metadata")}
+    return _validate_compact(body, schema, [])
+
+
+# --- what manifests share with the Python side ---------------------------------------------
+def objects_by_kind(objects: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [o for o in objects if o.get("kind") == kind]
+
+
+def _generated(objects: list[dict[str, Any]], prefix: str) -> dict[str, Any] | None:
+    for obj in objects_by_kind(objects, "ConfigMap"):
+        name = obj["metadata"]["name"]
+        if name == prefix or name.rsplit("-", 1)[0] == prefix:
+            return obj
+    return None
+
+
+def settings_from_objects(objects: list[dict[str, Any]]) -> Settings:
+    """The settings the driftloop pods of this build load: config file + DRIFTLOOP_* env."""
+    config = _generated(objects, "driftloop-config")
+    if config is None or "config.yaml" not in (config.get("data") or {}):
+        raise InfraCheckError("ConfigMap driftloop-config with key config.yaml is missing")
+    env_map = _generated(objects, "driftloop-env")
+    environ = {k: str(v) for k, v in ((env_map or {}).get("data") or {}).items()}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "config.yaml"
+        path.write_text(config["data"]["config.yaml"])
+        return load_settings(path, environ=environ)
+
+
+def _containers(obj: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    spec = obj.get("spec") or {}
+    found = []
+    for base, pod in (("spec.template.spec", (spec.get("template") or {}).get("spec") or {}),
+                      ("spec.predictor", spec.get("predictor") or {})):
+        for group in ("initContainers", "containers"):
+            for i, c in enumerate(pod.get(group) or []):
+                if isinstance(c, dict):
+                    found.append((f"{base}.{group}[{i}]", c))
+    return found
+
+
+def _shared_with_python(objects: list[dict[str, Any]], where) -> list[Problem]:  # noqa: ANN001 (callable)
+    problems: list[Problem] = []
+    config = _generated(objects, "driftloop-config")
+    if config is not None:
+        try:
+            settings_from_objects(objects)
+        except (ConfigError, InfraCheckError) as exc:
+            problems.append(Problem(where(config), f"driftloop configuration does not load: {exc}"))
+    for obj in objects:
+        for path, c in _containers(obj):
+            image = str(c.get("image", ""))
+            if image.startswith(IMAGE_REPOSITORY + ":") or image.startswith(IMAGE_REPOSITORY + "@"):
+                if image != DEFAULT_IMAGE:
+                    problems.append(Problem(where(obj), f"field {path}.image: {image} differs from "
+                                                        f"driftloop.config.DEFAULT_IMAGE {DEFAULT_IMAGE}"))
+            elif not image:
+                problems.append(Problem(where(obj), f"field {path}.image: missing (a patch may have lost its target container)"))
+        if obj.get("kind") == "Secret" and (obj.get("data") or obj.get("stringData")):
+            problems.append(Problem(where(obj), "a Secret with values is committed; reference Secrets created with kubectl"))
+    return problems
+
+
+# --- the check -----------------------------------------------------------------------------
+def check_objects(objects: list[dict[str, Any]], index: dict[tuple[str, str], list[str]], label: str) -> list[Problem]:
+    """All checks on the rendered objects of one kustomization."""
+    problems: list[Problem] = []
+
+    def where(obj: dict[str, Any]) -> str:
+        return _where(obj, index, label)
+
+    for obj in objects:
+        kind_key = f"{obj.get('apiVersion', '')}/{obj.get('kind', '')}"
+        if kind_key == _ISVC:
+            messages = _validate_inference_service(obj)
+        elif kind_key in CRD_SCHEMAS:
+            messages = _validate_custom(obj, CRD_SCHEMAS[kind_key])
+        else:
+            core = _validate_core(obj)
+            messages = core if core is not None else [f"no schema for {kind_key} (not a Kubernetes kind, "
+                                                      "the InferenceService or a known Prometheus Operator kind)"]
+        problems += [Problem(where(obj), m) for m in messages]
+    problems += _shared_with_python(objects, where)
+    return problems
+
+
+def check_target(target: Path, infra: Path, kubectl: str | None = None,
+                 index: dict[tuple[str, str], list[str]] | None = None) -> list[Problem]:
+    label = str(target.relative_to(infra.parent))
+    try:
+        objects = build(target, kubectl)
+    except InfraCheckError as exc:
+        return [Problem(label, str(exc).split(": ", 1)[1] if str(exc).startswith(str(target)) else str(exc))]
+    if not objects:
+        return [Problem(f"{label}/kustomization.yaml", "renders no objects")]
+    return check_objects(objects, index if index is not None else source_index(infra), label)
+
+
+def check_tree(root: Path) -> list[Problem]:
+    """Check ``root/infra``: build and validate the base and every overlay."""
+    infra = Path(root) / "infra"
+    targets = kustomize_targets(infra)
+    if not targets:
+        return [Problem(str(infra), "no kustomization found (expected infra/base and infra/overlays/<env>)")]
+    kubectl = find_kubectl()
+    index = source_index(infra)
+    problems: list[Problem] = []
+    for target in targets:
+        found = check_target(target, infra, kubectl, index)
+        log.info("%s: %s", target.relative_to(infra.parent), "ok" if not found else f"{len(found)} problem(s)")
+        problems += found
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m driftloop.infra_check [ROOT]``: print each problem, exit 1 if there is one."""
+    args = sys.argv[1:] if argv is None else argv
+    root = Path(args[0]) if args else Path.cwd()
+    try:
+        problems = check_tree(root)
+    except InfraCheckError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    if problems:
+        print(f"infra check: {len(problems)} problem(s)", file=sys.stderr)
+        return 1
+    print(f"infra check: {len(kustomize_targets(root / 'infra'))} kustomizations built and valid")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
