@@ -1,0 +1,449 @@
+"""The KServe predictor: one MLflow model behind kserve's own ``ModelServer``.
+
+``DriftloopModel`` loads a model version from MLflow (``models:/name@alias``,
+``models:/name/3``, ``runs:/…`` or a path), reads the input columns and their
+types from the model signature, and answers KServe's V1 and V2 (Open Inference
+Protocol) requests. Every request is checked against the signature before the
+model sees it; a bad one raises ``kserve.errors.InvalidInput`` (HTTP 400) with a
+message that names the problem, and the server keeps serving.
+
+Request formats accepted:
+
+* V1 ``{"instances": [...]}``: each row a mapping ``{column: value}`` (all columns
+  of the signature, no others) or a list of values in signature column order.
+* V2 ``inputs``: either one tensor per column, named by the column, shape ``[n]``
+  or ``[n, 1]`` (numeric columns as FP64/FP32/INT*, categorical as BYTES), or one
+  2-D tensor of shape ``[n, columns]`` in signature column order (BYTES for mixed
+  rows, a numeric type when every column is numeric).
+
+Numeric values are JSON numbers or ``null`` (a gap); categorical values are
+strings or ``null``. Responses carry the registered version that answered:
+V1 ``{"predictions": [...], "model_version": "3"}``; V2 an ``InferResponse``
+with output ``predictions``, ``model_version`` and ``id`` = the request's id.
+
+``python -m serving.predictor --model-name NAME --model-uri URI`` serves one
+model. On the embedded default it listens on 127.0.0.1 only, without gRPC, and
+without per-request trace and access log lines (they cost ~12 % throughput).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+# kserve.model_server parses sys.argv when imported; it must not see our flags as its own.
+_argv, sys.argv = sys.argv, sys.argv[:1]
+try:
+    import kserve
+    from kserve.errors import InvalidInput
+    from kserve.protocol.infer_type import InferInput, InferOutput, InferRequest, InferResponse
+    from kserve.utils.utils import from_np_dtype
+finally:
+    sys.argv = _argv
+
+from driftloop.errors import ServingError
+
+__all__ = [
+    "DriftloopModel",
+    "InputSchema",
+    "input_schema",
+    "frame_from_instances",
+    "frame_from_v2",
+    "LocalModelServer",
+    "PayloadLimit",
+    "serve",
+    "main",
+]
+
+log = logging.getLogger(__name__)
+
+_NUMERIC_TYPES = {"double", "float", "long", "integer"}
+_NUMERIC_V2 = {"FP64", "FP32", "FP16", "INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64"}
+# Python types accepted as a number in a JSON row (bool is an int subclass and is refused on purpose).
+_NUMBER = (int, float)
+
+
+@dataclass(frozen=True)
+class InputSchema:
+    """Input columns of a model in signature order, and which of them are numeric."""
+
+    columns: tuple[str, ...]
+    numeric: frozenset[str]
+
+    @property
+    def column_set(self) -> frozenset[str]:
+        return frozenset(self.columns)
+
+
+def input_schema(signature: Any) -> InputSchema:
+    """The input columns of an MLflow ``ModelSignature`` (column-based signatures only)."""
+    inputs = getattr(signature, "inputs", None)
+    if inputs is None or not inputs.has_input_names():
+        raise ServingError("the model's MLflow signature has no named input columns; it cannot be served")
+    columns: list[str] = []
+    numeric: set[str] = set()
+    for spec in inputs.inputs:
+        columns.append(spec.name)
+        kind = getattr(getattr(spec, "type", None), "name", "")
+        if kind in _NUMERIC_TYPES:
+            numeric.add(spec.name)
+    return InputSchema(tuple(columns), frozenset(numeric))
+
+
+# -- request → DataFrame ------------------------------------------------------------------------
+def _column(values: list[Any], name: str, numeric: bool) -> np.ndarray:
+    """One column as the model was trained on it: float64 (NaN gaps) or object strings (None gaps)."""
+    if numeric:
+        for v in values:
+            if v is not None and (type(v) not in _NUMBER):
+                raise InvalidInput(f"column {name!r} expects a number or null, got {type(v).__name__} {v!r:.40}")
+        return np.array(values, dtype=np.float64)
+    for v in values:
+        if v is not None and type(v) is not str:
+            raise InvalidInput(f"column {name!r} expects a string or null, got {type(v).__name__} {v!r:.40}")
+    out = np.empty(len(values), dtype=object)
+    out[:] = values
+    return out
+
+
+def _check_names(given: Any, schema: InputSchema, where: str) -> None:
+    given = set(given)
+    if given == schema.column_set:
+        return
+    unknown = sorted(given - schema.column_set)
+    missing = [c for c in schema.columns if c not in given]
+    parts = []
+    if unknown:
+        parts.append(f"unknown column(s) {unknown}")
+    if missing:
+        parts.append(f"missing column(s) {missing}")
+    raise InvalidInput(f"{where}: " + "; ".join(parts) + f" (expected {list(schema.columns)})")
+
+
+def frame_from_instances(instances: Any, schema: InputSchema) -> pd.DataFrame:
+    """V1 ``instances`` (rows as mappings or as lists in signature order) → a validated DataFrame."""
+    if not isinstance(instances, list):
+        raise InvalidInput('"instances" must be a list of rows')
+    if not instances:
+        raise InvalidInput('"instances" is empty: send at least one row')
+    ncols = len(schema.columns)
+    first = instances[0]
+    if isinstance(first, dict):
+        for i, row in enumerate(instances):
+            if not isinstance(row, dict):
+                raise InvalidInput(f"instance {i} is a {type(row).__name__}; all rows must be mappings like row 0")
+            if row.keys() != schema.column_set:
+                _check_names(row.keys(), schema, f"instance {i}")
+        data = {c: _column([row[c] for row in instances], c, c in schema.numeric) for c in schema.columns}
+    elif isinstance(first, list):
+        for i, row in enumerate(instances):
+            if not isinstance(row, list):
+                raise InvalidInput(f"instance {i} is a {type(row).__name__}; all rows must be lists like row 0")
+            if len(row) != ncols:
+                raise InvalidInput(f"instance {i} has {len(row)} values; expected {ncols} in the order "
+                                   f"{list(schema.columns)}")
+        data = {c: _column([row[j] for row in instances], c, c in schema.numeric)
+                for j, c in enumerate(schema.columns)}
+    else:
+        raise InvalidInput(f"instance 0 is a {type(first).__name__}; rows must be mappings {{column: value}} "
+                           "or lists of values in signature order")
+    return pd.DataFrame(data, columns=list(schema.columns))
+
+
+def _tensor(inp: InferInput) -> np.ndarray:
+    try:
+        return inp.as_numpy()
+    except InvalidInput:
+        raise
+    except (ValueError, TypeError) as exc:
+        raise InvalidInput(f"input tensor {inp.name!r} (shape {list(inp.shape)}, {inp.datatype}) "
+                           f"does not hold its data: {exc}") from exc
+
+
+def _from_bytes(values: np.ndarray) -> list[Any]:
+    return [v.decode("utf-8") if isinstance(v, bytes) else v for v in values.tolist()]
+
+
+def _tensor_column(inp: InferInput, name: str, numeric: bool) -> np.ndarray:
+    arr = _tensor(inp)
+    if arr.ndim == 2 and arr.shape[1] == 1:
+        arr = arr[:, 0]
+    if arr.ndim != 1:
+        raise InvalidInput(f"input tensor {name!r} has shape {list(arr.shape)}; a column tensor must be [n] or [n, 1]")
+    if numeric:
+        if inp.datatype not in _NUMERIC_V2:
+            raise InvalidInput(f"input tensor {name!r} is {inp.datatype}; column {name!r} expects numbers "
+                               "(FP64, FP32 or INT*)")
+        return arr.astype(np.float64, copy=False)
+    if inp.datatype != "BYTES":
+        raise InvalidInput(f"input tensor {name!r} is {inp.datatype}; column {name!r} expects strings (BYTES)")
+    return _column(_from_bytes(arr), name, numeric=False)
+
+
+def frame_from_v2(request: InferRequest, schema: InputSchema) -> pd.DataFrame:
+    """V2 inputs (one tensor per column, or one 2-D tensor in signature order) → a validated DataFrame."""
+    inputs = request.inputs
+    if not inputs:
+        raise InvalidInput('"inputs" is empty: send one tensor per column or one 2-D tensor')
+    if len(inputs) == 1 and inputs[0].name not in schema.column_set:
+        inp = inputs[0]
+        arr = _tensor(inp)
+        if arr.ndim != 2 or arr.shape[1] != len(schema.columns):
+            raise InvalidInput(f"input tensor {inp.name!r} has shape {list(arr.shape)}; a single tensor must be "
+                               f"[n, {len(schema.columns)}] with columns {list(schema.columns)} (or name one tensor "
+                               "per column)")
+        if arr.shape[0] == 0:
+            raise InvalidInput(f"input tensor {inp.name!r} has no rows")
+        if inp.datatype == "BYTES":
+            rows = [_from_bytes(r) for r in arr]
+            return frame_from_instances(rows, schema)
+        if inp.datatype not in _NUMERIC_V2 or schema.numeric != schema.column_set:
+            raise InvalidInput(f"input tensor {inp.name!r} is {inp.datatype}; the columns "
+                               f"{sorted(schema.column_set - schema.numeric)} are strings, send BYTES")
+        return pd.DataFrame(arr.astype(np.float64), columns=list(schema.columns))
+    by_name = {inp.name: inp for inp in inputs}
+    if len(by_name) != len(inputs):
+        raise InvalidInput("input tensors have duplicate names")
+    _check_names(by_name, schema, "input tensors")
+    data = {c: _tensor_column(by_name[c], c, c in schema.numeric) for c in schema.columns}
+    lengths = {c: len(v) for c, v in data.items()}
+    if len(set(lengths.values())) != 1:
+        raise InvalidInput(f"input tensors differ in length: {lengths}")
+    if next(iter(lengths.values())) == 0:
+        raise InvalidInput("input tensors have no rows")
+    return pd.DataFrame(data, columns=list(schema.columns))
+
+
+# -- the model ----------------------------------------------------------------------------------
+def _is_registry_uri(uri: str) -> bool:
+    return uri.startswith("models:/") and not uri.startswith("models:/m-")
+
+
+class DriftloopModel(kserve.Model):
+    """One MLflow model version served by KServe, validated against its signature."""
+
+    def __init__(self, name: str, model_uri: str, tracking_uri: str | None = None) -> None:
+        super().__init__(name)
+        self.model_uri = model_uri
+        self.tracking_uri = tracking_uri
+        self.model_version: str | None = None
+        self.schema: InputSchema | None = None
+        self._model: Any = None
+
+    def _resolve(self) -> str:
+        """Pin a registry URI to its version now, so an alias moving later cannot change what is served."""
+        if not _is_registry_uri(self.model_uri):
+            return self.model_uri
+        from driftloop.errors import RegistryError
+        from driftloop.registry import Registry
+
+        import mlflow
+
+        registry = Registry(self.tracking_uri or mlflow.get_tracking_uri())
+        try:
+            info = registry.resolve(self.model_uri)
+        except RegistryError as exc:
+            raise ServingError(f"cannot serve {self.model_uri}: {exc}") from exc
+        self.model_version = info.version
+        return info.uri
+
+    def load(self) -> bool:
+        """Load the model and its signature; raises ServingError naming the URI when it cannot."""
+        import mlflow
+        from mlflow.exceptions import MlflowException
+
+        if self.tracking_uri:
+            mlflow.set_tracking_uri(self.tracking_uri)
+        uri = self._resolve()
+        try:
+            info = mlflow.models.get_model_info(uri)
+            self.schema = input_schema(info.signature)
+            if "sklearn" in info.flavors:
+                self._model = mlflow.sklearn.load_model(uri)
+            else:
+                self._model = mlflow.pyfunc.load_model(uri)
+        except (MlflowException, OSError) as exc:
+            raise ServingError(f"cannot load model {self.model_uri}: {exc}") from exc
+        if self.model_version is None:
+            self.model_version = str(info.model_uuid or uri)
+        self.ready = True
+        log.info("loaded %s (version %s) as %r", self.model_uri, self.model_version, self.name)
+        return self.ready
+
+    def _predict_frame(self, frame: pd.DataFrame) -> np.ndarray:
+        return np.asarray(self._model.predict(frame))
+
+    def predict(self, payload: dict | InferRequest, headers: dict[str, str] | None = None) -> dict | InferResponse:
+        assert self.schema is not None, "load() first"
+        if isinstance(payload, InferRequest):
+            preds = self._predict_frame(frame_from_v2(payload, self.schema))
+            if preds.dtype.kind in "OUS":
+                preds = preds.astype(object)
+            out = InferOutput(name="predictions", shape=list(preds.shape), datatype=from_np_dtype(preds.dtype),
+                              data=preds.tolist())
+            return InferResponse(response_id=payload.id, model_name=self.name, infer_outputs=[out],
+                                 model_version=self.model_version)
+        if not isinstance(payload, dict):
+            raise InvalidInput('a V1 request must be a JSON object {"instances": [...]} sent as application/json')
+        if "instances" not in payload:
+            raise InvalidInput(f'a V1 request needs "instances"; got keys {sorted(payload)[:10]}')
+        preds = self._predict_frame(frame_from_instances(payload["instances"], self.schema))
+        return {"predictions": preds.tolist(), "model_version": self.model_version}
+
+
+# -- the server ---------------------------------------------------------------------------------
+class PayloadLimit:
+    """ASGI middleware: refuse request bodies over ``max_bytes`` with 413 and a message, before parsing."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        for key, value in scope.get("headers", ()):
+            if key == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
+                return await self._refuse(send, int(value))
+        seen = 0
+        started = False
+
+        async def limited_receive() -> dict:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise _TooLarge(seen)
+            return message
+
+        async def tracking_send(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _TooLarge as exc:
+            if not started:
+                await self._refuse(send, exc.size)
+
+    async def _refuse(self, send: Any, size: int) -> None:
+        import orjson
+
+        body = orjson.dumps({"error": f"payload of {size} bytes exceeds the limit of {self.max_bytes} bytes "
+                                      "(serving.max_payload_bytes)"})
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+class _TooLarge(Exception):
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.size = size
+
+
+class LocalModelServer(kserve.ModelServer):
+    """kserve's ModelServer, listening on a chosen interface instead of all of them.
+
+    kserve builds its uvicorn config with ``host="0.0.0.0"`` inside ``RESTServer``; the
+    config is only read when the server coroutine runs, so the host is set just before.
+    """
+
+    def __init__(self, *, host: str = "127.0.0.1", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.host = host
+
+    async def _serve(self) -> None:
+        rest = self._rest_server or getattr(self._rest_multiprocess_server, "_rest_server", None)
+        if rest is not None:
+            rest.config.host = self.host
+        await super()._serve()
+
+
+def _quiet_per_request_logging() -> None:
+    """Per-request trace/access lines and fastapi's per-request deprecation warning cost throughput."""
+    from fastapi.exceptions import FastAPIDeprecationWarning
+
+    warnings.filterwarnings("ignore", category=FastAPIDeprecationWarning)
+    for name in ("kserve.trace", "uvicorn.access"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+async def _request_error(request: Any, exc: Any) -> Any:
+    """FastAPI answers a body it cannot parse with 422 and a list; KServe's clients expect 400 and one line."""
+    from fastapi.responses import ORJSONResponse
+
+    problems = []
+    for err in exc.errors():
+        loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "bytes")]
+        if err.get("type") == "bytes_type":
+            continue  # the raw-bytes alternative of the V2 body; the JSON error says more
+        detail = (err.get("ctx") or {}).get("error")
+        problems.append(f"{'.'.join(loc) or 'body'}: {err.get('msg')}" + (f" ({detail})" if detail else ""))
+    return ORJSONResponse(status_code=400, content={"error": "malformed request: " + "; ".join(problems[:5])})
+
+
+def serve(model: DriftloopModel, *, http_port: int, host: str = "127.0.0.1", workers: int = 1,
+          max_payload_bytes: int = 8 * 1024 * 1024, enable_grpc: bool = False) -> None:
+    """Serve a loaded model with kserve's ModelServer until stopped (blocks)."""
+    from kserve.model_server import app
+
+    from fastapi.exceptions import RequestValidationError
+
+    app.add_middleware(PayloadLimit, max_bytes=max_payload_bytes)
+    app.add_exception_handler(RequestValidationError, _request_error)
+    server = LocalModelServer(host=host, http_port=http_port, workers=workers, enable_grpc=enable_grpc,
+                              enable_latency_logging=False)
+    _quiet_per_request_logging()
+    log.info("serving %r on http://%s:%d", model.name, host, http_port)
+    server.start([model])
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m serving.predictor", description="Serve one MLflow model with KServe.")
+    p.add_argument("--model-name", required=True, help="name the model answers to (/v1/models/<name>)")
+    p.add_argument("--model-uri", required=True, help="models:/name@alias, models:/name/<version>, runs:/… or a path")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI)")
+    p.add_argument("--http-port", type=int, default=8080)
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0 in a cluster pod)")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--max-payload-bytes", type=int, default=None,
+                   help="largest request body (default: serving.max_payload_bytes)")
+    p.add_argument("--enable-grpc", action="store_true", help="also start kserve's gRPC server")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    limit = args.max_payload_bytes
+    if limit is None:
+        from driftloop.config import load_settings
+        from driftloop.errors import ConfigError
+
+        try:
+            limit = load_settings().serving.max_payload_bytes
+        except ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    model = DriftloopModel(args.model_name, args.model_uri, tracking_uri=args.tracking_uri)
+    try:
+        model.load()
+    except ServingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    serve(model, http_port=args.http_port, host=args.host, workers=args.workers, max_payload_bytes=limit,
+          enable_grpc=args.enable_grpc)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
