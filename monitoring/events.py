@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, KeysView, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -177,11 +177,26 @@ def _tensor_rows(data: Any, shape: Any, name: str) -> list[Any]:
     return data
 
 
+_REFERENCE_SETS: dict[int, tuple[list[str], frozenset[str]]] = {}
+
+
+def _reference_set(reference: list[str]) -> frozenset[str]:
+    """``frozenset(reference)``, built once per reference list (the sink passes the same list each time)."""
+    hit = _REFERENCE_SETS.get(id(reference))
+    if hit is None or hit[0] is not reference:
+        if len(_REFERENCE_SETS) > 64:
+            _REFERENCE_SETS.clear()
+        hit = _REFERENCE_SETS[id(reference)] = (reference, frozenset(reference))
+    return hit[1]
+
+
 def _check_columns(got: Iterable[str], reference: list[str] | None) -> None:
     if reference is None:
         return
-    got_set, ref_set = set(got), set(reference)
+    ref_set = _reference_set(reference)
+    got_set = got if isinstance(got, KeysView) else set(got)
     if got_set != ref_set:
+        got_set = set(got_set)
         parts = []
         if ref_set - got_set:
             parts.append(f"missing {sorted(ref_set - got_set)}")
@@ -220,12 +235,11 @@ def flatten_request(payload: Any, reference_columns: list[str] | None = None) ->
         if len(inst) > _MAX_ROWS:
             raise EventError(413, f"{len(inst)} instances in one event (at most {_MAX_ROWS})")
         if isinstance(inst[0], dict):
-            if any(not isinstance(r, dict) for r in inst):
-                raise EventError(422, "instances mix objects and lists", reason="bad_payload")
             cols = inst[0].keys()
             _check_columns(cols, reference_columns)
-            if any(r.keys() != cols for r in inst):
-                raise EventError(422, "instances do not all have the same columns", reason="columns")
+            for r in inst if len(inst) > 1 else ():
+                if not isinstance(r, dict) or r.keys() != cols:
+                    raise EventError(422, "instances do not all have the same columns", reason="columns")
             return inst
         if isinstance(inst[0], list):
             return _positional(inst, reference_columns)

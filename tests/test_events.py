@@ -132,3 +132,13 @@ def test_raw_asgi_header_parse_equals_cloudevents_from_http():
     assert attrs == attributes_via_sdk(headers, body) and ctype == "application/json"
     assert parse_binary_attributes(attrs, ctype, body, received_at=2.0) == parse_binary(headers, body, received_at=2.0,
                                                                                         use_sdk=True)
+
+
+def test_instances_with_different_columns_are_refused():
+    rows = [instance(0), {**instance(1), "extra": 1}]
+    with pytest.raises(EventError) as err:
+        parse_binary(*binary("a", "request", {"instances": rows}))
+    assert err.value.status == 422 and "same columns" in err.value.message
+    with pytest.raises(EventError) as err:
+        parse_binary(*binary("a", "request", {"instances": [instance(0), [1.0]]}))
+    assert err.value.status == 422
