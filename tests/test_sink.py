@@ -161,6 +161,8 @@ def test_feedback_and_quality_per_version(sink):
         assert r.status_code == 200 and r.json() == {"stored": 4, "unknown_ids": ["nobody"]}
         q = c.get("/quality", params={"since": t0}).json()["versions"]
         assert q["21"] == {"n": 2, "accuracy": 0.5} and q["22"] == {"n": 1, "accuracy": 1.0}
+        assert c.get("/quality", params={"since": "2999-01-01T00:00:00Z"}).json()["versions"] == {}
+        assert c.get("/quality", params={"since": "2000-01-01"}).json()["versions"]["21"]["n"] == 2
         assert c.post("/feedback", json={"label": 1}).status_code == 422
         r = c.get("/quality", params={"since": "yesterday-ish"})
         assert r.status_code == 400 and "since" in r.json()["error"]
