@@ -65,6 +65,20 @@ def test_the_uploaded_pipeline_caches_no_step(cluster_settings, tmp_path):
     assert all(not t.get("cachingOptions", {}).get("enableCache") for t in tasks.values())
 
 
+def test_the_kfp_run_id_reaches_the_mlflow_steps_as_a_task_argument(cluster_settings, tmp_path):
+    """The KFP backend resolves {{$.pipeline_job_uuid}} in task arguments (not in component defaults);
+    register/reject record it in MLflow and use it as the request id of scheduled runs."""
+    import yaml
+    from kfp import dsl
+
+    package = KfpRunner(cluster_settings, client=RecordingKfpClient()).compile(tmp_path)
+    spec = next(yaml.safe_load_all(package.read_text()))
+    steps = {name: task for comp in spec["components"].values() for name, task in comp.get("dag", {}).get("tasks", {}).items()}
+    for step in ("register-op", "reject-op"):
+        arg = steps[step]["inputs"]["parameters"]["pipeline_run_id"]
+        assert arg == {"runtimeValue": {"constant": dsl.PIPELINE_JOB_ID_PLACEHOLDER}}
+
+
 def test_resubmitting_the_same_pipeline_reuses_its_version_and_experiment(cluster_settings):
     client = RecordingKfpClient()
     runner = KfpRunner(cluster_settings, client=client)
