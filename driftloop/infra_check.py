@@ -339,6 +339,91 @@ def _shared_with_python(objects: list[dict[str, Any]], where) -> list[Problem]: 
     return problems
 
 
+# --- patches still match their targets ------------------------------------------------------
+# kustomize v5 turns a JSON-patch "replace" of a missing path into an "add", and a strategic
+# merge of a renamed container into a second container; both would pass silently. So each
+# overlay's patches are checked against what its bases render.
+def _pointer_exists(obj: Any, pointer: str) -> bool:
+    node = obj
+    for raw in pointer.lstrip("/").split("/") if pointer.strip("/") else []:
+        part = raw.replace("~1", "/").replace("~0", "~")
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                return False
+            node = node[int(part)]
+        elif isinstance(node, dict) and part in node:
+            node = node[part]
+        else:
+            return False
+    return True
+
+
+def _named_lists_match(patch: Any, target: Any, path: list[Any]) -> list[str]:
+    """Lists of named items (containers, ports, volumes) in a strategic patch must name existing items."""
+    out: list[str] = []
+    if isinstance(patch, dict) and isinstance(target, dict):
+        for key, value in patch.items():
+            if key in target:
+                out += _named_lists_match(value, target[key], path + [key])
+    elif isinstance(patch, list) and isinstance(target, list):
+        names = {item.get("name") for item in target if isinstance(item, dict)}
+        for item in patch:
+            if isinstance(item, dict) and "name" in item and names and item["name"] not in names:
+                out.append(f"field {_field(path)}: no item named {item['name']!r} in the target (it has {sorted(names)})")
+    return out
+
+
+def _check_patches(target: Path, infra: Path, kubectl: str) -> list[Problem]:
+    kustomization = yaml.load((target / "kustomization.yaml").read_text(), Loader=_Loader) or {}
+    json_patches = kustomization.get("patchesJson6902") or []
+    strategic = kustomization.get("patchesStrategicMerge") or []
+    if not json_patches and not strategic:
+        return []
+    base_objects: list[dict[str, Any]] = []
+    for entry in (kustomization.get("bases") or []) + (kustomization.get("resources") or []):
+        if (target / entry / "kustomization.yaml").is_file():
+            base_objects += build(target / entry, kubectl)
+    label = lambda name: str((target / name).resolve().relative_to(infra.parent.resolve()))  # noqa: E731
+    problems: list[Problem] = []
+
+    def find(kind: str, name: str, namespace: str | None) -> dict[str, Any] | None:
+        for obj in base_objects:
+            meta = obj.get("metadata") or {}
+            if obj.get("kind") == kind and meta.get("name") == name and (namespace is None or meta.get("namespace") == namespace):
+                return obj
+        return None
+
+    for entry in json_patches:
+        t = entry.get("target") or {}
+        obj = find(t.get("kind", ""), t.get("name", ""), t.get("namespace"))
+        where = f"{label(entry.get('path', ''))} (patch of {t.get('kind')} {t.get('name')})"
+        if obj is None:
+            problems.append(Problem(where, "its target is not in the base"))
+            continue
+        for op in load_documents_list((target / entry["path"]).read_text()):
+            path = str(op.get("path", ""))
+            parent = path.rsplit("/", 1)[0]
+            needed = path if op.get("op") in ("replace", "remove", "test") else parent
+            if not _pointer_exists(obj, needed):
+                problems.append(Problem(where, f"{op.get('op')} {path}: field {needed} no longer exists in the target"))
+    for name in strategic:
+        for patch in load_documents((target / name).read_text()):
+            meta = patch.get("metadata") or {}
+            obj = find(str(patch.get("kind")), str(meta.get("name")), meta.get("namespace"))
+            where = f"{label(name)} (patch of {patch.get('kind')} {meta.get('name')})"
+            if obj is None:
+                problems.append(Problem(where, "its target is not in the base"))
+            else:
+                problems += [Problem(where, m) for m in _named_lists_match(patch, obj, [])]
+    return problems
+
+
+def load_documents_list(text: str) -> list[dict[str, Any]]:
+    """The operations of a JSON-patch file (one YAML list)."""
+    data = yaml.load(text, Loader=_Loader) or []
+    return [op for op in data if isinstance(op, dict)] if isinstance(data, list) else []
+
+
 # --- the check -----------------------------------------------------------------------------
 def check_objects(objects: list[dict[str, Any]], index: dict[tuple[str, str], list[str]], label: str) -> list[Problem]:
     """All checks on the rendered objects of one kustomization."""
@@ -371,7 +456,8 @@ def check_target(target: Path, infra: Path, kubectl: str | None = None,
         return [Problem(label, str(exc).split(": ", 1)[1] if str(exc).startswith(str(target)) else str(exc))]
     if not objects:
         return [Problem(f"{label}/kustomization.yaml", "renders no objects")]
-    return check_objects(objects, index if index is not None else source_index(infra), label)
+    problems = _check_patches(target, infra, kubectl or find_kubectl())
+    return problems + check_objects(objects, index if index is not None else source_index(infra), label)
 
 
 def check_tree(root: Path) -> list[Problem]:

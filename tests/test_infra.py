@@ -1,0 +1,215 @@
+"""infra/: the check passes on the real tree, fails on broken copies naming file and field,
+and the manifests agree with the Python builders (image, GPU, logger, alerts, InferenceService)."""
+
+import shutil
+import tomllib
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+import yaml
+
+from driftloop.config import DEFAULT_IMAGE
+from driftloop.infra_check import build, check_target, check_tree, main, objects_by_kind, settings_from_objects
+
+ROOT = Path(__file__).resolve().parents[1]
+OVERLAYS = ["dev", "prod"]
+
+
+@pytest.fixture(scope="module")
+def rendered() -> dict:
+    """Each overlay rendered once by the real kustomize: {env: (objects, settings)}."""
+    out = {}
+    for env in OVERLAYS:
+        objects = build(ROOT / "infra" / "overlays" / env)
+        out[env] = (objects, settings_from_objects(objects))
+    return out
+
+
+def one(objects: list[dict], kind: str, name: str | None = None, namespace: str | None = None) -> dict:
+    found = [o for o in objects_by_kind(objects, kind)
+             if (name is None or o["metadata"]["name"] == name or o["metadata"]["name"].rsplit("-", 1)[0] == name)
+             and (namespace is None or o["metadata"].get("namespace") == namespace)]
+    assert len(found) == 1, f"expected one {kind} {name or ''} in {namespace or 'any namespace'}, found {len(found)}"
+    return found[0]
+
+
+# --- the check on the real tree ----------------------------------------------------------------------
+def test_check_passes_on_the_real_tree(capsys):
+    assert main([str(ROOT)]) == 0, capsys.readouterr().err
+    assert "3 kustomizations built and valid" in capsys.readouterr().out
+
+
+# --- broken copies ----------------------------------------------------------------------------------------
+@pytest.fixture()
+def tree(tmp_path) -> Path:
+    shutil.copytree(ROOT / "infra", tmp_path / "infra")
+    return tmp_path
+
+
+def edit(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text, f"{old!r} not in {path}"
+    path.write_text(text.replace(old, new, 1))
+
+
+def problems_of(tree: Path, target: str) -> str:
+    found = check_target(tree / "infra" / target, tree / "infra")
+    assert found, f"{target}: expected problems, the check passed"
+    return "\n".join(str(p) for p in found)
+
+
+def test_overlay_referencing_a_missing_file_fails_naming_it(tree, capsys):
+    edit(tree / "infra/overlays/dev/kustomization.yaml", "  - monitor.yaml", "  - monitor.yaml\n  - scheduler-on.yaml")
+    text = problems_of(tree, "overlays/dev")
+    assert "infra/overlays/dev" in text and "scheduler-on.yaml" in text
+    # the command line says the same and exits non-zero
+    assert main([str(tree)]) == 1
+    assert "scheduler-on.yaml" in capsys.readouterr().err
+
+
+def test_json_patch_that_no_longer_matches_fails_naming_the_path(tree):
+    # the base loses the field the prod overlay replaces
+    edit(tree / "infra/base/inference-service.yaml", "    scaleTarget: 10\n", "")
+    text = problems_of(tree, "overlays/prod")
+    assert "infra/overlays/prod/inference-service.yaml (patch of InferenceService driftloop-model)" in text
+    assert "replace /spec/predictor/scaleTarget" in text
+    assert not check_target(tree / "infra" / "overlays/dev", tree / "infra"), "dev does not patch scaleTarget"
+
+
+def test_strategic_patch_whose_container_was_renamed_fails(tree):
+    edit(tree / "infra/base/monitor.yaml", "        - name: monitor\n", "        - name: sink\n")
+    text = problems_of(tree, "overlays/dev")
+    assert "infra/overlays/dev/monitor.yaml (patch of Deployment driftloop-monitor)" in text
+    assert "spec.template.spec.containers: no item named 'monitor'" in text
+
+
+def test_unknown_field_in_a_core_object_names_file_and_field(tree):
+    edit(tree / "infra/base/monitor.yaml", "          resources:\n            requests:\n              cpu: 250m",
+         "          resourcez:\n            requests:\n              cpu: 250m")
+    text = problems_of(tree, "base")
+    assert "infra/base/monitor.yaml" in text and "Deployment driftloop/driftloop-monitor" in text
+    assert "resourcez" in text and "spec.template.spec.containers[0]" in text
+
+
+def test_unknown_field_in_the_inference_service_fails_through_kserve_classes(tree):
+    edit(tree / "infra/base/inference-service.yaml", "    scaleMetric: concurrency\n",
+         "    scaleMetric: concurrency\n    canaryTraficPercent: 10\n")
+    text = problems_of(tree, "base")
+    assert "infra/base/inference-service.yaml" in text
+    assert "spec.predictor.canaryTraficPercent" in text and "V1beta1PredictorSpec" in text
+
+
+def test_wrong_type_in_the_inference_service_fails(tree):
+    edit(tree / "infra/base/inference-service.yaml", "    minReplicas: 1\n", "    minReplicas: one\n")
+    assert "spec.predictor.minReplicas: must be int" in problems_of(tree, "base")
+
+
+def test_prometheus_operator_objects_are_checked_against_their_crds(tree):
+    monitoring = tree / "infra/base/monitoring"
+    edit(monitoring / "service-monitors.yaml", "  selector:\n    matchLabels:\n      app.kubernetes.io/name: driftloop\n"
+         "      app.kubernetes.io/component: monitor\n", "")
+    edit(monitoring / "alertmanager-config.yaml", "          sendResolved: false", "          sendResolved: no-thanks")
+    edit(monitoring / "prometheus-rule.yaml", "          for: 10m", "          for: 10m\n          severity: high")
+    text = problems_of(tree, "base")
+    assert "service-monitors.yaml (ServiceMonitor driftloop/driftloop-monitor" in text
+    assert "spec.selector: required by the CRD" in text
+    assert "spec.receivers[0].webhookConfigs[0].sendResolved: must be boolean" in text
+    assert "spec.groups[0].rules[0].severity: unknown to the CRD" in text
+
+
+def test_config_key_typo_and_foreign_image_tag_fail(tree):
+    edit(tree / "infra/base/config/driftloop.yaml", "  drift_share: 0.5", "  drift_shares: 0.5")
+    edit(tree / "infra/overlays/prod/kustomization.yaml", 'newTag: "0.1.0"', 'newTag: "0.2.0"')
+    text = problems_of(tree, "overlays/prod")
+    assert "monitor.drift_shares: unknown key" in text
+    assert "ghcr.io/driftloop/driftloop:0.2.0 differs from driftloop.config.DEFAULT_IMAGE" in text
+
+
+def test_committed_secret_values_fail(tree):
+    (tree / "infra/base/secret.yaml").write_text(
+        "apiVersion: v1\nkind: Secret\nmetadata:\n  name: driftloop-webhook\n  namespace: driftloop\n"
+        "stringData:\n  token: hunter2\n")
+    edit(tree / "infra/base/kustomization.yaml", "  - namespace.yaml\n", "  - namespace.yaml\n  - secret.yaml\n")
+    text = problems_of(tree, "base")
+    assert "infra/base/secret.yaml" in text and "Secret with values" in text
+
+
+# --- manifests and Python builders agree ---------------------------------------------------------
+def test_one_image_for_pipelines_manifests_and_package(rendered, tmp_path):
+    from pipelines.training import compile_pipeline
+
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert DEFAULT_IMAGE.endswith(f":{version}")
+    for env, (objects, settings) in rendered.items():
+        images = {c["image"] for d in objects_by_kind(objects, "Deployment") for c in d["spec"]["template"]["spec"]["containers"]}
+        isvc = one(objects, "InferenceService")
+        images |= {c["image"] for c in isvc["spec"]["predictor"]["containers"]}
+        assert images == {DEFAULT_IMAGE}, env
+        assert settings.serving.image == DEFAULT_IMAGE
+        spec = next(yaml.safe_load_all(compile_pipeline(settings, tmp_path / f"{env}.yaml").read_text()))
+        assert {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()} == {DEFAULT_IMAGE}
+
+
+def test_gpu_train_step_fits_the_quota_and_runs_as_the_pipeline_account(rendered, tmp_path):
+    from pipelines.training import compile_pipeline
+
+    objects, settings = rendered["prod"]
+    assert settings.model.gpu, "prod trains on a GPU"
+    docs = list(yaml.safe_load_all(compile_pipeline(settings, tmp_path / "prod.yaml").read_text()))
+    accelerator = docs[0]["deploymentSpec"]["executors"]["exec-train-op"]["container"]["resources"]["accelerator"]
+    quota = one(objects, "ResourceQuota", "driftloop-pipeline-gpu", namespace=settings.kfp.namespace)
+    resource = f"requests.{accelerator['resourceType']}"
+    assert resource in quota["spec"]["hard"], "the quota counts the resource the train step asks for"
+    assert int(accelerator["resourceCount"]) <= int(quota["spec"]["hard"][resource])
+    tolerations = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-train-op"]["tolerations"]
+    assert [t["key"] for t in tolerations] == [settings.model.gpu_toleration_key] == [accelerator["resourceType"]]
+    # the steps' ServiceAccount and MLflow Secret are the ones the manifests provide for
+    one(objects, "ServiceAccount", settings.kfp.service_account, namespace=settings.kfp.namespace)
+    executors = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert {s["secretName"] for e in executors.values() for s in e.get("secretAsEnv", [])} == {settings.kfp.mlflow_secret}
+    # dev trains on CPUs: no GPU is requested anywhere
+    dev_objects, dev_settings = rendered["dev"]
+    dev_spec = next(yaml.safe_load_all(compile_pipeline(dev_settings, tmp_path / "dev.yaml").read_text()))
+    assert "resources" not in dev_spec["deploymentSpec"]["executors"]["exec-train-op"]["container"]
+
+
+def test_logger_alerts_and_network_policy_point_at_the_monitor(rendered):
+    for env, (objects, settings) in rendered.items():
+        service = one(objects, "Service", "driftloop-monitor")
+        monitor = one(objects, "Deployment", "driftloop-monitor")
+        container = monitor["spec"]["template"]["spec"]["containers"][0]
+        url = urlparse(settings.serving.logger_url)
+        assert url.hostname == f"{service['metadata']['name']}.{service['metadata']['namespace']}.svc.cluster.local"
+        assert (url.port or 80) == service["spec"]["ports"][0]["port"] and url.path == "/events"
+        named = {p["name"]: p["containerPort"] for p in container["ports"]}
+        assert named[service["spec"]["ports"][0]["targetPort"]] == settings.monitor.port
+        isvc = one(objects, "InferenceService")
+        assert isvc["spec"]["predictor"]["logger"] == {"mode": settings.serving.logger_mode, "url": settings.serving.logger_url}
+        # the sink admits the predictor's pods (where KServe's logger runs)
+        policy = one(objects, "NetworkPolicy", "driftloop-monitor-ingress")
+        selectors = [f.get("podSelector", {}).get("matchLabels", {}) for rule in policy["spec"]["ingress"] for f in rule["from"]]
+        assert {"serving.kserve.io/inferenceservice": settings.serving.name} in selectors
+        # the drift alert fires at the monitor's drift share and reaches /alerts/alertmanager with the token Secret
+        rule = one(objects, "PrometheusRule")["spec"]["groups"][0]["rules"][0]
+        assert rule["alert"] == "DriftloopDatasetDrift"
+        assert float(rule["expr"].rsplit(">=", 1)[1]) == settings.monitor.drift_share
+        hook = one(objects, "AlertmanagerConfig")["spec"]["receivers"][0]["webhookConfigs"][0]
+        assert hook["url"] == f"http://{url.hostname}/alerts/alertmanager"
+        token = next(e for e in container["env"] if e["name"] == "DRIFTLOOP_WEBHOOK_TOKEN")["valueFrom"]["secretKeyRef"]
+        assert hook["httpConfig"]["authorization"]["credentials"] == {"name": token["name"], "key": token["key"]}
+        scheduler = one(objects, "Deployment", "driftloop-scheduler")
+        assert scheduler["spec"]["replicas"] == 0, "KFP recurring runs keep time on a cluster"
+
+
+def test_rollout_controller_may_only_touch_inference_services_in_its_namespace(rendered):
+    objects, settings = rendered["prod"]
+    assert not objects_by_kind(objects, "ClusterRole") and not objects_by_kind(objects, "ClusterRoleBinding")
+    deployment = one(objects, "Deployment", "driftloop-rollout")
+    account = deployment["spec"]["template"]["spec"]["serviceAccountName"]
+    bindings = [b for b in objects_by_kind(objects, "RoleBinding")
+                if any(s["name"] == account for s in b["subjects"])]
+    rules = [r for b in bindings for r in one(objects, "Role", b["roleRef"]["name"])["rules"]]
+    assert rules == [{"apiGroups": ["serving.kserve.io"], "resources": ["inferenceservices"],
+                      "verbs": ["get", "watch", "patch"]}]
+    assert {b["metadata"]["namespace"] for b in bindings} == {settings.serving.namespace}
