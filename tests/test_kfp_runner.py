@@ -51,16 +51,22 @@ def test_first_submission_uploads_a_version_creates_the_experiment_and_starts_th
     assert result.url == f"http://kfp.example:8888/#/runs/details/{result.run_id}"
 
 
-def test_the_uploaded_pipeline_caches_no_step(cluster_settings, tmp_path):
-    """Runs by version id ignore the client's enable_caching, so the package itself must not cache:
-    a recurring run with the same parameters would otherwise reuse yesterday's data and model."""
+def _compiled_tasks(settings, tmp_path):
+    """Every task of the package KfpRunner uploads (top level and inside the gate's branches), by name."""
     import yaml
 
-    package = KfpRunner(cluster_settings, client=RecordingKfpClient()).compile(tmp_path)
+    package = KfpRunner(settings, client=RecordingKfpClient()).compile(tmp_path)
     spec = next(yaml.safe_load_all(package.read_text()))
     tasks = dict(spec["root"]["dag"]["tasks"])
     for comp in spec["components"].values():
         tasks.update(comp.get("dag", {}).get("tasks", {}))
+    return tasks
+
+
+def test_the_uploaded_pipeline_caches_no_step(cluster_settings, tmp_path):
+    """Runs by version id ignore the client's enable_caching, so the package itself must not cache:
+    a recurring run with the same parameters would otherwise reuse yesterday's data and model."""
+    tasks = _compiled_tasks(cluster_settings, tmp_path)
     assert {"ingest-op", "train-op", "evaluate-op", "register-op", "reject-op"} <= set(tasks)
     assert all(not t.get("cachingOptions", {}).get("enableCache") for t in tasks.values())
 
@@ -68,12 +74,9 @@ def test_the_uploaded_pipeline_caches_no_step(cluster_settings, tmp_path):
 def test_the_kfp_run_id_reaches_the_mlflow_steps_as_a_task_argument(cluster_settings, tmp_path):
     """The KFP backend resolves {{$.pipeline_job_uuid}} in task arguments (not in component defaults);
     register/reject record it in MLflow and use it as the request id of scheduled runs."""
-    import yaml
     from kfp import dsl
 
-    package = KfpRunner(cluster_settings, client=RecordingKfpClient()).compile(tmp_path)
-    spec = next(yaml.safe_load_all(package.read_text()))
-    steps = {name: task for comp in spec["components"].values() for name, task in comp.get("dag", {}).get("tasks", {}).items()}
+    steps = _compiled_tasks(cluster_settings, tmp_path)
     for step in ("register-op", "reject-op"):
         arg = steps[step]["inputs"]["parameters"]["pipeline_run_id"]
         assert arg == {"runtimeValue": {"constant": dsl.PIPELINE_JOB_ID_PLACEHOLDER}}
