@@ -146,6 +146,18 @@ class ServingConfig(_Section):
     logger_url: str = "http://driftloop-monitor.driftloop.svc.cluster.local/events"
     logger_mode: Literal["all", "request", "response"] = "all"
 
+    @field_validator("cpu_request", "memory_request", "cpu_limit", "memory_limit", mode="before")
+    @classmethod
+    def _quantity(cls, v: Any) -> Any:
+        """Kubernetes quantities ("500m", "2", "1Gi"); a bare YAML number is taken as written."""
+        import re
+
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            v = str(v)
+        if isinstance(v, str) and not re.fullmatch(r"[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?", v):
+            raise ValueError(f"{v!r} is not a Kubernetes quantity like 500m, 2 or 1Gi")
+        return v
+
     @model_validator(mode="after")
     def _replicas(self) -> "ServingConfig":
         if self.max_replicas < self.min_replicas:
