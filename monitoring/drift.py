@@ -208,15 +208,19 @@ def _default_method(n_reference: int, n_values: int, kind: str) -> str:
 
 
 # -- frames -----------------------------------------------------------------------------------
+def _require_columns(df: pd.DataFrame, columns: list[str], what: str) -> None:
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise MonitorError(f"{what} data lacks the reference columns {missing}; it has {sorted(map(str, df.columns))}")
+
+
 def prepare_frame(df: pd.DataFrame, numeric: list[str], categorical: list[str], *, what: str = "current") -> pd.DataFrame:
     """The checked columns in the types the checks expect: numeric float64, categorical strings.
 
     Missing columns or non-numeric values in a numeric column raise :class:`MonitorError` naming
     them, so rows that do not match the reference never pass silently.
     """
-    missing = [c for c in [*numeric, *categorical] if c not in df.columns]
-    if missing:
-        raise MonitorError(f"{what} data lacks the reference columns {missing}; it has {sorted(map(str, df.columns))}")
+    _require_columns(df, [*numeric, *categorical], what)
     out: dict[str, Any] = {}
     for col in numeric:
         try:
@@ -288,13 +292,23 @@ def _sorted_uniques(sorted_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 # -- statistics on summaries ------------------------------------------------------------------
 def _wasserstein_sorted(u: np.ndarray, v: np.ndarray) -> float:
-    """First Wasserstein distance of two sorted samples (scipy's CDF formula, without re-sorting)."""
-    all_values = np.concatenate((u, v))
-    all_values.sort(kind="mergesort")
-    deltas = np.diff(all_values)
-    u_cdf = u.searchsorted(all_values[:-1], "right") / u.size
-    v_cdf = v.searchsorted(all_values[:-1], "right") / v.size
-    return float(np.sum(np.multiply(np.abs(u_cdf - v_cdf), deltas)))
+    """First Wasserstein distance of two sorted samples: scipy's CDF formula, without re-sorting.
+
+    The two samples are merged by inserting the smaller into the larger (one search per value of
+    the smaller). Where the merged values step up (deltas > 0), exactly ``i + 1`` values are at or
+    below ``merged[i]``, so a running count of the smaller sample's values gives both CDFs there;
+    where deltas == 0 the term vanishes whatever the CDFs are.
+    """
+    small, large = (u, v) if u.size <= v.size else (v, u)
+    at = large.searchsorted(small, "left")
+    merged = np.insert(large, at, small)
+    is_small = np.zeros(merged.size - 1, dtype=np.int64)
+    marks = at + np.arange(small.size)
+    is_small[marks[marks < is_small.size]] = 1
+    small_count = np.cumsum(is_small)
+    large_count = np.arange(1, merged.size, dtype=np.int64) - small_count
+    diff = np.abs(small_count / small.size - large_count / large.size)
+    return float(np.dot(diff, np.diff(merged)))
 
 
 def _count_vectors(ref: dict[Any, int], cur: dict[Any, int]) -> tuple[list[Any], np.ndarray, np.ndarray]:
@@ -341,17 +355,45 @@ _P_VALUE_INCLUSIVE = {"ks"}  # K-S flags p <= threshold; chi-square and Z-test p
 _P_VALUE_METHODS = {"ks", "chisquare", "z"}
 
 
-def _column_check(name: str, prof: _ColumnProfile, current: np.ndarray, options: DriftOptions) -> ColumnDrift:
+def _numeric_values(series: pd.Series, name: str) -> np.ndarray:
+    """Finite values of a numeric column, sorted (MonitorError when the column is not numeric)."""
+    if not pd.api.types.is_numeric_dtype(series) or pd.api.types.is_bool_dtype(series):
+        try:
+            series = pd.to_numeric(series, errors="raise")
+        except (ValueError, TypeError) as exc:
+            raise MonitorError(f"current column {name!r} must be numeric like the reference: {exc}") from exc
+    values = series.to_numpy(dtype=np.float64, na_value=np.nan)
+    values = values[np.isfinite(values)]
+    values.sort()
+    return values
+
+
+def _levels_of_sorted(values: np.ndarray) -> dict[Any, int] | None:
+    """value -> count of a sorted array, or None when it has more than ``_KEEP_LEVELS`` values."""
+    if values.size and np.count_nonzero(values[1:] != values[:-1]) + 1 > _KEEP_LEVELS:
+        return None
+    uniques, counts = _sorted_uniques(values)
+    return dict(zip(uniques.tolist(), counts.tolist()))
+
+
+def _category_counts(series: pd.Series) -> dict[Any, int]:
+    """Counts per level as strings (the same levels ``prepare_frame`` makes), missing values left out."""
+    counts: dict[Any, int] = {}
+    for key, n in series.value_counts(dropna=True).items():
+        k = str(key)
+        counts[k] = counts.get(k, 0) + int(n)
+    return counts
+
+
+def _column_check(name: str, prof: _ColumnProfile, series: pd.Series, options: DriftOptions) -> ColumnDrift:
     """Compare one window column with its reference profile, the way Evidently would."""
     if prof.kind == NUMERICAL:
-        cur = np.sort(current[~np.isnan(current)])
-        uniques, counts = _sorted_uniques(cur)
-        cur_levels = dict(zip(uniques.tolist(), counts.tolist())) if uniques.size <= _KEEP_LEVELS else None
+        cur = _numeric_values(series, name)
+        cur_levels = _levels_of_sorted(cur)
         n_cur = int(cur.size)
     else:
-        cur_series = pd.Series(current).dropna()
-        cur_levels = cur_series.value_counts().to_dict()
-        n_cur = int(cur_series.size)
+        cur_levels = _category_counts(series)
+        n_cur = sum(cur_levels.values())
     if n_cur == 0:
         raise MonitorError(f"column {name!r} has no values in the current window")
     method = options.method_for(name, prof.kind)
@@ -381,8 +423,8 @@ def _column_check(name: str, prof: _ColumnProfile, current: np.ndarray, options:
     elif method == "jensenshannon" and prof.kind == NUMERICAL:
         score = _jensenshannon_hist(prof.sorted_values, cur)
     if score is None:  # no fast path: Evidently's implementation on this column
-        values = cur if prof.kind == NUMERICAL else cur_series.to_numpy()
-        res = test(prof.raw, pd.Series(values), _column_type(prof.kind), threshold)
+        values = pd.Series(cur) if prof.kind == NUMERICAL else series.dropna().astype(str).reset_index(drop=True)
+        res = test(prof.raw, values, _column_type(prof.kind), threshold)
         return ColumnDrift(name, prof.kind, method, float(res.drift_score), float(threshold), bool(res.drifted), prof.n, n_cur)
     if method in _P_VALUE_METHODS:
         drifted = score <= threshold if method in _P_VALUE_INCLUSIVE else score < threshold
@@ -393,10 +435,10 @@ def _column_check(name: str, prof: _ColumnProfile, current: np.ndarray, options:
 
 def fast_check(profile: ReferenceProfile, current: pd.DataFrame, options: DriftOptions) -> DriftResult:
     """The continuous check: every reference column of ``current`` against the profile."""
-    frame = prepare_frame(current, profile.numeric, profile.categorical)
-    columns = [_column_check(col, profile.columns[col], frame[col].to_numpy(), options)
+    _require_columns(current, [*profile.numeric, *profile.categorical], "current")
+    columns = [_column_check(col, profile.columns[col], current[col], options)
                for col in [*profile.numeric, *profile.categorical]]
-    return DriftResult(columns, options.drift_share, profile.n, len(frame), "fast")
+    return DriftResult(columns, options.drift_share, profile.n, len(current), "fast")
 
 
 # -- Evidently (judge of record) --------------------------------------------------------------
