@@ -1,0 +1,265 @@
+"""The InferenceService (serving.kserve.io/v1beta1) that serves a model on a cluster.
+
+Built from configuration with kserve's own model classes, so what is rendered or
+sent is exactly what KServeClient would send. Two predictor kinds:
+
+* the project's predictor image (``serving.image``) running
+  ``python -m serving.predictor --model-uri models:/name@alias``, with MLflow
+  settings from a Secret (``kfp.mlflow_secret``) — the default;
+* KServe's ``mlflow`` model format with a ``storageUri`` (``serving.use_mlflow_runtime``).
+
+Canary rollouts (Serverless mode) map to the predictor like this:
+
+* canary: the predictor's model changes and ``canaryTrafficPercent: N`` sends N %
+  to the new revision, the rest to the last rolled-out one;
+* rollback: ``canaryTrafficPercent: 0`` — the previous revision keeps all traffic;
+* promotion: the field is removed with the new version as the predictor — 100 %.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any
+
+from driftloop.errors import ServingError
+
+__all__ = [
+    "API_VERSION",
+    "KIND",
+    "CONTAINER_NAME",
+    "PREDICTOR_PORT",
+    "check_percent",
+    "default_model_uri",
+    "build_inference_service",
+    "canary_patch",
+    "with_model",
+    "with_canary",
+    "promote",
+    "rollback",
+    "model_uri_of",
+    "to_dict",
+    "to_yaml",
+    "from_dict",
+]
+
+log = logging.getLogger(__name__)
+
+API_VERSION = "serving.kserve.io/v1beta1"
+KIND = "InferenceService"
+CONTAINER_NAME = "kserve-container"  # the name KServe expects for a custom predictor container
+PREDICTOR_PORT = 8080
+GPU_RESOURCE = "nvidia.com/gpu"
+MODEL_URI_ANNOTATION = "driftloop.io/model-uri"
+
+
+def check_percent(percent: Any) -> int:
+    """A canary percentage, or ServingError before anything changes."""
+    if isinstance(percent, bool) or not isinstance(percent, int) or not 0 <= percent <= 100:
+        raise ServingError(f"canary traffic percent must be an integer between 0 and 100, got {percent!r}")
+    return percent
+
+
+def default_model_uri(settings: Any) -> str:
+    from driftloop.registry import CHAMPION
+
+    return f"models:/{settings.mlflow.model_name}@{CHAMPION}"
+
+
+def _resources(serving: Any) -> Any:
+    from kubernetes.client import V1ResourceRequirements
+
+    requests = {"cpu": serving.cpu_request, "memory": serving.memory_request}
+    limits = {"cpu": serving.cpu_limit, "memory": serving.memory_limit}
+    if serving.gpu:
+        limits[GPU_RESOURCE] = str(serving.gpu)  # extended resources: the request defaults to the limit
+    return V1ResourceRequirements(requests=requests, limits=limits)
+
+
+def _predictor_container(settings: Any, model_uri: str) -> Any:
+    from kubernetes.client import (V1Container, V1ContainerPort, V1EnvFromSource, V1EnvVar, V1HTTPGetAction,
+                                   V1Probe, V1SecretEnvSource)
+
+    serving = settings.serving
+    env = []
+    if settings.mlflow.tracking_uri:
+        env.append(V1EnvVar(name="MLFLOW_TRACKING_URI", value=settings.mlflow.tracking_uri))
+    if settings.mlflow.registry_uri:
+        env.append(V1EnvVar(name="MLFLOW_REGISTRY_URI", value=settings.mlflow.registry_uri))
+    env_from = None
+    if settings.kfp.mlflow_secret:  # credentials (and possibly the tracking URI) live only in the Secret
+        env_from = [V1EnvFromSource(secret_ref=V1SecretEnvSource(name=settings.kfp.mlflow_secret))]
+    return V1Container(
+        name=CONTAINER_NAME,
+        image=serving.image,
+        command=["python", "-m", "serving.predictor"],
+        args=["--model-name", serving.name, "--model-uri", model_uri, "--http-port", str(PREDICTOR_PORT),
+              "--host", "0.0.0.0", "--max-payload-bytes", str(serving.max_payload_bytes)],
+        env=env or None,
+        env_from=env_from,
+        ports=[V1ContainerPort(container_port=PREDICTOR_PORT, protocol="TCP")],
+        readiness_probe=V1Probe(http_get=V1HTTPGetAction(path="/v2/health/ready", port=PREDICTOR_PORT)),
+        resources=_resources(serving),
+    )
+
+
+def _mlflow_model(settings: Any, storage_uri: str | None) -> Any:
+    from kserve import V1beta1ModelFormat, V1beta1ModelSpec
+
+    storage = storage_uri or settings.serving.storage_uri
+    if not storage:
+        raise ServingError("serving.use_mlflow_runtime needs a storage URI (serving.storage_uri or --storage-uri): "
+                           "KServe's mlflow runtime reads the model files, not the registry")
+    return V1beta1ModelSpec(model_format=V1beta1ModelFormat(name="mlflow"), storage_uri=storage,
+                            protocol_version="v2", resources=_resources(settings.serving))
+
+
+def build_inference_service(settings: Any, *, storage_uri: str | None = None, model_uri: str | None = None,
+                            canary_traffic_percent: int | None = None) -> Any:
+    """The InferenceService for ``settings.serving`` serving ``model_uri`` (default ``models:/<name>@champion``)."""
+    from kserve import V1beta1InferenceService, V1beta1InferenceServiceSpec, V1beta1LoggerSpec, V1beta1PredictorSpec
+    from kubernetes.client import V1ObjectMeta, V1Toleration
+
+    if canary_traffic_percent is not None:
+        check_percent(canary_traffic_percent)
+    serving = settings.serving
+    uri = model_uri or default_model_uri(settings)
+    predictor = V1beta1PredictorSpec(
+        min_replicas=serving.min_replicas,
+        max_replicas=serving.max_replicas,
+        scale_metric=serving.scale_metric,
+        scale_target=serving.scale_target,
+        canary_traffic_percent=canary_traffic_percent,
+        logger=V1beta1LoggerSpec(mode=serving.logger_mode, url=serving.logger_url),
+    )
+    if serving.use_mlflow_runtime:
+        predictor.model = _mlflow_model(settings, storage_uri)
+        uri = predictor.model.storage_uri
+    else:
+        predictor.containers = [_predictor_container(settings, uri)]
+    if serving.gpu:
+        predictor.tolerations = [V1Toleration(key=GPU_RESOURCE, operator="Exists", effect="NoSchedule")]
+    metadata = V1ObjectMeta(
+        name=serving.name,
+        namespace=serving.namespace,
+        labels={"app.kubernetes.io/name": serving.name, "app.kubernetes.io/managed-by": "driftloop"},
+        # canaryTrafficPercent only splits traffic in Serverless (Knative) mode.
+        annotations={"serving.kserve.io/deploymentMode": "Serverless", MODEL_URI_ANNOTATION: uri},
+    )
+    return V1beta1InferenceService(api_version=API_VERSION, kind=KIND, metadata=metadata,
+                                   spec=V1beta1InferenceServiceSpec(predictor=predictor))
+
+
+# -- rollout changes ----------------------------------------------------------------------------
+def canary_patch(percent: int, *, name: str | None = None, namespace: str | None = None) -> Any:
+    """A merge patch that only sets ``spec.predictor.canaryTrafficPercent`` (0 = rollback)."""
+    from kserve import V1beta1InferenceService, V1beta1InferenceServiceSpec, V1beta1PredictorSpec
+    from kubernetes.client import V1ObjectMeta
+
+    check_percent(percent)
+    return V1beta1InferenceService(
+        api_version=API_VERSION, kind=KIND, metadata=V1ObjectMeta(name=name, namespace=namespace),
+        spec=V1beta1InferenceServiceSpec(predictor=V1beta1PredictorSpec(canary_traffic_percent=percent)))
+
+
+def model_uri_of(isvc: Any) -> str:
+    """The model a built InferenceService serves (registry URI or storage URI)."""
+    predictor = isvc.spec.predictor
+    if predictor.model is not None:
+        return predictor.model.storage_uri
+    args = predictor.containers[0].args or []
+    if "--model-uri" not in args:
+        raise ServingError(f"InferenceService {isvc.metadata.name!r}: predictor container has no --model-uri")
+    return args[args.index("--model-uri") + 1]
+
+
+def with_model(isvc: Any, model_uri: str) -> Any:
+    """A copy of ``isvc`` whose predictor serves ``model_uri`` (a new revision on the cluster)."""
+    out = copy.deepcopy(isvc)
+    predictor = out.spec.predictor
+    if predictor.model is not None:
+        if model_uri.startswith("models:/"):
+            raise ServingError(f"the mlflow runtime needs a storage URI, not a registry URI: {model_uri}")
+        predictor.model.storage_uri = model_uri
+    else:
+        container = predictor.containers[0]
+        args = list(container.args or [])
+        if "--model-uri" in args:
+            args[args.index("--model-uri") + 1] = model_uri
+        else:
+            args += ["--model-uri", model_uri]
+        container.args = args
+    out.metadata.annotations = {**(out.metadata.annotations or {}), MODEL_URI_ANNOTATION: model_uri}
+    return out
+
+
+def with_canary(isvc: Any, model_uri: str, percent: int) -> Any:
+    """Put ``model_uri`` out as a canary taking ``percent`` % of traffic."""
+    check_percent(percent)
+    out = with_model(isvc, model_uri)
+    out.spec.predictor.canary_traffic_percent = percent
+    return out
+
+
+def promote(isvc: Any, new_model_uri: str) -> Any:
+    """The promoted object: the new model as the predictor and no ``canaryTrafficPercent`` (100 %)."""
+    out = with_model(isvc, new_model_uri)
+    out.spec.predictor.canary_traffic_percent = None
+    return out
+
+
+def rollback(isvc: Any) -> Any:
+    """The rolled-back object: ``canaryTrafficPercent: 0``, the last rolled-out revision keeps all traffic."""
+    out = copy.deepcopy(isvc)
+    out.spec.predictor.canary_traffic_percent = 0
+    return out
+
+
+# -- rendering ----------------------------------------------------------------------------------
+def to_dict(isvc: Any) -> dict[str, Any]:
+    """The JSON-ready object exactly as the Kubernetes client sends it (camelCase, no nulls)."""
+    from kserve import ApiClient
+
+    return ApiClient().sanitize_for_serialization(isvc)
+
+
+def to_yaml(isvc: Any) -> str:
+    import yaml
+
+    return yaml.safe_dump(to_dict(isvc), sort_keys=False)
+
+
+class _Body:
+    """What ApiClient.deserialize reads: a response with a JSON ``data`` attribute."""
+
+    def __init__(self, data: str) -> None:
+        self.data = data
+
+
+def _api_client() -> Any:
+    """kserve's ApiClient, able to parse the Kubernetes core types its models refer to (V1ObjectMeta, …).
+
+    kserve's generated client looks every class name up in ``kserve.models`` only; the core
+    types of a predictor (containers, resources, metadata) live in ``kubernetes.client.models``.
+    """
+    import kserve.models
+    import kubernetes.client.models
+    from kserve import ApiClient
+
+    class _Client(ApiClient):
+        def _ApiClient__deserialize(self, data: Any, klass: Any) -> Any:
+            if isinstance(klass, str) and not hasattr(kserve.models, klass) and hasattr(kubernetes.client.models, klass):
+                klass = getattr(kubernetes.client.models, klass)
+            return super()._ApiClient__deserialize(data, klass)
+
+    return _Client()
+
+
+def from_dict(obj: dict[str, Any]) -> Any:
+    """Parse a dict (e.g. what KServeClient.get returns) into ``V1beta1InferenceService``."""
+    import json
+
+    try:
+        return _api_client().deserialize(_Body(json.dumps(obj)), "V1beta1InferenceService")
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise ServingError(f"not an InferenceService: {exc}") from exc

@@ -1,0 +1,182 @@
+"""The cluster serving adapter: the InferenceService applied and changed through KServeClient.
+
+Every change is one call of the real client (``create``, ``patch`` — a JSON merge
+patch —, ``replace``); readiness is KServe's own ``wait_isvc_ready``. Canary,
+traffic steps, promotion and rollback are the InferenceService field changes the
+KServe controller acts on (see :mod:`serving.inference_service`). Percentages
+are checked before anything is sent; client failures become ServingError.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from driftloop.errors import ServingError
+from serving import inference_service as isvcs
+
+__all__ = ["KServeBackend", "ServingStatus", "TrafficTarget"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrafficTarget:
+    revision: str | None
+    percent: int
+    latest: bool
+    tag: str | None = None
+
+
+@dataclass(frozen=True)
+class ServingStatus:
+    """What the controller reports in ``status.components.predictor`` (plus readiness and the spec's split)."""
+
+    name: str
+    namespace: str
+    ready: bool
+    canary_percent: int | None
+    model_uri: str | None
+    url: str | None = None
+    latest_ready_revision: str | None = None
+    latest_rolledout_revision: str | None = None
+    previous_rolledout_revision: str | None = None
+    traffic: tuple[TrafficTarget, ...] = field(default_factory=tuple)
+
+
+def _is_not_found(exc: Exception) -> bool:
+    text = str(exc)
+    return "(404)" in text or "Not Found" in text
+
+
+def parse_status(obj: dict[str, Any]) -> ServingStatus:
+    """Read the status a cluster returns for an InferenceService (a plain dict from KServeClient.get)."""
+    meta = obj.get("metadata") or {}
+    spec_predictor = (obj.get("spec") or {}).get("predictor") or {}
+    status = obj.get("status") or {}
+    predictor = (status.get("components") or {}).get("predictor") or {}
+    ready = any(c.get("type") == "Ready" and str(c.get("status")).lower() == "true"
+                for c in status.get("conditions") or [])
+    model_uri = (meta.get("annotations") or {}).get(isvcs.MODEL_URI_ANNOTATION)
+    traffic = tuple(
+        TrafficTarget(revision=t.get("revisionName"), percent=int(t.get("percent") or 0),
+                      latest=bool(t.get("latestRevision")), tag=t.get("tag"))
+        for t in predictor.get("traffic") or [])
+    return ServingStatus(
+        name=meta.get("name", ""), namespace=meta.get("namespace", ""), ready=ready,
+        canary_percent=spec_predictor.get("canaryTrafficPercent"), model_uri=model_uri,
+        url=predictor.get("url") or status.get("url"),
+        latest_ready_revision=predictor.get("latestReadyRevision"),
+        latest_rolledout_revision=predictor.get("latestRolledoutRevision"),
+        previous_rolledout_revision=predictor.get("previousRolledoutRevision"),
+        traffic=traffic,
+    )
+
+
+class KServeBackend:
+    """One InferenceService on a cluster, driven through ``kserve.KServeClient``."""
+
+    def __init__(self, settings: Any, client: Any | None = None) -> None:
+        self.settings = settings
+        self.name = settings.serving.name
+        self.namespace = settings.serving.namespace
+        self._client = client
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            from kserve import KServeClient
+
+            try:
+                self._client = KServeClient()
+            except Exception as exc:  # kubeconfig missing or unreadable: say so, once
+                raise ServingError(f"cannot connect to the Kubernetes cluster: {exc}") from exc
+        return self._client
+
+    def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except ServingError:
+            raise
+        except Exception as exc:  # KServeClient wraps every ApiException in RuntimeError
+            raise ServingError(f"{what} InferenceService {self.namespace}/{self.name}: {exc}") from exc
+
+    # -- reading ----------------------------------------------------------------------------
+    def get(self) -> dict[str, Any] | None:
+        """The current object as the cluster returns it, or None when it does not exist."""
+        try:
+            return self.client.get(self.name, namespace=self.namespace)
+        except ServingError:
+            raise
+        except Exception as exc:
+            if _is_not_found(exc):
+                return None
+            raise ServingError(f"cannot read InferenceService {self.namespace}/{self.name}: {exc}") from exc
+
+    def current(self) -> Any:
+        """The current object parsed into kserve's model classes; ServingError when it is not there."""
+        obj = self.get()
+        if obj is None:
+            raise ServingError(f"InferenceService {self.namespace}/{self.name} does not exist; deploy it first")
+        return isvcs.from_dict(obj)
+
+    def status(self) -> ServingStatus:
+        obj = self.get()
+        if obj is None:
+            raise ServingError(f"InferenceService {self.namespace}/{self.name} does not exist; deploy it first")
+        return parse_status(obj)
+
+    # -- changing ---------------------------------------------------------------------------
+    def apply(self, isvc: Any) -> dict[str, Any]:
+        """Create the InferenceService, or replace the existing one with this spec."""
+        name = isvc.metadata.name
+        if self.get() is None:
+            log.info("creating InferenceService %s/%s", self.namespace, name)
+            return self._call("cannot create", self.client.create, isvc, namespace=self.namespace)
+        log.info("replacing InferenceService %s/%s", self.namespace, name)
+        return self._call("cannot replace", self.client.replace, name, isvc, namespace=self.namespace)
+
+    def set_canary(self, model_uri: str, percent: int) -> dict[str, Any]:
+        """Put ``model_uri`` out as a canary with ``percent`` % of traffic (a new predictor revision)."""
+        isvcs.check_percent(percent)
+        desired = isvcs.with_canary(self.current(), self._model_ref(model_uri), percent)
+        return self._replace(desired)
+
+    def set_traffic(self, percent: int) -> dict[str, Any]:
+        """Move the split between the rolled-out and the canary revision (no new revision)."""
+        patch = isvcs.canary_patch(percent, name=self.name, namespace=self.namespace)
+        return self._call("cannot patch", self.client.patch, self.name, patch, namespace=self.namespace)
+
+    def rollback(self) -> dict[str, Any]:
+        """``canaryTrafficPercent: 0``: the last rolled-out revision takes all traffic again."""
+        return self.set_traffic(0)
+
+    def promote(self, model_uri: str) -> dict[str, Any]:
+        """The new model as the predictor without ``canaryTrafficPercent``: it takes 100 %."""
+        return self._replace(isvcs.promote(self.current(), self._model_ref(model_uri)))
+
+    def wait_ready(self, timeout: float = 600.0, polling_interval: float = 10.0) -> None:
+        interval = max(1, min(int(polling_interval), int(timeout) or 1))
+        self._call("timed out waiting for", self.client.wait_isvc_ready, self.name, namespace=self.namespace,
+                   timeout_seconds=int(timeout), polling_interval=interval)
+
+    # -- helpers ----------------------------------------------------------------------------
+    def _replace(self, isvc: Any) -> dict[str, Any]:
+        isvc.metadata.resource_version = None  # KServeClient.replace reads the current one
+        return self._call("cannot replace", self.client.replace, self.name, isvc, namespace=self.namespace)
+
+    def _model_ref(self, model_uri: str) -> str:
+        """The predictor image takes registry URIs; KServe's mlflow runtime needs the version's files."""
+        if not (self.settings.serving.use_mlflow_runtime and model_uri.startswith("models:/")):
+            return model_uri
+        from mlflow.exceptions import MlflowException
+
+        from driftloop.registry import Registry
+
+        registry = Registry.from_settings(self.settings)
+        info = registry.resolve(model_uri)
+        try:
+            return registry.client.get_model_version_download_uri(info.name, info.version)
+        except MlflowException as exc:
+            raise ServingError(f"cannot find the files of {model_uri}: {exc}") from exc
