@@ -215,6 +215,12 @@ class KfpRunner:
 
     def upload(self) -> tuple[str, str]:
         """Compile the pipeline and make sure it is uploaded; return (pipeline_id, version_id)."""
+        if not self.settings.mlflow.tracking_uri:
+            # The embedded default is a SQLite file on this machine; pipeline pods cannot reach it.
+            raise PipelineRunError(
+                f"mlflow.tracking_uri is not set: runs on Kubeflow ({self.settings.kfp.host}) need an MLflow "
+                "tracking server the cluster can reach (e.g. -p mlflow.tracking_uri=http://mlflow.mlflow:5000)"
+            )
         with tempfile.TemporaryDirectory() as tmp:
             return self.ensure_pipeline_version(self.compile(Path(tmp)))
 

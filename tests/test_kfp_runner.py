@@ -10,11 +10,13 @@ from pipelines.training import pipeline_arguments
 from tests.conftest import free_port, make_settings
 from tests.kfp_recording import RecordingKfpClient
 
+TRACKING = {"mlflow.tracking_uri": "http://mlflow.example:5000"}
+
 
 @pytest.fixture
 def cluster_settings(tmp_path, scenario_path):
     return make_settings(tmp_path / "ws", scenario_path, **{"kfp.host": "http://kfp.example:8888",
-                                                            "kfp.experiment": "churn-retrain"})
+                                                            "kfp.experiment": "churn-retrain", **TRACKING})
 
 
 def test_runner_for_picks_kubeflow_when_a_host_is_set(cluster_settings, tmp_path, scenario_path):
@@ -100,7 +102,8 @@ def test_a_changed_pipeline_becomes_a_new_version_of_the_same_pipeline(cluster_s
     client = RecordingKfpClient()
     KfpRunner(cluster_settings, client=client).run_training(RunRequest())
     gpu = make_settings(tmp_path / "ws", scenario_path, **{"kfp.host": "http://kfp.example:8888",
-                                                           "kfp.experiment": "churn-retrain", "model.gpu": True})
+                                                           "kfp.experiment": "churn-retrain", "model.gpu": True,
+                                                           **TRACKING})
     client.calls.clear()
 
     KfpRunner(gpu, client=client).run_training(RunRequest())
@@ -132,9 +135,17 @@ def test_an_ambiguous_experiment_name_is_an_error_not_a_new_experiment(cluster_s
     assert "create_experiment" not in client.names()
 
 
+def test_the_embedded_mlflow_store_is_refused_for_cluster_runs(tmp_path, scenario_path):
+    client = RecordingKfpClient()
+    settings = make_settings(tmp_path / "ws", scenario_path, **{"kfp.host": "http://kfp.example:8888"})
+    with pytest.raises(PipelineRunError, match="mlflow.tracking_uri is not set"):
+        KfpRunner(settings, client=client).run_training(RunRequest())
+    assert client.calls == []
+
+
 def test_an_unreachable_host_is_a_clear_error(tmp_path, scenario_path):
     host = f"http://127.0.0.1:{free_port()}"
-    settings = make_settings(tmp_path / "ws", scenario_path, **{"kfp.host": host})
+    settings = make_settings(tmp_path / "ws", scenario_path, **{"kfp.host": host, **TRACKING})
     with pytest.raises(PipelineRunError, match=f"Kubeflow Pipelines at {host}"):
         KfpRunner(settings).run_training(RunRequest())
 
@@ -145,7 +156,8 @@ def test_cli_run_train_on_an_unreachable_host_prints_one_line(tmp_path, scenario
     host = f"http://127.0.0.1:{free_port()}"
     monkeypatch.setenv("DRIFTLOOP_WORKSPACE", str(tmp_path / "ws"))
     monkeypatch.setattr(sys, "argv", ["driftloop", "run", "train", "--kfp-host", host,
-                                      "--param", f"data.source={scenario_path}"])
+                                      "--param", f"data.source={scenario_path}",
+                                      "--param", f"mlflow.tracking_uri={TRACKING['mlflow.tracking_uri']}"])
     with pytest.raises(SystemExit) as exit_info:
         cli.main()
     assert exit_info.value.code == 2

@@ -17,6 +17,7 @@ from tests.conftest import free_port, make_settings
 from tests.kfp_recording import RecordingKfpClient
 
 T0 = datetime(2026, 1, 10, 0, 0, tzinfo=timezone.utc)
+CLUSTER = {"kfp.host": "http://kfp.example:8888", "mlflow.tracking_uri": "http://mlflow.example:5000"}
 
 
 # --- the schedule model ------------------------------------------------------------------
@@ -51,7 +52,7 @@ def test_the_window_is_the_last_days_before_the_slot():
 
 @pytest.fixture
 def kfp(tmp_path, scenario_path):
-    settings = make_settings(tmp_path / "ws", scenario_path, **{"kfp.host": "http://kfp.example:8888"})
+    settings = make_settings(tmp_path / "ws", scenario_path, **CLUSTER)
     client = RecordingKfpClient()
     return settings, client, KfpSchedules(settings, client=client)
 
@@ -83,8 +84,7 @@ def test_kfp_create_sends_a_recurring_run_of_the_uploaded_version(kfp):
     assert sent["pipeline_id"] == pipeline_id and sent["version_id"] == version.pipeline_version_id
     assert sent["experiment_id"] == client.experiments["driftloop"].experiment_id
     assert sent["pipeline_package_path"] is None
-    tuned = make_settings(settings.workspace, settings.data.source, **{"kfp.host": "http://kfp.example:8888",
-                                                                       "model.params": {"max_iter": 20}})
+    tuned = make_settings(settings.workspace, settings.data.source, **CLUSTER, **{"model.params": {"max_iter": 20}})
     # an empty request id: each run's register step uses its own KFP run id
     assert sent["params"] == {**pipeline_arguments(tuned, trigger="schedule:nightly"), "request_id": ""}
     assert sent["params"]["learner_params"] == {"max_iter": 20}
