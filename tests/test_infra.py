@@ -213,3 +213,27 @@ def test_rollout_controller_may_only_touch_inference_services_in_its_namespace(r
     assert rules == [{"apiGroups": ["serving.kserve.io"], "resources": ["inferenceservices"],
                       "verbs": ["get", "watch", "patch"]}]
     assert {b["metadata"]["namespace"] for b in bindings} == {settings.serving.namespace}
+
+
+def test_inference_service_manifest_matches_the_builder(rendered):
+    """kustomize's InferenceService vs build_inference_service(settings) with the overlay's settings."""
+    from serving.inference_service import build_inference_service, to_dict
+
+    for env, (objects, settings) in rendered.items():
+        manifest = one(objects, "InferenceService", settings.serving.name, namespace=settings.serving.namespace)
+        built = to_dict(build_inference_service(settings))
+        assert manifest["apiVersion"] == built["apiVersion"] and manifest["kind"] == built["kind"]
+        assert manifest["metadata"]["annotations"] == built["metadata"]["annotations"], env
+        assert built["metadata"]["labels"].items() <= manifest["metadata"]["labels"].items(), env
+        m_predictor, b_predictor = dict(manifest["spec"]["predictor"]), dict(built["spec"]["predictor"])
+        m_containers, b_containers = m_predictor.pop("containers"), b_predictor.pop("containers")
+        # replicas, autoscaling, canary, logger, tolerations: the same
+        assert m_predictor == b_predictor, env
+        assert len(m_containers) == len(b_containers) == 1
+        m_container, b_container = dict(m_containers[0]), dict(b_containers[0])
+        # The manifest adds a restricted securityContext and marks the MLflow Secret optional
+        # (a tracking server without auth needs none); everything else is the builder's.
+        assert m_container.pop("securityContext")["allowPrivilegeEscalation"] is False
+        assert [e["secretRef"]["name"] for e in m_container.pop("envFrom")] == \
+            [e["secretRef"]["name"] for e in b_container.pop("envFrom")]
+        assert m_container == b_container, env
