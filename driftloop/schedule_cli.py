@@ -17,7 +17,8 @@ schedule_app = typer.Typer(
     no_args_is_help=True,
 )
 
-CronOpt = Annotated[str, typer.Option("--cron", help='Standard 5-field cron in UTC, e.g. "0 3 * * *" (or @daily).')]
+CronOpt = Annotated[str, typer.Option("--cron", help='Standard 5-field cron in UTC, e.g. "0 3 * * *" (or @daily); '
+                                       "Kubeflow gets it with a leading seconds field (0 0 3 * * *).")]
 NameArg = Annotated[str, typer.Argument(help="Schedule name.")]
 KfpHostOpt = Annotated[Optional[str], typer.Option("--kfp-host", help="Kubeflow Pipelines endpoint (cluster schedules).")]
 RunParamOpt = Annotated[Optional[list[str]], typer.Option(
@@ -105,7 +106,7 @@ def delete_cmd(
 @schedule_app.command("update")
 def update_cmd(
     name: NameArg,
-    cron: Annotated[Optional[str], typer.Option("--cron", help="New 5-field cron (UTC).")] = None,
+    cron: Annotated[Optional[str], typer.Option("--cron", help="New 5-field cron (UTC); converted to 6 fields for KFP.")] = None,
     params: RunParamOpt = None,
     window_days: Annotated[Optional[float], typer.Option(
         "--window-days", min=0.0, help="Train on the last N days before each slot; 0 = no window.")] = None,
