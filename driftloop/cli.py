@@ -172,7 +172,7 @@ def _register_plugins() -> None:
     """Attach the command groups of the serving and monitoring packages."""
     import importlib
 
-    for module in ("serving.cli", "monitoring.cli", "driftloop.schedule_cli", "driftloop.loop_cli"):
+    for module in ("serving.cli", "monitoring.cli", "driftloop.schedule_cli", "driftloop.loop_cli", "driftloop.infra_cli"):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as exc:
