@@ -95,7 +95,13 @@ def test_kfp_schedules_are_read_back_from_kfp_itself(kfp):
     settings, client, backend = kfp
     backend.create(Schedule("nightly", "0 3 * * *", {"data.seed": "5"}, catchup=False))
 
+    client.calls.clear()
     (status,) = KfpSchedules(settings, client=client).list()  # another machine: all it knows is in KFP
+
+    experiment_id = client.experiments["driftloop"].experiment_id
+    assert client.names()[:2] == ["get_experiment", "list_recurring_runs"]
+    assert client.of("list_recurring_runs")[0]["experiment_id"] == experiment_id
+    assert not client.of("create_experiment") and not client.of("delete_recurring_run")
 
     assert status.schedule == Schedule("nightly", "0 3 * * *", {"data.seed": "5"}, catchup=False)
     assert status.state == "active" and status.ident == next(iter(client.recurring))
