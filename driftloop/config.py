@@ -178,6 +178,9 @@ class RolloutConfig(_Section):
     max_prediction_psi: float = Field(0.25, gt=0)
     min_quality_delta: float = Field(-0.05, description="canary quality minus primary's, on labelled feedback")
     min_labels: int = Field(20, ge=0)
+    deploy: Literal["auto", "local", "kserve", "none"] = Field(
+        "auto", description="where the pipeline's deploy step puts a canary; auto: kserve on a cluster, else local")
+    prometheus_url: str | None = Field(None, description="Prometheus for InferenceService canary metrics")
 
     @field_validator("step_weights")
     @classmethod
