@@ -59,13 +59,18 @@ def problems_of(tree: Path, target: str) -> str:
     return "\n".join(str(p) for p in found)
 
 
-def test_overlay_referencing_a_missing_file_fails_naming_it(tree, capsys):
+def test_overlay_referencing_a_missing_file_fails_naming_it(tree):
+    from typer.testing import CliRunner
+
+    from driftloop.cli import app
+
     edit(tree / "infra/overlays/dev/kustomization.yaml", "  - monitor.yaml", "  - monitor.yaml\n  - scheduler-on.yaml")
     text = problems_of(tree, "overlays/dev")
     assert "infra/overlays/dev" in text and "scheduler-on.yaml" in text
-    # the command line says the same and exits non-zero
-    assert main([str(tree)]) == 1
-    assert "scheduler-on.yaml" in capsys.readouterr().err
+    # `driftloop infra check` says the same and exits non-zero
+    result = CliRunner().invoke(app, ["infra", "check", "--root", str(tree)])
+    assert result.exit_code == 1
+    assert "scheduler-on.yaml" in result.output and "1 problem(s)" in result.output
 
 
 def test_json_patch_that_no_longer_matches_fails_naming_the_path(tree):
@@ -237,3 +242,24 @@ def test_inference_service_manifest_matches_the_builder(rendered):
         assert [e["secretRef"]["name"] for e in m_container.pop("envFrom")] == \
             [e["secretRef"]["name"] for e in b_container.pop("envFrom")]
         assert m_container == b_container, env
+
+
+def test_dockerfile_builds_the_shared_image_as_a_non_root_user():
+    """No Docker engine here: check what the build would do, and that the version matches the image tag."""
+    lines = [line.strip() for line in (ROOT / "Dockerfile").read_text().splitlines()]
+    instructions = [line for line in lines if line and not line.startswith("#")]
+    assert instructions[0] == "FROM python:3.11-slim"
+    assert f"ARG VERSION={DEFAULT_IMAGE.rsplit(':', 1)[1]}" in instructions
+    assert 'ENTRYPOINT ["driftloop"]' in instructions
+    user = [line.split()[1] for line in instructions if line.startswith("USER ")]
+    assert user and user[-1].split(":")[0] not in ("0", "root")
+    assert any(line.startswith('RUN pip install ".') for line in instructions), "installs the project from pyproject"
+    # every package pyproject ships is copied into the build context
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    for package in packages:
+        assert f"COPY {package.rstrip('*')} ./{package.rstrip('*')}" in instructions
+    text = (ROOT / "Dockerfile").read_text()
+    assert not any(secret in text for secret in ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_PASSWORD", "DRIFTLOOP_WEBHOOK_TOKEN",
+                                                 "AWS_SECRET_ACCESS_KEY", "KFP_TOKEN"))
+    ignored = (ROOT / ".dockerignore").read_text().splitlines()
+    assert ".venv" in ignored and ".git" in ignored
