@@ -216,7 +216,7 @@ def test_rollout_controller_may_only_touch_inference_services_in_its_namespace(r
                 if any(s["name"] == account for s in b["subjects"])]
     rules = [r for b in bindings for r in one(objects, "Role", b["roleRef"]["name"])["rules"]]
     assert rules == [{"apiGroups": ["serving.kserve.io"], "resources": ["inferenceservices"],
-                      "verbs": ["get", "watch", "patch"]}]
+                      "verbs": ["get", "watch", "patch", "update"]}]
     assert {b["metadata"]["namespace"] for b in bindings} == {settings.serving.namespace}
 
 
@@ -263,3 +263,33 @@ def test_dockerfile_builds_the_shared_image_as_a_non_root_user():
                                                  "AWS_SECRET_ACCESS_KEY", "KFP_TOKEN"))
     ignored = (ROOT / ".dockerignore").read_text().splitlines()
     assert ".venv" in ignored and ".git" in ignored
+
+
+def _metric_names(promql: str) -> set[str]:
+    import re
+
+    return set(re.findall(r"\b((?:driftloop_monitor|revision)_[a-z_]+)\s*\{", promql))
+
+
+def test_dashboard_and_alerts_query_metrics_that_exist(rendered):
+    """Every series the dashboard and PrometheusRule read is exported by the monitor or queried by the rollout controller."""
+    import json
+
+    from monitoring.metrics import MonitorMetrics
+    from serving.rollout import PrometheusMetrics
+
+    exported: set[str] = set()
+    for family in MonitorMetrics().registry.collect():
+        suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"]}.get(family.type, [""])
+        exported |= {family.name + s for s in suffixes}
+    exported |= {n for q in PrometheusMetrics("http://prometheus", "driftloop").queries("rev", 60).values() for n in _metric_names(q)}
+    objects, _ = rendered["prod"]
+    dashboard = json.loads(one(objects, "ConfigMap", "driftloop-dashboard")["data"]["driftloop-loop.json"])
+    panels = {p["title"]: {n for t in p["targets"] for n in _metric_names(t["expr"])} for p in dashboard["panels"]}
+    assert all(panels.values()), "every panel reads a driftloop or revision metric"
+    rules = {r["alert"]: _metric_names(r["expr"]) for g in one(objects, "PrometheusRule")["spec"]["groups"] for r in g["rules"]}
+    for name, used in {**panels, **rules}.items():
+        assert used <= exported, f"{name}: {sorted(used - exported)} is exported by nothing"
+    titles = " ".join(panels).lower()
+    for topic in ("traffic split", "error rate", "latency", "drift score per feature", "retraining"):
+        assert topic in titles
