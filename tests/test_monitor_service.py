@@ -180,3 +180,51 @@ def test_monitor_command_serves_and_stops_on_sigterm(tmp_path, trained):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_drift_check_command_prints_the_table_and_writes_reports(tmp_path):
+    from typer.testing import CliRunner
+
+    from driftloop.cli import app
+    from driftloop.errors import DataSourceError
+
+    ref, cur = tmp_path / "ref.parquet", tmp_path / "cur.csv"
+    generate(rows=1500, drift_at=None, seed=1).to_parquet(ref)
+    generate(rows=400, drift_at=0.0, seed=2).to_csv(cur, index=False)
+    html, js = tmp_path / "out" / "report.html", tmp_path / "out" / "report.json"
+    result = CliRunner().invoke(app, ["drift", "check", "--reference", str(ref), "--current", str(cur),
+                                      "--html", str(html), "--json", str(js), "--exclude", "label"],
+                                terminal_width=200)
+    assert result.exit_code == 0, result.output
+    lines = {line.split("│")[1].strip(): line for line in result.output.splitlines() if line.count("│") >= 5}
+    assert "wasserstein" in lines["tenure"] and "yes" in lines["tenure"]
+    assert "jensenshannon" in lines["region"] and "yes" in lines["region"]
+    assert "no" in lines["latency_ms"] and "label" not in lines and "event_time" not in lines
+    assert "dataset drift" in result.output
+    assert html.stat().st_size > 10_000 and json.loads(js.read_text())["metrics"]
+    missing = CliRunner().invoke(app, ["drift", "check", "--reference", str(tmp_path / "nope.parquet"),
+                                       "--current", str(cur)])
+    assert isinstance(missing.exception, DataSourceError)
+
+
+def test_alerts_command_lists_decisions_and_runs(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from driftloop.cli import app, console
+    from monitoring.alerts import Alert, AlertStore
+    from monitoring.trigger import Trigger
+
+    settings = make_settings(tmp_path / "ws", tmp_path / "none.parquet", **{"trigger.min_samples": 1})
+    trig = Trigger(settings, AlertStore.from_settings(settings), runner=RecordingRunner())
+    started = trig.submit(Alert("drift-aaaa", "drift", samples=500))
+    trig.wait(started.alert_id, timeout=30)
+    trig.submit(Alert("drift-bbbb", "drift", samples=500))  # in cooldown (default 1 h)
+    for key, value in {"WORKSPACE": str(settings.workspace_dir), "MLFLOW__MODEL_NAME": "churn",
+                       "MLFLOW__EXPERIMENT": "test"}.items():
+        monkeypatch.setenv(f"DRIFTLOOP_{key}", value)
+    monkeypatch.setattr(console, "width", 250)
+    result = CliRunner().invoke(app, ["alerts"])
+    assert result.exit_code == 0, result.output
+    rows = {line.split("│")[1].strip(): line for line in result.output.splitlines() if "drift-" in line}
+    assert "started" in rows["drift-aaaa"] and "churn v1" in rows["drift-aaaa"] and "run-1" in rows["drift-aaaa"]
+    assert "cooldown" in rows["drift-bbbb"] and "SUCCEEDED" not in rows["drift-bbbb"]
