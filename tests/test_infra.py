@@ -293,3 +293,24 @@ def test_dashboard_and_alerts_query_metrics_that_exist(rendered):
     titles = " ".join(panels).lower()
     for topic in ("traffic split", "error rate", "latency", "drift score per feature", "retraining"):
         assert topic in titles
+
+
+def test_namespace_quota_holds_the_predictor_at_full_scale_during_a_canary(rendered):
+    """Primary and canary revisions both at max_replicas, with their sidecars, plus driftloop's Deployments."""
+    from kubernetes.utils import parse_quantity
+
+    for env, (objects, settings) in rendered.items():
+        hard = one(objects, "ResourceQuota", "driftloop", namespace=settings.serving.namespace)["spec"]["hard"]
+        defaults = one(objects, "LimitRange", namespace=settings.serving.namespace)["spec"]["limits"][0]
+        pods = 2 * settings.serving.max_replicas
+        sidecars = 2  # Knative's queue-proxy and KServe's agent (the logger) get the LimitRange defaults
+        deployments = [d for d in objects_by_kind(objects, "Deployment") if d["metadata"]["namespace"] == settings.serving.namespace]
+        for kind, default_key in (("requests", "defaultRequest"), ("limits", "default")):
+            for resource in ("cpu", "memory"):
+                per_pod = parse_quantity(getattr(settings.serving, f"{resource}_{kind[:-1]}"))
+                per_pod += sidecars * parse_quantity(defaults[default_key][resource])
+                total = pods * per_pod + sum(d["spec"]["replicas"] * parse_quantity(c["resources"][kind][resource])
+                                             for d in deployments for c in d["spec"]["template"]["spec"]["containers"])
+                assert total <= parse_quantity(hard[f"{kind}.{resource}"]), f"{env}: {kind}.{resource} needs {total}"
+        assert pods * settings.serving.gpu <= int(hard["requests.nvidia.com/gpu"]), env
+        assert pods + sum(d["spec"]["replicas"] for d in deployments) <= int(hard["pods"]), env
