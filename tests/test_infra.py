@@ -314,3 +314,9 @@ def test_namespace_quota_holds_the_predictor_at_full_scale_during_a_canary(rende
                 assert total <= parse_quantity(hard[f"{kind}.{resource}"]), f"{env}: {kind}.{resource} needs {total}"
         assert pods * settings.serving.gpu <= int(hard["requests.nvidia.com/gpu"]), env
         assert pods + sum(d["spec"]["replicas"] for d in deployments) <= int(hard["pods"]), env
+
+
+def test_without_kubectl_the_check_says_what_to_install(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("KUBECTL", str(tmp_path / "no-kubectl"))
+    assert main([str(ROOT)]) == 2
+    assert "kubectl not found (install Debian's kubernetes-client" in capsys.readouterr().err
