@@ -13,7 +13,7 @@ from kfp.dsl import Artifact, ClassificationMetrics, Dataset, Input, Metrics, Mo
 
 from driftloop.config import DEFAULT_IMAGE
 
-__all__ = ["ingest_op", "validate_op", "train_op", "evaluate_op", "register_op", "reject_op"]
+__all__ = ["ingest_op", "validate_op", "train_op", "evaluate_op", "register_op", "reject_op", "deploy_op"]
 
 
 @dsl.component(base_image=DEFAULT_IMAGE, install_kfp_package=False)
@@ -268,3 +268,20 @@ def reject_op(
                                   test=pd.read_parquet(test.path), schema=sch, decision=dec, ctx=ctx)
         print(f"gate rejected the model; run {run_id} records why", flush=True)
     return run_id
+
+
+@dsl.component(base_image=DEFAULT_IMAGE, install_kfp_package=False)
+def deploy_op(version: str, serving_home: str, settings_json: str) -> NamedTuple(
+        "Deployed", [("action", str), ("message", str), ("percent", int)]):
+    """Put the registered version out as a canary at the first rollout weight; hand over to the rollout."""
+    from collections import namedtuple
+
+    from components._runtime import step
+    from components.deploy import deploy_canary
+    from driftloop.config import Settings
+
+    with step("deploy"):
+        settings = Settings.model_validate_json(settings_json)
+        result = deploy_canary(settings, version=version, home=serving_home)
+        print(f"deploy: {result.action}: {result.message}", flush=True)
+    return namedtuple("Deployed", ["action", "message", "percent"])(result.action, result.message, result.percent)

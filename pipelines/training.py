@@ -8,7 +8,7 @@ from typing import Any
 
 from kfp import compiler, dsl, kubernetes
 
-from components.ops import evaluate_op, ingest_op, register_op, reject_op, train_op, validate_op
+from components.ops import deploy_op, evaluate_op, ingest_op, register_op, reject_op, train_op, validate_op
 
 __all__ = ["training_pipeline", "pipeline_arguments", "compile_pipeline", "make_training_pipeline", "build_training_pipeline", "ClusterOptions", "GPU_TOLERATION_EFFECT"]
 
@@ -92,6 +92,8 @@ def make_training_pipeline(opts: ClusterOptions = ClusterOptions()):
         model_name: str = "driftloop-model",
         trigger: str = "manual",
         request_id: str = "",
+        serving_home: str = "none",
+        settings_json: str = "",
     ):
         ingest = ingest_op(
             source=source, fmt=fmt, target=target, time_column=time_column, window_start=window_start,
@@ -125,6 +127,10 @@ def make_training_pipeline(opts: ClusterOptions = ClusterOptions()):
         with dsl.If(evaluate.outputs["passed"] == True, name="gate-passed"):  # noqa: E712 (KFP condition)
             register = register_op(reference=ingest.outputs["reference"], model_name=model_name, **common)
             _use_mlflow_secret(register.set_display_name("register").set_caching_options(False), opts)
+            with dsl.If(serving_home != "none", name="deploy-enabled"):
+                deploy = deploy_op(version=register.outputs["version"], serving_home=serving_home,
+                                   settings_json=settings_json)
+                _use_mlflow_secret(deploy.set_display_name("deploy canary").set_caching_options(False), opts)
         with dsl.Else(name="gate-rejected"):
             _use_mlflow_secret(reject_op(**common).set_display_name("record rejection").set_caching_options(False), opts)
 
@@ -173,7 +179,15 @@ def pipeline_arguments(settings: Any, *, trigger: str = "manual", request_id: st
         "model_name": settings.mlflow.model_name,
         "trigger": trigger,
         "request_id": request_id or uuid.uuid4().hex,
+        "serving_home": _serving_home(settings),
+        "settings_json": settings.model_dump_json(),
     }
+
+
+def _serving_home(settings: Any) -> str:
+    from components.deploy import serving_home
+
+    return serving_home(settings)
 
 
 def compile_pipeline(settings: Any, package_path: str | Path) -> Path:

@@ -298,9 +298,11 @@ class KServeTarget:
         self.backend.set_traffic(percent)
 
     def _revisions(self) -> tuple[str | None, str | None]:
-        status = self.backend.status() or {}
-        pred = status.get("components", {}).get("predictor", {}) if isinstance(status, dict) else {}
-        return pred.get("latestReadyRevision"), pred.get("latestRolledoutRevision")
+        """(canary, primary) revisions: the latest ready one and the last rolled-out one."""
+        status = self.backend.status()
+        canary = status.latest_ready_revision
+        primary = status.latest_rolledout_revision
+        return (canary if canary != primary else None), primary
 
     def stats(self, since: float, canary_version: str, primary_version: str | None):  # noqa: ANN201
         canary_rev, primary_rev = self._revisions()
@@ -442,24 +444,24 @@ class RolloutController:
         return self._rollback(self._open_state(), reason)
 
     def _promote(self, state: RolloutState, reason: str, checks: list[Check] = ()) -> dict[str, Any]:
-        from driftloop.registry import CHAMPION, TAG
+        from driftloop.registry import CHAMPION
 
         if self.registry is not None:
             self.registry.set_alias(state.model_name, CHAMPION, state.canary_version)
         self.target.promote(state)
-        state.status, state.weight = PROMOTED, 100
-        rec = self._record(state, "promote", reason, checks)
-        self._tag(state, {TAG.ROLLOUT: PROMOTED, TAG.ROLLOUT_REASON: reason[:500], WEIGHT_TAG: "100"})
-        self._log_history(state)
-        return rec
+        return self._finish(state, PROMOTED, 100, "promote", reason, checks)
 
     def _rollback(self, state: RolloutState, reason: str, checks: list[Check] = ()) -> dict[str, Any]:
+        self.target.rollback(state)
+        return self._finish(state, ROLLED_BACK, 0, "rollback", reason, checks)
+
+    def _finish(self, state: RolloutState, status: str, weight: int, decision: str, reason: str,
+                checks: list[Check]) -> dict[str, Any]:
         from driftloop.registry import TAG
 
-        self.target.rollback(state)
-        state.status, state.weight = ROLLED_BACK, 0
-        rec = self._record(state, "rollback", reason, checks)
-        self._tag(state, {TAG.ROLLOUT: ROLLED_BACK, TAG.ROLLOUT_REASON: reason[:500], WEIGHT_TAG: "0"})
+        state.status, state.weight = status, weight
+        rec = self._record(state, decision, reason, checks)
+        self._tag(state, {TAG.ROLLOUT: status, TAG.ROLLOUT_REASON: reason[:500], WEIGHT_TAG: str(weight)})
         self._log_history(state)
         return rec
 
@@ -472,7 +474,9 @@ class RolloutController:
         if self.registry is None:
             return
         info = self.registry.get_version(state.model_name, state.canary_version)
-        if info.run_id:
+        if not info.run_id:
+            return
+        with self.registry._translate(f"cannot log the rollout history on run {info.run_id}"):
             self.registry.client.log_text(info.run_id, json.dumps(asdict(state), indent=1, default=str),
                                           HISTORY_ARTIFACT)
 

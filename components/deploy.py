@@ -1,0 +1,68 @@
+"""The deploy step: put a newly registered version out as a canary and hand over to the rollout.
+
+Cluster home: the InferenceService gets the new version as a canary revision at the first
+rollout weight (``KServeBackend.set_canary``). Embedded default: the canary model server starts
+behind the running local gateway at the first weight; when nothing is served the canary is
+recorded as pending (``driftloop serve`` starts it) — the run never fails because nothing is
+being served. The first version of a model is the champion already and needs no canary. In
+every case the rollout is recorded as pending for the rollout controller.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["DeployResult", "deploy_canary", "serving_home"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DeployResult:
+    action: str  # none | canary | pending | skipped
+    message: str
+    percent: int = 0
+
+
+def serving_home(settings: Any) -> str:
+    """``kserve``, ``local`` or ``none`` from ``rollout.deploy`` (auto: kserve on a cluster)."""
+    home = settings.rollout.deploy
+    if home == "auto":
+        return "kserve" if settings.is_cluster else "local"
+    return home
+
+
+def deploy_canary(settings: Any, *, version: str, model_uri: str | None = None, home: str | None = None,
+                  registry: Any | None = None, backend: Any | None = None) -> DeployResult:
+    """Put ``version`` of the configured model out as a canary at the first rollout weight."""
+    from driftloop.registry import CHAMPION, Registry
+    from serving.rollout import RolloutController, weight_schedule
+
+    home = home or serving_home(settings)
+    name = settings.mlflow.model_name
+    if home == "none":
+        return DeployResult("skipped", f"deploy disabled (rollout.deploy=none); v{version} stays a challenger")
+    registry = registry or Registry.from_settings(settings)
+    info = registry.get_version(name, str(version))  # fails clearly for a missing version
+    champion = registry.version_by_alias(name, CHAMPION)
+    if champion is None or champion.version == info.version:
+        return DeployResult("none", f"v{info.version} is the champion; no canary needed")
+    uri = model_uri or f"models:/{name}/{info.version}"
+    percent = weight_schedule(settings.rollout)[0]
+    if home == "kserve":
+        from serving.kserve_backend import KServeBackend
+
+        (backend or KServeBackend(settings)).set_canary(uri, percent)
+        message = f"InferenceService {settings.serving.namespace}/{settings.serving.name}: canary v{info.version} at {percent}%"
+        action = "canary"
+    else:
+        from serving.local_backend import LocalBackend
+
+        local = backend or LocalBackend(settings)
+        message = local.deploy_canary(info.version, uri, percent)
+        action = "canary" if local.status().get("canary") else "pending"
+    RolloutController.begin(settings, canary_version=info.version, primary_version=champion.version, canary_uri=uri)
+    log.info("%s; rollout of v%s is pending", message, info.version)
+    return DeployResult(action, message, percent if action == "canary" else 0)

@@ -1,0 +1,294 @@
+"""The embedded-default serving backend: model-server and gateway processes on 127.0.0.1.
+
+The primary (champion) and the canary (challenger) are each a ``python -m serving.predictor``
+process (kserve's ``ModelServer``) on a free port; ``python -m serving.gateway`` sits in front
+of them. Every process starts in its own session and is stopped with SIGTERM, then SIGKILL
+after a timeout. A state file in the workspace (``<workspace>/serving/state.json``: pids,
+ports, versions, split, a pending canary) lets ``driftloop serve``, the pipeline's deploy step
+(which runs in a kfp.local step subprocess) and the rollout controller agree on what runs;
+entries whose process has died are dropped when the file is read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from driftloop.errors import ServingError
+
+__all__ = ["LocalBackend", "ProcessInfo", "stop_process", "process_alive", "free_port"]
+
+log = logging.getLogger(__name__)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def process_alive(pid: int) -> bool:
+    """True when ``pid`` runs (a zombie counts as gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def _reap(pid: int) -> None:
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+def stop_process(pid: int, timeout: float = 10.0) -> None:
+    """SIGTERM the process group of ``pid`` (its own session), SIGKILL it after ``timeout``."""
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            _reap(pid)
+            return
+        except PermissionError:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            _reap(pid)
+            if not process_alive(pid):
+                return
+            time.sleep(0.05)
+    log.warning("process %d did not stop", pid)
+
+
+@dataclass
+class ProcessInfo:
+    role: str  # primary | canary | gateway
+    pid: int
+    port: int
+    url: str
+    version: str = ""
+    model_uri: str = ""
+
+
+class LocalBackend:
+    """Start, change and stop the local serving processes; the state file is the truth."""
+
+    def __init__(self, settings: Any, *, ready_timeout: float = 180.0, stop_timeout: float = 10.0) -> None:
+        self.settings = settings
+        self.dir = settings.workspace_dir / "serving"
+        self.state_path = self.dir / "state.json"
+        self.ready_timeout = ready_timeout
+        self.stop_timeout = stop_timeout
+
+    # -- state ----------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[dict[str, Any]]:
+        """Read-modify-write the state under an exclusive file lock."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with open(self.dir / "state.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            state = self._read()
+            yield state
+            tmp = self.state_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(state, indent=1))
+            os.replace(tmp, self.state_path)
+
+    def _read(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"primary": None, "canary": None, "gateway": None, "canary_percent": 0,
+                                 "pending_canary": None}
+        if self.state_path.is_file():
+            try:
+                state.update(json.loads(self.state_path.read_text()))
+            except ValueError:
+                log.warning("serving state %s is unreadable; starting from empty", self.state_path)
+        for role in ("primary", "canary", "gateway"):
+            entry = state.get(role)
+            if entry and not process_alive(int(entry["pid"])):
+                log.info("dropping stale %s entry (pid %s is gone)", role, entry["pid"])
+                state[role] = None
+        return state
+
+    def status(self) -> dict[str, Any]:
+        with self._locked() as state:
+            return dict(state)
+
+    @property
+    def gateway_url(self) -> str | None:
+        gw = self.status().get("gateway")
+        return gw["url"] if gw else None
+
+    # -- processes --------------------------------------------------------------------
+    def _spawn(self, role: str, argv: list[str], port: int, ready_path: str, **info: str) -> ProcessInfo:
+        host = self.settings.serving.host
+        logs = self.dir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        log_file = open(logs / f"{role}.log", "ab")  # noqa: SIM115 (handed to the child)
+        env = dict(os.environ, PYTHONUNBUFFERED="1", MLFLOW_TRACKING_URI=self.settings.tracking_uri)
+        proc = subprocess.Popen([sys.executable, "-m", *argv], stdout=log_file, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True, env=env,
+                                cwd=str(Path(__file__).resolve().parent.parent))
+        log_file.close()
+        url = f"http://{host}:{port}"
+        try:
+            self._wait_ready(proc, url + ready_path, logs / f"{role}.log")
+        except BaseException:
+            stop_process(proc.pid, self.stop_timeout)
+            raise
+        return ProcessInfo(role=role, pid=proc.pid, port=port, url=url, **info)
+
+    def _wait_ready(self, proc: subprocess.Popen, url: str, log_path: Path) -> None:
+        import httpx
+
+        deadline = time.monotonic() + self.ready_timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                tail = log_path.read_text(errors="replace")[-1500:] if log_path.is_file() else ""
+                raise ServingError(f"process exited with status {proc.returncode} before it was ready "
+                                   f"({log_path}):\n{tail}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url, timeout=2.0).status_code == 200:
+                    return
+            time.sleep(0.2)
+        raise ServingError(f"{url} was not ready within {self.ready_timeout:.0f} s (log: {log_path})")
+
+    def start_model_server(self, role: str, version: str, model_uri: str, port: int = 0) -> ProcessInfo:
+        s = self.settings
+        port = port or free_port(s.serving.host)
+        argv = ["serving.predictor", "--model-name", s.serving.name, "--model-uri", model_uri,
+                "--tracking-uri", s.tracking_uri, "--http-port", str(port), "--host", s.serving.host,
+                "--max-payload-bytes", str(s.serving.max_payload_bytes)]
+        log.info("starting %s model server v%s on port %d", role, version, port)
+        return self._spawn(role, argv, port, "/v2/health/ready", version=version, model_uri=model_uri)
+
+    def sink_url(self) -> str:
+        m = self.settings.monitor
+        return f"http://{m.host}:{m.port}/events"
+
+    def start_gateway(self, primary: ProcessInfo, canary: ProcessInfo | None, percent: float) -> ProcessInfo:
+        s = self.settings
+        port = s.serving.gateway_port or free_port(s.serving.host)
+        argv = ["serving.gateway", "--name", s.serving.name, "--namespace", s.serving.namespace,
+                "--host", s.serving.host, "--port", str(port), "--primary-url", primary.url,
+                "--primary-version", primary.version, "--sink-url", self.sink_url(),
+                "--max-payload-bytes", str(s.serving.max_payload_bytes)]
+        if canary is not None:
+            argv += ["--canary-url", canary.url, "--canary-version", canary.version, "--canary-percent", str(percent)]
+        if s.serving.sticky_key:
+            argv += ["--sticky-key", s.serving.sticky_key]
+        log.info("starting gateway on port %d", port)
+        return self._spawn("gateway", argv, port, "/healthz")
+
+    # -- operations -------------------------------------------------------------------
+    def serve(self, champion_version: str, *, canary: tuple[str, str] | None = None, percent: float = 0.0
+              ) -> dict[str, Any]:
+        """Start the champion, an optional canary ``(version, model_uri)`` and the gateway."""
+        name = self.settings.mlflow.model_name
+        with self._locked() as state:
+            if state["gateway"]:
+                raise ServingError(f"already serving at {state['gateway']['url']} (pid {state['gateway']['pid']}); "
+                                   "stop it first")
+            started: list[ProcessInfo] = []
+            try:
+                primary = self.start_model_server("primary", champion_version, f"models:/{name}/{champion_version}",
+                                                  self.settings.serving.primary_port)
+                started.append(primary)
+                can = None
+                if canary is not None:
+                    can = self.start_model_server("canary", canary[0], canary[1], self.settings.serving.canary_port)
+                    started.append(can)
+                gateway = self.start_gateway(primary, can, percent if can else 0.0)
+                started.append(gateway)
+            except BaseException:
+                for proc in reversed(started):
+                    stop_process(proc.pid, self.stop_timeout)
+                raise
+            state.update(primary=asdict(primary), canary=asdict(can) if can else None, gateway=asdict(gateway),
+                         canary_percent=percent if can else 0, pending_canary=None)
+            return dict(state)
+
+    def _admin(self, gateway: dict[str, Any], method: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        import httpx
+
+        try:
+            resp = httpx.request(method, gateway["url"] + path, json=body, timeout=10.0)
+        except httpx.HTTPError as exc:
+            raise ServingError(f"gateway at {gateway['url']} is unreachable: {exc}") from exc
+        if resp.status_code >= 400:
+            raise ServingError(f"gateway refused {path}: {resp.text[:300]}")
+        return resp.json()
+
+    def deploy_canary(self, version: str, model_uri: str, percent: float) -> str:
+        """Start the canary behind the running gateway at ``percent``, or record it as pending."""
+        with self._locked() as state:
+            if not state["gateway"] or not state["primary"]:
+                state["pending_canary"] = {"version": str(version), "model_uri": model_uri, "percent": percent}
+                return (f"nothing is being served here; canary v{version} is pending and starts with "
+                        f"`driftloop serve`")
+            if state["canary"]:
+                stop_process(int(state["canary"]["pid"]), self.stop_timeout)
+                state["canary"] = None
+            canary = self.start_model_server("canary", str(version), model_uri, self.settings.serving.canary_port)
+            try:
+                self._admin(state["gateway"], "PUT", "/admin/upstreams",
+                            {"canary": {"url": canary.url, "version": canary.version}, "canary_percent": percent})
+            except ServingError:
+                stop_process(canary.pid, self.stop_timeout)
+                raise
+            state.update(canary=asdict(canary), canary_percent=percent, pending_canary=None)
+            return f"canary v{version} serves {percent:g}% of traffic at {state['gateway']['url']}"
+
+    def set_split(self, percent: float) -> None:
+        with self._locked() as state:
+            if state["gateway"]:
+                self._admin(state["gateway"], "PUT", "/admin/split", {"canary_percent": percent})
+            state["canary_percent"] = percent
+
+    def promote(self) -> None:
+        """The canary becomes the primary (100 %); the old primary is stopped."""
+        with self._locked() as state:
+            canary, old = state["canary"], state["primary"]
+            if not canary or not state["gateway"]:
+                raise ServingError("no canary is being served here; nothing to promote")
+            self._admin(state["gateway"], "PUT", "/admin/upstreams",
+                        {"primary": {"url": canary["url"], "version": canary["version"]}, "canary": None})
+            canary["role"] = "primary"
+            state.update(primary=canary, canary=None, canary_percent=0)
+            if old:
+                stop_process(int(old["pid"]), self.stop_timeout)
+
+    def rollback(self) -> None:
+        """0 % to the canary; its server is stopped; the primary keeps serving."""
+        with self._locked() as state:
+            if state["gateway"]:
+                self._admin(state["gateway"], "PUT", "/admin/upstreams", {"canary": None})
+            if state["canary"]:
+                stop_process(int(state["canary"]["pid"]), self.stop_timeout)
+            state.update(canary=None, canary_percent=0, pending_canary=None)
+
+    def stop(self) -> None:
+        """Stop every process this workspace serves with (gateway first); keeps a pending canary."""
+        with self._locked() as state:
+            for role in ("gateway", "canary", "primary"):
+                if state.get(role):
+                    stop_process(int(state[role]["pid"]), self.stop_timeout)
+                    state[role] = None
+            state["canary_percent"] = 0
