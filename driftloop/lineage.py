@@ -62,23 +62,23 @@ def _alert_detail(settings: Settings, alert_id: str) -> dict[str, Any]:
 
 
 def _rollout_steps(settings: Settings, registry: Registry, model: str, version: str, run_id: str | None) -> list[dict[str, Any]]:
-    """Rollout steps recorded for this version: the MLflow artifact first, else the local rollout history."""
-    if run_id:
-        try:
-            path = registry.download(run_id, f"rollout/v{version}.json")
-            data = json.loads(path.read_text())
-            return list(data.get("steps", data if isinstance(data, list) else []))
-        except (RegistryError, ValueError, OSError):
-            pass
+    """Rollout steps of this version: the history artifact on its run, else the controller's local state."""
     try:
-        from serving.rollout import rollout_history
+        from serving.rollout import HISTORY_ARTIFACT, RolloutStore
     except ImportError:
         return []
+    if run_id:
+        try:
+            data = json.loads(registry.download(run_id, HISTORY_ARTIFACT).read_text())
+            return list(data.get("history", []))
+        except (RegistryError, ValueError, OSError):
+            pass  # no rollout finished for this version yet
     try:
-        return rollout_history(settings, model, version)
-    except Exception as exc:
-        log.debug("rollout history not readable: %s", exc)
+        state = RolloutStore(settings.workspace_dir / "rollout", model).load()
+    except Exception as exc:  # a damaged local state must not hide the rest of the lineage
+        log.debug("rollout state not readable: %s", exc)
         return []
+    return list(state.history) if state is not None and state.canary_version == version else []
 
 
 def build_lineage(settings: Settings, ref: str) -> Lineage:
