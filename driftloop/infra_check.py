@@ -373,6 +373,12 @@ def _named_lists_match(patch: Any, target: Any, path: list[Any]) -> list[str]:
     return out
 
 
+def _patch_operations(text: str) -> list[dict[str, Any]]:
+    """The operations of a JSON-patch file (one YAML list)."""
+    data = yaml.load(text, Loader=_Loader) or []
+    return [op for op in data if isinstance(op, dict)] if isinstance(data, list) else []
+
+
 def _check_patches(target: Path, infra: Path, kubectl: str) -> list[Problem]:
     kustomization = yaml.load((target / "kustomization.yaml").read_text(), Loader=_Loader) or {}
     json_patches = kustomization.get("patchesJson6902") or []
@@ -400,7 +406,7 @@ def _check_patches(target: Path, infra: Path, kubectl: str) -> list[Problem]:
         if obj is None:
             problems.append(Problem(where, "its target is not in the base"))
             continue
-        for op in load_documents_list((target / entry["path"]).read_text()):
+        for op in _patch_operations((target / entry["path"]).read_text()):
             path = str(op.get("path", ""))
             parent = path.rsplit("/", 1)[0]
             needed = path if op.get("op") in ("replace", "remove", "test") else parent
@@ -416,12 +422,6 @@ def _check_patches(target: Path, infra: Path, kubectl: str) -> list[Problem]:
             else:
                 problems += [Problem(where, m) for m in _named_lists_match(patch, obj, [])]
     return problems
-
-
-def load_documents_list(text: str) -> list[dict[str, Any]]:
-    """The operations of a JSON-patch file (one YAML list)."""
-    data = yaml.load(text, Loader=_Loader) or []
-    return [op for op in data if isinstance(op, dict)] if isinstance(data, list) else []
 
 
 # --- the check -----------------------------------------------------------------------------
@@ -449,11 +449,14 @@ def check_objects(objects: list[dict[str, Any]], index: dict[tuple[str, str], li
 
 def check_target(target: Path, infra: Path, kubectl: str | None = None,
                  index: dict[tuple[str, str], list[str]] | None = None) -> list[Problem]:
+    """Build one kustomization (base or overlay), check its patches and everything it renders."""
     label = str(target.relative_to(infra.parent))
     try:
         objects = build(target, kubectl)
     except InfraCheckError as exc:
-        return [Problem(label, str(exc).split(": ", 1)[1] if str(exc).startswith(str(target)) else str(exc))]
+        message = str(exc)
+        prefix = f"{target}/kustomization.yaml: "
+        return [Problem(f"{label}/kustomization.yaml", message[len(prefix):] if message.startswith(prefix) else message)]
     if not objects:
         return [Problem(f"{label}/kustomization.yaml", "renders no objects")]
     problems = _check_patches(target, infra, kubectl or find_kubectl())
