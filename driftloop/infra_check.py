@@ -451,15 +451,19 @@ def check_target(target: Path, infra: Path, kubectl: str | None = None,
                  index: dict[tuple[str, str], list[str]] | None = None) -> list[Problem]:
     """Build one kustomization (base or overlay), check its patches and everything it renders."""
     label = str(target.relative_to(infra.parent))
+    kubectl = kubectl or find_kubectl()
+    try:
+        problems = _check_patches(target, infra, kubectl)
+    except (InfraCheckError, OSError, yaml.YAMLError):
+        problems = []  # the build below reports what is broken
     try:
         objects = build(target, kubectl)
     except InfraCheckError as exc:
         message = str(exc)
         prefix = f"{target}/kustomization.yaml: "
-        return [Problem(f"{label}/kustomization.yaml", message[len(prefix):] if message.startswith(prefix) else message)]
+        return [Problem(f"{label}/kustomization.yaml", message[len(prefix):] if message.startswith(prefix) else message)] + problems
     if not objects:
         return [Problem(f"{label}/kustomization.yaml", "renders no objects")]
-    problems = _check_patches(target, infra, kubectl or find_kubectl())
     return problems + check_objects(objects, index if index is not None else source_index(infra), label)
 
 
