@@ -22,8 +22,10 @@ line per problem; ``driftloop infra check`` does the same.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -160,18 +162,51 @@ def _field(path: Iterable[Any]) -> str:
 
 
 # --- core objects --------------------------------------------------------------------------
+# kubernetes-validate's own validate() re-reads its 5 MB definitions file for every object
+# and stops at the first error; the same schema files and registry, built once per kind,
+# validate all objects in a fraction of the time and report every error.
+@functools.lru_cache(maxsize=None)
+def _schema_dir() -> str:
+    from kubernetes_validate import utils
+    from packaging.version import Version
+
+    versions = [v for v in utils.all_versions() if Version(utils.major_minor(v)) <= Version(K8S_VERSION)]
+    if not versions:
+        raise InfraCheckError(f"kubernetes-validate has no schemas for Kubernetes {K8S_VERSION}")
+    return f"v{versions[-1]}-local-strict"
+
+
+@functools.lru_cache(maxsize=None)
+def _definitions() -> Any:
+    from kubernetes_validate import utils
+    from referencing import Resource
+
+    return Resource.from_contents(utils.schema_contents(f"kubernetes-json-schema/{_schema_dir()}/_definitions.json", K8S_VERSION))
+
+
+@functools.lru_cache(maxsize=None)
+def _core_validator(api_version: str, kind: str) -> Any | None:
+    """The strict schema validator of one Kubernetes kind; None when Kubernetes has no such kind."""
+    import jsonschema
+    from kubernetes_validate import utils
+    from referencing import Registry, Resource
+
+    api = re.sub(r"^([^./]*)(?:\.[^/]*)?/", r"\1-", api_version)  # rbac.authorization.k8s.io/v1 -> rbac-v1
+    try:
+        schema = utils.schema_contents(f"kubernetes-json-schema/{_schema_dir()}/{kind.lower()}-{api}.json", K8S_VERSION)
+    except FileNotFoundError:
+        return None
+    registry = _definitions() @ (Resource.from_contents(schema) @ Registry())
+    return jsonschema.validators.Draft202012Validator(schema, registry=registry)
+
+
 def _validate_core(obj: dict[str, Any]) -> list[str] | None:
     """Strict schema errors of a core object; None when Kubernetes has no schema for its kind."""
-    import kubernetes_validate
-    from kubernetes_validate.utils import SchemaNotFoundError, ValidationError
-
-    try:
-        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
-    except SchemaNotFoundError:
+    validator = _core_validator(str(obj.get("apiVersion", "")), str(obj.get("kind", "")))
+    if validator is None:
         return None
-    except ValidationError as exc:
-        return [f"field {_field(exc.path)}: {exc.message}"]
-    return []
+    errors = sorted(validator.iter_errors(obj), key=lambda e: [str(p) for p in e.path])
+    return [f"field {_field(e.path)}: {e.message}" for e in errors]
 
 
 # --- InferenceService ------------------------------------------------------------------------
