@@ -222,10 +222,12 @@ def test_rollout_controller_may_only_touch_inference_services_in_its_namespace(r
 
 def test_inference_service_manifest_matches_the_builder(rendered):
     """kustomize's InferenceService vs build_inference_service(settings) with the overlay's settings."""
-    from serving.inference_service import build_inference_service, to_dict
+    from serving.inference_service import build_inference_service, from_dict, to_dict
 
     for env, (objects, settings) in rendered.items():
         manifest = one(objects, "InferenceService", settings.serving.name, namespace=settings.serving.namespace)
+        # kserve's ApiClient round trip (what KServeClient would send back) keeps every field
+        assert to_dict(from_dict(manifest)) == manifest, env
         built = to_dict(build_inference_service(settings))
         assert manifest["apiVersion"] == built["apiVersion"] and manifest["kind"] == built["kind"]
         assert manifest["metadata"]["annotations"] == built["metadata"]["annotations"], env
