@@ -291,27 +291,38 @@ def _sorted_uniques(sorted_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 # -- statistics on summaries ------------------------------------------------------------------
+_RAMP = np.arange(1, 2, dtype=np.float64)
+
+
+def _ramp(n: int) -> np.ndarray:
+    """1.0, 2.0, ..., n (read-only view of a cached array that grows as needed)."""
+    global _RAMP
+    if _RAMP.size < n:
+        ramp = np.arange(1, max(n, 2 * _RAMP.size) + 1, dtype=np.float64)
+        ramp.flags.writeable = False
+        _RAMP = ramp
+    return _RAMP[:n]
+
+
 def _wasserstein_sorted(u: np.ndarray, v: np.ndarray) -> float:
     """First Wasserstein distance of two sorted samples: scipy's CDF formula, without re-sorting.
 
-    The two samples are merged by inserting the smaller into the larger (one search per value of
-    the smaller). Where the merged values step up (deltas > 0), exactly ``i + 1`` values are at or
-    below ``merged[i]``, so a running count of the smaller sample's values gives both CDFs there;
-    where deltas == 0 the term vanishes whatever the CDFs are.
+    The smaller sample is inserted into the larger (one search per value of the smaller). Where the
+    merged values step up (deltas > 0), exactly ``i + 1`` values are at or below ``merged[i]``, of
+    which ``c_i`` (a step function, built with ``np.repeat``) come from the smaller sample, so
+    ``F_small - F_large = (c_i (nl/ns + 1) - (i + 1)) / nl``; where deltas == 0 the term vanishes.
     """
     small, large = (u, v) if u.size <= v.size else (v, u)
     at = large.searchsorted(small, "left")
     merged = np.insert(large, at, small)
-    is_small = np.zeros(merged.size - 1, dtype=np.int64)
+    n = merged.size - 1
     marks = at + np.arange(small.size)
-    is_small[marks[marks < is_small.size]] = 1
-    small_count = np.cumsum(is_small)
-    # F_small - F_large = c/ns - (i + 1 - c)/nl = c (1/ns + 1/nl) - (i + 1)/nl, in place to save passes
-    diff = small_count * (1.0 / small.size + 1.0 / large.size)
-    diff -= np.arange(1, merged.size, dtype=np.float64) / large.size
-    np.abs(diff, out=diff)
-    diff *= np.diff(merged)
-    return float(diff.sum())  # not np.dot: BLAS threads fight the monitor's own threads for the cores
+    lengths = np.diff(np.concatenate(([0], marks, [n])))
+    d = np.repeat(np.arange(small.size + 1) * (large.size / small.size + 1.0), lengths)
+    d -= _ramp(n)
+    np.abs(d, out=d)
+    d *= np.diff(merged)
+    return float(d.sum()) / large.size  # not np.dot: BLAS threads would fight the monitor's threads
 
 
 def _count_vectors(ref: dict[Any, int], cur: dict[Any, int]) -> tuple[list[Any], np.ndarray, np.ndarray]:
@@ -359,14 +370,16 @@ _P_VALUE_METHODS = {"ks", "chisquare", "z"}
 
 
 def _numeric_values(series: pd.Series, name: str) -> np.ndarray:
-    """Finite values of a numeric column, sorted (MonitorError when the column is not numeric)."""
+    """Finite values of a numeric column, sorted, as a new array (MonitorError when not numeric)."""
     if not pd.api.types.is_numeric_dtype(series) or pd.api.types.is_bool_dtype(series):
         try:
             series = pd.to_numeric(series, errors="raise")
         except (ValueError, TypeError) as exc:
             raise MonitorError(f"current column {name!r} must be numeric like the reference: {exc}") from exc
-    values = series.to_numpy(dtype=np.float64, na_value=np.nan)
-    values = values[np.isfinite(values)]
+    values = np.array(series.to_numpy(dtype=np.float64, na_value=np.nan), dtype=np.float64, copy=True)
+    finite = np.isfinite(values)
+    if not finite.all():
+        values = values[finite]
     values.sort()
     return values
 
