@@ -250,6 +250,17 @@ def run_case(case: str, url: str, body: bytes, batch: int, args: argparse.Namesp
     return res
 
 
+def run_kserve_cases(key: str, label: str, port: int, bodies: dict[int, list[dict[str, Any]]],
+                     args: argparse.Namespace) -> dict[tuple[str, int], Result]:
+    """V1 and V2 requests at every batch size against a KServe-protocol endpoint."""
+    base = f"http://127.0.0.1:{port}"
+    out = {}
+    for b, rows in bodies.items():
+        out[key + "1", b] = run_case(f"{label} V1", f"{base}/v1/models/{MODEL_NAME}:predict", v1_body(rows), b, args)
+        out[key + "2", b] = run_case(f"{label} V2", f"{base}/v2/models/{MODEL_NAME}/infer", v2_body(rows), b, args)
+    return out
+
+
 # -- main -------------------------------------------------------------------------------------------
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -305,11 +316,7 @@ def main() -> None:
                            "--tracking-uri", tracking_uri, "--http-port", str(pb)],
                           server_cpus, f"http://127.0.0.1:{pb}/v2/health/ready", work / "predictor.log"))
         procs[-1].wait_ready()
-        for b in batches:
-            results["b1", b] = run_case("(b) KServe predictor V1", f"http://127.0.0.1:{pb}/v1/models/{MODEL_NAME}:predict",
-                                        v1_body(bodies[b]), b, args)
-            results["b2", b] = run_case("(b) KServe predictor V2", f"http://127.0.0.1:{pb}/v2/models/{MODEL_NAME}/infer",
-                                        v2_body(bodies[b]), b, args)
+        results.update(run_kserve_cases("b", "(b) KServe predictor", pb, bodies, args))
         if have_gateway:
             ps, pg = free_port(), free_port()
             procs.append(Proc([py, "-m", "monitoring.sink", "--store", str(work / "inference.db"), "--port", str(ps),
@@ -320,11 +327,7 @@ def main() -> None:
                                "--sink-url", f"http://127.0.0.1:{ps}/events"],
                               gateway_cpus, f"http://127.0.0.1:{pg}/admin/status", work / "gateway.log"))
             procs[-1].wait_ready()
-            for b in batches:
-                results["c1", b] = run_case("(c) gateway+logging V1", f"http://127.0.0.1:{pg}/v1/models/{MODEL_NAME}:predict",
-                                            v1_body(bodies[b]), b, args)
-                results["c2", b] = run_case("(c) gateway+logging V2", f"http://127.0.0.1:{pg}/v2/models/{MODEL_NAME}/infer",
-                                            v2_body(bodies[b]), b, args)
+            results.update(run_kserve_cases("c", "(c) gateway+logging", pg, bodies, args))
             _report_logged(work / "inference.db", pg)
     finally:
         for proc in reversed(procs):

@@ -67,7 +67,7 @@ log = logging.getLogger(__name__)
 
 _NUMERIC_TYPES = {"double", "float", "long", "integer"}
 _NUMERIC_V2 = {"FP64", "FP32", "FP16", "INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64"}
-# Python types accepted as a number in a JSON row (bool is an int subclass and is refused on purpose).
+# Python types accepted as a number in a JSON row (JSON true/false count as 1/0, as in Python).
 _NUMBER = (int, float)
 
 
@@ -78,9 +78,16 @@ class InputSchema:
     columns: tuple[str, ...]
     numeric: frozenset[str]
 
-    @property
-    def column_set(self) -> frozenset[str]:
-        return frozenset(self.columns)
+    def __post_init__(self) -> None:
+        numeric_columns = tuple(c for c in self.columns if c in self.numeric)
+        string_columns = tuple(c for c in self.columns if c not in self.numeric)
+        object.__setattr__(self, "column_set", frozenset(self.columns))
+        object.__setattr__(self, "numeric_columns", numeric_columns)
+        object.__setattr__(self, "string_columns", string_columns)
+        object.__setattr__(self, "numeric_index", tuple(self.columns.index(c) for c in numeric_columns))
+        object.__setattr__(self, "string_index", tuple(self.columns.index(c) for c in string_columns))
+        # True when the signature lists numeric columns first (as the training step does): no reordering.
+        object.__setattr__(self, "grouped", self.columns == numeric_columns + string_columns)
 
 
 def input_schema(signature: Any) -> InputSchema:
@@ -99,19 +106,43 @@ def input_schema(signature: Any) -> InputSchema:
 
 
 # -- request → DataFrame ------------------------------------------------------------------------
-def _column(values: list[Any], name: str, numeric: bool) -> np.ndarray:
-    """One column as the model was trained on it: float64 (NaN gaps) or object strings (None gaps)."""
-    if numeric:
-        for v in values:
-            if v is not None and (type(v) not in _NUMBER):
+# Rows are split into a numeric block (n×k float64, NaN gaps) and a string block (n×m object, None
+# gaps) and the frame is built from the two blocks: the same dtypes the model was trained on
+# (components.train.prepare_features), at a fraction of the cost of building it column by column.
+def _numbers(rows: list[list[Any]], names: tuple[str, ...]) -> np.ndarray:
+    """n×k float64 from JSON values; anything but a number or null is refused, naming the column."""
+    if not names:
+        return np.empty((len(rows), 0))
+    arr = np.array(rows)
+    if arr.dtype.kind in "fiu" and arr.ndim == 2:  # all numbers, no gaps: the common case
+        return arr.astype(np.float64, copy=False)
+    for row in rows:
+        for name, v in zip(names, row):
+            if v is not None and not isinstance(v, _NUMBER):
                 raise InvalidInput(f"column {name!r} expects a number or null, got {type(v).__name__} {v!r:.40}")
-        return np.array(values, dtype=np.float64)
-    for v in values:
-        if v is not None and type(v) is not str:
-            raise InvalidInput(f"column {name!r} expects a string or null, got {type(v).__name__} {v!r:.40}")
-    out = np.empty(len(values), dtype=object)
-    out[:] = values
+    return np.array(rows, dtype=np.float64)
+
+
+def _strings(rows: list[list[Any]], names: tuple[str, ...]) -> np.ndarray:
+    """n×m object array of strings and None; anything else is refused, naming the column."""
+    for row in rows:
+        for name, v in zip(names, row):
+            if v is not None and type(v) is not str:
+                raise InvalidInput(f"column {name!r} expects a string or null, got {type(v).__name__} {v!r:.40}")
+    out = np.empty((len(rows), len(names)), dtype=object)
+    if names:
+        out[:] = rows
     return out
+
+
+def _frame(numbers: np.ndarray, strings: np.ndarray, schema: InputSchema) -> pd.DataFrame:
+    parts = []
+    if schema.numeric_columns:
+        parts.append(pd.DataFrame(numbers, columns=list(schema.numeric_columns), copy=False))
+    if schema.string_columns:
+        parts.append(pd.DataFrame(strings, columns=list(schema.string_columns), copy=False))
+    frame = parts[0] if len(parts) == 1 else pd.concat(parts, axis=1)
+    return frame if schema.grouped else frame[list(schema.columns)]
 
 
 def _check_names(given: Any, schema: InputSchema, where: str) -> None:
@@ -142,7 +173,8 @@ def frame_from_instances(instances: Any, schema: InputSchema) -> pd.DataFrame:
                 raise InvalidInput(f"instance {i} is a {type(row).__name__}; all rows must be mappings like row 0")
             if row.keys() != schema.column_set:
                 _check_names(row.keys(), schema, f"instance {i}")
-        data = {c: _column([row[c] for row in instances], c, c in schema.numeric) for c in schema.columns}
+        num_rows = [[row[c] for c in schema.numeric_columns] for row in instances]
+        str_rows = [[row[c] for c in schema.string_columns] for row in instances]
     elif isinstance(first, list):
         for i, row in enumerate(instances):
             if not isinstance(row, list):
@@ -150,12 +182,12 @@ def frame_from_instances(instances: Any, schema: InputSchema) -> pd.DataFrame:
             if len(row) != ncols:
                 raise InvalidInput(f"instance {i} has {len(row)} values; expected {ncols} in the order "
                                    f"{list(schema.columns)}")
-        data = {c: _column([row[j] for row in instances], c, c in schema.numeric)
-                for j, c in enumerate(schema.columns)}
+        num_rows = [[row[j] for j in schema.numeric_index] for row in instances]
+        str_rows = [[row[j] for j in schema.string_index] for row in instances]
     else:
         raise InvalidInput(f"instance 0 is a {type(first).__name__}; rows must be mappings {{column: value}} "
                            "or lists of values in signature order")
-    return pd.DataFrame(data, columns=list(schema.columns))
+    return _frame(_numbers(num_rows, schema.numeric_columns), _strings(str_rows, schema.string_columns), schema)
 
 
 def _tensor(inp: InferInput) -> np.ndarray:
@@ -185,7 +217,7 @@ def _tensor_column(inp: InferInput, name: str, numeric: bool) -> np.ndarray:
         return arr.astype(np.float64, copy=False)
     if inp.datatype != "BYTES":
         raise InvalidInput(f"input tensor {name!r} is {inp.datatype}; column {name!r} expects strings (BYTES)")
-    return _column(_from_bytes(arr), name, numeric=False)
+    return _strings([[v] for v in _from_bytes(arr)], (name,))[:, 0]
 
 
 def frame_from_v2(request: InferRequest, schema: InputSchema) -> pd.DataFrame:
@@ -217,9 +249,12 @@ def frame_from_v2(request: InferRequest, schema: InputSchema) -> pd.DataFrame:
     lengths = {c: len(v) for c, v in data.items()}
     if len(set(lengths.values())) != 1:
         raise InvalidInput(f"input tensors differ in length: {lengths}")
-    if next(iter(lengths.values())) == 0:
+    n = next(iter(lengths.values()))
+    if n == 0:
         raise InvalidInput("input tensors have no rows")
-    return pd.DataFrame(data, columns=list(schema.columns))
+    numbers = np.column_stack([data[c] for c in schema.numeric_columns]) if schema.numeric_columns else None
+    strings = np.column_stack([data[c] for c in schema.string_columns]) if schema.string_columns else None
+    return _frame(numbers, strings, schema)
 
 
 # -- the model ----------------------------------------------------------------------------------

@@ -242,7 +242,11 @@ def test_pinned_version_and_run_uri_load_with_their_version(trained):
 def test_frame_from_instances_keeps_dtypes_the_model_was_trained_on():
     from serving.predictor import InputSchema, frame_from_instances
 
-    schema = InputSchema(("a", "b"), frozenset({"a"}))
-    frame = frame_from_instances([{"a": 1, "b": "x"}, {"a": None, "b": None}], schema)
-    assert frame["a"].dtype == np.float64 and np.isnan(frame["a"][1])
-    assert frame["b"].dtype == object and frame["b"].tolist() == ["x", None]
+    schema = InputSchema(("b", "a", "c"), frozenset({"a"}))  # strings before numbers: signature order kept
+    for rows in ([{"a": 1, "b": "x", "c": "y"}, {"a": None, "b": None, "c": "z"}], [["x", 1, "y"], [None, None, "z"]]):
+        frame = frame_from_instances(rows, schema)
+        assert list(frame.columns) == ["b", "a", "c"]
+        assert frame["a"].dtype == np.float64 and frame["a"][0] == 1.0 and np.isnan(frame["a"][1])
+        assert frame["b"].dtype == object and frame["b"].tolist() == ["x", None]
+    no_gaps = frame_from_instances([{"a": 2, "b": "x", "c": "y"}], schema)  # the all-numbers fast path
+    assert no_gaps["a"].dtype == np.float64 and no_gaps["a"][0] == 2.0
