@@ -426,7 +426,7 @@ class RolloutController:
 
     # -- outcomes ---------------------------------------------------------------------
     def approve(self) -> RolloutState:
-        state = self.state()
+        state = self._open_state()
         state.approved = True
         self._record(state, "approved", "manual approval given")
         return state

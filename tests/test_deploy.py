@@ -148,3 +148,24 @@ def test_serve_deploy_promote_with_real_model_servers(served_pair):
     assert not any(process_alive(p) for p in pids.values())
     with pytest.raises(ServingError, match="nothing to promote"):
         backend.promote()
+
+
+def test_cli_deploy_renders_and_refuses_bad_input_before_changing_anything(tmp_path):
+    from typer.testing import CliRunner
+
+    from driftloop.cli import app
+
+    s = make_settings(tmp_path / "ws", tmp_path / "x.parquet")
+    _registry_with_versions(s, [(str(tmp_path / "m1"), None), (str(tmp_path / "m2"), None)])
+    args = ["-p", f"workspace={s.workspace_dir}", "-p", "mlflow.model_name=churn", "-p", "mlflow.experiment=test"]
+    runner = CliRunner()
+    out = runner.invoke(app, ["deploy", "--dry-run", "--version", "2", "--canary-percent", "10", *args])
+    assert out.exit_code == 0, out.output
+    assert "kind: InferenceService" in out.output and "canaryTrafficPercent: 10" in out.output
+    assert "models:/churn/2" in out.output
+    bad = runner.invoke(app, ["deploy", "--dry-run", "--version", "2", "--canary-percent", "150", *args])
+    assert isinstance(bad.exception, ServingError) and "between 0 and 100" in str(bad.exception)
+    missing = runner.invoke(app, ["deploy", "--dry-run", "--version", "staging", *args])
+    assert isinstance(missing.exception, RegistryError) and "staging" in str(missing.exception)
+    nothing = runner.invoke(app, ["rollout", "run", *args])
+    assert isinstance(nothing.exception, ServingError) and "driftloop serve" in str(nothing.exception)

@@ -125,6 +125,19 @@ def test_canary_returning_5xx_is_rolled_back(workspace):
         state, elapsed = run_timed(ctl)
         _assert_rolled_back(state, reg, "errors", elapsed, "error_rate")
         assert httpx.get(gw_url + "/admin/status").json()["canary_percent"] == 0
+        # the CLI shows the step history; a finished rollout cannot be promoted by hand
+        from typer.testing import CliRunner
+
+        from driftloop.cli import app
+        from driftloop.errors import RolloutAborted
+
+        args = ["-p", f"workspace={settings.workspace_dir}", "-p", "mlflow.model_name=errors", "-p", "mlflow.experiment=test"]
+        out = CliRunner().invoke(app, ["rollout", "status", *args], terminal_width=250)
+        assert out.exit_code == 0, out.output
+        assert "rolled_back" in out.output and "rollback" in out.output and "fail" in out.output
+        assert "error_rate" in out.output and "start" in out.output
+        promoted = CliRunner().invoke(app, ["rollout", "approve", *args])
+        assert isinstance(promoted.exception, RolloutAborted) and "already rolled_back" in str(promoted.exception)
 
 
 def test_slow_canary_is_rolled_back(workspace):

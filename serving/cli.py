@@ -1,0 +1,234 @@
+"""Serving commands: ``driftloop serve``, ``driftloop deploy`` and ``driftloop rollout …``.
+
+``register(app)`` attaches them to the main CLI. ``serve`` runs the embedded default (champion
+[+ pending canary] model servers behind the local gateway) until Ctrl-C and stops everything;
+``deploy`` renders or applies the InferenceService on a cluster; ``rollout`` shows and drives
+the canary analysis.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from datetime import datetime, timezone
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.table import Table
+
+from driftloop.cli import ConfigOpt, ParamOpt, console, settings_from
+from driftloop.errors import ServingError
+
+__all__ = ["register", "rollout_app", "target_for"]
+
+rollout_app = typer.Typer(help="Canary rollouts: status, run the analysis, promote or roll back by hand.",
+                          no_args_is_help=True)
+
+
+def _registry(settings: Any):  # noqa: ANN202
+    from driftloop.registry import Registry
+
+    return Registry.from_settings(settings)
+
+
+def target_for(settings: Any) -> Any:
+    """The rollout target of this configuration: the InferenceService or the running local gateway."""
+    from components.deploy import serving_home
+    from serving.rollout import GatewayTarget, KServeTarget, PrometheusMetrics
+
+    if serving_home(settings) == "kserve":
+        from serving.kserve_backend import KServeBackend
+
+        if not settings.rollout.prometheus_url:
+            raise ServingError("rollout.prometheus_url is not set; the controller reads canary metrics from Prometheus")
+        return KServeTarget(KServeBackend(settings), PrometheusMetrics(settings.rollout.prometheus_url,
+                                                                       settings.serving.namespace))
+    from serving.local_backend import LocalBackend
+
+    backend = LocalBackend(settings)
+    url = backend.gateway_url
+    if url is None:
+        raise ServingError("nothing is being served in this workspace; start it with `driftloop serve`")
+    return GatewayTarget(url, backend=backend)
+
+
+def serve(
+    config: ConfigOpt = None,
+    params: ParamOpt = None,
+    port: Annotated[Optional[int], typer.Option(help="Gateway port (default serving.gateway_port; 0 = free port).")] = None,
+    rollout: Annotated[bool, typer.Option(help="Also drive a pending canary rollout while serving.")] = True,
+) -> None:
+    """Serve the champion (and a pending canary) behind the local gateway until Ctrl-C."""
+    from driftloop.registry import CHAMPION
+    from serving.local_backend import LocalBackend
+    from serving.rollout import PENDING, PROGRESSING, RolloutController
+
+    settings = settings_from(config, params, **{"serving.gateway_port": port})
+    name = settings.mlflow.model_name
+    registry = _registry(settings)
+    champion = registry.version_by_alias(name, CHAMPION)
+    if champion is None:
+        raise ServingError(f"model {name!r} has no {CHAMPION!r} alias; train one with `driftloop run train`")
+    backend = LocalBackend(settings)
+    pending = backend.status().get("pending_canary")
+    canary = (pending["version"], pending["model_uri"]) if pending and pending["version"] != champion.version else None
+    percent = float(pending.get("percent", 0)) if canary else 0.0
+    previous = signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        state = backend.serve(champion.version, canary=canary, percent=percent)
+        url = state["gateway"]["url"]
+        console.print(f"serving [bold]{name}[/] v{champion.version} at [bold]{url}[/]"
+                      f"  (V1 {url}/v1/models/{settings.serving.name}:predict, V2 {url}/v2/models/{settings.serving.name}/infer)")
+        if canary:
+            console.print(f"canary v{canary[0]} takes {percent:g}% of traffic")
+        console.print("feedback: POST /feedback {\"id\": <x-request-id>, \"label\": ...}; Ctrl-C stops everything")
+        controller = RolloutController(settings, target_for(settings), registry) if rollout else None
+        while True:
+            current = controller.store.load() if controller is not None else None
+            if current is not None and current.status in (PENDING, PROGRESSING) and backend.status().get("canary"):
+                rec = controller.step()
+                console.print(f"rollout: {rec.get('decision')} at {rec.get('weight')}% — {rec.get('reason')}")
+                time.sleep(settings.rollout.interval_seconds)
+            else:
+                time.sleep(1.0)
+    except KeyboardInterrupt:
+        console.print("stopping…")
+    finally:
+        backend.stop()
+        signal.signal(signal.SIGTERM, previous)
+        console.print("stopped: gateway and model servers")
+
+
+def deploy(
+    config: ConfigOpt = None,
+    params: ParamOpt = None,
+    version: Annotated[Optional[str], typer.Option(help="Model version or alias to serve (default: the champion).")] = None,
+    canary_percent: Annotated[Optional[int], typer.Option(help="Put --version out as a canary with this share.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the InferenceService YAML, change nothing.")] = False,
+    apply: Annotated[bool, typer.Option("--apply", help="Apply it to the cluster with KServeClient.")] = False,
+) -> None:
+    """Render the InferenceService (cluster home); --apply applies it, --dry-run only prints it."""
+    from serving.inference_service import build_inference_service, check_percent, to_yaml
+
+    settings = settings_from(config, params)
+    if canary_percent is not None:
+        check_percent(canary_percent)
+        if version is None:
+            raise ServingError("--canary-percent needs --version (the model version to put out as a canary)")
+    model_uri = None
+    if version is not None:
+        name = settings.mlflow.model_name
+        ref = version if ("@" in version or "/" in version) else (
+            f"{name}/{version}" if version.isdigit() else f"{name}@{version}")
+        info = _registry(settings).resolve(ref)
+        model_uri = f"models:/{info.name}/{info.version}"
+    if canary_percent is not None and apply and not dry_run:
+        from serving.kserve_backend import KServeBackend
+
+        KServeBackend(settings).set_canary(model_uri, canary_percent)
+        console.print(f"canary {model_uri} at {canary_percent}% on {settings.serving.namespace}/{settings.serving.name}")
+        return
+    isvc = build_inference_service(settings, model_uri=model_uri, canary_traffic_percent=canary_percent)
+    text = to_yaml(isvc)
+    if dry_run or not apply:
+        console.print(text, markup=False, highlight=False, soft_wrap=True)
+        return
+    from serving.kserve_backend import KServeBackend
+
+    KServeBackend(settings).apply(isvc)
+    console.print(f"applied InferenceService {settings.serving.namespace}/{settings.serving.name}")
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value)
+
+
+def _controller(config: Any, params: Any, *, need_target: bool = True):  # noqa: ANN202
+    from serving.rollout import RolloutController
+
+    settings = settings_from(config, params)
+    target = target_for(settings) if need_target else None
+    return RolloutController(settings, target, _registry(settings))
+
+
+@rollout_app.command("status")
+def rollout_status(config: ConfigOpt = None, params: ParamOpt = None) -> None:
+    """The rollout's state and its step history: weight, each check's number and verdict, decision, reason."""
+    ctl = _controller(config, params, need_target=False)
+    state = ctl.state()
+    console.print(f"[bold]{state.model_name}[/] canary v{state.canary_version} vs primary v{state.primary_version}: "
+                  f"[bold]{state.status}[/] at {state.weight}% (failed checks {state.failed_checks}/"
+                  f"{ctl.cfg.threshold})")
+    table = Table(title="rollout steps")
+    names = ["requests", "error_rate", "p99_ms", "prediction_psi", "quality_delta"]
+    for col in ["time", "weight", *names, "decision"]:
+        table.add_column(col, no_wrap=True)
+    table.add_column("reason")
+    for rec in state.history:
+        checks = {c["name"]: c for c in rec.get("checks", [])}
+        cells = []
+        for n in names:
+            c = checks.get(n)
+            if c is None:
+                cells.append("")
+                continue
+            mark = {True: "[green]ok[/]", False: "[red]fail[/]", None: "[dim]n/a[/]"}[c["passed"]]
+            cells.append(f"{_fmt(c['value'])} {mark}")
+        t = datetime.fromtimestamp(rec["ts"], tz=timezone.utc).strftime("%H:%M:%S") if "ts" in rec else rec.get("time", "")
+        table.add_row(t, f"{rec.get('weight', '')}%", *cells, rec.get("decision", ""), rec.get("reason", ""))
+    from rich.console import Console
+
+    Console(width=max(console.width, 180), highlight=False).print(table)  # readable also when piped
+
+
+@rollout_app.command("run")
+def rollout_run(
+    config: ConfigOpt = None,
+    params: ParamOpt = None,
+    max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many intervals.")] = None,
+) -> None:
+    """Run the analysis every rollout.interval_seconds until the canary is promoted or rolled back."""
+    ctl = _controller(config, params)
+    try:
+        state = ctl.run(until_done=True, max_steps=max_steps)
+    except KeyboardInterrupt:
+        state = ctl.state()
+        console.print("interrupted; the rollout resumes where it stopped with `driftloop rollout run`")
+    colour = {"promoted": "green", "rolled_back": "red"}.get(state.status, "yellow")
+    console.print(f"[{colour}]{state.status}[/] at {state.weight}%: {state.reason}")
+
+
+@rollout_app.command("promote")
+def rollout_promote(config: ConfigOpt = None, params: ParamOpt = None) -> None:
+    """Promote the canary now (alias champion moves, 100 % traffic)."""
+    rec = _controller(config, params).promote("promoted by hand (driftloop rollout promote)")
+    console.print(f"[green]promoted[/]: {rec['reason']}")
+
+
+@rollout_app.command("rollback")
+def rollout_rollback(
+    config: ConfigOpt = None,
+    params: ParamOpt = None,
+    reason: Annotated[str, typer.Option(help="Why (recorded on the model version).")] = "rolled back by hand",
+) -> None:
+    """Roll the canary back now (0 %, champion unchanged, version tagged with the reason)."""
+    rec = _controller(config, params).rollback(reason)
+    console.print(f"[red]rolled back[/]: {rec['reason']}")
+
+
+@rollout_app.command("approve")
+def rollout_approve(config: ConfigOpt = None, params: ParamOpt = None) -> None:
+    """Give the manual approval a rollout waits for before promotion (rollout.manual_approval)."""
+    state = _controller(config, params, need_target=False).approve()
+    console.print(f"approved: v{state.canary_version} is promoted at the next interval")
+
+
+def register(app: typer.Typer) -> None:
+    """Attach ``serve``, ``deploy`` and the ``rollout`` group to the driftloop CLI."""
+    app.command("serve")(serve)
+    app.command("deploy")(deploy)
+    app.add_typer(rollout_app, name="rollout")
