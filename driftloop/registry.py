@@ -105,7 +105,10 @@ class Registry:
             from mlflow.tracking import MlflowClient
 
             mlflow.set_tracking_uri(self.tracking_uri)
-            mlflow.set_registry_uri(self.registry_uri)
+            # Only a registry configured apart from tracking is set process-wide: MLflow follows the
+            # tracking URI otherwise, and a sticky global would outlive a switch of workspace.
+            if self.registry_uri != self.tracking_uri:
+                mlflow.set_registry_uri(self.registry_uri)
             self._client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.registry_uri)
         return self._client
 
