@@ -322,3 +322,27 @@ def test_without_kubectl_the_check_says_what_to_install(tmp_path, monkeypatch, c
     monkeypatch.setenv("KUBECTL", str(tmp_path / "no-kubectl"))
     assert main([str(ROOT)]) == 2
     assert "kubectl not found (install Debian's kubernetes-client" in capsys.readouterr().err
+
+
+def test_every_driftloop_container_runs_a_real_cli_command(rendered):
+    """The Deployments' commands (after the image's `driftloop` entrypoint, or inside a shell loop) exist."""
+    import re
+    import shlex
+
+    from typer.testing import CliRunner
+
+    from driftloop.cli import app
+
+    objects, _ = rendered["prod"]
+    commands = set()
+    for deployment in objects_by_kind(objects, "Deployment"):
+        for c in deployment["spec"]["template"]["spec"]["containers"]:
+            if c.get("command", ["driftloop"])[0] == "driftloop":
+                commands.add(tuple(c["args"]))
+            else:  # a shell script: every `driftloop …` it runs
+                script = c["args"][-1]
+                commands |= {tuple(shlex.split(m)) for m in re.findall(r"\bdriftloop ([a-z][a-z -]*?)\s*(?:&|;|\n|$)", script)}
+    assert commands == {("monitor",), ("rollout", "run"), ("scheduler",)}
+    for args in commands:
+        result = CliRunner().invoke(app, [*args, "--help"])
+        assert result.exit_code == 0, f"driftloop {' '.join(args)}: {result.output}"
