@@ -179,3 +179,13 @@ def test_restart_reloads_unpaired_events_within_the_lookback(tmp_path):
         assert store.counts()["unpaired"] == 1  # u1's request; u0's events are both stored (unpaired rows)
     with InferenceStore(path) as store:
         assert store.counts()["events"] == 7 and store.count() == 2
+
+
+def test_empty_store_reads(tmp_path):
+    with InferenceStore(tmp_path / "log.db") as store:
+        win = store.window("tumbling", rows=10)
+        assert win.n == 0 and not win.complete and store.quality_by_version() == {}
+        assert list(store.rows().columns) == ["seq", "request_id", "row_index", "ts", "model_name", "model_version",
+                                              "role", "prediction"]
+        with pytest.raises(ValueError):
+            store.window("tumbling")
