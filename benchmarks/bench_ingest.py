@@ -46,7 +46,7 @@ def free_port() -> int:
 
 
 def http_request(port: int, headers: dict[str, str], body: bytes) -> bytes:
-    lines = [f"POST /events HTTP/1.1", f"host: 127.0.0.1:{port}", f"content-length: {len(body)}"]
+    lines = ["POST /events HTTP/1.1", f"host: 127.0.0.1:{port}", f"content-length: {len(body)}"]
     lines += [f"{k}: {v}" for k, v in headers.items() if k != "content-length"]
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
