@@ -400,7 +400,10 @@ class InferenceStore:
             if not isinstance(row_index, int) or row_index < 0:
                 raise EventError(422, f"feedback for {item['id']!r}: row_index must be a non-negative integer",
                                  reason="bad_feedback")
-            params.append((str(item["id"]), row_index, _dumps(item["label"]), float(item.get("ts", now))))
+            ts = item.get("ts", now)
+            if isinstance(ts, bool) or not isinstance(ts, (int, float)):
+                raise EventError(422, f"feedback for {item['id']!r}: ts must be epoch seconds", reason="bad_feedback")
+            params.append((str(item["id"]), row_index, _dumps(item["label"]), float(ts)))
         with self._lock:
             db = self._db
             db.execute("BEGIN IMMEDIATE")

@@ -134,9 +134,10 @@ def test_labels_and_quality_by_version(tmp_path):
         assert q == {"1": {"n": 2, "accuracy": 0.5}, "2": {"n": 2, "accuracy": 1.0}}
         qr = store.quality_by_version(task="regression")
         assert qr["1"]["rmse"] == pytest.approx(0.5 ** 0.5) and qr["2"]["mae"] == 0.0
-        with pytest.raises(EventError) as err:
-            store.add_labels([{"label": 1}])
-        assert err.value.status == 422
+        for bad in ({"label": 1}, {"id": "a", "label": 1, "ts": "noon"}, {"id": "a", "label": 1, "row_index": -1}):
+            with pytest.raises(EventError) as err:
+                store.add_labels([bad])
+            assert err.value.status == 422
 
 
 def test_store_from_settings_lives_in_the_workspace(tmp_path):
