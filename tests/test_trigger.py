@@ -193,3 +193,38 @@ def test_triggered_run_carries_the_alert_id(tmp_path, scenario_path):
     assert version.tags[TAG.REQUEST] == decision.request_id
     last_row = version.tags[TAG.WINDOW].split(" .. ")[1]  # the data window ended at the alert's window end
     assert "2026-01-30" <= last_row < "2026-01-31"
+
+
+class RecordingKfpRunner:
+    """Test double of KfpRunner: records submissions; ``client.get_run`` answers a settable state."""
+
+    def __init__(self) -> None:
+        self.requests = []
+        self.state = "RUNNING"
+        runner = self
+
+        class Client:
+            def get_run(self, run_id):
+                return type("Run", (), {"run_id": run_id, "state": runner.state})()
+
+        self.client = Client()
+
+    def run_training(self, request, *, wait: bool = False) -> RunResult:
+        assert wait is False  # the monitor never blocks on a cluster run
+        self.requests.append(request)
+        return RunResult(request.request_id, f"kfp-{len(self.requests)}", "SUBMITTED", "kubeflow")
+
+
+def test_cluster_runs_are_submitted_and_followed_through_kubeflow(tmp_path):
+    runner = RecordingKfpRunner()
+    settings = make_settings(tmp_path / "ws", tmp_path / "none.parquet", **{
+        "kfp.host": "http://kfp.example:8888", "trigger.cooldown_seconds": 0, "trigger.min_samples": 1})
+    trig = Trigger(settings, AlertStore.from_settings(settings), runner=runner, clock=Clock())
+    first = trig.submit(_alert(1))
+    rec = trig.alerts.get(first.alert_id)
+    assert first.decision == "started" and rec["pipeline_run_id"] == "kfp-1" and rec["run_state"] == "SUBMITTED"
+    assert trig.submit(_alert(2)).decision == "in_flight"  # Kubeflow says RUNNING
+    runner.state = "SUCCEEDED"
+    assert trig.submit(_alert(3)).decision == "started"
+    assert trig.alerts.get(first.alert_id)["run_state"] == "SUCCEEDED"
+    assert [r.trigger for r in runner.requests] == [f"drift:{_alert(1).id}", f"drift:{_alert(3).id}"]
