@@ -11,15 +11,19 @@ from __future__ import annotations
 import signal
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 from rich.table import Table
 
-from driftloop.cli import ConfigOpt, ParamOpt, console, settings_from
 from driftloop.errors import ServingError
 
 __all__ = ["register", "rollout_app", "target_for"]
+
+# Declared here, not imported: driftloop.cli imports this module while it loads.
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file (or $DRIFTLOOP_CONFIG).")]
+ParamOpt = Annotated[Optional[list[str]], typer.Option("--param", "-p", help="Override a config key: section.key=value.")]
 
 rollout_app = typer.Typer(help="Canary rollouts: status, run the analysis, promote or roll back by hand.",
                           no_args_is_help=True)
@@ -59,6 +63,8 @@ def serve(
     rollout: Annotated[bool, typer.Option(help="Also drive a pending canary rollout while serving.")] = True,
 ) -> None:
     """Serve the champion (and a pending canary) behind the local gateway until Ctrl-C."""
+    from driftloop.cli import console, settings_from
+
     from driftloop.registry import CHAMPION
     from serving.local_backend import LocalBackend
     from serving.rollout import PENDING, PROGRESSING, RolloutController
@@ -108,6 +114,8 @@ def deploy(
     apply: Annotated[bool, typer.Option("--apply", help="Apply it to the cluster with KServeClient.")] = False,
 ) -> None:
     """Render the InferenceService (cluster home); --apply applies it, --dry-run only prints it."""
+    from driftloop.cli import console, settings_from
+
     from serving.inference_service import build_inference_service, check_percent, to_yaml
 
     settings = settings_from(config, params)
@@ -148,6 +156,7 @@ def _fmt(value: Any) -> str:
 
 
 def _controller(config: Any, params: Any, *, need_target: bool = True):  # noqa: ANN202
+    from driftloop.cli import settings_from
     from serving.rollout import RolloutController
 
     settings = settings_from(config, params)
@@ -158,6 +167,8 @@ def _controller(config: Any, params: Any, *, need_target: bool = True):  # noqa:
 @rollout_app.command("status")
 def rollout_status(config: ConfigOpt = None, params: ParamOpt = None) -> None:
     """The rollout's state and its step history: weight, each check's number and verdict, decision, reason."""
+    from driftloop.cli import console
+
     ctl = _controller(config, params, need_target=False)
     state = ctl.state()
     console.print(f"[bold]{state.model_name}[/] canary v{state.canary_version} vs primary v{state.primary_version}: "
@@ -192,6 +203,8 @@ def rollout_run(
     max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many intervals.")] = None,
 ) -> None:
     """Run the analysis every rollout.interval_seconds until the canary is promoted or rolled back."""
+    from driftloop.cli import console
+
     ctl = _controller(config, params)
     try:
         state = ctl.run(until_done=True, max_steps=max_steps)
@@ -205,6 +218,8 @@ def rollout_run(
 @rollout_app.command("promote")
 def rollout_promote(config: ConfigOpt = None, params: ParamOpt = None) -> None:
     """Promote the canary now (alias champion moves, 100 % traffic)."""
+    from driftloop.cli import console
+
     rec = _controller(config, params).promote("promoted by hand (driftloop rollout promote)")
     console.print(f"[green]promoted[/]: {rec['reason']}")
 
@@ -216,6 +231,8 @@ def rollout_rollback(
     reason: Annotated[str, typer.Option(help="Why (recorded on the model version).")] = "rolled back by hand",
 ) -> None:
     """Roll the canary back now (0 %, champion unchanged, version tagged with the reason)."""
+    from driftloop.cli import console
+
     rec = _controller(config, params).rollback(reason)
     console.print(f"[red]rolled back[/]: {rec['reason']}")
 
@@ -223,6 +240,8 @@ def rollout_rollback(
 @rollout_app.command("approve")
 def rollout_approve(config: ConfigOpt = None, params: ParamOpt = None) -> None:
     """Give the manual approval a rollout waits for before promotion (rollout.manual_approval)."""
+    from driftloop.cli import console
+
     state = _controller(config, params, need_target=False).approve()
     console.print(f"approved: v{state.canary_version} is promoted at the next interval")
 

@@ -169,3 +169,53 @@ def test_cli_deploy_renders_and_refuses_bad_input_before_changing_anything(tmp_p
     assert isinstance(missing.exception, RegistryError) and "staging" in str(missing.exception)
     nothing = runner.invoke(app, ["rollout", "run", *args])
     assert isinstance(nothing.exception, ServingError) and "driftloop serve" in str(nothing.exception)
+
+
+def test_stale_state_of_dead_processes_is_dropped(tmp_path):
+    import json
+    import subprocess
+
+    s = make_settings(tmp_path / "ws", tmp_path / "x.parquet")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    path = s.workspace_dir / "serving" / "state.json"
+    path.parent.mkdir(parents=True)
+    entry = {"role": "gateway", "pid": dead.pid, "port": 1, "url": "http://127.0.0.1:1", "version": "", "model_uri": ""}
+    path.write_text(json.dumps({"gateway": entry, "primary": {**entry, "role": "primary"}, "canary": None,
+                                "canary_percent": 0, "pending_canary": None}))
+    backend = LocalBackend(s)
+    assert backend.gateway_url is None
+    assert json.loads(path.read_text())["primary"] is None
+
+
+def test_cli_serve_until_interrupted_leaves_nothing_behind(served_pair):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    s, reg, frame = served_pair
+    args = ["-p", f"workspace={s.workspace_dir}", "-p", "mlflow.model_name=churn", "-p", "mlflow.experiment=test",
+            "-p", "serving.name=churn"]
+    proc = subprocess.Popen([sys.executable, "-m", "driftloop.cli", "serve", "--port", "0", "--no-rollout", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    backend = LocalBackend(s)
+    try:
+        deadline = time.monotonic() + 120
+        while backend.gateway_url is None and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+        state = backend.status()
+        assert state["gateway"] is not None, proc.stdout.read() if proc.poll() is not None else "not started"
+        url = state["gateway"]["url"]
+        champion = reg.version_by_alias("churn", CHAMPION).version
+        row = frame.drop(columns=["label", "event_time"]).head(1).astype(object).where(frame.notna(), None)
+        r = httpx.post(f"{url}/v1/models/churn:predict", json={"instances": row.to_dict(orient="records")}, timeout=30)
+        assert r.status_code == 200 and r.headers["x-model-version"] == champion
+        pids = [state[k]["pid"] for k in ("gateway", "primary")]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert url in out and "stopped" in out
+    assert not any(process_alive(p) for p in pids)
+    assert backend.status()["gateway"] is None

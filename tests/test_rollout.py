@@ -204,3 +204,60 @@ def test_prometheus_queries_and_parsing():
     assert "histogram_quantile(0.99" in q["p99_ms"] and "revision_app_request_latencies_bucket" in q["p99_ms"]
     stats = prom.revision_stats("churn-predictor-00002", 30)
     assert stats["error_rate"] == 0.25 and set(sent) == set(q.values())
+
+
+class _RecordingKServeBackend:
+    """Records what the controller asks of the InferenceService (what KServeClient would be sent)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def status(self):
+        from serving.kserve_backend import ServingStatus
+
+        return ServingStatus(name="churn", namespace="prod", ready=True, canary_percent=10, model_uri="models:/churn/2",
+                             latest_ready_revision="churn-predictor-00002", latest_rolledout_revision="churn-predictor-00001")
+
+    def set_traffic(self, percent):
+        self.calls.append(("set_traffic", percent))
+
+    def rollback(self):
+        self.calls.append(("rollback",))
+
+    def promote(self, model_uri):
+        self.calls.append(("promote", model_uri))
+
+
+def _prometheus(values: dict[str, float]) -> PrometheusMetrics:
+    """Prometheus answering by revision and metric (a mock transport standing in for the HTTP API)."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        q = request.url.params["query"]
+        rev = "00002" if "00002" in q else "00001"
+        kind = "error_rate" if "5xx" in q else "p99_ms" if "histogram_quantile" in q else "requests"
+        result = [{"metric": {}, "value": [0, str(values[f"{kind}:{rev}"])]}]
+        return httpx.Response(200, json={"status": "success", "data": {"resultType": "vector", "result": result}})
+
+    return PrometheusMetrics("http://prom:9090", "prod", client=httpx.Client(transport=httpx.MockTransport(handler)))
+
+
+@pytest.mark.parametrize("canary_errors, outcome", [(0.0, PROMOTED), (0.3, ROLLED_BACK)])
+def test_inference_service_target_driven_by_prometheus(workspace, canary_errors, outcome):
+    from serving.rollout import KServeTarget
+
+    model = f"isvc-{outcome}"
+    s = settings_for(workspace, model, step_weights=[10, 50])
+    values = {"requests:00002": 200, "error_rate:00002": canary_errors, "p99_ms:00002": 40.0,
+              "requests:00001": 900, "error_rate:00001": 0.0, "p99_ms:00001": 35.0}
+    backend = _RecordingKServeBackend()
+    RolloutController.begin(s, canary_version="2", primary_version="1", canary_uri="models:/churn/2")
+    ctl = RolloutController(s, KServeTarget(backend, _prometheus(values)), None)
+    for _ in range(4):
+        ctl.step()
+    state = ctl.state()
+    assert state.status == outcome
+    if outcome == PROMOTED:
+        assert backend.calls == [("set_traffic", 10), ("set_traffic", 50), ("promote", "models:/churn/2")]
+    else:
+        assert backend.calls == [("set_traffic", 10), ("rollback",)]
+        assert "error_rate=0.3" in state.reason
