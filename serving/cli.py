@@ -38,15 +38,17 @@ def _registry(settings: Any):  # noqa: ANN202
 def target_for(settings: Any) -> Any:
     """The rollout target of this configuration: the InferenceService or the running local gateway."""
     from components.deploy import serving_home
-    from serving.rollout import GatewayTarget, KServeTarget, PrometheusMetrics
+    from serving.rollout import GatewayTarget, KServeTarget, MonitorQuality, PrometheusMetrics
 
     if serving_home(settings) == "kserve":
         from serving.kserve_backend import KServeBackend
 
         if not settings.rollout.prometheus_url:
             raise ServingError("rollout.prometheus_url is not set; the controller reads canary metrics from Prometheus")
-        return KServeTarget(KServeBackend(settings), PrometheusMetrics(settings.rollout.prometheus_url,
-                                                                       settings.serving.namespace))
+        monitor = settings.serving.logger_url.removesuffix("/events")
+        return KServeTarget(KServeBackend(settings),
+                            PrometheusMetrics(settings.rollout.prometheus_url, settings.serving.namespace),
+                            MonitorQuality(monitor, settings.model.task))
     from serving.local_backend import LocalBackend
 
     backend = LocalBackend(settings)

@@ -31,6 +31,7 @@ from driftloop.errors import RolloutAborted, ServingError
 
 __all__ = [
     "Check", "RolloutState", "RolloutStore", "RolloutTarget", "GatewayTarget", "KServeTarget", "PrometheusMetrics",
+    "MonitorQuality",
     "RolloutController", "evaluate_checks", "psi", "weight_schedule",
     "PENDING", "PROGRESSING", "AWAITING_APPROVAL", "PROMOTED", "ROLLED_BACK",
 ]
@@ -287,12 +288,45 @@ class PrometheusMetrics:
         return out
 
 
-class KServeTarget:
-    """An InferenceService through ``KServeBackend``; numbers from Prometheus by revision."""
+class MonitorQuality:
+    """Labelled quality per model version from the monitor's ``GET /quality`` (its inference log)."""
 
-    def __init__(self, backend: Any, metrics: PrometheusMetrics) -> None:
+    def __init__(self, url: str, task: str = "classification", *, timeout: float = 10.0,
+                 client: Any | None = None) -> None:
+        self.url = url.rstrip("/")
+        self.task = task
+        self.timeout = timeout
+        self._client = client
+
+    def versions(self, since: float) -> dict[str, dict[str, Any]]:
+        """``{version: {"labels", "quality", "quality_metric"}}``; quality is higher-is-better."""
+        import httpx
+
+        client = self._client or httpx.Client(timeout=self.timeout)
+        try:
+            resp = client.get(f"{self.url}/quality", params={"since": since, "task": self.task})
+            resp.raise_for_status()
+            found = resp.json()["versions"]
+        except (httpx.HTTPError, KeyError, ValueError) as exc:
+            raise ServingError(f"monitor quality query failed at {self.url}: {exc}") from exc
+        out = {}
+        for version, q in found.items():
+            if self.task == "classification":
+                value, metric = q.get("accuracy"), "accuracy"
+            else:
+                value, metric = (-q["mae"] if q.get("mae") is not None else None), "neg_mae"
+            out[str(version)] = {"labels": int(q.get("n") or 0), "quality": value, "quality_metric": metric}
+        return out
+
+
+class KServeTarget:
+    """An InferenceService through ``KServeBackend``; error rate and latency from Prometheus by
+    revision, labelled quality per version from the monitor when one is given."""
+
+    def __init__(self, backend: Any, metrics: PrometheusMetrics, quality: MonitorQuality | None = None) -> None:
         self.backend = backend
         self.metrics = metrics
+        self.quality = quality
 
     def set_weight(self, percent: int) -> None:
         self.backend.set_traffic(percent)
@@ -309,6 +343,11 @@ class KServeTarget:
         window = max(time.time() - since, 1.0)
         canary = self.metrics.revision_stats(canary_rev, window) if canary_rev else None
         primary = self.metrics.revision_stats(primary_rev, window) if primary_rev else None
+        if self.quality is not None:
+            by_version = self.quality.versions(since)
+            for stats, version in ((canary, canary_version), (primary, primary_version)):
+                if stats is not None and version is not None:
+                    stats.update(by_version.get(str(version), {}))
         return canary, primary
 
     def promote(self, state: RolloutState) -> None:

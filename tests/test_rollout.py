@@ -241,6 +241,18 @@ def _prometheus(values: dict[str, float]) -> PrometheusMetrics:
     return PrometheusMetrics("http://prom:9090", "prod", client=httpx.Client(transport=httpx.MockTransport(handler)))
 
 
+def _monitor_quality():
+    """The monitor's GET /quality answer (mock transport), as monitoring.sink shapes it."""
+    from serving.rollout import MonitorQuality
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        assert request.url.path == "/quality" and request.url.params["task"] == "classification"
+        return httpx.Response(200, json={"task": "classification", "since": 0, "versions": {
+            "1": {"n": 40, "accuracy": 0.80}, "2": {"n": 35, "accuracy": 0.82}}})
+
+    return MonitorQuality("http://monitor", client=httpx.Client(transport=httpx.MockTransport(handler)))
+
+
 @pytest.mark.parametrize("canary_errors, outcome", [(0.0, PROMOTED), (0.3, ROLLED_BACK)])
 def test_inference_service_target_driven_by_prometheus(workspace, canary_errors, outcome):
     from serving.rollout import KServeTarget
@@ -251,11 +263,13 @@ def test_inference_service_target_driven_by_prometheus(workspace, canary_errors,
               "requests:00001": 900, "error_rate:00001": 0.0, "p99_ms:00001": 35.0}
     backend = _RecordingKServeBackend()
     RolloutController.begin(s, canary_version="2", primary_version="1", canary_uri="models:/churn/2")
-    ctl = RolloutController(s, KServeTarget(backend, _prometheus(values)), None)
+    ctl = RolloutController(s, KServeTarget(backend, _prometheus(values), _monitor_quality()), None)
     for _ in range(4):
         ctl.step()
     state = ctl.state()
     assert state.status == outcome
+    quality = {c["name"]: c for c in state.history[1]["checks"]}["quality_delta"]
+    assert quality["passed"] is True and quality["value"] == pytest.approx(0.02)
     if outcome == PROMOTED:
         assert backend.calls == [("set_traffic", 10), ("set_traffic", 50), ("promote", "models:/churn/2")]
     else:
