@@ -228,3 +228,20 @@ def test_alerts_command_lists_decisions_and_runs(tmp_path, monkeypatch):
     rows = {line.split("│")[1].strip(): line for line in result.output.splitlines() if "drift-" in line}
     assert "started" in rows["drift-aaaa"] and "churn v1" in rows["drift-aaaa"] and "run-1" in rows["drift-aaaa"]
     assert "cooldown" in rows["drift-bbbb"] and "SUCCEEDED" not in rows["drift-bbbb"]
+
+
+def test_sliding_window_and_report_on_request_on_a_bounded_sample(tmp_path, trained, champion_model, monkeypatch):
+    service, runner = _service(tmp_path, trained, monkeypatch, **{
+        "monitor.window_kind": "sliding", "monitor.window_rows": 250, "monitor.report_sample_rows": 100})
+    with TestClient(service.app) as client:
+        _send(client, _rows(drift=False, n=300, seed=8), champion_model)
+        out = client.post("/check", params={"report": "true"}).json()
+        assert out["window"]["kind"] == "sliding" and out["window"]["rows"] == 250
+        assert out["verdict"] == "no drift" and out["alert"]["decision"] == "report_only"
+        report = json.loads((service.reports_dir / out["alert"]["id"] / "drift.json").read_text())
+        drift_metrics = [m for m in report["metrics"] if "ValueDrift" in m["config"]["type"]]
+        assert len(drift_metrics) == len(FEATURES) + 1  # the features and the prediction
+        assert client.get(f"/reports/{out['alert']['id']}").status_code == 200
+        details = client.get("/alerts").json()["alerts"][0]["details"]
+        assert details["evidently"]["n_current"] == 100 and details["fast_path"]["n_current"] == 250
+    assert runner.requests == []
