@@ -31,7 +31,7 @@ from driftloop.errors import RolloutAborted, ServingError
 
 __all__ = [
     "Check", "RolloutState", "RolloutStore", "RolloutTarget", "GatewayTarget", "KServeTarget", "PrometheusMetrics",
-    "MonitorQuality",
+    "MonitorQuality", "HISTORY_ARTIFACT", "WEIGHT_TAG",
     "RolloutController", "evaluate_checks", "psi", "weight_schedule",
     "PENDING", "PROGRESSING", "AWAITING_APPROVAL", "PROMOTED", "ROLLED_BACK",
 ]
