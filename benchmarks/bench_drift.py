@@ -110,8 +110,8 @@ def main() -> None:
         ev = measure("evidently", rows, args.reference_rows)
         delta = max(abs(fast["scores"][c] - ev["scores"][c]) for c in fast["scores"])
         print(f"{rows:>9} | {ev['seconds']:>11.2f} {ev['peak_mb']:>8.0f} | {fast['seconds']:>8.3f} {fast['peak_mb']:>8.0f} | "
-              f"{ev['seconds'] / fast['seconds']:>7.0f}x | {str(fast['drifted'] == ev['drifted']):>12} | "
-              f"{str(fast['methods'] == ev['methods']):>12} | {delta:.1e}", flush=True)
+              f"{ev['seconds'] / fast['seconds']:>7.0f}x | {fast['drifted'] == ev['drifted']!s:>12} | "
+              f"{fast['methods'] == ev['methods']!s:>12} | {delta:.1e}", flush=True)
         if fast["drifted"] != ev["drifted"]:
             print(f"  fast: {fast['drifted']}\n  evidently: {ev['drifted']}")
     print(f"(fast path reference profile, built once per champion: {fast['profile_seconds'] * 1000:.0f} ms)")

@@ -27,15 +27,15 @@ from typing import Any
 from driftloop.errors import MonitorError
 
 __all__ = [
+    "STARTED",
     "Alert",
     "AlertStore",
     "Decision",
-    "STARTED",
-    "drift_alert_id",
     "alertmanager_alerts",
-    "in_blackout",
-    "decide",
     "alerts_path",
+    "decide",
+    "drift_alert_id",
+    "in_blackout",
     "lookup_alert",
 ]
 
@@ -138,15 +138,15 @@ def alertmanager_alerts(payload: Any, *, now: float | None = None) -> list[Alert
             created=time.time() if now is None else now,
             details={"fingerprint": fingerprint, "startsAt": starts, "labels": labels,
                      "annotations": item.get("annotations") or {}, "receiver": payload.get("receiver")},
-            window_end=(started if started.tzinfo else started.replace(tzinfo=dt.timezone.utc))
-            .astimezone(dt.timezone.utc).isoformat(),
+            window_end=(started if started.tzinfo else started.replace(tzinfo=dt.UTC))
+            .astimezone(dt.UTC).isoformat(),
         ))
     return out
 
 
 def in_blackout(windows: list[str], now: float) -> str | None:
     """The blackout window (``HH:MM-HH:MM`` UTC, may wrap midnight) that ``now`` falls in, if any."""
-    t = dt.datetime.fromtimestamp(now, dt.timezone.utc)
+    t = dt.datetime.fromtimestamp(now, dt.UTC)
     minute = t.hour * 60 + t.minute
     for window in windows:
         start_s, end_s = window.split("-")
@@ -198,7 +198,7 @@ class AlertStore:
         self._db.executescript(_SCHEMA)
 
     @classmethod
-    def from_settings(cls, settings: Any) -> "AlertStore":
+    def from_settings(cls, settings: Any) -> AlertStore:
         return cls(alerts_path(settings))
 
     def close(self) -> None:

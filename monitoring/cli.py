@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import pandas as pd
 import typer
@@ -12,20 +12,20 @@ from rich.table import Table
 
 from driftloop.errors import MonitorError
 
-__all__ = ["register", "infer_columns"]
+__all__ = ["infer_columns", "register"]
 
 log = logging.getLogger(__name__)
 
 drift_app = typer.Typer(help="One-off drift reports with Evidently.", no_args_is_help=True)
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file (or $DRIFTLOOP_CONFIG).")]
-ParamOpt = Annotated[Optional[list[str]], typer.Option("--param", "-p", help="Override a config key: section.key=value.")]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file (or $DRIFTLOOP_CONFIG).")]
+ParamOpt = Annotated[list[str] | None, typer.Option("--param", "-p", help="Override a config key: section.key=value.")]
 
 
 def monitor_cmd(
     config: ConfigOpt = None,
     params: ParamOpt = None,
-    host: Annotated[Optional[str], typer.Option(help="Bind address (default monitor.host, 127.0.0.1).")] = None,
-    port: Annotated[Optional[int], typer.Option(help="Port (default monitor.port).")] = None,
+    host: Annotated[str | None, typer.Option(help="Bind address (default monitor.host, 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default monitor.port).")] = None,
 ) -> None:
     """Run the monitor: inference-log sink, periodic drift checks, metrics, alerts and the retraining trigger."""
     from driftloop.cli import console, settings_from
@@ -69,9 +69,9 @@ def _read(path: Path) -> pd.DataFrame:
 def drift_check_cmd(
     reference: Annotated[Path, typer.Option("--reference", help="Reference table (parquet or csv).")],
     current: Annotated[Path, typer.Option("--current", help="Current table (parquet or csv).")],
-    html: Annotated[Optional[Path], typer.Option("--html", help="Write Evidently's HTML report here.")] = None,
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the report's JSON here.")] = None,
-    exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="Column to leave out (repeatable).")] = None,
+    html: Annotated[Path | None, typer.Option("--html", help="Write Evidently's HTML report here.")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the report's JSON here.")] = None,
+    exclude: Annotated[list[str] | None, typer.Option("--exclude", help="Column to leave out (repeatable).")] = None,
     config: ConfigOpt = None,
     params: ParamOpt = None,
 ) -> None:
@@ -142,7 +142,7 @@ def alerts_cmd(
     for name in ("alert", "source", "created (UTC)", "decision", "reason", "run", "state", "model version", "report"):
         table.add_column(name)
     for a in rows:
-        created = dt.datetime.fromtimestamp(a["created"], dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+        created = dt.datetime.fromtimestamp(a["created"], dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
         version = a.get("model_version") or versions.get(a["id"], "")
         table.add_row(a["id"], a["source"], created, a.get("decision") or "", a.get("reason") or "",
                       a.get("pipeline_run_id") or a.get("request_id") or "", a.get("run_state") or "",

@@ -35,17 +35,17 @@ import pandas as pd
 from driftloop.errors import MonitorError
 
 __all__ = [
-    "NUMERICAL",
     "CATEGORICAL",
-    "DriftOptions",
+    "NUMERICAL",
     "ColumnDrift",
+    "DriftOptions",
     "DriftResult",
     "ReferenceProfile",
-    "prepare_frame",
-    "fast_check",
     "evidently_report",
-    "save_report",
+    "fast_check",
     "method_name",
+    "prepare_frame",
+    "save_report",
 ]
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ class DriftOptions:
     per_column_threshold: dict[str, float] = field(default_factory=dict)
 
     @classmethod
-    def from_config(cls, monitor: Any) -> "DriftOptions":
+    def from_config(cls, monitor: Any) -> DriftOptions:
         return cls(
             drift_share=monitor.drift_share,
             num_method=monitor.num_method,
@@ -256,7 +256,7 @@ class ReferenceProfile:
     columns: dict[str, _ColumnProfile]
 
     @classmethod
-    def build(cls, reference: pd.DataFrame, numeric: list[str], categorical: list[str]) -> "ReferenceProfile":
+    def build(cls, reference: pd.DataFrame, numeric: list[str], categorical: list[str]) -> ReferenceProfile:
         frame = prepare_frame(reference, numeric, categorical, what="reference")
         profiles: dict[str, _ColumnProfile] = {}
         for col in numeric:
@@ -342,7 +342,7 @@ def _z_test(ref: dict[Any, int], cur: dict[Any, int], n_ref: int, n_cur: int) ->
 
     if len(ref) == 1 and len(cur) == 1 and next(iter(ref)) == next(iter(cur)):
         return 1.0
-    first = sorted(set(ref) | set(cur))[0]
+    first = min(set(ref) | set(cur))  # Evidently: the first of the sorted levels
     p1 = 1.0 - ref.get(first, 0) / n_ref
     p2 = 1.0 - cur.get(first, 0) / n_cur
     pooled = (p1 * n_ref + p2 * n_cur) / (n_ref + n_cur)

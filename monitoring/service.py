@@ -41,7 +41,7 @@ from starlette.routing import Route
 
 from driftloop.errors import DriftloopError, MonitorError
 from driftloop.registry import Registry
-from monitoring.alerts import Alert, AlertStore, drift_alert_id, alertmanager_alerts
+from monitoring.alerts import Alert, AlertStore, alertmanager_alerts, drift_alert_id
 from monitoring.drift import DriftOptions, DriftResult, evidently_report, fast_check, save_report
 from monitoring.metrics import MonitorMetrics
 from monitoring.reference import ChampionReference, ReferenceCache
@@ -49,7 +49,7 @@ from monitoring.sink import create_sink_app
 from monitoring.store import InferenceStore
 from monitoring.trigger import Trigger
 
-__all__ = ["MonitorService", "WEBHOOK_TOKEN_ENV", "log_report_to_mlflow"]
+__all__ = ["WEBHOOK_TOKEN_ENV", "MonitorService", "log_report_to_mlflow"]
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def _json(status: int, payload: Any) -> Response:
 
 
 def _iso(ts: float | None) -> str | None:
-    return None if ts is None else dt.datetime.fromtimestamp(ts, dt.timezone.utc).isoformat()
+    return None if ts is None else dt.datetime.fromtimestamp(ts, dt.UTC).isoformat()
 
 
 def log_report_to_mlflow(registry: Registry, files: list[Path], *, alert_id: str, champion: ChampionReference,
@@ -166,7 +166,7 @@ class MonitorService:
         uri = None
         try:
             uri = log_report_to_mlflow(self.registry, [html, js], alert_id=alert_id, champion=champion, result=judged)
-        except Exception as exc:  # MLflow down: the report is kept locally and the alert still raised
+        except Exception as exc:  # noqa: BLE001 - MLflow down: the report stays local, the alert is still raised
             log.warning("drift report for %s not logged to MLflow: %s", alert_id, exc)
         details = {"champion_version": champion.version, "window": window.id,
                    "drifted_columns": judged.drifted_columns, "share": judged.share,

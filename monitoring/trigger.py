@@ -30,13 +30,14 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from driftloop.errors import DriftloopError, MonitorError
 from monitoring.alerts import STARTED, Alert, AlertStore, Decision, day_ago, decide
 
-__all__ = ["Trigger", "retrain_window", "worker_alive", "main"]
+__all__ = ["Trigger", "main", "retrain_window", "worker_alive"]
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ def _iso(value: Any) -> str | None:
     if value is None:
         return None
     if isinstance(value, (int, float)):
-        return dt.datetime.fromtimestamp(value, dt.timezone.utc).isoformat()
+        return dt.datetime.fromtimestamp(value, dt.UTC).isoformat()
     return str(value)
 
 
@@ -151,7 +152,7 @@ class Trigger:
     def _cluster_running(self, alert_id: str, run_id: str) -> bool:
         try:
             state = str(getattr(self._runner().client.get_run(run_id), "state", "") or "")
-        except Exception as exc:  # Kubeflow unreachable: keep the guard closed rather than start a second run
+        except Exception as exc:  # noqa: BLE001 - Kubeflow unreachable: keep the guard closed, no second run
             log.warning("cannot read the state of run %s: %s; treating it as in flight", run_id, exc)
             return True
         if state.upper() in _TERMINAL:

@@ -23,7 +23,8 @@ def _frame(rows: int, *, drift: bool, seed: int) -> pd.DataFrame:
     return df
 
 
-def _compare(ref: pd.DataFrame, cur: pd.DataFrame, options: DriftOptions = DriftOptions()):
+def _compare(ref: pd.DataFrame, cur: pd.DataFrame, options: DriftOptions | None = None):
+    options = options or DriftOptions()
     fast = fast_check(ReferenceProfile.build(ref, NUMERIC, CATEGORICAL), cur, options)
     _, judge = evidently_report(ref, cur, NUMERIC, CATEGORICAL, options)
     assert [c.column for c in fast.columns] == [c.column for c in judge.columns] or \

@@ -12,7 +12,6 @@ import time
 import uuid
 
 import httpx
-import numpy as np
 import pandas as pd
 import pytest
 from starlette.testclient import TestClient
