@@ -195,6 +195,9 @@ def test_cli_serve_until_interrupted_leaves_nothing_behind(served_pair):
     import time
 
     s, reg, frame = served_pair
+    champion = reg.version_by_alias("churn", CHAMPION).version
+    other = "1" if champion == "2" else "2"
+    assert deploy_canary(s, version=other, registry=reg).action == "pending"  # nothing served yet
     args = ["-p", f"workspace={s.workspace_dir}", "-p", "mlflow.model_name=churn", "-p", "mlflow.experiment=test",
             "-p", "serving.name=churn"]
     proc = subprocess.Popen([sys.executable, "-m", "driftloop.cli", "serve", "--port", "0", "--no-rollout", *args],
@@ -207,11 +210,12 @@ def test_cli_serve_until_interrupted_leaves_nothing_behind(served_pair):
         state = backend.status()
         assert state["gateway"] is not None, proc.stdout.read() if proc.poll() is not None else "not started"
         url = state["gateway"]["url"]
-        champion = reg.version_by_alias("churn", CHAMPION).version
+        assert state["canary"]["version"] == other and state["canary_percent"] == 50 and state["pending_canary"] is None
         row = frame.drop(columns=["label", "event_time"]).head(1).astype(object).where(frame.notna(), None)
         r = httpx.post(f"{url}/v1/models/churn:predict", json={"instances": row.to_dict(orient="records")}, timeout=30)
-        assert r.status_code == 200 and r.headers["x-model-version"] == champion
-        pids = [state[k]["pid"] for k in ("gateway", "primary")]
+        assert r.status_code == 200 and r.headers["x-model-version"] in (champion, other)
+        assert state["primary"]["version"] == champion
+        pids = [state[k]["pid"] for k in ("gateway", "primary", "canary")]
     finally:
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=60)
