@@ -28,7 +28,7 @@ def workspace(tmp_path_factory):
 
 def settings_for(workspace, model, **rollout):
     base = {"rollout.interval_seconds": INTERVAL, "rollout.threshold": THRESHOLD, "rollout.step_weights": [20, 50],
-            "rollout.min_requests": 10, "rollout.min_labels": 10, "rollout.max_p99_latency_ms": 100.0,
+            "rollout.min_requests": 10, "rollout.min_labels": 10, "rollout.max_p99_latency_ms": 1000.0,
             "mlflow.model_name": model}
     base.update({f"rollout.{k}": v for k, v in rollout.items()})
     return make_settings(workspace, workspace / "unused.parquet", **base)
@@ -146,7 +146,7 @@ def test_canary_returning_5xx_is_rolled_back(workspace):
 
 
 def test_slow_canary_is_rolled_back(workspace):
-    with live_rollout(workspace, "slow") as (settings, reg, ctl, canary, gw_url):
+    with live_rollout(workspace, "slow", max_p99_latency_ms=100.0) as (settings, reg, ctl, canary, gw_url):
         canary.delay = 0.15
         state, elapsed = run_timed(ctl)
         _assert_rolled_back(state, reg, "slow", elapsed, "p99_ms")
