@@ -194,6 +194,8 @@ def compile_pipeline(settings: Any, package_path: str | Path) -> Path:
     """Compile the training pipeline to KFP YAML with the config's values as parameter defaults."""
     args = pipeline_arguments(settings, request_id="")
     args.pop("request_id")
+    if settings.rollout.deploy == "auto":
+        args["serving_home"] = "kserve"  # compiled YAML runs on Kubeflow: the canary is an InferenceService
     path = Path(package_path)
     path.parent.mkdir(parents=True, exist_ok=True)
     compiler.Compiler().compile(build_training_pipeline(settings), str(path), pipeline_parameters=args)
