@@ -180,7 +180,8 @@ def pipeline_arguments(settings: Any, *, trigger: str = "manual", request_id: st
         "trigger": trigger,
         "request_id": request_id or uuid.uuid4().hex,
         "serving_home": _serving_home(settings),
-        "settings_json": settings.model_dump_json(),
+        # absolute workspace: a step's working directory need not be the caller's
+        "settings_json": settings.model_copy(update={"workspace": settings.workspace_dir}).model_dump_json(),
     }
 
 
