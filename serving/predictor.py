@@ -44,6 +44,7 @@ _argv, sys.argv = sys.argv, sys.argv[:1]
 try:
     import kserve
     from kserve.errors import InvalidInput
+    from kserve.protocol.rest.server import RESTServer
     from kserve.protocol.infer_type import InferInput, InferOutput, InferRequest, InferResponse
     from kserve.utils.utils import from_np_dtype
 finally:
@@ -387,21 +388,45 @@ class _TooLarge(Exception):
         self.size = size
 
 
+class _DriftloopRESTServer(RESTServer):
+    """kserve's REST server plus the payload limit, a 400 for bodies FastAPI cannot parse, and
+    quiet per-request logging.
+
+    Added in ``create_application``, which also runs in every worker process when
+    ``workers > 1``: kserve spawns them, so changes made to the app in the parent are not inherited.
+    """
+
+    max_payload_bytes: int = 8 * 1024 * 1024
+
+    def create_application(self) -> None:
+        from fastapi.exceptions import RequestValidationError
+        from kserve.model_server import app
+
+        super().create_application()
+        app.add_middleware(PayloadLimit, max_bytes=self.max_payload_bytes)
+        app.add_exception_handler(RequestValidationError, _request_error)
+        _quiet_per_request_logging()
+
+
 class LocalModelServer(kserve.ModelServer):
     """kserve's ModelServer, listening on a chosen interface instead of all of them.
 
     kserve builds its uvicorn config with ``host="0.0.0.0"`` inside ``RESTServer``; the
-    config is only read when the server coroutine runs, so the host is set just before.
+    config is only read when the server coroutine runs, so the host is set just before, and
+    the REST server gets the project's additions (:class:`_DriftloopRESTServer`).
     """
 
-    def __init__(self, *, host: str = "127.0.0.1", **kwargs: Any) -> None:
+    def __init__(self, *, host: str = "127.0.0.1", max_payload_bytes: int = 8 * 1024 * 1024, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.host = host
+        self.max_payload_bytes = max_payload_bytes
 
     async def _serve(self) -> None:
         rest = self._rest_server or getattr(self._rest_multiprocess_server, "_rest_server", None)
         if rest is not None:
             rest.config.host = self.host
+            rest.__class__ = _DriftloopRESTServer  # kserve constructs it inside start(); same state, one more step
+            rest.max_payload_bytes = self.max_payload_bytes
         await super()._serve()
 
 
@@ -421,6 +446,8 @@ async def _request_error(request: Any, exc: Any) -> Any:
     problems = []
     for err in exc.errors():
         loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "bytes")]
+        if err.get("type") == "json_invalid":
+            loc = []  # its loc is a character position, already in the message
         if err.get("type") == "bytes_type":
             continue  # the raw-bytes alternative of the V2 body; the JSON error says more
         detail = (err.get("ctx") or {}).get("error")
@@ -437,8 +464,6 @@ def serve(model: DriftloopModel, *, http_port: int, host: str = "127.0.0.1", wor
     (HistGradientBoosting, one row, 2 busy cores: ~30x slower with 2 threads). Scale with
     ``workers`` instead; ``None`` leaves the libraries' defaults.
     """
-    from fastapi.exceptions import RequestValidationError
-    from kserve.model_server import app
     from threadpoolctl import threadpool_limits
 
     if threads is not None:
@@ -446,10 +471,8 @@ def serve(model: DriftloopModel, *, http_port: int, host: str = "127.0.0.1", wor
             os.environ[var] = str(threads)  # for worker processes, which load the libraries afresh
         threadpool_limits(limits=threads)  # for the libraries this process has loaded already
 
-    app.add_middleware(PayloadLimit, max_bytes=max_payload_bytes)
-    app.add_exception_handler(RequestValidationError, _request_error)
-    server = LocalModelServer(host=host, http_port=http_port, workers=workers, enable_grpc=enable_grpc,
-                              enable_latency_logging=False)
+    server = LocalModelServer(host=host, max_payload_bytes=max_payload_bytes, http_port=http_port, workers=workers,
+                              enable_grpc=enable_grpc, enable_latency_logging=False)
     _quiet_per_request_logging()
     log.info("serving %r on http://%s:%d", model.name, host, http_port)
     server.start([model])

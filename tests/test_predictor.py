@@ -1,5 +1,6 @@
 """The KServe predictor against a real ModelServer process and a real local MLflow registry."""
 
+import contextlib
 import subprocess
 import sys
 import time
@@ -32,13 +33,12 @@ def _wait_ready(url: str, proc: subprocess.Popen, timeout: float = 90.0) -> None
     raise AssertionError("model server did not become ready")
 
 
-@pytest.fixture(scope="module")
-def server(trained):
-    """One predictor process serving churn@champion on 127.0.0.1 (the embedded default)."""
-    settings, _ = trained
+@contextlib.contextmanager
+def _predictor(settings, *extra: str):
     port = free_port()
     cmd = [sys.executable, "-m", "serving.predictor", "--model-name", "churn", "--model-uri", "models:/churn@champion",
-           "--tracking-uri", settings.tracking_uri, "--http-port", str(port), "--max-payload-bytes", str(MAX_PAYLOAD)]
+           "--tracking-uri", settings.tracking_uri, "--http-port", str(port), "--max-payload-bytes", str(MAX_PAYLOAD),
+           *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -52,6 +52,24 @@ def server(trained):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(trained):
+    """One predictor process serving churn@champion on 127.0.0.1 (the embedded default)."""
+    settings, _ = trained
+    with _predictor(settings) as running:
+        yield running
+
+
+def _listening(proc) -> set:
+    """(ip, port) pairs a process and its children listen on."""
+    out = set()
+    root = psutil.Process(proc.pid)
+    for process in [root, *root.children(recursive=True)]:
+        connections = getattr(process, "net_connections", None) or process.connections  # psutil >= 6 / < 6
+        out |= {(c.laddr.ip, c.laddr.port) for c in connections(kind="inet") if c.status == psutil.CONN_LISTEN}
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -193,12 +211,21 @@ def test_readiness_and_metrics(server):
 
 def test_embedded_default_listens_on_loopback_only(server):
     _, proc, port = server
-    process = psutil.Process(proc.pid)
-    connections = getattr(process, "net_connections", None) or process.connections  # psutil < 6 / >= 6
-    listening = [c.laddr for c in connections(kind="inet") if c.status == psutil.CONN_LISTEN]
-    assert listening, "the server listens on nothing"
-    assert {addr.ip for addr in listening} == {"127.0.0.1"}
-    assert {addr.port for addr in listening} == {port}  # REST only: no gRPC port
+    assert _listening(proc) == {("127.0.0.1", port)}  # loopback, REST only: no gRPC port
+
+
+def test_worker_processes_keep_loopback_limit_and_messages(trained, rows, expected):
+    """kserve spawns its workers afresh: the additions must be made in each of them."""
+    settings, _ = trained
+    with _predictor(settings, "--workers", "2") as (client, proc, port):
+        assert _listening(proc) == {("127.0.0.1", port)}
+        for _ in range(2):  # every request is served by a spawned worker; the parent only supervises
+            r = client.post("/v1/models/churn:predict", json={"instances": rows * (MAX_PAYLOAD // 200)})
+            assert r.status_code == 413 and "serving.max_payload_bytes" in r.json()["error"]
+            r = client.post("/v2/models/churn/infer", content=b'{"inputs": [', headers={"content-type": "application/json"})
+            assert r.status_code == 400 and r.json()["error"].startswith("malformed request")
+            r = client.post("/v1/models/churn:predict", json={"instances": rows[:3]})
+            assert r.json() == {"predictions": expected[:3], "model_version": "1"}
 
 
 def test_missing_alias_or_model_fails_at_load_naming_the_uri(trained):
