@@ -461,7 +461,7 @@ def serve(model: DriftloopModel, *, http_port: int, host: str = "127.0.0.1", wor
 
     ``threads`` caps the OpenMP/BLAS threads of each predict call: requests of a few rows gain
     nothing from a thread team, and on a busy host its spin-waits cost more than the prediction
-    (HistGradientBoosting, one row, 2 busy cores: ~30x slower with 2 threads). Scale with
+    (HistGradientBoosting, one row, 2 busy cores: ~18x slower with 2 threads). Scale with
     ``workers`` instead; ``None`` leaves the libraries' defaults.
     """
     from threadpoolctl import threadpool_limits
