@@ -98,7 +98,7 @@ def build_model(task: str, learner: str, params: dict[str, Any], numeric: list[s
             from sklearn.linear_model import LogisticRegression, Ridge
             from sklearn.preprocessing import StandardScaler
 
-            est = Pipeline([("scale", StandardScaler()), ("fit", (LogisticRegression(max_iter=1000, **params) if classification else Ridge(**params)))])
+            est = Pipeline([("scale", StandardScaler()), ("fit", (LogisticRegression(**{"max_iter": 1000, **params}) if classification else Ridge(**params)))])
         elif learner == "xgboost":
             import xgboost as xgb
 

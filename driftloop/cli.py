@@ -53,7 +53,7 @@ def settings_from(config: Path | None, params: list[str] | None = None, **extra:
 def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
-    for name in ("mlflow", "alembic", "urllib3", "kserve"):
+    for name in ("mlflow", "alembic", "urllib3", "kserve", "httpx", "httpcore"):
         logging.getLogger(name).setLevel(logging.WARNING)
     os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 
