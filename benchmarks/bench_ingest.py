@@ -106,10 +106,11 @@ async def _load(port: int, requests: list[bytes], connections: int, seconds: flo
     return acked[0], acked[1], time.perf_counter() - start
 
 
-def cpu_seconds(pid: int) -> float:
-    """user + system CPU time of a process so far (from /proc)."""
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """(user, system) CPU time of a process so far (from /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 def run_mode(name: str, requests_for, per_request: int, args: argparse.Namespace) -> dict:
@@ -134,7 +135,9 @@ def run_mode(name: str, requests_for, per_request: int, args: argparse.Namespace
 
         cpu_before = cpu_seconds(sink.pid)
         ok, failed, elapsed = uvloop.run(_load(port, requests, args.connections, args.seconds))
-        cpu = cpu_seconds(sink.pid) - cpu_before
+        cpu_after = cpu_seconds(sink.pid)
+        user, system = cpu_after[0] - cpu_before[0], cpu_after[1] - cpu_before[1]
+        cpu = user + system
     finally:
         sink.terminate()
         sink.wait(30)
@@ -149,7 +152,7 @@ def run_mode(name: str, requests_for, per_request: int, args: argparse.Namespace
         print(f"  note: {name} ran out of pre-built requests; raise --prebuild", file=sys.stderr)
     return {"mode": name, "requests": ok, "failed": failed, "events": acked_events, "stored": events, "rows": rows,
             "seconds": elapsed, "events_per_s": acked_events / elapsed, "requests_per_s": ok / elapsed,
-            "sink_cpu": cpu / elapsed, "events_per_cpu_s": acked_events / cpu if cpu else float("nan")}
+            "sink_cpu": cpu / elapsed, "sink_system_share": system / cpu if cpu else float("nan"), "events_per_cpu_s": acked_events / cpu if cpu else float("nan")}
 
 
 def main() -> None:
@@ -176,8 +179,8 @@ def main() -> None:
         print(f"{r['mode']:>9}: {r['events_per_s']:>9,.0f} events/s acknowledged ({r['requests_per_s']:,.0f} req/s, "
               f"{r['events']:,} events in {r['seconds']:.1f} s, {r['failed']} refused; store holds {r['stored']:,} "
               f"events, {r['rows']:,} paired rows)")
-        print(f"{'':>11}sink process busy {r['sink_cpu']:.0%} of its core: {r['events_per_cpu_s']:,.0f} events per "
-              f"sink CPU-second")
+        print(f"{'':>11}sink process busy {r['sink_cpu']:.0%} of its core ({r['sink_system_share']:.0%} of that in the "
+              f"kernel): {r['events_per_cpu_s']:,.0f} events per sink CPU-second")
 
 
 if __name__ == "__main__":
