@@ -16,8 +16,7 @@ $(BIN)/.installed: pyproject.toml
 setup: $(BIN)/.installed
 
 demo: setup
-	$(BIN)/driftloop data generate .driftloop/data/scenario.parquet
-	$(BIN)/driftloop run train -c examples/demo.yaml --window-end 2026-01-31
+	$(BIN)/driftloop demo
 
 test: setup
 	$(BIN)/python -m pytest -q

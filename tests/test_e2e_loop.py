@@ -1,0 +1,50 @@
+"""The whole loop, end to end, through `driftloop demo` (smaller data): the README's main command."""
+
+import json
+import os
+import subprocess
+import sys
+
+import httpx
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as fh:  # a zombie is not alive
+        return fh.read().split()[2] != "Z"
+
+
+def test_demo_closes_the_loop_and_leaves_nothing_running(tmp_path):
+    workdir = tmp_path / "demo"
+    proc = subprocess.run([sys.executable, "-m", "driftloop.cli", "demo", "--workdir", str(workdir), "--rows", "8000"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    facts = json.loads((workdir / "summary.json").read_text())
+    assert facts["calm_check"]["verdict"] == "no drift"
+    assert facts["drift_check"]["verdict"] == "drift"
+    alert_id = facts["alert"]["id"]
+    versions = {v["version"]: v for v in facts["versions"]}
+    retrained = versions[str(facts["retrain"]["model_version"])]
+    assert retrained["trigger"] == f"drift:{alert_id}"
+    assert facts["rollout_good"]["status"] == "promoted" and "champion" in retrained["aliases"]
+    weak = versions[str(facts["weak"]["model_version"])]
+    assert facts["rollout_bad"]["status"] == "rolled_back" and weak["rollout"] == "rolled_back"
+    assert "champion" not in weak["aliases"]
+    assert facts["reports"] and all(os.path.exists(p) for p in facts["reports"])
+    # nothing left behind: the state of the local serving backend is empty and its processes are gone
+    state = json.loads((workdir / "ws" / "serving" / "state.json").read_text()) if (
+        workdir / "ws" / "serving" / "state.json").exists() else {}
+    for role in ("primary", "canary", "gateway"):
+        info = state.get(role)
+        assert not info or not _alive(info["pid"]), f"{role} still running"
+    assert not list(workdir.glob("*.pid"))
+    config = (workdir / "driftloop.yaml").read_text()
+    port = int(config.split("gateway_port:")[1].split()[0])
+    try:
+        httpx.get(f"http://127.0.0.1:{port}/admin/status", timeout=1.0)
+        raise AssertionError("the gateway still answers after the demo")
+    except httpx.HTTPError:
+        pass
