@@ -37,7 +37,7 @@ def serving_home(settings: Any) -> str:
 def deploy_canary(settings: Any, *, version: str, model_uri: str | None = None, home: str | None = None,
                   registry: Any | None = None, backend: Any | None = None) -> DeployResult:
     """Put ``version`` of the configured model out as a canary at the first rollout weight."""
-    from driftloop.registry import CHAMPION, Registry
+    from driftloop.registry import CHAMPION, TAG, Registry
     from serving.rollout import RolloutController, weight_schedule
 
     home = home or serving_home(settings)
@@ -64,5 +64,7 @@ def deploy_canary(settings: Any, *, version: str, model_uri: str | None = None, 
         message = local.deploy_canary(info.version, uri, percent)
         action = "canary" if local.status().get("canary") else "pending"
     RolloutController.begin(settings, canary_version=info.version, primary_version=champion.version, canary_uri=uri)
+    # The handover shared by both homes: a controller elsewhere (a cluster Deployment) finds it in MLflow.
+    registry.tag_version(name, info.version, {TAG.ROLLOUT: "pending", TAG.ROLLOUT_REASON: message[:500]})
     log.info("%s; rollout of v%s is pending", message, info.version)
     return DeployResult(action, message, percent if action == "canary" else 0)

@@ -393,9 +393,37 @@ class RolloutController:
 
     def state(self) -> RolloutState:
         state = self.store.load()
+        if state is None or state.done:
+            adopted = self.adopt_pending(state)
+            state = adopted or state
         if state is None:
             raise RolloutAborted(f"no rollout recorded for model {self.model_name!r} in {self.store.dir}")
         return state
+
+    def adopt_pending(self, current: RolloutState | None = None) -> RolloutState | None:
+        """Take over a canary that the deploy step marked pending in MLflow.
+
+        On a cluster the deploy step runs in a pipeline pod and the controller in its own
+        Deployment: they share MLflow, not a disk. The deploy step tags the canary version
+        ``driftloop.rollout.outcome=pending``; a controller without an open rollout for it
+        begins one (primary = the current champion).
+        """
+        from driftloop.registry import CHALLENGER, CHAMPION, TAG
+
+        if self.registry is None:
+            return None
+        challenger = self.registry.version_by_alias(self.model_name, CHALLENGER)
+        if challenger is None or challenger.tags.get(TAG.ROLLOUT) != PENDING:
+            return None
+        if current is not None and current.canary_version == challenger.version:
+            return None  # this version's rollout already ran here
+        champion = self.registry.version_by_alias(self.model_name, CHAMPION)
+        if champion is not None and champion.version == challenger.version:
+            return None
+        log.info("adopting the pending canary %s v%s from MLflow", self.model_name, challenger.version)
+        return type(self).begin(self.settings, canary_version=challenger.version,
+                                primary_version=champion.version if champion else None,
+                                canary_uri=f"models:/{self.model_name}/{challenger.version}", model_name=self.model_name)
 
     def _record(self, state: RolloutState, decision: str, reason: str, checks: list[Check] = ()) -> dict[str, Any]:
         now = time.time()

@@ -12,6 +12,7 @@ import pytest
 
 from driftloop.registry import CHAMPION, TAG, Registry
 from serving.gateway import GatewayConfig, Upstream, create_gateway_app
+from driftloop.errors import RolloutAborted
 from serving.rollout import (PROMOTED, ROLLED_BACK, GatewayTarget, PrometheusMetrics, RolloutController, evaluate_checks,
                              psi, weight_schedule)
 from tests.conftest import make_settings
@@ -280,3 +281,29 @@ def test_inference_service_target_driven_by_prometheus(workspace, canary_errors,
     else:
         assert backend.calls == [("set_traffic", 10), ("rollback",)]
         assert "error_rate=0.3" in state.reason
+
+
+def test_controller_adopts_a_canary_marked_pending_in_mlflow(workspace, tmp_path):
+    """Cluster handover: the deploy step's pod and the controller share MLflow, not a disk."""
+    from driftloop.registry import TAG
+    from serving.rollout import KServeTarget, PENDING
+
+    model = "handover"
+    s = settings_for(workspace, model, step_weights=[10, 50])
+    reg = register_two_versions(s)
+    controller_settings = settings_for(tmp_path, model, step_weights=[10, 50])  # another machine's disk
+    backend = _RecordingKServeBackend()
+    values = {"requests:00002": 200, "error_rate:00002": 0.0, "p99_ms:00002": 40.0,
+              "requests:00001": 900, "error_rate:00001": 0.0, "p99_ms:00001": 35.0}
+    ctl = RolloutController(controller_settings, KServeTarget(backend, _prometheus(values), _monitor_quality()), reg)
+    with pytest.raises(RolloutAborted):
+        ctl.state()  # nothing pending yet
+    reg.tag_version(model, "2", {TAG.ROLLOUT: PENDING})
+    assert ctl.state().canary_version == "2" and ctl.state().primary_version == "1"
+    for _ in range(4):
+        ctl.step()
+    assert ctl.state().status == PROMOTED
+    assert reg.resolve(f"{model}@champion").version == "2"
+    assert reg.get_version(model, "2").tags[TAG.ROLLOUT] == PROMOTED
+    assert ctl.state().status == PROMOTED  # a finished rollout is not adopted again
+    assert backend.calls == [("set_traffic", 10), ("set_traffic", 50), ("promote", "models:/handover/2")]
