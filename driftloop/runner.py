@@ -116,6 +116,8 @@ class LocalRunner:
         pipeline = build_training_pipeline(self.settings)
         # Display names, resources and accelerators matter on Kubeflow; kfp.local says so once per task.
         warnings.filterwarnings("ignore", message=".*have no effect in the current local runner")
+        # The step image is this environment's own package set on the embedded default.
+        warnings.filterwarnings("ignore", message=".*custom or non-Python base image", category=RuntimeWarning)
         with _error_file() as err_path:
             try:
                 pipeline(**args)
