@@ -1,7 +1,7 @@
 """Training pipeline: kfp.local (embedded default) vs the same step functions in one process.
 
 Same data (100k rows x 20 features: 16 numeric, 4 categorical, with gaps), same steps
-(ingest, validate, train, evaluate, register), fresh MLflow stores. Each variant runs in
+(ingest, validate, train, evaluate, register; kfp.local also runs the deploy task), fresh MLflow stores. Each variant runs in
 its own Python process, timed from process start, so both pay their imports. Prints
 both times and the per-step overhead of kfp.local.
 
@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-STEPS = 5
+# ingest, validate, train, evaluate, register + deploy (the first model needs no canary, but the task runs)
+STEPS = 6
 
 PLAIN = r"""
 import dataclasses, json, sys, warnings
