@@ -9,7 +9,7 @@ import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import pandas as pd
 
@@ -132,7 +132,7 @@ def register_model(
     example = features.head(5)
     signature = infer_signature(example, model.predict(example))
     exp_id = registry.experiment_id()
-    with registry._translate(f"cannot register model {model_name!r}"):
+    with registry.translate_errors(f"cannot register model {model_name!r}"):
         with mlflow.start_run(experiment_id=exp_id, run_name=f"train-{ctx.request_id[:8]}") as run:
             _log_run_body(mlflow, ctx, decision, train, test, schema, target)
             with tempfile.TemporaryDirectory() as tmp:
@@ -163,7 +163,7 @@ def record_rejection(*, registry: Any, train: pd.DataFrame, test: pd.DataFrame, 
     import mlflow
 
     exp_id = registry.experiment_id()
-    with registry._translate("cannot log the rejected run"):
+    with registry.translate_errors("cannot log the rejected run"):
         with mlflow.start_run(experiment_id=exp_id, run_name=f"rejected-{ctx.request_id[:8]}") as run:
             _log_run_body(mlflow, ctx, decision, train, test, schema, schema["target"])
     return run.info.run_id

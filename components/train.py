@@ -48,7 +48,7 @@ def resolve_device(learner: str, device: str, *, gpu_visible: bool | None = None
     visible = cuda_visible() if gpu_visible is None else gpu_visible
     if device == "cuda" and not visible:
         raise DeviceUnavailableError(
-            f"model.device is 'cuda' but no GPU is visible to the train step; use device 'auto' to fall back to the CPU"
+            "model.device is 'cuda' but no GPU is visible to the train step; use device 'auto' to fall back to the CPU"
         )
     return "cuda" if visible else "cpu"
 

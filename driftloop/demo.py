@@ -23,7 +23,6 @@ Every process it starts is stopped on the way out, Ctrl-C included. A rerun star
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import json
 import os
 import shutil
@@ -45,18 +44,11 @@ from rich.console import Console
 from rich.table import Table
 
 from driftloop.errors import DriftloopError
+from driftloop.processes import free_port, stop_process
 
 __all__ = ["demo_cmd", "Demo"]
 
 console = Console(highlight=False)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -81,14 +73,8 @@ class Service:
     def stop(self, timeout: float = 15.0) -> None:
         if self.proc is None or self.proc.poll() is not None:
             return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(5)
+        stop_process(self.proc.pid, timeout)
+        self.proc.wait(5)
 
     def tail(self, lines: int = 20) -> str:
         try:
@@ -133,8 +119,8 @@ class Demo:
         self.workdir.mkdir(parents=True)
 
     def write_config(self) -> None:
-        self.gateway_port = _free_port()
-        self.monitor_port = _free_port()
+        self.gateway_port = free_port()
+        self.monitor_port = free_port()
         end = pd.Timestamp.now(tz="UTC").floor("min")
         self.start_time = end - pd.Timedelta(days=self.days)
         self.drift_time = self.start_time + pd.Timedelta(days=self.days / 2)

@@ -113,7 +113,8 @@ class Registry:
         return self._client
 
     @contextlib.contextmanager
-    def _translate(self, what: str) -> Iterator[None]:
+    def translate_errors(self, what: str) -> Iterator[None]:
+        """Turn MLflow and connection failures inside the block into one RegistryError naming ``what``."""
         from mlflow.exceptions import MlflowException
 
         try:
@@ -125,13 +126,13 @@ class Registry:
 
     def check(self) -> None:
         """Fail early and clearly when the tracking server cannot be reached."""
-        with self._translate("MLflow is not reachable"):
+        with self.translate_errors("MLflow is not reachable"):
             self.client.search_experiments(max_results=1)
 
     def experiment_id(self) -> str:
         import mlflow
 
-        with self._translate(f"cannot open experiment {self.experiment!r}"):
+        with self.translate_errors(f"cannot open experiment {self.experiment!r}"):
             exp = self.client.get_experiment_by_name(self.experiment)
             if exp is not None:
                 return exp.experiment_id
@@ -167,7 +168,7 @@ class Registry:
         return self._info(mv)
 
     def get_version(self, name: str, version: str) -> VersionInfo:
-        with self._translate(f"model version {name}/{version} not found"):
+        with self.translate_errors(f"model version {name}/{version} not found"):
             return self._info(self.client.get_model_version(name, str(version)))
 
     def resolve(self, ref: str) -> VersionInfo:
@@ -188,33 +189,39 @@ class Registry:
         return info
 
     def list_versions(self, name: str) -> list[VersionInfo]:
-        with self._translate(f"cannot list versions of {name!r}"):
+        with self.translate_errors(f"cannot list versions of {name!r}"):
             found = self.client.search_model_versions(f"name = '{name}'")
         return sorted((self._info(mv) for mv in found), key=lambda v: int(v.version))
 
+    def version_of_run(self, name: str, run_id: str) -> VersionInfo | None:
+        """The version of ``name`` registered from ``run_id`` (aliases included), if any."""
+        with self.translate_errors(f"cannot search versions of {name!r}"):
+            found = self.client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+        return self.get_version(name, found[0].version) if found else None
+
     def set_alias(self, name: str, alias: str, version: str) -> None:
-        with self._translate(f"cannot set alias {name}@{alias} -> {version}"):
+        with self.translate_errors(f"cannot set alias {name}@{alias} -> {version}"):
             self.client.set_registered_model_alias(name, alias, str(version))
 
     def delete_alias(self, name: str, alias: str) -> None:
-        with self._translate(f"cannot delete alias {name}@{alias}"):
+        with self.translate_errors(f"cannot delete alias {name}@{alias}"):
             self.client.delete_registered_model_alias(name, alias)
 
     def tag_version(self, name: str, version: str, tags: dict[str, str]) -> None:
-        with self._translate(f"cannot tag {name}/{version}"):
+        with self.translate_errors(f"cannot tag {name}/{version}"):
             for key, value in tags.items():
                 self.client.set_model_version_tag(name, str(version), key, str(value))
 
     def load_sklearn(self, uri: str) -> Any:
         import mlflow.sklearn
 
-        with self._translate(f"cannot load model {uri}"):
+        with self.translate_errors(f"cannot load model {uri}"):
             return mlflow.sklearn.load_model(uri)
 
     def load_pyfunc(self, uri: str) -> Any:
         import mlflow.pyfunc
 
-        with self._translate(f"cannot load model {uri}"):
+        with self.translate_errors(f"cannot load model {uri}"):
             return mlflow.pyfunc.load_model(uri)
 
     # -- run artifacts ----------------------------------------------------------------
@@ -222,7 +229,7 @@ class Registry:
         import mlflow.artifacts
 
         dst = Path(dst or tempfile.mkdtemp(prefix="driftloop-"))
-        with self._translate(f"artifact {artifact_path!r} of run {run_id} not found"):
+        with self.translate_errors(f"artifact {artifact_path!r} of run {run_id} not found"):
             local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path, dst_path=str(dst), tracking_uri=self.tracking_uri)
         return Path(local)
 
@@ -247,9 +254,9 @@ class Registry:
         return json.loads(path.read_text())
 
     def run(self, run_id: str) -> Any:
-        with self._translate(f"run {run_id} not found"):
+        with self.translate_errors(f"run {run_id} not found"):
             return self.client.get_run(run_id)
 
     def find_runs(self, filter_string: str, max_results: int = 50) -> list[Any]:
-        with self._translate("cannot search runs"):
+        with self.translate_errors("cannot search runs"):
             return self.client.search_runs([self.experiment_id()], filter_string=filter_string, max_results=max_results, order_by=["attributes.start_time DESC"])

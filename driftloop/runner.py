@@ -76,12 +76,10 @@ def summarize_run(settings: Settings, request_id: str) -> dict[str, Any]:
         "trigger": tags.get(TAG.TRIGGER, ""),
         "device": tags.get(TAG.DEVICE, ""),
     }
-    for info in registry.list_versions(settings.mlflow.model_name) if summary["gate"] == "passed" else []:
-        if info.run_id == run.info.run_id:
-            # search results carry no aliases; read the version itself
-            info = registry.get_version(info.name, info.version)
-            summary["model_version"] = info.version
-            summary["aliases"] = list(info.aliases)
+    info = registry.version_of_run(settings.mlflow.model_name, run.info.run_id) if summary["gate"] == "passed" else None
+    if info is not None:
+        summary["model_version"] = info.version
+        summary["aliases"] = list(info.aliases)
     return summary
 
 

@@ -26,6 +26,7 @@ from croniter import croniter
 
 from driftloop.config import Settings
 from driftloop.errors import DriftloopError, ScheduleError
+from driftloop.processes import process_alive
 from driftloop.schedule import LocalSchedules, Schedule, utc
 
 __all__ = ["SlotPlan", "SlotOutcome", "plan_slots", "Scheduler"]
@@ -72,16 +73,6 @@ def plan_slots(cron: str, start: datetime, now: datetime, *, catchup: bool, grac
     return SlotPlan(None, missed + (latest,))
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class Scheduler:
     """Runs the schedules of one workspace; ``tick`` once, or ``run_forever`` until stopped."""
 
@@ -110,7 +101,7 @@ class Scheduler:
         released = []
         for rec in self.store.active_slots():
             parts = rec.owner.split(":")
-            if len(parts) >= 2 and parts[0] == host and parts[1].isdigit() and not _pid_alive(int(parts[1])):
+            if len(parts) >= 2 and parts[0] == host and parts[1].isdigit() and not process_alive(int(parts[1])):
                 self.store.set_slot(rec.schedule, rec.slot, "failed", error="interrupted: its scheduler stopped",
                                     now=self.clock())
                 released.append((rec.schedule, rec.slot))

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from driftloop.errors import DriftloopError, MonitorError
+from driftloop.processes import process_alive
 from monitoring.alerts import STARTED, Alert, AlertStore, Decision, day_ago, decide
 
 __all__ = ["Trigger", "main", "retrain_window", "worker_alive"]
@@ -45,23 +46,8 @@ _TERMINAL = {"SUCCEEDED", "FAILED", "SKIPPED", "CANCELED", "CANCELLED", "CANCELI
 
 
 def worker_alive(pid: int | None) -> bool:
-    """True while ``pid`` is a live (non-zombie) retraining worker process."""
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    stat = Path(f"/proc/{pid}/stat")
-    cmdline = Path(f"/proc/{pid}/cmdline")
-    try:
-        if stat.read_text().rsplit(")", 1)[1].split()[0] == "Z":
-            return False
-        return pid == os.getpid() or b"monitoring.trigger" in cmdline.read_bytes()
-    except (OSError, IndexError):
-        return True  # no /proc (not Linux): trust kill(0)
+    """True while ``pid`` is a live (non-zombie) retraining worker process (or this process)."""
+    return process_alive(pid, cmdline_contains=b"monitoring.trigger")
 
 
 def _iso(value: Any) -> str | None:

@@ -121,7 +121,7 @@ def make_training_pipeline(opts: ClusterOptions = ClusterOptions()):
             schema=validate.outputs["schema"], decision=evaluate.outputs["decision"], tracking_uri=tracking_uri,
             experiment=experiment, trigger=trigger, request_id=request_id, source=source, learner=learner, task=task,
             params=learner_params,
-            # Passed as an argument: the KFP backend resolves placeholders in task arguments, not in defaults.
+            # Passed as a task argument: the KFP backend fills the run id in task arguments, not in component defaults.
             pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
         )
         with dsl.If(evaluate.outputs["passed"] == True, name="gate-passed"):  # noqa: E712 (KFP condition)

@@ -16,8 +16,6 @@ import fcntl
 import json
 import logging
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,56 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from driftloop.errors import ServingError
+from driftloop.processes import free_port, process_alive, stop_process
 
 __all__ = ["LocalBackend", "ProcessInfo", "stop_process", "process_alive", "free_port"]
 
 log = logging.getLogger(__name__)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def process_alive(pid: int) -> bool:
-    """True when ``pid`` runs (a zombie counts as gone)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True
-
-
-def _reap(pid: int) -> None:
-    with contextlib.suppress(ChildProcessError, OSError):
-        os.waitpid(pid, os.WNOHANG)
-
-
-def stop_process(pid: int, timeout: float = 10.0) -> None:
-    """SIGTERM the process group of ``pid`` (its own session), SIGKILL it after ``timeout``."""
-    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(pid, sig)
-        except ProcessLookupError:
-            _reap(pid)
-            return
-        except PermissionError:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            _reap(pid)
-            if not process_alive(pid):
-                return
-            time.sleep(0.05)
-    log.warning("process %d did not stop", pid)
 
 
 @dataclass

@@ -543,7 +543,7 @@ class RolloutController:
         info = self.registry.get_version(state.model_name, state.canary_version)
         if not info.run_id:
             return
-        with self.registry._translate(f"cannot log the rollout history on run {info.run_id}"):
+        with self.registry.translate_errors(f"cannot log the rollout history on run {info.run_id}"):
             self.registry.client.log_text(info.run_id, json.dumps(asdict(state), indent=1, default=str),
                                           HISTORY_ARTIFACT)
 

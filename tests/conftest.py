@@ -1,21 +1,15 @@
 """Shared fixtures: scenario data, settings in a temporary workspace, one trained champion per session."""
 
 import os
-import socket
 import warnings
 from pathlib import Path
 
 import pytest
 
+from driftloop.processes import free_port  # noqa: F401 (tests import it from here)
+
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 warnings.filterwarnings("ignore", category=FutureWarning)
-
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_settings(workspace: Path, source: Path, **overrides):

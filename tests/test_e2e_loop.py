@@ -7,14 +7,7 @@ import sys
 
 import httpx
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as fh:  # a zombie is not alive
-        return fh.read().split()[2] != "Z"
+from driftloop.processes import process_alive
 
 
 def test_demo_closes_the_loop_and_leaves_nothing_running(tmp_path):
@@ -39,7 +32,7 @@ def test_demo_closes_the_loop_and_leaves_nothing_running(tmp_path):
         workdir / "ws" / "serving" / "state.json").exists() else {}
     for role in ("primary", "canary", "gateway"):
         info = state.get(role)
-        assert not info or not _alive(info["pid"]), f"{role} still running"
+        assert not info or not process_alive(info["pid"]), f"{role} still running"
     assert not list(workdir.glob("*.pid"))
     config = (workdir / "driftloop.yaml").read_text()
     port = int(config.split("gateway_port:")[1].split()[0])
