@@ -5,7 +5,7 @@ PYTHON ?= python3.11
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test setup compile bench clean
+.PHONY: demo test setup kubectl compile bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +18,14 @@ setup: $(BIN)/.installed
 demo: setup
 	$(BIN)/driftloop demo
 
-test: setup
+# The manifest tests build infra/ with a real kustomize (kubectl's built-in one).
+kubectl:
+	@command -v kubectl >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq kubernetes-client >/dev/null; \
+	  else echo "kubectl is needed for the manifest tests: install it (Debian: kubernetes-client) or set KUBECTL" >&2; exit 1; fi; }
+
+test: setup kubectl
 	$(BIN)/python -m pytest -q
 
 compile: setup
