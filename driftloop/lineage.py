@@ -58,7 +58,18 @@ def _alert_detail(settings: Settings, alert_id: str) -> dict[str, Any]:
     except Exception as exc:  # the store is optional on machines that never ran the monitor
         log.debug("alert store not readable: %s", exc)
         found = None
-    return {"alert_id": alert_id, **(found or {})}
+    if not found:
+        return {"alert_id": alert_id}
+    details = found.get("details") or {}
+    return {
+        "alert_id": alert_id,
+        "source": found.get("source"),
+        "drifted columns": ", ".join(details.get("drifted_columns") or []),
+        "drift share": details.get("share"),
+        "drift report": found.get("report_uri") or found.get("report_path"),
+        "decision": f"{found.get('decision')}: {found.get('reason')}" if found.get("decision") else None,
+        "data window": " .. ".join(filter(None, [found.get("window_start"), found.get("window_end")])) or None,
+    }
 
 
 def _rollout_steps(settings: Settings, registry: Registry, model: str, version: str, run_id: str | None) -> list[dict[str, Any]]:

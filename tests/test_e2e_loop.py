@@ -27,6 +27,14 @@ def test_demo_closes_the_loop_and_leaves_nothing_running(tmp_path):
     assert facts["rollout_bad"]["status"] == "rolled_back" and weak["rollout"] == "rolled_back"
     assert "champion" not in weak["aliases"]
     assert facts["reports"] and all(os.path.exists(p) for p in facts["reports"])
+    # lineage of the champion: alert (with its report) → run → data window → gate → rollout steps
+    out = subprocess.run([sys.executable, "-m", "driftloop.cli", "lineage", "churn@champion", "--json",
+                          "-c", str(workdir / "driftloop.yaml")], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lineage = json.loads(out.stdout)
+    assert lineage["trigger"] == f"drift:{alert_id}" and lineage["trigger_detail"]["drift report"]
+    assert lineage["gate"] == "passed" and lineage["rollout_outcome"] == "promoted"
+    assert [s["decision"] for s in lineage["rollout_steps"]][-1] == "promote"
     # nothing left behind: the state of the local serving backend is empty and its processes are gone
     state = json.loads((workdir / "ws" / "serving" / "state.json").read_text()) if (
         workdir / "ws" / "serving" / "state.json").exists() else {}
