@@ -1,6 +1,6 @@
 # The one driftloop image: pipeline steps (KFP components use it as base_image), the
 # KServe predictor (python -m serving.predictor), the monitor, the rollout controller and
-# the local scheduler. Its tag is the project version, as in driftloop.config.DEFAULT_IMAGE:
+# the local scheduler. Its tag is the project version, as in driftloop.core.config.DEFAULT_IMAGE:
 #   docker build -t ghcr.io/driftloop/driftloop:0.1.0 .
 # No secrets are built in: MLflow credentials, the webhook token and the KFP token reach
 # the containers at run time from Kubernetes Secrets / projected tokens.

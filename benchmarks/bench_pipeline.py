@@ -30,7 +30,7 @@ from components.validate import validate_frames
 from components.train import train_model
 from components.evaluate import evaluate_models
 from components.register import RunContext, register_model
-from driftloop.registry import CHAMPION, Registry
+from driftloop.core.registry import CHAMPION, Registry
 src, ws = sys.argv[1], sys.argv[2]
 r = ingest(read_table(src), target="label", time_column="event_time", reference_size=5000)
 sch = validate_frames(r.train, r.test, target="label", task="classification", time_column="event_time")
@@ -48,8 +48,8 @@ register_model(m, registry=reg, model_name="bench", train=r.train, test=r.test, 
 KFP = r"""
 import sys, warnings
 warnings.filterwarnings("ignore")
-from driftloop.config import load_settings
-from driftloop.runner import LocalRunner, RunRequest
+from driftloop.core.config import load_settings
+from pipelines.runner import LocalRunner, RunRequest
 src, ws = sys.argv[1], sys.argv[2]
 s = load_settings(overrides={"workspace": ws, "data.source": src, "data.time_column": "event_time",
                              "mlflow.model_name": "bench", "mlflow.experiment": "bench"}, environ={})

@@ -16,7 +16,7 @@ import sys
 import warnings
 from collections.abc import Iterator
 
-from driftloop.errors import DriftloopError
+from driftloop.core.errors import DriftloopError
 
 ERROR_FILE_ENV = "DRIFTLOOP_ERROR_FILE"
 

@@ -37,7 +37,7 @@ def serving_home(settings: Any) -> str:
 def deploy_canary(settings: Any, *, version: str, model_uri: str | None = None, home: str | None = None,
                   registry: Any | None = None, backend: Any | None = None) -> DeployResult:
     """Put ``version`` of the configured model out as a canary at the first rollout weight."""
-    from driftloop.registry import CHAMPION, TAG, Registry
+    from driftloop.core.registry import CHAMPION, TAG, Registry
     from serving.rollout import RolloutController, weight_schedule
 
     home = home or serving_home(settings)

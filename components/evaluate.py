@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from driftloop.config import higher_is_better
+from driftloop.core.config import higher_is_better
 
 __all__ = ["score", "gate", "Decision", "evaluate_models"]
 

@@ -1,49 +1,17 @@
-"""Ingest: read a table from a URI, cut a time window, split train/test, keep a reference sample."""
+"""Ingest: read a table from a URI (:func:`driftloop.core.tables.read_table`), cut a time window,
+split train/test, keep a reference sample."""
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import pandas as pd
 
-from driftloop.errors import DataSourceError
+from driftloop.core.errors import DataSourceError
+from driftloop.core.tables import read_table
 
 __all__ = ["read_table", "ingest", "IngestResult"]
 
 log = logging.getLogger(__name__)
-
-
-def _normalise_uri(uri: str) -> str:
-    if uri.startswith("file://"):
-        return uri[len("file://"):]
-    return uri
-
-
-def read_table(uri: str, fmt: str = "auto") -> pd.DataFrame:
-    """Read parquet or csv from a local path or any fsspec URI (s3://, gs://, http(s)://)."""
-    if not uri:
-        raise DataSourceError("no data source given (set data.source)")
-    path = _normalise_uri(uri)
-    if fmt == "auto":
-        lowered = path.lower().split("?")[0]
-        fmt = "csv" if lowered.endswith((".csv", ".csv.gz")) else "parquet"
-    is_remote = "://" in path
-    if not is_remote and not Path(path).exists():
-        raise DataSourceError(f"data source not found: {uri}")
-    try:
-        if fmt == "csv":
-            df = pd.read_csv(path)
-        else:
-            df = pd.read_parquet(path)
-    except FileNotFoundError as exc:
-        raise DataSourceError(f"data source not found: {uri}") from exc
-    except ImportError as exc:
-        raise DataSourceError(f"cannot read {uri}: a filesystem driver is missing ({exc})") from exc
-    except Exception as exc:  # pyarrow/pandas raise many types for corrupt files
-        raise DataSourceError(f"cannot read {uri} as {fmt}: {type(exc).__name__}: {exc}") from exc
-    if df.empty:
-        raise DataSourceError(f"data source {uri} has no rows")
-    return df
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from typing import NamedTuple
 from kfp import dsl
 from kfp.dsl import Artifact, ClassificationMetrics, Dataset, Input, Metrics, Model, Output
 
-from driftloop.config import DEFAULT_IMAGE
+from driftloop.core.config import DEFAULT_IMAGE
 
 __all__ = ["ingest_op", "validate_op", "train_op", "evaluate_op", "register_op", "reject_op", "deploy_op"]
 
@@ -151,7 +151,7 @@ def evaluate_op(
 
     from components._runtime import step
     from components.evaluate import curves, evaluate_models
-    from driftloop.registry import CHAMPION, Registry
+    from driftloop.core.registry import CHAMPION, Registry
 
     with step("evaluate"):
         with open(schema.path) as fh:
@@ -213,7 +213,7 @@ def register_op(
 
     from components._runtime import step
     from components.register import _ctx, register_model
-    from driftloop.registry import Registry
+    from driftloop.core.registry import Registry
 
     with step("register"):
         with open(schema.path) as fh:
@@ -255,7 +255,7 @@ def reject_op(
 
     from components._runtime import step
     from components.register import _ctx, record_rejection
-    from driftloop.registry import Registry
+    from driftloop.core.registry import Registry
 
     with step("reject"):
         with open(schema.path) as fh:
@@ -278,7 +278,7 @@ def deploy_op(version: str, serving_home: str, settings_json: str) -> NamedTuple
 
     from components._runtime import step
     from components.deploy import deploy_canary
-    from driftloop.config import Settings
+    from driftloop.core.config import Settings
 
     with step("deploy"):
         settings = Settings.model_validate_json(settings_json)

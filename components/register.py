@@ -35,7 +35,7 @@ class RunContext:
 
 
 def _run_tags(ctx: RunContext, decision: dict[str, Any]) -> dict[str, str]:
-    from driftloop.registry import TAG
+    from driftloop.core.registry import TAG
 
     tags = {
         TAG.TRIGGER: ctx.trigger,
@@ -120,7 +120,7 @@ def register_model(
     from mlflow.models import infer_signature
 
     from components.train import prepare_features
-    from driftloop.registry import CHALLENGER, CHAMPION, REFERENCE_ARTIFACT, TAG
+    from driftloop.core.registry import CHALLENGER, CHAMPION, REFERENCE_ARTIFACT, TAG
 
     import warnings
 

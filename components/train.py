@@ -7,7 +7,7 @@ from typing import Any, NamedTuple
 
 import pandas as pd
 
-from driftloop.errors import DeviceUnavailableError, TrainingError
+from driftloop.core.errors import DeviceUnavailableError, TrainingError
 
 __all__ = ["cuda_visible", "resolve_device", "build_model", "train_model", "TrainResult", "GPU_LEARNERS", "prepare_features"]
 

@@ -4,7 +4,7 @@ from typing import Any
 
 import pandas as pd
 
-from driftloop.errors import DataValidationError
+from driftloop.core.errors import DataValidationError
 
 __all__ = ["infer_schema", "validate_frames", "feature_columns"]
 

@@ -4,7 +4,7 @@ The public surface is small: the configuration (:func:`load_settings`), the erro
 hierarchy, the MLflow adapter (:class:`Registry`) and the pipeline runner adapter
 (:func:`runner_for`). Everything else is reached through the ``driftloop`` CLI.
 Names are imported lazily: each pipeline step is a fresh process, and importing
-``driftloop.errors`` there should not pay for pydantic and the config module.
+``driftloop.core.errors`` there should not pay for pydantic and the config module.
 """
 
 from typing import Any
@@ -13,11 +13,11 @@ __version__ = "0.1.0"
 __all__ = ["Settings", "load_settings", "DriftloopError", "Registry", "runner_for", "__version__"]
 
 _LAZY = {
-    "Settings": "driftloop.config",
-    "load_settings": "driftloop.config",
-    "DriftloopError": "driftloop.errors",
-    "Registry": "driftloop.registry",
-    "runner_for": "driftloop.runner",
+    "Settings": "driftloop.core.config",
+    "load_settings": "driftloop.core.config",
+    "DriftloopError": "driftloop.core.errors",
+    "Registry": "driftloop.core.registry",
+    "runner_for": "pipelines.runner",
 }
 
 

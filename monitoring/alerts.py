@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from driftloop.errors import MonitorError
+from driftloop.core.errors import MonitorError
 
 __all__ = [
     "STARTED",

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from driftloop.errors import MonitorError
+from driftloop.core.errors import MonitorError
 
 __all__ = [
     "CATEGORICAL",

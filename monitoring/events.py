@@ -28,7 +28,7 @@ from typing import Any
 
 import orjson
 
-from driftloop.errors import MonitorError
+from driftloop.core.errors import MonitorError
 
 __all__ = [
     "REQUEST_TYPE",

@@ -19,8 +19,8 @@ from typing import Any
 
 import pandas as pd
 
-from driftloop.errors import MonitorError, RegistryError
-from driftloop.registry import CHAMPION, Registry
+from driftloop.core.errors import MonitorError, RegistryError
+from driftloop.core.registry import CHAMPION, Registry
 from monitoring.drift import CATEGORICAL, NUMERICAL, ReferenceProfile
 
 __all__ = ["PREDICTION", "ChampionReference", "ReferenceCache", "load_champion_reference"]

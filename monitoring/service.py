@@ -39,8 +39,8 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import Route
 
-from driftloop.errors import DriftloopError, MonitorError
-from driftloop.registry import Registry
+from driftloop.core.errors import DriftloopError, MonitorError
+from driftloop.core.registry import Registry
 from monitoring.alerts import Alert, AlertStore, alertmanager_alerts, drift_alert_id
 from monitoring.drift import DriftOptions, DriftResult, evidently_report, fast_check, save_report
 from monitoring.metrics import MonitorMetrics
@@ -86,7 +86,7 @@ class MonitorService:
     """The monitor's parts wired together; ``app`` serves them, ``run`` blocks until SIGTERM/Ctrl-C."""
 
     def __init__(self, settings: Any, *, registry: Registry | None = None, runner: Any | None = None,
-                 metrics: MonitorMetrics | None = None, store: InferenceStore | None = None,
+                 runner_factory: Any | None = None, metrics: MonitorMetrics | None = None, store: InferenceStore | None = None,
                  alerts: AlertStore | None = None) -> None:
         self.settings = settings
         self.metrics = metrics or MonitorMetrics()
@@ -94,7 +94,8 @@ class MonitorService:
         self.alerts = alerts or AlertStore.from_settings(settings)
         self.registry = registry or Registry.from_settings(settings)
         self.references = ReferenceCache(settings, self.registry)
-        self.trigger = Trigger(settings, self.alerts, runner=runner, metrics=self.metrics)
+        self.trigger = Trigger(settings, self.alerts, runner=runner, runner_factory=runner_factory,
+                               metrics=self.metrics)
         self.options = DriftOptions.from_config(settings.monitor)
         self.reports_dir = settings.workspace_dir / "monitor" / "reports"
         self.last_outcome: dict[str, Any] | None = None

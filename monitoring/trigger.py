@@ -1,16 +1,19 @@
 """The retraining trigger: an alert that passes the guardrails starts the training pipeline.
 
 Runs go through the same runner adapter as ``driftloop run train``
-(``driftloop.runner.runner_for(settings).run_training(RunRequest(trigger="drift:<alert-id>", …))``),
+(``pipelines.runner.runner_for(settings).run_training(RunRequest(trigger="drift:<alert-id>", …))``),
 so the registered model version carries ``driftloop.trigger=drift:<id>`` and
-``driftloop.alert_id``. Where the run executes:
+``driftloop.alert_id``. The monitor is a service below ``pipelines/``: it never imports the
+runner. Whoever builds the trigger hands it a ``runner_factory`` (the monitor command passes
+``pipelines.runner.runner_for``), and the embedded default's worker is a process of its own.
+Where the run executes:
 
-* embedded default (kfp.local): a background worker process (``python -m monitoring.trigger``)
+* embedded default (kfp.local): a background worker process (``python -m pipelines.retrain``)
   runs the pipeline and writes its outcome into the alert store, so the monitor keeps ingesting
   and a restart of the monitor neither kills the run nor forgets it: the worker's pid is stored
   and its liveness checked (``/proc``) by the in-flight guard.
-* Kubernetes (``kfp.host`` set): the run is submitted with ``kfp.Client`` (non-blocking); the
-  in-flight guard asks Kubeflow for the run's state.
+* Kubernetes (``kfp.host`` set): the run is submitted with ``kfp.Client`` (non-blocking) through
+  the runner from ``runner_factory``; the in-flight guard asks Kubeflow for the run's state.
 * an injected runner (tests, embedding): called in a background thread of this process.
 
 Data window of the retraining run: it ends at the alert's window end (the time of the last row
@@ -21,9 +24,7 @@ end; with neither set, all data up to the end is used.
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
-import json
 import logging
 import os
 import subprocess
@@ -34,20 +35,25 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from driftloop.errors import DriftloopError, MonitorError
-from driftloop.processes import process_alive
+from driftloop.core.errors import DriftloopError, MonitorError
+from driftloop.core.processes import process_alive
+from driftloop.core.runs import PipelineRunner, RunRequest
 from monitoring.alerts import STARTED, Alert, AlertStore, Decision, day_ago, decide
 
-__all__ = ["Trigger", "main", "retrain_window", "worker_alive"]
+__all__ = ["Trigger", "WORKER_MODULE", "record_result", "retrain_window", "worker_alive"]
 
 log = logging.getLogger(__name__)
+
+#: The module the embedded default's retraining worker runs (``python -m``); it lives in
+#: ``pipelines/`` because it starts a pipeline run.
+WORKER_MODULE = "pipelines.retrain"
 
 _TERMINAL = {"SUCCEEDED", "FAILED", "SKIPPED", "CANCELED", "CANCELLED", "CANCELING"}
 
 
 def worker_alive(pid: int | None) -> bool:
     """True while ``pid`` is a live (non-zombie) retraining worker process (or this process)."""
-    return process_alive(pid, cmdline_contains=b"monitoring.trigger")
+    return process_alive(pid, cmdline_contains=WORKER_MODULE.encode())
 
 
 def _iso(value: Any) -> str | None:
@@ -84,7 +90,7 @@ def _nth_last_time(settings: Any, end: Any, n: int) -> Any:
     """Time of the n-th last row of the training source before ``end`` (None: fewer rows)."""
     import pandas as pd
 
-    from components.ingest import read_table
+    from driftloop.core.tables import read_table
 
     col = settings.data.time_column
     frame = read_table(settings.data.source, settings.data.format)
@@ -96,11 +102,13 @@ def _nth_last_time(settings: Any, end: Any, n: int) -> Any:
 class Trigger:
     """Applies the guardrails to alerts and starts (and follows) retraining runs."""
 
-    def __init__(self, settings: Any, alerts: AlertStore, *, runner: Any | None = None, metrics: Any | None = None,
+    def __init__(self, settings: Any, alerts: AlertStore, *, runner: PipelineRunner | None = None,
+                 runner_factory: Callable[[Any], PipelineRunner] | None = None, metrics: Any | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
         self.alerts = alerts
         self.runner = runner
+        self.runner_factory = runner_factory
         self.metrics = metrics
         self.clock = clock
         self._lock = threading.Lock()
@@ -148,9 +156,9 @@ class Trigger:
 
     def _runner(self) -> Any:
         if self.runner is None:
-            from driftloop.runner import runner_for
-
-            self.runner = runner_for(self.settings)
+            if self.runner_factory is None:
+                raise MonitorError("the trigger has no pipeline runner for Kubeflow (pass runner_factory)")
+            self.runner = self.runner_factory(self.settings)
         return self.runner
 
     # -- decisions ---------------------------------------------------------------------------
@@ -176,8 +184,6 @@ class Trigger:
             return Decision(alert.id, decision, reason, request_id)
 
     def _start(self, alert: Alert, now: float) -> str:
-        from driftloop.runner import RunRequest
-
         start, end = retrain_window(self.settings, alert.window_end)
         request = RunRequest(trigger=f"drift:{alert.id}", window_start=start, window_end=end)
         self.alerts.update(alert.id, request_id=request.request_id, started=now, run_state="RUNNING",
@@ -208,7 +214,7 @@ class Trigger:
         settings_file.parent.mkdir(parents=True, exist_ok=True)
         settings_file.write_text(self.settings.model_dump_json())
         log_file = settings_file.with_suffix("").with_suffix(".log")
-        cmd = [sys.executable, "-m", "monitoring.trigger", "--settings", str(settings_file), "--alert-id", alert_id,
+        cmd = [sys.executable, "-m", WORKER_MODULE, "--settings", str(settings_file), "--alert-id", alert_id,
                "--request-id", request.request_id, "--store", str(self.alerts.path)]
         if request.window_start:
             cmd += ["--window-start", request.window_start]
@@ -253,36 +259,3 @@ def record_result(alerts: AlertStore, alert_id: str, result: Any, now: float) ->
     if result.error:
         fields["reason"] = f"run failed: {result.error}"
     alerts.update(alert_id, **fields)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """The background worker: run the training pipeline for one alert and record the outcome."""
-    from driftloop.config import Settings
-    from driftloop.runner import RunRequest, runner_for
-
-    p = argparse.ArgumentParser(prog="python -m monitoring.trigger")
-    p.add_argument("--settings", required=True, type=Path)
-    p.add_argument("--alert-id", required=True)
-    p.add_argument("--request-id", required=True)
-    p.add_argument("--store", required=True, type=Path)
-    p.add_argument("--window-start")
-    p.add_argument("--window-end")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    settings = Settings.model_validate(json.loads(args.settings.read_text()))
-    alerts = AlertStore(args.store)
-    request = RunRequest(trigger=f"drift:{args.alert_id}", window_start=args.window_start,
-                         window_end=args.window_end, request_id=args.request_id)
-    try:
-        result = runner_for(settings).run_training(request)
-        record_result(alerts, args.alert_id, result, time.time())
-        log.info("alert %s: run %s %s", args.alert_id, result.run_id, result.state)
-    except Exception as exc:
-        alerts.update(args.alert_id, run_state="FAILED", finished=time.time(), reason=f"run failed: {exc}")
-        raise
-    finally:
-        alerts.close()
-
-
-if __name__ == "__main__":
-    main()

@@ -134,11 +134,6 @@ def make_training_pipeline(opts: ClusterOptions = ClusterOptions()):
         with dsl.Else(name="gate-rejected"):
             _use_mlflow_secret(reject_op(**common).set_display_name("record rejection").set_caching_options(False), opts)
 
-
-    def configure_cluster_task(task: dsl.PipelineTask, settings: Any) -> dsl.PipelineTask:
-        """Per-step cluster settings; kfp.local ignores them, the compiled YAML keeps them."""
-        return task
-
     return training_pipeline
 
 

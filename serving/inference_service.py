@@ -22,7 +22,7 @@ import copy
 import logging
 from typing import Any
 
-from driftloop.errors import ServingError
+from driftloop.core.errors import ServingError
 
 __all__ = [
     "API_VERSION",
@@ -61,7 +61,7 @@ def check_percent(percent: Any) -> int:
 
 
 def default_model_uri(settings: Any) -> str:
-    from driftloop.registry import CHAMPION
+    from driftloop.core.registry import CHAMPION
 
     return f"models:/{settings.mlflow.model_name}@{CHAMPION}"
 

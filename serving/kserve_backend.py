@@ -13,7 +13,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from driftloop.errors import ServingError
+from driftloop.core.errors import ServingError
 from serving import inference_service as isvcs
 
 __all__ = ["KServeBackend", "ServingStatus", "TrafficTarget"]
@@ -172,7 +172,7 @@ class KServeBackend:
             return model_uri
         from mlflow.exceptions import MlflowException
 
-        from driftloop.registry import Registry
+        from driftloop.core.registry import Registry
 
         registry = Registry.from_settings(self.settings)
         info = registry.resolve(model_uri)

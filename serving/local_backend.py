@@ -24,8 +24,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from driftloop.errors import ServingError
-from driftloop.processes import free_port, process_alive, stop_process
+from driftloop.core.errors import ServingError
+from driftloop.core.processes import free_port, process_alive, stop_process
 
 __all__ = ["LocalBackend", "ProcessInfo", "stop_process", "process_alive", "free_port"]
 

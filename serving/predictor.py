@@ -50,7 +50,7 @@ try:
 finally:
     sys.argv = _argv
 
-from driftloop.errors import ServingError
+from driftloop.core.errors import ServingError
 
 __all__ = [
     "DriftloopModel",
@@ -278,8 +278,8 @@ class DriftloopModel(kserve.Model):
         """Pin a registry URI to its version now, so an alias moving later cannot change what is served."""
         if not _is_registry_uri(self.model_uri):
             return self.model_uri
-        from driftloop.errors import RegistryError
-        from driftloop.registry import Registry
+        from driftloop.core.errors import RegistryError
+        from driftloop.core.registry import Registry
 
         import mlflow
 
@@ -498,8 +498,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     limit = args.max_payload_bytes
     if limit is None:
-        from driftloop.config import load_settings
-        from driftloop.errors import ConfigError
+        from driftloop.core.config import load_settings
+        from driftloop.core.errors import ConfigError
 
         try:
             limit = load_settings().serving.max_payload_bytes

@@ -27,7 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
 
-from driftloop.errors import RolloutAborted, ServingError
+from driftloop.core.errors import RolloutAborted, ServingError
 
 __all__ = [
     "Check", "RolloutState", "RolloutStore", "RolloutTarget", "GatewayTarget", "KServeTarget", "PrometheusMetrics",
@@ -408,7 +408,7 @@ class RolloutController:
         ``driftloop.rollout.outcome=pending``; a controller without an open rollout for it
         begins one (primary = the current champion).
         """
-        from driftloop.registry import CHALLENGER, CHAMPION, TAG
+        from driftloop.core.registry import CHALLENGER, CHAMPION, TAG
 
         if self.registry is None:
             return None
@@ -511,7 +511,7 @@ class RolloutController:
         return self._rollback(self._open_state(), reason)
 
     def _promote(self, state: RolloutState, reason: str, checks: list[Check] = ()) -> dict[str, Any]:
-        from driftloop.registry import CHAMPION
+        from driftloop.core.registry import CHAMPION
 
         if self.registry is not None:
             self.registry.set_alias(state.model_name, CHAMPION, state.canary_version)
@@ -524,7 +524,7 @@ class RolloutController:
 
     def _finish(self, state: RolloutState, status: str, weight: int, decision: str, reason: str,
                 checks: list[Check]) -> dict[str, Any]:
-        from driftloop.registry import TAG
+        from driftloop.core.registry import TAG
 
         state.status, state.weight = status, weight
         rec = self._record(state, decision, reason, checks)

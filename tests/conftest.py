@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from driftloop.processes import free_port  # noqa: F401 (tests import it from here)
+from driftloop.core.processes import free_port  # noqa: F401 (tests import it from here)
 
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 warnings.filterwarnings("ignore", category=FutureWarning)
@@ -14,7 +14,7 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 
 def make_settings(workspace: Path, source: Path, **overrides):
     """Settings for a test workspace (embedded default), with dotted-key overrides."""
-    from driftloop.config import load_settings
+    from driftloop.core.config import load_settings
 
     base = {
         "workspace": str(workspace),
@@ -32,7 +32,7 @@ def make_settings(workspace: Path, source: Path, **overrides):
 @pytest.fixture(scope="session")
 def scenario_path(tmp_path_factory) -> Path:
     """4000 rows over 60 days; drift (covariate + concept) from day 30."""
-    from driftloop.scenario import write_scenario
+    from driftloop.app.scenario import write_scenario
 
     return write_scenario(tmp_path_factory.mktemp("data") / "scenario.parquet", rows=4000)
 
@@ -44,7 +44,7 @@ def trained(tmp_path_factory, scenario_path):
     Returns (settings, RunResult). Shared by the whole session: tests must not move its aliases;
     tests that change the registry make their own workspace.
     """
-    from driftloop.runner import LocalRunner, RunRequest
+    from pipelines.runner import LocalRunner, RunRequest
 
     settings = make_settings(tmp_path_factory.mktemp("ws"), scenario_path)
     result = LocalRunner(settings).run_training(RunRequest(window_end="2026-01-31"))

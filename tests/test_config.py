@@ -2,8 +2,8 @@
 
 import pytest
 
-from driftloop.config import load_settings
-from driftloop.errors import ConfigError
+from driftloop.core.config import load_settings
+from driftloop.core.errors import ConfigError
 
 
 def test_defaults_give_embedded_sqlite_store(tmp_path):

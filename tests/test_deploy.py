@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 
 from components.deploy import deploy_canary, serving_home
-from driftloop.errors import RegistryError, ServingError
-from driftloop.registry import CHAMPION, Registry
+from driftloop.core.errors import RegistryError, ServingError
+from driftloop.core.registry import CHAMPION, Registry
 from serving.local_backend import LocalBackend, process_alive
 from serving.rollout import PROMOTED, GatewayTarget, RolloutController
 from tests.conftest import make_settings
@@ -153,7 +153,7 @@ def test_serve_deploy_promote_with_real_model_servers(served_pair):
 def test_cli_deploy_renders_and_refuses_bad_input_before_changing_anything(tmp_path):
     from typer.testing import CliRunner
 
-    from driftloop.cli import app
+    from driftloop.app.cli import app
 
     s = make_settings(tmp_path / "ws", tmp_path / "x.parquet")
     _registry_with_versions(s, [(str(tmp_path / "m1"), None), (str(tmp_path / "m2"), None)])
@@ -200,7 +200,7 @@ def test_cli_serve_until_interrupted_leaves_nothing_behind(served_pair):
     assert deploy_canary(s, version=other, registry=reg).action == "pending"  # nothing served yet
     args = ["-p", f"workspace={s.workspace_dir}", "-p", "mlflow.model_name=churn", "-p", "mlflow.experiment=test",
             "-p", "serving.name=churn"]
-    proc = subprocess.Popen([sys.executable, "-m", "driftloop.cli", "serve", "--port", "0", "--no-rollout", *args],
+    proc = subprocess.Popen([sys.executable, "-m", "driftloop.app.cli", "serve", "--port", "0", "--no-rollout", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     backend = LocalBackend(s)
     try:

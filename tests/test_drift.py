@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from driftloop.errors import MonitorError
-from driftloop.scenario import FEATURES_CATEGORICAL, FEATURES_NUMERIC, generate
+from driftloop.core.errors import MonitorError
+from driftloop.app.scenario import FEATURES_CATEGORICAL, FEATURES_NUMERIC, generate
 from monitoring.drift import DriftOptions, ReferenceProfile, evidently_report, fast_check, prepare_frame
 
 NUMERIC = [*FEATURES_NUMERIC, "rating"]  # rating: a numeric column with 4 levels

@@ -7,12 +7,12 @@ import sys
 
 import httpx
 
-from driftloop.processes import process_alive
+from driftloop.core.processes import process_alive
 
 
 def test_demo_closes_the_loop_and_leaves_nothing_running(tmp_path):
     workdir = tmp_path / "demo"
-    proc = subprocess.run([sys.executable, "-m", "driftloop.cli", "demo", "--workdir", str(workdir), "--rows", "8000"],
+    proc = subprocess.run([sys.executable, "-m", "driftloop.app.cli", "demo", "--workdir", str(workdir), "--rows", "8000"],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     facts = json.loads((workdir / "summary.json").read_text())
@@ -28,7 +28,7 @@ def test_demo_closes_the_loop_and_leaves_nothing_running(tmp_path):
     assert "champion" not in weak["aliases"]
     assert facts["reports"] and all(os.path.exists(p) for p in facts["reports"])
     # lineage of the champion: alert (with its report) → run → data window → gate → rollout steps
-    out = subprocess.run([sys.executable, "-m", "driftloop.cli", "lineage", "churn@champion", "--json",
+    out = subprocess.run([sys.executable, "-m", "driftloop.app.cli", "lineage", "churn@champion", "--json",
                           "-c", str(workdir / "driftloop.yaml")], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     lineage = json.loads(out.stdout)

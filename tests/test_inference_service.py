@@ -12,7 +12,7 @@ import pytest
 import yaml
 from kubernetes.client import ApiClient as K8sApiClient
 
-from driftloop.errors import ServingError
+from driftloop.core.errors import ServingError
 from serving import inference_service as isvcs
 from serving.kserve_backend import KServeBackend
 from tests.conftest import make_settings
@@ -274,7 +274,7 @@ def test_client_failures_become_serving_errors(backend_and_client):
 
 
 def test_resource_quantities_are_checked_at_load_naming_the_key():
-    from driftloop.errors import ConfigError
+    from driftloop.core.errors import ConfigError
 
     assert settings_with(**{"serving.cpu_limit": 3}).serving.cpu_limit == "3"  # a bare YAML number
     with pytest.raises(ConfigError, match="serving.memory_limit"):

@@ -9,8 +9,8 @@ from urllib.parse import urlparse
 import pytest
 import yaml
 
-from driftloop.config import DEFAULT_IMAGE
-from driftloop.infra_check import build, check_target, check_tree, main, objects_by_kind, settings_from_objects
+from driftloop.core.config import DEFAULT_IMAGE
+from driftloop.app.infra_check import build, check_target, check_tree, main, objects_by_kind, settings_from_objects
 
 ROOT = Path(__file__).resolve().parents[1]
 OVERLAYS = ["dev", "prod"]
@@ -62,7 +62,7 @@ def problems_of(tree: Path, target: str) -> str:
 def test_overlay_referencing_a_missing_file_fails_naming_it(tree):
     from typer.testing import CliRunner
 
-    from driftloop.cli import app
+    from driftloop.app.cli import app
 
     edit(tree / "infra/overlays/dev/kustomization.yaml", "  - monitor.yaml", "  - monitor.yaml\n  - scheduler-on.yaml")
     text = problems_of(tree, "overlays/dev")
@@ -128,7 +128,7 @@ def test_config_key_typo_and_foreign_image_tag_fail(tree):
     edit(tree / "infra/overlays/prod/kustomization.yaml", 'newTag: "0.1.0"', 'newTag: "0.2.0"')
     text = problems_of(tree, "overlays/prod")
     assert "monitor.drift_shares: unknown key" in text
-    assert "ghcr.io/driftloop/driftloop:0.2.0 differs from driftloop.config.DEFAULT_IMAGE" in text
+    assert "ghcr.io/driftloop/driftloop:0.2.0 differs from driftloop.core.config.DEFAULT_IMAGE" in text
 
 
 def test_committed_secret_values_fail(tree):
@@ -331,7 +331,7 @@ def test_every_driftloop_container_runs_a_real_cli_command(rendered):
 
     from typer.testing import CliRunner
 
-    from driftloop.cli import app
+    from driftloop.app.cli import app
 
     objects, _ = rendered["prod"]
     commands = set()

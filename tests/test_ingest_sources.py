@@ -7,7 +7,7 @@ import threading
 import pytest
 
 from components.ingest import read_table
-from driftloop.errors import DataSourceError
+from driftloop.core.errors import DataSourceError
 
 
 @pytest.fixture()
@@ -22,7 +22,7 @@ def http_dir(tmp_path):
 
 
 def test_read_parquet_and_csv_over_http(http_dir):
-    from driftloop.scenario import generate
+    from driftloop.app.scenario import generate
 
     folder, base = http_dir
     df = generate(rows=500, drift_at=None)

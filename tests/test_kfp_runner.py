@@ -4,8 +4,8 @@ import sys
 
 import pytest
 
-from driftloop.errors import PipelineRunError
-from driftloop.runner import KfpRunner, RunRequest, runner_for
+from driftloop.core.errors import PipelineRunError
+from pipelines.runner import KfpRunner, RunRequest, runner_for
 from pipelines.training import pipeline_arguments
 from tests.conftest import free_port, make_settings
 from tests.kfp_recording import RecordingKfpClient
@@ -151,7 +151,7 @@ def test_an_unreachable_host_is_a_clear_error(tmp_path, scenario_path):
 
 
 def test_cli_run_train_on_an_unreachable_host_prints_one_line(tmp_path, scenario_path, monkeypatch, capsys):
-    from driftloop import cli
+    from driftloop.app import cli
 
     host = f"http://127.0.0.1:{free_port()}"
     monkeypatch.setenv("DRIFTLOOP_WORKSPACE", str(tmp_path / "ws"))

@@ -3,8 +3,8 @@
 import pytest
 from typer.testing import CliRunner
 
-from driftloop.errors import RegistryError
-from driftloop.lineage import build_lineage
+from driftloop.core.errors import RegistryError
+from driftloop.app.lineage import build_lineage
 
 
 def test_lineage_of_champion(trained):
@@ -31,7 +31,7 @@ def test_lineage_unknown_version_is_a_clear_error(trained):
 
 
 def test_lineage_cli(trained):
-    from driftloop.cli import app
+    from driftloop.app.cli import app
 
     settings, _ = trained
     out = CliRunner().invoke(app, ["lineage", "churn@champion", "-p", f"workspace={settings.workspace_dir}",

@@ -16,8 +16,8 @@ import pandas as pd
 import pytest
 from starlette.testclient import TestClient
 
-from driftloop.registry import Registry
-from driftloop.scenario import FEATURES_CATEGORICAL, FEATURES_NUMERIC, generate
+from driftloop.core.registry import Registry
+from driftloop.app.scenario import FEATURES_CATEGORICAL, FEATURES_NUMERIC, generate
 from monitoring.service import WEBHOOK_TOKEN_ENV, MonitorService
 from tests.ce_events import structured
 from tests.conftest import free_port, make_settings
@@ -159,7 +159,7 @@ def test_monitor_command_serves_and_stops_on_sigterm(tmp_path, trained):
     env = {**os.environ, "DRIFTLOOP_WORKSPACE": str(settings.workspace_dir),
            "DRIFTLOOP_MLFLOW__TRACKING_URI": settings.tracking_uri, "DRIFTLOOP_MLFLOW__MODEL_NAME": "churn",
            "DRIFTLOOP_MLFLOW__EXPERIMENT": "test"}
-    proc = subprocess.Popen([sys.executable, "-m", "driftloop.cli", "monitor", "--port", str(port)], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "driftloop.app.cli", "monitor", "--port", str(port)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 60
@@ -184,8 +184,8 @@ def test_monitor_command_serves_and_stops_on_sigterm(tmp_path, trained):
 def test_drift_check_command_prints_the_table_and_writes_reports(tmp_path):
     from typer.testing import CliRunner
 
-    from driftloop.cli import app
-    from driftloop.errors import DataSourceError
+    from driftloop.app.cli import app
+    from driftloop.core.errors import DataSourceError
 
     ref, cur = tmp_path / "ref.parquet", tmp_path / "cur.csv"
     generate(rows=1500, drift_at=None, seed=1).to_parquet(ref)
@@ -209,7 +209,7 @@ def test_drift_check_command_prints_the_table_and_writes_reports(tmp_path):
 def test_alerts_command_lists_decisions_and_runs(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    from driftloop.cli import app, console
+    from driftloop.app.cli import app, console
     from monitoring.alerts import Alert, AlertStore
     from monitoring.trigger import Trigger
 

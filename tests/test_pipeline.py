@@ -3,8 +3,8 @@
 import yaml
 from typer.testing import CliRunner
 
-from driftloop.registry import CHALLENGER, CHAMPION, TAG, Registry
-from driftloop.runner import LocalRunner, RunRequest
+from driftloop.core.registry import CHALLENGER, CHAMPION, TAG, Registry
+from pipelines.runner import LocalRunner, RunRequest
 from tests.conftest import make_settings
 
 
@@ -42,7 +42,7 @@ def test_gate_rejects_and_registry_is_unchanged(trained):
 
 
 def test_regression_pipeline(tmp_path, scenario_path):
-    from driftloop.scenario import write_scenario
+    from driftloop.app.scenario import write_scenario
 
     source = write_scenario(tmp_path / "reg.parquet", "regression", rows=3000)
     settings = make_settings(tmp_path / "ws", source, **{"model.task": "regression", "mlflow.model_name": "spend",
@@ -93,7 +93,7 @@ def test_compiled_yaml_has_gate_accelerator_toleration_and_secret(tmp_path):
 
 
 def test_cli_compile_and_user_errors_without_traceback(tmp_path):
-    from driftloop.cli import app
+    from driftloop.app.cli import app
 
     runner = CliRunner()
     out = runner.invoke(app, ["compile", "-o", str(tmp_path), "-p", f"workspace={tmp_path}"])
@@ -107,11 +107,11 @@ def test_cli_reports_errors_as_one_line(tmp_path):
 
     cfg = tmp_path / "c.yaml"
     cfg.write_text("model:\n  learner: deep_forest\n")
-    proc = subprocess.run([sys.executable, "-m", "driftloop.cli", "run", "train", "-c", str(cfg)],
+    proc = subprocess.run([sys.executable, "-m", "driftloop.app.cli", "run", "train", "-c", str(cfg)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "model.learner" in proc.stderr and "Traceback" not in proc.stderr
-    proc = subprocess.run([sys.executable, "-m", "driftloop.cli", "run", "train", "-p", f"workspace={tmp_path}",
+    proc = subprocess.run([sys.executable, "-m", "driftloop.app.cli", "run", "train", "-p", f"workspace={tmp_path}",
                            "-p", f"data.source={tmp_path / 'missing.parquet'}"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1
     assert "data source not found" in proc.stderr and "Traceback" not in proc.stderr + proc.stdout

@@ -229,7 +229,7 @@ def test_worker_processes_keep_loopback_limit_and_messages(trained, rows, expect
 
 
 def test_missing_alias_or_model_fails_at_load_naming_the_uri(trained):
-    from driftloop.errors import ServingError
+    from driftloop.core.errors import ServingError
     from serving.predictor import DriftloopModel
 
     settings, _ = trained
@@ -254,7 +254,7 @@ def test_cli_reports_a_missing_model_and_exits_before_serving(trained, capsys):
 def test_pinned_version_and_run_uri_load_with_their_version(trained):
     from serving.predictor import DriftloopModel
 
-    from driftloop.registry import Registry
+    from driftloop.core.registry import Registry
 
     settings, _ = trained
     model = DriftloopModel("churn", "models:/churn/1", tracking_uri=settings.tracking_uri)

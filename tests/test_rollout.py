@@ -10,9 +10,9 @@ import time
 import httpx
 import pytest
 
-from driftloop.registry import CHAMPION, TAG, Registry
+from driftloop.core.registry import CHAMPION, TAG, Registry
 from serving.gateway import GatewayConfig, Upstream, create_gateway_app
-from driftloop.errors import RolloutAborted
+from driftloop.core.errors import RolloutAborted
 from serving.rollout import (PROMOTED, ROLLED_BACK, GatewayTarget, PrometheusMetrics, RolloutController, evaluate_checks,
                              psi, weight_schedule)
 from tests.conftest import make_settings
@@ -134,8 +134,8 @@ def test_canary_returning_5xx_is_rolled_back(workspace):
         # the CLI shows the step history; a finished rollout cannot be promoted by hand
         from typer.testing import CliRunner
 
-        from driftloop.cli import app
-        from driftloop.errors import RolloutAborted
+        from driftloop.app.cli import app
+        from driftloop.core.errors import RolloutAborted
 
         args = ["-p", f"workspace={settings.workspace_dir}", "-p", "mlflow.model_name=errors", "-p", "mlflow.experiment=test"]
         out = CliRunner().invoke(app, ["rollout", "status", *args], terminal_width=250)
@@ -285,7 +285,7 @@ def test_inference_service_target_driven_by_prometheus(workspace, canary_errors,
 
 def test_controller_adopts_a_canary_marked_pending_in_mlflow(workspace, tmp_path):
     """Cluster handover: the deploy step's pod and the controller share MLflow, not a disk."""
-    from driftloop.registry import TAG
+    from driftloop.core.registry import TAG
     from serving.rollout import KServeTarget, PENDING
 
     model = "handover"

@@ -8,10 +8,10 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from driftloop.errors import PipelineRunError, ScheduleError
-from driftloop.runner import RunResult
-from driftloop.schedule import KfpSchedules, LocalSchedules, Schedule, kfp_cron, normalize_cron, schedule_backend
-from driftloop.scheduler import Scheduler, SlotPlan, plan_slots
+from driftloop.core.errors import PipelineRunError, ScheduleError
+from pipelines.runner import RunResult
+from pipelines.schedule import KfpSchedules, LocalSchedules, Schedule, kfp_cron, normalize_cron, schedule_backend
+from pipelines.scheduler import Scheduler, SlotPlan, plan_slots
 from pipelines.training import pipeline_arguments
 from tests.conftest import free_port, make_settings
 from tests.kfp_recording import RecordingKfpClient
@@ -419,7 +419,7 @@ def test_paused_updated_and_failing_schedules(local):
 
 
 def test_cli_schedule_errors_are_one_line(tmp_path, monkeypatch, capsys):
-    from driftloop import cli
+    from driftloop.app import cli
 
     monkeypatch.setenv("DRIFTLOOP_WORKSPACE", str(tmp_path / "ws"))
 
@@ -456,7 +456,7 @@ def test_cli_schedule_errors_are_one_line(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.slow
 def test_a_scheduled_slot_runs_the_real_pipeline_and_mlflow_records_the_schedule(tmp_path, scenario_path):
-    from driftloop.registry import TAG, Registry
+    from driftloop.core.registry import TAG, Registry
 
     settings = make_settings(tmp_path / "ws", scenario_path)
     store = LocalSchedules.from_settings(settings)

@@ -8,8 +8,8 @@ from components.evaluate import evaluate_models, gate
 from components.ingest import ingest, read_table
 from components.train import resolve_device, train_model
 from components.validate import validate_frames
-from driftloop.errors import DataSourceError, DataValidationError, DeviceUnavailableError, TrainingError
-from driftloop.scenario import generate
+from driftloop.core.errors import DataSourceError, DataValidationError, DeviceUnavailableError, TrainingError
+from driftloop.app.scenario import generate
 
 
 @pytest.fixture(scope="module")

@@ -141,7 +141,7 @@ def test_labels_and_quality_by_version(tmp_path):
 
 
 def test_store_from_settings_lives_in_the_workspace(tmp_path):
-    from driftloop.config import load_settings
+    from driftloop.core.config import load_settings
 
     s = load_settings(overrides={"workspace": str(tmp_path / "ws")}, environ={})
     with InferenceStore.from_settings(s) as store:

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from driftloop.runner import RunResult
+from pipelines.runner import RunResult
 from monitoring.alerts import Alert, AlertStore, alertmanager_alerts, drift_alert_id, in_blackout
 from monitoring.metrics import MonitorMetrics
 from monitoring.trigger import Trigger, retrain_window, worker_alive
@@ -123,7 +123,7 @@ def test_in_flight_guard_survives_a_monitor_restart(tmp_path):
     alert = _alert(1)
     trig.alerts.insert(alert)
     # A worker left running by a monitor that was killed: its pid is in the store.
-    worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "monitoring.trigger"])
+    worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "pipelines.retrain"])
     try:
         trig.alerts.record_decision(alert.id, "started", "guardrails passed", now=trig.clock())
         trig.alerts.update(alert.id, started=trig.clock(), worker_pid=worker.pid, run_state="RUNNING")
@@ -174,7 +174,7 @@ def test_alertmanager_payload_parsing():
 
 def test_triggered_run_carries_the_alert_id(tmp_path, scenario_path):
     """The real pipeline, started by the background worker through the LocalRunner."""
-    from driftloop.registry import TAG, Registry
+    from driftloop.core.registry import TAG, Registry
 
     settings = make_settings(tmp_path / "ws", scenario_path, **{"trigger.min_samples": 10})
     trig = Trigger(settings, AlertStore.from_settings(settings))

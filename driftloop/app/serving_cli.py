@@ -17,20 +17,17 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.table import Table
 
-from driftloop.errors import ServingError
+from driftloop.core.console import ConfigOpt, ParamOpt
+from driftloop.core.errors import ServingError
 
 __all__ = ["register", "rollout_app", "target_for"]
-
-# Declared here, not imported: driftloop.cli imports this module while it loads.
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file (or $DRIFTLOOP_CONFIG).")]
-ParamOpt = Annotated[Optional[list[str]], typer.Option("--param", "-p", help="Override a config key: section.key=value.")]
 
 rollout_app = typer.Typer(help="Canary rollouts: status, run the analysis, promote or roll back by hand.",
                           no_args_is_help=True)
 
 
 def _registry(settings: Any):  # noqa: ANN202
-    from driftloop.registry import Registry
+    from driftloop.core.registry import Registry
 
     return Registry.from_settings(settings)
 
@@ -65,9 +62,9 @@ def serve(
     rollout: Annotated[bool, typer.Option(help="Also drive a pending canary rollout while serving.")] = True,
 ) -> None:
     """Serve the champion (and a pending canary) behind the local gateway until Ctrl-C."""
-    from driftloop.cli import console, settings_from
+    from driftloop.core.console import console, settings_from
 
-    from driftloop.registry import CHAMPION
+    from driftloop.core.registry import CHAMPION
     from serving.local_backend import LocalBackend
     from serving.rollout import PENDING, PROGRESSING, RolloutController
 
@@ -116,7 +113,7 @@ def deploy(
     apply: Annotated[bool, typer.Option("--apply", help="Apply it to the cluster with KServeClient.")] = False,
 ) -> None:
     """Render the InferenceService (cluster home); --apply applies it, --dry-run only prints it."""
-    from driftloop.cli import console, settings_from
+    from driftloop.core.console import console, settings_from
 
     from serving.inference_service import build_inference_service, check_percent, to_yaml
 
@@ -158,7 +155,7 @@ def _fmt(value: Any) -> str:
 
 
 def _controller(config: Any, params: Any, *, need_target: bool = True):  # noqa: ANN202
-    from driftloop.cli import settings_from
+    from driftloop.core.console import settings_from
     from serving.rollout import RolloutController
 
     settings = settings_from(config, params)
@@ -169,7 +166,7 @@ def _controller(config: Any, params: Any, *, need_target: bool = True):  # noqa:
 @rollout_app.command("status")
 def rollout_status(config: ConfigOpt = None, params: ParamOpt = None) -> None:
     """The rollout's state and its step history: weight, each check's number and verdict, decision, reason."""
-    from driftloop.cli import console
+    from driftloop.core.console import console
 
     ctl = _controller(config, params, need_target=False)
     state = ctl.state()
@@ -205,7 +202,7 @@ def rollout_run(
     max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many intervals.")] = None,
 ) -> None:
     """Run the analysis every rollout.interval_seconds until the canary is promoted or rolled back."""
-    from driftloop.cli import console
+    from driftloop.core.console import console
 
     ctl = _controller(config, params)
     try:
@@ -220,7 +217,7 @@ def rollout_run(
 @rollout_app.command("promote")
 def rollout_promote(config: ConfigOpt = None, params: ParamOpt = None) -> None:
     """Promote the canary now (alias champion moves, 100 % traffic)."""
-    from driftloop.cli import console
+    from driftloop.core.console import console
 
     rec = _controller(config, params).promote("promoted by hand (driftloop rollout promote)")
     console.print(f"[green]promoted[/]: {rec['reason']}")
@@ -233,7 +230,7 @@ def rollout_rollback(
     reason: Annotated[str, typer.Option(help="Why (recorded on the model version).")] = "rolled back by hand",
 ) -> None:
     """Roll the canary back now (0 %, champion unchanged, version tagged with the reason)."""
-    from driftloop.cli import console
+    from driftloop.core.console import console
 
     rec = _controller(config, params).rollback(reason)
     console.print(f"[red]rolled back[/]: {rec['reason']}")
@@ -242,7 +239,7 @@ def rollout_rollback(
 @rollout_app.command("approve")
 def rollout_approve(config: ConfigOpt = None, params: ParamOpt = None) -> None:
     """Give the manual approval a rollout waits for before promotion (rollout.manual_approval)."""
-    from driftloop.cli import console
+    from driftloop.core.console import console
 
     state = _controller(config, params, need_target=False).approve()
     console.print(f"approved: v{state.canary_version} is promoted at the next interval")

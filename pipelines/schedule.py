@@ -6,7 +6,7 @@ config overrides (``section.key=value``), an optional data window of the last
 
 * Embedded default: :class:`LocalSchedules` keeps schedules and the state of every
   slot in a SQLite file in the workspace; ``driftloop scheduler``
-  (:mod:`driftloop.scheduler`) runs due slots through the runner adapter.
+  (:mod:`pipelines.scheduler`) runs due slots through the runner adapter.
 * Kubernetes: :class:`KfpSchedules` makes each schedule a KFP recurring run. KFP cannot
   change a recurring run in place and deleting one stops its runs, so an update creates
   a new *generation* (job ``<name>-v<N>``) first, disables the old one and deletes it
@@ -31,8 +31,8 @@ from typing import Any
 from croniter import croniter
 from pydantic import ValidationError
 
-from driftloop.config import Settings, apply_overrides
-from driftloop.errors import ConfigError, ScheduleError
+from driftloop.core.config import Settings, apply_overrides
+from driftloop.core.errors import ConfigError, ScheduleError
 
 __all__ = [
     "Schedule",
@@ -393,7 +393,7 @@ class KfpSchedules:
     home = "kubeflow"
 
     def __init__(self, settings: Settings, client: Any | None = None) -> None:
-        from driftloop.runner import KfpRunner
+        from pipelines.runner import KfpRunner
 
         self.settings = settings
         self.runner = KfpRunner(settings, client=client)

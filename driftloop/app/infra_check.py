@@ -9,14 +9,14 @@ For the base and every overlay it
 3. parses the InferenceService with kserve's own model classes and fails on every field
    they would drop (an unknown or misplaced field);
 4. checks the Prometheus Operator objects against the compact CRD schemas in
-   :mod:`driftloop.infra_crds`;
+   :mod:`driftloop.app.infra_crds`;
 5. checks what the manifests share with the Python side: the driftloop configuration in
-   the ``driftloop-config``/``driftloop-env`` ConfigMaps loads with :mod:`driftloop.config`,
-   every driftloop container runs :data:`driftloop.config.DEFAULT_IMAGE` (the image the
+   the ``driftloop-config``/``driftloop-env`` ConfigMaps loads with :mod:`driftloop.core.config`,
+   every driftloop container runs :data:`driftloop.core.config.DEFAULT_IMAGE` (the image the
    compiled pipelines use), and no Secret carries values.
 
 Each problem names the source file(s) of the object (found by kind and name under
-``infra/``) and the field. ``python -m driftloop.infra_check [ROOT]`` exits 1 with one
+``infra/``) and the field. ``python -m driftloop.app.infra_check [ROOT]`` exits 1 with one
 line per problem; ``driftloop infra check`` does the same.
 """
 
@@ -36,9 +36,9 @@ from typing import Any, Iterable
 
 import yaml
 
-from driftloop.config import DEFAULT_IMAGE, Settings, load_settings
-from driftloop.errors import ConfigError, InfraCheckError
-from driftloop.infra_crds import CRD_SCHEMAS
+from driftloop.core.config import DEFAULT_IMAGE, Settings, load_settings
+from driftloop.core.errors import ConfigError, InfraCheckError
+from driftloop.app.infra_crds import CRD_SCHEMAS
 
 __all__ = [
     "K8S_VERSION",
@@ -366,7 +366,7 @@ def _shared_with_python(objects: list[dict[str, Any]], where) -> list[Problem]: 
             if image.startswith(IMAGE_REPOSITORY + ":") or image.startswith(IMAGE_REPOSITORY + "@"):
                 if image != DEFAULT_IMAGE:
                     problems.append(Problem(where(obj), f"field {path}.image: {image} differs from "
-                                                        f"driftloop.config.DEFAULT_IMAGE {DEFAULT_IMAGE}"))
+                                                        f"driftloop.core.config.DEFAULT_IMAGE {DEFAULT_IMAGE}"))
             elif not image:
                 problems.append(Problem(where(obj), f"field {path}.image: missing (a patch may have lost its target container)"))
         if obj.get("kind") == "Secret" and (obj.get("data") or obj.get("stringData")):
@@ -519,7 +519,7 @@ def check_tree(root: Path) -> list[Problem]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m driftloop.infra_check [ROOT]``: print each problem, exit 1 if there is one."""
+    """``python -m driftloop.app.infra_check [ROOT]``: print each problem, exit 1 if there is one."""
     args = sys.argv[1:] if argv is None else argv
     root = Path(args[0]) if args else Path.cwd()
     try:

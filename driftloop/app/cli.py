@@ -14,16 +14,14 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from driftloop.config import Settings, load_settings
-from driftloop.errors import DriftloopError
+from driftloop.core.config import Settings
+from driftloop.core.console import ConfigOpt, ParamOpt, console, err_console, settings_from
+from driftloop.core.errors import DriftloopError
 
 __all__ = ["app", "main", "console", "settings_from", "ConfigOpt", "ParamOpt"]
 
-console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
 
 app = typer.Typer(
     name="driftloop",
@@ -38,17 +36,6 @@ config_app = typer.Typer(help="Inspect the configuration.", no_args_is_help=True
 app.add_typer(run_app, name="run")
 app.add_typer(data_app, name="data")
 app.add_typer(config_app, name="config")
-
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file (or $DRIFTLOOP_CONFIG).")]
-ParamOpt = Annotated[Optional[list[str]], typer.Option("--param", "-p", help="Override a config key: section.key=value.")]
-
-
-def settings_from(config: Path | None, params: list[str] | None = None, **extra: object) -> Settings:
-    """Load the settings for a command: file, environment, ``--param`` overrides, then flag values."""
-    overrides = list(params or [])
-    overrides += [f"{k}={v}" for k, v in extra.items() if v is not None]
-    return load_settings(config, overrides)
-
 
 def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -92,7 +79,7 @@ def run_train(
     wait: Annotated[bool, typer.Option(help="On Kubeflow: wait for the run to finish.")] = False,
 ) -> None:
     """Run the training pipeline and print a summary: rows, metrics, gate decision, model version."""
-    from driftloop.runner import RunRequest, runner_for
+    from pipelines.runner import RunRequest, runner_for
 
     validate_trigger(trigger)
     settings = settings_from(config, params, **{"kfp.host": kfp_host})
@@ -150,7 +137,7 @@ def data_generate(
     seed: int = 7,
 ) -> None:
     """Write a timestamped scenario (with drift) as parquet."""
-    from driftloop.scenario import write_scenario
+    from driftloop.app.scenario import write_scenario
 
     if kind not in ("classification", "regression"):
         raise DriftloopError(f"unknown scenario kind {kind!r} (classification or regression)")
@@ -172,7 +159,7 @@ def _register_plugins() -> None:
     """Attach the command groups of the serving and monitoring packages."""
     import importlib
 
-    for module in ("serving.cli", "monitoring.cli", "driftloop.schedule_cli", "driftloop.loop_cli", "driftloop.infra_cli"):
+    for module in ("driftloop.app.serving_cli", "driftloop.app.monitor_cli", "driftloop.app.schedule_cli", "driftloop.app.loop_cli", "driftloop.app.infra_cli"):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as exc:

@@ -10,15 +10,14 @@ import pandas as pd
 import typer
 from rich.table import Table
 
-from driftloop.errors import MonitorError
+from driftloop.core.console import ConfigOpt, ParamOpt
+from driftloop.core.errors import MonitorError
 
 __all__ = ["infer_columns", "register"]
 
 log = logging.getLogger(__name__)
 
 drift_app = typer.Typer(help="One-off drift reports with Evidently.", no_args_is_help=True)
-ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file (or $DRIFTLOOP_CONFIG).")]
-ParamOpt = Annotated[list[str] | None, typer.Option("--param", "-p", help="Override a config key: section.key=value.")]
 
 
 def monitor_cmd(
@@ -28,11 +27,12 @@ def monitor_cmd(
     port: Annotated[int | None, typer.Option(help="Port (default monitor.port).")] = None,
 ) -> None:
     """Run the monitor: inference-log sink, periodic drift checks, metrics, alerts and the retraining trigger."""
-    from driftloop.cli import console, settings_from
+    from driftloop.core.console import console, settings_from
     from monitoring.service import WEBHOOK_TOKEN_ENV, MonitorService
+    from pipelines.runner import runner_for
 
     settings = settings_from(config, params)
-    service = MonitorService(settings)
+    service = MonitorService(settings, runner_factory=runner_for)
     bind_host = host or settings.monitor.host
     bind_port = settings.monitor.port if port is None else port
     console.print(f"[bold]driftloop monitor[/] on http://{bind_host}:{bind_port} — POST /events, GET /metrics, "
@@ -60,7 +60,7 @@ def infer_columns(frame: pd.DataFrame, exclude: list[str]) -> tuple[list[str], l
 
 
 def _read(path: Path) -> pd.DataFrame:
-    from components.ingest import read_table
+    from driftloop.core.tables import read_table
 
     return read_table(str(path))
 
@@ -76,7 +76,7 @@ def drift_check_cmd(
     params: ParamOpt = None,
 ) -> None:
     """Compare two files with Evidently's DataDriftPreset (methods/thresholds from monitor.*)."""
-    from driftloop.cli import console, settings_from
+    from driftloop.core.console import console, settings_from
     from monitoring.drift import DriftOptions, evidently_report
 
     settings = settings_from(config, params)
@@ -106,8 +106,8 @@ def drift_check_cmd(
 
 def _versions_by_alert(settings: Any) -> dict[str, str]:
     """alert id -> model version, from the MLflow tag ``driftloop.alert_id`` on model versions."""
-    from driftloop.errors import RegistryError
-    from driftloop.registry import TAG, Registry
+    from driftloop.core.errors import RegistryError
+    from driftloop.core.registry import TAG, Registry
 
     try:
         versions = Registry.from_settings(settings).list_versions(settings.mlflow.model_name)
@@ -125,7 +125,7 @@ def alerts_cmd(
     """Recent alerts: their decision and reason, the run they started and its model version."""
     import datetime as dt
 
-    from driftloop.cli import console, settings_from
+    from driftloop.core.console import console, settings_from
     from monitoring.alerts import AlertStore, alerts_path
 
     settings = settings_from(config, params)

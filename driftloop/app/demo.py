@@ -43,8 +43,8 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from driftloop.errors import DriftloopError
-from driftloop.processes import free_port, stop_process
+from driftloop.core.errors import DriftloopError
+from driftloop.core.processes import free_port, stop_process
 
 __all__ = ["demo_cmd", "Demo"]
 
@@ -63,7 +63,7 @@ class Service:
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         out = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "driftloop.cli", *self.args], stdout=out,
+        self.proc = subprocess.Popen([sys.executable, "-m", "driftloop.app.cli", *self.args], stdout=out,
                                      stderr=subprocess.STDOUT, start_new_session=True)
         out.close()
 
@@ -144,7 +144,7 @@ class Demo:
         self.config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
 
     def settings(self):
-        from driftloop.config import load_settings
+        from driftloop.core.config import load_settings
 
         return load_settings(self.config_path)
 
@@ -178,7 +178,7 @@ class Demo:
 
     # -- the loop ----------------------------------------------------------------------------------
     def data(self) -> pd.DataFrame:
-        from driftloop.scenario import generate
+        from driftloop.app.scenario import generate
 
         df = generate("classification", self.rows, start=str(self.start_time), days=self.days, drift_at=0.5, seed=11)
         path = Path(self.settings().data.source)
@@ -188,7 +188,7 @@ class Demo:
         return df
 
     def train_champion(self) -> None:
-        from driftloop.runner import RunRequest, runner_for
+        from pipelines.runner import RunRequest, runner_for
 
         self.say("train", "training pipeline on kfp.local (first half of the data) ...")
         with self.pipeline_log("champion"):
@@ -222,7 +222,7 @@ class Demo:
 
     def send(self, frame: pd.DataFrame, *, labels: bool = True, workers: int = 4, batch: int = 5) -> dict[str, int]:
         """Production traffic through the gateway: V1 requests of ``batch`` rows; labels arrive as feedback."""
-        from driftloop.scenario import FEATURES_CATEGORICAL, FEATURES_NUMERIC
+        from driftloop.app.scenario import FEATURES_CATEGORICAL, FEATURES_NUMERIC
 
         features = frame[FEATURES_NUMERIC + FEATURES_CATEGORICAL].astype(object).where(frame.notna(), None)
         rows = features.to_dict(orient="records")
@@ -315,7 +315,7 @@ class Demo:
         feeder = threading.Thread(target=flow, daemon=True)
         feeder.start()
         try:
-            proc = subprocess.run([sys.executable, "-m", "driftloop.cli", *self.cli("rollout", "run")],
+            proc = subprocess.run([sys.executable, "-m", "driftloop.app.cli", *self.cli("rollout", "run")],
                                   capture_output=True, text=True, timeout=180)
         finally:
             stop.set()
@@ -335,8 +335,8 @@ class Demo:
         return asdict(state)
 
     def bad_candidate(self) -> None:
-        from driftloop.config import load_settings
-        from driftloop.runner import RunRequest, runner_for
+        from driftloop.core.config import load_settings
+        from pipelines.runner import RunRequest, runner_for
 
         lenient = load_settings(self.config_path, overrides={"gate.margin": -1.0, "gate.min_value": 0.0,
                                                              "model.learner": "linear",
@@ -352,7 +352,7 @@ class Demo:
                           " — deployed as a canary by the pipeline's deploy step")
 
     def summary(self) -> None:
-        from driftloop.registry import Registry
+        from driftloop.core.registry import Registry
 
         s = self.settings()
         registry = Registry.from_settings(s)

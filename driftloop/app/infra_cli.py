@@ -1,4 +1,4 @@
-"""``driftloop infra check``: the manifest check of ``driftloop.infra_check`` on the command line."""
+"""``driftloop infra check``: the manifest check of ``driftloop.app.infra_check`` on the command line."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ def infra_check(
     root: Annotated[Path, typer.Option("--root", help="Repository root that holds infra/.")] = Path("."),
 ) -> None:
     """Build every overlay with kustomize and validate what comes out; exit 1 on any problem."""
-    from driftloop.cli import console, err_console
-    from driftloop.infra_check import check_tree, kustomize_targets
+    from driftloop.core.console import console, err_console
+    from driftloop.app.infra_check import check_tree, kustomize_targets
 
     problems = check_tree(root)
     for problem in problems:

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from driftloop.errors import ConfigError
+from driftloop.core.errors import ConfigError
 
 __all__ = [
     "Settings",

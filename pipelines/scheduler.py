@@ -1,6 +1,6 @@
 """The local scheduler: runs due slots of the stored schedules through the runner adapter.
 
-Each tick reads the schedules from :class:`~driftloop.schedule.LocalSchedules`, works out
+Each tick reads the schedules from :class:`~pipelines.schedule.LocalSchedules`, works out
 which slot is due (:func:`plan_slots`), claims it atomically in the store and only then
 runs it, so a restart or a second scheduler never runs a slot twice. Catch-up policy,
 per schedule, after downtime: ``catchup`` runs the most recent missed slot once and
@@ -24,10 +24,10 @@ from typing import Any
 
 from croniter import croniter
 
-from driftloop.config import Settings
-from driftloop.errors import DriftloopError, ScheduleError
-from driftloop.processes import process_alive
-from driftloop.schedule import LocalSchedules, Schedule, utc
+from driftloop.core.config import Settings
+from driftloop.core.errors import DriftloopError, ScheduleError
+from driftloop.core.processes import process_alive
+from pipelines.schedule import LocalSchedules, Schedule, utc
 
 __all__ = ["SlotPlan", "SlotOutcome", "plan_slots", "Scheduler"]
 
@@ -87,7 +87,7 @@ class Scheduler:
         if settings.is_cluster:
             raise ScheduleError(f"kfp.host is set ({settings.kfp.host}): Kubeflow runs the schedules there, "
                                 "no local scheduler is needed")
-        from driftloop.runner import runner_for
+        from pipelines.runner import runner_for
 
         self.settings = settings
         self.store = store or LocalSchedules.from_settings(settings)
@@ -136,7 +136,7 @@ class Scheduler:
         return outcomes
 
     def _run(self, schedule: Schedule, slot: datetime) -> SlotOutcome:
-        from driftloop.runner import RunRequest
+        from pipelines.runner import RunRequest
 
         name = schedule.name
         self.store.set_slot(name, slot, "running", now=self.clock())

@@ -28,8 +28,8 @@ WindowOpt = Annotated[Optional[float], typer.Option(
 
 
 def _backend(config: Any, kfp_host: str | None) -> Any:
-    from driftloop.cli import settings_from
-    from driftloop.schedule import schedule_backend
+    from driftloop.core.console import settings_from
+    from pipelines.schedule import schedule_backend
 
     settings = settings_from(config, None, **{"kfp.host": kfp_host})
     return settings, schedule_backend(settings)
@@ -52,8 +52,8 @@ def create_cmd(
     kfp_host: KfpHostOpt = None,
 ) -> None:
     """Create a schedule that runs the training pipeline on cron (trigger schedule:<name>)."""
-    from driftloop.cli import console
-    from driftloop.schedule import Schedule, parse_params
+    from driftloop.core.console import console
+    from pipelines.schedule import Schedule, parse_params
 
     settings, backend = _backend(config, kfp_host)
     schedule = Schedule(name, cron, parse_params(params), window_days, max_concurrency, not no_catchup, paused)
@@ -71,7 +71,7 @@ def list_cmd(
     """List the schedules (on Kubeflow this also deletes retired generations whose runs have finished)."""
     from rich.table import Table
 
-    from driftloop.cli import console
+    from driftloop.core.console import console
 
     _, backend = _backend(config, kfp_host)
     statuses = backend.list()
@@ -96,7 +96,7 @@ def delete_cmd(
     kfp_host: KfpHostOpt = None,
 ) -> None:
     """Delete a schedule; runs already in progress finish."""
-    from driftloop.cli import console
+    from driftloop.core.console import console
 
     _, backend = _backend(config, kfp_host)
     backend.delete(name)
@@ -117,9 +117,9 @@ def update_cmd(
     kfp_host: KfpHostOpt = None,
 ) -> None:
     """Change a schedule in place by name; runs in progress are not stopped. --param replaces all overrides."""
-    from driftloop.cli import console
-    from driftloop.errors import ScheduleError
-    from driftloop.schedule import Schedule, normalize_cron, parse_params
+    from driftloop.core.console import console
+    from driftloop.core.errors import ScheduleError
+    from pipelines.schedule import Schedule, normalize_cron, parse_params
 
     changes: dict[str, Any] = {}
     if cron is not None:
@@ -146,8 +146,8 @@ def scheduler_cmd(
     params: Annotated[Optional[list[str]], typer.Option("--param", "-p", help="Override a config key.")] = None,
 ) -> None:
     """Run the local scheduler: the stored schedules' slots, through kfp.local, until Ctrl-C."""
-    from driftloop.cli import console, settings_from
-    from driftloop.scheduler import Scheduler
+    from driftloop.core.console import console, settings_from
+    from pipelines.scheduler import Scheduler
 
     scheduler = Scheduler(settings_from(config, params))
     if once:

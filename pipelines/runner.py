@@ -15,48 +15,22 @@ import json
 import logging
 import os
 import tempfile
-import uuid
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-from driftloop.config import Settings
-from driftloop.errors import PipelineRunError, RegistryError
+from driftloop.core.config import Settings
+from driftloop.core.errors import PipelineRunError, RegistryError
+from driftloop.core.runs import PipelineRunner, RunRequest, RunResult
 
 __all__ = ["RunRequest", "RunResult", "PipelineRunner", "LocalRunner", "KfpRunner", "runner_for", "summarize_run"]
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class RunRequest:
-    """One training run: who asked (trigger) and on which data window."""
-
-    trigger: str = "manual"
-    window_start: str | None = None
-    window_end: str | None = None
-    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
-
-
-@dataclass
-class RunResult:
-    request_id: str
-    run_id: str
-    state: str  # SUCCEEDED | FAILED | SUBMITTED | RUNNING
-    home: str  # local | kubeflow
-    summary: dict[str, Any] = field(default_factory=dict)
-    error: str | None = None
-    url: str | None = None
-
-
-class PipelineRunner(Protocol):
-    def run_training(self, request: RunRequest, *, wait: bool = True) -> RunResult: ...
-
-
 def summarize_run(settings: Settings, request_id: str) -> dict[str, Any]:
     """Read what the pipeline recorded in MLflow for this request: rows, metrics, gate, version."""
-    from driftloop.registry import TAG, Registry
+    from driftloop.core.registry import TAG, Registry
 
     registry = Registry.from_settings(settings)
     runs = registry.find_runs(f"tags.`{TAG.REQUEST}` = '{request_id}'", max_results=1)
@@ -98,7 +72,7 @@ class LocalRunner:
     def run_training(self, request: RunRequest, *, wait: bool = True) -> RunResult:
         import kfp.local
 
-        from driftloop.registry import Registry
+        from driftloop.core.registry import Registry
         from pipelines.training import build_training_pipeline, pipeline_arguments
 
         registry = Registry.from_settings(self.settings)

@@ -12,9 +12,9 @@ import logging
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from driftloop.config import Settings
-from driftloop.errors import RegistryError
-from driftloop.registry import TAG, Registry
+from driftloop.core.config import Settings
+from driftloop.core.errors import RegistryError
+from driftloop.core.registry import TAG, Registry
 
 __all__ = ["Lineage", "build_lineage", "render_lineage"]
 

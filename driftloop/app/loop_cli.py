@@ -17,8 +17,8 @@ def lineage_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a tree.")] = False,
 ) -> None:
     """Show the chain: trigger → pipeline run → data window → metrics and gate → rollout."""
-    from driftloop.cli import console, settings_from
-    from driftloop.lineage import build_lineage, render_lineage
+    from driftloop.core.console import console, settings_from
+    from driftloop.app.lineage import build_lineage, render_lineage
 
     settings = settings_from(config, params)
     lineage = build_lineage(settings, model)
@@ -31,7 +31,7 @@ def lineage_cmd(
 def register(app: typer.Typer) -> None:
     app.command("lineage")(lineage_cmd)
     try:
-        from driftloop.demo import demo_cmd
+        from driftloop.app.demo import demo_cmd
     except ImportError:
         return
     app.command("demo")(demo_cmd)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from driftloop.errors import RegistryError
+from driftloop.core.errors import RegistryError
 
 __all__ = ["Registry", "VersionInfo", "CHAMPION", "CHALLENGER", "TAG"]
 
