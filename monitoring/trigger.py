@@ -36,11 +36,11 @@ from pathlib import Path
 from typing import Any
 
 from driftloop.core.errors import DriftloopError, MonitorError
-from driftloop.core.processes import process_alive
+from driftloop.core.processes import process_alive, spawn
 from driftloop.core.runs import PipelineRunner, RunRequest
 from monitoring.alerts import STARTED, Alert, AlertStore, Decision, day_ago, decide
 
-__all__ = ["Trigger", "WORKER_MODULE", "record_result", "retrain_window", "worker_alive"]
+__all__ = ["Trigger", "WORKER_MODULE", "record_result", "retrain_window", "trigger_of", "worker_alive"]
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +185,7 @@ class Trigger:
 
     def _start(self, alert: Alert, now: float) -> str:
         start, end = retrain_window(self.settings, alert.window_end)
-        request = RunRequest(trigger=f"drift:{alert.id}", window_start=start, window_end=end)
+        request = RunRequest(trigger=trigger_of(alert.source, alert.id), window_start=start, window_end=end)
         self.alerts.update(alert.id, request_id=request.request_id, started=now, run_state="RUNNING",
                            window_start=start, window_end=end)
         if self.runner is not None and not self.settings.is_cluster:
@@ -223,7 +223,9 @@ class Trigger:
         root = Path(__file__).resolve().parent.parent
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
         with open(log_file, "ab") as out:
-            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            # dies with the monitor, and takes its pipeline's task processes with it (kill_group)
+            proc = spawn(cmd, kill_group=True, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                         env=env)
         self._workers[alert_id] = proc
         self.alerts.update(alert_id, worker_pid=proc.pid)
         log.info("retraining worker pid %d for alert %s (log %s)", proc.pid, alert_id, log_file)
@@ -246,6 +248,11 @@ class Trigger:
             self.refresh()
             time.sleep(0.2)
         raise MonitorError(f"the retraining run for alert {alert_id} did not finish within {timeout:.0f}s")
+
+
+def trigger_of(source: str | None, alert_id: str) -> str:
+    """The run's trigger: ``quality:<id>`` for a quality alert, ``drift:<id>`` for drift and Alertmanager."""
+    return f"{'quality' if source == 'quality' else 'drift'}:{alert_id}"
 
 
 def record_result(alerts: AlertStore, alert_id: str, result: Any, now: float) -> None:

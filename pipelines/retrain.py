@@ -3,7 +3,10 @@
 The monitor's trigger (``monitoring/trigger.py``) starts it as a process of its own for one
 alert that passed the guardrails. It runs the training pipeline through the runner adapter and
 writes the outcome (pipeline run, state, model version) onto the alert, so the monitor keeps
-ingesting while it runs and a restart of the monitor neither kills the run nor forgets it.
+ingesting while it runs. It dies with the monitor (``processes.spawn``; its pipeline's task
+processes with it): stopped, it records the run as LOST on the alert; killed outright, the
+monitor's in-flight guard marks it LOST at the next start. Either way it is never forgotten, and
+the next alert may start a fresh run.
 """
 
 from __future__ import annotations
@@ -11,13 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import time
 from pathlib import Path
 
 from driftloop.core.config import Settings
 from driftloop.core.runs import RunRequest
 from monitoring.alerts import AlertStore
-from monitoring.trigger import WORKER_MODULE, record_result
+from monitoring.trigger import WORKER_MODULE, record_result, trigger_of
 from pipelines.runner import runner_for
 
 __all__ = ["main"]
@@ -38,17 +42,27 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     settings = Settings.model_validate(json.loads(args.settings.read_text()))
     alerts = AlertStore(args.store)
-    request = RunRequest(trigger=f"drift:{args.alert_id}", window_start=args.window_start,
+    source = (alerts.get(args.alert_id) or {}).get("source")
+    request = RunRequest(trigger=trigger_of(source, args.alert_id), window_start=args.window_start,
                          window_end=args.window_end, request_id=args.request_id)
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         result = runner_for(settings).run_training(request)
         record_result(alerts, args.alert_id, result, time.time())
         log.info("alert %s: run %s %s", args.alert_id, result.run_id, result.state)
+    except KeyboardInterrupt:
+        alerts.update(args.alert_id, run_state="LOST", finished=time.time(),
+                      reason="run interrupted: the monitor that started it stopped")
+        raise SystemExit(143) from None
     except Exception as exc:
         alerts.update(args.alert_id, run_state="FAILED", finished=time.time(), reason=f"run failed: {exc}")
         raise
     finally:
         alerts.close()
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

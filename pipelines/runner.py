@@ -5,6 +5,13 @@ this environment, no cluster). ``KfpRunner`` compiles it, uploads it as a versio
 of a stably named pipeline and starts a run in a named experiment through
 ``kfp.Client``. ``runner_for(settings)`` picks one from the configuration; the CLI,
 the drift trigger and the scheduler all go through it.
+
+A request is checked before anything starts (:func:`check_request`: the trigger and the data
+window). On the embedded default every task process starts through
+:func:`driftloop.core.processes.spawn`, so no task outlives the process running the pipeline
+however that one ends, and kfp.local's output (each task's executor input and logs) goes to
+``<workspace>/pipeline-root/logs/<request-id>.log``, not to the terminal: a failed run reports
+one line naming the step and the error, and where the full log is.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import subprocess
 import tempfile
 import warnings
 from pathlib import Path
@@ -21,9 +29,70 @@ from typing import Any
 
 from driftloop.core.config import Settings
 from driftloop.core.errors import PipelineRunError, RegistryError
+from driftloop.core.processes import spawn
 from driftloop.core.runs import PipelineRunner, RunRequest, RunResult
 
-__all__ = ["RunRequest", "RunResult", "PipelineRunner", "LocalRunner", "KfpRunner", "runner_for", "summarize_run"]
+__all__ = ["RunRequest", "RunResult", "PipelineRunner", "LocalRunner", "KfpRunner", "runner_for", "summarize_run",
+           "check_request", "check_trigger", "check_window"]
+
+
+def check_trigger(trigger: str) -> None:
+    """``manual``, ``schedule:<name>``, ``drift:<alert-id>`` or ``quality:<alert-id>``; anything else is refused."""
+    if trigger != "manual" and not trigger.startswith(("schedule:", "drift:", "quality:")):
+        raise PipelineRunError(f"trigger {trigger!r} must be manual, schedule:<name>, drift:<alert-id> or "
+                               "quality:<alert-id>")
+    if trigger.endswith(":"):
+        raise PipelineRunError(f"trigger {trigger!r} names no schedule or alert")
+
+
+def check_window(window_start: str | None, window_end: str | None, *, names: tuple[str, str] = (
+        "window_start", "window_end")) -> None:
+    """Both bounds, when given, are ISO times and the start comes before the end."""
+    import pandas as pd
+
+    bounds = []
+    for name, value in zip(names, (window_start, window_end)):
+        if value is None:
+            bounds.append(None)
+            continue
+        try:
+            ts = pd.Timestamp(value)
+            if pd.isna(ts):
+                raise ValueError("not a time")
+        except (ValueError, TypeError) as exc:
+            raise PipelineRunError(f"{name} {value!r} is not an ISO time (e.g. 2026-01-31 or "
+                                   "2026-01-31T12:00:00Z)") from exc
+        bounds.append(ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC"))
+    if bounds[0] is not None and bounds[1] is not None and bounds[0] >= bounds[1]:
+        raise PipelineRunError(f"{names[0]} {window_start} is not before {names[1]} {window_end}")
+
+
+def check_request(request: RunRequest) -> None:
+    """Refuse a request before anything starts: a bad trigger or data window."""
+    check_trigger(request.trigger)
+    check_window(request.window_start, request.window_end)
+
+
+class _TaskSubprocess:
+    """What kfp.local's task handler sees as ``subprocess``: its ``Popen`` goes through ``spawn``.
+
+    A task is ``sh -c '... python -m kfp.dsl.executor_main ...'``; with ``kill_group`` the shell
+    and the Python under it end together with the process running the pipeline.
+    """
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(subprocess, name)
+
+    @staticmethod
+    def Popen(cmd: Any, **kwargs: Any) -> subprocess.Popen:  # noqa: N802 (subprocess's name)
+        return spawn(cmd, kill_group=True, **kwargs)
+
+
+def _tasks_through_spawn() -> None:
+    from kfp.local import subprocess_task_handler
+
+    if not isinstance(subprocess_task_handler.subprocess, _TaskSubprocess):
+        subprocess_task_handler.subprocess = _TaskSubprocess()
 
 log = logging.getLogger(__name__)
 
@@ -69,12 +138,17 @@ class LocalRunner:
     def pipeline_root(self) -> Path:
         return self.settings.workspace_dir / "pipeline-root"
 
+    def log_path(self, request: RunRequest) -> Path:
+        """Where kfp.local's output of this run goes."""
+        return self.pipeline_root / "logs" / f"{request.request_id}.log"
+
     def run_training(self, request: RunRequest, *, wait: bool = True) -> RunResult:
         import kfp.local
 
         from driftloop.core.registry import Registry
         from pipelines.training import build_training_pipeline, pipeline_arguments
 
+        check_request(request)
         registry = Registry.from_settings(self.settings)
         try:
             registry.experiment_id()  # creates the experiment with the workspace's artifact folder
@@ -85,6 +159,9 @@ class LocalRunner:
         self.pipeline_root.mkdir(parents=True, exist_ok=True)
         kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(self.pipeline_root),
                        raise_on_error=True)
+        _tasks_through_spawn()
+        log_path = self.log_path(request)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
         pipeline = build_training_pipeline(self.settings)
         # Display names, resources and accelerators matter on Kubeflow; kfp.local says so once per task.
         warnings.filterwarnings("ignore", message=".*have no effect in the current local runner")
@@ -92,11 +169,13 @@ class LocalRunner:
         warnings.filterwarnings("ignore", message=".*custom or non-Python base image", category=RuntimeWarning)
         with _error_file() as err_path:
             try:
-                pipeline(**args)
+                with open(log_path, "a") as out, contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+                    pipeline(**args)
             except RuntimeError as exc:
                 detail = _read_error(err_path)
-                message = f"step {detail['step']!r} failed: {detail['message']}" if detail else str(exc)
-                return RunResult(request.request_id, request.request_id, "FAILED", self.home, error=message)
+                message = f"step {detail['step']!r} failed: {detail['message']}" if detail else _first_line(exc)
+                return RunResult(request.request_id, request.request_id, "FAILED", self.home,
+                                 error=f"{message} (full log: {log_path})")
         return RunResult(request.request_id, request.request_id, "SUCCEEDED", self.home,
                          summary=summarize_run(self.settings, request.request_id))
 
@@ -118,6 +197,11 @@ def _error_file():
             os.environ[ERROR_FILE_ENV] = old
         with contextlib.suppress(OSError):
             os.unlink(path)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
 
 
 def _read_error(path: str) -> dict[str, str] | None:
@@ -219,6 +303,7 @@ class KfpRunner:
     def run_training(self, request: RunRequest, *, wait: bool = False, timeout: int = 3600) -> RunResult:
         from pipelines.training import pipeline_arguments
 
+        check_request(request)
         args = pipeline_arguments(self.settings, trigger=request.trigger, request_id=request.request_id,
                                   window_start=request.window_start, window_end=request.window_end)
         pipeline_id, version_id = self.upload()

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from driftloop.core.errors import ServingError
-from driftloop.core.processes import free_port, process_alive, stop_process
+from driftloop.core.processes import free_port, process_alive, spawn, stop_process
 
 __all__ = ["LocalBackend", "ProcessInfo", "stop_process", "process_alive", "free_port"]
 
@@ -96,9 +96,12 @@ class LocalBackend:
         logs.mkdir(parents=True, exist_ok=True)
         log_file = open(logs / f"{role}.log", "ab")  # noqa: SIM115 (handed to the child)
         env = dict(os.environ, PYTHONUNBUFFERED="1", MLFLOW_TRACKING_URI=self.settings.tracking_uri)
-        proc = subprocess.Popen([sys.executable, "-m", *argv], stdout=log_file, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True, env=env,
-                                cwd=str(Path(__file__).resolve().parent.parent))
+        # A canary started beside a running gateway (e.g. by a pipeline step that then exits) lives as long
+        # as that gateway; everything else dies with the process that starts it.
+        owner = (self._read().get("gateway") or {}).get("pid") if role == "canary" else None
+        proc = spawn([sys.executable, "-m", *argv], owner_pid=owner, stop_timeout=self.stop_timeout,
+                     stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                     cwd=str(Path(__file__).resolve().parent.parent))
         log_file.close()
         url = f"http://{host}:{port}"
         try:

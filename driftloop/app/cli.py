@@ -79,14 +79,17 @@ def run_train(
     wait: Annotated[bool, typer.Option(help="On Kubeflow: wait for the run to finish.")] = False,
 ) -> None:
     """Run the training pipeline and print a summary: rows, metrics, gate decision, model version."""
-    from pipelines.runner import RunRequest, runner_for
+    from pipelines.runner import RunRequest, check_window, runner_for
 
     validate_trigger(trigger)
+    check_window(window_start, window_end, names=("--window-start", "--window-end"))  # before anything starts
     settings = settings_from(config, params, **{"kfp.host": kfp_host})
     runner = runner_for(settings)
     where = f"Kubeflow at {settings.kfp.host}" if settings.is_cluster else "kfp.local (embedded default)"
     console.print(f"[bold]driftloop[/] training pipeline on {where}; data {settings.data.source}")
     request = RunRequest(trigger=trigger, window_start=window_start, window_end=window_end)
+    if hasattr(runner, "log_path"):
+        console.print(f"task output: {runner.log_path(request)}")
     result = runner.run_training(request, wait=wait) if settings.is_cluster else runner.run_training(request)
     print_run_result(settings, result)
     if result.state == "FAILED":
@@ -94,10 +97,9 @@ def run_train(
 
 
 def validate_trigger(trigger: str) -> None:
-    if trigger != "manual" and not trigger.startswith(("schedule:", "drift:")):
-        raise DriftloopError(f"trigger {trigger!r} must be manual, schedule:<name> or drift:<alert-id>")
-    if trigger.endswith(":"):
-        raise DriftloopError(f"trigger {trigger!r} names no schedule or alert")
+    from pipelines.runner import check_trigger
+
+    check_trigger(trigger)
 
 
 def print_run_result(settings: Settings, result) -> None:  # noqa: ANN001 (RunResult)
@@ -135,13 +137,17 @@ def data_generate(
     days: Annotated[float, typer.Option(min=1)] = 60.0,
     drift_at: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="Fraction of the span where drift starts.")] = 0.5,
     seed: int = 7,
+    scenario: Annotated[str, typer.Option(help="mixed (inputs and relation move), concept (only the relation "
+                                                "between features and label), covariate (only the inputs)")] = "mixed",
 ) -> None:
     """Write a timestamped scenario (with drift) as parquet."""
-    from driftloop.app.scenario import write_scenario
+    from driftloop.app.scenario import SCENARIOS, write_scenario
 
     if kind not in ("classification", "regression"):
         raise DriftloopError(f"unknown scenario kind {kind!r} (classification or regression)")
-    path = write_scenario(output, kind, rows, days=days, drift_at=drift_at, seed=seed)
+    if scenario not in SCENARIOS:
+        raise DriftloopError(f"unknown scenario {scenario!r} (one of {', '.join(SCENARIOS)})")
+    path = write_scenario(output, kind, rows, days=days, drift_at=drift_at, seed=seed, drift=SCENARIOS[scenario])
     console.print(f"wrote {rows} rows ({kind}) -> {path}")
 
 

@@ -44,7 +44,7 @@ from rich.console import Console
 from rich.table import Table
 
 from driftloop.core.errors import DriftloopError
-from driftloop.core.processes import free_port, stop_process
+from driftloop.core.processes import free_port, spawn, stop_process
 
 __all__ = ["demo_cmd", "Demo"]
 
@@ -63,8 +63,8 @@ class Service:
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         out = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "driftloop.app.cli", *self.args], stdout=out,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = spawn([sys.executable, "-m", "driftloop.app.cli", *self.args], stdout=out,
+                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         out.close()
 
     def alive(self) -> bool:
@@ -315,8 +315,13 @@ class Demo:
         feeder = threading.Thread(target=flow, daemon=True)
         feeder.start()
         try:
-            proc = subprocess.run([sys.executable, "-m", "driftloop.app.cli", *self.cli("rollout", "run")],
-                                  capture_output=True, text=True, timeout=180)
+            proc = spawn([sys.executable, "-m", "driftloop.app.cli", *self.cli("rollout", "run")],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True)
+            try:
+                output = proc.communicate(timeout=180)[0]
+            except subprocess.TimeoutExpired:
+                stop_process(proc.pid)
+                output = proc.communicate()[0]
         finally:
             stop.set()
             feeder.join(30)
@@ -327,7 +332,7 @@ class Demo:
         settings = self.settings()
         state = RolloutStore(settings.workspace_dir / "rollout", settings.mlflow.model_name).load()
         if state is None or not state.done:
-            raise DriftloopError(f"the rollout did not finish: {(proc.stdout + proc.stderr)[-2000:]}")
+            raise DriftloopError(f"the rollout did not finish: {(output or '')[-2000:]}")
         colour = "green" if state.status == "promoted" else "red"
         self.say("rollout", f"{label}: v{state.canary_version} [{colour}]{state.status}[/] — {state.reason}")
         for step in state.history:
@@ -420,6 +425,9 @@ def demo_cmd(
 ) -> None:
     """Run the whole loop on the embedded default: train, serve, drift, retrain, canary, promote / roll back."""
     demo = Demo(workdir.resolve(), rows=rows, interval=interval)
+    # SIGTERM (e.g. from `timeout`) stops the demo like Ctrl-C: its services are stopped on the way out;
+    # SIGKILL cannot be caught, and then every process the demo started dies with it (processes.spawn).
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
         demo.run()
     except KeyboardInterrupt:
