@@ -146,3 +146,67 @@ def curves(model: Any, test: pd.DataFrame, *, target: str, numeric: list[str], c
         thr = np.where(np.isinf(thr), 1.0, thr)
         out["roc"] = {"fpr": fpr[idx].tolist(), "tpr": tpr[idx].tolist(), "thresholds": thr[idx].tolist()}
     return out
+
+
+def calibration_map(y_true: Any, scores: np.ndarray, classes: list[Any]) -> dict[str, Any]:
+    """Isotonic calibration of each class's score on the holdout (one-vs-rest), as knots.
+
+    Stored as plain lists (``x`` score → ``y`` calibrated probability, applied with ``np.interp``)
+    so the monitor can calibrate live scores without scikit-learn or the model. Binary models get
+    one map, for the positive class (the other is its complement).
+    """
+    from sklearn.isotonic import IsotonicRegression
+
+    y = np.asarray(y_true)
+    scores = np.asarray(scores, dtype=float)
+    maps = []
+    for j in ([1] if len(classes) == 2 else range(len(classes))):
+        iso = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip")
+        iso.fit(scores[:, j], (y == classes[j]).astype(float))
+        maps.append({"x": [float(v) for v in iso.X_thresholds_], "y": [float(v) for v in iso.y_thresholds_]})
+    return {"method": "isotonic", "binary": len(classes) == 2, "maps": maps}
+
+
+def expected_calibration_error(correct: np.ndarray, confidence: np.ndarray, bins: int = 10) -> float:
+    """ECE: mean |accuracy - confidence| over equal-width confidence bins, weighted by their rows."""
+    correct = np.asarray(correct, dtype=float)
+    confidence = np.asarray(confidence, dtype=float)
+    if confidence.size == 0:
+        return float("nan")
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
+    total = 0.0
+    for b in range(bins):
+        mask = which == b
+        if mask.any():
+            total += mask.sum() * abs(correct[mask].mean() - confidence[mask].mean())
+    return float(total / confidence.size)
+
+
+def holdout_quality(model: Any, test: pd.DataFrame, *, target: str, task: str, numeric: list[str],
+                    categorical: list[str]) -> dict[str, Any]:
+    """What the monitor compares live quality with: the holdout metrics of this very model.
+
+    Regression adds the mean error (bias, prediction − truth); classification adds the expected
+    calibration error of the model's top score and the isotonic calibration map fitted on the
+    holdout, which the monitor uses to estimate accuracy before labels arrive (CBPE).
+    """
+    from components.train import prepare_features
+
+    metrics = score(model, test, target=target, task=task, numeric=numeric, categorical=categorical)
+    out: dict[str, Any] = {"task": task, "rows": int(len(test)), "metrics": metrics}
+    X = prepare_features(test, numeric, categorical)
+    y = test[target].to_numpy()
+    pred = np.asarray(model.predict(X))
+    if task == "regression":
+        metrics["mean_error"] = float(np.mean(pred.astype(float) - y.astype(float)))
+        return out
+    if not hasattr(model, "predict_proba"):
+        return out
+    classes = list(getattr(model, "classes_", sorted(pd.unique(y))))
+    proba = np.asarray(model.predict_proba(X), dtype=float)
+    top = proba.max(axis=1)
+    metrics["ece"] = expected_calibration_error(pred == y, top)
+    out["classes"] = [c.item() if hasattr(c, "item") else c for c in classes]
+    out["calibration"] = calibration_map(y, proba, classes)
+    return out

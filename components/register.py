@@ -14,7 +14,7 @@ from typing import Any
 import pandas as pd
 
 
-__all__ = ["RunContext", "trusted_types", "model_requirements", "register_model", "record_rejection"]
+__all__ = ["HOLDOUT_QUALITY_ARTIFACT", "RunContext", "trusted_types", "model_requirements", "register_model", "record_rejection"]
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def _run_tags(ctx: RunContext, decision: dict[str, Any]) -> dict[str, str]:
         TAG.GATE_REASON: decision.get("reason", "")[:5000],
         TAG.DEVICE: ctx.device,
     }
-    if ctx.trigger.startswith("drift:"):
+    if ctx.trigger.startswith(("drift:", "quality:")):
         tags[TAG.ALERT] = ctx.trigger.split(":", 1)[1]
     if ctx.trigger.startswith("schedule:"):
         tags[TAG.SCHEDULE] = ctx.trigger.split(":", 1)[1]
@@ -72,6 +72,20 @@ def _log_run_body(mlflow: Any, ctx: RunContext, decision: dict[str, Any], train:
     mlflow.log_input(test_ds, context="evaluation")
     mlflow.log_dict(decision, "gate/decision.json")
     mlflow.log_dict(schema, "schema/schema.json")
+
+
+HOLDOUT_QUALITY_ARTIFACT = "quality/holdout.json"
+
+
+def _log_holdout_quality(mlflow: Any, model: Any, test: pd.DataFrame, schema: dict[str, Any]) -> None:
+    """The version's own baseline for quality monitoring: holdout metrics (plus bias or calibration
+    error) as ``holdout_*`` metrics and, with the calibration map, as ``quality/holdout.json``."""
+    from components.evaluate import holdout_quality
+
+    quality = holdout_quality(model, test, target=schema["target"], task=schema.get("task", "classification"),
+                              numeric=schema["numeric"], categorical=schema["categorical"])
+    mlflow.log_metrics({f"holdout_{k}": float(v) for k, v in quality["metrics"].items()})
+    mlflow.log_dict(quality, HOLDOUT_QUALITY_ARTIFACT)
 
 
 def trusted_types(model: Any) -> list[str]:
@@ -135,6 +149,7 @@ def register_model(
     with registry.translate_errors(f"cannot register model {model_name!r}"):
         with mlflow.start_run(experiment_id=exp_id, run_name=f"train-{ctx.request_id[:8]}") as run:
             _log_run_body(mlflow, ctx, decision, train, test, schema, target)
+            _log_holdout_quality(mlflow, model, test, schema)
             with tempfile.TemporaryDirectory() as tmp:
                 ref_path = Path(tmp) / "reference.parquet"
                 reference.to_parquet(ref_path, index=False)

@@ -49,6 +49,17 @@ class MonitorMetrics:
         self.last_check_timestamp = Gauge(f"{_PREFIX}_last_check_timestamp_seconds",
                                           "Unix time of the last completed drift check", registry=r)
         self.check_seconds = Histogram(f"{_PREFIX}_check_seconds", "Duration of one drift check", registry=r)
+        # quality check (labelled windows, per model version)
+        self.quality_metric = Gauge(f"{_PREFIX}_quality_metric", "Metric on the last labelled window, by version",
+                                    ["version", "metric"], registry=r)
+        self.quality_holdout = Gauge(f"{_PREFIX}_quality_holdout", "The version's holdout metric at registration",
+                                     ["version", "metric"], registry=r)
+        self.quality_estimated = Gauge(f"{_PREFIX}_quality_estimated", "Metric estimated from calibrated scores (CBPE)",
+                                       ["version", "metric"], registry=r)
+        self.quality_labelled_rows = Gauge(f"{_PREFIX}_quality_labelled_rows", "Labelled predictions of the version",
+                                           ["version"], registry=r)
+        self.quality_degraded = Gauge(f"{_PREFIX}_quality_degraded", "1 if the last labelled window broke a quality "
+                                      "rule", ["version"], registry=r)
         # trigger
         self.trigger_decisions = Counter(f"{_PREFIX}_trigger_decisions", "Retraining trigger decisions, by decision",
                                          ["decision"], registry=r)

@@ -9,6 +9,8 @@ One Starlette app: the inference-log sink (``POST /events``, ``/feedback``, ``/q
   ``driftloop_monitor_events_rejected_total{reason}``).
 * ``GET /alerts`` — recent alerts with their decisions and runs.
 * ``POST /check`` — check now (``?report=true`` renders Evidently's report even without drift).
+* ``POST /quality/check`` — check the labelled windows now; ``GET`` the last outcome (realised
+  metrics vs holdout, the estimate from calibrated scores, any quality alert).
 * ``GET /reports/{alert_id}`` — the alert's Evidently HTML report.
 
 A background thread checks every ``monitor.check_interval_seconds``: the current window (from
@@ -44,6 +46,7 @@ from driftloop.core.registry import Registry
 from monitoring.alerts import Alert, AlertStore, alertmanager_alerts, drift_alert_id
 from monitoring.drift import DriftOptions, DriftResult, evidently_report, fast_check, save_report
 from monitoring.metrics import MonitorMetrics
+from monitoring.quality_check import QualityMonitor
 from monitoring.reference import ChampionReference, ReferenceCache
 from monitoring.sink import create_sink_app
 from monitoring.store import InferenceStore
@@ -98,6 +101,8 @@ class MonitorService:
                                metrics=self.metrics)
         self.options = DriftOptions.from_config(settings.monitor)
         self.reports_dir = settings.workspace_dir / "monitor" / "reports"
+        self.quality = QualityMonitor(settings, store_path=self.store.path, registry=self.registry, alerts=self.alerts,
+                                      trigger=self.trigger, metrics=self.metrics, reports_dir=self.reports_dir)
         self.last_outcome: dict[str, Any] | None = None
         self._checked: dict[str, dict[str, Any]] = {}
         self._check_lock = threading.Lock()
@@ -249,6 +254,15 @@ class MonitorService:
                 return _json(409, {"error": str(exc)})
             return _json(200, outcome)
 
+        async def quality_check(request: Request) -> Response:
+            if request.method == "GET" and self.quality.last_outcome is not None:
+                return _json(200, self.quality.last_outcome)
+            try:
+                outcome = await asyncio.to_thread(self.check_quality)
+            except DriftloopError as exc:
+                return _json(409, {"error": str(exc)})
+            return _json(200, outcome)
+
         async def report(request: Request) -> Response:
             alert = await asyncio.to_thread(self.alerts.get, request.path_params["alert_id"])
             path = Path(alert["report_path"]) if alert and alert.get("report_path") else None
@@ -260,6 +274,7 @@ class MonitorService:
             Route("/alerts/alertmanager", alertmanager, methods=["POST"]),
             Route("/alerts", list_alerts, methods=["GET"]),
             Route("/check", check_now, methods=["POST"]),
+            Route("/quality/check", quality_check, methods=["GET", "POST"]),
             Route("/reports/{alert_id}", report, methods=["GET"]),
         ]
 
@@ -274,6 +289,18 @@ class MonitorService:
                 log.warning("drift check skipped: %s", exc)
             except Exception:  # the service keeps running; the next check tries again
                 log.exception("drift check failed")
+            if self.settings.monitor.quality.enabled:
+                try:
+                    self.check_quality()
+                except DriftloopError as exc:
+                    log.warning("quality check skipped: %s", exc)
+                except Exception:  # the service keeps running; the next check tries again
+                    log.exception("quality check failed")
+
+    def check_quality(self) -> dict[str, Any]:
+        """One quality check of the labelled windows of every version (see monitoring.quality_check)."""
+        with self._check_lock:
+            return self.quality.check()
 
     def start_checks(self) -> None:
         if self._thread is None:

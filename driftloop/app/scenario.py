@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-__all__ = ["DriftSpec", "generate", "write_scenario", "FEATURES_NUMERIC", "FEATURES_CATEGORICAL", "TIME_COLUMN", "TARGET"]
+__all__ = ["SCENARIOS", "DriftSpec", "generate", "write_scenario", "FEATURES_NUMERIC", "FEATURES_CATEGORICAL", "TIME_COLUMN", "TARGET"]
 
 FEATURES_NUMERIC = ["tenure", "monthly_spend", "sessions", "support_calls", "latency_ms"]
 FEATURES_CATEGORICAL = ["region", "plan"]
@@ -32,6 +32,18 @@ class DriftSpec:
     numeric_shift: float = 1.5  # in standard deviations, on tenure/monthly_spend/sessions
     region_mix: tuple[float, ...] = (0.05, 0.05, 0.15, 0.75)  # was uniform
     concept: float = 1.0  # strength of the concept change (0 = none)
+
+
+#: Named scenarios for ``driftloop data generate --scenario``: ``mixed`` (the default: inputs move
+#: AND the relation flips), ``concept`` (pure concept drift: the inputs keep their distribution,
+#: only the relation between features and label changes — input drift stays quiet, only labels
+#: show it) and ``covariate`` (the inputs move, the relation holds — where an estimate from
+#: calibrated scores follows the realised accuracy).
+SCENARIOS: dict[str, DriftSpec] = {
+    "mixed": DriftSpec(),
+    "concept": DriftSpec(numeric_shift=0.0, region_mix=(0.25, 0.25, 0.25, 0.25), concept=1.0),
+    "covariate": DriftSpec(numeric_shift=1.5, region_mix=(0.05, 0.05, 0.15, 0.75), concept=0.0),
+}
 
 
 def _features(rng: np.random.Generator, n: int, drifted: np.ndarray, spec: DriftSpec) -> pd.DataFrame:

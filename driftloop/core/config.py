@@ -31,6 +31,7 @@ __all__ = [
     "ServingConfig",
     "RolloutConfig",
     "MonitorConfig",
+    "QualityConfig",
     "TriggerConfig",
     "ScheduleConfig",
     "load_settings",
@@ -44,7 +45,8 @@ ENV_PREFIX = "DRIFTLOOP_"
 DEFAULT_IMAGE = "ghcr.io/driftloop/driftloop:0.1.0"
 
 # Environment variables that carry secrets; never accepted from a config file.
-SECRET_ENV = ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_PASSWORD", "KFP_TOKEN", "DRIFTLOOP_WEBHOOK_TOKEN")
+SECRET_ENV = ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_PASSWORD", "KFP_TOKEN", "DRIFTLOOP_WEBHOOK_TOKEN",
+              "DRIFTLOOP_GATEWAY_TOKEN")
 
 
 class _Section(BaseModel):
@@ -191,6 +193,36 @@ class RolloutConfig(_Section):
         return v
 
 
+class QualityConfig(_Section):
+    """Performance checks on labelled windows, against the version's own holdout metrics."""
+
+    enabled: bool = True
+    window_seconds: float | None = Field(None, gt=0, description="labelled window by prediction time; None = count "
+                                                                 "windows of window_rows labelled rows")
+    window_rows: int = Field(500, ge=1, description="labelled rows per window (the latest ones)")
+    min_labels: int = Field(200, ge=1, description="labelled rows a window needs before a verdict")
+    max_relative: dict[str, float] = Field(
+        default_factory=lambda: {"rmse": 0.25, "mae": 0.25},
+        description="allowed relative worsening per metric (0.25 = 25 % worse than holdout)")
+    max_absolute: dict[str, float] = Field(
+        default_factory=lambda: {"accuracy": 0.05, "f1": 0.05, "roc_auc": 0.05, "r2": 0.1, "ece": 0.1},
+        description="allowed absolute worsening per metric (accuracy -0.05)")
+    estimate: bool = Field(True, description="estimate classifiers' accuracy from calibrated scores (CBPE)")
+    estimate_alerts: bool = Field(False, description="a drop of the ESTIMATED accuracy raises an alert too")
+    report_sample_rows: int = Field(50_000, ge=100, description="rows of a window in the Evidently quality report")
+
+    @field_validator("max_relative", "max_absolute")
+    @classmethod
+    def _metrics(cls, v: dict[str, float]) -> dict[str, float]:
+        known = {"rmse", "mae", "r2", "mean_error", "accuracy", "f1", "roc_auc", "ece"}
+        for key, value in v.items():
+            if key not in known:
+                raise ValueError(f"unknown quality metric {key!r} (one of {sorted(known)})")
+            if value < 0:
+                raise ValueError(f"the allowed worsening of {key} must be >= 0, got {value}")
+        return v
+
+
 class MonitorConfig(_Section):
     host: str = "127.0.0.1"
     port: int = Field(8090, ge=0, le=65535)
@@ -212,6 +244,7 @@ class MonitorConfig(_Section):
     store_synchronous: Literal["NORMAL", "FULL"] = Field(
         "NORMAL", description="NORMAL: acked events survive a crash of the process; FULL: also a power loss (slower)")
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="largest event or batch the sink accepts")
+    quality: QualityConfig = QualityConfig()
 
 
 class TriggerConfig(_Section):

@@ -1,0 +1,168 @@
+"""Labelled (and scored) predictions read from the inference log, for the quality checks.
+
+Labels arrive as feedback — posted to the monitor's ``/feedback`` by ``ce-id``, or to the local
+gateway, which forwards them here — and live in the store's ``labels`` table keyed by
+(request id, row index). They are joined with the paired rows by the same key, so a label that
+came before its prediction was logged is joined as soon as the prediction is there.
+
+Class scores are not a column of the paired rows (the drift checks do not need them): they sit
+in the logged response body (V1 ``"scores"`` next to ``"predictions"``, V2 an output tensor named
+``scores``) and are read from there, one body per request, only for the rows of a window.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import pandas as pd
+
+__all__ = ["labelled_window", "score_matrix", "scored_window", "scores_of_body", "versions_seen"]
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    db = sqlite3.connect(path, timeout=30.0)
+    db.execute("PRAGMA busy_timeout=30000")
+    return db
+
+
+def scores_of_body(body: bytes | str | None) -> tuple[list[list[float]] | None, list[Any] | None]:
+    """Per-row class scores and the class order of a logged response body (None when it has none)."""
+    if not body:
+        return None, None
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None, None
+    if not isinstance(doc, dict):
+        return None, None
+    if isinstance(doc.get("scores"), list):
+        return doc["scores"], doc.get("classes")
+    for out in doc.get("outputs") or []:
+        if isinstance(out, dict) and out.get("name") == "scores" and isinstance(out.get("data"), list):
+            data, shape = out["data"], out.get("shape") or []
+            if data and not isinstance(data[0], list) and len(shape) == 2:
+                data = [data[i:i + shape[1]] for i in range(0, len(data), shape[1])]
+            classes = (out.get("parameters") or {}).get("classes")
+            if isinstance(classes, str):
+                try:
+                    classes = orjson.loads(classes)
+                except orjson.JSONDecodeError:
+                    classes = None
+            return data, classes
+    return None, None
+
+
+def _with_scores(db: sqlite3.Connection, frame: pd.DataFrame) -> pd.DataFrame:
+    """Add ``scores`` (list per row, or None) from the response bodies of the frame's requests."""
+    bodies: dict[str, bytes] = {}
+    ids = list(dict.fromkeys(frame["request_id"]))
+    for start in range(0, len(ids), 500):
+        part = ids[start:start + 500]
+        marks = ",".join("?" * len(part))
+        bodies.update(db.execute(f"SELECT ce_id, body FROM events WHERE kind = 'response' AND ce_id IN ({marks})",
+                                 part).fetchall())
+    parsed = {rid: scores_of_body(body)[0] for rid, body in bodies.items()}
+    scores = []
+    for rid, idx in zip(frame["request_id"], frame["row_index"]):
+        s = parsed.get(rid)
+        scores.append(s[idx] if s is not None and idx < len(s) else None)
+    frame["scores"] = scores
+    return frame
+
+
+def _decode(values: list[Any]) -> list[Any]:
+    if not values:
+        return []
+    return orjson.loads(b"[" + b",".join(v if isinstance(v, bytes) else str(v).encode() for v in values) + b"]")
+
+
+def _select(db: sqlite3.Connection, sql_from: str, columns: list[str], *, version: str | None, model_name: str | None,
+            since: float | None, until: float | None, limit: int | None) -> list[tuple]:
+    clauses, params = [], []
+    if version is not None:
+        clauses.append("COALESCE(r.model_version, 'unknown') = ?")
+        params.append(version)
+    if model_name:
+        clauses.append("r.model_name = ?")
+        params.append(model_name)
+    if since is not None:
+        clauses.append("r.ts >= ?")
+        params.append(since)
+    if until is not None:
+        clauses.append("r.ts < ?")
+        params.append(until)
+    where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
+    sql = f"SELECT {', '.join(columns)} {sql_from} {where} ORDER BY r.ts DESC, r.seq DESC"
+    if limit is not None:
+        sql += f" LIMIT {int(limit)}"
+    rows = db.execute(sql, params).fetchall()
+    rows.reverse()  # oldest first
+    return rows
+
+
+def labelled_window(store_path: str | Path, *, version: str | None = None, model_name: str | None = None,
+                    since: float | None = None, until: float | None = None, limit: int | None = None,
+                    scores: bool = True) -> pd.DataFrame:
+    """Labelled predictions by prediction time (``since`` inclusive, ``until`` exclusive; with
+    ``limit`` the latest ones), oldest first: ``request_id, row_index, ts, model_version, role,
+    prediction, label`` and ``scores`` when asked."""
+    cols = ["r.request_id", "r.row_index", "r.ts", "COALESCE(r.model_version, 'unknown')", "r.role", "r.prediction",
+            "l.label"]
+    db = _connect(Path(store_path))
+    try:
+        rows = _select(db, "FROM rows r JOIN labels l ON l.request_id = r.request_id AND l.row_index = r.row_index",
+                       cols, version=version, model_name=model_name, since=since, until=until, limit=limit)
+        frame = pd.DataFrame(rows, columns=["request_id", "row_index", "ts", "model_version", "role", "prediction",
+                                            "label"])
+        frame["prediction"] = _decode(list(frame["prediction"]))
+        frame["label"] = _decode(list(frame["label"]))
+        if scores:
+            frame = _with_scores(db, frame)
+    finally:
+        db.close()
+    return frame
+
+
+def scored_window(store_path: str | Path, *, version: str | None = None, model_name: str | None = None,
+                  since: float | None = None, until: float | None = None, limit: int | None = None) -> pd.DataFrame:
+    """Logged predictions with their class scores, labelled or not (for the estimate)."""
+    cols = ["r.request_id", "r.row_index", "r.ts", "COALESCE(r.model_version, 'unknown')", "r.prediction"]
+    db = _connect(Path(store_path))
+    try:
+        rows = _select(db, "FROM rows r", cols, version=version, model_name=model_name, since=since, until=until,
+                       limit=limit)
+        frame = pd.DataFrame(rows, columns=["request_id", "row_index", "ts", "model_version", "prediction"])
+        frame["prediction"] = _decode(list(frame["prediction"]))
+        frame = _with_scores(db, frame)
+    finally:
+        db.close()
+    return frame
+
+
+def versions_seen(store_path: str | Path, *, model_name: str | None = None) -> list[str]:
+    """Model versions with logged predictions, oldest first."""
+    db = _connect(Path(store_path))
+    try:
+        sql = "SELECT COALESCE(model_version, 'unknown') AS v, MIN(seq) FROM rows"
+        params: list[Any] = []
+        if model_name:
+            sql += " WHERE model_name = ?"
+            params.append(model_name)
+        rows = db.execute(sql + " GROUP BY v ORDER BY MIN(seq)", params).fetchall()
+    finally:
+        db.close()
+    return [r[0] for r in rows]
+
+
+def score_matrix(frame: pd.DataFrame) -> np.ndarray | None:
+    """The ``scores`` column as an ``n × k`` array (None when any row lacks scores)."""
+    if "scores" not in frame or frame.empty or frame["scores"].isna().any():
+        return None
+    try:
+        return np.asarray(list(frame["scores"]), dtype=float)
+    except (ValueError, TypeError):
+        return None

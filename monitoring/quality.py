@@ -1,0 +1,324 @@
+"""Model quality on labelled windows, judged against the version's own holdout metrics.
+
+Input drift says the inputs moved; it cannot say the model is wrong. This check can: per model
+version, on a window of labelled predictions (by prediction time, at least
+``monitor.quality.min_labels`` labels), it computes
+
+* regression: RMSE, MAE, R², mean error (bias, prediction − truth);
+* classification: accuracy, F1 (binary: positive class; else macro), ROC AUC where class scores
+  were logged, and the expected calibration error of the top score;
+
+and compares each with the same version's holdout metrics recorded at registration
+(``quality/holdout.json``; older versions: the run's logged metrics) under
+``monitor.quality.max_relative`` / ``max_absolute`` (e.g. RMSE 25 % worse, accuracy 0.05 lower).
+
+Windows are tumbling: by count, the k-th block of ``window_rows`` labelled rows in prediction-time
+order (the latest complete one is judged); by time, the latest complete interval of
+``window_seconds``. A block keeps its id when more labels arrive, so a re-check of the same
+block is de-duplicated by its alert id.
+
+Evidently's ``RegressionPreset`` / ``ClassificationPreset`` is the report of record (HTML + JSON,
+saved with the alert and logged to MLflow); the metrics here are a fast path with the same
+definitions (scikit-learn's, which Evidently uses), tested to give the same values.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import threading
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from driftloop.core.errors import MonitorError, RegistryError
+from monitoring.estimate import Calibration
+
+__all__ = [
+    "HOLDOUT_ARTIFACT",
+    "Baseline",
+    "BaselineCache",
+    "MetricVerdict",
+    "classification_metrics",
+    "Block",
+    "compare",
+    "evidently_quality",
+    "quality_alert_id",
+    "quality_metrics",
+    "regression_metrics",
+    "tumbling_block",
+    "verdicts_dict",
+]
+
+log = logging.getLogger(__name__)
+
+HOLDOUT_ARTIFACT = "quality/holdout.json"
+LOWER_IS_BETTER = {"rmse", "mae", "ece", "mean_error"}  # mean_error: its absolute value
+TASK_METRICS = {"regression": ("rmse", "mae", "r2", "mean_error"),
+                "classification": ("accuracy", "f1", "roc_auc", "ece")}
+
+
+# -- the metrics (fast path) ---------------------------------------------------------------------
+def regression_metrics(y_true: Any, y_pred: Any) -> dict[str, float]:
+    y = np.asarray(y_true, dtype=float)
+    p = np.asarray(y_pred, dtype=float)
+    err = p - y
+    ss_res = float(np.sum(err ** 2))
+    ss_tot = float(np.sum((y - y.mean()) ** 2))
+    return {"rmse": math.sqrt(ss_res / y.size), "mae": float(np.mean(np.abs(err))),
+            "r2": (1.0 - ss_res / ss_tot) if ss_tot > 0 else float("nan"), "mean_error": float(err.mean())}
+
+
+def _as_class(values: Any, classes: list[Any] | None) -> np.ndarray:
+    """Labels and predictions in one comparable form: the model's class values where known."""
+    arr = pd.Series(list(values))
+    arr = arr.map(lambda v: v[0] if isinstance(v, list) and len(v) == 1 else v)
+    if classes is not None and all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in classes):
+        num = pd.to_numeric(arr, errors="coerce")
+        if not num.isna().any():
+            values = num.to_numpy(dtype=float)
+            return values.astype(np.int64) if np.all(values == np.round(values)) else values
+    return arr.astype(str).to_numpy()
+
+
+def _ece(correct: np.ndarray, confidence: np.ndarray, bins: int = 10) -> float:
+    """Expected calibration error, as recorded at registration (equal-width bins of the top score)."""
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
+    total = 0.0
+    for b in range(bins):
+        mask = which == b
+        if mask.any():
+            total += mask.sum() * abs(correct[mask].mean() - confidence[mask].mean())
+    return float(total / confidence.size)
+
+
+def classification_metrics(y_true: Any, y_pred: Any, scores: np.ndarray | None = None,
+                           classes: list[Any] | None = None) -> dict[str, float]:
+    """Accuracy, F1, and — with scores (``n × k``, columns in ``classes`` order) — ROC AUC and ECE."""
+    from sklearn import metrics as skm
+
+    y = _as_class(y_true, classes)
+    p = _as_class(y_pred, classes)
+    order = list(_as_class(classes, classes)) if classes is not None else sorted(set(y) | set(p))
+    out = {"accuracy": float(np.mean(y == p))}
+    if len(order) == 2:
+        out["f1"] = float(skm.f1_score(y, p, pos_label=order[1], zero_division=0))
+    else:
+        out["f1"] = float(skm.f1_score(y, p, average="macro", labels=order, zero_division=0))
+    if scores is not None and len(np.unique(y)) > 1:
+        try:
+            if len(order) == 2:
+                out["roc_auc"] = float(skm.roc_auc_score(y == order[1], scores[:, 1]))
+            else:
+                out["roc_auc"] = float(skm.roc_auc_score(y, scores, multi_class="ovr", labels=order))
+        except ValueError:
+            pass  # a class the model knows is absent from the window
+    if scores is not None:
+        out["ece"] = _ece((y == p).astype(float), scores.max(axis=1))
+    return out
+
+
+def quality_metrics(task: str, labels: Any, predictions: Any, scores: np.ndarray | None = None,
+                    classes: list[Any] | None = None) -> dict[str, float]:
+    """The task's metrics on one window (the fast path)."""
+    if task == "regression":
+        return regression_metrics(pd.to_numeric(pd.Series(list(labels)), errors="raise"),
+                                  pd.to_numeric(pd.Series([p[0] if isinstance(p, list) else p for p in predictions]),
+                                                errors="raise"))
+    return classification_metrics(labels, predictions, scores, classes)
+
+
+# -- Evidently (report of record) ----------------------------------------------------------------
+_EVIDENTLY_KEYS = {"MeanError": "mean_error", "RMSE": "rmse", "MAE": "mae", "R2Score": "r2", "Accuracy": "accuracy",
+                   "F1Score": "f1", "RocAuc": "roc_auc"}
+
+
+def evidently_quality(task: str, labels: Any, predictions: Any, scores: np.ndarray | None = None,
+                      classes: list[Any] | None = None) -> tuple[Any, dict[str, float]]:
+    """Run ``RegressionPreset`` / ``ClassificationPreset`` on a window; (snapshot, the metrics read back)."""
+    from evidently import (BinaryClassification, DataDefinition, Dataset, MulticlassClassification, Regression,
+                           Report)
+    from evidently.presets import ClassificationPreset, RegressionPreset
+
+    if task == "regression":
+        frame = pd.DataFrame({"target": pd.to_numeric(pd.Series(list(labels))).to_numpy(dtype=float),
+                              "prediction": [float(p[0] if isinstance(p, list) else p) for p in predictions]})
+        definition = DataDefinition(numerical_columns=["target", "prediction"],
+                                    regression=[Regression(target="target", prediction="prediction")])
+        preset = RegressionPreset()
+    else:
+        y = _as_class(labels, classes)
+        p = _as_class(predictions, classes)
+        order = list(_as_class(classes, classes)) if classes is not None else sorted(set(y) | set(p))
+        frame = pd.DataFrame({"target": y, "prediction": p})
+        proba_cols: list[str] = []
+        if scores is not None:
+            proba_cols = [f"proba_{c}" for c in order]
+            for j, name in enumerate(proba_cols):
+                frame[name] = scores[:, j]
+        if len(order) == 2:
+            spec = BinaryClassification(target="target", prediction_labels="prediction",
+                                        prediction_probas=proba_cols[1] if proba_cols else None, pos_label=order[1])
+        else:
+            spec = MulticlassClassification(target="target", prediction_labels="prediction",
+                                            prediction_probas=proba_cols or None)
+        definition = DataDefinition(categorical_columns=["target", "prediction"], numerical_columns=proba_cols,
+                                    classification=[spec])
+        preset = ClassificationPreset()
+    try:
+        snapshot = Report([preset]).run(current_data=Dataset.from_pandas(frame, data_definition=definition))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise MonitorError(f"Evidently could not compute the quality metrics: {exc}") from exc
+    values: dict[str, float] = {}
+    for metric in snapshot.dict()["metrics"]:
+        kind = str(metric["config"].get("type", "")).rsplit(":", 1)[-1]
+        key = _EVIDENTLY_KEYS.get(kind)
+        if key is None:
+            continue
+        value = metric["value"]
+        values[key] = float(value["mean"] if isinstance(value, dict) else value)
+    return snapshot, values
+
+
+# -- baselines -----------------------------------------------------------------------------------
+@dataclass
+class Baseline:
+    """A version's holdout metrics (and calibration, for the estimate)."""
+
+    version: str
+    task: str
+    metrics: dict[str, float]
+    classes: list[Any] | None = None
+    calibration: Calibration | None = None
+    source: str = HOLDOUT_ARTIFACT
+
+
+class BaselineCache:
+    """Holdout baselines per version, read once from MLflow."""
+
+    def __init__(self, registry: Any, model_name: str, task: str) -> None:
+        self.registry = registry
+        self.model_name = model_name
+        self.task = task
+        self._cache: dict[str, Baseline] = {}
+        self._lock = threading.Lock()
+
+    def get(self, version: str) -> Baseline:
+        with self._lock:
+            if version not in self._cache:
+                self._cache[version] = self._load(version)
+            return self._cache[version]
+
+    def _load(self, version: str) -> Baseline:
+        try:
+            info = self.registry.get_version(self.model_name, version)
+        except RegistryError as exc:
+            raise MonitorError(f"no holdout baseline for {self.model_name} v{version}: {exc}") from exc
+        if not info.run_id:
+            raise MonitorError(f"{self.model_name} v{version} has no training run: no holdout baseline")
+        try:
+            path = self.registry.download(info.run_id, HOLDOUT_ARTIFACT)
+            doc = json.loads(Path(path).read_text())
+            return Baseline(version, doc.get("task", self.task), {k: float(v) for k, v in doc["metrics"].items()},
+                            doc.get("classes"), Calibration.from_holdout(doc))
+        except (RegistryError, OSError, ValueError, KeyError) as exc:
+            log.info("%s v%s has no %s (%s); using the run's metrics", self.model_name, version, HOLDOUT_ARTIFACT, exc)
+        try:
+            logged = self.registry.run(info.run_id).data.metrics
+        except RegistryError as exc:
+            raise MonitorError(f"no holdout baseline for {self.model_name} v{version}: {exc}") from exc
+        metrics = {k: float(logged[k]) for k in TASK_METRICS[self.task] if k in logged}
+        if not metrics:
+            raise MonitorError(f"{self.model_name} v{version}: its run logged no holdout metrics")
+        return Baseline(version, self.task, metrics, source="run metrics")
+
+
+# -- the rule ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MetricVerdict:
+    metric: str
+    live: float
+    holdout: float
+    limit: float  # the worst value still allowed
+    rule: str
+    degraded: bool
+
+
+def compare(live: dict[str, float], baseline: dict[str, float], config: Any) -> list[MetricVerdict]:
+    """Each metric with a rule (``max_relative`` / ``max_absolute``) against the holdout value.
+
+    Lower-is-better metrics (rmse, mae, ece, |mean_error|) may grow by ``holdout × (1 + rel)`` or
+    ``holdout + abs``; the others may fall to ``holdout × (1 − rel)`` or ``holdout − abs``. With
+    both rules the stricter limit holds.
+    """
+    out = []
+    for metric, value in live.items():
+        rel, ab = config.max_relative.get(metric), config.max_absolute.get(metric)
+        if (rel is None and ab is None) or metric not in baseline or value is None or math.isnan(value):
+            continue
+        base = baseline[metric]
+        if math.isnan(base):
+            continue
+        lower = metric in LOWER_IS_BETTER
+        if metric == "mean_error":
+            value, base = abs(value), abs(base)
+        limits, rules = [], []
+        if rel is not None:
+            limits.append(base * (1 + rel) if lower else base - abs(base) * rel)
+            rules.append(f"{'+' if lower else '-'}{rel:.0%}")
+        if ab is not None:
+            limits.append(base + ab if lower else base - ab)
+            rules.append(f"{'+' if lower else '-'}{ab:g}")
+        limit = min(limits) if lower else max(limits)
+        degraded = value > limit if lower else value < limit
+        out.append(MetricVerdict(metric, float(value), float(base), float(limit), " and ".join(rules), bool(degraded)))
+    return out
+
+
+# -- windows -------------------------------------------------------------------------------------
+@dataclass
+class Block:
+    """One tumbling window of labelled rows of a version."""
+
+    key: str
+    rows: pd.DataFrame
+    start_ts: float | None
+    end_ts: float | None
+    complete: bool
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def tumbling_block(labelled: pd.DataFrame, *, rows: int, seconds: float | None, now: float) -> Block | None:
+    """The latest complete tumbling block of ``labelled`` (sorted by prediction time ``ts``, epoch s)."""
+    if labelled.empty:
+        return None
+    frame = labelled.sort_values(["ts", "request_id", "row_index"], kind="stable").reset_index(drop=True)
+    if seconds is None:
+        k = len(frame) // rows
+        if k == 0:
+            return Block("rows:0", frame, float(frame["ts"].iloc[0]), float(frame["ts"].iloc[-1]), False)
+        part = frame.iloc[(k - 1) * rows: k * rows]
+        return Block(f"rows:{k - 1}", part.reset_index(drop=True), float(part["ts"].iloc[0]),
+                     float(part["ts"].iloc[-1]), True)
+    current = math.floor(now / seconds) * seconds
+    start = current - seconds
+    part = frame[(frame["ts"] >= start) & (frame["ts"] < current)]
+    if part.empty:
+        part = frame[frame["ts"] >= current]
+        return Block(f"t:{current:.0f}", part.tail(rows).reset_index(drop=True), current, current + seconds, False)
+    return Block(f"t:{start:.0f}", part.tail(rows).reset_index(drop=True), start, current, True)
+
+
+def quality_alert_id(model: str, version: str, block: str) -> str:
+    """Same version + same block → same id (a re-check is de-duplicated)."""
+    return "quality-" + hashlib.sha256(f"{model}:{version}:{block}".encode()).hexdigest()[:16]
+
+
+def verdicts_dict(verdicts: list[MetricVerdict]) -> list[dict[str, Any]]:
+    return [asdict(v) for v in verdicts]

@@ -1,0 +1,223 @@
+"""The monitor's quality check: labelled windows per version → verdicts, metrics, alerts.
+
+For every model version with labelled predictions in the log it takes the latest complete
+tumbling block (:func:`monitoring.quality.tumbling_block`), computes the metrics on the fast
+path, compares them with the version's holdout baseline, estimates accuracy from calibrated
+scores (classifiers, CBPE) on the same rows and on the latest predictions (labelled or not),
+and exports all of it to Prometheus. A degraded block of the CHAMPION raises a ``quality``
+alert: Evidently's preset runs on the block (the report of record, HTML + JSON, saved with the
+alert and logged to MLflow), its values decide, and the alert goes through the same trigger and
+guardrails as a drift alert (``trigger=quality:<alert-id>``). While a quality alert of the same
+version is younger than ``trigger.cooldown_seconds``, a later degraded block is reported, not
+raised again: the version is known to be wrong and its retraining is under way.
+
+With ``monitor.quality.estimate_alerts``, a drop of the ESTIMATED accuracy of the champion's
+latest predictions below the accuracy rule raises an alert too, before any label arrives.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from typing import Any
+
+import numpy as np
+
+from driftloop.core.errors import MonitorError
+from monitoring.alerts import Alert
+from monitoring.estimate import estimate_performance
+from monitoring.labels import labelled_window, score_matrix, scored_window, versions_seen
+from monitoring.quality import (BaselineCache, compare, evidently_quality, quality_alert_id, quality_metrics,
+                                tumbling_block, verdicts_dict)
+
+__all__ = ["QualityMonitor"]
+
+log = logging.getLogger(__name__)
+
+REPORT_ARTIFACT_DIR = "quality_report"
+
+
+def _iso(ts: float | None) -> str | None:
+    return None if ts is None else dt.datetime.fromtimestamp(ts, dt.UTC).isoformat()
+
+
+class QualityMonitor:
+    """Runs the quality check for one monitor (store, registry, alerts, trigger, metrics)."""
+
+    def __init__(self, settings: Any, *, store_path: Any, registry: Any, alerts: Any, trigger: Any, metrics: Any,
+                 reports_dir: Any) -> None:
+        self.settings = settings
+        self.cfg = settings.monitor.quality
+        self.store_path = store_path
+        self.registry = registry
+        self.alerts = alerts
+        self.trigger = trigger
+        self.metrics = metrics
+        self.reports_dir = reports_dir
+        self.task = settings.model.task
+        self.model = settings.mlflow.model_name
+        self.baselines = BaselineCache(registry, self.model, self.task)
+        self.last_outcome: dict[str, Any] | None = None
+
+    def _champion(self) -> str | None:
+        from driftloop.core.registry import CHAMPION
+
+        info = self.registry.version_by_alias(self.model, CHAMPION)
+        return info.version if info else None
+
+    def check(self, *, now: float | None = None) -> dict[str, Any]:
+        """Check every version with labelled rows; returns ``{"checked_at", "champion", "versions": {...}}``."""
+        now = time.time() if now is None else now
+        champion = self._champion()
+        outcome: dict[str, Any] = {"checked_at": _iso(now), "champion": champion, "task": self.task, "versions": {}}
+        for version in versions_seen(self.store_path):
+            try:
+                outcome["versions"][version] = self._check_version(version, champion, now)
+            except MonitorError as exc:
+                outcome["versions"][version] = {"verdict": "error", "reason": str(exc)}
+                log.warning("quality check of v%s: %s", version, exc)
+        self.last_outcome = outcome
+        return outcome
+
+    def _check_version(self, version: str, champion: str | None, now: float) -> dict[str, Any]:
+        cfg = self.cfg
+        baseline = self.baselines.get(version)
+        labelled = labelled_window(self.store_path, version=version, scores=self.task == "classification")
+        m = self.metrics
+        m.quality_labelled_rows.labels(version=version).set(len(labelled))
+        for metric, value in baseline.metrics.items():
+            m.quality_holdout.labels(version=version, metric=metric).set(value)
+        out: dict[str, Any] = {"role": "champion" if version == champion else "other", "labelled_rows": len(labelled),
+                               "holdout": baseline.metrics, "baseline_source": baseline.source}
+        estimate = self._estimate_latest(version, baseline)
+        if estimate is not None:
+            out["estimated_latest"] = estimate
+            m.quality_estimated.labels(version=version, metric="accuracy").set(estimate["accuracy"])
+        block = tumbling_block(labelled, rows=cfg.window_rows, seconds=cfg.window_seconds, now=now)
+        if block is None or not block.complete or len(block.rows) < cfg.min_labels:
+            n = 0 if block is None else len(block.rows)
+            out.update(verdict="insufficient labels",
+                       reason=f"{n} labelled rows in the current window < monitor.quality.min_labels={cfg.min_labels}"
+                       if block is None or block.complete else
+                       f"window incomplete ({n} of {cfg.window_rows} labelled rows)")
+            if estimate is not None and version == champion and cfg.estimate_alerts:
+                out["estimate_alert"] = self._estimate_alert(version, baseline, estimate, now)
+            return out
+        rows = block.rows
+        scores = score_matrix(rows) if self.task == "classification" else None
+        classes = baseline.classes
+        live = quality_metrics(self.task, rows["label"], rows["prediction"], scores, classes)
+        verdicts = compare(live, baseline.metrics, cfg)
+        degraded = [v for v in verdicts if v.degraded]
+        for metric, value in live.items():
+            m.quality_metric.labels(version=version, metric=metric).set(value)
+        m.quality_degraded.labels(version=version).set(1.0 if degraded else 0.0)
+        out.update(window={"id": block.key, "rows": len(rows), "start": _iso(block.start_ts), "end": _iso(block.end_ts)},
+                   live=live, verdicts=verdicts_dict(verdicts), verdict="degraded" if degraded else "ok")
+        if scores is not None and baseline.calibration is not None and cfg.estimate:
+            est = estimate_performance(scores, baseline.calibration)
+            out["estimated"] = {"accuracy": est.accuracy, "confusion": est.confusion, "classes": est.classes}
+        if degraded and version == champion:
+            out["alert"] = self._raise(version, block, rows, scores, classes, baseline, live, verdicts, now)
+        elif version == champion and cfg.estimate_alerts and estimate is not None:
+            out["estimate_alert"] = self._estimate_alert(version, baseline, estimate, now)
+        return out
+
+    def _estimate_latest(self, version: str, baseline: Any) -> dict[str, Any] | None:
+        """CBPE on the latest predictions of the version (labelled or not)."""
+        if self.task != "classification" or baseline.calibration is None or not self.cfg.estimate:
+            return None
+        seconds = self.cfg.window_seconds
+        since = time.time() - seconds if seconds else None
+        frame = scored_window(self.store_path, version=version, since=since, limit=self.cfg.window_rows)
+        scores = score_matrix(frame.dropna(subset=["scores"])) if not frame.empty else None
+        if scores is None or len(scores) < self.cfg.min_labels:
+            return None
+        est = estimate_performance(scores, baseline.calibration)
+        return {"accuracy": est.accuracy, "rows": est.rows, "confusion": est.confusion, "classes": est.classes}
+
+    # -- alerts ---------------------------------------------------------------------------------
+    def _recent_alert(self, version: str, now: float) -> dict[str, Any] | None:
+        cooldown = self.settings.trigger.cooldown_seconds
+        for rec in self.alerts.recent(200):
+            if rec["source"] == "quality" and (rec.get("details") or {}).get("version") == version \
+                    and now - rec["created"] < cooldown and rec.get("decision") not in ("not_confirmed",):
+                return rec
+        return None
+
+    def _raise(self, version: str, block: Any, rows: Any, scores: np.ndarray | None, classes: Any, baseline: Any,
+               live: dict[str, float], verdicts: list, now: float) -> dict[str, Any]:
+        alert_id = quality_alert_id(self.model, version, block.key)
+        if self.alerts.get(alert_id) is None:
+            earlier = self._recent_alert(version, now)
+            if earlier is not None:
+                return {"id": earlier["id"], "decision": "already_raised",
+                        "reason": f"quality alert {earlier['id']} for v{version} was raised "
+                                  f"{now - earlier['created']:.0f}s ago (trigger.cooldown_seconds)"}
+        else:  # the same block re-checked: the trigger records a duplicate
+            d = self.trigger.submit(Alert(alert_id, "quality", samples=len(rows)))
+            return {"id": alert_id, "decision": d.decision, "reason": d.reason}
+        sample = rows
+        if len(sample) > self.cfg.report_sample_rows:
+            sample = rows.sample(n=self.cfg.report_sample_rows, random_state=0)
+            scores = score_matrix(sample) if scores is not None else None
+        snapshot, judged = evidently_quality(self.task, sample["label"], sample["prediction"], scores, classes)
+        judged_verdicts = compare({**live, **judged}, baseline.metrics, self.cfg)
+        directory = self.reports_dir / alert_id
+        directory.mkdir(parents=True, exist_ok=True)
+        html, js = directory / "quality.html", directory / "quality.json"
+        snapshot.save_html(str(html))
+        snapshot.save_json(str(js))
+        uri = self._log_to_mlflow(alert_id, version, [html, js], judged, len(rows))
+        degraded = [v.metric for v in judged_verdicts if v.degraded]
+        details = {"version": version, "champion_version": version, "window": block.key, "live": live,
+                   "evidently": judged, "holdout": baseline.metrics, "degraded_metrics": degraded,
+                   "verdicts": verdicts_dict(judged_verdicts), "labelled_rows": len(rows)}
+        alert = Alert(alert_id, "quality", created=now, details=details, samples=len(rows),
+                      window_start=_iso(block.start_ts), window_end=_iso(block.end_ts), report_path=str(html),
+                      report_uri=uri)
+        if not degraded:
+            self.alerts.insert(alert)
+            self.alerts.record_decision(alert_id, "not_confirmed", "Evidently's preset finds no metric beyond its "
+                                        "rule on this window", now=now)
+            return {"id": alert_id, "decision": "not_confirmed", "report": f"/reports/{alert_id}"}
+        self.metrics.alerts.labels(source="quality").inc()
+        d = self.trigger.submit(alert)
+        return {"id": alert_id, "decision": d.decision, "reason": d.reason, "request_id": d.request_id,
+                "degraded_metrics": degraded, "report": f"/reports/{alert_id}", "report_uri": uri}
+
+    def _estimate_alert(self, version: str, baseline: Any, estimate: dict[str, Any], now: float) -> dict[str, Any] | None:
+        verdicts = compare({"accuracy": estimate["accuracy"]}, baseline.metrics, self.cfg)
+        if not any(v.degraded for v in verdicts):
+            return None
+        block = f"estimate:{int(now // max(self.cfg.window_seconds or 3600.0, 1.0))}"
+        alert_id = quality_alert_id(self.model, version, block)
+        if self.alerts.get(alert_id) is None and self._recent_alert(version, now) is not None:
+            return {"id": alert_id, "decision": "already_raised"}
+        details = {"version": version, "champion_version": version, "estimated": True, "window": block,
+                   "estimated_accuracy": estimate["accuracy"], "holdout": baseline.metrics,
+                   "degraded_metrics": ["accuracy (estimated)"], "verdicts": verdicts_dict(verdicts)}
+        alert = Alert(alert_id, "quality", created=now, details=details, samples=estimate["rows"], window_end=_iso(now))
+        self.metrics.alerts.labels(source="quality_estimate").inc()
+        d = self.trigger.submit(alert)
+        return {"id": alert_id, "decision": d.decision, "reason": d.reason}
+
+    def _log_to_mlflow(self, alert_id: str, version: str, files: list, judged: dict[str, float], rows: int) -> str | None:
+        try:
+            client = self.registry.client
+            run = client.create_run(self.registry.experiment_id(), run_name=f"quality-{alert_id}", tags={
+                "driftloop.alert_id": alert_id, "driftloop.champion_version": version, "driftloop.model": self.model,
+                "driftloop.kind": "quality-report"})
+            run_id = run.info.run_id
+            for key, value in judged.items():
+                if not np.isnan(value):
+                    client.log_metric(run_id, key, value)
+            client.log_metric(run_id, "labelled_rows", rows)
+            for path in files:
+                client.log_artifact(run_id, str(path), REPORT_ARTIFACT_DIR)
+            client.set_terminated(run_id)
+            return f"runs:/{run_id}/{REPORT_ARTIFACT_DIR}/{files[0].name}"
+        except Exception as exc:  # noqa: BLE001 - MLflow down: the report stays local, the alert is still raised
+            log.warning("quality report for %s not logged to MLflow: %s", alert_id, exc)
+            return None

@@ -1,0 +1,187 @@
+"""Quality monitoring on delayed labels: the fast path against Evidently's presets, the degradation
+rule against the version's own holdout, the CBPE estimate, and — on the trained champion — pure
+concept drift that input drift cannot see, caught by the quality check and retrained once."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+from starlette.testclient import TestClient
+
+from components.evaluate import calibration_map
+from driftloop.app.scenario import FEATURES_CATEGORICAL, FEATURES_NUMERIC, SCENARIOS, generate
+from driftloop.core.registry import Registry
+from monitoring.estimate import Calibration, estimate_performance
+from monitoring.quality import compare, evidently_quality, quality_metrics
+from monitoring.service import WEBHOOK_TOKEN_ENV, MonitorService
+from tests.ce_events import structured
+from tests.conftest import make_settings
+from tests.test_trigger import RecordingRunner
+
+FEATURES = [*FEATURES_NUMERIC, *FEATURES_CATEGORICAL]
+
+
+# -- fast path = Evidently -------------------------------------------------------------------------
+def test_fast_path_gives_evidentlys_values():
+    rng = np.random.default_rng(3)
+    y = rng.normal(100, 10, 600)
+    pred = 0.9 * y + rng.normal(4, 6, 600)
+    fast = quality_metrics("regression", y, list(pred))
+    _, judged = evidently_quality("regression", y, list(pred))
+    assert set(judged) == {"rmse", "mae", "r2", "mean_error"}
+    for key, value in judged.items():
+        assert fast[key] == pytest.approx(value, rel=1e-12, abs=1e-12), key
+    assert fast["mean_error"] < 0  # predictions below the truth: a negative bias
+
+    truth = rng.integers(0, 2, 600)
+    p1 = np.clip(0.35 * truth + 0.65 * rng.random(600), 0, 1)
+    scores = np.column_stack([1 - p1, p1])
+    labels = (p1 > 0.5).astype(int)
+    fast = quality_metrics("classification", list(truth), [[int(v)] for v in labels], scores, [0, 1])
+    _, judged = evidently_quality("classification", list(truth), [[int(v)] for v in labels], scores, [0, 1])
+    assert set(judged) == {"accuracy", "f1", "roc_auc"}
+    for key, value in judged.items():
+        assert fast[key] == pytest.approx(value, rel=1e-12), key
+    assert 0.0 <= fast["ece"] <= 1.0
+
+
+def test_rule_compares_with_the_versions_own_holdout():
+    cfg = SimpleNamespace(max_relative={"rmse": 0.25}, max_absolute={"accuracy": 0.05, "mean_error": 5.0})
+    holdout = {"rmse": 55.0, "accuracy": 0.80, "mean_error": -1.0}
+    verdicts = {v.metric: v for v in compare({"rmse": 140.0, "accuracy": 0.78, "mean_error": -51.0}, holdout, cfg)}
+    assert verdicts["rmse"].degraded and verdicts["rmse"].limit == pytest.approx(68.75)
+    assert not verdicts["accuracy"].degraded and verdicts["accuracy"].limit == pytest.approx(0.75)
+    assert verdicts["mean_error"].degraded  # |bias| 51 against 1 + 5
+    calm = compare({"rmse": 60.0, "accuracy": 0.76}, holdout, cfg)
+    assert not any(v.degraded for v in calm)
+    assert compare({"r2": 0.1}, {"r2": 0.9}, cfg) == []  # no rule for r2 here: not judged
+
+
+def test_cbpe_estimate_follows_the_realised_accuracy_under_covariate_shift():
+    """Scores calibrated on a holdout; then the score distribution moves (covariate shift) while the
+    relation holds: the estimated accuracy follows the realised one, window by window."""
+    rng = np.random.default_rng(11)
+
+    def sample(n, shift):
+        x = rng.normal(shift, 1.0, n)
+        p_true = 1 / (1 + np.exp(-2.0 * x))
+        y = (rng.random(n) < p_true).astype(int)
+        raw = 1 / (1 + np.exp(-3.0 * x))  # overconfident: needs calibration
+        return y, np.column_stack([1 - raw, raw])
+
+    y_hold, s_hold = sample(4000, 0.0)
+    cal = Calibration.from_holdout({"classes": [0, 1], "calibration": calibration_map(y_hold, s_hold, [0, 1])})
+    errors = []
+    for shift in (0.0, 0.5, 1.0, 1.5, 2.0):
+        y, s = sample(2000, shift)
+        est = estimate_performance(s, cal)
+        realised = float(np.mean(s.argmax(axis=1) == y))
+        errors.append(abs(est.accuracy - realised))
+        assert np.sum(est.confusion) == pytest.approx(2000)
+    assert np.mean(errors) < 0.02, errors
+    # uncalibrated confidence would over-estimate: the calibration matters
+    y, s = sample(2000, 0.0)
+    assert np.mean(s.max(axis=1)) - np.mean(s.argmax(axis=1) == y) > 0.03
+
+
+# -- on the trained champion -----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def champion_sklearn(trained):
+    settings, _ = trained
+    return Registry.from_settings(settings).load_sklearn("models:/churn@champion")
+
+
+def _service(tmp_path, trained, monkeypatch, **extra):
+    base, _ = trained
+    cfg = {"mlflow.tracking_uri": base.tracking_uri, "monitor.window_rows": 300, "monitor.min_samples": 200,
+           "monitor.check_interval_seconds": 3600, "trigger.cooldown_seconds": 3600, "trigger.min_samples": 100,
+           "serving.name": "churn", "monitor.quality.window_rows": 200, "monitor.quality.min_labels": 200}
+    cfg.update(extra)
+    monkeypatch.setenv(WEBHOOK_TOKEN_ENV, "token")
+    runner = RecordingRunner()
+    return MonitorService(make_settings(tmp_path / "ws", base.data.source, **cfg), runner=runner), runner
+
+
+def _serve_and_label(client: TestClient, rows: pd.DataFrame, model, *, batch: int = 25) -> None:
+    """What the gateway logs (request + response with class scores), then the labels, by ce-id."""
+    features = rows[FEATURES]
+    preds = [int(p) for p in model.predict(features)]
+    scores = model.predict_proba(features).tolist()
+    classes = [int(c) for c in model.classes_]
+    instances = json.loads(features.to_json(orient="records"))
+    events, labels = [], []
+    for i in range(0, len(rows), batch):
+        ce_id = uuid.uuid4().hex
+        events.append(structured(ce_id, "request", {"instances": instances[i:i + batch]}))
+        events.append(structured(ce_id, "response", {"predictions": preds[i:i + batch], "scores": scores[i:i + batch],
+                                                     "classes": classes}, version="1", role="primary"))
+        labels += [{"id": ce_id, "row_index": j, "label": int(y)} for j, y in enumerate(rows["label"][i:i + batch])]
+    r = client.post("/events", content=json.dumps(events), headers={"content-type": "application/cloudevents-batch+json"})
+    assert r.status_code == 200, r.text
+    r = client.post("/feedback", content=json.dumps(labels), headers={"content-type": "application/json"})
+    assert r.status_code == 200, r.text
+
+
+def test_pure_concept_drift_raises_one_quality_alert_and_one_retraining_run(tmp_path, trained, champion_sklearn,
+                                                                          monkeypatch):
+    service, runner = _service(tmp_path, trained, monkeypatch)
+    concept = generate(rows=600, drift_at=0.0, drift=SCENARIOS["concept"], seed=21)
+    with TestClient(service.app) as client:
+        _serve_and_label(client, concept.iloc[:150], champion_sklearn)
+        early = client.post("/quality/check").json()["versions"]["1"]
+        assert early["verdict"] == "insufficient labels" and early["labelled_rows"] == 150
+        assert runner.requests == []
+
+        _serve_and_label(client, concept.iloc[150:300], champion_sklearn)
+        drift = client.post("/check").json()
+        assert drift["verdict"] == "no drift", drift["result"]["drifted_columns"]  # inputs did not move
+
+        outcome = client.post("/quality/check").json()["versions"]["1"]
+        assert outcome["verdict"] == "degraded", outcome
+        assert outcome["live"]["accuracy"] < outcome["holdout"]["accuracy"] - 0.05
+        alert = outcome["alert"]
+        assert alert["decision"] == "started" and "accuracy" in alert["degraded_metrics"]
+        service.trigger.wait(alert["id"], timeout=30)
+        assert [r.trigger for r in runner.requests] == [f"quality:{alert['id']}"]
+        # the estimate from calibrated scores stays near the holdout: only labels can see concept drift
+        assert outcome["estimated"]["accuracy"] > outcome["live"]["accuracy"] + 0.1
+
+        # the same window again, then the next degraded window: still one run
+        assert client.post("/quality/check").json()["versions"]["1"]["alert"]["decision"] == "duplicate"
+        _serve_and_label(client, concept.iloc[300:500], champion_sklearn)
+        later = client.post("/quality/check").json()["versions"]["1"]
+        assert later["verdict"] == "degraded" and later["alert"]["decision"] == "already_raised"
+        assert len(runner.requests) == 1
+
+        listed = [a for a in client.get("/alerts").json()["alerts"] if a["source"] == "quality"]
+        assert [a["id"] for a in listed] == [alert["id"]]
+        assert listed[0]["details"]["evidently"]["accuracy"] == pytest.approx(outcome["live"]["accuracy"], rel=1e-12)
+        report = client.get(f"/reports/{alert['id']}")
+        assert report.status_code == 200 and "<html" in report.text.lower()
+
+        metrics = client.get("/metrics").text
+        assert 'driftloop_monitor_quality_degraded{version="1"} 1.0' in metrics
+        assert 'driftloop_monitor_quality_labelled_rows{version="1"} 500.0' in metrics
+        assert 'driftloop_monitor_quality_holdout{metric="accuracy",version="1"}' in metrics
+        assert 'driftloop_monitor_quality_estimated{metric="accuracy",version="1"}' in metrics
+
+    registry = Registry.from_settings(service.settings)
+    runs = registry.find_runs(f"tags.`driftloop.alert_id` = '{alert['id']}'")
+    assert len(runs) == 1 and runs[0].data.tags["driftloop.kind"] == "quality-report"
+
+
+def test_no_alert_while_the_relation_holds(tmp_path, trained, champion_sklearn, monkeypatch):
+    service, runner = _service(tmp_path, trained, monkeypatch)
+    calm = generate(rows=2000, drift_at=None, seed=33).iloc[-200:]
+    with TestClient(service.app) as client:
+        _serve_and_label(client, calm, champion_sklearn)
+        outcome = client.post("/quality/check").json()["versions"]["1"]
+    assert outcome["verdict"] == "ok", outcome["verdicts"]
+    assert "alert" not in outcome and runner.requests == []
+    assert outcome["baseline_source"] == "quality/holdout.json"
+    assert abs(outcome["estimated"]["accuracy"] - outcome["live"]["accuracy"]) < 0.08
