@@ -38,6 +38,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from serving.feedback import FeedbackForwarder
 from serving.traffic import CANARY, PRIMARY, Splitter, TrafficStats
 
 __all__ = ["Upstream", "GatewayConfig", "EventLogger", "create_gateway_app", "main",
@@ -79,6 +80,8 @@ class GatewayConfig:
     sink_timeout: float = 2.0
     seed: int | None = None
     source: str = field(default="")
+    feedback_url: str | None = None  # the monitor's POST /feedback; labels are forwarded there
+    feedback_outbox: str | None = None  # SQLite file keeping labels the monitor has not taken yet
 
     def __post_init__(self) -> None:
         check_percent(self.canary_percent)
@@ -205,6 +208,7 @@ class _Gateway:
         self.stats = TrafficStats()
         self.client: httpx.AsyncClient | None = None
         self.events: EventLogger | None = None
+        self.forwarder: FeedbackForwarder | None = None
 
     # -- lifecycle ------------------------------------------------------------------
     async def startup(self) -> None:
@@ -216,10 +220,15 @@ class _Gateway:
                                       metrics=self.metrics, queue_size=self.cfg.queue_size,
                                       senders=self.cfg.senders, timeout=self.cfg.sink_timeout)
             self.events.start()
+        if self.cfg.feedback_url and self.cfg.feedback_outbox:
+            self.forwarder = FeedbackForwarder(self.cfg.feedback_url, self.cfg.feedback_outbox)
+            self.forwarder.start()
 
     async def shutdown(self) -> None:
         if self.events is not None:
             await self.events.close()
+        if self.forwarder is not None:
+            await self.forwarder.close()
         if self.client is not None:
             await self.client.aclose()
 
@@ -392,6 +401,13 @@ class _Gateway:
         return JSONResponse({"ok": True})
 
 
+def _feedback_url(sink_url: str | None) -> str | None:
+    """The monitor's ``/feedback`` next to its ``/events`` sink."""
+    if not sink_url or not sink_url.rstrip("/").endswith("/events"):
+        return None
+    return sink_url.rstrip("/")[: -len("/events")] + "/feedback"
+
+
 def _parse_since(raw: str) -> float:
     """Epoch seconds or an ISO timestamp."""
     try:
@@ -444,6 +460,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--canary-percent", type=float, default=0.0)
     p.add_argument("--sticky-key")
     p.add_argument("--sink-url", help="inference-log sink (POST /events); unset = no logging")
+    p.add_argument("--feedback-url", help="the monitor's POST /feedback (default: the sink URL's /feedback)")
+    p.add_argument("--feedback-outbox", help="SQLite file for labels the monitor has not taken yet; "
+                                             "unset = labels stay in the gateway only")
     p.add_argument("--max-payload-bytes", type=int, default=8 * 1024 * 1024)
     return p
 
@@ -455,7 +474,9 @@ def main(argv: list[str] | None = None) -> None:
     canary = Upstream(args.canary_url, args.canary_version or "") if args.canary_url else None
     cfg = GatewayConfig(name=args.name, namespace=args.namespace, primary=Upstream(args.primary_url, args.primary_version),
                         canary=canary, canary_percent=args.canary_percent, sticky_key=args.sticky_key,
-                        sink_url=args.sink_url, max_payload_bytes=args.max_payload_bytes)
+                        sink_url=args.sink_url, max_payload_bytes=args.max_payload_bytes,
+                        feedback_url=args.feedback_url or _feedback_url(args.sink_url),
+                        feedback_outbox=args.feedback_outbox)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     uvicorn.run(create_gateway_app(cfg), host=args.host, port=args.port, log_level="warning", access_log=False)
 
