@@ -15,8 +15,15 @@ play on a cluster:
 * returns the request id in ``x-request-id`` and ``ce-id`` so that a client can send the
   ground truth later to ``POST /feedback``; the gateway joins it with the prediction it
   served and keeps per-version quality for the rollout controller;
-* exposes ``PUT /admin/split``, ``PUT /admin/upstreams``, ``GET /admin/status``,
-  ``GET /admin/stats`` and Prometheus ``/metrics``.
+* exposes ``PUT /admin/split``, ``PUT /admin/upstreams`` (both need the bearer token from
+  ``DRIFTLOOP_GATEWAY_TOKEN``), ``GET /admin/status``, ``GET /admin/stats`` and Prometheus
+  ``/metrics``.
+
+Bad input never takes it down: every refusal is one 4xx with a JSON ``error`` naming the problem,
+and what was accepted before (labels, statistics, the split) stays as it was. A pooled
+keep-alive connection that the model server closed is retried once on a fresh one, so a stale
+connection never reaches the client as a 502; a 502 the gateway makes for a dropped connection
+is not counted as the model server's error.
 """
 
 from __future__ import annotations
@@ -24,8 +31,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hmac
 import json
 import logging
+import math
+import os
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -41,8 +51,8 @@ from starlette.routing import Route
 from serving.feedback import FeedbackForwarder
 from serving.traffic import CANARY, PRIMARY, Splitter, TrafficStats
 
-__all__ = ["Upstream", "GatewayConfig", "EventLogger", "create_gateway_app", "main",
-           "REQUEST_TYPE", "RESPONSE_TYPE"]
+__all__ = ["Upstream", "GatewayConfig", "EventLogger", "create_gateway_app", "main", "check_upstream",
+           "REQUEST_TYPE", "RESPONSE_TYPE", "ADMIN_TOKEN_ENV"]
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +61,14 @@ RESPONSE_TYPE = "org.kubeflow.serving.inference.response"
 # KServe's logger names the endpoint of the InferenceService that answered.
 _ENDPOINT = {PRIMARY: "default", CANARY: "canary"}
 _FORWARD_HEADERS = ("content-type", "accept", "inference-header-content-length")
+# Asks the predictor for class scores (serving.predictor.SCORES_HEADER; not imported: kserve is heavy).
+SCORES_HEADER = "x-driftloop-scores"
+# The bearer token that PUT /admin/* needs; read from the environment only.
+ADMIN_TOKEN_ENV = "DRIFTLOOP_GATEWAY_TOKEN"
+_MAX_ADMIN_BYTES = 64 * 1024
+_MAX_ID_CHARS = 256
+_MAX_LABEL_CHARS = 256
+_LOOPBACK = {"localhost", "127.0.0.1", "::1", "0.0.0.0", "::"}
 
 
 @dataclass
@@ -80,6 +98,8 @@ class GatewayConfig:
     sink_timeout: float = 2.0
     seed: int | None = None
     source: str = field(default="")
+    admin_token: str | None = field(default=None, repr=False)
+    max_feedback_bytes: int = 1024 * 1024
     feedback_url: str | None = None  # the monitor's POST /feedback; labels are forwarded there
     feedback_outbox: str | None = None  # SQLite file keeping labels the monitor has not taken yet
 
@@ -87,6 +107,34 @@ class GatewayConfig:
         check_percent(self.canary_percent)
         if self.canary_percent > 0 and self.canary is None:
             raise ValueError("a canary percentage above 0 needs a canary upstream")
+
+
+def check_upstream(doc: Any, role: str, own: tuple[str, int] | None = None) -> Upstream:
+    """``{"url": "http(s)://host:port", "version": "<str>"}`` → an :class:`Upstream`, or ``ValueError``
+    naming the problem; ``own`` (host, port) is the gateway itself, which may not be its own upstream."""
+    from urllib.parse import urlsplit
+
+    if not isinstance(doc, dict) or set(doc) - {"url", "version"} or "url" not in doc or "version" not in doc:
+        raise ValueError(f'{role} must be {{"url": "http://host:port", "version": "<model version>"}}, got {doc!r:.120}')
+    url, version = doc["url"], doc["version"]
+    if not isinstance(version, str) or not version.strip() or len(version) > 200:
+        raise ValueError(f"{role} version must be a non-empty string (the MLflow version), got {version!r:.60}")
+    if not isinstance(url, str):
+        raise ValueError(f"{role} url must be a string, got {url!r:.60}")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"{role} url {url!r:.120} is not a URL: {exc}") from exc
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{role} url {url!r:.120} must be http:// or https:// with a host")
+    if parts.query or parts.fragment or parts.username or parts.password:
+        raise ValueError(f"{role} url {url!r:.120} must be a plain http(s)://host:port without query or credentials")
+    port = port or (443 if parts.scheme == "https" else 80)
+    host = parts.hostname
+    if own is not None and port == own[1] and (host == own[0] or (host in _LOOPBACK and own[0] in _LOOPBACK)):
+        raise ValueError(f"{role} url {url!r:.120} is this gateway itself; requests would loop")
+    return Upstream(url, version)
 
 
 def check_percent(value: Any) -> float:
@@ -114,6 +162,9 @@ class _Metrics:
         self.canary_percent = Gauge("driftloop_gateway_canary_percent", "Share of traffic sent to the canary", registry=r)
         self.rejected = Counter("driftloop_gateway_rejected_total", "Requests refused by the gateway", ["reason"],
                                 registry=r)
+        self.retries = Counter("driftloop_gateway_upstream_retries_total",
+                               "Requests sent again because a pooled connection dropped before a response",
+                               registry=r)
 
 
 class EventLogger:
@@ -193,8 +244,73 @@ class EventLogger:
                                 resp.text[:200])
 
 
+class _JSON(JSONResponse):
+    """JSON that is always valid: a NaN/Infinity that slipped into a document becomes null instead of
+    failing the response (Starlette's JSONResponse refuses them with a 500)."""
+
+    def render(self, content: Any) -> bytes:
+        try:
+            return json.dumps(content, allow_nan=False, separators=(",", ":")).encode()
+        except ValueError:
+            return json.dumps(_finite(content), allow_nan=False, separators=(",", ":")).encode()
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
 def _error(status: int, message: str, **extra: Any) -> JSONResponse:
-    return JSONResponse({"error": message, **extra}, status_code=status)
+    return _JSON({"error": message, **extra}, status_code=status)
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON (send a finite number)")
+
+
+def _loads(body: bytes, what: str) -> Any:
+    """Strict JSON (NaN/Infinity refused), or ``ValueError`` naming ``what``."""
+    try:
+        return json.loads(body, parse_constant=_no_constants)
+    except ValueError as exc:
+        raise ValueError(f"{what} is not valid JSON: {exc}") from exc
+
+
+class _UpstreamFailed(Exception):
+    """No usable answer from a model server. ``counts``: the model server's fault (unreachable,
+    too slow), as opposed to a connection that dropped under the gateway."""
+
+    def __init__(self, message: str, counts: bool) -> None:
+        super().__init__(message)
+        self.counts = counts
+
+
+def _is_json(request: Request) -> bool:
+    ctype = request.headers.get("content-type", "")
+    return ctype.split(";")[0].strip().lower() == "application/json"
+
+
+def _label_problem(label: Any) -> str | None:
+    """Why a label value is not acceptable, or None: a string, a bool or a finite number, or a
+    non-empty list of them (one per row of the request)."""
+    values = label if isinstance(label, list) else [label]
+    if not values:
+        return "label is an empty list"
+    for v in values:
+        if isinstance(v, str):
+            if len(v) > _MAX_LABEL_CHARS:
+                return f"label {v[:20]!r}… is longer than {_MAX_LABEL_CHARS} characters"
+        elif isinstance(v, float):
+            if not math.isfinite(v):
+                return f"label {v!r} is not a finite number"
+        elif not isinstance(v, (bool, int)):
+            return f"label must be a string, a boolean or a number (or a list of them, one per row), got {v!r:.60}"
+    return None
 
 
 class _Gateway:
@@ -241,8 +357,8 @@ class _Gateway:
             await self.shutdown()
 
     # -- inference ------------------------------------------------------------------
-    async def _read_body(self, request: Request) -> bytes | None:
-        limit = self.cfg.max_payload_bytes
+    async def _read_body(self, request: Request, limit: int | None = None) -> bytes | None:
+        limit = self.cfg.max_payload_bytes if limit is None else limit
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > limit:
             return None
@@ -269,35 +385,68 @@ class _Gateway:
         path = request.url.path
         fwd = {k: v for k, v in headers.items() if k in _FORWARD_HEADERS}
         fwd["x-request-id"] = request_id
-        assert self.client is not None
+        client_scores = headers.get(SCORES_HEADER, "").lower() in ("1", "true", "yes")
+        if self.events is not None:  # the log gets the class scores (quality estimate); the client only if asked
+            fwd[SCORES_HEADER] = "true"
         start = time.perf_counter()
+        server_error: bool | None = None
         try:
-            resp = await self.client.post(upstream.url + path, content=body, headers=fwd)
-            status, content = resp.status_code, resp.content
-            ctype = resp.headers.get("content-type", "application/json")
-        except httpx.HTTPError as exc:
-            status, ctype = 502, "application/json"
-            content = json.dumps({"error": f"{role} model server at {upstream.url} failed: {exc!r}"}).encode()
+            status, content, resp_headers = await self._send("POST", upstream.url + path, body, fwd)
+            ctype = resp_headers.get("content-type", "application/json")
+        except _UpstreamFailed as exc:
+            status, ctype, server_error = 502, "application/json", exc.counts
+            content = json.dumps({"error": f"{role} model server at {upstream.url} failed: {exc}"}).encode()
         elapsed = time.perf_counter() - start
         self.stats.record(role=role, version=upstream.version, request_id=request_id, status=status,
-                          latency_ms=elapsed * 1000.0, body=content)
+                          latency_ms=elapsed * 1000.0, body=content, server_error=server_error)
         self.metrics.requests.labels(role, upstream.version, str(status)).inc()
         self.metrics.latency.labels(role).observe(elapsed)
         if self.events is not None and 200 <= status < 300:
             self.events.submit(request_id, role, upstream.version, path, body, content)
+            if not client_scores:
+                content = _without_scores(content)
         return Response(content, status_code=status, media_type=None, headers={
             "content-type": ctype, "x-request-id": request_id, "ce-id": request_id,
             "x-model-version": upstream.version, "x-serving-role": role})
 
+    async def _send(self, method: str, url: str, body: bytes | None = None,
+                    headers: dict[str, str] | None = None) -> tuple[int, bytes, httpx.Headers]:
+        """One upstream round trip. A pooled keep-alive connection that the model server closed
+        fails before any response byte arrives; that is retried once, on a fresh connection."""
+        assert self.client is not None
+        for attempt in (1, 2):
+            request = self.client.build_request(method, url, content=body, headers=headers)
+            try:
+                resp = await self.client.send(request, stream=True)
+            except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
+                if attempt == 1:
+                    log.debug("connection to %s dropped before a response (%r); retrying once", url, exc)
+                    self.metrics.retries.inc()
+                    continue
+                raise _UpstreamFailed(f"connection dropped twice before a response: {exc!r}", counts=False) from exc
+            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.ReadTimeout, httpx.WriteTimeout) as exc:
+                raise _UpstreamFailed(f"unreachable or too slow: {exc!r}", counts=True) from exc
+            except httpx.HTTPError as exc:
+                raise _UpstreamFailed(repr(exc), counts=False) from exc
+            try:
+                content = await resp.aread()
+            except httpx.TimeoutException as exc:
+                raise _UpstreamFailed(f"too slow: {exc!r}", counts=True) from exc
+            except httpx.HTTPError as exc:
+                raise _UpstreamFailed(f"connection dropped during the response: {exc!r}", counts=False) from exc
+            finally:
+                await resp.aclose()
+            return resp.status_code, content, resp.headers
+        raise AssertionError("unreachable")
+
     async def passthrough(self, request: Request) -> Response:
         """Health, readiness and metadata: answered by the primary."""
-        assert self.client is not None
         try:
-            resp = await self.client.get(self.cfg.primary.url + request.url.path)
-        except httpx.HTTPError as exc:
-            return _error(502, f"primary model server at {self.cfg.primary.url} failed: {exc!r}")
-        return Response(resp.content, status_code=resp.status_code,
-                        headers={"content-type": resp.headers.get("content-type", "application/json")})
+            status, content, headers = await self._send("GET", self.cfg.primary.url + request.url.path)
+        except _UpstreamFailed as exc:
+            return _error(502, f"primary model server at {self.cfg.primary.url} failed: {exc}")
+        return Response(content, status_code=status,
+                        headers={"content-type": headers.get("content-type", "application/json")})
 
     async def models(self, request: Request) -> Response:
         if request.method == "POST":
@@ -306,28 +455,89 @@ class _Gateway:
 
     # -- feedback -------------------------------------------------------------------
     async def feedback(self, request: Request) -> Response:
+        """``{"id": <x-request-id>, "label": <value or one per row>}`` or a list of them.
+
+        Refused whole (4xx, nothing recorded) when the body is not ``application/json`` (a
+        cross-site form post cannot send that type), too large, not strict JSON, or an item is
+        malformed. Otherwise each item is accepted once per request id; unknown ids and repeats
+        are reported, not counted.
+        """
+        if not _is_json(request):
+            self.metrics.rejected.labels(reason="feedback_content_type").inc()
+            return _error(415, "feedback must be sent as application/json, got "
+                               f"{request.headers.get('content-type') or 'no content-type'!r}")
+        body = await self._read_body(request, self.cfg.max_feedback_bytes)
+        if body is None:
+            self.metrics.rejected.labels(reason="feedback_too_large").inc()
+            return _error(413, f"feedback larger than {self.cfg.max_feedback_bytes} bytes; send it in smaller batches")
         try:
-            doc = json.loads(await request.body())
+            items = self._feedback_items(_loads(body, "feedback"))
         except ValueError as exc:
-            return _error(400, f"feedback is not valid JSON: {exc}")
+            self.metrics.rejected.labels(reason="feedback_malformed").inc()
+            return _error(400, str(exc))
+        try:
+            outcome = self.stats.feedback_many(items)
+        except ValueError as exc:
+            self.metrics.rejected.labels(reason="feedback_rows").inc()
+            return _error(400, f"{exc}; nothing was recorded")
+        accepted = sum(1 for kind, _ in outcome if kind == "accepted")
+        unknown = [v for kind, v in outcome if kind == "unknown"]
+        duplicate = [v for kind, v in outcome if kind == "duplicate"]
+        doc = {"accepted": accepted, "unknown": unknown, "duplicate": duplicate}
+        if self.forwarder is not None and (accepted or unknown):
+            return await self._forward_labels(items, outcome, doc)
+        if not accepted and unknown:
+            return _error(404, f"unknown request id(s) {', '.join(unknown[:5])}: not served here or expired", **doc)
+        if not accepted and duplicate:
+            return _error(409, f"request id(s) {', '.join(duplicate[:5])} already have a label; one label per request",
+                          **doc)
+        return _JSON(doc)
+
+    async def _forward_labels(self, items: list[tuple[str, Any]], outcome: list[tuple[str, str]],
+                              doc: dict[str, Any]) -> Response:
+        """Send the labels to the monitor (one item per row, with the version that answered); answer
+        200 once it stored them, 202 once they are in the durable outbox (see serving.feedback).
+        Ids this gateway does not know (served before a restart) go too: the monitor's log knows them."""
+        rows = []
+        for (rid, label), (kind, value) in zip(items, outcome):
+            if kind == "duplicate":
+                continue
+            version = value if kind == "accepted" else None
+            for i, lab in enumerate(label if isinstance(label, list) else [label]):
+                rows.append({"id": rid, "row_index": i, "label": lab, **({"model_version": version} if version else {})})
+        assert self.forwarder is not None
+        result = await self.forwarder.forward(rows)
+        if result.outcome == "refused":
+            self.metrics.rejected.labels(reason="feedback_monitor_refused").inc()
+            detail = result.detail.get("error") if isinstance(result.detail, dict) else result.detail
+            return _error(result.status, f"the monitor refused the labels: {detail}", **doc)
+        doc = {**doc, "monitor": result.outcome, "rows_forwarded": len(rows)}
+        if result.outcome == "stored" and isinstance(result.detail, dict):
+            doc["monitor_unknown"] = result.detail.get("unknown_ids", [])  # predictions not logged there yet
+        return _JSON(doc, status_code=result.status)
+
+    @staticmethod
+    def _feedback_items(doc: Any) -> list[tuple[str, Any]]:
+        """The (request id, label) pairs of a feedback body, or ``ValueError`` naming the bad item."""
+        shape = 'feedback must be {"id": <request id>, "label": <value>} or a list of them'
         items = doc if isinstance(doc, list) else [doc]
-        if not items or not all(isinstance(i, dict) and "id" in i and "label" in i for i in items):
-            return _error(400, 'feedback must be {"id": <request id>, "label": <value>} or a list of them')
-        accepted, unknown, errors = 0, [], []
-        for item in items:
-            try:
-                self.stats.feedback(str(item["id"]), item["label"])
-                accepted += 1
-            except KeyError:
-                unknown.append(str(item["id"]))
-            except ValueError as exc:
-                errors.append(str(exc))
-        if errors:
-            return _error(400, "; ".join(errors), accepted=accepted)
-        if unknown and not accepted:
-            return _error(404, f"unknown request id(s) {', '.join(unknown[:5])}: not served here or expired",
-                          unknown=unknown)
-        return JSONResponse({"accepted": accepted, "unknown": unknown})
+        if not items:
+            raise ValueError(f"{shape}; the list is empty")
+        out = []
+        for i, item in enumerate(items):
+            where = f"item {i}: " if isinstance(doc, list) else ""
+            if not isinstance(item, dict) or "id" not in item or "label" not in item:
+                raise ValueError(f"{where}{shape}")
+            if set(item) - {"id", "label"}:
+                raise ValueError(f"{where}unknown key(s) {sorted(set(item) - {'id', 'label'})}; {shape}")
+            rid = item["id"]
+            if not isinstance(rid, str) or not rid or len(rid) > _MAX_ID_CHARS:
+                raise ValueError(f"{where}id must be the request's x-request-id (a non-empty string), got {rid!r:.60}")
+            problem = _label_problem(item["label"])
+            if problem:
+                raise ValueError(f"{where}{problem}")
+            out.append((rid, item["label"]))
+        return out
 
     # -- admin ----------------------------------------------------------------------
     def status_doc(self) -> dict[str, Any]:
@@ -342,18 +552,33 @@ class _Gateway:
         }
 
     async def status(self, request: Request) -> Response:
-        return JSONResponse(self.status_doc())
+        return _JSON(self.status_doc())
 
-    async def _json(self, request: Request) -> Any:
-        try:
-            return json.loads(await request.body())
-        except ValueError as exc:
-            raise ValueError(f"body is not valid JSON: {exc}") from exc
+    def _unauthorized(self, request: Request) -> Response | None:
+        """401 unless the request carries the admin bearer token."""
+        token = self.cfg.admin_token
+        if not token:
+            self.metrics.rejected.labels(reason="admin_not_configured").inc()
+            return _error(401, f"admin endpoints are locked: {ADMIN_TOKEN_ENV} is not set on the gateway")
+        given = request.headers.get("authorization", "")
+        if not given.lower().startswith("bearer ") or not hmac.compare_digest(given[7:].strip().encode(),
+                                                                               token.encode()):
+            self.metrics.rejected.labels(reason="admin_unauthorized").inc()
+            return _error(401, f"missing or wrong bearer token (the gateway's {ADMIN_TOKEN_ENV})")
+        return None
+
+    async def _admin_doc(self, request: Request) -> Any:
+        body = await self._read_body(request, _MAX_ADMIN_BYTES)
+        if body is None:
+            raise ValueError(f"body larger than {_MAX_ADMIN_BYTES} bytes")
+        return _loads(body, "body")
 
     async def split(self, request: Request) -> Response:
+        if (denied := self._unauthorized(request)) is not None:
+            return denied
         try:
-            doc = await self._json(request)
-            if not isinstance(doc, dict) or "canary_percent" not in doc:
+            doc = await self._admin_doc(request)
+            if not isinstance(doc, dict) or set(doc) != {"canary_percent"}:
                 raise ValueError('expected {"canary_percent": <0-100>}')
             pct = check_percent(doc["canary_percent"])
             if pct > 0 and self.cfg.canary is None:
@@ -364,25 +589,32 @@ class _Gateway:
         self.cfg.canary_percent = pct
         self.metrics.canary_percent.set(pct)
         log.info("canary split set to %s%%", pct)
-        return JSONResponse(self.status_doc())
+        return _JSON(self.status_doc())
 
     async def upstreams(self, request: Request) -> Response:
         """Replace primary and/or canary (``{"primary": {"url", "version"}, "canary": {...} | null}``)."""
+        if (denied := self._unauthorized(request)) is not None:
+            return denied
+        own = request.scope.get("server")
+        own = (str(own[0]), int(own[1])) if own and own[1] is not None else None
         try:
-            doc = await self._json(request)
+            doc = await self._admin_doc(request)
             if not isinstance(doc, dict) or not ({"primary", "canary"} & doc.keys()):
                 raise ValueError('expected {"primary": {"url": .., "version": ..}} and/or {"canary": {...} | null}')
-            primary = Upstream(**doc["primary"]) if "primary" in doc else self.cfg.primary
-            canary = (Upstream(**doc["canary"]) if doc["canary"] else None) if "canary" in doc else self.cfg.canary
+            if set(doc) - {"primary", "canary", "canary_percent"}:
+                raise ValueError(f"unknown key(s) {sorted(set(doc) - {'primary', 'canary', 'canary_percent'})}")
+            primary = check_upstream(doc["primary"], "primary", own) if "primary" in doc else self.cfg.primary
+            canary = ((check_upstream(doc["canary"], "canary", own) if doc["canary"] is not None else None)
+                      if "canary" in doc else self.cfg.canary)
             pct = check_percent(doc.get("canary_percent", self.splitter.canary_percent))
             if canary is None:
                 pct = 0.0
-        except (TypeError, ValueError) as exc:
+        except ValueError as exc:
             return _error(400, f"bad upstreams: {exc}")
         self.cfg.primary, self.cfg.canary = primary, canary
         self.splitter.canary_percent = self.cfg.canary_percent = pct
         self.metrics.canary_percent.set(pct)
-        return JSONResponse(self.status_doc())
+        return _JSON(self.status_doc())
 
     async def stats_route(self, request: Request) -> Response:
         since_raw = request.query_params.get("since")
@@ -390,7 +622,7 @@ class _Gateway:
             since = _parse_since(since_raw) if since_raw else None
         except ValueError as exc:
             return _error(400, str(exc))
-        return JSONResponse({"status": self.status_doc(), "versions": self.stats.summary(since)})
+        return _JSON({"status": self.status_doc(), "versions": self.stats.summary(since)})
 
     async def metrics_route(self, request: Request) -> Response:
         if self.events is not None:
@@ -398,7 +630,26 @@ class _Gateway:
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def healthz(self, request: Request) -> Response:
-        return JSONResponse({"ok": True})
+        return _JSON({"ok": True})
+
+
+def _without_scores(content: bytes) -> bytes:
+    """The response as the client would have had it without the scores the gateway asked for
+    (V1 ``scores``/``classes`` keys, the V2 ``scores`` output)."""
+    if b'"scores"' not in content:
+        return content
+    try:
+        doc = json.loads(content)
+    except ValueError:
+        return content
+    if not isinstance(doc, dict):
+        return content
+    if "scores" in doc:
+        doc.pop("scores", None)
+        doc.pop("classes", None)
+    elif isinstance(doc.get("outputs"), list):
+        doc["outputs"] = [o for o in doc["outputs"] if not (isinstance(o, dict) and o.get("name") == "scores")]
+    return json.dumps(doc, separators=(",", ":")).encode()
 
 
 def _feedback_url(sink_url: str | None) -> str | None:
@@ -476,8 +727,11 @@ def main(argv: list[str] | None = None) -> None:
                         canary=canary, canary_percent=args.canary_percent, sticky_key=args.sticky_key,
                         sink_url=args.sink_url, max_payload_bytes=args.max_payload_bytes,
                         feedback_url=args.feedback_url or _feedback_url(args.sink_url),
-                        feedback_outbox=args.feedback_outbox)
+                        feedback_outbox=args.feedback_outbox,
+                        admin_token=os.environ.get(ADMIN_TOKEN_ENV) or None)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if cfg.admin_token is None:
+        log.warning("%s is not set: PUT /admin/split and /admin/upstreams refuse every call", ADMIN_TOKEN_ENV)
     uvicorn.run(create_gateway_app(cfg), host=args.host, port=args.port, log_level="warning", access_log=False)
 
 

@@ -7,6 +7,12 @@ after a timeout. A state file in the workspace (``<workspace>/serving/state.json
 ports, versions, split, a pending canary) lets ``driftloop serve``, the pipeline's deploy step
 (which runs in a kfp.local step subprocess) and the rollout controller agree on what runs;
 entries whose process has died are dropped when the file is read.
+
+The state also names the process that serves (``owner``: the ``driftloop serve`` that started
+it). A second ``serve`` while that owner lives is refused before anything is touched; after an
+owner that died without stopping (SIGKILL), a new ``serve`` stops what it left and takes over.
+The gateway's admin calls carry the bearer token from ``DRIFTLOOP_GATEWAY_TOKEN``; a ``serve``
+started without one makes one for itself and its children.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import fcntl
 import json
 import logging
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -67,7 +74,7 @@ class LocalBackend:
 
     def _read(self) -> dict[str, Any]:
         state: dict[str, Any] = {"primary": None, "canary": None, "gateway": None, "canary_percent": 0,
-                                 "pending_canary": None}
+                                 "pending_canary": None, "owner": None}
         if self.state_path.is_file():
             try:
                 state.update(json.loads(self.state_path.read_text()))
@@ -78,7 +85,48 @@ class LocalBackend:
             if entry and not process_alive(int(entry["pid"])):
                 log.info("dropping stale %s entry (pid %s is gone)", role, entry["pid"])
                 state[role] = None
+        if state.get("owner") and not process_alive(int(state["owner"])):
+            state["owner"] = None
         return state
+
+    @staticmethod
+    def admin_token() -> str | None:
+        """The gateway's admin bearer token (``DRIFTLOOP_GATEWAY_TOKEN``), from the environment only."""
+        from serving.gateway import ADMIN_TOKEN_ENV
+
+        return os.environ.get(ADMIN_TOKEN_ENV) or None
+
+    @staticmethod
+    def _ensure_admin_token() -> None:
+        """A serve without ``DRIFTLOOP_GATEWAY_TOKEN`` makes one for this process and its children."""
+        from serving.gateway import ADMIN_TOKEN_ENV
+
+        if not os.environ.get(ADMIN_TOKEN_ENV):
+            os.environ[ADMIN_TOKEN_ENV] = secrets.token_urlsafe(32)
+            log.warning("%s is not set: made one for this serve; other processes that change traffic "
+                        "(driftloop rollout run, a pipeline's deploy step) need the same value", ADMIN_TOKEN_ENV)
+
+    def _claim(self, state: dict[str, Any]) -> None:
+        """Refuse (touching nothing) while another live serve owns this workspace; stop what a dead one left."""
+        running = [role for role in ("gateway", "canary", "primary") if state.get(role)]
+        if not running:
+            return
+        owner = state.get("owner")
+        gw = state.get("gateway") or {}
+        if owner and owner != os.getpid():
+            raise ServingError(f"already serving at {gw.get('url', '?')} (driftloop serve, pid {owner}); "
+                               "stop it first")
+        if owner == os.getpid():
+            raise ServingError(f"already serving at {gw.get('url', '?')} from this process; stop it first")
+        log.warning("taking over: the serve that started %s is gone; stopping what it left (pids %s)",
+                    ", ".join(running), ", ".join(str(state[r]["pid"]) for r in running))
+        for role in running:
+            if role == "canary" and not state.get("pending_canary"):
+                c = state["canary"]
+                state["pending_canary"] = {"version": c["version"], "model_uri": c["model_uri"],
+                                           "percent": state.get("canary_percent", 0)}
+            stop_process(int(state[role]["pid"]), self.stop_timeout)
+            state[role] = None
 
     def status(self) -> dict[str, Any]:
         with self._locked() as state:
@@ -145,6 +193,7 @@ class LocalBackend:
         argv = ["serving.gateway", "--name", s.serving.name, "--namespace", s.serving.namespace,
                 "--host", s.serving.host, "--port", str(port), "--primary-url", primary.url,
                 "--primary-version", primary.version, "--sink-url", self.sink_url(),
+                "--feedback-outbox", str(s.workspace_dir / "serving" / "feedback-outbox.db"),
                 "--max-payload-bytes", str(s.serving.max_payload_bytes)]
         if canary is not None:
             argv += ["--canary-url", canary.url, "--canary-version", canary.version, "--canary-percent", str(percent)]
@@ -159,9 +208,8 @@ class LocalBackend:
         """Start the champion, an optional canary ``(version, model_uri)`` and the gateway."""
         name = self.settings.mlflow.model_name
         with self._locked() as state:
-            if state["gateway"]:
-                raise ServingError(f"already serving at {state['gateway']['url']} (pid {state['gateway']['pid']}); "
-                                   "stop it first")
+            self._claim(state)
+            self._ensure_admin_token()
             started: list[ProcessInfo] = []
             try:
                 primary = self.start_model_server("primary", champion_version, f"models:/{name}/{champion_version}",
@@ -178,14 +226,16 @@ class LocalBackend:
                     stop_process(proc.pid, self.stop_timeout)
                 raise
             state.update(primary=asdict(primary), canary=asdict(can) if can else None, gateway=asdict(gateway),
-                         canary_percent=percent if can else 0, pending_canary=None)
+                         canary_percent=percent if can else 0, pending_canary=None, owner=os.getpid())
             return dict(state)
 
     def _admin(self, gateway: dict[str, Any], method: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
         import httpx
 
+        token = self.admin_token()
+        headers = {"authorization": f"Bearer {token}"} if token else {}
         try:
-            resp = httpx.request(method, gateway["url"] + path, json=body, timeout=10.0)
+            resp = httpx.request(method, gateway["url"] + path, json=body, headers=headers, timeout=10.0)
         except httpx.HTTPError as exc:
             raise ServingError(f"gateway at {gateway['url']} is unreachable: {exc}") from exc
         if resp.status_code >= 400:
@@ -240,11 +290,26 @@ class LocalBackend:
                 stop_process(int(state["canary"]["pid"]), self.stop_timeout)
             state.update(canary=None, canary_percent=0, pending_canary=None)
 
-    def stop(self) -> None:
-        """Stop every process this workspace serves with (gateway first); keeps a pending canary."""
+    def stop(self, *, owner: int | None = None) -> bool:
+        """Stop every process this workspace serves with (gateway first).
+
+        With ``owner``, only when that process still owns them (a serve that was refused or
+        taken over stops nothing). A canary still out becomes pending again, so the next serve
+        puts it back and its rollout resumes; a pending canary is kept. Returns whether it stopped.
+        """
         with self._locked() as state:
+            if owner is not None and state.get("owner") not in (owner, None):
+                return False
+            if owner is not None and state.get("owner") is None and state.get("gateway"):
+                return False
+            canary = state.get("canary")
+            if canary and not state.get("pending_canary"):
+                state["pending_canary"] = {"version": canary["version"], "model_uri": canary["model_uri"],
+                                           "percent": state.get("canary_percent", 0)}
             for role in ("gateway", "canary", "primary"):
                 if state.get(role):
                     stop_process(int(state[role]["pid"]), self.stop_timeout)
                     state[role] = None
             state["canary_percent"] = 0
+            state["owner"] = None
+            return True

@@ -29,9 +29,12 @@ without per-request trace and access log lines (they cost ~12 % throughput).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import math
 import os
 import sys
+import uuid
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -60,6 +63,9 @@ __all__ = [
     "frame_from_v2",
     "LocalModelServer",
     "PayloadLimit",
+    "SCORES_HEADER",
+    "wants_scores",
+    "CatchAll",
     "serve",
     "main",
 ]
@@ -67,9 +73,13 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _NUMERIC_TYPES = {"double", "float", "long", "integer"}
-_NUMERIC_V2 = {"FP64", "FP32", "FP16", "INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64"}
-# Python types accepted as a number in a JSON row (JSON true/false count as 1/0, as in Python).
+_FLOAT_V2 = {"FP64", "FP32", "FP16"}
+_INT_V2 = {"INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64"}
+_NUMERIC_V2 = _FLOAT_V2 | _INT_V2
+_KNOWN_V2 = _NUMERIC_V2 | {"BYTES", "BOOL"}
+# Python types accepted as a number in a JSON row; JSON true/false are refused (bool is checked first).
 _NUMBER = (int, float)
+_MAX_DOUBLE = float(np.finfo(np.float64).max)
 
 
 @dataclass(frozen=True)
@@ -115,13 +125,27 @@ def _numbers(rows: list[list[Any]], names: tuple[str, ...]) -> np.ndarray:
     if not names:
         return np.empty((len(rows), 0))
     arr = np.array(rows)
-    if arr.dtype.kind in "fiu" and arr.ndim == 2:  # all numbers, no gaps: the common case
-        return arr.astype(np.float64, copy=False)
+    # all numbers, no gaps, no true/false (numpy would take them as 1/0): the common case
+    if arr.dtype.kind in "fiu" and arr.ndim == 2 and not any(v is True or v is False for row in rows for v in row):
+        out = arr.astype(np.float64, copy=False)
+        if np.isfinite(out).all():
+            return out
     for row in rows:
         for name, v in zip(names, row):
-            if v is not None and not isinstance(v, _NUMBER):
+            if v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, _NUMBER):
                 raise InvalidInput(f"column {name!r} expects a number or null, got {type(v).__name__} {v!r:.40}")
+            if isinstance(v, float) and not math.isfinite(v):
+                raise InvalidInput(_non_finite(name, v))
+            if isinstance(v, int) and abs(v) > _MAX_DOUBLE:
+                raise InvalidInput(_non_finite(name, float("inf") if v > 0 else float("-inf")))
     return np.array(rows, dtype=np.float64)
+
+
+def _non_finite(name: str, value: float) -> str:
+    return (f"column {name!r} holds {value!r}, which JSON cannot carry (NaN/Infinity, or a number too large "
+            "for a double); send a finite number, or null for a gap")
 
 
 def _strings(rows: list[list[Any]], names: tuple[str, ...]) -> np.ndarray:
@@ -192,13 +216,74 @@ def frame_from_instances(instances: Any, schema: InputSchema) -> pd.DataFrame:
 
 
 def _tensor(inp: InferInput) -> np.ndarray:
+    """A V2 input tensor as a numpy array, checked beyond what kserve's ``as_numpy`` checks.
+
+    The datatype must be one the protocol names, the shape non-negative integers whose product
+    is the number of values; numeric data must be numbers (or null, a gap) that JSON can carry
+    (no NaN/Infinity), integers for the INT types and within their range.
+    """
+    name, datatype, shape = inp.name, inp.datatype, list(inp.shape or [])
+    if datatype not in _KNOWN_V2:
+        raise InvalidInput(f"input tensor {name!r} has unknown datatype {datatype!r}; use FP64/FP32/INT64 (or another "
+                           "numeric type) for numbers and BYTES for strings")
+    if not shape or any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in shape):
+        raise InvalidInput(f"input tensor {name!r} has shape {shape}; dimensions must be non-negative integers")
+    if datatype in _NUMERIC_V2 and getattr(inp, "_raw_data", None) is None:
+        return _numeric_tensor(inp, shape)
     try:
-        return inp.as_numpy()
+        arr = inp.as_numpy()
     except InvalidInput:
         raise
-    except (ValueError, TypeError) as exc:
-        raise InvalidInput(f"input tensor {inp.name!r} (shape {list(inp.shape)}, {inp.datatype}) "
-                           f"does not hold its data: {exc}") from exc
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise InvalidInput(f"input tensor {name!r} (shape {shape}, {datatype}) does not hold its data: {exc}") from exc
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        raise InvalidInput(f"input tensor {name!r} holds NaN or Infinity; send finite numbers")
+    return arr
+
+
+def _flat(data: Any) -> list[Any]:
+    if not isinstance(data, list):
+        return [data]
+    if not any(isinstance(v, list) for v in data):
+        return data
+    out: list[Any] = []
+    for v in data:
+        out.extend(_flat(v))
+    return out
+
+
+def _numeric_tensor(inp: InferInput, shape: list[int]) -> np.ndarray:
+    """JSON data of a numeric tensor → float64 of ``shape`` (null → NaN, a gap), every value checked."""
+    name, datatype = inp.name, inp.datatype
+    flat = _flat(inp.data)
+    size = math.prod(shape)
+    if len(flat) != size:
+        raise InvalidInput(f"input tensor {name!r} holds {len(flat)} value(s) but its shape {shape} needs {size}")
+    arr = np.asarray(flat) if flat else np.empty(0)
+    if arr.dtype.kind in "iu" or (arr.dtype.kind == "f" and np.isfinite(arr).all()):
+        values = arr.astype(np.float64, copy=False)
+    else:
+        for v in flat:
+            if v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, _NUMBER):
+                raise InvalidInput(f"input tensor {name!r} ({datatype}) holds {type(v).__name__} {v!r:.40}; "
+                                   "expected numbers (null for a gap)")
+            if (isinstance(v, float) and not math.isfinite(v)) or (isinstance(v, int) and abs(v) > _MAX_DOUBLE):
+                raise InvalidInput(f"input tensor {name!r} holds {v!r:.40}, which JSON cannot carry "
+                                   "(NaN/Infinity, or too large for a double); send finite numbers, null for a gap")
+        values = np.array([np.nan if v is None else v for v in flat], dtype=np.float64)
+    if datatype in _INT_V2:
+        given = values[~np.isnan(values)]
+        fractional = given[given != np.floor(given)]
+        if fractional.size:
+            raise InvalidInput(f"input tensor {name!r} is {datatype} but holds {fractional[0]:g}; send whole numbers "
+                               "or declare FP64")
+        info = np.iinfo(datatype.lower())
+        outside = given[(given < info.min) | (given > info.max)]
+        if outside.size:
+            raise InvalidInput(f"input tensor {name!r} is {datatype} but holds {outside[0]:g}, outside its range")
+    return values.reshape(shape)
 
 
 def _from_bytes(values: np.ndarray) -> list[Any]:
@@ -239,8 +324,9 @@ def frame_from_v2(request: InferRequest, schema: InputSchema) -> pd.DataFrame:
             rows = [_from_bytes(r) for r in arr]
             return frame_from_instances(rows, schema)
         if inp.datatype not in _NUMERIC_V2 or schema.numeric != schema.column_set:
-            raise InvalidInput(f"input tensor {inp.name!r} is {inp.datatype}; the columns "
-                               f"{sorted(schema.column_set - schema.numeric)} are strings, send BYTES")
+            strings = sorted(schema.column_set - schema.numeric)
+            raise InvalidInput(f"input tensor {inp.name!r} is {inp.datatype}; "
+                               + (f"the columns {strings} are strings, send BYTES" if strings else "send numbers"))
         return pd.DataFrame(arr.astype(np.float64), columns=list(schema.columns))
     by_name = {inp.name: inp for inp in inputs}
     if len(by_name) != len(inputs):
@@ -256,6 +342,16 @@ def frame_from_v2(request: InferRequest, schema: InputSchema) -> pd.DataFrame:
     numbers = np.column_stack([data[c] for c in schema.numeric_columns]) if schema.numeric_columns else None
     strings = np.column_stack([data[c] for c in schema.string_columns]) if schema.string_columns else None
     return _frame(numbers, strings, schema)
+
+
+def _finite(preds: np.ndarray) -> np.ndarray:
+    """Predictions JSON can carry: a model that answers NaN/Infinity gets a 500 naming it, never a body
+    the inference log would refuse."""
+    if preds.dtype.kind == "f" and not np.isfinite(preds).all():
+        from kserve.errors import InferenceError
+
+        raise InferenceError(f"the model produced {int((~np.isfinite(preds)).sum())} NaN/Infinity prediction(s)")
+    return preds
 
 
 # -- the model ----------------------------------------------------------------------------------
@@ -320,19 +416,53 @@ class DriftloopModel(kserve.Model):
     def predict(self, payload: dict | InferRequest, headers: dict[str, str] | None = None) -> dict | InferResponse:
         assert self.schema is not None, "load() first"
         if isinstance(payload, InferRequest):
-            preds = self._predict_frame(frame_from_v2(payload, self.schema))
+            frame = frame_from_v2(payload, self.schema)
+            preds = _finite(self._predict_frame(frame))
             if preds.dtype.kind in "OUS":
                 preds = preds.astype(object)
             out = InferOutput(name="predictions", shape=list(preds.shape), datatype=from_np_dtype(preds.dtype),
                               data=preds.tolist())
-            return InferResponse(response_id=payload.id, model_name=self.name, infer_outputs=[out],
-                                 model_version=self.model_version)
+            outputs = [out]
+            scored = self._scores(frame, headers) if wants_scores(headers) else None
+            if scored is not None:
+                scores, classes = scored
+                outputs.append(InferOutput(name=SCORES_OUTPUT, shape=list(scores.shape), datatype="FP64",
+                                           data=scores.tolist(), parameters={"classes": json.dumps(classes)}))
+            # "id" is optional in the Open Inference Protocol; KServe answers with a generated one
+            return InferResponse(response_id=payload.id or str(uuid.uuid4()), model_name=self.name,
+                                 infer_outputs=outputs, model_version=self.model_version)
         if not isinstance(payload, dict):
             raise InvalidInput('a V1 request must be a JSON object {"instances": [...]} sent as application/json')
         if "instances" not in payload:
             raise InvalidInput(f'a V1 request needs "instances"; got keys {sorted(payload)[:10]}')
-        preds = self._predict_frame(frame_from_instances(payload["instances"], self.schema))
-        return {"predictions": preds.tolist(), "model_version": self.model_version}
+        frame = frame_from_instances(payload["instances"], self.schema)
+        preds = _finite(self._predict_frame(frame))
+        body = {"predictions": preds.tolist(), "model_version": self.model_version}
+        scored = self._scores(frame, headers) if wants_scores(headers) else None
+        if scored is not None:
+            body[SCORES_OUTPUT], body["classes"] = scored[0].tolist(), scored[1]
+        return body
+
+    def _scores(self, frame: pd.DataFrame, headers: dict[str, str] | None) -> tuple[np.ndarray, list[Any]] | None:
+        """Class scores (``n × k``, columns in ``classes`` order) of a classifier; None for a regressor."""
+        proba = getattr(self._model, "predict_proba", None)
+        if proba is None:
+            return None
+        classes = [c.item() if hasattr(c, "item") else c for c in getattr(self._model, "classes_", [])]
+        return np.asarray(proba(frame), dtype=np.float64), classes
+
+
+#: Request header that asks for class scores in the response (the local gateway sends it when it logs,
+#: and strips the scores again unless its client asked too); on a cluster, set it in the client or
+#: run the predictor with ``DRIFTLOOP_LOG_SCORES=1`` so KServe's logger sees them.
+SCORES_HEADER = "x-driftloop-scores"
+SCORES_OUTPUT = "scores"
+
+
+def wants_scores(headers: dict[str, str] | None) -> bool:
+    if os.environ.get("DRIFTLOOP_LOG_SCORES", "").lower() in ("1", "true", "yes"):
+        return True
+    return bool(headers) and str(headers.get(SCORES_HEADER, "")).lower() in ("1", "true", "yes")
 
 
 # -- the server ---------------------------------------------------------------------------------
@@ -382,6 +512,42 @@ class PayloadLimit:
         await send({"type": "http.response.body", "body": body})
 
 
+class CatchAll:
+    """ASGI middleware: an unexpected exception becomes a 500 with a one-line JSON error, and stops there.
+
+    Starlette's outermost error middleware re-raises after answering 500, and uvicorn then closes
+    the keep-alive connection, so the client's next request on it fails. Caught here, the
+    connection stays usable; the traceback is logged.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracking_send(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:  # noqa: BLE001 (the boundary of the server)
+            log.error("request %s failed", scope.get("path"), exc_info=exc)
+            if started:
+                raise
+            import orjson
+
+            body = orjson.dumps({"error": f"{type(exc).__name__} : {exc}"[:2000]})
+            await send({"type": "http.response.start", "status": 500,
+                        "headers": [(b"content-type", b"application/json"),
+                                    (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+
+
 class _TooLarge(Exception):
     def __init__(self, size: int) -> None:
         super().__init__(size)
@@ -404,6 +570,7 @@ class _DriftloopRESTServer(RESTServer):
 
         super().create_application()
         app.add_middleware(PayloadLimit, max_bytes=self.max_payload_bytes)
+        app.add_middleware(CatchAll)  # added last: outside the payload limit, inside starlette's error middleware
         app.add_exception_handler(RequestValidationError, _request_error)
         _quiet_per_request_logging()
 

@@ -7,7 +7,9 @@ quality (canary − primary ≥ ``min_quality_delta``). All checks passing moves
 step up (``step_weights`` or multiples of ``step_weight`` up to ``max_weight``); after the last
 step the canary is promoted (MLflow alias ``champion`` moves, 100 % traffic), or waits for
 a manual approval. A failed check counts; at ``threshold`` failed checks the canary is
-rolled back (0 %, ``champion`` unchanged, the version tagged with the reason).
+rolled back (0 %, ``champion`` unchanged, the version tagged with the reason). An interval
+whose numbers cannot be read (the target refuses or is unreachable) is recorded as
+``unavailable`` and counts as neither a pass nor a failure.
 
 Every step (time, weight, each check's number and verdict, decision, reason) is appended to
 the state in ``<workspace>/rollout/<model>/state.json`` (written atomically, so the
@@ -204,12 +206,17 @@ class GatewayTarget:
     """The local gateway, through its admin API; promotion/rollback optionally through a backend
     that also manages the model-server processes (``LocalBackend``)."""
 
-    def __init__(self, admin_url: str, backend: Any | None = None, timeout: float = 10.0) -> None:
+    def __init__(self, admin_url: str, backend: Any | None = None, timeout: float = 10.0, *,
+                 token: str | None = None) -> None:
+        """``token``: the gateway's admin bearer token (default: ``DRIFTLOOP_GATEWAY_TOKEN``)."""
         import httpx
 
+        if token is None:
+            token = os.environ.get("DRIFTLOOP_GATEWAY_TOKEN") or None
         self.admin_url = admin_url.rstrip("/")
         self.backend = backend
-        self._http = httpx.Client(base_url=self.admin_url, timeout=timeout)
+        headers = {"authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.Client(base_url=self.admin_url, timeout=timeout, headers=headers)
 
     def _call(self, method: str, path: str, **kw: Any) -> Any:
         import httpx
@@ -220,7 +227,10 @@ class GatewayTarget:
             raise ServingError(f"gateway at {self.admin_url} is unreachable: {exc}") from exc
         if resp.status_code >= 400:
             raise ServingError(f"gateway refused {method} {path}: {resp.status_code} {resp.text[:300]}")
-        return resp.json()
+        try:
+            return resp.json()
+        except ValueError as exc:
+            raise ServingError(f"gateway answered {method} {path} with a body that is not JSON: {exc}") from exc
 
     def set_weight(self, percent: int) -> None:
         self._call("PUT", "/admin/split", json={"canary_percent": percent})
@@ -453,7 +463,11 @@ class RolloutController:
             if state.approved:
                 return self._promote(state, "approved")
             return self._record(state, "await_approval", "analysis passed; waiting for manual approval")
-        canary, primary = self.target.stats(state.window_start, state.canary_version, state.primary_version)
+        try:
+            canary, primary = self.target.stats(state.window_start, state.canary_version, state.primary_version)
+        except ServingError as exc:
+            # no numbers is not a failed check: the canary keeps its weight and is judged next interval
+            return self._record(state, "unavailable", f"statistics unavailable, judged next interval: {exc}")
         checks = evaluate_checks(canary, primary, self.cfg)
         failed = [c for c in checks if c.passed is False and c.name != "requests"]
         if failed:

@@ -23,7 +23,8 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["PRIMARY", "CANARY", "Splitter", "TrafficStats", "predictions_of", "quality_of", "sticky_bucket"]
+__all__ = ["PRIMARY", "CANARY", "Splitter", "TrafficStats", "DuplicateLabel", "predictions_of", "quality_of",
+           "sticky_bucket"]
 
 PRIMARY = "primary"
 CANARY = "canary"
@@ -57,7 +58,7 @@ def predictions_of(body: bytes | None) -> list[Any]:
     if not body:
         return []
     try:
-        doc = json.loads(body)
+        doc = json.loads(body, parse_constant=lambda _: None)  # NaN/Infinity (not JSON) read as "no value"
     except ValueError:
         return []
     if not isinstance(doc, dict):
@@ -112,6 +113,11 @@ def _percentile(sorted_values: list[float], q: float) -> float | None:
 class _Served:
     version: str
     body: bytes | None
+    labelled: bool = False
+
+
+class DuplicateLabel(Exception):
+    """A label for this request id was accepted before: one label per request id."""
 
 
 class _VersionWindow:
@@ -119,7 +125,8 @@ class _VersionWindow:
         self.role = PRIMARY
         self.requests_total = 0
         self.errors_total = 0
-        self.obs: deque[tuple[float, int, float, bytes | None]] = deque(maxlen=max_obs)
+        self.gateway_errors_total = 0
+        self.obs: deque[tuple[float, int, float, bytes | None, bool]] = deque(maxlen=max_obs)
         self.labelled: deque[tuple[float, Any, Any]] = deque(maxlen=max_obs)
 
 
@@ -140,17 +147,26 @@ class TrafficStats:
         return win
 
     def record(self, *, role: str, version: str, request_id: str, status: int, latency_ms: float,
-               body: bytes | None) -> None:
-        """Note one served request (``body`` is the raw response, kept unparsed)."""
+               body: bytes | None, server_error: bool | None = None) -> None:
+        """Note one served request (``body`` is the raw response, kept unparsed).
+
+        ``server_error`` says whether a 5xx is the model server's own (its 5xx answer, or it could
+        not be reached in time); a 502 the gateway made because a connection dropped is not, and is
+        counted apart (``gateway_errors``), so no client can push a version toward rollback.
+        Default: any status >= 500.
+        """
         now = time.time()
+        counted = status >= 500 if server_error is None else server_error
         with self._lock:
             win = self._window(version)
             win.role = role
             win.requests_total += 1
-            if status >= 500:
+            if counted:
                 win.errors_total += 1
+            elif status >= 500:
+                win.gateway_errors_total += 1
             ok_body = body if 200 <= status < 300 else None
-            win.obs.append((now, status, latency_ms, ok_body))
+            win.obs.append((now, status, latency_ms, ok_body, counted))
             if ok_body is not None:
                 self._served[request_id] = _Served(version, ok_body)
                 self._served.move_to_end(request_id)
@@ -158,25 +174,58 @@ class TrafficStats:
                     self._served.popitem(last=False)
 
     def feedback(self, request_id: str, label: Any) -> str:
-        """Join a ground-truth label (one value, or one per row) with the served prediction.
+        """Join one ground-truth label (one value, or one per row) with the served prediction.
 
         Returns the version that answered; raises ``KeyError`` for an unknown (or expired)
-        request id and ``ValueError`` when a list of labels does not match the rows.
+        request id, :class:`DuplicateLabel` when this id was labelled before, and ``ValueError``
+        when a list of labels does not match the rows.
         """
-        with self._lock:
-            served = self._served.get(request_id)
-        if served is None:
+        outcome = self.feedback_many([(request_id, label)])
+        kind, value = outcome[0]
+        if kind == "unknown":
             raise KeyError(request_id)
-        preds = predictions_of(served.body)
-        labels = label if isinstance(label, list) else [label]
-        if len(labels) != len(preds):
-            raise ValueError(f"request {request_id} had {len(preds)} prediction(s) but {len(labels)} label(s) were sent")
+        if kind == "duplicate":
+            raise DuplicateLabel(request_id)
+        return value
+
+    def feedback_many(self, items: list[tuple[str, Any]]) -> list[tuple[str, str]]:
+        """Join labels with served predictions, all or nothing for the well-formed ones.
+
+        Per item ``("accepted", version)``, ``("unknown", id)`` or ``("duplicate", id)`` (one
+        label per request id, also within one call). A label list that does not match its
+        request's rows raises ``ValueError`` before anything is recorded.
+        """
         now = time.time()
         with self._lock:
-            win = self._window(served.version)
-            for pred, lab in zip(preds, labels):
-                win.labelled.append((now, pred, lab))
-        return served.version
+            plan: list[tuple[str, Any]] = []
+            seen: set[str] = set()
+            for request_id, label in items:
+                served = self._served.get(request_id)
+                if served is None:
+                    plan.append(("unknown", request_id))
+                    continue
+                if served.labelled or request_id in seen:
+                    plan.append(("duplicate", request_id))
+                    continue
+                preds = predictions_of(served.body)
+                labels = label if isinstance(label, list) else [label]
+                if len(labels) != len(preds):
+                    raise ValueError(f"request {request_id} had {len(preds)} prediction(s) but {len(labels)} "
+                                     "label(s) were sent")
+                seen.add(request_id)
+                plan.append(("accepted", (request_id, served, preds, labels)))
+            out: list[tuple[str, str]] = []
+            for kind, value in plan:
+                if kind != "accepted":
+                    out.append((kind, value))
+                    continue
+                request_id, served, preds, labels = value
+                served.labelled = True
+                win = self._window(served.version)
+                for pred, lab in zip(preds, labels):
+                    win.labelled.append((now, pred, lab))
+                out.append(("accepted", served.version))
+            return out
 
     def roles(self) -> dict[str, str]:
         with self._lock:
@@ -189,12 +238,13 @@ class TrafficStats:
         """
         since = since or 0.0
         with self._lock:
-            snapshot = {v: (w.role, w.requests_total, w.errors_total, [o for o in w.obs if o[0] >= since],
-                            [(p, y) for t, p, y in w.labelled if t >= since]) for v, w in self._versions.items()}
+            snapshot = {v: (w.role, w.requests_total, w.errors_total, w.gateway_errors_total,
+                            [o for o in w.obs if o[0] >= since], [(p, y) for t, p, y in w.labelled if t >= since])
+                        for v, w in self._versions.items()}
         out: dict[str, dict[str, Any]] = {}
-        for version, (role, total, errors_total, obs, pairs) in snapshot.items():
+        for version, (role, total, errors_total, gateway_errors_total, obs, pairs) in snapshot.items():
             latencies = sorted(o[2] for o in obs)
-            errors = sum(1 for o in obs if o[1] >= 500)
+            errors = sum(1 for o in obs if o[4])
             preds: list[Any] = []
             for o in reversed(obs):
                 if o[3] is not None and len(preds) < max_predictions:
@@ -212,7 +262,9 @@ class TrafficStats:
                 "labels": len(pairs),
                 "quality_metric": q[0] if q else None,
                 "quality": q[1] if q else None,
+                "gateway_errors": sum(1 for o in obs if o[1] >= 500 and not o[4]),
                 "requests_total": total,
                 "errors_total": errors_total,
+                "gateway_errors_total": gateway_errors_total,
             }
         return out

@@ -27,7 +27,12 @@ def sink():
         yield rec, url + "/events"
 
 
+TOKEN = "test-admin-token"
+AUTH = {"authorization": f"Bearer {TOKEN}"}
+
+
 def gateway(p_url, c_url=None, pct=0.0, **kw):
+    kw.setdefault("admin_token", TOKEN)
     cfg = GatewayConfig(name="churn", namespace="test", primary=Upstream(p_url, "1"),
                         canary=Upstream(c_url, "2") if c_url else None, canary_percent=pct, **kw)
     return serve_app(create_gateway_app(cfg))
@@ -39,7 +44,7 @@ def predict(client: httpx.Client, i: int, **headers):
 
 def test_split_follows_percentage(upstreams):
     _, p_url, _, c_url = upstreams
-    with gateway(p_url, c_url, 30, seed=3) as url, httpx.Client(base_url=url) as c:
+    with gateway(p_url, c_url, 30, seed=3) as url, httpx.Client(base_url=url, headers=AUTH) as c:
         roles = [predict(c, i).headers["x-serving-role"] for i in range(400)]
         share = roles.count("canary") / len(roles)
         assert 0.22 < share < 0.38, share
@@ -59,7 +64,7 @@ def test_split_statistics_of_splitter():
 
 def test_sticky_key_keeps_a_user_on_one_side(upstreams):
     _, p_url, _, c_url = upstreams
-    with gateway(p_url, c_url, 50, sticky_key="x-user") as url, httpx.Client(base_url=url) as c:
+    with gateway(p_url, c_url, 50, sticky_key="x-user") as url, httpx.Client(base_url=url, headers=AUTH) as c:
         for user in ("alice", "bob", "carol", "dave", "erin", "frank"):
             versions = {predict(c, i, **{"x-user": user}).headers["x-model-version"] for i in range(8)}
             assert len(versions) == 1
@@ -74,7 +79,7 @@ def test_forwards_v1_and_v2_unchanged(upstreams):
     primary, p_url, _, _ = upstreams
     v2 = {"id": "r1", "inputs": [{"name": "tenure", "shape": [2], "datatype": "FP64", "data": [3.0, 30.0]},
                                  {"name": "region", "shape": [2], "datatype": "BYTES", "data": ["eu", "us"]}]}
-    with gateway(p_url) as url, httpx.Client(base_url=url) as c:
+    with gateway(p_url) as url, httpx.Client(base_url=url, headers=AUTH) as c:
         v1_body = json.dumps({"instances": [row(1), row(20)]}).encode()
         direct = httpx.post(p_url + "/v1/models/churn:predict", content=v1_body, headers={"content-type": "application/json"})
         via = c.post("/v1/models/churn:predict", content=v1_body, headers={"content-type": "application/json"})
@@ -97,7 +102,7 @@ def test_forwards_v1_and_v2_unchanged(upstreams):
 
 def test_oversize_payload_is_refused_with_413(upstreams):
     primary, p_url, _, _ = upstreams
-    with gateway(p_url, max_payload_bytes=2048) as url, httpx.Client(base_url=url) as c:
+    with gateway(p_url, max_payload_bytes=2048) as url, httpx.Client(base_url=url, headers=AUTH) as c:
         before = len(primary.seen)
         r = c.post("/v1/models/churn:predict", json={"instances": [row(i) for i in range(100)]})
         assert r.status_code == 413 and "max_payload_bytes" in r.json()["error"]
@@ -109,7 +114,7 @@ def test_events_pair_request_and_response_by_ce_id(upstreams, sink):
     _, p_url, _, c_url = upstreams
     rec, sink_url = sink
     rec.events.clear()
-    with gateway(p_url, c_url, 50, sink_url=sink_url, seed=5) as url, httpx.Client(base_url=url) as c:
+    with gateway(p_url, c_url, 50, sink_url=sink_url, seed=5) as url, httpx.Client(base_url=url, headers=AUTH) as c:
         served = {}
         for i in range(20):
             r = predict(c, i)
@@ -137,7 +142,7 @@ def test_events_pair_request_and_response_by_ce_id(upstreams, sink):
 def test_sink_down_serving_continues_and_drops_are_counted(upstreams):
     _, p_url, _, _ = upstreams
     dead_sink = f"http://127.0.0.1:{free_port()}/events"
-    with gateway(p_url, sink_url=dead_sink) as url, httpx.Client(base_url=url) as c:
+    with gateway(p_url, sink_url=dead_sink) as url, httpx.Client(base_url=url, headers=AUTH) as c:
         t0 = time.perf_counter()
         assert all(predict(c, i).status_code == 200 for i in range(50))
         assert time.perf_counter() - t0 < 10
@@ -155,7 +160,7 @@ def test_feedback_joins_labels_with_the_version_that_answered(upstreams):
     _, p_url, canary, c_url = upstreams
     canary.wrong = True
     try:
-        with gateway(p_url, c_url, 50, seed=11) as url, httpx.Client(base_url=url) as c:
+        with gateway(p_url, c_url, 50, seed=11) as url, httpx.Client(base_url=url, headers=AUTH) as c:
             feedback = []
             for i in range(60):
                 r = predict(c, i)
@@ -167,21 +172,27 @@ def test_feedback_joins_labels_with_the_version_that_answered(upstreams):
             assert stats["1"]["requests"] + stats["2"]["requests"] == 60
             unknown = c.post("/feedback", json={"id": "nope", "label": 1})
             assert unknown.status_code == 404 and "nope" in unknown.json()["error"]
-            assert c.post("/feedback", content=b"{not json").status_code == 400
-            mismatch = c.post("/feedback", json={"id": feedback[0]["id"], "label": [1, 0, 1]})
+            assert c.post("/feedback", content=b"{not json",
+                          headers={"content-type": "application/json"}).status_code == 400
+            fresh = predict(c, 99).headers["ce-id"]
+            mismatch = c.post("/feedback", json={"id": fresh, "label": [1, 0, 1]})
             assert mismatch.status_code == 400 and "label" in mismatch.json()["error"]
+            again = c.post("/feedback", json={"id": feedback[0]["id"], "label": 1})  # one label per request id
+            assert again.status_code == 409 and again.json()["duplicate"] == [feedback[0]["id"]]
+            stats = c.get("/admin/stats").json()["versions"]
+            assert stats["1"]["labels"] + stats["2"]["labels"] == 60
     finally:
         canary.wrong = False
 
 
 def test_admin_rejects_bad_split_before_changing_anything(upstreams):
     _, p_url, _, c_url = upstreams
-    with gateway(p_url, c_url, 10) as url, httpx.Client(base_url=url) as c:
+    with gateway(p_url, c_url, 10) as url, httpx.Client(base_url=url, headers=AUTH) as c:
         for bad in ({"canary_percent": 101}, {"canary_percent": -1}, {"canary_percent": "x"}, {"weight": 5}):
             r = c.put("/admin/split", json=bad)
             assert r.status_code == 400 and r.json()["error"]
         assert c.get("/admin/status").json()["canary_percent"] == 10
-    with gateway(p_url) as url, httpx.Client(base_url=url) as c:
+    with gateway(p_url) as url, httpx.Client(base_url=url, headers=AUTH) as c:
         r = c.put("/admin/split", json={"canary_percent": 20})
         assert r.status_code == 400 and "canary upstream" in r.json()["error"]
         assert c.put("/admin/upstreams", json={"canary": {"url": c_url, "version": "2"}, "canary_percent": 100}).status_code == 200
@@ -193,7 +204,7 @@ def test_admin_rejects_bad_split_before_changing_anything(upstreams):
 def test_upstream_down_gives_502_and_the_gateway_keeps_serving(upstreams):
     _, p_url, _, _ = upstreams
     dead = f"http://127.0.0.1:{free_port()}"
-    with gateway(p_url, dead, 100) as url, httpx.Client(base_url=url) as c:
+    with gateway(p_url, dead, 100) as url, httpx.Client(base_url=url, headers=AUTH) as c:
         r = predict(c, 1)
         assert r.status_code == 502 and "canary" in r.json()["error"]
         stats = c.get("/admin/stats").json()["versions"]

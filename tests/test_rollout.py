@@ -20,6 +20,7 @@ from tests.serving_helpers import FakeModelServer, row, serve_app, truth
 
 INTERVAL = 0.5
 THRESHOLD = 2
+TOKEN = "rollout-admin-token"
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +58,8 @@ def live_rollout(workspace, model, *, labels=False, **rollout):
     reg = register_two_versions(settings)
     primary, canary = FakeModelServer(model, "1"), FakeModelServer(model, "2")
     with serve_app(primary.app) as p_url, serve_app(canary.app) as c_url:
-        cfg = GatewayConfig(name=model, primary=Upstream(p_url, "1"), canary=Upstream(c_url, "2"), seed=1)
+        cfg = GatewayConfig(name=model, primary=Upstream(p_url, "1"), canary=Upstream(c_url, "2"), seed=1,
+                            admin_token=TOKEN)
         with serve_app(create_gateway_app(cfg)) as gw_url:
             stop = threading.Event()
 
@@ -75,7 +77,7 @@ def live_rollout(workspace, model, *, labels=False, **rollout):
                 w.start()
             try:
                 RolloutController.begin(settings, canary_version="2", primary_version="1")
-                ctl = RolloutController(settings, GatewayTarget(gw_url), reg)
+                ctl = RolloutController(settings, GatewayTarget(gw_url, token=TOKEN), reg)
                 yield settings, reg, ctl, canary, gw_url
             finally:
                 stop.set()
@@ -172,7 +174,7 @@ def test_state_survives_a_controller_restart(workspace):
         before = ctl.state()
         assert before.weight == 50 and [h["decision"] for h in before.history][::len(before.history) - 1] == ["start", "advance"]
         del ctl
-        again = RolloutController(settings, GatewayTarget(gw_url), reg)
+        again = RolloutController(settings, GatewayTarget(gw_url, token=TOKEN), reg)
         resumed = again.state()
         assert resumed.weight == 50 and resumed.history == before.history and resumed.step_index == 1
         time.sleep(INTERVAL)

@@ -8,6 +8,7 @@ the canary analysis.
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from datetime import datetime, timezone
@@ -52,7 +53,7 @@ def target_for(settings: Any) -> Any:
     url = backend.gateway_url
     if url is None:
         raise ServingError("nothing is being served in this workspace; start it with `driftloop serve`")
-    return GatewayTarget(url, backend=backend)
+    return GatewayTarget(url, backend=backend, token=backend.admin_token())
 
 
 def serve(
@@ -66,7 +67,6 @@ def serve(
 
     from driftloop.core.registry import CHAMPION
     from serving.local_backend import LocalBackend
-    from serving.rollout import PENDING, PROGRESSING, RolloutController
 
     settings = settings_from(config, params, **{"serving.gateway_port": port})
     name = settings.mlflow.model_name
@@ -80,28 +80,56 @@ def serve(
     percent = float(pending.get("percent", 0)) if canary else 0.0
     previous = signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
-        state = backend.serve(champion.version, canary=canary, percent=percent)
-        url = state["gateway"]["url"]
-        console.print(f"serving [bold]{name}[/] v{champion.version} at [bold]{url}[/]"
-                      f"  (V1 {url}/v1/models/{settings.serving.name}:predict, V2 {url}/v2/models/{settings.serving.name}/infer)")
-        if canary:
-            console.print(f"canary v{canary[0]} takes {percent:g}% of traffic")
-        console.print("feedback: POST /feedback {\"id\": <x-request-id>, \"label\": ...}; Ctrl-C stops everything")
-        controller = RolloutController(settings, target_for(settings), registry) if rollout else None
-        while True:
+        try:
+            # refuses while another serve owns the workspace, before anything is touched
+            state = backend.serve(champion.version, canary=canary, percent=percent)
+        except KeyboardInterrupt:
+            console.print("interrupted before serving; nothing left running")
+            return
+        try:
+            _serve_until_interrupted(settings, backend, registry, state, name, champion.version, canary, percent,
+                                     rollout)
+        except KeyboardInterrupt:
+            console.print("stopping…")
+        finally:
+            if backend.stop(owner=os.getpid()):
+                console.print("stopped: gateway and model servers")
+            else:
+                console.print("another serve has taken over; left its processes running")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _serve_until_interrupted(settings: Any, backend: Any, registry: Any, state: dict[str, Any], name: str,
+                             version: str, canary: tuple[str, str] | None, percent: float, rollout: bool) -> None:
+    from driftloop.core.console import console, err_console
+    from driftloop.core.errors import DriftloopError
+    from serving.rollout import PENDING, PROGRESSING, RolloutController
+
+    url = state["gateway"]["url"]
+    console.print(f"serving [bold]{name}[/] v{version} at [bold]{url}[/]"
+                  f"  (V1 {url}/v1/models/{settings.serving.name}:predict, V2 {url}/v2/models/{settings.serving.name}/infer)")
+    if canary:
+        console.print(f"canary v{canary[0]} takes {percent:g}% of traffic")
+    console.print("feedback: POST /feedback {\"id\": <x-request-id>, \"label\": ...} as application/json; "
+                  "Ctrl-C stops everything")
+    controller = RolloutController(settings, target_for(settings), registry) if rollout else None
+    while True:
+        # a failing rollout step (gateway busy or refusing, registry down) is reported and retried at the
+        # next interval; it never stops serving
+        try:
             current = controller.store.load() if controller is not None else None
             if current is not None and current.status in (PENDING, PROGRESSING) and backend.status().get("canary"):
                 rec = controller.step()
                 console.print(f"rollout: {rec.get('decision')} at {rec.get('weight')}% — {rec.get('reason')}")
                 time.sleep(settings.rollout.interval_seconds)
-            else:
-                time.sleep(1.0)
-    except KeyboardInterrupt:
-        console.print("stopping…")
-    finally:
-        backend.stop()
-        signal.signal(signal.SIGTERM, previous)
-        console.print("stopped: gateway and model servers")
+                continue
+        except Exception as exc:  # noqa: BLE001 (serving outlives any one rollout step)
+            detail = str(exc) if isinstance(exc, DriftloopError) else f"{type(exc).__name__}: {exc}"
+            err_console.print(f"[yellow]rollout step failed, retried next interval:[/] {detail}")
+            time.sleep(settings.rollout.interval_seconds)
+            continue
+        time.sleep(1.0)
 
 
 def deploy(
