@@ -138,7 +138,8 @@ class Demo:
                         "min_requests": 10, "min_labels": 40, "max_p99_latency_ms": 1000,
                         "max_prediction_psi": 5.0, "min_quality_delta": -0.04},
             "monitor": {"port": self.monitor_port, "window_rows": 600, "min_samples": 300,
-                        "check_interval_seconds": 2.0, "drift_share": 0.3},
+                        "check_interval_seconds": 2.0, "drift_share": 0.3,
+                        "quality": {"window_rows": 100, "min_labels": 100}},
             "trigger": {"min_samples": 300, "cooldown_seconds": 900, "daily_budget": 10, "recent_days": self.days / 3},
         }
         self.config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -377,6 +378,7 @@ class Demo:
         reports = sorted((s.workspace_dir / "monitor" / "reports").glob("*/*.html"))
         console.print(f"MLflow store:      {s.tracking_uri}   (mlflow ui --backend-store-uri {s.tracking_uri})")
         console.print(f"Evidently reports: {', '.join(map(str, reports)) or '-'}")
+        console.print(f"quality:           {self.quality_line()}")
         console.print(f"logs:              {self.workdir / 'logs'}")
         console.print(f"lineage:           driftloop lineage churn@champion -c {self.config_path}")
         self.facts["versions"] = rows
@@ -384,6 +386,28 @@ class Demo:
         self.facts["tracking_uri"] = s.tracking_uri
         self.facts["seconds"] = round(time.monotonic() - self.started, 1)
         (self.workdir / "summary.json").write_text(json.dumps(self.facts, indent=2, default=str))
+
+    def quality_line(self) -> str:
+        """The monitor's quality check on the labels that flowed through the gateway: per version, the
+        realised accuracy on its labelled window, the estimate from calibrated scores, the holdout."""
+        try:
+            r = httpx.post(f"http://127.0.0.1:{self.monitor_port}/quality/check", timeout=120.0)
+            r.raise_for_status()
+        except httpx.HTTPError as exc:
+            return f"not available ({exc})"
+        outcome = r.json()
+        self.facts["quality"] = outcome
+        parts = []
+        for version, q in sorted(outcome.get("versions", {}).items()):
+            if "holdout" not in q:
+                parts.append(f"v{version}: {q.get('reason', q.get('verdict'))}")
+                continue
+            live = (q.get("live") or {}).get("accuracy")
+            est = (q.get("estimated") or q.get("estimated_latest") or {}).get("accuracy")
+            parts.append(f"v{version} {q['verdict']}: accuracy realised "
+                         f"{f'{live:.3f}' if live is not None else '-'} ({q['labelled_rows']} labels), estimated "
+                         f"{f'{est:.3f}' if est is not None else '-'}, holdout {q['holdout'].get('accuracy', 0):.3f}")
+        return "; ".join(parts) or "no labelled predictions"
 
     def run(self) -> None:
         self.prepare()

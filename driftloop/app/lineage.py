@@ -61,6 +61,20 @@ def _alert_detail(settings: Settings, alert_id: str) -> dict[str, Any]:
     if not found:
         return {"alert_id": alert_id}
     details = found.get("details") or {}
+    if found.get("source") == "quality":
+        verdicts = [v for v in details.get("verdicts") or [] if v.get("degraded")]
+        return {
+            "alert_id": alert_id,
+            "source": "quality",
+            "degraded metrics": ", ".join(f"{v['metric']} {v['live']:.4g} vs holdout {v['holdout']:.4g} "
+                                          f"(limit {v['limit']:.4g})" for v in verdicts) or None,
+            "estimated": (f"accuracy {details['estimated_accuracy']:.4g} (from calibrated scores, before labels)"
+                          if details.get("estimated") else None),
+            "labelled rows": details.get("labelled_rows"),
+            "quality report": found.get("report_uri") or found.get("report_path"),
+            "decision": f"{found.get('decision')}: {found.get('reason')}" if found.get("decision") else None,
+            "data window": " .. ".join(filter(None, [found.get("window_start"), found.get("window_end")])) or None,
+        }
     return {
         "alert_id": alert_id,
         "source": found.get("source"),
@@ -104,7 +118,7 @@ def build_lineage(settings: Settings, ref: str) -> Lineage:
                       gate_reason=tags.get(TAG.GATE_REASON, ""), device=tags.get(TAG.DEVICE, ""),
                       rollout_outcome=tags.get(TAG.ROLLOUT, "pending" if "champion" not in info.aliases else ""),
                       rollout_reason=tags.get(TAG.ROLLOUT_REASON, ""))
-    if lineage.trigger.startswith("drift:"):
+    if lineage.trigger.startswith(("drift:", "quality:")):
         lineage.trigger_detail = _alert_detail(settings, lineage.trigger.split(":", 1)[1])
     elif lineage.trigger.startswith("schedule:"):
         lineage.trigger_detail = {"schedule": lineage.trigger.split(":", 1)[1]}
