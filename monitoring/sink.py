@@ -114,9 +114,13 @@ class GroupCommitter:
         started = time.perf_counter()
         try:
             results = self.store.append_groups([events for events, _ in batch])
-        except Exception as exc:  # the database failed: nothing of this batch is stored
-            log.exception("group commit of %d events failed", size)
-            error = EventError(503, f"the store could not commit: {exc}", reason="store_error")
+        except Exception as exc:  # the database failed: nothing of this batch is acknowledged
+            if isinstance(exc, EventError):
+                log.error("group commit of %d events refused: %s", size, exc.message)
+                error = exc
+            else:
+                log.exception("group commit of %d events failed", size)
+                error = EventError(503, f"the store could not commit: {exc}", reason="store_error")
             for _, future in batch:
                 if not future.done():
                     future.set_exception(error)
@@ -314,9 +318,13 @@ def build_routes(store: InferenceStore, *, metrics: MonitorMetrics, model_names:
 
     async def readyz(request: Request) -> Response:
         try:
-            await asyncio.to_thread(store.count)
+            problem = await asyncio.to_thread(store.health)
+            if problem is None:
+                await asyncio.to_thread(store.count)
         except Exception as exc:  # noqa: BLE001 - readiness reports any store failure
-            return _json(503, {"status": "store unavailable", "error": str(exc)})
+            problem = getattr(exc, "message", None) or str(exc)
+        if problem is not None:
+            return _json(503, {"status": "store unavailable", "error": problem})
         return _json(200, {"status": "ready"})
 
     async def metrics_route(request: Request) -> Response:

@@ -22,13 +22,24 @@ Tables:
 
 Throughput comes from group commit: callers hand over many events at once
 (:meth:`InferenceStore.append_groups`), one transaction per group of concurrent HTTP requests.
+
+Nothing is acknowledged that was not durably stored. SQLite keeps writing into a database,
+``-wal`` or ``-shm`` file that was deleted or replaced under it (into an inode no one will read
+again), and a truncated ``-shm`` kills the process with SIGBUS at the next access. So every
+commit checks, before and after, that the three files are the ones it opened, still writable
+and the ``-shm`` not shrunk; a store whose files changed, or whose last commit failed (e.g.
+"disk I/O error"), refuses with :class:`StoreUnavailable` (HTTP 503, saying why) and
+:meth:`InferenceStore.health` says the same to ``/readyz``. Readers never create a missing file.
+A commit that failed is retried by the client: ``(ce_id, kind)`` makes a retry harmless.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
+import os
 import sqlite3
 import threading
 import time
@@ -43,7 +54,7 @@ import pandas as pd
 
 from monitoring.events import EventError, ParsedEvent
 
-__all__ = ["InferenceStore", "Window", "GroupResult", "LabelResult", "ROW_COLUMNS", "store_path"]
+__all__ = ["InferenceStore", "StoreUnavailable", "Window", "GroupResult", "LabelResult", "ROW_COLUMNS", "store_path"]
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +94,20 @@ CREATE TABLE IF NOT EXISTS labels (
     ts REAL NOT NULL,
     PRIMARY KEY (request_id, row_index)
 );
+CREATE TABLE IF NOT EXISTS probe (
+    id INTEGER PRIMARY KEY,
+    ts REAL NOT NULL
+);
 """
+
+_SUFFIXES = ("", "-wal", "-shm")
+
+
+class StoreUnavailable(EventError):
+    """The store cannot durably commit now (its files changed under it, or the disk failed): 503."""
+
+    def __init__(self, message: str):
+        super().__init__(503, message, reason="store_unavailable")
 
 Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
 
@@ -176,12 +200,14 @@ class InferenceStore:
         self._db.executescript(_SCHEMA)
         # checkpoints (which fsync) run in a background thread, not inside the commits of the sink
         self._db.execute("PRAGMA wal_autocheckpoint=0")
+        self._failure: str | None = None  # why the last commit failed; None after a good one
         self._max_pending = max_pending
         self._pending: OrderedDict[str, _Pending] = OrderedDict()
         self._pending_complete = True  # False: some unpaired events live only in the database
         self._load_pending(pair_lookback)
         self._closed = False
         self._stop = threading.Event()
+        self._files = self._file_state()  # the files this connection writes (see the module doc)
         self._checkpointer = threading.Thread(target=self._checkpoint_loop, args=(checkpoint_seconds,),
                                               name="store-checkpoint", daemon=True)
         self._checkpointer.start()
@@ -195,6 +221,8 @@ class InferenceStore:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
         try:
             while not self._stop.wait(interval):
+                if self._files_problem() is not None:  # never touch files that changed under the store
+                    continue
                 try:
                     db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
                 except sqlite3.Error as exc:  # a busy database is retried at the next tick
@@ -206,6 +234,87 @@ class InferenceStore:
     def from_settings(cls, settings: Any) -> "InferenceStore":
         """The store named by ``settings.monitor`` (default ``<workspace>/monitor/inference.db``)."""
         return cls(store_path(settings), synchronous=settings.monitor.store_synchronous)
+
+    # ------------------------------------------------------------------ durability
+
+    def _file_state(self) -> dict[str, tuple[int, int, int]]:
+        out = {}
+        for suffix in _SUFFIXES:
+            with contextlib.suppress(FileNotFoundError):
+                st = os.stat(f"{self.path}{suffix}")
+                out[suffix] = (st.st_dev, st.st_ino, st.st_size)
+        return out
+
+    def _files_problem(self) -> str | None:
+        """Why the files on disk are not (any more) the ones this store writes, or None."""
+        for suffix, (dev, ino, size) in self._files.items():
+            name = f"{self.path}{suffix}"
+            try:
+                st = os.stat(name)
+            except FileNotFoundError:
+                return f"{name} was deleted while the monitor wrote to it"
+            except OSError as exc:
+                return f"{name} cannot be checked: {exc}"
+            if (st.st_dev, st.st_ino) != (dev, ino):
+                return f"{name} was replaced while the monitor wrote to it"
+            if suffix == "-shm" and st.st_size < size:
+                return f"{name} was truncated while the monitor wrote to it"
+            if not os.access(name, os.W_OK):
+                return f"{name} is not writable"
+        return None
+
+    def _unavailable(self) -> StoreUnavailable | None:
+        problem = self._files_problem()
+        if problem is not None:
+            return StoreUnavailable(f"the inference store cannot commit: {problem}; nothing more is accepted "
+                                    "until the monitor is restarted")
+        return None
+
+    def _write(self, work: Any) -> Any:
+        """Run ``work(db)`` in one write transaction; refuse (503) unless it is durable when this returns."""
+        if self._closed:
+            raise StoreUnavailable("the store is closed")
+        refusal = self._unavailable()
+        if refusal is not None:
+            self._failure = refusal.message
+            raise refusal
+        db = self._db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            result = work(db)
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if db.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
+            self._failure = f"the last commit failed: {exc}"
+            raise StoreUnavailable(f"the inference store cannot commit ({self.path}): {exc}") from exc
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        refusal = self._unavailable()  # the files changed while this committed: it may not be durable
+        if refusal is not None:
+            self._failure = refusal.message
+            raise refusal
+        self._failure = None
+        return result
+
+    def health(self) -> str | None:
+        """None when a commit now would be durable; else why not (``/readyz`` answers 503 with it)."""
+        if self._closed:
+            return "the store is closed"
+        problem = self._files_problem()
+        if problem is not None:
+            return f"the inference store cannot commit: {problem}"
+        if self._failure is not None:
+            with self._lock:  # the last commit failed: try a small one before saying it works again
+                try:
+                    self._write(lambda db: db.execute("INSERT OR REPLACE INTO probe (id, ts) VALUES (1, ?)",
+                                                      (time.time(),)))
+                except StoreUnavailable:
+                    pass
+        return self._failure
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
@@ -262,12 +371,9 @@ class InferenceStore:
         rows and marks the pairs — because per-event statements cost more than parsing the events.
         """
         with self._lock:
-            if self._closed:
-                raise EventError(503, "the store is closed", reason="closed")
-            db = self._db
             undo_all: list[tuple[str, _Pending | None]] = []
-            db.execute("BEGIN IMMEDIATE")
-            try:
+
+            def work(db: sqlite3.Connection) -> list:
                 fresh, items = self._insert_events(db, [ev for group in groups for ev in group])
                 results, rows, released = self._pair_groups(db, groups, fresh, items, undo_all)
                 if released:  # new events of refused groups
@@ -276,10 +382,11 @@ class InferenceStore:
                     db.executemany(
                         "INSERT INTO rows (request_id, row_index, ts, model_name, model_version, role, features, "
                         "prediction) VALUES (?,?,?,?,?,?,?,?)", rows)
-                db.execute("COMMIT")
+                return results
+
+            try:
+                results = self._write(work)
             except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
                 self._undo(undo_all)
                 raise
             while len(self._pending) > self._max_pending:
@@ -404,31 +511,30 @@ class InferenceStore:
             if isinstance(ts, bool) or not isinstance(ts, (int, float)):
                 raise EventError(422, f"feedback for {item['id']!r}: ts must be epoch seconds", reason="bad_feedback")
             params.append((str(item["id"]), row_index, _dumps(item["label"]), float(ts)))
+        ids = sorted({p[0] for p in params})
+        known: set[str] = set()
+
+        def work(db: sqlite3.Connection) -> None:
+            db.executemany("INSERT INTO labels (request_id, row_index, label, ts) VALUES (?,?,?,?) "
+                           "ON CONFLICT (request_id, row_index) DO UPDATE SET label = excluded.label, "
+                           "ts = excluded.ts", params)
+            for chunk in range(0, len(ids), 500):
+                part = ids[chunk:chunk + 500]
+                marks = ",".join("?" * len(part))
+                known.update(r[0] for r in db.execute(
+                    f"SELECT DISTINCT ce_id FROM events WHERE ce_id IN ({marks})", part))
+
         with self._lock:
-            db = self._db
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                db.executemany("INSERT INTO labels (request_id, row_index, label, ts) VALUES (?,?,?,?) "
-                               "ON CONFLICT (request_id, row_index) DO UPDATE SET label = excluded.label, "
-                               "ts = excluded.ts", params)
-                ids = sorted({p[0] for p in params})
-                known = set()
-                for chunk in range(0, len(ids), 500):
-                    part = ids[chunk:chunk + 500]
-                    marks = ",".join("?" * len(part))
-                    known.update(r[0] for r in db.execute(
-                        f"SELECT DISTINCT ce_id FROM events WHERE ce_id IN ({marks})", part))
-                db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
+            self._write(work)
         return LabelResult(stored=len(params), unknown_ids=[i for i in ids if i not in known])
 
     # ------------------------------------------------------------------ reading
 
     def _reader(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, timeout=30.0)
+        problem = self._files_problem()
+        if problem is not None:  # never create a deleted file again, never map a truncated -shm
+            raise StoreUnavailable(f"the inference store cannot be read: {problem}")
+        db = sqlite3.connect(self.path.resolve().as_uri() + "?mode=rw", uri=True, timeout=30.0)
         db.execute("PRAGMA busy_timeout=30000")
         return db
 
@@ -603,8 +709,21 @@ class InferenceStore:
         finally:
             db.close()
 
+    def _unshrink_shm(self) -> None:
+        """Give a truncated ``-shm`` back its size (zeros), so closing the connections cannot SIGBUS.
+
+        SQLite treats a zeroed wal-index as one to rebuild from the ``-wal`` file, as after a crash.
+        """
+        shm = self._files.get("-shm")
+        name = f"{self.path}-shm"
+        with contextlib.suppress(OSError):
+            st = os.stat(name)
+            if shm is not None and (st.st_dev, st.st_ino) == shm[:2] and st.st_size < shm[2]:
+                os.truncate(name, shm[2])
+
     def close(self) -> None:
         """Checkpoint the WAL and close the writer connection (idempotent)."""
+        self._unshrink_shm()
         self._stop.set()
         self._checkpointer.join()
         with self._lock:
@@ -612,7 +731,8 @@ class InferenceStore:
                 return
             self._closed = True
             try:
-                self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                if self._files_problem() is None:
+                    self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
             finally:
                 self._db.close()
 

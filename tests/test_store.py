@@ -5,7 +5,7 @@ import sqlite3
 import pytest
 
 from monitoring.events import EventError, parse_binary
-from monitoring.store import InferenceStore
+from monitoring.store import InferenceStore, StoreUnavailable
 from tests.ce_events import binary, instance, pair
 
 
@@ -86,13 +86,15 @@ def test_database_error_stores_nothing_and_keeps_earlier_data(tmp_path):
         other = sqlite3.connect(tmp_path / "log.db", timeout=0.1)
         other.execute("BEGIN IMMEDIATE")  # another writer holds the lock
         store._db.execute("PRAGMA busy_timeout=100")
-        with pytest.raises(sqlite3.OperationalError):
+        with pytest.raises(StoreUnavailable, match="database is locked") as refused:
             store.append_events(list(events_of("b")))
+        assert refused.value.status == 503 and isinstance(refused.value.__cause__, sqlite3.OperationalError)
+        assert "database is locked" in store.health()  # /readyz says so until a commit works again
         other.rollback()
         other.close()
         assert store.count() == 1 and store.event_ids() == {"a"}
         store.append_events(list(events_of("b")))  # the in-memory pairing state was rolled back too
-        assert store.count() == 2
+        assert store.count() == 2 and store.health() is None
 
 
 def test_windows(tmp_path):
