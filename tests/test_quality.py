@@ -185,3 +185,26 @@ def test_no_alert_while_the_relation_holds(tmp_path, trained, champion_sklearn, 
     assert "alert" not in outcome and runner.requests == []
     assert outcome["baseline_source"] == "quality/holdout.json"
     assert abs(outcome["estimated"]["accuracy"] - outcome["live"]["accuracy"]) < 0.08
+
+
+def test_lineage_and_alerts_show_a_quality_alert(tmp_path, capsys, monkeypatch):
+    from driftloop.app.lineage import _alert_detail
+    from driftloop.core.console import console
+    from driftloop.app.monitor_cli import alerts_cmd
+    from monitoring.alerts import Alert, AlertStore, alerts_path
+
+    settings = make_settings(tmp_path / "ws", tmp_path / "none.parquet")
+    store = AlertStore(alerts_path(settings))
+    details = {"version": "1", "labelled_rows": 200, "verdicts": [
+        {"metric": "accuracy", "live": 0.41, "holdout": 0.78, "limit": 0.73, "rule": "-0.05", "degraded": True},
+        {"metric": "roc_auc", "live": 0.8, "holdout": 0.82, "limit": 0.77, "rule": "-0.05", "degraded": False}]}
+    store.insert(Alert("quality-abc", "quality", details=details, samples=200, report_path="/r/quality.html"))
+    store.record_decision("quality-abc", "started", "guardrails passed", now=0.0)
+    store.close()
+    detail = _alert_detail(settings, "quality-abc")
+    assert detail["source"] == "quality" and detail["degraded metrics"] == "accuracy 0.41 vs holdout 0.78 (limit 0.73)"
+    assert detail["quality report"] == "/r/quality.html" and detail["decision"].startswith("started")
+    monkeypatch.setattr(console, "width", 250)
+    alerts_cmd(params=[f"workspace={tmp_path / 'ws'}"])
+    row = next(line for line in capsys.readouterr().out.splitlines() if "quality-abc" in line)
+    assert [c.strip() for c in row.split("│")][2:5:2] == ["quality", "started"]
