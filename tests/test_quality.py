@@ -208,3 +208,37 @@ def test_lineage_and_alerts_show_a_quality_alert(tmp_path, capsys, monkeypatch):
     alerts_cmd(params=[f"workspace={tmp_path / 'ws'}"])
     row = next(line for line in capsys.readouterr().out.splitlines() if "quality-abc" in line)
     assert [c.strip() for c in row.split("│")][2:5:2] == ["quality", "started"]
+
+
+def test_predictor_logs_class_scores_only_when_asked(trained, champion_sklearn):
+    from kserve.protocol.infer_type import InferInput, InferRequest
+
+    from serving.predictor import SCORES_HEADER, DriftloopModel
+
+    settings, _ = trained
+    model = DriftloopModel("churn", "models:/churn@champion", tracking_uri=settings.tracking_uri)
+    model.load()
+    rows = generate(rows=300, drift_at=None, seed=2).iloc[:3]
+    instances = json.loads(rows[FEATURES].to_json(orient="records"))
+    expected = champion_sklearn.predict_proba(rows[FEATURES]).tolist()
+
+    plain = model.predict({"instances": instances}, headers={})
+    assert set(plain) == {"predictions", "model_version"}  # what clients get unless they ask
+    scored = model.predict({"instances": instances}, headers={SCORES_HEADER: "true"})
+    assert scored["classes"] == [0, 1] and scored["predictions"] == plain["predictions"]
+    assert np.allclose(scored["scores"], expected)
+
+    inputs = []
+    for col in FEATURES:
+        values = rows[col].tolist()
+        if col in FEATURES_NUMERIC:
+            inputs.append(InferInput(col, [3], "FP64", [float(v) for v in values]))
+        else:
+            inputs.append(InferInput(col, [3], "BYTES", [str(v) for v in values]))
+    v2 = model.predict(InferRequest("churn", inputs, request_id="r1"), headers={SCORES_HEADER: "true"})
+    names = [o.name for o in v2.outputs]
+    assert names == ["predictions", "scores"]
+    assert np.allclose(np.asarray(v2.outputs[1].data).reshape(3, 2), expected)
+    assert json.loads(v2.outputs[1].parameters["classes"]) == [0, 1]
+    assert [o.name for o in model.predict(InferRequest("churn", inputs, request_id="r2"), headers={}).outputs] == \
+        ["predictions"]
