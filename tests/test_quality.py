@@ -242,3 +242,64 @@ def test_predictor_logs_class_scores_only_when_asked(trained, champion_sklearn):
     assert json.loads(v2.outputs[1].parameters["classes"]) == [0, 1]
     assert [o.name for o in model.predict(InferRequest("churn", inputs, request_id="r2"), headers={}).outputs] == \
         ["predictions"]
+
+
+def test_regression_that_undershoots_raises_a_quality_alert_on_rmse_and_bias(tmp_path):
+    """The filed case: seasonal demand grew, the champion predicts 37 % too low; its holdout RMSE was
+    55. The labelled window's RMSE is judged against that (the inputs are not looked at)."""
+    import mlflow
+
+    from monitoring.alerts import AlertStore
+    from monitoring.metrics import MonitorMetrics
+    from monitoring.quality_check import QualityMonitor
+    from monitoring.store import InferenceStore
+    from monitoring.trigger import Trigger
+    from monitoring.events import parse_structured
+
+    settings = make_settings(tmp_path / "ws", tmp_path / "none.parquet", **{
+        "model.task": "regression", "mlflow.model_name": "demand", "monitor.quality.window_rows": 100,
+        "monitor.quality.min_labels": 100, "monitor.quality.max_absolute": {"mean_error": 20.0},
+        "trigger.min_samples": 50})
+    registry = Registry.from_settings(settings)
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    with mlflow.start_run(experiment_id=registry.experiment_id()) as run:
+        mlflow.log_dict({"task": "regression", "metrics": {"rmse": 55.0, "mae": 44.0, "r2": 0.8, "mean_error": 1.0}},
+                        "quality/holdout.json")
+    registry.client.create_registered_model("demand")
+    registry.client.create_model_version("demand", f"runs:/{run.info.run_id}/model", run.info.run_id)
+    registry.set_alias("demand", "champion", "1")
+
+    rng = np.random.default_rng(4)
+    truth = rng.normal(380, 60, 120)
+    preds = truth * 0.63 + rng.normal(0, 10, 120)  # 37 % too low
+    store = InferenceStore(tmp_path / "inference.db")
+    events, labels = [], []
+    for i in range(0, 120, 10):
+        ce_id = f"req-{i}"
+        events.append(parse_structured(structured(ce_id, "request", {"instances": [{"t": float(j)} for j in range(10)]},
+                                                  model="demand")))
+        events.append(parse_structured(structured(ce_id, "response", {"predictions": list(preds[i:i + 10])},
+                                                  model="demand", version="1")))
+        labels += [{"id": ce_id, "row_index": j, "label": float(truth[i + j])} for j in range(10)]
+    store.append_events(events)
+    store.add_labels(labels)
+    runner = RecordingRunner()
+    alerts = AlertStore(tmp_path / "alerts.db")
+    metrics = MonitorMetrics()
+    trigger = Trigger(settings, alerts, runner=runner, metrics=metrics)
+    quality = QualityMonitor(settings, store_path=store.path, registry=registry, alerts=alerts, trigger=trigger,
+                             metrics=metrics, reports_dir=tmp_path / "reports")
+    try:
+        outcome = quality.check()["versions"]["1"]
+        assert outcome["verdict"] == "degraded", outcome
+        degraded = {v["metric"] for v in outcome["verdicts"] if v["degraded"]}
+        assert {"rmse", "mae", "mean_error"} <= degraded
+        assert outcome["live"]["rmse"] > 2 * 55.0 and outcome["live"]["mean_error"] < -100
+        alert = outcome["alert"]
+        assert alert["decision"] == "started"
+        trigger.wait(alert["id"], timeout=30)
+        assert [r.trigger for r in runner.requests] == [f"quality:{alert['id']}"]
+        assert (tmp_path / "reports" / alert["id"] / "quality.html").is_file()
+    finally:
+        store.close()
+        alerts.close()
