@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, KeysView, Mapping
+from collections.abc import Collection, Iterable, KeysView, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +43,7 @@ __all__ = [
     "parse_binary_attributes",
     "parse_structured",
     "parse_batch",
+    "check_numeric",
     "flatten_request",
     "flatten_response",
 ]
@@ -265,6 +266,23 @@ def flatten_request(payload: Any, reference_columns: list[str] | None = None) ->
             raise EventError(413, f"{n} instances in one event (at most {_MAX_ROWS})")
         return [dict(zip(names, vals)) for vals in zip(*cols)]
     raise EventError(422, "request body has neither 'instances' (V1) nor 'inputs' (V2)", reason="bad_payload")
+
+
+def check_numeric(events: Sequence["ParsedEvent"], numeric_columns: Collection[str] | None) -> None:
+    """Refuse (422, naming the column) a request row whose numeric column holds anything but a
+    number or null: the champion's reference says which columns are numeric."""
+    if not numeric_columns:
+        return
+    for pos, ev in enumerate(events):
+        if ev.kind != "request" or not ev.rows:
+            continue
+        for i, row in enumerate(ev.rows):
+            for col in numeric_columns:
+                value = row.get(col)
+                if value is not None and (value.__class__ is bool or not isinstance(value, (int, float))):
+                    where = f"event {ev.id!r}" if len(events) == 1 else f"batch event #{pos} (id {ev.id!r})"
+                    raise EventError(422, f"{where}, row {i}: column {col!r} is numeric in the reference, got "
+                                          f"{value!r}", reason="schema")
 
 
 def flatten_response(payload: Any) -> tuple[list[Any], str | None]:

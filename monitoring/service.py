@@ -122,13 +122,17 @@ class MonitorService:
         cfg = self.settings.monitor
         champion = self.references.get()
         window = self.store.window(cfg.window_kind, rows=cfg.window_rows, seconds=cfg.window_seconds)
+        window = window.capped(cfg.max_rows_per_request)  # one request cannot fill the window
         self.metrics.window_size.set(window.n)
         info = {"id": window.id, "kind": window.kind, "rows": window.n, "start": _iso(window.start_ts),
                 "end": _iso(window.end_ts), "complete": window.complete}
         base = {"checked_at": _iso(time.time()), "champion": f"{champion.model} v{champion.version}", "window": info}
-        if window.n < cfg.min_samples:
-            return {**base, "verdict": "insufficient data",
-                    "reason": f"{window.n} rows < monitor.min_samples={cfg.min_samples}"}
+        info["requests"] = window.requests
+        if window.n < cfg.min_samples or window.requests < cfg.min_requests:
+            return {**base, "verdict": "insufficient data", "reason": (
+                f"{window.n} rows (at most monitor.max_rows_per_request={cfg.max_rows_per_request} of each request) "
+                f"from {window.requests} requests; a verdict needs monitor.min_samples={cfg.min_samples} rows and "
+                f"monitor.min_requests={cfg.min_requests} requests, so no alert is raised and no run starts")}
         key = f"{champion.version}:{window.id}"
         if window.kind == "tumbling" and window.complete and key in self._checked and not (force or report):
             return {**self._checked[key], "verdict_cached": True}
@@ -195,14 +199,16 @@ class MonitorService:
 
     # -- HTTP ---------------------------------------------------------------------------------
     def _build_app(self) -> Starlette:
-        columns = None
+        columns = numeric = None
         try:
-            columns = self.references.get().features
+            champion = self.references.get()
+            columns, numeric = champion.features, champion.features_numeric  # rows are checked against its schema
         except MonitorError as exc:
             log.warning("%s; events are accepted with any columns until a champion exists", exc)
         names = {self.settings.serving.name, self.settings.mlflow.model_name}
         app = create_sink_app(self.store, metrics=self.metrics, model_names=names, reference_columns=columns,
-                              max_body_bytes=self.settings.monitor.max_body_bytes, task=self.settings.model.task)
+                              max_body_bytes=self.settings.monitor.max_body_bytes, task=self.settings.model.task,
+                              numeric_columns=numeric)
         for route in self._routes():
             app.router.routes.append(route)
         app.state.monitor = self

@@ -42,7 +42,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from monitoring.events import (EventError, ParsedEvent, attributes_from_raw_headers, parse_batch,
+from monitoring.events import (EventError, ParsedEvent, attributes_from_raw_headers, check_numeric, parse_batch,
                                parse_binary_attributes, parse_structured)
 from monitoring.metrics import MonitorMetrics
 from monitoring.store import GroupResult, InferenceStore
@@ -174,11 +174,13 @@ class EventsEndpoint:
     """
 
     def __init__(self, committer: GroupCommitter, *, model_names: set[str] | None = None,
-                 reference_columns: list[str] | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
+                 reference_columns: list[str] | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+                 numeric_columns: list[str] | None = None):
         self.committer = committer
         self.metrics = committer.metrics
         self.model_names = set(model_names) if model_names is not None else None
         self.columns = list(reference_columns) if reference_columns is not None else None
+        self.numeric = tuple(numeric_columns) if numeric_columns else None
         self.max_body_bytes = max_body_bytes
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
@@ -193,6 +195,7 @@ class EventsEndpoint:
             else:
                 parsed = [parse_binary_attributes(attrs, ctype, body, model_names=self.model_names,
                                                   reference_columns=self.columns)]
+            check_numeric(parsed, self.numeric)
             result = await self.committer.submit(parsed)
         except EventError as exc:
             _count_refusal(self.metrics, exc)
@@ -280,11 +283,12 @@ def _since(value: str | None) -> float | None:
 
 def build_routes(store: InferenceStore, *, metrics: MonitorMetrics, model_names: set[str] | None = None,
                  reference_columns: list[str] | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-                 task: str = "classification", committer: GroupCommitter | None = None) -> list[Route]:
+                 task: str = "classification", committer: GroupCommitter | None = None,
+                 numeric_columns: list[str] | None = None) -> list[Route]:
     """The sink's routes, sharing one :class:`GroupCommitter` (made here unless given)."""
     committer = committer or GroupCommitter(store, metrics)
     events = EventsEndpoint(committer, model_names=model_names, reference_columns=reference_columns,
-                            max_body_bytes=max_body_bytes)
+                            max_body_bytes=max_body_bytes, numeric_columns=numeric_columns)
 
     def refuse(exc: EventError) -> Response:
         _count_refusal(metrics, exc)
@@ -357,17 +361,20 @@ def _loads_object(body: bytes) -> dict:
 
 def create_sink_app(store: InferenceStore, *, metrics: MonitorMetrics, model_names: set[str] | None = None,
                     reference_columns: list[str] | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-                    task: str = "classification", close_store: bool = False) -> Starlette:
+                    task: str = "classification", close_store: bool = False,
+                    numeric_columns: list[str] | None = None) -> Starlette:
     """The sink as a Starlette app; ``app.state`` holds ``store``, ``metrics`` and ``committer``.
 
     ``model_names``: the InferenceService names this monitor accepts (others → 404).
     ``reference_columns``: the champion's feature columns (rows must have exactly these; unnamed
-    rows are mapped in this order). On shutdown the writer finishes what is queued; the store is
+    rows are mapped in this order). ``numeric_columns``: those of them that must hold a number or
+    null (anything else is refused with a 422 naming the column). On shutdown the writer finishes what is queued; the store is
     closed too when ``close_store``.
     """
     committer = GroupCommitter(store, metrics)
     routes = build_routes(store, metrics=metrics, model_names=model_names, reference_columns=reference_columns,
-                          max_body_bytes=max_body_bytes, task=task, committer=committer)
+                          max_body_bytes=max_body_bytes, task=task, committer=committer,
+                          numeric_columns=numeric_columns)
     events = next(r.endpoint for r in routes if r.path == "/events")
 
     @contextlib.asynccontextmanager

@@ -145,6 +145,19 @@ class Window:
         """Stable id of the window (the same tumbling window always gets the same id)."""
         return f"{self.kind}:{self.start_seq}-{self.end_seq}"
 
+    @property
+    def requests(self) -> int:
+        """Distinct inference requests the window's rows came from."""
+        return int(self.rows["request_id"].nunique()) if len(self.rows) else 0
+
+    def capped(self, max_rows_per_request: int) -> "Window":
+        """The window with at most ``max_rows_per_request`` rows of each request (its first ones):
+        one large request cannot fill a window on its own. Same id and bounds."""
+        if not len(self.rows) or self.rows["request_id"].value_counts().iloc[0] <= max_rows_per_request:
+            return self
+        rows = self.rows[self.rows["row_index"] < max_rows_per_request].reset_index(drop=True)
+        return Window(rows, self.kind, self.start_seq, self.end_seq, self.start_ts, self.end_ts, self.complete)
+
 
 @dataclass
 class GroupResult:

@@ -36,6 +36,7 @@ def champion_model(trained):
 def _settings(tmp_path, trained, **extra):
     base, _ = trained
     cfg = {"mlflow.tracking_uri": base.tracking_uri, "monitor.window_rows": 300, "monitor.min_samples": 200,
+           "monitor.min_requests": 2,
            "monitor.check_interval_seconds": 3600, "trigger.cooldown_seconds": 0, "trigger.min_samples": 100,
            "serving.name": "churn"}
     cfg.update(extra)
@@ -102,6 +103,40 @@ def test_drift_is_flagged_reported_and_triggers_one_run(tmp_path, trained, champ
     assert alert["report_uri"] == f"runs:/{runs[0].info.run_id}/drift_report/drift.html"
     artifacts = {a.path for a in registry.client.list_artifacts(runs[0].info.run_id, "drift_report")}
     assert artifacts == {"drift_report/drift.html", "drift_report/drift.json"}
+
+
+def test_one_large_request_cannot_raise_an_alert_or_start_a_run(tmp_path, trained, champion_model, monkeypatch):
+    """A single V1 request of many identical drifted rows fills no window: requests count, rows are capped."""
+    service, runner = _service(tmp_path, trained, monkeypatch, **{"monitor.min_requests": 5,
+                                                                  "monitor.max_rows_per_request": 40,
+                                                                  "monitor.window_rows": 2000})
+    with TestClient(service.app) as client:
+        row = _rows(drift=True, n=1)
+        _send_one_request(client, pd.concat([row] * 1500, ignore_index=True), champion_model)
+        outcome = client.post("/check").json()
+        assert outcome["verdict"] == "insufficient data", outcome
+        assert outcome["window"]["rows"] == 40 and outcome["window"]["requests"] == 1
+        assert "monitor.min_requests=5" in outcome["reason"] and "no run starts" in outcome["reason"]
+        assert "alert" not in outcome and client.get("/alerts").json()["alerts"] == []
+        # many requests, each capped, make a window: the same drift is then judged and acted on
+        for seed in range(6):
+            _send_one_request(client, _rows(drift=True, n=40, seed=seed), champion_model)
+        judged = client.post("/check").json()
+        assert judged["verdict"] == "drift" and judged["window"]["requests"] == 7, judged
+        assert judged["alert"]["decision"] == "started"
+        service.trigger.wait(judged["alert"]["id"], timeout=30)
+    assert len(runner.requests) == 1
+
+
+def _send_one_request(client: TestClient, rows: pd.DataFrame, model) -> None:
+    features = rows[FEATURES]
+    preds = [int(p) for p in model.predict(features)]
+    ce_id = uuid.uuid4().hex
+    instances = json.loads(features.to_json(orient="records"))
+    events = [structured(ce_id, "request", {"instances": instances}),
+              structured(ce_id, "response", {"predictions": preds}, version="1", role="champion")]
+    r = client.post("/events", content=json.dumps(events), headers={"content-type": "application/cloudevents-batch+json"})
+    assert r.status_code == 200, r.text
 
 
 def test_no_drift_and_insufficient_data(tmp_path, trained, champion_model, monkeypatch):

@@ -230,6 +230,9 @@ class MonitorConfig(_Section):
     window_seconds: float | None = Field(None, gt=0, description="time window; None = count windows only")
     window_kind: Literal["tumbling", "sliding"] = "tumbling"
     min_samples: int = Field(200, ge=1)
+    min_requests: int = Field(10, ge=1, description="distinct requests a window needs before a verdict, besides "
+                                                    "min_samples rows: one request or client cannot fill it")
+    max_rows_per_request: int = Field(100, ge=1, description="rows one request contributes to a window at most")
     check_interval_seconds: float = Field(10.0, gt=0)
     drift_share: float = Field(0.5, gt=0.0, le=1.0, description="share of drifted columns that makes dataset drift")
     num_method: str | None = None
