@@ -84,6 +84,9 @@ def drift_check_cmd(
     numeric, categorical = infer_columns(ref, list(exclude or []))
     if not numeric and not categorical:
         raise MonitorError(f"{reference} has no columns to compare")
+    missing = [c for c in [*numeric, *categorical] if c not in cur.columns]
+    if missing:
+        raise MonitorError(f"{current} lacks column(s) {missing} of the reference {reference}")
     snapshot, result = evidently_report(ref, cur, numeric, categorical, DriftOptions.from_config(settings.monitor))
     table = Table(title=f"drift: {current.name} vs {reference.name} ({len(cur)} vs {len(ref)} rows)")
     for name in ("column", "method", "score", "threshold", "drifted"):
