@@ -20,7 +20,7 @@ import numpy as np
 import orjson
 import pandas as pd
 
-__all__ = ["labelled_window", "score_matrix", "scored_window", "scores_of_body", "versions_seen"]
+__all__ = ["labelled_count", "labelled_window", "score_matrix", "scored_window", "scores_of_body", "versions_seen"]
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -81,7 +81,7 @@ def _decode(values: list[Any]) -> list[Any]:
 
 
 def _select(db: sqlite3.Connection, sql_from: str, columns: list[str], *, version: str | None, model_name: str | None,
-            since: float | None, until: float | None, limit: int | None) -> list[tuple]:
+            since: float | None, until: float | None, limit: int | None, offset: int | None = None) -> list[tuple]:
     clauses, params = [], []
     if version is not None:
         clauses.append("COALESCE(r.model_version, 'unknown') = ?")
@@ -96,6 +96,10 @@ def _select(db: sqlite3.Connection, sql_from: str, columns: list[str], *, versio
         clauses.append("r.ts < ?")
         params.append(until)
     where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
+    if offset is not None:  # the block [offset, offset + limit) in prediction-time order
+        sql = f"SELECT {', '.join(columns)} {sql_from} {where} ORDER BY r.ts, r.seq LIMIT {int(limit or -1)} " \
+              f"OFFSET {int(offset)}"
+        return db.execute(sql, params).fetchall()
     sql = f"SELECT {', '.join(columns)} {sql_from} {where} ORDER BY r.ts DESC, r.seq DESC"
     if limit is not None:
         sql += f" LIMIT {int(limit)}"
@@ -104,18 +108,32 @@ def _select(db: sqlite3.Connection, sql_from: str, columns: list[str], *, versio
     return rows
 
 
+def labelled_count(store_path: str | Path, *, version: str | None = None) -> int:
+    """How many logged predictions (of ``version``) have a label."""
+    db = _connect(Path(store_path))
+    try:
+        sql = ("SELECT COUNT(*) FROM rows r JOIN labels l ON l.request_id = r.request_id "
+               "AND l.row_index = r.row_index")
+        if version is None:
+            return int(db.execute(sql).fetchone()[0])
+        return int(db.execute(sql + " WHERE COALESCE(r.model_version, 'unknown') = ?", (version,)).fetchone()[0])
+    finally:
+        db.close()
+
+
 def labelled_window(store_path: str | Path, *, version: str | None = None, model_name: str | None = None,
                     since: float | None = None, until: float | None = None, limit: int | None = None,
-                    scores: bool = True) -> pd.DataFrame:
+                    offset: int | None = None, scores: bool = True) -> pd.DataFrame:
     """Labelled predictions by prediction time (``since`` inclusive, ``until`` exclusive; with
-    ``limit`` the latest ones), oldest first: ``request_id, row_index, ts, model_version, role,
-    prediction, label`` and ``scores`` when asked."""
+    ``limit`` the latest ones, with ``offset`` too the block from that position), oldest first:
+    ``request_id, row_index, ts, model_version, role, prediction, label`` and ``scores`` when asked."""
     cols = ["r.request_id", "r.row_index", "r.ts", "COALESCE(r.model_version, 'unknown')", "r.role", "r.prediction",
             "l.label"]
     db = _connect(Path(store_path))
     try:
         rows = _select(db, "FROM rows r JOIN labels l ON l.request_id = r.request_id AND l.row_index = r.row_index",
-                       cols, version=version, model_name=model_name, since=since, until=until, limit=limit)
+                       cols, version=version, model_name=model_name, since=since, until=until, limit=limit,
+                       offset=offset)
         frame = pd.DataFrame(rows, columns=["request_id", "row_index", "ts", "model_version", "role", "prediction",
                                             "label"])
         frame["prediction"] = _decode(list(frame["prediction"]))

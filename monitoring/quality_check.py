@@ -23,12 +23,13 @@ import time
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from driftloop.core.errors import MonitorError
 from monitoring.alerts import Alert
 from monitoring.estimate import estimate_performance
-from monitoring.labels import labelled_window, score_matrix, scored_window, versions_seen
-from monitoring.quality import (BaselineCache, compare, evidently_quality, quality_alert_id, quality_metrics,
+from monitoring.labels import labelled_count, labelled_window, score_matrix, scored_window, versions_seen
+from monitoring.quality import (Block, BaselineCache, compare, evidently_quality, quality_alert_id, quality_metrics,
                                 tumbling_block, verdicts_dict)
 
 __all__ = ["QualityMonitor"]
@@ -83,20 +84,20 @@ class QualityMonitor:
     def _check_version(self, version: str, champion: str | None, now: float) -> dict[str, Any]:
         cfg = self.cfg
         baseline = self.baselines.get(version)
-        labelled = labelled_window(self.store_path, version=version, scores=self.task == "classification")
+        n_labelled = labelled_count(self.store_path, version=version)
         m = self.metrics
-        m.quality_labelled_rows.labels(version=version).set(len(labelled))
+        m.quality_labelled_rows.labels(version=version).set(n_labelled)
         for metric, value in baseline.metrics.items():
             m.quality_holdout.labels(version=version, metric=metric).set(value)
-        out: dict[str, Any] = {"role": "champion" if version == champion else "other", "labelled_rows": len(labelled),
+        out: dict[str, Any] = {"role": "champion" if version == champion else "other", "labelled_rows": n_labelled,
                                "holdout": baseline.metrics, "baseline_source": baseline.source}
         estimate = self._estimate_latest(version, baseline)
         if estimate is not None:
             out["estimated_latest"] = estimate
             m.quality_estimated.labels(version=version, metric="accuracy").set(estimate["accuracy"])
-        block = tumbling_block(labelled, rows=cfg.window_rows, seconds=cfg.window_seconds, now=now)
+        block = self._block(version, n_labelled, now)
         if block is None or not block.complete or len(block.rows) < cfg.min_labels:
-            n = 0 if block is None else len(block.rows)
+            n = 0 if block is None else block.extra.get("n", len(block.rows))
             out.update(verdict="insufficient labels",
                        reason=f"{n} labelled rows in the current window < monitor.quality.min_labels={cfg.min_labels}"
                        if block is None or block.complete else
@@ -123,6 +124,24 @@ class QualityMonitor:
         elif version == champion and cfg.estimate_alerts and estimate is not None:
             out["estimate_alert"] = self._estimate_alert(version, baseline, estimate, now)
         return out
+
+    def _block(self, version: str, n_labelled: int, now: float) -> Block | None:
+        """The latest complete tumbling block of the version's labelled rows, read alone from the store
+        (by count: ``[k*rows, (k+1)*rows)`` in prediction-time order; by time: the last two intervals)."""
+        cfg = self.cfg
+        scores = self.task == "classification"
+        if n_labelled == 0:
+            return None
+        if cfg.window_seconds is None:
+            k = n_labelled // cfg.window_rows
+            if k == 0:
+                return Block("rows:0", pd.DataFrame(), None, None, False, {"n": n_labelled})
+            rows = labelled_window(self.store_path, version=version, offset=(k - 1) * cfg.window_rows,
+                                   limit=cfg.window_rows, scores=scores)
+            return Block(f"rows:{k - 1}", rows, float(rows["ts"].iloc[0]), float(rows["ts"].iloc[-1]), True)
+        since = (now // cfg.window_seconds - 1) * cfg.window_seconds
+        recent = labelled_window(self.store_path, version=version, since=since, scores=scores)
+        return tumbling_block(recent, rows=cfg.window_rows, seconds=cfg.window_seconds, now=now)
 
     def _estimate_latest(self, version: str, baseline: Any) -> dict[str, Any] | None:
         """CBPE on the latest predictions of the version (labelled or not)."""

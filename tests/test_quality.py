@@ -303,3 +303,18 @@ def test_regression_that_undershoots_raises_a_quality_alert_on_rmse_and_bias(tmp
     finally:
         store.close()
         alerts.close()
+
+
+def test_tumbling_blocks_keep_their_id_as_labels_arrive():
+    from monitoring.quality import tumbling_block
+
+    frame = pd.DataFrame({"ts": np.arange(250, dtype=float), "request_id": [f"r{i}" for i in range(250)],
+                          "row_index": 0, "label": 1, "prediction": 1})
+    block = tumbling_block(frame, rows=100, seconds=None, now=1e9)
+    assert block.key == "rows:1" and block.complete and list(block.rows["ts"])[:1] == [100.0]
+    assert not tumbling_block(frame.iloc[:40], rows=100, seconds=None, now=1e9).complete
+    # by time: the latest complete interval [100, 200) at now=250; the running one only while none is complete
+    timed = tumbling_block(frame, rows=1000, seconds=100.0, now=250.0)
+    assert timed.key == "t:100" and timed.complete and len(timed.rows) == 100
+    running = tumbling_block(frame[frame["ts"] >= 200], rows=1000, seconds=100.0, now=250.0)
+    assert running.key == "t:200" and not running.complete
