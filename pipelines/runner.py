@@ -169,7 +169,7 @@ class LocalRunner:
         warnings.filterwarnings("ignore", message=".*custom or non-Python base image", category=RuntimeWarning)
         with _error_file() as err_path:
             try:
-                with open(log_path, "a") as out, contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+                with _output_to(log_path):
                     pipeline(**args)
             except RuntimeError as exc:
                 detail = _read_error(err_path)
@@ -197,6 +197,23 @@ def _error_file():
             os.environ[ERROR_FILE_ENV] = old
         with contextlib.suppress(OSError):
             os.unlink(path)
+
+
+@contextlib.contextmanager
+def _output_to(path: Path):
+    """Everything kfp.local prints or logs (root logger) while the pipeline runs goes to ``path``."""
+    root = logging.getLogger()
+    with open(path, "a") as out, contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        handlers, level = root.handlers[:], root.level
+        handler = logging.StreamHandler(out)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+        root.handlers[:] = [handler]
+        root.setLevel(logging.INFO)
+        try:
+            yield
+        finally:
+            root.handlers[:] = handlers
+            root.setLevel(level)
 
 
 def _first_line(exc: BaseException) -> str:

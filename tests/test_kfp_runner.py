@@ -163,3 +163,28 @@ def test_cli_run_train_on_an_unreachable_host_prints_one_line(tmp_path, scenario
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert host in err and "Traceback" not in err
+
+
+def test_a_failed_local_run_prints_one_line_and_where_the_log_is(tmp_path, scenario_path):
+    """kfp.local's executor output goes to the run's log file; the terminal gets the step and the error."""
+    import os
+    import re
+    import subprocess
+
+    import pandas as pd
+
+    source = tmp_path / "no-time-column.parquet"
+    pd.read_parquet(scenario_path).drop(columns=["event_time"]).to_parquet(source)
+    env = {**os.environ, "DRIFTLOOP_WORKSPACE": str(tmp_path / "ws"), "DRIFTLOOP_DATA__SOURCE": str(source),
+           "DRIFTLOOP_DATA__TIME_COLUMN": "event_time", "COLUMNS": "200"}
+    proc = subprocess.run([sys.executable, "-m", "driftloop.app.cli", "run", "train"], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+    assert len(lines) <= 5, "\n".join(lines)  # a header, where the log goes, the failure, what it means
+    text = " ".join((proc.stdout + proc.stderr).split())  # the console may wrap a long line
+    assert text.count("run failed") == 1
+    assert "run failed: step 'ingest' failed: time column 'event_time' is not in the data" in text
+    log_path = re.search(r"\(full log: (\S+)\)", text).group(1)
+    log = open(log_path).read()
+    assert "executor_main" in log or "Executing task" in log  # the executor's log is kept, just not printed

@@ -43,6 +43,7 @@ def _quiet_libraries() -> None:
     for name in ("mlflow", "alembic", "urllib3", "kserve", "httpx", "httpcore"):
         logging.getLogger(name).setLevel(logging.WARNING)
     os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # its INFO lines (e.g. creating tables) are noise here
 
 
 @app.callback()
@@ -165,7 +166,7 @@ def _register_plugins() -> None:
     """Attach the command groups of the serving and monitoring packages."""
     import importlib
 
-    for module in ("driftloop.app.serving_cli", "driftloop.app.monitor_cli", "driftloop.app.schedule_cli", "driftloop.app.loop_cli", "driftloop.app.infra_cli"):
+    for module in ("driftloop.app.serving_cli", "driftloop.app.monitor_cli", "driftloop.app.schedule_cli", "driftloop.app.loop_cli", "driftloop.app.infra_cli", "driftloop.app.tenant_cli"):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as exc:
