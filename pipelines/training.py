@@ -13,6 +13,8 @@ from components.ops import deploy_op, evaluate_op, ingest_op, register_op, rejec
 __all__ = ["training_pipeline", "pipeline_arguments", "compile_pipeline", "make_training_pipeline", "build_training_pipeline", "ClusterOptions", "GPU_TOLERATION_EFFECT"]
 
 GPU_TOLERATION_EFFECT = "NoSchedule"
+# Kueue admits a pod labelled with its tenant's LocalQueue (Kueue has no KFP integration).
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 
 
 @dataclass(frozen=True)
@@ -27,13 +29,16 @@ class ClusterOptions:
     mlflow_secret: str | None = None
     cpu_limit: str = "2"
     memory_limit: str = "4G"
+    queue_name: str | None = None
+    mlflow_workspace: str | None = None
 
     @classmethod
     def from_settings(cls, settings: Any) -> "ClusterOptions":
         m = settings.model
         return cls(gpu=m.gpu, accelerator_type=m.accelerator_type, accelerator_limit=m.accelerator_limit,
                    toleration_key=m.gpu_toleration_key, node_selector=tuple(sorted(m.gpu_node_selector.items())),
-                   mlflow_secret=settings.kfp.mlflow_secret)
+                   mlflow_secret=settings.kfp.mlflow_secret, queue_name=settings.kfp.queue_name,
+                   mlflow_workspace=settings.mlflow.workspace)
 
 
 # Keys of the MLflow Secret mounted into steps that talk to MLflow (optional keys: a
@@ -50,6 +55,8 @@ MLFLOW_SECRET_KEYS = {
 def _use_mlflow_secret(task: dsl.PipelineTask, opts: ClusterOptions) -> dsl.PipelineTask:
     if opts.mlflow_secret:
         kubernetes.use_secret_as_env(task, secret_name=opts.mlflow_secret, secret_key_to_env=MLFLOW_SECRET_KEYS, optional=True)
+    if opts.mlflow_workspace:
+        task.set_env_variable("MLFLOW_WORKSPACE", opts.mlflow_workspace)
     return task
 
 
@@ -108,6 +115,8 @@ def make_training_pipeline(opts: ClusterOptions = ClusterOptions()):
             learner=learner, params=learner_params, device=device,
         ).set_display_name("train")
         _request_gpu(train, opts)
+        if opts.queue_name:
+            kubernetes.add_pod_label(train, QUEUE_LABEL, opts.queue_name)
         evaluate = evaluate_op(
             model=train.outputs["model"], test=ingest.outputs["test"], schema=validate.outputs["schema"], target=target,
             task=task, metric=gate_metric, min_value=gate_min_value, margin=gate_margin, tracking_uri=tracking_uri,

@@ -13,7 +13,10 @@ For the base and every overlay it
 5. checks what the manifests share with the Python side: the driftloop configuration in
    the ``driftloop-config``/``driftloop-env`` ConfigMaps loads with :mod:`driftloop.core.config`,
    every driftloop container runs :data:`driftloop.core.config.DEFAULT_IMAGE` (the image the
-   compiled pipelines use), and no Secret carries values.
+   compiled pipelines use), and no Secret carries values;
+6. builds every tenant under ``infra/tenants/`` the same way (Kueue and Kubeflow Profile objects
+   against the pinned schemas of :mod:`driftloop.app.tenant_crds`) and checks the invariants that
+   keep tenants apart (:func:`driftloop.app.tenants.check_invariants`).
 
 Each problem names the source file(s) of the object (found by kind and name under
 ``infra/``) and the field. ``python -m driftloop.app.infra_check [ROOT]`` exits 1 with one
@@ -39,6 +42,8 @@ import yaml
 from driftloop.core.config import DEFAULT_IMAGE, Settings, load_settings
 from driftloop.core.errors import ConfigError, InfraCheckError
 from driftloop.app.infra_crds import CRD_SCHEMAS
+from driftloop.app.tenant_crds import TENANT_CRD_SCHEMAS
+from driftloop.app.tenants import TenantError, tenant_problems
 
 __all__ = [
     "K8S_VERSION",
@@ -109,6 +114,9 @@ def kustomize_targets(infra: Path) -> list[Path]:
     overlays = infra / "overlays"
     if overlays.is_dir():
         targets += sorted(p for p in overlays.iterdir() if (p / "kustomization.yaml").is_file())
+    tenants = infra / "tenants"  # `driftloop tenant add`: shared/ and one folder per tenant
+    if tenants.is_dir():
+        targets += sorted(p for p in tenants.iterdir() if (p / "kustomization.yaml").is_file())
     return targets
 
 
@@ -471,8 +479,8 @@ def check_objects(objects: list[dict[str, Any]], index: dict[tuple[str, str], li
         kind_key = f"{obj.get('apiVersion', '')}/{obj.get('kind', '')}"
         if kind_key == _ISVC:
             messages = _validate_inference_service(obj)
-        elif kind_key in CRD_SCHEMAS:
-            messages = _validate_custom(obj, CRD_SCHEMAS[kind_key])
+        elif kind_key in CRD_SCHEMAS or kind_key in TENANT_CRD_SCHEMAS:
+            messages = _validate_custom(obj, CRD_SCHEMAS.get(kind_key) or TENANT_CRD_SCHEMAS[kind_key])
         else:
             core = _validate_core(obj)
             messages = core if core is not None else [f"no schema for {kind_key} (not a Kubernetes kind, "
@@ -512,9 +520,18 @@ def check_tree(root: Path) -> list[Problem]:
     index = source_index(infra)
     problems: list[Problem] = []
     for target in targets:
-        found = check_target(target, infra, kubectl, index)
-        log.info("%s: %s", target.relative_to(infra.parent), "ok" if not found else f"{len(found)} problem(s)")
+        label = str(target.relative_to(infra.parent))
+        # a tenant's objects share kind and name with the base's: name only the tenant's files
+        own = {k: [f for f in v if f.startswith(label + "/")] or v for k, v in index.items()} \
+            if target.parent.name == "tenants" else index
+        found = check_target(target, infra, kubectl, own)
+        log.info("%s: %s", label, "ok" if not found else f"{len(found)} problem(s)")
         problems += found
+    where = str((infra / "tenants").relative_to(infra.parent))
+    try:  # what keeps tenants apart and within the GPU pool, over all of them
+        problems += [Problem(where, message) for message in tenant_problems(infra)]
+    except TenantError as exc:
+        problems.append(Problem(where, str(exc)))
     return problems
 
 

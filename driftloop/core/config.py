@@ -34,6 +34,8 @@ __all__ = [
     "QualityConfig",
     "TriggerConfig",
     "ScheduleConfig",
+    "ScoreConfig",
+    "DistributedConfig",
     "load_settings",
     "apply_overrides",
     "ENV_PREFIX",
@@ -113,6 +115,8 @@ class MlflowConfig(_Section):
     registry_uri: str | None = None
     experiment: str = "driftloop"
     model_name: str = "driftloop-model"
+    workspace: str | None = Field(None, description="MLflow workspace on a server started with --enable-workspaces; "
+                                                    "the pipeline's steps get it as MLFLOW_WORKSPACE (a tenant's space)")
 
 
 class KfpConfig(_Section):
@@ -122,6 +126,8 @@ class KfpConfig(_Section):
     pipeline_name: str = "driftloop-train"
     mlflow_secret: str | None = Field("driftloop-mlflow", description="Secret mounted as MLflow env vars")
     service_account: str | None = "driftloop-pipeline"
+    queue_name: str | None = Field(None, description="Kueue LocalQueue of the tenant: the train step's pods carry "
+                                                     "the label kueue.x-k8s.io/queue-name")
 
 
 class ServingConfig(_Section):
@@ -183,6 +189,13 @@ class RolloutConfig(_Section):
     deploy: Literal["auto", "local", "kserve", "none"] = Field(
         "auto", description="where the pipeline's deploy step puts a canary; auto: kserve on a cluster, else local")
     prometheus_url: str | None = Field(None, description="Prometheus for InferenceService canary metrics")
+    shadow_percent: float = Field(0.0, ge=0.0, le=100.0, description="share of requests mirrored to a new challenger "
+                                  "before its canary steps; 0 = no shadow phase")
+    shadow_seconds: float = Field(60.0, gt=0, description="how long the shadow phase lasts at least")
+    shadow_min_requests: int = Field(50, ge=1, description="mirrored requests the shadow phase needs before a verdict")
+    shadow_timeout_seconds: float = Field(2.0, gt=0, description="a mirrored request slower than this counts as an error")
+    shadow_min_agreement: float = Field(0.9, ge=0.0, le=1.0, description="classification: share of equal labels")
+    shadow_max_relative_diff: float = Field(0.1, ge=0.0, description="regression: mean |shadow - primary| / mean |primary|")
 
     @field_validator("step_weights")
     @classmethod
@@ -278,6 +291,23 @@ class ScheduleConfig(_Section):
     grace_seconds: float = Field(300.0, ge=0, description="a slot this late still runs on a no-catchup schedule")
 
 
+class ScoreConfig(_Section):
+    """Batch scoring (``driftloop run score``): stored records in, predictions out."""
+
+    input: str = Field("", description="URI of the records to score (parquet or csv; path, file://, s3://, gs://)")
+    output: str = Field("", description="URI of the predictions (parquet, or csv by its suffix)")
+    format: Literal["auto", "parquet", "csv"] = "auto"
+    model: str | None = Field(None, description="name@alias or name/version; default <mlflow.model_name>@champion")
+    id_column: str = Field("id", description="column copied from the input to every prediction")
+    chunks: int = Field(0, ge=0, le=1000, description="chunks scored in parallel; 0 = one per CPU core")
+    batch_rows: int = Field(50_000, ge=1, description="rows read, scored and written at a time (bounds memory)")
+    overwrite: bool = False
+    drift_sample_rows: int = Field(50_000, ge=100, description="rows of the batch compared with the reference")
+    drift_share: float = Field(0.5, gt=0.0, le=1.0, description="share of drifted columns that makes dataset drift")
+    alert_url: str | None = Field(None, description="monitor's Alertmanager webhook for a drifted batch; default "
+                                                    "http://<monitor.host>:<monitor.port>/alerts/alertmanager")
+
+
 class Settings(_Section):
     """Everything driftloop needs, validated once and frozen."""
 
@@ -294,6 +324,7 @@ class Settings(_Section):
     monitor: MonitorConfig = MonitorConfig()
     trigger: TriggerConfig = TriggerConfig()
     schedule: ScheduleConfig = ScheduleConfig()
+    score: ScoreConfig = ScoreConfig()
 
     @model_validator(mode="after")
     def _gate_metric(self) -> "Settings":
