@@ -6,14 +6,15 @@ step modules themselves never import KFP: inside a running step ``kfp.dsl`` is t
 runtime build, which has no decorators.
 """
 
-from typing import NamedTuple
+from typing import List, NamedTuple
 
 from kfp import dsl
-from kfp.dsl import Artifact, ClassificationMetrics, Dataset, Input, Metrics, Model, Output
+from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Input, Metrics, Model, Output
 
 from driftloop.core.config import DEFAULT_IMAGE
 
-__all__ = ["ingest_op", "validate_op", "train_op", "evaluate_op", "register_op", "reject_op", "deploy_op"]
+__all__ = ["ingest_op", "validate_op", "train_op", "train_distributed_op", "evaluate_op", "register_op", "reject_op", "deploy_op",
+           "score_plan_op", "score_chunk_op", "score_write_op", "score_drift_op"]
 
 
 @dsl.component(base_image=DEFAULT_IMAGE, install_kfp_package=False)
@@ -126,6 +127,39 @@ def train_op(
 
 
 @dsl.component(base_image=DEFAULT_IMAGE, install_kfp_package=False)
+def train_distributed_op(
+    train: Input[Dataset],
+    schema: Input[Artifact],
+    target: str,
+    task: str,
+    learner: str,
+    params: dict,
+    device: str,
+    distributed: dict,
+    model: Output[Model],
+) -> NamedTuple("TrainOutputs", [("device", str), ("seconds", float)]):
+    """Launch distributed training (a Kubeflow Trainer TrainJob on a cluster, local worker processes
+    otherwise) and write rank 0's model to the Model artifact with the training record."""
+    from collections import namedtuple
+
+    import joblib
+
+    from components._runtime import step
+    from components.distributed import train_distributed
+
+    with step("train"):
+        result = train_distributed(
+            train_uri=train.uri, train_path=train.path, schema_uri=schema.uri, schema_path=schema.path,
+            model_path=model.path, model_uri=model.uri, target=target, task=task, learner=learner, params=params,
+            device=device, distributed=distributed,
+        )
+        joblib.dump(result.model, model.path)
+        model.metadata.update({"framework": "sklearn", "learner": learner, "device": result.device,
+                               "features": list(result.model.feature_names_in_), "distributed": result.record})
+    return namedtuple("TrainOutputs", ["device", "seconds"])(result.device, float(result.record["seconds"]))
+
+
+@dsl.component(base_image=DEFAULT_IMAGE, install_kfp_package=False)
 def evaluate_op(
     model: Input[Model],
     test: Input[Dataset],
@@ -227,6 +261,10 @@ def register_op(
             train=pd.read_parquet(train.path), test=pd.read_parquet(test.path), reference=pd.read_parquet(reference.path),
             schema=sch, decision=dec, ctx=ctx,
         )
+        if model.metadata.get("distributed"):
+            from components.distributed import record_on_run
+
+            record_on_run(tracking_uri, run_id, dict(model.metadata["distributed"]))
         print(f"registered {model_name} version {version} aliases {','.join(aliases)}", flush=True)
     return namedtuple("Registered", ["version", "aliases", "mlflow_run_id"])(version, ",".join(aliases), run_id)
 
@@ -266,6 +304,10 @@ def reject_op(
                    str(model.metadata.get("device", "cpu")), params)
         run_id = record_rejection(registry=Registry(tracking_uri, experiment=experiment), train=pd.read_parquet(train.path),
                                   test=pd.read_parquet(test.path), schema=sch, decision=dec, ctx=ctx)
+        if model.metadata.get("distributed"):
+            from components.distributed import record_on_run
+
+            record_on_run(tracking_uri, run_id, dict(model.metadata["distributed"]))
         print(f"gate rejected the model; run {run_id} records why", flush=True)
     return run_id
 
@@ -285,3 +327,123 @@ def deploy_op(version: str, serving_home: str, settings_json: str) -> NamedTuple
         result = deploy_canary(settings, version=version, home=serving_home)
         print(f"deploy: {result.action}: {result.message}", flush=True)
     return namedtuple("Deployed", ["action", "message", "percent"])(result.action, result.message, result.percent)
+
+
+# -- batch scoring (pipelines/scoring.py) ----------------------------------------------------------
+@dsl.component(base_image=DEFAULT_IMAGE, install_kfp_package=False)
+def score_plan_op(model_ref: str, input_uri: str, output_uri: str, fmt: str, id_column: str, chunks: int,
+                  overwrite: bool, tracking_uri: str, plan: Output[Artifact]) -> list:
+    """Check the model, the input's columns and the output; return the chunks (each says what to score with).
+
+    The chunk list is the component's only parameter output: kfp.local (2.17) fans a ParallelFor out
+    over a task's ``Output`` only, not over a named output of a NamedTuple.
+    """
+    import dataclasses
+    import json
+
+    from components._runtime import step
+    from components.score import plan_scoring
+    from driftloop.core.registry import Registry
+
+    with step("plan"):
+        result = plan_scoring(Registry(tracking_uri), model_ref=model_ref, input_uri=input_uri, output_uri=output_uri,
+                              fmt=fmt, id_column=id_column, chunks=chunks, overwrite=overwrite)
+        info = {k: v for k, v in dataclasses.asdict(result).items() if k != "chunks"}
+        with open(plan.path, "w") as fh:
+            json.dump(info, fh)
+        plan.metadata.update({"model": result.model_name, "version": result.version, "chunks": len(result.chunks),
+                              "rows": result.rows or -1})
+        print(f"scoring {input_uri} with {result.model_name} v{result.version} in {len(result.chunks)} chunk(s)",
+              flush=True)
+    return [dict(c, **{k: info[k] for k in ("model_uri", "version", "fmt", "numeric", "categorical")})
+            for c in result.chunks]
+
+
+@dsl.component(base_image=DEFAULT_IMAGE, install_kfp_package=False)
+def score_chunk_op(chunk: dict, input_uri: str, id_column: str, batch_rows: int, sample_rows: int, tracking_uri: str,
+                   part: Output[Dataset], sample: Output[Dataset]) -> int:
+    """Score one chunk of the input into a parquet part; keep a sample of its features for the drift check."""
+    from components._runtime import step
+    from components.score import score_chunk
+    from driftloop.core.registry import Registry
+
+    with step("score"):
+        model = Registry(tracking_uri).load_sklearn(chunk["model_uri"])
+        rows = score_chunk(model, uri=input_uri, fmt=chunk["fmt"], chunk=chunk, numeric=list(chunk["numeric"]),
+                           categorical=list(chunk["categorical"]), id_column=id_column, version=chunk["version"],
+                           part_path=part.path, sample_path=sample.path, sample_rows=sample_rows,
+                           batch_rows=batch_rows)
+        part.metadata.update({"rows": rows, "chunk": int(chunk["index"]), "model_version": chunk["version"]})
+        print(f"chunk {int(chunk['index'])}: {rows} rows scored", flush=True)
+    return rows
+
+
+@dsl.component(base_image=DEFAULT_IMAGE, install_kfp_package=False)
+def score_write_op(parts: Input[List[Dataset]], output_uri: str, overwrite: bool) -> int:
+    """Write the parts, in chunk order, to the output (a temporary name, renamed when complete)."""
+    from components._runtime import step
+    from components.score import write_predictions
+
+    with step("write"):
+        rows = write_predictions([p.path for p in parts], output_uri, overwrite=overwrite)
+        print(f"wrote {rows} predictions -> {output_uri}", flush=True)
+    return rows
+
+
+@dsl.component(base_image=DEFAULT_IMAGE, install_kfp_package=False)
+def score_drift_op(samples: Input[List[Dataset]], plan: Input[Artifact], drift_share: float, sample_rows: int, rows: int, input_uri: str, output_uri: str, request_id: str,
+                   started: str, trigger: str, tracking_uri: str, experiment: str, alert_url: str,
+                   report: Output[HTML], metrics: Output[Metrics]) -> NamedTuple(
+        "BatchDrift", [("drifted", bool), ("share", float), ("alert", str)]):
+    """Evidently's drift report of the batch against the model's reference, in MLflow; a drifted batch alerts."""
+    import json
+    import os
+    import shutil
+    import tempfile
+    from collections import namedtuple
+    from pathlib import Path
+
+    import pandas as pd
+
+    from components._runtime import step
+    from components.score import alert_payload, batch_drift, log_batch_run, send_alert
+    from driftloop.core.errors import DriftloopError
+    from driftloop.core.registry import Registry
+
+    with step("drift"):
+        with open(plan.path) as fh:
+            info = json.load(fh)
+        model_name, version = info["model_name"], info["version"]
+        numeric, categorical = info["numeric"], info["categorical"]
+        frames = [pd.read_parquet(s.path) for s in samples]
+        batch = pd.concat([f for f in frames if len(f)], ignore_index=True)
+        if len(batch) > sample_rows:
+            batch = batch.sample(n=sample_rows, random_state=0)
+        registry = Registry(tracking_uri, experiment=experiment)
+        reference = registry.reference_sample(f"{model_name}/{version}")
+        snapshot, verdict = batch_drift(reference, batch, list(numeric), list(categorical), drift_share=drift_share)
+        with tempfile.TemporaryDirectory() as tmp:
+            html, js = Path(tmp) / "batch_drift.html", Path(tmp) / "batch_drift.json"
+            snapshot.save_html(str(html))
+            snapshot.save_json(str(js))
+            shutil.copyfile(html, report.path)
+            _, uri = log_batch_run(registry, [html, js], verdict=verdict, model=model_name, version=version,
+                                   input_uri=input_uri, output_uri=output_uri, rows=rows, request_id=request_id,
+                                   trigger=trigger)
+        metrics.log_metric("drift_share", verdict["share"])
+        metrics.log_metric("dataset_drift", 1.0 if verdict["dataset_drift"] else 0.0)
+        metrics.log_metric("rows", float(rows))
+        outcome = "none"
+        if verdict["dataset_drift"]:
+            payload = alert_payload(model=model_name, version=version, input_uri=input_uri, request_id=request_id,
+                                    started=started, verdict=verdict, rows=rows, report_uri=uri)
+            try:
+                answer = send_alert(alert_url, payload, token=os.environ.get("DRIFTLOOP_WEBHOOK_TOKEN"))
+                outcome = json.dumps(answer.get("decisions", []))
+            except DriftloopError as exc:  # the predictions stand; the report is in MLflow; say why no alert
+                outcome = f"not sent: {exc}"
+            print(f"batch drift ({verdict['share']:.2f} of columns: {', '.join(verdict['drifted_columns'])}); "
+                  f"alert {outcome}", flush=True)
+        else:
+            print(f"no batch drift ({verdict['share']:.2f} of columns)", flush=True)
+    return namedtuple("BatchDrift", ["drifted", "share", "alert"])(verdict["dataset_drift"], verdict["share"], outcome)

@@ -1,0 +1,259 @@
+"""The batch scoring pipeline: plan → score chunks in parallel (``dsl.ParallelFor``) → write → drift.
+
+Compiled like the training pipeline (``driftloop compile`` writes both; upload either in the
+Kubeflow UI), run by ``driftloop run score`` through kfp.local on the embedded default or
+``kfp.Client`` on a cluster, and scheduled like training (``driftloop schedule create --pipeline
+score``). On a cluster every chunk is a pod; kfp.local runs the iterations as subprocesses.
+"""
+
+
+import contextlib
+import datetime as dt
+import uuid
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kfp import compiler, dsl
+
+from components.ops import score_chunk_op, score_drift_op, score_plan_op, score_write_op
+from driftloop.core.config import Settings
+from driftloop.core.errors import PipelineRunError, RegistryError
+from driftloop.core.runs import RunResult
+from pipelines.training import ClusterOptions, _use_mlflow_secret
+
+__all__ = ["SCORE_PIPELINE_NAME", "ScoreRequest", "scoring_pipeline", "make_scoring_pipeline", "score_arguments",
+           "compile_scoring_pipeline", "run_scoring", "alert_url"]
+
+SCORE_PIPELINE_NAME = "driftloop-score"
+WEBHOOK_SECRET_KEYS = {"token": "DRIFTLOOP_WEBHOOK_TOKEN"}  # Secret driftloop-webhook, key token
+
+
+@dataclass(frozen=True)
+class ScoreRequest:
+    """One scoring run; unset fields come from the ``score`` section of the configuration."""
+
+    input: str | None = None
+    output: str | None = None
+    model: str | None = None
+    chunks: int | None = None
+    overwrite: bool | None = None
+    trigger: str = "manual"
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    started: str = field(default_factory=lambda: dt.datetime.now(dt.UTC).isoformat())
+
+
+def make_scoring_pipeline(opts: ClusterOptions = ClusterOptions(), webhook_secret: str | None = None):
+    @dsl.pipeline(name=SCORE_PIPELINE_NAME,
+                  description="Score stored records in parallel chunks with a registered model; drift of the batch "
+                              "against the model's reference (Evidently report in MLflow, alert when it drifts).")
+    def scoring_pipeline(
+        input_uri: str,
+        output_uri: str,
+        model_ref: str,
+        fmt: str = "auto",
+        id_column: str = "id",
+        chunks: int = 1,
+        overwrite: bool = False,
+        batch_rows: int = 50_000,
+        sample_rows: int = 50_000,
+        drift_share: float = 0.5,
+        tracking_uri: str = "",
+        experiment: str = "driftloop",
+        alert_url: str = "",
+        trigger: str = "manual",
+        request_id: str = "",
+        started: str = "",
+    ):
+        plan = score_plan_op(model_ref=model_ref, input_uri=input_uri, output_uri=output_uri, fmt=fmt,
+                             id_column=id_column, chunks=chunks, overwrite=overwrite, tracking_uri=tracking_uri)
+        _use_mlflow_secret(plan.set_display_name("plan: model, input, output, chunks"), opts)
+        with dsl.ParallelFor(plan.outputs["Output"], name="chunks") as chunk:
+            score = score_chunk_op(chunk=chunk, input_uri=input_uri, id_column=id_column, batch_rows=batch_rows,
+                                   sample_rows=sample_rows, tracking_uri=tracking_uri)
+            _use_mlflow_secret(score.set_display_name("score chunk"), opts)
+            score.set_cpu_limit(opts.cpu_limit).set_memory_limit(opts.memory_limit)
+        write = score_write_op(parts=dsl.Collected(score.outputs["part"]), output_uri=output_uri, overwrite=overwrite)
+        write.set_display_name("write predictions")
+        drift = score_drift_op(
+            samples=dsl.Collected(score.outputs["sample"]), plan=plan.outputs["plan"], drift_share=drift_share,
+            sample_rows=sample_rows, rows=write.output, input_uri=input_uri, output_uri=output_uri,
+            request_id=request_id, started=started, trigger=trigger, tracking_uri=tracking_uri, experiment=experiment,
+            alert_url=alert_url,
+        )
+        _use_mlflow_secret(drift.set_display_name("batch drift vs reference"), opts)
+        if webhook_secret:
+            from kfp import kubernetes
+
+            kubernetes.use_secret_as_env(drift, secret_name=webhook_secret, secret_key_to_env=WEBHOOK_SECRET_KEYS,
+                                         optional=True)
+        for task in (plan, score, write, drift):
+            task.set_caching_options(False)  # the input and the model's alias move between runs
+
+    return scoring_pipeline
+
+
+scoring_pipeline = make_scoring_pipeline()
+
+
+def alert_url(settings: Settings) -> str:
+    """Where a drifted batch's alert goes: ``score.alert_url``, else the monitor's webhook."""
+    if settings.score.alert_url:
+        return settings.score.alert_url
+    if settings.is_cluster:
+        base = settings.serving.logger_url.rsplit("/", 1)[0]  # the monitor's in-cluster Service
+        return f"{base}/alerts/alertmanager"
+    return f"http://{settings.monitor.host}:{settings.monitor.port}/alerts/alertmanager"
+
+
+def score_arguments(settings: Settings, request: ScoreRequest | None = None) -> dict[str, Any]:
+    """The scoring pipeline's parameters: the ``score`` section, with this request's values on top."""
+    from components.score import default_chunks
+
+    request = request or ScoreRequest()
+    s = settings.score
+    chunks = request.chunks if request.chunks is not None else s.chunks
+    return {
+        "input_uri": request.input if request.input is not None else s.input,
+        "output_uri": request.output if request.output is not None else s.output,
+        "model_ref": request.model or s.model or f"{settings.mlflow.model_name}@champion",
+        "fmt": s.format,
+        "id_column": s.id_column,
+        "chunks": chunks or default_chunks(),
+        "overwrite": request.overwrite if request.overwrite is not None else s.overwrite,
+        "batch_rows": s.batch_rows,
+        "sample_rows": s.drift_sample_rows,
+        "drift_share": s.drift_share,
+        "tracking_uri": settings.tracking_uri,
+        "experiment": settings.mlflow.experiment,
+        "alert_url": alert_url(settings),
+        "trigger": request.trigger,
+        "request_id": request.request_id,
+        "started": request.started,
+    }
+
+
+def build_scoring_pipeline(settings: Settings):
+    return make_scoring_pipeline(ClusterOptions.from_settings(settings), webhook_secret="driftloop-webhook")
+
+
+def compile_scoring_pipeline(settings: Settings, package_path: str | Path) -> Path:
+    """Compile the scoring pipeline to KFP YAML with the config's values as parameter defaults."""
+    args = score_arguments(settings, ScoreRequest(request_id="", started=""))
+    path = Path(package_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    compiler.Compiler().compile(build_scoring_pipeline(settings), str(path), pipeline_parameters=args)
+    return path
+
+
+def _check(args: dict[str, Any]) -> None:
+    from pipelines.runner import check_trigger
+
+    check_trigger(args["trigger"])
+    if not args["input_uri"]:
+        raise PipelineRunError("no input to score: pass --input or set score.input")
+    if not args["output_uri"]:
+        raise PipelineRunError("no output for the predictions: pass --output or set score.output")
+
+
+def run_scoring(settings: Settings, request: ScoreRequest, *, wait: bool = True, client: Any | None = None) -> RunResult:
+    """Run the scoring pipeline: kfp.local on the embedded default, Kubeflow when ``kfp.host`` is set."""
+    args = score_arguments(settings, request)
+    _check(args)
+    if settings.is_cluster:
+        return _run_on_kubeflow(settings, request, args, wait=wait, client=client)
+    return _run_locally(settings, request, args)
+
+
+def _run_locally(settings: Settings, request: ScoreRequest, args: dict[str, Any]) -> RunResult:
+    import kfp.local
+
+    from components.score import plan_scoring
+    from driftloop.core.registry import Registry
+    from pipelines.runner import _error_file, _first_line, _read_error, _tasks_through_spawn
+
+    registry = Registry.from_settings(settings)
+    # The plan's checks, here first: bad input is one line before any task starts.
+    plan_scoring(registry, model_ref=args["model_ref"], input_uri=args["input_uri"], output_uri=args["output_uri"],
+                 fmt=args["fmt"], id_column=args["id_column"], chunks=args["chunks"], overwrite=args["overwrite"])
+    try:
+        registry.experiment_id()
+    except RegistryError as exc:
+        raise PipelineRunError(f"cannot start the run: {exc}") from exc
+    root = settings.workspace_dir / "pipeline-root"
+    log_path = root / "logs" / f"score-{request.request_id}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
+    _tasks_through_spawn()
+    warnings.filterwarnings("ignore", message=".*have no effect in the current local runner")
+    warnings.filterwarnings("ignore", message=".*custom or non-Python base image", category=RuntimeWarning)
+    pipeline = build_scoring_pipeline(settings)
+    with _error_file() as err_path:
+        try:
+            with open(log_path, "a") as out, contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+                pipeline(**args)
+        except RuntimeError as exc:
+            detail = _read_error(err_path)
+            message = f"step {detail['step']!r} failed: {detail['message']}" if detail else _first_line(exc)
+            return RunResult(request.request_id, request.request_id, "FAILED", "local",
+                             error=f"{message} (full log: {log_path})")
+    return RunResult(request.request_id, request.request_id, "SUCCEEDED", "local",
+                     summary=summarize_scoring(settings, request.request_id) | {"log": str(log_path)})
+
+
+def summarize_scoring(settings: Settings, request_id: str) -> dict[str, Any]:
+    """What the run recorded in MLflow: model version, rows, drift verdict and report."""
+    from driftloop.core.registry import Registry
+
+    registry = Registry.from_settings(settings)
+    runs = registry.find_runs(f"tags.`driftloop.score.request_id` = '{request_id}'", max_results=1)
+    if not runs:
+        return {}
+    run = runs[0]
+    tags, metrics = run.data.tags, run.data.metrics
+    return {"mlflow_run_id": run.info.run_id, "model": tags.get("driftloop.model", ""),
+            "version": tags.get("driftloop.score.version", ""), "input": tags.get("driftloop.score.input", ""),
+            "output": tags.get("driftloop.score.output", ""), "rows": int(metrics.get("rows", 0)),
+            "drift": tags.get("driftloop.score.drift", ""), "drift_share": metrics.get("drift_share", 0.0),
+            "drifted_columns": [c for c in tags.get("driftloop.score.drifted_columns", "").split(",") if c],
+            "report": f"runs:/{run.info.run_id}/batch_drift/batch_drift.html"}
+
+
+def _score_runner(settings: Settings, client: Any | None) -> Any:
+    from pipelines.runner import KfpRunner
+
+    named = settings.model_copy(update={"kfp": settings.kfp.model_copy(update={"pipeline_name": SCORE_PIPELINE_NAME})})
+    return KfpRunner(named, client=client)
+
+
+def upload_scoring(settings: Settings, client: Any | None = None) -> tuple[Any, str, str]:
+    """Compile and upload the scoring pipeline as a version of ``driftloop-score``: (runner, pipeline, version)."""
+    import tempfile
+
+    if not settings.mlflow.tracking_uri:
+        raise PipelineRunError(f"mlflow.tracking_uri is not set: runs on Kubeflow ({settings.kfp.host}) need an MLflow "
+                               "tracking server the cluster can reach")
+    runner = _score_runner(settings, client)
+    with tempfile.TemporaryDirectory() as tmp:
+        pipeline_id, version_id = runner.ensure_pipeline_version(
+            compile_scoring_pipeline(settings, Path(tmp) / f"{SCORE_PIPELINE_NAME}.yaml"))
+    return runner, pipeline_id, version_id
+
+
+def _run_on_kubeflow(settings: Settings, request: ScoreRequest, args: dict[str, Any], *, wait: bool,
+                     client: Any | None) -> RunResult:
+    runner, pipeline_id, version_id = upload_scoring(settings, client)
+    experiment_id = runner.experiment_id()
+    job_name = f"{SCORE_PIPELINE_NAME}-{request.trigger.replace(':', '-')}-{request.request_id[:8]}"
+    run = runner._call("starting the run", runner.client.run_pipeline, experiment_id=experiment_id, job_name=job_name,
+                       params=args, pipeline_id=pipeline_id, version_id=version_id, enable_caching=False,
+                       service_account=settings.kfp.service_account or None)
+    result = RunResult(request.request_id, run.run_id, "SUBMITTED", "kubeflow",
+                       url=f"{settings.kfp.host.rstrip('/')}/#/runs/details/{run.run_id}")
+    if wait:
+        done = runner._call("waiting for the run", runner.client.wait_for_run_completion, run.run_id, 3600)
+        result.state = str(getattr(done, "state", "UNKNOWN"))
+        if result.state == "SUCCEEDED":
+            result.summary = summarize_scoring(settings, request.request_id)
+    return result

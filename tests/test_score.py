@@ -1,0 +1,252 @@
+"""Batch scoring: the pipeline (kfp.local, ParallelFor over chunks) equals in-process predict row for
+row, a drifted batch raises one alert through the monitor's trigger, bad input is one clear error and
+no partial output ever looks complete."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from components.score import (MODEL_VERSION, PREDICTION, OutputExistsError, plan_chunks, plan_scoring, score_chunk,
+                              score_frame, write_predictions)
+from driftloop.app.scenario import FEATURES_CATEGORICAL, FEATURES_NUMERIC, generate
+from driftloop.core.errors import DataSourceError, DataValidationError, RegistryError
+from driftloop.core.registry import Registry
+from tests.conftest import free_port, make_settings
+
+TOKEN = "batch-token"
+
+
+def _batch(rows: int, *, drifted: bool, seed: int = 11) -> pd.DataFrame:
+    """Scenario rows with an id column: before the drift point (like the reference) or after it."""
+    frame = generate(rows=rows, drift_at=0.0 if drifted else None, seed=seed)
+    frame.insert(0, "id", np.arange(10_000, 10_000 + rows))
+    return frame.drop(columns=["label"])
+
+
+@pytest.fixture(scope="module")
+def champion(trained):
+    settings, _ = trained
+    registry = Registry(settings.tracking_uri, experiment=settings.mlflow.experiment)
+    info = registry.resolve("churn@champion")
+    return settings, registry, info, registry.load_sklearn(info.uri)
+
+
+def _expected(model, frame: pd.DataFrame) -> np.ndarray:
+    return np.asarray(model.predict(frame[[*FEATURES_NUMERIC, *FEATURES_CATEGORICAL]]))
+
+
+# -- plain functions -------------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt", ["parquet", "csv"])
+def test_chunks_stream_in_batches_and_equal_in_process_predict(tmp_path, champion, fmt):
+    _, registry, info, model = champion
+    frame = _batch(2_300, drifted=False)
+    src = tmp_path / f"in.{fmt}"
+    if fmt == "parquet":
+        frame.to_parquet(src, index=False, row_group_size=400)  # chunk bounds fall inside row groups
+    else:
+        frame.to_csv(src, index=False)
+    plan = plan_scoring(registry, model_ref="churn@champion", input_uri=str(src), output_uri=str(tmp_path / "o.parquet"),
+                        chunks=4)
+    assert len(plan.chunks) == 4 and plan.version == info.version
+    parts = []
+    for chunk in plan.chunks:
+        part, sample = tmp_path / f"part{chunk['index']}.parquet", tmp_path / f"sample{chunk['index']}.parquet"
+        score_chunk(model, uri=str(src), fmt=plan.fmt, chunk=chunk, numeric=plan.numeric, categorical=plan.categorical,
+                    id_column="id", version=plan.version, part_path=part, sample_path=sample, sample_rows=100,
+                    batch_rows=170)
+        assert len(pd.read_parquet(sample)) == 100  # bounded sample of the chunk
+        parts.append(part)
+    out = tmp_path / "out.parquet"
+    assert write_predictions(parts, str(out)) == len(frame)
+    got = pd.read_parquet(out)
+    assert got["id"].tolist() == frame["id"].tolist()  # every row once, in input order
+    np.testing.assert_array_equal(got[PREDICTION].to_numpy(), _expected(model, frame))
+    assert set(got[MODEL_VERSION]) == {info.version}
+
+
+def test_csv_chunks_cut_at_line_ends_cover_every_row_once(tmp_path):
+    frame = pd.DataFrame({"id": range(1000), "text": ["x" * (i % 37) for i in range(1000)]})
+    src = tmp_path / "rows.csv"
+    frame.to_csv(src, index=False)
+    plan, columns, _ = plan_chunks(str(src), "csv", 7)
+    assert columns == ["id", "text"] and len(plan) == 7
+    from components.score import iter_chunk
+
+    ids = [i for c in plan for f in iter_chunk(str(src), "csv", c, ["id"], 50) for i in f["id"]]
+    assert ids == list(range(1000))
+
+
+def test_bad_input_is_one_clear_error(tmp_path, champion):
+    _, registry, _, _ = champion
+    good = tmp_path / "in.parquet"
+    _batch(300, drifted=False).to_parquet(good, index=False)
+    out = str(tmp_path / "out.parquet")
+
+    def plan(**kw):
+        args = dict(model_ref="churn@champion", input_uri=str(good), output_uri=out, chunks=2)
+        args.update(kw)
+        return plan_scoring(registry, **args)
+
+    with pytest.raises(RegistryError, match="has no alias 'nope'"):
+        plan(model_ref="churn@nope")
+    with pytest.raises(RegistryError, match="not found"):
+        plan(model_ref="churn/999")
+    no_spend = tmp_path / "no_spend.parquet"
+    _batch(300, drifted=False).drop(columns=["monthly_spend"]).to_parquet(no_spend, index=False)
+    with pytest.raises(DataValidationError, match="lacks column.*'monthly_spend'"):
+        plan(input_uri=str(no_spend))
+    with pytest.raises(DataValidationError, match="lacks column.*'customer'.*the id column"):
+        plan_scoring(registry, model_ref="churn@champion", input_uri=str(good), output_uri=out, id_column="customer")
+    corrupt = tmp_path / "corrupt.parquet"
+    corrupt.write_bytes(b"PAR1 this is not parquet")
+    with pytest.raises(DataSourceError, match="cannot read .*corrupt.parquet as parquet"):
+        plan(input_uri=str(corrupt))
+    with pytest.raises(DataSourceError, match="input not found"):
+        plan(input_uri=str(tmp_path / "missing.parquet"))
+    Path(out).write_bytes(b"earlier predictions")
+    with pytest.raises(OutputExistsError, match="already exists; pass --overwrite"):
+        plan()
+    plan(overwrite=True)  # asked for: accepted
+
+
+def test_unreadable_csv_rows_name_the_chunk(tmp_path, champion):
+    _, registry, _, model = champion
+    frame = _batch(200, drifted=False)
+    src = tmp_path / "bad.csv"
+    text = frame.to_csv(index=False).splitlines()
+    text[150] = text[150] + ",1,2,3"  # a row with too many fields
+    src.write_text("\n".join(text) + "\n")
+    plan = plan_scoring(registry, model_ref="churn@champion", input_uri=str(src), output_uri=str(tmp_path / "o.parquet"),
+                        chunks=1)
+    with pytest.raises(DataSourceError, match=r"cannot read .*bad.csv \(bytes .*chunk 0\).*Expected"):
+        score_chunk(model, uri=str(src), fmt="csv", chunk=plan.chunks[0], numeric=plan.numeric,
+                    categorical=plan.categorical, id_column="id", version="1", part_path=tmp_path / "p.parquet",
+                    sample_path=tmp_path / "s.parquet", sample_rows=100, batch_rows=1000)
+
+
+def test_interrupted_write_leaves_no_complete_looking_output(tmp_path, champion, monkeypatch):
+    _, _, _, model = champion
+    parts = []
+    for i in range(3):
+        part = tmp_path / f"part{i}.parquet"
+        pd.DataFrame({"id": [i], PREDICTION: [1], MODEL_VERSION: ["1"]}).to_parquet(part, index=False)
+        parts.append(part)
+    out = tmp_path / "preds" / "out.parquet"
+    real = pq.ParquetFile
+
+    def dying(path, *a, **kw):
+        if str(path).endswith("part2.parquet"):
+            raise KeyboardInterrupt  # the run is stopped while the last part is being written
+        return real(path, *a, **kw)
+
+    monkeypatch.setattr(pq, "ParquetFile", dying)
+    with pytest.raises(KeyboardInterrupt):
+        write_predictions(parts, str(out))
+    assert not out.exists()
+    assert list(out.parent.iterdir()) == []  # the temporary file is gone too
+    monkeypatch.setattr(pq, "ParquetFile", real)
+    # an existing output is never replaced by a half-written one either
+    out.write_bytes(b"yesterday's predictions")
+    monkeypatch.setattr(pq, "ParquetFile", dying)
+    with pytest.raises(KeyboardInterrupt):
+        write_predictions(parts, str(out), overwrite=True)
+    assert out.read_bytes() == b"yesterday's predictions"
+    monkeypatch.setattr(pq, "ParquetFile", real)
+    assert write_predictions(parts, str(out), overwrite=True) == 3
+
+
+# -- the pipeline under kfp.local, with a real monitor taking the alert ---------------------------------
+class _Monitor:
+    """The monitor's app served by uvicorn in a thread on a free port (the alert comes from a task process)."""
+
+    def __init__(self, service) -> None:
+        import uvicorn
+
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(service.app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                    access_log=False))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> "_Monitor":
+        self.thread.start()
+        deadline = time.time() + 20
+        while not self.server.started and time.time() < deadline:
+            time.sleep(0.05)
+        assert self.server.started
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def test_drifted_batch_pipeline_scores_every_chunk_and_raises_one_alert(tmp_path, trained, champion, monkeypatch):
+    from monitoring.service import WEBHOOK_TOKEN_ENV, MonitorService
+    from pipelines.scoring import ScoreRequest, compile_scoring_pipeline, run_scoring
+    from tests.test_trigger import RecordingRunner
+
+    base, _ = trained
+    _, registry, info, model = champion
+    monkeypatch.setenv(WEBHOOK_TOKEN_ENV, TOKEN)
+    settings = make_settings(tmp_path / "ws", base.data.source, **{
+        "mlflow.tracking_uri": base.tracking_uri, "trigger.cooldown_seconds": 0, "trigger.min_samples": 1,
+        "serving.name": "churn", "score.batch_rows": 300, "monitor.check_interval_seconds": 3600})
+    frame = _batch(1_500, drifted=True)
+    src = tmp_path / "batch.parquet"
+    frame.to_parquet(src, index=False, row_group_size=250)
+    out = tmp_path / "scored" / "predictions.parquet"
+    runner = RecordingRunner()
+    service = MonitorService(settings, runner=runner)
+    with _Monitor(service) as monitor:
+        settings = settings.model_copy(update={"score": settings.score.model_copy(update={
+            "alert_url": f"http://127.0.0.1:{monitor.port}/alerts/alertmanager"})})
+        request = ScoreRequest(input=str(src), output=str(out), chunks=3)
+        result = run_scoring(settings, request)
+        assert result.state == "SUCCEEDED", result.error
+        # scored: every row once, in order, equal to in-process predict, with the model version
+        got = pd.read_parquet(out)
+        assert got["id"].tolist() == frame["id"].tolist()
+        np.testing.assert_array_equal(got[PREDICTION].to_numpy(), _expected(model, frame))
+        assert set(got[MODEL_VERSION]) == {info.version}
+        parts = sorted((settings.workspace_dir / "pipeline-root").rglob("part"))
+        assert len(parts) == 3  # three chunk tasks ran
+        s = result.summary
+        assert s["rows"] == len(frame) and s["drift"] == "drifted" and s["version"] == info.version
+        assert {"tenure", "monthly_spend", "sessions"} <= set(s["drifted_columns"])
+        report = Registry(settings.tracking_uri).download(s["mlflow_run_id"], "batch_drift/batch_drift.html")
+        assert report.stat().st_size > 10_000  # Evidently's report is in MLflow
+        # one alert, through the monitor's trigger: one retraining run asked for
+        alerts = service.alerts.recent()
+        assert len(alerts) == 1 and alerts[0]["source"] == "alertmanager"
+        assert alerts[0]["decision"] == "started" and len(runner.requests) == 1
+        labels = yaml.safe_load(alerts[0]["details"]) if isinstance(alerts[0]["details"], str) else alerts[0]["details"]
+        assert labels["labels"]["alertname"] == "DriftloopBatchDrift"
+        # the same request delivered again (a retried step) is a duplicate, not a second run
+        from components.score import alert_payload, send_alert
+
+        verdict = {"drifted_columns": s["drifted_columns"], "share": s["drift_share"]}
+        again = send_alert(settings.score.alert_url, alert_payload(
+            model="churn", version=info.version, input_uri=str(src), request_id=request.request_id,
+            started=request.started, verdict=verdict, rows=s["rows"], report_uri=None), token=TOKEN)
+        assert again["decisions"][0]["decision"] == "duplicate" and len(runner.requests) == 1
+        # without --overwrite a second run refuses before any task starts, and the output is untouched
+        before = out.read_bytes()
+        with pytest.raises(OutputExistsError):
+            run_scoring(settings, ScoreRequest(input=str(src), output=str(out), chunks=2))
+        assert out.read_bytes() == before
+    # compiled like the training pipeline: one pod per chunk (ParallelFor), the webhook token from a Secret
+    spec, platform = yaml.safe_load_all(compile_scoring_pipeline(settings, tmp_path / "score.yaml").read_text())
+    loop = spec["root"]["dag"]["tasks"]["for-loop-1"]
+    assert loop["parameterIterator"]["items"]["inputParameter"] == "pipelinechannel--score-plan-op-Output"
+    assert spec["root"]["inputDefinitions"]["parameters"]["model_ref"]["defaultValue"] == "churn@champion"
+    drift_env = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-score-drift-op"]["secretAsEnv"]
+    assert {"secretName": "driftloop-webhook", "key": "token", "env": "DRIFTLOOP_WEBHOOK_TOKEN"} in [
+        {"secretName": e["secretName"], "key": k["secretKey"], "env": k["envVar"]} for e in drift_env for k in e["keyToEnv"]]
