@@ -160,7 +160,7 @@ def tenant_sets(draw):
     return specs
 
 
-_fast = hsettings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+_fast = hsettings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @_fast

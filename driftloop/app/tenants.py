@@ -33,7 +33,7 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -118,7 +118,6 @@ class Tenant:
     owner: str | None = None
     port_block: int = 0
     source: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)  # reserved; never rendered
 
     @property
     def namespace(self) -> str:
@@ -534,7 +533,7 @@ def render_tenant(t: Tenant, pool: Pool, tenant_dir: Path, repo_root: Path) -> d
         [local_config(t, tenant_dir, repo_root)],
         "# This tenant's loop on the embedded default (no cluster): `driftloop demo|serve|monitor -c <this file>`.\n"
         "# Its own workspace (MLflow store, inference log, schedules), ports and model name.\n")
-    spec = {k: v for k, v in asdict(t).items() if k != "extra"}
+    spec = asdict(t)
     files["tenant.yaml"] = _dump([spec], "# What `driftloop tenant add` was asked for (read by `tenant list` and the checks).\n")
     return files
 
