@@ -5,7 +5,7 @@ PYTHON ?= python3.11
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test setup kubectl compile bench clean
+.PHONY: demo test setup kubectl servers compile bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,16 @@ kubectl:
 	    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq kubernetes-client >/dev/null; \
 	  else echo "kubectl is needed for the manifest tests: install it (Debian: kubernetes-client) or set KUBECTL" >&2; exit 1; fi; }
 
-test: setup kubectl
+# The alerting tests run a real Prometheus (with promtool) and Alertmanager (Debian packages).
+servers:
+	@missing=""; for b in prometheus promtool amtool; do command -v $$b >/dev/null 2>&1 || missing="$$missing $$b"; done; \
+	command -v prometheus-alertmanager >/dev/null 2>&1 || command -v alertmanager >/dev/null 2>&1 || missing="$$missing alertmanager"; \
+	[ -z "$$missing" ] || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus prometheus-alertmanager >/dev/null; \
+	  else echo "missing:$$missing - the alerting tests need Prometheus and Alertmanager: install them (Debian: apt-get install prometheus prometheus-alertmanager)" >&2; exit 1; fi; }
+
+test: setup kubectl servers
 	$(BIN)/python -m pytest -q
 
 compile: setup

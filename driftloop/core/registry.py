@@ -45,6 +45,9 @@ class TAG:
     SCHEDULE = "driftloop.schedule"
 
 
+#: How long a tracking server that refuses connections is retried before the error (seconds).
+_PROBE_SECONDS = 5.0
+
 REFERENCE_ARTIFACT = "reference/reference.parquet"
 SCHEMA_ARTIFACT = "schema/schema.json"
 
@@ -66,6 +69,11 @@ class VersionInfo:
 def _is_missing(exc: Exception) -> bool:
     code = getattr(exc, "error_code", "") or ""
     return "RESOURCE_DOES_NOT_EXIST" in code or "not found" in str(exc).lower()
+
+
+def _is_denied(exc: Exception) -> bool:
+    code = getattr(exc, "error_code", "") or ""
+    return "PERMISSION_DENIED" in code or "error code 403" in str(exc)
 
 
 class Registry:
@@ -104,6 +112,7 @@ class Registry:
             import mlflow
             from mlflow.tracking import MlflowClient
 
+            self._probe()
             mlflow.set_tracking_uri(self.tracking_uri)
             # Only a registry configured apart from tracking is set process-wide: MLflow follows the
             # tracking URI otherwise, and a sticky global would outlive a switch of workspace.
@@ -111,6 +120,52 @@ class Registry:
                 mlflow.set_registry_uri(self.registry_uri)
             self._client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.registry_uri)
         return self._client
+
+    @property
+    def _remote(self) -> bool:
+        return self.tracking_uri.startswith(("http://", "https://"))
+
+    def _probe(self) -> None:
+        """Fail fast, naming the server, when a tracking server does not answer at all.
+
+        MLflow's REST client retries a refused connection with backoff for minutes
+        (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``) before it gives up; a server that is down should
+        say so at once. A server that answers anything (even 401) is reachable.
+        """
+        if not self._remote:
+            return
+        import time
+
+        import httpx
+
+        deadline, last = time.monotonic() + _PROBE_SECONDS, None
+        while True:
+            try:
+                httpx.get(f"{self.tracking_uri.rstrip('/')}/health", timeout=5.0)
+                return
+            except httpx.HTTPError as exc:
+                last = exc
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(1.0)
+        raise RegistryError(f"cannot reach the MLflow tracking server at {self.tracking_uri}: "
+                            f"{type(last).__name__}: {last}")
+
+    def describe(self, exc: Exception) -> str:
+        """One line for an MLflow failure: credentials refused and unreachable servers name the server."""
+        message = getattr(exc, "message", None) or str(exc)
+        status = None
+        with contextlib.suppress(Exception):
+            status = exc.get_http_status_code()  # type: ignore[attr-defined]
+        if status == 401 or "error code 401" in message:
+            return (f"the MLflow tracking server at {self.tracking_uri} refused the credentials (HTTP 401); "
+                    "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)")
+        if status == 403 or "error code 403" in message:
+            user = os.environ.get("MLFLOW_TRACKING_USERNAME") or "this user"
+            return f"the MLflow tracking server at {self.tracking_uri} denied {user} permission (HTTP 403)"
+        if "Max retries exceeded" in message or "Failed to establish a new connection" in message:
+            return f"cannot reach the MLflow tracking server at {self.tracking_uri}"
+        return message
 
     @contextlib.contextmanager
     def translate_errors(self, what: str) -> Iterator[None]:
@@ -120,7 +175,7 @@ class Registry:
         try:
             yield
         except MlflowException as exc:
-            raise RegistryError(f"{what}: {exc.message if hasattr(exc, 'message') else exc}") from exc
+            raise RegistryError(f"{what}: {self.describe(exc)}") from exc
         except OSError as exc:  # unreachable server, refused connection
             raise RegistryError(f"{what}: cannot reach MLflow at {self.tracking_uri}: {exc}") from exc
 
@@ -162,10 +217,24 @@ class Registry:
         try:
             mv = self.client.get_model_version_by_alias(name, alias)
         except MlflowException as exc:
-            if _is_missing(exc):
+            if _is_missing(exc) or (_is_denied(exc) and not self._model_exists(name)):
                 return None
-            raise RegistryError(f"cannot read alias {name}@{alias}: {exc}") from exc
+            raise RegistryError(f"cannot read alias {name}@{alias}: {self.describe(exc)}") from exc
         return self._info(mv)
+
+    def _model_exists(self, name: str) -> bool:
+        """Whether registered model ``name`` exists. An MLflow server with basic auth answers an alias
+        lookup on a model that does not exist yet with 403 (no permission on a missing resource),
+        not 404; looking the model itself up tells the two apart."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.get_registered_model(name)
+        except MlflowException as exc:
+            if _is_missing(exc):
+                return False
+            raise RegistryError(f"cannot read model {name!r}: {self.describe(exc)}") from exc
+        return True
 
     def get_version(self, name: str, version: str) -> VersionInfo:
         with self.translate_errors(f"model version {name}/{version} not found"):

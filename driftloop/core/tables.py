@@ -21,6 +21,28 @@ def _normalise_uri(uri: str) -> str:
     return uri
 
 
+_OBJECT_STORES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss")
+
+
+def _what_is_missing(path: str) -> str:
+    """For an object store: whether the bucket or the object is missing (empty when unknown)."""
+    protocol = path.split("://", 1)[0].lower() if "://" in path else ""
+    if protocol not in _OBJECT_STORES:
+        return ""
+    bucket, _, key = path.split("://", 1)[1].partition("/")
+    try:
+        import fsspec
+
+        fs = fsspec.filesystem(protocol)
+        fs.invalidate_cache()
+        exists = fs.exists(bucket)
+    except Exception:  # noqa: BLE001 - the detail is a courtesy; the error itself stands
+        return ""
+    if not exists:
+        return f" (bucket {bucket!r} does not exist)"
+    return f" (no object {key!r} in bucket {bucket!r})"
+
+
 def read_table(uri: str, fmt: str = "auto") -> pd.DataFrame:
     """Read parquet or csv from a local path or any fsspec URI (s3://, gs://, http(s)://)."""
     if not uri:
@@ -38,7 +60,7 @@ def read_table(uri: str, fmt: str = "auto") -> pd.DataFrame:
         else:
             df = pd.read_parquet(path)
     except FileNotFoundError as exc:
-        raise DataSourceError(f"data source not found: {uri}") from exc
+        raise DataSourceError(f"data source not found: {uri}{_what_is_missing(path)}") from exc
     except ImportError as exc:
         raise DataSourceError(f"cannot read {uri}: a filesystem driver is missing ({exc})") from exc
     except Exception as exc:  # pyarrow/pandas raise many types for corrupt files
