@@ -4,7 +4,6 @@ MLflow spaces kept apart on a real tracking server, two local loops side by side
 
 from __future__ import annotations
 
-import filecmp
 import os
 import shutil
 import subprocess
@@ -20,10 +19,10 @@ from hypothesis import HealthCheck, given, settings as hsettings, strategies as 
 from typer.testing import CliRunner
 
 from driftloop.app.cli import app
-from driftloop.app.infra_check import build, check_target, check_tree, main as infra_main
+from driftloop.app.infra_check import build, check_target, main as infra_main
 from driftloop.app.tenants import (
-    PLATFORM_NAMESPACES, Pool, TenantError, add_tenant, check_invariants, load_pool, load_rendered, load_tenants,
-    remove_tenant, render_objects, tenant_problems, tenants_dir,
+    RESERVED_NAMES, TenantError, add_tenant, check_invariants, load_pool, load_rendered, load_tenants,
+    remove_tenant, tenant_problems, tenants_dir,
 )
 from driftloop.core.config import load_settings
 from driftloop.core.processes import free_port, spawn, stop_process
@@ -141,8 +140,7 @@ def test_infra_check_reports_a_broken_invariant(tmp_path, three):
 
 # --- invariants as properties -----------------------------------------------------------------------
 _names = st.from_regex(r"[a-z][a-z0-9]{0,6}(-[a-z0-9]{1,5})?", fullmatch=True).filter(
-    lambda n: len(n) >= 2 and n not in {"shared", "default", "driftloop", "kubeflow", "mlflow", "kserve", "api", "monitoring"}
-    and not n.startswith("kube-"))
+    lambda n: len(n) >= 2 and n not in RESERVED_NAMES and not n.startswith("kube-") and n != "zz-new")
 
 
 @st.composite
@@ -193,7 +191,6 @@ def test_invariants_hold_for_any_set_of_tenants_and_removal_touches_only_its_own
 @given(tenant_sets())
 def test_the_invariant_check_catches_a_tenant_reaching_into_another(specs):
     """Mutations a renderer bug could make are each reported (the check is not vacuous)."""
-    pool = Pool(gpus=specs[0]["pool_gpus"])
     with tempfile.TemporaryDirectory() as tmp:
         infra = _render(Path(tmp), specs)
         tenants, pool = load_tenants(infra), load_pool(infra)
@@ -348,7 +345,6 @@ def mlflow_workspaces(tmp_path_factory):
 def test_mlflow_spaces_keep_tenants_apart(mlflow_workspaces, three, monkeypatch):
     """Tenant B, in its own workspace, sees none of tenant A's runs or models (as the pods' MLFLOW_WORKSPACE sets it)."""
     import mlflow
-    from mlflow.tracking._workspace.fluent import create_workspace
 
     from driftloop.core.registry import Registry
 
@@ -359,7 +355,7 @@ def test_mlflow_spaces_keep_tenants_apart(mlflow_workspaces, three, monkeypatch)
         tenants[name] = s
     mlflow.set_tracking_uri(mlflow_workspaces)
     for s in tenants.values():  # the platform team creates each tenant's workspace once
-        create_workspace(s.mlflow.workspace)
+        mlflow.create_workspace(s.mlflow.workspace)
 
     a, b = tenants["team-a"], tenants["team-b"]
     monkeypatch.setenv("MLFLOW_WORKSPACE", a.mlflow.workspace)
