@@ -409,6 +409,11 @@ def test_two_local_loops_do_not_collide(three):
     ports = [p for s in loops.values() for p in (s.serving.gateway_port, s.monitor.port)]
     assert len(set(ports)) == len(ports) and not {8080, 8090} & set(ports)  # nor the single loop's defaults
     assert loops["team-a"].workspace_dir == (three / ".driftloop" / "tenants" / "team-a").resolve()
+    from serving.local_backend import LocalBackend  # where each tenant's gateway logs to and keeps its state
+
+    backends = [LocalBackend(s) for s in loops.values()]
+    assert len({b.sink_url() for b in backends}) == 3 and len({b.state_path for b in backends}) == 3
+    assert LocalBackend(loops["team-b"]).sink_url() == f"http://127.0.0.1:{loops['team-b'].monitor.port}/events"
 
     runners = {name: RecordingRunner() for name in loops}
     stores = {name: AlertStore.from_settings(s) for name, s in loops.items()}
