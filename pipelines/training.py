@@ -8,7 +8,8 @@ from typing import Any
 
 from kfp import compiler, dsl, kubernetes
 
-from components.ops import deploy_op, evaluate_op, ingest_op, register_op, reject_op, train_op, validate_op
+from components.ops import (deploy_op, evaluate_op, ingest_op, register_op, reject_op, train_distributed_op, train_op,
+                            validate_op)
 
 __all__ = ["training_pipeline", "pipeline_arguments", "compile_pipeline", "make_training_pipeline", "build_training_pipeline", "ClusterOptions", "GPU_TOLERATION_EFFECT"]
 
@@ -31,6 +32,12 @@ class ClusterOptions:
     memory_limit: str = "4G"
     queue_name: str | None = None
     mlflow_workspace: str | None = None
+    # model.distributed.* as the launcher's parameter; workers > 1 makes the train step a launcher
+    distributed: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def workers(self) -> int:
+        return int(dict(self.distributed).get("workers", 1))
 
     @classmethod
     def from_settings(cls, settings: Any) -> "ClusterOptions":
@@ -38,7 +45,7 @@ class ClusterOptions:
         return cls(gpu=m.gpu, accelerator_type=m.accelerator_type, accelerator_limit=m.accelerator_limit,
                    toleration_key=m.gpu_toleration_key, node_selector=tuple(sorted(m.gpu_node_selector.items())),
                    mlflow_secret=settings.kfp.mlflow_secret, queue_name=settings.kfp.queue_name,
-                   mlflow_workspace=settings.mlflow.workspace)
+                   mlflow_workspace=settings.mlflow.workspace, distributed=_distributed(settings))
 
 
 # Keys of the MLflow Secret mounted into steps that talk to MLflow (optional keys: a
@@ -50,6 +57,16 @@ MLFLOW_SECRET_KEYS = {
     "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
     "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY",
 }
+
+
+def _distributed(settings: Any) -> tuple[tuple[str, Any], ...]:
+    d, m = settings.model.distributed, settings.model
+    if d.workers <= 1:
+        return ()
+    values = {**d.model_dump(exclude_none=True), "queue_name": getattr(settings.kfp, "queue_name", None),
+              "secret": settings.kfp.mlflow_secret, "toleration_key": m.gpu_toleration_key,
+              "node_selector": dict(m.gpu_node_selector)}
+    return tuple(sorted((k, v) for k, v in values.items() if v is not None))
 
 
 def _use_mlflow_secret(task: dsl.PipelineTask, opts: ClusterOptions) -> dsl.PipelineTask:
@@ -110,11 +127,18 @@ def make_training_pipeline(opts: ClusterOptions = ClusterOptions()):
             train=ingest.outputs["train"], test=ingest.outputs["test"], target=target, task=task, time_column=time_column,
             max_missing=max_missing, max_unseen_share=max_unseen_share, column_rules=column_rules,
         ).set_display_name("validate")
-        train = train_op(
-            train=ingest.outputs["train"], schema=validate.outputs["schema"], target=target, task=task,
-            learner=learner, params=learner_params, device=device,
-        ).set_display_name("train")
-        _request_gpu(train, opts)
+        if opts.workers > 1:  # a launcher: the workers (TrainJob nodes or local processes) get the GPUs
+            train = train_distributed_op(
+                train=ingest.outputs["train"], schema=validate.outputs["schema"], target=target, task=task,
+                learner=learner, params=learner_params, device=device, distributed=dict(opts.distributed),
+            ).set_display_name(f"train ({opts.workers} workers)")
+            _use_mlflow_secret(train, opts)  # object-store credentials for the TrainJob's artifacts
+        else:
+            train = train_op(
+                train=ingest.outputs["train"], schema=validate.outputs["schema"], target=target, task=task,
+                learner=learner, params=learner_params, device=device,
+            ).set_display_name("train")
+            _request_gpu(train, opts)
         if opts.queue_name:
             kubernetes.add_pod_label(train, QUEUE_LABEL, opts.queue_name)
         evaluate = evaluate_op(

@@ -34,6 +34,7 @@ __all__ = [
     "QualityConfig",
     "TriggerConfig",
     "ScheduleConfig",
+    "DistributedConfig",
     "ScoreConfig",
     "DistributedConfig",
     "load_settings",
@@ -84,6 +85,23 @@ class ValidationConfig(_Section):
     columns: dict[str, ColumnRule] = Field(default_factory=dict)
 
 
+class DistributedConfig(_Section):
+    """Training spread over workers joined by XGBoost's collective (``model.learner: xgboost``)."""
+
+    workers: int = Field(1, ge=1, le=256, description="1 = one process (today's train step); N > 1: N workers, "
+                         "a Kubeflow Trainer TrainJob on a cluster, N local processes on the embedded default")
+    gpus_per_worker: int = Field(0, ge=0, le=1, description="GPUs requested per node (the runtime starts one worker "
+                                 "per node, and two ranks cannot share one GPU)")
+    checkpoint_rounds: int = Field(10, ge=1, description="rank 0 checkpoints the booster every this many rounds")
+    timeout_seconds: int = Field(3600, ge=1, description="the TrainJob's activeDeadlineSeconds; the local run's limit")
+    runtime: str = Field("xgboost-distributed", description="Kubeflow Trainer ClusterTrainingRuntime")
+    image: str | None = Field(None, description="worker image on a cluster; default serving.image's driftloop image")
+    tracker_port: int = Field(0, ge=0, le=65535, description="local tracker port on 127.0.0.1; 0 = a free one")
+    checkpoint_uri: str | None = Field(None, description="where checkpoints go (path, s3://, gs://); default beside "
+                                       "the pipeline's artifacts")
+    namespace: str | None = Field(None, description="namespace of the TrainJob; default the pipeline pod's own")
+
+
 class ModelConfig(_Section):
     task: Literal["classification", "regression"] = "classification"
     learner: Literal["hist_gradient_boosting", "random_forest", "linear", "xgboost"] = "hist_gradient_boosting"
@@ -96,6 +114,14 @@ class ModelConfig(_Section):
     accelerator_limit: int = Field(1, ge=1)
     gpu_toleration_key: str = "nvidia.com/gpu"
     gpu_node_selector: dict[str, str] = Field(default_factory=dict)
+    distributed: DistributedConfig = DistributedConfig()
+
+    @model_validator(mode="after")
+    def _distributed_learner(self) -> "ModelConfig":
+        if self.distributed.workers > 1 and self.learner != "xgboost":
+            raise ValueError(f"model.distributed.workers={self.distributed.workers} needs model.learner 'xgboost' "
+                             f"(the learner with a distributed runtime), not {self.learner!r}")
+        return self
 
 
 _HIGHER_IS_BETTER = {"accuracy": True, "f1": True, "roc_auc": True, "r2": True, "rmse": False, "mae": False}
