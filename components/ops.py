@@ -393,7 +393,8 @@ def score_write_op(parts: Input[List[Dataset]], output_uri: str, overwrite: bool
 @dsl.component(base_image=DEFAULT_IMAGE, install_kfp_package=False)
 def score_drift_op(samples: Input[List[Dataset]], plan: Input[Artifact], drift_share: float, sample_rows: int, rows: int, input_uri: str, output_uri: str, request_id: str,
                    started: str, trigger: str, tracking_uri: str, experiment: str, alert_url: str,
-                   report: Output[HTML], metrics: Output[Metrics]) -> NamedTuple(
+                   report: Output[HTML], metrics: Output[Metrics],
+                   pipeline_run_id: str = dsl.PIPELINE_JOB_ID_PLACEHOLDER) -> NamedTuple(
         "BatchDrift", [("drifted", bool), ("share", float), ("alert", str)]):
     """Evidently's drift report of the batch against the model's reference, in MLflow; a drifted batch alerts."""
     import json
@@ -411,6 +412,12 @@ def score_drift_op(samples: Input[List[Dataset]], plan: Input[Artifact], drift_s
     from driftloop.core.registry import Registry
 
     with step("drift"):
+        # A scheduled run on Kubeflow passes no request id or start time: its KFP run id and clock name it.
+        request_id = request_id or pipeline_run_id
+        if not started:
+            import datetime as _dt
+
+            started = _dt.datetime.now(_dt.UTC).isoformat()
         with open(plan.path) as fh:
             info = json.load(fh)
         model_name, version = info["model_name"], info["version"]

@@ -117,6 +117,7 @@ class Schedule:
     max_concurrency: int = 1
     catchup: bool = True
     paused: bool = False
+    pipeline: str = "train"  # train | score (pipelines.PIPELINES)
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name or ""):
@@ -130,6 +131,11 @@ class Schedule:
             raise ScheduleError(f"schedule {self.name!r}: max_concurrency must be at least 1")
         if self.window_days is not None and self.window_days <= 0:
             raise ScheduleError(f"schedule {self.name!r}: window_days must be positive")
+        if self.pipeline not in ("train", "score"):
+            raise ScheduleError(f"schedule {self.name!r}: pipeline {self.pipeline!r} is not train or score")
+        if self.pipeline == "score" and self.window_days is not None:
+            raise ScheduleError(f"schedule {self.name!r}: --window-days applies to training; a scoring schedule "
+                                "scores score.input (set it with -p score.input=URI)")
 
     @property
     def trigger(self) -> str:
@@ -499,10 +505,17 @@ class KfpSchedules:
                 "passes the same parameters to every run (point data.source at a rolling export instead)"
             )
         settings = schedule.settings_for(self.settings)
-        params = pipeline_arguments(settings, trigger=schedule.trigger, request_id="")
-        # An empty request id makes the register step use the KFP run id, one per run.
-        params["request_id"] = ""
-        pipeline_id, version_id = version or self.runner.upload()
+        if schedule.pipeline == "score":
+            from pipelines.scoring import ScoreRequest, score_arguments, upload_scoring
+
+            # Empty request id and start time: each run's drift step uses its KFP run id and its own clock.
+            params = score_arguments(settings, ScoreRequest(trigger=schedule.trigger, request_id="", started=""))
+            pipeline_id, version_id = version or upload_scoring(settings, self.runner.client)[1:]
+        else:
+            params = pipeline_arguments(settings, trigger=schedule.trigger, request_id="")
+            # An empty request id makes the register step use the KFP run id, one per run.
+            params["request_id"] = ""
+            pipeline_id, version_id = version or self.runner.upload()
         experiment_id = self.runner.experiment_id()
         job_name = f"{schedule.name}-v{generation}"
         description = json.dumps({_DESC_KEY: {**schedule.to_dict(), "generation": generation, "deleted": deleted}},

@@ -144,9 +144,14 @@ class Scheduler:
         log.info("schedule %s: running slot %s (window %s .. %s)", name, slot.isoformat(), window_start or "-",
                  window_end or "-")
         try:
-            runner = self.runner_factory(schedule.settings_for(self.settings))
-            result = runner.run_training(RunRequest(trigger=schedule.trigger, window_start=window_start,
-                                                    window_end=window_end))
+            if schedule.pipeline == "score":
+                from pipelines.scoring import ScoreRequest, run_scoring
+
+                result = run_scoring(schedule.settings_for(self.settings), ScoreRequest(trigger=schedule.trigger))
+            else:
+                runner = self.runner_factory(schedule.settings_for(self.settings))
+                result = runner.run_training(RunRequest(trigger=schedule.trigger, window_start=window_start,
+                                                        window_end=window_end))
         except KeyboardInterrupt:
             self.store.set_slot(name, slot, "failed", error="interrupted: the scheduler was stopped", now=self.clock())
             raise

@@ -80,7 +80,7 @@ def make_scoring_pipeline(opts: ClusterOptions = ClusterOptions(), webhook_secre
             samples=dsl.Collected(score.outputs["sample"]), plan=plan.outputs["plan"], drift_share=drift_share,
             sample_rows=sample_rows, rows=write.output, input_uri=input_uri, output_uri=output_uri,
             request_id=request_id, started=started, trigger=trigger, tracking_uri=tracking_uri, experiment=experiment,
-            alert_url=alert_url,
+            alert_url=alert_url, pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
         )
         _use_mlflow_secret(drift.set_display_name("batch drift vs reference"), opts)
         if webhook_secret:

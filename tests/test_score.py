@@ -4,6 +4,7 @@ no partial output ever looks complete."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
@@ -250,3 +251,81 @@ def test_drifted_batch_pipeline_scores_every_chunk_and_raises_one_alert(tmp_path
     drift_env = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-score-drift-op"]["secretAsEnv"]
     assert {"secretName": "driftloop-webhook", "key": "token", "env": "DRIFTLOOP_WEBHOOK_TOKEN"} in [
         {"secretName": e["secretName"], "key": k["secretKey"], "env": k["envVar"]} for e in drift_env for k in e["keyToEnv"]]
+
+
+# -- schedules and the CLI ----------------------------------------------------------------------------
+def test_score_schedules_run_the_scoring_pipeline_on_both_homes(tmp_path, scenario_path, monkeypatch):
+    from datetime import datetime, timedelta, timezone
+
+    import pipelines.scoring as scoring
+    from driftloop.core.errors import ScheduleError
+    from pipelines.runner import RunResult
+    from pipelines.schedule import KfpSchedules, LocalSchedules, Schedule
+    from pipelines.scheduler import Scheduler
+    from tests.kfp_recording import RecordingKfpClient
+
+    io = {"score.input": "s3://bucket/daily/in.parquet", "score.output": "s3://bucket/daily/scored.parquet",
+          "score.overwrite": "true"}
+    # Kubeflow: a recurring run of the uploaded driftloop-score pipeline, with the score section's parameters
+    cluster = make_settings(tmp_path / "kws", scenario_path, **{"kfp.host": "http://kfp.example:8888",
+                                                                "mlflow.tracking_uri": "http://mlflow.example:5000"})
+    client = RecordingKfpClient()
+    KfpSchedules(cluster, client=client).create(Schedule("daily-score", "0 4 * * *", io, pipeline="score"))
+    (sent,) = client.of("create_recurring_run")
+    pipeline_id = client.pipelines["driftloop-score"].pipeline_id
+    assert sent["pipeline_id"] == pipeline_id and "driftloop-train" not in client.pipelines
+    assert sent["params"]["input_uri"] == io["score.input"] and sent["params"]["overwrite"] is True
+    assert sent["params"]["request_id"] == "" and sent["params"]["started"] == ""  # each run names itself
+    assert sent["params"]["trigger"] == "schedule:daily-score"
+    assert json.loads(sent["description"])["driftloop.schedule"]["pipeline"] == "score"
+    # embedded default: the local scheduler runs the scoring pipeline for a due slot, never training
+    settings = make_settings(tmp_path / "ws", scenario_path)
+    store = LocalSchedules.from_settings(settings)
+    t0 = datetime(2026, 1, 10, tzinfo=timezone.utc)
+    store.create(Schedule("daily-score", "0 4 * * *", io, pipeline="score"), now=t0)
+    assert store.get("daily-score")[0].pipeline == "score"
+    ran = []
+    monkeypatch.setattr(scoring, "run_scoring", lambda s, req, **kw: ran.append((s, req)) or RunResult(
+        req.request_id, "score-run", "SUCCEEDED", "local"))
+
+    def no_training(_settings):
+        raise AssertionError("a scoring schedule started training")
+
+    (outcome,) = Scheduler(settings, store, runner_factory=no_training, clock=lambda: t0 + timedelta(hours=4, seconds=5)).tick()
+    assert outcome.state == "done" and outcome.run_id == "score-run"
+    (used, request), = ran
+    assert used.score.input == io["score.input"] and request.trigger == "schedule:daily-score"
+    with pytest.raises(ScheduleError, match="--window-days applies to training"):
+        Schedule("x", "0 4 * * *", pipeline="score", window_days=3)
+    with pytest.raises(ScheduleError, match="pipeline 'predict' is not train or score"):
+        Schedule("x", "0 4 * * *", pipeline="predict")
+
+
+def test_cli_run_score_errors_are_one_line_and_compile_writes_both(tmp_path, trained):
+    import subprocess
+    import sys
+
+    base, _ = trained
+    src = tmp_path / "in.parquet"
+    _batch(200, drifted=False).to_parquet(src, index=False)
+    out = tmp_path / "out.parquet"
+    out.write_bytes(b"earlier")
+    env = {**__import__("os").environ, "DRIFTLOOP_WORKSPACE": str(base.workspace_dir),
+           "DRIFTLOOP_MLFLOW__MODEL_NAME": "churn", "DRIFTLOOP_MLFLOW__EXPERIMENT": "test",
+           "COLUMNS": "400"}  # one message, not wrapped by the terminal width
+    cmd = [sys.executable, "-m", "driftloop.app.cli"]
+    cases = [
+        (["--model", "churn@nope", "--output", str(tmp_path / "new.parquet")], "model 'churn' has no alias 'nope'"),
+        (["--output", str(out)], "already exists; pass --overwrite"),
+    ]
+    for extra, message in cases:
+        proc = subprocess.run([*cmd, "run", "score", "--input", str(src), *extra], env=env, capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        assert message in proc.stderr and "Traceback" not in proc.stderr + proc.stdout
+        assert len([line for line in proc.stderr.splitlines() if line.strip()]) == 1, proc.stderr
+    assert out.read_bytes() == b"earlier"
+    proc = subprocess.run([*cmd, "compile", "-o", str(tmp_path / "compiled")], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in (tmp_path / "compiled").iterdir()) == ["driftloop-score.yaml", "driftloop-train.yaml"]

@@ -62,9 +62,13 @@ def compile_cmd(
     """Compile the pipelines to Kubeflow Pipelines YAML, ready to upload in the Kubeflow UI."""
     from pipelines.training import compile_pipeline
 
+    from pipelines.scoring import SCORE_PIPELINE_NAME, compile_scoring_pipeline
+
     settings = settings_from(config, params)
     path = compile_pipeline(settings, output_dir / f"{settings.kfp.pipeline_name}.yaml")
     console.print(f"[green]compiled[/] training pipeline -> {path}")
+    path = compile_scoring_pipeline(settings, output_dir / f"{SCORE_PIPELINE_NAME}.yaml")
+    console.print(f"[green]compiled[/] batch scoring pipeline -> {path}")
     console.print("Upload it in the Kubeflow UI (Pipelines > Upload pipeline) or submit it with `driftloop run train --kfp-host …`.")
 
 
@@ -95,6 +99,53 @@ def run_train(
     print_run_result(settings, result)
     if result.state == "FAILED":
         raise typer.Exit(1)
+
+
+@run_app.command("score")
+def run_score(
+    input_uri: Annotated[Optional[str], typer.Option("--input", help="Records to score: parquet or csv URI "
+                                                     "(default score.input).")] = None,
+    output_uri: Annotated[Optional[str], typer.Option("--output", help="Where the predictions go (parquet, or csv "
+                                                      "by suffix; default score.output).")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="name@alias or name/version "
+                                                 "(default <mlflow.model_name>@champion).")] = None,
+    chunks: Annotated[Optional[int], typer.Option("--chunks", min=1, max=1000, help="Chunks scored in parallel "
+                                                  "(default: one per CPU core).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")] = False,
+    config: ConfigOpt = None,
+    params: ParamOpt = None,
+    kfp_host: Annotated[Optional[str], typer.Option("--kfp-host", help="Kubeflow Pipelines endpoint (cluster run).")] = None,
+    trigger: Annotated[str, typer.Option(help="What started this run: manual or schedule:<name>.")] = "manual",
+    wait: Annotated[bool, typer.Option(help="On Kubeflow: wait for the run to finish.")] = False,
+) -> None:
+    """Run the batch scoring pipeline: chunks in parallel, predictions with id and model version, drift of the batch."""
+    from pipelines.scoring import ScoreRequest, run_scoring
+
+    validate_trigger(trigger)
+    settings = settings_from(config, params, **{"kfp.host": kfp_host})
+    request = ScoreRequest(input=input_uri, output=output_uri, model=model, chunks=chunks,
+                           overwrite=True if overwrite else None, trigger=trigger)
+    where = f"Kubeflow at {settings.kfp.host}" if settings.is_cluster else "kfp.local (embedded default)"
+    console.print(f"[bold]driftloop[/] batch scoring on {where}")
+    result = run_scoring(settings, request, wait=wait)
+    if result.state == "FAILED":
+        err_console.print(f"[red]scoring failed[/]: {result.error}")
+        err_console.print("No complete output was written.")
+        raise typer.Exit(1)
+    s = result.summary
+    if not s:
+        console.print(f"run [bold]{result.run_id}[/] {result.state.lower()}" + (f": {result.url}" if result.url else ""))
+        return
+    table = Table(title="batch scoring run", show_header=False)
+    table.add_row("model", f"{s['model']} v{s['version']}")
+    table.add_row("input", s["input"])
+    table.add_row("predictions", f"{s['rows']} rows -> {s['output']}")
+    colour = "yellow" if s["drift"] == "drifted" else "green"
+    table.add_row("batch drift", f"[{colour}]{s['drift']}[/] ({s['drift_share']:.2f} of columns"
+                  + (f": {', '.join(s['drifted_columns'])}" if s["drifted_columns"] else "") + ")")
+    table.add_row("report (MLflow)", s["report"])
+    table.add_row("task output", s.get("log", ""))
+    console.print(table)
 
 
 def validate_trigger(trigger: str) -> None:

@@ -50,13 +50,16 @@ def create_cmd(
     paused: Annotated[bool, typer.Option("--paused", help="Create it paused.")] = False,
     config: Annotated[Optional[str], typer.Option("--config", "-c", help="YAML config file.")] = None,
     kfp_host: KfpHostOpt = None,
+    pipeline: Annotated[str, typer.Option("--pipeline", help="train, or score (batch scoring of score.input, "
+                                          "set with -p score.input=URI -p score.output=URI)")] = "train",
 ) -> None:
-    """Create a schedule that runs the training pipeline on cron (trigger schedule:<name>)."""
+    """Create a schedule that runs the training (or scoring) pipeline on cron (trigger schedule:<name>)."""
     from driftloop.core.console import console
     from pipelines.schedule import Schedule, parse_params
 
     settings, backend = _backend(config, kfp_host)
-    schedule = Schedule(name, cron, parse_params(params), window_days, max_concurrency, not no_catchup, paused)
+    schedule = Schedule(name, cron, parse_params(params), window_days, max_concurrency, not no_catchup, paused,
+                        pipeline)
     _check(schedule, settings)
     backend.create(schedule)
     where = f"Kubeflow at {settings.kfp.host}" if settings.is_cluster else "the local scheduler (run `driftloop scheduler`)"
@@ -83,7 +86,7 @@ def list_cmd(
         table.add_column(col)
     for st in statuses:
         s = st.schedule
-        table.add_row(s.name, s.cron, st.state, st.next_run.strftime("%Y-%m-%d %H:%M") if st.next_run else "-",
+        table.add_row(s.name + (" (score)" if s.pipeline == "score" else ""), s.cron, st.state, st.next_run.strftime("%Y-%m-%d %H:%M") if st.next_run else "-",
                       f"{s.window_days:g} d" if s.window_days else "all", str(s.max_concurrency),
                       "yes" if s.catchup else "no", ", ".join(f"{k}={v}" for k, v in s.params.items()) or "-", st.note)
     console.print(table)
