@@ -430,3 +430,25 @@ def test_launcher_translates_create_errors():
     launcher, _ = _launcher(RecordingCustomObjects([{}], runtime_error=ApiError(403, "forbidden")))
     with pytest.raises(TrainingError, match="may not read training runtimes"):
         launcher.runtime_kind("kubeflow", "xgboost-distributed")
+
+
+def test_the_pipeline_account_may_do_what_the_launcher_does_and_no_more():
+    docs = [d for d in yaml.safe_load_all((Path(__file__).resolve().parents[1] / "infra/base/rbac.yaml").read_text()) if d]
+    binding = next(d for d in docs if d["kind"] == "RoleBinding" and d["metadata"]["name"] == "driftloop-pipeline-trainer")
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "driftloop-pipeline", "namespace": "kubeflow"}]
+    role = next(d for d in docs if d["kind"] == "Role" and d["metadata"]["name"] == binding["roleRef"]["name"])
+    granted = {(g, r, v) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]
+               for v in rule["verbs"]}
+    assert {(g, r) for g, r, _ in granted} == {("trainer.kubeflow.org", "trainjobs"),
+                                              ("trainer.kubeflow.org", "trainingruntimes"), ("", "pods"), ("", "pods/log")}
+    # every call a launcher makes, on success and on timeout, is granted
+    api = RecordingCustomObjects([{}])
+    launcher, _ = _launcher(api, RecordingCore(2))
+    launcher.runtime_kind("kubeflow", "xgboost-distributed")
+    with pytest.raises(TrainingError):
+        launcher.run(_body(deadline=60), grace_seconds=0)
+    verb = {"create": "create", "get": "get", "delete": "delete"}
+    used = {("trainer.kubeflow.org", c[4] if c[0] == "create" else c[1], verb[c[0]]) for c in api.calls}
+    used |= {("", "pods", "list"), ("", "pods/log", "get")}
+    assert used <= granted
+    assert ("trainer.kubeflow.org", "trainjobs", "watch") in granted
