@@ -81,6 +81,7 @@ def test_golden_three_tenants_say_what_the_issue_asks():
     assert cq["spec"]["cohort"] == "driftloop" and lq["spec"]["clusterQueue"] == "driftloop-team-c"
     cfg = yaml.safe_load((g / "team-a" / "config" / "driftloop.yaml").read_text())
     assert cfg["kfp"]["queue_name"] == "team-a" and cfg["mlflow"]["workspace"] == "team-a"
+    assert cfg["rollout"]["prometheus_url"]  # the rollout controller reads canary metrics of its namespace there
     assert yaml.safe_load((g / "shared" / "resource-flavor.yaml").read_text())["kind"] == "ResourceFlavor"
     for path in g.rglob("*.yaml"):
         for doc in yaml.safe_load_all(path.read_text()):

@@ -91,6 +91,8 @@ _Dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _HEADER = "# Rendered by `driftloop tenant add`; review, then `kubectl apply -k` this folder. Do not edit by hand:\n" \
           "# `driftloop tenant remove` + `add` renders it again.\n"
+_CONFIG_HEADER = "# Rendered by `driftloop tenant add`. The team may tune data, model, gate, monitor and trigger\n" \
+                 "# settings here; its namespace, queue, ServiceAccount and MLflow space are checked by `driftloop infra check`.\n"
 
 
 class TenantError(DriftloopError):
@@ -107,6 +109,7 @@ class Pool:
     mlflow_uri: str = "http://mlflow.mlflow.svc.cluster.local:5000"
     mlflow_workspaces: bool = True  # the server runs `mlflow server --enable-workspaces`
     kfp_host: str = "http://ml-pipeline.kubeflow.svc.cluster.local:8888"
+    prometheus_url: str = "http://prometheus-operated.monitoring.svc.cluster.local:9090"  # canary metrics
 
 
 @dataclass(frozen=True)
@@ -157,9 +160,9 @@ def tenants_dir(infra: Path) -> Path:
     return Path(infra) / "tenants"
 
 
-def _dump(docs: list[dict[str, Any]], comment: str = "") -> str:
+def _dump(docs: list[dict[str, Any]], comment: str = "", header: str = _HEADER) -> str:
     body = "---\n".join(yaml.dump(d, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=120) for d in docs)
-    return _HEADER + (comment if comment else "") + body
+    return header + (comment if comment else "") + body
 
 
 def load_pool(infra: Path) -> Pool | None:
@@ -470,6 +473,7 @@ def cluster_config(t: Tenant, pool: Pool) -> dict[str, Any]:
         "kfp": {"host": pool.kfp_host, "namespace": t.namespace, "experiment": t.name, "pipeline_name": "driftloop-train",
                 "mlflow_secret": "driftloop-mlflow", "service_account": "driftloop-pipeline", "queue_name": t.queue},
         "serving": {"name": "driftloop-model", "namespace": t.namespace, "logger_url": _monitor_url(t, "/events")},
+        "rollout": {"prometheus_url": pool.prometheus_url},
         "monitor": {"host": "0.0.0.0", "port": 8090, "store": "/var/lib/driftloop/monitor/inference.db"},
     }
     if t.gpu + t.borrow > 0:
@@ -531,12 +535,14 @@ def render_tenant(t: Tenant, pool: Pool, tenant_dir: Path, repo_root: Path) -> d
     files["kustomization.yaml"] = _dump([_kustomization(t, pool)])
     files["config/driftloop.yaml"] = _dump(
         [cluster_config(t, pool)],
-        "# driftloop configuration of this tenant on the cluster (driftloop-config). No secrets: MLflow credentials\n"
-        "# come from the Secret driftloop-mlflow, the webhook token from driftloop-webhook, both in this namespace.\n")
+        header=_CONFIG_HEADER,
+        comment="# driftloop configuration of this tenant on the cluster (driftloop-config). No secrets: MLflow\n"
+                "# credentials come from the Secret driftloop-mlflow, the webhook token from driftloop-webhook.\n")
     files["local.yaml"] = _dump(
         [local_config(t, tenant_dir, repo_root)],
-        "# This tenant's loop on the embedded default (no cluster): `driftloop demo|serve|monitor -c <this file>`.\n"
-        "# Its own workspace (MLflow store, inference log, schedules), ports and model name.\n")
+        header=_CONFIG_HEADER,
+        comment="# This tenant's loop on the embedded default (no cluster): `driftloop run train|serve|monitor -c <this file>`.\n"
+                "# Its own workspace (MLflow store, inference log, schedules), ports and model name.\n")
     spec = asdict(t)
     files["tenant.yaml"] = _dump([spec], "# What `driftloop tenant add` was asked for (read by `tenant list` and the checks).\n")
     return files
