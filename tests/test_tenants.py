@@ -215,6 +215,21 @@ def test_the_invariant_check_catches_a_tenant_reaching_into_another(specs):
         assert any("over the pool" in p for p in check_invariants(pool, over, {}))
 
 
+@_fast
+@given(tenant_sets(), st.integers(1, 8), st.integers(0, 8))
+def test_gpus_over_the_pool_are_refused_and_nothing_is_written(specs, over, borrow):
+    with tempfile.TemporaryDirectory() as tmp:
+        infra = _render(Path(tmp), specs)
+        pool, tenants = load_pool(infra), load_tenants(infra)
+        left = pool.gpus - sum(t.gpu for t in tenants)
+        before = _files(Path(tmp))
+        with pytest.raises(TenantError, match="does not fit the pool"):
+            add_tenant(infra, "zz-new", gpu=left + over)
+        with pytest.raises(TenantError, match="exceeds the pool"):
+            add_tenant(infra, "zz-new", gpu=0, borrow=pool.gpus + 1 + borrow)
+        assert _files(Path(tmp)) == before
+
+
 _bad_names = st.one_of(
     st.text(min_size=1, max_size=12).filter(lambda s: not __import__("re").fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", s)),
     st.sampled_from(["kube-system", "default", "shared", "monitoring", "a" * 41, "x"]),
@@ -268,6 +283,8 @@ def test_cli_add_list_remove_and_refusals(tmp_path, cli):
         (["add", "team-c", "--profile", "--infra", infra], "--profile needs --owner"),
         (["add", "team-c", "--cpu", "lots", "--infra", infra], "--cpu 'lots' is not a Kubernetes quantity"),
         (["add", "team-c", "--pool-gpus", "16", "--infra", infra], "the pool already has 4 GPUs"),
+        (["add", "team-c", "--cohort", "other", "--infra", infra], "the pool's cohort is 'driftloop'"),
+        (["add", "team-c", "--gpu", "-1", "--infra", infra], "--gpu and --borrow must be >= 0"),
         (["remove", "team-x", "--infra", infra], "no tenant 'team-x'"),
     ]
     for args, expect in refusals:

@@ -31,7 +31,8 @@ def tenant_add(
     owner: Annotated[Optional[str], typer.Option("--owner", help="Owner of the Profile (a Kubeflow user).")] = None,
     source: Annotated[str, typer.Option("--source", help="The team's training data URI (data.source).")] = "",
     pool_gpus: Annotated[Optional[int], typer.Option("--pool-gpus", help="First tenant only: the cluster's shared GPUs.")] = None,
-    cohort: Annotated[str, typer.Option("--cohort", help="First tenant only: Kueue cohort for borrowing ('' = none).")] = "driftloop",
+    cohort: Annotated[Optional[str], typer.Option("--cohort", help="First tenant only: Kueue cohort for borrowing "
+                                                                   "(default driftloop; '' = none, no borrowing).")] = None,
     infra: InfraOpt = Path("infra"),
 ) -> None:
     """Render infra/tenants/NAME/ (namespace, quota, RBAC, network policy, queue, loop, configs)."""
@@ -39,7 +40,7 @@ def tenant_add(
     from driftloop.app.tenants import add_tenant, load_pool, load_tenants
 
     target = add_tenant(infra, name, gpu=gpu, borrow=borrow, cpu=cpu, memory=memory, profile=profile, owner=owner,
-                        source=source, pool_gpus=pool_gpus, cohort=cohort or None)
+                        source=source, pool_gpus=pool_gpus, cohort=cohort)
     tenant = next(t for t in load_tenants(infra) if t.name == name)
     pool = load_pool(infra)
     console.print(f"[green]rendered[/] tenant {name} -> {target} (nothing applied)")

@@ -83,6 +83,7 @@ RESERVED_NAMES = frozenset({
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _QUANTITY = re.compile(r"[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?")
 _MAX_NAME = 40  # leaves room for the prefixes and suffixes derived names get (63 at most)
+DEFAULT_COHORT = "driftloop"
 PORT_BASE = 8200  # embedded default: tenant k's gateway on 8200 + 10k, its monitor on 8201 + 10k
 PORT_STEP = 10
 PART_OF = "driftloop"
@@ -104,7 +105,7 @@ class Pool:
     """The cluster's shared GPUs: one cohort, one flavor, one MLflow tracking server."""
 
     gpus: int
-    cohort: str | None = "driftloop"
+    cohort: str | None = DEFAULT_COHORT
     flavor: str = "driftloop-gpu"
     mlflow_uri: str = "http://mlflow.mlflow.svc.cluster.local:5000"
     mlflow_workspaces: bool = True  # the server runs `mlflow server --enable-workspaces`
@@ -579,8 +580,11 @@ def _check_name(name: str) -> None:
 
 def plan_add(infra: Path, name: str, *, gpu: int = 0, borrow: int = 0, cpu: str = "16", memory: str = "64Gi",
              profile: bool = False, owner: str | None = None, source: str = "", pool_gpus: int | None = None,
-             cohort: str | None = "driftloop") -> tuple[Pool, Tenant, bool]:
-    """Validate an ``add`` against what exists; (pool, tenant, pool is new). Writes nothing."""
+             cohort: str | None = None) -> tuple[Pool, Tenant, bool]:
+    """Validate an ``add`` against what exists; (pool, tenant, pool is new). Writes nothing.
+
+    ``pool_gpus`` and ``cohort`` describe the pool on the first add only (cohort None: the default
+    cohort "driftloop"; "": no cohort, so no borrowing)."""
     _check_name(name)
     if gpu < 0 or borrow < 0:
         raise TenantError(f"--gpu and --borrow must be >= 0, got {gpu} and {borrow}")
@@ -601,12 +605,16 @@ def plan_add(infra: Path, name: str, *, gpu: int = 0, borrow: int = 0, cpu: str 
             raise TenantError("no GPU pool yet: the first `tenant add` needs --pool-gpus N (the cluster's shared GPUs)")
         if pool_gpus < 0:
             raise TenantError(f"--pool-gpus must be >= 0, got {pool_gpus}")
-        if cohort is not None and cohort != "" and not _DNS_LABEL.fullmatch(cohort):
+        cohort = DEFAULT_COHORT if cohort is None else cohort
+        if cohort and not _DNS_LABEL.fullmatch(cohort):
             raise TenantError(f"cohort {cohort!r} is not a DNS label")
         pool = Pool(gpus=pool_gpus, cohort=cohort or None)
     elif pool_gpus is not None and pool_gpus != pool.gpus:
         raise TenantError(f"the pool already has {pool.gpus} GPUs ({tenants_dir(infra) / 'pool.yaml'}); "
                           "--pool-gpus is only for the first tenant")
+    elif cohort is not None and (cohort or None) != pool.cohort:
+        raise TenantError(f"the pool's cohort is {pool.cohort!r} ({tenants_dir(infra) / 'pool.yaml'}); "
+                          "--cohort is only for the first tenant")
     if borrow > 0 and not pool.cohort:
         raise TenantError(f"--borrow {borrow} needs a cohort to borrow from, and the pool has none "
                           f"(set cohort in {tenants_dir(infra) / 'pool.yaml'})")
