@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -410,6 +411,9 @@ class Demo:
         return "; ".join(parts) or "no labelled predictions"
 
     def run(self) -> None:
+        # One admin token for the demo's gateway and everything that changes its traffic (the deploy step in
+        # the monitor's retraining worker, the rollout controller): made here, handed down in the environment.
+        os.environ.setdefault("DRIFTLOOP_GATEWAY_TOKEN", secrets.token_urlsafe(24))
         self.prepare()
         self.write_config()
         try:

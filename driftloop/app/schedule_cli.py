@@ -159,7 +159,9 @@ def scheduler_cmd(
                           + (f" ({outcome.error})" if outcome.error else ""))
         return
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    # SIGTERM stops it like Ctrl-C, also in the middle of a run: the slot is recorded as interrupted and the
+    # run's task processes end with the scheduler (processes.spawn)
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     console.print(f"scheduler watching {scheduler.store.path} (Ctrl-C stops it)")
     try:
         scheduler.run_forever(stop)
