@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from driftloop.core.processes import free_port  # noqa: F401 (tests import it from here)
+from tests.servers import tracking  # noqa: F401 (a real MLflow server on S3, one per session)
 
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 warnings.filterwarnings("ignore", category=FutureWarning)
