@@ -160,7 +160,8 @@ def plan_chunks(uri: str, fmt: str, chunks: int) -> tuple[list[dict[str, Any]], 
         if rows == 0:
             raise DataSourceError(f"input {uri} has no rows")
         bounds = np.linspace(0, rows, min(chunks, rows) + 1).astype(int)
-        plan = [{"index": i, "start": int(a), "stop": int(b)} for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
+        plan = [{"index": i, "start": int(a), "stop": int(b), "of": len(bounds) - 1}
+                for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
         return plan, list(pf.schema_arrow.names), rows
     header, names, size = _csv_header(uri)
     fs, path = _fs(uri)
@@ -176,7 +177,8 @@ def plan_chunks(uri: str, fmt: str, chunks: int) -> tuple[list[dict[str, Any]], 
             if cuts[-1] < pos < size:
                 cuts.append(pos)
     cuts.append(size)
-    plan = [{"index": i, "start": int(a), "stop": int(b)} for i, (a, b) in enumerate(zip(cuts[:-1], cuts[1:]))]
+    plan = [{"index": i, "start": int(a), "stop": int(b), "of": len(cuts) - 1}
+            for i, (a, b) in enumerate(zip(cuts[:-1], cuts[1:]))]
     return plan, names, None
 
 
@@ -291,10 +293,24 @@ def score_frame(model: Any, frame: pd.DataFrame, numeric: list[str], categorical
 def score_chunk(model: Any, *, uri: str, fmt: str, chunk: dict[str, Any], numeric: list[str], categorical: list[str],
                 id_column: str, version: str, part_path: str | Path, sample_path: str | Path, sample_rows: int,
                 batch_rows: int, seed: int = 0) -> int:
-    """Score one chunk into a parquet part; keep a uniform sample of its features (≤ ``sample_rows``)."""
+    """Score one chunk into a parquet part; keep a uniform sample of its features (≤ ``sample_rows``).
+
+    The model's native threads (OpenMP in scikit-learn's boosting) are held to this chunk's share of
+    the cores: chunks side by side on one machine would otherwise oversubscribe it several times over.
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
+    from threadpoolctl import threadpool_limits
 
+    with threadpool_limits(limits=max(1, default_chunks() // max(1, int(chunk.get("of", 1))))):
+        return _score_chunk(model, uri=uri, fmt=fmt, chunk=chunk, numeric=numeric, categorical=categorical,
+                            id_column=id_column, version=version, part_path=part_path, sample_path=sample_path,
+                            sample_rows=sample_rows, batch_rows=batch_rows, seed=seed, pa=pa, pq=pq)
+
+
+def _score_chunk(model: Any, *, uri: str, fmt: str, chunk: dict[str, Any], numeric: list[str], categorical: list[str],
+                 id_column: str, version: str, part_path: str | Path, sample_path: str | Path, sample_rows: int,
+                 batch_rows: int, seed: int, pa: Any, pq: Any) -> int:
     columns = list(dict.fromkeys([id_column, *numeric, *categorical]))
     writer, rows = None, 0
     rng = np.random.default_rng(seed + int(chunk["index"]))

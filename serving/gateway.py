@@ -59,7 +59,7 @@ log = logging.getLogger(__name__)
 REQUEST_TYPE = "org.kubeflow.serving.inference.request"
 RESPONSE_TYPE = "org.kubeflow.serving.inference.response"
 # KServe's logger names the endpoint of the InferenceService that answered.
-_ENDPOINT = {PRIMARY: "default", CANARY: "canary"}
+_ENDPOINT = {PRIMARY: "default", CANARY: "canary", "shadow": "canary"}
 _FORWARD_HEADERS = ("content-type", "accept", "inference-header-content-length")
 # Asks the predictor for class scores (serving.predictor.SCORES_HEADER; not imported: kserve is heavy).
 SCORES_HEADER = "x-driftloop-scores"
@@ -102,6 +102,8 @@ class GatewayConfig:
     max_feedback_bytes: int = 1024 * 1024
     feedback_url: str | None = None  # the monitor's POST /feedback; labels are forwarded there
     feedback_outbox: str | None = None  # SQLite file keeping labels the monitor has not taken yet
+    shadow_percent: float = 0.0  # share of served requests mirrored to the canary upstream (serving.shadow)
+    shadow_timeout: float = 2.0
 
     def __post_init__(self) -> None:
         check_percent(self.canary_percent)
@@ -325,6 +327,7 @@ class _Gateway:
         self.client: httpx.AsyncClient | None = None
         self.events: EventLogger | None = None
         self.forwarder: FeedbackForwarder | None = None
+        self.shadow: Any = None  # serving.shadow.ShadowMirror while a shadow phase runs
 
     # -- lifecycle ------------------------------------------------------------------
     async def startup(self) -> None:
@@ -339,8 +342,12 @@ class _Gateway:
         if self.cfg.feedback_url and self.cfg.feedback_outbox:
             self.forwarder = FeedbackForwarder(self.cfg.feedback_url, self.cfg.feedback_outbox)
             self.forwarder.start()
+        if self.cfg.shadow_percent > 0 and self.cfg.canary is not None:
+            await self._set_shadow(self.cfg.shadow_percent)
 
     async def shutdown(self) -> None:
+        if self.shadow is not None:
+            await self.shadow.close()
         if self.events is not None:
             await self.events.close()
         if self.forwarder is not None:
@@ -401,6 +408,8 @@ class _Gateway:
                           latency_ms=elapsed * 1000.0, body=content, server_error=server_error)
         self.metrics.requests.labels(role, upstream.version, str(status)).inc()
         self.metrics.latency.labels(role).observe(elapsed)
+        if self.shadow is not None and role == PRIMARY and 200 <= status < 300:
+            self.shadow.offer(request_id, path, body, fwd, content)  # after the answer; never waits on the shadow
         if self.events is not None and 200 <= status < 300:
             self.events.submit(request_id, role, upstream.version, path, body, content)
             if not client_scores:
@@ -480,6 +489,10 @@ class _Gateway:
         except ValueError as exc:
             self.metrics.rejected.labels(reason="feedback_rows").inc()
             return _error(400, f"{exc}; nothing was recorded")
+        if self.shadow is not None:
+            for (rid, label), (kind, _) in zip(items, outcome):
+                if kind == "accepted":
+                    self.shadow.stats.label(rid, label)
         accepted = sum(1 for kind, _ in outcome if kind == "accepted")
         unknown = [v for kind, v in outcome if kind == "unknown"]
         duplicate = [v for kind, v in outcome if kind == "duplicate"]
@@ -614,7 +627,51 @@ class _Gateway:
         self.cfg.primary, self.cfg.canary = primary, canary
         self.splitter.canary_percent = self.cfg.canary_percent = pct
         self.metrics.canary_percent.set(pct)
+        if self.shadow is not None and (canary is None or canary.url != self.shadow.url):
+            await self._set_shadow(0.0 if canary is None else self.cfg.shadow_percent)  # the mirror follows the canary
         return _JSON(self.status_doc())
+
+    async def _set_shadow(self, percent: float) -> None:
+        from serving.shadow import SHADOW, ShadowMirror
+
+        if self.shadow is not None:
+            await self.shadow.close()
+            self.shadow = None
+        if percent > 0 and self.cfg.canary is not None:
+            events = self.events
+            self.shadow = ShadowMirror(
+                self.cfg.canary.url, self.cfg.canary.version, percent, timeout=self.cfg.shadow_timeout,
+                seed=self.cfg.seed, log_event=(lambda rid, version, path, body, content: events.submit(
+                    f"{rid}-shadow", SHADOW, version, path, body, content)) if events is not None else None)
+            self.shadow.start()
+        self.cfg.shadow_percent = percent if self.shadow is not None else 0.0
+
+    async def shadow_route(self, request: Request) -> Response:
+        """``PUT {"percent": 0-100}``: mirror that share of served requests to the canary upstream (0 stops);
+        ``GET ?since=``: the joined shadow statistics."""
+        if request.method == "GET":
+            since_raw = request.query_params.get("since")
+            try:
+                since = _parse_since(since_raw) if since_raw else None
+            except ValueError as exc:
+                return _error(400, str(exc))
+            summary = self.shadow.stats.summary(since) if self.shadow is not None else None
+            return _JSON({"percent": self.cfg.shadow_percent, "version": self.cfg.canary.version
+                          if self.shadow is not None and self.cfg.canary else None, "stats": summary})
+        if (denied := self._unauthorized(request)) is not None:
+            return denied
+        try:
+            doc = await self._admin_doc(request)
+            if not isinstance(doc, dict) or set(doc) != {"percent"}:
+                raise ValueError('expected {"percent": <0-100>}')
+            pct = check_percent(doc["percent"])
+            if pct > 0 and self.cfg.canary is None:
+                raise ValueError("no canary upstream to mirror to; PUT /admin/upstreams first")
+        except ValueError as exc:
+            return _error(400, str(exc).replace("canary_percent", "percent"))
+        await self._set_shadow(pct)
+        log.info("shadow mirror set to %s%%", pct)
+        return _JSON({"percent": self.cfg.shadow_percent})
 
     async def stats_route(self, request: Request) -> Response:
         since_raw = request.query_params.get("since")
@@ -690,6 +747,7 @@ def create_gateway_app(cfg: GatewayConfig) -> Starlette:
         Route("/admin/upstreams", gw.upstreams, methods=["PUT"]),
         Route("/admin/status", gw.status, methods=["GET"]),
         Route("/admin/stats", gw.stats_route, methods=["GET"]),
+        Route("/admin/shadow", gw.shadow_route, methods=["GET", "PUT"]),
         Route("/metrics", gw.metrics_route, methods=["GET"]),
         Route("/healthz", gw.healthz, methods=["GET"]),
     ]

@@ -35,13 +35,14 @@ __all__ = [
     "Check", "RolloutState", "RolloutStore", "RolloutTarget", "GatewayTarget", "KServeTarget", "PrometheusMetrics",
     "MonitorQuality", "HISTORY_ARTIFACT", "WEIGHT_TAG",
     "RolloutController", "evaluate_checks", "psi", "weight_schedule",
-    "PENDING", "PROGRESSING", "AWAITING_APPROVAL", "PROMOTED", "ROLLED_BACK",
+    "PENDING", "SHADOW", "PROGRESSING", "AWAITING_APPROVAL", "PROMOTED", "ROLLED_BACK",
 ]
 
 log = logging.getLogger(__name__)
 
 PENDING = "pending"
 PROGRESSING = "progressing"
+SHADOW = "shadow"  # mirrored traffic only: no user request is answered by the candidate
 AWAITING_APPROVAL = "awaiting_approval"
 PROMOTED = "promoted"
 ROLLED_BACK = "rolled_back"
@@ -234,6 +235,12 @@ class GatewayTarget:
 
     def set_weight(self, percent: int) -> None:
         self._call("PUT", "/admin/split", json={"canary_percent": percent})
+
+    def set_shadow(self, percent: float) -> None:
+        self._call("PUT", "/admin/shadow", json={"percent": percent})
+
+    def shadow_stats(self, since: float) -> dict[str, Any]:
+        return self._call("GET", "/admin/shadow", params={"since": since}).get("stats") or {}
 
     def stats(self, since: float, canary_version: str, primary_version: str | None):  # noqa: ANN201
         versions = self._call("GET", "/admin/stats", params={"since": since})["versions"]
@@ -451,6 +458,15 @@ class RolloutController:
         state = self.state()
         if state.done:
             return state.history[-1] if state.history else {"decision": state.status}
+        if state.status == PENDING and self.cfg.shadow_percent > 0 and not any(
+                h.get("decision") == "shadow_pass" for h in state.history):
+            if hasattr(self.target, "set_shadow"):
+                return self._start_shadow(state)
+            log.warning("rollout.shadow_percent is set but this serving target has no shadow; canary steps only")
+        if state.status == SHADOW:
+            rec = self._judge_shadow(state)
+            if rec is not None:
+                return rec
         if state.status == PENDING:
             state.step_index = 0
             state.weight = self.schedule[0]
@@ -490,6 +506,39 @@ class RolloutController:
             return self._record(state, "await_approval", "analysis passed at max weight; waiting for manual approval",
                                 checks)
         return self._promote(state, f"checks passed at {state.weight}%", checks)
+
+    # -- shadow phase (serving.shadow) ---------------------------------------------------
+    def _start_shadow(self, state: RolloutState) -> dict[str, Any]:
+        self.target.set_weight(0)
+        self.target.set_shadow(self.cfg.shadow_percent)
+        state.status, state.weight, state.window_start = SHADOW, 0, time.time()
+        self._tag(state, {WEIGHT_TAG: "0", "driftloop.rollout.phase": SHADOW})
+        return self._record(state, "shadow_start", f"candidate v{state.canary_version} gets a copy of "
+                            f"{self.cfg.shadow_percent:g}% of requests; no user sees its answers")
+
+    def _judge_shadow(self, state: RolloutState) -> dict[str, Any] | None:
+        """One interval of the shadow phase: a record to return, or None when it passed (canary starts)."""
+        from serving.shadow import shadow_checks
+
+        try:
+            summary = self.target.shadow_stats(state.window_start)
+        except ServingError as exc:
+            return self._record(state, "unavailable", f"shadow statistics unavailable, judged next interval: {exc}")
+        checks = shadow_checks(summary, self.cfg)
+        failed = [c for c in checks if c.passed is False and c.name != "shadow_requests"]
+        if failed:
+            reason = "; ".join(f"{c.name}={_fmt(c.value)} breaks limit {_fmt(c.limit)}" for c in failed)
+            self.target.set_shadow(0)
+            return self._rollback(state, f"shadow phase failed, no user request was served by it: {reason}", checks)
+        elapsed = time.time() - state.window_start
+        if not checks[0].passed or elapsed < self.cfg.shadow_seconds:
+            why = checks[0].detail or f"{elapsed:.0f}s < rollout.shadow_seconds={self.cfg.shadow_seconds:g}"
+            return self._record(state, "shadow_wait", why, checks)
+        self.target.set_shadow(0)
+        state.status = PENDING
+        self._record(state, "shadow_pass", f"shadow phase passed on {summary.get('requests')} mirrored requests",
+                     checks)
+        return None
 
     def run(self, until_done: bool = True, max_steps: int | None = None) -> RolloutState:
         """Step every ``interval_seconds`` until promoted/rolled back (or ``max_steps``)."""

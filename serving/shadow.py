@@ -1,0 +1,204 @@
+"""Shadow traffic: a candidate sees a mirrored share of real requests before any user sees its answers.
+
+The gateway answers every request from the primary (or the canary) as before; only afterwards, and
+only for ``percent`` of requests, it hands a copy to :class:`ShadowMirror`: a bounded queue served
+by background workers with their own connection pool and a short timeout. A slow, failing or dead
+shadow can therefore never delay, change or fail a user's response — its requests are dropped
+(counted) when the queue is full and its failures are only numbers in :class:`ShadowStats`.
+
+Each shadow answer is joined with the primary's answer to the same request id: the stats keep
+errors and latency of the shadow, agreement with the primary (classification: share of equal
+labels; regression: mean absolute and relative difference), both prediction samples for an output
+PSI, and — when labels for those requests arrive at ``POST /feedback`` — the quality of both on the
+same rows. Both answers are logged to the monitor, the shadow's with ``ce-servingrole: shadow``.
+:func:`shadow_checks` turns a summary into the checks the rollout controller judges.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import httpx
+
+from serving.traffic import _num, predictions_of, quality_of
+
+__all__ = ["SHADOW", "ShadowMirror", "ShadowStats", "shadow_checks"]
+
+log = logging.getLogger(__name__)
+
+SHADOW = "shadow"
+
+
+@dataclass
+class _Pair:
+    ts: float
+    primary: list[Any]
+    shadow: list[Any] | None  # None: the shadow failed (error or timeout)
+    latency_ms: float
+    label: Any = None
+
+
+class ShadowStats:
+    """Joined primary/shadow answers by request id (bounded, newest kept)."""
+
+    def __init__(self, max_pairs: int = 20_000) -> None:
+        self._pairs: OrderedDict[str, _Pair] = OrderedDict()
+        self._max = max_pairs
+        self.dropped = 0
+
+    def record(self, request_id: str, primary: list[Any], shadow: list[Any] | None, latency_ms: float,
+               ts: float | None = None) -> None:
+        self._pairs[request_id] = _Pair(time.time() if ts is None else ts, primary, shadow, latency_ms)
+        while len(self._pairs) > self._max:
+            self._pairs.popitem(last=False)
+
+    def label(self, request_id: str, label: Any) -> bool:
+        pair = self._pairs.get(request_id)
+        if pair is None or pair.label is not None:
+            return False
+        pair.label = label
+        return True
+
+    def summary(self, since: float | None = None, *, max_predictions: int = 2_000) -> dict[str, Any]:
+        pairs = [p for p in self._pairs.values() if since is None or p.ts >= since]
+        ok = [p for p in pairs if p.shadow is not None and len(p.shadow) == len(p.primary)]
+        latencies = sorted(p.latency_ms for p in pairs)
+        rows = [(a, b) for p in ok for a, b in zip(p.primary, p.shadow)]
+        out: dict[str, Any] = {
+            "requests": len(pairs), "errors": len(pairs) - len(ok), "dropped": self.dropped,
+            "error_rate": (len(pairs) - len(ok)) / len(pairs) if pairs else None,
+            "p99_ms": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] if latencies else None,
+            "rows": len(rows),
+            "primary_predictions": [a for a, _ in rows][-max_predictions:],
+            "shadow_predictions": [b for _, b in rows][-max_predictions:],
+        }
+        nums = [(_num(a), _num(b)) for a, b in rows]
+        discrete = rows and all(isinstance(a, (str, bool, int)) and isinstance(b, (str, bool, int)) for a, b in rows)
+        if discrete:
+            out["agreement"] = sum(1 for a, b in rows if str(a) == str(b)) / len(rows)
+        elif rows and all(a is not None and b is not None for a, b in nums):
+            diffs = [abs(a - b) for a, b in nums]
+            scale = sum(abs(a) for a, _ in nums) / len(nums)
+            out["mean_abs_diff"] = sum(diffs) / len(diffs)
+            out["relative_diff"] = out["mean_abs_diff"] / scale if scale > 0 else (0.0 if not any(diffs) else None)
+        labelled = [p for p in ok if p.label is not None]
+        pairs_p, pairs_s = [], []
+        for p in labelled:
+            labels = p.label if isinstance(p.label, list) else [p.label] * len(p.primary)
+            if len(labels) == len(p.primary):
+                pairs_p += list(zip(p.primary, labels))
+                pairs_s += list(zip(p.shadow, labels))
+        qp, qs = quality_of(pairs_p), quality_of(pairs_s)
+        out["labels"] = len(pairs_p)
+        if qp and qs:
+            out["quality_metric"], out["primary_quality"], out["shadow_quality"] = qp[0], qp[1], qs[1]
+        return out
+
+
+class ShadowMirror:
+    """Copies of served requests to the shadow, off the request path, on their own connections."""
+
+    def __init__(self, url: str, version: str, percent: float, *, timeout: float = 2.0, queue_size: int = 1_000,
+                 workers: int = 4, seed: int | None = None,
+                 log_event: Callable[[str, str, str, bytes, bytes], None] | None = None) -> None:
+        self.url, self.version, self.percent, self.timeout = url.rstrip("/"), version, float(percent), timeout
+        self.stats = ShadowStats()
+        self.queue: asyncio.Queue[tuple[str, str, bytes, dict[str, str], list[Any]]] = asyncio.Queue(queue_size)
+        self._workers = workers
+        self._random = random.Random(seed)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._client: httpx.AsyncClient | None = None
+        self._log_event = log_event
+
+    def start(self) -> None:
+        limits = httpx.Limits(max_connections=self._workers, max_keepalive_connections=self._workers)
+        self._client = httpx.AsyncClient(timeout=self.timeout, limits=limits)
+        self._tasks = [asyncio.create_task(self._loop()) for _ in range(self._workers)]
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._client is not None:
+            await self._client.aclose()
+
+    def offer(self, request_id: str, path: str, body: bytes, headers: dict[str, str], primary_body: bytes) -> bool:
+        """After the primary answered: queue a copy for ``percent`` of requests. Never blocks, never raises."""
+        if self.percent <= 0 or self._random.random() * 100 >= self.percent:
+            return False
+        try:
+            self.queue.put_nowait((request_id, path, body, dict(headers), predictions_of(primary_body)))
+        except asyncio.QueueFull:
+            self.stats.dropped += 1
+            return False
+        return True
+
+    async def _loop(self) -> None:
+        assert self._client is not None
+        while True:
+            request_id, path, body, headers, primary = await self.queue.get()
+            start = time.perf_counter()
+            shadow: list[Any] | None = None
+            content = b""
+            try:
+                resp = await self._client.post(self.url + path, content=body, headers=headers)
+                if 200 <= resp.status_code < 300:
+                    content = resp.content
+                    shadow = predictions_of(content)
+                else:
+                    log.debug("shadow %s answered %s for %s", self.url, resp.status_code, request_id)
+            except httpx.HTTPError as exc:
+                log.debug("shadow %s failed for %s: %r", self.url, request_id, exc)
+            except Exception:  # noqa: BLE001 - a shadow never takes the gateway down
+                log.exception("shadow request %s failed", request_id)
+            self.stats.record(request_id, primary, shadow, (time.perf_counter() - start) * 1000.0)
+            if shadow is not None and self._log_event is not None:
+                self._log_event(request_id, self.version, path, body, content)
+
+
+def _check(name: str, value: float | None, limit: float, ok: bool | None, detail: str = "") -> Any:
+    from serving.rollout import Check
+
+    return Check(name, value, limit, ok, detail)
+
+
+def shadow_checks(summary: dict[str, Any], cfg: Any) -> list[Any]:
+    """The shadow phase's analysis: errors, latency, agreement, output PSI and, with labels, quality."""
+    from serving.rollout import _MIN_DISTRIBUTION_SAMPLES, psi
+
+    requests = int(summary.get("requests") or 0)
+    enough = requests >= cfg.shadow_min_requests
+    checks = [_check("shadow_requests", requests, cfg.shadow_min_requests, enough,
+                     "" if enough else f"{requests} < {cfg.shadow_min_requests} mirrored requests")]
+    rate = summary.get("error_rate")
+    checks.append(_check("shadow_error_rate", rate, cfg.max_error_rate,
+                         None if rate is None or not enough else rate <= cfg.max_error_rate))
+    p99 = summary.get("p99_ms")
+    checks.append(_check("shadow_p99_ms", p99, cfg.max_p99_latency_ms,
+                         None if p99 is None or not enough else p99 <= cfg.max_p99_latency_ms))
+    if "agreement" in summary:
+        a = summary["agreement"]
+        checks.append(_check("agreement", a, cfg.shadow_min_agreement, None if not enough else a >= cfg.shadow_min_agreement,
+                             f"share of equal labels on {summary['rows']} rows"))
+    elif summary.get("relative_diff") is not None:
+        r = summary["relative_diff"]
+        checks.append(_check("relative_diff", r, cfg.shadow_max_relative_diff,
+                             None if not enough else r <= cfg.shadow_max_relative_diff,
+                             f"mean |shadow - primary| {summary['mean_abs_diff']:.4g} on {summary['rows']} rows"))
+    p, s = summary.get("primary_predictions") or [], summary.get("shadow_predictions") or []
+    if len(p) >= _MIN_DISTRIBUTION_SAMPLES and len(s) >= _MIN_DISTRIBUTION_SAMPLES:
+        value = psi(p, s)
+        checks.append(_check("shadow_prediction_psi", value, cfg.max_prediction_psi, value <= cfg.max_prediction_psi))
+    labels = int(summary.get("labels") or 0)
+    if "shadow_quality" in summary and labels >= max(cfg.min_labels, 1):
+        delta = summary["shadow_quality"] - summary["primary_quality"]
+        checks.append(_check("shadow_quality_delta", delta, cfg.min_quality_delta, delta >= cfg.min_quality_delta,
+                             f"{summary['quality_metric']}: shadow {summary['shadow_quality']:.4f} vs primary "
+                             f"{summary['primary_quality']:.4f} on the same {labels} labelled rows"))
+    return checks
