@@ -52,6 +52,7 @@ MODEL_FILE = "model.joblib"
 RECORD_FILE = "record.json"
 # Set by the local launcher, which runs the tracker itself; on a TrainJob node 0 hosts it.
 TRACKER_ENV = "DRIFTLOOP_TRACKER"
+TRACKER_BIND_ENV = "DRIFTLOOP_TRACKER_BIND"  # where node 0's tracker listens; default every interface
 DMLC_ENV = ("DMLC_TRACKER_URI", "DMLC_TRACKER_PORT", "DMLC_TASK_ID", "DMLC_NUM_WORKER")
 EXIT_USER_ERROR = 3
 
@@ -220,15 +221,59 @@ class _RoundClock:
         self.callback = Callback()
 
 
-def _host_tracker(world: int) -> Any:
-    """Node 0 of a TrainJob hosts the tracker at the address the runtime gave every node."""
-    import socket
+def _peak_rss_mb() -> float:
+    import resource
 
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
+def _tcp_bytes() -> tuple[int, int]:
+    """Bytes acknowledged as sent and bytes received on this process's TCP sockets (Linux ``TCP_INFO``).
+
+    The collective's sockets are XGBoost's own; they are found through ``/proc/self/fd``.
+    """
+    import socket
+    import struct
+
+    sent = received = 0
+    try:
+        fds = os.listdir("/proc/self/fd")
+    except OSError:
+        return 0, 0
+    for name in fds:
+        try:
+            if not os.readlink(f"/proc/self/fd/{name}").startswith("socket:"):
+                continue
+            dup = os.dup(int(name))
+        except OSError:
+            continue
+        try:
+            s = socket.socket(fileno=dup)
+        except OSError:
+            os.close(dup)
+            continue
+        try:
+            if s.type != socket.SOCK_STREAM or s.family not in (socket.AF_INET, socket.AF_INET6):
+                continue
+            info = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+            if len(info) >= 136:  # tcpi_bytes_acked at 120, tcpi_bytes_received at 128 (Linux >= 4.1)
+                a, r = struct.unpack_from("QQ", info, 120)
+                sent, received = sent + a, received + r
+        except OSError:
+            pass
+        finally:
+            s.close()  # closes the duplicate only
+    return sent, received
+
+
+def _host_tracker(world: int) -> Any:
+    """Node 0 of a TrainJob hosts the tracker on the port the runtime gave every node (the others reach it
+    at ``DMLC_TRACKER_URI``, node 0's address); it listens on every interface, as the runtime's guide does."""
     from xgboost.tracker import RabitTracker
 
-    host = os.environ["DMLC_TRACKER_URI"]
     port = int(os.environ["DMLC_TRACKER_PORT"])
-    tracker = RabitTracker(n_workers=world, host_ip=socket.gethostbyname(host), port=port, sortby="task")
+    bind = os.environ.get(TRACKER_BIND_ENV, "0.0.0.0")
+    tracker = RabitTracker(n_workers=world, host_ip=bind, port=port, sortby="task")
     tracker.start()
     return tracker
 
@@ -319,6 +364,7 @@ def _train_in_group(*, train: str, schema: dict[str, Any], out: str, checkpoints
     if done:
         print(f"worker {rank}: resuming from the checkpoint at round {done} of {rounds}", flush=True)
     clock = _RoundClock(rank, checkpoint_rounds, checkpoints, done)
+    sent0, received0 = _tcp_bytes()
     started = time.perf_counter()
     try:
         booster = xgb.train(booster_params, dtrain, num_boost_round=max(rounds - done, 0), xgb_model=start_model,
@@ -326,6 +372,7 @@ def _train_in_group(*, train: str, schema: dict[str, Any], out: str, checkpoints
     except xgb.core.XGBoostError as exc:
         raise TrainingError(f"training failed on worker {rank}: {str(exc).splitlines()[0]}") from exc
     seconds = time.perf_counter() - started
+    sent1, received1 = _tcp_bytes()
     raw_model = bytes(booster.save_raw("ubj"))
     digest = hashlib.sha256(raw_model).hexdigest()
     digests = [collective.broadcast(digest, r) for r in range(world)]
@@ -336,6 +383,10 @@ def _train_in_group(*, train: str, schema: dict[str, Any], out: str, checkpoints
     per_round = np.zeros((world, max(len(clock.seconds), 1)), dtype=np.float64)
     per_round[rank, :len(clock.seconds)] = clock.seconds
     per_round = collective.allreduce(per_round, collective.Op.SUM).reshape(per_round.shape)
+    n_rounds = max(len(clock.seconds), 1)
+    stats = np.zeros((world, 3), dtype=np.float64)
+    stats[rank] = [_peak_rss_mb(), (sent1 - sent0) / n_rounds, (received1 - received0) / n_rounds]
+    stats = collective.allreduce(stats, collective.Op.SUM).reshape(stats.shape)
     if rank == 0:
         est = (xgb.XGBClassifier if task == "classification" else xgb.XGBRegressor)(
             feature_types=feature_types(schema), enable_categorical=True, device=used)
@@ -354,6 +405,10 @@ def _train_in_group(*, train: str, schema: dict[str, Any], out: str, checkpoints
             "round_seconds": [float(v) for v in per_round.max(axis=0)][:len(clock.seconds)],
             "seconds": seconds,
             "booster_sha256": digest,
+            # measured on each worker: peak resident memory, and bytes its TCP sockets sent/received per round
+            "peak_rss_mb": [round(float(v), 1) for v in stats[:, 0]],
+            "bytes_sent_per_round": [int(v) for v in stats[:, 1]],
+            "bytes_received_per_round": [int(v) for v in stats[:, 2]],
         }
         _write_bytes(_join(out, MODEL_FILE), buf.getvalue())
         _write_bytes(_join(out, RECORD_FILE), json.dumps(record).encode())
@@ -649,6 +704,9 @@ def record_on_run(tracking_uri: str, run_id: str, record: dict[str, Any]) -> Non
               Param("distributed.devices", ",".join(record["devices"])),
               Param("distributed.rows_per_worker", ",".join(str(int(r)) for r in record["rows"])),
               Param("distributed.resumed_from_round", str(base))]
+    for key in ("peak_rss_mb", "bytes_sent_per_round"):
+        if record.get(key):
+            params.append(Param(f"distributed.{key}", ",".join(str(v) for v in record[key])))
     metrics = [Metric("distributed.round_seconds", float(v), now, base + i + 1)
                for i, v in enumerate(record["round_seconds"])]
     metrics.append(Metric("distributed.train_seconds", float(record["seconds"]), now, 0))

@@ -220,6 +220,34 @@ def test_workers_die_with_a_killed_launcher(tmp_path, churn):
             launcher.kill()
 
 
+def test_trainjob_nodes_run_the_entrypoint_with_node_0_hosting_the_tracker(tmp_path, churn):
+    """What each TrainJob node runs, with only the variables the runtime sets (no local launcher)."""
+    from components.distributed import load_record, worker_command
+    from driftloop.core.processes import free_port, spawn, stop_process
+
+    train, _ = churn
+    path, schema_path, _ = _write(tmp_path, train, "classification")
+    cmd = worker_command(train=path, schema_uri=schema_path, out=str(tmp_path / "out"), checkpoints=None,
+                         target="label", task="classification", params={"n_estimators": 10}, device="auto",
+                         checkpoint_rounds=5, python=sys.executable)
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DMLC_", "DRIFTLOOP_TRACKER"))}
+    env.update(DMLC_TRACKER_URI="127.0.0.1", DMLC_TRACKER_PORT=str(port), DMLC_NUM_WORKER="2",
+               DRIFTLOOP_TRACKER_BIND="127.0.0.1", OMP_NUM_THREADS="1")
+    procs = [spawn(cmd, env={**env, "DMLC_TASK_ID": str(r)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for r in (1, 0)]  # the node without the tracker may start first
+    try:
+        outs = [p.communicate(timeout=120)[0].decode() for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                stop_process(p.pid)
+    assert [p.returncode for p in procs] == [0, 0], outs
+    model, record = load_record(str(tmp_path / "out"))
+    assert record["workers"] == 2 and record["rounds"] == 10 and sum(record["rows"]) == len(train)
+    assert model.predict(train.drop(columns=FEATURES_DROP).head(2)).shape == (2,)
+
+
 # --- the pipeline: the train step becomes a launcher ----------------------------------------------
 def test_pipeline_with_two_workers_makes_one_run_and_one_version_with_the_record(tmp_path, scenario_path):
     from driftloop.core.registry import Registry
