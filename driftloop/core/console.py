@@ -18,7 +18,8 @@ from driftloop.core.config import Settings, load_settings
 __all__ = ["console", "err_console", "settings_from", "ConfigOpt", "ParamOpt"]
 
 console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
+# soft_wrap: an error is one line also when stderr is a pipe (rich would wrap it at 80 columns).
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file (or $DRIFTLOOP_CONFIG).")]
 ParamOpt = Annotated[Optional[list[str]], typer.Option("--param", "-p", help="Override a config key: section.key=value.")]
