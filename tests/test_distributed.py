@@ -68,6 +68,22 @@ def test_shards_are_contiguous_disjoint_and_never_empty():
         assert all(end > start for start, end in bounds)
 
 
+def test_a_worker_reads_only_the_row_groups_of_its_shard(tmp_path, monkeypatch):
+    import pyarrow.parquet as pq
+
+    from components.distributed import read_shard
+
+    df = pd.DataFrame({"x": np.arange(1000, dtype="float64"), "label": np.arange(1000) % 2})
+    df.to_parquet(tmp_path / "t.parquet", index=False, row_group_size=100)
+    read: list[int] = []
+    original = pq.ParquetFile.read_row_group
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group",
+                        lambda self, i, *a, **k: read.append(i) or original(self, i, *a, **k))
+    shard, total = read_shard(str(tmp_path / "t.parquet"), 1, 3)  # rows 333..665
+    assert total == 1000 and shard["x"].tolist() == list(map(float, range(333, 666)))
+    assert read == [3, 4, 5, 6]
+
+
 def test_two_workers_match_one_process_and_end_with_identical_boosters(tmp_path, churn):
     from sklearn.metrics import roc_auc_score
 
