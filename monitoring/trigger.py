@@ -9,9 +9,10 @@ runner. Whoever builds the trigger hands it a ``runner_factory`` (the monitor co
 Where the run executes:
 
 * embedded default (kfp.local): a background worker process (``python -m pipelines.retrain``)
-  runs the pipeline and writes its outcome into the alert store, so the monitor keeps ingesting
-  and a restart of the monitor neither kills the run nor forgets it: the worker's pid is stored
-  and its liveness checked (``/proc``) by the in-flight guard.
+  runs the pipeline and writes its outcome into the alert store, so the monitor keeps ingesting.
+  It starts through ``driftloop.core.processes.spawn`` and dies with the monitor, its pipeline's
+  task processes with it; the worker's pid is stored and its liveness checked (``/proc``) by the
+  in-flight guard, so a run whose monitor died is marked LOST at the next start, not forgotten.
 * Kubernetes (``kfp.host`` set): the run is submitted with ``kfp.Client`` (non-blocking) through
   the runner from ``runner_factory``; the in-flight guard asks Kubeflow for the run's state.
 * an injected runner (tests, embedding): called in a background thread of this process.
