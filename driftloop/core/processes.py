@@ -16,7 +16,8 @@ with the process that owns it however that one ends (Ctrl-C, SIGTERM, SIGKILL):
   too, e.g. a pipeline task run by ``sh``): a small watcher (``python -m driftloop.core.processes``)
   leads the group, runs the command and, when the owner ends (``pidfd``), the command ends or the
   watcher is told to stop, stops the WHOLE group — grandchildren included — SIGTERM, then SIGKILL.
-  The watcher itself dies with its parent too when that parent is the owner.
+  The watcher itself also gets ``PR_SET_PDEATHSIG`` when its parent is the owner and starts it
+  from the main thread (never from another thread: that thread's end would fire it).
 """
 
 from __future__ import annotations
@@ -202,8 +203,7 @@ def _watch(owner: int, cmd: list[str], stop_timeout: float) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, on_signal)
-    if owner == os.getppid() and _prctl is not None:
-        _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    # (when its owner started it from the main thread, the watcher already has PR_SET_PDEATHSIG: spawn's preexec_fn)
     if not process_alive(owner):
         return 143
     pidfd = None
