@@ -643,10 +643,17 @@ def train_distributed(*, train_uri: str, train_path: str, schema_uri: str, schem
                               target=target, task=task, params=params, device=device,
                               checkpoint_rounds=rounds_every, checkpoints=checkpoints, timeout=timeout,
                               tracker_port=int(distributed.get("tracker_port", 0)), echo=echo)
-    with contextlib.suppress(Exception):  # done: a rerun starts afresh
-        fs, path = _fs(checkpoints)
-        fs.rm(path, recursive=True)
+    _drop_checkpoints(checkpoints)  # done: a rerun starts afresh
     return result
+
+
+def _drop_checkpoints(uri: str) -> None:
+    try:
+        fs, path = _fs(uri)
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+    except Exception as exc:  # noqa: BLE001 - leftovers only cost storage; the model is written
+        log.warning("could not delete the checkpoints at %s: %s", uri, exc)
 
 
 def _train_on_trainjob(*, train_uri: str, schema_uri: str, model_uri: str, checkpoints: str, key: str, target: str,

@@ -354,6 +354,48 @@ def test_trainjob_parses_with_the_trainer_api_models(nodes, gpus):
     assert {e.name for e in secret_env} >= {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
 
 
+def test_on_kubernetes_the_step_launches_a_trainjob_on_its_artifacts(tmp_path, churn, monkeypatch):
+    """The launcher step inside a pipeline pod: the TrainJob it sends and where it reads rank 0's model."""
+    import components.distributed as dist
+    import components.trainjob as tj
+
+    train, _ = churn
+    path, schema_path, _ = _write(tmp_path, train, "classification")
+    api = RecordingCustomObjects([_cond("Complete")])
+    sent: list[dict] = []
+    original_run = TrainJobLauncher.run
+    monkeypatch.setattr(TrainJobLauncher, "in_cluster", classmethod(lambda cls, **kw: cls(api, None, poll_seconds=0, **kw)))
+    monkeypatch.setattr(TrainJobLauncher, "run", lambda self, body, **kw: sent.append(body) or original_run(self, body, **kw))
+    monkeypatch.setattr(tj, "in_cluster_namespace", lambda default="kubeflow": "team-a")
+    read: list[str] = []
+    record = {"workers": 4, "devices": ["cuda"] * 4, "rows": [1] * 4, "rounds": 5, "round_seconds": [0.1] * 5,
+              "seconds": 0.5}
+    monkeypatch.setattr(dist, "load_record", lambda out: read.append(out) or ("model", record))
+    dropped: list[str] = []
+    monkeypatch.setattr(dist, "_drop_checkpoints", dropped.append)
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
+    root = "minio://mlpipeline/v2/artifacts/driftloop-train/run-1"
+    result = dist.train_distributed(
+        train_uri=f"{root}/ingest/1/train", train_path=path, schema_uri=f"{root}/validate/2/schema",
+        schema_path=schema_path, model_path=str(tmp_path / "model"), model_uri=f"{root}/train/3/model",
+        target="label", task="classification", learner="xgboost", params={"n_estimators": 5}, device="auto",
+        distributed={"workers": 4, "gpus_per_worker": 1, "runtime": "xgboost-distributed", "timeout_seconds": 900,
+                     "queue_name": "gpu-queue", "secret": "driftloop-mlflow", "checkpoint_rounds": 2})
+    assert result.device == "cuda" and result.model == "model"
+    (body,) = sent
+    trainer_models_check(body)
+    assert body["metadata"]["namespace"] == "team-a" and body["metadata"]["labels"][QUEUE_LABEL] == "gpu-queue"
+    assert body["spec"]["runtimeRef"]["kind"] == "ClusterTrainingRuntime"  # no namespaced runtime of that name
+    assert body["spec"]["activeDeadlineSeconds"] == 900 and body["spec"]["trainer"]["numNodes"] == 4
+    cmd = body["spec"]["trainer"]["command"]
+    assert cmd[:4] == ["python", "-m", "components.distributed", "worker"]
+    s3 = "s3://mlpipeline/v2/artifacts/driftloop-train/run-1"
+    assert cmd[cmd.index("--train") + 1] == f"{s3}/ingest/1/train"
+    assert cmd[cmd.index("--out") + 1] == f"{s3}/train/3/model.distributed" == read[0]
+    assert cmd[cmd.index("--checkpoints") + 1].startswith("s3://mlpipeline/driftloop-checkpoints/")
+    assert dropped == [cmd[cmd.index("--checkpoints") + 1].replace("s3://", "minio://")]  # the finished run's
+
+
 def test_trainjob_check_rejects_a_field_the_api_does_not_know():
     body = render_trainjob(TrainJobSpec(name="t", namespace="ns", image="i", command=["c"], nodes=2))
     body["spec"]["trainer"]["replicas"] = 2
