@@ -95,7 +95,7 @@ class DistributedConfig(_Section):
     checkpoint_rounds: int = Field(10, ge=1, description="rank 0 checkpoints the booster every this many rounds")
     timeout_seconds: int = Field(3600, ge=1, description="the TrainJob's activeDeadlineSeconds; the local run's limit")
     runtime: str = Field("xgboost-distributed", description="Kubeflow Trainer ClusterTrainingRuntime")
-    image: str | None = Field(None, description="worker image on a cluster; default serving.image's driftloop image")
+    image: str | None = Field(None, description="worker image on a cluster; default the driftloop image")
     tracker_port: int = Field(0, ge=0, le=65535, description="local tracker port on 127.0.0.1; 0 = a free one")
     checkpoint_uri: str | None = Field(None, description="where checkpoints go (path, s3://, gs://); default beside "
                                        "the pipeline's artifacts")
