@@ -199,7 +199,7 @@ def _checkpoints(base: str) -> list[tuple[int, str]]:
 class _RoundClock:
     """Wall time per round on every rank; rank 0 checkpoints every ``every`` rounds."""
 
-    def __init__(self, rank: int, every: int, checkpoints: str | None, start_round: int):
+    def __init__(self, rank: int, every: int, checkpoints: str | None):
         import xgboost as xgb
 
         clock = self
@@ -363,7 +363,7 @@ def _train_in_group(*, train: str, schema: dict[str, Any], out: str, checkpoints
     done = start_model.num_boosted_rounds() if start_model is not None else 0
     if done:
         print(f"worker {rank}: resuming from the checkpoint at round {done} of {rounds}", flush=True)
-    clock = _RoundClock(rank, checkpoint_rounds, checkpoints, done)
+    clock = _RoundClock(rank, checkpoint_rounds, checkpoints)
     sent0, received0 = _tcp_bytes()
     started = time.perf_counter()
     try:
