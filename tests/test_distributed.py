@@ -205,6 +205,18 @@ def test_bad_runs_fail_with_one_clear_error(tmp_path, churn):
     assert not (tmp_path / "c" / "out" / "model.joblib").exists()
 
 
+def _children_of(pid: int) -> list[int]:
+    out = []
+    for name in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{name}/stat") as fh:
+                if int(fh.read().rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return out
+
+
 def test_workers_die_with_a_killed_launcher(tmp_path, churn):
     train, _ = churn
     path, schema_path, _ = _write(tmp_path, train, "classification")
@@ -223,14 +235,15 @@ def test_workers_die_with_a_killed_launcher(tmp_path, churn):
         deadline = time.monotonic() + 60
         while not pid_file.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
-        pids = json.loads(pid_file.read_text())
-        assert all(process_alive(p) for p in pids)
+        workers = json.loads(pid_file.read_text())
+        pids = _children_of(launcher.pid)  # the tracker and the workers
+        assert set(workers) < set(pids) and len(pids) == 3 and all(process_alive(p) for p in pids)
         launcher.send_signal(signal.SIGKILL)
         launcher.wait(10)
         deadline = time.monotonic() + 10
         while any(process_alive(p) for p in pids) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not [p for p in pids if process_alive(p)], "workers outlived their launcher"
+        assert not [p for p in pids if process_alive(p)], "the tracker or a worker outlived the launcher"
     finally:
         if launcher.poll() is None:
             launcher.kill()
