@@ -357,7 +357,8 @@ def _train_in_group(*, train: str, schema: dict[str, Any], out: str, checkpoints
     dtrain = xgb.QuantileDMatrix(X, label=y, feature_types=feature_types(schema), enable_categorical=True)
     del X
     # Resume: rank 0 finds the last checkpoint and hands it to every rank.
-    latest = _checkpoints(checkpoints)[-1] if (rank == 0 and checkpoints and _checkpoints(checkpoints)) else None
+    saved = _checkpoints(checkpoints) if rank == 0 and checkpoints else []
+    latest = saved[-1] if saved else None
     raw = collective.broadcast(_read_bytes(latest[1]) if latest else b"", 0)
     start_model = xgb.Booster(model_file=bytearray(raw)) if raw else None
     done = start_model.num_boosted_rounds() if start_model is not None else 0
