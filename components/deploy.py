@@ -54,6 +54,8 @@ def deploy_canary(settings: Any, *, version: str, model_uri: str | None = None, 
     if home == "kserve":
         from serving.kserve_backend import KServeBackend
 
+        if settings.rollout.shadow_percent > 0:
+            percent = 0  # a dark revision: the shadow phase comes first, no user sees its answers before it passes
         (backend or KServeBackend(settings)).set_canary(uri, percent)
         message = f"InferenceService {settings.serving.namespace}/{settings.serving.name}: canary v{info.version} at {percent}%"
         action = "canary"

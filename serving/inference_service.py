@@ -14,6 +14,18 @@ Canary rollouts (Serverless mode) map to the predictor like this:
   to the new revision, the rest to the last rolled-out one;
 * rollback: ``canaryTrafficPercent: 0`` — the previous revision keeps all traffic;
 * promotion: the field is removed with the new version as the predictor — 100 %.
+
+The shadow phase (``rollout.shadow_percent`` > 0) adds two objects beside it, removed again when
+the phase ends (see docs/rollouts.md, "Shadow phase on a cluster", for why this shape):
+
+* a shadow InferenceService ``<name>-shadow`` serving the candidate (never more than mirrored
+  copies reach it), whose own logger marks its events (``metadataAnnotations`` →
+  ``driftloop.io/serving-role: shadow``, ``driftloop.io/model-version``) and carries the
+  request id (``metadataHeaders: [x-request-id]``);
+* an Istio ``VirtualService`` ``<name>-mirror`` on the mesh for the InferenceService's
+  cluster-local host: every request still goes to the predictor's Knative route (through the
+  Knative local gateway, so the canary split is untouched) and ``mirrorPercentage`` of them
+  are copied, fire-and-forget, to the shadow's ready revision.
 """
 
 from __future__ import annotations
@@ -41,6 +53,19 @@ __all__ = [
     "to_dict",
     "to_yaml",
     "from_dict",
+    "SHADOW_ROLE",
+    "ROLE_ANNOTATION",
+    "VERSION_ANNOTATION",
+    "VS_GROUP",
+    "VS_VERSION",
+    "VS_PLURAL",
+    "shadow_name",
+    "mirror_name",
+    "first_revision",
+    "check_mirror_percent",
+    "build_shadow_inference_service",
+    "build_mirror_virtual_service",
+    "shadow_objects",
 ]
 
 log = logging.getLogger(__name__)
@@ -263,3 +288,112 @@ def from_dict(obj: dict[str, Any]) -> Any:
         return _api_client().deserialize(_Body(json.dumps(obj)), "V1beta1InferenceService")
     except (ValueError, TypeError, AttributeError) as exc:
         raise ServingError(f"not an InferenceService: {exc}") from exc
+
+
+# -- shadow phase: the shadow InferenceService and the Istio mirror ------------------------------
+SHADOW_ROLE = "shadow"
+SHADOW_SUFFIX = "-shadow"
+MIRROR_SUFFIX = "-mirror"
+ROLE_ANNOTATION = "driftloop.io/serving-role"
+VERSION_ANNOTATION = "driftloop.io/model-version"
+REQUEST_ID_HEADER = "x-request-id"  # Envoy sets it on every mesh request; a mirrored copy keeps it
+VS_GROUP, VS_VERSION, VS_PLURAL, VS_KIND = "networking.istio.io", "v1", "virtualservices", "VirtualService"
+# Knative's cluster-local gateway (Knative Serving with net-istio, the KServe Serverless default)
+KNATIVE_LOCAL_GATEWAY = "knative-local-gateway.istio-system.svc.cluster.local"
+MESH_GATEWAY = "mesh"
+
+
+def shadow_name(settings: Any) -> str:
+    return f"{settings.serving.name}{SHADOW_SUFFIX}"
+
+
+def mirror_name(settings: Any) -> str:
+    return f"{settings.serving.name}{MIRROR_SUFFIX}"
+
+
+def first_revision(isvc_name: str) -> str:
+    """The Knative revision a new InferenceService's predictor starts with (``<name>-predictor-00001``)."""
+    return f"{isvc_name}-predictor-00001"
+
+
+def check_mirror_percent(percent: Any) -> float:
+    """A mirror share: a number in (0, 100]; 0 means no mirror (the objects are removed, not rendered)."""
+    if isinstance(percent, bool) or not isinstance(percent, (int, float)) or not 0 < percent <= 100:
+        raise ServingError(f"mirror percent must be a number above 0 and at most 100, got {percent!r}")
+    return float(percent)
+
+
+def build_shadow_inference_service(settings: Any, model_uri: str, version: str | None = None) -> Any:
+    """The InferenceService ``<name>-shadow`` that serves the candidate to mirrored copies only.
+
+    It is the production predictor with the candidate's model, never a canary (no split), at
+    least one replica (the mirror reaches its pods directly, past Knative's activator, so a
+    shadow scaled to zero would miss every copy), and a logger that marks each event as the
+    shadow's and carries the request id the primary's answer has too.
+    """
+    from kserve import V1beta1LoggerSpec
+
+    isvc = build_inference_service(settings, model_uri=model_uri)
+    isvc.metadata.name = shadow_name(settings)
+    isvc.metadata.labels = {**isvc.metadata.labels, "app.kubernetes.io/name": shadow_name(settings),
+                            ROLE_ANNOTATION: SHADOW_ROLE}
+    annotations = {ROLE_ANNOTATION: SHADOW_ROLE}
+    if version is not None:
+        annotations[VERSION_ANNOTATION] = str(version)
+    isvc.metadata.annotations = {**isvc.metadata.annotations, **annotations}
+    predictor = isvc.spec.predictor
+    predictor.min_replicas = max(1, predictor.min_replicas or 0)
+    predictor.max_replicas = max(predictor.max_replicas or 1, predictor.min_replicas)
+    predictor.logger = V1beta1LoggerSpec(mode=settings.serving.logger_mode, url=settings.serving.logger_url,
+                                         metadata_annotations=sorted(annotations),
+                                         metadata_headers=[REQUEST_ID_HEADER])
+    return isvc
+
+
+def build_mirror_virtual_service(settings: Any, percent: float, shadow_revision: str) -> dict[str, Any]:
+    """The Istio VirtualService that copies ``percent`` % of the InferenceService's requests to the shadow.
+
+    Bound to the ``mesh`` gateway only, for the InferenceService's cluster-local host: KServe's own
+    top-level VirtualService for that host is bound to the Knative ingress and local gateways, so
+    the two do not compete for the same listener. Requests are routed on, unchanged, to the
+    predictor's Knative route through the Knative local gateway (which keeps doing the canary
+    split); the copy goes to the shadow revision's private Kubernetes Service, because Envoy sends
+    a mirrored request with ``-shadow`` appended to its Host, which host-routed Knative gateways
+    would not match, while the private Service reaches the revision's queue-proxy directly.
+    """
+    percent = check_mirror_percent(percent)
+    serving = settings.serving
+    ns = serving.namespace
+    return {
+        "apiVersion": f"{VS_GROUP}/{VS_VERSION}",
+        "kind": VS_KIND,
+        "metadata": {
+            "name": mirror_name(settings),
+            "namespace": ns,
+            "labels": {"app.kubernetes.io/name": serving.name, "app.kubernetes.io/managed-by": "driftloop",
+                       ROLE_ANNOTATION: SHADOW_ROLE},
+        },
+        "spec": {
+            "gateways": [MESH_GATEWAY],
+            "hosts": [f"{serving.name}.{ns}.svc.cluster.local"],
+            "http": [{
+                "name": "primary-with-shadow-mirror",
+                "route": [{
+                    "destination": {"host": KNATIVE_LOCAL_GATEWAY, "port": {"number": 80}},
+                    "headers": {"request": {"set": {"Host": f"{serving.name}-predictor.{ns}.svc.cluster.local"}}},
+                }],
+                "mirror": {"host": f"{shadow_revision}-private.{ns}.svc.cluster.local", "port": {"number": 80}},
+                "mirrorPercentage": {"value": percent},
+            }],
+        },
+    }
+
+
+def shadow_objects(settings: Any, model_uri: str, version: str | None, percent: float,
+                   shadow_revision: str | None = None) -> list[dict[str, Any]]:
+    """Both shadow objects as JSON-ready dicts (``deploy --dry-run``): the shadow InferenceService and
+    the mirror. Without a known revision the mirror names the shadow's first one."""
+    percent = check_mirror_percent(percent)
+    isvc = build_shadow_inference_service(settings, model_uri, version)
+    revision = shadow_revision or first_revision(isvc.metadata.name)
+    return [to_dict(isvc), build_mirror_virtual_service(settings, percent, revision)]

@@ -5,6 +5,11 @@ patch —, ``replace``); readiness is KServe's own ``wait_isvc_ready``. Canary,
 traffic steps, promotion and rollback are the InferenceService field changes the
 KServe controller acts on (see :mod:`serving.inference_service`). Percentages
 are checked before anything is sent; client failures become ServingError.
+
+The shadow phase puts up a second InferenceService (``<name>-shadow``, through the same
+client) and the Istio mirror (a ``VirtualService``, through the kubernetes client's
+``CustomObjectsApi`` — the one KServeClient holds), and takes both down again:
+:meth:`KServeBackend.set_shadow`, :meth:`KServeBackend.remove_shadow`.
 """
 
 from __future__ import annotations
@@ -77,11 +82,13 @@ def parse_status(obj: dict[str, Any]) -> ServingStatus:
 class KServeBackend:
     """One InferenceService on a cluster, driven through ``kserve.KServeClient``."""
 
-    def __init__(self, settings: Any, client: Any | None = None) -> None:
+    def __init__(self, settings: Any, client: Any | None = None, *, custom_api: Any | None = None) -> None:
+        """``custom_api``: a ``kubernetes.client.CustomObjectsApi`` (default: the one ``client`` holds)."""
         self.settings = settings
         self.name = settings.serving.name
         self.namespace = settings.serving.namespace
         self._client = client
+        self._custom_api = custom_api
 
     @property
     def client(self) -> Any:
@@ -93,6 +100,13 @@ class KServeBackend:
             except Exception as exc:  # kubeconfig missing or unreadable: say so, once
                 raise ServingError(f"cannot connect to the Kubernetes cluster: {exc}") from exc
         return self._client
+
+    @property
+    def custom_api(self) -> Any:
+        """The kubernetes client's CustomObjectsApi for the Istio VirtualService of the shadow mirror."""
+        if self._custom_api is None:
+            self._custom_api = self.client.api_instance  # KServeClient's CustomObjectsApi, same kubeconfig
+        return self._custom_api
 
     def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -160,6 +174,93 @@ class KServeBackend:
         interval = max(1, min(int(polling_interval), int(timeout) or 1))
         self._call("timed out waiting for", self.client.wait_isvc_ready, self.name, namespace=self.namespace,
                    timeout_seconds=int(timeout), polling_interval=interval)
+
+    # -- shadow phase -----------------------------------------------------------------------
+    def shadow_status(self) -> ServingStatus | None:
+        """The shadow InferenceService's status, or None when there is none."""
+        name = isvcs.shadow_name(self.settings)
+        try:
+            obj = self.client.get(name, namespace=self.namespace)
+        except Exception as exc:
+            if _is_not_found(exc):
+                return None
+            raise ServingError(f"cannot read InferenceService {self.namespace}/{name}: {exc}") from exc
+        return parse_status(obj)
+
+    def mirror(self) -> dict[str, Any] | None:
+        """The mirror VirtualService as the cluster returns it, or None when there is none."""
+        name = isvcs.mirror_name(self.settings)
+        try:
+            return self.custom_api.get_namespaced_custom_object(isvcs.VS_GROUP, isvcs.VS_VERSION, self.namespace,
+                                                                isvcs.VS_PLURAL, name)
+        except Exception as exc:
+            if _is_not_found(exc):
+                return None
+            raise ServingError(f"cannot read VirtualService {self.namespace}/{name}: {exc}") from exc
+
+    def set_shadow(self, model_uri: str, version: str | None, percent: float, *,
+                   ready_timeout: float = 600.0) -> dict[str, Any] | None:
+        """Mirror ``percent`` % of requests to ``model_uri`` served by ``<name>-shadow``; 0 removes both.
+
+        Order matters: the shadow InferenceService is applied and must be ready before the mirror
+        names its revision, so no copy is ever sent to a revision that is not serving. Returns the
+        VirtualService the cluster accepted (None when the mirror was removed).
+        """
+        if percent == 0:
+            self.remove_shadow()
+            return None
+        percent = isvcs.check_mirror_percent(percent)
+        shadow = isvcs.build_shadow_inference_service(self.settings, self._model_ref(model_uri), version)
+        name = shadow.metadata.name
+        if self.shadow_status() is None:
+            log.info("creating shadow InferenceService %s/%s for %s", self.namespace, name, model_uri)
+            self._call("cannot create shadow", self.client.create, shadow, namespace=self.namespace)
+        else:
+            log.info("replacing shadow InferenceService %s/%s with %s", self.namespace, name, model_uri)
+            self._call("cannot replace shadow", self.client.replace, name, shadow, namespace=self.namespace)
+        interval = max(1, min(10, int(ready_timeout) or 1))
+        self._call("timed out waiting for shadow", self.client.wait_isvc_ready, name, namespace=self.namespace,
+                   timeout_seconds=int(ready_timeout), polling_interval=interval)
+        status = self.shadow_status()
+        revision = status.latest_ready_revision if status is not None else None
+        if not revision:
+            raise ServingError(f"shadow InferenceService {self.namespace}/{name} is ready but reports no "
+                               "latestReadyRevision; is it in Serverless mode?")
+        return self.apply_mirror(isvcs.build_mirror_virtual_service(self.settings, percent, revision))
+
+    def apply_mirror(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Create the mirror VirtualService, or replace the existing one (keeping its resourceVersion)."""
+        api, name = self.custom_api, body["metadata"]["name"]
+        args = (isvcs.VS_GROUP, isvcs.VS_VERSION, self.namespace, isvcs.VS_PLURAL)
+        current = self.mirror()
+        try:
+            if current is None:
+                log.info("creating VirtualService %s/%s", self.namespace, name)
+                return api.create_namespaced_custom_object(*args, body)
+            body = {**body, "metadata": {**body["metadata"],
+                                         "resourceVersion": (current.get("metadata") or {}).get("resourceVersion")}}
+            log.info("replacing VirtualService %s/%s", self.namespace, name)
+            return api.replace_namespaced_custom_object(*args, name, body)
+        except Exception as exc:  # kubernetes.client ApiException and connection errors
+            raise ServingError(f"cannot apply VirtualService {self.namespace}/{name}: {exc}") from exc
+
+    def remove_shadow(self) -> None:
+        """Delete the mirror first (no copy goes out any more), then the shadow InferenceService; gone is fine."""
+        vs = isvcs.mirror_name(self.settings)
+        try:
+            self.custom_api.delete_namespaced_custom_object(isvcs.VS_GROUP, isvcs.VS_VERSION, self.namespace,
+                                                            isvcs.VS_PLURAL, vs)
+            log.info("deleted VirtualService %s/%s", self.namespace, vs)
+        except Exception as exc:
+            if not _is_not_found(exc):
+                raise ServingError(f"cannot delete VirtualService {self.namespace}/{vs}: {exc}") from exc
+        shadow = isvcs.shadow_name(self.settings)
+        try:
+            self.client.delete(shadow, namespace=self.namespace)
+            log.info("deleted shadow InferenceService %s/%s", self.namespace, shadow)
+        except Exception as exc:
+            if not _is_not_found(exc):
+                raise ServingError(f"cannot delete InferenceService {self.namespace}/{shadow}: {exc}") from exc
 
     # -- helpers ----------------------------------------------------------------------------
     def _replace(self, isvc: Any) -> dict[str, Any]:

@@ -236,7 +236,8 @@ class GatewayTarget:
     def set_weight(self, percent: int) -> None:
         self._call("PUT", "/admin/split", json={"canary_percent": percent})
 
-    def set_shadow(self, percent: float) -> None:
+    def set_shadow(self, percent: float, state: RolloutState | None = None) -> None:
+        """Mirror ``percent`` % to the gateway's canary upstream (the candidate); ``state`` is not needed here."""
         self._call("PUT", "/admin/shadow", json={"percent": percent})
 
     def shadow_stats(self, since: float) -> dict[str, Any]:
@@ -369,6 +370,30 @@ class KServeTarget:
 
     def promote(self, state: RolloutState) -> None:
         self.backend.promote(state.canary_uri or f"models:/{state.model_name}/{state.canary_version}")
+
+    def set_shadow(self, percent: float, state: RolloutState | None = None) -> None:
+        """The shadow InferenceService + Istio mirror for the candidate (``KServeBackend.set_shadow``); 0 removes them."""
+        if percent == 0 or state is None:
+            self.backend.remove_shadow()
+            return
+        self.backend.set_shadow(state.canary_uri or f"models:/{state.model_name}/{state.canary_version}",
+                                state.canary_version, percent)
+
+    def shadow_stats(self, since: float) -> dict[str, Any]:
+        """Mirrored requests, errors and p99 of the shadow's revision from Prometheus (its queue-proxy
+        counts every copy it answered). Agreement, output PSI and quality on the same rows need the
+        primary's and the shadow's answers joined by request id, which Prometheus does not have: they
+        are left out here, so those checks do not appear (see docs/rollouts.md)."""
+        status = self.backend.shadow_status()
+        revision = status.latest_ready_revision if status is not None else None
+        if not revision:
+            raise ServingError("the shadow InferenceService is not there or has no ready revision yet")
+        stats = self.metrics.revision_stats(revision, max(time.time() - since, 1.0))
+        rate = stats.get("error_rate")
+        requests = int(stats.get("requests") or 0)
+        return {"requests": requests, "error_rate": rate, "p99_ms": stats.get("p99_ms"),
+                "errors": round(rate * requests) if rate is not None else None, "revision": revision,
+                "source": "prometheus"}
 
     def rollback(self, state: RolloutState) -> None:
         self.backend.rollback()
@@ -510,7 +535,7 @@ class RolloutController:
     # -- shadow phase (serving.shadow) ---------------------------------------------------
     def _start_shadow(self, state: RolloutState) -> dict[str, Any]:
         self.target.set_weight(0)
-        self.target.set_shadow(self.cfg.shadow_percent)
+        self.target.set_shadow(self.cfg.shadow_percent, state)
         state.status, state.weight, state.window_start = SHADOW, 0, time.time()
         self._tag(state, {WEIGHT_TAG: "0", "driftloop.rollout.phase": SHADOW})
         return self._record(state, "shadow_start", f"candidate v{state.canary_version} gets a copy of "

@@ -9,7 +9,8 @@ For the base and every overlay it
 3. parses the InferenceService with kserve's own model classes and fails on every field
    they would drop (an unknown or misplaced field);
 4. checks the Prometheus Operator objects against the compact CRD schemas in
-   :mod:`driftloop.app.infra_crds`;
+   :mod:`driftloop.app.infra_crds` (and an Istio VirtualService, the shadow mirror, against
+   :mod:`driftloop.app.istio_crds`);
 5. checks what the manifests share with the Python side: the driftloop configuration in
    the ``driftloop-config``/``driftloop-env`` ConfigMaps loads with :mod:`driftloop.core.config`,
    every driftloop container runs :data:`driftloop.core.config.DEFAULT_IMAGE` (the image the
@@ -42,6 +43,7 @@ import yaml
 from driftloop.core.config import DEFAULT_IMAGE, Settings, load_settings
 from driftloop.core.errors import ConfigError, InfraCheckError
 from driftloop.app.infra_crds import CRD_SCHEMAS
+from driftloop.app.istio_crds import ISTIO_CRD_SCHEMAS
 from driftloop.app.tenant_crds import TENANT_CRD_SCHEMAS
 from driftloop.app.tenants import TenantError, tenant_problems
 
@@ -479,8 +481,9 @@ def check_objects(objects: list[dict[str, Any]], index: dict[tuple[str, str], li
         kind_key = f"{obj.get('apiVersion', '')}/{obj.get('kind', '')}"
         if kind_key == _ISVC:
             messages = _validate_inference_service(obj)
-        elif kind_key in CRD_SCHEMAS or kind_key in TENANT_CRD_SCHEMAS:
-            messages = _validate_custom(obj, CRD_SCHEMAS.get(kind_key) or TENANT_CRD_SCHEMAS[kind_key])
+        elif kind_key in CRD_SCHEMAS or kind_key in TENANT_CRD_SCHEMAS or kind_key in ISTIO_CRD_SCHEMAS:
+            messages = _validate_custom(obj, CRD_SCHEMAS.get(kind_key) or TENANT_CRD_SCHEMAS.get(kind_key)
+                                        or ISTIO_CRD_SCHEMAS[kind_key])
         else:
             core = _validate_core(obj)
             messages = core if core is not None else [f"no schema for {kind_key} (not a Kubernetes kind, "
