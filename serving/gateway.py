@@ -15,9 +15,13 @@ play on a cluster:
 * returns the request id in ``x-request-id`` and ``ce-id`` so that a client can send the
   ground truth later to ``POST /feedback``; the gateway joins it with the prediction it
   served and keeps per-version quality for the rollout controller;
-* exposes ``PUT /admin/split``, ``PUT /admin/upstreams`` (both need the bearer token from
-  ``DRIFTLOOP_GATEWAY_TOKEN``), ``GET /admin/status``, ``GET /admin/stats`` and Prometheus
-  ``/metrics``.
+* balances the primary's traffic over its replicas (``--replica-url``, ``PUT /admin/replicas``:
+  more model-server processes of the same version), each request to the one with the fewest
+  requests in flight; a replica taken out receives nothing new and ``GET /admin/status`` shows
+  its requests in flight until they are answered, so it can be stopped without dropping one;
+* exposes ``PUT /admin/split``, ``PUT /admin/upstreams``, ``PUT /admin/replicas`` (all need the
+  bearer token from ``DRIFTLOOP_GATEWAY_TOKEN``), ``GET /admin/status``, ``GET /admin/stats`` and
+  Prometheus ``/metrics``.
 
 Bad input never takes it down: every refusal is one 4xx with a JSON ``error`` naming the problem,
 and what was accepted before (labels, statistics, the split) stays as it was. A pooled
@@ -102,6 +106,7 @@ class GatewayConfig:
     max_feedback_bytes: int = 1024 * 1024
     feedback_url: str | None = None  # the monitor's POST /feedback; labels are forwarded there
     feedback_outbox: str | None = None  # SQLite file keeping labels the monitor has not taken yet
+    replicas: list[Upstream] = field(default_factory=list)  # more servers of the primary's version
     shadow_percent: float = 0.0  # share of served requests mirrored to the canary upstream (serving.shadow)
     shadow_timeout: float = 2.0
 
@@ -328,6 +333,17 @@ class _Gateway:
         self.events: EventLogger | None = None
         self.forwarder: FeedbackForwarder | None = None
         self.shadow: Any = None  # serving.shadow.ShadowMirror while a shadow phase runs
+        self.inflight: dict[str, int] = {}  # requests in flight per upstream URL
+        self._rr = 0
+
+    def _pick_primary(self) -> Upstream:
+        """The primary replica with the fewest requests in flight (round robin among equals)."""
+        pool = [self.cfg.primary, *self.cfg.replicas]
+        if len(pool) == 1:
+            return pool[0]
+        self._rr = (self._rr + 1) % len(pool)
+        order = pool[self._rr:] + pool[:self._rr]
+        return min(order, key=lambda u: self.inflight.get(u.url, 0))
 
     # -- lifecycle ------------------------------------------------------------------
     async def startup(self) -> None:
@@ -389,6 +405,7 @@ class _Gateway:
         upstream = self.cfg.canary if role == CANARY and self.cfg.canary is not None else self.cfg.primary
         if upstream is self.cfg.primary:
             role = PRIMARY
+            upstream = self._pick_primary()
         path = request.url.path
         fwd = {k: v for k, v in headers.items() if k in _FORWARD_HEADERS}
         fwd["x-request-id"] = request_id
@@ -397,12 +414,17 @@ class _Gateway:
             fwd[SCORES_HEADER] = "true"
         start = time.perf_counter()
         server_error: bool | None = None
+        self.inflight[upstream.url] = self.inflight.get(upstream.url, 0) + 1
         try:
             status, content, resp_headers = await self._send("POST", upstream.url + path, body, fwd)
             ctype = resp_headers.get("content-type", "application/json")
         except _UpstreamFailed as exc:
             status, ctype, server_error = 502, "application/json", exc.counts
             content = json.dumps({"error": f"{role} model server at {upstream.url} failed: {exc}"}).encode()
+        finally:
+            self.inflight[upstream.url] -= 1
+            if not self.inflight[upstream.url]:
+                del self.inflight[upstream.url]
         elapsed = time.perf_counter() - start
         self.stats.record(role=role, version=upstream.version, request_id=request_id, status=status,
                           latency_ms=elapsed * 1000.0, body=content, server_error=server_error)
@@ -560,6 +582,8 @@ class _Gateway:
             "sticky_key": self.cfg.sticky_key,
             "primary": asdict(self.cfg.primary),
             "canary": asdict(self.cfg.canary) if self.cfg.canary else None,
+            "replicas": [asdict(u) for u in self.cfg.replicas],
+            "inflight": dict(self.inflight),
             "sink_url": self.cfg.sink_url,
             "events_queued": self.events.queue.qsize() if self.events else 0,
         }
@@ -624,6 +648,8 @@ class _Gateway:
                 pct = 0.0
         except ValueError as exc:
             return _error(400, f"bad upstreams: {exc}")
+        if primary.url != self.cfg.primary.url or primary.version != self.cfg.primary.version:
+            self.cfg.replicas = []  # they served the primary that was replaced
         self.cfg.primary, self.cfg.canary = primary, canary
         self.splitter.canary_percent = self.cfg.canary_percent = pct
         self.metrics.canary_percent.set(pct)
@@ -672,6 +698,34 @@ class _Gateway:
         await self._set_shadow(pct)
         log.info("shadow mirror set to %s%%", pct)
         return _JSON({"percent": self.cfg.shadow_percent})
+
+    async def replicas(self, request: Request) -> Response:
+        """Set the primary's extra replicas: ``{"replicas": [{"url", "version"}, ...]}`` (``[]``: the
+        primary alone). Each must serve the primary's version. Requests in flight on a replica that
+        is taken out are still answered; ``GET /admin/status`` shows them under ``inflight``."""
+        if (denied := self._unauthorized(request)) is not None:
+            return denied
+        own = request.scope.get("server")
+        own = (str(own[0]), int(own[1])) if own and own[1] is not None else None
+        try:
+            doc = await self._admin_doc(request)
+            if not isinstance(doc, dict) or set(doc) != {"replicas"} or not isinstance(doc["replicas"], list):
+                raise ValueError('expected {"replicas": [{"url": .., "version": ..}, ...]}')
+            if len(doc["replicas"]) > 256:
+                raise ValueError("at most 256 replicas")
+            found = [check_upstream(d, f"replica {i}", own) for i, d in enumerate(doc["replicas"])]
+            urls = [u.url for u in found] + [self.cfg.primary.url]
+            if len(set(urls)) != len(urls):
+                raise ValueError("replica urls must be distinct and differ from the primary's")
+            for u in found:
+                if u.version != self.cfg.primary.version:
+                    raise ValueError(f"replica {u.url} serves version {u.version}, the primary serves "
+                                     f"{self.cfg.primary.version}")
+        except ValueError as exc:
+            return _error(400, f"bad replicas: {exc}")
+        self.cfg.replicas = found
+        log.info("primary replicas: %d", 1 + len(found))
+        return _JSON(self.status_doc())
 
     async def stats_route(self, request: Request) -> Response:
         since_raw = request.query_params.get("since")
@@ -745,6 +799,7 @@ def create_gateway_app(cfg: GatewayConfig) -> Starlette:
         Route("/feedback", gw.feedback, methods=["POST"]),
         Route("/admin/split", gw.split, methods=["PUT"]),
         Route("/admin/upstreams", gw.upstreams, methods=["PUT"]),
+        Route("/admin/replicas", gw.replicas, methods=["PUT"]),
         Route("/admin/status", gw.status, methods=["GET"]),
         Route("/admin/stats", gw.stats_route, methods=["GET"]),
         Route("/admin/shadow", gw.shadow_route, methods=["GET", "PUT"]),
@@ -764,6 +819,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--primary-url", required=True)
     p.add_argument("--primary-version", required=True)
+    p.add_argument("--replica-url", action="append", default=[], help="another server of the primary's version "
+                   "(repeat); traffic is balanced over the primary and these")
     p.add_argument("--canary-url")
     p.add_argument("--canary-version")
     p.add_argument("--canary-percent", type=float, default=0.0)
@@ -786,6 +843,7 @@ def main(argv: list[str] | None = None) -> None:
                         sink_url=args.sink_url, max_payload_bytes=args.max_payload_bytes,
                         feedback_url=args.feedback_url or _feedback_url(args.sink_url),
                         feedback_outbox=args.feedback_outbox,
+                        replicas=[Upstream(u, args.primary_version) for u in args.replica_url],
                         admin_token=os.environ.get(ADMIN_TOKEN_ENV) or None)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if cfg.admin_token is None:

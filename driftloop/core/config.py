@@ -34,9 +34,10 @@ __all__ = [
     "QualityConfig",
     "TriggerConfig",
     "ScheduleConfig",
-    "DistributedConfig",
     "ScoreConfig",
     "DistributedConfig",
+    "AgentConfig",
+    "AgentModelPolicy",
     "load_settings",
     "apply_overrides",
     "ENV_PREFIX",
@@ -334,6 +335,71 @@ class ScoreConfig(_Section):
                                                     "http://<monitor.host>:<monitor.port>/alerts/alertmanager")
 
 
+class AgentModelPolicy(_Section):
+    """Guardrails of one served model (``agent.models.<name>``); unset fields take the agent's defaults."""
+
+    floor: int | None = Field(None, ge=0, description="the agent never sets fewer replicas than this")
+    ceiling: int | None = Field(None, ge=1, description="the agent never sets more replicas than this")
+    capacity_rps: float | None = Field(None, gt=0, description="requests per second one replica serves within the SLO")
+
+
+class AgentConfig(_Section):
+    """The serving agent (``driftloop agent``): predictive replica floors, anomaly actions, right-sizing.
+
+    Every action is checked against this policy before it runs and recorded with its reason.
+    """
+
+    mode: Literal["observe", "scale-up", "full"] = Field(
+        "observe", description="observe: record only; scale-up: may only raise floors and alert; full: also lower "
+                               "floors and roll back a canary")
+    interval_seconds: float = Field(60.0, gt=0, description="how often the agent decides")
+    step_seconds: float = Field(60.0, gt=0, description="resolution of the request-rate history it forecasts")
+    lead_seconds: float = Field(90.0, ge=0, description="how far ahead a floor must hold: cold start + model load")
+    interval_level: float = Field(0.9, gt=0.5, lt=1.0, description="prediction interval; the floor covers its upper bound")
+    capacity_rps: float = Field(20.0, gt=0, description="requests/s one replica serves within the SLO (measured)")
+    target_utilisation: float = Field(0.75, gt=0.0, le=1.0, description="share of capacity the floor plans to use")
+    slo_p99_ms: float = Field(1000.0, gt=0)
+    slo_error_rate: float = Field(0.01, gt=0.0, lt=1.0, description="error budget of the SLO (burn rate = rate / this)")
+    floor: int = Field(1, ge=0)
+    ceiling: int = Field(10, ge=1)
+    max_step: int = Field(4, ge=1, description="largest change of a floor in one action")
+    cooldown_seconds: float = Field(600.0, ge=0, description="after a change, no lowering of that model's floor "
+                                                             "for this long (raising is never delayed)")
+    down_hysteresis: float = Field(0.2, ge=0.0, lt=1.0, description="a floor is lowered only when the need is this "
+                                                                    "share (and at least one replica) below it")
+    plan_seconds: float = Field(600.0, gt=0, description="a raise goes as far as the forecast needs over this long; "
+                                                         "a floor is lowered only as far as it allows")
+    max_actions_per_hour: int = Field(12, ge=0)
+    blackout: list[str] = Field(default_factory=list, description='windows like "22:00-06:00" (UTC) with no automatic action')
+    kill_switch_file: Path | None = Field(None, description="while this file exists no action runs; default "
+                                                            "<workspace>/agent/STOP")
+    kill_switch_annotation: str = Field("driftloop.io/agent-paused", description='"true" on the InferenceService pauses the agent')
+    decision_log: Path | None = Field(None, description="JSONL of every decision; default <workspace>/agent/decisions.jsonl")
+    gateway_url: str | None = Field(None, description="gateway to read traffic from; default the local serving state's")
+    alert_url: str | None = Field(None, description="Alertmanager-style webhook for anomaly alerts (the monitor's); "
+                                                    "unset = alerts are recorded only")
+    models: dict[str, AgentModelPolicy] = Field(default_factory=dict)
+
+    @field_validator("blackout")
+    @classmethod
+    def _blackout(cls, v: list[str]) -> list[str]:
+        import re
+
+        for item in v:
+            if not re.fullmatch(r"([01]\d|2[0-3]):[0-5]\d-([01]\d|2[0-3]):[0-5]\d", item):
+                raise ValueError(f"blackout window {item!r} is not HH:MM-HH:MM")
+        return v
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "AgentConfig":
+        for name, pol in [("agent", self), *((f"agent.models.{k}", v) for k, v in self.models.items())]:
+            floor = pol.floor if pol.floor is not None else self.floor
+            ceiling = pol.ceiling if pol.ceiling is not None else self.ceiling
+            if ceiling < floor:
+                raise ValueError(f"{name}: ceiling {ceiling} is below floor {floor}")
+        return self
+
+
 class Settings(_Section):
     """Everything driftloop needs, validated once and frozen."""
 
@@ -351,6 +417,7 @@ class Settings(_Section):
     trigger: TriggerConfig = TriggerConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     score: ScoreConfig = ScoreConfig()
+    agent: AgentConfig = AgentConfig()
 
     @model_validator(mode="after")
     def _gate_metric(self) -> "Settings":

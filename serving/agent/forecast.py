@@ -1,0 +1,290 @@
+"""Request-rate forecasts with prediction intervals, chosen per model by a rolling backtest.
+
+Two families run side by side on the same history (one value per step, requests/s):
+
+* **seasonal-naive**: the value one season ago (no season: the last value -- reactive);
+* **Holt-Winters** (additive, damped trend; no season: Holt's linear trend). Its smoothing
+  parameters are fitted on the history by statsmodels' ``ExponentialSmoothing`` when the
+  ``agent`` extra is installed, else by a vectorised numpy grid search; either way the model
+  then runs online in numpy (O(1) per step), which is what the agent and the simulator need.
+
+The season (a day or a week of steps) is found from the autocorrelation of the detrended
+history; without one the agent stays reactive. Every model's ``h``-step forecasts are scored
+as they come true (mean absolute error over a rolling window) and the best one is used.
+Prediction intervals are empirical: quantiles of the selected model's past relative errors
+at the same horizon, so their coverage is measured, not assumed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import deque
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+__all__ = ["SeasonalNaive", "HoltWinters", "fit_holt_winters", "detect_season", "ForecastSelector", "Band",
+           "statsmodels_available"]
+
+log = logging.getLogger(__name__)
+
+
+def statsmodels_available() -> bool:
+    try:
+        import statsmodels.tsa.holtwinters  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class SeasonalNaive:
+    """y(t+h) = y(t+h-m·k), the same step of the last season; ``m`` None: the last value."""
+
+    def __init__(self, m: int | None) -> None:
+        self.m = m
+        self.name = f"seasonal-naive(m={m})" if m else "naive"
+        self._hist: deque[float] = deque(maxlen=m or 1)
+
+    def update(self, y: float) -> None:
+        self._hist.append(float(y))
+
+    def forecast(self, h: int) -> float:
+        if not self._hist:
+            return 0.0
+        if not self.m or len(self._hist) < self.m:
+            return self._hist[-1]
+        return self._hist[(h - 1) % self.m]  # deque index 0 is the value m steps back
+
+
+class HoltWinters:
+    """Additive Holt-Winters with a damped trend, updated one value at a time."""
+
+    def __init__(self, m: int | None, alpha: float, beta: float, gamma: float, phi: float = 0.98,
+                 level: float = 0.0, trend: float = 0.0, season: np.ndarray | None = None, t: int = 0) -> None:
+        self.m, self.alpha, self.beta, self.gamma, self.phi = m, alpha, beta, gamma, phi
+        self.level, self.trend = level, trend
+        self.season = [float(v) for v in (season if season is not None else [0.0] * (m or 1))]
+        self._damp = [0.0]
+        for k in range(1, 64):
+            self._damp.append(self._damp[-1] + phi ** k)
+        self.t = t  # steps seen; season index of the next value = t % m
+        self.name = f"holt-winters(m={m})" if m else "holt"
+
+    def update(self, y: float) -> None:
+        m = self.m or 1
+        i = self.t % m
+        s = self.season[i] if self.m else 0.0
+        prev = self.level
+        self.level = self.alpha * (y - s) + (1 - self.alpha) * (prev + self.phi * self.trend)
+        self.trend = self.beta * (self.level - prev) + (1 - self.beta) * self.phi * self.trend
+        if self.m:
+            self.season[i] = self.gamma * (y - self.level) + (1 - self.gamma) * s
+        self.t += 1
+
+    def forecast(self, h: int) -> float:
+        damp = self._damp[h] if h < len(self._damp) else sum(self.phi ** k for k in range(1, h + 1))
+        s = self.season[(self.t + h - 1) % self.m] if self.m else 0.0
+        return float(self.level + damp * self.trend + s)
+
+
+def _initial_state(y: np.ndarray, m: int | None) -> tuple[float, float, np.ndarray]:
+    if not m:
+        return float(y[0]), float(y[1] - y[0]) if len(y) > 1 else 0.0, np.zeros(1)
+    first, second = y[:m], y[m:2 * m]
+    level = float(first.mean())
+    trend = float((second.mean() - first.mean()) / m) if len(second) == m else 0.0
+    season = (first - level).astype(float)
+    return level, trend, season.copy()
+
+
+_GRID = [(a, b, g) for a in (0.1, 0.3, 0.6) for b in (0.0, 0.02) for g in (0.05, 0.2, 0.5)]
+
+
+def _grid_fit(y: np.ndarray, m: int | None, phi: float) -> tuple[float, float, float]:
+    """Smoothing parameters with the least one-step squared error, all candidates at once (numpy)."""
+    params = np.array(_GRID if m else [(a, b, 0.0) for a, b, _ in _GRID[::3]])
+    alpha, beta, gamma = params[:, 0], params[:, 1], params[:, 2]
+    k = len(params)
+    level0, trend0, season0 = _initial_state(y, m)
+    mm = m or 1
+    level = np.full(k, level0)
+    trend = np.full(k, trend0)
+    season = np.tile(season0 if m else np.zeros(1), (k, 1))
+    sse = np.zeros(k)
+    start = m or 1
+    for t in range(start, len(y)):
+        i = t % mm
+        s = season[:, i] if m else 0.0
+        pred = level + phi * trend + s
+        err = y[t] - pred
+        sse += err * err
+        prev = level
+        level = alpha * (y[t] - s) + (1 - alpha) * (prev + phi * trend)
+        trend = beta * (level - prev) + (1 - beta) * phi * trend
+        if m:
+            season[:, i] = gamma * (y[t] - level) + (1 - gamma) * s
+    best = int(np.argmin(sse))
+    return float(alpha[best]), float(beta[best]), float(gamma[best])
+
+
+def _statsmodels_fit(y: np.ndarray, m: int | None, phi: float) -> tuple[float, float, float]:
+    from statsmodels.tsa.holtwinters import ExponentialSmoothing
+
+    model = ExponentialSmoothing(y, trend="add", damped_trend=True, seasonal="add" if m else None,
+                                 seasonal_periods=m, initialization_method="heuristic" if m else "estimated")
+    fitted = model.fit(damping_trend=phi, optimized=True)
+    p = fitted.params
+    return (float(p["smoothing_level"]), float(p.get("smoothing_trend") or 0.0),
+            float(p.get("smoothing_seasonal") or 0.0))
+
+
+def fit_holt_winters(history: Sequence[float], m: int | None, *, engine: str = "auto", phi: float = 0.98,
+                     max_seasons: int = 4) -> HoltWinters:
+    """A Holt-Winters model fitted on ``history`` (its last ``max_seasons`` seasons) and run over all of it.
+
+    ``engine``: ``statsmodels`` (needs the ``agent`` extra), ``numpy`` (grid search) or ``auto``.
+    """
+    y = np.asarray(history, dtype=float)
+    need = 2 * m if m else 3
+    if len(y) < need:
+        raise ValueError(f"Holt-Winters needs at least {need} values, got {len(y)}")
+    tail = y[-max_seasons * m:] if m else y[-2000:]
+    tail = tail[len(tail) % m:] if m else tail  # start on a season boundary of the tail
+    use_sm = engine == "statsmodels" or (engine == "auto" and statsmodels_available())
+    if engine == "statsmodels" and not statsmodels_available():
+        raise ValueError("engine 'statsmodels' needs the agent extra: pip install 'driftloop[agent]'")
+    alpha = beta = gamma = None
+    if use_sm and len(tail) >= need:
+        try:
+            alpha, beta, gamma = _statsmodels_fit(tail, m, phi)
+        except Exception as exc:  # an optimiser failure is not fatal: the grid still fits
+            log.info("statsmodels fit failed (%s); using the numpy grid", exc)
+    if alpha is None:
+        alpha, beta, gamma = _grid_fit(tail, m, phi)
+    # Run the fitted model over the whole history so its state (level, trend, season) is current:
+    # the first season (from a season boundary) initialises it, every later value updates it.
+    start = len(y) % m if m else 0
+    level, trend, season = _initial_state(y[start:], m)
+    model = HoltWinters(m, alpha, beta, gamma, phi, level, trend, season, t=m or 1)
+    model.engine = "statsmodels" if use_sm else "numpy"  # type: ignore[attr-defined]
+    for value in y[start + (m or 1):]:
+        model.update(value)
+    return model
+
+
+def detect_season(history: Sequence[float], candidates: Sequence[int], *, min_acf: float = 0.3) -> int | None:
+    """The season (in steps) among ``candidates`` with the strongest autocorrelation above ``min_acf``
+    in the linearly detrended history (each needs two seasons of it), or None: no season."""
+    y = np.asarray(history, dtype=float)
+    best, best_acf = None, min_acf
+    for m in sorted(set(int(c) for c in candidates if c and c > 1)):
+        if len(y) < 2 * m:
+            continue
+        x = np.arange(len(y))
+        resid = y - np.polyval(np.polyfit(x, y, 1), x)
+        a, b = resid[:-m], resid[m:]
+        denom = math.sqrt(float((a * a).sum() * (b * b).sum())) or 1.0
+        acf = float((a * b).sum() / denom)
+        # A longer season must explain clearly more than a shorter one (a week repeats days too).
+        if acf > best_acf + (0.05 if best is not None else 0.0):
+            best, best_acf = m, acf
+    return best
+
+
+@dataclass(frozen=True)
+class Band:
+    """A forecast for one step and its prediction interval (requests/s)."""
+
+    point: float
+    lower: float
+    upper: float
+    model: str
+
+
+class ForecastSelector:
+    """Runs the candidate models online, scores their ``horizon``-step forecasts on a rolling
+    window, and forecasts with the best one. Intervals come from the selected model's own
+    relative errors at ``horizon`` (the last ``error_window`` of them)."""
+
+    def __init__(self, history: Sequence[float], *, season_candidates: Sequence[int], horizon: int,
+                 level: float = 0.9, engine: str = "auto", score_window: int = 360, error_window: int = 1440,
+                 min_acf: float = 0.3) -> None:
+        if horizon < 1:
+            raise ValueError("horizon must be at least 1 step")
+        y = [float(v) for v in history]
+        self.horizon = horizon
+        self.level = level
+        self.season = detect_season(y, season_candidates, min_acf=min_acf)
+        self.models: list[SeasonalNaive | HoltWinters] = []
+        naive = SeasonalNaive(self.season)
+        for v in y[-(self.season or 1):]:
+            naive.update(v)
+        self.models.append(naive)
+        try:
+            self.models.append(fit_holt_winters(y, self.season, engine=engine))
+        except ValueError as exc:
+            log.info("no Holt-Winters model yet: %s", exc)
+        self.engine = getattr(self.models[-1], "engine", "none") if len(self.models) > 1 else "none"
+        self._pending: list[deque[float]] = [deque() for _ in self.models]  # forecasts for t+horizon
+        self._abs: list[deque[float]] = [deque() for _ in self.models]
+        self._abs_sum = [0.0 for _ in self.models]
+        self._score_window = score_window
+        self._rel: list[deque[float]] = [deque(maxlen=error_window) for _ in self.models]
+        # Warm the scores on the tail of the history so the first choice is already a backtest.
+        self._seasonal_scale = self._scale(y)
+        self.selected = 0
+        self._issue()
+
+    def _scale(self, y: list[float]) -> float:
+        m = self.season or 1
+        if len(y) <= m:
+            return 1.0
+        a = np.asarray(y)
+        return float(np.mean(np.abs(a[m:] - a[:-m]))) or 1.0
+
+    @property
+    def reactive(self) -> bool:
+        """No season was found: the floor stays where the policy puts it; the autoscaler reacts."""
+        return self.season is None
+
+    def _issue(self) -> None:
+        for i, model in enumerate(self.models):
+            self._pending[i].append(model.forecast(self.horizon))
+
+    def update(self, y: float) -> None:
+        """One new value; forecasts made ``horizon`` steps ago are scored."""
+        for i, model in enumerate(self.models):
+            pend = self._pending[i]
+            if len(pend) >= self.horizon:
+                f = pend.popleft()
+                self._abs[i].append(abs(y - f))
+                self._abs_sum[i] += abs(y - f)
+                if len(self._abs[i]) > self._score_window:
+                    self._abs_sum[i] -= self._abs[i].popleft()
+                self._rel[i].append((y - f) / max(abs(f), 1.0))
+            model.update(y)
+        self._issue()
+        scores = [s / len(a) if len(a) >= 10 else math.inf for s, a in zip(self._abs_sum, self._abs)]
+        if all(math.isinf(s) for s in scores):
+            self.selected = len(self.models) - 1
+        else:
+            self.selected = min(range(len(scores)), key=scores.__getitem__)
+
+    @property
+    def model_name(self) -> str:
+        return self.models[self.selected].name
+
+    def band(self, h: int | None = None) -> Band:
+        """Forecast ``h`` steps ahead (default the horizon) with its interval."""
+        h = h or self.horizon
+        model = self.models[self.selected]
+        point = max(0.0, model.forecast(h))
+        rel = self._rel[self.selected]
+        if len(rel) >= 20:
+            lo_q, hi_q = np.quantile(np.asarray(rel), [(1 - self.level) / 2, 1 - (1 - self.level) / 2])
+        else:
+            lo_q, hi_q = -0.25, 0.25  # until errors are measured: a wide, honest default
+        scale = max(point, 1.0)
+        return Band(point, max(0.0, point + lo_q * scale), max(0.0, point + hi_q * scale), model.name)

@@ -1,0 +1,181 @@
+"""The agent's guardrails: every proposed action is checked here before it runs.
+
+A :class:`Policy` is the declarative part of ``agent`` in the configuration (floors and
+ceilings per model, largest step, cooldown, blackout windows, actions per hour, the mode);
+a :class:`Guard` applies it to one :class:`Action` at a time and answers a :class:`Decision`
+-- allowed or refused, always with the reason. The same guard runs in ``agent run`` and in
+``agent simulate``, so what the simulator shows is what the policy lets through.
+
+Modes: ``observe`` records every decision and runs none; ``scale-up`` may only raise a floor
+and raise alerts; ``full`` may also lower a floor (never below the model's floor) and roll back
+an in-flight canary. A kill switch (a file locally, an annotation on the InferenceService on a
+cluster) stops every action while it is set.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Callable, Literal
+
+__all__ = ["Action", "Decision", "Policy", "Guard", "in_blackout", "MODES", "SET_FLOOR", "ROLLBACK", "ALERT"]
+
+MODES = ("observe", "scale-up", "full")
+SET_FLOOR = "set_floor"
+ROLLBACK = "rollback_canary"
+ALERT = "alert"
+ActionKind = Literal["set_floor", "rollback_canary", "alert"]
+
+
+@dataclass(frozen=True)
+class Action:
+    """Something the agent would like to do to one served model."""
+
+    kind: str
+    model: str
+    target: int | None = None  # set_floor: the wanted floor
+    current: int | None = None  # set_floor: the floor in force
+    reason: str = ""
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the guard made of an action. ``applied`` is the floor that may be set (after
+    clamping to floor/ceiling and the largest step); ``allowed`` False means nothing runs."""
+
+    time: float
+    mode: str
+    action: Action
+    allowed: bool
+    reason: str
+    applied: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        doc = asdict(self)
+        doc["at"] = datetime.fromtimestamp(self.time, timezone.utc).isoformat()
+        return doc
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The guardrails, per model where the configuration says so."""
+
+    mode: str = "observe"
+    floor: int = 1
+    ceiling: int = 10
+    max_step: int = 4
+    cooldown_seconds: float = 600.0
+    max_actions_per_hour: int = 12
+    blackout: tuple[str, ...] = ()
+    models: dict[str, tuple[int | None, int | None]] = field(default_factory=dict)  # name -> (floor, ceiling)
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"agent mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        for name, (lo, hi) in [("(default)", (self.floor, self.ceiling)), *self.models.items()]:
+            lo = self.floor if lo is None else lo
+            hi = self.ceiling if hi is None else hi
+            if lo < 0 or hi < lo:
+                raise ValueError(f"model {name}: floor {lo} / ceiling {hi} is not 0 <= floor <= ceiling")
+        if self.max_step < 1:
+            raise ValueError("max_step must be at least 1")
+
+    @classmethod
+    def from_config(cls, agent: Any, mode: str | None = None) -> "Policy":
+        """From ``settings.agent`` (``AgentConfig``); ``mode`` overrides the configured one."""
+        return cls(mode=mode or agent.mode, floor=agent.floor, ceiling=agent.ceiling, max_step=agent.max_step,
+                   cooldown_seconds=agent.cooldown_seconds, max_actions_per_hour=agent.max_actions_per_hour,
+                   blackout=tuple(agent.blackout),
+                   models={k: (v.floor, v.ceiling) for k, v in agent.models.items()})
+
+    def bounds(self, model: str) -> tuple[int, int]:
+        lo, hi = self.models.get(model, (None, None))
+        return (self.floor if lo is None else lo), (self.ceiling if hi is None else hi)
+
+
+def _minutes(hhmm: str) -> int:
+    h, m = hhmm.split(":")
+    return int(h) * 60 + int(m)
+
+
+def in_blackout(windows: tuple[str, ...] | list[str], now: float) -> str | None:
+    """The blackout window ``now`` (epoch seconds, UTC) falls in, or None. ``22:00-06:00`` wraps midnight."""
+    t = datetime.fromtimestamp(now, timezone.utc)
+    minute = t.hour * 60 + t.minute
+    for window in windows:
+        start, end = (_minutes(x) for x in window.split("-"))
+        inside = start <= minute < end if start <= end else (minute >= start or minute < end)
+        if inside:
+            return window
+    return None
+
+
+class Guard:
+    """Checks actions against a :class:`Policy`; keeps what it needs to (last change per model,
+    actions in the last hour). ``kill_switch`` answers the reason it is set, or None."""
+
+    def __init__(self, policy: Policy, kill_switch: Callable[[str], str | None] | None = None) -> None:
+        self.policy = policy
+        self.kill_switch = kill_switch or (lambda model: None)
+        self._last_change: dict[str, float] = {}
+        self._recent: deque[float] = deque()
+
+    def check(self, action: Action, now: float) -> Decision:
+        """The decision on ``action`` at ``now``. An allowed action counts against the hourly budget
+        (and starts the model's cooldown) whether or not carrying it out then succeeds."""
+        p = self.policy
+
+        def refuse(reason: str, applied: int | None = None) -> Decision:
+            return Decision(now, p.mode, action, False, reason, applied)
+
+        applied: int | None = None
+        if action.kind == SET_FLOOR:
+            if action.target is None or action.current is None:
+                return refuse("a floor change needs target and current")
+            lo, hi = p.bounds(action.model)
+            wanted = min(max(action.target, lo), hi)
+            step = max(-p.max_step, min(p.max_step, wanted - action.current))
+            applied = min(max(action.current + step, lo), hi)
+            if applied == action.current:
+                if wanted != action.target:
+                    return refuse(f"already at the policy's {'ceiling' if action.target > hi else 'floor'} "
+                                  f"({applied}; wanted {action.target})", applied)
+                return refuse("no change", applied)
+            lowering = applied < action.current
+            if lowering and p.mode != "full":
+                return refuse(f"mode {p.mode} may not lower a floor ({action.current} -> {applied})", applied)
+            last = self._last_change.get(action.model)
+            if lowering and last is not None and now - last < p.cooldown_seconds:
+                return refuse(f"cooldown: last change {now - last:.0f} s ago (< {p.cooldown_seconds:g} s)", applied)
+        elif action.kind == ROLLBACK:
+            if p.mode != "full":
+                return refuse(f"mode {p.mode} may not roll back a canary")
+        elif action.kind == ALERT:
+            pass
+        else:
+            return refuse(f"unknown action {action.kind!r}")
+        if p.mode == "observe":
+            return refuse("observe mode: recorded only", applied)
+        switched = self.kill_switch(action.model)
+        if switched:
+            return refuse(f"kill switch: {switched}", applied)
+        window = in_blackout(p.blackout, now)
+        if window:
+            return refuse(f"blackout window {window} (UTC)", applied)
+        while self._recent and now - self._recent[0] >= 3600:
+            self._recent.popleft()
+        if len(self._recent) >= p.max_actions_per_hour:
+            return refuse(f"budget: {p.max_actions_per_hour} actions in the last hour", applied)
+        self._recent.append(now)
+        if action.kind == SET_FLOOR:
+            self._last_change[action.model] = now
+            clamp = "" if applied == action.target else f" (wanted {action.target}; policy allows {applied})"
+            return Decision(now, p.mode, action, True, f"{action.reason}{clamp}".strip() or "allowed", applied)
+        return Decision(now, p.mode, action, True, action.reason or "allowed", applied)
+
+
+def ceil_div(x: float, y: float) -> int:
+    return max(0, int(math.ceil(x / y - 1e-9)))
