@@ -12,7 +12,10 @@ The state also names the process that serves (``owner``: the ``driftloop serve``
 it). A second ``serve`` while that owner lives is refused before anything is touched; after an
 owner that died without stopping (SIGKILL), a new ``serve`` stops what it left and takes over.
 The gateway's admin calls carry the bearer token from ``DRIFTLOOP_GATEWAY_TOKEN``; a ``serve``
-started without one makes one for itself and its children.
+started without one makes one for itself and its children and writes it, readable by this user
+only (0600), to ``<workspace>/serving/gateway.token``, where the other processes of the same
+workspace that change traffic (``driftloop rollout run``, the deploy step of a retraining run the
+monitor started) find it when the variable is not set — as a kubeconfig or a Jupyter token file.
 """
 
 from __future__ import annotations
@@ -89,22 +92,37 @@ class LocalBackend:
             state["owner"] = None
         return state
 
-    @staticmethod
-    def admin_token() -> str | None:
-        """The gateway's admin bearer token (``DRIFTLOOP_GATEWAY_TOKEN``), from the environment only."""
+    @property
+    def token_path(self) -> Path:
+        return self.dir / "gateway.token"
+
+    def admin_token(self) -> str | None:
+        """The gateway's admin bearer token: ``DRIFTLOOP_GATEWAY_TOKEN``, else the workspace's token file."""
         from serving.gateway import ADMIN_TOKEN_ENV
 
-        return os.environ.get(ADMIN_TOKEN_ENV) or None
+        token = os.environ.get(ADMIN_TOKEN_ENV)
+        if token:
+            return token
+        try:
+            return self.token_path.read_text().strip() or None
+        except OSError:
+            return None
 
-    @staticmethod
-    def _ensure_admin_token() -> None:
-        """A serve without ``DRIFTLOOP_GATEWAY_TOKEN`` makes one for this process and its children."""
+    def _ensure_admin_token(self) -> None:
+        """A serve without ``DRIFTLOOP_GATEWAY_TOKEN`` makes one for itself, its children and the workspace."""
         from serving.gateway import ADMIN_TOKEN_ENV
 
-        if not os.environ.get(ADMIN_TOKEN_ENV):
-            os.environ[ADMIN_TOKEN_ENV] = secrets.token_urlsafe(32)
-            log.warning("%s is not set: made one for this serve; other processes that change traffic "
-                        "(driftloop rollout run, a pipeline's deploy step) need the same value", ADMIN_TOKEN_ENV)
+        if os.environ.get(ADMIN_TOKEN_ENV):
+            return
+        token = secrets.token_urlsafe(32)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.token_path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(token)
+        os.replace(tmp, self.token_path)
+        os.environ[ADMIN_TOKEN_ENV] = token
+        log.info("%s is not set: made one for this serve (in %s, mode 0600)", ADMIN_TOKEN_ENV, self.token_path)
 
     def _claim(self, state: dict[str, Any]) -> None:
         """Refuse (touching nothing) while another live serve owns this workspace; stop what a dead one left."""

@@ -348,3 +348,22 @@ def test_stopping_serve_keeps_a_canary_still_out_as_pending(tmp_path, sleepers):
     state = backend.status()
     assert state["gateway"] is None and state["canary"] is None
     assert state["pending_canary"] == {"version": "1", "model_uri": "models:/churn/1", "percent": 20}
+
+
+def test_a_serve_without_a_token_shares_its_own_with_the_workspace_only(tmp_path, monkeypatch):
+    """The deploy step of a retraining run (another process, no DRIFTLOOP_GATEWAY_TOKEN) finds the token
+    a serve made, in the workspace, readable by this user only; the variable, when set, wins."""
+    import stat
+
+    monkeypatch.delenv("DRIFTLOOP_GATEWAY_TOKEN", raising=False)
+    settings = make_settings(tmp_path / "ws", tmp_path / "unused.parquet")
+    serving = LocalBackend(settings)
+    assert serving.admin_token() is None
+    serving._ensure_admin_token()
+    made = os.environ["DRIFTLOOP_GATEWAY_TOKEN"]
+    assert stat.S_IMODE(serving.token_path.stat().st_mode) == 0o600
+    monkeypatch.delenv("DRIFTLOOP_GATEWAY_TOKEN")
+    assert LocalBackend(settings).admin_token() == made  # another process of the same workspace
+    assert LocalBackend(make_settings(tmp_path / "other", tmp_path / "unused.parquet")).admin_token() is None
+    monkeypatch.setenv("DRIFTLOOP_GATEWAY_TOKEN", "from-env")
+    assert LocalBackend(settings).admin_token() == "from-env"
