@@ -8,6 +8,11 @@ ports, versions, split, a pending canary) lets ``driftloop serve``, the pipeline
 (which runs in a kfp.local step subprocess) and the rollout controller agree on what runs;
 entries whose process has died are dropped when the file is read.
 
+The primary can run as several replicas (``set_replicas``: more model-server processes of the
+champion's version, listed under ``replicas`` in the state); the gateway balances over them. A
+replica is started and ready before the gateway sends it anything, and taken out of the gateway
+and drained (no request in flight) before it is stopped, so scaling drops no request.
+
 The state also names the process that serves (``owner``: the ``driftloop serve`` that started
 it). A second ``serve`` while that owner lives is refused before anything is touched; after an
 owner that died without stopping (SIGKILL), a new ``serve`` stops what it left and takes over.
@@ -44,7 +49,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ProcessInfo:
-    role: str  # primary | canary | gateway
+    role: str  # primary | canary | gateway | replica-<n>
     pid: int
     port: int
     url: str
@@ -77,7 +82,7 @@ class LocalBackend:
 
     def _read(self) -> dict[str, Any]:
         state: dict[str, Any] = {"primary": None, "canary": None, "gateway": None, "canary_percent": 0,
-                                 "pending_canary": None, "owner": None}
+                                 "pending_canary": None, "owner": None, "replicas": []}
         if self.state_path.is_file():
             try:
                 state.update(json.loads(self.state_path.read_text()))
@@ -88,6 +93,10 @@ class LocalBackend:
             if entry and not process_alive(int(entry["pid"])):
                 log.info("dropping stale %s entry (pid %s is gone)", role, entry["pid"])
                 state[role] = None
+        live = [r for r in state.get("replicas") or [] if process_alive(int(r["pid"]))]
+        if len(live) != len(state.get("replicas") or []):
+            log.info("dropping %d stale replica entries", len(state["replicas"]) - len(live))
+        state["replicas"] = live
         if state.get("owner") and not process_alive(int(state["owner"])):
             state["owner"] = None
         return state
@@ -145,6 +154,9 @@ class LocalBackend:
                                            "percent": state.get("canary_percent", 0)}
             stop_process(int(state[role]["pid"]), self.stop_timeout)
             state[role] = None
+        for r in state.get("replicas") or []:
+            stop_process(int(r["pid"]), self.stop_timeout)
+        state["replicas"] = []
 
     def status(self) -> dict[str, Any]:
         with self._locked() as state:
@@ -164,7 +176,8 @@ class LocalBackend:
         env = dict(os.environ, PYTHONUNBUFFERED="1", MLFLOW_TRACKING_URI=self.settings.tracking_uri)
         # A canary started beside a running gateway (e.g. by a pipeline step that then exits) lives as long
         # as that gateway; everything else dies with the process that starts it.
-        owner = (self._read().get("gateway") or {}).get("pid") if role == "canary" else None
+        owner = ((self._read().get("gateway") or {}).get("pid")
+                 if role == "canary" or role.startswith("replica") else None)
         proc = spawn([sys.executable, "-m", *argv], owner_pid=owner, stop_timeout=self.stop_timeout,
                      stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                      cwd=str(Path(__file__).resolve().parent.parent))
@@ -219,6 +232,64 @@ class LocalBackend:
             argv += ["--sticky-key", s.serving.sticky_key]
         log.info("starting gateway on port %d", port)
         return self._spawn("gateway", argv, port, "/healthz")
+
+    # -- replicas ---------------------------------------------------------------------
+    def replica_count(self) -> int:
+        """Model-server processes serving the primary (0 when nothing is served)."""
+        state = self.status()
+        return (1 + len(state.get("replicas") or [])) if state.get("primary") else 0
+
+    def set_replicas(self, n: int, *, drain_timeout: float = 30.0) -> int:
+        """Serve the primary with ``n`` processes (at least 1). New ones are ready before the gateway
+        sends them anything; removed ones are taken out of the gateway and drained before they stop."""
+        import httpx
+
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ServingError(f"replicas must be an integer of at least 1, got {n!r}")
+        with self._locked() as state:
+            primary, gateway = state.get("primary"), state.get("gateway")
+            if not primary or not gateway:
+                raise ServingError("nothing is being served here; start it with `driftloop serve`")
+            extras: list[dict[str, Any]] = list(state.get("replicas") or [])
+            if n - 1 == len(extras):
+                return n
+            if n - 1 > len(extras):
+                started: list[ProcessInfo] = []
+                try:
+                    used = {int(r["role"].split("-")[1]) for r in extras}
+                    for i in (i for i in range(1, 10_000) if i not in used):
+                        if len(extras) + len(started) >= n - 1:
+                            break
+                        started.append(self.start_model_server(f"replica-{i}", primary["version"],
+                                                               primary["model_uri"]))
+                    keep = extras + [asdict(p) for p in started]
+                    self._admin(gateway, "PUT", "/admin/replicas",
+                                {"replicas": [{"url": r["url"], "version": r["version"]} for r in keep]})
+                except BaseException:
+                    for proc in started:
+                        stop_process(proc.pid, self.stop_timeout)
+                    raise
+                state["replicas"] = keep
+                log.info("primary v%s now on %d replicas", primary["version"], n)
+                return n
+            keep, drop = extras[: n - 1], extras[n - 1:]
+            self._admin(gateway, "PUT", "/admin/replicas",
+                        {"replicas": [{"url": r["url"], "version": r["version"]} for r in keep]})
+            state["replicas"] = keep
+            urls = {r["url"] for r in drop}
+            deadline = time.monotonic() + drain_timeout
+            while time.monotonic() < deadline:  # requests already sent to a dropped replica finish first
+                try:
+                    inflight = httpx.get(gateway["url"] + "/admin/status", timeout=5.0).json().get("inflight", {})
+                except (httpx.HTTPError, ValueError):
+                    break
+                if not urls & set(inflight):
+                    break
+                time.sleep(0.05)
+            for r in drop:
+                stop_process(int(r["pid"]), self.stop_timeout)
+            log.info("primary v%s now on %d replicas", primary["version"], n)
+            return n
 
     # -- operations -------------------------------------------------------------------
     def serve(self, champion_version: str, *, canary: tuple[str, str] | None = None, percent: float = 0.0
@@ -298,6 +369,9 @@ class LocalBackend:
             state.update(primary=canary, canary=None, canary_percent=0)
             if old:
                 stop_process(int(old["pid"]), self.stop_timeout)
+            for r in state.get("replicas") or []:  # they served the old version
+                stop_process(int(r["pid"]), self.stop_timeout)
+            state["replicas"] = []
 
     def rollback(self) -> None:
         """0 % to the canary; its server is stopped; the primary keeps serving."""
@@ -328,6 +402,9 @@ class LocalBackend:
                 if state.get(role):
                     stop_process(int(state[role]["pid"]), self.stop_timeout)
                     state[role] = None
+            for r in state.get("replicas") or []:
+                stop_process(int(r["pid"]), self.stop_timeout)
+            state["replicas"] = []
             state["canary_percent"] = 0
             state["owner"] = None
             return True

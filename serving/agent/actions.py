@@ -1,0 +1,133 @@
+"""Where the agent's allowed actions land: the model as it is served.
+
+* On the embedded default, :class:`LocalActuator`: the floor is the number of model-server
+  processes behind the local gateway (``LocalBackend.set_replicas``; there is no reactive
+  autoscaler locally, so the floor is the replica count); the kill switch is a file.
+* On a cluster, :class:`KServeActuator`: ``spec.predictor.minReplicas`` of the
+  InferenceService, as a merge patch built from kserve's model classes, first sent as a
+  server-side dry run (``dryRun=All``) and then through ``KServeClient.patch``. In Serverless
+  mode every change makes a new Knative revision (``autoscaling.knative.dev/min-scale``), which
+  is why the planner changes floors rarely. The kill switch is an annotation on the object.
+
+Rolling back an in-flight canary uses the serving backends' own rollback.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Protocol
+
+from driftloop.core.errors import ServingError
+
+__all__ = ["Actuator", "LocalActuator", "KServeActuator", "floor_patch"]
+
+log = logging.getLogger(__name__)
+
+
+class Actuator(Protocol):
+    def current_floor(self, model: str) -> int: ...
+    def set_floor(self, model: str, replicas: int) -> str: ...
+    def rollback(self, model: str) -> str: ...
+    def canary_in_flight(self, model: str) -> bool: ...
+    def paused(self, model: str) -> str | None: ...
+
+
+class LocalActuator:
+    """Replicas of the local primary model server; the kill switch is ``kill_file``."""
+
+    def __init__(self, backend: Any, kill_file: Path) -> None:
+        self.backend = backend
+        self.kill_file = Path(kill_file)
+
+    def current_floor(self, model: str) -> int:
+        return self.backend.replica_count()
+
+    def set_floor(self, model: str, replicas: int) -> str:
+        n = self.backend.set_replicas(max(1, int(replicas)))
+        return f"{n} model-server processes behind the gateway"
+
+    def rollback(self, model: str) -> str:
+        self.backend.rollback()
+        return "canary rolled back (0 %), its server stopped"
+
+    def canary_in_flight(self, model: str) -> bool:
+        return bool(self.backend.status().get("canary"))
+
+    def paused(self, model: str) -> str | None:
+        return f"kill switch file {self.kill_file} exists" if self.kill_file.exists() else None
+
+
+def floor_patch(name: str, namespace: str, replicas: int) -> Any:
+    """A merge patch (kserve model classes) that only sets ``spec.predictor.minReplicas``."""
+    from kserve import V1beta1InferenceService, V1beta1InferenceServiceSpec, V1beta1PredictorSpec
+    from kubernetes.client import V1ObjectMeta
+
+    from serving.inference_service import API_VERSION, KIND
+
+    if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 0:
+        raise ServingError(f"minReplicas must be a non-negative integer, got {replicas!r}")
+    return V1beta1InferenceService(
+        api_version=API_VERSION, kind=KIND, metadata=V1ObjectMeta(name=name, namespace=namespace),
+        spec=V1beta1InferenceServiceSpec(predictor=V1beta1PredictorSpec(min_replicas=replicas)))
+
+
+class KServeActuator:
+    """``minReplicas`` of one InferenceService through ``KServeClient`` (server-side dry run first)."""
+
+    def __init__(self, settings: Any, client: Any | None = None) -> None:
+        from serving.kserve_backend import KServeBackend
+
+        self.settings = settings
+        self.backend = KServeBackend(settings, client)
+        self.annotation = settings.agent.kill_switch_annotation
+
+    @property
+    def client(self) -> Any:
+        return self.backend.client
+
+    def _object(self) -> dict[str, Any]:
+        obj = self.backend.get()
+        if obj is None:
+            raise ServingError(f"InferenceService {self.backend.namespace}/{self.backend.name} does not exist")
+        return obj
+
+    def current_floor(self, model: str) -> int:
+        predictor = (self._object().get("spec") or {}).get("predictor") or {}
+        return int(predictor.get("minReplicas", 1))
+
+    def set_floor(self, model: str, replicas: int) -> str:
+        from kserve import constants
+
+        from serving.inference_service import API_VERSION, to_dict
+
+        predictor = (self._object().get("spec") or {}).get("predictor") or {}
+        max_replicas = predictor.get("maxReplicas")
+        if max_replicas and replicas > int(max_replicas):
+            raise ServingError(f"minReplicas {replicas} would exceed the InferenceService's maxReplicas "
+                               f"{max_replicas}; lower agent.ceiling or raise serving.max_replicas")
+        name, namespace = self.backend.name, self.backend.namespace
+        patch = floor_patch(name, namespace, replicas)
+        version = API_VERSION.split("/")[1]
+        try:  # what the API server would make of it, persisted nowhere
+            self.client.api_instance.patch_namespaced_custom_object(
+                constants.KSERVE_GROUP, version, namespace, constants.KSERVE_PLURAL_INFERENCESERVICE, name,
+                to_dict(patch), dry_run="All")
+        except Exception as exc:
+            raise ServingError(f"the API server refused minReplicas={replicas} on {namespace}/{name} "
+                               f"(dry run): {exc}") from exc
+        self.backend._call("cannot patch", self.client.patch, name, patch, namespace=namespace)
+        return f"spec.predictor.minReplicas={replicas} on InferenceService {namespace}/{name}"
+
+    def rollback(self, model: str) -> str:
+        self.backend.rollback()
+        return "canaryTrafficPercent: 0 (the last rolled-out revision takes all traffic)"
+
+    def canary_in_flight(self, model: str) -> bool:
+        predictor = (self._object().get("spec") or {}).get("predictor") or {}
+        return predictor.get("canaryTrafficPercent") not in (None, 0)
+
+    def paused(self, model: str) -> str | None:
+        annotations = (self._object().get("metadata") or {}).get("annotations") or {}
+        value = str(annotations.get(self.annotation, "")).lower()
+        return f"annotation {self.annotation}={value}" if value in ("true", "1", "yes") else None
