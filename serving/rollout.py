@@ -467,10 +467,11 @@ class RolloutController:
                                 primary_version=champion.version if champion else None,
                                 canary_uri=f"models:/{self.model_name}/{challenger.version}", model_name=self.model_name)
 
-    def _record(self, state: RolloutState, decision: str, reason: str, checks: list[Check] = ()) -> dict[str, Any]:
+    def _record(self, state: RolloutState, decision: str, reason: str, checks: list[Check] = (),
+                **extra: Any) -> dict[str, Any]:
         now = time.time()
         rec = {"time": _iso(now), "ts": now, "weight": state.weight, "decision": decision, "reason": reason,
-               "failed_checks": state.failed_checks, "checks": [asdict(c) for c in checks]}
+               "failed_checks": state.failed_checks, "checks": [asdict(c) for c in checks], **extra}
         state.history.append(rec)
         state.reason = reason
         self.store.save(state, rec)
@@ -539,7 +540,8 @@ class RolloutController:
         state.status, state.weight, state.window_start = SHADOW, 0, time.time()
         self._tag(state, {WEIGHT_TAG: "0", "driftloop.rollout.phase": SHADOW})
         return self._record(state, "shadow_start", f"candidate v{state.canary_version} gets a copy of "
-                            f"{self.cfg.shadow_percent:g}% of requests; no user sees its answers")
+                            f"{self.cfg.shadow_percent:g}% of requests; no user sees its answers",
+                            shadow_percent=self.cfg.shadow_percent)
 
     def _judge_shadow(self, state: RolloutState) -> dict[str, Any] | None:
         """One interval of the shadow phase: a record to return, or None when it passed (canary starts)."""

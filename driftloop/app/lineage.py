@@ -2,7 +2,9 @@
 
 Everything comes from what the loop recorded: MLflow version tags and run data
 (trigger, pipeline/KFP run id, window, metrics, gate decision), the alert store (the
-drift report behind a ``drift:<alert-id>`` trigger) and the rollout history.
+drift report behind a ``drift:<alert-id>`` trigger) and the rollout history — including
+the shadow phase before the canary steps (:func:`shadow_phase`, also used by
+``driftloop rollout status``).
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from driftloop.core.config import Settings
 from driftloop.core.errors import RegistryError
 from driftloop.core.registry import TAG, Registry
 
-__all__ = ["Lineage", "build_lineage", "render_lineage"]
+__all__ = ["Lineage", "SHADOW_CHECKS", "build_lineage", "format_shadow_check", "render_lineage", "shadow_phase",
+           "shadow_steps"]
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +45,7 @@ class Lineage:
     rollout_outcome: str = ""
     rollout_reason: str = ""
     rollout_steps: list[dict[str, Any]] = field(default_factory=list)
+    shadow: dict[str, Any] | None = None  # the shadow phase, when the rollout had one (shadow_phase)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -131,6 +135,7 @@ def build_lineage(settings: Settings, ref: str) -> Lineage:
         lineage.train_rows = int(params["train_rows"]) if "train_rows" in params else None
         lineage.test_rows = int(params["test_rows"]) if "test_rows" in params else None
     lineage.rollout_steps = _rollout_steps(settings, registry, info.name, info.version, info.run_id)
+    lineage.shadow = shadow_phase(lineage.rollout_steps)
     return lineage
 
 
@@ -161,12 +166,92 @@ def render_lineage(lineage: Lineage):
         gate.add("champion then: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(lineage.champion_metrics.items())))
     colour = {"promoted": "green", "bootstrap": "green", "rolled_back": "red"}.get(lineage.rollout_outcome, "yellow")
     roll = tree.add(f"rollout: [{colour}]{lineage.rollout_outcome or '-'}[/] {lineage.rollout_reason}")
+    if lineage.shadow:
+        _add_shadow(roll, lineage.shadow)
     for step in lineage.rollout_steps:
         roll.add(_format_step(step))
     return tree
+
+
+def _add_shadow(node: Any, shadow: dict[str, Any]) -> None:
+    from rich.markup import escape
+
+    colour = {"passed": "green", "failed": "red"}.get(shadow["verdict"], "yellow")
+    pct = f" at {shadow['percent']:g}% mirrored" if shadow.get("percent") is not None else ""
+    branch = node.add(f"shadow phase: [{colour}]{shadow['verdict']}[/]{pct} — {escape(shadow.get('reason') or '')}")
+    for c in shadow["checks"]:
+        branch.add(escape(format_shadow_check(c)))
 
 
 def _format_step(step: dict[str, Any]) -> str:
     parts = [str(step.get(k)) for k in ("time", "weight", "decision") if step.get(k) is not None]
     reason = step.get("reason")
     return " | ".join(parts) + (f" — {reason}" if reason else "")
+
+
+# --- the shadow phase of a rollout ------------------------------------------------------------
+# the checks serving.shadow.shadow_checks records, in the order a person reads them
+SHADOW_CHECKS = ("shadow_requests", "shadow_error_rate", "shadow_p99_ms", "agreement", "relative_diff",
+                 "shadow_prediction_psi", "shadow_quality_delta")
+_SHADOW_LABELS = {"shadow_requests": "mirrored requests", "shadow_error_rate": "errors (share)",
+                  "shadow_p99_ms": "p99 ms", "agreement": "agreement with the primary",
+                  "relative_diff": "relative difference", "shadow_prediction_psi": "output PSI",
+                  "shadow_quality_delta": "quality vs primary on the same labelled rows"}
+
+
+def _is_shadow_step(step: dict[str, Any]) -> bool:
+    names = {c.get("name") for c in step.get("checks") or []}
+    return (str(step.get("decision", "")).startswith("shadow_") or bool(names & set(SHADOW_CHECKS))
+            or str(step.get("reason", "")).startswith("shadow "))
+
+
+def shadow_steps(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The steps of a rollout history that belong to its shadow phase (start, waits, verdict)."""
+    return [step for step in history if _is_shadow_step(step)]
+
+
+def shadow_phase(history: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The shadow phase of a recorded rollout, or None when it had none.
+
+    ``verdict`` is ``passed`` (the canary steps followed), ``failed`` (rolled back before any
+    user request reached the candidate), ``stopped`` (decided by hand during it) or ``running``; ``checks`` are the last judged
+    interval's numbers — mirrored requests, error share, p99, agreement or relative difference,
+    output PSI and quality on labelled rows — each with its limit and verdict (None = not enough data).
+    """
+    steps = shadow_steps(history)
+    if not steps:
+        return None
+    decisions = [s.get("decision") for s in steps]
+    if "shadow_pass" in decisions:
+        verdict = "passed"
+    elif "rollback" in decisions:
+        verdict = "failed"
+    elif any(h.get("decision") in ("promote", "rollback") for h in history):
+        verdict = "stopped"  # promoted or rolled back by hand while the shadow phase ran
+    else:
+        verdict = "running"
+    judged = [s for s in steps if s.get("checks")]
+    last = judged[-1] if judged else steps[-1]
+    order = {name: i for i, name in enumerate(SHADOW_CHECKS)}
+    checks = sorted((c for c in last.get("checks") or [] if c.get("name") in order), key=lambda c: order[c["name"]])
+    start = next((s for s in steps if s.get("decision") == "shadow_start"), steps[0])
+    return {
+        "verdict": verdict,
+        "percent": start.get("shadow_percent"),
+        "started": start.get("time"),
+        "ended": steps[-1].get("time") if verdict != "running" else None,
+        "intervals": sum(1 for s in steps if s.get("decision") != "shadow_start"),
+        "reason": steps[-1].get("reason", ""),
+        "checks": [{"name": c["name"], "value": c.get("value"), "limit": c.get("limit"), "passed": c.get("passed"),
+                    "detail": c.get("detail", "")} for c in checks],
+    }
+
+
+def format_shadow_check(check: dict[str, Any]) -> str:
+    """One judged number of the shadow phase: ``agreement with the primary: 0.96 (limit 0.9) ok``."""
+    value, limit = check.get("value"), check.get("limit")
+    verdict = {True: "ok", False: "fail", None: "n/a"}[check.get("passed")]
+    number = f"{value:.4g}" if isinstance(value, float) else ("-" if value is None else str(value))
+    bound = f" (limit {limit:.4g})" if isinstance(limit, float) else (f" (limit {limit})" if limit is not None else "")
+    detail = f" — {check['detail']}" if check.get("detail") else ""
+    return f"{_SHADOW_LABELS.get(check.get('name'), check.get('name'))}: {number}{bound} {verdict}{detail}"

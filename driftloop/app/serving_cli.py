@@ -140,7 +140,10 @@ def deploy(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the InferenceService YAML, change nothing.")] = False,
     apply: Annotated[bool, typer.Option("--apply", help="Apply it to the cluster with KServeClient.")] = False,
 ) -> None:
-    """Render the InferenceService (cluster home); --apply applies it, --dry-run only prints it."""
+    """Render the InferenceService (cluster home); --apply applies it, --dry-run only prints it.
+
+    With rollout.shadow_percent > 0 the printout also holds the shadow phase's objects (shadow
+    InferenceService and Istio mirror), which the rollout controller applies and removes."""
     from driftloop.core.console import console, settings_from
 
     from serving.inference_service import build_inference_service, check_percent, to_yaml
@@ -150,13 +153,13 @@ def deploy(
         check_percent(canary_percent)
         if version is None:
             raise ServingError("--canary-percent needs --version (the model version to put out as a canary)")
-    model_uri = None
+    model_uri = resolved = None
     if version is not None:
         name = settings.mlflow.model_name
         ref = version if ("@" in version or "/" in version) else (
             f"{name}/{version}" if version.isdigit() else f"{name}@{version}")
         info = _registry(settings).resolve(ref)
-        model_uri = f"models:/{info.name}/{info.version}"
+        model_uri, resolved = f"models:/{info.name}/{info.version}", info.version
     if canary_percent is not None and apply and not dry_run:
         from serving.kserve_backend import KServeBackend
 
@@ -166,12 +169,38 @@ def deploy(
     isvc = build_inference_service(settings, model_uri=model_uri, canary_traffic_percent=canary_percent)
     text = to_yaml(isvc)
     if dry_run or not apply:
+        if settings.rollout.shadow_percent > 0:
+            text += "---\n" + _shadow_yaml(settings, model_uri, resolved)
         console.print(text, markup=False, highlight=False, soft_wrap=True)
         return
     from serving.kserve_backend import KServeBackend
 
     KServeBackend(settings).apply(isvc)
     console.print(f"applied InferenceService {settings.serving.namespace}/{settings.serving.name}")
+
+
+def _shadow_yaml(settings: Any, model_uri: str | None, version: str | None) -> str:
+    """The shadow phase's cluster objects for ``rollout.shadow_percent``: the shadow InferenceService and
+    the Istio mirror, checked like infra/ (kserve's model classes, the pinned VirtualService schema).
+
+    The candidate is ``model_uri`` (``--version``), else the ``challenger`` alias the deploy step
+    puts out; the mirror names the shadow's first revision — the controller writes the one the
+    cluster reports ready when it puts the mirror up.
+    """
+    import yaml
+
+    from driftloop.app.infra_check import check_objects
+    from driftloop.core.registry import CHALLENGER
+    from serving.inference_service import shadow_objects
+
+    uri = model_uri or f"models:/{settings.mlflow.model_name}@{CHALLENGER}"
+    objects = shadow_objects(settings, uri, version, settings.rollout.shadow_percent)
+    problems = check_objects(objects, {}, "deploy --dry-run")
+    if problems:
+        raise ServingError(f"the rendered shadow objects are not valid: {problems[0]}")
+    comment = (f"# shadow phase (rollout.shadow_percent={settings.rollout.shadow_percent:g}): put up by the rollout "
+               "controller before the canary steps, removed when the phase ends\n")
+    return comment + yaml.safe_dump_all(objects, sort_keys=False)
 
 
 def _fmt(value: Any) -> str:
@@ -220,7 +249,38 @@ def rollout_status(config: ConfigOpt = None, params: ParamOpt = None) -> None:
         table.add_row(t, f"{rec.get('weight', '')}%", *cells, rec.get("decision", ""), rec.get("reason", ""))
     from rich.console import Console
 
-    Console(width=max(console.width, 180), highlight=False).print(table)  # readable also when piped
+    wide = Console(width=max(console.width, 180), highlight=False)  # readable also when piped
+    _print_shadow_phase(wide, state.history)
+    wide.print(table)
+
+
+def _print_shadow_phase(out: Any, history: list[dict[str, Any]]) -> None:
+    """The shadow phase before the canary steps: verdict, then each judged interval's numbers."""
+    from driftloop.app.lineage import SHADOW_CHECKS, format_shadow_check, shadow_phase, shadow_steps
+
+    shadow = shadow_phase(history)
+    if shadow is None:
+        return
+    colour = {"passed": "green", "failed": "red"}.get(shadow["verdict"], "yellow")
+    pct = f" at {shadow['percent']:g}% mirrored" if shadow.get("percent") is not None else ""
+    out.print(f"shadow phase: [{colour}]{shadow['verdict']}[/]{pct} since {shadow['started']}, "
+              f"{shadow['intervals']} interval(s) — {shadow['reason']}", markup=True)
+    for check in shadow["checks"]:
+        out.print(f"  {format_shadow_check(check)}", markup=False)
+    table = Table(title="shadow phase (mirrored copies; no user saw the candidate's answers)")
+    for col in ["time", *SHADOW_CHECKS, "decision"]:
+        table.add_column(col.removeprefix("shadow_"), no_wrap=True)
+    table.add_column("reason")
+    for rec in shadow_steps(history):
+        checks = {c["name"]: c for c in rec.get("checks", [])}
+        cells = []
+        for n in SHADOW_CHECKS:
+            c = checks.get(n)
+            mark = "" if c is None else {True: "[green]ok[/]", False: "[red]fail[/]", None: "[dim]n/a[/]"}[c["passed"]]
+            cells.append("" if c is None else f"{_fmt(c['value'])} {mark}")
+        t = datetime.fromtimestamp(rec["ts"], tz=timezone.utc).strftime("%H:%M:%S") if "ts" in rec else rec.get("time", "")
+        table.add_row(t, *cells, rec.get("decision", ""), rec.get("reason", ""))
+    out.print(table)
 
 
 @rollout_app.command("run")
