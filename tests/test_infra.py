@@ -215,8 +215,18 @@ def test_rollout_controller_may_only_touch_inference_services_in_its_namespace(r
     bindings = [b for b in objects_by_kind(objects, "RoleBinding")
                 if any(s["name"] == account for s in b["subjects"])]
     rules = [r for b in bindings for r in one(objects, "Role", b["roleRef"]["name"])["rules"]]
-    assert rules == [{"apiGroups": ["serving.kserve.io"], "resources": ["inferenceservices"],
-                      "verbs": ["get", "watch", "patch", "update"]}]
+    assert rules[0] == {"apiGroups": ["serving.kserve.io"], "resources": ["inferenceservices"],
+                        "verbs": ["get", "watch", "patch", "update"]}
+    # the shadow phase: create the shadow InferenceService and the mirror, delete only those two by name
+    from serving.inference_service import mirror_name, shadow_name
+
+    assert rules[1:] == [
+        {"apiGroups": ["serving.kserve.io"], "resources": ["inferenceservices"], "verbs": ["create"]},
+        {"apiGroups": ["serving.kserve.io"], "resources": ["inferenceservices"],
+         "resourceNames": [shadow_name(settings)], "verbs": ["delete"]},
+        {"apiGroups": ["networking.istio.io"], "resources": ["virtualservices"], "verbs": ["get", "create"]},
+        {"apiGroups": ["networking.istio.io"], "resources": ["virtualservices"],
+         "resourceNames": [mirror_name(settings)], "verbs": ["update", "delete"]}]
     assert {b["metadata"]["namespace"] for b in bindings} == {settings.serving.namespace}
 
 
