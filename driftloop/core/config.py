@@ -352,9 +352,11 @@ class AgentConfig(_Section):
     mode: Literal["observe", "scale-up", "full"] = Field(
         "observe", description="observe: record only; scale-up: may only raise floors and alert; full: also lower "
                                "floors and roll back a canary")
-    interval_seconds: float = Field(60.0, gt=0, description="how often the agent decides")
-    step_seconds: float = Field(60.0, gt=0, description="resolution of the request-rate history it forecasts")
+    interval_seconds: float = Field(60.0, gt=0, description="how often the agent samples and decides (the step "
+                                                             "of the request-rate history it forecasts)")
     lead_seconds: float = Field(90.0, ge=0, description="how far ahead a floor must hold: cold start + model load")
+    forecast_engine: Literal["auto", "numpy", "statsmodels"] = Field(
+        "auto", description="who fits Holt-Winters: statsmodels (the agent extra), numpy's grid, or auto")
     interval_level: float = Field(0.9, gt=0.5, lt=1.0, description="prediction interval; the floor covers its upper bound")
     capacity_rps: float = Field(20.0, gt=0, description="requests/s one replica serves within the SLO (measured)")
     target_utilisation: float = Field(0.75, gt=0.0, le=1.0, description="share of capacity the floor plans to use")

@@ -1,0 +1,265 @@
+"""The serving agent's loop (``driftloop agent run``): observe, forecast, detect, propose, check, act, record.
+
+Every ``step`` seconds a sampler reports the served model's request rate, p99 latency, error
+rate (and CPU when known); the samples are kept in ``<workspace>/agent/samples.jsonl`` so a
+restarted agent keeps its history. Once two days of history exist the forecasters are fitted
+(and refitted daily); before that, and whenever no season is found, the agent stays reactive.
+Each round, the floor planner and the anomaly detectors propose actions; the :class:`Guard`
+judges each against the policy; allowed ones go to the actuator (local replicas or the
+InferenceService); every decision, taken or refused, is written to the decision log with its
+reason and, when it ran, what came of it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+from driftloop.core.errors import DriftloopError
+from serving.agent.anomaly import AnomalyEvent, default_detectors
+from serving.agent.decisions import DecisionLog
+from serving.agent.forecast import ForecastSelector
+from serving.agent.policy import ALERT, ROLLBACK, SET_FLOOR, Action, Decision, Guard, Policy
+from serving.agent.scaling import FloorPlanner, horizons
+
+__all__ = ["ServingAgent", "GatewaySampler", "Sampler", "agent_paths"]
+
+log = logging.getLogger(__name__)
+DAY = 86400.0
+
+
+def agent_paths(settings: Any) -> dict[str, Path]:
+    a = settings.agent
+    base = settings.workspace_dir / "agent"
+    return {"decisions": Path(a.decision_log) if a.decision_log else base / "decisions.jsonl",
+            "kill_switch": Path(a.kill_switch_file) if a.kill_switch_file else base / "STOP",
+            "samples": base / "samples.jsonl"}
+
+
+class Sampler(Protocol):
+    def sample(self, now: float) -> dict[str, float] | None: ...
+
+
+class GatewaySampler:
+    """Request rate, p99 latency and error rate of the local gateway since the last call."""
+
+    def __init__(self, gateway_url: str | Callable[[], str | None]) -> None:
+        self._url = gateway_url
+        self._since: float | None = None
+
+    def sample(self, now: float) -> dict[str, float] | None:
+        import httpx
+
+        url = self._url() if callable(self._url) else self._url
+        if not url:
+            return None
+        since, self._since = self._since, now
+        if since is None:
+            return None  # the first call only marks the start of the first step
+        try:
+            doc = httpx.get(f"{url}/admin/stats", params={"since": since}, timeout=5.0).json()
+        except (httpx.HTTPError, ValueError) as exc:
+            log.warning("gateway %s unreadable: %s", url, exc)
+            return None
+        versions = doc.get("versions", {}).values()
+        requests = sum(v.get("requests", 0) for v in versions)
+        errors = sum(v.get("errors", 0) for v in versions)
+        p99 = max((v.get("p99_ms") or 0.0 for v in versions), default=0.0)
+        span = max(now - since, 1e-3)
+        return {"rps": requests / span, "latency_p99_ms": p99, "error_rate": errors / requests if requests else 0.0}
+
+
+class ServingAgent:
+    """One served model's agent. ``actuator``: serving.agent.actions.LocalActuator / KServeActuator."""
+
+    def __init__(self, settings: Any, actuator: Any, *, mode: str | None = None, log_: DecisionLog | None = None,
+                 alert: Callable[[dict[str, Any]], None] | None = None) -> None:
+        a = settings.agent
+        self.settings = settings
+        self.model = settings.serving.name
+        self.actuator = actuator
+        self.paths = agent_paths(settings)
+        self.policy = Policy.from_config(a, mode)
+        self.guard = Guard(self.policy, kill_switch=self._kill_switch)
+        self.log = log_ or DecisionLog(self.paths["decisions"])
+        self.alert = alert or self._post_alert
+        pol = a.models.get(self.model)
+        capacity = pol.capacity_rps if pol and pol.capacity_rps else a.capacity_rps
+        self.planner = FloorPlanner(self.model, capacity, a.target_utilisation, a.lead_seconds, a.interval_seconds,
+                                    a.interval_seconds, floor=self.policy.bounds(self.model)[0],
+                                    down_hysteresis=a.down_hysteresis, plan_seconds=a.plan_seconds)
+        self.detectors = default_detectors(a.slo_error_rate)
+        self.history: list[dict[str, float]] = self._load_samples()
+        self.selector: ForecastSelector | None = None
+        self._fitted_at = -math.inf
+
+    # -- state ------------------------------------------------------------------------------------
+    def _load_samples(self) -> list[dict[str, float]]:
+        path = self.paths["samples"]
+        out = []
+        if path.is_file():
+            for line in path.read_text().splitlines():
+                try:
+                    out.append(json.loads(line))
+                except ValueError:
+                    continue
+        return out
+
+    def _kill_switch(self, model: str) -> str | None:
+        if self.paths["kill_switch"].exists():
+            return f"kill switch file {self.paths['kill_switch']} exists"
+        try:
+            return self.actuator.paused(model)
+        except DriftloopError as exc:  # cannot tell: act as if it were set
+            return f"cannot read the kill switch ({exc})"
+
+    def _min_history(self) -> int:
+        return int(2 * DAY / self.settings.agent.interval_seconds)
+
+    def _grid(self) -> list[float]:
+        """The history on its step grid; steps the agent missed (it was down) are interpolated."""
+        import numpy as np
+
+        step = self.settings.agent.interval_seconds
+        if not self.history:
+            return []
+        t = np.array([s["t"] for s in self.history], float)
+        y = np.array([s["rps"] for s in self.history], float)
+        grid = np.arange(t[0], t[-1] + step / 2, step)
+        return list(np.interp(grid, t, y))
+
+    def _refit(self, now: float) -> None:
+        a = self.settings.agent
+        rates = self._grid()
+        if len(rates) < self._min_history():
+            return
+        _, last = horizons(a.lead_seconds, a.interval_seconds, a.interval_seconds)
+        self.selector = ForecastSelector(rates, season_candidates=[int(DAY / a.interval_seconds),
+                                                                   int(7 * DAY / a.interval_seconds)],
+                                         horizon=last, level=a.interval_level, engine=a.forecast_engine,
+                                         error_window=int(DAY / a.interval_seconds))
+        self._fitted_at = now
+        log.info("forecasters fitted on %d steps: season %s, engine %s", len(rates), self.selector.season,
+                 self.selector.engine)
+
+    # -- one round --------------------------------------------------------------------------------
+    def observe(self, now: float, sample: dict[str, float]) -> list[AnomalyEvent]:
+        """Add one step of metrics; returns the anomalies it shows."""
+        sample = {"t": now, **{k: float(v) for k, v in sample.items()}}
+        expected = self.selector.band(1).point if self.selector is not None else None
+        events = []
+        for name, det in self.detectors.items():
+            key = "rps" if name == "traffic_rps" else name
+            if key in sample:
+                ev = det.update(now, sample[key], expected if name == "traffic_rps" else None)
+                if ev is not None:
+                    events.append(ev)
+        self.history.append(sample)
+        path = self.paths["samples"]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(sample) + "\n")
+        if self.selector is not None:
+            step = self.settings.agent.interval_seconds
+            last = self.history[-2]["t"] if len(self.history) > 1 else now
+            for _ in range(min(int(round((now - last) / step)) - 1, int(DAY / step))):
+                self.selector.update(self.selector.band(1).point)  # a missed step: its forecast stands in
+            self.selector.update(sample["rps"])
+        if now - self._fitted_at >= DAY:
+            self._refit(now)
+        return events
+
+    def proposals(self, events: list[AnomalyEvent], current: int) -> list[Action]:
+        out: list[Action] = []
+        if self.selector is None:
+            if current < self.planner.floor:
+                out.append(Action(SET_FLOOR, self.model, self.planner.floor, current, "below the policy's floor"))
+        else:
+            action = self.planner.propose(self.selector, current)
+            if action is not None:
+                out.append(action)
+        for ev in events:
+            detail = {"metric": ev.metric, "value": ev.value, "expected": ev.expected, "z": round(ev.z, 2)}
+            if ev.metric in ("latency_p99_ms", "cpu"):
+                raise_to = current + max(1, math.ceil(0.25 * current))
+                if not any(a.kind == SET_FLOOR and (a.target or 0) >= raise_to for a in out):
+                    out = [a for a in out if a.kind != SET_FLOOR]
+                    out.append(Action(SET_FLOOR, self.model, raise_to, current, f"anomaly: {ev.reason}", detail))
+            elif ev.metric == "error_rate" and self._canary_in_flight():
+                out.append(Action(ROLLBACK, self.model, reason=f"anomaly while a canary is out: {ev.reason}",
+                                  detail=detail))
+            out.append(Action(ALERT, self.model, reason=f"anomaly: {ev.reason}", detail=detail))
+        return out
+
+    def _canary_in_flight(self) -> bool:
+        try:
+            return self.actuator.canary_in_flight(self.model)
+        except DriftloopError:
+            return False
+
+    def decide(self, now: float, events: list[AnomalyEvent]) -> list[dict[str, Any]]:
+        """Judge and carry out this round's proposals; returns the log records."""
+        try:
+            current = self.actuator.current_floor(self.model)
+        except DriftloopError as exc:
+            log.warning("cannot read the current floor: %s", exc)
+            return []
+        records = []
+        for action in self.proposals(events, current):
+            decision = self.guard.check(action, now)
+            records.append(self._carry_out(decision))
+        return records
+
+    def _carry_out(self, d: Decision) -> dict[str, Any]:
+        if not d.allowed:
+            return self.log.record(d)
+        try:
+            if d.action.kind == SET_FLOOR:
+                result = self.actuator.set_floor(d.action.model, int(d.applied))
+            elif d.action.kind == ROLLBACK:
+                result = self.actuator.rollback(d.action.model)
+            else:
+                self.alert({"model": d.action.model, "reason": d.action.reason, **d.action.detail})
+                result = "alert raised" if self.settings.agent.alert_url else "alert recorded (no agent.alert_url)"
+        except DriftloopError as exc:
+            return self.log.record(d, result="failed", error=str(exc))
+        return self.log.record(d, result=result)
+
+    def _post_alert(self, doc: dict[str, Any]) -> None:
+        """An Alertmanager-style webhook call to ``agent.alert_url`` (the monitor's), token from the env."""
+        import httpx
+
+        url = self.settings.agent.alert_url
+        if not url:
+            return
+        token = os.environ.get("DRIFTLOOP_WEBHOOK_TOKEN")
+        body = {"version": "4", "status": "firing", "receiver": "driftloop-agent", "alerts": [{
+            "status": "firing", "labels": {"alertname": "DriftloopServingAnomaly", "model": doc["model"],
+                                           "metric": str(doc.get("metric", ""))},
+            "annotations": {"summary": doc["reason"]}}]}
+        try:
+            httpx.post(url, json=body, timeout=5.0,
+                       headers={"authorization": f"Bearer {token}"} if token else {}).raise_for_status()
+        except httpx.HTTPError as exc:
+            raise DriftloopError(f"alert webhook {url} failed: {exc}") from exc
+
+    def round(self, now: float, sample: dict[str, float] | None) -> list[dict[str, Any]]:
+        events = self.observe(now, sample) if sample else []
+        return self.decide(now, events)
+
+    def run(self, sampler: Sampler, stop: threading.Event, *, clock: Callable[[], float] = time.time) -> None:
+        """Decide every ``agent.interval_seconds`` until ``stop`` is set."""
+        a = self.settings.agent
+        sampler.sample(clock())
+        while not stop.wait(a.interval_seconds):
+            now = clock()
+            try:
+                self.round(now, sampler.sample(now))
+            except DriftloopError as exc:
+                log.warning("agent round failed: %s", exc)

@@ -1,0 +1,170 @@
+"""The agent's loop end to end over recorded traffic: observe mode only records, full mode acts
+through the actuator, kill switch and anomalies; the InferenceService actuator sends a
+server-side dry run and then exactly a minReplicas merge patch (checked by what would be sent)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from driftloop.core.config import load_settings
+from driftloop.core.errors import ServingError
+from serving.agent.actions import KServeActuator, floor_patch
+from serving.agent.agent import ServingAgent, agent_paths
+from serving.inference_service import from_dict, to_dict
+
+STEP = 60.0
+DAY = 86400
+
+
+class RecordingActuator:
+    """The actuator interface over an in-memory floor, recording every call."""
+
+    def __init__(self, floor: int = 2, canary: bool = False) -> None:
+        self.floor, self.canary, self.calls = floor, canary, []
+
+    def current_floor(self, model: str) -> int:
+        return self.floor
+
+    def set_floor(self, model: str, replicas: int) -> str:
+        self.calls.append(("set_floor", replicas))
+        self.floor = replicas
+        return f"floor {replicas}"
+
+    def rollback(self, model: str) -> str:
+        self.calls.append(("rollback",))
+        self.canary = False
+        return "rolled back"
+
+    def canary_in_flight(self, model: str) -> bool:
+        return self.canary
+
+    def paused(self, model: str) -> str | None:
+        return None
+
+
+def traffic(days: float, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(days * DAY / STEP)) * STEP
+    h = (t % DAY) / 3600
+    return (20 + 180 / (1 + np.exp(-(h - 8.5) / 0.2)) / (1 + np.exp((h - 18) / 0.5))) * rng.lognormal(0, 0.05, len(t))
+
+
+def settings_for(tmp_path, mode: str, **extra: str):
+    return load_settings(overrides=[f"workspace={tmp_path}", f"agent.mode={mode}", "agent.forecast_engine=numpy",
+                                    "agent.ceiling=30", "agent.floor=2", "agent.max_step=10",
+                                    *[f"{k}={v}" for k, v in extra.items()]], environ={})
+
+
+def with_history(settings, rates: np.ndarray) -> None:
+    path = agent_paths(settings)["samples"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"t": i * STEP, "rps": float(r), "latency_p99_ms": 80.0, "error_rate": 0.001})
+                            + "\n" for i, r in enumerate(rates)))
+
+
+def run_day_part(agent: ServingAgent, rates: np.ndarray, start_step: int, steps: int) -> None:
+    for i in range(start_step, start_step + steps):
+        agent.round(i * STEP, {"rps": float(rates[i]), "latency_p99_ms": 80.0, "error_rate": 0.001})
+
+
+def test_observe_mode_records_every_action_and_runs_none(tmp_path) -> None:
+    rates = traffic(3)
+    s = settings_for(tmp_path, "observe")
+    with_history(s, rates[: 2 * 1440 + 7 * 60])
+    actuator = RecordingActuator()
+    agent = ServingAgent(s, actuator)
+    run_day_part(agent, rates, 2 * 1440 + 7 * 60, 120)  # 07:00-09:00: the morning ramp
+    assert actuator.calls == []
+    records = [json.loads(x) for x in agent_paths(s)["decisions"].read_text().splitlines()]
+    assert records and all(not r["allowed"] and r["reason"].startswith(("observe mode", "mode observe"))
+                           for r in records)
+    assert max(r["applied"] for r in records if r["action"]["kind"] == "set_floor") > 5  # what it would have done
+
+
+def test_full_mode_raises_the_floor_ahead_of_the_ramp_and_the_kill_switch_holds(tmp_path) -> None:
+    rates = traffic(3)
+    s = settings_for(tmp_path, "full")
+    with_history(s, rates[: 2 * 1440 + 7 * 60])
+    actuator = RecordingActuator()
+    agent = ServingAgent(s, actuator)
+    run_day_part(agent, rates, 2 * 1440 + 7 * 60, 80)  # 07:00-08:20
+    ramp_floor = actuator.floor
+    assert ramp_floor * 20 * 0.75 >= rates[2 * 1440 + 8 * 60 + 25]  # 08:25's traffic is covered by 08:20
+    assert all(2 <= c[1] <= 30 for c in actuator.calls)
+    agent_paths(s)["kill_switch"].write_text("")
+    before = len(actuator.calls)
+    run_day_part(agent, rates, 2 * 1440 + 8 * 60 + 20, 60)
+    assert len(actuator.calls) == before
+    last = [json.loads(x) for x in agent_paths(s)["decisions"].read_text().splitlines()][-1]
+    assert not last["allowed"] and last["reason"].startswith("kill switch")
+
+
+def test_an_error_burst_during_a_canary_rolls_it_back_in_full_mode_only(tmp_path) -> None:
+    for mode, rolled in (("scale-up", False), ("full", True)):
+        s = settings_for(tmp_path / mode, mode)
+        actuator = RecordingActuator(canary=True)
+        agent = ServingAgent(s, actuator, alert=lambda doc: None)
+        for i in range(100):
+            agent.round(i * STEP, {"rps": 50.0, "latency_p99_ms": 80.0, "error_rate": 0.001 * (1 + (i % 3))})
+        for i in range(100, 104):
+            agent.round(i * STEP, {"rps": 50.0, "latency_p99_ms": 80.0, "error_rate": 0.2})
+        assert (("rollback",) in actuator.calls) is rolled
+        kinds = {(r["action"]["kind"], r["allowed"]) for r in
+                 (json.loads(x) for x in agent_paths(s)["decisions"].read_text().splitlines())}
+        assert ("alert", True) in kinds
+        assert ("rollback_canary", rolled) in kinds
+
+
+# -- the InferenceService actuator ----------------------------------------------------------------------
+class RecordingKubeApi:
+    def __init__(self) -> None:
+        self.calls = []
+
+    def patch_namespaced_custom_object(self, group, version, namespace, plural, name, body, **kw):  # noqa: ANN001
+        self.calls.append({"group": group, "version": version, "namespace": namespace, "plural": plural,
+                           "name": name, "body": body, **kw})
+        return body
+
+
+class RecordingKServeClient:
+    """Stands in for kserve.KServeClient: returns a stored object, records what would be sent."""
+
+    def __init__(self, obj: dict) -> None:
+        self.obj = obj
+        self.api_instance = RecordingKubeApi()
+        self.patched = []
+
+    def get(self, name, namespace=None):  # noqa: ANN001
+        return self.obj
+
+    def patch(self, name, isvc, namespace=None):  # noqa: ANN001
+        self.patched.append(to_dict(isvc))
+        return self.obj
+
+
+def test_the_inference_service_patch_is_a_dry_run_then_only_min_replicas(tmp_path) -> None:
+    from serving.inference_service import build_inference_service
+
+    s = settings_for(tmp_path, "full")
+    obj = to_dict(build_inference_service(s, model_uri="models:/driftloop-model@champion"))
+    client = RecordingKServeClient(obj)
+    actuator = KServeActuator(s, client=client)
+    assert actuator.current_floor("m") == s.serving.min_replicas
+    actuator.set_floor("m", 3)
+    dry = client.api_instance.calls
+    assert len(dry) == 1 and dry[0]["dry_run"] == "All" and dry[0]["plural"] == "inferenceservices"
+    assert dry[0]["group"] == "serving.kserve.io" and dry[0]["namespace"] == s.serving.namespace
+    assert client.patched == [dry[0]["body"]]
+    body = client.patched[0]
+    assert body["spec"] == {"predictor": {"minReplicas": 3}}
+    parsed = from_dict(body)  # kserve's own model classes read it back
+    assert parsed.spec.predictor.min_replicas == 3
+    with pytest.raises(ServingError, match="maxReplicas"):
+        actuator.set_floor("m", s.serving.max_replicas + 1)
+    assert len(client.patched) == 1
+    obj["metadata"]["annotations"] = {s.agent.kill_switch_annotation: "true"}
+    assert "annotation" in actuator.paused("m")
+    assert to_dict(floor_patch("a", "b", 0))["spec"]["predictor"]["minReplicas"] == 0
