@@ -281,9 +281,17 @@ def _api_client() -> Any:
 
 
 def from_dict(obj: dict[str, Any]) -> Any:
-    """Parse a dict (e.g. what KServeClient.get returns) into ``V1beta1InferenceService``."""
+    """Parse a dict (e.g. what KServeClient.get returns) into ``V1beta1InferenceService``.
+
+    ``status`` is left out: it belongs to the cluster (a replace never sends it), and kserve 0.21's
+    generated status classes name types it does not ship (``KnativeCondition``, ``KnativeURL``), so
+    a live object's status cannot be parsed by them. :func:`serving.kserve_backend.parse_status`
+    reads it instead.
+    """
     import json
 
+    if isinstance(obj, dict):
+        obj = {k: v for k, v in obj.items() if k != "status"}
     try:
         return _api_client().deserialize(_Body(json.dumps(obj)), "V1beta1InferenceService")
     except (ValueError, TypeError, AttributeError) as exc:

@@ -364,3 +364,33 @@ def test_lineage_shows_the_shadow_phase_in_text_and_json(cluster):
     assert doc["shadow"]["verdict"] == "failed"
     assert [c["passed"] for c in doc["shadow"]["checks"] if c["name"] == "shadow_error_rate"] == [False]
     assert build_lineage(s, "churn/1").shadow is None  # v1 had no rollout here
+
+
+def test_deploy_step_puts_the_candidate_out_dark_when_a_shadow_phase_comes_first(tmp_path):
+    from components.deploy import deploy_canary
+    from driftloop.core.registry import CHAMPION, Registry
+
+    s = settings_at(tmp_path, **{"rollout.shadow_percent": 10})
+    reg = Registry.from_settings(s)
+    reg.client.create_registered_model("churn")
+    for v in ("m1", "m2"):
+        reg.client.create_model_version("churn", source=str(tmp_path / v))
+    reg.set_alias("churn", CHAMPION, "1")
+    client = RecordingKServeClient(production(settings_at(tmp_path)))
+    client.stored["churn"]["spec"]["predictor"].pop("canaryTrafficPercent")  # only the champion is served
+    result = deploy_canary(s, version="2", home="kserve", registry=reg,
+                           backend=KServeBackend(s, client=client, custom_api=RecordingCustomObjects()))
+    assert result.percent == 0 and "at 0%" in result.message
+    (op, name, body, _), = client.changes()
+    assert (op, name) == ("replace", "churn") and body["spec"]["predictor"]["canaryTrafficPercent"] == 0
+    assert "models:/churn/2" in body["spec"]["predictor"]["containers"][0]["args"]
+    assert RolloutController(s, None).state().canary_version == "2"  # the controller starts with the shadow
+
+
+def test_a_live_object_with_status_conditions_parses(tmp_path):
+    """What a cluster returns carries status.conditions; kserve 0.21's status classes cannot parse them."""
+    body = production(settings_at(tmp_path))
+    assert body["status"]["conditions"]
+    isvc = isvcs.from_dict(body)
+    assert isvc.metadata.name == "churn" and isvc.spec.predictor.canary_traffic_percent == 0
+    assert isvc.status is None  # read by parse_status, never sent back
