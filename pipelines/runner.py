@@ -21,19 +21,28 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import subprocess
+import sys
 import tempfile
+import time
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from components._runtime import ERROR_FILE_ENV
 from driftloop.core.config import Settings
 from driftloop.core.errors import PipelineRunError, RegistryError
-from driftloop.core.processes import spawn
+from driftloop.core.processes import spawn, stop_process
 from driftloop.core.runs import PipelineRunner, RunRequest, RunResult
+from pipelines.task_server import TASK_SERVER_MODULE, parse_task_command, read_status, send_task
+
+TASK_SERVER_ENV = "DRIFTLOOP_TASK_SERVER"
 
 __all__ = ["RunRequest", "RunResult", "PipelineRunner", "LocalRunner", "KfpRunner", "runner_for", "summarize_run",
-           "check_request", "check_trigger", "check_window"]
+           "check_request", "check_trigger", "check_window", "TaskEvent", "task_detail", "task_server_enabled"]
 
 
 def check_trigger(trigger: str) -> None:
@@ -73,19 +82,203 @@ def check_request(request: RunRequest) -> None:
     check_window(request.window_start, request.window_end)
 
 
+@dataclass
+class TaskEvent:
+    """One task of a run changing state: what the progress view shows as one line."""
+
+    task: str
+    state: str  # running | succeeded | failed | skipped
+    seconds: float = 0.0
+    detail: str = ""
+
+
+ProgressFn = Callable[[TaskEvent], None]
+
+# kfp component function -> the step name a person reads
+_STEP_NAMES = {"ingest_op": "ingest", "validate_op": "validate", "train_op": "train", "train_distributed_op": "train",
+               "evaluate_op": "evaluate", "register_op": "register", "reject_op": "record rejection",
+               "deploy_op": "deploy", "score_plan_op": "plan", "score_chunk_op": "score chunk",
+               "score_write_op": "write", "score_drift_op": "batch drift"}
+
+
+def _task_of(cmd: list[str]) -> tuple[str, str] | None:
+    """(function name, executor output file) of a kfp.local task command, from its executor arguments."""
+    try:
+        func = cmd[cmd.index("--function_to_execute") + 1]
+        executor_input = json.loads(cmd[cmd.index("--executor_input") + 1])
+        return func, executor_input.get("outputs", {}).get("outputFile", "")
+    except (ValueError, IndexError, TypeError, AttributeError):
+        return None
+
+
+def task_detail(func: str, output: dict[str, Any]) -> str:
+    """The key output of a finished step, from its executor output (parameters and artifact metadata)."""
+    params = output.get("parameterValues") or {}
+    meta: dict[str, Any] = {}
+    for art in (output.get("artifacts") or {}).values():
+        for a in art.get("artifacts") or []:
+            meta.update(a.get("metadata") or {})
+    if func == "ingest_op":
+        return f"{params.get('rows', '?')} rows" + (f", window {params['window']}" if params.get("window") else "")
+    if func == "validate_op":
+        return f"{len(meta.get('numeric', []))} numeric, {len(meta.get('categorical', []))} categorical columns"
+    if func in ("train_op", "train_distributed_op"):
+        return f"on {params.get('device', '?')}"
+    if func == "evaluate_op":
+        verdict = "PASS" if params.get("passed") else "REJECT"
+        return f"gate {verdict}: {params.get('reason', '')}"
+    if func == "register_op":
+        return f"version {params.get('version', '?')}" + (f" ({params['aliases']})" if params.get("aliases") else "")
+    if func == "reject_op":
+        return f"MLflow run {params.get('Output', '')}"
+    if func == "deploy_op":
+        return f"{params.get('action', '')}: {params.get('message', '')}".strip(": ")
+    return ""
+
+
+class _Watched:
+    """A task process as kfp.local uses it (``with``, ``stdout``, ``wait``), reporting start and end."""
+
+    def __init__(self, proc: Any, func: str, output_file: str, progress: ProgressFn) -> None:
+        self._proc, self._func, self._output_file, self._progress = proc, func, output_file, progress
+        self._start = time.monotonic()
+        self._reported = False
+        progress(TaskEvent(_STEP_NAMES.get(func, func), "running"))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._proc, name)
+
+    def __enter__(self) -> "_Watched":
+        self._proc.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._proc.__exit__(*exc)
+        self._report(self._proc.returncode if self._proc.returncode is not None else 1)
+
+    def wait(self, timeout: float | None = None) -> int:
+        code = self._proc.wait(timeout) if timeout is not None else self._proc.wait()
+        self._report(code)
+        return code
+
+    def _report(self, code: int) -> None:
+        if self._reported:
+            return
+        self._reported = True
+        seconds = time.monotonic() - self._start
+        name = _STEP_NAMES.get(self._func, self._func)
+        if code != 0:
+            detail = _read_error(os.environ.get(ERROR_FILE_ENV, "")) or {}
+            self._progress(TaskEvent(name, "failed", seconds, detail.get("message", f"exit status {code}")))
+            return
+        try:
+            detail = task_detail(self._func, json.loads(Path(self._output_file).read_text()))
+        except (OSError, ValueError, TypeError, AttributeError):
+            detail = ""
+        self._progress(TaskEvent(name, "succeeded", seconds, detail))
+
+
+class _ForkedTask:
+    """A task forked by the task server, with the part of ``subprocess.Popen`` that kfp.local uses."""
+
+    def __init__(self, conn: Any, stdout: Any) -> None:
+        self._conn, self.stdout, self.returncode, self.pid = conn, stdout, None, None
+        self.args: list[str] = []
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None:
+            self.returncode = read_status(self._conn)
+        return self.returncode
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+    def __enter__(self) -> "_ForkedTask":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.stdout is not None:
+            self.stdout.close()
+        self.wait()
+
+
+class _TaskServer:
+    """The run's fork-server (:mod:`pipelines.task_server`): started once, forks every task."""
+
+    def __init__(self, log_file: Any) -> None:
+        self._dir = tempfile.mkdtemp(prefix="driftloop-tasks-")  # 0700: only this user can connect
+        self.socket_path = os.path.join(self._dir, "tasks.sock")
+        self.proc = spawn([sys.executable, "-m", TASK_SERVER_MODULE, "--socket", self.socket_path], kill_group=True,
+                          stdout=log_file, stderr=log_file)
+        self.usable = True
+
+    def ready(self, timeout: float = 300.0) -> bool:
+        """True once the server listens (its socket appears); False if it died (tasks then start on their own)."""
+        deadline = time.monotonic() + timeout
+        while self.usable and not os.path.exists(self.socket_path):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                log.warning("the task server did not start; each task starts a process of its own")
+                self.usable = False
+            else:
+                time.sleep(0.02)
+        return self.usable
+
+    def start(self, cmd: list[str], env: dict[str, str] | None, cwd: str | None) -> _ForkedTask:
+        read_fd, write_fd = os.pipe()
+        try:
+            conn = send_task(self.socket_path, cmd, dict(os.environ) if env is None else dict(env), cwd or os.getcwd(),
+                             write_fd)
+        except OSError:
+            os.close(read_fd)
+            raise
+        finally:
+            os.close(write_fd)
+        return _ForkedTask(conn, open(read_fd, "r", buffering=1))  # noqa: SIM115 (closed by __exit__)
+
+    def close(self) -> None:
+        stop_process(self.proc.pid, timeout=5.0)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(5.0)
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+
+@dataclass
+class _Active:
+    server: _TaskServer | None = None
+    progress: ProgressFn | None = None
+
+
+_active = _Active()
+
+
 class _TaskSubprocess:
     """What kfp.local's task handler sees as ``subprocess``: its ``Popen`` goes through ``spawn``.
 
     A task is ``sh -c '... python -m kfp.dsl.executor_main ...'``; with ``kill_group`` the shell
-    and the Python under it end together with the process running the pipeline.
+    and the Python under it end together with the process running the pipeline. While a run has
+    a task server, a lightweight task is forked by it instead (same executor, same outputs).
     """
 
     def __getattr__(self, name: str) -> Any:
         return getattr(subprocess, name)
 
     @staticmethod
-    def Popen(cmd: Any, **kwargs: Any) -> subprocess.Popen:  # noqa: N802 (subprocess's name)
-        return spawn(cmd, kill_group=True, **kwargs)
+    def Popen(cmd: Any, **kwargs: Any) -> Any:  # noqa: N802 (subprocess's name)
+        server, progress = _active.server, _active.progress
+        proc: Any = None
+        if (server is not None and parse_task_command(list(cmd)) is not None
+                and kwargs.get("stdout") == subprocess.PIPE and kwargs.get("stderr") == subprocess.STDOUT
+                and kwargs.get("text") and set(kwargs) <= {"stdout", "stderr", "text", "bufsize", "env", "cwd"}
+                and server.ready()):
+            try:
+                proc = server.start(list(cmd), kwargs.get("env"), kwargs.get("cwd"))
+            except OSError as exc:
+                log.warning("task server unreachable (%s); the task starts a process of its own", exc)
+                server.usable = False
+        if proc is None:
+            proc = spawn(cmd, kill_group=True, **kwargs)
+        task = _task_of(list(cmd)) if progress is not None else None
+        return _Watched(proc, task[0], task[1], progress) if task and progress else proc
 
 
 def _tasks_through_spawn() -> None:
@@ -93,6 +286,26 @@ def _tasks_through_spawn() -> None:
 
     if not isinstance(subprocess_task_handler.subprocess, _TaskSubprocess):
         subprocess_task_handler.subprocess = _TaskSubprocess()
+
+
+@contextlib.contextmanager
+def _tasks_for_run(log_file: Any, progress: ProgressFn | None, *, fork: bool):
+    """While the pipeline runs: the task server (``fork``) and where task start/end events go."""
+    server = _TaskServer(log_file) if fork else None
+    previous = (_active.server, _active.progress)
+    _active.server, _active.progress = server, progress
+    try:
+        yield
+    finally:
+        _active.server, _active.progress = previous
+        if server is not None:
+            server.close()
+
+
+def task_server_enabled() -> bool:
+    """``DRIFTLOOP_TASK_SERVER=0`` starts every task as a fresh interpreter (kfp.local's own way)."""
+    return os.environ.get(TASK_SERVER_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
 
 log = logging.getLogger(__name__)
 
@@ -142,13 +355,22 @@ class LocalRunner:
         """Where kfp.local's output of this run goes."""
         return self.pipeline_root / "logs" / f"{request.request_id}.log"
 
-    def run_training(self, request: RunRequest, *, wait: bool = True) -> RunResult:
+    def run_training(self, request: RunRequest, *, wait: bool = True, progress: ProgressFn | None = None,
+                     echo: Any = None) -> RunResult:
+        """Run the pipeline; ``progress`` gets each task's start and end, ``echo`` a copy of the task output."""
+        check_request(request)
+        log_path = self.log_path(request)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "a") as server_log, _tasks_for_run(server_log, progress, fork=task_server_enabled()):
+            # the task server imports the step libraries while this process prepares the run
+            return self._run(request, log_path, echo)
+
+    def _run(self, request: RunRequest, log_path: Path, echo: Any) -> RunResult:
         import kfp.local
 
         from driftloop.core.registry import Registry
         from pipelines.training import build_training_pipeline, pipeline_arguments
 
-        check_request(request)
         registry = Registry.from_settings(self.settings)
         try:
             registry.experiment_id()  # creates the experiment with the workspace's artifact folder
@@ -160,8 +382,6 @@ class LocalRunner:
         kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(self.pipeline_root),
                        raise_on_error=True)
         _tasks_through_spawn()
-        log_path = self.log_path(request)
-        log_path.parent.mkdir(parents=True, exist_ok=True)
         pipeline = build_training_pipeline(self.settings)
         # Display names, resources and accelerators matter on Kubeflow; kfp.local says so once per task.
         warnings.filterwarnings("ignore", message=".*have no effect in the current local runner")
@@ -169,7 +389,7 @@ class LocalRunner:
         warnings.filterwarnings("ignore", message=".*custom or non-Python base image", category=RuntimeWarning)
         with _error_file() as err_path:
             try:
-                with _output_to(log_path):
+                with _output_to(log_path, echo):
                     pipeline(**args)
             except RuntimeError as exc:
                 detail = _read_error(err_path)
@@ -182,8 +402,6 @@ class LocalRunner:
 
 @contextlib.contextmanager
 def _error_file():
-    from components._runtime import ERROR_FILE_ENV
-
     fd, path = tempfile.mkstemp(prefix="driftloop-error-", suffix=".json")
     os.close(fd)
     old = os.environ.get(ERROR_FILE_ENV)
@@ -199,21 +417,43 @@ def _error_file():
             os.unlink(path)
 
 
+class _Tee:
+    """A text stream writing to a file and echoing to another stream (``-v``: the log and the terminal)."""
+
+    def __init__(self, *streams: Any) -> None:
+        self._streams = streams
+
+    def write(self, text: str) -> int:
+        for stream in self._streams:
+            stream.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        for stream in self._streams:
+            stream.flush()
+
+
 @contextlib.contextmanager
-def _output_to(path: Path):
-    """Everything kfp.local prints or logs (root logger) while the pipeline runs goes to ``path``."""
+def _output_to(path: Path, echo: Any = None):
+    """Everything kfp.local prints or logs (root logger) while the pipeline runs goes to ``path`` (and ``echo``)."""
     root = logging.getLogger()
-    with open(path, "a") as out, contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-        handlers, level = root.handlers[:], root.level
-        handler = logging.StreamHandler(out)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
-        root.handlers[:] = [handler]
-        root.setLevel(logging.INFO)
-        try:
-            yield
-        finally:
-            root.handlers[:] = handlers
-            root.setLevel(level)
+    with open(path, "a", buffering=1) as fh:
+        out: Any = _Tee(fh, echo) if echo is not None else fh
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            yield from _root_logging_to(root, out)
+
+
+def _root_logging_to(root: logging.Logger, out: Any):
+    handlers, level = root.handlers[:], root.level
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -1,0 +1,231 @@
+"""A fork-server for kfp.local's tasks: import the step libraries once per run, fork each task.
+
+kfp.local (SubprocessRunner) starts every task as ``sh -ec '<script>' <component source> <args>``
+where the script writes the component's source to ``$(mktemp -d)/ephemeral_component.py`` and runs
+``_KFP_RUNTIME=true python -m kfp.dsl.executor_main --component_module_path <that file> <args>``.
+A fresh interpreter then imports kfp, pandas, scikit-learn and MLflow again — seconds per task.
+
+This server is started once per pipeline run (``python -m pipelines.task_server --socket PATH``,
+through :func:`driftloop.core.processes.spawn` with ``kill_group``, so it and every task it forks
+die with the process running the pipeline). It imports those libraries — with ``_KFP_RUNTIME=true``,
+as a task sees kfp — and opens nothing: no MLflow or SQLite connection, no thread, so a fork
+shares none. For each task the runner connects, sends the command, environment and working
+directory with the write end of the task's output pipe (``SCM_RIGHTS``); the server forks a child
+that does exactly what the script does — writes the source to a fresh temporary directory, sets
+argv, environment and cwd, points fds 1 and 2 at the pipe — and runs ``kfp.dsl.executor_main``
+as ``__main__`` (KFP's own executor, the code a pod runs). The server answers with the child's
+exit status as a shell reports it.
+
+Only the exact shape kfp.local's lightweight components produce is accepted
+(:func:`parse_task_command`); the runner starts anything else as a process of its own.
+"""
+
+from __future__ import annotations
+
+import array
+import atexit
+import contextlib
+import importlib
+import json
+import os
+import signal
+import socket
+import struct
+import sys
+import traceback
+from typing import Any
+
+__all__ = ["TASK_SERVER_MODULE", "PRELOAD", "parse_task_command", "send_task", "serve"]
+
+TASK_SERVER_MODULE = "pipelines.task_server"
+
+# What the steps import (kfp's executor first, as a task sees it): imported once, before any fork.
+PRELOAD = (
+    "kfp.dsl.executor_main",
+    "pandas", "pyarrow.parquet", "numpy", "joblib",
+    "sklearn.pipeline", "sklearn.compose", "sklearn.preprocessing", "sklearn.impute", "sklearn.ensemble",
+    "sklearn.linear_model", "sklearn.metrics", "sklearn.model_selection",
+    "mlflow", "mlflow.sklearn", "mlflow.models", "mlflow.tracking",
+    "components._runtime", "components.ingest", "components.validate", "components.train", "components.evaluate",
+    "components.register", "driftloop.core.registry", "driftloop.core.config",
+)
+
+_SCRIPT_HEAD = 'program_path=$(mktemp -d)\n\nprintf "%s" "$0" > "$program_path/ephemeral_component.py"\n_KFP_RUNTIME=true '
+_SCRIPT_TAIL = ' -m kfp.dsl.executor_main'
+_MODULE_ARG = '--component_module_path'
+_HEADER = struct.Struct("!I")
+
+
+def parse_task_command(cmd: list[str]) -> tuple[str, list[str]] | None:
+    """``(component source, executor args)`` of a kfp.local lightweight task, or None for any other command.
+
+    The script must be kfp's own (only the Python executable differs, and it must be this one).
+    """
+    if len(cmd) < 4 or cmd[0] != "sh" or cmd[1] != "-ec":
+        return None
+    script = cmd[2]
+    if not script.startswith(_SCRIPT_HEAD):
+        return None
+    rest = script[len(_SCRIPT_HEAD):]
+    python, sep, tail = rest.partition(_SCRIPT_TAIL)
+    if not sep or python not in (sys.executable, "python3"):
+        return None
+    if tail.split() != [_MODULE_ARG, '"$program_path/ephemeral_component.py"', '"$@"']:
+        return None
+    return cmd[3], list(cmd[4:])
+
+
+# -- the runner's side ----------------------------------------------------------------------------
+def send_task(sock_path: str, cmd: list[str], env: dict[str, str], cwd: str, out_fd: int) -> socket.socket:
+    """Ask the server at ``sock_path`` to run ``cmd``; returns the connection that will carry its exit status."""
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    conn.connect(sock_path)
+    body = json.dumps({"cmd": cmd, "env": env, "cwd": cwd}).encode()
+    fds = array.array("i", [out_fd])
+    conn.sendmsg([_HEADER.pack(len(body))], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+    conn.sendall(body)
+    return conn
+
+
+def read_status(conn: socket.socket) -> int:
+    """The task's exit status (blocks until it ends); 1 with a broken connection (the server died)."""
+    data = b""
+    with contextlib.suppress(OSError):
+        while len(data) < 4:
+            chunk = conn.recv(4 - len(data))
+            if not chunk:
+                break
+            data += chunk
+    conn.close()
+    return struct.unpack("!i", data)[0] if len(data) == 4 else 1
+
+
+# -- the server's side ----------------------------------------------------------------------------
+def _receive(conn: socket.socket) -> tuple[dict[str, Any], int]:
+    fds = array.array("i")
+    msg, ancdata, _flags, _addr = conn.recvmsg(_HEADER.size, socket.CMSG_LEN(fds.itemsize))
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[: len(data) - (len(data) % fds.itemsize)])
+    if len(msg) != _HEADER.size or len(fds) != 1:
+        for fd in fds:
+            os.close(fd)
+        raise ValueError("a task request carries a length and one file descriptor")
+    (size,) = _HEADER.unpack(msg)
+    body = b""
+    while len(body) < size:
+        chunk = conn.recv(size - len(body))
+        if not chunk:
+            raise ValueError("the task request ended early")
+        body += chunk
+    return json.loads(body), fds[0]
+
+
+def _run_task(request: dict[str, Any], out_fd: int, die_with_server: Any) -> int:
+    """In the forked child: what kfp's ``sh -ec`` script and ``python -m kfp.dsl.executor_main`` do."""
+    import runpy
+    import tempfile
+
+    die_with_server()  # the server's end is the task's end
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD, signal.SIGPIPE):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    os.dup2(out_fd, 1)
+    os.dup2(out_fd, 2)
+    os.close(out_fd)
+    sys.stdout = sys.__stdout__ = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
+    sys.stderr = sys.__stderr__ = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+    parsed = parse_task_command(request["cmd"])
+    assert parsed is not None  # checked before the fork
+    source, args = parsed
+    os.environ.clear()
+    os.environ.update(request["env"])
+    os.environ["_KFP_RUNTIME"] = "true"
+    os.chdir(request["cwd"])
+    program_path = tempfile.mkdtemp()
+    module_path = os.path.join(program_path, "ephemeral_component.py")
+    with open(module_path, "w") as fh:
+        fh.write(source)
+    sys.argv = [sys.executable, _MODULE_ARG, module_path, *args]
+    sys.path[0] = request["cwd"]  # ``python -m`` puts the working directory first
+    code = 0
+    try:
+        runpy.run_module("kfp.dsl.executor_main", run_name="__main__", alter_sys=True)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if exc.code is not None and not isinstance(exc.code, int):
+            print(exc.code, file=sys.stderr)
+    except KeyboardInterrupt:
+        traceback.print_exc()
+        code = 130
+    except BaseException:  # noqa: BLE001 (an interpreter prints the traceback and exits 1)
+        traceback.print_exc()
+        code = 1
+    with contextlib.suppress(BaseException):
+        atexit._run_exitfuncs()  # what a fresh interpreter would run on exit
+    with contextlib.suppress(BaseException):
+        sys.stdout.flush()
+        sys.stderr.flush()
+    return code
+
+
+def _status(wait_status: int) -> int:
+    if os.WIFSIGNALED(wait_status):
+        return 128 + os.WTERMSIG(wait_status)
+    return os.WEXITSTATUS(wait_status)
+
+
+def serve(sock_path: str) -> None:
+    """Preload, listen on ``sock_path``, then fork one child per request, one request at a time."""
+    from driftloop.core.processes import die_with_parent
+
+    os.environ["_KFP_RUNTIME"] = "true"
+    for name in PRELOAD:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:  # an optional library; the task imports it itself if it needs it
+            print(f"task server: not preloaded: {name}: {exc}", file=sys.stderr, flush=True)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(sock_path + ".tmp")
+    os.rename(sock_path + ".tmp", sock_path)  # the path appears when the server is ready
+    listener.listen(16)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    while True:
+        conn, _ = listener.accept()
+        with conn:
+            try:
+                request, out_fd = _receive(conn)
+                if parse_task_command(request["cmd"]) is None:
+                    os.close(out_fd)
+                    raise ValueError("not a kfp.local lightweight task")
+            except (ValueError, KeyError, OSError) as exc:
+                print(f"task server: refused a request: {exc}", file=sys.stderr, flush=True)
+                with contextlib.suppress(OSError):
+                    conn.sendall(struct.pack("!i", 127))
+                continue
+            die_with_server = die_with_parent(signal.SIGKILL)  # made here: it checks for this pid
+            pid = os.fork()
+            if pid == 0:
+                listener.close()
+                conn.close()
+                code = 1
+                try:
+                    code = _run_task(request, out_fd, die_with_server)
+                finally:
+                    os._exit(code)
+            os.close(out_fd)
+            _, wait_status = os.waitpid(pid, 0)
+            with contextlib.suppress(OSError):
+                conn.sendall(struct.pack("!i", _status(wait_status)))
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(prog=f"python -m {TASK_SERVER_MODULE}")
+    p.add_argument("--socket", required=True)
+    serve(p.parse_args(argv).socket)
+
+
+if __name__ == "__main__":
+    main()
