@@ -99,12 +99,16 @@ def _initial_state(y: np.ndarray, m: int | None) -> tuple[float, float, np.ndarr
     return level, trend, season.copy()
 
 
+_STATSMODELS_MAX_SEASON = 2016  # steps: a day of minutes, a week of 5-minute steps
 _GRID = [(a, b, g) for a in (0.1, 0.3, 0.6) for b in (0.0, 0.02) for g in (0.05, 0.2, 0.5)]
 
 
-def _grid_fit(y: np.ndarray, m: int | None, phi: float) -> tuple[float, float, float]:
-    """Smoothing parameters with the least one-step squared error, all candidates at once (numpy)."""
-    params = np.array(_GRID if m else [(a, b, 0.0) for a, b, _ in _GRID[::3]])
+def _grid_fit(y: np.ndarray, m: int | None, phi: float,
+              extra: list[tuple[float, float, float]] = ()) -> tuple[tuple[float, float, float], int]:
+    """Smoothing parameters with the least one-step squared error among the grid and ``extra``
+    (run all at once in numpy); returns them and their index (``>= len(grid)``: one of ``extra``)."""
+    grid = _GRID if m else [(a, b, 0.0) for a, b, _ in _GRID[::3]]
+    params = np.array([*grid, *extra])
     alpha, beta, gamma = params[:, 0], params[:, 1], params[:, 2]
     k = len(params)
     level0, trend0, season0 = _initial_state(y, m)
@@ -126,7 +130,7 @@ def _grid_fit(y: np.ndarray, m: int | None, phi: float) -> tuple[float, float, f
         if m:
             season[:, i] = gamma * (y[t] - level) + (1 - gamma) * s
     best = int(np.argmin(sse))
-    return float(alpha[best]), float(beta[best]), float(gamma[best])
+    return (float(alpha[best]), float(beta[best]), float(gamma[best])), best - len(grid)
 
 
 def _statsmodels_fit(y: np.ndarray, m: int | None, phi: float) -> tuple[float, float, float]:
@@ -144,7 +148,8 @@ def fit_holt_winters(history: Sequence[float], m: int | None, *, engine: str = "
                      max_seasons: int = 4) -> HoltWinters:
     """A Holt-Winters model fitted on ``history`` (its last ``max_seasons`` seasons) and run over all of it.
 
-    ``engine``: ``statsmodels`` (needs the ``agent`` extra), ``numpy`` (grid search) or ``auto``.
+    ``engine``: ``statsmodels`` (needs the ``agent`` extra), ``numpy`` (grid search) or ``auto``
+    (statsmodels' optimum competes with the grid when installed and the season is at most 2016 steps).
     """
     y = np.asarray(history, dtype=float)
     need = 2 * m if m else 3
@@ -155,20 +160,25 @@ def fit_holt_winters(history: Sequence[float], m: int | None, *, engine: str = "
     use_sm = engine == "statsmodels" or (engine == "auto" and statsmodels_available())
     if engine == "statsmodels" and not statsmodels_available():
         raise ValueError("engine 'statsmodels' needs the agent extra: pip install 'driftloop[agent]'")
-    alpha = beta = gamma = None
+    extra: list[tuple[float, float, float]] = []
+    if engine == "auto" and m and m > _STATSMODELS_MAX_SEASON:
+        use_sm = False  # its optimiser takes a minute on a week of minutes; the grid takes a second
     if use_sm and len(tail) >= need:
         try:
-            alpha, beta, gamma = _statsmodels_fit(tail, m, phi)
+            extra.append(_statsmodels_fit(tail, m, phi))
         except Exception as exc:  # an optimiser failure is not fatal: the grid still fits
             log.info("statsmodels fit failed (%s); using the numpy grid", exc)
-    if alpha is None:
-        alpha, beta, gamma = _grid_fit(tail, m, phi)
+    # statsmodels' optimum competes with the grid on the same one-step error (its optimiser can
+    # stop in a poor local optimum on long seasons); ``engine`` says which one won.
+    (alpha, beta, gamma), won = _grid_fit(tail, m, phi, extra)
+    if engine == "statsmodels" and extra:
+        (alpha, beta, gamma), won = extra[0], 0
     # Run the fitted model over the whole history so its state (level, trend, season) is current:
     # the first season (from a season boundary) initialises it, every later value updates it.
     start = len(y) % m if m else 0
     level, trend, season = _initial_state(y[start:], m)
     model = HoltWinters(m, alpha, beta, gamma, phi, level, trend, season, t=m or 1)
-    model.engine = "statsmodels" if use_sm else "numpy"  # type: ignore[attr-defined]
+    model.engine = "statsmodels" if won >= 0 else "numpy"  # type: ignore[attr-defined]
     for value in y[start + (m or 1):]:
         model.update(value)
     return model

@@ -1,0 +1,251 @@
+"""CLI verbs of the serving agent: ``driftloop agent run | simulate | recommend | decisions | patch``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from driftloop.core.console import ConfigOpt, ParamOpt, console, settings_from
+from driftloop.core.errors import DriftloopError
+
+__all__ = ["register", "agent_app"]
+
+log = logging.getLogger(__name__)
+
+agent_app = typer.Typer(help="The serving agent: predictive replica floors, anomaly actions, right-sizing, "
+                             "inside the policy's guardrails.", no_args_is_help=True)
+
+ModeOpt = Annotated[Optional[str], typer.Option("--mode", help="observe | scale-up | full (default agent.mode).")]
+
+
+def _check_mode(mode: str | None) -> None:
+    from serving.agent.policy import MODES
+
+    if mode is not None and mode not in MODES:
+        raise DriftloopError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
+
+
+@agent_app.command("run")
+def run_cmd(
+    config: ConfigOpt = None,
+    params: ParamOpt = None,
+    mode: ModeOpt = None,
+    cluster: Annotated[bool, typer.Option("--cluster/--local", help="Act on the InferenceService (cluster) or on "
+                                          "the local model servers (default: cluster when kfp.host is set).")] = None,
+    rounds: Annotated[Optional[int], typer.Option("--rounds", min=1, help="Stop after this many decisions "
+                                                  "rounds (default: run until stopped).")] = None,
+) -> None:
+    """Run the agent: every interval it samples traffic, forecasts, detects anomalies and acts as the policy allows."""
+    from serving.agent.actions import KServeActuator, LocalActuator
+    from serving.agent.agent import GatewaySampler, ServingAgent, agent_paths
+    from serving.local_backend import LocalBackend
+
+    _check_mode(mode)
+    settings = settings_from(config, params)
+    on_cluster = settings.is_cluster if cluster is None else cluster
+    paths = agent_paths(settings)
+    if on_cluster:
+        actuator = KServeActuator(settings)
+        sampler_url = settings.agent.gateway_url
+        where = f"InferenceService {settings.serving.namespace}/{settings.serving.name} (minReplicas)"
+    else:
+        backend = LocalBackend(settings)
+        actuator = LocalActuator(backend, paths["kill_switch"])
+        sampler_url = settings.agent.gateway_url or (lambda: backend.gateway_url)  # type: ignore[assignment]
+        where = "the local model servers behind the gateway (replicas)"
+    if on_cluster and not sampler_url:
+        raise DriftloopError("agent.gateway_url is not set: the agent needs a traffic source (the gateway's "
+                             "/admin/stats) on a cluster")
+    agent = ServingAgent(settings, actuator, mode=mode)
+    console.print(f"[bold]driftloop agent[/] in [bold]{agent.policy.mode}[/] mode on {where}; every "
+                  f"{settings.agent.interval_seconds:g} s; decisions -> {paths['decisions']}; kill switch: "
+                  f"{paths['kill_switch']}" + (f" or annotation {settings.agent.kill_switch_annotation}=true"
+                                              if on_cluster else ""))
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    sampler = GatewaySampler(sampler_url)
+    if rounds is None:
+        agent.run(sampler, stop)
+        return
+    import time
+
+    sampler.sample(time.time())
+    for _ in range(rounds):
+        if stop.wait(settings.agent.interval_seconds):
+            break
+        for rec in agent.round(time.time(), sampler.sample(time.time())):
+            console.print(f"{'[green]ran[/]' if rec['allowed'] else '[yellow]refused[/]'} "
+                          f"{rec['action']['kind']}: {rec['reason']}")
+
+
+@agent_app.command("simulate")
+def simulate_cmd(
+    trace: Annotated[Optional[Path], typer.Option("--trace", help="csv/parquet: timestamp + requests (or rate), "
+                                                  "or one row per request (an inference-log export).")] = None,
+    synthetic: Annotated[Optional[str], typer.Option("--synthetic", help="daily | weekly | growth | bursts")] = None,
+    baseline: Annotated[str, typer.Option("--baseline", help="Comma-separated: hpa, kpa, static.")] = "hpa,kpa,static",
+    cold_start: Annotated[float, typer.Option("--cold-start", min=0.0, help="Seconds until a new replica serves.")] = 60.0,
+    capacity: Annotated[Optional[float], typer.Option("--capacity", min=0.001, help="Requests/s per replica "
+                                                      "(default agent.capacity_rps).")] = None,
+    slo_ms: Annotated[Optional[float], typer.Option("--slo-ms", min=1.0, help="p99 SLO (default agent.slo_p99_ms).")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of a synthetic trace.")] = 1,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON (for scripts).")] = False,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a PNG of traffic, the forecast band and "
+                                                 "replicas (needs matplotlib).")] = None,
+    config: ConfigOpt = None,
+    params: ParamOpt = None,
+) -> None:
+    """Replay a traffic trace under the agent and under HPA, KPA and a static floor; print the figures."""
+    from serving.agent.simulate import BASELINES, SYNTHETIC, ServiceModel, compare, load_trace
+    from serving.agent.simulate import plot as plot_results
+    from serving.agent.simulate import synthetic as make_synthetic
+
+    if (trace is None) == (synthetic is None):
+        raise DriftloopError("give exactly one of --trace FILE or --synthetic daily|weekly|growth|bursts")
+    if synthetic is not None and synthetic not in SYNTHETIC:
+        raise DriftloopError(f"--synthetic must be one of {', '.join(SYNTHETIC)}, got {synthetic!r}")
+    baselines = [b.strip() for b in baseline.split(",") if b.strip()]
+    unknown = [b for b in baselines if b not in BASELINES]
+    if unknown:
+        raise DriftloopError(f"unknown baseline(s) {', '.join(unknown)} (use {', '.join(BASELINES)})")
+    settings = settings_from(config, params)
+    a = settings.agent
+    try:
+        tr = load_trace(trace, step=a.interval_seconds) if trace else make_synthetic(synthetic, seed=seed)
+    except ValueError as exc:
+        raise DriftloopError(str(exc)) from exc
+    if tr.warmup_steps < 3:
+        raise DriftloopError(f"trace {tr.name} is too short: the agent needs history before the evaluated span")
+    model = ServiceModel(capacity_rps=capacity or a.capacity_rps, cold_start=cold_start,
+                         slo_p99=(slo_ms or a.slo_p99_ms) / 1000.0, max_replicas=max(200, a.ceiling))
+    results = compare(tr, ["agent", *baselines], model, interval=a.interval_seconds,
+                      lead=max(a.lead_seconds, cold_start), target_utilisation=a.target_utilisation,
+                      level=a.interval_level, engine=a.forecast_engine, plan=a.plan_seconds,
+                      down_hysteresis=a.down_hysteresis, keep_series=plot is not None)
+    rows = [r.row() for r in results.values()]
+    plot_note = None
+    if plot is not None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            plot_note = "matplotlib is not installed: no plot (pip install matplotlib)"
+        else:
+            plot_note = f"plot -> {plot_results(results, plot, title=f'{tr.name}: cold start {cold_start:g} s')}"
+    if as_json:
+        console.print_json(json.dumps({"trace": tr.name, "cold_start_s": cold_start, "results": rows,
+                                       **({"plot": plot_note} if plot_note else {})}))
+        return
+    table = Table(title=f"{tr.name}: {rows[0]['minutes']} minutes evaluated, cold start {cold_start:g} s, "
+                        f"{model.capacity_rps:g} req/s per replica, p99 SLO {model.slo_p99 * 1000:g} ms")
+    for col in ("policy", "SLO-violation min", "replica-seconds", "scale changes", "MASE", "90 % coverage"):
+        table.add_column(col, justify="left" if col == "policy" else "right")
+    for r in rows:
+        table.add_row(r["policy"], str(r["slo_violation_minutes"]), f"{r['replica_seconds']:,}", str(r["scale_changes"]),
+                      "-" if r["mase"] is None else f"{r['mase']:.2f}",
+                      "-" if r["interval_coverage"] is None else f"{r['interval_coverage']:.1%}")
+    console.print(table)
+    if plot_note:
+        console.print(plot_note)
+
+
+@agent_app.command("recommend")
+def recommend_cmd(
+    usage: Annotated[Path, typer.Option("--usage", help="csv/parquet of usage samples: timestamp, model, cpu "
+                                        "(cores), memory (bytes)[, rps].")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    mlflow_artifact: Annotated[bool, typer.Option("--mlflow", help="Also log the report to MLflow "
+                                                  "(run in the experiment, artifact right-sizing.json).")] = False,
+    config: ConfigOpt = None,
+    params: ParamOpt = None,
+) -> None:
+    """Recommend CPU/memory requests and limits per model and list idle models. A report: nothing is applied."""
+    from driftloop.core.tables import read_table
+    from serving.agent.recommend import recommend
+
+    settings = settings_from(config, params)
+    if not usage.is_file():
+        raise DriftloopError(f"usage file not found: {usage}")
+    try:
+        frame = read_table(str(usage))
+        s = settings.serving
+        recs = recommend(frame, current={s.name: (s.cpu_request, s.memory_request)})
+    except ValueError as exc:
+        raise DriftloopError(f"{usage}: {exc}") from exc
+    doc = [r.to_dict() for r in recs]
+    if mlflow_artifact:
+        import mlflow
+
+        mlflow.set_tracking_uri(settings.tracking_uri)
+        mlflow.set_experiment(settings.mlflow.experiment)
+        with mlflow.start_run(run_name="right-sizing", tags={"driftloop.kind": "right-sizing"}) as run:
+            mlflow.log_dict({"recommendations": doc}, "right-sizing.json")
+        console.print(f"logged to MLflow run {run.info.run_id} (artifact right-sizing.json)")
+    if as_json:
+        console.print_json(json.dumps(doc))
+        return
+    table = Table(title="right-sizing (a report: nothing is applied)")
+    for col in ("model", "samples", "cpu request", "memory request/limit", "now", "note"):
+        table.add_column(col)
+    for r in recs:
+        now = f"{r.current_cpu_request} / {r.current_memory_request}" if r.current_cpu_request else "-"
+        table.add_row(r.model, str(r.samples), r.cpu_request, r.memory_request, now, r.note)
+    console.print(table)
+
+
+@agent_app.command("decisions")
+def decisions_cmd(
+    last: Annotated[int, typer.Option("--last", "-n", min=1, help="How many of the latest decisions.")] = 20,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines.")] = False,
+    config: ConfigOpt = None,
+    params: ParamOpt = None,
+) -> None:
+    """Show the agent's latest decisions, taken or refused, with their reasons."""
+    from serving.agent.agent import agent_paths
+    from serving.agent.decisions import DecisionLog
+
+    settings = settings_from(config, params)
+    records = DecisionLog(agent_paths(settings)["decisions"]).tail(last)
+    if as_json:
+        for r in records:
+            console.print(json.dumps(r), soft_wrap=True)
+        return
+    if not records:
+        console.print("no decisions yet")
+        return
+    table = Table(title="agent decisions")
+    for col in ("at", "mode", "action", "allowed", "reason"):
+        table.add_column(col)
+    for r in records:
+        act = r["action"]
+        what = act["kind"] + (f" {act['current']}->{r['applied']}" if act["kind"] == "set_floor" else "")
+        table.add_row(r["at"][:19], r["mode"], what, "yes" if r["allowed"] else "no", r["reason"])
+    console.print(table)
+
+
+@agent_app.command("patch")
+def patch_cmd(
+    replicas: Annotated[int, typer.Option("--replicas", min=0, help="The replica floor (minReplicas).")],
+    config: ConfigOpt = None,
+    params: ParamOpt = None,
+) -> None:
+    """Print the InferenceService merge patch the agent would send for a floor (for review or kubectl)."""
+    import yaml
+
+    from serving.agent.actions import floor_patch
+    from serving.inference_service import to_dict
+
+    settings = settings_from(config, params)
+    console.print(yaml.safe_dump(to_dict(floor_patch(settings.serving.name, settings.serving.namespace, replicas)),
+                                 sort_keys=False))
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(agent_app, name="agent")
