@@ -217,7 +217,7 @@ def _register_plugins() -> None:
     """Attach the command groups of the serving and monitoring packages."""
     import importlib
 
-    for module in ("driftloop.app.serving_cli", "driftloop.app.monitor_cli", "driftloop.app.schedule_cli", "driftloop.app.loop_cli", "driftloop.app.infra_cli", "driftloop.app.tenant_cli"):
+    for module in ("driftloop.app.serving_cli", "driftloop.app.monitor_cli", "driftloop.app.schedule_cli", "driftloop.app.loop_cli", "driftloop.app.infra_cli", "driftloop.app.tenant_cli", "driftloop.app.agent_cli"):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as exc:
