@@ -1,7 +1,7 @@
 """The deploy step: put a newly registered version out as a canary and hand over to the rollout.
 
 Cluster home: the InferenceService gets the new version as a canary revision at the first
-rollout weight (``KServeBackend.set_canary``). Embedded default: the canary model server starts
+rollout weight (at 0 % — dark — when a shadow phase comes first, on both homes) (``KServeBackend.set_canary``). Embedded default: the canary model server starts
 behind the running local gateway at the first weight; when nothing is served the canary is
 recorded as pending (``driftloop serve`` starts it) — the run never fails because nothing is
 being served. The first version of a model is the champion already and needs no canary. In
@@ -51,11 +51,11 @@ def deploy_canary(settings: Any, *, version: str, model_uri: str | None = None, 
         return DeployResult("none", f"v{info.version} is the champion; no canary needed")
     uri = model_uri or f"models:/{name}/{info.version}"
     percent = weight_schedule(settings.rollout)[0]
+    if settings.rollout.shadow_percent > 0:
+        percent = 0  # dark: the shadow phase comes first, no user sees the candidate's answers before it passes
     if home == "kserve":
         from serving.kserve_backend import KServeBackend
 
-        if settings.rollout.shadow_percent > 0:
-            percent = 0  # a dark revision: the shadow phase comes first, no user sees its answers before it passes
         (backend or KServeBackend(settings)).set_canary(uri, percent)
         message = f"InferenceService {settings.serving.namespace}/{settings.serving.name}: canary v{info.version} at {percent}%"
         action = "canary"

@@ -394,3 +394,31 @@ def test_a_live_object_with_status_conditions_parses(tmp_path):
     isvc = isvcs.from_dict(body)
     assert isvc.metadata.name == "churn" and isvc.spec.predictor.canary_traffic_percent == 0
     assert isvc.status is None  # read by parse_status, never sent back
+
+
+def test_local_deploy_step_puts_the_candidate_out_dark_when_a_shadow_phase_comes_first(tmp_path):
+    """On the embedded default too: no user request reaches the candidate before its shadow phase passed."""
+    from components.deploy import deploy_canary
+    from driftloop.core.registry import CHAMPION, Registry
+
+    class RecordingLocal:
+        def __init__(self):
+            self.calls = []
+
+        def deploy_canary(self, version, uri, percent):
+            self.calls.append((version, uri, percent))
+            return f"canary v{version} at {percent}%"
+
+        def status(self):
+            return {"canary": {"version": self.calls[-1][0]}}
+
+    s = settings_at(tmp_path, **{"rollout.shadow_percent": 10})
+    reg = Registry.from_settings(s)
+    reg.client.create_registered_model("churn")
+    for v in ("m1", "m2"):
+        reg.client.create_model_version("churn", source=str(tmp_path / v))
+    reg.set_alias("churn", CHAMPION, "1")
+    local = RecordingLocal()
+    result = deploy_canary(s, version="2", home="local", registry=reg, backend=local)
+    assert local.calls == [("2", "models:/churn/2", 0)] and result.percent == 0
+    assert RolloutController(s, None).state().canary_version == "2"
