@@ -9,7 +9,7 @@ import pandas as pd
 
 from driftloop.core.config import higher_is_better
 
-__all__ = ["score", "gate", "Decision", "evaluate_models"]
+__all__ = ["score", "gate", "Decision", "evaluate_models", "decision_markdown"]
 
 
 def score(model: Any, test: pd.DataFrame, *, target: str, task: str, numeric: list[str], categorical: list[str]) -> dict[str, float]:
@@ -210,3 +210,20 @@ def holdout_quality(model: Any, test: pd.DataFrame, *, target: str, task: str, n
     out["classes"] = [c.item() if hasattr(c, "item") else c for c in classes]
     out["calibration"] = calibration_map(y, proba, classes)
     return out
+
+
+def decision_markdown(decision: Decision, *, margin: float = 0.0, min_value: float | None = None) -> str:
+    """The gate's decision as a person reads it in the Kubeflow UI: verdict, reason, both models' metrics."""
+    verdict = "PASSED — the new model may go out" if decision.passed else "REJECTED — nothing is registered"
+    champion = f"champion v{decision.champion_version}" if decision.champion_version else "champion (none yet)"
+    rule = f"gate metric `{decision.metric}` ({'higher' if higher_is_better(decision.metric) else 'lower'} is better)"
+    rule += f", margin {margin:g}" + (f", minimum {min_value:g}" if min_value is not None else "")
+    lines = [f"# Gate: {verdict}", "", f"**Why:** {decision.reason}", "", rule + ".", "",
+             f"| metric | new model | {champion} | delta |", "| --- | ---: | ---: | ---: |"]
+    for key in sorted(set(decision.new_metrics) | set(decision.champion_metrics)):
+        new, old = decision.new_metrics.get(key), decision.champion_metrics.get(key)
+        delta = f"{new - old:+.4f}" if new is not None and old is not None else ""
+        mark = "**" if key == decision.metric else ""
+        lines.append(f"| {mark}{key}{mark} | {'' if new is None else f'{new:.4f}'} | "
+                     f"{'' if old is None else f'{old:.4f}'} | {delta} |")
+    return "\n".join(lines) + "\n"

@@ -9,7 +9,7 @@ runtime build, which has no decorators.
 from typing import List, NamedTuple
 
 from kfp import dsl
-from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Input, Metrics, Model, Output
+from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Input, Markdown, Metrics, Model, Output
 
 from driftloop.core.config import DEFAULT_IMAGE
 
@@ -68,19 +68,21 @@ def validate_op(
     max_unseen_share: float,
     column_rules: dict,
     schema: Output[Artifact],
+    data_summary: Output[Markdown],
 ):
-    """Check schema and quality rules; write the training schema as JSON."""
+    """Check schema and quality rules; write the training schema as JSON and a data summary for the UI."""
     import json as _json
 
     import pandas as _pd
 
     from components._runtime import step
-    from components.validate import validate_frames
+    from components.validate import data_summary_markdown, validate_frames
 
     with step("validate"):
+        train_frame, test_frame = _pd.read_parquet(train.path), _pd.read_parquet(test.path)
         result = validate_frames(
-            _pd.read_parquet(train.path),
-            _pd.read_parquet(test.path),
+            train_frame,
+            test_frame,
             target=target,
             task=task,
             time_column=time_column or None,
@@ -91,6 +93,8 @@ def validate_op(
         with open(schema.path, "w") as fh:
             _json.dump(result, fh, indent=2, default=str)
         schema.metadata.update({"numeric": result["numeric"], "categorical": result["categorical"]})
+        with open(data_summary.path, "w") as fh:
+            fh.write(data_summary_markdown(train_frame, test_frame, result))
 
 
 @dsl.component(base_image=DEFAULT_IMAGE, install_kfp_package=False)
@@ -175,6 +179,7 @@ def evaluate_op(
     metrics: Output[Metrics],
     classification_metrics: Output[ClassificationMetrics],
     decision: Output[Artifact],
+    gate_report: Output[Markdown],
 ) -> NamedTuple("Gate", [("passed", bool), ("reason", str), ("value", float), ("champion_version", str)]):
     """Score new model and champion on the same holdout; emit KFP metrics and the gate decision."""
     import dataclasses
@@ -185,7 +190,7 @@ def evaluate_op(
     import pandas as pd
 
     from components._runtime import step
-    from components.evaluate import curves, evaluate_models
+    from components.evaluate import curves, decision_markdown, evaluate_models
     from driftloop.core.registry import CHAMPION, Registry
 
     with step("evaluate"):
@@ -214,6 +219,8 @@ def evaluate_op(
         with open(decision.path, "w") as fh:
             json.dump(dataclasses.asdict(result), fh, indent=2)
         decision.metadata.update({"passed": result.passed, "reason": result.reason})
+        with open(gate_report.path, "w") as fh:
+            fh.write(decision_markdown(result, margin=margin, min_value=float(min_value) if min_value.strip() else None))
         print(f"gate: {'PASS' if result.passed else 'REJECT'}: {result.reason}", flush=True)
     return namedtuple("Gate", ["passed", "reason", "value", "champion_version"])(
         result.passed, result.reason, float(result.new_value), result.champion_version or ""

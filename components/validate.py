@@ -6,7 +6,7 @@ import pandas as pd
 
 from driftloop.core.errors import DataValidationError
 
-__all__ = ["infer_schema", "validate_frames", "feature_columns"]
+__all__ = ["infer_schema", "validate_frames", "feature_columns", "data_summary_markdown"]
 
 
 def feature_columns(df: pd.DataFrame, target: str, time_column: str | None = None) -> tuple[list[str], list[str]]:
@@ -139,3 +139,34 @@ def validate_frames(
                     column=col, rule="unseen_levels",
                 )
     return schema
+
+
+def data_summary_markdown(train: pd.DataFrame, test: pd.DataFrame, schema: dict[str, Any]) -> str:
+    """The validated data as a person reads it in the Kubeflow UI: per column its kind, gaps, range or levels,
+    and the test split's levels never seen in training."""
+    both = pd.concat([train, test], ignore_index=True)
+    lines = [
+        "# Data summary",
+        "",
+        f"{len(train)} training rows, {len(test)} test rows; target `{schema['target']}` ({schema['task']})"
+        + (f", classes {', '.join(map(str, schema['classes']))}" if schema.get("classes") else "")
+        + (f"; time column `{schema['time_column']}`" if schema.get("time_column") else "") + ".",
+        "",
+        "| column | kind | missing | range / levels | unseen in test |",
+        "| --- | --- | ---: | --- | --- |",
+    ]
+    for col in schema["numeric"]:
+        missing = float(both[col].isna().mean())
+        lo_hi = schema["ranges"].get(col)
+        span = f"{lo_hi[0]:.4g} .. {lo_hi[1]:.4g}" if lo_hi else "(all missing)"
+        lines.append(f"| `{col}` | numeric | {missing:.1%} | {span} | |")
+    for col in schema["categorical"]:
+        missing = float(both[col].isna().mean())
+        levels = schema["levels"][col]
+        shown = ", ".join(levels[:8]) + (f" … ({len(levels)} levels)" if len(levels) > 8 else "")
+        test_values = test[col].dropna().astype(str)
+        unseen = sorted(set(test_values.unique()) - set(levels))
+        unseen_text = (f"{', '.join(unseen[:5])} ({float((~test_values.isin(levels)).mean()):.1%} of rows)"
+                       if unseen else "none")
+        lines.append(f"| `{col}` | categorical | {missing:.1%} | {shown} | {unseen_text} |")
+    return "\n".join(lines) + "\n"

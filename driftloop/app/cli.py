@@ -82,8 +82,13 @@ def run_train(
     window_start: Annotated[Optional[str], typer.Option(help="Inclusive start of the data window (ISO time).")] = None,
     window_end: Annotated[Optional[str], typer.Option(help="Exclusive end of the data window (ISO time).")] = None,
     wait: Annotated[bool, typer.Option(help="On Kubeflow: wait for the run to finish.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Stream the tasks' full output too.")] = False,
 ) -> None:
-    """Run the training pipeline and print a summary: rows, metrics, gate decision, model version."""
+    """Run the training pipeline and print a summary: rows, metrics, gate decision, model version.
+
+    One line per task as it ends (step, state, seconds, its key output), a spinner while it runs;
+    the full task output goes to a log file whose path is printed (``-v`` streams it as well).
+    """
     from pipelines.runner import RunRequest, check_window, runner_for
 
     validate_trigger(trigger)
@@ -94,8 +99,15 @@ def run_train(
     console.print(f"[bold]driftloop[/] training pipeline on {where}; data {settings.data.source}")
     request = RunRequest(trigger=trigger, window_start=window_start, window_end=window_end)
     if hasattr(runner, "log_path"):
-        console.print(f"task output: {runner.log_path(request)}")
-    result = runner.run_training(request, wait=wait) if settings.is_cluster else runner.run_training(request)
+        console.print(f"task output: {runner.log_path(request)}", soft_wrap=True)  # one line: a path to copy
+    lines = TaskLines(sys.stdout, spinner=not verbose)  # the terminal, before kfp.local's output is redirected
+    try:
+        if settings.is_cluster:
+            result = runner.run_training(request, wait=wait, progress=lines if wait else None)
+        else:
+            result = runner.run_training(request, progress=lines, echo=sys.stdout if verbose else None)
+    finally:
+        lines.close()
     print_run_result(settings, result)
     if result.state == "FAILED":
         raise typer.Exit(1)
@@ -146,6 +158,43 @@ def run_score(
     table.add_row("report (MLflow)", s["report"])
     table.add_row("task output", s.get("log", ""))
     console.print(table)
+
+
+class TaskLines:
+    """The progress view of a run: one line per task as it ends, a spinner while one runs (on a terminal)."""
+
+    MARKS = {"succeeded": "[green]✓[/]", "failed": "[red]✗[/]", "skipped": "[dim]-[/]"}
+
+    def __init__(self, out, *, spinner: bool = True) -> None:  # noqa: ANN001 (a text stream)
+        from rich.console import Console
+
+        self.console = Console(file=out, highlight=False)
+        self._spinner = spinner and self.console.is_terminal
+        self._live = None
+
+    def __call__(self, event) -> None:  # noqa: ANN001 (pipelines.runner.TaskEvent)
+        self._stop()
+        if event.state == "running":
+            if self._spinner:
+                from rich.live import Live
+                from rich.spinner import Spinner
+
+                # no stdout redirection: kfp.local's own output goes to the run's log file meanwhile
+                self._live = Live(Spinner("dots", text=f"{event.task} running"), console=self.console, transient=True,
+                                  redirect_stdout=False, redirect_stderr=False, refresh_per_second=8)
+                self._live.start()
+            return
+        mark = self.MARKS.get(event.state, "·")
+        self.console.print(f"{mark} {event.task:<16} {event.state:<9} {event.seconds:6.1f}s  {event.detail}".rstrip(),
+                           no_wrap=True, overflow="ellipsis")
+
+    def _stop(self) -> None:
+        if self._live is not None:
+            self._live.stop()
+            self._live = None
+
+    def close(self) -> None:
+        self._stop()
 
 
 def validate_trigger(trigger: str) -> None:

@@ -1,0 +1,173 @@
+"""The progress view of a run, the task server behind kfp.local, and what the Kubeflow UI shows.
+
+`driftloop run train` prints one line per task (not the executors' hundreds of lines), keeps the
+full log in a file, streams it with ``-v``; every task runs KFP's executor in a process forked
+from the run's task server; the gate decision and the data summary are Markdown artifacts, in the
+compiled YAML and in a kfp.local run's outputs.
+"""
+
+import json
+import re
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from tests.conftest import make_settings
+
+STEPS = ("ingest", "validate", "train", "evaluate", "register", "deploy")
+
+
+def _config(tmp_path: Path, source: Path) -> Path:
+    cfg = tmp_path / "driftloop.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "workspace": str(tmp_path / "ws"),
+        "data": {"source": str(source), "time_column": "event_time", "reference_size": 1000},
+        "mlflow": {"model_name": "churn", "experiment": "test"},
+        "model": {"params": {"max_iter": 50}},
+    }))
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory, scenario_path):
+    """One `driftloop run train` through the CLI (in process), with the task server."""
+    from driftloop.app.cli import app
+
+    tmp = tmp_path_factory.mktemp("progress")
+    cfg = _config(tmp, scenario_path)
+    out = CliRunner().invoke(app, ["run", "train", "-c", str(cfg), "--window-end", "2026-01-31"])
+    return tmp, out
+
+
+def test_run_train_prints_one_line_per_task_and_where_the_full_log_is(cli_run):
+    tmp, out = cli_run
+    assert out.exit_code == 0, out.output
+    lines = out.output.splitlines()
+    for step in STEPS:
+        task_lines = [line for line in lines if re.match(rf"^\S+ {step}\s+succeeded\s+\d+\.\d+s", line)]
+        assert len(task_lines) == 1, (step, out.output)
+    assert re.search(r"^\S+ ingest\s+succeeded\s+\d+\.\d+s\s+\d+ rows", out.output, re.M), out.output
+    assert re.search(r"^\S+ evaluate\s+succeeded .*gate PASS", out.output, re.M), out.output
+    assert re.search(r"^\S+ register\s+succeeded .*version 1", out.output, re.M), out.output
+    # the executors' output is in the log file, not on the terminal
+    assert "KFP Executor" not in out.output and "executor_input" not in out.output
+    log_path = Path(re.search(r"task output: (\S+\.log)", out.output).group(1))
+    log = log_path.read_text()
+    assert log.count("KFP Executor") > 20 and "Wrote executor output file" in log
+    assert len(lines) < 40, out.output  # header, log path, six task lines, the summary table
+
+
+def test_every_task_ran_kfps_executor_in_a_forked_child_and_no_server_is_left(cli_run):
+    import os
+
+    tmp, out = cli_run
+    log = Path(re.search(r"task output: (\S+\.log)", out.output).group(1)).read_text()
+    # kfp.dsl.executor_main ran for each task: it logs where it loaded the component from
+    assert log.count("Loading KFP component") == len(STEPS)
+    assert "ephemeral_component.py" in log
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+            except OSError:
+                continue
+            assert b"pipelines.task_server" not in cmdline or str(tmp).encode() not in cmdline
+
+
+def test_the_gate_decision_and_data_summary_are_markdown_outputs_of_a_local_run(cli_run):
+    tmp, out = cli_run
+    root = tmp / "ws" / "pipeline-root"
+    (gate,) = [p for p in root.rglob("gate_report") if p.is_file()]
+    text = gate.read_text()
+    assert text.startswith("# Gate: PASSED")
+    assert "first model passes by the bootstrap rule" in text and "| **accuracy** |" in text
+    (summary,) = [p for p in root.rglob("data_summary") if p.is_file()]
+    text = summary.read_text()
+    assert "| column | kind | missing | range / levels | unseen in test |" in text
+    assert re.search(r"\| `\w+` \| numeric \| \d+\.\d% \| -?[\d.e+-]+ \.\. -?[\d.e+-]+ \| \|", text), text
+    assert re.search(r"\| `\w+` \| categorical \| \d+\.\d% \| .+ \| none \|", text), text
+
+
+def test_compiled_yaml_declares_the_markdown_artifacts(tmp_path):
+    from pipelines.training import compile_pipeline
+
+    settings = make_settings(tmp_path, tmp_path / "x.parquet")
+    spec = next(yaml.safe_load_all(compile_pipeline(settings, tmp_path / "train.yaml").read_text()))
+    outputs = {name: comp.get("outputDefinitions", {}).get("artifacts", {}) for name, comp in spec["components"].items()}
+    assert outputs["comp-evaluate-op"]["gate_report"]["artifactType"]["schemaTitle"] == "system.Markdown"
+    assert outputs["comp-validate-op"]["data_summary"]["artifactType"]["schemaTitle"] == "system.Markdown"
+
+
+def test_decision_markdown_shows_both_models_the_delta_and_the_reason():
+    from components.evaluate import decision_markdown, gate
+
+    d = gate({"accuracy": 0.81, "f1": 0.7}, {"accuracy": 0.84, "f1": 0.72}, metric="accuracy", margin=0.01,
+             champion_version="3")
+    text = decision_markdown(d, margin=0.01)
+    assert text.startswith("# Gate: REJECTED")
+    assert "| metric | new model | champion v3 | delta |" in text
+    assert "| **accuracy** | 0.8100 | 0.8400 | -0.0300 |" in text
+    assert "| f1 | 0.7000 | 0.7200 | -0.0200 |" in text
+    assert d.reason in text and "margin 0.01" in text
+
+
+def test_data_summary_names_gaps_ranges_levels_and_unseen_levels():
+    from components.validate import data_summary_markdown, validate_frames
+
+    train = pd.DataFrame({"x": [1.0, None, 3.0, 4.0], "c": ["a", "b", "a", "b"], "label": [0, 1, 0, 1]})
+    test = pd.DataFrame({"x": [2.0, 5.0], "c": ["a", "z"], "label": [1, 0]})
+    schema = validate_frames(train, test, target="label", task="classification", max_unseen_share=1.0)
+    text = data_summary_markdown(train, test, schema)
+    assert "4 training rows, 2 test rows; target `label` (classification), classes 0, 1." in text
+    assert "| `x` | numeric | 16.7% | 1 .. 4 | |" in text
+    assert "| `c` | categorical | 0.0% | a, b | z (50.0% of rows) |" in text
+
+
+def test_verbose_streams_the_task_log_and_a_failure_is_one_task_line(tmp_path, scenario_path):
+    from driftloop.app.cli import app
+
+    source = tmp_path / "no-time-column.parquet"
+    pd.read_parquet(scenario_path).drop(columns=["event_time"]).to_parquet(source)
+    cfg = _config(tmp_path, source)
+    quiet = CliRunner().invoke(app, ["run", "train", "-c", str(cfg)])
+    assert quiet.exit_code == 1
+    assert len(re.findall(r"^\S+ ingest\s+failed\s+\d+\.\d+s\s+time column 'event_time' is not in",
+                          quiet.output, re.M)) == 1, quiet.output
+    assert "KFP Executor" not in quiet.output
+    loud = CliRunner().invoke(app, ["run", "train", "-c", str(cfg), "-v"])
+    assert loud.exit_code == 1
+    assert "KFP Executor" in loud.output and "Loading KFP component" in loud.output
+    assert re.search(r"^\S+ ingest\s+failed", loud.output, re.M)
+
+
+def test_task_detail_reads_each_steps_key_output():
+    from pipelines.runner import task_detail
+
+    assert task_detail("ingest_op", {"parameterValues": {"rows": 4000, "window": "a .. b"}}) == "4000 rows, window a .. b"
+    assert task_detail("evaluate_op", {"parameterValues": {"passed": False, "reason": "too weak"}}) == \
+        "gate REJECT: too weak"
+    assert task_detail("register_op", {"parameterValues": {"version": "2", "aliases": "challenger"}}) == \
+        "version 2 (challenger)"
+    meta = {"artifacts": {"schema": {"artifacts": [{"metadata": {"numeric": ["a", "b"], "categorical": ["c"]}}]}}}
+    assert task_detail("validate_op", meta) == "2 numeric, 1 categorical columns"
+
+
+def test_only_kfps_own_task_script_goes_to_the_task_server():
+    import sys
+
+    from pipelines.task_server import parse_task_command
+
+    from components.ops import ingest_op
+
+    container = ingest_op.component_spec.implementation.container
+    cmd = [c.replace("python3", sys.executable) if i == 2 else c for i, c in enumerate(container.command)]
+    cmd += ["--executor_input", "{}", "--function_to_execute", "ingest_op"]
+    source, args = parse_task_command(cmd)
+    assert "def ingest_op(" in source and args == ["--executor_input", "{}", "--function_to_execute", "ingest_op"]
+    assert parse_task_command(["sh", "-ec", "rm -rf /", "x"]) is None
+    assert parse_task_command([cmd[0], cmd[1], cmd[2].replace(sys.executable, "/usr/bin/other-python"), *cmd[3:]]) is None
+    assert parse_task_command(["python3", "-m", "kfp.dsl.executor_main"]) is None
+    json.dumps(cmd)  # what travels to the server is plain JSON
