@@ -25,6 +25,7 @@ per kind (numeric/categorical); thresholds fall back to the method's default.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -244,6 +245,7 @@ class _ColumnProfile:
     levels: dict[Any, int] | None  # value -> count when at most _KEEP_LEVELS distinct values
     n_levels: int
     raw: pd.Series  # non-missing values, for methods without a fast path
+    grid: _Grid | None = None  # numeric: cells for the Wasserstein distance of large windows
 
 
 @dataclass
@@ -267,7 +269,7 @@ class ReferenceProfile:
             uniques, counts = _sorted_uniques(values)
             levels = dict(zip(uniques.tolist(), counts.tolist())) if uniques.size <= _KEEP_LEVELS else None
             profiles[col] = _ColumnProfile(NUMERICAL, values.size, values, max(float(np.std(values)), 0.001), levels,
-                                           int(uniques.size), pd.Series(values))
+                                           int(uniques.size), pd.Series(values), _Grid.build(values, int(uniques.size)))
         for col in categorical:
             series = pd.Series(frame[col]).dropna()
             if series.empty:
@@ -325,6 +327,126 @@ def _wasserstein_sorted(u: np.ndarray, v: np.ndarray) -> float:
     return float(d.sum()) / large.size  # not np.dot: BLAS threads would fight the monitor's threads
 
 
+# Cells of the Wasserstein grid per reference value (the more, the fewer window values share a
+# cell with a reference value and need sorting; the fewer, the cheaper the per-cell sums), and a cap.
+_CELLS_PER_REFERENCE_VALUE = 32
+_MAX_CELLS = 1 << 19
+
+
+@dataclass(frozen=True)
+class _Grid:
+    """Cells of width ``h`` (a power of two) over the reference's range, built once per champion.
+
+    A window is binned by ``floor(v / h)`` (exact: scaling by a power of two does not round, so
+    every cell edge ``(off + i) * h`` is an exact float and a value falls in the cell whose edges
+    bracket it). Bin 0 is ``(-inf, e_0)``, bin ``i + 1`` the cell ``[e_i, e_i+1)``, the last bin
+    ``[e_G, inf)``. ``k[b]`` is the number of reference values ``<= `` the bin's left edge, which
+    is the reference CDF (times its size) on the whole bin when ``clean[b]``: no reference value
+    lies strictly inside.
+    """
+
+    h: float
+    off: float  # floor(min / h): cell i starts at (off + i) * h
+    cells: int
+    k: np.ndarray  # int64, one per bin
+    clean: np.ndarray  # bool, one per bin
+    ref_bins: np.ndarray  # the bin of every (sorted) reference value
+
+    @classmethod
+    def build(cls, ref: np.ndarray, distinct: int) -> _Grid | None:
+        lo, hi = float(ref[0]), float(ref[-1])
+        if not hi > lo:
+            return None
+        target = min(_MAX_CELLS, _CELLS_PER_REFERENCE_VALUE * distinct)  # at most `distinct` cells hold a value
+        h = 2.0 ** math.floor(math.log2((hi - lo) / target))
+        if not (math.isfinite(h) and h > 0 and math.isfinite(1.0 / h)):
+            return None
+        off = math.floor(lo / h)
+        cells = int(math.floor(hi / h) - off + 1)
+        if abs(off) + cells >= 2**52 or cells > 2 * _MAX_CELLS + 2:
+            return None  # the cell edges would not be exact floats
+        edges = (off + np.arange(cells + 1, dtype=np.float64)) * h
+        right = ref.searchsorted(edges, "right")  # reference values <= e_i
+        k = np.concatenate(([0], right[:-1], [ref.size])).astype(np.int64)
+        inside = ref.searchsorted(edges[1:], "left") > right[:-1]  # some value strictly in (e_i, e_i+1)
+        clean = np.concatenate(([True], ~inside, [True]))
+        grid = cls(h, float(off), cells, k, clean, np.zeros(0, dtype=np.intp))
+        return cls(h, float(off), cells, k, clean, grid.bins(ref)[0])
+
+    def bins(self, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The bin of every value and its offset ``(v - e) / h`` from an edge: the cell's left edge for
+        a cell (in [0, 1]), ``e_0 - h`` in the left tail (below 1), ``e_G`` in the right tail."""
+        t = values * (1.0 / self.h)
+        f = np.floor(t)
+        np.clip(f, self.off - 1.0, self.off + self.cells, out=f)
+        frac = np.subtract(t, f, out=t)
+        f -= self.off - 1.0
+        return f.astype(np.intp), frac
+
+    def wasserstein(self, ref: np.ndarray, cur: np.ndarray) -> float:
+        """First Wasserstein distance of the reference (sorted) and an unsorted window, exactly.
+
+        ``n_r n |F_r - F_w|`` is integrated bin by bin in integers times lengths. On a clean
+        bin ``F_r`` is constant and ``F_w`` rises from ``L/n`` (``L``: window values left of the
+        bin) by the bin's values, so while the two do not cross inside, the integral is a sum of
+        nonnegative terms over the bin's count and the values' offsets from its edges — no sort.
+        Bins holding a reference value, and bins where the CDFs cross, are integrated on the
+        merged grid of their sorted values, as scipy does for the whole sample.
+        """
+        n_r, n = ref.size, cur.size
+        bins, frac = self.bins(cur)
+        last = self.cells + 1
+        cnt = np.bincount(bins, minlength=last + 1)
+        below = np.bincount(bins, weights=frac, minlength=last + 1)  # sum of (v - e_i) / h per cell
+        left = np.cumsum(cnt) - cnt  # window values left of each bin
+        d = left * n_r - self.k * n  # n_r n (F_w - F_r) at each bin's left edge
+        d_end = d + cnt * n_r  # ... and at its right edge
+        h = self.h
+        total = n_r * h * (float(cnt[0] - below[0]) + float(below[last]))  # the tails, where F_r is 0 or 1
+        inner = slice(1, last)
+        up = self.clean[inner] & (d[inner] >= 0)  # F_w >= F_r over the whole cell
+        down = self.clean[inner] & ~up & (d_end[inner] <= 0)  # F_w <= F_r over the whole cell
+        c, s, dd, de = cnt[inner], below[inner], d[inner], d_end[inner]
+        total += h * float(np.sum(dd[up] + n_r * (c[up] - s[up])))
+        total += h * float(np.sum(-de[down] + n_r * s[down]))
+        exact = np.zeros(last + 1, dtype=bool)
+        exact[inner] = ~(up | down)
+        if exact.any():
+            total += self._exact_part(ref, cur, bins, exact, cnt, left)
+        return total / (n * n_r)
+
+    def _exact_part(self, ref: np.ndarray, cur: np.ndarray, bins: np.ndarray, exact: np.ndarray, cnt: np.ndarray,
+                    left: np.ndarray) -> float:
+        """``n_r n`` times the integral over the ``exact`` cells, on the merged grid of their values and edges."""
+        n_r, n = ref.size, cur.size
+        window = cur[exact[bins]]
+        window.sort()
+        cells = np.flatnonzero(exact) - 1
+        edges = (self.off + np.concatenate((cells, cells + 1)).astype(np.float64)) * self.h
+        points = np.concatenate((window, ref[exact[self.ref_bins]], edges))
+        points.sort()
+        pbins, _ = self.bins(points)
+        start = np.cumsum(np.where(exact, cnt, 0)) - np.where(exact, cnt, 0)  # first index of each bin in window
+        at = pbins[:-1]
+        g = left[at] + (window.searchsorted(points[:-1], "right") - start[at])
+        f = ref.searchsorted(points[:-1], "right")
+        gaps = np.diff(points)
+        gaps[~exact[at]] = 0.0  # segments between exact cells lie in cells counted above
+        return float(np.sum(gaps * np.abs(f * n - g * n_r)))
+
+
+def _wasserstein(prof: _ColumnProfile, cur: np.ndarray) -> float:
+    """Wasserstein distance of the profile and a window's finite values (sorted or not).
+
+    Large windows go through the reference's grid (no sort of the window); small ones through
+    the merged sorted samples.
+    """
+    grid = prof.grid
+    if grid is not None and cur.size > grid.cells:
+        return grid.wasserstein(prof.sorted_values, cur)
+    return _wasserstein_sorted(prof.sorted_values, np.sort(cur))
+
+
 def _count_vectors(ref: dict[Any, int], cur: dict[Any, int]) -> tuple[list[Any], np.ndarray, np.ndarray]:
     keys = list(set(ref) | set(cur))
     return keys, np.array([ref.get(k, 0) for k in keys], float), np.array([cur.get(k, 0) for k in keys], float)
@@ -370,17 +492,16 @@ _P_VALUE_METHODS = {"ks", "chisquare", "z"}
 
 
 def _numeric_values(series: pd.Series, name: str) -> np.ndarray:
-    """Finite values of a numeric column, sorted, as a new array (MonitorError when not numeric)."""
+    """Finite values of a numeric column as float64, in their order, never modified later (MonitorError when not numeric)."""
     if not pd.api.types.is_numeric_dtype(series) or pd.api.types.is_bool_dtype(series):
         try:
             series = pd.to_numeric(series, errors="raise")
         except (ValueError, TypeError) as exc:
             raise MonitorError(f"current column {name!r} must be numeric like the reference: {exc}") from exc
-    values = np.array(series.to_numpy(dtype=np.float64, na_value=np.nan), dtype=np.float64, copy=True)
+    values = np.asarray(series.to_numpy(dtype=np.float64, na_value=np.nan), dtype=np.float64)
     finite = np.isfinite(values)
     if not finite.all():
         values = values[finite]
-    values.sort()
     return values
 
 
@@ -405,7 +526,8 @@ def _column_check(name: str, prof: _ColumnProfile, series: pd.Series, options: D
     """Compare one window column with its reference profile, the way Evidently would."""
     if prof.kind == NUMERICAL:
         cur = _numeric_values(series, name)
-        cur_levels = _levels_of_sorted(cur)
+        # a window is sorted only where its levels matter (a reference with few levels) or a method needs it
+        cur_levels = _levels_of_sorted(np.sort(cur)) if prof.levels is not None else None
         n_cur = int(cur.size)
     else:
         cur_levels = _category_counts(series)
@@ -426,7 +548,7 @@ def _column_check(name: str, prof: _ColumnProfile, series: pd.Series, options: D
     threshold = test.default_threshold if threshold is None else threshold
     score: float | None = None
     if method == "wasserstein" and prof.kind == NUMERICAL:
-        score = _wasserstein_sorted(prof.sorted_values, cur) / prof.std
+        score = _wasserstein(prof, cur) / prof.std
     elif method == "ks" and prof.kind == NUMERICAL:
         from scipy.stats import ks_2samp
 
