@@ -352,7 +352,7 @@ def test_every_driftloop_container_runs_a_real_cli_command(rendered):
             else:  # a shell script: every `driftloop …` it runs
                 script = c["args"][-1]
                 commands |= {tuple(shlex.split(m)) for m in re.findall(r"\bdriftloop ([a-z][a-z -]*?)\s*(?:&|;|\n|$)", script)}
-    assert commands == {("monitor",), ("rollout", "run"), ("scheduler",)}
+    assert commands == {("monitor",), ("rollout", "run"), ("scheduler",), ("agent", "run", "--cluster")}
     for args in commands:
         result = CliRunner().invoke(app, [*args, "--help"])
         assert result.exit_code == 0, f"driftloop {' '.join(args)}: {result.output}"

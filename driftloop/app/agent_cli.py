@@ -44,25 +44,30 @@ def run_cmd(
 ) -> None:
     """Run the agent: every interval it samples traffic, forecasts, detects anomalies and acts as the policy allows."""
     from serving.agent.actions import KServeActuator, LocalActuator
-    from serving.agent.agent import GatewaySampler, ServingAgent, agent_paths
+    from serving.agent.agent import GatewaySampler, PrometheusSampler, ServingAgent, agent_paths
     from serving.local_backend import LocalBackend
 
     _check_mode(mode)
     settings = settings_from(config, params)
     on_cluster = settings.is_cluster if cluster is None else cluster
     paths = agent_paths(settings)
+    s = settings.serving
     if on_cluster:
         actuator = KServeActuator(settings)
-        sampler_url = settings.agent.gateway_url
-        where = f"InferenceService {settings.serving.namespace}/{settings.serving.name} (minReplicas)"
+        where = f"InferenceService {s.namespace}/{s.name} (minReplicas)"
+        if settings.rollout.prometheus_url:
+            sampler = PrometheusSampler(settings.rollout.prometheus_url, s.name, s.namespace,
+                                        settings.agent.interval_seconds)
+        elif settings.agent.gateway_url:
+            sampler = GatewaySampler(settings.agent.gateway_url)
+        else:
+            raise DriftloopError("the agent needs a traffic source on a cluster: set rollout.prometheus_url "
+                                 "(Knative's queue-proxy metrics) or agent.gateway_url")
     else:
         backend = LocalBackend(settings)
         actuator = LocalActuator(backend, paths["kill_switch"])
-        sampler_url = settings.agent.gateway_url or (lambda: backend.gateway_url)  # type: ignore[assignment]
+        sampler = GatewaySampler(settings.agent.gateway_url or (lambda: backend.gateway_url))
         where = "the local model servers behind the gateway (replicas)"
-    if on_cluster and not sampler_url:
-        raise DriftloopError("agent.gateway_url is not set: the agent needs a traffic source (the gateway's "
-                             "/admin/stats) on a cluster")
     agent = ServingAgent(settings, actuator, mode=mode)
     console.print(f"[bold]driftloop agent[/] in [bold]{agent.policy.mode}[/] mode on {where}; every "
                   f"{settings.agent.interval_seconds:g} s; decisions -> {paths['decisions']}; kill switch: "
@@ -71,7 +76,6 @@ def run_cmd(
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    sampler = GatewaySampler(sampler_url)
     if rounds is None:
         agent.run(sampler, stop)
         return

@@ -28,7 +28,7 @@ from serving.agent.forecast import ForecastSelector
 from serving.agent.policy import ALERT, ROLLBACK, SET_FLOOR, Action, Decision, Guard, Policy
 from serving.agent.scaling import FloorPlanner, horizons
 
-__all__ = ["ServingAgent", "GatewaySampler", "Sampler", "agent_paths"]
+__all__ = ["ServingAgent", "GatewaySampler", "PrometheusSampler", "Sampler", "agent_paths"]
 
 log = logging.getLogger(__name__)
 DAY = 86400.0
@@ -73,6 +73,48 @@ class GatewaySampler:
         p99 = max((v.get("p99_ms") or 0.0 for v in versions), default=0.0)
         span = max(now - since, 1e-3)
         return {"rps": requests / span, "latency_p99_ms": p99, "error_rate": errors / requests if requests else 0.0}
+
+
+class PrometheusSampler:
+    """The InferenceService's request rate, p99 latency and error rate from Knative's queue-proxy
+    metrics in Prometheus (``rollout.prometheus_url``), over the last interval."""
+
+    def __init__(self, url: str, name: str, namespace: str, window_seconds: float = 60.0,
+                 client: Any | None = None) -> None:
+        self.url = url.rstrip("/")
+        sel = f'namespace_name="{namespace}",configuration_name=~"{name}-predictor.*"'
+        w = f"{max(int(window_seconds), 30)}s"
+        self.queries = {
+            "rps": f"sum(rate(revision_app_request_count{{{sel}}}[{w}]))",
+            "errors": f'sum(rate(revision_app_request_count{{{sel},response_code_class="5xx"}}[{w}]))',
+            "latency_p99_ms": f"histogram_quantile(0.99, sum by (le) (rate(revision_app_request_latencies_bucket"
+                              f"{{{sel}}}[{w}])))",
+        }
+        self._client = client
+
+    def _query(self, query: str) -> float:
+        import httpx
+
+        client = self._client or httpx
+        resp = client.get(f"{self.url}/api/v1/query", params={"query": query}, timeout=10.0)
+        resp.raise_for_status()
+        result = resp.json()["data"]["result"]
+        if not result:
+            return 0.0
+        value = float(result[0]["value"][1])
+        return value if math.isfinite(value) else 0.0
+
+    def sample(self, now: float) -> dict[str, float] | None:
+        import httpx
+
+        try:
+            got = {k: self._query(q) for k, q in self.queries.items()}
+        except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as exc:
+            log.warning("Prometheus %s unreadable: %s", self.url, exc)
+            return None
+        rps = got["rps"]
+        return {"rps": rps, "latency_p99_ms": got["latency_p99_ms"],
+                "error_rate": got["errors"] / rps if rps > 0 else 0.0}
 
 
 class ServingAgent:
