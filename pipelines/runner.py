@@ -557,7 +557,9 @@ class KfpRunner:
             raise PipelineRunError(f"looking up experiment {name!r} failed on {self.settings.kfp.host}: {exc}") from exc
         return exp.experiment_id
 
-    def run_training(self, request: RunRequest, *, wait: bool = False, timeout: int = 3600) -> RunResult:
+    def run_training(self, request: RunRequest, *, wait: bool = False, timeout: int = 3600,
+                     progress: ProgressFn | None = None, poll_seconds: float | None = None) -> RunResult:
+        """Start the run; with ``wait`` follow it to the end (``progress`` gets each task's state changes)."""
         from pipelines.training import pipeline_arguments
 
         check_request(request)
@@ -572,11 +574,58 @@ class KfpRunner:
         result = RunResult(request.request_id, run.run_id, "SUBMITTED", self.home,
                            url=f"{self.settings.kfp.host.rstrip('/')}/#/runs/details/{run.run_id}")
         if wait:
-            done = self._call("waiting for the run", self.client.wait_for_run_completion, run.run_id, timeout)
+            if progress is None:
+                done = self._call("waiting for the run", self.client.wait_for_run_completion, run.run_id, timeout)
+            else:
+                done = self._follow(run.run_id, timeout, progress, KFP_POLL_SECONDS if poll_seconds is None else poll_seconds)
             result.state = str(getattr(done, "state", "UNKNOWN"))
             if result.state == "SUCCEEDED":
                 result.summary = summarize_run(self.settings, request.request_id)
+            elif result.state in _FINAL_STATES:
+                result.error = f"run {run.run_id} ended {result.state} on Kubeflow (its tasks and logs: {result.url})"
         return result
+
+
+    def _follow(self, run_id: str, timeout: float, progress: ProgressFn, poll_seconds: float) -> Any:
+        """Poll the run (``kfp.Client.get_run``) until it ends, reporting each task's state as it changes."""
+        deadline = time.monotonic() + timeout
+        seen: dict[str, str] = {}
+        while True:
+            run = self._call("reading the run", self.client.get_run, run_id)
+            for event in _task_events(run, seen):
+                progress(event)
+            if str(getattr(run, "state", "")) in _FINAL_STATES:
+                return run
+            if time.monotonic() > deadline:
+                raise PipelineRunError(f"run {run_id} did not finish within {timeout:g} s (state {run.state})")
+            time.sleep(poll_seconds)
+
+
+KFP_POLL_SECONDS = 5.0  # how often a followed Kubeflow run is read (kfp.Client's own wait polls as often)
+# KFP v2 runtime states (V2beta1RuntimeState) -> the progress view's words
+_FINAL_STATES = {"SUCCEEDED", "FAILED", "SKIPPED", "CANCELED"}
+_TASK_STATES = {"RUNNING": "running", "SUCCEEDED": "succeeded", "FAILED": "failed", "SKIPPED": "skipped",
+                "CANCELED": "failed", "CACHED": "succeeded"}
+
+
+def _task_events(run: Any, seen: dict[str, str]) -> list[TaskEvent]:
+    """New task states of a KFP run (its ``run_details.task_details``), drivers and the root left out."""
+    details = getattr(getattr(run, "run_details", None), "task_details", None) or []
+    events = []
+    for task in sorted(details, key=lambda t: str(t.start_time or t.create_time or "")):
+        name = task.display_name or ""
+        if not name or name == "root" or name.endswith("-driver") or name.startswith(("condition-", "exit-handler")):
+            continue
+        state = _TASK_STATES.get(str(task.state or ""))
+        if state is None or seen.get(task.task_id or name) == state:
+            continue
+        seen[task.task_id or name] = state
+        seconds = 0.0
+        if task.start_time and task.end_time and state != "running":
+            seconds = max(0.0, (task.end_time - task.start_time).total_seconds())
+        detail = str(getattr(task.error, "message", "") or "") if state == "failed" and task.error else ""
+        events.append(TaskEvent(name, state, seconds, detail))
+    return events
 
 
 def _name_filter(display_name: str) -> str:

@@ -171,3 +171,90 @@ def test_only_kfps_own_task_script_goes_to_the_task_server():
     assert parse_task_command([cmd[0], cmd[1], cmd[2].replace(sys.executable, "/usr/bin/other-python"), *cmd[3:]]) is None
     assert parse_task_command(["python3", "-m", "kfp.dsl.executor_main"]) is None
     json.dumps(cmd)  # what travels to the server is plain JSON
+
+
+def test_run_train_wait_on_kubeflow_prints_one_line_per_task_from_the_runs_task_states(tmp_path, scenario_path,
+                                                                                        monkeypatch):
+    import datetime as dt
+
+    import kfp_server_api as api
+
+    import pipelines.runner as runner_mod
+    from driftloop.app.cli import app
+    from tests.kfp_recording import RecordingKfpClient
+
+    t0 = dt.datetime(2026, 12, 1, 10, 0, tzinfo=dt.UTC)
+
+    def task(tid, name, state, start=0, end=None, error=None):
+        return api.V2beta1PipelineTaskDetail(
+            task_id=tid, display_name=name, state=state, start_time=t0 + dt.timedelta(seconds=start),
+            end_time=None if end is None else t0 + dt.timedelta(seconds=end),
+            error=api.GoogleRpcStatus(message=error) if error else None)
+
+    snapshots = [
+        ("RUNNING", [task("0", "root", "RUNNING"), task("1", "ingest-driver", "SUCCEEDED", 0, 1),
+                     task("2", "ingest", "RUNNING", 1)]),
+        ("RUNNING", [task("2", "ingest", "SUCCEEDED", 1, 13), task("3", "validate", "RUNNING", 13)]),
+        ("FAILED", [task("2", "ingest", "SUCCEEDED", 1, 13),
+                    task("3", "validate", "FAILED", 13, 20, "column 'tenure': 40.0% missing values")]),
+    ]
+
+    class Client(RecordingKfpClient):
+        def get_run(self, run_id):
+            self._record("get_run", run_id)
+            state, tasks = snapshots.pop(0) if len(snapshots) > 1 else snapshots[0]
+            run = next(r for r in self.runs if r.run_id == run_id)
+            run.state, run.run_details = state, api.V2beta1RunDetails(task_details=tasks)
+            return run
+
+    client = Client()
+    monkeypatch.setattr(runner_mod.KfpRunner, "client", property(lambda self: client))
+    monkeypatch.setattr(runner_mod, "KFP_POLL_SECONDS", 0.0)
+    monkeypatch.setenv("DRIFTLOOP_WORKSPACE", str(tmp_path / "ws"))
+    out = CliRunner().invoke(app, ["run", "train", "--kfp-host", "http://kfp.example:8888", "--wait",
+                                   "-p", f"data.source={scenario_path}",
+                                   "-p", f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db"])
+    assert out.exit_code == 1, out.output
+    assert "run failed: run run-" in out.output and "ended FAILED on Kubeflow" in out.output
+    lines = out.output.splitlines()
+    assert [line for line in lines if re.match(r"^\S+ ingest\s+succeeded\s+12\.0s", line)], out.output
+    assert len([line for line in lines if re.match(r"^\S+ validate\s+failed\s+7\.0s\s+column 'tenure'", line)]) == 1
+    assert not any("driver" in line or line.startswith("root") for line in lines), out.output
+    assert [name for name, _ in client.calls].count("get_run") == 3
+    assert "wait_for_run_completion" not in client.names()
+
+
+def test_alerts_fit_80_columns_and_json_parses(tmp_path, monkeypatch):
+    from driftloop.app.cli import app, console
+    from monitoring.alerts import Alert, AlertStore
+
+    settings = make_settings(tmp_path / "ws", tmp_path / "none.parquet")
+    store = AlertStore.from_settings(settings)
+    store.insert(Alert("drift-0123456789abcdef", "drift", created=1_780_000_000.0, samples=500,
+                       report_path=str(tmp_path / "ws" / "monitor" / "reports" / "drift-0123456789abcdef" / "drift.html")))
+    store.record_decision("drift-0123456789abcdef", "started", "retraining run started for the drifted window "
+                          "2026-01-01 .. 2026-01-31 (12 of 20 columns drifted)", now=1_780_000_001.0)
+    store.update("drift-0123456789abcdef", pipeline_run_id="4f1c2d9e8b7a6f5e4d3c2b1a", run_state="SUCCEEDED",
+                 model_version="7")
+    store.insert(Alert("am-fedcba9876543210", "alertmanager", created=1_780_000_100.0))
+    store.record_decision("am-fedcba9876543210", "insufficient_samples", "only 12 samples in the window; "
+                          "trigger.min_samples is 500", now=1_780_000_101.0)
+    store.close()
+    for key, value in {"WORKSPACE": str(settings.workspace_dir), "MLFLOW__MODEL_NAME": "churn",
+                       "MLFLOW__EXPERIMENT": "test"}.items():
+        monkeypatch.setenv(f"DRIFTLOOP_{key}", value)
+    monkeypatch.setattr(console, "width", 80)
+    table = CliRunner().invoke(app, ["alerts"])
+    assert table.exit_code == 0, table.output
+    assert max(len(line) for line in table.output.splitlines()) <= 80, table.output
+    assert "drift-0123456789abcdef" in table.output and "am-fedcba9876543210" in table.output
+    assert "churn v7" in table.output and "insufficient_samples" in table.output
+    reasons = " ".join(line.split("│")[2].strip() for line in table.output.splitlines() if line.count("│") == 5)
+    assert "only 12 samples in the window; trigger.min_samples is 500" in reasons  # folded, nothing cut off
+    as_json = CliRunner().invoke(app, ["alerts", "--json"])
+    assert as_json.exit_code == 0, as_json.output
+    alerts = {a["id"]: a for a in json.loads(as_json.output)["alerts"]}
+    started = alerts["drift-0123456789abcdef"]
+    assert started["decision"] == "started" and started["model_version"] == "7" and started["model"] == "churn"
+    assert started["pipeline_run_id"] == "4f1c2d9e8b7a6f5e4d3c2b1a" and started["report_path"].endswith("drift.html")
+    assert alerts["am-fedcba9876543210"]["reason"].endswith("trigger.min_samples is 500")

@@ -124,15 +124,20 @@ def alerts_cmd(
     config: ConfigOpt = None,
     params: ParamOpt = None,
     limit: Annotated[int, typer.Option(min=1, help="How many recent alerts.")] = 20,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON document (every field) for scripts.")] = False,
 ) -> None:
     """Recent alerts: their decision and reason, the run they started and its model version."""
     import datetime as dt
+    import json
 
     from driftloop.core.console import console, settings_from
     from monitoring.alerts import AlertStore, alerts_path
 
     settings = settings_from(config, params)
     if not alerts_path(settings).exists():
+        if as_json:
+            typer.echo(json.dumps({"alerts": []}))
+            return
         console.print(f"no alerts yet (no alert store at {alerts_path(settings)})")
         return
     store = AlertStore.from_settings(settings)
@@ -141,16 +146,29 @@ def alerts_cmd(
     finally:
         store.close()
     versions = _versions_by_alert(settings)
-    table = Table(title=f"alerts ({settings.workspace_dir})")
-    for name in ("alert", "source", "created (UTC)", "decision", "reason", "run", "state", "model version", "report"):
-        table.add_column(name)
     for a in rows:
-        created = dt.datetime.fromtimestamp(a["created"], dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
-        version = a.get("model_version") or versions.get(a["id"], "")
-        table.add_row(a["id"], a["source"], created, a.get("decision") or "", a.get("reason") or "",
-                      a.get("pipeline_run_id") or a.get("request_id") or "", a.get("run_state") or "",
-                      f"{settings.mlflow.model_name} v{version}" if version else "",
-                      a.get("report_uri") or a.get("report_path") or "")
+        a["model_version"] = a.get("model_version") or versions.get(a["id"]) or None
+        a["model"] = settings.mlflow.model_name
+        a["created_utc"] = dt.datetime.fromtimestamp(a["created"], dt.UTC).isoformat()
+    if as_json:
+        typer.echo(json.dumps({"alerts": rows}, default=str))
+        return
+    from rich import box
+
+    # Fits 80 columns: the first line of a row is alert, decision, run and model; under them the time,
+    # the reason (folded, never cut) and the run's state. The report path and all fields are in --json.
+    table = Table(title=f"alerts ({settings.workspace_dir})", box=box.ROUNDED)
+    table.add_column("alert / created (UTC)", no_wrap=True, min_width=16)
+    table.add_column("decision / reason", overflow="fold", ratio=1, min_width=20)
+    table.add_column("run", no_wrap=True, overflow="ellipsis", max_width=12)
+    table.add_column("model / state", no_wrap=True, overflow="ellipsis", max_width=14)
+    for a in rows:
+        created = dt.datetime.fromtimestamp(a["created"], dt.UTC).strftime("%Y-%m-%d %H:%M")
+        version = a["model_version"]
+        table.add_row(f"{a['id']}\n{created}", f"{a.get('decision') or ''}\n[dim]{a.get('reason') or ''}[/]",
+                      a.get("pipeline_run_id") or a.get("request_id") or "",
+                      (f"{settings.mlflow.model_name} v{version}" if version else "") + f"\n{a.get('run_state') or ''}")
+        table.add_section()
     console.print(table)
 
 
