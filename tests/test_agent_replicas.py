@@ -104,3 +104,34 @@ def test_nothing_served_is_one_clear_error(tmp_path) -> None:
     settings = load_settings(overrides=[f"workspace={tmp_path}"], environ={})
     with pytest.raises(ServingError, match="nothing is being served here"):
         LocalBackend(settings).set_replicas(2)
+
+
+def test_the_agent_raises_local_replicas_ahead_of_a_forecast_peak(backend, tmp_path) -> None:
+    """Two days of history with a daily peak starting in a few minutes: one round of the agent in
+    full mode (forecast -> floor -> guard -> LocalActuator) starts model-server processes now."""
+    import json
+
+    import numpy as np
+
+    from serving.agent.agent import GatewaySampler, ServingAgent, agent_paths
+
+    settings = load_settings(overrides=[f"workspace={backend.settings.workspace_dir}", "agent.mode=full",
+                                        "agent.forecast_engine=numpy", "agent.ceiling=3", "agent.capacity_rps=10"],
+                             environ={})
+    now = time.time()
+    rng = np.random.default_rng(0)
+    steps = np.arange(2 * 1440, 0, -1)
+    t = now - steps * 60.0
+    ahead = (t + 86400 - now) % 86400  # seconds from now's time of day to this sample's
+    rates = np.where((ahead > 60) & (ahead < 1800), 60.0, 2.0) * rng.lognormal(0, 0.05, len(t))
+    path = agent_paths(settings)["samples"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"t": float(a), "rps": float(b)}) + "\n" for a, b in zip(t, rates)))
+    agent = ServingAgent(settings, LocalActuator(backend, agent_paths(settings)["kill_switch"]))
+    sampler = GatewaySampler(backend.gateway_url)
+    sampler.sample(now - 60)
+    records = agent.round(now, sampler.sample(now) or {"rps": 2.0})
+    floors = [r for r in records if r["action"]["kind"] == "set_floor"]
+    assert floors and floors[0]["allowed"] and floors[0]["applied"] == 3, records
+    assert floors[0]["result"].startswith("3 model-server processes")
+    assert backend.replica_count() == 3

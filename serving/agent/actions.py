@@ -41,7 +41,10 @@ class LocalActuator:
         self.kill_file = Path(kill_file)
 
     def current_floor(self, model: str) -> int:
-        return self.backend.replica_count()
+        n = self.backend.replica_count()
+        if n == 0:
+            raise ServingError("nothing is being served here; start it with `driftloop serve`")
+        return n
 
     def set_floor(self, model: str, replicas: int) -> str:
         n = self.backend.set_replicas(max(1, int(replicas)))

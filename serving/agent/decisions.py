@@ -1,7 +1,8 @@
 """The decision log: every decision of the agent, taken or refused, with its reason.
 
-One JSON document per line, appended and flushed (fsync) before the action it allows runs,
-so that a crash never leaves an action without its record. Readers skip a torn last line.
+One JSON document per line, appended and flushed to disk (fsync) as each decision is made; an
+allowed action's record carries what came of it (its result, or the error). Readers skip a torn
+last line.
 """
 
 from __future__ import annotations
