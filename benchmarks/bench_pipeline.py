@@ -2,14 +2,17 @@
 
 Same data (100k rows x 20 features: 16 numeric, 4 categorical, with gaps), same steps
 (ingest, validate, train, evaluate, register; kfp.local also runs the deploy task), fresh MLflow stores. Each variant runs in
-its own Python process, timed from process start, so both pay their imports. Prints
-both times and the per-step overhead of kfp.local.
+its own Python process, timed from process start, so all pay their imports. Three variants:
+plain Python; kfp.local with every task a fresh interpreter (``DRIFTLOOP_TASK_SERVER=0``, kfp.local's
+own way); kfp.local with the tasks forked from the run's task server (the default). Prints the
+times, the per-task overhead of both kfp.local variants and the load average (the machine may be shared).
 
     python benchmarks/bench_pipeline.py [--rows 100000] [--repeat 1]
 """
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -70,9 +73,10 @@ def make_data(rows: int, path: Path) -> None:
     df.to_parquet(path, index=False)
 
 
-def timed(code: str, src: Path, ws: Path) -> float:
+def timed(code: str, src: Path, ws: Path, env: dict | None = None) -> float:
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-c", code, str(src), str(ws)], check=True, capture_output=True)
+    subprocess.run([sys.executable, "-c", code, str(src), str(ws)], check=True, capture_output=True,
+                   env={**os.environ, **(env or {})})
     return time.perf_counter() - start
 
 
@@ -85,14 +89,22 @@ def main() -> None:
         tmp = Path(tmp)
         src = tmp / "data.parquet"
         make_data(args.rows, src)
-        plain, local = [], []
+        plain, fresh, forked = [], [], []
+        load_before = os.getloadavg()
         for i in range(args.repeat):
             plain.append(timed(PLAIN, src, tmp / f"plain{i}"))
-            local.append(timed(KFP, src, tmp / f"kfp{i}"))
-    p, k = min(plain), min(local)
-    print(json.dumps({"rows": args.rows, "features": 20, "steps": STEPS, "plain_s": round(p, 2), "kfp_local_s": round(k, 2),
-                      "overhead_per_step_s": round((k - p) / STEPS, 2), "ratio": round(k / p, 2)}))
-    print(f"plain Python {p:.2f} s | kfp.local {k:.2f} s | overhead {(k - p) / STEPS:.2f} s a step (target <= 0.5)")
+            fresh.append(timed(KFP, src, tmp / f"fresh{i}", {"DRIFTLOOP_TASK_SERVER": "0"}))
+            forked.append(timed(KFP, src, tmp / f"kfp{i}"))
+        load_after = os.getloadavg()
+    p, f, k = min(plain), min(fresh), min(forked)
+    print(json.dumps({"rows": args.rows, "features": 20, "steps": STEPS, "plain_s": round(p, 2),
+                      "kfp_local_fresh_s": round(f, 2), "kfp_local_s": round(k, 2),
+                      "overhead_per_step_fresh_s": round((f - p) / STEPS, 2),
+                      "overhead_per_step_s": round((k - p) / STEPS, 2), "ratio": round(k / p, 2),
+                      "load_avg_1m": [round(load_before[0], 2), round(load_after[0], 2)], "cpus": os.cpu_count()}))
+    print(f"plain Python {p:.2f} s | kfp.local, fresh interpreters {f:.2f} s ({(f - p) / STEPS:.2f} s a task) | "
+          f"kfp.local, task server {k:.2f} s: overhead {(k - p) / STEPS:.2f} s a task (target <= 0.5); "
+          f"load average {load_before[0]:.2f} -> {load_after[0]:.2f} on {os.cpu_count()} cores")
 
 
 if __name__ == "__main__":
