@@ -37,7 +37,8 @@ from driftloop.core.config import Settings
 from driftloop.core.errors import PipelineRunError, RegistryError
 from driftloop.core.processes import spawn, stop_process
 from driftloop.core.runs import PipelineRunner, RunRequest, RunResult
-from pipelines.task_server import TASK_SERVER_MODULE, parse_task_command, read_status, send_task
+from pipelines import task_server
+from pipelines.task_server import parse_task_command, read_status, send_task
 
 TASK_SERVER_ENV = "DRIFTLOOP_TASK_SERVER"
 
@@ -202,14 +203,20 @@ class _ForkedTask:
         self.wait()
 
 
+_RUN_FILE = "import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+
+
 class _TaskServer:
     """The run's fork-server (:mod:`pipelines.task_server`): started once, forks every task."""
 
     def __init__(self, log_file: Any) -> None:
         self._dir = tempfile.mkdtemp(prefix="driftloop-tasks-")  # 0700: only this user can connect
         self.socket_path = os.path.join(self._dir, "tasks.sock")
-        self.proc = spawn([sys.executable, "-m", TASK_SERVER_MODULE, "--socket", self.socket_path], kill_group=True,
-                          stdout=log_file, stderr=log_file)
+        # Run as a file, not ``-m pipelines.task_server``: the package's __init__ would import kfp's compiler,
+        # while a task sees kfp as the runtime build (``_KFP_RUNTIME=true``), and so must the server.
+        self.proc = spawn([sys.executable, "-c", _RUN_FILE, str(Path(task_server.__file__).resolve()),
+                           "--socket", self.socket_path], kill_group=True, stdout=log_file, stderr=log_file,
+                          env={**os.environ, "_KFP_RUNTIME": "true"})
         self.usable = True
 
     def ready(self, timeout: float = 300.0) -> bool:

@@ -5,11 +5,14 @@ where the script writes the component's source to ``$(mktemp -d)/ephemeral_compo
 ``_KFP_RUNTIME=true python -m kfp.dsl.executor_main --component_module_path <that file> <args>``.
 A fresh interpreter then imports kfp, pandas, scikit-learn and MLflow again — seconds per task.
 
-This server is started once per pipeline run (``python -m pipelines.task_server --socket PATH``,
-through :func:`driftloop.core.processes.spawn` with ``kill_group``, so it and every task it forks
+This server is started once per pipeline run (this file run as ``__main__`` with ``--socket PATH``
+and ``_KFP_RUNTIME=true`` — not through the ``pipelines`` package, whose ``__init__`` imports kfp's
+compiler — through :func:`driftloop.core.processes.spawn` with ``kill_group``, so it and every task it forks
 die with the process running the pipeline). It imports those libraries — with ``_KFP_RUNTIME=true``,
-as a task sees kfp — and opens nothing: no MLflow or SQLite connection, no thread, so a fork
-shares none. For each task the runner connects, sends the command, environment and working
+as a task sees kfp — and opens nothing: no MLflow store, SQLite connection, file or Python thread,
+so a fork shares none (the only other threads are idle native pools of OpenBLAS and jemalloc, which
+handle fork themselves; OpenMP starts its pool at the first parallel region, in the task).
+For each task the runner connects, sends the command, environment and working
 directory with the write end of the task's output pipe (``SCM_RIGHTS``); the server forks a child
 that does exactly what the script does — writes the source to a fresh temporary directory, sets
 argv, environment and cwd, points fds 1 and 2 at the pipe — and runs ``kfp.dsl.executor_main``
@@ -35,9 +38,7 @@ import sys
 import traceback
 from typing import Any
 
-__all__ = ["TASK_SERVER_MODULE", "PRELOAD", "parse_task_command", "send_task", "serve"]
-
-TASK_SERVER_MODULE = "pipelines.task_server"
+__all__ = ["PRELOAD", "parse_task_command", "send_task", "read_status", "serve"]
 
 # What the steps import (kfp's executor first, as a task sees it): imported once, before any fork.
 PRELOAD = (
@@ -189,6 +190,9 @@ def serve(sock_path: str) -> None:
     listener.bind(sock_path + ".tmp")
     os.rename(sock_path + ".tmp", sock_path)  # the path appears when the server is ready
     listener.listen(16)
+    print(f"task server {os.getpid()}: ready, {len(PRELOAD)} modules preloaded, "
+          f"{len(os.listdir('/proc/self/task')) if os.path.isdir('/proc/self/task') else '?'} native threads",
+          file=sys.stderr, flush=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     while True:
         conn, _ = listener.accept()
@@ -222,7 +226,7 @@ def serve(sock_path: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
-    p = argparse.ArgumentParser(prog=f"python -m {TASK_SERVER_MODULE}")
+    p = argparse.ArgumentParser(prog="task_server.py")
     p.add_argument("--socket", required=True)
     serve(p.parse_args(argv).socket)
 
