@@ -169,6 +169,14 @@ def test_killing_driftloop_serve_leaves_no_server_running(tmp_path, trained, sig
         kill_all(below)
 
 
+def _ppid(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return int(fh.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
 def test_killing_the_monitor_takes_its_retraining_worker_and_tasks(tmp_path, scenario_path):
     from monitoring.alerts import AlertStore
     from monitoring.trigger import Trigger
@@ -190,7 +198,9 @@ def test_killing_the_monitor_takes_its_retraining_worker_and_tasks(tmp_path, sce
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:  # until a pipeline task runs under the worker
             below = descendants(proc.pid)
-            if any("kfp.dsl.executor_main" in cmdline(p) or "ephemeral_component" in cmdline(p) for p in below):
+            # a task: a fresh executor, or a child forked by the run's task server (pipelines/task_server.py)
+            if any("kfp.dsl.executor_main" in cmdline(p) or "ephemeral_component" in cmdline(p)
+                   or ("task_server.py" in cmdline(p) and "task_server.py" in cmdline(_ppid(p))) for p in below):
                 break
             time.sleep(0.1)
         else:
