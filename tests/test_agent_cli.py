@@ -42,7 +42,7 @@ def test_simulate_a_trace_file_prints_the_table(tmp_path) -> None:
     pd.DataFrame({"timestamp": t + 1_700_000_000, "requests": np.round(rate * 60)}).to_parquet(trace)
     out = runner.invoke(app, ["agent", "simulate", "--trace", str(trace), "--baseline", "kpa", *args(tmp_path)])
     assert out.exit_code == 0, out.output
-    assert "agent" in out.output and "kpa" in out.output and "SLO-violation" in out.output
+    assert "agent" in out.output and "kpa" in out.output and "SLO" in out.output
 
 
 @pytest.mark.parametrize("argv, message", [

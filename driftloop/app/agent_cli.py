@@ -149,10 +149,12 @@ def simulate_cmd(
         return
     table = Table(title=f"{tr.name}: {rows[0]['minutes']} minutes evaluated, cold start {cold_start:g} s, "
                         f"{model.capacity_rps:g} req/s per replica, p99 SLO {model.slo_p99 * 1000:g} ms")
-    for col in ("policy", "SLO-violation min", "replica-seconds", "scale changes", "MASE", "90 % coverage"):
+    for col in ("policy", "SLO-violation min", "replica-seconds", "scale changes", "floor changes", "MASE",
+                "90 % coverage"):
         table.add_column(col, justify="left" if col == "policy" else "right")
     for r in rows:
         table.add_row(r["policy"], str(r["slo_violation_minutes"]), f"{r['replica_seconds']:,}", str(r["scale_changes"]),
+                      str(r["floor_changes"]) if r["policy"] == "agent" else "-",
                       "-" if r["mase"] is None else f"{r['mase']:.2f}",
                       "-" if r["interval_coverage"] is None else f"{r['interval_coverage']:.1%}")
     console.print(table)

@@ -96,6 +96,10 @@ def _initial_state(y: np.ndarray, m: int | None) -> tuple[float, float, np.ndarr
     level = float(first.mean())
     trend = float((second.mean() - first.mean()) / m) if len(second) == m else 0.0
     season = (first - level).astype(float)
+    if m >= 48:  # many steps per season: the profile is smooth, single values are mostly noise,
+        k = 5    # so the first season's profile is a centred moving average of 11 steps
+        padded = np.concatenate([season[-k:], season, season[:k]])
+        season = np.convolve(padded, np.ones(2 * k + 1) / (2 * k + 1), mode="same")[k:-k]
     return level, trend, season.copy()
 
 

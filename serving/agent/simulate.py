@@ -20,7 +20,8 @@ Policies:
 
 Metrics per policy (over the evaluated span, after the warm-up history): SLO-violation minutes,
 replica-seconds (every replica that exists, starting or ready), scale changes (changes of the
-desired count), and for the agent MASE of its forecasts (scaled by the in-sample seasonal-naive
+desired count; for the agent also its floor changes alone -- in Serverless mode each is a new
+Knative revision), and for the agent MASE of its forecasts (scaled by the in-sample seasonal-naive
 error) and the coverage of its prediction interval.
 """
 
@@ -240,6 +241,7 @@ class SimResult:
     coverage: float | None = None
     decisions: int = 0
     refused: int = 0
+    floor_changes: int = 0
     series: dict[str, list[float]] = field(default_factory=dict, repr=False)
 
     def row(self) -> dict[str, Any]:
@@ -247,7 +249,7 @@ class SimResult:
                 "replica_seconds": round(self.replica_seconds), "scale_changes": self.scale_changes,
                 "mase": None if self.mase is None else round(self.mase, 3),
                 "interval_coverage": None if self.coverage is None else round(self.coverage, 3),
-                "minutes": self.minutes}
+                "floor_changes": self.floor_changes, "minutes": self.minutes}
 
 
 def _agent_policy(agent: Any, model: ServiceModel) -> Policy:
@@ -284,7 +286,7 @@ def simulate(trace: Trace, policy: str, model: ServiceModel = ServiceModel(), *,
     pending: deque[tuple[int, float, float, float]] = deque()  # (step due, point, lower, upper)
     abs_err: list[float] = []
     covered: list[bool] = []
-    decisions = refused = 0
+    decisions = refused = floor_changes = 0
     if policy == "agent":
         history = trace.rate[:first]
         if len(history) < 3:
@@ -338,6 +340,7 @@ def simulate(trace: Trace, policy: str, model: ServiceModel = ServiceModel(), *,
                         log.record(decision)
                     if decision.allowed and decision.applied is not None:
                         floor = decision.applied
+                        floor_changes += 1
                     else:
                         refused += 1
             tick_no += 1
@@ -389,7 +392,7 @@ def simulate(trace: Trace, policy: str, model: ServiceModel = ServiceModel(), *,
         if minute_slow / minute_req > 0.01:
             violation_minutes += 1
     result = SimResult(policy, violation_minutes, replica_seconds, changes, minutes, decisions=decisions,
-                       refused=refused, series=series if keep_series else {})
+                       refused=refused, floor_changes=floor_changes, series=series if keep_series else {})
     if selector is not None and abs_err:
         result.mase = float(np.mean(abs_err)) / scale
         result.coverage = float(np.mean(covered))
