@@ -6,7 +6,7 @@ play on a cluster:
 * splits traffic between the primary and the canary by the canary percentage (weighted
   random, or sticky by a request header when ``sticky_key`` is set);
 * forwards KServe V1 and V2 requests unchanged (bytes in, bytes out) over keep-alive
-  ``httpx`` connections;
+  ``aiohttp`` connections;
 * logs every served request and its response as the KServe logger does — CloudEvents v1 in
   binary mode, ``ce-id`` shared by request and response — plus two extension attributes
   KServe's logger leaves out: ``ce-modelversion`` (the MLflow version that answered) and
@@ -43,9 +43,11 @@ import os
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from typing import Any
 
-import httpx
+import aiohttp
+import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -65,6 +67,8 @@ RESPONSE_TYPE = "org.kubeflow.serving.inference.response"
 # KServe's logger names the endpoint of the InferenceService that answered.
 _ENDPOINT = {PRIMARY: "default", CANARY: "canary", "shadow": "canary"}
 _FORWARD_HEADERS = ("content-type", "accept", "inference-header-content-length")
+_BATCH_TYPE = "application/cloudevents-batch+json"
+_STRUCTURED_TYPE = "application/cloudevents+json"
 # Asks the predictor for class scores (serving.predictor.SCORES_HEADER; not imported: kserve is heavy).
 SCORES_HEADER = "x-driftloop-scores"
 # The bearer token that PUT /admin/* needs; read from the environment only.
@@ -98,8 +102,9 @@ class GatewayConfig:
     max_payload_bytes: int = 8 * 1024 * 1024
     upstream_timeout: float = 30.0
     queue_size: int = 10_000
-    senders: int = 4
+    senders: int = 2  # concurrent batch POSTs to the sink
     sink_timeout: float = 2.0
+    sink_linger: float = 0.05  # seconds a sender waits for more events before it posts a batch
     seed: int | None = None
     source: str = field(default="")
     admin_token: str | None = field(default=None, repr=False)
@@ -175,32 +180,48 @@ class _Metrics:
 
 
 class EventLogger:
-    """Sends KServe-logger CloudEvents to the sink from a bounded queue, off the request path."""
+    """Sends KServe-logger CloudEvents to the sink from a bounded queue, off the request path.
+
+    Events go out in ``application/cloudevents-batch+json`` batches (structured mode: the same
+    attributes KServe's logger sends as ``ce-*`` headers, plus ``modelversion``/``servingrole``,
+    with the request or response body spliced in as ``data`` byte for byte): whatever is queued
+    when a sender is free goes in one POST, so under load a batch carries many requests and the
+    sink stores them in one transaction. A batch the sink refuses with a 4xx (one bad event
+    refuses all) is sent again event by event, so only the refused events are dropped. A full
+    queue drops the new pair and counts it (``driftloop_gateway_events_dropped_total{reason=
+    "queue_full"}``); an unreachable or failing sink drops what it was sent and counts it
+    (``sink_unreachable``, ``sink_<status>``). Nothing here ever waits on the request path.
+    A sender that finds fewer than ``max_batch`` pairs queued waits ``linger`` seconds for more
+    first, so at a low request rate the sink still gets few, large POSTs.
+    """
 
     def __init__(self, sink_url: str, *, name: str, namespace: str, source: str, metrics: _Metrics,
-                 queue_size: int = 10_000, senders: int = 4, timeout: float = 2.0) -> None:
+                 queue_size: int = 10_000, senders: int = 2, timeout: float = 2.0, max_batch: int = 256,
+                 max_batch_bytes: int = 4 * 1024 * 1024, linger: float = 0.05) -> None:
         self.sink_url = sink_url
         self.name = name
         self.namespace = namespace
         self.source = source
         self.metrics = metrics
-        self.queue: asyncio.Queue[tuple[str, str, str, str, bytes, bytes]] = asyncio.Queue(maxsize=queue_size)
+        self.queue: asyncio.Queue[tuple[str, str, str, str, bytes, bytes, float]] = asyncio.Queue(maxsize=queue_size)
         self.senders = senders
         self.timeout = timeout
+        self.max_batch = max_batch  # request/response pairs per POST
+        self.max_batch_bytes = max_batch_bytes
+        self.linger = linger
         self._tasks: list[asyncio.Task[None]] = []
-        self._client: httpx.AsyncClient | None = None
+        self._session: aiohttp.ClientSession | None = None
 
     def submit(self, request_id: str, role: str, version: str, path: str, request_body: bytes,
                response_body: bytes) -> None:
         """Queue one request/response pair; drops (and counts) when the queue is full."""
         try:
-            self.queue.put_nowait((request_id, role, version, path, request_body, response_body))
+            self.queue.put_nowait((request_id, role, version, path, request_body, response_body, time.time()))
         except asyncio.QueueFull:
             self.metrics.events_dropped.labels(reason="queue_full").inc(2)
 
     def start(self) -> None:
-        limits = httpx.Limits(max_connections=self.senders, max_keepalive_connections=self.senders)
-        self._client = httpx.AsyncClient(timeout=self.timeout, limits=limits)
+        self._session = _session(self.senders, self.timeout)
         self._tasks = [asyncio.create_task(self._send_loop()) for _ in range(self.senders)]
 
     async def close(self, drain_seconds: float = 2.0) -> None:
@@ -211,44 +232,68 @@ class EventLogger:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._client is not None:
-            await self._client.aclose()
+        if self._session is not None:
+            await self._session.close()
 
-    def _events(self, item: tuple[str, str, str, str, bytes, bytes]) -> list[tuple[dict[str, str], bytes]]:
-        from cloudevents.conversion import to_binary
-        from cloudevents.http import CloudEvent
-
-        request_id, role, version, path, request_body, response_body = item
+    def events(self, item: tuple[str, str, str, str, bytes, bytes, float]) -> list[bytes]:
+        """The pair as two structured-mode CloudEvents (JSON objects, ``data`` = the body as sent)."""
+        request_id, role, version, path, request_body, response_body, at = item
+        stamp = datetime.fromtimestamp(at, timezone.utc).isoformat()
         out = []
         for ce_type, body in ((REQUEST_TYPE, request_body), (RESPONSE_TYPE, response_body)):
-            event = CloudEvent({
-                "id": request_id, "type": ce_type, "source": self.source, "specversion": "1.0",
+            attrs = orjson.dumps({
+                "specversion": "1.0", "id": request_id, "type": ce_type, "source": self.source, "time": stamp,
                 "datacontenttype": "application/json", "inferenceservicename": self.name,
                 "namespace": self.namespace, "component": "predictor", "endpoint": _ENDPOINT[role],
                 "modelversion": version, "servingrole": role, "inferencepath": path,
-            }, body)
-            headers, data = to_binary(event, data_marshaller=lambda d: d)
-            out.append((headers, data))
+            })
+            out.append(attrs[:-1] + b',"data":' + body + b"}")
         return out
 
     async def _send_loop(self) -> None:
-        assert self._client is not None
         while True:
-            item = await self.queue.get()
+            items = [await self.queue.get()]
+            size = len(items[0][4]) + len(items[0][5])
+            if self.linger > 0 and self.queue.qsize() < self.max_batch:
+                await asyncio.sleep(self.linger)  # at a low rate, one POST carries many requests, not one
+            while len(items) < self.max_batch and size < self.max_batch_bytes and not self.queue.empty():
+                item = self.queue.get_nowait()
+                items.append(item)
+                size += len(item[4]) + len(item[5])
             self.metrics.queue_depth.set(self.queue.qsize())
-            for headers, data in self._events(item):
-                try:
-                    resp = await self._client.post(self.sink_url, content=data, headers=headers)
-                except httpx.HTTPError as exc:
-                    self.metrics.events_dropped.labels(reason="sink_unreachable").inc()
-                    log.debug("inference-log sink %s unreachable: %s", self.sink_url, exc)
-                    continue
-                if resp.status_code < 300:
-                    self.metrics.events_sent.inc()
-                else:
-                    self.metrics.events_dropped.labels(reason=f"sink_{resp.status_code}").inc()
-                    log.warning("inference-log sink refused event %s: %s %s", item[0], resp.status_code,
-                                resp.text[:200])
+            events = [e for item in items for e in self.events(item)]
+            await self._post(events)
+
+    async def _post(self, events: list[bytes]) -> None:
+        batch = len(events) > 1
+        body = b"[" + b",".join(events) + b"]" if batch else events[0]
+        ctype = _BATCH_TYPE if batch else _STRUCTURED_TYPE
+        assert self._session is not None
+        try:
+            async with self._session.post(self.sink_url, data=body, headers={"content-type": ctype}) as resp:
+                status = resp.status
+                detail = (await resp.read())[:200] if status >= 300 else b""
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            self.metrics.events_dropped.labels(reason="sink_unreachable").inc(len(events))
+            log.debug("inference-log sink %s unreachable: %r", self.sink_url, exc)
+            return
+        if status < 300:
+            self.metrics.events_sent.inc(len(events))
+        elif batch and 400 <= status < 500 and status != 429:
+            for event in events:  # one bad event refuses a batch: find it, keep the others
+                await self._post([event])
+        else:
+            self.metrics.events_dropped.labels(reason=f"sink_{status}").inc(len(events))
+            log.warning("inference-log sink refused %d event(s): %s %s", len(events), status,
+                        detail.decode(errors="replace"))
+
+
+def _session(connections: int, timeout: float) -> aiohttp.ClientSession:
+    """A keep-alive aiohttp session for loopback HTTP (no proxies from the environment, no cookies)."""
+    connector = aiohttp.TCPConnector(limit=connections, keepalive_timeout=30, ttl_dns_cache=300)
+    return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout),
+                                 cookie_jar=aiohttp.DummyCookieJar(), auto_decompress=False, trust_env=False,
+                                 skip_auto_headers=("User-Agent", "Accept-Encoding"))
 
 
 class _JSON(JSONResponse):
@@ -329,7 +374,7 @@ class _Gateway:
         self.splitter = Splitter(cfg.canary_percent, seed=cfg.seed)
         self.metrics.canary_percent.set(cfg.canary_percent)
         self.stats = TrafficStats()
-        self.client: httpx.AsyncClient | None = None
+        self.client: aiohttp.ClientSession | None = None
         self.events: EventLogger | None = None
         self.forwarder: FeedbackForwarder | None = None
         self.shadow: Any = None  # serving.shadow.ShadowMirror while a shadow phase runs
@@ -347,13 +392,13 @@ class _Gateway:
 
     # -- lifecycle ------------------------------------------------------------------
     async def startup(self) -> None:
-        limits = httpx.Limits(max_connections=256, max_keepalive_connections=64, keepalive_expiry=30)
-        self.client = httpx.AsyncClient(timeout=self.cfg.upstream_timeout, limits=limits)
+        self.client = _session(256, self.cfg.upstream_timeout)
         if self.cfg.sink_url:
             self.events = EventLogger(self.cfg.sink_url, name=self.cfg.name, namespace=self.cfg.namespace,
                                       source=self.cfg.source or f"driftloop-gateway/{self.cfg.name}",
                                       metrics=self.metrics, queue_size=self.cfg.queue_size,
-                                      senders=self.cfg.senders, timeout=self.cfg.sink_timeout)
+                                      senders=self.cfg.senders, timeout=self.cfg.sink_timeout,
+                                      linger=self.cfg.sink_linger)
             self.events.start()
         if self.cfg.feedback_url and self.cfg.feedback_outbox:
             self.forwarder = FeedbackForwarder(self.cfg.feedback_url, self.cfg.feedback_outbox)
@@ -369,7 +414,7 @@ class _Gateway:
         if self.forwarder is not None:
             await self.forwarder.close()
         if self.client is not None:
-            await self.client.aclose()
+            await self.client.close()
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette):  # noqa: ANN201
@@ -441,33 +486,35 @@ class _Gateway:
             "x-model-version": upstream.version, "x-serving-role": role})
 
     async def _send(self, method: str, url: str, body: bytes | None = None,
-                    headers: dict[str, str] | None = None) -> tuple[int, bytes, httpx.Headers]:
+                    headers: dict[str, str] | None = None) -> tuple[int, bytes, Any]:
         """One upstream round trip. A pooled keep-alive connection that the model server closed
         fails before any response byte arrives; that is retried once, on a fresh connection."""
         assert self.client is not None
         for attempt in (1, 2):
-            request = self.client.build_request(method, url, content=body, headers=headers)
             try:
-                resp = await self.client.send(request, stream=True)
-            except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
+                async with self.client.request(method, url, data=body, headers=headers) as resp:
+                    try:
+                        content = await resp.read()
+                    except asyncio.TimeoutError as exc:
+                        raise _UpstreamFailed(f"too slow: {exc!r}", counts=True) from exc
+                    except aiohttp.ClientError as exc:
+                        raise _UpstreamFailed(f"connection dropped during the response: {exc!r}",
+                                              counts=False) from exc
+                    return resp.status, content, resp.headers
+            except _UpstreamFailed:
+                raise
+            except aiohttp.ClientConnectorError as exc:
+                raise _UpstreamFailed(f"unreachable: {exc!r}", counts=True) from exc
+            except asyncio.TimeoutError as exc:  # aiohttp's timeouts are asyncio.TimeoutError subclasses
+                raise _UpstreamFailed(f"too slow: {exc!r}", counts=True) from exc
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
                 if attempt == 1:
                     log.debug("connection to %s dropped before a response (%r); retrying once", url, exc)
                     self.metrics.retries.inc()
                     continue
                 raise _UpstreamFailed(f"connection dropped twice before a response: {exc!r}", counts=False) from exc
-            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.ReadTimeout, httpx.WriteTimeout) as exc:
-                raise _UpstreamFailed(f"unreachable or too slow: {exc!r}", counts=True) from exc
-            except httpx.HTTPError as exc:
+            except aiohttp.ClientError as exc:
                 raise _UpstreamFailed(repr(exc), counts=False) from exc
-            try:
-                content = await resp.aread()
-            except httpx.TimeoutException as exc:
-                raise _UpstreamFailed(f"too slow: {exc!r}", counts=True) from exc
-            except httpx.HTTPError as exc:
-                raise _UpstreamFailed(f"connection dropped during the response: {exc!r}", counts=False) from exc
-            finally:
-                await resp.aclose()
-            return resp.status_code, content, resp.headers
         raise AssertionError("unreachable")
 
     async def passthrough(self, request: Request) -> Response:
@@ -750,9 +797,12 @@ def _without_scores(content: bytes) -> bytes:
     if b'"scores"' not in content:
         return content
     try:
-        doc = json.loads(content)
+        doc = orjson.loads(content)
     except ValueError:
-        return content
+        try:
+            doc = json.loads(content)  # NaN/Infinity, which orjson refuses
+        except ValueError:
+            return content
     if not isinstance(doc, dict):
         return content
     if "scores" in doc:
@@ -760,7 +810,10 @@ def _without_scores(content: bytes) -> bytes:
         doc.pop("classes", None)
     elif isinstance(doc.get("outputs"), list):
         doc["outputs"] = [o for o in doc["outputs"] if not (isinstance(o, dict) and o.get("name") == "scores")]
-    return json.dumps(doc, separators=(",", ":")).encode()
+    try:
+        return orjson.dumps(doc)
+    except TypeError:
+        return json.dumps(doc, separators=(",", ":")).encode()
 
 
 def _feedback_url(sink_url: str | None) -> str | None:

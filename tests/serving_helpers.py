@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import socket
 import threading
 import time
@@ -112,14 +113,27 @@ class FakeModelServer:
 
 
 class RecordingSink:
-    """A little inference-log sink that records the binary-mode CloudEvents it receives."""
+    """A little inference-log sink that records the CloudEvents it receives, each as binary mode has it
+    (``ce-*`` headers + body); structured events and batches are read with the cloudevents SDK and
+    keep the POST's raw bytes under ``raw``."""
 
     def __init__(self) -> None:
         self.events: list[dict[str, Any]] = []
         self.app = Starlette(routes=[Route("/events", self.receive, methods=["POST"])])
 
     async def receive(self, request: Request) -> Response:
-        self.events.append({"headers": dict(request.headers), "body": await request.body()})
+        body = await request.body()
+        if request.headers.get("content-type", "").startswith("application/cloudevents"):
+            from cloudevents.conversion import to_binary
+            from cloudevents.http import from_dict
+
+            docs = json.loads(body)
+            for doc in docs if isinstance(docs, list) else [docs]:
+                headers, data = to_binary(from_dict(doc), data_marshaller=lambda d: json.dumps(
+                    d, separators=(",", ":"), ensure_ascii=False).encode())
+                self.events.append({"headers": {k.lower(): v for k, v in headers.items()}, "body": data, "raw": body})
+        else:
+            self.events.append({"headers": dict(request.headers), "body": body})
         return Response(status_code=200)
 
     def wait_for(self, n: int, timeout: float = 10.0) -> list[dict[str, Any]]:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
 import httpx
 import pytest
+from starlette.applications import Starlette
+from starlette.routing import Route
 
 from serving.gateway import GatewayConfig, Upstream, create_gateway_app
 from serving.traffic import Splitter, sticky_bucket
@@ -211,3 +214,84 @@ def test_upstream_down_gives_502_and_the_gateway_keeps_serving(upstreams):
         assert stats["2"]["errors"] == 1 and stats["2"]["error_rate"] == 1.0
         c.put("/admin/split", json={"canary_percent": 0})
         assert predict(c, 1).status_code == 200
+
+
+def _dropped(client: httpx.Client) -> dict[str, float]:
+    out = {}
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith("driftloop_gateway_events_dropped_total{"):
+            out[line.split('reason="')[1].split('"')[0]] = float(line.split()[-1])
+    return out
+
+
+def test_events_go_out_in_batches_carrying_the_bodies_byte_for_byte(upstreams, sink):
+    """Batched structured CloudEvents (the cloudevents SDK reads them) with every attribute KServe's logger
+    sends plus modelversion/servingrole; the response bytes the client got are in the POST unchanged."""
+    _, p_url, _, _ = upstreams
+    rec, sink_url = sink
+    rec.events.clear()
+    with gateway(p_url, sink_url=sink_url, sink_linger=0.3) as url, httpx.Client(base_url=url, headers=AUTH) as c:
+        answers = {}
+        for i in range(10):
+            r = predict(c, i)
+            answers[r.headers["ce-id"]] = r.content
+        events = rec.wait_for(20)
+    assert len(events) == 20
+    posts = {id(e["raw"]) for e in events}
+    assert len(posts) < 10  # not one POST per event, nor per request
+    assert all(e["headers"]["content-type"] == "application/json" for e in events)
+    for e in events:
+        h = e["headers"]
+        assert {"ce-id", "ce-type", "ce-source", "ce-specversion", "ce-time", "ce-inferenceservicename",
+                "ce-namespace", "ce-component", "ce-endpoint", "ce-modelversion", "ce-servingrole"} <= h.keys()
+        if h["ce-type"].endswith("response"):
+            assert answers[h["ce-id"]] in e["raw"]  # spliced as sent, not re-encoded
+
+
+def test_a_batch_with_one_refused_event_keeps_the_others(upstreams, tmp_path):
+    """The real sink refuses a whole batch for one bad event; the gateway sends that batch again event by
+    event, so only the bad event is dropped (and counted with the sink's status)."""
+    from monitoring.metrics import MonitorMetrics
+    from monitoring.sink import create_sink_app
+    from monitoring.store import InferenceStore
+
+    _, p_url, _, _ = upstreams
+    store = InferenceStore(tmp_path / "inference.db")
+    app = create_sink_app(store, metrics=MonitorMetrics(), model_names={"churn"}, reference_columns=list(row(0)))
+    with serve_app(app) as sink_url, gateway(p_url, sink_url=sink_url + "/events", sink_linger=0.5) as url, \
+            httpx.Client(base_url=url, headers=AUTH) as c:
+        good = [predict(c, i).headers["ce-id"] for i in range(8)]
+        bad = c.post("/v1/models/churn:predict", json={"instances": [{"tenure": 3.0}]})  # lacks the other columns
+        assert bad.status_code == 200  # the model server took it; only the log refuses it
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and len(store.event_ids()) < 17:
+            time.sleep(0.05)
+        time.sleep(0.2)
+        assert _dropped(c) == {"sink_422": 1.0}
+    assert store.event_ids("request") == set(good)
+    assert store.event_ids("response") == {*good, bad.headers["ce-id"]}
+    store.close()
+
+
+def test_a_full_event_queue_drops_and_counts_never_delays_a_prediction(upstreams):
+    """A sink slower than the traffic: the bounded queue fills, further pairs are dropped and counted as
+    queue_full; every prediction is answered at once, and every event is either sent or counted."""
+    _, p_url, _, _ = upstreams
+    slow = RecordingSink()
+
+    async def crawl(request):
+        await asyncio.sleep(0.5)
+        return await slow.receive(request)
+
+    with serve_app(Starlette(routes=[Route("/events", crawl, methods=["POST"])])) as sink_url, gateway(p_url, sink_url=sink_url + "/events", queue_size=3, senders=1,
+                                                  sink_linger=0.0) as url, \
+            httpx.Client(base_url=url, headers=AUTH) as c:
+        t0 = time.perf_counter()
+        assert all(predict(c, i).status_code == 200 for i in range(40))
+        assert time.perf_counter() - t0 < 5  # 40 requests, not 40 sink round trips of 0.5 s
+        dropped = _dropped(c).get("queue_full", 0.0)
+        assert dropped >= 2 * 30
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and len(slow.events) + dropped < 80:
+            time.sleep(0.05)
+    assert len(slow.events) + dropped == 80
