@@ -7,11 +7,12 @@ play on a cluster:
   random, or sticky by a request header when ``sticky_key`` is set);
 * forwards KServe V1 and V2 requests unchanged (bytes in, bytes out) over keep-alive
   ``aiohttp`` connections;
-* logs every served request and its response as the KServe logger does — CloudEvents v1 in
-  binary mode, ``ce-id`` shared by request and response — plus two extension attributes
+* logs every served request and its response with the attributes the KServe logger sends —
+  CloudEvents v1, ``ce-id`` shared by request and response — plus two extension attributes
   KServe's logger leaves out: ``ce-modelversion`` (the MLflow version that answered) and
   ``ce-servingrole`` (``primary`` or ``canary``). Events go through a bounded queue to
-  background senders: a slow or dead sink drops events (counted), never predictions;
+  background senders that post them in ``application/cloudevents-batch+json`` batches (see
+  :class:`EventLogger`): a slow or dead sink drops events (counted), never predictions;
 * returns the request id in ``x-request-id`` and ``ce-id`` so that a client can send the
   ground truth later to ``POST /feedback``; the gateway joins it with the prediction it
   served and keeps per-version quality for the rollout controller;
