@@ -403,14 +403,15 @@ class _Grid:
         d_end = d + cnt * n_r  # ... and at its right edge
         h = self.h
         total = n_r * h * (float(cnt[0] - below[0]) + float(below[last]))  # the tails, where F_r is 0 or 1
+        # A clean cell where F_w stays on one side of F_r (d >= 0: above; d_end <= 0: below) adds
+        # h |d_end - n_r sum((v - e_i) / h)|: above, d h + n_r sum(e_i+1 - v); below, the mirror image.
         inner = slice(1, last)
-        up = self.clean[inner] & (d[inner] >= 0)  # F_w >= F_r over the whole cell
-        down = self.clean[inner] & ~up & (d_end[inner] <= 0)  # F_w <= F_r over the whole cell
-        c, s, dd, de = cnt[inner], below[inner], d[inner], d_end[inner]
-        total += h * float(np.sum(dd[up] + n_r * (c[up] - s[up])))
-        total += h * float(np.sum(-de[down] + n_r * s[down]))
+        one_side = self.clean[inner] & ((d[inner] >= 0) | (d_end[inner] <= 0))
+        part = np.abs(d_end[inner] - n_r * below[inner])
+        part[~one_side] = 0.0
+        total += h * float(part.sum())
         exact = np.zeros(last + 1, dtype=bool)
-        exact[inner] = ~(up | down)
+        exact[inner] = ~one_side
         if exact.any():
             total += self._exact_part(ref, cur, bins, exact, cnt, left)
         return total / (n * n_r)
@@ -423,15 +424,21 @@ class _Grid:
         window.sort()
         cells = np.flatnonzero(exact) - 1
         edges = (self.off + np.concatenate((cells, cells + 1)).astype(np.float64)) * self.h
-        points = np.concatenate((window, ref[exact[self.ref_bins]], edges))
-        points.sort()
+        extra = np.concatenate((ref[exact[self.ref_bins]], edges))
+        extra.sort()
+        # merge the (few) reference values and edges into the sorted window values; at each point,
+        # the number of those window values at or below it (exact at the last point of a tie, the
+        # only one whose segment has a length)
+        at = window.searchsorted(extra, "right")
+        points = np.insert(window, at, extra)
+        below = np.insert(np.arange(1, window.size + 1), at, at)
         pbins, _ = self.bins(points)
         start = np.cumsum(np.where(exact, cnt, 0)) - np.where(exact, cnt, 0)  # first index of each bin in window
-        at = pbins[:-1]
-        g = left[at] + (window.searchsorted(points[:-1], "right") - start[at])
+        pb = pbins[:-1]
+        g = left[pb] + (below[:-1] - start[pb])
         f = ref.searchsorted(points[:-1], "right")
         gaps = np.diff(points)
-        gaps[~exact[at]] = 0.0  # segments between exact cells lie in cells counted above
+        gaps[~exact[pb]] = 0.0  # segments between exact cells lie in cells counted above
         return float(np.sum(gaps * np.abs(f * n - g * n_r)))
 
 
