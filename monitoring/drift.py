@@ -245,7 +245,7 @@ class _ColumnProfile:
     levels: dict[Any, int] | None  # value -> count when at most _KEEP_LEVELS distinct values
     n_levels: int
     raw: pd.Series  # non-missing values, for methods without a fast path
-    grid: _Grid | None = None  # numeric: cells for the Wasserstein distance of large windows
+    grids: tuple[_Grid, ...] = ()  # numeric: cells for the Wasserstein distance of large windows, fine first
 
 
 @dataclass
@@ -269,7 +269,7 @@ class ReferenceProfile:
             uniques, counts = _sorted_uniques(values)
             levels = dict(zip(uniques.tolist(), counts.tolist())) if uniques.size <= _KEEP_LEVELS else None
             profiles[col] = _ColumnProfile(NUMERICAL, values.size, values, max(float(np.std(values)), 0.001), levels,
-                                           int(uniques.size), pd.Series(values), _Grid.build(values, int(uniques.size)))
+                                           int(uniques.size), pd.Series(values), _grids(values, int(uniques.size)))
         for col in categorical:
             series = pd.Series(frame[col]).dropna()
             if series.empty:
@@ -327,9 +327,11 @@ def _wasserstein_sorted(u: np.ndarray, v: np.ndarray) -> float:
     return float(d.sum()) / large.size  # not np.dot: BLAS threads would fight the monitor's threads
 
 
-# Cells of the Wasserstein grid per reference value (the more, the fewer window values share a
-# cell with a reference value and need sorting; the fewer, the cheaper the per-cell sums), and a cap.
-_CELLS_PER_REFERENCE_VALUE = 32
+# Cells of the Wasserstein grids per distinct reference value (the more, the fewer window values
+# share a cell with a reference value and need sorting; the fewer, the cheaper the per-cell sums):
+# a fine grid for windows of ~1M rows, a coarse one for ~100k; a window smaller than a grid's
+# cell count is sorted instead. And a cap on the cells.
+_CELLS_PER_REFERENCE_VALUE = (32, 8)
 _MAX_CELLS = 1 << 19
 
 
@@ -351,13 +353,14 @@ class _Grid:
     k: np.ndarray  # int64, one per bin
     clean: np.ndarray  # bool, one per bin
     ref_bins: np.ndarray  # the bin of every (sorted) reference value
+    fixed: np.ndarray  # sorted: the reference values in cells that are not clean and those cells' edges
 
     @classmethod
-    def build(cls, ref: np.ndarray, distinct: int) -> _Grid | None:
+    def build(cls, ref: np.ndarray, distinct: int, per_value: int) -> _Grid | None:
         lo, hi = float(ref[0]), float(ref[-1])
         if not hi > lo:
             return None
-        target = min(_MAX_CELLS, _CELLS_PER_REFERENCE_VALUE * distinct)  # at most `distinct` cells hold a value
+        target = min(_MAX_CELLS, per_value * distinct)  # at most `distinct` cells hold a value
         h = 2.0 ** math.floor(math.log2((hi - lo) / target))
         if not (math.isfinite(h) and h > 0 and math.isfinite(1.0 / h)):
             return None
@@ -370,8 +373,11 @@ class _Grid:
         k = np.concatenate(([0], right[:-1], [ref.size])).astype(np.int64)
         inside = ref.searchsorted(edges[1:], "left") > right[:-1]  # some value strictly in (e_i, e_i+1)
         clean = np.concatenate(([True], ~inside, [True]))
-        grid = cls(h, float(off), cells, k, clean, np.zeros(0, dtype=np.intp))
-        return cls(h, float(off), cells, k, clean, grid.bins(ref)[0])
+        ref_bins = cls(h, float(off), cells, k, clean, np.zeros(0, np.intp), np.zeros(0)).bins(ref)[0]
+        dirty = np.flatnonzero(inside)
+        fixed = np.concatenate((ref[~clean[ref_bins]], edges[dirty], edges[dirty + 1]))
+        fixed.sort()
+        return cls(h, float(off), cells, k, clean, ref_bins, fixed)
 
     def bins(self, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The bin of every value and its offset ``(v - e) / h`` from an edge: the cell's left edge for
@@ -422,10 +428,9 @@ class _Grid:
         n_r, n = ref.size, cur.size
         window = cur[exact[bins]]
         window.sort()
-        cells = np.flatnonzero(exact) - 1
-        edges = (self.off + np.concatenate((cells, cells + 1)).astype(np.float64)) * self.h
-        extra = np.concatenate((ref[exact[self.ref_bins]], edges))
-        extra.sort()
+        crossing = np.flatnonzero(exact & self.clean) - 1  # clean cells where the CDFs cross: edges only
+        edges = np.sort((self.off + np.concatenate((crossing, crossing + 1)).astype(np.float64)) * self.h)
+        extra = np.insert(self.fixed, self.fixed.searchsorted(edges), edges)
         # merge the (few) reference values and edges into the sorted window values; at each point,
         # the number of those window values at or below it (exact at the last point of a tie, the
         # only one whose segment has a length)
@@ -448,10 +453,15 @@ def _wasserstein(prof: _ColumnProfile, cur: np.ndarray) -> float:
     Large windows go through the reference's grid (no sort of the window); small ones through
     the merged sorted samples.
     """
-    grid = prof.grid
-    if grid is not None and cur.size > grid.cells:
-        return grid.wasserstein(prof.sorted_values, cur)
+    for grid in prof.grids:
+        if cur.size > grid.cells:
+            return grid.wasserstein(prof.sorted_values, cur)
     return _wasserstein_sorted(prof.sorted_values, np.sort(cur))
+
+
+def _grids(ref: np.ndarray, distinct: int) -> tuple[_Grid, ...]:
+    grids = [_Grid.build(ref, distinct, per_value) for per_value in _CELLS_PER_REFERENCE_VALUE]
+    return tuple(g for g in grids if g is not None)
 
 
 def _count_vectors(ref: dict[Any, int], cur: dict[Any, int]) -> tuple[list[Any], np.ndarray, np.ndarray]:

@@ -125,12 +125,13 @@ def test_grid_wasserstein_equals_the_sorted_computation_and_scipy(case):
     profile = ReferenceProfile.build(pd.DataFrame({"x": ref}), ["x"], [])
     prof: _ColumnProfile = profile.columns["x"]
     cur = _numeric_values(pd.Series(window), "x")
-    assert prof.grid is not None and cur.size > prof.grid.cells  # the grid path is the one taken
-    fast = _wasserstein(prof, cur)
+    assert len(prof.grids) == 2 and cur.size > prof.grids[0].cells  # the fine grid is the one taken
     old = _wasserstein_sorted(prof.sorted_values, np.sort(cur))
     finite = window[np.isfinite(window)]
-    assert fast == pytest.approx(old, rel=1e-9, abs=1e-12)
-    assert fast == pytest.approx(wasserstein_distance(ref, finite), rel=1e-9, abs=1e-12)
+    assert old == pytest.approx(wasserstein_distance(ref, finite), rel=1e-9, abs=1e-12)
+    assert _wasserstein(prof, cur) == pytest.approx(old, rel=1e-9, abs=1e-12)
+    for grid in prof.grids:  # and the coarse one, which windows of ~100k rows take
+        assert grid.wasserstein(prof.sorted_values, cur) == pytest.approx(old, rel=1e-9, abs=1e-12)
 
 
 def test_large_window_check_matches_evidently_score():
@@ -140,7 +141,7 @@ def test_large_window_check_matches_evidently_score():
     cur = pd.DataFrame({"a": rng.normal(0.15, 1, 150_000), "b": np.round(rng.gamma(2, 2.2, 150_000), 1)})
     cur.loc[::13, "a"] = np.nan
     profile = ReferenceProfile.build(ref, ["a", "b"], [])
-    assert all(cur[c].notna().sum() > profile.columns[c].grid.cells for c in "ab")
+    assert all(cur[c].notna().sum() > profile.columns[c].grids[0].cells for c in "ab")
     fast = fast_check(profile, cur, DriftOptions())
     _, judge = evidently_report(ref, cur, ["a", "b"], [], DriftOptions())
     for col in fast.columns:
