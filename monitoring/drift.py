@@ -7,12 +7,14 @@ several times and builds charts even for ``.dict()`` (~2 min and 2 GB at 1M rows
 the continuous check uses a fast path instead:
 
 * the reference side is summarised once per champion (:class:`ReferenceProfile`: sorted finite
-  values and std for numeric columns, category counts for every column with few levels);
-* each window is reduced with numpy (one sort per numeric column, one ``value_counts`` per
-  categorical one) and compared with exactly the statistic Evidently would use — normalised
-  Wasserstein on sorted arrays, scipy's K-S on sorted arrays, chi-square / Z-test /
-  Jensen-Shannon on category counts; any other configured method falls back to Evidently's own
-  implementation of that method for that column.
+  values, std and two grids of cells (:class:`_Grid`) for numeric columns, category counts for
+  every column with few levels);
+* each window is reduced with numpy (one ``value_counts`` per categorical column; a numeric column
+  is binned on a grid, with only the values in cells that hold a reference value or a CDF
+  crossing sorted, or sorted whole when the window is smaller than the grid) and compared with
+  exactly the statistic Evidently would use — normalised Wasserstein (to rounding), scipy's K-S,
+  chi-square / Z-test / Jensen-Shannon on category counts; any other configured method falls back
+  to Evidently's own implementation of that method for that column.
 
 Method selection mirrors ``evidently.legacy.calculations.stattests.registry._get_default_stattest``:
 decided on the reference size after dropping missing values (≤ 1000 rows: K-S for numeric with
