@@ -902,7 +902,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if cfg.admin_token is None:
         log.warning("%s is not set: PUT /admin/split and /admin/upstreams refuse every call", ADMIN_TOKEN_ENV)
-    uvicorn.run(create_gateway_app(cfg), host=args.host, port=args.port, log_level="warning", access_log=False)
+    uvicorn.run(create_gateway_app(cfg), host=args.host, port=args.port, log_level="warning", access_log=False,
+                proxy_headers=False, server_header=False)
 
 
 if __name__ == "__main__":
