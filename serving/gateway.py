@@ -210,6 +210,7 @@ class EventLogger:
         self.max_batch = max_batch  # request/response pairs per POST
         self.max_batch_bytes = max_batch_bytes
         self.linger = linger
+        self._held = 0  # events taken from the queue by a sender and not yet sent or counted
         self._tasks: list[asyncio.Task[None]] = []
         self._session: aiohttp.ClientSession | None = None
 
@@ -226,13 +227,18 @@ class EventLogger:
         self._tasks = [asyncio.create_task(self._send_loop()) for _ in range(self.senders)]
 
     async def close(self, drain_seconds: float = 2.0) -> None:
-        """Give queued events a short time to go out, then stop the senders."""
+        """Give queued events a short time to go out, then stop the senders; what is still queued or
+        in flight then is counted as dropped (``reason="shutdown"``)."""
         deadline = time.monotonic() + drain_seconds
-        while not self.queue.empty() and time.monotonic() < deadline:
+        while (not self.queue.empty() or self._held) and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        left = 2 * self.queue.qsize() + self._held
+        if left:
+            self.metrics.events_dropped.labels(reason="shutdown").inc(left)
+            log.warning("gateway stopping: %d inference-log events not sent", left)
         if self._session is not None:
             await self._session.close()
 
@@ -254,16 +260,23 @@ class EventLogger:
     async def _send_loop(self) -> None:
         while True:
             items = [await self.queue.get()]
-            size = len(items[0][4]) + len(items[0][5])
-            if self.linger > 0 and self.queue.qsize() < self.max_batch:
-                await asyncio.sleep(self.linger)  # at a low rate, one POST carries many requests, not one
-            while len(items) < self.max_batch and size < self.max_batch_bytes and not self.queue.empty():
-                item = self.queue.get_nowait()
-                items.append(item)
-                size += len(item[4]) + len(item[5])
-            self.metrics.queue_depth.set(self.queue.qsize())
-            events = [e for item in items for e in self.events(item)]
-            await self._post(events)
+            self._held += 2
+            try:
+                size = len(items[0][4]) + len(items[0][5])
+                if self.linger > 0 and self.queue.qsize() < self.max_batch:
+                    await asyncio.sleep(self.linger)  # at a low rate, one POST carries many requests, not one
+                while len(items) < self.max_batch and size < self.max_batch_bytes and not self.queue.empty():
+                    item = self.queue.get_nowait()
+                    items.append(item)
+                    self._held += 2
+                    size += len(item[4]) + len(item[5])
+                self.metrics.queue_depth.set(self.queue.qsize())
+                events = [e for item in items for e in self.events(item)]
+                await self._post(events)
+            except Exception:  # never let one batch stop a sender (cancellation goes through: close() counts)
+                log.exception("inference-log batch of %d events not sent", 2 * len(items))
+                self.metrics.events_dropped.labels(reason="error").inc(2 * len(items))
+            self._held -= 2 * len(items)
 
     async def _post(self, events: list[bytes]) -> None:
         batch = len(events) > 1

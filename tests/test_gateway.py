@@ -9,6 +9,7 @@ import time
 import httpx
 import pytest
 from starlette.applications import Starlette
+from starlette.responses import Response
 from starlette.routing import Route
 
 from serving.gateway import GatewayConfig, Upstream, create_gateway_app
@@ -295,3 +296,23 @@ def test_a_full_event_queue_drops_and_counts_never_delays_a_prediction(upstreams
         while time.monotonic() < deadline and len(slow.events) + dropped < 80:
             time.sleep(0.05)
     assert len(slow.events) + dropped == 80
+
+
+def test_events_still_held_when_the_gateway_stops_are_counted_not_lost_silently(upstreams):
+    """A sink that does not answer before the gateway stops: after the short drain, every event still
+    queued or in flight is counted as dropped for the shutdown."""
+    _, p_url, _, _ = upstreams
+
+    async def stall(request):
+        await asyncio.sleep(4)
+        return Response(status_code=200)
+
+    with serve_app(Starlette(routes=[Route("/events", stall, methods=["POST"])])) as sink_url:
+        cfg = GatewayConfig(name="churn", primary=Upstream(p_url, "1"), sink_url=sink_url + "/events", senders=1,
+                            sink_linger=0.0, sink_timeout=30.0, admin_token=TOKEN)
+        app = create_gateway_app(cfg)
+        with serve_app(app) as url, httpx.Client(base_url=url) as c:
+            assert all(predict(c, i).status_code == 200 for i in range(5))
+    registry = app.state.gateway.metrics.registry
+    assert registry.get_sample_value("driftloop_gateway_events_sent_total") == 0.0
+    assert registry.get_sample_value("driftloop_gateway_events_dropped_total", {"reason": "shutdown"}) == 10.0
