@@ -118,10 +118,11 @@ def main() -> None:
         warnings.filterwarnings("ignore")
         print(json.dumps(worker(args.worker, args.rows, args.reference_rows)))
         return
-    print(f"drift check, {N_NUMERIC} numeric + {N_CATEGORICAL} categorical columns, reference {args.reference_rows} rows; "
-          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
-    header = (f"{'rows':>9} | {'Evidently s':>11} {'peak MB':>8} | {'fast s':>8} {'peak MB':>8} | {'speed-up':>8} | "
-              f"same columns | same methods | max |Δscore| | load | goals (≥ {MIN_SPEEDUP:.0f}x, ≤ {MAX_SECONDS_1M} s at 1M)")
+    print(f"drift check, {N_NUMERIC} numeric + {N_CATEGORICAL} categorical columns, "
+          f"reference {args.reference_rows} rows; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    header = (f"{'rows':>9} | {'Evidently s':>11} {'peak MB':>8} | {'fast s':>8} {'peak MB':>8} | "
+              f"{'speed-up':>8} | same columns | same methods | max |Δscore| | load | "
+              f"goals (≥ {MIN_SPEEDUP:.0f}x, ≤ {MAX_SECONDS_1M} s at 1M)")
     print(header)
     print("-" * len(header))
     for rows in [int(s) for s in args.sizes.split(",") if s]:

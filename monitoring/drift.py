@@ -511,7 +511,8 @@ _P_VALUE_METHODS = {"ks", "chisquare", "z"}
 
 
 def _numeric_values(series: pd.Series, name: str) -> np.ndarray:
-    """Finite values of a numeric column as float64, in their order, never modified later (MonitorError when not numeric)."""
+    """Finite values of a numeric column as float64, in their order, never modified later
+    (MonitorError when not numeric)."""
     if not pd.api.types.is_numeric_dtype(series) or pd.api.types.is_bool_dtype(series):
         try:
             series = pd.to_numeric(series, errors="raise")

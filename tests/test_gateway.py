@@ -284,9 +284,9 @@ def test_a_full_event_queue_drops_and_counts_never_delays_a_prediction(upstreams
         await asyncio.sleep(0.5)
         return await slow.receive(request)
 
-    with serve_app(Starlette(routes=[Route("/events", crawl, methods=["POST"])])) as sink_url, gateway(p_url, sink_url=sink_url + "/events", queue_size=3, senders=1,
-                                                  sink_linger=0.0) as url, \
-            httpx.Client(base_url=url, headers=AUTH) as c:
+    slow_sink = serve_app(Starlette(routes=[Route("/events", crawl, methods=["POST"])]))
+    with slow_sink as sink_url, gateway(p_url, sink_url=sink_url + "/events", queue_size=3, senders=1,
+                                        sink_linger=0.0) as url, httpx.Client(base_url=url, headers=AUTH) as c:
         t0 = time.perf_counter()
         assert all(predict(c, i).status_code == 200 for i in range(40))
         assert time.perf_counter() - t0 < 5  # 40 requests, not 40 sink round trips of 0.5 s
