@@ -187,9 +187,8 @@ def test_no_alert_while_the_relation_holds(tmp_path, trained, champion_sklearn, 
     assert abs(outcome["estimated"]["accuracy"] - outcome["live"]["accuracy"]) < 0.08
 
 
-def test_lineage_and_alerts_show_a_quality_alert(tmp_path, capsys, monkeypatch):
+def test_lineage_and_alerts_show_a_quality_alert(tmp_path, capsys):
     from driftloop.app.lineage import _alert_detail
-    from driftloop.core.console import console
     from driftloop.app.monitor_cli import alerts_cmd
     from monitoring.alerts import Alert, AlertStore, alerts_path
 
@@ -204,10 +203,12 @@ def test_lineage_and_alerts_show_a_quality_alert(tmp_path, capsys, monkeypatch):
     detail = _alert_detail(settings, "quality-abc")
     assert detail["source"] == "quality" and detail["degraded metrics"] == "accuracy 0.41 vs holdout 0.78 (limit 0.73)"
     assert detail["quality report"] == "/r/quality.html" and detail["decision"].startswith("started")
-    monkeypatch.setattr(console, "width", 250)
     alerts_cmd(params=[f"workspace={tmp_path / 'ws'}"])
     row = next(line for line in capsys.readouterr().out.splitlines() if "quality-abc" in line)
-    assert [c.strip() for c in row.split("│")][2:5:2] == ["quality", "started"]
+    assert [c.strip() for c in row.split("│")][1:3] == ["quality-abc", "started"]
+    alerts_cmd(params=[f"workspace={tmp_path / 'ws'}"], as_json=True)
+    (entry,) = json.loads(capsys.readouterr().out)["alerts"]
+    assert (entry["source"], entry["decision"], entry["report_path"]) == ("quality", "started", "/r/quality.html")
 
 
 def test_predictor_logs_class_scores_only_when_asked(trained, champion_sklearn):
