@@ -417,13 +417,12 @@ class DriftloopModel(kserve.Model):
         assert self.schema is not None, "load() first"
         if isinstance(payload, InferRequest):
             frame = frame_from_v2(payload, self.schema)
-            preds = _finite(self._predict_frame(frame))
+            preds, scored = self._predict_and_score(frame, headers)
             if preds.dtype.kind in "OUS":
                 preds = preds.astype(object)
             out = InferOutput(name="predictions", shape=list(preds.shape), datatype=from_np_dtype(preds.dtype),
                               data=preds.tolist())
             outputs = [out]
-            scored = self._scores(frame, headers) if wants_scores(headers) else None
             if scored is not None:
                 scores, classes = scored
                 outputs.append(InferOutput(name=SCORES_OUTPUT, shape=list(scores.shape), datatype="FP64",
@@ -436,12 +435,26 @@ class DriftloopModel(kserve.Model):
         if "instances" not in payload:
             raise InvalidInput(f'a V1 request needs "instances"; got keys {sorted(payload)[:10]}')
         frame = frame_from_instances(payload["instances"], self.schema)
-        preds = _finite(self._predict_frame(frame))
+        preds, scored = self._predict_and_score(frame, headers)
         body = {"predictions": preds.tolist(), "model_version": self.model_version}
-        scored = self._scores(frame, headers) if wants_scores(headers) else None
         if scored is not None:
             body[SCORES_OUTPUT], body["classes"] = scored[0].tolist(), scored[1]
         return body
+
+    def _predict_and_score(self, frame: pd.DataFrame, headers: dict[str, str] | None
+                           ) -> tuple[np.ndarray, tuple[np.ndarray, list[Any]] | None]:
+        """Predictions, and class scores when the request asks for them.
+
+        For learners whose ``predict`` *is* ``classes_[argmax(predict_proba)]`` (scikit-learn's
+        HistGradientBoosting, RandomForest and ExtraTrees classifiers compute it exactly so), the
+        predictions are taken from the one ``predict_proba`` call instead of running the model twice:
+        the gateway asks for scores on every request it logs. Other learners run both.
+        """
+        scored = self._scores(frame, headers) if wants_scores(headers) else None
+        if scored is not None and _predict_is_argmax_of_proba(self._model):
+            raw_classes = np.asarray(_final_estimator(self._model).classes_)
+            return _finite(raw_classes.take(np.argmax(scored[0], axis=1), axis=0)), scored
+        return _finite(self._predict_frame(frame)), scored
 
     def _scores(self, frame: pd.DataFrame, headers: dict[str, str] | None) -> tuple[np.ndarray, list[Any]] | None:
         """Class scores (``n × k``, columns in ``classes`` order) of a classifier; None for a regressor."""
@@ -450,6 +463,23 @@ class DriftloopModel(kserve.Model):
             return None
         classes = [c.item() if hasattr(c, "item") else c for c in getattr(self._model, "classes_", [])]
         return np.asarray(proba(frame), dtype=np.float64), classes
+
+
+def _final_estimator(model: Any) -> Any:
+    steps = getattr(model, "steps", None)
+    return steps[-1][1] if steps else model
+
+
+def _predict_is_argmax_of_proba(model: Any) -> bool:
+    """True for single-output classifiers whose ``predict`` is exactly the argmax of ``predict_proba``."""
+    try:
+        from sklearn.ensemble import ExtraTreesClassifier, HistGradientBoostingClassifier, RandomForestClassifier
+    except ImportError:  # pragma: no cover - sklearn is a dependency
+        return False
+    final = _final_estimator(model)
+    if not isinstance(final, (HistGradientBoostingClassifier, RandomForestClassifier, ExtraTreesClassifier)):
+        return False
+    return getattr(final, "n_outputs_", 1) == 1 and np.ndim(getattr(final, "classes_", None)) == 1
 
 
 #: Request header that asks for class scores in the response (the local gateway sends it when it logs,

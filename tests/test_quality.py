@@ -225,6 +225,16 @@ def test_predictor_logs_class_scores_only_when_asked(trained, champion_sklearn):
 
     plain = model.predict({"instances": instances}, headers={})
     assert set(plain) == {"predictions", "model_version"}  # what clients get unless they ask
+
+    # With scores asked for (the gateway asks on every request it logs) the model runs once: the
+    # predictions come from predict_proba's argmax, and equal predict's on every row.
+    many = generate(rows=2000, drift_at=0.5, seed=5)[FEATURES]
+    many_instances = json.loads(many.to_json(orient="records"))
+    two_calls = model.predict({"instances": many_instances}, headers={})["predictions"]
+    model._predict_frame = lambda frame: pytest.fail("predict ran beside predict_proba")
+    one_call = model.predict({"instances": many_instances}, headers={SCORES_HEADER: "true"})["predictions"]
+    assert one_call == two_calls == champion_sklearn.predict(many).tolist()
+    del model._predict_frame
     scored = model.predict({"instances": instances}, headers={SCORES_HEADER: "true"})
     assert scored["classes"] == [0, 1] and scored["predictions"] == plain["predictions"]
     assert np.allclose(scored["scores"], expected)
