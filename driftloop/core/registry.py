@@ -113,13 +113,23 @@ class Registry:
             from mlflow.tracking import MlflowClient
 
             self._probe()
-            mlflow.set_tracking_uri(self.tracking_uri)
-            # Only a registry configured apart from tracking is set process-wide: MLflow follows the
-            # tracking URI otherwise, and a sticky global would outlive a switch of workspace.
-            if self.registry_uri != self.tracking_uri:
-                mlflow.set_registry_uri(self.registry_uri)
+            self._activate()
             self._client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.registry_uri)
         return self._client
+
+    def _activate(self) -> None:
+        """Point MLflow's process-wide URIs at this registry (``models:/`` loads resolve through them).
+
+        Set again before every load: another Registry of the same process (another workspace, a
+        tenant) may have moved them since this one's client was made.
+        """
+        import mlflow
+
+        mlflow.set_tracking_uri(self.tracking_uri)
+        # Only a registry configured apart from tracking is set process-wide: MLflow follows the
+        # tracking URI otherwise, and a sticky global would outlive a switch of workspace.
+        if self.registry_uri != self.tracking_uri:
+            mlflow.set_registry_uri(self.registry_uri)
 
     @property
     def _remote(self) -> bool:
@@ -285,12 +295,14 @@ class Registry:
         import mlflow.sklearn
 
         with self.translate_errors(f"cannot load model {uri}"):
+            self._activate()
             return mlflow.sklearn.load_model(uri)
 
     def load_pyfunc(self, uri: str) -> Any:
         import mlflow.pyfunc
 
         with self.translate_errors(f"cannot load model {uri}"):
+            self._activate()
             return mlflow.pyfunc.load_model(uri)
 
     # -- run artifacts ----------------------------------------------------------------
