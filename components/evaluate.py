@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from driftloop.core.calibration import expected_calibration_error
 from driftloop.core.config import higher_is_better
 
 __all__ = ["score", "gate", "Decision", "evaluate_models", "decision_markdown"]
@@ -165,22 +166,6 @@ def calibration_map(y_true: Any, scores: np.ndarray, classes: list[Any]) -> dict
         iso.fit(scores[:, j], (y == classes[j]).astype(float))
         maps.append({"x": [float(v) for v in iso.X_thresholds_], "y": [float(v) for v in iso.y_thresholds_]})
     return {"method": "isotonic", "binary": len(classes) == 2, "maps": maps}
-
-
-def expected_calibration_error(correct: np.ndarray, confidence: np.ndarray, bins: int = 10) -> float:
-    """ECE: mean |accuracy - confidence| over equal-width confidence bins, weighted by their rows."""
-    correct = np.asarray(correct, dtype=float)
-    confidence = np.asarray(confidence, dtype=float)
-    if confidence.size == 0:
-        return float("nan")
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
-    total = 0.0
-    for b in range(bins):
-        mask = which == b
-        if mask.any():
-            total += mask.sum() * abs(correct[mask].mean() - confidence[mask].mean())
-    return float(total / confidence.size)
 
 
 def holdout_quality(model: Any, test: pd.DataFrame, *, target: str, task: str, numeric: list[str],

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from driftloop.core.calibration import expected_calibration_error
 from driftloop.core.errors import MonitorError, RegistryError
 from monitoring.estimate import Calibration
 
@@ -86,18 +87,6 @@ def _as_class(values: Any, classes: list[Any] | None) -> np.ndarray:
     return arr.astype(str).to_numpy()
 
 
-def _ece(correct: np.ndarray, confidence: np.ndarray, bins: int = 10) -> float:
-    """Expected calibration error, as recorded at registration (equal-width bins of the top score)."""
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
-    total = 0.0
-    for b in range(bins):
-        mask = which == b
-        if mask.any():
-            total += mask.sum() * abs(correct[mask].mean() - confidence[mask].mean())
-    return float(total / confidence.size)
-
-
 def classification_metrics(y_true: Any, y_pred: Any, scores: np.ndarray | None = None,
                            classes: list[Any] | None = None) -> dict[str, float]:
     """Accuracy, F1, and — with scores (``n × k``, columns in ``classes`` order) — ROC AUC and ECE."""
@@ -120,7 +109,7 @@ def classification_metrics(y_true: Any, y_pred: Any, scores: np.ndarray | None =
         except ValueError:
             pass  # a class the model knows is absent from the window
     if scores is not None:
-        out["ece"] = _ece((y == p).astype(float), scores.max(axis=1))
+        out["ece"] = expected_calibration_error((y == p).astype(float), scores.max(axis=1))
     return out
 
 
