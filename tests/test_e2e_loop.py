@@ -29,6 +29,10 @@ def test_demo_closes_the_loop_and_leaves_nothing_running(tmp_path):
     assert facts["rollout_bad"]["status"] == "rolled_back" and weak["rollout"] == "rolled_back"
     assert "champion" not in weak["aliases"]
     assert facts["reports"] and all(os.path.exists(p) for p in facts["reports"])
+    # the quality check on the labels that flowed through the gateway: realised and estimated, per version
+    judged = [q for q in facts["quality"]["versions"].values() if "holdout" in q]
+    assert judged and all("accuracy" in q["live"] and "accuracy" in (q.get("estimated") or q["estimated_latest"])
+                          for q in judged)
     # lineage of the champion: alert (with its report) → run → data window → gate → rollout steps
     out = subprocess.run([sys.executable, "-m", "driftloop.app.cli", "lineage", "churn@champion", "--json",
                           "-c", str(workdir / "driftloop.yaml")], capture_output=True, text=True, timeout=120)
