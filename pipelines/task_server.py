@@ -48,7 +48,8 @@ PRELOAD = (
     "sklearn.linear_model", "sklearn.metrics", "sklearn.model_selection",
     "mlflow", "mlflow.sklearn", "mlflow.models", "mlflow.tracking",
     "components._runtime", "components.ingest", "components.validate", "components.train", "components.evaluate",
-    "components.register", "driftloop.core.registry", "driftloop.core.config",
+    "components.register", "components.deploy", "serving.rollout", "httpx",
+    "driftloop.core.registry", "driftloop.core.config",
 )
 
 _SCRIPT_HEAD = 'program_path=$(mktemp -d)\n\nprintf "%s" "$0" > "$program_path/ephemeral_component.py"\n_KFP_RUNTIME=true '
