@@ -50,6 +50,12 @@ PRELOAD = (
     "components._runtime", "components.ingest", "components.validate", "components.train", "components.evaluate",
     "components.register", "components.deploy", "serving.rollout", "httpx",
     "driftloop.core.registry", "driftloop.core.config",
+    # what MLflow imports on a task's first store access and model logging (about 1 s a task otherwise):
+    # the SQLAlchemy stores (alembic, sqlalchemy's sqlite dialect, cryptography), pyfunc, tracing's
+    # exporters, GitPython (run source tags) and skops (its import pulls in pytest through sklearn)
+    "mlflow.store.tracking.sqlalchemy_store", "mlflow.store.model_registry.sqlalchemy_store", "alembic.command",
+    "sqlalchemy.dialects.sqlite", "mlflow.pyfunc", "mlflow.tracing.export", "mlflow.tracing.processor", "git",
+    "skops.io", "pyarrow.dataset", "multiprocessing.dummy", "narwhals._pandas_like.dataframe", "netrc",
 )
 
 _SCRIPT_HEAD = 'program_path=$(mktemp -d)\n\nprintf "%s" "$0" > "$program_path/ephemeral_component.py"\n_KFP_RUNTIME=true '
