@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich import box
+from rich.markup import escape
 from rich.table import Table
 
 from driftloop.core.console import ConfigOpt, ParamOpt, console, settings_from
@@ -149,9 +151,10 @@ def simulate_cmd(
         return
     table = Table(title=f"{tr.name}: {rows[0]['minutes']} minutes evaluated, cold start {cold_start:g} s, "
                         f"{model.capacity_rps:g} req/s per replica, p99 SLO {model.slo_p99 * 1000:g} ms")
-    for col in ("policy", "SLO-violation min", "replica-seconds", "scale changes", "floor changes", "MASE",
-                "90 % coverage"):
-        table.add_column(col, justify="left" if col == "policy" else "right")
+    # headers broken by hand and numbers never wrapped: the table fits 80 columns
+    for col in ("policy", "SLO\nviolation\nmin", "replica-\nseconds", "scale\nchanges", "floor\nchanges", "MASE",
+                "90 %\ncoverage"):
+        table.add_column(col, justify="left" if col == "policy" else "right", no_wrap=True)
     for r in rows:
         table.add_row(r["policy"], str(r["slo_violation_minutes"]), f"{r['replica_seconds']:,}", str(r["scale_changes"]),
                       str(r["floor_changes"]) if r["policy"] == "agent" else "-",
@@ -197,12 +200,19 @@ def recommend_cmd(
     if as_json:
         console.print_json(json.dumps(doc))
         return
-    table = Table(title="right-sizing (a report: nothing is applied)")
-    for col in ("model", "samples", "cpu request", "memory request/limit", "now", "note"):
-        table.add_column(col)
+    # Fits 80 columns: the note folds under the model's name (never cut).
+    table = Table(title="right-sizing (a report: nothing is applied)", box=box.ROUNDED)
+    table.add_column("model / note", overflow="fold")
+    table.add_column("samples", justify="right", no_wrap=True)
+    table.add_column("cpu\nrequest", no_wrap=True)
+    table.add_column("memory\nreq. / limit", no_wrap=True)
+    table.add_column("now\ncpu / mem.", no_wrap=True)
     for r in recs:
         now = f"{r.current_cpu_request} / {r.current_memory_request}" if r.current_cpu_request else "-"
-        table.add_row(r.model, str(r.samples), r.cpu_request, r.memory_request, now, r.note)
+        note = f"\n[dim]{escape(r.note)}[/]" if r.note else ""
+        table.add_row(escape(r.model) + note, str(r.samples), r.cpu_request, f"{r.memory_request} / {r.memory_limit}",
+                      now)
+        table.add_section()
     console.print(table)
 
 
@@ -226,13 +236,21 @@ def decisions_cmd(
     if not records:
         console.print("no decisions yet")
         return
-    table = Table(title="agent decisions")
-    for col in ("at", "mode", "action", "allowed", "reason"):
-        table.add_column(col)
+    # Fits 80 columns: time over mode, model (cut with an ellipsis if long) over the action, and the
+    # verdict with what came of it over the reason (folded, never cut). --json has every field.
+    table = Table(title="agent decisions", box=box.ROUNDED)
+    table.add_column("at (UTC) / mode", no_wrap=True)
+    table.add_column("model / action", no_wrap=True, overflow="ellipsis", max_width=20)
+    table.add_column("allowed / reason", overflow="fold")
     for r in records:
         act = r["action"]
         what = act["kind"] + (f" {act['current']}->{r['applied']}" if act["kind"] == "set_floor" else "")
-        table.add_row(r["at"][:19], r["mode"], what, "yes" if r["allowed"] else "no", r["reason"])
+        verdict = "[green]allowed[/]" if r["allowed"] else "[yellow]refused[/]"
+        outcome = (f": {escape(str(r['result']))}" if r.get("result") else "") + (
+            f" ({escape(str(r['error']))})" if r.get("error") else "")
+        table.add_row(f"{r['at'][:19].replace('T', ' ')}\n{r['mode']}", f"{escape(act['model'])}\n{what}",
+                      f"{verdict}{outcome}\n[dim]{escape(r['reason'])}[/]")
+        table.add_section()
     console.print(table)
 
 

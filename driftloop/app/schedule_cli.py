@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import threading
 from typing import Annotated, Any, Optional
@@ -70,26 +71,51 @@ def create_cmd(
 def list_cmd(
     config: Annotated[Optional[str], typer.Option("--config", "-c", help="YAML config file.")] = None,
     kfp_host: KfpHostOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON document (every field) for scripts.")] = False,
 ) -> None:
     """List the schedules (on Kubeflow this also deletes retired generations whose runs have finished)."""
-    from rich.table import Table
-
     from driftloop.core.console import console
 
     _, backend = _backend(config, kfp_host)
     statuses = backend.list()
+    if as_json:
+        typer.echo(json.dumps({"home": backend.home, "schedules": [_status_doc(st) for st in statuses]}))
+        return
     if not statuses:
         console.print("no schedules")
         return
-    table = Table(title=f"schedules ({backend.home})")
-    for col in ("name", "cron (UTC)", "state", "next run", "window", "max conc.", "catch-up", "params", "detail"):
-        table.add_column(col)
+    console.print(_status_table(backend.home, statuses))
+
+
+def _status_doc(st: Any) -> dict[str, Any]:
+    """Every field of one listed schedule, for ``--json``."""
+    return {**st.schedule.to_dict(), "state": st.state, "home": st.home,
+            "next_run": st.next_run.isoformat() if st.next_run else None, "ident": st.ident, "note": st.note}
+
+
+def _status_table(home: str, statuses: list[Any]) -> Any:
+    """The schedules in 80 columns: name and cron over each other, the overrides and the note folded
+    (never cut); ``--json`` has every field."""
+    from rich import box
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title=f"schedules ({home})", box=box.ROUNDED)
+    table.add_column("schedule / cron (UTC)", overflow="fold", max_width=18)
+    table.add_column("state / next run", no_wrap=True)
+    table.add_column("runs", no_wrap=True)
+    table.add_column("params / detail", overflow="fold")
     for st in statuses:
         s = st.schedule
-        table.add_row(s.name + (" (score)" if s.pipeline == "score" else ""), s.cron, st.state, st.next_run.strftime("%Y-%m-%d %H:%M") if st.next_run else "-",
-                      f"{s.window_days:g} d" if s.window_days else "all", str(s.max_concurrency),
-                      "yes" if s.catchup else "no", ", ".join(f"{k}={v}" for k, v in s.params.items()) or "-", st.note)
-    console.print(table)
+        name = escape(s.name) + (" [dim](score)[/]" if s.pipeline == "score" else "")
+        next_run = st.next_run.strftime("%Y-%m-%d %H:%M") if st.next_run else "-"
+        runs = (f"window {s.window_days:g} d" if s.window_days else "all rows") + (
+            f"\nmax {s.max_concurrency} at once\n{'catch-up' if s.catchup else 'no catch-up'}")
+        params = "\n".join(f"{k}={v}" for k, v in s.params.items()) or "-"
+        table.add_row(f"{name}\n{escape(s.cron)}", f"{st.state}\n{next_run}", runs,
+                      f"{escape(params)}\n[dim]{escape(st.note)}[/]")
+        table.add_section()
+    return table
 
 
 @schedule_app.command("delete")

@@ -221,37 +221,57 @@ def _controller(config: Any, params: Any, *, need_target: bool = True):  # noqa:
 
 
 @rollout_app.command("status")
-def rollout_status(config: ConfigOpt = None, params: ParamOpt = None) -> None:
+def rollout_status(
+    config: ConfigOpt = None,
+    params: ParamOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON document (every field) for scripts.")] = False,
+) -> None:
     """The rollout's state and its step history: weight, each check's number and verdict, decision, reason."""
+    import json
+    from dataclasses import asdict
+
+    from driftloop.app.lineage import shadow_phase
     from driftloop.core.console import console
 
     ctl = _controller(config, params, need_target=False)
     state = ctl.state()
+    if as_json:
+        typer.echo(json.dumps({**asdict(state), "failed_checks_limit": ctl.cfg.threshold,
+                               "shadow": shadow_phase(state.history)}, default=str))
+        return
     console.print(f"[bold]{state.model_name}[/] canary v{state.canary_version} vs primary v{state.primary_version}: "
                   f"[bold]{state.status}[/] at {state.weight}% (failed checks {state.failed_checks}/"
                   f"{ctl.cfg.threshold})")
-    table = Table(title="rollout steps")
-    names = ["requests", "error_rate", "p99_ms", "prediction_psi", "quality_delta"]
-    for col in ["time", "weight", *names, "decision"]:
-        table.add_column(col, no_wrap=True)
-    table.add_column("reason")
-    for rec in state.history:
-        checks = {c["name"]: c for c in rec.get("checks", [])}
-        cells = []
-        for n in names:
-            c = checks.get(n)
-            if c is None:
-                cells.append("")
-                continue
-            mark = {True: "[green]ok[/]", False: "[red]fail[/]", None: "[dim]n/a[/]"}[c["passed"]]
-            cells.append(f"{_fmt(c['value'])} {mark}")
-        t = datetime.fromtimestamp(rec["ts"], tz=timezone.utc).strftime("%H:%M:%S") if "ts" in rec else rec.get("time", "")
-        table.add_row(t, f"{rec.get('weight', '')}%", *cells, rec.get("decision", ""), rec.get("reason", ""))
-    from rich.console import Console
+    _print_shadow_phase(console, state.history)
+    console.print(_steps_table("rollout steps", state.history, CANARY_CHECKS, weight=True))
 
-    wide = Console(width=max(console.width, 180), highlight=False)  # readable also when piped
-    _print_shadow_phase(wide, state.history)
-    wide.print(table)
+
+# the checks serving.rollout records at each canary step, in the order a person reads them
+CANARY_CHECKS = ("requests", "error_rate", "p99_ms", "prediction_psi", "quality_delta")
+_MARKS = {True: "[green]ok[/]", False: "[red]fail[/]", None: "[dim]n/a[/]"}
+
+
+def _steps_table(title: str, steps: list[dict[str, Any]], names: tuple[str, ...], *, weight: bool) -> Table:
+    """Steps of a rollout in 80 columns: time (and weight), one line per check with its number and
+    verdict, then the decision with its reason folded under it (never cut). ``--json`` has every field."""
+    from rich import box
+    from rich.markup import escape
+
+    labels = {n: n.removeprefix("shadow_") for n in names}
+    pad = max(map(len, labels.values()))
+    table = Table(title=title, box=box.ROUNDED)
+    table.add_column("time /\nweight" if weight else "time", no_wrap=True)
+    table.add_column("checks", no_wrap=True)
+    table.add_column("decision / reason", overflow="fold")
+    for rec in steps:
+        checks = {c["name"]: c for c in rec.get("checks", [])}
+        lines = [f"{labels[n]:<{pad}} {_fmt(checks[n]['value']):>6} {_MARKS[checks[n]['passed']]}"
+                 for n in names if n in checks]
+        t = datetime.fromtimestamp(rec["ts"], tz=timezone.utc).strftime("%H:%M:%S") if "ts" in rec else rec.get("time", "")
+        table.add_row(t + (f"\n{rec.get('weight', '')}%" if weight else ""), "\n".join(lines),
+                      f"{escape(str(rec.get('decision', '')))}\n[dim]{escape(str(rec.get('reason', '')))}[/]")
+        table.add_section()
+    return table
 
 
 def _print_shadow_phase(out: Any, history: list[dict[str, Any]]) -> None:
@@ -267,20 +287,8 @@ def _print_shadow_phase(out: Any, history: list[dict[str, Any]]) -> None:
               f"{shadow['intervals']} interval(s) — {shadow['reason']}", markup=True)
     for check in shadow["checks"]:
         out.print(f"  {format_shadow_check(check)}", markup=False)
-    table = Table(title="shadow phase (mirrored copies; no user saw the candidate's answers)")
-    for col in ["time", *SHADOW_CHECKS, "decision"]:
-        table.add_column(col.removeprefix("shadow_"), no_wrap=True)
-    table.add_column("reason")
-    for rec in shadow_steps(history):
-        checks = {c["name"]: c for c in rec.get("checks", [])}
-        cells = []
-        for n in SHADOW_CHECKS:
-            c = checks.get(n)
-            mark = "" if c is None else {True: "[green]ok[/]", False: "[red]fail[/]", None: "[dim]n/a[/]"}[c["passed"]]
-            cells.append("" if c is None else f"{_fmt(c['value'])} {mark}")
-        t = datetime.fromtimestamp(rec["ts"], tz=timezone.utc).strftime("%H:%M:%S") if "ts" in rec else rec.get("time", "")
-        table.add_row(t, *cells, rec.get("decision", ""), rec.get("reason", ""))
-    out.print(table)
+    out.print(_steps_table("shadow phase (mirrored copies; no user saw the candidate's answers)",
+                           shadow_steps(history), SHADOW_CHECKS, weight=False))
 
 
 @rollout_app.command("run")

@@ -6,10 +6,14 @@ and applies with ``kubectl apply -k``. Bad input prints one line and writes noth
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
+from rich import box
+from rich.markup import escape
 from rich.table import Table
 
 __all__ = ["register", "tenant_app"]
@@ -56,26 +60,50 @@ def tenant_add(
 
 
 @tenant_app.command("list")
-def tenant_list(infra: InfraOpt = Path("infra")) -> None:
+def tenant_list(
+    infra: InfraOpt = Path("infra"),
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON document (every field) for scripts.")] = False,
+) -> None:
     """The tenants rendered under infra/tenants and how the GPU pool is shared."""
     from driftloop.core.console import console
     from driftloop.app.tenants import load_pool, load_tenants
 
     tenants, pool = load_tenants(infra), load_pool(infra)
+    used = sum(t.gpu for t in tenants)
+    if as_json:
+        typer.echo(json.dumps({"infra": str(infra), "pool": asdict(pool) if pool else None, "gpus_given": used,
+                               "tenants": [_tenant_doc(t, pool) for t in tenants]}))
+        return
     if not tenants:
         console.print(f"no tenants in {infra / 'tenants'}")
         return
-    table = Table(title="tenants")
-    for column in ("name", "namespace", "GPUs own", "borrow", "queue", "MLflow space", "model", "local ports"):
-        table.add_column(column)
+    # Fits 80 columns: the name folds (never cut), the rest is short; namespace and queue are the
+    # tenant's name, and they, the model, data source and ClusterQueue are in --json.
+    table = Table(title="tenants", box=box.ROUNDED)
+    table.add_column("tenant", overflow="fold")
+    table.add_column("GPUs\nown+borrow", no_wrap=True)
+    table.add_column("CPU /\nmemory", no_wrap=True)
+    table.add_column("MLflow\nspace", no_wrap=True)
+    table.add_column("ports\ngw/monitor", no_wrap=True)
     for t in tenants:
-        space = f"workspace {t.name}" if pool and pool.mlflow_workspaces else f"experiment {t.name}"
-        table.add_row(t.name, f"{t.namespace}{' (Profile)' if t.profile else ''}", str(t.gpu), str(t.borrow), t.queue,
-                      space, t.model_name, f"{t.gateway_port}/{t.monitor_port}")
+        profile = f"\n[dim]Profile, owner {escape(t.owner or '-')}[/]" if t.profile else ""
+        table.add_row(escape(t.name) + profile, f"{t.gpu} + {t.borrow}", f"{t.cpu} / {t.memory}",
+                      _mlflow_space(t, pool).split()[0], f"{t.gateway_port}/{t.monitor_port}")
+        table.add_section()
     console.print(table)
     if pool is not None:
-        used = sum(t.gpu for t in tenants)
         console.print(f"pool: {used} of {pool.gpus} GPUs given, cohort {pool.cohort}")
+
+
+def _mlflow_space(t: Any, pool: Any) -> str:
+    return f"workspace {t.name}" if pool and pool.mlflow_workspaces else f"experiment {t.name}"
+
+
+def _tenant_doc(t: Any, pool: Any) -> dict[str, Any]:
+    """Every field of one tenant, the derived names included, for ``--json``."""
+    return {**asdict(t), "namespace": t.namespace, "queue": t.queue, "cluster_queue": t.cluster_queue,
+            "model_name": t.model_name, "mlflow_space": _mlflow_space(t, pool), "gateway_port": t.gateway_port,
+            "monitor_port": t.monitor_port}
 
 
 @tenant_app.command("remove")
