@@ -149,6 +149,8 @@ def run_score(
         console.print(f"run [bold]{result.run_id}[/] {result.state.lower()}" + (f": {result.url}" if result.url else ""))
         return
     table = Table(title="batch scoring run", show_header=False)
+    table.add_column(no_wrap=True)
+    table.add_column(overflow="fold")  # paths and URIs fold in 80 columns, never cut
     table.add_row("model", f"{s['model']} v{s['version']}")
     table.add_row("input", s["input"])
     table.add_row("predictions", f"{s['rows']} rows -> {s['output']}")
@@ -213,6 +215,8 @@ def print_run_result(settings: Settings, result) -> None:  # noqa: ANN001 (RunRe
         return
     s = result.summary
     table = Table(title="training run", show_header=False)
+    table.add_column(no_wrap=True)
+    table.add_column(overflow="fold")  # paths and URIs fold in 80 columns, never cut
     table.add_row("trigger", s.get("trigger", ""))
     table.add_row("data window", s.get("window", ""))
     table.add_row("rows (train/test)", f"{s['train_rows']} / {s['test_rows']}")

@@ -365,7 +365,7 @@ class Demo:
         registry = Registry.from_settings(s)
         table = Table(title="driftloop demo — the loop closed")
         for col in ("version", "trigger", "gate", "accuracy", "rollout", "aliases"):
-            table.add_column(col)
+            table.add_column(col, overflow="fold")  # a long trigger folds in 80 columns; summary.json has all
         rows = []
         for v in registry.list_versions("churn"):
             v = registry.get_version("churn", v.version)

@@ -89,8 +89,9 @@ def drift_check_cmd(
         raise MonitorError(f"{current} lacks column(s) {missing} of the reference {reference}")
     snapshot, result = evidently_report(ref, cur, numeric, categorical, DriftOptions.from_config(settings.monitor))
     table = Table(title=f"drift: {current.name} vs {reference.name} ({len(cur)} vs {len(ref)} rows)")
-    for name in ("column", "method", "score", "threshold", "drifted"):
-        table.add_column(name, justify="right" if name in ("score", "threshold") else "left")
+    table.add_column("column", overflow="fold")  # long column names fold in 80 columns, never cut
+    for name in ("method", "score", "threshold", "drifted"):
+        table.add_column(name, justify="right" if name in ("score", "threshold") else "left", no_wrap=True)
     for c in result.columns:
         table.add_row(c.column, c.method, f"{c.score:.4g}", f"{c.threshold:g}", "[red]yes[/]" if c.drifted else "no")
     console.print(table)
