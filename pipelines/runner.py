@@ -463,6 +463,15 @@ def _root_logging_to(root: logging.Logger, out: Any):
         root.setLevel(level)
 
 
+def _connection_reason(exc: BaseException) -> str:
+    """The cause of a failed connection in a few words (urllib3's retry error wraps it in the URL and pool)."""
+    reason = getattr(exc, "reason", None)  # urllib3's MaxRetryError: the last attempt's error
+    text = str(reason if isinstance(reason, BaseException) else exc)
+    if "[Errno" in text:  # "HTTPConnection(host=..., port=...): Failed to establish ...: [Errno 111] Connection refused"
+        return text.rsplit("]", 1)[-1].strip().lower()
+    return _first_line(reason if isinstance(reason, BaseException) else exc)
+
+
 def _first_line(exc: BaseException) -> str:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     return lines[0] if lines else type(exc).__name__
@@ -500,7 +509,8 @@ class KfpRunner:
                 self._client = kfp.Client(host=self.settings.kfp.host, namespace=self.settings.kfp.namespace,
                                           existing_token=os.environ.get("KFP_TOKEN") or None)
             except Exception as exc:  # kfp raises bare exceptions for unreachable hosts and auth failures
-                raise PipelineRunError(f"cannot reach Kubeflow Pipelines at {self.settings.kfp.host}: {exc}") from exc
+                raise PipelineRunError(f"cannot reach Kubeflow Pipelines at {self.settings.kfp.host}: "
+                                       f"{_connection_reason(exc)}") from exc
         return self._client
 
     def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:

@@ -42,6 +42,8 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     for name in ("mlflow", "alembic", "urllib3", "kserve", "httpx", "httpcore"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # urllib3 warns on every retry of an unreachable host; the one error line that follows names the cause
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
     os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # its INFO lines (e.g. creating tables) are noise here
 
