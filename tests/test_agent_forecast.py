@@ -1,7 +1,8 @@
 """The agent's forecasts, simulator and anomaly detection, measured on synthetic traces.
 
 The simulator targets asserted here are the ones the agent meets (docs/agent.md has the full
-table, including the ones it does not meet)."""
+table, including the ones it does not meet): the agent is its predictive floor with the same HPA
+above it (KServe's Standard mode)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from serving.agent import forecast as fc
 from serving.agent.anomaly import Detector, evaluate, fault_traces
 from serving.agent.forecast import ForecastSelector, SeasonalNaive, detect_season, fit_holt_winters
 from serving.agent.policy import Policy
-from serving.agent.scaling import FloorPlanner
+from serving.agent.scaling import FloorPlanner, cheapest_first_level
 from serving.agent.simulate import ServiceModel, compare, load_trace, simulate, synthetic
 
 DAY = 1440
@@ -116,9 +117,37 @@ def test_agent_forecasts_beat_seasonal_naive(results, kind) -> None:
     assert results[kind]["agent"].mase < 1.0
 
 
-@pytest.mark.parametrize("kind", ["daily", "weekly"])
+@pytest.mark.parametrize("kind", ["daily", "weekly", "growth"])
 def test_agent_costs_at_most_five_percent_more_replica_seconds_than_hpa(results, kind) -> None:
     assert results[kind]["agent"].replica_seconds <= 1.05 * results[kind]["hpa"].replica_seconds
+
+
+@pytest.mark.parametrize("kind", ["daily", "weekly", "growth", "bursts"])
+def test_agent_changes_the_replica_count_less_often_than_hpa(results, kind) -> None:
+    """Not the issue's target (at most half of HPA's; docs/agent.md says why it is missed), but
+    every change of the desired count is counted alike, the HPA's moves above the floor included."""
+    agent, hpa = results[kind]["agent"], results[kind]["hpa"]
+    assert agent.scale_changes < 0.9 * hpa.scale_changes
+    assert agent.floor_changes <= 0.65 * hpa.scale_changes
+
+
+def test_the_planner_takes_a_ramp_in_few_steps_and_holds_through_a_short_dip() -> None:
+    ramp = np.array([4] * 5 + [8] * 5 + [12] * 5 + [16] * 60)
+    assert cheapest_first_level(ramp, 4, change_cost=30) == 4  # the next raise comes when it is due
+    assert cheapest_first_level(ramp[5:], 4, change_cost=60) == 16  # one step instead of three
+    dip = np.array([10] * 5 + [6] * 10 + [10] * 30)
+    assert cheapest_first_level(dip[5:], 10, change_cost=30) == 10  # 40 replica-steps saved < 2 changes
+    assert cheapest_first_level(dip[5:], 10, change_cost=10) == 6
+    assert cheapest_first_level(np.array([3] * 60), 10, change_cost=30) == 3
+
+
+def test_a_burst_is_neither_followed_nor_repeated_a_season_later() -> None:
+    y = daily(4, seed=5)
+    y[2 * DAY + 600:2 * DAY + 615] *= 2.5  # a 15-minute burst on the third day
+    selector = ForecastSelector(y[:3 * DAY], season_candidates=[DAY], horizon=2, engine="numpy")
+    for model in selector.models:  # the same minute a day later is forecast as an ordinary one
+        ahead = model.path(np.arange(1, DAY + 1))
+        assert abs(ahead[600 + 5] - y[3 * DAY + 605]) < 0.3 * y[3 * DAY + 605]
 
 
 

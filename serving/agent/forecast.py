@@ -39,15 +39,48 @@ def statsmodels_available() -> bool:
     return True
 
 
-class SeasonalNaive:
-    """y(t+h) = y(t+h-m·k), the same step of the last season; ``m`` None: the last value."""
+class _Clipper:
+    """Robust updates (as Gelper, Fried and Croux's robust exponential smoothing): a value further
+    from the model's one-step forecast than ``clip`` times the running mean absolute relative error
+    is replaced by its forecast, so a burst is neither followed nor learnt into the season; a lasting
+    change (more than ``max_clipped`` steps in a row) is taken as it comes."""
 
-    def __init__(self, m: int | None) -> None:
+    def __init__(self, clip: float | None = 4.0, max_clipped: int = 30, warmup: int = 100) -> None:
+        self.clip, self.max_clipped, self.warmup = clip, max_clipped, warmup
+        self.scale: float | None = None
+        self.seen = self.clipped = 0
+
+    def clean(self, y: float, pred: float) -> float:
+        if not self.clip:
+            return y
+        base = max(abs(pred), 1.0)
+        rel = (y - pred) / base
+        bound = self.clip * self.scale if self.scale else math.inf
+        self.seen += 1
+        out = y
+        if abs(rel) > bound and self.seen > self.warmup and self.clipped < self.max_clipped:
+            self.clipped += 1
+            out = pred
+        else:
+            self.clipped = 0
+        err = min(abs(rel), bound)
+        self.scale = err if self.scale is None else 0.98 * self.scale + 0.02 * err
+        return out
+
+
+class SeasonalNaive:
+    """y(t+h) = y(t+h-m·k), the same step of the last season; ``m`` None: the last value.
+    What it stores is cleaned of outliers (:class:`_Clipper`), so a burst is not repeated a season later."""
+
+    def __init__(self, m: int | None, clip: float | None = 4.0) -> None:
         self.m = m
         self.name = f"seasonal-naive(m={m})" if m else "naive"
         self._hist: deque[float] = deque(maxlen=m or 1)
+        self._clipper = _Clipper(clip)
 
     def update(self, y: float) -> None:
+        if self._hist:
+            y = self._clipper.clean(float(y), self.forecast(1))
         self._hist.append(float(y))
 
     def forecast(self, h: int) -> float:
@@ -57,13 +90,25 @@ class SeasonalNaive:
             return self._hist[-1]
         return self._hist[(h - 1) % self.m]  # deque index 0 is the value m steps back
 
+    def path(self, hs: np.ndarray) -> np.ndarray:
+        """Forecasts for every horizon in ``hs`` at once."""
+        if not self._hist:
+            return np.zeros(len(hs))
+        hist = np.asarray(self._hist)
+        if not self.m or len(hist) < self.m:
+            return np.full(len(hs), hist[-1])
+        return hist[(np.asarray(hs) - 1) % self.m]
+
 
 class HoltWinters:
-    """Additive Holt-Winters with a damped trend, updated one value at a time."""
+    """Additive Holt-Winters with a damped trend, updated one value at a time (robustly: see
+    :class:`_Clipper`)."""
 
     def __init__(self, m: int | None, alpha: float, beta: float, gamma: float, phi: float = 0.98,
-                 level: float = 0.0, trend: float = 0.0, season: np.ndarray | None = None, t: int = 0) -> None:
+                 level: float = 0.0, trend: float = 0.0, season: np.ndarray | None = None, t: int = 0,
+                 clip: float | None = 4.0) -> None:
         self.m, self.alpha, self.beta, self.gamma, self.phi = m, alpha, beta, gamma, phi
+        self._clipper = _Clipper(clip)
         self.level, self.trend = level, trend
         self.season = [float(v) for v in (season if season is not None else [0.0] * (m or 1))]
         self._damp = [0.0]
@@ -73,6 +118,7 @@ class HoltWinters:
         self.name = f"holt-winters(m={m})" if m else "holt"
 
     def update(self, y: float) -> None:
+        y = self._clipper.clean(y, self.forecast(1))
         m = self.m or 1
         i = self.t % m
         s = self.season[i] if self.m else 0.0
@@ -83,10 +129,19 @@ class HoltWinters:
             self.season[i] = self.gamma * (y - self.level) + (1 - self.gamma) * s
         self.t += 1
 
+    def _damping(self, h: int) -> float:
+        return self._damp[h] if h < len(self._damp) else self.phi * (1 - self.phi ** h) / (1 - self.phi)
+
     def forecast(self, h: int) -> float:
-        damp = self._damp[h] if h < len(self._damp) else sum(self.phi ** k for k in range(1, h + 1))
         s = self.season[(self.t + h - 1) % self.m] if self.m else 0.0
-        return float(self.level + damp * self.trend + s)
+        return float(self.level + self._damping(h) * self.trend + s)
+
+    def path(self, hs: np.ndarray) -> np.ndarray:
+        """Forecasts for every horizon in ``hs`` at once."""
+        hs = np.asarray(hs)
+        damp = self.phi * (1 - self.phi ** hs) / (1 - self.phi) if self.phi < 1 else hs.astype(float)
+        season = np.asarray(self.season)[(self.t + hs - 1) % self.m] if self.m else 0.0
+        return self.level + damp * self.trend + season
 
 
 def _initial_state(y: np.ndarray, m: int | None) -> tuple[float, float, np.ndarray]:
@@ -96,6 +151,9 @@ def _initial_state(y: np.ndarray, m: int | None) -> tuple[float, float, np.ndarr
     level = float(first.mean())
     trend = float((second.mean() - first.mean()) / m) if len(second) == m else 0.0
     season = (first - level).astype(float)
+    if len(y) >= 3 * m:  # the median season of the history: a burst seen on one day is not repeated
+        seasons = y[:len(y) // m * m].reshape(-1, m)
+        season = np.median(seasons - seasons.mean(axis=1, keepdims=True), axis=0)
     if m >= 48:  # many steps per season: the profile is smooth, single values are mostly noise,
         k = 5    # so the first season's profile is a centred moving average of 11 steps
         padded = np.concatenate([season[-k:], season, season[:k]])
@@ -104,11 +162,11 @@ def _initial_state(y: np.ndarray, m: int | None) -> tuple[float, float, np.ndarr
 
 
 _STATSMODELS_MAX_SEASON = 2016  # steps: a day of minutes, a week of 5-minute steps
-_GRID = [(a, b, g) for a in (0.1, 0.3, 0.6) for b in (0.0, 0.02) for g in (0.05, 0.2, 0.5)]
+_GRID = [(a, b, g) for a in (0.05, 0.1, 0.3) for b in (0.0, 0.02) for g in (0.05, 0.2, 0.5)]
 
 
-def _grid_fit(y: np.ndarray, m: int | None, phi: float,
-              extra: list[tuple[float, float, float]] = ()) -> tuple[tuple[float, float, float], int]:
+def _grid_fit(y: np.ndarray, m: int | None, phi: float, extra: list[tuple[float, float, float]] = (),
+              clip: float | None = 4.0) -> tuple[tuple[float, float, float], int]:
     """Smoothing parameters with the least one-step squared error among the grid and ``extra``
     (run all at once in numpy); returns them and their index (``>= len(grid)``: one of ``extra``)."""
     grid = _GRID if m else [(a, b, 0.0) for a, b, _ in _GRID[::3]]
@@ -121,18 +179,27 @@ def _grid_fit(y: np.ndarray, m: int | None, phi: float,
     trend = np.full(k, trend0)
     season = np.tile(season0 if m else np.zeros(1), (k, 1))
     sse = np.zeros(k)
+    scale = np.zeros(k)
     start = m or 1
-    for t in range(start, len(y)):
+    for n, t in enumerate(range(start, len(y))):
         i = t % mm
         s = season[:, i] if m else 0.0
         pred = level + phi * trend + s
-        err = y[t] - pred
+        base = np.maximum(np.abs(pred), 1.0)
+        rel = (y[t] - pred) / base
+        # the same robust update as HoltWinters (without the run-length limit): outliers neither
+        # drive the error the parameters are chosen on nor the state
+        bound = clip * scale if clip and n > 100 else np.inf
+        outlier = np.abs(rel) > bound
+        scale = np.abs(rel) if n == 0 else 0.98 * scale + 0.02 * np.minimum(np.abs(rel), bound)
+        err = np.where(outlier, bound * base, rel * base)  # an outlier costs what the bound does
+        yt = np.where(outlier, pred, y[t])
         sse += err * err
         prev = level
-        level = alpha * (y[t] - s) + (1 - alpha) * (prev + phi * trend)
+        level = alpha * (yt - s) + (1 - alpha) * (prev + phi * trend)
         trend = beta * (level - prev) + (1 - beta) * phi * trend
         if m:
-            season[:, i] = gamma * (y[t] - level) + (1 - gamma) * s
+            season[:, i] = gamma * (yt - level) + (1 - gamma) * s
     best = int(np.argmin(sse))
     return (float(alpha[best]), float(beta[best]), float(gamma[best])), best - len(grid)
 
@@ -224,12 +291,13 @@ class ForecastSelector:
 
     def __init__(self, history: Sequence[float], *, season_candidates: Sequence[int], horizon: int,
                  level: float = 0.9, engine: str = "auto", score_window: int = 360, error_window: int = 1440,
-                 min_acf: float = 0.3) -> None:
+                 min_acf: float = 0.3, outlier_mads: float = 6.0) -> None:
         if horizon < 1:
             raise ValueError("horizon must be at least 1 step")
         y = [float(v) for v in history]
         self.horizon = horizon
         self.level = level
+        self.outlier_mads = outlier_mads
         self.season = detect_season(y, season_candidates, min_acf=min_acf)
         self.models: list[SeasonalNaive | HoltWinters] = []
         naive = SeasonalNaive(self.season)
@@ -290,15 +358,33 @@ class ForecastSelector:
     def model_name(self) -> str:
         return self.models[self.selected].name
 
+    def _quantiles(self) -> tuple[float, float]:
+        rel = self._rel[self.selected]
+        if len(rel) < 20:
+            return -0.25, 0.25  # until errors are measured: a wide, honest default
+        r = np.asarray(rel)
+        # errors far outside the usual spread (a burst, an outage) say nothing about the next
+        # ordinary step: they are left out of the quantiles (coverage is measured on every step)
+        med = float(np.median(r))
+        mad = float(np.median(np.abs(r - med))) or 1e-9
+        r = r[np.abs(r - med) <= self.outlier_mads * mad]
+        lo_q, hi_q = np.quantile(r, [(1 - self.level) / 2, 1 - (1 - self.level) / 2])
+        return float(lo_q), float(hi_q)
+
+    def bands(self, first: int, last: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Point forecasts and interval bounds for the horizons ``first..last`` at once (arrays);
+        the interval is the one measured at the selector's horizon, as in :meth:`band`."""
+        hs = np.arange(first, last + 1)
+        point = np.maximum(0.0, self.models[self.selected].path(hs))
+        lo_q, hi_q = self._quantiles()
+        scale = np.maximum(point, 1.0)
+        return point, np.maximum(0.0, point + lo_q * scale), np.maximum(0.0, point + hi_q * scale)
+
     def band(self, h: int | None = None) -> Band:
         """Forecast ``h`` steps ahead (default the horizon) with its interval."""
         h = h or self.horizon
         model = self.models[self.selected]
         point = max(0.0, model.forecast(h))
-        rel = self._rel[self.selected]
-        if len(rel) >= 20:
-            lo_q, hi_q = np.quantile(np.asarray(rel), [(1 - self.level) / 2, 1 - (1 - self.level) / 2])
-        else:
-            lo_q, hi_q = -0.25, 0.25  # until errors are measured: a wide, honest default
+        lo_q, hi_q = self._quantiles()
         scale = max(point, 1.0)
         return Band(point, max(0.0, point + lo_q * scale), max(0.0, point + hi_q * scale), model.name)

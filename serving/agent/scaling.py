@@ -1,13 +1,16 @@
 """From a forecast to a replica floor: what the agent proposes for one model (before the policy).
 
-The floor must hold from the moment new replicas could be ready (``lead``: cold start + model
-load) until the agent decides again, so it covers the upper bound of the prediction interval
-over the steps ``ceil(lead/step) .. ceil((lead + interval)/step)`` at the measured per-replica
-capacity and target utilisation. A raise is due as soon as that need exceeds the floor, and
-then goes as far as the need over the next ``plan`` seconds, so a ramp is met in a few large
-steps; a floor is lowered only when the need over the whole planning window is clearly below
-it (hysteresis). The floor -- and, in Serverless mode, the Knative revisions each change makes
--- therefore changes rarely.
+The floor must cover the upper bound of the prediction interval, at the measured per-replica
+capacity and target utilisation, from the moment new replicas could be ready (``lead``: cold
+start + model load) onwards. Within that constraint the planner chooses the floor that costs
+least over the next ``horizon`` seconds, where every change costs ``change_cost`` replica-seconds
+on top of the replicas themselves (a dynamic programme over the forecast path, re-solved at
+every decision: model-predictive control). So a ramp is met in a few large steps, a dip shorter
+than the cost of two changes is held through, and the floor -- and whatever each change costs
+where it lands (a new Knative revision in Serverless mode, an HPA update in Standard mode) --
+changes rarely. A floor is lowered only when the need over the next ``plan`` seconds is
+``down_hysteresis`` (and at least one replica) below it, so noise in the forecast does not make
+it hop.
 """
 
 from __future__ import annotations
@@ -15,10 +18,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 from serving.agent.forecast import Band, ForecastSelector
 from serving.agent.policy import SET_FLOOR, Action
 
-__all__ = ["FloorPlanner", "horizons"]
+__all__ = ["FloorPlanner", "horizons", "cheapest_first_level"]
 
 
 def horizons(lead_seconds: float, ahead_seconds: float, step_seconds: float) -> tuple[int, int]:
@@ -26,6 +31,33 @@ def horizons(lead_seconds: float, ahead_seconds: float, step_seconds: float) -> 
     first = max(1, math.ceil(lead_seconds / step_seconds))
     last = max(first, math.ceil((lead_seconds + ahead_seconds) / step_seconds))
     return first, last
+
+
+def cheapest_first_level(needs: np.ndarray, current: int, change_cost: float) -> int:
+    """The level to hold now on the cheapest path of replica levels over ``needs`` (one per step).
+
+    A path costs its levels summed over the steps plus ``change_cost`` (in replica-steps) for every
+    change, starting from ``current``, and never goes below a step's need. Solved exactly by a
+    dynamic programme over (step, level): O(steps x levels).
+    """
+    needs = np.asarray(needs, dtype=int)
+    if len(needs) == 0:
+        return current
+    top = int(max(needs.max(), current)) + 1
+    levels = np.arange(top)
+    cost = np.where(levels == current, 0.0, np.inf)
+    came_from = np.empty((len(needs), top), dtype=int)  # the level one step earlier
+    for j, need in enumerate(needs):
+        best = int(np.argmin(cost))
+        switch = cost[best] + change_cost
+        stay = cost <= switch
+        came_from[j] = np.where(stay, levels, best)
+        cost = np.where(stay, cost, switch) + levels
+        cost[:need] = np.inf
+    level = int(np.argmin(cost))
+    for j in range(len(needs) - 1, 0, -1):
+        level = int(came_from[j, level])
+    return level
 
 
 @dataclass
@@ -39,6 +71,13 @@ class FloorPlanner:
     floor: int = 1
     down_hysteresis: float = 0.2
     plan_seconds: float = 600.0
+    horizon_seconds: float = 3600.0
+    change_cost: float = 3600.0  # replica-seconds a change must save to be worth making
+    raise_tolerance: float = 0.03
+
+    def _need(self, upper: np.ndarray | float) -> np.ndarray:
+        per_replica = self.capacity_rps * self.target_utilisation
+        return np.maximum(0, np.ceil(np.asarray(upper) / per_replica - 1e-9)).astype(int)
 
     def need(self, selector: ForecastSelector, ahead: float | None = None) -> tuple[int, Band]:
         """Replicas the forecast asks for over ``ahead`` seconds after the lead (default: the decision
@@ -46,8 +85,7 @@ class FloorPlanner:
         ahead = self.interval_seconds if ahead is None else max(ahead, self.interval_seconds)
         first, last = horizons(self.lead_seconds, ahead, self.step_seconds)
         band = max((selector.band(h) for h in range(first, last + 1)), key=lambda b: b.upper)
-        per_replica = self.capacity_rps * self.target_utilisation
-        return max(0, math.ceil(band.upper / per_replica - 1e-9)), band
+        return int(self._need(band.upper)), band
 
     def propose(self, selector: ForecastSelector, current: int) -> Action | None:
         """A floor change for the policy to judge, or None (no change worth making)."""
@@ -56,17 +94,31 @@ class FloorPlanner:
                 return Action(SET_FLOOR, self.model, self.floor, current,
                               "no season found in the traffic: staying reactive (floor back to the policy's)")
             return None
-        need_now, band_now = self.need(selector)
-        need, band = self.need(selector, self.plan_seconds)
-        detail = {"forecast_rps": round(band.point, 2), "upper_rps": round(band.upper, 2),
-                  "lower_rps": round(band.lower, 2), "forecaster": band.model, "needed_next_interval": need_now}
-        if need_now > current:
-            target = max(need, need_now)
+        first, last = horizons(self.lead_seconds, self.interval_seconds, self.step_seconds)
+        _, end = horizons(self.lead_seconds, self.horizon_seconds, self.step_seconds)
+        _, plan_end = horizons(self.lead_seconds, self.plan_seconds, self.step_seconds)
+        point, lower, upper = selector.bands(first, max(end, plan_end))
+        needs = np.maximum(self._need(upper), self.floor)
+        need_now = int(needs[:last - first + 1].max())
+        needs[:last - first + 1] = need_now  # what is set now must hold until the next decision can act
+        need_plan = int(needs[:plan_end - first + 1].max())
+        at = int(np.argmax(upper[:last - first + 1]))
+        detail = {"forecast_rps": round(float(point[at]), 2), "upper_rps": round(float(upper[at]), 2),
+                  "lower_rps": round(float(lower[at]), 2), "forecaster": selector.model_name,
+                  "needed_next_interval": need_now, "needed_next_plan": need_plan}
+        target = cheapest_first_level(needs, current, self.change_cost / self.step_seconds)
+        if target > current and self.raise_tolerance > 0:
+            per = self.capacity_rps * self.target_utilisation * (1 + self.raise_tolerance)
+            if float(upper[:last - first + 1].max()) <= current * per:
+                target = current
+        if target > current:
             return Action(SET_FLOOR, self.model, target, current,
-                          f"forecast upper bound {band_now.upper:.1f} req/s from {self.lead_seconds:g} s ahead "
-                          f"needs {need_now} replicas; {target} cover the next {self.plan_seconds:g} s", detail)
-        if need < current and need <= current * (1 - self.down_hysteresis) and need <= current - 1:
-            return Action(SET_FLOOR, self.model, need, current,
-                          f"forecast upper bound {band.upper:.1f} req/s over the next {self.plan_seconds:g} s "
-                          f"needs only {need} replicas", detail)
+                          f"forecast upper bound {upper[at]:.1f} req/s from {self.lead_seconds:g} s ahead needs "
+                          f"{need_now} replicas; {target} is the cheapest floor over the next "
+                          f"{self.horizon_seconds:g} s", detail)
+        if target < current and need_plan <= current * (1 - self.down_hysteresis) and need_plan <= current - 1:
+            return Action(SET_FLOOR, self.model, max(target, need_plan), current,
+                          f"forecast upper bound over the next {self.plan_seconds:g} s needs only {need_plan} "
+                          f"replicas; {max(target, need_plan)} is the cheapest floor over the next "
+                          f"{self.horizon_seconds:g} s", detail)
         return None

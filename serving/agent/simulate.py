@@ -15,8 +15,12 @@ Policies:
 * ``kpa`` -- Knative KPA on requests/s: 60 s stable window, 6 s panic window entered at 2x
   the target, no scale-down while panicking, scale-down at most halving;
 * ``static`` -- a floor sized for the trace's peak, never changed;
-* ``agent`` -- KPA with the agent's predictive floor (``minReplicas``), every floor change
-  checked by the same :class:`~serving.agent.policy.Guard` that ``agent run`` uses.
+* ``agent`` -- the agent's predictive floor (``minReplicas``) with a reactive autoscaler above
+  it: by default the same HPA as the baseline (KServe's Standard/RawDeployment mode, where the
+  agent patches ``minReplicas`` of the HPA KServe made), ``reactive="kpa"`` the KPA (Serverless
+  mode). Every floor change is proposed by the same
+  :class:`~serving.agent.scaling.FloorPlanner` and checked by the same
+  :class:`~serving.agent.policy.Guard` that ``agent run`` uses.
 
 Metrics per policy (over the evaluated span, after the warm-up history): SLO-violation minutes,
 replica-seconds (every replica that exists, starting or ready), scale changes (changes of the
@@ -261,13 +265,14 @@ def _agent_policy(agent: Any, model: ServiceModel) -> Policy:
 
 def simulate(trace: Trace, policy: str, model: ServiceModel = ServiceModel(), *, agent: Any = None,
              interval: float = 60.0, lead: float | None = None, target_utilisation: float = 0.75,
-             plan: float = 600.0, down_hysteresis: float = 0.2,
+             plan: float = 600.0, down_hysteresis: float = 0.1,
              level: float = 0.9, engine: str = "auto", keep_series: bool = False,
-             log: DecisionLog | None = None) -> SimResult:
+             log: DecisionLog | None = None, reactive: str = "hpa") -> SimResult:
     """Run ``policy`` (``agent``, ``hpa``, ``kpa`` or ``static``) over the evaluated span of ``trace``.
 
     ``agent``: a :class:`Policy` (or ``AgentConfig``) for the agent's guard; default: full mode,
-    floors between the model's min and max replicas.
+    floors between the model's min and max replicas. ``reactive``: the autoscaler above the agent's
+    floor, ``hpa`` (Standard mode) or ``kpa`` (Serverless mode).
     """
     if policy not in ("agent", *BASELINES):
         raise ValueError(f"unknown policy {policy!r} (agent, {', '.join(BASELINES)})")
@@ -278,7 +283,9 @@ def simulate(trace: Trace, policy: str, model: ServiceModel = ServiceModel(), *,
     begin = max(0, first - int(3600 / step))  # an hour of warm-up for the autoscalers' own state
     peak = float(trace.rate[first:].max())
     static_n = max(model.min_replicas, math.ceil(peak / (model.capacity_rps * model.reactive_target)))
-    scaler: Any = _HPA(model) if policy == "hpa" else _KPA(model)
+    if reactive not in ("hpa", "kpa"):
+        raise ValueError(f"the agent's reactive autoscaler is hpa or kpa, got {reactive!r}")
+    scaler: Any = _HPA(model) if policy == "hpa" or (policy == "agent" and reactive == "hpa") else _KPA(model)
     floor = static_n if policy == "static" else model.min_replicas
 
     selector = planner = guard = None
