@@ -5,10 +5,16 @@ Its id is deterministic — drift: champion version + window bounds; Alertmanage
 ``startsAt`` — so the same drift re-detected, or the same webhook re-delivered, maps to the same
 row and starts at most one run.
 
+The store also keeps the monitor's drift episodes (table ``drift_episodes``: when its check's
+verdict turned to drift and when it turned back), so the trigger can tell that an Alertmanager
+alert reports a drift the monitor already raised (``duplicate_of`` on the alert; see
+``monitoring.trigger``).
+
 :func:`decide` applies the guardrails in a fixed order (first failing one is the reason):
-duplicate → trigger disabled → minimum samples → blackout window → a run in flight → cooldown
-since the last started run → daily budget (runs started in the last 24 hours). Every decision,
-duplicates included, is appended to the ``decisions`` table with its reason.
+duplicate (the same id again, or the duplicate of another alert) → trigger disabled → minimum
+samples → blackout window → a run in flight → cooldown since the last started run → daily budget
+(runs started in the last 24 hours). Every decision, duplicates included, is appended to the
+``decisions`` table with its reason.
 """
 
 from __future__ import annotations
@@ -64,7 +70,8 @@ CREATE TABLE IF NOT EXISTS alerts (
     worker_pid INTEGER,
     started REAL,
     finished REAL,
-    deliveries INTEGER NOT NULL DEFAULT 1
+    deliveries INTEGER NOT NULL DEFAULT 1,
+    duplicate_of TEXT
 );
 CREATE INDEX IF NOT EXISTS alerts_started ON alerts (started);
 CREATE TABLE IF NOT EXISTS decisions (
@@ -74,7 +81,19 @@ CREATE TABLE IF NOT EXISTS decisions (
     decision TEXT NOT NULL,
     reason TEXT NOT NULL
 );
+CREATE INDEX IF NOT EXISTS decisions_alert ON decisions (alert_id, ts);
+CREATE TABLE IF NOT EXISTS drift_episodes (
+    seq INTEGER PRIMARY KEY,
+    model TEXT NOT NULL,
+    opened REAL NOT NULL,
+    last_seen REAL NOT NULL,
+    closed REAL
+);
+CREATE INDEX IF NOT EXISTS drift_episodes_model ON drift_episodes (model, opened);
 """
+
+#: Decisions of the monitor's own drift alerts that did not go to the trigger (no drift raised).
+_NOT_RAISED = ("report_only", "not_confirmed")
 
 
 @dataclass
@@ -98,6 +117,7 @@ class Decision:
     decision: str  # started | duplicate | disabled | insufficient_samples | blackout | in_flight | cooldown | budget | failed
     reason: str
     request_id: str | None = None
+    duplicate_of: str | None = None  # the alert this one duplicates (another alert's id)
 
 
 def _digest(text: str) -> str:
@@ -159,10 +179,19 @@ def in_blackout(windows: list[str], now: float) -> str | None:
 
 
 def decide(alert: Alert, config: Any, *, now: float, seen: bool, in_flight: str | None,
-           last_started: float | None, started_last_day: int) -> tuple[str, str]:
-    """The guardrails (``TriggerConfig``) as one pure function → (decision, reason)."""
+           last_started: float | None, started_last_day: int, duplicate_of: str | None = None,
+           why: str = "") -> tuple[str, str]:
+    """The guardrails (``TriggerConfig``) as one pure function → (decision, reason).
+
+    ``duplicate_of``: the alert this one duplicates (``why`` says how it was recognised); a
+    duplicate starts nothing, whatever the other guardrails would say.
+    """
     if seen:
+        if duplicate_of:
+            return "duplicate", f"duplicate of {duplicate_of}: alert {alert.id} was already received as its duplicate"
         return "duplicate", f"alert {alert.id} was already received; it starts at most one run"
+    if duplicate_of:
+        return "duplicate", f"duplicate of {duplicate_of}: {why}" if why else f"duplicate of {duplicate_of}"
     if not config.enabled:
         return "disabled", "trigger.enabled is false"
     if alert.samples is not None and alert.samples < config.min_samples:
@@ -196,6 +225,17 @@ class AlertStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Add the columns a store written by an earlier release lacks."""
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(alerts)")}
+        if "duplicate_of" not in columns:
+            try:
+                self._db.execute("ALTER TABLE alerts ADD COLUMN duplicate_of TEXT")
+            except sqlite3.OperationalError as exc:  # another process added it first
+                if "duplicate column" not in str(exc):
+                    raise
 
     @classmethod
     def from_settings(cls, settings: Any) -> AlertStore:
@@ -233,7 +273,8 @@ class AlertStore:
         if not fields:
             return
         allowed = {"report_path", "report_uri", "request_id", "pipeline_run_id", "model_version", "run_state",
-                   "worker_pid", "started", "finished", "decision", "reason", "window_start", "window_end"}
+                   "worker_pid", "started", "finished", "decision", "reason", "window_start", "window_end",
+                   "duplicate_of"}
         unknown = set(fields) - allowed
         if unknown:
             raise ValueError(f"unknown alert fields {sorted(unknown)}")
@@ -267,6 +308,52 @@ class AlertStore:
     def started_since(self, since: float) -> int:
         return int(self._tx("SELECT COUNT(*) FROM alerts WHERE decision = ? AND started >= ?",
                             (STARTED, since)).fetchone()[0])
+
+    # -- drift episodes ------------------------------------------------------------------------
+    def observe_drift(self, model: str, drift: bool, *, now: float, restarted_at: float | None = None) -> None:
+        """One drift check's verdict for ``model``: opens, extends or closes its drift episode.
+
+        ``restarted_at``: this monitor process started then (its drift gauge read 0 from then until
+        this check), so an episode an earlier process left open ended at that time.
+        """
+        with self._lock:
+            if restarted_at is not None:
+                self._db.execute("UPDATE drift_episodes SET closed = MAX(last_seen, ?) "
+                                 "WHERE model = ? AND closed IS NULL AND opened < ?",
+                                 (restarted_at, model, restarted_at))
+            row = self._db.execute("SELECT seq FROM drift_episodes WHERE model = ? AND closed IS NULL "
+                                   "ORDER BY opened DESC LIMIT 1", (model,)).fetchone()
+            if drift and row is None:
+                self._db.execute("INSERT INTO drift_episodes (model, opened, last_seen) VALUES (?, ?, ?)",
+                                 (model, now, now))
+            elif drift:
+                self._db.execute("UPDATE drift_episodes SET last_seen = ? WHERE seq = ?", (now, row["seq"]))
+            elif row is not None:
+                self._db.execute("UPDATE drift_episodes SET closed = ? WHERE model = ? AND closed IS NULL",
+                                 (now, model))
+
+    def drift_episodes(self, model: str, *, since: float, until: float) -> list[dict[str, Any]]:
+        """``model``'s drift episodes that were open at some time in [since, until], oldest first."""
+        rows = self._tx("SELECT * FROM drift_episodes WHERE model = ? AND opened <= ? "
+                        "AND (closed IS NULL OR closed >= ?) ORDER BY opened", (model, until, since)).fetchall()
+        return [dict(r) for r in rows]
+
+    def raised_between(self, start: float, end: float) -> list[dict[str, Any]]:
+        """The monitor's own drift alerts that went to the trigger (first raised or re-raised) in
+        [start, end], with ``raised`` = the last such time; oldest first."""
+        marks = ",".join("?" * len(_NOT_RAISED))
+        rows = self._tx(
+            "SELECT a.*, MAX(d.ts) AS raised FROM alerts a JOIN decisions d ON d.alert_id = a.id "
+            f"WHERE a.source = 'drift' AND a.decision IS NOT NULL AND a.decision NOT IN ({marks}) "
+            "AND d.ts >= ? AND d.ts <= ? GROUP BY a.id ORDER BY raised",
+            (*_NOT_RAISED, start, end)).fetchall()
+        return [_row(r) for r in rows]
+
+    def alertmanager_by_fingerprint(self, fingerprint: str) -> list[dict[str, Any]]:
+        """Alertmanager alerts received with this fingerprint (any ``startsAt``), oldest first."""
+        rows = self._tx("SELECT * FROM alerts WHERE source = 'alertmanager' "
+                        "AND json_extract(details, '$.fingerprint') = ? ORDER BY created", (fingerprint,)).fetchall()
+        return [_row(r) for r in rows]
 
 
 def _row(row: sqlite3.Row) -> dict[str, Any]:

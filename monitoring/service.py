@@ -139,6 +139,7 @@ class MonitorService:
         started = time.perf_counter()
         result = fast_check(champion.profile, window.rows, self.options)
         self._export(result, time.perf_counter() - started)
+        self.trigger.observe_drift(champion.model, result.dataset_drift)  # the drift episode (trigger.py)
         outcome: dict[str, Any] = {**base, "verdict": "drift" if result.dataset_drift else "no drift",
                                    "result": result.to_dict()}
         if result.dataset_drift or report:

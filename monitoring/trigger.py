@@ -21,6 +21,25 @@ Data window of the retraining run: it ends at the alert's window end (the time o
 the drift check saw, or the Alertmanager ``startsAt``); it starts ``trigger.recent_days`` before
 that, or at the time of the ``trigger.recent_rows``-th last row of the training source before the
 end; with neither set, all data up to the end is used.
+
+One drift, one alert. On a cluster the same drift reaches the trigger twice: as the monitor's own
+alert and, ``for:`` later, as Alertmanager's (the PrometheusRule ``DriftloopDatasetDrift`` fires
+on the monitor's ``driftloop_monitor_dataset_drift_share``). The monitor's **drift episode** is
+the time from the check whose verdict turned to drift (the check that sets
+``driftloop_monitor_dataset_drift`` to 1) to the first later check that finds none, or to the
+start of a new monitor process (its gauges read 0 until its first check); the drift check reports
+each verdict through :meth:`Trigger.observe_drift`, and the episodes are stored with the alerts.
+A firing ``DriftloopDatasetDrift`` whose labels fit this monitor (``namespace`` = the loop's
+``serving.namespace``; ``model`` and ``version``, where a rule sets them, = its model and the own
+alert's champion version) reports the episode that was open at its ``startsAt`` (give or take
+:data:`EPISODE_MARGIN_SECONDS`). When the monitor raised an alert in that episode, the
+Alertmanager alert is recorded as its duplicate (``duplicate_of``; decision ``duplicate``, reason
+``duplicate of <id>: …``) and starts nothing; the original is the latest of the episode's own
+alerts that started a run, else its latest. Failing that, an earlier Alertmanager alert with the
+same fingerprint in the same episode is the original. Anything else — no episode at ``startsAt``
+(drift seen only by Prometheus, a monitor whose store is new), no own alert in it (Evidently did
+not confirm the drift), another alert name (``DriftloopBatchDrift``) — goes through the
+guardrails as before. See docs/monitoring.md ("One drift, one alert").
 """
 
 from __future__ import annotations
@@ -28,6 +47,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -41,7 +61,16 @@ from driftloop.core.processes import process_alive, spawn
 from driftloop.core.runs import PipelineRunner, RunRequest
 from monitoring.alerts import STARTED, Alert, AlertStore, Decision, day_ago, decide
 
-__all__ = ["Trigger", "WORKER_MODULE", "record_result", "retrain_window", "trigger_of", "worker_alive"]
+__all__ = [
+    "DRIFT_ALERTNAMES",
+    "EPISODE_MARGIN_SECONDS",
+    "Trigger",
+    "WORKER_MODULE",
+    "record_result",
+    "retrain_window",
+    "trigger_of",
+    "worker_alive",
+]
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +79,15 @@ log = logging.getLogger(__name__)
 WORKER_MODULE = "pipelines.retrain"
 
 _TERMINAL = {"SUCCEEDED", "FAILED", "SKIPPED", "CANCELED", "CANCELLED", "CANCELING"}
+
+#: Alertmanager alerts that report the monitor's own drift gauge (infra/base/monitoring/prometheus-rule.yaml
+#: and each tenant's rule); only these can be duplicates of the monitor's drift alerts.
+DRIFT_ALERTNAMES = frozenset({"DriftloopDatasetDrift"})
+
+#: How far a ``startsAt`` may lie outside a drift episode and still report it: Prometheus sees the
+#: gauge a scrape and an evaluation interval late, keeps a series that is no longer scraped for its
+#: 5-minute lookback, and its clock is not the monitor's.
+EPISODE_MARGIN_SECONDS = 300.0
 
 
 def worker_alive(pid: int | None) -> bool:
@@ -112,6 +150,8 @@ class Trigger:
         self.runner_factory = runner_factory
         self.metrics = metrics
         self.clock = clock
+        self._born = clock()  # this process's drift gauge reads 0 from here until its first check
+        self._observed: set[str] = set()
         self._lock = threading.Lock()
         self._threads: dict[str, threading.Thread] = {}
         self._workers: dict[str, subprocess.Popen] = {}
@@ -162,16 +202,92 @@ class Trigger:
             self.runner = self.runner_factory(self.settings)
         return self.runner
 
+    # -- drift episodes ----------------------------------------------------------------------
+    def observe_drift(self, model: str, drift: bool) -> None:
+        """The drift check's verdict, as just exported on ``driftloop_monitor_dataset_drift``.
+
+        Opens ``model``'s drift episode on drift, closes it on no drift; the first call of a new
+        monitor process closes an episode an earlier one left open (at this process's start). A
+        store that cannot be written costs only the de-duplication of Alertmanager alerts.
+        """
+        restarted = None if model in self._observed else self._born
+        try:
+            self.alerts.observe_drift(model, drift, now=self.clock(), restarted_at=restarted)
+        except sqlite3.Error as exc:
+            log.warning("drift episode of %s not recorded: %s", model, exc)
+            return
+        self._observed.add(model)
+
+    def duplicate_of(self, alert: Alert, now: float) -> tuple[str, str] | None:
+        """(id of the alert that ``alert`` duplicates, how it was recognised), or None (module doc)."""
+        if alert.source != "alertmanager":
+            return None
+        details = alert.details or {}
+        labels = details.get("labels") if isinstance(details.get("labels"), dict) else {}
+        name = labels.get("alertname")
+        if not isinstance(name, str) or name not in DRIFT_ALERTNAMES or alert.window_end is None:
+            return None
+        s = self.settings
+        if "namespace" in labels and str(labels["namespace"]) != s.serving.namespace:
+            return None
+        if "model" in labels and str(labels["model"]) not in (s.mlflow.model_name, s.serving.name):
+            return None
+        model = s.mlflow.model_name
+        try:
+            starts = dt.datetime.fromisoformat(alert.window_end).timestamp()
+            return self._original(alert, model, labels, starts, now)
+        except Exception as exc:  # noqa: BLE001 - the alert is stored already; the guardrails still judge it
+            log.warning("alert %s not checked for duplicates: %s", alert.id, exc)
+            return None
+
+    def _original(self, alert: Alert, model: str, labels: dict[str, Any], starts: float,
+                  now: float) -> tuple[str, str] | None:
+        margin = EPISODE_MARGIN_SECONDS
+        episodes = self.alerts.drift_episodes(model, since=starts - margin, until=starts + margin)
+        if not episodes:
+            return None
+        # the episode open at startsAt, else the latest one within the margin of it
+        holding = [e for e in episodes if e["opened"] <= starts and (e["closed"] is None or e["closed"] >= starts)]
+        episode = (holding or episodes)[-1]
+        since = _iso(episode["opened"])
+        end = now if episode["closed"] is None else episode["closed"]
+        own = self.alerts.raised_between(episode["opened"], end)
+        if "version" in labels:
+            own = [a for a in own if str((a.get("details") or {}).get("champion_version")) == str(labels["version"])]
+        if own:
+            started = [a for a in own if a.get("decision") == STARTED]
+            original = (started or own)[-1]
+            return original["id"], (f"the monitor raised this drift of {model} itself (its alert's decision: "
+                                    f"{original['decision']}); drift episode since {since}, Alertmanager's "
+                                    f"startsAt {alert.window_end}")
+        fingerprint = (alert.details or {}).get("fingerprint")
+        for earlier in self.alerts.alertmanager_by_fingerprint(str(fingerprint)):
+            if earlier["id"] == alert.id or not earlier.get("window_end"):
+                continue
+            at = dt.datetime.fromisoformat(earlier["window_end"]).timestamp()
+            if episode["opened"] - margin <= at <= end + margin:
+                return earlier.get("duplicate_of") or earlier["id"], (
+                    f"Alertmanager alert {fingerprint} again, with startsAt {alert.window_end}, in the same drift "
+                    f"episode of {model} (since {since})")
+        return None
+
     # -- decisions ---------------------------------------------------------------------------
     def submit(self, alert: Alert) -> Decision:
         """Record the alert, apply the guardrails, start a run when they pass. Never raises for a refusal."""
         with self._lock:
             now = self.clock()
             fresh = self.alerts.insert(alert)
-            in_flight = self.refresh() if fresh else None
+            if fresh:
+                original, why = self.duplicate_of(alert, now) or (None, "")
+            else:  # a repeat delivery: the duplicate of what its first delivery duplicated
+                original, why = (self.alerts.get(alert.id) or {}).get("duplicate_of"), ""
+            in_flight = self.refresh() if fresh and original is None else None
             decision, reason = decide(alert, self.settings.trigger, now=now, seen=not fresh, in_flight=in_flight,
                                       last_started=self.alerts.last_started(),
-                                      started_last_day=self.alerts.started_since(day_ago(now)))
+                                      started_last_day=self.alerts.started_since(day_ago(now)),
+                                      duplicate_of=original, why=why)
+            if fresh and original is not None:
+                self.alerts.update(alert.id, duplicate_of=original)
             request_id = None
             if decision == STARTED:
                 try:
@@ -182,7 +298,7 @@ class Trigger:
             if self.metrics is not None:
                 self.metrics.trigger_decisions.labels(decision=decision).inc()
             log.info("alert %s (%s): %s — %s", alert.id, alert.source, decision, reason)
-            return Decision(alert.id, decision, reason, request_id)
+            return Decision(alert.id, decision, reason, request_id, original)
 
     def _start(self, alert: Alert, now: float) -> str:
         start, end = retrain_window(self.settings, alert.window_end)

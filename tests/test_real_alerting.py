@@ -2,7 +2,8 @@
 
 monitor /metrics → Prometheus (the PrometheusRule's own expressions) → Alertmanager (the
 AlertmanagerConfig's receiver: /alerts/alertmanager, bearer token from a file) → the monitor's
-webhook → the trigger → one real kfp.local retraining run. And promtool on the same rules.
+webhook → the trigger, which knows Alertmanager's alert as the duplicate of the monitor's own
+drift alert → one real kfp.local retraining run. And promtool on the same rules.
 """
 
 from __future__ import annotations
@@ -131,17 +132,30 @@ def _metric(url: str, name: str) -> float:
     return total
 
 
+def _alerts_json(settings, monkeypatch) -> list[dict]:
+    """What ``driftloop alerts --json`` prints for the workspace."""
+    from typer.testing import CliRunner
+
+    from driftloop.app.cli import app
+
+    for key, value in {"WORKSPACE": str(settings.workspace_dir), "MLFLOW__TRACKING_URI": settings.tracking_uri,
+                       "MLFLOW__MODEL_NAME": "churn", "MLFLOW__EXPERIMENT": settings.mlflow.experiment}.items():
+        monkeypatch.setenv(f"DRIFTLOOP_{key}", value)
+    result = CliRunner().invoke(app, ["alerts", "--json", "--limit", "50"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output)["alerts"]
+
+
 def test_drift_fires_through_prometheus_and_alertmanager_and_starts_one_run(tmp_path, monkeypatch, tracking):
     """Against the session's real MLflow server (basic auth, artifacts on S3): its champion learnt the
-    first 30 days of a scenario that ends today and drifts from day 30 on."""
+    first 30 days of a scenario that ends today and drifts from day 30 on. Both paths are live: the
+    monitor's own alert starts the run, Alertmanager's alert for the same drift is its duplicate."""
     for key, value in tracking.env.items():
         monkeypatch.setenv(key, value)
     settings = tracking.settings(tmp_path / "ws", **{
         "serving.name": "churn", "monitor.window_rows": 300, "monitor.min_samples": 200,
         "monitor.check_interval_seconds": 1, "trigger.cooldown_seconds": 0, "trigger.recent_days": 20,
-        # The monitor's own drift alert (which carries its window's row count) is held by this guardrail,
-        # so the only run this test can see is the one Alertmanager's webhook starts (it has no row count).
-        "trigger.min_samples": 1_000_000})
+        "trigger.min_samples": 200})
     registry = Registry.from_settings(settings)
     model = registry.load_pyfunc("models:/churn@champion")
 
@@ -186,21 +200,30 @@ def test_drift_fires_through_prometheus_and_alertmanager_and_starts_one_run(tmp_
             sent = _metric(am.url, 'alertmanager_notifications_total{integration="webhook"}')
             assert failed >= 3 and failed == sent  # every attempt refused (401), none accepted
             assert not [a for a in service.alerts.recent(50) if a["source"] == "alertmanager"]
-            assert {a["decision"] for a in service.alerts.recent(50)} <= {"insufficient_samples"}
+            # Meanwhile the monitor's own alert for the drifted window started the run.
+            own = wait_until(lambda: [a for a in service.alerts.recent(50) if a["source"] == "drift" and a["decision"]],
+                             timeout=60, what="the monitor's own drift alert")
+            assert [a["decision"] for a in own] == ["started"], own
+            alert = own[0]
 
-            # The right token in the mounted file: the next delivery starts the run.
+            # The right token in the mounted file: Alertmanager's next delivery is the same drift.
             token_file.write_text(TOKEN)
-            started = wait_until(lambda: [a for a in service.alerts.recent(50) if a["source"] == "alertmanager"],
-                                 timeout=60, what="the Alertmanager alert at the monitor", log=am.log)
-            assert len(started) == 1 and started[0]["decision"] == "started", started
-            alert = started[0]
-            assert alert["details"]["labels"]["alertname"] == ALERT
+            delivered = wait_until(lambda: [a for a in service.alerts.recent(50) if a["source"] == "alertmanager"],
+                                   timeout=60, what="the Alertmanager alert at the monitor", log=am.log)
+            assert len(delivered) == 1, delivered
+            dup = delivered[0]
+            assert dup["details"]["labels"]["alertname"] == ALERT
+            assert (dup["decision"], dup["duplicate_of"]) == ("duplicate", alert["id"]), dup
+            assert dup["reason"].startswith(f"duplicate of {alert['id']}"), dup["reason"]
+            assert dup["request_id"] is None and dup["started"] is None
             rec = service.trigger.wait(alert["id"], timeout=240)
             log = (settings.workspace_dir / "monitor" / "runs" / f"{alert['id']}.log")
             assert rec["run_state"] == "SUCCEEDED", log.read_text()[-3000:] if log.exists() else rec
             time.sleep(2)  # Alertmanager keeps evaluating; a second delivery would be a duplicate, not a run
-            runs = [a for a in service.alerts.recent(50) if a.get("pipeline_run_id")]
+            runs = [a for a in service.alerts.recent(50) if a.get("pipeline_run_id") or a.get("started")]
             assert [a["id"] for a in runs] == [alert["id"]]
+            assert 'driftloop_monitor_trigger_decisions_total{decision="started"} 1.0' in httpx.get(
+                f"{monitor.url}/metrics", timeout=5).text
     finally:
         service.stop_checks()
         service.store.close()
@@ -209,3 +232,10 @@ def test_drift_fires_through_prometheus_and_alertmanager_and_starts_one_run(tmp_
     assert version.tags[TAG.ALERT] == alert["id"] and version.tags[TAG.TRIGGER] == f"drift:{alert['id']}"
     carrying = [v.version for v in registry.list_versions("churn") if v.tags.get(TAG.ALERT) == alert["id"]]
     assert carrying == [version.version]
+    assert not [v for v in registry.list_versions("churn") if v.tags.get(TAG.ALERT) == dup["id"]]
+    # What a person sees: one alert that started a run, and Alertmanager's as its duplicate.
+    listed = {a["id"]: a for a in _alerts_json(settings, monkeypatch)}
+    assert listed[alert["id"]]["decision"] == "started" and listed[alert["id"]]["model_version"] == rec["model_version"]
+    assert listed[dup["id"]]["decision"] == "duplicate" and listed[dup["id"]]["duplicate_of"] == alert["id"]
+    assert listed[dup["id"]]["reason"].startswith(f"duplicate of {alert['id']}")
+    assert [a["id"] for a in listed.values() if a["decision"] == "started"] == [alert["id"]]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import subprocess
 import sys
 import threading
@@ -228,3 +229,235 @@ def test_cluster_runs_are_submitted_and_followed_through_kubeflow(tmp_path):
     assert trig.submit(_alert(3)).decision == "started"
     assert trig.alerts.get(first.alert_id)["run_state"] == "SUCCEEDED"
     assert [r.trigger for r in runner.requests] == [f"drift:{_alert(1).id}", f"drift:{_alert(3).id}"]
+
+
+# -- one drift, one alert: Alertmanager's alert for a drift the monitor raised itself ------------------
+
+RULE = "DriftloopDatasetDrift"
+
+
+def _iso_at(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")  # as Alertmanager writes it
+
+
+def _am(fingerprint: str, starts: float, *, status: str = "firing", alertname: str = RULE, **labels) -> dict:
+    """A webhook payload with one alert, labelled as infra's PrometheusRule labels it."""
+    labels = {"alertname": alertname, "namespace": "driftloop", "severity": "warning", "driftloop_action": "retrain",
+              **labels}
+    return {"version": "4", "status": status, "receiver": "driftloop-trigger", "groupKey": "{}:{alertname=\"x\"}",
+            "alerts": [{"status": status, "labels": labels, "annotations": {"summary": "Input drift"},
+                        "fingerprint": fingerprint, "startsAt": _iso_at(starts),
+                        "endsAt": "0001-01-01T00:00:00Z"}]}
+
+
+def _deliver(trig: Trigger, payload: dict) -> list:
+    return [trig.submit(a) for a in alertmanager_alerts(payload, now=trig.clock())]
+
+
+def _own(trig: Trigger, n: int, samples: int = 500, version: str = "1") -> Alert:
+    """The monitor's own drift alert as its check raises it: the verdict first, then the alert."""
+    trig.observe_drift("churn", True)
+    return Alert(drift_alert_id("churn", version, n, n + 1), "drift", samples=samples, created=trig.clock(),
+                 details={"champion_version": version}, window_end="2026-02-01T00:00:00+00:00")
+
+
+def test_alertmanager_alert_for_the_monitors_drift_is_its_duplicate(tmp_path):
+    clock = Clock()
+    trig, metrics = _trigger(tmp_path, clock=clock, cooldown_seconds=600)
+    own = trig.submit(_own(trig, 1))
+    assert own.decision == "started"
+    _finish(trig, own.alert_id)
+    t0 = clock.now
+    for minute in range(1, 12):  # the drift goes on; a tumbling window's verdict is cached in between
+        clock.now = t0 + 60 * minute
+        trig.observe_drift("churn", True)
+    # `for: 10m` after Prometheus first saw the gauge, Alertmanager posts (group_wait 30 s later)
+    clock.now = t0 + 660
+    [dup] = _deliver(trig, _am("f1ngerpr1nt", t0 + 630))
+    assert dup.decision == "duplicate" and dup.duplicate_of == own.alert_id and dup.request_id is None
+    assert dup.reason.startswith(f"duplicate of {own.alert_id}: the monitor raised this drift of churn itself")
+    row = trig.alerts.get(dup.alert_id)
+    assert row["duplicate_of"] == own.alert_id and row["decision"] == "duplicate" and row["source"] == "alertmanager"
+    # Alertmanager's repeat notifications (same fingerprint and startsAt), long after the cooldown
+    clock.now += 6 * 3600
+    [again] = _deliver(trig, _am("f1ngerpr1nt", t0 + 630))
+    assert (again.alert_id, again.decision, again.duplicate_of) == (dup.alert_id, "duplicate", own.alert_id)
+    assert again.reason.startswith(f"duplicate of {own.alert_id}: alert {dup.alert_id} was already received")
+    assert trig.alerts.get(dup.alert_id)["deliveries"] == 2
+    # a resolved notification closes nothing and starts nothing; the episode is still the monitor's
+    assert alertmanager_alerts(_am("f1ngerpr1nt", t0 + 630, status="resolved")) == []
+    # the same fingerprint with a new startsAt (Prometheus restarted) while the drift goes on: the same episode
+    clock.now += 60
+    trig.observe_drift("churn", True)
+    [later] = _deliver(trig, _am("f1ngerpr1nt", clock.now - 30))
+    assert later.decision == "duplicate" and later.duplicate_of == own.alert_id and later.alert_id != dup.alert_id
+    assert len(trig.runner.requests) == 1
+    assert [d["decision"] for d in trig.alerts.decisions(dup.alert_id)] == ["duplicate", "duplicate"]
+    assert metrics.trigger_decisions.labels(decision="duplicate")._value.get() == 3
+    assert metrics.trigger_decisions.labels(decision="started")._value.get() == 1
+
+
+def test_the_run_of_the_episode_is_the_original_and_a_held_alert_still_counts(tmp_path):
+    clock = Clock()
+    trig, _ = _trigger(tmp_path, clock=clock, cooldown_seconds=3600)
+    first = trig.submit(_own(trig, 1))
+    _finish(trig, first.alert_id)
+    clock.now += 60
+    held = trig.submit(_own(trig, 2))  # the next window, same episode: held by the cooldown
+    assert held.decision == "cooldown"
+    clock.now += 600
+    [dup] = _deliver(trig, _am("aa", clock.now - 30))
+    assert dup.duplicate_of == first.alert_id  # the alert that started the episode's run, not the latest
+
+    # A drift the monitor raised but its guardrails held (too few rows): Alertmanager's alert is the
+    # same drift, so it is held too — the monitor's next window raises it again.
+    trig2, _ = _trigger(tmp_path / "second", clock=clock)
+    small = trig2.submit(_own(trig2, 1, samples=5))
+    assert small.decision == "insufficient_samples"
+    clock.now += 630
+    [dup2] = _deliver(trig2, _am("bb", clock.now - 30))
+    assert (dup2.decision, dup2.duplicate_of) == ("duplicate", small.alert_id)
+    assert trig2.runner.requests == []
+
+
+def test_alertmanager_alert_without_an_own_alert_of_its_episode_goes_through_the_guardrails(tmp_path):
+    clock = Clock()
+    trig, _ = _trigger(tmp_path, clock=clock)
+    # Drift only Prometheus saw (no episode of the monitor at startsAt): a run, as before.
+    [alone] = _deliver(trig, _am("p1", clock.now - 30))
+    assert alone.decision == "started" and alone.duplicate_of is None
+    _finish(trig, alone.alert_id)
+    assert trig.alerts.get(alone.alert_id)["duplicate_of"] is None
+
+    # The monitor raised a drift that then ended (a check found none); a later drift fires in Prometheus.
+    clock.now += 3600
+    own = trig.submit(_own(trig, 1))
+    _finish(trig, own.alert_id)
+    clock.now += 120
+    trig.observe_drift("churn", False)
+    clock.now += 1800
+    [after] = _deliver(trig, _am("p2", clock.now - 30))
+    assert after.decision == "started" and after.duplicate_of is None
+    _finish(trig, after.alert_id)
+
+    # An episode whose drift Evidently did not confirm: no own alert went to the trigger.
+    clock.now += 3600
+    trig.observe_drift("churn", True)
+    unconfirmed = Alert(drift_alert_id("churn", "1", 7, 8), "drift", samples=500, details={"champion_version": "1"})
+    trig.alerts.insert(unconfirmed)
+    trig.alerts.record_decision(unconfirmed.id, "not_confirmed", "Evidently found no dataset drift", now=clock.now)
+    clock.now += 630
+    [unseen] = _deliver(trig, _am("p3", clock.now - 30))
+    assert unseen.decision == "started" and unseen.duplicate_of is None
+    _finish(trig, unseen.alert_id)
+
+    # While that episode lasts: another namespace's drift, a batch's drift, another version are not this drift.
+    clock.now += 60
+    own2 = trig.submit(_own(trig, 3))
+    _finish(trig, own2.alert_id)
+    clock.now += 630
+    others = [_am("q1", clock.now - 30, namespace="team-b"), _am("q2", clock.now - 30, alertname="DriftloopBatchDrift"),
+              _am("q3", clock.now - 30, version="2"), _am("q4", clock.now - 30, model="another-model")]
+    for payload in others:
+        [d] = _deliver(trig, payload)
+        assert d.duplicate_of is None and d.decision == "started", (payload["alerts"][0]["labels"], d)
+        _finish(trig, d.alert_id)
+    [same] = _deliver(trig, _am("q5", clock.now - 30, version="1", model="churn"))
+    assert same.duplicate_of == own2.alert_id
+    assert len(trig.runner.requests) == 3 + 1 + 1 + 4
+
+
+def test_same_fingerprint_again_in_one_episode_starts_no_second_run(tmp_path):
+    """No own alert in the episode (not confirmed): the first Alertmanager alert is the episode's."""
+    clock = Clock()
+    trig, _ = _trigger(tmp_path, clock=clock)
+    trig.observe_drift("churn", True)
+    clock.now += 630
+    [first] = _deliver(trig, _am("fp", clock.now - 30))
+    assert first.decision == "started"
+    _finish(trig, first.alert_id)
+    clock.now += 7200  # Prometheus restarted and fired again, Alertmanager lost the old startsAt
+    trig.observe_drift("churn", True)
+    [second] = _deliver(trig, _am("fp", clock.now - 30))
+    assert (second.decision, second.duplicate_of) == ("duplicate", first.alert_id)
+    assert second.reason.startswith(f"duplicate of {first.alert_id}: Alertmanager alert fp again")
+    # the drift ends and comes back: a new episode, a new run
+    trig.observe_drift("churn", False)
+    clock.now += 3600
+    trig.observe_drift("churn", True)
+    clock.now += 630
+    [third] = _deliver(trig, _am("fp", clock.now - 30))
+    assert third.decision == "started" and third.duplicate_of is None
+    assert len(trig.runner.requests) == 2
+
+
+def test_a_monitor_restart_ends_its_drift_episode(tmp_path):
+    clock = Clock()
+    trig, _ = _trigger(tmp_path, clock=clock)
+    own = trig.submit(_own(trig, 1))
+    _finish(trig, own.alert_id)
+    before = clock.now + 600  # Prometheus fired before the restart; Alertmanager delivers after it
+    clock.now += 1200
+    restarted, _ = _trigger(tmp_path, clock=clock)  # a new monitor process: its gauge reads 0 until its check
+    clock.now += 1200
+    restarted.observe_drift("churn", True)  # its first check finds the drift again (its alert not raised yet)
+    [late] = _deliver(restarted, _am("r1", before))
+    assert late.duplicate_of == own.alert_id
+    clock.now += 630
+    [fresh] = _deliver(restarted, _am("r2", clock.now - 30))  # fired on the new process's gauge
+    assert fresh.decision == "started" and fresh.duplicate_of is None
+    episodes = restarted.alerts.drift_episodes("churn", since=0, until=clock.now)
+    assert [e["closed"] for e in episodes] == [restarted._born, None]
+
+
+def test_alerts_written_by_an_earlier_release_are_read_and_migrated(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "alerts.db"
+    db = sqlite3.connect(path)
+    db.executescript("""
+        CREATE TABLE alerts (id TEXT PRIMARY KEY, source TEXT NOT NULL, created REAL NOT NULL, details TEXT NOT NULL,
+            samples INTEGER, window_start TEXT, window_end TEXT, report_path TEXT, report_uri TEXT, decision TEXT,
+            reason TEXT, request_id TEXT, pipeline_run_id TEXT, model_version TEXT, run_state TEXT, worker_pid INTEGER,
+            started REAL, finished REAL, deliveries INTEGER NOT NULL DEFAULT 1);
+        CREATE TABLE decisions (seq INTEGER PRIMARY KEY, alert_id TEXT NOT NULL, ts REAL NOT NULL,
+            decision TEXT NOT NULL, reason TEXT NOT NULL);
+        INSERT INTO alerts (id, source, created, details, decision) VALUES ('drift-old', 'drift', 1.0, '{}', 'started');
+    """)
+    db.close()
+    first, second = AlertStore(path), AlertStore(path)  # two processes opening it at once
+    try:
+        assert first.get("drift-old")["duplicate_of"] is None
+        second.update("drift-old", duplicate_of="drift-other")
+        assert first.get("drift-old")["duplicate_of"] == "drift-other"
+    finally:
+        first.close()
+        second.close()
+
+
+def test_the_rule_that_reports_the_monitors_drift_is_the_one_the_trigger_knows():
+    """infra's PrometheusRule and each tenant's: the retraining alert is a DRIFT_ALERTNAMES alert on the
+    monitor's gauge, grouped by namespace only, in the namespace the loop's config serves."""
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    from driftloop.app import tenants
+    from monitoring.trigger import DRIFT_ALERTNAMES
+
+    infra = Path(__file__).resolve().parent.parent / "infra" / "base"
+    rule_doc = yaml.safe_load((infra / "monitoring" / "prometheus-rule.yaml").read_text())
+    config = yaml.safe_load((infra / "config" / "driftloop.yaml").read_text())
+    team = tenants.Tenant("team-b")
+    tenant_rule = next(d for d in tenants._monitoring_docs(team) if d["kind"] == "PrometheusRule")
+    homes = [(rule_doc, config["serving"]["namespace"]),
+             (tenant_rule, tenants.cluster_config(team, tenants.Pool(gpus=0))["serving"]["namespace"])]
+    for doc, namespace in homes:
+        rules = [r for g in doc["spec"]["groups"] for r in g["rules"]]
+        retrain = [r for r in rules if r.get("labels", {}).get("driftloop_action") == "retrain"]
+        assert {r["alert"] for r in retrain} == DRIFT_ALERTNAMES
+        for rule in retrain:
+            assert "driftloop_monitor_dataset_drift_share" in rule["expr"]
+            assert re.search(r"max by \(namespace\)", rule["expr"])  # the only label it keeps: namespace
+            assert f'namespace="{namespace}"' in rule["expr"]
