@@ -46,7 +46,7 @@ def run_cmd(
 ) -> None:
     """Run the agent: every interval it samples traffic, forecasts, detects anomalies and acts as the policy allows."""
     from serving.agent.actions import KServeActuator, LocalActuator
-    from serving.agent.agent import GatewaySampler, PrometheusSampler, ServingAgent, agent_paths
+    from serving.agent.agent import GatewaySampler, PrometheusSampler, ServingAgent, agent_paths, owns_count
     from serving.local_backend import LocalBackend
 
     _check_mode(mode)
@@ -54,12 +54,13 @@ def run_cmd(
     on_cluster = settings.is_cluster if cluster is None else cluster
     paths = agent_paths(settings)
     s = settings.serving
+    owns = owns_count(settings.agent, mode)
     if on_cluster:
-        actuator = KServeActuator(settings)
-        where = f"InferenceService {s.namespace}/{s.name} (minReplicas)"
+        actuator = KServeActuator(settings, owns=owns)
+        where = f"InferenceService {s.namespace}/{s.name} ({'minReplicas = maxReplicas' if owns else 'minReplicas'})"
         if settings.rollout.prometheus_url:
             sampler = PrometheusSampler(settings.rollout.prometheus_url, s.name, s.namespace,
-                                        settings.agent.interval_seconds)
+                                        settings.agent.guard_seconds if owns else settings.agent.interval_seconds)
         elif settings.agent.gateway_url:
             sampler = GatewaySampler(settings.agent.gateway_url)
         else:
@@ -71,25 +72,19 @@ def run_cmd(
         sampler = GatewaySampler(settings.agent.gateway_url or (lambda: backend.gateway_url))
         where = "the local model servers behind the gateway (replicas)"
     agent = ServingAgent(settings, actuator, mode=mode)
+    guard = f", reactive guard every {settings.agent.guard_seconds:g} s" if owns else ""
     console.print(f"[bold]driftloop agent[/] in [bold]{agent.policy.mode}[/] mode on {where}; every "
-                  f"{settings.agent.interval_seconds:g} s; decisions -> {paths['decisions']}; kill switch: "
+                  f"{settings.agent.interval_seconds:g} s{guard}; decisions -> {paths['decisions']}; kill switch: "
                   f"{paths['kill_switch']}" + (f" or annotation {settings.agent.kill_switch_annotation}=true"
                                               if on_cluster else ""))
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    if rounds is None:
-        agent.run(sampler, stop)
-        return
-    import time
+    def show(rec: dict) -> None:
+        console.print(f"{'[green]ran[/]' if rec['allowed'] else '[yellow]refused[/]'} "
+                      f"{rec['action']['kind']}: {rec['reason']}")
 
-    sampler.sample(time.time())
-    for _ in range(rounds):
-        if stop.wait(settings.agent.interval_seconds):
-            break
-        for rec in agent.round(time.time(), sampler.sample(time.time())):
-            console.print(f"{'[green]ran[/]' if rec['allowed'] else '[yellow]refused[/]'} "
-                          f"{rec['action']['kind']}: {rec['reason']}")
+    agent.run(sampler, stop, rounds=rounds, on_record=show if rounds is not None else None)
 
 
 @agent_app.command("simulate")
@@ -135,7 +130,8 @@ def simulate_cmd(
     results = compare(tr, ["agent", *baselines], model, interval=a.interval_seconds,
                       lead=max(a.lead_seconds, cold_start), target_utilisation=a.target_utilisation,
                       level=a.interval_level, engine=a.forecast_engine, plan=a.plan_seconds,
-                      down_hysteresis=a.down_hysteresis, keep_series=plot is not None)
+                      down_hysteresis=a.down_hysteresis, reactive=a.reactive, guard_seconds=a.guard_seconds,
+                      keep_series=plot is not None)
     rows = [r.row() for r in results.values()]
     plot_note = None
     if plot is not None:
@@ -256,19 +252,24 @@ def decisions_cmd(
 
 @agent_app.command("patch")
 def patch_cmd(
-    replicas: Annotated[int, typer.Option("--replicas", min=0, help="The replica floor (minReplicas).")],
+    replicas: Annotated[int, typer.Option("--replicas", min=0, help="The replica count (own) or floor (hpa).")],
     config: ConfigOpt = None,
     params: ParamOpt = None,
+    mode: ModeOpt = None,
 ) -> None:
-    """Print the InferenceService merge patch the agent would send for a floor (for review or kubectl)."""
+    """Print the InferenceService merge patch the agent would send (for review or kubectl): minReplicas and
+    maxReplicas both when it owns the count (agent.reactive: own, not in scale-up mode), else minReplicas."""
     import yaml
 
     from serving.agent.actions import floor_patch
+    from serving.agent.agent import owns_count
     from serving.inference_service import to_dict
 
+    _check_mode(mode)
     settings = settings_from(config, params)
-    console.print(yaml.safe_dump(to_dict(floor_patch(settings.serving.name, settings.serving.namespace, replicas)),
-                                 sort_keys=False))
+    own = owns_count(settings.agent, mode)
+    patch = floor_patch(settings.serving.name, settings.serving.namespace, replicas, replicas if own else None)
+    console.print(yaml.safe_dump(to_dict(patch), sort_keys=False))
 
 
 def register(app: typer.Typer) -> None:

@@ -364,11 +364,18 @@ class AgentConfig(_Section):
     slo_error_rate: float = Field(0.01, gt=0.0, lt=1.0, description="error budget of the SLO (burn rate = rate / this)")
     floor: int = Field(1, ge=0)
     ceiling: int = Field(10, ge=1)
-    max_step: int = Field(4, ge=1, description="largest change of a floor in one action")
+    max_step: int = Field(4, ge=1, description="largest change of replicas in one planned action (an urgent raise "
+                                                "for load already observed may also double the count or add 4)")
     cooldown_seconds: float = Field(600.0, ge=0, description="after a change, no lowering of that model's floor "
                                                              "for this long (raising is never delayed)")
-    down_hysteresis: float = Field(0.2, ge=0.0, lt=1.0, description="a floor is lowered only when the need is this "
-                                                                    "share (and at least one replica) below it")
+    down_hysteresis: float = Field(0.1, ge=0.0, lt=1.0, description="replicas are lowered only when the need is "
+                                                                    "this share (and at least one replica) below them")
+    reactive: Literal["own", "hpa"] = Field(
+        "own", description="own: the agent owns the replica count (minReplicas = maxReplicas on a cluster, the "
+                           "replica count locally) with its own reactive guard; hpa: it sets only minReplicas and "
+                           "KServe's HPA (Standard mode) or KPA (Serverless) scales above it")
+    guard_seconds: float = Field(15.0, gt=0, description="reactive: own -- how often the guard compares the load with "
+                                                         "what the replicas serve (the HPA's period)")
     plan_seconds: float = Field(600.0, gt=0, description="a raise goes as far as the forecast needs over this long; "
                                                          "a floor is lowered only as far as it allows")
     max_actions_per_hour: int = Field(12, ge=0)

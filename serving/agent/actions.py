@@ -4,10 +4,12 @@
   processes behind the local gateway (``LocalBackend.set_replicas``; there is no reactive
   autoscaler locally, so the floor is the replica count); the kill switch is a file.
 * On a cluster, :class:`KServeActuator`: ``spec.predictor.minReplicas`` of the
-  InferenceService, as a merge patch built from kserve's model classes, first sent as a
-  server-side dry run (``dryRun=All``) and then through ``KServeClient.patch``. In Serverless
-  mode every change makes a new Knative revision (``autoscaling.knative.dev/min-scale``), which
-  is why the planner changes floors rarely. The kill switch is an annotation on the object.
+  InferenceService -- and ``maxReplicas`` to the same value when the agent owns the count
+  (``agent.reactive: own``; KServe's HPA then cannot move it) -- as a merge patch built from
+  kserve's model classes, first sent as a server-side dry run (``dryRun=All``) and then through
+  ``KServeClient.patch``. In Serverless mode every change makes a new Knative revision
+  (``autoscaling.knative.dev/min-scale``/``max-scale``), which is why the planner changes the
+  count rarely. The kill switch is an annotation on the object.
 
 Rolling back an in-flight canary uses the serving backends' own rollback.
 """
@@ -61,27 +63,39 @@ class LocalActuator:
         return f"kill switch file {self.kill_file} exists" if self.kill_file.exists() else None
 
 
-def floor_patch(name: str, namespace: str, replicas: int) -> Any:
-    """A merge patch (kserve model classes) that only sets ``spec.predictor.minReplicas``."""
+def floor_patch(name: str, namespace: str, replicas: int, max_replicas: int | None = None) -> Any:
+    """A merge patch (kserve model classes) that sets ``spec.predictor.minReplicas`` and, when given,
+    ``maxReplicas`` (the agent owning the count sets both to the same value; handing it back to the
+    HPA restores the configured maximum) -- nothing else."""
     from kserve import V1beta1InferenceService, V1beta1InferenceServiceSpec, V1beta1PredictorSpec
     from kubernetes.client import V1ObjectMeta
 
     from serving.inference_service import API_VERSION, KIND
 
-    if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 0:
-        raise ServingError(f"minReplicas must be a non-negative integer, got {replicas!r}")
+    for field, value in (("minReplicas", replicas), ("maxReplicas", max_replicas)):
+        if value is None and field == "maxReplicas":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ServingError(f"{field} must be a non-negative integer, got {value!r}")
+    if max_replicas is not None and max_replicas < replicas:
+        raise ServingError(f"maxReplicas {max_replicas} is below minReplicas {replicas}")
     return V1beta1InferenceService(
         api_version=API_VERSION, kind=KIND, metadata=V1ObjectMeta(name=name, namespace=namespace),
-        spec=V1beta1InferenceServiceSpec(predictor=V1beta1PredictorSpec(min_replicas=replicas)))
+        spec=V1beta1InferenceServiceSpec(predictor=V1beta1PredictorSpec(min_replicas=replicas,
+                                                                        max_replicas=max_replicas)))
 
 
 class KServeActuator:
-    """``minReplicas`` of one InferenceService through ``KServeClient`` (server-side dry run first)."""
+    """The replicas of one InferenceService through ``KServeClient`` (server-side dry run first):
+    ``owns`` -- the agent owns the count, ``minReplicas = maxReplicas`` (KServe's HPA then cannot move
+    it); otherwise only ``minReplicas``, a floor under KServe's HPA/KPA (and ``maxReplicas`` back to
+    ``serving.max_replicas`` if the agent had owned the count before)."""
 
-    def __init__(self, settings: Any, client: Any | None = None) -> None:
+    def __init__(self, settings: Any, client: Any | None = None, *, owns: bool = False) -> None:
         from serving.kserve_backend import KServeBackend
 
         self.settings = settings
+        self.owns = owns
         self.backend = KServeBackend(settings, client)
         self.annotation = settings.agent.kill_switch_annotation
 
@@ -105,12 +119,20 @@ class KServeActuator:
         from serving.inference_service import API_VERSION, to_dict
 
         predictor = (self._object().get("spec") or {}).get("predictor") or {}
-        max_replicas = predictor.get("maxReplicas")
-        if max_replicas and replicas > int(max_replicas):
-            raise ServingError(f"minReplicas {replicas} would exceed the InferenceService's maxReplicas "
-                               f"{max_replicas}; lower agent.ceiling or raise serving.max_replicas")
+        configured = int(self.settings.serving.max_replicas)
+        live_min, live_max = predictor.get("minReplicas"), predictor.get("maxReplicas")
+        limit = configured if self.owns else int(live_max or configured)
+        if replicas > limit:
+            raise ServingError(f"{replicas} replicas would exceed the InferenceService's maxReplicas "
+                               f"{limit}; lower agent.ceiling or raise serving.max_replicas")
+        if self.owns:
+            max_replicas: int | None = replicas
+        elif live_max is not None and live_max == live_min and int(live_max) < configured:
+            max_replicas = configured  # the agent owned the count before: the HPA gets its range back
+        else:
+            max_replicas = None
         name, namespace = self.backend.name, self.backend.namespace
-        patch = floor_patch(name, namespace, replicas)
+        patch = floor_patch(name, namespace, replicas, max_replicas)
         version = API_VERSION.split("/")[1]
         try:  # what the API server would make of it, persisted nowhere
             self.client.api_instance.patch_namespaced_custom_object(
@@ -120,7 +142,8 @@ class KServeActuator:
             raise ServingError(f"the API server refused minReplicas={replicas} on {namespace}/{name} "
                                f"(dry run): {exc}") from exc
         self.backend._call("cannot patch", self.client.patch, name, patch, namespace=namespace)
-        return f"spec.predictor.minReplicas={replicas} on InferenceService {namespace}/{name}"
+        extra = "" if max_replicas is None else f", maxReplicas={max_replicas}"
+        return f"spec.predictor.minReplicas={replicas}{extra} on InferenceService {namespace}/{name}"
 
     def rollback(self, model: str) -> str:
         self.backend.rollback()

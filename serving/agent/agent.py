@@ -28,7 +28,8 @@ from serving.agent.forecast import ForecastSelector
 from serving.agent.policy import ALERT, ROLLBACK, SET_FLOOR, Action, Decision, Guard, Policy
 from serving.agent.scaling import FloorPlanner, horizons
 
-__all__ = ["ServingAgent", "GatewaySampler", "PrometheusSampler", "Sampler", "agent_paths"]
+__all__ = ["ServingAgent", "GatewaySampler", "PrometheusSampler", "Sampler", "agent_paths", "merge_samples",
+           "owns_count"]
 
 log = logging.getLogger(__name__)
 DAY = 86400.0
@@ -40,6 +41,13 @@ def agent_paths(settings: Any) -> dict[str, Path]:
     return {"decisions": Path(a.decision_log) if a.decision_log else base / "decisions.jsonl",
             "kill_switch": Path(a.kill_switch_file) if a.kill_switch_file else base / "STOP",
             "samples": base / "samples.jsonl"}
+
+
+def owns_count(agent: Any, mode: str | None = None) -> bool:
+    """Whether the agent owns the replica count (``agent.reactive: own``). Owning it needs lowering it,
+    so in scale-up mode the agent only raises a floor under the reactive autoscaler, whatever
+    ``agent.reactive`` says."""
+    return agent.reactive == "own" and (mode or agent.mode) != "scale-up"
 
 
 class Sampler(Protocol):
@@ -133,9 +141,11 @@ class ServingAgent:
         self.alert = alert or self._post_alert
         pol = a.models.get(self.model)
         capacity = pol.capacity_rps if pol and pol.capacity_rps else a.capacity_rps
+        self.owns = owns_count(a, self.policy.mode)
         self.planner = FloorPlanner(self.model, capacity, a.target_utilisation, a.lead_seconds, a.interval_seconds,
                                     a.interval_seconds, floor=self.policy.bounds(self.model)[0],
-                                    down_hysteresis=a.down_hysteresis, plan_seconds=a.plan_seconds)
+                                    down_hysteresis=a.down_hysteresis, plan_seconds=a.plan_seconds, owns=self.owns)
+        self._would_be: int | None = None  # observe mode: the count it would have set, proposals build on it
         self.detectors = default_detectors(a.slo_error_rate)
         self.history: list[dict[str, float]] = self._load_samples()
         self.selector: ForecastSelector | None = None
@@ -217,13 +227,12 @@ class ServingAgent:
             self._refit(now)
         return events
 
-    def proposals(self, events: list[AnomalyEvent], current: int) -> list[Action]:
+    def proposals(self, events: list[AnomalyEvent], current: int, observed_rps: float | None = None) -> list[Action]:
         out: list[Action] = []
-        if self.selector is None:
-            if current < self.planner.floor:
-                out.append(Action(SET_FLOOR, self.model, self.planner.floor, current, "below the policy's floor"))
+        if self.selector is None and current < self.planner.floor:
+            out.append(Action(SET_FLOOR, self.model, self.planner.floor, current, "below the policy's floor"))
         else:
-            action = self.planner.propose(self.selector, current)
+            action = self.planner.propose(self.selector, current, observed_rps if self.owns else None)
             if action is not None:
                 out.append(action)
         for ev in events:
@@ -245,20 +254,43 @@ class ServingAgent:
         except DriftloopError:
             return False
 
-    def decide(self, now: float, events: list[AnomalyEvent]) -> list[dict[str, Any]]:
-        """Judge and carry out this round's proposals; returns the log records."""
+    def _current(self) -> int | None:
+        if self.policy.mode == "observe" and self._would_be is not None:
+            return self._would_be
         try:
-            current = self.actuator.current_floor(self.model)
+            return self.actuator.current_floor(self.model)
         except DriftloopError as exc:
-            log.warning("cannot read the current floor: %s", exc)
+            log.warning("cannot read the current replicas: %s", exc)
+            return None
+
+    def decide(self, now: float, events: list[AnomalyEvent], observed_rps: float | None = None) -> list[dict[str, Any]]:
+        """Judge and carry out this round's proposals; returns the log records. ``observed_rps``: the
+        load now (default: the last sample's)."""
+        current = self._current()
+        if current is None:
             return []
+        if observed_rps is None and self.history:
+            observed_rps = self.history[-1].get("rps")
         records = []
-        for action in self.proposals(events, current):
+        for action in self.proposals(events, current, observed_rps):
             decision = self.guard.check(action, now)
             records.append(self._carry_out(decision))
         return records
 
+    def guard_round(self, now: float, observed_rps: float) -> list[dict[str, Any]]:
+        """The reactive guard between rounds (owning the count): one urgent raise when the load now is
+        more than the replicas serve, checked by the policy like every action."""
+        if not self.owns:
+            return []
+        current = self._current()
+        if current is None:
+            return []
+        action = self.planner.react(self.selector, current, observed_rps)
+        return [] if action is None else [self._carry_out(self.guard.check(action, now))]
+
     def _carry_out(self, d: Decision) -> dict[str, Any]:
+        if d.action.kind == SET_FLOOR and self.policy.mode == "observe" and d.applied is not None:
+            self._would_be = d.applied
         if not d.allowed:
             return self.log.record(d)
         try:
@@ -291,17 +323,56 @@ class ServingAgent:
         except httpx.HTTPError as exc:
             raise DriftloopError(f"alert webhook {url} failed: {exc}") from exc
 
-    def round(self, now: float, sample: dict[str, float] | None) -> list[dict[str, Any]]:
+    def round(self, now: float, sample: dict[str, float] | None, observed_rps: float | None = None
+              ) -> list[dict[str, Any]]:
         events = self.observe(now, sample) if sample else []
-        return self.decide(now, events)
+        return self.decide(now, events, observed_rps)
 
-    def run(self, sampler: Sampler, stop: threading.Event, *, clock: Callable[[], float] = time.time) -> None:
-        """Decide every ``agent.interval_seconds`` until ``stop`` is set."""
+    def run(self, sampler: Sampler, stop: threading.Event, *, clock: Callable[[], float] = time.time,
+            rounds: int | None = None, on_record: Callable[[dict[str, Any]], None] | None = None) -> None:
+        """Decide every ``agent.interval_seconds`` until ``stop`` is set (or after ``rounds``); owning the
+        count, sample every ``agent.guard_seconds`` and run the reactive guard on each sample."""
         a = self.settings.agent
+        tick = min(a.guard_seconds, a.interval_seconds) if self.owns else a.interval_seconds
+        per_round = max(1, round(a.interval_seconds / tick))
         sampler.sample(clock())
-        while not stop.wait(a.interval_seconds):
+        window: list[dict[str, float]] = []
+        ticks = done = 0
+        while not stop.wait(tick):
             now = clock()
+            ticks += 1
             try:
-                self.round(now, sampler.sample(now))
+                sample = sampler.sample(now)
+                if sample:
+                    window.append(sample)
+                records: list[dict[str, Any]] = []
+                if ticks % per_round == 0:  # a decision round on the interval's samples merged
+                    records = self.round(now, merge_samples(window), sample["rps"] if sample else None)
+                    window = []
+                    done += 1
+                elif sample:
+                    records = self.guard_round(now, sample["rps"])
+                for rec in records:
+                    if on_record:
+                        on_record(rec)
             except DriftloopError as exc:
                 log.warning("agent round failed: %s", exc)
+            if rounds is not None and done >= rounds:
+                break
+
+
+def merge_samples(samples: list[dict[str, float]]) -> dict[str, float] | None:
+    """Equal-length samples as one: mean request rate, worst p99, errors weighted by requests."""
+    if not samples:
+        return None
+    rps = sum(s["rps"] for s in samples) / len(samples)
+    out = {"rps": rps}
+    if any("latency_p99_ms" in s for s in samples):
+        out["latency_p99_ms"] = max(s.get("latency_p99_ms", 0.0) for s in samples)
+    if any("error_rate" in s for s in samples):
+        weight = sum(s["rps"] for s in samples)
+        out["error_rate"] = (sum(s.get("error_rate", 0.0) * s["rps"] for s in samples) / weight if weight
+                             else max(s.get("error_rate", 0.0) for s in samples))
+    if any("cpu" in s for s in samples):
+        out["cpu"] = sum(s.get("cpu", 0.0) for s in samples) / len(samples)
+    return out

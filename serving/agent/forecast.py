@@ -144,6 +144,24 @@ class HoltWinters:
         return self.level + damp * self.trend + season
 
 
+def _without_bursts(seasons: np.ndarray, window: int = 61, mads: float = 6.0) -> np.ndarray:
+    """Each season (row) with its short excursions replaced by its running median over ``window``
+    steps: values more than ``mads`` robust scales from it. A running median keeps ramps and steps
+    (it follows anything monotone) and drops what is shorter than half the window -- so bursts that
+    happen to fall at the same time on two of three days do not become the median season."""
+    m = seasons.shape[1]
+    if m < 4 * window:
+        return seasons
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    k = window // 2
+    padded = np.concatenate([seasons[:, -k:], seasons, seasons[:, :k]], axis=1)
+    smooth = np.median(sliding_window_view(padded, window, axis=1), axis=2)
+    rel = (seasons - smooth) / np.maximum(np.abs(smooth), 1.0)
+    scale = 1.4826 * np.median(np.abs(rel)) or 1e-9
+    return np.where(np.abs(rel) > mads * scale, smooth, seasons)
+
+
 def _initial_state(y: np.ndarray, m: int | None) -> tuple[float, float, np.ndarray]:
     if not m:
         return float(y[0]), float(y[1] - y[0]) if len(y) > 1 else 0.0, np.zeros(1)
@@ -152,7 +170,7 @@ def _initial_state(y: np.ndarray, m: int | None) -> tuple[float, float, np.ndarr
     trend = float((second.mean() - first.mean()) / m) if len(second) == m else 0.0
     season = (first - level).astype(float)
     if len(y) >= 3 * m:  # the median season of the history: a burst seen on one day is not repeated
-        seasons = y[:len(y) // m * m].reshape(-1, m)
+        seasons = _without_bursts(y[:len(y) // m * m].reshape(-1, m))
         season = np.median(seasons - seasons.mean(axis=1, keepdims=True), axis=0)
     if m >= 48:  # many steps per season: the profile is smooth, single values are mostly noise,
         k = 5    # so the first season's profile is a centred moving average of 11 steps

@@ -20,7 +20,8 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable, Literal
 
-__all__ = ["Action", "Decision", "Policy", "Guard", "in_blackout", "MODES", "SET_FLOOR", "ROLLBACK", "ALERT"]
+__all__ = ["Action", "Decision", "Policy", "Guard", "in_blackout", "urgent_step", "MODES", "SET_FLOOR", "ROLLBACK",
+           "ALERT"]
 
 MODES = ("observe", "scale-up", "full")
 SET_FLOOR = "set_floor"
@@ -39,6 +40,7 @@ class Action:
     current: int | None = None  # set_floor: the floor in force
     reason: str = ""
     detail: dict[str, Any] = field(default_factory=dict)
+    urgent: bool = False  # set_floor: a raise for load already observed (the reactive guard), not a forecast
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,14 @@ class Policy:
         return (self.floor if lo is None else lo), (self.ceiling if hi is None else hi)
 
 
+def urgent_step(max_step: int, current: int) -> int:
+    """The largest raise an urgent action (load already observed) may make at once: ``max_step``, or
+    what Kubernetes' HPA allows by default per 15 s period (double the count, or 4 pods), whichever is
+    more. ``max_step`` bounds what the agent does on a forecast; observed load is not a guess, and
+    holding it to ``max_step`` would make the agent take a burst step by step, as the HPA it replaces."""
+    return max(max_step, current, 4)
+
+
 def _minutes(hhmm: str) -> int:
     h, m = hhmm.split(":")
     return int(h) * 60 + int(m)
@@ -137,7 +147,8 @@ class Guard:
                 return refuse("a floor change needs target and current")
             lo, hi = p.bounds(action.model)
             wanted = min(max(action.target, lo), hi)
-            step = max(-p.max_step, min(p.max_step, wanted - action.current))
+            up = urgent_step(p.max_step, action.current) if action.urgent else p.max_step
+            step = max(-p.max_step, min(up, wanted - action.current))
             applied = min(max(action.current + step, lo), hi)
             if applied == action.current:
                 if wanted != action.target:

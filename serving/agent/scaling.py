@@ -1,22 +1,32 @@
-"""From a forecast to a replica floor: what the agent proposes for one model (before the policy).
+"""From a forecast to a replica count: what the agent proposes for one model (before the policy).
 
-The floor must cover the upper bound of the prediction interval, at the measured per-replica
+The level must cover the upper bound of the prediction interval, at the measured per-replica
 capacity and target utilisation, from the moment new replicas could be ready (``lead``: cold
-start + model load) onwards. Within that constraint the planner chooses the floor that costs
+start + model load) onwards. Within that constraint the planner chooses the level that costs
 least over the next ``horizon`` seconds, where every change costs ``change_cost`` replica-seconds
 on top of the replicas themselves (a dynamic programme over the forecast path, re-solved at
 every decision: model-predictive control). So a ramp is met in a few large steps, a dip shorter
-than the cost of two changes is held through, and the floor -- and whatever each change costs
-where it lands (a new Knative revision in Serverless mode, an HPA update in Standard mode) --
-changes rarely. A floor is lowered only when the need over the next ``plan`` seconds is
-``down_hysteresis`` (and at least one replica) below it, so noise in the forecast does not make
-it hop.
+than the cost of two changes is held through, and the level changes rarely. It is lowered only
+when the need over the next ``plan`` seconds is ``down_hysteresis`` (and at least one replica)
+below it, so noise in the forecast does not make it hop.
+
+Two ways to use the level (``agent.reactive``):
+
+* ``own`` (default): the level **is** the replica count -- nothing else moves it. The planner
+  runs every decision interval; :meth:`FloorPlanner.react`, the reactive guard, runs every few
+  seconds on the load measured since it last looked: load more than the count serves at the
+  target utilisation (``react_tolerance`` over) is met by one urgent raise covering that load
+  and what the forecast says may come within the lead. The count is lowered only through the
+  planner, never below what the load now needs.
+* ``hpa``: the level is a floor (``minReplicas``) under a reactive autoscaler that moves the
+  count above it (KServe's HPA in Standard mode, the KPA in Serverless mode).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -73,7 +83,9 @@ class FloorPlanner:
     plan_seconds: float = 600.0
     horizon_seconds: float = 3600.0
     change_cost: float = 3600.0  # replica-seconds a change must save to be worth making
-    raise_tolerance: float = 0.03
+    raise_tolerance: float = 0.03  # a raise this close is left to the reactive part (guard or HPA)
+    owns: bool = False  # the agent owns the replica count (no HPA moving it): see ``react``
+    react_tolerance: float = 0.03  # owning the count: the guard raises when the load is this much over target
 
     def _need(self, upper: np.ndarray | float) -> np.ndarray:
         per_replica = self.capacity_rps * self.target_utilisation
@@ -87,9 +99,25 @@ class FloorPlanner:
         band = max((selector.band(h) for h in range(first, last + 1)), key=lambda b: b.upper)
         return int(self._need(band.upper)), band
 
-    def propose(self, selector: ForecastSelector, current: int) -> Action | None:
-        """A floor change for the policy to judge, or None (no change worth making)."""
-        if selector.reactive:
+    def propose(self, selector: ForecastSelector | None, current: int,
+                observed_rps: float | None = None) -> Action | None:
+        """A change for the policy to judge, or None (no change worth making). ``observed_rps``: the
+        load now; when the agent owns the count (``owns``), it is never lowered below what that needs,
+        and without a forecast (no history yet, or no season) it follows that load down."""
+        need_obs = int(self._need(observed_rps)) if observed_rps is not None else 0
+        if selector is None or selector.reactive:
+            if self.owns:
+                if observed_rps is None:
+                    return None
+                want = max(self.floor, need_obs)
+                if want <= current * (1 - self.down_hysteresis) and want <= current - 1:
+                    why = "no forecast yet" if selector is None else "no season found in the traffic"
+                    return Action(SET_FLOOR, self.model, want, current,
+                                  f"{why}: following the load, {observed_rps:.1f} req/s needs {want} replicas",
+                                  {"observed_rps": round(observed_rps, 2)})
+                return None
+            if selector is None:
+                return None
             if current > self.floor:
                 return Action(SET_FLOOR, self.model, self.floor, current,
                               "no season found in the traffic: staying reactive (floor back to the policy's)")
@@ -106,6 +134,8 @@ class FloorPlanner:
         detail = {"forecast_rps": round(float(point[at]), 2), "upper_rps": round(float(upper[at]), 2),
                   "lower_rps": round(float(lower[at]), 2), "forecaster": selector.model_name,
                   "needed_next_interval": need_now, "needed_next_plan": need_plan}
+        if observed_rps is not None:
+            detail["observed_rps"] = round(observed_rps, 2)
         target = cheapest_first_level(needs, current, self.change_cost / self.step_seconds)
         if target > current and self.raise_tolerance > 0:
             per = self.capacity_rps * self.target_utilisation * (1 + self.raise_tolerance)
@@ -114,11 +144,35 @@ class FloorPlanner:
         if target > current:
             return Action(SET_FLOOR, self.model, target, current,
                           f"forecast upper bound {upper[at]:.1f} req/s from {self.lead_seconds:g} s ahead needs "
-                          f"{need_now} replicas; {target} is the cheapest floor over the next "
+                          f"{need_now} replicas; {target} is the cheapest level over the next "
                           f"{self.horizon_seconds:g} s", detail)
-        if target < current and need_plan <= current * (1 - self.down_hysteresis) and need_plan <= current - 1:
-            return Action(SET_FLOOR, self.model, max(target, need_plan), current,
+        low = max(target, need_plan, need_obs if self.owns else 0)
+        if target < current and low <= current * (1 - self.down_hysteresis) and low <= current - 1:
+            return Action(SET_FLOOR, self.model, low, current,
                           f"forecast upper bound over the next {self.plan_seconds:g} s needs only {need_plan} "
-                          f"replicas; {max(target, need_plan)} is the cheapest floor over the next "
+                          f"replicas; {low} is the cheapest level over the next "
                           f"{self.horizon_seconds:g} s", detail)
         return None
+
+    def react(self, selector: ForecastSelector | None, current: int, observed_rps: float) -> Action | None:
+        """The reactive guard (when the agent owns the count), run every few seconds: when the load now
+        is more than ``current`` replicas serve at the target utilisation, one urgent raise to cover it
+        and what the forecast says may come within the lead (its upper bound, and the growth it expects
+        from now to then applied to the load now) -- one step, not the HPA's several."""
+        per = self.capacity_rps * self.target_utilisation
+        if observed_rps <= current * per * (1 + self.react_tolerance):
+            return None
+        want = observed_rps
+        detail: dict[str, Any] = {"observed_rps": round(observed_rps, 2)}
+        if selector is not None and not selector.reactive:
+            first, last = horizons(self.lead_seconds, self.interval_seconds, self.step_seconds)
+            point, _, upper = selector.bands(1, last)
+            ahead = float(upper[first - 1:].max())
+            growth = max(1.0, ahead / max(float(point[0]), 1e-9))
+            want = max(observed_rps * growth, ahead)
+            detail.update({"upper_rps": round(ahead, 2), "growth": round(growth, 3)})
+        target = max(int(self._need(want)), current + 1, self.floor)
+        return Action(SET_FLOOR, self.model, target, current,
+                      f"load now {observed_rps:.1f} req/s is over what {current} replicas serve at "
+                      f"{self.target_utilisation:.0%}: {target} cover it and the forecast's upper bound "
+                      f"{self.lead_seconds:g} s ahead", detail, urgent=True)

@@ -49,6 +49,7 @@ __all__ = ["Trace", "ServiceModel", "SimResult", "synthetic", "SYNTHETIC", "load
 
 DAY = 86400
 BASELINES = ("hpa", "kpa", "static")
+REACTIVE = ("own", "hpa", "kpa")  # who reacts to load for the agent: its own guard, or an autoscaler above its floor
 SYNTHETIC = ("daily", "weekly", "growth", "bursts")
 
 
@@ -267,7 +268,8 @@ def simulate(trace: Trace, policy: str, model: ServiceModel = ServiceModel(), *,
              interval: float = 60.0, lead: float | None = None, target_utilisation: float = 0.75,
              plan: float = 600.0, down_hysteresis: float = 0.1,
              level: float = 0.9, engine: str = "auto", keep_series: bool = False,
-             log: DecisionLog | None = None, reactive: str = "hpa") -> SimResult:
+             log: DecisionLog | None = None, reactive: str = "own", guard_seconds: float = 15.0,
+             planner_options: dict[str, Any] | None = None) -> SimResult:
     """Run ``policy`` (``agent``, ``hpa``, ``kpa`` or ``static``) over the evaluated span of ``trace``.
 
     ``agent``: a :class:`Policy` (or ``AgentConfig``) for the agent's guard; default: full mode,
@@ -283,8 +285,9 @@ def simulate(trace: Trace, policy: str, model: ServiceModel = ServiceModel(), *,
     begin = max(0, first - int(3600 / step))  # an hour of warm-up for the autoscalers' own state
     peak = float(trace.rate[first:].max())
     static_n = max(model.min_replicas, math.ceil(peak / (model.capacity_rps * model.reactive_target)))
-    if reactive not in ("hpa", "kpa"):
-        raise ValueError(f"the agent's reactive autoscaler is hpa or kpa, got {reactive!r}")
+    if reactive not in REACTIVE:
+        raise ValueError(f"the agent's reactive part is one of {', '.join(REACTIVE)}, got {reactive!r}")
+    owns = policy == "agent" and reactive == "own"
     scaler: Any = _HPA(model) if policy == "hpa" or (policy == "agent" and reactive == "hpa") else _KPA(model)
     floor = static_n if policy == "static" else model.min_replicas
 
@@ -304,10 +307,26 @@ def simulate(trace: Trace, policy: str, model: ServiceModel = ServiceModel(), *,
         pol = _agent_policy(agent, model)
         guard = Guard(pol)
         planner = FloorPlanner("sim", model.capacity_rps, target_utilisation, lead, interval, step,
-                               floor=pol.bounds("sim")[0], down_hysteresis=down_hysteresis, plan_seconds=plan)
+                               floor=pol.bounds("sim")[0], down_hysteresis=down_hysteresis, plan_seconds=plan,
+                               owns=owns, **(planner_options or {}))
         floor = max(floor, pol.bounds("sim")[0])
         scale = selector._seasonal_scale
     decide_every = max(1, int(round(interval / tick)))
+    guard_next = -math.inf
+    observed: list[float] = []
+
+    def judge(action: Any, now: float, counted: bool) -> None:
+        nonlocal floor, decisions, floor_changes, refused
+        decision = guard.check(action, now)
+        if log is not None and counted:
+            log.record(decision)
+        allowed = decision.allowed and decision.applied is not None
+        if allowed:
+            floor = decision.applied
+        if counted:
+            decisions += 1
+            floor_changes += allowed
+            refused += not allowed
 
     pods: list[float] = []  # ready-at times
     backlog = 0.0
@@ -317,9 +336,11 @@ def simulate(trace: Trace, policy: str, model: ServiceModel = ServiceModel(), *,
     minute_req = minute_slow = 0.0
     minute_start = None
     violation_minutes = minutes = 0
-    series: dict[str, list[float]] = {k: [] for k in ("t", "rate", "replicas", "floor", "point", "lower", "upper")}
+    series: dict[str, list[float]] = {k: [] for k in ("t", "rate", "replicas", "floor", "point", "lower", "upper",
+                                                      "slow")}
     tick_no = 0
     for s in range(begin, len(trace.rate)):
+        step_req = step_slow = 0.0
         rate = float(trace.rate[s])
         evaluated = s >= first
         if selector is not None and s >= first:
@@ -338,22 +359,29 @@ def simulate(trace: Trace, policy: str, model: ServiceModel = ServiceModel(), *,
                 series["upper"].append(band.upper)
         for k in range(per_step):
             now = trace.start + s * step + k * tick
-            if policy == "agent" and evaluated and tick_no % decide_every == 0:
-                action = planner.propose(selector, floor)
-                if action is not None:
-                    decision = guard.check(action, now)
-                    decisions += 1
-                    if log is not None:
-                        log.record(decision)
-                    if decision.allowed and decision.applied is not None:
-                        floor = decision.applied
-                        floor_changes += 1
-                    else:
-                        refused += 1
+            if policy == "agent" and (evaluated or owns):
+                # the agent's loop: the planner every interval, the reactive guard every guard_seconds
+                # (owning the count), on the load measured since the guard last looked; owning the
+                # count, it also runs through the warm-up hour, reactively (no forecast yet)
+                sel = selector if evaluated else None
+                observed.append(rate)
+                if tick_no % decide_every == 0:
+                    action = planner.propose(sel, floor, rate if owns else None)
+                    if action is not None:
+                        judge(action, now, evaluated)
+                if owns and now >= guard_next:
+                    guard_next = now + guard_seconds
+                    seen = sum(observed) / len(observed)
+                    observed = []
+                    action = planner.react(sel, floor, seen)
+                    if action is not None:
+                        judge(action, now, evaluated)
             tick_no += 1
             ready = sum(1 for r in pods if r <= now)
             if policy == "static":
                 want = static_n
+            elif owns:
+                want = floor
             else:
                 want = scaler.desired(now, rate, ready, len(pods), floor)
             if len(pods) < want:
@@ -389,11 +417,14 @@ def simulate(trace: Trace, policy: str, model: ServiceModel = ServiceModel(), *,
                     minute_start = m
                 minute_req += arrivals
                 minute_slow += arrivals * slow_share
+                step_req += arrivals
+                step_slow += arrivals * slow_share
         if keep_series and evaluated:
             series["t"].append(trace.start + s * step)
             series["rate"].append(rate)
             series["replicas"].append(len(pods))
             series["floor"].append(floor)
+            series["slow"].append(step_slow / step_req if step_req else 0.0)  # share slower than the SLO
     if minute_req > 0:
         minutes += 1
         if minute_slow / minute_req > 0.01:
