@@ -12,14 +12,14 @@ from hypothesis import HealthCheck, given, settings as hsettings, strategies as 
 from driftloop.core.config import load_settings
 from driftloop.core.errors import ConfigError
 from serving.agent.decisions import DecisionLog
-from serving.agent.policy import ALERT, ROLLBACK, SET_FLOOR, Action, Guard, Policy, in_blackout
+from serving.agent.policy import ALERT, ROLLBACK, SET_FLOOR, Action, Guard, Policy, in_blackout, urgent_step
 
 _fast = hsettings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 NOON = datetime(2026, 11, 30, 12, 0, tzinfo=timezone.utc).timestamp()
 
 
-def floor_action(target: int, current: int, model: str = "m") -> Action:
-    return Action(SET_FLOOR, model, target, current, "test")
+def floor_action(target: int, current: int, model: str = "m", urgent: bool = False) -> Action:
+    return Action(SET_FLOOR, model, target, current, "test", urgent=urgent)
 
 
 @st.composite
@@ -39,22 +39,24 @@ def policies(draw) -> Policy:
 
 @_fast
 @given(policy=policies(), steps=st.lists(st.tuples(st.integers(0, 60), st.integers(1, 900),
-                                                   st.sampled_from([SET_FLOOR, SET_FLOOR, SET_FLOOR, ROLLBACK, ALERT])),
+                                                   st.sampled_from([SET_FLOOR, SET_FLOOR, SET_FLOOR, ROLLBACK, ALERT]),
+                                                   st.booleans()),
                                          min_size=1, max_size=60),
        start=st.integers(0, 86400 * 2))
 def test_the_policy_is_never_violated(policy: Policy, steps, start: int) -> None:
-    """Random policies and random wanted floors over time: what is applied stays within floor and
-    ceiling, moves at most max_step from an in-bounds floor, never lowers outside full mode or within
-    the cooldown, never acts in observe mode, in a blackout window, or beyond the hourly budget."""
+    """Random policies and random wanted counts over time, planned or urgent (the reactive guard's):
+    what is applied stays within floor and ceiling, moves at most max_step from an in-bounds count
+    (an urgent raise: at most double or +4 when that is more), never lowers outside full mode or
+    within the cooldown, never acts in observe mode, in a blackout window, or beyond the hourly budget."""
     guard = Guard(policy)
     lo, hi = policy.bounds("m")
     current = lo
     now = float(start)
     allowed_times: list[float] = []
     last_change: float | None = None
-    for target, dt, kind in steps:
+    for target, dt, kind, urgent in steps:
         now += dt
-        action = floor_action(target, current) if kind == SET_FLOOR else Action(kind, "m", reason="test")
+        action = floor_action(target, current, urgent=urgent) if kind == SET_FLOOR else Action(kind, "m", reason="test")
         d = guard.check(action, now)
         if d.allowed:
             assert policy.mode != "observe"
@@ -67,7 +69,8 @@ def test_the_policy_is_never_violated(policy: Policy, steps, start: int) -> None
                 assert lo <= d.applied <= hi
                 assert d.applied != current
                 if lo <= current <= hi:
-                    assert abs(d.applied - current) <= policy.max_step
+                    largest = urgent_step(policy.max_step, current) if urgent and d.applied > current else policy.max_step
+                    assert abs(d.applied - current) <= largest
                 if d.applied < current:
                     assert policy.mode == "full"
                     assert last_change is None or now - last_change >= policy.cooldown_seconds
@@ -112,6 +115,20 @@ def test_floor_ceiling_step_and_per_model_bounds() -> None:
     assert not d.allowed and "floor" in d.reason
     d = guard.check(floor_action(15, 10, model="big"), NOON + 30)
     assert d.allowed and d.applied == 13  # the model's own ceiling (20), step 3
+
+
+def test_an_urgent_raise_may_double_but_not_pass_the_ceiling_or_skip_the_other_rules() -> None:
+    guard = Guard(Policy(mode="full", floor=1, ceiling=30, max_step=4, cooldown_seconds=0,
+                         blackout=("02:00-03:00",)))
+    assert guard.check(floor_action(40, 10), NOON).applied == 14  # planned: max_step
+    d = guard.check(floor_action(40, 10, urgent=True), NOON + 10)
+    assert d.allowed and d.applied == 20  # observed load: double, as the HPA may
+    assert guard.check(floor_action(40, 20, urgent=True), NOON + 20).applied == 30  # never past the ceiling
+    night = datetime(2026, 11, 30, 2, 30, tzinfo=timezone.utc).timestamp()
+    d = guard.check(floor_action(20, 10, urgent=True), night)
+    assert not d.allowed and "blackout" in d.reason
+    d = Guard(Policy(mode="scale-up", floor=1, ceiling=30)).check(floor_action(2, 10, urgent=True), NOON)
+    assert not d.allowed and "may not lower" in d.reason
 
 
 def test_cooldown_delays_lowering_not_raising() -> None:

@@ -168,3 +168,53 @@ def test_the_inference_service_patch_is_a_dry_run_then_only_min_replicas(tmp_pat
     obj["metadata"]["annotations"] = {s.agent.kill_switch_annotation: "true"}
     assert "annotation" in actuator.paused("m")
     assert to_dict(floor_patch("a", "b", 0))["spec"]["predictor"]["minReplicas"] == 0
+
+
+def test_owning_the_count_patches_min_and_max_replicas_and_hands_back_the_range(tmp_path) -> None:
+    from serving.inference_service import build_inference_service
+
+    s = settings_for(tmp_path, "full", **{"serving.max_replicas": "8"})
+    obj = to_dict(build_inference_service(s, model_uri="models:/driftloop-model@champion"))
+    client = RecordingKServeClient(obj)
+    KServeActuator(s, client=client, owns=True).set_floor("m", 3)
+    body = client.patched[0]
+    assert body["spec"] == {"predictor": {"minReplicas": 3, "maxReplicas": 3}}
+    assert client.api_instance.calls[0]["dry_run"] == "All" and client.api_instance.calls[0]["body"] == body
+    parsed = from_dict(body)  # kserve's own model classes read it back
+    assert (parsed.spec.predictor.min_replicas, parsed.spec.predictor.max_replicas) == (3, 3)
+    # owning the count, the configured maximum (not the live maxReplicas = the count) is the limit
+    obj["spec"]["predictor"].update(minReplicas=3, maxReplicas=3)
+    KServeActuator(s, client=client, owns=True).set_floor("m", s.serving.max_replicas)
+    with pytest.raises(ServingError, match="maxReplicas"):
+        KServeActuator(s, client=client, owns=True).set_floor("m", s.serving.max_replicas + 1)
+    # a floor under the HPA again: the HPA gets its range back
+    KServeActuator(s, client=client).set_floor("m", 2)
+    assert client.patched[-1]["spec"] == {"predictor": {"minReplicas": 2, "maxReplicas": s.serving.max_replicas}}
+    with pytest.raises(ServingError, match="below minReplicas"):
+        floor_patch("a", "b", 3, 2)
+
+
+def test_the_guard_raises_in_one_step_between_rounds_and_observe_mode_builds_on_what_it_would_do(tmp_path) -> None:
+    from serving.agent.agent import merge_samples
+
+    rates = traffic(3)
+    start = 2 * 1440 + 12 * 60  # noon: a steady plateau
+    for mode in ("full", "observe"):
+        s = settings_for(tmp_path / mode, mode)
+        with_history(s, rates[:start])
+        actuator = RecordingActuator()
+        agent = ServingAgent(s, actuator)
+        assert agent.owns
+        run_day_part(agent, rates, start, 20)
+        level = agent._current()
+        assert level * 15 >= rates[start + 19]
+        burst = 2.2 * float(rates[start + 19])
+        [rec] = agent.guard_round((start + 19.25) * STEP, burst)
+        assert rec["action"]["urgent"] and rec["applied"] * 15 >= burst
+        assert rec["allowed"] is (mode == "full")
+        assert agent.guard_round((start + 19.5) * STEP, burst) == []  # covered now (or would be)
+        assert agent._current() == rec["applied"]
+        assert actuator.calls[-1:] == ([("set_floor", rec["applied"])] if mode == "full" else [])
+    assert merge_samples([{"rps": 10.0, "latency_p99_ms": 80.0, "error_rate": 0.0},
+                          {"rps": 30.0, "latency_p99_ms": 120.0, "error_rate": 0.1}]) == {
+        "rps": 20.0, "latency_p99_ms": 120.0, "error_rate": 0.075}
