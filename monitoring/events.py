@@ -25,10 +25,12 @@ import time
 from collections.abc import Collection, Iterable, KeysView, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import unquote
 
 import orjson
 
 from driftloop.core.errors import MonitorError
+from driftloop.core.shadow import REQUEST_ID_HEADER, ROLE_ANNOTATION, SHADOW_ROLE, SHADOW_SUFFIX, VERSION_ANNOTATION
 
 __all__ = [
     "REQUEST_TYPE",
@@ -46,6 +48,7 @@ __all__ = [
     "check_numeric",
     "flatten_request",
     "flatten_response",
+    "shadow_identity",
 ]
 
 log = logging.getLogger(__name__)
@@ -76,7 +79,8 @@ class ParsedEvent:
     """One accepted CloudEvent, flattened.
 
     ``rows`` holds the feature rows of a request (dicts column → value), ``predictions`` the
-    per-instance predictions of a response; the other is ``None``.
+    per-instance predictions of a response; the other is ``None``. ``request_key`` joins a shadow's
+    answer with the primary's (see :func:`shadow_identity`).
     """
 
     id: str
@@ -90,6 +94,7 @@ class ParsedEvent:
     rows: list[dict[str, Any]] | None = None
     predictions: list[Any] | None = None
     received_at: float = field(default_factory=time.time)
+    request_key: str | None = None  # the request's X-Request-Id (KServe's ``metadata``); set for every shadow event
 
     @property
     def n(self) -> int:
@@ -310,6 +315,66 @@ def flatten_response(payload: Any) -> tuple[list[Any], str | None]:
 # --------------------------------------------------------------------------- events
 
 
+def _json_extension(value: Any) -> Any:
+    """A JSON-valued extension attribute (KServe's ``metadata``, ``annotations``): a JSON string as
+    KServe's logger sends it (sdk-go writes it into the header as is), percent-encoded as the
+    CloudEvents HTTP binding allows, or already an object in a structured event. None if unreadable."""
+    if not isinstance(value, str):
+        return value
+    for text in (value, unquote(value) if "%" in value else None):
+        if text:
+            try:
+                return orjson.loads(text)
+            except orjson.JSONDecodeError:
+                continue
+    log.debug("extension value is not JSON: %.80r", value)
+    return None
+
+
+_REQUEST_ID = REQUEST_ID_HEADER.lower()
+
+
+def _request_id(attrs: Mapping[str, Any]) -> str | None:
+    """The ``X-Request-Id`` KServe's logger put into the ``metadata`` extension (``{header: [values]}``)."""
+    metadata = _json_extension(attrs.get("metadata")) if attrs.get("metadata") else None
+    if not isinstance(metadata, dict):
+        return None
+    for name, values in metadata.items():
+        if str(name).lower() == _REQUEST_ID:
+            value = values[0] if isinstance(values, list) and values else values
+            return str(value) if isinstance(value, (str, int)) and str(value) else None
+    return None
+
+
+def shadow_identity(attrs: Mapping[str, Any]) -> tuple[str, str | None, str | None, str | None]:
+    """(id, role, version, request key) of an event, as the store keeps it.
+
+    * role and version: ``ce-servingrole``/``ce-modelversion`` (the local gateway), else the
+      ``driftloop.io/serving-role``/``model-version`` annotations a shadow InferenceService's
+      logger sends in the ``annotations`` extension (``metadataAnnotations``);
+    * request key: the ``X-Request-Id`` of the ``metadata`` extension (``metadataHeaders``; a
+      mirrored copy keeps the header, while each pod's logger makes its own ``ce-id``); a shadow
+      event without it falls back to its ``ce-id`` less the ``-shadow`` suffix the gateway adds;
+    * id: a shadow's events are kept under ``<ce-id>-shadow``, as the gateway sends them, so a
+      client-set ``Ce-Id`` (mirrored with the request) never makes them duplicates of the primary's.
+    """
+    ce_id = str(attrs["id"])
+    role = str(attrs["servingrole"]) if attrs.get("servingrole") else None
+    version = str(attrs["modelversion"]) if attrs.get("modelversion") else None
+    if (role is None or version is None) and attrs.get("annotations"):
+        annotations = _json_extension(attrs["annotations"])
+        if isinstance(annotations, dict):
+            role = role or (str(annotations[ROLE_ANNOTATION]) if annotations.get(ROLE_ANNOTATION) else None)
+            version = version or (str(annotations[VERSION_ANNOTATION]) if annotations.get(VERSION_ANNOTATION)
+                                  else None)
+    key = _request_id(attrs)
+    if role == SHADOW_ROLE:
+        if not ce_id.endswith(SHADOW_SUFFIX):
+            ce_id += SHADOW_SUFFIX
+        key = key or ce_id[:-len(SHADOW_SUFFIX)]
+    return ce_id, role, version, key
+
+
 def _build(attrs: dict[str, Any], body: bytes, payload: Any, *,
            model_names: set[str] | None, reference_columns: list[str] | None,
            received_at: float | None) -> ParsedEvent:
@@ -324,17 +389,16 @@ def _build(attrs: dict[str, Any], body: bytes, payload: Any, *,
         raise EventError(404, f"unknown model {model!r} (this monitor watches {sorted(model_names)})",
                          reason="unknown_model")
     rows = preds = None
-    version = str(attrs["modelversion"]) if attrs.get("modelversion") else None
+    ce_id, role, version, key = shadow_identity(attrs)
     if kind == "request":
         rows = flatten_request(payload, reference_columns)
     else:
         preds, body_version = flatten_response(payload)
         version = version or body_version
     return ParsedEvent(
-        id=str(attrs["id"]), kind=kind, source=str(attrs["source"]), model_name=model, model_version=version,
-        role=str(attrs["servingrole"]) if attrs.get("servingrole") else None, attributes=attrs, body=body,
-        rows=rows, predictions=preds,
-        received_at=time.time() if received_at is None else received_at,
+        id=ce_id, kind=kind, source=str(attrs["source"]), model_name=model, model_version=version,
+        role=role, attributes=attrs, body=body, rows=rows, predictions=preds,
+        received_at=time.time() if received_at is None else received_at, request_key=key,
     )
 
 

@@ -12,6 +12,14 @@ One Starlette app: the inference-log sink (``POST /events``, ``/feedback``, ``/q
 * ``POST /quality/check`` — check the labelled windows now; ``GET`` the last outcome (realised
   metrics vs holdout, the estimate from calibrated scores, any quality alert).
 * ``GET /reports/{alert_id}`` — the alert's Evidently HTML report.
+* ``GET /shadow?since=<iso|epoch>&version=`` — a shadow phase on a cluster: the shadow
+  InferenceService's answers joined with the primary's by request id (``X-Request-Id`` in KServe's
+  ``metadata`` extension) and compared like the local gateway compares them (agreement or
+  difference, both prediction samples, quality on the same labelled rows). Read by the rollout
+  controller; same bearer token as the webhook (401 without / with a wrong one).
+
+Shadow rows (``role`` shadow: the gateway's ``ce-servingrole``, a shadow InferenceService's
+annotations) are kept for that join and left out of the drift windows.
 
 A background thread checks every ``monitor.check_interval_seconds``: the current window (from
 ``monitor.window_*``) is compared with the champion's reference by the fast path; below
@@ -43,12 +51,14 @@ from starlette.routing import Route
 
 from driftloop.core.errors import DriftloopError, MonitorError
 from driftloop.core.registry import Registry
+from driftloop.core.shadow import SHADOW_ROLE, compare_rows, shadow_name
 from monitoring.alerts import Alert, AlertStore, alertmanager_alerts, drift_alert_id
 from monitoring.drift import DriftOptions, DriftResult, evidently_report, fast_check, save_report
 from monitoring.metrics import MonitorMetrics
 from monitoring.quality_check import QualityMonitor
 from monitoring.reference import ChampionReference, ReferenceCache
-from monitoring.sink import create_sink_app
+from monitoring.events import EventError
+from monitoring.sink import create_sink_app, since_param
 from monitoring.store import InferenceStore
 from monitoring.trigger import Trigger
 
@@ -122,6 +132,7 @@ class MonitorService:
         cfg = self.settings.monitor
         champion = self.references.get()
         window = self.store.window(cfg.window_kind, rows=cfg.window_rows, seconds=cfg.window_seconds)
+        window = window.without_role(SHADOW_ROLE)  # a candidate's answers to mirrored copies are not production's
         window = window.capped(cfg.max_rows_per_request)  # one request cannot fill the window
         self.metrics.window_size.set(window.n)
         info = {"id": window.id, "kind": window.kind, "rows": window.n, "start": _iso(window.start_ts),
@@ -206,7 +217,8 @@ class MonitorService:
             columns, numeric = champion.features, champion.features_numeric  # rows are checked against its schema
         except MonitorError as exc:
             log.warning("%s; events are accepted with any columns until a champion exists", exc)
-        names = {self.settings.serving.name, self.settings.mlflow.model_name}
+        serving = self.settings.serving.name  # its shadow InferenceService logs here too (shadow phase)
+        names = {serving, self.settings.mlflow.model_name, shadow_name(serving)}
         app = create_sink_app(self.store, metrics=self.metrics, model_names=names, reference_columns=columns,
                               max_body_bytes=self.settings.monitor.max_body_bytes, task=self.settings.model.task,
                               numeric_columns=numeric)
@@ -219,15 +231,21 @@ class MonitorService:
         token = os.environ.get(WEBHOOK_TOKEN_ENV) or None
         rejected = self.metrics.events_rejected
 
-        async def alertmanager(request: Request) -> Response:
+        def refusal(request: Request, what: str) -> Response | None:
+            """401 unless the request carries the bearer token (``what`` names the refusal and its metric)."""
             if token is None:
-                rejected.labels(reason="webhook_not_configured").inc()
-                return _json(401, {"error": f"webhook refused: {WEBHOOK_TOKEN_ENV} is not set on the monitor"})
+                rejected.labels(reason=f"{what}_not_configured").inc()
+                return _json(401, {"error": f"{what} refused: {WEBHOOK_TOKEN_ENV} is not set on the monitor"})
             given = request.headers.get("authorization", "")
             if not given.lower().startswith("bearer ") or not hmac.compare_digest(given[7:].strip().encode(),
                                                                                    token.encode()):
-                rejected.labels(reason="webhook_unauthorized").inc()
+                rejected.labels(reason=f"{what}_unauthorized").inc()
                 return _json(401, {"error": "missing or wrong bearer token"})
+            return None
+
+        async def alertmanager(request: Request) -> Response:
+            if (refused := refusal(request, "webhook")) is not None:
+                return refused
             try:
                 payload = orjson.loads(await request.body())
             except orjson.JSONDecodeError as exc:
@@ -270,6 +288,17 @@ class MonitorService:
                 return _json(409, {"error": str(exc)})
             return _json(200, outcome)
 
+        async def shadow(request: Request) -> Response:
+            if (refused := refusal(request, "shadow")) is not None:
+                return refused
+            try:
+                since = since_param(request.query_params.get("since"))
+            except EventError as exc:
+                return _json(exc.status, {"error": exc.message})
+            version = request.query_params.get("version") or None
+            stats = await asyncio.to_thread(self.shadow_summary, since, version)
+            return _json(200, {"since": since, "version": version, "stats": stats})
+
         async def report(request: Request) -> Response:
             alert = await asyncio.to_thread(self.alerts.get, request.path_params["alert_id"])
             path = Path(alert["report_path"]) if alert and alert.get("report_path") else None
@@ -283,6 +312,7 @@ class MonitorService:
             Route("/check", check_now, methods=["POST"]),
             Route("/quality/check", quality_check, methods=["GET", "POST"]),
             Route("/reports/{alert_id}", report, methods=["GET"]),
+            Route("/shadow", shadow, methods=["GET"]),
         ]
 
     # -- process ------------------------------------------------------------------------------
@@ -303,6 +333,23 @@ class MonitorService:
                     log.warning("quality check skipped: %s", exc)
                 except Exception:  # the service keeps running; the next check tries again
                     log.exception("quality check failed")
+
+    def shadow_summary(self, since: float | None = None, version: str | None = None) -> dict[str, Any]:
+        """The shadow's logged answers since ``since`` joined with the primary's and compared
+        (``driftloop.core.shadow.compare_rows``: the numbers the local gateway reports for its own join).
+
+        ``joined_requests`` counts the shadow's requests whose primary answer was found;
+        ``unjoined_rows`` the shadow rows without one yet (in flight, or a logger without
+        ``metadataHeaders``). Errors and latency of the shadow are not here: its logger logs only
+        the answers it gave (HTTP 200), so the controller reads those from Prometheus."""
+        pairs = self.store.shadow_pairs(since, version=version)
+        joined = pairs[pairs["primary_id"].notna()]
+        out = compare_rows(zip(joined["primary_prediction"].tolist(), joined["shadow_prediction"].tolist(),
+                               joined["label"].tolist()))
+        out.update({"source": "monitor", "shadow_rows": len(pairs), "unjoined_rows": len(pairs) - len(joined),
+                    "shadow_requests_logged": int(pairs["request_key"].nunique()),
+                    "joined_requests": int(joined["request_key"].nunique())})
+        return out
 
     def check_quality(self) -> dict[str, Any]:
         """One quality check of the labelled windows of every version (see monitoring.quality_check)."""

@@ -48,7 +48,7 @@ from monitoring.metrics import MonitorMetrics
 from monitoring.store import GroupResult, InferenceStore
 
 __all__ = ["create_sink_app", "build_routes", "SinkApp", "EventsEndpoint", "GroupCommitter", "DEFAULT_MAX_BODY_BYTES",
-           "main"]
+           "since_param", "main"]
 
 log = logging.getLogger(__name__)
 
@@ -264,7 +264,8 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _since(value: str | None) -> float | None:
+def since_param(value: str | None) -> float | None:
+    """A ``since`` query parameter: epoch seconds or an ISO time (naive = UTC); None when absent."""
     if value in (None, ""):
         return None
     try:
@@ -306,7 +307,7 @@ def build_routes(store: InferenceStore, *, metrics: MonitorMetrics, model_names:
 
     async def quality(request: Request) -> Response:
         try:
-            since = _since(request.query_params.get("since"))
+            since = since_param(request.query_params.get("since"))
             kind = request.query_params.get("task", task)
             if kind not in ("classification", "regression"):
                 raise EventError(400, f"task must be classification or regression, got {kind!r}", reason="bad_query")

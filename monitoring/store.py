@@ -14,7 +14,9 @@ Tables:
 
 * ``events`` — every accepted event as received (ce-id, kind, its CloudEvent attributes — the
   ``ce-*`` headers — as JSON, raw body, received_at) plus its flattened payload, so nothing
-  accepted is lost even before it is paired.
+  accepted is lost even before it is paired, and its request key (the ``X-Request-Id`` KServe's
+  logger copies into the ``metadata`` extension; always set for a shadow's events), which joins a
+  shadow's answer with the primary's (:meth:`InferenceStore.shadow_pairs`).
   ``(ce_id, kind)`` is unique: a logger retrying an event after a lost ack is stored once.
 * ``rows`` — one row per instance once request and response are paired by ce-id: features (JSON),
   prediction (JSON), model name/version, serving role, ts (when the request was received).
@@ -72,6 +74,7 @@ CREATE TABLE IF NOT EXISTS events (
     body BLOB NOT NULL,
     flat TEXT NOT NULL,
     received_at REAL NOT NULL,
+    request_key TEXT,
     UNIQUE (ce_id, kind)
 );
 CREATE TABLE IF NOT EXISTS rows (
@@ -155,7 +158,15 @@ class Window:
         one large request cannot fill a window on its own. Same id and bounds."""
         if not len(self.rows) or self.rows["request_id"].value_counts().iloc[0] <= max_rows_per_request:
             return self
-        rows = self.rows[self.rows["row_index"] < max_rows_per_request].reset_index(drop=True)
+        return self._with(self.rows[self.rows["row_index"] < max_rows_per_request].reset_index(drop=True))
+
+    def without_role(self, role: str) -> "Window":
+        """The window without the rows of ``role`` (a shadow's answers to mirrored copies). Same id and bounds."""
+        if not len(self.rows) or not (self.rows["role"] == role).any():
+            return self
+        return self._with(self.rows[self.rows["role"] != role].reset_index(drop=True))
+
+    def _with(self, rows: pd.DataFrame) -> "Window":
         return Window(rows, self.kind, self.start_seq, self.end_seq, self.start_ts, self.end_ts, self.complete)
 
 
@@ -183,14 +194,45 @@ class LabelResult:
 # (ce_id, kind), so this needs no flag to update when a pair completes.
 _UNPAIRED = "NOT EXISTS (SELECT 1 FROM events o WHERE o.ce_id = e.ce_id AND o.kind != e.kind)"
 
-_INSERT_CHUNK = 3000  # rows per multi-row INSERT: 9 parameters each, under SQLite's 32766
+_INSERT_CHUNK = 3000  # rows per multi-row INSERT: 10 parameters each, under SQLite's 32766
 
 
 @functools.lru_cache(maxsize=64)
 def _insert_sql(n: int) -> str:
-    return ("INSERT INTO events (ce_id, kind, model_name, model_version, role, attributes, body, flat, received_at) "
-            "VALUES " + ",".join(["(?,?,?,?,?,?,?,?,?)"] * n)
+    return ("INSERT INTO events (ce_id, kind, model_name, model_version, role, attributes, body, flat, received_at, "
+            "request_key) VALUES " + ",".join(["(?,?,?,?,?,?,?,?,?,?)"] * n)
             + " ON CONFLICT (ce_id, kind) DO NOTHING RETURNING ce_id, kind")
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """Bring a store made by an earlier version up to this schema (a column added, never removed)."""
+    columns = {row[1] for row in db.execute("PRAGMA table_info(events)")}
+    if "request_key" not in columns:
+        db.execute("ALTER TABLE events ADD COLUMN request_key TEXT")
+    # only events that carry a key are indexed: the local gateway's primary events carry none
+    db.execute("CREATE INDEX IF NOT EXISTS events_request_key ON events (request_key) WHERE request_key IS NOT NULL")
+
+
+# The shadow's rows since a time, each with the primary's row of the same request (by request key:
+# the primary event carrying the same key, else the event whose ce-id is the key) and its label.
+_SHADOW_PAIRS = """
+WITH s AS (
+    SELECT r.seq, r.row_index, r.ts, r.model_version, r.prediction, e.request_key AS k
+    FROM rows r JOIN events e ON e.ce_id = r.request_id AND e.kind = 'request'
+    WHERE r.role = 'shadow' AND r.ts >= ? {version}
+    ORDER BY r.seq DESC LIMIT ?
+), m AS (
+    SELECT DISTINCT s.k, COALESCE((
+        SELECT p.ce_id FROM events p WHERE p.request_key = s.k AND p.kind = 'request'
+        AND (p.role IS NULL OR p.role != 'shadow') ORDER BY p.seq LIMIT 1), s.k) AS pid
+    FROM s
+)
+SELECT s.k, s.row_index, s.ts, s.model_version, s.prediction, p.request_id, p.model_version, p.prediction, l.label
+FROM s JOIN m ON m.k = s.k
+LEFT JOIN rows p ON p.request_id = m.pid AND p.row_index = s.row_index AND (p.role IS NULL OR p.role != 'shadow')
+LEFT JOIN labels l ON l.request_id = p.request_id AND l.row_index = p.row_index
+ORDER BY s.seq
+"""
 
 
 _dumps = orjson.dumps
@@ -211,6 +253,7 @@ class InferenceStore:
         self._lock = threading.Lock()
         self._db = self._connect()
         self._db.executescript(_SCHEMA)
+        _migrate(self._db)
         # checkpoints (which fsync) run in a background thread, not inside the commits of the sink
         self._db.execute("PRAGMA wal_autocheckpoint=0")
         self._failure: str | None = None  # why the last commit failed; None after a good one
@@ -424,7 +467,7 @@ class InferenceStore:
                 parts = [_dumps(x) for x in (ev.rows if ev.kind == "request" else ev.predictions)]
                 items.append(parts)
                 params += (ev.id, ev.kind, ev.model_name, ev.model_version, ev.role, _dumps(ev.attributes), ev.body,
-                           b"[" + b",".join(parts) + b"]", ev.received_at)
+                           b"[" + b",".join(parts) + b"]", ev.received_at, ev.request_key)
             fresh.update(db.execute(_insert_sql(len(chunk)), params).fetchall())
         return fresh, items
 
@@ -713,6 +756,30 @@ class InferenceStore:
                 out[str(version)] = {"n": len(part), "rmse": float((err ** 2).mean() ** 0.5) if len(err) else math.nan,
                                      "mae": float(err.abs().mean()) if len(err) else math.nan}
         return out
+
+    def shadow_pairs(self, since: float | str | pd.Timestamp | None = None, *, version: str | None = None,
+                     limit: int = 20_000) -> pd.DataFrame:
+        """The shadow's rows received since ``since`` (the latest ``limit``), each joined with the
+        primary's row of the same request and row index: ``request_key, row_index, ts,
+        shadow_version, shadow_prediction, primary_id, primary_version, primary_prediction, label``.
+        A shadow row whose primary answer is not (yet) in the log has ``primary_id`` None; ``label``
+        is the ground truth posted for the primary's ``ce-id``, or None."""
+        params: list[Any] = [_epoch(since) if since is not None else 0.0]
+        if version is not None:
+            params.append(str(version))
+        params.append(int(limit))
+        db = self._reader()
+        try:
+            data = db.execute(_SHADOW_PAIRS.format(version="AND r.model_version = ?" if version is not None else ""),
+                              params).fetchall()
+        finally:
+            db.close()
+        df = pd.DataFrame(data, columns=["request_key", "row_index", "ts", "shadow_version", "shadow_prediction",
+                                         "primary_id", "primary_version", "primary_prediction", "label"])
+        for column in ("shadow_prediction", "primary_prediction", "label"):
+            df[column] = [None if v is None else orjson.loads(v) for v in df[column]]
+        df["ts"] = pd.to_datetime(df["ts"], unit="s", utc=True)
+        return df
 
     def integrity_check(self) -> str:
         """``PRAGMA integrity_check`` ("ok" when the file is sound)."""

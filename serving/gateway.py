@@ -719,6 +719,7 @@ class _Gateway:
         return _JSON(self.status_doc())
 
     async def _set_shadow(self, percent: float) -> None:
+        from driftloop.core.shadow import SHADOW_SUFFIX
         from serving.shadow import SHADOW, ShadowMirror
 
         if self.shadow is not None:
@@ -729,7 +730,7 @@ class _Gateway:
             self.shadow = ShadowMirror(
                 self.cfg.canary.url, self.cfg.canary.version, percent, timeout=self.cfg.shadow_timeout,
                 seed=self.cfg.seed, log_event=(lambda rid, version, path, body, content: events.submit(
-                    f"{rid}-shadow", SHADOW, version, path, body, content)) if events is not None else None)
+                    f"{rid}{SHADOW_SUFFIX}", SHADOW, version, path, body, content)) if events is not None else None)
             self.shadow.start()
         self.cfg.shadow_percent = percent if self.shadow is not None else 0.0
 

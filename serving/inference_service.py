@@ -20,8 +20,7 @@ the phase ends (see docs/rollouts.md, "Shadow phase on a cluster", for why this 
 
 * a shadow InferenceService ``<name>-shadow`` serving the candidate (never more than mirrored
   copies reach it), whose own logger marks its events (``metadataAnnotations`` →
-  ``driftloop.io/serving-role: shadow``, ``driftloop.io/model-version``) and carries the
-  request id (``metadataHeaders: [x-request-id]``);
+  ``driftloop.io/serving-role: shadow``, ``driftloop.io/model-version``);
 * an Istio ``VirtualService`` ``<name>-mirror`` on the mesh for the InferenceService's
   cluster-local host: every request still goes to the predictor's Knative route (through the
   Knative local gateway, so the canary split is untouched) and ``mirrorPercentage`` of them
@@ -35,6 +34,8 @@ import logging
 from typing import Any
 
 from driftloop.core.errors import ServingError
+from driftloop.core.shadow import REQUEST_ID_HEADER, ROLE_ANNOTATION, SHADOW_ROLE, VERSION_ANNOTATION
+from driftloop.core.shadow import shadow_name as _shadow_name
 
 __all__ = [
     "API_VERSION",
@@ -111,6 +112,9 @@ def _predictor_container(settings: Any, model_uri: str) -> Any:
         env.append(V1EnvVar(name="MLFLOW_TRACKING_URI", value=settings.mlflow.tracking_uri))
     if settings.mlflow.registry_uri:
         env.append(V1EnvVar(name="MLFLOW_REGISTRY_URI", value=settings.mlflow.registry_uri))
+    # KServe's logger logs the body as the predictor returns it: with this the class scores are in
+    # it (read by serving.predictor.wants_scores), as the local gateway logs them.
+    env.append(V1EnvVar(name="DRIFTLOOP_LOG_SCORES", value="1"))
     env_from = None
     if settings.kfp.mlflow_secret:  # credentials (and possibly the tracking URI) live only in the Secret
         env_from = [V1EnvFromSource(secret_ref=V1SecretEnvSource(name=settings.kfp.mlflow_secret))]
@@ -139,10 +143,21 @@ def _mlflow_model(settings: Any, storage_uri: str | None) -> Any:
                             protocol_version="v2", resources=_resources(settings.serving))
 
 
+def _logger(settings: Any, **extra: Any) -> Any:
+    """The predictor's inference logger: every request and response to the monitor, each event
+    carrying the request's ``X-Request-Id`` in its ``metadata`` extension. Envoy gives every mesh
+    request one and a mirrored copy keeps it, so the monitor can join a shadow's answer with the
+    primary's (their ``ce-id`` differ: each pod's logger makes its own)."""
+    from kserve import V1beta1LoggerSpec
+
+    return V1beta1LoggerSpec(mode=settings.serving.logger_mode, url=settings.serving.logger_url,
+                             metadata_headers=[REQUEST_ID_HEADER], **extra)
+
+
 def build_inference_service(settings: Any, *, storage_uri: str | None = None, model_uri: str | None = None,
                             canary_traffic_percent: int | None = None) -> Any:
     """The InferenceService for ``settings.serving`` serving ``model_uri`` (default ``models:/<name>@champion``)."""
-    from kserve import V1beta1InferenceService, V1beta1InferenceServiceSpec, V1beta1LoggerSpec, V1beta1PredictorSpec
+    from kserve import V1beta1InferenceService, V1beta1InferenceServiceSpec, V1beta1PredictorSpec
     from kubernetes.client import V1ObjectMeta, V1Toleration
 
     if canary_traffic_percent is not None:
@@ -155,7 +170,7 @@ def build_inference_service(settings: Any, *, storage_uri: str | None = None, mo
         scale_metric=serving.scale_metric,
         scale_target=serving.scale_target,
         canary_traffic_percent=canary_traffic_percent,
-        logger=V1beta1LoggerSpec(mode=serving.logger_mode, url=serving.logger_url),
+        logger=_logger(settings),
     )
     if serving.use_mlflow_runtime:
         predictor.model = _mlflow_model(settings, storage_uri)
@@ -299,12 +314,7 @@ def from_dict(obj: dict[str, Any]) -> Any:
 
 
 # -- shadow phase: the shadow InferenceService and the Istio mirror ------------------------------
-SHADOW_ROLE = "shadow"
-SHADOW_SUFFIX = "-shadow"
 MIRROR_SUFFIX = "-mirror"
-ROLE_ANNOTATION = "driftloop.io/serving-role"
-VERSION_ANNOTATION = "driftloop.io/model-version"
-REQUEST_ID_HEADER = "x-request-id"  # Envoy sets it on every mesh request; a mirrored copy keeps it
 VS_GROUP, VS_VERSION, VS_PLURAL, VS_KIND = "networking.istio.io", "v1", "virtualservices", "VirtualService"
 # Knative's cluster-local gateway (Knative Serving with net-istio, the KServe Serverless default)
 KNATIVE_LOCAL_GATEWAY = "knative-local-gateway.istio-system.svc.cluster.local"
@@ -312,7 +322,7 @@ MESH_GATEWAY = "mesh"
 
 
 def shadow_name(settings: Any) -> str:
-    return f"{settings.serving.name}{SHADOW_SUFFIX}"
+    return _shadow_name(settings.serving.name)
 
 
 def mirror_name(settings: Any) -> str:
@@ -337,10 +347,8 @@ def build_shadow_inference_service(settings: Any, model_uri: str, version: str |
     It is the production predictor with the candidate's model, never a canary (no split), at
     least one replica (the mirror reaches its pods directly, past Knative's activator, so a
     shadow scaled to zero would miss every copy), and a logger that marks each event as the
-    shadow's and carries the request id the primary's answer has too.
+    shadow's (besides the request id every logger carries).
     """
-    from kserve import V1beta1LoggerSpec
-
     isvc = build_inference_service(settings, model_uri=model_uri)
     isvc.metadata.name = shadow_name(settings)
     isvc.metadata.labels = {**isvc.metadata.labels, "app.kubernetes.io/name": shadow_name(settings),
@@ -352,9 +360,7 @@ def build_shadow_inference_service(settings: Any, model_uri: str, version: str |
     predictor = isvc.spec.predictor
     predictor.min_replicas = max(1, predictor.min_replicas or 0)
     predictor.max_replicas = max(predictor.max_replicas or 1, predictor.min_replicas)
-    predictor.logger = V1beta1LoggerSpec(mode=settings.serving.logger_mode, url=settings.serving.logger_url,
-                                         metadata_annotations=sorted(annotations),
-                                         metadata_headers=[REQUEST_ID_HEADER])
+    predictor.logger = _logger(settings, metadata_annotations=sorted(annotations))
     return isvc
 
 

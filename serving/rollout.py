@@ -33,7 +33,7 @@ from driftloop.core.errors import RolloutAborted, ServingError
 
 __all__ = [
     "Check", "RolloutState", "RolloutStore", "RolloutTarget", "GatewayTarget", "KServeTarget", "PrometheusMetrics",
-    "MonitorQuality", "HISTORY_ARTIFACT", "WEIGHT_TAG",
+    "MonitorClient", "MonitorQuality", "MonitorShadow", "HISTORY_ARTIFACT", "WEIGHT_TAG",
     "RolloutController", "evaluate_checks", "psi", "weight_schedule",
     "PENDING", "SHADOW", "PROGRESSING", "AWAITING_APPROVAL", "PROMOTED", "ROLLED_BACK",
 ]
@@ -240,7 +240,8 @@ class GatewayTarget:
         """Mirror ``percent`` % to the gateway's canary upstream (the candidate); ``state`` is not needed here."""
         self._call("PUT", "/admin/shadow", json={"percent": percent})
 
-    def shadow_stats(self, since: float) -> dict[str, Any]:
+    def shadow_stats(self, since: float, version: str | None = None) -> dict[str, Any]:
+        """The gateway's own join (it mirrors to its one canary upstream, so ``version`` is not needed)."""
         return self._call("GET", "/admin/shadow", params={"since": since}).get("stats") or {}
 
     def stats(self, since: float, canary_version: str, primary_version: str | None):  # noqa: ANN201
@@ -306,27 +307,44 @@ class PrometheusMetrics:
         return out
 
 
-class MonitorQuality:
+class MonitorClient:
+    """What the rollout controller reads from the monitor (``GET`` only), with the monitor's bearer
+    token where it asks for one (``DRIFTLOOP_WEBHOOK_TOKEN``, the token the monitor checks)."""
+
+    def __init__(self, url: str, *, timeout: float = 10.0, client: Any | None = None,
+                 token: str | None = None) -> None:
+        self.url = url.rstrip("/")
+        self.timeout = timeout
+        self._client = client
+        self._token = token
+
+    def _get(self, path: str, params: dict[str, Any], what: str) -> dict[str, Any]:
+        import httpx
+
+        client = self._client or httpx.Client(timeout=self.timeout)
+        headers = {"authorization": f"Bearer {self._token}"} if self._token else {}
+        try:
+            resp = client.get(f"{self.url}{path}", params=params, headers=headers)
+            resp.raise_for_status()
+            return resp.json()
+        except (httpx.HTTPError, ValueError) as exc:
+            raise ServingError(f"monitor {what} query failed at {self.url}: {exc}") from exc
+
+
+class MonitorQuality(MonitorClient):
     """Labelled quality per model version from the monitor's ``GET /quality`` (its inference log)."""
 
     def __init__(self, url: str, task: str = "classification", *, timeout: float = 10.0,
                  client: Any | None = None) -> None:
-        self.url = url.rstrip("/")
+        super().__init__(url, timeout=timeout, client=client)
         self.task = task
-        self.timeout = timeout
-        self._client = client
 
     def versions(self, since: float) -> dict[str, dict[str, Any]]:
         """``{version: {"labels", "quality", "quality_metric"}}``; quality is higher-is-better."""
-        import httpx
-
-        client = self._client or httpx.Client(timeout=self.timeout)
         try:
-            resp = client.get(f"{self.url}/quality", params={"since": since, "task": self.task})
-            resp.raise_for_status()
-            found = resp.json()["versions"]
-        except (httpx.HTTPError, KeyError, ValueError) as exc:
-            raise ServingError(f"monitor quality query failed at {self.url}: {exc}") from exc
+            found = self._get("/quality", {"since": since, "task": self.task}, "quality")["versions"]
+        except (KeyError, TypeError) as exc:
+            raise ServingError(f"monitor quality query at {self.url} answered without versions: {exc}") from exc
         out = {}
         for version, q in found.items():
             if self.task == "classification":
@@ -337,14 +355,31 @@ class MonitorQuality:
         return out
 
 
+class MonitorShadow(MonitorClient):
+    """A shadow phase on a cluster: the shadow's and the primary's logged answers joined by request id
+    in the monitor (``GET /shadow``) — agreement or difference, both prediction samples, quality on the
+    same labelled rows — the numbers the local gateway reports for its own join."""
+
+    def summary(self, since: float, version: str | None = None) -> dict[str, Any]:
+        params: dict[str, Any] = {"since": since}
+        if version is not None:
+            params["version"] = version
+        stats = self._get("/shadow", params, "shadow").get("stats")
+        if not isinstance(stats, dict):
+            raise ServingError(f"monitor shadow query at {self.url} answered without stats")
+        return stats
+
+
 class KServeTarget:
     """An InferenceService through ``KServeBackend``; error rate and latency from Prometheus by
     revision, labelled quality per version from the monitor when one is given."""
 
-    def __init__(self, backend: Any, metrics: PrometheusMetrics, quality: MonitorQuality | None = None) -> None:
+    def __init__(self, backend: Any, metrics: PrometheusMetrics, quality: MonitorQuality | None = None,
+                 shadow: MonitorShadow | None = None) -> None:
         self.backend = backend
         self.metrics = metrics
         self.quality = quality
+        self.shadow = shadow
 
     def set_weight(self, percent: int) -> None:
         self.backend.set_traffic(percent)
@@ -379,11 +414,12 @@ class KServeTarget:
         self.backend.set_shadow(state.canary_uri or f"models:/{state.model_name}/{state.canary_version}",
                                 state.canary_version, percent)
 
-    def shadow_stats(self, since: float) -> dict[str, Any]:
+    def shadow_stats(self, since: float, version: str | None = None) -> dict[str, Any]:
         """Mirrored requests, errors and p99 of the shadow's revision from Prometheus (its queue-proxy
-        counts every copy it answered). Agreement, output PSI and quality on the same rows need the
-        primary's and the shadow's answers joined by request id, which Prometheus does not have: they
-        are left out here, so those checks do not appear (see docs/rollouts.md)."""
+        counts every copy it answered), and — with a monitor — the shadow's and the primary's answers
+        joined by request id in the inference log: agreement or difference, both prediction samples
+        (output PSI) and quality on the same labelled rows, so the shadow phase is judged on the same
+        checks and limits as on the embedded default (see docs/rollouts.md)."""
         status = self.backend.shadow_status()
         revision = status.latest_ready_revision if status is not None else None
         if not revision:
@@ -391,9 +427,14 @@ class KServeTarget:
         stats = self.metrics.revision_stats(revision, max(time.time() - since, 1.0))
         rate = stats.get("error_rate")
         requests = int(stats.get("requests") or 0)
-        return {"requests": requests, "error_rate": rate, "p99_ms": stats.get("p99_ms"),
-                "errors": round(rate * requests) if rate is not None else None, "revision": revision,
-                "source": "prometheus"}
+        out = {"requests": requests, "error_rate": rate, "p99_ms": stats.get("p99_ms"),
+               "errors": round(rate * requests) if rate is not None else None, "revision": revision,
+               "source": "prometheus"}
+        if self.shadow is not None:
+            joined = self.shadow.summary(since, version)
+            out.update({k: v for k, v in joined.items() if k not in out})
+            out["source"] = "prometheus+monitor"
+        return out
 
     def rollback(self, state: RolloutState) -> None:
         self.backend.rollback()
@@ -548,7 +589,7 @@ class RolloutController:
         from serving.shadow import shadow_checks
 
         try:
-            summary = self.target.shadow_stats(state.window_start)
+            summary = self.target.shadow_stats(state.window_start, state.canary_version)
         except ServingError as exc:
             return self._record(state, "unavailable", f"shadow statistics unavailable, judged next interval: {exc}")
         checks = shadow_checks(summary, self.cfg)

@@ -26,13 +26,14 @@ from typing import Any, Callable
 
 import httpx
 
-from serving.traffic import _num, predictions_of, quality_of
+from driftloop.core.shadow import SHADOW_ROLE, compare_rows
+from serving.traffic import predictions_of
 
 __all__ = ["SHADOW", "ShadowMirror", "ShadowStats", "shadow_checks"]
 
 log = logging.getLogger(__name__)
 
-SHADOW = "shadow"
+SHADOW = SHADOW_ROLE
 
 
 @dataclass
@@ -69,35 +70,18 @@ class ShadowStats:
         pairs = [p for p in self._pairs.values() if since is None or p.ts >= since]
         ok = [p for p in pairs if p.shadow is not None and len(p.shadow) == len(p.primary)]
         latencies = sorted(p.latency_ms for p in pairs)
-        rows = [(a, b) for p in ok for a, b in zip(p.primary, p.shadow)]
         out: dict[str, Any] = {
             "requests": len(pairs), "errors": len(pairs) - len(ok), "dropped": self.dropped,
             "error_rate": (len(pairs) - len(ok)) / len(pairs) if pairs else None,
             "p99_ms": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] if latencies else None,
-            "rows": len(rows),
-            "primary_predictions": [a for a, _ in rows][-max_predictions:],
-            "shadow_predictions": [b for _, b in rows][-max_predictions:],
         }
-        nums = [(_num(a), _num(b)) for a, b in rows]
-        discrete = rows and all(isinstance(a, (str, bool, int)) and isinstance(b, (str, bool, int)) for a, b in rows)
-        if discrete:
-            out["agreement"] = sum(1 for a, b in rows if str(a) == str(b)) / len(rows)
-        elif rows and all(a is not None and b is not None for a, b in nums):
-            diffs = [abs(a - b) for a, b in nums]
-            scale = sum(abs(a) for a, _ in nums) / len(nums)
-            out["mean_abs_diff"] = sum(diffs) / len(diffs)
-            out["relative_diff"] = out["mean_abs_diff"] / scale if scale > 0 else (0.0 if not any(diffs) else None)
-        labelled = [p for p in ok if p.label is not None]
-        pairs_p, pairs_s = [], []
-        for p in labelled:
+        rows: list[tuple[Any, Any, Any]] = []
+        for p in ok:
             labels = p.label if isinstance(p.label, list) else [p.label] * len(p.primary)
-            if len(labels) == len(p.primary):
-                pairs_p += list(zip(p.primary, labels))
-                pairs_s += list(zip(p.shadow, labels))
-        qp, qs = quality_of(pairs_p), quality_of(pairs_s)
-        out["labels"] = len(pairs_p)
-        if qp and qs:
-            out["quality_metric"], out["primary_quality"], out["shadow_quality"] = qp[0], qp[1], qs[1]
+            if len(labels) != len(p.primary):
+                labels = [None] * len(p.primary)
+            rows += zip(p.primary, p.shadow, labels)
+        out.update(compare_rows(rows, max_predictions=max_predictions))
         return out
 
 
@@ -173,15 +157,21 @@ def shadow_checks(summary: dict[str, Any], cfg: Any) -> list[Any]:
     from serving.rollout import _MIN_DISTRIBUTION_SAMPLES, psi
 
     requests = int(summary.get("requests") or 0)
-    enough = requests >= cfg.shadow_min_requests
-    checks = [_check("shadow_requests", requests, cfg.shadow_min_requests, enough,
-                     "" if enough else f"{requests} < {cfg.shadow_min_requests} mirrored requests")]
+    mirrored = requests >= cfg.shadow_min_requests
+    # On a cluster the answers are joined by the monitor, behind the logger: the phase passes only
+    # once that many are joined too, never on errors and latency alone.
+    joined = summary.get("joined_requests")
+    enough = mirrored and (joined is None or joined >= cfg.shadow_min_requests)
+    detail = ("" if enough else f"{requests} < {cfg.shadow_min_requests} mirrored requests" if not mirrored else
+              f"{joined} of {requests} mirrored requests joined with the primary's answer by request id "
+              f"< {cfg.shadow_min_requests}")
+    checks = [_check("shadow_requests", requests, cfg.shadow_min_requests, enough, detail)]
     rate = summary.get("error_rate")
     checks.append(_check("shadow_error_rate", rate, cfg.max_error_rate,
-                         None if rate is None or not enough else rate <= cfg.max_error_rate))
+                         None if rate is None or not mirrored else rate <= cfg.max_error_rate))
     p99 = summary.get("p99_ms")
     checks.append(_check("shadow_p99_ms", p99, cfg.max_p99_latency_ms,
-                         None if p99 is None or not enough else p99 <= cfg.max_p99_latency_ms))
+                         None if p99 is None or not mirrored else p99 <= cfg.max_p99_latency_ms))
     if "agreement" in summary:
         a = summary["agreement"]
         checks.append(_check("agreement", a, cfg.shadow_min_agreement, None if not enough else a >= cfg.shadow_min_agreement,

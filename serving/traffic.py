@@ -23,6 +23,8 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any
 
+from driftloop.core.shadow import quality_of
+
 __all__ = ["PRIMARY", "CANARY", "Splitter", "TrafficStats", "DuplicateLabel", "predictions_of", "quality_of",
            "sticky_bucket"]
 
@@ -71,35 +73,6 @@ def predictions_of(body: bytes | None) -> list[Any]:
         data = chosen.get("data") if isinstance(chosen, dict) else None
         return list(data) if isinstance(data, list) else []
     return []
-
-
-def _is_discrete(value: Any) -> bool:
-    return isinstance(value, (str, bool)) or (isinstance(value, (int, float)) and float(value).is_integer())
-
-
-def quality_of(pairs: list[tuple[Any, Any]]) -> tuple[str, float] | None:
-    """Quality of (prediction, label) pairs: accuracy for class labels, else negative mean absolute error.
-
-    Both are "higher is better", so the controller can compare canary and primary the same way.
-    """
-    if not pairs:
-        return None
-    if all(_is_discrete(p) and _is_discrete(y) for p, y in pairs):
-        hits = sum(1 for p, y in pairs if str(p) == str(y) or (_num(p) is not None and _num(p) == _num(y)))
-        return "accuracy", hits / len(pairs)
-    errors = [abs(float(p) - float(y)) for p, y in pairs if _num(p) is not None and _num(y) is not None]
-    if not errors:
-        return None
-    return "neg_mae", -sum(errors) / len(errors)
-
-
-def _num(value: Any) -> float | None:
-    if isinstance(value, bool):
-        return float(value)
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return None
 
 
 def _percentile(sorted_values: list[float], q: float) -> float | None:

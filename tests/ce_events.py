@@ -53,3 +53,28 @@ def pair(ce_id: str, n: int = 1, start: int = 0, version: str = "1", role: str =
     preds = [(start + i) % 2 for i in range(n)]
     return (binary(ce_id, "request", {"instances": rows}),
             binary(ce_id, "response", {"predictions": preds}, version=version, role=role))
+
+
+def kserve_logged(kind: str, data: Any, *, isvc: str, request_id: str | None, ce_id: str,
+                  annotations: dict[str, str] | None = None, namespace: str = "default"
+                  ) -> tuple[dict[str, str], bytes]:
+    """(headers, body) of one event as KServe's logger sends it (pkg/logger/worker.go, handler.go).
+
+    Binary mode; ``ce-id`` is the pod logger's own (a uuid unless the client sent ``Ce-Id``), so a
+    primary's and a shadow's events of one mirrored request differ there. Extensions:
+    ``inferenceservicename``, ``namespace``, ``component``, ``endpoint`` (empty), ``recordedtime``,
+    ``metadata`` — Go's ``json.Marshal`` of the matched ``metadataHeaders`` as ``{name: [values]}``
+    with Go's canonical names (``{}`` when none matched) — and ``annotations``, the JSON of the
+    ``metadataAnnotations`` when there are any. sdk-go writes JSON-valued extensions into the headers
+    as they are (no percent-encoding), as ``to_binary`` does here.
+    """
+    attrs = {"id": ce_id, "type": REQUEST_TYPE if kind == "request" else RESPONSE_TYPE,
+             "source": "http://localhost:9081/", "recordedtime": "2026-12-01T10:00:00.000000001Z",
+             "inferenceservicename": isvc, "namespace": namespace, "component": "predictor", "endpoint": "",
+             "metadata": json.dumps({"X-Request-Id": [request_id]} if request_id else {}, separators=(",", ":"))}
+    if annotations:
+        attrs["annotations"] = json.dumps(annotations, separators=(",", ":"), sort_keys=True)
+    headers, body = to_binary(CloudEvent(attrs, data), data_marshaller=lambda d: json.dumps(d).encode())
+    headers = {k.lower(): v for k, v in headers.items()}
+    headers["content-type"] = "application/json"
+    return headers, body

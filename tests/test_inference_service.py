@@ -45,7 +45,7 @@ def test_predictor_image_object_round_trips_through_kserve_classes():
     assert as_dict["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "Serverless"
     pred = as_dict["spec"]["predictor"]
     assert pred["canaryTrafficPercent"] == 10
-    assert pred["logger"] == {"mode": "all", "url": s.serving.logger_url}
+    assert pred["logger"] == {"mode": "all", "url": s.serving.logger_url, "metadataHeaders": ["X-Request-Id"]}
     assert (pred["minReplicas"], pred["maxReplicas"], pred["scaleMetric"], pred["scaleTarget"]) == (1, 3, "concurrency", 10)
     (container,) = pred["containers"]
     assert container["name"] == "kserve-container" and container["image"] == s.serving.image
@@ -67,7 +67,8 @@ def test_autoscaling_logger_and_gpu_from_config():
                          "serving.logger_url": "http://sink.monitoring/events"})
     pred = predictor_of(isvcs.build_inference_service(s))
     assert (pred["minReplicas"], pred["maxReplicas"], pred["scaleMetric"], pred["scaleTarget"]) == (0, 7, "rps", 50)
-    assert pred["logger"] == {"mode": "request", "url": "http://sink.monitoring/events"}
+    assert pred["logger"] == {"mode": "request", "url": "http://sink.monitoring/events",
+                              "metadataHeaders": ["X-Request-Id"]}
     assert pred["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "2"
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pred["tolerations"]
     assert "canaryTrafficPercent" not in pred

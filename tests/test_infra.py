@@ -190,11 +190,23 @@ def test_logger_alerts_and_network_policy_point_at_the_monitor(rendered):
         named = {p["name"]: p["containerPort"] for p in container["ports"]}
         assert named[service["spec"]["ports"][0]["targetPort"]] == settings.monitor.port
         isvc = one(objects, "InferenceService")
-        assert isvc["spec"]["predictor"]["logger"] == {"mode": settings.serving.logger_mode, "url": settings.serving.logger_url}
+        assert isvc["spec"]["predictor"]["logger"] == {"mode": settings.serving.logger_mode,
+                                                       "url": settings.serving.logger_url,
+                                                       "metadataHeaders": ["X-Request-Id"]}
         # the sink admits the predictor's pods (where KServe's logger runs)
         policy = one(objects, "NetworkPolicy", "driftloop-monitor-ingress")
         selectors = [f.get("podSelector", {}).get("matchLabels", {}) for rule in policy["spec"]["ingress"] for f in rule["from"]]
         assert {"serving.kserve.io/inferenceservice": settings.serving.name} in selectors
+        # ... and its shadow's (shadow phase), and the rollout controller, which reads GET /shadow with the token
+        from serving.inference_service import shadow_name
+
+        assert {"serving.kserve.io/inferenceservice": shadow_name(settings)} in selectors
+        rollout = one(objects, "Deployment", "driftloop-rollout")
+        assert rollout["spec"]["template"]["metadata"]["labels"].items() >= next(
+            s for s in selectors if s.get("app.kubernetes.io/component") == "rollout-controller").items()
+        rollout_env = rollout["spec"]["template"]["spec"]["containers"][0]["env"]
+        assert next(e for e in rollout_env if e["name"] == "DRIFTLOOP_WEBHOOK_TOKEN")["valueFrom"] == \
+            next(e for e in container["env"] if e["name"] == "DRIFTLOOP_WEBHOOK_TOKEN")["valueFrom"]
         # the drift alert fires at the monitor's drift share and reaches /alerts/alertmanager with the token Secret
         rule = one(objects, "PrometheusRule")["spec"]["groups"][0]["rules"][0]
         assert rule["alert"] == "DriftloopDatasetDrift"

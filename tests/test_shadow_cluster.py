@@ -169,7 +169,8 @@ def test_mirror_renders_and_validates(tmp_path, percent):
     assert args[args.index("--model-name") + 1] == "churn"  # same path as the primary, so copies are answered
     assert shadow["metadata"]["annotations"]["driftloop.io/serving-role"] == "shadow"
     assert predictor["logger"]["metadataAnnotations"] == ["driftloop.io/model-version", "driftloop.io/serving-role"]
-    assert predictor["logger"]["metadataHeaders"] == ["x-request-id"]
+    # KServe's logger compares metadataHeaders with Go's canonical header names: "x-request-id" never matches
+    assert predictor["logger"]["metadataHeaders"] == ["X-Request-Id"]
 
 
 @pytest.mark.parametrize("bad", [0, -1, 100.5, True, "10", None])
@@ -422,3 +423,207 @@ def test_local_deploy_step_puts_the_candidate_out_dark_when_a_shadow_phase_comes
     result = deploy_canary(s, version="2", home="local", registry=reg, backend=local)
     assert local.calls == [("2", "models:/churn/2", 0)] and result.percent == 0
     assert RolloutController(s, None).state().canary_version == "2"
+
+
+# -- the join on a cluster: KServe's loggers -> the monitor -> the controller --------------------
+TOKEN = "monitor-token"
+
+
+def test_both_loggers_carry_the_request_id_and_parse_with_kserves_classes(tmp_path):
+    """Production's and the shadow's logger both copy X-Request-Id into the events' metadata."""
+    from kserve import V1beta1LoggerSpec
+
+    s = settings_at(tmp_path)
+    for built in (isvcs.build_inference_service(s), isvcs.build_shadow_inference_service(s, "models:/churn/2", "2")):
+        body = isvcs.to_dict(built)
+        assert check_objects([body], {}, "test") == []
+        parsed = isvcs.from_dict(body)  # kserve's own model classes
+        logger = parsed.spec.predictor.logger
+        assert isinstance(logger, V1beta1LoggerSpec) and logger.metadata_headers == ["X-Request-Id"]
+        assert body["spec"]["predictor"]["logger"]["metadataHeaders"] == ["X-Request-Id"]
+        assert logger.url == s.serving.logger_url and logger.mode == "all"
+        env = {e["name"]: e.get("value") for e in body["spec"]["predictor"]["containers"][0]["env"]}
+        assert env["DRIFTLOOP_LOG_SCORES"] == "1"  # class scores in the logged body, as the gateway logs them
+
+
+def test_kserve_canonical_header_name():
+    """What KServe's handler compares metadataHeaders with: Go's textproto.CanonicalMIMEHeaderKey."""
+    from driftloop.core.shadow import REQUEST_ID_HEADER
+
+    assert REQUEST_ID_HEADER == "-".join(part.capitalize() for part in "x-request-id".split("-"))
+
+
+@pytest.fixture
+def monitor(tmp_path, monkeypatch):
+    """The monitor for real, in-process (its Starlette app: sink, store, GET /shadow)."""
+    from starlette.testclient import TestClient
+
+    from monitoring.service import WEBHOOK_TOKEN_ENV, MonitorService
+    from tests.test_trigger import RecordingRunner
+
+    monkeypatch.setenv(WEBHOOK_TOKEN_ENV, TOKEN)
+    s = settings_at(tmp_path, **{"rollout.shadow_percent": 10})
+    service = MonitorService(s, runner=RecordingRunner())
+    with TestClient(service.app) as client:
+        yield service, client
+
+
+def log_mirrored(client, n: int, *, shadow_agrees: bool, metadata: bool = True, labels: bool = True,
+                 start: int = 0, client_ce_id: bool = False) -> None:
+    """``n`` requests answered by production (``churn``) and, mirrored by Envoy with the same
+    X-Request-Id, by the shadow (``churn-shadow``, candidate v2); each pod's logger has its own ce-id."""
+    import uuid
+
+    from tests.ce_events import instance, kserve_logged
+
+    shadow_annotations = {"driftloop.io/serving-role": "shadow", "driftloop.io/model-version": "2"}
+    feedback = []
+    for i in range(start, start + n):
+        rid = f"req-{i}"
+        rows = [instance(i), instance(i + 1)]
+        primary_preds = [i % 2, (i + 1) % 2]
+        shadow_preds = primary_preds if shadow_agrees else [1 - p for p in primary_preds]
+        primary_id, shadow_id = str(uuid.uuid4()), str(uuid.uuid4())
+        if client_ce_id:  # the client sent Ce-Id: both loggers take it, since Envoy mirrors the header too
+            shadow_id = primary_id
+        for isvc, ce_id, preds, annotations in (("churn", primary_id, primary_preds, None),
+                                                ("churn-shadow", shadow_id, shadow_preds, shadow_annotations)):
+            for kind, data in (("request", {"instances": rows}), ("response", {"predictions": preds})):
+                headers, body = kserve_logged(kind, data, isvc=isvc, ce_id=ce_id, annotations=annotations,
+                                              request_id=rid if metadata else None, namespace=NS)
+                r = client.post("/events", content=body, headers=headers)
+                assert r.status_code == 200, r.text
+        feedback += [{"id": primary_id, "row_index": j, "label": p} for j, p in enumerate(primary_preds)]
+    if labels:  # ground truth arrives for the primary's ce-id; it happens to be what production answered
+        assert client.post("/feedback", json=feedback).status_code == 200
+
+
+def shadow_phase(cluster, monitor, **traffic):
+    """shadow_start, 60 mirrored requests logged (``log_mirrored``), then one judged interval on the
+    cluster target, which reads the monitor's join."""
+    from serving.rollout import MonitorShadow
+
+    settings, backend, _, _ = cluster
+    _, monitor_client = monitor
+    metrics, _ = prometheus(0.0)
+    RolloutController.begin(settings, canary_version="2", primary_version="1", canary_uri="models:/churn/2")
+    target = KServeTarget(backend, metrics,
+                          shadow=MonitorShadow("http://testserver", client=monitor_client, token=TOKEN))
+    ctl = RolloutController(settings, target)
+    assert ctl.step()["decision"] == "shadow_start"
+    log_mirrored(monitor_client, 60, **traffic)
+    time.sleep(0.02)
+    return ctl, ctl.step()
+
+
+def test_monitor_joins_kserve_logged_shadow_and_primary_answers_by_request_id(monitor):
+    service, client = monitor
+    log_mirrored(client, 20, shadow_agrees=True)
+    log_mirrored(client, 10, shadow_agrees=False, start=20)
+    assert client.get("/shadow").status_code == 401
+    assert client.get("/shadow", headers={"authorization": "Bearer wrong"}).status_code == 401
+    r = client.get("/shadow", params={"since": 0, "version": "2"}, headers={"authorization": f"Bearer {TOKEN}"})
+    assert r.status_code == 200, r.text
+    stats = r.json()["stats"]
+    assert stats["joined_requests"] == 30 and stats["rows"] == 60 and stats["unjoined_rows"] == 0
+    assert stats["agreement"] == pytest.approx(40 / 60)
+    assert stats["labels"] == 60 and stats["quality_metric"] == "accuracy"
+    assert stats["primary_quality"] == 1.0 and stats["shadow_quality"] == pytest.approx(40 / 60)
+    assert len(stats["primary_predictions"]) == len(stats["shadow_predictions"]) == 60
+    # another candidate's shadow rows are not this one's
+    other = client.get("/shadow", params={"version": "3"}, headers={"authorization": f"Bearer {TOKEN}"}).json()
+    assert other["stats"]["rows"] == 0 and "agreement" not in other["stats"]
+    # the shadow's answers are kept apart from production's: stored as <ce-id>-shadow, role shadow
+    rows = service.store.rows()
+    assert set(rows.loc[rows["model_name"] == "churn-shadow", "role"]) == {"shadow"}
+    assert rows.loc[rows["model_name"] == "churn", "role"].isna().all()
+    assert service.store.window("sliding", rows=1000).without_role("shadow").n == 60
+
+
+def test_a_client_set_ce_id_mirrored_to_the_shadow_does_not_make_its_events_duplicates(monitor):
+    service, client = monitor
+    log_mirrored(client, 5, shadow_agrees=False, client_ce_id=True)
+    stats = service.shadow_summary(0.0, "2")
+    assert stats["joined_requests"] == 5 and stats["rows"] == 10 and stats["agreement"] == 0.0
+    assert service.store.counts()["events"] == 20  # 5 x (request, response) x (primary, shadow)
+
+
+def test_the_local_gateways_shadow_events_join_by_their_ce_id(monitor):
+    """The gateway logs a shadow answer as <request id>-shadow with ce-servingrole: shadow, no metadata."""
+    from tests.ce_events import binary, instance
+
+    service, client = monitor
+    for i in range(3):
+        rid = f"gw-{i}"
+        for ce_id, role, version, pred in ((rid, "primary", "1", 1), (f"{rid}-shadow", "shadow", "2", i % 2)):
+            for kind, data in (("request", {"instances": [instance(i)]}), ("response", {"predictions": [pred]})):
+                headers, body = binary(ce_id, kind, data, version=version, role=role)
+                assert client.post("/events", content=body, headers=headers).status_code == 200
+    stats = service.shadow_summary(0.0, "2")
+    assert stats["joined_requests"] == 3 and stats["agreement"] == pytest.approx(1 / 3)
+
+
+@pytest.mark.parametrize("metadata, key", [
+    ('{"X-Request-Id":["r-1"]}', "r-1"),
+    ('%7B%22X-Request-Id%22%3A%5B%22r-1%22%5D%7D', "r-1"),  # percent-encoded, as the HTTP binding allows
+    ('{"x-request-id":"r-1"}', "r-1"),
+    ('{"Foo":["bar"]}', None),
+    ("{}", None),
+    ("not json", None),
+])
+def test_request_id_from_the_metadata_extension(metadata, key):
+    from monitoring.events import shadow_identity
+
+    attrs = {"id": "ce-1", "metadata": metadata}
+    assert shadow_identity(attrs) == ("ce-1", None, None, key)
+    shadow = {**attrs, "annotations": '{"driftloop.io/model-version":"7","driftloop.io/serving-role":"shadow"}'}
+    assert shadow_identity(shadow) == ("ce-1-shadow", "shadow", "7", key or "ce-1")
+
+
+def test_a_disagreeing_shadow_on_the_cluster_is_rolled_back_on_the_monitors_join(cluster, monitor):
+    s, _, client, custom = cluster
+    ctl, second = shadow_phase(cluster, monitor, shadow_agrees=False)
+    assert second["decision"] == "rollback" and ctl.state().status == ROLLED_BACK
+    assert "agreement=0" in second["reason"] and "shadow_quality_delta" in second["reason"]
+    checks = {c["name"]: c for c in second["checks"]}
+    assert checks["agreement"]["limit"] == s.rollout.shadow_min_agreement  # the embedded default's limits
+    assert checks["shadow_prediction_psi"]["passed"] is True  # same class shares, swapped: PSI cannot see it
+    patches = [c[2]["spec"]["predictor"]["canaryTrafficPercent"] for c in client.changes() if c[0] == "patch"]
+    assert set(patches) == {0}  # no user request ever reached the candidate
+    assert "churn-shadow" not in client.stored and not custom.stored
+
+
+def test_an_agreeing_shadow_on_the_cluster_passes_into_the_canary_steps(cluster, monitor):
+    ctl, second = shadow_phase(cluster, monitor, shadow_agrees=True)
+    assert second["decision"] == "start" and ctl.state().status == PROGRESSING
+    passed = next(h for h in ctl.state().history if h["decision"] == "shadow_pass")
+    checks = {c["name"]: c for c in passed["checks"]}
+    assert checks["agreement"]["value"] == 1.0 and checks["agreement"]["passed"] is True
+    assert checks["shadow_prediction_psi"]["value"] == pytest.approx(0.0, abs=1e-9)
+    quality = checks["shadow_quality_delta"]
+    assert quality["value"] == 0.0 and "on the same 120 labelled rows" in quality["detail"]
+
+
+def test_without_the_request_id_the_cluster_shadow_phase_waits_instead_of_passing_blind(cluster, monitor):
+    """A logger without metadataHeaders: nothing joins, so errors and latency alone never pass the phase."""
+    ctl, second = shadow_phase(cluster, monitor, shadow_agrees=True, metadata=False)
+    assert second["decision"] == "shadow_wait" and ctl.state().status == SHADOW
+    assert "0 of 80 mirrored requests joined with the primary's answer by request id" in second["reason"]
+
+
+def test_monitor_down_makes_the_cluster_shadow_interval_unavailable(cluster):
+    from serving.rollout import MonitorShadow
+
+    s, backend, client, custom = cluster
+    metrics, _ = prometheus(0.0)
+
+    def down(request):
+        raise httpx.ConnectError("connection refused")
+
+    RolloutController.begin(s, canary_version="2", primary_version="1", canary_uri="models:/churn/2")
+    shadow = MonitorShadow("http://monitor", client=httpx.Client(transport=httpx.MockTransport(down)), token=TOKEN)
+    ctl = RolloutController(s, KServeTarget(backend, metrics, shadow=shadow))
+    ctl.step()
+    second = ctl.step()
+    assert second["decision"] == "unavailable" and "monitor shadow query failed" in second["reason"]
+    assert ctl.state().status == SHADOW  # judged next interval, neither passed nor failed
