@@ -378,7 +378,8 @@ class AgentConfig(_Section):
                                                          "what the replicas serve (the HPA's period)")
     plan_seconds: float = Field(600.0, gt=0, description="a raise goes as far as the forecast needs over this long; "
                                                          "a floor is lowered only as far as it allows")
-    max_actions_per_hour: int = Field(12, ge=0)
+    max_actions_per_hour: int = Field(30, ge=0, description="automatic actions allowed in any hour; owning the "
+                                      "count, leave room for the guard's raises (12 refuses some on bursts)")
     blackout: list[str] = Field(default_factory=list, description='windows like "22:00-06:00" (UTC) with no automatic action')
     kill_switch_file: Path | None = Field(None, description="while this file exists no action runs; default "
                                                             "<workspace>/agent/STOP")
