@@ -627,3 +627,34 @@ def test_monitor_down_makes_the_cluster_shadow_interval_unavailable(cluster):
     second = ctl.step()
     assert second["decision"] == "unavailable" and "monitor shadow query failed" in second["reason"]
     assert ctl.state().status == SHADOW  # judged next interval, neither passed nor failed
+
+
+def test_a_store_made_before_the_request_key_is_brought_up_to_date(tmp_path):
+    """An inference log written by the previous version opens, keeps its events and joins new ones."""
+    import sqlite3
+
+    from monitoring.events import parse_binary
+    from monitoring.store import InferenceStore
+    from tests.ce_events import instance, kserve_logged
+
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE events (seq INTEGER PRIMARY KEY, ce_id TEXT NOT NULL, kind TEXT NOT NULL, "
+               "model_name TEXT NOT NULL, model_version TEXT, role TEXT, attributes TEXT NOT NULL, body BLOB NOT NULL, "
+               "flat TEXT NOT NULL, received_at REAL NOT NULL, UNIQUE (ce_id, kind))")
+    db.execute("INSERT INTO events (ce_id, kind, model_name, attributes, body, flat, received_at) "
+               "VALUES ('old', 'request', 'churn', '{}', x'7b7d', '[]', 1.0)")
+    db.commit()
+    db.close()
+    with InferenceStore(path) as store:
+        events = []
+        for isvc, ce_id, annotations in (("churn", "p-1", None),
+                                         ("churn-shadow", "s-1", {"driftloop.io/serving-role": "shadow"})):
+            for kind, data in (("request", {"instances": [instance(1)]}), ("response", {"predictions": [1]})):
+                headers, body = kserve_logged(kind, data, isvc=isvc, ce_id=ce_id, request_id="r-1",
+                                              annotations=annotations)
+                events.append(parse_binary(headers, body))
+        store.append_events(events)
+        assert store.event_ids() == {"old", "p-1", "s-1-shadow"}
+        pairs = store.shadow_pairs()
+        assert pairs[["request_key", "primary_id"]].values.tolist() == [["r-1", "p-1"]]
