@@ -247,6 +247,109 @@ def test_a_bad_name_is_refused_and_nothing_is_written(name):
         assert not infra.exists()
 
 
+# --- the shadow phase on a tenant's cluster: level with infra/base ---------------------------------------
+def _selects(selector: dict, labels: dict[str, str]) -> bool:
+    """A Kubernetes label selector (matchLabels, matchExpressions) against a pod's or namespace's labels."""
+    if not (selector.get("matchLabels") or {}).items() <= labels.items():
+        return False
+    for expr in selector.get("matchExpressions") or []:
+        key, op, values = expr["key"], expr["operator"], expr.get("values") or []
+        if not {"In": key in labels and labels[key] in values, "NotIn": labels.get(key) not in values,
+                "Exists": key in labels, "DoesNotExist": key not in labels}[op]:
+            return False
+    return True
+
+
+def _admits(policies: list[dict], ns: str, pod: dict[str, str], src_ns: str, src: dict[str, str]) -> bool:
+    """Whether the NetworkPolicies of namespace ``ns`` let a pod of ``src_ns`` (labels ``src``) reach ``pod``."""
+    isolating = [p for p in policies if p["metadata"]["namespace"] == ns and _selects(p["spec"]["podSelector"], pod)
+                 and "Ingress" in p["spec"].get("policyTypes", ["Ingress"])]
+    if not isolating:
+        return True
+    src_ns_labels = {"kubernetes.io/metadata.name": src_ns}
+    for policy in isolating:
+        for rule in policy["spec"].get("ingress") or []:
+            if "from" not in rule:
+                return True
+            for peer in rule["from"]:
+                ns_ok = (_selects(peer["namespaceSelector"], src_ns_labels) if "namespaceSelector" in peer
+                         else src_ns == ns)
+                if ns_ok and _selects(peer.get("podSelector") or {}, src):
+                    return True
+    return False
+
+
+def _pod_labels(objects: list[dict], deployment: str) -> dict[str, str]:
+    return next(o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] == deployment
+                )["spec"]["template"]["metadata"]["labels"]
+
+
+def _base_rollout_rules() -> list[dict]:
+    docs = yaml.safe_load_all((ROOT / "infra" / "base" / "rbac.yaml").read_text())
+    return next(d for d in docs if d and d["kind"] == "Role" and d["metadata"]["name"] == "driftloop-rollout")["rules"]
+
+
+def test_tenant_rollout_controller_can_run_the_shadow_phase_in_its_own_namespace_only(three):
+    """As in infra/base: the controller reads GET /shadow with the tenant's token (from its Secret), may create the
+    shadow InferenceService and the Istio mirror and delete only those two, all in its namespace; the monitor admits
+    the tenant's shadow pods and controller and no other tenant's; the loggers carry the request id of the join."""
+    from serving.inference_service import build_inference_service, mirror_name, shadow_name, to_dict
+
+    infra = three / "infra"
+    objects = load_rendered(infra)
+    policies = [o for objs in objects.values() for o in objs if o["kind"] == "NetworkPolicy"]
+    for t in load_tenants(infra):
+        ns, objs = t.namespace, objects[t.name]
+        settings = load_settings(tenants_dir(infra) / t.name / "config" / "driftloop.yaml", environ={})
+        assert settings.serving.namespace == ns
+
+        # the token: the monitor's own Secret in the tenant's namespace, referenced, never a value
+        rollout = next(o for o in objs if o["kind"] == "Deployment" and o["metadata"]["name"] == "driftloop-rollout")
+        env = {e["name"]: e for e in rollout["spec"]["template"]["spec"]["containers"][0]["env"]}
+        token = env["DRIFTLOOP_WEBHOOK_TOKEN"]
+        assert "value" not in token and token["valueFrom"] == {"secretKeyRef": {"name": "driftloop-webhook", "key": "token"}}
+        monitor = next(o for o in objs if o["kind"] == "Deployment" and o["metadata"]["name"] == "driftloop-monitor")
+        assert token in monitor["spec"]["template"]["spec"]["containers"][0]["env"]
+        assert settings.serving.logger_url == f"http://driftloop-monitor.{ns}.svc.cluster.local/events"  # GET /shadow there
+
+        # RBAC: the Roles bound to the controller's ServiceAccount, in the tenant's namespace only
+        account = rollout["spec"]["template"]["spec"]["serviceAccountName"]
+        bindings = [o for o in objs if o["kind"] == "RoleBinding"
+                    and any(s["name"] == account and s["namespace"] == ns for s in o["subjects"])]
+        assert bindings and all(b["metadata"]["namespace"] == ns and b["roleRef"]["kind"] == "Role" for b in bindings)
+        roles = [o for o in objs if o["kind"] == "Role" and o["metadata"]["name"] in {b["roleRef"]["name"] for b in bindings}]
+        assert {r["metadata"]["namespace"] for r in roles} == {ns}
+        rules = [rule for r in roles for rule in r["rules"]]
+        assert rules == _base_rollout_rules()  # level with the single-tenant controller
+        isvc_rules = [r for r in rules if r["apiGroups"] == ["serving.kserve.io"] and r["resources"] == ["inferenceservices"]]
+        vs_rules = [r for r in rules if r["apiGroups"] == ["networking.istio.io"] and r["resources"] == ["virtualservices"]]
+        assert any("create" in r["verbs"] and "resourceNames" not in r for r in isvc_rules)
+        assert [r["resourceNames"] for r in isvc_rules if "delete" in r["verbs"]] == [[shadow_name(settings)]]
+        assert any({"get", "create"} <= set(r["verbs"]) and "resourceNames" not in r for r in vs_rules)
+        assert [r["resourceNames"] for r in vs_rules if {"update", "delete"} & set(r["verbs"])] == [[mirror_name(settings)]]
+
+        # the monitor admits the tenant's predictor, shadow and controller pods; another tenant's shadow, no
+        monitor_pod = _pod_labels(objs, "driftloop-monitor")
+        for source in ({"serving.kserve.io/inferenceservice": settings.serving.name},
+                       {"serving.kserve.io/inferenceservice": shadow_name(settings)},
+                       _pod_labels(objs, "driftloop-rollout")):
+            assert _admits(policies, ns, monitor_pod, ns, source), (t.name, source)
+        for other in load_tenants(infra):
+            if other.name != t.name:
+                shadow = {"serving.kserve.io/inferenceservice": shadow_name(settings), "driftloop.io/tenant": other.name}
+                assert not _admits(policies, ns, monitor_pod, other.namespace, shadow), (t.name, other.name)
+                assert not _admits(policies, ns, monitor_pod, other.namespace, _pod_labels(objects[other.name],
+                                                                                            "driftloop-rollout"))
+
+        # the InferenceService's logger and scores, as the builder makes them (and the shadow it puts up)
+        isvc = next(o for o in objs if o["kind"] == "InferenceService")
+        built = to_dict(build_inference_service(settings))["spec"]["predictor"]
+        assert isvc["spec"]["predictor"]["logger"] == built["logger"]
+        assert built["logger"]["metadataHeaders"] == ["X-Request-Id"]
+        scores = {"name": "DRIFTLOOP_LOG_SCORES", "value": "1"}
+        assert scores in built["containers"][0]["env"] and scores in isvc["spec"]["predictor"]["containers"][0]["env"]
+
+
 # --- the CLI: one line per refusal, nothing written ---------------------------------------------------
 class _Result:
     def __init__(self, exit_code: int, output: str) -> None:

@@ -17,7 +17,9 @@ gets
 * its MLflow space: the workspace ``<name>`` on a tracking server with workspaces enabled,
   and in any case its own experiment and model names;
 * its loop: monitor (with its own webhook token Secret, referenced, never written), rollout
-  controller, InferenceService, alert rule and route, and a driftloop configuration for the
+  controller (which reads the monitor's ``GET /shadow`` with that token and may put up and take
+  down the shadow phase's InferenceService and Istio mirror in the tenant's namespace),
+  InferenceService, alert rule and route, and a driftloop configuration for the
   cluster (``config/driftloop.yaml``: namespace, ServiceAccount, queue, MLflow space) and one
   for the embedded default (``local.yaml``: own workspace folder, stores, ports, model name).
 
@@ -41,6 +43,7 @@ import yaml
 
 from driftloop.core.config import DEFAULT_IMAGE, load_settings
 from driftloop.core.errors import ConfigError, DriftloopError
+from driftloop.core.shadow import REQUEST_ID_HEADER, shadow_name
 from driftloop.app.tenant_crds import CLUSTER_SCOPED_KINDS
 
 __all__ = [
@@ -87,6 +90,11 @@ DEFAULT_COHORT = "driftloop"
 PORT_BASE = 8200  # embedded default: tenant k's gateway on 8200 + 10k, its monitor on 8201 + 10k
 PORT_STEP = 10
 PART_OF = "driftloop"
+# The tenant's InferenceService (serving.name in its cluster config) and what its shadow phase adds
+# beside it: serving.inference_service names them shadow_name() and <name>-mirror.
+_MODEL_SERVER = "driftloop-model"
+_SHADOW_SERVER = shadow_name(_MODEL_SERVER)
+_MIRROR = f"{_MODEL_SERVER}-mirror"
 # libyaml when present: the property tests render and read hundreds of files
 _Dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -253,6 +261,12 @@ def _rbac_docs(t: Tenant) -> list[dict[str, Any]]:
             doc["automountServiceAccountToken"] = False
         return doc
 
+    def rule(group: str, resource: str, verbs: list[str], names: list[str] | None = None) -> dict[str, Any]:
+        out: dict[str, Any] = {"apiGroups": [group], "resources": [resource]}  # fresh lists: no YAML anchors
+        if names:
+            out["resourceNames"] = names
+        return {**out, "verbs": verbs}
+
     isvc = {"apiGroups": ["serving.kserve.io"], "resources": ["inferenceservices"]}
     return [
         sa("driftloop-pipeline", "pipeline"),
@@ -269,12 +283,23 @@ def _rbac_docs(t: Tenant) -> list[dict[str, Any]]:
             {"apiGroups": ["pipelines.kubeflow.org"], "resources": ["runs", "experiments"], "verbs": ["create", "get", "list"]},
             {"apiGroups": ["pipelines.kubeflow.org"], "resources": ["pipelines", "pipelines/versions"], "verbs": ["get", "list"]},
         ], "driftloop-monitor"),
-        # rollout controller: moves traffic on the tenant's InferenceService, nothing else
-        *_role(t, "driftloop-rollout", [{**isvc, "verbs": ["get", "watch", "patch", "update"]}], "driftloop-rollout"),
+        # rollout controller: moves traffic on the tenant's InferenceService; the shadow phase creates the
+        # shadow InferenceService and the Istio mirror and deletes them again, delete limited to those two
+        # names (create cannot be limited by name in RBAC); as infra/base/rbac.yaml, in this namespace only
+        *_role(t, "driftloop-rollout", [
+            rule("serving.kserve.io", "inferenceservices", ["get", "watch", "patch", "update"]),
+            rule("serving.kserve.io", "inferenceservices", ["create"]),
+            rule("serving.kserve.io", "inferenceservices", ["delete"], [_SHADOW_SERVER]),
+            rule("networking.istio.io", "virtualservices", ["get", "create"]),
+            rule("networking.istio.io", "virtualservices", ["update", "delete"], [_MIRROR]),
+        ], "driftloop-rollout"),
     ]
 
 
 def _network_docs(t: Tenant) -> list[dict[str, Any]]:
+    # The first rule admits every pod of the tenant's namespace and no other tenant's: among them what
+    # reaches the monitor — the predictor's and the shadow's pods (KServe's logger), the rollout
+    # controller (GET /quality, /shadow with the token) and pipeline steps (a batch's drift alert).
     return [{
         "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": _meta(t, "driftloop-tenant-ingress"),
         "spec": {
@@ -354,13 +379,16 @@ def _loop_docs(t: Tenant) -> list[dict[str, Any]]:
     mounts = [{"name": "config", "mountPath": "/etc/driftloop", "readOnly": True},
               {"name": "data", "mountPath": "/var/lib/driftloop"}, {"name": "tmp", "mountPath": "/tmp"}]
     base_env = [{"name": "DRIFTLOOP_CONFIG", "value": "/etc/driftloop/config.yaml"}, {"name": "HOME", "value": "/tmp"}]
+    # the tenant's own webhook token: a Secret in its namespace, created with kubectl, never committed. The
+    # monitor checks it; the rollout controller sends it to the monitor's GET /shadow (the shadow phase's join)
+    webhook_token = {"name": "DRIFTLOOP_WEBHOOK_TOKEN",
+                     "valueFrom": {"secretKeyRef": {"name": "driftloop-webhook", "key": "token"}}}
     monitor = {
         "name": "monitor", "image": DEFAULT_IMAGE, "args": ["monitor"],
         "ports": [{"name": "http", "containerPort": 8090, "protocol": "TCP"}],
         "env": base_env + [
             {"name": "KF_PIPELINES_SA_TOKEN_PATH", "value": "/var/run/secrets/kubeflow/pipelines/token"},
-            # the tenant's own webhook token: a Secret in its namespace, created with kubectl, never committed
-            {"name": "DRIFTLOOP_WEBHOOK_TOKEN", "valueFrom": {"secretKeyRef": {"name": "driftloop-webhook", "key": "token"}}},
+            webhook_token,
         ],
         "envFrom": _env_from(),
         "livenessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 15, "failureThreshold": 4},
@@ -376,7 +404,7 @@ def _loop_docs(t: Tenant) -> list[dict[str, Any]]:
         "args": ['trap \'kill -TERM "$pid" 2>/dev/null; wait "$pid"; exit 0\' TERM INT\n'
                  'while :; do\n  driftloop rollout run & pid=$!; wait "$pid"\n'
                  '  sleep "$ROLLOUT_POLL_SECONDS" & pid=$!; wait "$pid"\ndone\n'],
-        "env": base_env + [{"name": "ROLLOUT_POLL_SECONDS", "value": "30"}],
+        "env": base_env + [{"name": "ROLLOUT_POLL_SECONDS", "value": "30"}, webhook_token],
         "envFrom": _env_from(),
         "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"cpu": "500m", "memory": "1Gi"}},
         "securityContext": _SECURITY,
@@ -406,16 +434,18 @@ def _isvc_docs(t: Tenant, pool: Pool) -> list[dict[str, Any]]:
     env = [{"name": "MLFLOW_TRACKING_URI", "value": pool.mlflow_uri}]
     if pool.mlflow_workspaces:
         env.append({"name": "MLFLOW_WORKSPACE", "value": t.name})
+    env.append({"name": "DRIFTLOOP_LOG_SCORES", "value": "1"})  # class scores in the logged answers
     return [{
         "apiVersion": "serving.kserve.io/v1beta1", "kind": "InferenceService",
-        "metadata": {**_meta(t, "driftloop-model", "predictor"),
+        "metadata": {**_meta(t, _MODEL_SERVER, "predictor"),
                      "annotations": {"serving.kserve.io/deploymentMode": "Serverless", "driftloop.io/model-uri": uri}},
         "spec": {"predictor": {
             "minReplicas": 1, "maxReplicas": 3, "scaleMetric": "concurrency", "scaleTarget": 10,
-            "logger": {"mode": "all", "url": _monitor_url(t, "/events")},
+            # the request id in each event's metadata: the key of the shadow phase's join in the monitor
+            "logger": {"mode": "all", "url": _monitor_url(t, "/events"), "metadataHeaders": [REQUEST_ID_HEADER]},
             "containers": [{
                 "name": "kserve-container", "image": DEFAULT_IMAGE, "command": ["python", "-m", "serving.predictor"],
-                "args": ["--model-name", "driftloop-model", "--model-uri", uri, "--http-port", "8080",
+                "args": ["--model-name", _MODEL_SERVER, "--model-uri", uri, "--http-port", "8080",
                          "--host", "0.0.0.0", "--max-payload-bytes", "8388608"],
                 "env": env,
                 "envFrom": [{"secretRef": {"name": "driftloop-mlflow", "optional": True}}],
@@ -473,7 +503,7 @@ def cluster_config(t: Tenant, pool: Pool) -> dict[str, Any]:
         "mlflow": mlflow,
         "kfp": {"host": pool.kfp_host, "namespace": t.namespace, "experiment": t.name, "pipeline_name": "driftloop-train",
                 "mlflow_secret": "driftloop-mlflow", "service_account": "driftloop-pipeline", "queue_name": t.queue},
-        "serving": {"name": "driftloop-model", "namespace": t.namespace, "logger_url": _monitor_url(t, "/events")},
+        "serving": {"name": _MODEL_SERVER, "namespace": t.namespace, "logger_url": _monitor_url(t, "/events")},
         "rollout": {"prometheus_url": pool.prometheus_url},
         "monitor": {"host": "0.0.0.0", "port": 8090, "store": "/var/lib/driftloop/monitor/inference.db"},
     }
