@@ -286,7 +286,9 @@ class EventLogger:
         try:
             async with self._session.post(self.sink_url, data=body, headers={"content-type": ctype}) as resp:
                 status = resp.status
-                detail = (await resp.read())[:200] if status >= 300 else b""
+                # read the answer whole even when it is not used: aiohttp closes a connection whose
+                # response body was left unread, and the next batch would pay a new TCP connection
+                detail = (await resp.read())[:200]
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             self.metrics.events_dropped.labels(reason="sink_unreachable").inc(len(events))
             log.debug("inference-log sink %s unreachable: %r", self.sink_url, exc)

@@ -316,3 +316,28 @@ def test_events_still_held_when_the_gateway_stops_are_counted_not_lost_silently(
     registry = app.state.gateway.metrics.registry
     assert registry.get_sample_value("driftloop_gateway_events_sent_total") == 0.0
     assert registry.get_sample_value("driftloop_gateway_events_dropped_total", {"reason": "shutdown"}) == 10.0
+
+
+def test_the_event_logger_keeps_its_sink_connection_when_the_sink_answers_with_a_body(upstreams):
+    # the real sink answers each batch with a JSON body; left unread, aiohttp closed the
+    # connection and every batch paid a new TCP connection (to the gateway and the sink)
+    _, p_url, _, _ = upstreams
+    peers: list[tuple[str, int]] = []
+
+    async def receive(request):
+        await request.body()
+        peers.append(request.client)
+        return Response(json.dumps({"accepted": 2, "detail": "x" * 500}), status_code=202,
+                        media_type="application/json")
+
+    sink_app = Starlette(routes=[Route("/events", receive, methods=["POST"])])
+    with serve_app(sink_app) as sink_url, \
+            gateway(p_url, sink_url=sink_url + "/events", senders=1) as url, \
+            httpx.Client(base_url=url, headers=AUTH) as c:
+        for i in range(6):  # one batch at a time
+            assert predict(c, i).status_code == 200
+            deadline = time.monotonic() + 5
+            while len(peers) <= i and time.monotonic() < deadline:
+                time.sleep(0.01)
+        assert len(peers) == 6
+    assert len(set(peers)) == 1, peers
