@@ -112,6 +112,8 @@ def _predictor_container(settings: Any, model_uri: str) -> Any:
         env.append(V1EnvVar(name="MLFLOW_TRACKING_URI", value=settings.mlflow.tracking_uri))
     if settings.mlflow.registry_uri:
         env.append(V1EnvVar(name="MLFLOW_REGISTRY_URI", value=settings.mlflow.registry_uri))
+    if settings.mlflow.workspace:  # a tenant's models live in its MLflow workspace, not the default one
+        env.append(V1EnvVar(name="MLFLOW_WORKSPACE", value=settings.mlflow.workspace))
     # KServe's logger logs the body as the predictor returns it: with this the class scores are in
     # it (read by serving.predictor.wants_scores), as the local gateway logs them.
     env.append(V1EnvVar(name="DRIFTLOOP_LOG_SCORES", value="1"))

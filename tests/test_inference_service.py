@@ -280,3 +280,12 @@ def test_resource_quantities_are_checked_at_load_naming_the_key():
     assert settings_with(**{"serving.cpu_limit": 3}).serving.cpu_limit == "3"  # a bare YAML number
     with pytest.raises(ConfigError, match="serving.memory_limit"):
         settings_with(**{"serving.memory_limit": "two gigs"})
+
+
+def test_predictor_and_shadow_read_the_model_from_the_configured_mlflow_workspace():
+    s = settings_with(**{"mlflow.workspace": "team-a"})
+    for isvc in (isvcs.build_inference_service(s), isvcs.build_shadow_inference_service(s, "models:/churn/7", "7")):
+        env = predictor_of(isvc)["containers"][0]["env"]
+        assert {"name": "MLFLOW_WORKSPACE", "value": "team-a"} in env
+    assert not any(e["name"] == "MLFLOW_WORKSPACE"
+                   for e in predictor_of(isvcs.build_inference_service(settings_with()))["containers"][0]["env"])
