@@ -13,8 +13,9 @@ transaction out entirely; ``PRAGMA integrity_check`` stays ``ok``.
 Tables:
 
 * ``events`` — every accepted event as received (ce-id, kind, its CloudEvent attributes — the
-  ``ce-*`` headers — as JSON, raw body, received_at) plus its flattened payload, so nothing
-  accepted is lost even before it is paired, and its request key (the ``X-Request-Id`` KServe's
+  ``ce-*`` headers — as JSON, raw body, received_at), its flattened payload if it has to wait for
+  its counterpart (empty when both arrive together), so nothing accepted is lost even before it
+  is paired, and its request key (the ``X-Request-Id`` KServe's
   logger copies into the ``metadata`` extension; always set for a shadow's events), which joins a
   shadow's answer with the primary's (:meth:`InferenceStore.shadow_pairs`).
   ``(ce_id, kind)`` is unique: a logger retrying an event after a lost ack is stored once.
@@ -430,10 +431,12 @@ class InferenceStore:
             undo_all: list[tuple[str, _Pending | None]] = []
 
             def work(db: sqlite3.Connection) -> list:
-                fresh, items = self._insert_events(db, [ev for group in groups for ev in group])
+                events = [ev for group in groups for ev in group]
+                fresh, items = self._insert_events(db, events)
                 results, rows, released = self._pair_groups(db, groups, fresh, items, undo_all)
                 if released:  # new events of refused groups
                     db.executemany("DELETE FROM events WHERE ce_id = ? AND kind = ?", released)
+                self._keep_unpaired_flat(db, events, items, fresh)
                 if rows:
                     db.executemany(
                         "INSERT INTO rows (request_id, row_index, ts, model_name, model_version, role, features, "
@@ -450,10 +453,33 @@ class InferenceStore:
                 self._pending_complete = False
         return results
 
+    def _keep_unpaired_flat(self, db: sqlite3.Connection, events: list[ParsedEvent], items: list[list[bytes]],
+                            fresh: set[tuple[str, str]]) -> None:
+        """Store the flattened instances of the new events still waiting for their counterpart.
+
+        Only an unpaired event's ``flat`` is ever read (to pair it after a restart or once it left
+        the in-memory pending map); a paired event's rows are in ``rows`` already. Events arrive
+        in pairs from the local gateway, so most are paired in the transaction that stores them,
+        and writing ``flat`` for them would add a third copy of every row to each commit (~16 KB of
+        ~50 KB for a 32-row request). KServe's logger sends the two halves apart: the first half
+        gets its ``flat`` here, in the same transaction.
+        """
+        waiting, seen = [], set()
+        for ev, parts in zip(events, items):
+            key = (ev.id, ev.kind)
+            if key in seen or key not in fresh:  # a repeat within this call is a duplicate: the first was stored
+                continue
+            seen.add(key)
+            pending = self._pending.get(ev.id)
+            if pending is not None and pending.kind == ev.kind:
+                waiting.append((b"[" + b",".join(parts) + b"]", ev.id, ev.kind))
+        if waiting:
+            db.executemany("UPDATE events SET flat = ? WHERE ce_id = ? AND kind = ?", waiting)
+
     @staticmethod
     def _insert_events(db: sqlite3.Connection, events: list[ParsedEvent]
                        ) -> tuple[set[tuple[str, str]], list[list[bytes]]]:
-        """Insert ``events`` (duplicates of stored ones are skipped).
+        """Insert ``events`` (duplicates of stored ones are skipped), ``flat`` left empty for now.
 
         Returns the (ce_id, kind) keys that are new, and per event the JSON of each instance (its
         feature row or prediction), serialised once and reused for the paired rows.
@@ -467,7 +493,7 @@ class InferenceStore:
                 parts = [_dumps(x) for x in (ev.rows if ev.kind == "request" else ev.predictions)]
                 items.append(parts)
                 params += (ev.id, ev.kind, ev.model_name, ev.model_version, ev.role, _dumps(ev.attributes), ev.body,
-                           b"[" + b",".join(parts) + b"]", ev.received_at, ev.request_key)
+                           b"", ev.received_at, ev.request_key)
             fresh.update(db.execute(_insert_sql(len(chunk)), params).fetchall())
         return fresh, items
 

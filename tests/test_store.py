@@ -192,3 +192,27 @@ def test_empty_store_reads(tmp_path):
                                               "role", "prediction"]
         with pytest.raises(ValueError):
             store.window("tumbling")
+
+
+def test_only_events_left_waiting_keep_their_flattened_rows_and_pair_after_a_restart(tmp_path):
+    path = tmp_path / "log.db"
+    with InferenceStore(path) as store:
+        store.append_events(list(events_of("together", n=3)))  # the local gateway sends both halves at once
+        store.append_events([events_of("alone", n=2)[0]])  # KServe's logger sends them apart
+        # a group pairs "late" with an earlier group's request, then is refused: "late" waits again
+        late_req, late_resp = events_of("late", n=2)
+        bad = parse_binary(*binary("alone", "response", {"predictions": [1, 0, 1]}))
+        results = store.append_groups([[late_req], [late_resp, bad]])
+        assert isinstance(results[1], EventError) and store.counts()["unpaired"] == 2
+    db = sqlite3.connect(path)
+    flat = dict(db.execute("SELECT ce_id || '/' || kind, flat FROM events").fetchall())
+    db.close()
+    # paired in the transaction that stored them: their rows are in ``rows``, no third copy
+    assert flat["together/request"] == b"" and flat["together/response"] == b""
+    assert flat["alone/request"].count(b"tenure") == 2 and flat["late/request"].count(b"tenure") == 2
+    with InferenceStore(path, max_pending=0) as store:  # nothing in memory: the counterparts come from the database
+        store.append_events([events_of("alone", n=2)[1], late_resp])
+        assert store.counts()["unpaired"] == 0
+        rows = store.rows()
+    assert sorted(rows["request_id"]) == ["alone"] * 2 + ["late"] * 2 + ["together"] * 3
+    assert list(rows[rows.request_id == "late"]["tenure"]) == [instance(0)["tenure"], instance(1)["tenure"]]
