@@ -24,10 +24,11 @@ from driftloop.core.runs import RunResult
 from pipelines.training import ClusterOptions, _use_mlflow_secret
 
 __all__ = ["SCORE_PIPELINE_NAME", "ScoreRequest", "scoring_pipeline", "make_scoring_pipeline", "score_arguments",
-           "compile_scoring_pipeline", "run_scoring", "alert_url"]
+           "ALERT_POD_LABELS", "compile_scoring_pipeline", "run_scoring", "alert_url"]
 
 SCORE_PIPELINE_NAME = "driftloop-score"
 WEBHOOK_SECRET_KEYS = {"token": "DRIFTLOOP_WEBHOOK_TOKEN"}  # Secret driftloop-webhook, key token
+ALERT_POD_LABELS = {"app.kubernetes.io/part-of": "driftloop", "app.kubernetes.io/component": "batch-drift"}
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,9 @@ def make_scoring_pipeline(opts: ClusterOptions = ClusterOptions(), webhook_secre
 
             kubernetes.use_secret_as_env(drift, secret_name=webhook_secret, secret_key_to_env=WEBHOOK_SECRET_KEYS,
                                          optional=True)
+            # the monitor's NetworkPolicy admits this step's pod (it posts the batch's drift alert) by these labels
+            for key, value in ALERT_POD_LABELS.items():
+                kubernetes.add_pod_label(drift, key, value)
         for task in (plan, score, write, drift):
             task.set_caching_options(False)  # the input and the model's alias move between runs
 

@@ -219,6 +219,25 @@ def test_logger_alerts_and_network_policy_point_at_the_monitor(rendered):
         assert scheduler["spec"]["replicas"] == 0, "KFP recurring runs keep time on a cluster"
 
 
+def test_the_scoring_pipelines_drift_step_may_post_its_alert_to_the_monitor(rendered, tmp_path):
+    # the step runs in the run namespace (kfp.namespace) and posts a drifted batch's alert to the
+    # monitor's webhook: its pod carries the labels the monitor's NetworkPolicy admits from there
+    from pipelines.scoring import compile_scoring_pipeline
+
+    for env, (objects, settings) in rendered.items():
+        docs = list(yaml.safe_load_all(compile_scoring_pipeline(settings, tmp_path / f"{env}-score.yaml").read_text()))
+        executors = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+        labels = executors["exec-score-drift-op"]["podMetadata"]["labels"]
+        assert "secretAsEnv" in executors["exec-score-drift-op"]  # ... with the webhook token
+        policy = one(objects, "NetworkPolicy", "driftloop-monitor-ingress")
+        admitted = [f for rule in policy["spec"]["ingress"] for f in rule["from"]
+                    if f.get("namespaceSelector", {}).get("matchLabels") ==
+                    {"kubernetes.io/metadata.name": settings.kfp.namespace}]
+        assert any(labels.items() >= f["podSelector"]["matchLabels"].items() for f in admitted), (env, admitted)
+        # and no other pipeline pod of that namespace: the scoring chunks carry no such labels
+        assert "podMetadata" not in executors["exec-score-chunk-op"]
+
+
 def test_rollout_controller_may_only_touch_inference_services_in_its_namespace(rendered):
     objects, settings = rendered["prod"]
     assert not objects_by_kind(objects, "ClusterRole") and not objects_by_kind(objects, "ClusterRoleBinding")
