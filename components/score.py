@@ -31,6 +31,7 @@ import hashlib
 import io
 import json
 import logging
+import contextlib
 import os
 import uuid
 from collections.abc import Iterator
@@ -381,17 +382,23 @@ def write_predictions(parts: list[str | Path], output_uri: str, *, overwrite: bo
     try:
         with fs.open(tmp, "wb") as sink:
             writer = None
-            for part in parts:
-                pf = _open_parquet(str(part))
-                if pf.metadata.num_rows == 0:
-                    continue
-                for batch in pf.iter_batches(batch_size=65_536):
-                    table = pa.Table.from_batches([batch])
-                    if schema is None:
-                        schema = table.schema
-                        writer = (pacsv.CSVWriter(sink, schema) if as_csv else pq.ParquetWriter(sink, schema))
-                    writer.write_table(table.cast(schema))
-                    rows += table.num_rows
+            try:
+                for part in parts:
+                    pf = _open_parquet(str(part))
+                    if pf.metadata.num_rows == 0:
+                        continue
+                    for batch in pf.iter_batches(batch_size=65_536):
+                        table = pa.Table.from_batches([batch])
+                        if schema is None:
+                            schema = table.schema
+                            writer = (pacsv.CSVWriter(sink, schema) if as_csv else pq.ParquetWriter(sink, schema))
+                        writer.write_table(table.cast(schema))
+                        rows += table.num_rows
+            except BaseException:
+                if writer is not None:  # close it while its file is open (else its __del__ writes to a closed
+                    with contextlib.suppress(Exception):  # file); the temporary is removed below
+                        writer.close()
+                raise
             if writer is not None:
                 writer.close()
         if rows == 0:
