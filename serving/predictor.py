@@ -46,7 +46,7 @@ import pandas as pd
 _argv, sys.argv = sys.argv, sys.argv[:1]
 try:
     import kserve
-    from kserve.errors import InvalidInput
+    from kserve.errors import InvalidInput, ModelNotFound
     from kserve.protocol.rest.server import RESTServer
     from kserve.protocol.infer_type import InferInput, InferOutput, InferRequest, InferResponse
     from kserve.utils.utils import from_np_dtype
@@ -585,8 +585,8 @@ class _TooLarge(Exception):
 
 
 class _DriftloopRESTServer(RESTServer):
-    """kserve's REST server plus the payload limit, a 400 for bodies FastAPI cannot parse, and
-    quiet per-request logging.
+    """kserve's REST server plus the payload limit, a 400 for bodies FastAPI cannot parse, one log
+    line (not a traceback) per refused request, and quiet per-request logging.
 
     Added in ``create_application``, which also runs in every worker process when
     ``workers > 1``: kserve spawns them, so changes made to the app in the parent are not inherited.
@@ -602,6 +602,9 @@ class _DriftloopRESTServer(RESTServer):
         app.add_middleware(PayloadLimit, max_bytes=self.max_payload_bytes)
         app.add_middleware(CatchAll)  # added last: outside the payload limit, inside starlette's error middleware
         app.add_exception_handler(RequestValidationError, _request_error)
+        # kserve's handlers for the client's errors log a traceback for each; these log one line
+        app.add_exception_handler(InvalidInput, _client_error(400))
+        app.add_exception_handler(ModelNotFound, _client_error(404))
         _quiet_per_request_logging()
 
 
@@ -634,6 +637,22 @@ def _quiet_per_request_logging() -> None:
     warnings.filterwarnings("ignore", category=FastAPIDeprecationWarning)
     for name in ("kserve.trace", "uvicorn.access"):
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _client_error(status: int) -> Any:
+    """A handler for a refusal that is the client's error: kserve's answer, one log line, no traceback.
+
+    kserve's own handlers (InvalidInput -> 400, ModelNotFound -> 404) log the whole traceback at
+    ERROR for each, so a misbehaving client fills the model server's log (and its logging costs
+    more than the refusal).
+    """
+    from fastapi.responses import JSONResponse
+
+    async def handler(request: Any, exc: Any) -> Any:
+        log.warning("refused %s %s (%d): %s", request.method, request.url.path, status, exc)
+        return JSONResponse(status_code=status, content={"error": str(exc)})
+
+    return handler
 
 
 async def _request_error(request: Any, exc: Any) -> Any:

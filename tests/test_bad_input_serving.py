@@ -9,6 +9,8 @@ label, the statistics and the split accepted before the table are all still ther
 from __future__ import annotations
 
 import json
+import time
+import uuid
 import subprocess
 import sys
 
@@ -40,7 +42,7 @@ def served(trained, good_row, tmp_path_factory):
     """One model server process, the gateway in front of it, and what was accepted before the table."""
     settings, _ = trained
     port = free_port()
-    # a file, not a pipe: kserve logs a traceback for every refused request, and a full pipe would block it
+    # a file, not a pipe: a full pipe would block the server's logging (one line per refused request)
     log = open(tmp_path_factory.mktemp("bad-input") / "predictor.log", "w+")  # noqa: SIM115
     proc = subprocess.Popen([sys.executable, "-m", "serving.predictor", "--model-name", "churn", "--model-uri",
                              "models:/churn@champion", "--tracking-uri", settings.tracking_uri, "--http-port",
@@ -169,6 +171,24 @@ def test_malformed_model_request(served, good_row, target, name, path, body, sta
     assert r.status_code == status, (r.status_code, r.text)
     assert message in r.json()["error"], r.text
     _still_up_and_nothing_lost(served, good_row)
+
+
+def test_a_refused_request_is_one_line_in_the_model_servers_log_without_a_traceback(served, good_row):
+    # kserve's own handler logs a whole traceback at ERROR for each refused request
+    marker = f"colour_{uuid.uuid4().hex[:8]}"
+    for _ in range(3):
+        r = _send(served["direct"], "POST", V1, {"instances": [dict(good_row, **{marker: "red"})]})
+        assert r.status_code == 400 and marker in r.json()["error"]
+    deadline = time.monotonic() + 5
+    while True:
+        served["proc"].log.seek(0)
+        log = served["proc"].log.read()
+        if log.count(marker) >= 3 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    lines = [line for line in log.splitlines() if marker in line]
+    assert len(lines) == 3 and all("refused POST /v1/models/churn:predict (400)" in line for line in lines), lines
+    assert "Traceback" not in log  # nor for any refused request the tests above sent
 
 
 FEEDBACK_CASES = [
