@@ -289,6 +289,25 @@ def _base_rollout_rules() -> list[dict]:
     return next(d for d in docs if d and d["kind"] == "Role" and d["metadata"]["name"] == "driftloop-rollout")["rules"]
 
 
+def test_tenant_pipeline_steps_have_the_roles_of_infra_base_in_their_own_namespace(three):
+    """Executor, deployer and distributed trainer: the pipeline's ServiceAccount may do in the tenant's
+    namespace what infra/base lets it do in the run namespace, and nothing more."""
+    base = {d["metadata"]["name"]: d["rules"] for d in yaml.safe_load_all((ROOT / "infra" / "base" / "rbac.yaml").read_text())
+            if d and d["kind"] == "Role" and d["metadata"]["name"].startswith("driftloop-pipeline-")}
+    assert "driftloop-pipeline-trainer" in base
+    infra = three / "infra"
+    objects = load_rendered(infra)
+    for t in load_tenants(infra):
+        objs = objects[t.name]
+        bound = {b["roleRef"]["name"] for b in objs if b["kind"] == "RoleBinding"
+                 and b["subjects"] == [{"kind": "ServiceAccount", "name": "driftloop-pipeline", "namespace": t.namespace}]}
+        roles = {r["metadata"]["name"]: r for r in objs if r["kind"] == "Role" and r["metadata"]["name"] in bound}
+        assert set(roles) == set(base), (t.name, sorted(roles))
+        for name, role in roles.items():
+            assert role["metadata"]["namespace"] == t.namespace
+            assert role["rules"] == base[name], (t.name, name)
+
+
 def test_tenant_rollout_controller_can_run_the_shadow_phase_in_its_own_namespace_only(three):
     """As in infra/base: the controller reads GET /shadow with the tenant's token (from its Secret), may create the
     shadow InferenceService and the Istio mirror and delete only those two, all in its namespace; the monitor admits

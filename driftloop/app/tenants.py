@@ -278,6 +278,14 @@ def _rbac_docs(t: Tenant) -> list[dict[str, Any]]:
                "driftloop-pipeline"),
         # deployer: the deploy step (a pipeline step) puts the canary on the tenant's InferenceService
         *_role(t, "driftloop-pipeline-deploy", [{**isvc, "verbs": ["get", "update", "patch"]}], "driftloop-pipeline"),
+        # distributed train step (model.distributed.workers > 1): a Kubeflow Trainer TrainJob in the tenant's
+        # namespace (queued like the train step's pod), its nodes' logs, deleted on timeout; as infra/base
+        *_role(t, "driftloop-pipeline-trainer", [
+            rule("trainer.kubeflow.org", "trainjobs", ["create", "get", "watch", "delete"]),
+            rule("trainer.kubeflow.org", "trainingruntimes", ["get", "list"]),
+            rule("", "pods", ["get", "list"]),
+            rule("", "pods/log", ["get"]),
+        ], "driftloop-pipeline"),
         # monitor: its trigger starts runs through the KFP API (multi-user Kubeflow authorizes in this namespace)
         *_role(t, "driftloop-trigger-kfp", [
             {"apiGroups": ["pipelines.kubeflow.org"], "resources": ["runs", "experiments"], "verbs": ["create", "get", "list"]},
