@@ -218,3 +218,33 @@ def test_the_guard_raises_in_one_step_between_rounds_and_observe_mode_builds_on_
     assert merge_samples([{"rps": 10.0, "latency_p99_ms": 80.0, "error_rate": 0.0},
                           {"rps": 30.0, "latency_p99_ms": 120.0, "error_rate": 0.1}]) == {
         "rps": 20.0, "latency_p99_ms": 120.0, "error_rate": 0.075}
+
+
+def test_a_stopping_agent_hands_the_count_back_to_the_autoscaler_unless_the_kill_switch_is_on(tmp_path) -> None:
+    from serving.inference_service import build_inference_service
+
+    s = settings_for(tmp_path, "full", **{"serving.max_replicas": "8"})
+    obj = to_dict(build_inference_service(s, model_uri="models:/driftloop-model@champion"))
+    obj["spec"]["predictor"].update(minReplicas=5, maxReplicas=5)  # the agent owns the count
+    client = RecordingKServeClient(obj)
+    agent = ServingAgent(s, KServeActuator(s, client=client, owns=True))
+    assert agent.owns
+    rec = agent.hand_back(1000.0)
+    # dry run first, then minReplicas = the count now and maxReplicas = serving.max_replicas again
+    assert client.api_instance.calls[-1]["dry_run"] == "All"
+    assert len(client.patched) == 1
+    assert client.patched[0]["spec"] == {"predictor": {"minReplicas": 5, "maxReplicas": 8}}
+    assert from_dict(client.patched[0]).spec.predictor.max_replicas == 8  # kserve's classes read it back
+    assert rec["action"]["kind"] == "hand_back" and rec["allowed"] and "maxReplicas=8" in rec["result"]
+    assert list(agent.log)[-1] == rec  # recorded like every decision
+    # the range is the autoscaler's already: nothing to hand back, nothing recorded
+    obj["spec"]["predictor"].update(minReplicas=5, maxReplicas=8)
+    assert ServingAgent(s, KServeActuator(s, client=client, owns=True)).hand_back(1001.0) is None
+    # the kill switch holds on the way out too: recorded, nothing patched
+    obj["spec"]["predictor"].update(minReplicas=5, maxReplicas=5)
+    obj["metadata"]["annotations"] = {s.agent.kill_switch_annotation: "true"}
+    held = ServingAgent(s, KServeActuator(s, client=client, owns=True)).hand_back(1002.0)
+    assert not held["allowed"] and f"annotation {s.agent.kill_switch_annotation}=true" in held["reason"]
+    assert len(client.patched) == 1
+    # observe mode never owned anything
+    assert ServingAgent(settings_for(tmp_path / "o", "observe"), KServeActuator(s, client=client)).hand_back(1003.0) is None

@@ -6,6 +6,7 @@ import json
 import logging
 import signal
 import threading
+import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -85,6 +86,10 @@ def run_cmd(
                       f"{rec['action']['kind']}: {rec['reason']}")
 
     agent.run(sampler, stop, rounds=rounds, on_record=show if rounds is not None else None)
+    if stop.is_set():  # stopped (SIGTERM/Ctrl-C), not done with --rounds: don't leave the count pinned
+        rec = agent.hand_back(time.time())
+        if rec is not None:
+            console.print(f"{rec['reason']}: {rec.get('result') or rec.get('error', '')}")
 
 
 @agent_app.command("simulate")

@@ -52,6 +52,10 @@ class LocalActuator:
         n = self.backend.set_replicas(max(1, int(replicas)))
         return f"{n} model-server processes behind the gateway"
 
+    def hand_back(self, model: str) -> str | None:
+        """Nothing to hand back here: no autoscaler runs beside the agent; the processes stay as they are."""
+        return None
+
     def rollback(self, model: str) -> str:
         self.backend.rollback()
         return "canary rolled back (0 %), its server stopped"
@@ -144,6 +148,19 @@ class KServeActuator:
         self.backend._call("cannot patch", self.client.patch, name, patch, namespace=namespace)
         extra = "" if max_replicas is None else f", maxReplicas={max_replicas}"
         return f"spec.predictor.minReplicas={replicas}{extra} on InferenceService {namespace}/{name}"
+
+    def hand_back(self, model: str) -> str | None:
+        """The agent stops while it owns the count: ``maxReplicas`` back to ``serving.max_replicas`` with
+        the count now as ``minReplicas``, so KServe's autoscaler scales again without it (None: nothing
+        to hand back). A crashed agent cannot do this; its Deployment restarts it."""
+        if not self.owns:
+            return None
+        predictor = (self._object().get("spec") or {}).get("predictor") or {}
+        live_min, live_max = predictor.get("minReplicas"), predictor.get("maxReplicas")
+        if live_min is None or live_max != live_min or int(live_max) >= int(self.settings.serving.max_replicas):
+            return None
+        self.owns = False  # a floor under the autoscaler: set_floor restores the configured maximum
+        return self.set_floor(model, int(live_min))
 
     def rollback(self, model: str) -> str:
         self.backend.rollback()

@@ -25,7 +25,7 @@ from driftloop.core.errors import DriftloopError
 from serving.agent.anomaly import AnomalyEvent, default_detectors
 from serving.agent.decisions import DecisionLog
 from serving.agent.forecast import ForecastSelector
-from serving.agent.policy import ALERT, ROLLBACK, SET_FLOOR, Action, Decision, Guard, Policy
+from serving.agent.policy import ALERT, HAND_BACK, ROLLBACK, SET_FLOOR, Action, Decision, Guard, Policy
 from serving.agent.scaling import FloorPlanner, horizons
 
 __all__ = ["ServingAgent", "GatewaySampler", "PrometheusSampler", "Sampler", "agent_paths", "merge_samples",
@@ -287,6 +287,24 @@ class ServingAgent:
             return []
         action = self.planner.react(self.selector, current, observed_rps)
         return [] if action is None else [self._carry_out(self.guard.check(action, now))]
+
+    def hand_back(self, now: float) -> dict[str, Any] | None:
+        """On a graceful stop while owning the count (full mode): KServe's autoscaler gets its range back,
+        recorded as a decision. Not while the kill switch is on: then nothing is touched."""
+        if not self.owns or self.policy.mode != "full":
+            return None
+        action = Action(HAND_BACK, self.model, reason="agent stopping: scaling handed back to KServe's autoscaler")
+        paused = self._kill_switch(self.model)
+        if paused is not None:
+            return self.log.record(Decision(now, self.policy.mode, action, False, f"not handed back: {paused}"))
+        try:
+            result = self.actuator.hand_back(self.model)
+        except DriftloopError as exc:
+            return self.log.record(Decision(now, self.policy.mode, action, True, action.reason), result="failed",
+                                   error=str(exc))
+        if result is None:
+            return None
+        return self.log.record(Decision(now, self.policy.mode, action, True, action.reason), result=result)
 
     def _carry_out(self, d: Decision) -> dict[str, Any]:
         if d.action.kind == SET_FLOOR and self.policy.mode == "observe" and d.applied is not None:

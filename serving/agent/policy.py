@@ -27,6 +27,7 @@ MODES = ("observe", "scale-up", "full")
 SET_FLOOR = "set_floor"
 ROLLBACK = "rollback_canary"
 ALERT = "alert"
+HAND_BACK = "hand_back"  # stopping while it owns the count: the autoscaler gets its range back
 ActionKind = Literal["set_floor", "rollback_canary", "alert"]
 
 
