@@ -17,6 +17,10 @@ One Starlette app: the inference-log sink (``POST /events``, ``/feedback``, ``/q
   ``metadata`` extension) and compared like the local gateway compares them (agreement or
   difference, both prediction samples, quality on the same labelled rows). Read by the rollout
   controller; same bearer token as the webhook (401 without / with a wrong one).
+* ``GET /predictions?since=<iso|epoch>&versions=a,b&limit=N`` — the predictions each model
+  version served since a time (the latest ``limit`` of each, default 5000; shadow rows left out),
+  so the rollout controller on a cluster compares the canary's distribution with the primary's
+  (``prediction_psi``). Same bearer token as ``/shadow``.
 
 Shadow rows (``role`` shadow: the gateway's ``ce-servingrole``, a shadow InferenceService's
 annotations) are kept for that join and left out of the drift windows.
@@ -68,6 +72,8 @@ log = logging.getLogger(__name__)
 
 WEBHOOK_TOKEN_ENV = "DRIFTLOOP_WEBHOOK_TOKEN"
 REPORT_ARTIFACT_DIR = "drift_report"
+PREDICTIONS_LIMIT = 5_000  # per version, when the request names none
+MAX_PREDICTIONS_LIMIT = 50_000
 
 
 def _json(status: int, payload: Any) -> Response:
@@ -299,6 +305,31 @@ class MonitorService:
             stats = await asyncio.to_thread(self.shadow_summary, since, version)
             return _json(200, {"since": since, "version": version, "stats": stats})
 
+        async def predictions(request: Request) -> Response:
+            if (refused := refusal(request, "predictions")) is not None:
+                return refused
+            query = request.query_params
+            try:
+                since = since_param(query.get("since"))
+            except EventError as exc:
+                return _json(exc.status, {"error": exc.message})
+            versions = list(dict.fromkeys(v.strip() for v in query.get("versions", "").split(",") if v.strip()))
+            if not versions:
+                return _json(400, {"error": "'versions' must name at least one model version, e.g. versions=3,4"})
+            try:
+                limit = int(query.get("limit", PREDICTIONS_LIMIT))
+            except ValueError:
+                limit = 0
+            if not 1 <= limit <= MAX_PREDICTIONS_LIMIT:
+                return _json(400, {"error": f"'limit' must be an integer from 1 to {MAX_PREDICTIONS_LIMIT}, "
+                                            f"got {query.get('limit')!r}"})
+            try:
+                found = await asyncio.to_thread(self.store.predictions_by_version, since, versions, limit=limit)
+            except EventError as exc:  # StoreUnavailable: 503 saying why
+                return _json(exc.status, {"error": exc.message})
+            return _json(200, {"since": since, "limit": limit,
+                               "versions": {v: {"n": len(p), "predictions": p} for v, p in found.items()}})
+
         async def report(request: Request) -> Response:
             alert = await asyncio.to_thread(self.alerts.get, request.path_params["alert_id"])
             path = Path(alert["report_path"]) if alert and alert.get("report_path") else None
@@ -313,6 +344,7 @@ class MonitorService:
             Route("/quality/check", quality_check, methods=["GET", "POST"]),
             Route("/reports/{alert_id}", report, methods=["GET"]),
             Route("/shadow", shadow, methods=["GET"]),
+            Route("/predictions", predictions, methods=["GET"]),
         ]
 
     # -- process ------------------------------------------------------------------------------

@@ -807,6 +807,21 @@ class InferenceStore:
         df["ts"] = pd.to_datetime(df["ts"], unit="s", utc=True)
         return df
 
+    def predictions_by_version(self, since: float | str | pd.Timestamp | None, versions: Sequence[str], *,
+                               limit: int = 5_000) -> dict[str, list[Any]]:
+        """The predictions each of ``versions`` answered since ``since`` (the latest ``limit`` of each,
+        oldest first), shadow rows left out: what the canary and the primary served to users, for
+        comparing their distributions. A version without rows maps to ``[]``."""
+        floor = _epoch(since) if since is not None else 0.0
+        db = self._reader()
+        try:
+            found = {str(v): [r[0] for r in db.execute(
+                "SELECT prediction FROM rows WHERE ts >= ? AND model_version = ? AND (role IS NULL OR role != ?) "
+                "ORDER BY seq DESC LIMIT ?", (floor, str(v), "shadow", int(limit)))] for v in versions}
+        finally:
+            db.close()
+        return {v: _json_list(preds[::-1]) for v, preds in found.items()}
+
     def integrity_check(self) -> str:
         """``PRAGMA integrity_check`` ("ok" when the file is sound)."""
         db = self._reader()

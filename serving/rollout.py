@@ -33,7 +33,7 @@ from driftloop.core.errors import RolloutAborted, ServingError
 
 __all__ = [
     "Check", "RolloutState", "RolloutStore", "RolloutTarget", "GatewayTarget", "KServeTarget", "PrometheusMetrics",
-    "MonitorClient", "MonitorQuality", "MonitorShadow", "HISTORY_ARTIFACT", "WEIGHT_TAG",
+    "MonitorClient", "MonitorQuality", "MonitorShadow", "MonitorPredictions", "HISTORY_ARTIFACT", "WEIGHT_TAG",
     "RolloutController", "evaluate_checks", "psi", "weight_schedule",
     "PENDING", "SHADOW", "PROGRESSING", "AWAITING_APPROVAL", "PROMOTED", "ROLLED_BACK",
 ]
@@ -50,6 +50,7 @@ TERMINAL = (PROMOTED, ROLLED_BACK)
 WEIGHT_TAG = "driftloop.rollout.weight"
 HISTORY_ARTIFACT = "rollout/history.json"
 _MIN_DISTRIBUTION_SAMPLES = 50
+_MAX_DISTRIBUTION_SAMPLES = 2_000  # per version, as the local gateway's /admin/stats keeps them
 
 
 # --- checks ---------------------------------------------------------------------------------
@@ -370,16 +371,38 @@ class MonitorShadow(MonitorClient):
         return stats
 
 
+class MonitorPredictions(MonitorClient):
+    """What the canary and the primary answered users, per model version, from the monitor's
+    ``GET /predictions`` (its inference log; KServe's logger logs both revisions and the model
+    server names its version in every response) — the samples of the ``prediction_psi`` check."""
+
+    def samples(self, since: float, versions: list[str], limit: int = _MAX_DISTRIBUTION_SAMPLES
+                ) -> dict[str, list[Any]]:
+        """``{version: [prediction, ...]}``: the latest ``limit`` of each version since ``since``."""
+        found = self._get("/predictions", {"since": since, "versions": ",".join(versions), "limit": limit},
+                          "predictions")
+        by_version = found.get("versions") if isinstance(found, dict) else None
+        if not isinstance(by_version, dict):
+            raise ServingError(f"monitor predictions query at {self.url} answered without versions")
+        return {str(v): list((d or {}).get("predictions") or []) for v, d in by_version.items()}
+
+
 class KServeTarget:
     """An InferenceService through ``KServeBackend``; error rate and latency from Prometheus by
-    revision, labelled quality per version from the monitor when one is given."""
+    revision; from the monitor, when one is given: labelled quality and both prediction samples per
+    version, and the shadow phase's join."""
 
     def __init__(self, backend: Any, metrics: PrometheusMetrics, quality: MonitorQuality | None = None,
-                 shadow: MonitorShadow | None = None) -> None:
+                 shadow: MonitorShadow | None = None, predictions: MonitorPredictions | None = None) -> None:
+        """``predictions`` defaults to the monitor ``shadow`` reads (same URL and bearer token)."""
         self.backend = backend
         self.metrics = metrics
         self.quality = quality
         self.shadow = shadow
+        if predictions is None and shadow is not None:
+            predictions = MonitorPredictions(shadow.url, timeout=shadow.timeout, client=shadow._client,
+                                             token=shadow._token)
+        self.predictions = predictions
 
     def set_weight(self, percent: int) -> None:
         self.backend.set_traffic(percent)
@@ -392,15 +415,22 @@ class KServeTarget:
         return (canary if canary != primary else None), primary
 
     def stats(self, since: float, canary_version: str, primary_version: str | None):  # noqa: ANN201
+        """Per revision from Prometheus; quality and the prediction samples by version from the
+        monitor. A monitor that cannot be read raises ``ServingError``: the interval is unavailable."""
         canary_rev, primary_rev = self._revisions()
         window = max(time.time() - since, 1.0)
         canary = self.metrics.revision_stats(canary_rev, window) if canary_rev else None
         primary = self.metrics.revision_stats(primary_rev, window) if primary_rev else None
+        sides = [(stats, str(version)) for stats, version in ((canary, canary_version), (primary, primary_version))
+                 if stats is not None and version is not None]
         if self.quality is not None:
             by_version = self.quality.versions(since)
-            for stats, version in ((canary, canary_version), (primary, primary_version)):
-                if stats is not None and version is not None:
-                    stats.update(by_version.get(str(version), {}))
+            for stats, version in sides:
+                stats.update(by_version.get(version, {}))
+        if self.predictions is not None and sides:
+            samples = self.predictions.samples(since, [version for _, version in sides])
+            for stats, version in sides:
+                stats["predictions"] = samples.get(version, [])
         return canary, primary
 
     def promote(self, state: RolloutState) -> None:
