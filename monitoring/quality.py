@@ -145,10 +145,12 @@ def evidently_quality(task: str, labels: Any, predictions: Any, scores: np.ndarr
         y = _as_class(labels, classes)
         p = _as_class(predictions, classes)
         order = list(_as_class(classes, classes)) if classes is not None else sorted(set(y) | set(p))
+        if len(order) > 2:  # Evidently names each class by its probability column: labels as those names
+            y, p, order = y.astype(str), p.astype(str), [str(c) for c in order]
         frame = pd.DataFrame({"target": y, "prediction": p})
         proba_cols: list[str] = []
         if scores is not None:
-            proba_cols = [f"proba_{c}" for c in order]
+            proba_cols = [f"proba_{c}" for c in order] if len(order) == 2 else list(order)
             for j, name in enumerate(proba_cols):
                 frame[name] = scores[:, j]
         if len(order) == 2:

@@ -91,7 +91,7 @@ class QualityMonitor:
             m.quality_holdout.labels(version=version, metric=metric).set(value)
         out: dict[str, Any] = {"role": "champion" if version == champion else "other", "labelled_rows": n_labelled,
                                "holdout": baseline.metrics, "baseline_source": baseline.source}
-        estimate = self._estimate_latest(version, baseline)
+        estimate = self._estimate_latest(version, baseline, now)
         if estimate is not None:
             out["estimated_latest"] = estimate
             m.quality_estimated.labels(version=version, metric="accuracy").set(estimate["accuracy"])
@@ -143,12 +143,12 @@ class QualityMonitor:
         recent = labelled_window(self.store_path, version=version, since=since, scores=scores)
         return tumbling_block(recent, rows=cfg.window_rows, seconds=cfg.window_seconds, now=now)
 
-    def _estimate_latest(self, version: str, baseline: Any) -> dict[str, Any] | None:
-        """CBPE on the latest predictions of the version (labelled or not)."""
+    def _estimate_latest(self, version: str, baseline: Any, now: float) -> dict[str, Any] | None:
+        """CBPE on the latest predictions of the version (labelled or not; within ``window_seconds`` of now)."""
         if self.task != "classification" or baseline.calibration is None or not self.cfg.estimate:
             return None
         seconds = self.cfg.window_seconds
-        since = time.time() - seconds if seconds else None
+        since = now - seconds if seconds else None
         frame = scored_window(self.store_path, version=version, since=since, limit=self.cfg.window_rows)
         scores = score_matrix(frame.dropna(subset=["scores"])) if not frame.empty else None
         if scores is None or len(scores) < self.cfg.min_labels:
@@ -212,13 +212,15 @@ class QualityMonitor:
             return None
         block = f"estimate:{int(now // max(self.cfg.window_seconds or 3600.0, 1.0))}"
         alert_id = quality_alert_id(self.model, version, block)
-        if self.alerts.get(alert_id) is None and self._recent_alert(version, now) is not None:
+        fresh = self.alerts.get(alert_id) is None
+        if fresh and self._recent_alert(version, now) is not None:
             return {"id": alert_id, "decision": "already_raised"}
         details = {"version": version, "champion_version": version, "estimated": True, "window": block,
                    "estimated_accuracy": estimate["accuracy"], "holdout": baseline.metrics,
                    "degraded_metrics": ["accuracy (estimated)"], "verdicts": verdicts_dict(verdicts)}
         alert = Alert(alert_id, "quality", created=now, details=details, samples=estimate["rows"], window_end=_iso(now))
-        self.metrics.alerts.labels(source="quality_estimate").inc()
+        if fresh:  # a re-check of the same window is the trigger's duplicate, not another alert
+            self.metrics.alerts.labels(source="quality_estimate").inc()
         d = self.trigger.submit(alert)
         return {"id": alert_id, "decision": d.decision, "reason": d.reason}
 
