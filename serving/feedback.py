@@ -98,6 +98,16 @@ class FeedbackForwarder:
         with self._lock:
             return int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
 
+    def counts(self) -> dict[str, int]:
+        """Label batches waiting in the outbox and set aside as refused (``dead``); zeros once closed."""
+        try:
+            with self._lock:
+                pending = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
+                dead = self._db.execute("SELECT COUNT(*) FROM dead").fetchone()[0]
+        except sqlite3.ProgrammingError:  # closed: the gateway is stopping
+            return {"pending": 0, "dead": 0}
+        return {"pending": int(pending), "dead": int(dead)}
+
     def dead(self) -> list[dict[str, Any]]:
         with self._lock:
             rows = self._db.execute("SELECT seq, body, reason FROM dead ORDER BY seq").fetchall()

@@ -178,6 +178,9 @@ class _Metrics:
         self.retries = Counter("driftloop_gateway_upstream_retries_total",
                                "Requests sent again because a pooled connection dropped before a response",
                                registry=r)
+        self.feedback_outbox = Gauge("driftloop_gateway_feedback_outbox", "Label batches in the gateway's outbox: "
+                                     "waiting for the monitor (pending) or refused by it and set aside (dead)",
+                                     ["state"], registry=r)
 
 
 class EventLogger:
@@ -419,6 +422,9 @@ class _Gateway:
         if self.cfg.feedback_url and self.cfg.feedback_outbox:
             self.forwarder = FeedbackForwarder(self.cfg.feedback_url, self.cfg.feedback_outbox)
             self.forwarder.start()
+            forwarder = self.forwarder  # read when scraped: a dead letter (> 0) is worth an alert
+            for state in ("pending", "dead"):
+                self.metrics.feedback_outbox.labels(state).set_function(lambda s=state: forwarder.counts()[s])
         if self.cfg.shadow_percent > 0 and self.cfg.canary is not None:
             await self._set_shadow(self.cfg.shadow_percent)
 

@@ -119,6 +119,9 @@ def test_labels_posted_to_the_gateway_are_stored_by_the_monitor_and_survive_rest
             _stop(monitor)  # the monitor goes down: labels wait in the gateway's durable outbox
             r = gw.post("/feedback", json={"id": ids[1], "label": 1})
             assert r.status_code == 202 and r.json()["monitor"] == "queued", r.text
+            exposed = gw.get("/metrics").text  # the outbox is visible to Prometheus
+            assert 'driftloop_gateway_feedback_outbox{state="pending"} 1.0' in exposed
+            assert 'driftloop_gateway_feedback_outbox{state="dead"} 0.0' in exposed
             pred = gw.post("/v1/models/m:predict", json={"instances": [[5.0]]})
             assert pred.status_code == 200  # predictions never wait on the monitor
         # the gateway restarts while the monitor is still down; then the monitor comes back

@@ -317,5 +317,6 @@ def test_a_label_the_monitor_refuses_from_the_outbox_is_set_aside_with_its_reaso
     reopened = FeedbackForwarder("http://127.0.0.1:1/feedback", outbox)  # the dead letter survives a restart
     try:
         assert [d["items"] for d in reopened.dead()] == [[bad]] and reopened.pending() == 0
+        assert reopened.counts() == {"pending": 0, "dead": 1}  # what the gateway's metric reports
     finally:
         asyncio.run(reopened.close())
