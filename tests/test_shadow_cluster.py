@@ -367,16 +367,23 @@ def test_lineage_shows_the_shadow_phase_in_text_and_json(cluster):
     assert build_lineage(s, "churn/1").shadow is None  # v1 had no rollout here
 
 
-def test_deploy_step_puts_the_candidate_out_dark_when_a_shadow_phase_comes_first(tmp_path):
-    from components.deploy import deploy_canary
+def _registry_with_champion_and_candidate(s, tmp_path):
+    """churn v1 (the champion) and v2 (the candidate) in the settings' registry."""
     from driftloop.core.registry import CHAMPION, Registry
 
-    s = settings_at(tmp_path, **{"rollout.shadow_percent": 10})
     reg = Registry.from_settings(s)
     reg.client.create_registered_model("churn")
     for v in ("m1", "m2"):
         reg.client.create_model_version("churn", source=str(tmp_path / v))
     reg.set_alias("churn", CHAMPION, "1")
+    return reg
+
+
+def test_deploy_step_puts_the_candidate_out_dark_when_a_shadow_phase_comes_first(tmp_path):
+    from components.deploy import deploy_canary
+
+    s = settings_at(tmp_path, **{"rollout.shadow_percent": 10})
+    reg = _registry_with_champion_and_candidate(s, tmp_path)
     client = RecordingKServeClient(production(settings_at(tmp_path)))
     client.stored["churn"]["spec"]["predictor"].pop("canaryTrafficPercent")  # only the champion is served
     result = deploy_canary(s, version="2", home="kserve", registry=reg,
@@ -400,7 +407,6 @@ def test_a_live_object_with_status_conditions_parses(tmp_path):
 def test_local_deploy_step_puts_the_candidate_out_dark_when_a_shadow_phase_comes_first(tmp_path):
     """On the embedded default too: no user request reaches the candidate before its shadow phase passed."""
     from components.deploy import deploy_canary
-    from driftloop.core.registry import CHAMPION, Registry
 
     class RecordingLocal:
         def __init__(self):
@@ -414,11 +420,7 @@ def test_local_deploy_step_puts_the_candidate_out_dark_when_a_shadow_phase_comes
             return {"canary": {"version": self.calls[-1][0]}}
 
     s = settings_at(tmp_path, **{"rollout.shadow_percent": 10})
-    reg = Registry.from_settings(s)
-    reg.client.create_registered_model("churn")
-    for v in ("m1", "m2"):
-        reg.client.create_model_version("churn", source=str(tmp_path / v))
-    reg.set_alias("churn", CHAMPION, "1")
+    reg = _registry_with_champion_and_candidate(s, tmp_path)
     local = RecordingLocal()
     result = deploy_canary(s, version="2", home="local", registry=reg, backend=local)
     assert local.calls == [("2", "models:/churn/2", 0)] and result.percent == 0
