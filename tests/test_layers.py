@@ -4,12 +4,15 @@ The layer table is written once, here. Every module of the product is read with 
 imports, also the ones inside functions) and an import that its layer may not make fails the
 test: one from a lower layer to a higher one, one between ``serving/`` and ``monitoring/``, a
 service importing a step (services use the core only), or a sub-command module importing the
-main CLI module.
+main CLI module. A module started as a process (``python -m pkg.mod``: a string constant that
+names a product module, alone or after ``-m`` in a command string) is an edge as much as an
+import is, and is read the same way.
 """
 
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 import pytest
@@ -37,6 +40,9 @@ MAY_IMPORT = {
 }
 # The one step that reaches a service: deploy puts the challenger out through serving/.
 EXCEPTIONS = {("components.deploy", "serving")}
+# The one process started upwards: the trigger starts a retraining run as the worker process of
+# pipelines/ (DESIGN.md: "the trigger starts runs through pipelines/"), never by import.
+STARTED_EXCEPTIONS = {("monitoring.trigger", "pipelines.retrain")}
 MAIN_CLI = "driftloop.app.cli"
 
 
@@ -73,18 +79,33 @@ def imported_modules(source: str, module: str) -> set[str]:
     return found
 
 
+def started_modules(source: str) -> set[str]:
+    """Product modules the file starts as processes: a string constant that is a dotted module name
+    (``[sys.executable, "-m", "pipelines.retrain"]``, ``WORKER_MODULE = "serving.gateway"``), or a
+    word after ``-m`` in a command string."""
+    found: set[str] = set()
+    known = product_module_names()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            words = node.value.split()
+            names = {node.value} if len(words) == 1 else {b for a, b in zip(words, words[1:]) if a == "-m"}
+            found.update(n for n in names if "." in n and n in known)
+    return found
+
+
 def violations(module: str, source: str) -> list[str]:
     """Why each import in ``source`` (the text of ``module``) breaks the layering; empty when none does."""
     own = layer_of(module)
     if own is None:
         return []
     out = []
-    for target in sorted(imported_modules(source, module)):
+    started = started_modules(source)
+    for target in sorted(imported_modules(source, module) | started):
         other = layer_of(target)
         if other is None or target == module:
             continue
         top, target_top = module.split(".")[0], target.split(".")[0]
-        if (module, target_top) in EXCEPTIONS:
+        if (module, target_top) in EXCEPTIONS or (target in started and (module, target) in STARTED_EXCEPTIONS):
             continue
         if other[0] > own[0]:
             out.append(f"{module} ({own[1]}) imports {target} ({other[1]}): a lower layer importing a higher one")
@@ -93,13 +114,18 @@ def violations(module: str, source: str) -> list[str]:
         elif other[1] not in MAY_IMPORT[own[1]] and other[1] != own[1]:
             out.append(f"{module} ({own[1]}) imports {target} ({other[1]}): {own[1]} may import only "
                        f"{', '.join(sorted(MAY_IMPORT[own[1]]))}")
-        if target == MAIN_CLI and module.startswith("driftloop.app.") and module != MAIN_CLI:
+        if target == MAIN_CLI and module.startswith("driftloop.app.") and module != MAIN_CLI and target not in started:
             out.append(f"{module} imports {MAIN_CLI}: a sub-command module never imports the main CLI module")
     return out
 
 
 def product_modules() -> list[tuple[str, Path]]:
     return sorted((module_name(p), p) for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py"))
+
+
+@functools.cache
+def product_module_names() -> frozenset[str]:
+    return frozenset(m for m, _ in product_modules())
 
 
 def test_every_module_has_a_layer():
@@ -135,6 +161,12 @@ REINTRODUCED = [
     ("pipelines.schedule", "from driftloop.app.cli import console", "pipelines"),
     ("driftloop.app.schedule_cli", "from driftloop.app.cli import console, settings_from", "main CLI"),
     ("driftloop.app.monitor_cli", "from ..app.cli import settings_from", None),  # resolved below
+    # a module started as a process is an edge too
+    ("monitoring.sink", "WORKER = 'pipelines.retrain'", "services"),
+    ("serving.gateway", "cmd = ['python', '-m', 'monitoring.sink']", "never import each other"),
+    ("driftloop.core.processes", "cmd = 'python -m serving.predictor --port 1'", "core"),
+    ("serving.local_backend", "cmd = ['python', '-m', 'serving.predictor']", None),
+    ("monitoring.trigger", "cmd = ['python', '-m', 'pipelines.schedule']", "services"),  # only retrain is named
 ]
 
 
