@@ -22,6 +22,23 @@ more than 5 distinct values, else chi-square, or the Z-test when there are at mo
 > 1000 rows: Wasserstein (normed) for numeric with more than 5 values, else Jensen-Shannon).
 ``DriftOptions`` carries the configured overrides with Evidently's precedence: per column, then
 per kind (numeric/categorical); thresholds fall back to the method's default.
+
+What a window holds is not trusted (rows stored by older versions, values within the schema but
+extreme): before either engine sees a column, :func:`_window_column` cleans it against the
+reference and counts what it set aside (``ColumnDrift.set_aside``), and both engines get the same
+cleaned values, so the fast path still matches Evidently and clean data gives the same result as
+before:
+
+* missing, infinite and non-numeric values are dropped (counted: ``missing``, ``infinite``,
+  ``not_numeric``);
+* numeric values farther from the reference's range than its width (``out_of_range``), and
+  values or categories the reference never holds where it has few levels (``unseen_level``: a
+  chi-square with an expected count of 0 would call one row drift), are set aside while they are
+  at most one request's rows (``DriftOptions.max_set_aside``, ``monitor.max_rows_per_request``)
+  and a tenth of the column; more than that is a change of the data itself and stays in, numeric
+  values clipped to ``_FAR`` reference widths (``clipped``) so that no statistic overflows;
+* a column left with no values is skipped, with its reason (``DriftResult.skipped``), and the
+  dataset verdict is taken on the columns that could be checked.
 """
 
 from __future__ import annotations
@@ -61,6 +78,8 @@ _FEW_VALUES = 5
 _BINARY = 2
 _HIST_LEVELS = 20  # Jensen-Shannon on numeric columns bins by Sturges above this many levels
 _KEEP_LEVELS = _HIST_LEVELS + 1
+_SET_ASIDE_SHARE = 0.1  # out-of-range values or unseen levels set aside: at most this share of a column
+_FAR = 2.0 ** 20  # beyond this many reference widths from its range, kept values are clipped (finite sums)
 
 
 @dataclass(frozen=True)
@@ -74,6 +93,7 @@ class DriftOptions:
     cat_threshold: float | None = None
     per_column_method: dict[str, str] = field(default_factory=dict)
     per_column_threshold: dict[str, float] = field(default_factory=dict)
+    max_set_aside: int = 100  # one request's rows at most (monitor.max_rows_per_request)
 
     @classmethod
     def from_config(cls, monitor: Any) -> DriftOptions:
@@ -85,6 +105,7 @@ class DriftOptions:
             cat_threshold=monitor.cat_threshold,
             per_column_method=dict(monitor.per_column_method),
             per_column_threshold=dict(monitor.per_column_threshold),
+            max_set_aside=monitor.max_rows_per_request,
         )
 
     def method_for(self, column: str, kind: str) -> str | None:
@@ -120,17 +141,30 @@ class ColumnDrift:
     drifted: bool
     n_reference: int = 0
     n_current: int = 0
+    set_aside: dict[str, int] = field(default_factory=dict)  # reason -> window values not compared
 
 
 @dataclass
 class DriftResult:
-    """Every column's verdict plus the dataset verdict (share of drifted columns ≥ drift_share)."""
+    """Every checked column's verdict plus the dataset verdict (share of drifted columns ≥ drift_share);
+    columns without values in the window are ``skipped`` (column -> reason) and judge nothing."""
 
     columns: list[ColumnDrift]
     drift_share: float
     n_reference: int
     n_current: int
     engine: str  # "fast" | "evidently"
+    skipped: dict[str, str] = field(default_factory=dict)
+    skipped_set_aside: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    @property
+    def set_aside(self) -> dict[str, int]:
+        """Window values not compared, per reason, over every column (see the module's docstring)."""
+        total: dict[str, int] = {}
+        for counts in [*(c.set_aside for c in self.columns), *self.skipped_set_aside.values()]:
+            for reason, n in counts.items():
+                total[reason] = total.get(reason, 0) + n
+        return total
 
     @property
     def drifted_columns(self) -> list[str]:
@@ -160,6 +194,8 @@ class DriftResult:
             "dataset_drift": self.dataset_drift,
             "drifted_columns": self.drifted_columns,
             "columns": [asdict(c) for c in self.columns],
+            "skipped": dict(self.skipped),
+            "set_aside": self.set_aside,
         }
 
 
@@ -510,19 +546,32 @@ _P_VALUE_INCLUSIVE = {"ks"}  # K-S flags p <= threshold; chi-square and Z-test p
 _P_VALUE_METHODS = {"ks", "chisquare", "z"}
 
 
-def _numeric_values(series: pd.Series, name: str) -> np.ndarray:
-    """Finite values of a numeric column as float64, in their order, never modified later
-    (MonitorError when not numeric)."""
+def _numeric_column(series: pd.Series) -> tuple[np.ndarray, dict[str, int]]:
+    """A numeric column as float64 in row order, NaN where a value is missing, infinite or not a
+    number, and those counts (the array may be the caller's data: copy before changing it)."""
+    counts: dict[str, int] = {}
+    not_numeric = 0
     if not pd.api.types.is_numeric_dtype(series) or pd.api.types.is_bool_dtype(series):
-        try:
-            series = pd.to_numeric(series, errors="raise")
-        except (ValueError, TypeError) as exc:
-            raise MonitorError(f"current column {name!r} must be numeric like the reference: {exc}") from exc
+        present = series.notna()
+        series = pd.to_numeric(series, errors="coerce")
+        not_numeric = int(np.count_nonzero(present.to_numpy() & series.isna().to_numpy()))
     values = np.asarray(series.to_numpy(dtype=np.float64, na_value=np.nan), dtype=np.float64)
     finite = np.isfinite(values)
     if not finite.all():
-        values = values[finite]
-    return values
+        nan = np.isnan(values)
+        counts.update(missing=int(np.count_nonzero(nan)) - not_numeric,
+                      infinite=int(values.size - np.count_nonzero(finite) - np.count_nonzero(nan)),
+                      not_numeric=not_numeric)
+        if counts["infinite"]:
+            values = np.where(finite, values, np.nan)
+    return values, {k: n for k, n in counts.items() if n}
+
+
+def _numeric_values(series: pd.Series, name: str) -> np.ndarray:
+    """Finite values of a numeric column ``name`` as float64, in their order (anything else dropped)."""
+    values, _ = _numeric_column(series)
+    nan = np.isnan(values)
+    return values[~nan] if nan.any() else values
 
 
 def _levels_of_sorted(values: np.ndarray) -> dict[Any, int] | None:
@@ -542,18 +591,90 @@ def _category_counts(series: pd.Series) -> dict[Any, int]:
     return counts
 
 
-def _column_check(name: str, prof: _ColumnProfile, series: pd.Series, options: DriftOptions) -> ColumnDrift:
-    """Compare one window column with its reference profile, the way Evidently would."""
+@dataclass
+class _WindowColumn:
+    """A window column cleaned against its reference (module docstring): what is compared and what is not."""
+
+    n: int  # values compared
+    values: np.ndarray | None  # numeric: the finite values compared, in row order
+    levels: dict[Any, int] | None  # categorical: counts of the levels compared
+    set_aside: dict[str, int]  # reason -> values not compared
+    aligned: np.ndarray | None = None  # when asked: one cell per row, NaN/None where not compared
+
+
+def _set_aside_limit(n: int, options: DriftOptions) -> int:
+    return min(options.max_set_aside, int(n * _SET_ASIDE_SHARE))
+
+
+def _window_column(prof: _ColumnProfile, series: pd.Series, options: DriftOptions, *,
+                   aligned: bool = False) -> _WindowColumn:
+    if prof.kind == CATEGORICAL:
+        return _categorical_window(prof, series, options, aligned)
+    values, counts = _numeric_column(series)
+    owned = False
+    present = ~np.isnan(values)
+    budget = _set_aside_limit(int(np.count_nonzero(present)), options)
+    lo, hi = float(prof.sorted_values[0]), float(prof.sorted_values[-1])
+    width = hi - lo
+    outside = (values < lo - width) | (values > hi + width)
+    n_out = int(np.count_nonzero(outside))
+    if n_out:
+        values, owned = values.copy(), True
+        if n_out <= budget:  # a request's worth of absurd values: they judge nothing
+            values[outside] = np.nan
+            counts["out_of_range"] = n_out
+            budget -= n_out
+        else:  # the data moved: kept, but no farther than statistics stay finite
+            reach = _FAR * max(width, prof.std)
+            far = int(np.count_nonzero((values < lo - reach) | (values > hi + reach)))
+            if far:
+                np.clip(values, lo - reach, hi + reach, out=values)
+                counts["clipped"] = far
+    if prof.levels is not None and budget:
+        unseen = ~np.isin(values, np.fromiter(prof.levels, np.float64, len(prof.levels))) & ~np.isnan(values)
+        n_unseen = int(np.count_nonzero(unseen))
+        if 0 < n_unseen <= budget:  # a level the reference never had: one row would be chi-square drift
+            values = values if owned else values.copy()
+            values[unseen] = np.nan
+            counts["unseen_level"] = n_unseen
+    nan = np.isnan(values)
+    kept = values[~nan] if nan.any() else values
+    return _WindowColumn(int(kept.size), kept, None, counts, values if aligned else None)
+
+
+def _categorical_window(prof: _ColumnProfile, series: pd.Series, options: DriftOptions,
+                        aligned: bool) -> _WindowColumn:
+    levels = _category_counts(series)
+    n = sum(levels.values())
+    counts = {"missing": len(series) - n}
+    unseen = [k for k in levels if k not in (prof.levels or {})]
+    n_unseen = sum(levels[k] for k in unseen)
+    if not 0 < n_unseen <= _set_aside_limit(n, options):
+        unseen = []
+    for key in unseen:
+        del levels[key]
+    counts["unseen_level"] = n_unseen if unseen else 0
+    cells = None
+    if aligned:
+        strings = series.astype(str)
+        cells = np.where(series.isna() | strings.isin(unseen), None, strings).astype(object)
+    return _WindowColumn(sum(levels.values()), None, levels, {k: v for k, v in counts.items() if v}, cells)
+
+
+def _skip_reason(wc: _WindowColumn) -> str:
+    what = ", ".join(f"{n} {reason.replace('_', ' ')}" for reason, n in wc.set_aside.items()) or "no rows"
+    return f"no values to compare in the current window ({what})"
+
+
+def _column_check(name: str, prof: _ColumnProfile, wc: _WindowColumn, options: DriftOptions) -> ColumnDrift:
+    """Compare one cleaned window column with its reference profile, the way Evidently would."""
+    n_cur = wc.n
     if prof.kind == NUMERICAL:
-        cur = _numeric_values(series, name)
+        cur = wc.values
         # a window is sorted only where its levels matter (a reference with few levels) or a method needs it
         cur_levels = _levels_of_sorted(np.sort(cur)) if prof.levels is not None else None
-        n_cur = int(cur.size)
     else:
-        cur_levels = _category_counts(series)
-        n_cur = sum(cur_levels.values())
-    if n_cur == 0:
-        raise MonitorError(f"column {name!r} has no values in the current window")
+        cur_levels = wc.levels
     method = options.method_for(name, prof.kind)
     default = method is None
     if default:
@@ -567,62 +688,86 @@ def _column_check(name: str, prof: _ColumnProfile, series: pd.Series, options: D
     threshold = options.threshold_for(name, prof.kind)
     threshold = test.default_threshold if threshold is None else threshold
     score: float | None = None
-    if method == "wasserstein" and prof.kind == NUMERICAL:
-        score = _wasserstein(prof, cur) / prof.std
-    elif method == "ks" and prof.kind == NUMERICAL:
-        from scipy.stats import ks_2samp
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):  # degenerate counts: scipy's inf/0 p-values
+        if method == "wasserstein" and prof.kind == NUMERICAL:
+            score = _wasserstein(prof, cur) / prof.std
+        elif method == "ks" and prof.kind == NUMERICAL:
+            from scipy.stats import ks_2samp
 
-        score = float(ks_2samp(prof.sorted_values, cur)[1])
-    elif method in ("chisquare", "z", "jensenshannon") and prof.levels is not None and cur_levels is not None and (
-        prof.kind == CATEGORICAL or method != "jensenshannon" or prof.n_levels <= _HIST_LEVELS
-    ):
-        fn = {"chisquare": _chisquare, "z": _z_test, "jensenshannon": _jensenshannon_counts}[method]
-        score = fn(prof.levels, cur_levels, prof.n, n_cur)
-    elif method == "jensenshannon" and prof.kind == NUMERICAL:
-        score = _jensenshannon_hist(prof.sorted_values, cur)
-    if score is None:  # no fast path: Evidently's implementation on this column
-        values = pd.Series(cur) if prof.kind == NUMERICAL else series.dropna().astype(str).reset_index(drop=True)
-        res = test(prof.raw, values, _column_type(prof.kind), threshold)
-        return ColumnDrift(name, prof.kind, method, float(res.drift_score), float(threshold), bool(res.drifted), prof.n, n_cur)
+            score = float(ks_2samp(prof.sorted_values, cur)[1])
+        elif method in ("chisquare", "z", "jensenshannon") and prof.levels is not None and cur_levels is not None and (
+            prof.kind == CATEGORICAL or method != "jensenshannon" or prof.n_levels <= _HIST_LEVELS
+        ):
+            fn = {"chisquare": _chisquare, "z": _z_test, "jensenshannon": _jensenshannon_counts}[method]
+            score = fn(prof.levels, cur_levels, prof.n, n_cur)
+        elif method == "jensenshannon" and prof.kind == NUMERICAL:
+            score = _jensenshannon_hist(prof.sorted_values, cur)
+        if score is None:  # no fast path: Evidently's implementation on this column
+            if prof.kind == NUMERICAL:
+                values = pd.Series(cur)
+            else:
+                values = pd.Series(np.repeat(np.array(list(cur_levels), dtype=object), list(cur_levels.values())))
+            res = test(prof.raw, values, _column_type(prof.kind), threshold)
+            return ColumnDrift(name, prof.kind, method, float(res.drift_score), float(threshold), bool(res.drifted),
+                               prof.n, n_cur, wc.set_aside)
     if method in _P_VALUE_METHODS:
         drifted = score <= threshold if method in _P_VALUE_INCLUSIVE else score < threshold
     else:
         drifted = score >= threshold
-    return ColumnDrift(name, prof.kind, method, score, float(threshold), bool(drifted), prof.n, n_cur)
+    return ColumnDrift(name, prof.kind, method, score, float(threshold), bool(drifted), prof.n, n_cur, wc.set_aside)
+
+
+def _clean_columns(profile: ReferenceProfile, current: pd.DataFrame, options: DriftOptions, *,
+                   aligned: bool = False) -> dict[str, _WindowColumn]:
+    _require_columns(current, [*profile.numeric, *profile.categorical], "current")
+    return {col: _window_column(profile.columns[col], current[col], options, aligned=aligned)
+            for col in [*profile.numeric, *profile.categorical]}
+
+
+def _skipped(cleaned: dict[str, _WindowColumn]) -> tuple[dict[str, str], dict[str, dict[str, int]]]:
+    empty = {col: wc for col, wc in cleaned.items() if wc.n == 0}
+    return {col: _skip_reason(wc) for col, wc in empty.items()}, {col: wc.set_aside for col, wc in empty.items()}
 
 
 def fast_check(profile: ReferenceProfile, current: pd.DataFrame, options: DriftOptions) -> DriftResult:
     """The continuous check: every reference column of ``current`` against the profile."""
-    _require_columns(current, [*profile.numeric, *profile.categorical], "current")
-    columns = [_column_check(col, profile.columns[col], current[col], options)
-               for col in [*profile.numeric, *profile.categorical]]
-    return DriftResult(columns, options.drift_share, profile.n, len(current), "fast")
+    cleaned = _clean_columns(profile, current, options)
+    columns = [_column_check(col, profile.columns[col], wc, options) for col, wc in cleaned.items() if wc.n]
+    return DriftResult(columns, options.drift_share, profile.n, len(current), "fast", *_skipped(cleaned))
 
 
 # -- Evidently (judge of record) --------------------------------------------------------------
 def evidently_report(reference: pd.DataFrame, current: pd.DataFrame, numeric: list[str], categorical: list[str],
                      options: DriftOptions) -> tuple[Any, DriftResult]:
-    """Run ``DataDriftPreset`` and read its verdict per column (method, value, threshold, test status)."""
+    """Run ``DataDriftPreset`` on the window cleaned as the fast path cleans it, and read its verdict per
+    column (method, value, threshold, test status)."""
     from evidently import DataDefinition, Dataset, Report
     from evidently.presets import DataDriftPreset
 
-    ref = prepare_frame(reference, numeric, categorical, what="reference")
-    cur = prepare_frame(current, numeric, categorical)
-    for col in [*numeric, *categorical]:
-        if cur[col].isna().all():
-            raise MonitorError(f"column {col!r} has no values in the current window")
-    definition = DataDefinition(numerical_columns=list(numeric), categorical_columns=list(categorical))
+    profile = ReferenceProfile.build(reference, numeric, categorical)
+    cleaned = _clean_columns(profile, current, options, aligned=True)
+    skipped, skipped_counts = _skipped(cleaned)
+    checked = [col for col in cleaned if col not in skipped]
+    if not checked:
+        raise MonitorError(f"no column has values to compare in the current window: {skipped}")
+    num, cat = [c for c in numeric if c in checked], [c for c in categorical if c in checked]
+    ref = profile.frame[checked]
+    cur = pd.DataFrame({col: cleaned[col].aligned for col in checked}, index=current.index)
+    definition = DataDefinition(numerical_columns=num, categorical_columns=cat)
     report = Report([DataDriftPreset(**options.preset_kwargs())], include_tests=True)
     try:
         snapshot = report.run(current_data=Dataset.from_pandas(cur, data_definition=definition),
                               reference_data=Dataset.from_pandas(ref, data_definition=definition))
     except ValueError as exc:
         raise MonitorError(f"Evidently could not compare the data: {exc}") from exc
-    return snapshot, result_from_snapshot(snapshot.dict(), numeric, options.drift_share, len(ref), len(cur))
+    result = result_from_snapshot(snapshot.dict(), numeric, options.drift_share, len(ref), len(cur),
+                                  {col: cleaned[col].set_aside for col in checked})
+    result.skipped, result.skipped_set_aside = skipped, skipped_counts
+    return snapshot, result
 
 
 def result_from_snapshot(data: dict[str, Any], numeric: list[str], drift_share: float, n_reference: int,
-                         n_current: int) -> DriftResult:
+                         n_current: int, set_aside: dict[str, dict[str, int]] | None = None) -> DriftResult:
     """Per-column verdicts from a snapshot's ``.dict()`` (``ValueDrift`` metrics + their tests)."""
     failed = {t["metric_config"]["metric_id"] for t in data.get("tests", []) if t.get("status") == "FAIL"}
     columns = []
@@ -633,7 +778,7 @@ def result_from_snapshot(data: dict[str, Any], numeric: list[str], drift_share: 
         col = config["column"]
         columns.append(ColumnDrift(col, NUMERICAL if col in numeric else CATEGORICAL, method_name(config["method"]),
                                    float(metric["value"]), float(config["threshold"]), metric["id"] in failed,
-                                   n_reference, n_current))
+                                   n_reference, n_current, dict((set_aside or {}).get(col, {}))))
     return DriftResult(columns, drift_share, n_reference, n_current, "evidently")
 
 

@@ -81,11 +81,13 @@ def test_mismatched_columns_are_refused_by_name():
     profile = ReferenceProfile.build(ref, NUMERIC, CATEGORICAL)
     with pytest.raises(MonitorError, match=r"lacks the reference columns \['tenure'\]"):
         fast_check(profile, ref.drop(columns=["tenure"]), DriftOptions())
-    bad = ref.assign(sessions="many")
-    with pytest.raises(MonitorError, match="'sessions' must be numeric"):
-        fast_check(profile, bad, DriftOptions())
-    with pytest.raises(MonitorError, match="'plan' has no values"):
-        fast_check(profile, ref.assign(plan=None), DriftOptions())
+    # a column with nothing to compare is skipped with its reason; the others are still judged
+    result = fast_check(profile, ref.assign(sessions="many"), DriftOptions())
+    assert result.skipped == {"sessions": "no values to compare in the current window (500 not numeric)"}
+    assert "sessions" not in [c.column for c in result.columns] and len(result.columns) == len(NUMERIC + CATEGORICAL) - 1
+    result = fast_check(profile, ref.assign(plan=None), DriftOptions())
+    assert result.skipped == {"plan": "no values to compare in the current window (500 missing)"}
+    assert result.skipped_set_aside == {"plan": {"missing": 500}} and not result.dataset_drift
 
 
 def test_prepare_frame_keeps_missing_values_missing():
