@@ -6,12 +6,15 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from driftloop.core.errors import DataSourceError
+from driftloop.core.errors import DataSourceError, DataValidationError
 from driftloop.core.tables import read_table
 
-__all__ = ["read_table", "ingest", "IngestResult"]
+__all__ = ["read_table", "ingest", "IngestResult", "parse_times", "MAX_NULL_TIME_SHARE"]
 
 log = logging.getLogger(__name__)
+
+# Rows without a time are dropped with a warning; more than this share of them stops the run.
+MAX_NULL_TIME_SHARE = 0.10
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,41 @@ def _to_utc(value: str, column: str) -> pd.Timestamp:
     return ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
 
 
+def parse_times(values: pd.Series, column: str, *, max_null_share: float = MAX_NULL_TIME_SHARE) -> pd.Series:
+    """The time column as UTC timestamps, every row parsed or the run stopped naming the column.
+
+    Formats and UTC offsets may differ from row to row ("2026-01-05T10:00:00+01:00" beside
+    "2026-01-05 09:00:00Z" or "05 Jan 2026"): ISO 8601 first, the rest one by one
+    (``format="mixed"``); times without an offset are taken as UTC. A value that is no time
+    stops the run (:class:`DataValidationError` with the value); missing times are dropped by
+    the caller with a warning, or stop the run when more than ``max_null_share`` of rows lack one.
+    """
+    missing = values.isna()
+    if missing.all():
+        raise DataSourceError(f"time column {column!r} holds no parseable timestamps")
+    share = float(missing.mean())
+    if share > max_null_share:
+        raise DataValidationError(
+            f"time column {column!r} is empty in {int(missing.sum())} of {len(values)} rows ({share:.0%}, more than "
+            f"the {max_null_share:.0%} allowed): fill the times or cut those rows from the source",
+            column=column, rule="max_null_time_share")
+    if pd.api.types.is_datetime64_any_dtype(values) or pd.api.types.is_numeric_dtype(values):
+        return pd.to_datetime(values, errors="coerce", utc=True)
+    text = values.astype("string").str.strip()
+    times = pd.to_datetime(text, errors="coerce", utc=True, format="ISO8601")
+    rest = times.isna() & ~missing
+    if rest.any():
+        times.loc[rest] = pd.to_datetime(text[rest], errors="coerce", utc=True, format="mixed")
+    bad = times.isna() & ~missing
+    if bad.any():
+        example = values[bad].iloc[0]
+        raise DataValidationError(
+            f"time column {column!r}: {int(bad.sum())} of {len(values)} values are not timestamps "
+            f"(e.g. {example!r} in row {bad.idxmax()}); use ISO 8601 times such as 2026-01-31T12:00:00Z",
+            column=column, rule="timestamp")
+    return times
+
+
 def ingest(
     df: pd.DataFrame,
     *,
@@ -46,10 +84,11 @@ def ingest(
     if time_column:
         if time_column not in df.columns:
             raise DataSourceError(f"time column {time_column!r} is not in the data (columns: {', '.join(map(str, df.columns))})")
-        times = pd.to_datetime(df[time_column], errors="coerce", utc=True)
-        if times.isna().all():
-            raise DataSourceError(f"time column {time_column!r} holds no parseable timestamps")
+        times = parse_times(df[time_column], time_column)
         mask = times.notna()
+        if not mask.all():
+            log.warning("ingest: dropped %d of %d rows with no time in column %r", int((~mask).sum()), len(df),
+                        time_column)
         if window_start:
             mask &= times >= _to_utc(window_start, time_column)
         if window_end:

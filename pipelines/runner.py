@@ -12,6 +12,12 @@ window). On the embedded default every task process starts through
 however that one ends, and kfp.local's output (each task's executor input and logs) goes to
 ``<workspace>/pipeline-root/logs/<request-id>.log``, not to the terminal: a failed run reports
 one line naming the step and the error, and where the full log is.
+
+One run at a time per workspace: :meth:`LocalRunner.run_training` holds the workspace lock
+(:func:`driftloop.core.workspace.workspace_lock`) for the whole run, deploy step included. The
+trigger's worker and the scheduler wait their turn (the default); the CLI refuses a second run
+unless ``--wait``. After a failed run, :func:`registry_outcome` reads back what the run left in
+the registry, so the message says what is really there.
 """
 
 from __future__ import annotations
@@ -34,16 +40,19 @@ from typing import Any
 
 from components._runtime import ERROR_FILE_ENV
 from driftloop.core.config import Settings
-from driftloop.core.errors import PipelineRunError, RegistryError
+from driftloop.core.errors import DriftloopError, PipelineRunError, RegistryError
+from driftloop.core.files import private_dir
 from driftloop.core.processes import spawn, stop_process
 from driftloop.core.runs import PipelineRunner, RunRequest, RunResult
+from driftloop.core.workspace import workspace_lock
 from pipelines import task_server
 from pipelines.task_server import parse_task_command, read_status, send_task
 
 TASK_SERVER_ENV = "DRIFTLOOP_TASK_SERVER"
 
 __all__ = ["RunRequest", "RunResult", "PipelineRunner", "LocalRunner", "KfpRunner", "runner_for", "summarize_run",
-           "check_request", "check_trigger", "check_window", "TaskEvent", "task_detail", "task_server_enabled"]
+           "check_request", "check_trigger", "check_window", "TaskEvent", "task_detail", "task_server_enabled",
+           "registry_outcome", "plain_text"]
 
 
 def check_trigger(trigger: str) -> None:
@@ -363,14 +372,20 @@ class LocalRunner:
         return self.pipeline_root / "logs" / f"{request.request_id}.log"
 
     def run_training(self, request: RunRequest, *, wait: bool = True, progress: ProgressFn | None = None,
-                     echo: Any = None) -> RunResult:
-        """Run the pipeline; ``progress`` gets each task's start and end, ``echo`` a copy of the task output."""
+                     echo: Any = None, on_wait: Callable[[str], None] | None = None) -> RunResult:
+        """Run the pipeline; ``progress`` gets each task's start and end, ``echo`` a copy of the task output.
+
+        The run holds the workspace lock throughout: with ``wait`` a run already in progress in the
+        workspace is waited for (``on_wait`` gets the message saying whom for), else
+        :class:`~driftloop.core.errors.WorkspaceBusy` is raised before anything starts.
+        """
         check_request(request)
-        log_path = self.log_path(request)
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(log_path, "a") as server_log, _tasks_for_run(server_log, progress, fork=task_server_enabled()):
-            # the task server imports the step libraries while this process prepares the run
-            return self._run(request, log_path, echo)
+        with workspace_lock(self.settings.workspace_dir, request.request_id, wait=wait, on_wait=on_wait):
+            log_path = self.log_path(request)
+            private_dir(log_path.parent)
+            with open(log_path, "a") as server_log, _tasks_for_run(server_log, progress, fork=task_server_enabled()):
+                # the task server imports the step libraries while this process prepares the run
+                return self._run(request, log_path, echo)
 
     def _run(self, request: RunRequest, log_path: Path, echo: Any) -> RunResult:
         import kfp.local
@@ -385,7 +400,7 @@ class LocalRunner:
             raise PipelineRunError(f"cannot start the run: {exc}") from exc
         args = pipeline_arguments(self.settings, trigger=request.trigger, request_id=request.request_id,
                                   window_start=request.window_start, window_end=request.window_end)
-        self.pipeline_root.mkdir(parents=True, exist_ok=True)
+        private_dir(self.pipeline_root)
         kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(self.pipeline_root),
                        raise_on_error=True)
         _tasks_through_spawn()
@@ -402,7 +417,7 @@ class LocalRunner:
                 detail = _read_error(err_path)
                 message = f"step {detail['step']!r} failed: {detail['message']}" if detail else _first_line(exc)
                 return RunResult(request.request_id, request.request_id, "FAILED", self.home,
-                                 error=f"{message} (full log: {log_path})")
+                                 error=plain_text(f"{message} (full log: {log_path})"))
         return RunResult(request.request_id, request.request_id, "SUCCEEDED", self.home,
                          summary=summarize_run(self.settings, request.request_id))
 
@@ -473,8 +488,52 @@ def _connection_reason(exc: BaseException) -> str:
 
 
 def _first_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    lines = [line.strip() for line in plain_text(str(exc)).splitlines() if line.strip()]
     return lines[0] if lines else type(exc).__name__
+
+
+def plain_text(text: str) -> str:
+    """``text`` without terminal escape codes (kfp.local colours its task and status names in its errors)."""
+    from rich.text import Text
+
+    return Text.from_ansi(text).plain if "\x1b" in text else text
+
+
+def registry_outcome(settings: Settings, request_id: str) -> str:
+    """What a run left in the registry, read back from it: the true last line after a failed run.
+
+    A step can fail after the register step (deploy, say): then a version exists and may hold an
+    alias and a canary, and the message must say so rather than claim nothing changed.
+    """
+    from driftloop.core.registry import TAG, Registry
+
+    name = settings.mlflow.model_name
+    try:
+        registry = Registry.from_settings(settings)
+        runs = registry.find_runs(f"tags.`{TAG.REQUEST}` = '{request_id}'", max_results=1)
+        info = registry.version_of_run(name, runs[0].info.run_id) if runs else None
+    except DriftloopError as exc:
+        return f"What this run registered is unknown: the registry cannot be read ({exc})."
+    if info is None:
+        return "Nothing was registered; the registry's aliases are unchanged."
+    aliases = f"holds alias {', '.join(info.aliases)}" if info.aliases else "holds no alias"
+    text = f"{name} version {info.version} was registered and {aliases}."
+    canary = _canary_of(settings, name, info.version)
+    return f"{text} {canary}" if canary else text
+
+
+def _canary_of(settings: Settings, name: str, version: str) -> str:
+    """A note when ``version`` is the canary of a rollout in progress in the workspace."""
+    from serving.rollout import RolloutStore
+
+    try:
+        state = RolloutStore(settings.workspace_dir / "rollout", name).load()
+    except DriftloopError:
+        return ""
+    if state is None or state.done or str(state.canary_version) != str(version):
+        return ""
+    return (f"It is the canary of a rollout ({state.status}, {state.weight} % of traffic): "
+            "see `driftloop rollout status`.")
 
 
 def _read_error(path: str) -> dict[str, str] | None:

@@ -167,7 +167,11 @@ def run_scoring(settings: Settings, request: ScoreRequest, *, wait: bool = True,
     _check(args)
     if settings.is_cluster:
         return _run_on_kubeflow(settings, request, args, wait=wait, client=client)
-    return _run_locally(settings, request, args)
+    from driftloop.core.workspace import workspace_lock
+
+    # one run at a time per workspace; a scheduled scoring run waits its turn (the CLI decides before)
+    with workspace_lock(settings.workspace_dir, request.request_id, wait=True):
+        return _run_locally(settings, request, args)
 
 
 def _run_locally(settings: Settings, request: ScoreRequest, args: dict[str, Any]) -> RunResult:

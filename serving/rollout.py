@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from driftloop.core.errors import RolloutAborted, ServingError
+from driftloop.core.files import atomic_write, private_dir
 
 __all__ = [
     "Check", "RolloutState", "RolloutStore", "RolloutTarget", "GatewayTarget", "KServeTarget", "PrometheusMetrics",
@@ -180,11 +181,10 @@ class RolloutStore:
             raise ServingError(f"rollout state {self.state_path} is unreadable: {exc}") from exc
 
     def save(self, state: RolloutState, record: dict[str, Any] | None = None) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
+        """Replace ``state.json`` in one step (a temporary file of this process's own, then a rename), 0600."""
+        private_dir(self.dir)
         state.updated_at = time.time()
-        tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(state), indent=1, default=str))
-        os.replace(tmp, self.state_path)
+        atomic_write(self.state_path, json.dumps(asdict(state), indent=1, default=str))
         if record is not None:
             with self.history_path.open("a") as fh:
                 fh.write(json.dumps(record, default=str) + "\n")

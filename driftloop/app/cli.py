@@ -14,11 +14,13 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from driftloop.core.config import Settings
 from driftloop.core.console import ConfigOpt, ParamOpt, console, err_console, settings_from
 from driftloop.core.errors import DriftloopError
+from driftloop.core.files import private_umask
 
 __all__ = ["app", "main", "console", "settings_from", "ConfigOpt", "ParamOpt"]
 
@@ -50,6 +52,8 @@ def _quiet_libraries() -> None:
 
 @app.callback()
 def _root(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
+    # before anything creates a file: the workspace (MLflow store, logs, state) is its owner's only
+    private_umask()
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s")
     _quiet_libraries()
 
@@ -83,13 +87,15 @@ def run_train(
     trigger: Annotated[str, typer.Option(help="What started this run: manual, schedule:<name>, drift:<alert-id>.")] = "manual",
     window_start: Annotated[Optional[str], typer.Option(help="Inclusive start of the data window (ISO time).")] = None,
     window_end: Annotated[Optional[str], typer.Option(help="Exclusive end of the data window (ISO time).")] = None,
-    wait: Annotated[bool, typer.Option(help="On Kubeflow: wait for the run to finish.")] = False,
+    wait: Annotated[bool, typer.Option(help=WAIT_HELP)] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Stream the tasks' full output too.")] = False,
 ) -> None:
     """Run the training pipeline and print a summary: rows, metrics, gate decision, model version.
 
     One line per task as it ends (step, state, seconds, its key output), a spinner while it runs;
     the full task output goes to a log file whose path is printed (``-v`` streams it as well).
+    One run at a time per workspace: while another runs there, this one is refused (exit 2)
+    unless ``--wait``, which queues it behind the other.
     """
     from pipelines.runner import RunRequest, check_window, runner_for
 
@@ -107,7 +113,8 @@ def run_train(
         if settings.is_cluster:
             result = runner.run_training(request, wait=wait, progress=lines if wait else None)
         else:
-            result = runner.run_training(request, progress=lines, echo=sys.stdout if verbose else None)
+            result = runner.run_training(request, progress=lines, echo=sys.stdout if verbose else None, wait=wait,
+                                         on_wait=_say_waiting)
     finally:
         lines.close()
     print_run_result(settings, result)
@@ -130,9 +137,13 @@ def run_score(
     params: ParamOpt = None,
     kfp_host: Annotated[Optional[str], typer.Option("--kfp-host", help="Kubeflow Pipelines endpoint (cluster run).")] = None,
     trigger: Annotated[str, typer.Option(help="What started this run: manual or schedule:<name>.")] = "manual",
-    wait: Annotated[bool, typer.Option(help="On Kubeflow: wait for the run to finish.")] = False,
+    wait: Annotated[bool, typer.Option(help=WAIT_HELP)] = False,
 ) -> None:
-    """Run the batch scoring pipeline: chunks in parallel, predictions with id and model version, drift of the batch."""
+    """Run the batch scoring pipeline: chunks in parallel, predictions with id and model version, drift of the batch.
+
+    One run at a time per workspace: refused while another runs there, unless ``--wait``.
+    """
+    from driftloop.core.workspace import workspace_lock
     from pipelines.scoring import ScoreRequest, run_scoring
 
     validate_trigger(trigger)
@@ -141,9 +152,13 @@ def run_score(
                            overwrite=True if overwrite else None, trigger=trigger)
     where = f"Kubeflow at {settings.kfp.host}" if settings.is_cluster else "kfp.local (embedded default)"
     console.print(f"[bold]driftloop[/] batch scoring on {where}")
-    result = run_scoring(settings, request, wait=wait)
+    if settings.is_cluster:
+        result = run_scoring(settings, request, wait=wait)
+    else:
+        with workspace_lock(settings.workspace_dir, request.request_id, wait=wait, on_wait=_say_waiting):
+            result = run_scoring(settings, request)
     if result.state == "FAILED":
-        err_console.print(f"[red]scoring failed[/]: {result.error}")
+        err_console.print(f"[red]scoring failed[/]: {escape(result.error or '')}")
         err_console.print("No complete output was written.")
         raise typer.Exit(1)
     s = result.summary
@@ -162,6 +177,14 @@ def run_score(
     table.add_row("report (MLflow)", s["report"])
     table.add_row("task output", s.get("log", ""))
     console.print(table)
+
+
+WAIT_HELP = ("On Kubeflow: wait for the run to finish. On the embedded default: if another run holds the "
+             "workspace, wait for it instead of refusing.")
+
+
+def _say_waiting(message: str) -> None:
+    err_console.print(escape(message))
 
 
 class TaskLines:
@@ -189,7 +212,7 @@ class TaskLines:
                 self._live.start()
             return
         mark = self.MARKS.get(event.state, "·")
-        self.console.print(f"{mark} {event.task:<16} {event.state:<9} {event.seconds:6.1f}s  {event.detail}".rstrip(),
+        self.console.print(f"{mark} {event.task:<16} {event.state:<9} {event.seconds:6.1f}s  {escape(event.detail)}".rstrip(),
                            no_wrap=True, overflow="ellipsis")
 
     def _stop(self) -> None:
@@ -209,8 +232,10 @@ def validate_trigger(trigger: str) -> None:
 
 def print_run_result(settings: Settings, result) -> None:  # noqa: ANN001 (RunResult)
     if result.state == "FAILED":
-        err_console.print(f"[red]run failed[/]: {result.error}")
-        err_console.print("Nothing was registered; the registry's aliases are unchanged.")
+        from pipelines.runner import registry_outcome
+
+        err_console.print(f"[red]run failed[/]: {escape(result.error or '')}")
+        err_console.print(escape(registry_outcome(settings, result.request_id)))
         return
     if not result.summary:
         console.print(f"run [bold]{result.run_id}[/] {result.state.lower()}" + (f": {result.url}" if result.url else ""))
@@ -289,7 +314,7 @@ def main() -> None:
     try:
         app()
     except DriftloopError as exc:
-        err_console.print(f"[red]error:[/] {exc}")
+        err_console.print(f"[red]error:[/] {escape(str(exc))}")
         sys.exit(2)
 
 

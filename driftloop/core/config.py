@@ -11,6 +11,9 @@ webhook tokens) are never read from the file: they come from the environment
 from __future__ import annotations
 
 import os
+import re
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from driftloop.core.errors import ConfigError
+from driftloop.core.workspace import check_workspace_path
 
 __all__ = [
     "Settings",
@@ -53,8 +57,39 @@ SECRET_ENV = ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_PASSWORD", "KFP_TOKEN", 
               "DRIFTLOOP_GATEWAY_TOKEN")
 
 
+def _is_number(annotation: Any) -> bool:
+    """``int``, ``float`` or an optional one: the fields where YAML's ``true`` must not pass for 1."""
+    if annotation in (int, float):
+        return True
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return bool(args) and all(a in (int, float) for a in args)
+    return False
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # NaN and infinities are no setting's value: ``gate.margin: .nan`` would make every comparison false
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_number(cls, v: Any, info: Any) -> Any:
+        """``min_samples: true`` is a mistake, not 1 (pydantic's lax mode would read it as 1)."""
+        if isinstance(v, bool) and _is_number(cls.model_fields[info.field_name].annotation):
+            raise ValueError(f"expected a number, not the boolean {str(v).lower()}")
+        return v
+
+
+# A model or InferenceService name: a Kubernetes DNS-1123 label (it names the served model, its
+# URL path and, on a cluster, the InferenceService; a path such as ../../etc is none of those)
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+
+
+def _dns_label(value: str) -> str:
+    if len(value) > 63 or not _DNS_LABEL.fullmatch(value):
+        raise ValueError(f"{value!r} is not a valid model name: use 1-63 lower-case letters, digits and '-', "
+                         "starting and ending with a letter or digit (a DNS-1123 label, e.g. churn-model)")
+    return value
 
 
 class DataConfig(_Section):
@@ -124,6 +159,40 @@ class ModelConfig(_Section):
                              f"(the learner with a distributed runtime), not {self.learner!r}")
         return self
 
+    @field_validator("params")
+    @classmethod
+    def _known_params(cls, v: dict[str, Any], info: Any) -> dict[str, Any]:
+        """An unknown hyper-parameter fails here, not after the data was read and the model trained."""
+        task, learner = info.data.get("task"), info.data.get("learner")
+        if v and task and learner:
+            known = learner_params(task, learner)
+            unknown = sorted(set(v) - known)
+            if unknown:
+                raise ValueError(f"unknown hyper-parameter {', '.join(map(repr, unknown))} for learner {learner!r} "
+                                 f"({task}); it takes: {', '.join(sorted(known))}")
+        return v
+
+
+# learner -> the estimator class that ``model.params`` go to, per task (components/train.py builds them)
+_LEARNER_CLASSES = {
+    "hist_gradient_boosting": ("sklearn.ensemble", "HistGradientBoostingClassifier", "HistGradientBoostingRegressor"),
+    "random_forest": ("sklearn.ensemble", "RandomForestClassifier", "RandomForestRegressor"),
+    "linear": ("sklearn.linear_model", "LogisticRegression", "Ridge"),
+    "xgboost": ("xgboost", "XGBClassifier", "XGBRegressor"),
+}
+
+
+def learner_params(task: str, learner: str) -> set[str]:
+    """The hyper-parameter names the learner's estimator accepts (its ``get_params()``)."""
+    import importlib
+
+    module, classifier, regressor = _LEARNER_CLASSES[learner]
+    try:
+        cls = getattr(importlib.import_module(module), classifier if task == "classification" else regressor)
+    except ImportError as exc:
+        raise ValueError(f"learner {learner!r} needs the {module} package, which is not installed") from exc
+    return set(cls().get_params())
+
 
 _HIGHER_IS_BETTER = {"accuracy": True, "f1": True, "roc_auc": True, "r2": True, "rmse": False, "mae": False}
 _TASK_METRICS = {"classification": {"accuracy", "f1", "roc_auc"}, "regression": {"r2", "rmse", "mae"}}
@@ -141,9 +210,15 @@ class MlflowConfig(_Section):
     tracking_uri: str | None = Field(None, description="default: SQLite store in the workspace")
     registry_uri: str | None = None
     experiment: str = "driftloop"
-    model_name: str = "driftloop-model"
+    model_name: str = Field("driftloop-model", description="registered model name; also the served model's name "
+                            "(a DNS-1123 label: lower-case letters, digits, '-')")
     workspace: str | None = Field(None, description="MLflow workspace on a server started with --enable-workspaces; "
                                                     "the pipeline's steps get it as MLFLOW_WORKSPACE (a tenant's space)")
+
+    @field_validator("model_name")
+    @classmethod
+    def _model_name(cls, v: str) -> str:
+        return _dns_label(v)
 
 
 class KfpConfig(_Section):
@@ -158,7 +233,7 @@ class KfpConfig(_Section):
 
 
 class ServingConfig(_Section):
-    name: str = "driftloop-model"
+    name: str = Field("driftloop-model", description="InferenceService name (a DNS-1123 label)")
     namespace: str = "driftloop"
     host: str = "127.0.0.1"
     gateway_port: int = Field(8080, ge=0, le=65535)
@@ -180,6 +255,11 @@ class ServingConfig(_Section):
     gpu: int = Field(0, ge=0)
     logger_url: str = "http://driftloop-monitor.driftloop.svc.cluster.local/events"
     logger_mode: Literal["all", "request", "response"] = "all"
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _dns_label(v)
 
     @field_validator("cpu_request", "memory_request", "cpu_limit", "memory_limit", mode="before")
     @classmethod
@@ -473,7 +553,7 @@ def _format_validation_error(exc: ValidationError, source: str) -> str:
     lines = []
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"]) or "(root)"
-        msg = err["msg"]
+        msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
         lines.append(f"{key}: {msg}")
@@ -553,10 +633,7 @@ def load_settings(
         source = str(p)
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
-        try:
-            loaded = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {p} is not valid YAML: {exc}") from exc
+        loaded = _read_yaml(p) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {p} must hold a mapping at the top level")
         raw = loaded
@@ -571,6 +648,43 @@ def load_settings(
     if overrides:
         raw = apply_overrides(raw, overrides)
     try:
-        return Settings.model_validate(raw)
+        settings = Settings.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(_format_validation_error(exc, source)) from exc
+    check_workspace_path(settings.workspace_dir)
+    return settings
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (PyYAML lets the last one win)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice (lines {seen[key]} and {line}); keep one",
+                    key_node.start_mark)
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _read_yaml(path: Path) -> Any:
+    """The YAML document of a config file; unreadable text, bad YAML or a repeated key is a ConfigError."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise ConfigError(f"config file {path} is not UTF-8 text: byte 0x{data[exc.start]:02x} at line {line}; "
+                          "save it as UTF-8") from exc
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        raise ConfigError(f"config file {path} is not valid YAML: {exc.problem}{where}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(exc).split())}") from exc

@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 
 from driftloop.core.config import Settings, load_settings
+from driftloop.core.workspace import tighten_workspace
 
 __all__ = ["console", "err_console", "settings_from", "ConfigOpt", "ParamOpt"]
 
@@ -26,7 +27,13 @@ ParamOpt = Annotated[Optional[list[str]], typer.Option("--param", "-p", help="Ov
 
 
 def settings_from(config: Path | None, params: list[str] | None = None, **extra: object) -> Settings:
-    """Load the settings for a command: file, environment, ``--param`` overrides, then flag values."""
+    """Load the settings for a command: file, environment, ``--param`` overrides, then flag values.
+
+    A workspace that already exists is tightened to owner-only modes (one made by an older release
+    may hold group- or world-readable logs, labels and tokens).
+    """
     overrides = list(params or [])
     overrides += [f"{k}={v}" for k, v in extra.items() if v is not None]
-    return load_settings(config, overrides)
+    settings = load_settings(config, overrides)
+    tighten_workspace(settings.workspace_dir)
+    return settings

@@ -22,6 +22,7 @@ __all__ = [
     "MonitorError",
     "ScheduleError",
     "InfraCheckError",
+    "WorkspaceBusy",
 ]
 
 
@@ -84,3 +85,7 @@ class ScheduleError(DriftloopError):
 
 class InfraCheckError(DriftloopError):
     """The Kubernetes manifests in infra/ cannot be built or checked (e.g. no kubectl, a broken overlay)."""
+
+
+class WorkspaceBusy(DriftloopError):
+    """Another process is running a pipeline in the same workspace (one writer at a time)."""

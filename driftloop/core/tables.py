@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from driftloop.core.errors import DataSourceError
+from driftloop.core.errors import DataSourceError, DataValidationError
 
 __all__ = ["read_table"]
 
@@ -43,6 +43,20 @@ def _what_is_missing(path: str) -> str:
     return f" (no object {key!r} in bucket {bucket!r})"
 
 
+def _check_csv_header(path: str, uri: str) -> None:
+    """Refuse a CSV whose header names a column twice (pandas would rename the second ``name.1``)."""
+    try:
+        header = pd.read_csv(path, header=None, nrows=1, dtype=str).iloc[0].tolist()
+    except (pd.errors.EmptyDataError, IndexError):
+        return  # no header at all: read_csv itself says so below
+    seen: set[str] = set()
+    for name in header:
+        if name in seen:
+            raise DataValidationError(f"the header of {uri} names column {name!r} twice; rename or drop one",
+                                      column=str(name), rule="unique_columns")
+        seen.add(name)
+
+
 def read_table(uri: str, fmt: str = "auto") -> pd.DataFrame:
     """Read parquet or csv from a local path or any fsspec URI (s3://, gs://, http(s)://)."""
     if not uri:
@@ -56,9 +70,12 @@ def read_table(uri: str, fmt: str = "auto") -> pd.DataFrame:
         raise DataSourceError(f"data source not found: {uri}")
     try:
         if fmt == "csv":
+            _check_csv_header(path, uri)
             df = pd.read_csv(path)
         else:
             df = pd.read_parquet(path)
+    except DataValidationError:
+        raise
     except FileNotFoundError as exc:
         raise DataSourceError(f"data source not found: {uri}{_what_is_missing(path)}") from exc
     except ImportError as exc:
