@@ -265,7 +265,7 @@ def _monitor_quality():
 def test_inference_service_target_driven_by_prometheus(workspace, canary_errors, outcome):
     from serving.rollout import KServeTarget
 
-    model = f"isvc-{outcome}"
+    model = f"isvc-{outcome.replace('_', '-')}"  # a DNS-1123 label, as a served model name must be
     s = settings_for(workspace, model, step_weights=[10, 50])
     values = {"requests:00002": 200, "error_rate:00002": canary_errors, "p99_ms:00002": 40.0,
               "requests:00001": 900, "error_rate:00001": 0.0, "p99_ms:00001": 35.0}
