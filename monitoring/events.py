@@ -20,7 +20,12 @@ Bad events raise :class:`EventError` carrying the HTTP status the sink answers w
 
 from __future__ import annotations
 
+import base64
+import binascii
+import datetime as dt
 import logging
+import math
+import re
 import time
 from collections.abc import Collection, Iterable, KeysView, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -46,6 +51,9 @@ __all__ = [
     "parse_structured",
     "parse_batch",
     "check_numeric",
+    "check_predictions",
+    "RowSchema",
+    "MAX_ID_CHARS",
     "flatten_request",
     "flatten_response",
     "shadow_identity",
@@ -58,6 +66,10 @@ RESPONSE_TYPE = "org.kubeflow.serving.inference.response"
 _KINDS = {REQUEST_TYPE: "request", RESPONSE_TYPE: "response"}
 REQUIRED_HEADERS = ("ce-id", "ce-type", "ce-source", "ce-specversion")
 _MAX_ROWS = 100_000  # one inference call with more instances than this is refused (413)
+MAX_ID_CHARS = 256  # a ce-id longer than this is refused (400): ids are keys, joined with labels
+_INT64 = 2 ** 63
+# RFC 3339 date-time (CloudEvents' ``time``): a date, "T", a time, an offset or "Z"
+_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})")
 
 
 class EventError(MonitorError):
@@ -112,9 +124,18 @@ def attributes_from_headers(headers: Mapping[str, str]) -> dict[str, str]:
     ``cloudevents.http.from_http(...).get_attributes()`` gives, without ``datacontenttype``/
     invented ``time``. Raises ``EventError(400)`` naming the first missing required header.
     """
-    attrs = {k[3:]: v for k, v in headers.items() if k[:3] == "ce-"}
+    attrs = {k[3:]: (_percent_decoded(v) if "%" in v else v) for k, v in headers.items() if k[:3] == "ce-"}
     _require(attrs, "header 'ce-")
     return attrs
+
+
+def _percent_decoded(value: str) -> str:
+    """A ``ce-*`` header value as the CloudEvents HTTP binding sends it (percent-encoded UTF-8), decoded."""
+    try:
+        return unquote(value, errors="strict")
+    except UnicodeDecodeError as exc:
+        raise EventError(400, f"CloudEvent header value {value[:80]!r} is not percent-encoded UTF-8",
+                         reason="bad_header") from exc
 
 
 def attributes_from_raw_headers(raw: Iterable[tuple[bytes, bytes]]) -> tuple[dict[str, str], str | None]:
@@ -128,7 +149,8 @@ def attributes_from_raw_headers(raw: Iterable[tuple[bytes, bytes]]) -> tuple[dic
     ctype = None
     for k, v in raw:
         if k[:3] == b"ce-":
-            attrs[k[3:].decode("latin-1")] = v.decode("latin-1")
+            value = v.decode("latin-1")
+            attrs[k[3:].decode("latin-1")] = _percent_decoded(value) if "%" in value else value
         elif k == b"content-type":
             ctype = v.decode("latin-1")
     return attrs, ctype
@@ -141,6 +163,25 @@ def _require(attrs: Mapping[str, Any], what: str) -> None:
     if attrs["specversion"] != "1.0":
         raise EventError(400, f"unsupported CloudEvent specversion {attrs['specversion']!r} (expected '1.0')",
                          reason="bad_header")
+    ce_id = attrs["id"]
+    if not isinstance(ce_id, str) or len(ce_id) > MAX_ID_CHARS:
+        size = len(ce_id) if isinstance(ce_id, str) else type(ce_id).__name__
+        raise EventError(400, f"CloudEvent {what}id' must be a string of at most {MAX_ID_CHARS} characters "
+                              f"(got {size})", reason="bad_header")
+    when = attrs.get("time")
+    if when is not None and not _is_rfc3339(when):
+        raise EventError(400, f"CloudEvent {what}time' must be an RFC 3339 timestamp, got {str(when)[:80]!r}",
+                         reason="bad_header")
+
+
+def _is_rfc3339(value: Any) -> bool:
+    if not isinstance(value, str) or not _RFC3339.fullmatch(value):
+        return False
+    try:
+        dt.datetime.fromisoformat(value.upper().replace("Z", "+00:00"))
+    except ValueError:  # e.g. month 13, hour 25
+        return False
+    return True
 
 
 def attributes_via_sdk(headers: Mapping[str, str], body: bytes) -> dict[str, str]:
@@ -290,6 +331,89 @@ def check_numeric(events: Sequence["ParsedEvent"], numeric_columns: Collection[s
                                           f"{value!r}", reason="schema")
 
 
+_SCALARS = (str, int, float, bool)
+
+
+@dataclass(frozen=True)
+class RowSchema:
+    """What the champion's model server accepts, column by column, and what its answers must be.
+
+    ``kinds`` maps a feature column to ``float`` (a finite number), ``int`` (a number within
+    int64), ``str``, ``bool`` or ``any`` (a scalar: no object or list); null is a missing value
+    and always allowed. ``task`` (``classification``/``regression``) says what a prediction is: a
+    finite number for regression, a scalar (or a one-element list of one) for a classifier.
+    Built from the champion's reference sample (its dtypes) by the monitor.
+    """
+
+    kinds: Mapping[str, str]
+    task: str | None = None
+
+    def problem(self, column: str, value: Any) -> str | None:
+        """Why ``value`` does not fit ``column`` (None when it does)."""
+        if value is None:
+            return None
+        kind = self.kinds.get(column, "any")
+        if kind in ("float", "int"):
+            if value.__class__ is bool or not isinstance(value, (int, float)):
+                return f"is numeric in the reference, got {_short(value)}"
+            if isinstance(value, float) and not math.isfinite(value):
+                return f"must be a finite number, got {value!r}"
+            if kind == "int" and not -_INT64 <= value < _INT64:
+                return f"is an integer column (int64) in the reference, got {_short(value)} (out of range)"
+            return None
+        if kind == "str":
+            return None if isinstance(value, str) else f"is categorical (text) in the reference, got {_short(value)}"
+        if kind == "bool":
+            return None if value.__class__ is bool else f"is boolean in the reference, got {_short(value)}"
+        if not isinstance(value, _SCALARS):
+            return f"must be a single value, got {_short(value)}"
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"must be a finite number, got {value!r}"
+        return None
+
+    def check(self, events: Sequence["ParsedEvent"]) -> None:
+        """Refuse (422, naming the event, row and column) a value the model server would refuse."""
+        kinds = self.kinds
+        for pos, ev in enumerate(events):
+            if ev.kind == "request" and ev.rows:
+                for i, row in enumerate(ev.rows):
+                    for col, value in row.items():
+                        if col in kinds and (reason := self.problem(col, value)) is not None:
+                            raise EventError(422, f"{_where(events, pos, ev)}, row {i}: column {col!r} {reason}",
+                                             reason="schema")
+        check_predictions(events, self.task)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
+
+
+def _where(events: Sequence["ParsedEvent"], pos: int, ev: "ParsedEvent") -> str:
+    return f"event {ev.id!r}" if len(events) == 1 else f"batch event #{pos} (id {ev.id!r})"
+
+
+def check_predictions(events: Sequence["ParsedEvent"], task: str | None) -> None:
+    """Refuse (422) a response whose predictions are not what ``task``'s model answers: a finite
+    number for regression, a single value (or a list of one) for a classifier."""
+    if task not in ("classification", "regression"):
+        return
+    for pos, ev in enumerate(events):
+        if ev.kind != "response" or not ev.predictions:
+            continue
+        for i, pred in enumerate(ev.predictions):
+            value = pred[0] if isinstance(pred, list) and len(pred) == 1 else pred
+            if task == "regression":
+                bad = value.__class__ is bool or not isinstance(value, (int, float)) or \
+                    (isinstance(value, float) and not math.isfinite(value))
+            else:
+                bad = not isinstance(value, _SCALARS)
+            if bad:
+                want = "a finite number" if task == "regression" else "a single class value"
+                raise EventError(422, f"{_where(events, pos, ev)}: prediction {i} must be {want} for a {task} "
+                                      f"model, got {_short(pred)}", reason="schema")
+
+
 def flatten_response(payload: Any) -> tuple[list[Any], str | None]:
     """Per-instance predictions of a V1 (``predictions``) or V2 (``outputs``) response, and the
     ``model_version`` the body names (or ``None``)."""
@@ -436,9 +560,18 @@ def parse_structured(event: Any, *, model_names: set[str] | None = None,
     if not isinstance(event, dict):
         raise EventError(400, "each event in a batch must be a JSON object", reason="bad_payload")
     payload = event.pop("data", None)
+    encoded = event.pop("data_base64", None)
     _require(event, "attribute '")
+    if payload is None and encoded is not None:  # binary data in a structured event (spec: base64)
+        if not isinstance(encoded, str):
+            raise EventError(400, f"event {event['id']!r}: 'data_base64' must be a base64 string", reason="bad_payload")
+        try:
+            payload = _loads(base64.b64decode(encoded, validate=True))
+        except binascii.Error as exc:
+            raise EventError(400, f"event {event['id']!r}: 'data_base64' is not base64: {exc}",
+                             reason="bad_payload") from exc
     if payload is None:
-        raise EventError(400, f"event {event['id']!r} has no 'data'", reason="bad_payload")
+        raise EventError(400, f"event {event['id']!r} has neither 'data' nor 'data_base64'", reason="bad_payload")
     if isinstance(payload, str):  # data sent as a JSON string
         payload = _loads(payload)
     return _build(event, orjson.dumps(payload), payload, model_names=model_names,

@@ -12,6 +12,8 @@ in the logged response body (V1 ``"scores"`` next to ``"predictions"``, V2 an ou
 
 from __future__ import annotations
 
+import logging
+import math
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,70 @@ import numpy as np
 import orjson
 import pandas as pd
 
-__all__ = ["labelled_count", "labelled_window", "score_matrix", "scored_window", "scores_of_body", "versions_seen"]
+__all__ = ["label_problem", "labelled_count", "labelled_window", "score_matrix", "scored_window", "scores_of_body",
+           "usable_labels", "versions_seen"]
+
+log = logging.getLogger(__name__)
+_SCALARS = (str, int, float, bool)
+_said_unversioned: set[str] = set()  # stores whose unversioned predictions were reported once
+
+
+def label_problem(label: Any, task: str, classes: list[Any] | None) -> str | None:
+    """Why ``label`` cannot be ground truth for a ``task`` model with ``classes`` (None: it can).
+
+    Regression: a finite number. Classification: one of ``classes`` of the same JSON type (``"1"``
+    is not the class ``1``, ``2.5`` and ``true`` are not classes ``0``/``1``); without known classes
+    a single value (no object, list or non-finite number).
+    """
+    if task == "regression":
+        if label.__class__ is bool or not isinstance(label, (int, float)) or not math.isfinite(label):
+            return f"label {_short(label)} must be a finite number for a regression model"
+        return None
+    if not isinstance(label, _SCALARS) or (isinstance(label, float) and not math.isfinite(label)):
+        return f"label {_short(label)} must be a single class value" + (f", one of {classes}" if classes else "")
+    if classes is None:
+        return None
+    if not any(_same_type(label, c) and label == c for c in classes):
+        return f"label {_short(label)} is not one of the model's classes {classes}"
+    return None
+
+
+def _same_type(a: Any, b: Any) -> bool:
+    if a.__class__ is bool or b.__class__ is bool:
+        return a.__class__ is b.__class__
+    if isinstance(a, str) or isinstance(b, str):
+        return isinstance(a, str) and isinstance(b, str)
+    return isinstance(a, (int, float)) and isinstance(b, (int, float))
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def usable_labels(frame: pd.DataFrame) -> pd.Series:
+    """Which rows' labels the quality metrics can use, judged against the rows' own predictions.
+
+    Labels stored before the door checked them (``"banana"`` for a 0/1 classifier, an object, a
+    fraction where the predictions are whole classes) would make every metric fail; such rows are
+    left out and counted. A label must be a single value of the predictions' kind: text with text,
+    a number with numbers, a whole number where every prediction is a whole number.
+    """
+    preds = [p[0] if isinstance(p, list) and len(p) == 1 else p for p in frame["prediction"]]
+    numbers = [p for p in preds if p.__class__ is not bool and isinstance(p, (int, float))]
+    texts = all(isinstance(p, str) for p in preds)
+    whole = bool(numbers) and len(numbers) == len(preds) and all(float(p).is_integer() for p in numbers)
+    keep = []
+    for label in frame["label"]:
+        if texts:
+            ok = isinstance(label, str)
+        elif numbers:
+            ok = label.__class__ is not bool and isinstance(label, (int, float)) and math.isfinite(label) and \
+                (not whole or float(label).is_integer())
+        else:
+            ok = isinstance(label, _SCALARS)
+        keep.append(ok)
+    return pd.Series(keep, index=frame.index, dtype=bool)
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -138,6 +203,13 @@ def labelled_window(store_path: str | Path, *, version: str | None = None, model
                                             "label"])
         frame["prediction"] = _decode(list(frame["prediction"]))
         frame["label"] = _decode(list(frame["label"]))
+        keep = usable_labels(frame) if len(frame) else None
+        if keep is not None and not keep.all():
+            skipped = int((~keep).sum())
+            log.warning("%d stored labels (of %d) do not fit the predictions (wrong type or class) and are left out "
+                        "of the quality check", skipped, len(frame))
+            frame = frame[keep].reset_index(drop=True)
+            frame.attrs["skipped_labels"] = skipped
         if scores:
             frame = _with_scores(db, frame)
     finally:
@@ -162,10 +234,11 @@ def scored_window(store_path: str | Path, *, version: str | None = None, model_n
 
 
 def versions_seen(store_path: str | Path, *, model_name: str | None = None) -> list[str]:
-    """Model versions with logged predictions, oldest first."""
+    """Model versions with logged predictions, oldest first; predictions that name no version are
+    left out (a quality check needs the version's holdout baseline) and reported once."""
     db = _connect(Path(store_path))
     try:
-        sql = "SELECT COALESCE(model_version, 'unknown') AS v, MIN(seq) FROM rows"
+        sql = "SELECT model_version AS v, MIN(seq), COUNT(*) FROM rows"
         params: list[Any] = []
         if model_name:
             sql += " WHERE model_name = ?"
@@ -173,7 +246,12 @@ def versions_seen(store_path: str | Path, *, model_name: str | None = None) -> l
         rows = db.execute(sql + " GROUP BY v ORDER BY MIN(seq)", params).fetchall()
     finally:
         db.close()
-    return [r[0] for r in rows]
+    unversioned = sum(r[2] for r in rows if r[0] is None)
+    if unversioned and str(store_path) not in _said_unversioned:
+        _said_unversioned.add(str(store_path))  # said once per store, not at every check
+        log.warning("%d logged predictions name no model version (no ce-modelversion, no model_version in the "
+                    "response): they are left out of the quality checks", unversioned)
+    return [r[0] for r in rows if r[0] is not None]
 
 
 def score_matrix(frame: pd.DataFrame) -> np.ndarray | None:

@@ -42,6 +42,7 @@ class ChampionReference:
     prediction_kind: str
     frame: pd.DataFrame
     profile: ReferenceProfile
+    classes: list[Any] | None = None  # a classifier's classes (the training data's, from schema.json)
 
     @property
     def features(self) -> list[str]:
@@ -101,7 +102,8 @@ def load_champion_reference(settings: Any, registry: Registry | None = None) -> 
     checked_cat = categorical + ([PREDICTION] if kind == CATEGORICAL else [])
     profile = ReferenceProfile.build(frame, checked_num, checked_cat)
     log.info("drift reference: %s v%s, %d rows, %d columns", name, info.version, len(frame), len(checked_num + checked_cat))
-    return ChampionReference(name, info.version, info.run_id or "", numeric, categorical, kind, frame, profile)
+    return ChampionReference(name, info.version, info.run_id or "", numeric, categorical, kind, frame, profile,
+                             schema.get("classes"))
 
 
 class ReferenceCache:

@@ -54,6 +54,7 @@ from starlette.responses import FileResponse, Response
 from starlette.routing import Route
 
 from driftloop.core.errors import DriftloopError, MonitorError
+from driftloop.core.files import workspace_token
 from driftloop.core.registry import Registry
 from driftloop.core.shadow import SHADOW_ROLE, compare_rows, shadow_name
 from monitoring.alerts import Alert, AlertStore, alertmanager_alerts, drift_alert_id
@@ -61,12 +62,13 @@ from monitoring.drift import DriftOptions, DriftResult, evidently_report, fast_c
 from monitoring.metrics import MonitorMetrics
 from monitoring.quality_check import QualityMonitor
 from monitoring.reference import ChampionReference, ReferenceCache
-from monitoring.events import EventError
-from monitoring.sink import create_sink_app, since_param
+from monitoring.events import EventError, RowSchema
+from monitoring.openapi import monitor_openapi
+from monitoring.sink import INGEST_TOKEN_ENV, IngestAuth, LabelPolicy, create_sink_app, since_param
 from monitoring.store import InferenceStore
 from monitoring.trigger import Trigger
 
-__all__ = ["WEBHOOK_TOKEN_ENV", "MonitorService", "log_report_to_mlflow"]
+__all__ = ["WEBHOOK_TOKEN_ENV", "MonitorService", "ingest_token_path", "log_report_to_mlflow", "row_schema"]
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +85,32 @@ def _json(status: int, payload: Any) -> Response:
 
 def _iso(ts: float | None) -> str | None:
     return None if ts is None else dt.datetime.fromtimestamp(ts, dt.UTC).isoformat()
+
+
+def ingest_token_path(settings: Any) -> Path:
+    """``<workspace>/monitor/ingest.token``: the ingest token when ``DRIFTLOOP_INGEST_TOKEN`` is not set."""
+    return settings.workspace_dir / "monitor" / "ingest.token"
+
+
+def row_schema(champion: ChampionReference, task: str) -> RowSchema:
+    """What the champion's model server accepts per column, from the dtypes of its reference sample."""
+    import pandas as pd
+
+    kinds: dict[str, str] = {}
+    frame = champion.frame
+    for col in champion.features_numeric:
+        kinds[col] = "int" if col in frame and pd.api.types.is_integer_dtype(frame[col]) else "float"
+    for col in champion.features_categorical:
+        values = frame[col].dropna() if col in frame else pd.Series(dtype=object)
+        if pd.api.types.is_bool_dtype(values):
+            kinds[col] = "bool"
+        elif pd.api.types.is_integer_dtype(values):
+            kinds[col] = "int"
+        elif len(values) and all(isinstance(v, str) for v in values):
+            kinds[col] = "str"
+        else:
+            kinds[col] = "any"
+    return RowSchema(kinds, task)
 
 
 def log_report_to_mlflow(registry: Registry, files: list[Path], *, alert_id: str, champion: ChampionReference,
@@ -120,6 +148,8 @@ class MonitorService:
         self.quality = QualityMonitor(settings, store_path=self.store.path, registry=self.registry, alerts=self.alerts,
                                       trigger=self.trigger, metrics=self.metrics, reports_dir=self.reports_dir)
         self.last_outcome: dict[str, Any] | None = None
+        self.ingest_token = workspace_token(ingest_token_path(settings), INGEST_TOKEN_ENV)
+        self.auth = IngestAuth(self.ingest_token, settings.monitor.events_auth)
         self._checked: dict[str, dict[str, Any]] = {}
         self._check_lock = threading.Lock()
         self._stop = threading.Event()
@@ -216,20 +246,37 @@ class MonitorService:
                 "request_id": decision.request_id, "report": f"/reports/{alert_id}", "report_uri": uri}
 
     # -- HTTP ---------------------------------------------------------------------------------
+    def _classes(self) -> list[Any] | None:
+        """The champion's classes (labels must be one of them); None while there is no champion."""
+        try:
+            return self.references.get().classes
+        except MonitorError:
+            return None
+
     def _build_app(self) -> Starlette:
-        columns = numeric = None
+        columns = numeric = schema = None
+        task = self.settings.model.task
         try:
             champion = self.references.get()
             columns, numeric = champion.features, champion.features_numeric  # rows are checked against its schema
+            schema = row_schema(champion, task)
         except MonitorError as exc:
             log.warning("%s; events are accepted with any columns until a champion exists", exc)
         serving = self.settings.serving.name  # its shadow InferenceService logs here too (shadow phase)
         names = {serving, self.settings.mlflow.model_name, shadow_name(serving)}
         app = create_sink_app(self.store, metrics=self.metrics, model_names=names, reference_columns=columns,
-                              max_body_bytes=self.settings.monitor.max_body_bytes, task=self.settings.model.task,
-                              numeric_columns=numeric)
+                              max_body_bytes=self.settings.monitor.max_body_bytes, task=task,
+                              numeric_columns=numeric, auth=self.auth, schema=schema,
+                              labels=LabelPolicy(task, self._classes))
         for route in self._routes():
             app.router.routes.append(route)
+        document = monitor_openapi(events_auth=self.settings.monitor.events_auth)
+
+        async def openapi(request: Request) -> Response:
+            return _json(200, document)
+
+        app.router.routes[:] = [r for r in app.router.routes if getattr(r, "path", None) != "/openapi.json"]
+        app.router.routes.append(Route("/openapi.json", openapi, methods=["GET"]))  # the sink's and the monitor's
         app.state.monitor = self
         return app
 
@@ -277,7 +324,18 @@ class MonitorService:
                 return _json(400, {"error": "limit must be an integer"})
             return _json(200, {"alerts": await asyncio.to_thread(self.alerts.recent, limit)})
 
+        def unauthorized(request: Request, what: str) -> Response | None:
+            """401 unless the request carries the ingest token (the monitor's state-changing routes)."""
+            refused = self.auth.refusal(request.headers.get("authorization"), what)
+            if refused is None:
+                return None
+            rejected.labels(reason=refused.reason).inc()
+            return Response(orjson.dumps({"error": refused.message}), status_code=401, media_type="application/json",
+                            headers={"www-authenticate": "Bearer"})
+
         async def check_now(request: Request) -> Response:
+            if (refused := unauthorized(request, "POST /check")) is not None:
+                return refused
             report = request.query_params.get("report", "false").lower() in ("1", "true", "yes")
             try:
                 outcome = await asyncio.to_thread(self.check, force=True, report=report)
@@ -286,8 +344,12 @@ class MonitorService:
             return _json(200, outcome)
 
         async def quality_check(request: Request) -> Response:
-            if request.method == "GET" and self.quality.last_outcome is not None:
-                return _json(200, self.quality.last_outcome)
+            if request.method == "GET":  # reads only: a check raises alerts and starts runs, so only POST runs one
+                return _json(200, self.quality.last_outcome or {
+                    "checked_at": None, "versions": {},
+                    "reason": "no quality check has run yet (every monitor.check_interval_seconds, or POST)"})
+            if (refused := unauthorized(request, "POST /quality/check")) is not None:
+                return refused
             try:
                 outcome = await asyncio.to_thread(self.check_quality)
             except DriftloopError as exc:
@@ -422,5 +484,6 @@ class MonitorService:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             self.stop_checks()
+            self.trigger.stop()  # a retraining run started here stops with the monitor, with what it started
             self.store.close()
             self.alerts.close()

@@ -29,10 +29,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hmac
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,19 +44,58 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from monitoring.events import (EventError, ParsedEvent, attributes_from_raw_headers, check_numeric, parse_batch,
-                               parse_binary_attributes, parse_structured)
+from monitoring.events import (MAX_ID_CHARS, EventError, ParsedEvent, RowSchema, attributes_from_raw_headers,
+                               check_numeric, parse_batch, parse_binary_attributes, parse_structured)
+from monitoring.labels import label_problem
 from monitoring.metrics import MonitorMetrics
 from monitoring.store import GroupResult, InferenceStore
 
 __all__ = ["create_sink_app", "build_routes", "SinkApp", "EventsEndpoint", "GroupCommitter", "DEFAULT_MAX_BODY_BYTES",
-           "since_param", "main"]
+           "INGEST_TOKEN_ENV", "IngestAuth", "LabelPolicy", "since_param", "main"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
 _BATCH_TYPE = "application/cloudevents-batch+json"
 _STRUCTURED_TYPE = "application/cloudevents+json"
+INGEST_TOKEN_ENV = "DRIFTLOOP_INGEST_TOKEN"
+
+
+@dataclass(frozen=True)
+class IngestAuth:
+    """The ingest bearer token that ``POST /events`` and ``POST /feedback`` (and the monitor's other
+    state-changing routes) require.
+
+    ``events``: ``token`` — /events needs it too; ``network`` — /events without an
+    ``Authorization`` header is accepted (KServe's logger cannot send one; on a cluster the
+    NetworkPolicy is the boundary), a wrong token is still refused. The token comes from
+    ``DRIFTLOOP_INGEST_TOKEN``, else ``<workspace>/monitor/ingest.token``.
+    """
+
+    token: str
+    events: str = "token"
+
+    def refusal(self, authorization: str | None, what: str, *, header_optional: bool = False) -> EventError | None:
+        """None when ``authorization`` carries the token; else the 401 to answer, naming what is missing."""
+        if not authorization:
+            if header_optional:
+                return None
+            return EventError(401, f"{what} needs 'Authorization: Bearer <ingest token>' ({INGEST_TOKEN_ENV}, or "
+                                   "the workspace's monitor/ingest.token)", reason="unauthorized")
+        scheme, _, given = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode("utf-8", "replace"),
+                                                                 self.token.encode()):
+            return EventError(401, f"{what}: wrong bearer token (expected the ingest token)", reason="unauthorized")
+        return None
+
+
+@dataclass(frozen=True)
+class LabelPolicy:
+    """What a label must be: the model's ``task`` and, for a classifier, its classes (asked for
+    each request: they follow the champion). None classes: any single value is accepted."""
+
+    task: str = "classification"
+    classes: Callable[[], list[Any] | None] = lambda: None
 
 
 def _json(status: int, payload: Any) -> Response:
@@ -175,16 +216,28 @@ class EventsEndpoint:
 
     def __init__(self, committer: GroupCommitter, *, model_names: set[str] | None = None,
                  reference_columns: list[str] | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-                 numeric_columns: list[str] | None = None):
+                 numeric_columns: list[str] | None = None, auth: IngestAuth | None = None,
+                 schema: RowSchema | None = None):
         self.committer = committer
         self.metrics = committer.metrics
         self.model_names = set(model_names) if model_names is not None else None
         self.columns = list(reference_columns) if reference_columns is not None else None
         self.numeric = tuple(numeric_columns) if numeric_columns else None
         self.max_body_bytes = max_body_bytes
+        self.auth = auth
+        self.schema = schema
+
+    def _authorize(self, scope: dict) -> None:
+        if self.auth is None:
+            return
+        given = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), None)
+        refusal = self.auth.refusal(given, "POST /events", header_optional=self.auth.events == "network")
+        if refusal is not None:
+            raise refusal
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         try:
+            self._authorize(scope)
             body = await self._body(scope, receive)
             attrs, ctype = attributes_from_raw_headers(scope["headers"])
             if ctype is not None and ctype.startswith(_BATCH_TYPE):
@@ -196,6 +249,8 @@ class EventsEndpoint:
                 parsed = [parse_binary_attributes(attrs, ctype, body, model_names=self.model_names,
                                                   reference_columns=self.columns)]
             check_numeric(parsed, self.numeric)
+            if self.schema is not None:
+                self.schema.check(parsed)
             result = await self.committer.submit(parsed)
         except EventError as exc:
             _count_refusal(self.metrics, exc)
@@ -285,25 +340,44 @@ def since_param(value: str | None) -> float | None:
 def build_routes(store: InferenceStore, *, metrics: MonitorMetrics, model_names: set[str] | None = None,
                  reference_columns: list[str] | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                  task: str = "classification", committer: GroupCommitter | None = None,
-                 numeric_columns: list[str] | None = None) -> list[Route]:
-    """The sink's routes, sharing one :class:`GroupCommitter` (made here unless given)."""
+                 numeric_columns: list[str] | None = None, auth: IngestAuth | None = None,
+                 schema: RowSchema | None = None, labels: LabelPolicy | None = None) -> list[Route]:
+    """The sink's routes, sharing one :class:`GroupCommitter` (made here unless given).
+
+    ``auth`` None leaves /events and /feedback open: only for an app embedded behind another
+    boundary (tests); the monitor and ``python -m monitoring.sink`` always pass one.
+    """
     committer = committer or GroupCommitter(store, metrics)
     events = EventsEndpoint(committer, model_names=model_names, reference_columns=reference_columns,
-                            max_body_bytes=max_body_bytes, numeric_columns=numeric_columns)
+                            max_body_bytes=max_body_bytes, numeric_columns=numeric_columns, auth=auth, schema=schema)
+    policy = labels or LabelPolicy(task)
 
     def refuse(exc: EventError) -> Response:
         _count_refusal(metrics, exc)
-        return _json(exc.status, {"error": exc.message})
+        headers = {"www-authenticate": "Bearer"} if exc.status == 401 else None
+        return Response(orjson.dumps({"error": exc.message}), status_code=exc.status, media_type="application/json",
+                        headers=headers)
 
     async def feedback(request: Request) -> Response:
         try:
+            if auth is not None and (refusal := auth.refusal(request.headers.get("authorization"),
+                                                             "POST /feedback")) is not None:
+                raise refusal
+            ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+            if ctype != "application/json":  # a cross-site form can post text/plain, never application/json
+                raise EventError(415, f"POST /feedback takes application/json, got {ctype or 'no content type'!r}",
+                                 reason="bad_content_type")
             payload = _loads_any(await _read_body(request, max_body_bytes))
             items = payload if isinstance(payload, list) else [payload]
-            result = store.add_labels(items)
+            if not items:
+                raise EventError(422, "feedback is an empty list", reason="bad_feedback")
+            _check_labels(items, policy)
+            result = await asyncio.to_thread(store.add_labels, items)
         except EventError as exc:
             return refuse(exc)
         metrics.labels_stored.inc(result.stored)
-        return _json(200, {"stored": result.stored, "unknown_ids": result.unknown_ids})
+        return _json(200, {"stored": result.stored, "duplicates": result.duplicates,
+                           "unknown_ids": result.unknown_ids})
 
     async def quality(request: Request) -> Response:
         try:
@@ -346,6 +420,21 @@ def build_routes(store: InferenceStore, *, metrics: MonitorMetrics, model_names:
     ]
 
 
+def _check_labels(items: list[Any], policy: LabelPolicy) -> None:
+    """Refuse (422, naming the item, its label and what is allowed) a label the quality checks cannot use."""
+    classes = policy.classes() if policy.task == "classification" else None
+    for pos, item in enumerate(items):
+        if not isinstance(item, dict) or "id" not in item or "label" not in item:
+            raise EventError(422, f"feedback item #{pos}: needs 'id' and 'label'", reason="bad_feedback")
+        ident = item["id"]
+        if not isinstance(ident, str) or not ident or len(ident) > MAX_ID_CHARS:
+            raise EventError(422, f"feedback item #{pos}: 'id' must be a non-empty string of at most "
+                                  f"{MAX_ID_CHARS} characters (the ce-id)", reason="bad_feedback")
+        problem = label_problem(item["label"], policy.task, classes)
+        if problem is not None:
+            raise EventError(422, f"feedback for {ident!r}: {problem}", reason="bad_label")
+
+
 def _loads_any(body: bytes) -> Any:
     try:
         return orjson.loads(body)
@@ -363,9 +452,13 @@ def _loads_object(body: bytes) -> dict:
 def create_sink_app(store: InferenceStore, *, metrics: MonitorMetrics, model_names: set[str] | None = None,
                     reference_columns: list[str] | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                     task: str = "classification", close_store: bool = False,
-                    numeric_columns: list[str] | None = None) -> Starlette:
+                    numeric_columns: list[str] | None = None, auth: IngestAuth | None = None,
+                    schema: RowSchema | None = None, labels: LabelPolicy | None = None) -> Starlette:
     """The sink as a Starlette app; ``app.state`` holds ``store``, ``metrics`` and ``committer``.
 
+    ``auth``: the ingest token /events and /feedback require (see :class:`IngestAuth`); ``schema``:
+    what each column and prediction must be (:class:`~monitoring.events.RowSchema`, 422 otherwise);
+    ``labels``: what a label must be (:class:`LabelPolicy`).
     ``model_names``: the InferenceService names this monitor accepts (others → 404).
     ``reference_columns``: the champion's feature columns (rows must have exactly these; unnamed
     rows are mapped in this order). ``numeric_columns``: those of them that must hold a number or
@@ -375,7 +468,7 @@ def create_sink_app(store: InferenceStore, *, metrics: MonitorMetrics, model_nam
     committer = GroupCommitter(store, metrics)
     routes = build_routes(store, metrics=metrics, model_names=model_names, reference_columns=reference_columns,
                           max_body_bytes=max_body_bytes, task=task, committer=committer,
-                          numeric_columns=numeric_columns)
+                          numeric_columns=numeric_columns, auth=auth, schema=schema, labels=labels)
     events = next(r.endpoint for r in routes if r.path == "/events")
 
     @contextlib.asynccontextmanager
@@ -385,6 +478,14 @@ def create_sink_app(store: InferenceStore, *, metrics: MonitorMetrics, model_nam
         if close_store:
             store.close()
 
+    from monitoring.openapi import sink_openapi
+
+    document = orjson.dumps(sink_openapi(events_auth=auth.events if auth is not None else "token"))
+
+    async def openapi(request: Request) -> Response:
+        return Response(document, media_type="application/json")
+
+    routes.append(Route("/openapi.json", openapi, methods=["GET"]))
     app = SinkApp(routes=routes, lifespan=lifespan, events=events)
     app.state.store = store
     app.state.metrics = metrics
@@ -403,12 +504,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", action="append", dest="models", help="accepted model name (repeatable)")
     p.add_argument("--columns", help="reference feature columns, comma-separated")
     p.add_argument("--synchronous", default="NORMAL", choices=["OFF", "NORMAL", "FULL", "EXTRA"])
+    p.add_argument("--token-file", type=Path, help=f"the ingest token, when {INGEST_TOKEN_ENV} is not set "
+                                                  "(default: ingest.token beside the store; made if missing)")
+    p.add_argument("--events-auth", default="token", choices=["token", "network"])
     p.add_argument("--log-level", default="warning")
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper())
+    from driftloop.core.files import private_umask, workspace_token
+
+    private_umask()
     store = InferenceStore(args.store, synchronous=args.synchronous)
+    token = workspace_token(args.token_file or args.store.parent / "ingest.token", INGEST_TOKEN_ENV)
     app = create_sink_app(store, metrics=MonitorMetrics(), model_names=set(args.models) if args.models else None,
-                          reference_columns=args.columns.split(",") if args.columns else None, close_store=True)
+                          reference_columns=args.columns.split(",") if args.columns else None, close_store=True,
+                          auth=IngestAuth(token, args.events_auth))
     uvicorn.run(app, host=args.host, port=args.port, loop="uvloop", http="httptools", access_log=False,
                 proxy_headers=False, log_level=args.log_level, lifespan="on")
 

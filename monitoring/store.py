@@ -55,6 +55,7 @@ from typing import Any, Literal
 import orjson
 import pandas as pd
 
+from driftloop.core.files import PRIVATE_FILE_MODE, private_dir
 from monitoring.events import EventError, ParsedEvent
 
 __all__ = ["InferenceStore", "StoreUnavailable", "Window", "GroupResult", "LabelResult", "ROW_COLUMNS", "store_path"]
@@ -105,6 +106,28 @@ CREATE TABLE IF NOT EXISTS probe (
 """
 
 _SUFFIXES = ("", "-wal", "-shm")
+_RETRY_SECONDS = 1.0  # a store whose disk is full tries the database again at most this often
+_DISK_ERRORS = {sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR}  # primary result codes of a full or failing disk
+
+
+def _private_files(path: Path) -> None:
+    """Create the database file owner-only (SQLite gives its -wal and -shm the database's mode) and
+    tighten the files of a store made before."""
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE_MODE))
+    for suffix in _SUFFIXES:
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(f"{path}{suffix}").st_mode & 0o077:
+                os.chmod(f"{path}{suffix}", PRIVATE_FILE_MODE)
+
+
+def _probe(db: sqlite3.Connection) -> None:
+    """A write that needs new pages (some 40 kB, deleted again in the same transaction): a full disk
+    or database fails it, where rewriting one row would fit in a page it already has."""
+    db.execute("WITH RECURSIVE n(x) AS (SELECT 2 UNION ALL SELECT x + 1 FROM n WHERE x < 3000) "
+               "INSERT OR REPLACE INTO probe (id, ts) SELECT x, x * 1.5 FROM n")
+    db.execute("DELETE FROM probe WHERE id > 1")
+    db.execute("INSERT OR REPLACE INTO probe (id, ts) VALUES (1, ?)", (time.time(),))
 
 
 class StoreUnavailable(EventError):
@@ -189,6 +212,7 @@ class GroupResult:
 class LabelResult:
     stored: int
     unknown_ids: list[str]
+    duplicates: int = 0  # the same label again for a (request id, row) that has it: nothing changed
 
 
 # An event is unpaired while its counterpart is not stored: pairing is 1:1 on the unique
@@ -249,7 +273,8 @@ class InferenceStore:
     def __init__(self, path: str | Path, *, synchronous: Synchronous = "NORMAL", max_pending: int = 200_000,
                  pair_lookback: int = 1_000_000, checkpoint_seconds: float = 1.0):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(self.path.parent)
+        _private_files(self.path)
         self.synchronous = synchronous
         self._lock = threading.Lock()
         self._db = self._connect()
@@ -258,6 +283,7 @@ class InferenceStore:
         # checkpoints (which fsync) run in a background thread, not inside the commits of the sink
         self._db.execute("PRAGMA wal_autocheckpoint=0")
         self._failure: str | None = None  # why the last commit failed; None after a good one
+        self._retry_at = 0.0  # while failing, the next time a write may touch the database again
         self._max_pending = max_pending
         self._pending: OrderedDict[str, _Pending] = OrderedDict()
         self._pending_complete = True  # False: some unpaired events live only in the database
@@ -335,6 +361,9 @@ class InferenceStore:
         if refusal is not None:
             self._failure = refusal.message
             raise refusal
+        if self._failure is not None and time.monotonic() < self._retry_at:
+            # a full disk: senders retry in a loop; each try would grow the WAL a little more
+            raise StoreUnavailable(f"the inference store cannot commit ({self.path}): {self._failure}")
         db = self._db
         try:
             db.execute("BEGIN IMMEDIATE")
@@ -344,7 +373,9 @@ class InferenceStore:
             if db.in_transaction:
                 with contextlib.suppress(sqlite3.Error):
                     db.execute("ROLLBACK")
-            self._failure = f"the last commit failed: {exc}"
+            self._failure = f"store not writable: {exc}"
+            if (getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF in _DISK_ERRORS:
+                self._retry_at = time.monotonic() + _RETRY_SECONDS
             raise StoreUnavailable(f"the inference store cannot commit ({self.path}): {exc}") from exc
         except BaseException:
             if db.in_transaction:
@@ -365,10 +396,10 @@ class InferenceStore:
         if problem is not None:
             return f"the inference store cannot commit: {problem}"
         if self._failure is not None:
-            with self._lock:  # the last commit failed: try a small one before saying it works again
+            with self._lock:  # the last commit failed: try one that needs new pages before saying it works again
+                self._retry_at = 0.0
                 try:
-                    self._write(lambda db: db.execute("INSERT OR REPLACE INTO probe (id, ts) VALUES (1, ?)",
-                                                      (time.time(),)))
+                    self._write(_probe)
                 except StoreUnavailable:
                     pass
         return self._failure
@@ -503,6 +534,7 @@ class InferenceStore:
         """Pair the new events of each group with their counterparts (in memory, else in the database)."""
         inserted = frozenset(fresh)
         unclaimed = set(fresh)  # new keys not yet owned by an accepted group
+        bodies: dict[tuple[str, str], bytes] = {}  # body of each key claimed in this call
         results: list[GroupResult | EventError] = []
         rows: list[tuple] = []
         offset = 0
@@ -514,10 +546,12 @@ class InferenceStore:
                 for ev, parts in zip(group, group_items):
                     key = (ev.id, ev.kind)
                     if key not in unclaimed:
+                        self._check_same(db, ev, bodies.get(key) if key in inserted else None)
                         stats.duplicates += 1
                         continue
                     unclaimed.discard(key)
                     claims.append(key)
+                    bodies[key] = ev.body
                     if ev.kind == "request":
                         stats.requests += 1
                     else:
@@ -526,6 +560,8 @@ class InferenceStore:
             except EventError as exc:
                 self._undo(undo)
                 unclaimed.update(claims)
+                for key in claims:
+                    bodies.pop(key, None)
                 results.append(exc)
                 continue
             stats.rows = len(g_rows)
@@ -533,6 +569,17 @@ class InferenceStore:
             undo_all += undo
             results.append(stats)
         return results, rows, sorted(unclaimed)
+
+    @staticmethod
+    def _check_same(db: sqlite3.Connection, ev: ParsedEvent, claimed: bytes | None) -> None:
+        """A repeat of a stored (or just claimed) ``(ce_id, kind)`` is a duplicate only with the same
+        body (a logger's retry); a different event that reuses the id is refused (409), never dropped."""
+        if claimed is None:
+            row = db.execute("SELECT body FROM events WHERE ce_id = ? AND kind = ?", (ev.id, ev.kind)).fetchone()
+            claimed = None if row is None else bytes(row[0])
+        if claimed is not None and claimed != ev.body:
+            raise EventError(409, f"ce-id {ev.id!r} was already used for a different {ev.kind} (another body); "
+                                  "each inference needs its own ce-id", reason="reused_id")
 
     def _undo(self, undo: list[tuple[str, _Pending | None]]) -> None:
         for ce_id, previous in reversed(undo):
@@ -578,28 +625,46 @@ class InferenceStore:
         """Store ground-truth labels ``[{"id", "label", "row_index"=0, "ts"=now}]`` in one transaction.
 
         Labels for ids the store has never seen are stored too (the events may still be in flight)
-        and reported in ``unknown_ids``.
+        and reported in ``unknown_ids``. One label per (request id, row): the same label again is a
+        duplicate (counted, nothing changes), a different one is refused (409) and the first stays;
+        a row beyond a stored request's rows is refused (422). All or nothing.
         """
         now = time.time()
-        params = []
+        params: dict[tuple[str, int], tuple] = {}
         for item in labels:
             if not isinstance(item, dict) or "id" not in item or "label" not in item:
                 raise EventError(422, "each feedback item needs 'id' and 'label'", reason="bad_feedback")
             row_index = item.get("row_index", 0)
-            if not isinstance(row_index, int) or row_index < 0:
+            if row_index.__class__ is bool or not isinstance(row_index, int) or row_index < 0:
                 raise EventError(422, f"feedback for {item['id']!r}: row_index must be a non-negative integer",
                                  reason="bad_feedback")
             ts = item.get("ts", now)
             if isinstance(ts, bool) or not isinstance(ts, (int, float)):
                 raise EventError(422, f"feedback for {item['id']!r}: ts must be epoch seconds", reason="bad_feedback")
-            params.append((str(item["id"]), row_index, _dumps(item["label"]), float(ts)))
-        ids = sorted({p[0] for p in params})
+            key = (str(item["id"]), row_index)
+            label = _dumps(item["label"])
+            if key in params and params[key][2] != label:
+                raise EventError(409, f"feedback for {key[0]!r} row {row_index} gives two different labels",
+                                 reason="label_conflict")
+            params[key] = (*key, label, float(ts))
+        ids = sorted({k[0] for k in params})
         known: set[str] = set()
+        fresh: list[tuple] = []
 
         def work(db: sqlite3.Connection) -> None:
-            db.executemany("INSERT INTO labels (request_id, row_index, label, ts) VALUES (?,?,?,?) "
-                           "ON CONFLICT (request_id, row_index) DO UPDATE SET label = excluded.label, "
-                           "ts = excluded.ts", params)
+            conflicts = []
+            for key, param in params.items():
+                row = db.execute("SELECT label FROM labels WHERE request_id = ? AND row_index = ?", key).fetchone()
+                if row is None:
+                    self._check_row_index(db, *key)
+                    fresh.append(param)
+                elif bytes(row[0] if isinstance(row[0], bytes) else row[0].encode()) != param[2]:
+                    conflicts.append(f"{key[0]!r} row {key[1]}")
+            if conflicts:  # one label per prediction: the first one stays
+                raise EventError(409, f"already labelled with a different label: {', '.join(conflicts[:5])}"
+                                      + (f" and {len(conflicts) - 5} more" if len(conflicts) > 5 else "")
+                                      + "; nothing of this feedback was stored", reason="label_conflict")
+            db.executemany("INSERT INTO labels (request_id, row_index, label, ts) VALUES (?,?,?,?)", fresh)
             for chunk in range(0, len(ids), 500):
                 part = ids[chunk:chunk + 500]
                 marks = ",".join("?" * len(part))
@@ -608,7 +673,24 @@ class InferenceStore:
 
         with self._lock:
             self._write(work)
-        return LabelResult(stored=len(params), unknown_ids=[i for i in ids if i not in known])
+        return LabelResult(stored=len(fresh), unknown_ids=[i for i in ids if i not in known],
+                           duplicates=len(params) - len(fresh))
+
+    def _check_row_index(self, db: sqlite3.Connection, request_id: str, row_index: int) -> None:
+        """Refuse (422) a label for a row the stored request does not have; a request not stored yet
+        keeps its labels waiting (they join by (request id, row) once it is)."""
+        n = db.execute("SELECT COUNT(*) FROM rows WHERE request_id = ?", (request_id,)).fetchone()[0]
+        if not n:
+            pending = self._pending.get(request_id)
+            if pending is not None and pending.kind == "request":
+                n = len(pending.items)
+            else:
+                row = db.execute("SELECT flat FROM events WHERE ce_id = ? AND kind = 'request'",
+                                 (request_id,)).fetchone()
+                n = len(orjson.loads(row[0])) if row is not None and row[0] else 0
+        if n and row_index >= n:
+            raise EventError(422, f"feedback for {request_id!r}: row_index {row_index} is beyond the request's "
+                                  f"{n} rows (0..{n - 1})", reason="bad_feedback")
 
     # ------------------------------------------------------------------ reading
 
@@ -854,6 +936,8 @@ class InferenceStore:
             try:
                 if self._files_problem() is None:
                     self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            except sqlite3.Error as exc:  # a full disk: the WAL keeps what was committed; the next start copies it
+                log.warning("closing the inference store without a checkpoint: %s", exc)
             finally:
                 self._db.close()
 

@@ -57,7 +57,8 @@ from pathlib import Path
 from typing import Any
 
 from driftloop.core.errors import DriftloopError, MonitorError
-from driftloop.core.processes import process_alive, spawn
+from driftloop.core.files import atomic_write, private_dir
+from driftloop.core.processes import process_alive, spawn, stop_process
 from driftloop.core.runs import PipelineRunner, RunRequest
 from monitoring.alerts import STARTED, Alert, AlertStore, Decision, day_ago, decide
 
@@ -328,8 +329,8 @@ class Trigger:
 
     def _spawn_worker(self, alert_id: str, request: Any) -> None:
         settings_file = self.settings.workspace_dir / "monitor" / "runs" / f"{alert_id}.settings.json"
-        settings_file.parent.mkdir(parents=True, exist_ok=True)
-        settings_file.write_text(self.settings.model_dump_json())
+        private_dir(settings_file.parent)
+        atomic_write(settings_file, self.settings.model_dump_json())
         log_file = settings_file.with_suffix("").with_suffix(".log")
         cmd = [sys.executable, "-m", WORKER_MODULE, "--settings", str(settings_file), "--alert-id", alert_id,
                "--request-id", request.request_id, "--store", str(self.alerts.path)]
@@ -346,6 +347,22 @@ class Trigger:
         self._workers[alert_id] = proc
         self.alerts.update(alert_id, worker_pid=proc.pid)
         log.info("retraining worker pid %d for alert %s (log %s)", proc.pid, alert_id, log_file)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the retraining workers this trigger started, each with its process group (the kfp.local
+        task processes and whatever they started in it), when the monitor stops; their alerts are
+        marked STOPPED. A run in an injected runner's thread cannot be stopped and is left to end."""
+        for alert_id, proc in list(self._workers.items()):
+            if proc.poll() is None:
+                log.info("stopping the retraining worker pid %d of alert %s", proc.pid, alert_id)
+                stop_process(proc.pid, timeout=timeout)
+                try:
+                    if (self.alerts.get(alert_id) or {}).get("finished") is None:
+                        self.alerts.update(alert_id, finished=self.clock(), run_state="STOPPED",
+                                           reason="the monitor stopped during the run")
+                except sqlite3.Error as exc:
+                    log.warning("alert %s not marked STOPPED: %s", alert_id, exc)
+            self._workers.pop(alert_id, None)
 
     def wait(self, alert_id: str, timeout: float = 600.0) -> dict[str, Any]:
         """Block until the run started for ``alert_id`` has finished (tests, one-shot use)."""

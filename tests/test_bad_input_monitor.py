@@ -37,7 +37,7 @@ def monitor(tmp_path_factory, trained):
     mp.setenv(WEBHOOK_TOKEN_ENV, TOKEN)
     service = MonitorService(settings, runner=RecordingRunner())
     mp.undo()
-    with TestClient(service.app) as client:
+    with TestClient(service.app, headers={"authorization": f"Bearer {service.ingest_token}"}) as client:
         acked = set()
         for i in range(3):
             ce_id = f"good-{i}"

@@ -49,6 +49,11 @@ def _service(tmp_path, trained, monkeypatch, **extra):
     return MonitorService(_settings(tmp_path, trained, **extra), runner=runner), runner
 
 
+def _auth(service: MonitorService) -> dict[str, str]:
+    """The ingest token the monitor's /events, /feedback and checks require."""
+    return {"authorization": f"Bearer {service.ingest_token}"}
+
+
 def _send(client: TestClient, rows: pd.DataFrame, model) -> None:
     """The rows as request/response CloudEvents (one batch of structured events), predicted by ``model``."""
     features = rows[FEATURES]
@@ -69,7 +74,7 @@ def _rows(drift: bool, n: int = 300, seed: int = 5) -> pd.DataFrame:
 
 def test_drift_is_flagged_reported_and_triggers_one_run(tmp_path, trained, champion_model, monkeypatch):
     service, runner = _service(tmp_path, trained, monkeypatch)
-    with TestClient(service.app) as client:
+    with TestClient(service.app, headers=_auth(service)) as client:
         _send(client, _rows(drift=True), champion_model)
         first = client.post("/check").json()
         assert first["verdict"] == "drift", first
@@ -110,7 +115,7 @@ def test_one_large_request_cannot_raise_an_alert_or_start_a_run(tmp_path, traine
     service, runner = _service(tmp_path, trained, monkeypatch, **{"monitor.min_requests": 5,
                                                                   "monitor.max_rows_per_request": 40,
                                                                   "monitor.window_rows": 2000})
-    with TestClient(service.app) as client:
+    with TestClient(service.app, headers=_auth(service)) as client:
         row = _rows(drift=True, n=1)
         _send_one_request(client, pd.concat([row] * 1500, ignore_index=True), champion_model)
         outcome = client.post("/check").json()
@@ -141,7 +146,7 @@ def _send_one_request(client: TestClient, rows: pd.DataFrame, model) -> None:
 
 def test_no_drift_and_insufficient_data(tmp_path, trained, champion_model, monkeypatch):
     service, runner = _service(tmp_path, trained, monkeypatch)
-    with TestClient(service.app) as client:
+    with TestClient(service.app, headers=_auth(service)) as client:
         _send(client, _rows(drift=False, n=100), champion_model)
         thin = client.post("/check").json()
         assert thin["verdict"] == "insufficient data" and "100 rows" in thin["reason"]
@@ -158,7 +163,7 @@ def test_alertmanager_webhook_needs_the_token(tmp_path, trained, monkeypatch):
     payload = {"version": "4", "status": "firing", "receiver": "driftloop", "alerts": [
         {"status": "firing", "labels": {"alertname": "ChurnDrift"}, "fingerprint": "f00d",
          "startsAt": "2026-01-31T00:00:00Z"}]}
-    with TestClient(service.app) as client:
+    with TestClient(service.app, headers=_auth(service)) as client:
         assert client.post("/alerts/alertmanager", json=payload).status_code == 401
         wrong = client.post("/alerts/alertmanager", json=payload, headers={"authorization": "Bearer nope"})
         assert wrong.status_code == 401 and "token" in wrong.json()["error"]
@@ -183,7 +188,7 @@ def test_missing_reference_is_an_error_not_a_pass(tmp_path, scenario_path, monke
     monkeypatch.setenv(WEBHOOK_TOKEN_ENV, TOKEN)
     settings = make_settings(tmp_path / "empty", scenario_path, **{"monitor.min_samples": 1})
     service = MonitorService(settings, runner=RecordingRunner())
-    with TestClient(service.app) as client:
+    with TestClient(service.app, headers=_auth(service)) as client:
         r = client.post("/check")
         assert r.status_code == 409 and "no drift reference" in r.json()["error"]
 
@@ -267,7 +272,7 @@ def test_alerts_command_lists_decisions_and_runs(tmp_path, monkeypatch):
 def test_sliding_window_and_report_on_request_on_a_bounded_sample(tmp_path, trained, champion_model, monkeypatch):
     service, runner = _service(tmp_path, trained, monkeypatch, **{
         "monitor.window_kind": "sliding", "monitor.window_rows": 250, "monitor.report_sample_rows": 100})
-    with TestClient(service.app) as client:
+    with TestClient(service.app, headers=_auth(service)) as client:
         _send(client, _rows(drift=False, n=300, seed=8), champion_model)
         out = client.post("/check", params={"report": "true"}).json()
         assert out["window"]["kind"] == "sliding" and out["window"]["rows"] == 250

@@ -20,6 +20,7 @@ from tests.ce_events import COLUMNS, binary, instance, pair, structured
 from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
+SINK_TOKEN = "sink-ingest-token"
 
 
 class SinkProcess:
@@ -29,9 +30,11 @@ class SinkProcess:
         self.store = store
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.headers = {"authorization": f"Bearer {SINK_TOKEN}"}  # the ingest token (DRIFTLOOP_INGEST_TOKEN)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "monitoring.sink", "--store", str(store), "--port", str(self.port),
-             "--model", "churn", "--columns", ",".join(COLUMNS)], cwd=ROOT)
+             "--model", "churn", "--columns", ",".join(COLUMNS)], cwd=ROOT,
+            env={**os.environ, "DRIFTLOOP_INGEST_TOKEN": SINK_TOKEN})
         deadline = time.time() + 30
         while True:
             try:
@@ -74,7 +77,7 @@ def send(client, headers, body):
 
 
 def test_pairs_logger_events_into_rows(sink):
-    with httpx.Client(base_url=sink.url) as c:
+    with httpx.Client(base_url=sink.url, headers=sink.headers) as c:
         (rq, rs) = pair("pair-1", n=3, start=0, version="4", role="challenger")
         r = send(c, *rs)  # the response may arrive first
         assert r.status_code == 200 and r.json() == {"stored": 1, "duplicates": 0}
@@ -101,7 +104,7 @@ def test_batches_are_stored_in_one_request(sink):
     for i in range(50):
         items.append(structured(f"batch-{i}", "request", {"instances": [instance(i)]}))
         items.append(structured(f"batch-{i}", "response", {"predictions": [i % 2]}, version="1"))
-    with httpx.Client(base_url=sink.url) as c:
+    with httpx.Client(base_url=sink.url, headers=sink.headers) as c:
         before = metric(c, "driftloop_monitor_rows_stored_total")
         r = c.post("/events", content=orjson.dumps(items),
                    headers={"content-type": "application/cloudevents-batch+json"})
@@ -110,7 +113,7 @@ def test_batches_are_stored_in_one_request(sink):
 
 
 def test_bad_events_get_clear_4xx_counted_and_lose_nothing(sink):
-    with httpx.Client(base_url=sink.url) as c:
+    with httpx.Client(base_url=sink.url, headers=sink.headers) as c:
         for rq_rs in (pair("keep-1"), pair("keep-2", n=2)):
             for ev in rq_rs:
                 assert send(c, *ev).status_code == 200
@@ -126,7 +129,8 @@ def test_bad_events_get_clear_4xx_counted_and_lose_nothing(sink):
             ((headers, b"<xml/>"), 400, "not JSON", "bad_json"),
             (binary("bad-2", "request", {"instances": [instance(0)]}, model="fraud"), 404, "'fraud'", "unknown_model"),
             (binary("bad-3", "request", {"instances": [row]}), 422, "missing ['plan']", "columns"),
-            (binary("keep-2", "response", {"predictions": [1, 0, 1]}), None, None, None),  # duplicate: acked
+            (pair("keep-2", n=2)[1], None, None, None),  # a retry of the same event: a duplicate, acked
+            (binary("keep-2", "response", {"predictions": [1, 0, 1]}), 409, "'keep-2' was already used", "reused_id"),
             (binary("bad-4", "request", {"instances": [instance(0), instance(1)]}), None, None, None),
             (binary("bad-4", "response", {"predictions": [1]}), 422, "2 rows but response has 1", "row_count"),
         ]
@@ -150,7 +154,7 @@ def test_bad_events_get_clear_4xx_counted_and_lose_nothing(sink):
 
 
 def test_feedback_and_quality_per_version(sink):
-    with httpx.Client(base_url=sink.url) as c:
+    with httpx.Client(base_url=sink.url, headers=sink.headers) as c:
         for ev in pair("q-1", n=2, version="21"):  # predictions 0, 1
             send(c, *ev)
         for ev in pair("q-2", n=1, version="22"):  # prediction 0
@@ -158,7 +162,7 @@ def test_feedback_and_quality_per_version(sink):
         t0 = time.time() - 60
         r = c.post("/feedback", json=[{"id": "q-1", "label": 0}, {"id": "q-1", "row_index": 1, "label": 0},
                                       {"id": "q-2", "label": 0}, {"id": "nobody", "label": 1}])
-        assert r.status_code == 200 and r.json() == {"stored": 4, "unknown_ids": ["nobody"]}
+        assert r.status_code == 200 and r.json() == {"stored": 4, "duplicates": 0, "unknown_ids": ["nobody"]}
         q = c.get("/quality", params={"since": t0}).json()["versions"]
         assert q["21"] == {"n": 2, "accuracy": 0.5} and q["22"] == {"n": 1, "accuracy": 1.0}
         assert c.get("/quality", params={"since": "2999-01-01T00:00:00Z"}).json()["versions"] == {}
@@ -176,7 +180,7 @@ def test_kill_9_mid_stream_loses_no_acknowledged_event(tmp_path):
     stop = threading.Event()
 
     def single_sender(worker: int) -> None:
-        with httpx.Client(base_url=sink.url, timeout=5) as c:
+        with httpx.Client(base_url=sink.url, timeout=5, headers=sink.headers) as c:
             i = 0
             while not stop.is_set():
                 for ev, kind in zip(pair(f"w{worker}-{i}", n=2, start=i), ("request", "response")):
@@ -190,7 +194,7 @@ def test_kill_9_mid_stream_loses_no_acknowledged_event(tmp_path):
                 i += 1
 
     def batch_sender() -> None:
-        with httpx.Client(base_url=sink.url, timeout=5) as c:
+        with httpx.Client(base_url=sink.url, timeout=5, headers=sink.headers) as c:
             i = 0
             while not stop.is_set():
                 ids = [f"b-{i}-{j}" for j in range(100)]
@@ -235,7 +239,7 @@ def test_kill_9_mid_stream_loses_no_acknowledged_event(tmp_path):
             both = {i for i, k in acked if k == "request" and (i, "response") in acked}
             assert both <= paired_ids
         # the restarted sink pairs an event left half-done by the crash
-        with httpx.Client(base_url=restarted.url) as c:
+        with httpx.Client(base_url=restarted.url, headers=restarted.headers) as c:
             (rq, rs) = pair("after-restart", n=1)
             assert send(c, *rq).status_code == 200
             with InferenceStore(store_path) as store:

@@ -28,9 +28,12 @@ def monitor_cmd(
 ) -> None:
     """Run the monitor: inference-log sink, periodic drift checks, metrics, alerts and the retraining trigger."""
     from driftloop.core.console import console, settings_from
-    from monitoring.service import WEBHOOK_TOKEN_ENV, MonitorService
+    from driftloop.core.files import private_umask
+    from monitoring.service import WEBHOOK_TOKEN_ENV, MonitorService, ingest_token_path
+    from monitoring.sink import INGEST_TOKEN_ENV
     from pipelines.runner import runner_for
 
+    private_umask()  # inference log, alert store, reports, their -wal/-shm: owner-only from the start
     settings = settings_from(config, params)
     service = MonitorService(settings, runner_factory=runner_for)
     bind_host = host or settings.monitor.host
@@ -39,6 +42,9 @@ def monitor_cmd(
                   f"GET /alerts; checks every {settings.monitor.check_interval_seconds:g}s")
     import os
 
+    where = INGEST_TOKEN_ENV if os.environ.get(INGEST_TOKEN_ENV) else str(ingest_token_path(settings))
+    console.print(f"POST /events and /feedback need the ingest token ({where}); /events without one: "
+                  f"{'accepted (monitor.events_auth=network)' if settings.monitor.events_auth == 'network' else 'refused'}")
     if not os.environ.get(WEBHOOK_TOKEN_ENV):
         console.print(f"[yellow]{WEBHOOK_TOKEN_ENV} is not set: the Alertmanager webhook refuses every call[/]")
     service.run(host=bind_host, port=bind_port)

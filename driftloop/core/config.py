@@ -367,6 +367,10 @@ class MonitorConfig(_Section):
     store_synchronous: Literal["NORMAL", "FULL"] = Field(
         "NORMAL", description="NORMAL: acked events survive a crash of the process; FULL: also a power loss (slower)")
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="largest event or batch the sink accepts")
+    events_auth: Literal["token", "network"] = Field(
+        "token", description="POST /events: token = the ingest bearer token is required; network = a request "
+                             "without one is accepted (KServe's logger sends no header; the NetworkPolicy is the "
+                             "boundary), a wrong one is still refused. Env DRIFTLOOP_EVENTS_AUTH")
     quality: QualityConfig = QualityConfig()
 
 
@@ -567,6 +571,9 @@ def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
         if not name.startswith(ENV_PREFIX) or name in SECRET_ENV:
             continue
         if name in ("DRIFTLOOP_CONFIG",):
+            continue
+        if name == "DRIFTLOOP_EVENTS_AUTH":  # the monitor's /events auth mode, short as infra/ sets it
+            _set_path(out, ["monitor", "events_auth"], raw.strip())
             continue
         path = name[len(ENV_PREFIX):].lower().split("__")
         _set_path(out, path, _parse_scalar(raw))
