@@ -1,7 +1,10 @@
 """Serving commands: ``driftloop serve``, ``driftloop deploy`` and ``driftloop rollout …``.
 
 ``register(app)`` attaches them to the main CLI. ``serve`` runs the embedded default (champion
-[+ pending canary] model servers behind the local gateway) until Ctrl-C and stops everything;
+[+ pending canary] model servers behind the local gateway) until Ctrl-C and stops everything,
+supervising them meanwhile (``serving.local_backend.Supervisor``: a process that dies or stops
+answering is restarted with back-off, a canary that keeps dying is rolled back); ``serve status``
+shows what runs, what is down and how often each was restarted;
 ``deploy`` renders or applies the InferenceService on a cluster; ``rollout`` shows and drives
 the canary analysis.
 """
@@ -21,7 +24,7 @@ from rich.table import Table
 from driftloop.core.console import ConfigOpt, ParamOpt
 from driftloop.core.errors import ServingError
 
-__all__ = ["register", "rollout_app", "target_for"]
+__all__ = ["register", "rollout_app", "serve_app", "target_for"]
 
 rollout_app = typer.Typer(help="Canary rollouts: status, run the analysis, promote or roll back by hand.",
                           no_args_is_help=True)
@@ -60,13 +63,24 @@ def target_for(settings: Any) -> Any:
     return GatewayTarget(url, backend=backend, token=backend.admin_token())
 
 
+serve_app = typer.Typer(help="Serve the champion (and a pending canary) behind the local gateway until Ctrl-C.")
+
+
+@serve_app.callback(invoke_without_command=True)
 def serve(
+    ctx: typer.Context,
     config: ConfigOpt = None,
     params: ParamOpt = None,
     port: Annotated[Optional[int], typer.Option(help="Gateway port (default serving.gateway_port; 0 = free port).")] = None,
     rollout: Annotated[bool, typer.Option(help="Also drive a pending canary rollout while serving.")] = True,
 ) -> None:
-    """Serve the champion (and a pending canary) behind the local gateway until Ctrl-C."""
+    """Serve the champion (and a pending canary) behind the local gateway until Ctrl-C.
+
+    Every model server and the gateway are supervised: one that dies or stops answering its
+    readiness probe is restarted (back-off 1 s doubling to 60 s) while the gateway routes around
+    it; a canary that dies 3 times within 10 minutes is rolled back."""
+    if ctx.invoked_subcommand is not None:
+        return
     from driftloop.core.console import console, settings_from
 
     from driftloop.core.registry import CHAMPION
@@ -117,24 +131,70 @@ def _serve_until_interrupted(settings: Any, backend: Any, registry: Any, state: 
         console.print(f"canary v{canary[0]} takes {percent:g}% of traffic")
     console.print("feedback: POST /feedback {\"id\": <x-request-id>, \"label\": ...} as application/json; "
                   "Ctrl-C stops everything")
-    controller = RolloutController(settings, target_for(settings), registry) if rollout else None
-    while True:
-        # a failing rollout step (gateway busy or refusing, registry down) is reported and retried at the
-        # next interval; it never stops serving
-        try:
-            current = controller.store.load() if controller is not None else None
-            if current is not None and current.status in (PENDING, PROGRESSING) and backend.status().get("canary"):
-                rec = controller.step()
-                console.print(f"rollout: {rec.get('decision')} at {rec.get('weight')}% — {rec.get('reason')}")
-                time.sleep(settings.rollout.interval_seconds)
-                continue
-        except Exception as exc:  # noqa: BLE001 (serving outlives any one rollout step)
-            detail = str(exc) if isinstance(exc, DriftloopError) else f"{type(exc).__name__}: {exc}"
-            err_console.print(f"[yellow]rollout step failed, retried next interval:[/] {detail}")
-            time.sleep(settings.rollout.interval_seconds)
-            continue
-        time.sleep(1.0)
+    from serving.local_backend import Supervisor
 
+    target = target_for(settings)
+    controller = RolloutController(settings, target, registry)
+
+    def roll_back_crash_looping_canary(reason: str) -> None:
+        """Through the rollout's own path when one is open for this canary, else straight at the backend."""
+        current = controller.store.load()
+        canary_now = backend.status().get("canary") or {}
+        if current is not None and not current.done and current.canary_version == canary_now.get("version"):
+            controller.rollback(reason)
+        else:
+            backend.rollback()
+        err_console.print(f"[red]rolled back:[/] {reason}")
+
+    supervisor = Supervisor(backend, on_crashloop=roll_back_crash_looping_canary)
+    next_step = 0.0
+    while True:
+        supervisor.tick()
+        # a failing rollout step (gateway busy or refusing, registry down) is reported and retried at the
+        # next interval; it never stops serving. While a process is down the rollout waits.
+        if rollout and not supervisor.degraded and time.monotonic() >= next_step:
+            try:
+                current = controller.store.load()
+                if current is not None and current.status in (PENDING, PROGRESSING) and backend.status().get("canary"):
+                    next_step = time.monotonic() + settings.rollout.interval_seconds
+                    rec = controller.step()
+                    console.print(f"rollout: {rec.get('decision')} at {rec.get('weight')}% — {rec.get('reason')}")
+            except Exception as exc:  # noqa: BLE001 (serving outlives any one rollout step)
+                detail = str(exc) if isinstance(exc, DriftloopError) else f"{type(exc).__name__}: {exc}"
+                err_console.print(f"[yellow]rollout step failed, retried next interval:[/] {detail}")
+        time.sleep(0.5)
+
+
+@serve_app.command("status")
+def serve_status(
+    config: ConfigOpt = None,
+    params: ParamOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="The serving state as one JSON document.")] = False,
+) -> None:
+    """What serves in this workspace: each process, the split, what is down and how often each was restarted."""
+    import json
+
+    from driftloop.core.console import console, settings_from
+    from serving.local_backend import LocalBackend
+
+    state = LocalBackend(settings_from(config, params)).status()
+    if as_json:
+        typer.echo(json.dumps(state, default=str))
+        return
+    table = Table(title="driftloop serve")
+    for col in ("role", "version", "pid", "url", "state", "restarts"):
+        table.add_column(col)
+    down, restarts = state.get("down") or {}, state.get("restarts") or {}
+    entries = [state[r] for r in ("gateway", "primary", "canary") if state.get(r)] + list(state.get("replicas") or [])
+    for e in entries:
+        table.add_row(e["role"], e.get("version") or "–", str(e["pid"]), e["url"],
+                      "[red]down[/]" if e["role"] in down else "up", str(restarts.get(e["role"], 0)))
+    console.print(table)
+    if state.get("canary"):
+        console.print(f"canary weight: {state.get('canary_percent', 0):g}%")
+    if state.get("pending_canary"):
+        p = state["pending_canary"]
+        console.print(f"pending canary v{p['version']} at {p.get('percent', 0):g}% (starts with `driftloop serve`)")
 
 def deploy(
     config: ConfigOpt = None,
@@ -347,6 +407,6 @@ def rollout_approve(config: ConfigOpt = None, params: ParamOpt = None) -> None:
 
 def register(app: typer.Typer) -> None:
     """Attach ``serve``, ``deploy`` and the ``rollout`` group to the driftloop CLI."""
-    app.command("serve")(serve)
+    app.add_typer(serve_app, name="serve")
     app.command("deploy")(deploy)
     app.add_typer(rollout_app, name="rollout")

@@ -36,7 +36,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-__all__ = ["spawn", "die_with_parent", "process_alive", "free_port", "stop_process", "WATCHER_MODULE"]
+__all__ = ["spawn", "die_with_parent", "process_alive", "free_port", "stop_process", "stop_processes",
+           "WATCHER_MODULE"]
 
 #: ``python -m`` module of the watcher that leads a child's process group (see the module doc).
 WATCHER_MODULE = "driftloop.core.processes"
@@ -92,22 +93,36 @@ def _reap(pid: int) -> None:
 
 def stop_process(pid: int, timeout: float = 10.0) -> None:
     """SIGTERM the process group of ``pid`` (its own session), SIGKILL it after ``timeout``."""
+    stop_processes([pid], timeout)
+
+
+def stop_processes(pids: Sequence[int], timeout: float = 10.0) -> None:
+    """Stop the process groups of ``pids`` together: SIGTERM to all at once, one shared wait of at
+    most ``timeout``, then SIGKILL to what is left (and 5 s more for the kernel to take it).
+
+    Bounded however many there are and however slow each one is to stop: no process's grace
+    period waits on another's.
+    """
+    left = [p for p in dict.fromkeys(pids) if p]
     for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(pid, sig)
-        except ProcessLookupError:
-            _reap(pid)
-            return
-        except PermissionError:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
+        for pid in left:
+            try:
+                os.killpg(pid, sig)
+            except ProcessLookupError:
+                _reap(pid)
+            except PermissionError:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
         deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            _reap(pid)
-            if not process_alive(pid):
-                return
-            time.sleep(0.05)
-    log.warning("process %d did not stop", pid)
+        while left and time.monotonic() < deadline:
+            for pid in left:
+                _reap(pid)
+            left = [p for p in left if process_alive(p)]
+            if left:
+                time.sleep(0.05)
+        if not left:
+            return
+    log.warning("process(es) %s did not stop", ", ".join(map(str, left)))
 
 
 def die_with_parent(sig: int = signal.SIGTERM) -> Callable[[], None]:
