@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -31,7 +32,9 @@ from typing import Any
 import httpx
 import orjson
 
-__all__ = ["FeedbackForwarder", "ForwardResult"]
+from driftloop.core.files import PRIVATE_FILE_MODE, private_dir
+
+__all__ = ["FeedbackForwarder", "ForwardResult", "Outbox"]
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +44,97 @@ CREATE TABLE IF NOT EXISTS outbox (seq INTEGER PRIMARY KEY, body BLOB NOT NULL, 
 CREATE TABLE IF NOT EXISTS dead (seq INTEGER PRIMARY KEY, body BLOB NOT NULL, created REAL NOT NULL,
                                  reason TEXT NOT NULL);
 """
+
+
+class Outbox:
+    """A durable FIFO of opaque bodies in one SQLite file (``synchronous=FULL``: a body is on disk
+    once :meth:`put` returns), plus a ``dead`` table for what the receiver refused.
+
+    ``max_rows``/``max_bytes`` bound what waits (``None``: unbounded); :meth:`put` stores the bodies
+    that fit and returns how many, so the caller counts the rest as dropped. The file is the
+    owner's only (0600, in a 0700 folder). Thread-safe; call it off the event loop.
+    """
+
+    def __init__(self, path: str | Path, *, max_rows: int | None = None, max_bytes: int | None = None) -> None:
+        self.path = Path(path)
+        private_dir(self.path.parent)
+        os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, PRIVATE_FILE_MODE))  # SQLite's WAL copies the mode
+        self.max_rows = max_rows
+        self.max_bytes = max_bytes
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def put(self, bodies: list[bytes], error: str) -> int:
+        """Append the bodies that fit under the bounds, in one transaction; returns how many."""
+        with self._lock:
+            room = len(bodies)
+            if self.max_rows is not None or self.max_bytes is not None:
+                rows, size = self._db.execute("SELECT COUNT(*), COALESCE(SUM(LENGTH(body)), 0) FROM outbox").fetchone()
+                if self.max_rows is not None:
+                    room = min(room, max(0, self.max_rows - rows))
+                if self.max_bytes is not None:
+                    fit, free = 0, self.max_bytes - size
+                    for body in bodies[:room]:
+                        free -= len(body)
+                        if free < 0:
+                            break
+                        fit += 1
+                    room = fit
+            if room:
+                now, note = time.time(), error[:500]
+                self._db.execute("BEGIN IMMEDIATE")
+                self._db.executemany("INSERT INTO outbox (body, created, attempts, last_error) VALUES (?, ?, 1, ?)",
+                                     [(body, now, note) for body in bodies[:room]])
+                self._db.execute("COMMIT")
+            return room
+
+    def oldest(self, limit: int = 1) -> list[tuple[int, bytes]]:
+        with self._lock:
+            return self._db.execute("SELECT seq, body FROM outbox ORDER BY seq LIMIT ?", (limit,)).fetchall()
+
+    def delete(self, seqs: list[int]) -> None:
+        with self._lock:
+            self._db.executemany("DELETE FROM outbox WHERE seq = ?", [(s,) for s in seqs])
+
+    def failed(self, seqs: list[int], error: str) -> None:
+        """Note one more failed attempt at sending these rows; they stay first in line."""
+        with self._lock:
+            self._db.executemany("UPDATE outbox SET attempts = attempts + 1, last_error = ? WHERE seq = ?",
+                                 [(error[:500], s) for s in seqs])
+
+    def bury(self, rows: list[tuple[int, bytes]], reason: str) -> None:
+        """Move rows the receiver refused to the ``dead`` table, with its reason (never silently dropped)."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.executemany("INSERT INTO dead (seq, body, created, reason) VALUES (?, ?, ?, ?)",
+                                 [(seq, body, time.time(), reason[:500]) for seq, body in rows])
+            self._db.executemany("DELETE FROM outbox WHERE seq = ?", [(seq,) for seq, _ in rows])
+            self._db.execute("COMMIT")
+
+    def pending(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+
+    def counts(self) -> dict[str, int]:
+        """Rows waiting (``pending``) and set aside as refused (``dead``); zeros once closed."""
+        try:
+            with self._lock:
+                pending = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
+                dead = self._db.execute("SELECT COUNT(*) FROM dead").fetchone()[0]
+        except sqlite3.ProgrammingError:  # closed: the gateway is stopping
+            return {"pending": 0, "dead": 0}
+        return {"pending": int(pending), "dead": int(dead)}
+
+    def dead(self) -> list[tuple[int, bytes, str]]:
+        with self._lock:
+            return self._db.execute("SELECT seq, body, reason FROM dead ORDER BY seq").fetchall()
 
 
 class ForwardResult:
@@ -59,17 +153,12 @@ class FeedbackForwarder:
     def __init__(self, url: str, outbox: str | Path, *, timeout: float = 2.0, retry_seconds: float = 1.0,
                  batch: int = 500, headers: dict[str, str] | None = None) -> None:
         self.url = url
-        self.path = Path(outbox)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.outbox = Outbox(outbox)
+        self.path = self.outbox.path
         self.timeout = timeout
         self.retry_seconds = retry_seconds
         self.batch = batch
         self.headers = {"content-type": "application/json", **(headers or {})}
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
-        self._lock = threading.Lock()
         self._client: httpx.AsyncClient | None = None
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
@@ -90,33 +179,21 @@ class FeedbackForwarder:
             await asyncio.gather(self._task, return_exceptions=True)
         if self._client is not None:
             await self._client.aclose()
-        with self._lock:
-            self._db.close()
+        self.outbox.close()
 
     # -- outbox ---------------------------------------------------------------------------------
     def pending(self) -> int:
-        with self._lock:
-            return int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+        return self.outbox.pending()
 
     def counts(self) -> dict[str, int]:
         """Label batches waiting in the outbox and set aside as refused (``dead``); zeros once closed."""
-        try:
-            with self._lock:
-                pending = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
-                dead = self._db.execute("SELECT COUNT(*) FROM dead").fetchone()[0]
-        except sqlite3.ProgrammingError:  # closed: the gateway is stopping
-            return {"pending": 0, "dead": 0}
-        return {"pending": int(pending), "dead": int(dead)}
+        return self.outbox.counts()
 
     def dead(self) -> list[dict[str, Any]]:
-        with self._lock:
-            rows = self._db.execute("SELECT seq, body, reason FROM dead ORDER BY seq").fetchall()
-        return [{"seq": s, "items": orjson.loads(b), "reason": r} for s, b, r in rows]
+        return [{"seq": s, "items": orjson.loads(b), "reason": r} for s, b, r in self.outbox.dead()]
 
     def _enqueue(self, body: bytes, error: str) -> None:
-        with self._lock:
-            self._db.execute("INSERT INTO outbox (body, created, attempts, last_error) VALUES (?, ?, 1, ?)",
-                             (body, time.time(), error[:500]))
+        self.outbox.put([body], error)
 
     # -- sending --------------------------------------------------------------------------------
     async def _post(self, body: bytes) -> tuple[int | None, Any]:
@@ -153,29 +230,20 @@ class FeedbackForwarder:
         sent = 0
         async with self._send_lock:
             while True:
-                with self._lock:
-                    row = self._db.execute("SELECT seq, body FROM outbox ORDER BY seq LIMIT 1").fetchone()
-                if row is None:
+                rows = self.outbox.oldest(1)
+                if not rows:
                     return sent
-                seq, body = row
+                seq, body = rows[0]
                 status, detail = await self._post(body)
                 if status is not None and status < 300:
-                    with self._lock:
-                        self._db.execute("DELETE FROM outbox WHERE seq = ?", (seq,))
+                    self.outbox.delete([seq])
                     sent += 1
                     continue
                 if status is not None and 400 <= status < 500 and status not in (408, 429):
                     log.error("monitor refused queued feedback #%d: %s %s", seq, status, detail)
-                    with self._lock:
-                        self._db.execute("BEGIN IMMEDIATE")
-                        self._db.execute("INSERT INTO dead (seq, body, created, reason) VALUES (?, ?, ?, ?)",
-                                         (seq, body, time.time(), f"{status}: {detail}"[:500]))
-                        self._db.execute("DELETE FROM outbox WHERE seq = ?", (seq,))
-                        self._db.execute("COMMIT")
+                    self.outbox.bury([(seq, body)], f"{status}: {detail}")
                     continue
-                with self._lock:
-                    self._db.execute("UPDATE outbox SET attempts = attempts + 1, last_error = ? WHERE seq = ?",
-                                     (f"{status}: {detail}"[:500], seq))
+                self.outbox.failed([seq], f"{status}: {detail}")
                 return sent
 
     async def _retry_loop(self) -> None:

@@ -36,13 +36,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import hmac
 import json
 import logging
 import math
 import os
+import sqlite3
 import time
 import uuid
+import zlib
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -55,11 +59,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from serving.feedback import FeedbackForwarder
+from serving.feedback import FeedbackForwarder, Outbox
+from serving.oip import HEADER_LENGTH, json_body, match_route, without_binary_scores
 from serving.traffic import CANARY, PRIMARY, Splitter, TrafficStats
 
 __all__ = ["Upstream", "GatewayConfig", "EventLogger", "create_gateway_app", "main", "check_upstream",
-           "REQUEST_TYPE", "RESPONSE_TYPE", "ADMIN_TOKEN_ENV"]
+           "REQUEST_TYPE", "RESPONSE_TYPE", "ADMIN_TOKEN_ENV", "INGEST_TOKEN_ENV"]
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +77,11 @@ _BATCH_TYPE = "application/cloudevents-batch+json"
 _STRUCTURED_TYPE = "application/cloudevents+json"
 # Asks the predictor for class scores (serving.predictor.SCORES_HEADER; not imported: kserve is heavy).
 SCORES_HEADER = "x-driftloop-scores"
+SCORES_OUTPUT = "scores"
 # The bearer token that PUT /admin/* needs; read from the environment only.
 ADMIN_TOKEN_ENV = "DRIFTLOOP_GATEWAY_TOKEN"
+# The bearer token the gateway sends with every POST to the sink's /events and the monitor's /feedback.
+INGEST_TOKEN_ENV = "DRIFTLOOP_INGEST_TOKEN"
 _MAX_ADMIN_BYTES = 64 * 1024
 _MAX_ID_CHARS = 256
 _MAX_LABEL_CHARS = 256
@@ -115,6 +123,12 @@ class GatewayConfig:
     replicas: list[Upstream] = field(default_factory=list)  # more servers of the primary's version
     shadow_percent: float = 0.0  # share of served requests mirrored to the canary upstream (serving.shadow)
     shadow_timeout: float = 2.0
+    ingest_token: str | None = field(default=None, repr=False)  # sent to the sink and /feedback
+    event_outbox: str | None = None  # SQLite file keeping events the sink has not taken yet (None: drop them)
+    event_outbox_max_rows: int = 200_000
+    event_outbox_max_bytes: int = 512 * 1024 * 1024
+    event_retry_seconds: float = 1.0
+    request_ids: int = 100_000  # client request ids remembered, to refuse one reused for other rows
 
     def __post_init__(self) -> None:
         check_percent(self.canary_percent)
@@ -181,6 +195,31 @@ class _Metrics:
         self.feedback_outbox = Gauge("driftloop_gateway_feedback_outbox", "Label batches in the gateway's outbox: "
                                      "waiting for the monitor (pending) or refused by it and set aside (dead)",
                                      ["state"], registry=r)
+        self.event_outbox = Gauge("driftloop_gateway_event_outbox", "Inference-log events in the gateway's outbox: "
+                                  "waiting for the sink (pending) or refused by it (dead)", ["state"], registry=r)
+
+
+class _DropLog:
+    """Logs what was dropped at most once a minute per reason, with the count since the last line."""
+
+    def __init__(self, every: float = 60.0) -> None:
+        self.every = every
+        self._pending: dict[str, int] = {}
+        self._last: dict[str, float] = {}
+
+    def note(self, reason: str, n: int, detail: str = "") -> None:
+        self._pending[reason] = self._pending.get(reason, 0) + n
+        now = time.monotonic()
+        if now - self._last.get(reason, -self.every) >= self.every:
+            count, self._pending[reason] = self._pending[reason], 0
+            self._last[reason] = now
+            log.warning("inference-log events dropped (%s): %d since the last report%s", reason, count,
+                        f"; {detail}" if detail else "")
+
+
+# one queued request/response pair: id, role, version, path, request, response, time, and the JSON
+# header lengths of a binary request/response (None: the body is JSON)
+_Item = tuple[str, str, str, str, bytes, bytes, float, "int | None", "int | None"]
 
 
 class EventLogger:
@@ -188,69 +227,106 @@ class EventLogger:
 
     Events go out in ``application/cloudevents-batch+json`` batches (structured mode: the same
     attributes KServe's logger sends as ``ce-*`` headers, plus ``modelversion``/``servingrole``,
-    with the request or response body spliced in as ``data`` byte for byte): whatever is queued
-    when a sender is free goes in one POST, so under load a batch carries many requests and the
-    sink stores them in one transaction. A batch the sink refuses with a 4xx (one bad event
-    refuses all) is sent again event by event, so only the refused events are dropped. A full
-    queue drops the new pair and counts it (``driftloop_gateway_events_dropped_total{reason=
-    "queue_full"}``); an unreachable or failing sink drops what it was sent and counts it
-    (``sink_unreachable``, ``sink_<status>``). Nothing here ever waits on the request path.
-    A sender that finds fewer than ``max_batch`` pairs queued waits ``linger`` seconds for more
-    first, so at a low request rate the sink still gets few, large POSTs.
+    with the request or response body spliced in as ``data``; a V2 body with binary tensors is
+    first turned into the JSON form of the same tensors, see :func:`serving.oip.json_body`):
+    whatever is queued when a sender is free goes in one POST, so under load a batch carries many
+    requests and the sink stores them in one transaction. A batch the sink refuses with a 4xx (one
+    bad event refuses all) is sent again event by event, so only the refused events are dropped.
+    Each POST carries ``Authorization: Bearer <ingest token>`` when one is set.
+
+    Without an ``outbox``, a full queue drops the new pair and an unreachable or failing sink drops
+    what it was sent; both are counted (``driftloop_gateway_events_dropped_total{reason}``). With an
+    ``outbox`` (:class:`serving.feedback.Outbox`, a bounded SQLite file), what the sink did not take
+    (unreachable, 5xx, 429, shutdown) waits there and is sent again with back-off (``retry_seconds``
+    doubling up to ``max_retry_seconds``), oldest first; while it holds anything, new batches go
+    behind it. Only what does not fit in it is dropped (``reason="outbox_full"``). Drops are logged
+    at most once a minute per reason. Nothing here ever waits on the request path.
     """
 
     def __init__(self, sink_url: str, *, name: str, namespace: str, source: str, metrics: _Metrics,
                  queue_size: int = 10_000, senders: int = 2, timeout: float = 2.0, max_batch: int = 256,
-                 max_batch_bytes: int = 4 * 1024 * 1024, linger: float = 0.05) -> None:
+                 max_batch_bytes: int = 4 * 1024 * 1024, linger: float = 0.05, token: str | None = None,
+                 outbox: Outbox | None = None, retry_seconds: float = 1.0, max_retry_seconds: float = 30.0) -> None:
         self.sink_url = sink_url
         self.name = name
         self.namespace = namespace
         self.source = source
         self.metrics = metrics
-        self.queue: asyncio.Queue[tuple[str, str, str, str, bytes, bytes, float]] = asyncio.Queue(maxsize=queue_size)
+        self.queue: asyncio.Queue[_Item] = asyncio.Queue(maxsize=queue_size)
         self.senders = senders
         self.timeout = timeout
         self.max_batch = max_batch  # request/response pairs per POST
         self.max_batch_bytes = max_batch_bytes
         self.linger = linger
+        self.token = token
+        self.outbox = outbox
+        self.retry_seconds = retry_seconds
+        self.max_retry_seconds = max_retry_seconds
+        self.drops = _DropLog()
+        self._backlog = outbox.pending() if outbox is not None else 0  # rows waiting in the outbox
         self._held = 0  # events taken from the queue by a sender and not yet sent or counted
         self._tasks: list[asyncio.Task[None]] = []
         self._session: aiohttp.ClientSession | None = None
+        self._wake = asyncio.Event()
 
     def submit(self, request_id: str, role: str, version: str, path: str, request_body: bytes,
-               response_body: bytes) -> None:
+               response_body: bytes, request_header_length: int | None = None,
+               response_header_length: int | None = None) -> None:
         """Queue one request/response pair; drops (and counts) when the queue is full."""
         try:
-            self.queue.put_nowait((request_id, role, version, path, request_body, response_body, time.time()))
+            self.queue.put_nowait((request_id, role, version, path, request_body, response_body, time.time(),
+                                   request_header_length, response_header_length))
         except asyncio.QueueFull:
-            self.metrics.events_dropped.labels(reason="queue_full").inc(2)
+            self._dropped("queue_full", 2, f"the gateway's queue of {self.queue.maxsize} pairs is full")
+
+    def _dropped(self, reason: str, n: int, detail: str = "") -> None:
+        self.metrics.events_dropped.labels(reason=reason).inc(n)
+        self.drops.note(reason, n, detail)
 
     def start(self) -> None:
-        self._session = _session(self.senders, self.timeout)
+        self._session = _session(self.senders + 1, self.timeout)
+        self._wake = asyncio.Event()
         self._tasks = [asyncio.create_task(self._send_loop()) for _ in range(self.senders)]
+        if self.outbox is not None:
+            self._tasks.append(asyncio.create_task(self._retry_loop(), name="event-outbox"))
 
     async def close(self, drain_seconds: float = 2.0) -> None:
-        """Give queued events a short time to go out, then stop the senders; what is still queued or
-        in flight then is counted as dropped (``reason="shutdown"``)."""
+        """Give queued events a short time to go out, then stop the senders; what is still queued then
+        goes to the outbox, or without one is counted as dropped (``reason="shutdown"``)."""
         deadline = time.monotonic() + drain_seconds
         while (not self.queue.empty() or self._held) and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        left = 2 * self.queue.qsize() + self._held
+        items = []
+        while not self.queue.empty():
+            items.append(self.queue.get_nowait())
+        left = self._held
+        if items and self.outbox is not None:
+            events = await asyncio.to_thread(self._events_of, items)
+            await self._spill(events, "gateway stopping")
+        else:
+            left += 2 * len(items)
         if left:
             self.metrics.events_dropped.labels(reason="shutdown").inc(left)
             log.warning("gateway stopping: %d inference-log events not sent", left)
         if self._session is not None:
             await self._session.close()
 
-    def events(self, item: tuple[str, str, str, str, bytes, bytes, float]) -> list[bytes]:
-        """The pair as two structured-mode CloudEvents (JSON objects, ``data`` = the body as sent)."""
-        request_id, role, version, path, request_body, response_body, at = item
+    def events(self, item: _Item) -> list[bytes]:
+        """The pair as two structured-mode CloudEvents (JSON objects, ``data`` = the body as JSON)."""
+        request_id, role, version, path, request_body, response_body, at, req_len, resp_len = item
         stamp = datetime.fromtimestamp(at, timezone.utc).isoformat()
         out = []
-        for ce_type, body in ((REQUEST_TYPE, request_body), (RESPONSE_TYPE, response_body)):
+        for ce_type, body, hlen, kind in ((REQUEST_TYPE, request_body, req_len, "request"),
+                                          (RESPONSE_TYPE, response_body, resp_len, "response")):
+            if hlen is not None:
+                try:
+                    body = json_body(body, hlen, kind, self.name)
+                except ValueError as exc:
+                    log.warning("inference-log %s %s: %s", kind, request_id, exc)
+                    body = orjson.dumps({"undecodable": str(exc)[:500]})
             attrs = orjson.dumps({
                 "specversion": "1.0", "id": request_id, "type": ce_type, "source": self.source, "time": stamp,
                 "datacontenttype": "application/json", "inferenceservicename": self.name,
@@ -259,6 +335,9 @@ class EventLogger:
             })
             out.append(attrs[:-1] + b',"data":' + body + b"}")
         return out
+
+    def _events_of(self, items: list[_Item]) -> list[bytes]:
+        return [e for item in items for e in self.events(item)]
 
     async def _send_loop(self) -> None:
         while True:
@@ -274,37 +353,105 @@ class EventLogger:
                     self._held += 2
                     size += len(item[4]) + len(item[5])
                 self.metrics.queue_depth.set(self.queue.qsize())
-                events = [e for item in items for e in self.events(item)]
-                await self._post(events)
+                if any(item[7] is not None or item[8] is not None for item in items):
+                    events = await asyncio.to_thread(self._events_of, items)  # kserve decodes binary tensors
+                else:
+                    events = self._events_of(items)
+                if self._backlog:  # behind what waits in the outbox: no POST to a sink that is failing
+                    await self._spill(events, "queued behind the outbox")
+                else:
+                    failed = await self._post(events)
+                    if failed:
+                        await self._spill(failed, "sink did not take them")
             except Exception:  # never let one batch stop a sender (cancellation goes through: close() counts)
                 log.exception("inference-log batch of %d events not sent", 2 * len(items))
-                self.metrics.events_dropped.labels(reason="error").inc(2 * len(items))
+                self._dropped("error", 2 * len(items))
             self._held -= 2 * len(items)
 
-    async def _post(self, events: list[bytes]) -> None:
+    async def _spill(self, events: list[bytes], why: str) -> None:
+        """Keep events the sink did not take in the outbox; without one (or what does not fit), drop them."""
+        assert self.outbox is not None
+        try:
+            stored = await asyncio.to_thread(self.outbox.put, events, why)
+        except sqlite3.Error as exc:  # disk full, file gone: counted and logged, never raised to a sender
+            stored = 0
+            self._dropped("outbox_error", len(events), repr(exc))
+        else:
+            if stored < len(events):
+                self._dropped("outbox_full", len(events) - stored,
+                              f"the event outbox {self.outbox.path} holds its maximum")
+        self._backlog += stored
+        self._wake.set()
+
+    async def _post(self, events: list[bytes]) -> list[bytes]:
+        """POST the events; returns those the sink did not take for a reason that may pass (unreachable,
+        5xx, 429). Refused ones (4xx) are counted as dropped."""
         batch = len(events) > 1
         body = b"[" + b",".join(events) + b"]" if batch else events[0]
-        ctype = _BATCH_TYPE if batch else _STRUCTURED_TYPE
+        headers = {"content-type": _BATCH_TYPE if batch else _STRUCTURED_TYPE}
+        if self.token:
+            headers["authorization"] = f"Bearer {self.token}"
         assert self._session is not None
         try:
-            async with self._session.post(self.sink_url, data=body, headers={"content-type": ctype}) as resp:
+            async with self._session.post(self.sink_url, data=body, headers=headers) as resp:
                 status = resp.status
                 # read the answer whole even when it is not used: aiohttp closes a connection whose
                 # response body was left unread, and the next batch would pay a new TCP connection
                 detail = (await resp.read())[:200]
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            self.metrics.events_dropped.labels(reason="sink_unreachable").inc(len(events))
             log.debug("inference-log sink %s unreachable: %r", self.sink_url, exc)
-            return
+            if self.outbox is None:
+                self._dropped("sink_unreachable", len(events), f"{self.sink_url}: {exc!r}")
+                return []
+            return events
         if status < 300:
             self.metrics.events_sent.inc(len(events))
-        elif batch and 400 <= status < 500 and status != 429:
-            for event in events:  # one bad event refuses a batch: find it, keep the others
-                await self._post([event])
-        else:
-            self.metrics.events_dropped.labels(reason=f"sink_{status}").inc(len(events))
-            log.warning("inference-log sink refused %d event(s): %s %s", len(events), status,
-                        detail.decode(errors="replace"))
+            return []
+        if 400 <= status < 500 and status != 429:
+            if batch:
+                failed: list[bytes] = []
+                for event in events:  # one bad event refuses a batch: find it, keep the others
+                    failed += await self._post([event])
+                return failed
+            self._dropped(f"sink_{status}", 1, f"the sink refused an event: {detail.decode(errors='replace')}")
+            return []
+        if self.outbox is None:
+            self._dropped(f"sink_{status}", len(events), detail.decode(errors="replace"))
+            return []
+        return events
+
+    async def _retry_loop(self) -> None:
+        """Send what waits in the outbox, oldest first, with back-off while the sink fails."""
+        assert self.outbox is not None
+        delay = self.retry_seconds
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=delay)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
+            if not self._backlog:
+                continue
+            await asyncio.sleep(delay if delay > self.retry_seconds else 0)
+            try:
+                while True:
+                    rows = await asyncio.to_thread(self.outbox.oldest, self.max_batch)
+                    if not rows:
+                        break
+                    failed = set(await self._post([body for _, body in rows]))
+                    done = [seq for seq, body in rows if body not in failed]
+                    await asyncio.to_thread(self.outbox.delete, done)
+                    self._backlog = max(0, self._backlog - len(done))
+                    if failed:
+                        await asyncio.to_thread(self.outbox.failed, [s for s, b in rows if b in failed],
+                                                "sink did not take them")
+                        delay = min(2 * delay, self.max_retry_seconds)
+                        break
+                    delay = self.retry_seconds
+                self._backlog = await asyncio.to_thread(self.outbox.pending)
+            except Exception:  # noqa: BLE001 - the loop keeps retrying; the outbox keeps the events
+                log.exception("event outbox retry failed")
+                delay = min(2 * delay, self.max_retry_seconds)
 
 
 def _session(connections: int, timeout: float) -> aiohttp.ClientSession:
@@ -398,6 +545,7 @@ class _Gateway:
         self.forwarder: FeedbackForwarder | None = None
         self.shadow: Any = None  # serving.shadow.ShadowMirror while a shadow phase runs
         self.inflight: dict[str, int] = {}  # requests in flight per upstream URL
+        self.request_ids: OrderedDict[str, bytes] = OrderedDict()  # client request id -> digest of its body
         self._rr = 0
 
     def _pick_primary(self) -> Upstream:
@@ -412,15 +560,23 @@ class _Gateway:
     # -- lifecycle ------------------------------------------------------------------
     async def startup(self) -> None:
         self.client = _session(256, self.cfg.upstream_timeout)
+        token = self.cfg.ingest_token
         if self.cfg.sink_url:
+            outbox = (Outbox(self.cfg.event_outbox, max_rows=self.cfg.event_outbox_max_rows,
+                             max_bytes=self.cfg.event_outbox_max_bytes) if self.cfg.event_outbox else None)
             self.events = EventLogger(self.cfg.sink_url, name=self.cfg.name, namespace=self.cfg.namespace,
                                       source=self.cfg.source or f"driftloop-gateway/{self.cfg.name}",
                                       metrics=self.metrics, queue_size=self.cfg.queue_size,
                                       senders=self.cfg.senders, timeout=self.cfg.sink_timeout,
-                                      linger=self.cfg.sink_linger)
+                                      linger=self.cfg.sink_linger, token=token, outbox=outbox,
+                                      retry_seconds=self.cfg.event_retry_seconds)
             self.events.start()
+            if outbox is not None:
+                for state in ("pending", "dead"):
+                    self.metrics.event_outbox.labels(state).set_function(lambda s=state: outbox.counts()[s])
         if self.cfg.feedback_url and self.cfg.feedback_outbox:
-            self.forwarder = FeedbackForwarder(self.cfg.feedback_url, self.cfg.feedback_outbox)
+            self.forwarder = FeedbackForwarder(self.cfg.feedback_url, self.cfg.feedback_outbox,
+                                               headers={"authorization": f"Bearer {token}"} if token else None)
             self.forwarder.start()
             forwarder = self.forwarder  # read when scraped: a dead letter (> 0) is worth an alert
             for state in ("pending", "dead"):
@@ -433,6 +589,8 @@ class _Gateway:
             await self.shadow.close()
         if self.events is not None:
             await self.events.close()
+            if self.events.outbox is not None:
+                self.events.outbox.close()
         if self.forwarder is not None:
             await self.forwarder.close()
         if self.client is not None:
@@ -460,21 +618,47 @@ class _Gateway:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    async def infer(self, request: Request) -> Response:
+    def _refuse(self, status: int, reason: str, message: str) -> Response:
+        self.metrics.rejected.labels(reason=reason).inc()
+        return _error(status, message)
+
+    async def infer(self, request: Request, path: str) -> Response:
         body = await self._read_body(request)
         if body is None:
-            self.metrics.rejected.labels(reason="too_large").inc()
-            return _error(413, f"payload larger than serving.max_payload_bytes ({self.cfg.max_payload_bytes} bytes)")
+            return self._refuse(413, "too_large",
+                                f"payload larger than serving.max_payload_bytes ({self.cfg.max_payload_bytes} bytes)")
         headers = request.headers
-        request_id = headers.get("x-request-id") or headers.get("ce-id") or uuid.uuid4().hex
+        encoding = headers.get("content-encoding", "identity").strip().lower()
+        if encoding in ("gzip", "deflate"):
+            try:
+                body = _decompress(body, encoding, self.cfg.max_payload_bytes)
+            except ValueError as exc:
+                return self._refuse(413 if "larger" in str(exc) else 400, "bad_encoding", str(exc))
+        elif encoding != "identity":
+            return self._refuse(415, "bad_encoding", f"Content-Encoding {encoding!r} is not supported; send the body "
+                                                     "plain or gzip-compressed")
+        request_hlen = None
+        if HEADER_LENGTH in headers:
+            raw = headers[HEADER_LENGTH].strip()
+            if not raw.isdigit() or not 0 < int(raw) <= len(body):
+                return self._refuse(400, "bad_header_length", f"{HEADER_LENGTH} is {raw[:20]!r}; it must be the byte "
+                                                               f"length of the JSON header, 1..{len(body)}")
+            request_hlen = int(raw)
+        client_id = headers.get("x-request-id") or headers.get("ce-id")
+        if client_id is not None and (not client_id or len(client_id) > _MAX_ID_CHARS):
+            return self._refuse(400, "bad_request_id", f"x-request-id must be 1..{_MAX_ID_CHARS} characters")
+        if client_id is not None and (conflict := self._claim_id(client_id, body)):
+            return self._refuse(409, "request_id_reused", conflict)
+        request_id = client_id or uuid.uuid4().hex
         key = headers.get(self.cfg.sticky_key) if self.cfg.sticky_key else None
         role = self.splitter.choose(key)
         upstream = self.cfg.canary if role == CANARY and self.cfg.canary is not None else self.cfg.primary
         if upstream is self.cfg.primary:
             role = PRIMARY
             upstream = self._pick_primary()
-        path = request.url.path
         fwd = {k: v for k, v in headers.items() if k in _FORWARD_HEADERS}
+        if "content-type" not in fwd and request_hlen is None:
+            fwd["content-type"] = "application/json"  # else aiohttp says octet-stream, which kserve reads as binary
         fwd["x-request-id"] = request_id
         client_scores = headers.get(SCORES_HEADER, "").lower() in ("1", "true", "yes")
         if self.events is not None:  # the log gets the class scores (quality estimate); the client only if asked
@@ -485,8 +669,10 @@ class _Gateway:
         try:
             status, content, resp_headers = await self._send("POST", upstream.url + path, body, fwd)
             ctype = resp_headers.get("content-type", "application/json")
+            raw_hlen = resp_headers.get(HEADER_LENGTH, "")
+            response_hlen = int(raw_hlen) if raw_hlen.isdigit() else None
         except _UpstreamFailed as exc:
-            status, ctype, server_error = 502, "application/json", exc.counts
+            status, ctype, server_error, response_hlen = 502, "application/json", exc.counts, None
             content = json.dumps({"error": f"{role} model server at {upstream.url} failed: {exc}"}).encode()
         finally:
             self.inflight[upstream.url] -= 1
@@ -500,12 +686,31 @@ class _Gateway:
         if self.shadow is not None and role == PRIMARY and 200 <= status < 300:
             self.shadow.offer(request_id, path, body, fwd, content)  # after the answer; never waits on the shadow
         if self.events is not None and 200 <= status < 300:
-            self.events.submit(request_id, role, upstream.version, path, body, content)
-            if not client_scores:
+            self.events.submit(request_id, role, upstream.version, path, body, content, request_hlen, response_hlen)
+            if not client_scores and response_hlen is not None:
+                content, response_hlen = without_binary_scores(content, response_hlen, SCORES_OUTPUT)
+            elif not client_scores:
                 content = _without_scores(content)
-        return Response(content, status_code=status, media_type=None, headers={
-            "content-type": ctype, "x-request-id": request_id, "ce-id": request_id,
-            "x-model-version": upstream.version, "x-serving-role": role})
+        out_headers = {"content-type": ctype, "x-request-id": request_id, "ce-id": request_id,
+                       "x-model-version": upstream.version, "x-serving-role": role}
+        if response_hlen is not None:
+            out_headers[HEADER_LENGTH] = str(response_hlen)
+        return Response(content, status_code=status, media_type=None, headers=out_headers)
+
+    def _claim_id(self, request_id: str, body: bytes) -> str | None:
+        """Remember a client's request id with its body; a different body under an id already used is a
+        conflict (the message), because labels are joined to the prediction by that id. The same body
+        again (a client's retry) is fine."""
+        digest = hashlib.blake2b(body, digest_size=16).digest()
+        known = self.request_ids.get(request_id)
+        if known is not None and known != digest:
+            return (f"x-request-id {request_id!r:.80} was already used for a different request; labels are joined "
+                    "to predictions by this id, so each request needs its own (a retry of the same body may reuse it)")
+        self.request_ids[request_id] = digest
+        self.request_ids.move_to_end(request_id)
+        while len(self.request_ids) > self.cfg.request_ids:
+            self.request_ids.popitem(last=False)
+        return None
 
     async def _send(self, method: str, url: str, body: bytes | None = None,
                     headers: dict[str, str] | None = None) -> tuple[int, bytes, Any]:
@@ -539,19 +744,32 @@ class _Gateway:
                 raise _UpstreamFailed(repr(exc), counts=False) from exc
         raise AssertionError("unreachable")
 
-    async def passthrough(self, request: Request) -> Response:
-        """Health, readiness and metadata: answered by the primary."""
+    async def passthrough(self, path: str) -> Response:
+        """Liveness, health, readiness and metadata: answered by the primary."""
         try:
-            status, content, headers = await self._send("GET", self.cfg.primary.url + request.url.path)
+            status, content, headers = await self._send("GET", self.cfg.primary.url + path)
         except _UpstreamFailed as exc:
             return _error(502, f"primary model server at {self.cfg.primary.url} failed: {exc}")
         return Response(content, status_code=status,
                         headers={"content-type": headers.get("content-type", "application/json")})
 
-    async def models(self, request: Request) -> Response:
-        if request.method == "POST":
-            return await self.infer(request)
-        return await self.passthrough(request)
+    async def oip(self, request: Request) -> Response:
+        """The Open Inference Protocol routes of :mod:`serving.oip`, checked on the raw path; nothing
+        else is forwarded (404, or 405 with ``Allow`` for a known route and another method)."""
+        raw = request.scope.get("raw_path") or request.url.path.encode()
+        found = match_route(request.method, raw, self.cfg.name)
+        if found.kind is None:
+            self.metrics.rejected.labels(reason="no_route" if found.status == 404 else "method").inc()
+            return _JSON({"error": found.error}, status_code=found.status,
+                         headers={"allow": found.allow} if found.allow else None)
+        if found.kind == "infer":
+            return await self.infer(request, found.path)
+        return await self.passthrough(found.path)
+
+    async def openapi(self, request: Request) -> Response:
+        from serving.gateway_openapi import gateway_openapi
+
+        return _JSON(gateway_openapi(self.cfg.name))
 
     # -- feedback -------------------------------------------------------------------
     async def feedback(self, request: Request) -> Response:
@@ -839,6 +1057,20 @@ def _without_scores(content: bytes) -> bytes:
         return json.dumps(doc, separators=(",", ":")).encode()
 
 
+def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
+    """A gzip/deflate body, inflated to at most ``limit`` bytes; ``ValueError`` naming the problem."""
+    inflater = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
+    try:
+        out = inflater.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise ValueError(f"the body is not valid {encoding} (Content-Encoding: {encoding}): {exc}") from exc
+    if len(out) > limit or inflater.unconsumed_tail:
+        raise ValueError(f"the {encoding} body inflates to larger than serving.max_payload_bytes ({limit} bytes)")
+    if not inflater.eof:
+        raise ValueError(f"the {encoding} body is truncated (Content-Encoding: {encoding})")
+    return out
+
+
 def _feedback_url(sink_url: str | None) -> str | None:
     """The monitor's ``/feedback`` next to its ``/events`` sink."""
     if not sink_url or not sink_url.rstrip("/").endswith("/events"):
@@ -866,12 +1098,14 @@ def _parse_since(raw: str) -> float:
 def create_gateway_app(cfg: GatewayConfig) -> Starlette:
     """The gateway as an ASGI app (serve it with uvicorn on 127.0.0.1)."""
     gw = _Gateway(cfg)
+    every = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]  # gw.oip answers 405 itself
     routes = [
-        Route("/v1/models/{tail:path}", gw.models, methods=["GET", "POST"]),
-        Route("/v2/models/{tail:path}", gw.models, methods=["GET", "POST"]),
-        Route("/v1/models", gw.passthrough, methods=["GET"]),
-        Route("/v2/health/{tail:path}", gw.passthrough, methods=["GET"]),
-        Route("/v2", gw.passthrough, methods=["GET"]),
+        Route("/", gw.oip, methods=every),
+        Route("/v1", gw.oip, methods=every),
+        Route("/v1/{tail:path}", gw.oip, methods=every),
+        Route("/v2", gw.oip, methods=every),
+        Route("/v2/{tail:path}", gw.oip, methods=every),
+        Route("/openapi.json", gw.openapi, methods=["GET"]),
         Route("/feedback", gw.feedback, methods=["POST"]),
         Route("/admin/split", gw.split, methods=["PUT"]),
         Route("/admin/upstreams", gw.upstreams, methods=["PUT"]),
@@ -905,6 +1139,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--feedback-url", help="the monitor's POST /feedback (default: the sink URL's /feedback)")
     p.add_argument("--feedback-outbox", help="SQLite file for labels the monitor has not taken yet; "
                                              "unset = labels stay in the gateway only")
+    p.add_argument("--event-outbox", help="SQLite file for inference-log events the sink has not taken yet, "
+                                          "retried with back-off; unset = kept in memory only, dropped on failure")
+    p.add_argument("--event-outbox-max-rows", type=int, default=200_000, help="events the outbox holds at most")
+    p.add_argument("--event-outbox-max-bytes", type=int, default=512 * 1024 * 1024,
+                   help="bytes of events the outbox holds at most")
     p.add_argument("--max-payload-bytes", type=int, default=8 * 1024 * 1024)
     return p
 
@@ -918,12 +1157,18 @@ def main(argv: list[str] | None = None) -> None:
                         canary=canary, canary_percent=args.canary_percent, sticky_key=args.sticky_key,
                         sink_url=args.sink_url, max_payload_bytes=args.max_payload_bytes,
                         feedback_url=args.feedback_url or _feedback_url(args.sink_url),
-                        feedback_outbox=args.feedback_outbox,
+                        feedback_outbox=args.feedback_outbox, event_outbox=args.event_outbox,
+                        event_outbox_max_rows=args.event_outbox_max_rows,
+                        event_outbox_max_bytes=args.event_outbox_max_bytes,
+                        ingest_token=os.environ.get(INGEST_TOKEN_ENV) or None,
                         replicas=[Upstream(u, args.primary_version) for u in args.replica_url],
                         admin_token=os.environ.get(ADMIN_TOKEN_ENV) or None)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if cfg.admin_token is None:
         log.warning("%s is not set: PUT /admin/split and /admin/upstreams refuse every call", ADMIN_TOKEN_ENV)
+    if cfg.ingest_token is None and (cfg.sink_url or cfg.feedback_url):
+        log.warning("%s is not set: events and labels are sent without a bearer token, and a monitor that "
+                    "requires one refuses them", INGEST_TOKEN_ENV)
     uvicorn.run(create_gateway_app(cfg), host=args.host, port=args.port, log_level="warning", access_log=False,
                 proxy_headers=False, server_header=False)
 

@@ -155,7 +155,7 @@ def _strings(rows: list[list[Any]], names: tuple[str, ...]) -> np.ndarray:
             if v is not None and type(v) is not str:
                 raise InvalidInput(f"column {name!r} expects a string or null, got {type(v).__name__} {v!r:.40}")
     out = np.empty((len(rows), len(names)), dtype=object)
-    if names:
+    if names and rows:
         out[:] = rows
     return out
 
@@ -253,7 +253,8 @@ def _flat(data: Any) -> list[Any]:
 
 
 def _numeric_tensor(inp: InferInput, shape: list[int]) -> np.ndarray:
-    """JSON data of a numeric tensor → float64 of ``shape`` (null → NaN, a gap), every value checked."""
+    """The data of a numeric tensor (JSON, or raw bytes that kserve decoded) → float64 of ``shape``
+    (null → NaN, a gap), every value checked."""
     name, datatype = inp.name, inp.datatype
     flat = _flat(inp.data)
     size = math.prod(shape)
@@ -270,8 +271,10 @@ def _numeric_tensor(inp: InferInput, shape: list[int]) -> np.ndarray:
                 raise InvalidInput(f"input tensor {name!r} ({datatype}) holds {type(v).__name__} {v!r:.40}; "
                                    "expected numbers (null for a gap)")
             if (isinstance(v, float) and not math.isfinite(v)) or (isinstance(v, int) and abs(v) > _MAX_DOUBLE):
-                raise InvalidInput(f"input tensor {name!r} holds {v!r:.40}, which JSON cannot carry "
-                                   "(NaN/Infinity, or too large for a double); send finite numbers, null for a gap")
+                shown = v if isinstance(v, float) else float("inf") if v > 0 else float("-inf")
+                raise InvalidInput(f"input tensor {name!r} holds {shown!r}: NaN and Infinity are not accepted as "
+                                   f"values of feature {name!r} (a number too large for a double is Infinity); send "
+                                   "finite numbers, null for a gap")
         values = np.array([np.nan if v is None else v for v in flat], dtype=np.float64)
     if datatype in _INT_V2:
         given = values[~np.isnan(values)]
@@ -410,6 +413,22 @@ class DriftloopModel(kserve.Model):
         log.info("loaded %s (version %s) as %r", self.model_uri, self.model_version, self.name)
         return self.ready
 
+    def get_input_types(self) -> list[dict[str, Any]]:
+        """V2 model metadata: one tensor per feature column, ``[-1]`` rows (FP64 numbers, BYTES strings)."""
+        assert self.schema is not None, "load() first"
+        return [{"name": c, "datatype": "FP64" if c in self.schema.numeric else "BYTES", "shape": [-1]}
+                for c in self.schema.columns]
+
+    def get_output_types(self) -> list[dict[str, Any]]:
+        """V2 model metadata: ``predictions`` (the classes' type), and ``scores`` for a classifier when asked."""
+        classes = getattr(self._model, "classes_", None)
+        kind = from_np_dtype(np.asarray(classes).dtype) if classes is not None else "FP64"
+        out = [{"name": "predictions", "datatype": kind if kind != "OBJECT" else "BYTES", "shape": [-1]}]
+        if getattr(self._model, "predict_proba", None) is not None:
+            out.append({"name": SCORES_OUTPUT, "datatype": "FP64", "shape": [-1, len(classes) if classes is not None
+                                                                             else -1]})
+        return out
+
     def _predict_frame(self, frame: pd.DataFrame) -> np.ndarray:
         return np.asarray(self._model.predict(frame))
 
@@ -429,7 +448,9 @@ class DriftloopModel(kserve.Model):
                                            data=scores.tolist(), parameters={"classes": json.dumps(classes)}))
             # "id" is optional in the Open Inference Protocol; KServe answers with a generated one
             return InferResponse(response_id=payload.id or str(uuid.uuid4()), model_name=self.name,
-                                 infer_outputs=outputs, model_version=self.model_version)
+                                 infer_outputs=outputs, model_version=self.model_version,
+                                 use_binary_outputs=payload.use_binary_outputs,
+                                 requested_outputs=_requested(payload, outputs))
         if not isinstance(payload, dict):
             raise InvalidInput('a V1 request must be a JSON object {"instances": [...]} sent as application/json')
         if "instances" not in payload:
@@ -463,6 +484,18 @@ class DriftloopModel(kserve.Model):
             return None
         classes = [c.item() if hasattr(c, "item") else c for c in getattr(self._model, "classes_", [])]
         return np.asarray(proba(frame), dtype=np.float64), classes
+
+
+def _requested(request: InferRequest, outputs: list[InferOutput]) -> Any:
+    """The outputs a V2 request asked for by name (None: all), refusing a name the model has not."""
+    asked = request.request_outputs
+    if not asked:
+        return None
+    names = {o.name for o in outputs}
+    unknown = sorted({o.name for o in asked} - names - {SCORES_OUTPUT})
+    if unknown:
+        raise InvalidInput(f"requested output(s) {unknown} do not exist; the model answers {sorted(names)}")
+    return [o for o in asked if o.name in names] or None
 
 
 def _final_estimator(model: Any) -> Any:
@@ -542,6 +575,36 @@ class PayloadLimit:
         await send({"type": "http.response.body", "body": body})
 
 
+REPOSITORY_PREFIX = "/v2/repository"
+
+
+class RequestEncoding:
+    """ASGI middleware: a compressed body is refused with 415 naming its Content-Encoding (kserve would
+    try it as UTF-8 JSON), and a body without Content-Type nor ``Inference-Header-Content-Length`` is
+    read as JSON (kserve would ask for the binary header)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope.get("method") != "POST":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers", ()))
+        encoding = headers.get(b"content-encoding", b"identity").strip().lower()
+        if encoding != b"identity":
+            import orjson
+
+            body = orjson.dumps({"error": f"Content-Encoding {encoding.decode('latin-1')!r} is not supported; send "
+                                          "the body uncompressed"})
+            await send({"type": "http.response.start", "status": 415,
+                        "headers": [(b"content-type", b"application/json"),
+                                    (b"content-length", str(len(body)).encode())]})
+            return await send({"type": "http.response.body", "body": body})
+        if b"content-type" not in headers and b"inference-header-content-length" not in headers:
+            scope = {**scope, "headers": [*scope.get("headers", ()), (b"content-type", b"application/json")]}
+        await self.app(scope, receive, send)
+
+
 class CatchAll:
     """ASGI middleware: an unexpected exception becomes a 500 with a one-line JSON error, and stops there.
 
@@ -593,12 +656,32 @@ class _DriftloopRESTServer(RESTServer):
     """
 
     max_payload_bytes: int = 8 * 1024 * 1024
+    enable_model_repository: bool = False
+
+    def _register_endpoints(self, app: Any) -> None:
+        """kserve's routes; without ``enable_model_repository``, its V2 router loses the repository
+        extension (load/unload, without a token) before it is mounted, so it is neither served nor published."""
+        if self.enable_model_repository:
+            return super()._register_endpoints(app)
+        include = app.include_router
+
+        def without_repository(router: Any, *args: Any, **kwargs: Any) -> Any:
+            if getattr(router, "prefix", "") == "/v2":
+                router.routes[:] = [r for r in router.routes if not getattr(r, "path", "").startswith(REPOSITORY_PREFIX)]
+            return include(router, *args, **kwargs)
+
+        app.include_router = without_repository
+        try:
+            super()._register_endpoints(app)
+        finally:
+            del app.include_router
 
     def create_application(self) -> None:
         from fastapi.exceptions import RequestValidationError
         from kserve.model_server import app
 
         super().create_application()
+        app.add_middleware(RequestEncoding)
         app.add_middleware(PayloadLimit, max_bytes=self.max_payload_bytes)
         app.add_middleware(CatchAll)  # added last: outside the payload limit, inside starlette's error middleware
         app.add_exception_handler(RequestValidationError, _request_error)
@@ -616,10 +699,12 @@ class LocalModelServer(kserve.ModelServer):
     the REST server gets the project's additions (:class:`_DriftloopRESTServer`).
     """
 
-    def __init__(self, *, host: str = "127.0.0.1", max_payload_bytes: int = 8 * 1024 * 1024, **kwargs: Any) -> None:
+    def __init__(self, *, host: str = "127.0.0.1", max_payload_bytes: int = 8 * 1024 * 1024,
+                 enable_model_repository: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.host = host
         self.max_payload_bytes = max_payload_bytes
+        self.enable_model_repository = enable_model_repository
 
     async def _serve(self) -> None:
         rest = self._rest_server or getattr(self._rest_multiprocess_server, "_rest_server", None)
@@ -627,6 +712,7 @@ class LocalModelServer(kserve.ModelServer):
             rest.config.host = self.host
             rest.__class__ = _DriftloopRESTServer  # kserve constructs it inside start(); same state, one more step
             rest.max_payload_bytes = self.max_payload_bytes
+            rest.enable_model_repository = self.enable_model_repository
         await super()._serve()
 
 
@@ -672,7 +758,8 @@ async def _request_error(request: Any, exc: Any) -> Any:
 
 
 def serve(model: DriftloopModel, *, http_port: int, host: str = "127.0.0.1", workers: int = 1,
-          max_payload_bytes: int = 8 * 1024 * 1024, enable_grpc: bool = False, threads: int | None = 1) -> None:
+          max_payload_bytes: int = 8 * 1024 * 1024, enable_grpc: bool = False, threads: int | None = 1,
+          enable_model_repository: bool = False) -> None:
     """Serve a loaded model with kserve's ModelServer until stopped (blocks).
 
     ``threads`` caps the OpenMP/BLAS threads of each predict call: requests of a few rows gain
@@ -688,7 +775,8 @@ def serve(model: DriftloopModel, *, http_port: int, host: str = "127.0.0.1", wor
         threadpool_limits(limits=threads)  # for the libraries this process has loaded already
 
     server = LocalModelServer(host=host, max_payload_bytes=max_payload_bytes, http_port=http_port, workers=workers,
-                              enable_grpc=enable_grpc, enable_latency_logging=False)
+                              enable_grpc=enable_grpc, enable_latency_logging=False,
+                              enable_model_repository=enable_model_repository)
     _quiet_per_request_logging()
     log.info("serving %r on http://%s:%d", model.name, host, http_port)
     server.start([model])
@@ -705,6 +793,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-payload-bytes", type=int, default=None,
                    help="largest request body (default: serving.max_payload_bytes)")
     p.add_argument("--enable-grpc", action="store_true", help="also start kserve's gRPC server")
+    p.add_argument("--enable-model-repository", action="store_true",
+                   help="mount kserve's repository extension (POST /v2/repository/models/<name>/load|unload, "
+                        "without a token); off by default")
     p.add_argument("--threads", type=int, default=1,
                    help="OpenMP/BLAS threads per prediction (0 = the libraries' default)")
     return p
@@ -729,7 +820,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     serve(model, http_port=args.http_port, host=args.host, workers=args.workers, max_payload_bytes=limit,
-          enable_grpc=args.enable_grpc, threads=args.threads or None)
+          enable_grpc=args.enable_grpc, threads=args.threads or None,
+          enable_model_repository=args.enable_model_repository)
     return 0
 
 

@@ -5,6 +5,7 @@ in front of a tiny model server that answers like the predictor (class scores on
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -24,6 +25,7 @@ from serving.gateway import GatewayConfig, Upstream, create_gateway_app
 from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
+INGEST_TOKEN = "quality-feedback-ingest-token"
 
 
 def _model_app() -> Starlette:
@@ -59,7 +61,8 @@ def model_server():
 
 def _start_monitor(store: Path, port: int) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "-m", "monitoring.sink", "--store", str(store), "--port", str(port),
-                             "--model", "m"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "--model", "m"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "DRIFTLOOP_INGEST_TOKEN": INGEST_TOKEN})
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:
@@ -98,7 +101,7 @@ def test_labels_posted_to_the_gateway_are_stored_by_the_monitor_and_survive_rest
     port = free_port("127.0.0.1")
     store, outbox = tmp_path / "inference.db", tmp_path / "gateway" / "feedback-outbox.db"
     cfg = dict(name="m", primary=Upstream(model_server, "1"), sink_url=f"http://127.0.0.1:{port}/events",
-               feedback_url=f"http://127.0.0.1:{port}/feedback", feedback_outbox=str(outbox))
+               feedback_url=f"http://127.0.0.1:{port}/feedback", feedback_outbox=str(outbox), ingest_token=INGEST_TOKEN)
     monitor = _start_monitor(store, port)
     try:
         with TestClient(create_gateway_app(GatewayConfig(**cfg))) as gw:
