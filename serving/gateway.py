@@ -5,15 +5,19 @@ play on a cluster:
 
 * splits traffic between the primary and the canary by the canary percentage (weighted
   random, or sticky by a request header when ``sticky_key`` is set);
-* forwards KServe V1 and V2 requests unchanged (bytes in, bytes out) over keep-alive
-  ``aiohttp`` connections;
+* forwards only the Open Inference Protocol routes of the one model it serves (V1 and V2, see
+  :mod:`serving.oip`; matched on the raw path, so no ``..%2F`` reaches anything else on a model
+  server) over keep-alive ``aiohttp`` connections, bodies as sent (a gzip body inflated);
 * logs every served request and its response with the attributes the KServe logger sends —
   CloudEvents v1, ``ce-id`` shared by request and response — plus two extension attributes
   KServe's logger leaves out: ``ce-modelversion`` (the MLflow version that answered) and
   ``ce-servingrole`` (``primary`` or ``canary``). Events go through a bounded queue to
-  background senders that post them in ``application/cloudevents-batch+json`` batches (see
-  :class:`EventLogger`): a slow or dead sink drops events (counted), never predictions;
-* returns the request id in ``x-request-id`` and ``ce-id`` so that a client can send the
+  background senders that post them in ``application/cloudevents-batch+json`` batches with the
+  ingest bearer token (see :class:`EventLogger`; binary V2 tensors become JSON): a slow or dead
+  sink never delays a prediction; its events wait in the ``--event-outbox`` SQLite file, or
+  without one are dropped (counted);
+* returns the request id in ``x-request-id`` and ``ce-id`` (a client's own id, refused with 409
+  when it comes again with another body) so that a client can send the
   ground truth later to ``POST /feedback``; the gateway joins it with the prediction it
   served and keeps per-version quality for the rollout controller;
 * balances the primary's traffic over its replicas (``--replica-url``, ``PUT /admin/replicas``:
@@ -21,8 +25,8 @@ play on a cluster:
   requests in flight; a replica taken out receives nothing new and ``GET /admin/status`` shows
   its requests in flight until they are answered, so it can be stopped without dropping one;
 * exposes ``PUT /admin/split``, ``PUT /admin/upstreams``, ``PUT /admin/replicas`` (all need the
-  bearer token from ``DRIFTLOOP_GATEWAY_TOKEN``), ``GET /admin/status``, ``GET /admin/stats`` and
-  Prometheus ``/metrics``.
+  bearer token from ``DRIFTLOOP_GATEWAY_TOKEN``), ``GET /admin/status``, ``GET /admin/stats``,
+  Prometheus ``/metrics`` and ``GET /openapi.json``.
 
 Bad input never takes it down: every refusal is one 4xx with a JSON ``error`` naming the problem,
 and what was accepted before (labels, statistics, the split) stays as it was. A pooled
