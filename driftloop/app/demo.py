@@ -255,8 +255,15 @@ class Demo:
             t.join()
         return counts
 
+    def monitor_auth(self) -> dict[str, str]:
+        """The ingest token the monitor's POST /check and /quality/check need (env, else the workspace's file)."""
+        from driftloop.core.files import workspace_token
+
+        token = workspace_token(self.settings().workspace_dir / "monitor" / "ingest.token", "DRIFTLOOP_INGEST_TOKEN")
+        return {"authorization": f"Bearer {token}"}
+
     def check(self) -> dict[str, Any]:
-        r = httpx.post(f"http://127.0.0.1:{self.monitor_port}/check", timeout=120.0)
+        r = httpx.post(f"http://127.0.0.1:{self.monitor_port}/check", timeout=120.0, headers=self.monitor_auth())
         r.raise_for_status()
         return r.json()
 
@@ -392,7 +399,8 @@ class Demo:
         """The monitor's quality check on the labels that flowed through the gateway: per version, the
         realised accuracy on its labelled window, the estimate from calibrated scores, the holdout."""
         try:
-            r = httpx.post(f"http://127.0.0.1:{self.monitor_port}/quality/check", timeout=120.0)
+            r = httpx.post(f"http://127.0.0.1:{self.monitor_port}/quality/check", timeout=120.0,
+                           headers=self.monitor_auth())
             r.raise_for_status()
         except httpx.HTTPError as exc:
             return f"not available ({exc})"

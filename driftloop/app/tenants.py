@@ -397,6 +397,11 @@ def _loop_docs(t: Tenant) -> list[dict[str, Any]]:
         "env": base_env + [
             {"name": "KF_PIPELINES_SA_TOKEN_PATH", "value": "/var/run/secrets/kubeflow/pipelines/token"},
             webhook_token,
+            # KServe's logger sends no header: /events without a token is accepted (the NetworkPolicy is the
+            # boundary), a wrong one is refused; /feedback and the checks need the tenant's ingest token
+            {"name": "DRIFTLOOP_EVENTS_AUTH", "value": "network"},
+            {"name": "DRIFTLOOP_INGEST_TOKEN",
+             "valueFrom": {"secretKeyRef": {"name": "driftloop-ingest", "key": "token", "optional": True}}},
         ],
         "envFrom": _env_from(),
         "livenessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 15, "failureThreshold": 4},
