@@ -278,6 +278,7 @@ class LocalBackend:
                 "--host", s.serving.host, "--port", str(port), "--primary-url", primary.url,
                 "--primary-version", primary.version, "--sink-url", self.sink_url(),
                 "--feedback-outbox", str(s.workspace_dir / "serving" / "feedback-outbox.db"),
+                "--event-outbox", str(s.workspace_dir / "serving" / "events-outbox.db"),
                 "--max-payload-bytes", str(s.serving.max_payload_bytes)]
         if canary is not None:
             argv += ["--canary-url", canary.url, "--canary-version", canary.version, "--canary-percent", str(percent)]
