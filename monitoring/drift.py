@@ -34,8 +34,8 @@ before:
 * numeric values farther from the reference's range than its width (``out_of_range``), and
   values or categories the reference never holds where it has few levels (``unseen_level``: a
   chi-square with an expected count of 0 would call one row drift), are set aside while they are
-  at most one request's rows (``DriftOptions.max_set_aside``, ``monitor.max_rows_per_request``)
-  and a tenth of the column; more than that is a change of the data itself and stays in, numeric
+  at most one request's rows (``DriftOptions.max_set_aside``, ``monitor.max_rows_per_request``,
+  from one ``request_id`` where the window has them) and a tenth of the window; more than that is a change of the data itself and stays in, numeric
   values clipped to ``_FAR`` reference widths (``clipped``) so that no statistic overflows;
 * a column left with no values is skipped, with its reason (``DriftResult.skipped``), and the
   dataset verdict is taken on the columns that could be checked.
@@ -606,21 +606,26 @@ def _set_aside_limit(n: int, options: DriftOptions) -> int:
     return min(options.max_set_aside, int(n * _SET_ASIDE_SHARE))
 
 
+def _one_request(requests: np.ndarray | None, mask: np.ndarray) -> bool:
+    """Whether the flagged rows come from one request (always, when the window has no request ids):
+    values that many senders send are the data, not one sender's."""
+    return requests is None or len(set(requests[mask].tolist())) <= 1
+
+
 def _window_column(prof: _ColumnProfile, series: pd.Series, options: DriftOptions, *,
-                   aligned: bool = False) -> _WindowColumn:
+                   aligned: bool = False, requests: np.ndarray | None = None) -> _WindowColumn:
     if prof.kind == CATEGORICAL:
-        return _categorical_window(prof, series, options, aligned)
+        return _categorical_window(prof, series, options, aligned, requests)
     values, counts = _numeric_column(series)
     owned = False
-    present = ~np.isnan(values)
-    budget = _set_aside_limit(int(np.count_nonzero(present)), options)
+    budget = _set_aside_limit(values.size, options)
     lo, hi = float(prof.sorted_values[0]), float(prof.sorted_values[-1])
     width = hi - lo
     outside = (values < lo - width) | (values > hi + width)
     n_out = int(np.count_nonzero(outside))
     if n_out:
         values, owned = values.copy(), True
-        if n_out <= budget:  # a request's worth of absurd values: they judge nothing
+        if n_out <= budget and _one_request(requests, outside):  # a request's worth of absurd values: they judge nothing
             values[outside] = np.nan
             counts["out_of_range"] = n_out
             budget -= n_out
@@ -633,7 +638,7 @@ def _window_column(prof: _ColumnProfile, series: pd.Series, options: DriftOption
     if prof.levels is not None and budget:
         unseen = ~np.isin(values, np.fromiter(prof.levels, np.float64, len(prof.levels))) & ~np.isnan(values)
         n_unseen = int(np.count_nonzero(unseen))
-        if 0 < n_unseen <= budget:  # a level the reference never had: one row would be chi-square drift
+        if 0 < n_unseen <= budget and _one_request(requests, unseen):  # a level the reference never had: one row would be chi-square drift
             values = values if owned else values.copy()
             values[unseen] = np.nan
             counts["unseen_level"] = n_unseen
@@ -643,20 +648,21 @@ def _window_column(prof: _ColumnProfile, series: pd.Series, options: DriftOption
 
 
 def _categorical_window(prof: _ColumnProfile, series: pd.Series, options: DriftOptions,
-                        aligned: bool) -> _WindowColumn:
+                        aligned: bool, requests: np.ndarray | None) -> _WindowColumn:
     levels = _category_counts(series)
     n = sum(levels.values())
     counts = {"missing": len(series) - n}
     unseen = [k for k in levels if k not in (prof.levels or {})]
     n_unseen = sum(levels[k] for k in unseen)
-    if not 0 < n_unseen <= _set_aside_limit(n, options):
+    strings = series.astype(str) if aligned or (unseen and requests is not None) else None
+    if not (0 < n_unseen <= _set_aside_limit(len(series), options)) or (
+            requests is not None and not _one_request(requests, (series.notna() & strings.isin(unseen)).to_numpy())):
         unseen = []
     for key in unseen:
         del levels[key]
     counts["unseen_level"] = n_unseen if unseen else 0
     cells = None
     if aligned:
-        strings = series.astype(str)
         cells = np.where(series.isna() | strings.isin(unseen), None, strings).astype(object)
     return _WindowColumn(sum(levels.values()), None, levels, {k: v for k, v in counts.items() if v}, cells)
 
@@ -720,7 +726,8 @@ def _column_check(name: str, prof: _ColumnProfile, wc: _WindowColumn, options: D
 def _clean_columns(profile: ReferenceProfile, current: pd.DataFrame, options: DriftOptions, *,
                    aligned: bool = False) -> dict[str, _WindowColumn]:
     _require_columns(current, [*profile.numeric, *profile.categorical], "current")
-    return {col: _window_column(profile.columns[col], current[col], options, aligned=aligned)
+    requests = current["request_id"].to_numpy() if "request_id" in current.columns else None
+    return {col: _window_column(profile.columns[col], current[col], options, aligned=aligned, requests=requests)
             for col in [*profile.numeric, *profile.categorical]}
 
 

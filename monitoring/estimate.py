@@ -23,7 +23,7 @@ import numpy as np
 
 from driftloop.core.errors import MonitorError
 
-__all__ = ["Calibration", "Estimate", "estimate_performance"]
+__all__ = ["Calibration", "Estimate", "estimate_performance", "finite_rows"]
 
 
 @dataclass(frozen=True)
@@ -72,9 +72,19 @@ class Estimate:
         return {"accuracy": self.accuracy, "confusion": self.confusion, "classes": self.classes, "rows": self.rows}
 
 
-def estimate_performance(scores: np.ndarray, calibration: Calibration) -> Estimate:
-    """CBPE on one window: the model's predicted class is the arg-max of its raw scores."""
+def finite_rows(scores: np.ndarray) -> np.ndarray:
+    """The rows of an ``n × k`` score matrix whose scores are all finite (a NaN or an infinity
+    stored in one row estimates nothing)."""
     scores = np.asarray(scores, dtype=float)
+    if scores.ndim != 2:
+        return scores
+    finite = np.isfinite(scores).all(axis=1)
+    return scores if finite.all() else scores[finite]
+
+
+def estimate_performance(scores: np.ndarray, calibration: Calibration) -> Estimate:
+    """CBPE on one window's rows with finite scores: the model's predicted class is the arg-max of its raw scores."""
+    scores = finite_rows(scores)
     if scores.size == 0:
         raise MonitorError("no scored rows to estimate performance on")
     proba = calibration.apply(scores)

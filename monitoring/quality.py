@@ -28,6 +28,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -47,6 +48,7 @@ __all__ = [
     "MetricVerdict",
     "classification_metrics",
     "Block",
+    "clean_labelled",
     "compare",
     "evidently_quality",
     "quality_alert_id",
@@ -64,13 +66,150 @@ TASK_METRICS = {"regression": ("rmse", "mae", "r2", "mean_error"),
                 "classification": ("accuracy", "f1", "roc_auc", "ece")}
 
 
+# -- what a stored label or prediction may be ----------------------------------------------------
+# Labels arrive from outside and older rows were stored unchecked: each row's label and prediction
+# are coerced to the task's type and the model's classes, and a row that cannot be is skipped and
+# counted (``clean_labelled``), never an error for the whole window.
+_MAX_MAGNITUDE = 1e100  # beyond this a regression value is no measurement (and its square overflows the sums)
+_INT_LITERAL = re.compile(r"[+-]?\d+")
+
+
+def _unwrap(value: Any) -> Any:
+    return value[0] if isinstance(value, (list, tuple)) and len(value) == 1 else value
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _as_number(value: Any) -> float | str:
+    """A regression value as a finite float, or why it is none (``"not a number"``, ``"not finite"``, …)."""
+    value = _unwrap(value)
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            return "not a number"
+    if not isinstance(value, (int, float, np.integer, np.floating)) or isinstance(value, (bool, np.bool_)):
+        return "not a number"
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond float's range
+        return "not finite"
+    if not math.isfinite(number):
+        return "not finite"
+    return number if abs(number) <= _MAX_MAGNITUDE else f"beyond ±{_MAX_MAGNITUDE:g}"
+
+
+def _class_kind(classes: list[Any]) -> str:
+    if all(isinstance(c, (bool, np.bool_)) for c in classes):
+        return "bool"
+    if all(_is_int(c) for c in classes):
+        return "int"
+    if all(isinstance(c, (int, float, np.integer, np.floating)) and not isinstance(c, (bool, np.bool_))
+           for c in classes):
+        return "float"
+    return "str"
+
+
+def _as_class_of(value: Any, kind: str) -> Any:
+    """``value`` as a class of ``kind`` (the model's class type), or None when it is not one: "1" is
+    the int 1 only as an exact integer literal, 2.5 is no int class, a dict no class at all."""
+    value = _unwrap(value)
+    if value is None or isinstance(value, (dict, list, tuple)):
+        return None
+    if kind == "bool":
+        return bool(value) if isinstance(value, (bool, np.bool_)) else None
+    if isinstance(value, (bool, np.bool_)):
+        return None
+    if kind == "int":
+        if _is_int(value):
+            return int(value)
+        if isinstance(value, (float, np.floating)) and math.isfinite(value) and float(value).is_integer():
+            return int(value)
+        if isinstance(value, str) and _INT_LITERAL.fullmatch(value.strip()):
+            return int(value.strip())
+        return None
+    if kind == "float":
+        number = _as_number(value)
+        return number if isinstance(number, float) else None
+    if isinstance(value, str):
+        return value
+    return str(int(value)) if _is_int(value) else None
+
+
+def clean_labelled(task: str, rows: pd.DataFrame, classes: list[Any] | None) -> tuple[pd.DataFrame, dict[str, int]]:
+    """The rows whose label and prediction are values of the task (regression: finite floats;
+    classification: the model's classes), coerced, and the count of rows skipped per reason.
+
+    A row is skipped for its first fault: its label or prediction is not a number / not finite /
+    not a class / not one of the model's classes, or its class scores are not finite.
+    """
+    skipped: dict[str, int] = {}
+    if rows.empty:
+        return rows, skipped
+    if task == "regression":
+        def coerce(value: Any) -> tuple[Any, str | None]:
+            number = _as_number(value)
+            return (number, None) if isinstance(number, float) else (None, number)
+    else:
+        known = set(classes) if classes else None
+        if classes:
+            kind = _class_kind(list(classes))
+        else:  # no recorded classes: the type the model answers with
+            answers = [_unwrap(p) for p in rows["prediction"]]
+            kind = "int" if answers and all(_is_int(p) for p in answers) else "str"
+
+        def coerce(value: Any) -> tuple[Any, str | None]:
+            cls = _as_class_of(value, kind)
+            if cls is None:
+                return None, "not a class"
+            if known is not None and cls not in known:
+                return None, "not one of the model's classes"
+            return cls, None
+
+    keep = np.ones(len(rows), dtype=bool)
+    coerced: dict[str, list[Any]] = {}
+    for column in ("label", "prediction"):
+        out = []
+        for i, value in enumerate(rows[column]):
+            if not keep[i]:
+                out.append(None)
+                continue
+            cls, fault = coerce(value)
+            if fault is not None:
+                keep[i] = False
+                reason = f"{column} {fault}"
+                skipped[reason] = skipped.get(reason, 0) + 1
+            out.append(cls)
+        coerced[column] = out
+    if "scores" in rows:
+        for i, scores in enumerate(rows["scores"]):
+            if keep[i] and scores is not None and not _finite_scores(scores):
+                keep[i] = False
+                skipped["scores not finite"] = skipped.get("scores not finite", 0) + 1
+    frame = rows.assign(label=pd.Series(coerced["label"], index=rows.index, dtype=object),
+                        prediction=pd.Series(coerced["prediction"], index=rows.index, dtype=object))
+    return frame[keep].reset_index(drop=True), skipped
+
+
+def _finite_scores(scores: Any) -> bool:
+    try:
+        return bool(np.isfinite(np.asarray(scores, dtype=float)).all())
+    except (TypeError, ValueError):
+        return False
+
+
 # -- the metrics (fast path) ---------------------------------------------------------------------
 def regression_metrics(y_true: Any, y_pred: Any) -> dict[str, float]:
     y = np.asarray(y_true, dtype=float)
     p = np.asarray(y_pred, dtype=float)
-    err = p - y
-    ss_res = float(np.sum(err ** 2))
-    ss_tot = float(np.sum((y - y.mean()) ** 2))
+    if y.size == 0:
+        return {}
+    with np.errstate(over="ignore", invalid="ignore"):  # values not cleaned may overflow: inf, judged by nobody
+        err = p - y
+        ss_res = float(np.sum(err ** 2))
+        ss_tot = float(np.sum((y - y.mean()) ** 2))
     return {"rmse": math.sqrt(ss_res / y.size), "mae": float(np.mean(np.abs(err))),
             "r2": (1.0 - ss_res / ss_tot) if ss_tot > 0 else float("nan"), "mean_error": float(err.mean())}
 
@@ -251,10 +390,10 @@ def compare(live: dict[str, float], baseline: dict[str, float], config: Any) -> 
     out = []
     for metric, value in live.items():
         rel, ab = config.max_relative.get(metric), config.max_absolute.get(metric)
-        if (rel is None and ab is None) or metric not in baseline or value is None or math.isnan(value):
-            continue
+        if (rel is None and ab is None) or metric not in baseline or value is None or not math.isfinite(value):
+            continue  # a value that is not finite (no data, an overflow) judges nothing
         base = baseline[metric]
-        if math.isnan(base):
+        if not math.isfinite(base):
             continue
         lower = metric in LOWER_IS_BETTER
         if metric == "mean_error":

@@ -27,10 +27,10 @@ import pandas as pd
 
 from driftloop.core.errors import MonitorError
 from monitoring.alerts import Alert
-from monitoring.estimate import estimate_performance
+from monitoring.estimate import estimate_performance, finite_rows
 from monitoring.labels import labelled_count, labelled_window, score_matrix, scored_window, versions_seen
-from monitoring.quality import (Block, BaselineCache, compare, evidently_quality, quality_alert_id, quality_metrics,
-                                tumbling_block, verdicts_dict)
+from monitoring.quality import (Block, BaselineCache, clean_labelled, compare, evidently_quality, quality_alert_id,
+                                quality_metrics, tumbling_block, verdicts_dict)
 
 __all__ = ["QualityMonitor"]
 
@@ -96,6 +96,9 @@ class QualityMonitor:
             out["estimated_latest"] = estimate
             m.quality_estimated.labels(version=version, metric="accuracy").set(estimate["accuracy"])
         block = self._block(version, n_labelled, now)
+        left_out = 0 if block is None else int(block.rows.attrs.get("skipped_labels", 0))  # by the store's reader
+        if left_out:
+            out["skipped"] = {"label does not fit the predictions": left_out}
         if block is None or not block.complete or len(block.rows) < cfg.min_labels:
             n = 0 if block is None else block.extra.get("n", len(block.rows))
             out.update(verdict="insufficient labels",
@@ -105,16 +108,25 @@ class QualityMonitor:
             if estimate is not None and version == champion and cfg.estimate_alerts:
                 out["estimate_alert"] = self._estimate_alert(version, baseline, estimate, now)
             return out
-        rows = block.rows
-        scores = score_matrix(rows) if self.task == "classification" else None
         classes = baseline.classes
+        rows, skipped = clean_labelled(self.task, block.rows, classes)  # stored labels are not trusted
+        if left_out:
+            skipped = {"label does not fit the predictions": left_out, **skipped}
+        n_skipped = sum(skipped.values())
+        if skipped:
+            out["skipped"] = skipped
+        if len(rows) < cfg.min_labels:
+            out.update(verdict="insufficient labels", reason=f"{len(rows)} usable labelled rows in the current window "
+                       f"< monitor.quality.min_labels={cfg.min_labels} ({n_skipped} skipped: {skipped})")
+            return out
+        scores = score_matrix(rows) if self.task == "classification" else None
         live = quality_metrics(self.task, rows["label"], rows["prediction"], scores, classes)
         verdicts = compare(live, baseline.metrics, cfg)
         degraded = [v for v in verdicts if v.degraded]
         for metric, value in live.items():
             m.quality_metric.labels(version=version, metric=metric).set(value)
         m.quality_degraded.labels(version=version).set(1.0 if degraded else 0.0)
-        out.update(window={"id": block.key, "rows": len(rows), "start": _iso(block.start_ts), "end": _iso(block.end_ts)},
+        out.update(window={"id": block.key, "rows": len(rows), "skipped": n_skipped, "start": _iso(block.start_ts), "end": _iso(block.end_ts)},
                    live=live, verdicts=verdicts_dict(verdicts), verdict="degraded" if degraded else "ok")
         if scores is not None and baseline.calibration is not None and cfg.estimate:
             est = estimate_performance(scores, baseline.calibration)
@@ -151,6 +163,7 @@ class QualityMonitor:
         since = now - seconds if seconds else None
         frame = scored_window(self.store_path, version=version, since=since, limit=self.cfg.window_rows)
         scores = score_matrix(frame.dropna(subset=["scores"])) if not frame.empty else None
+        scores = None if scores is None else finite_rows(scores)
         if scores is None or len(scores) < self.cfg.min_labels:
             return None
         est = estimate_performance(scores, baseline.calibration)
