@@ -235,6 +235,9 @@ class GatewayTarget:
             raise ServingError(f"gateway answered {method} {path} with a body that is not JSON: {exc}") from exc
 
     def set_weight(self, percent: int) -> None:
+        if self.backend is not None:  # the serving state records the weight the gateway accepted
+            self.backend.set_split(percent)
+            return
         self._call("PUT", "/admin/split", json={"canary_percent": percent})
 
     def set_shadow(self, percent: float, state: RolloutState | None = None) -> None:
