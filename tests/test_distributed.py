@@ -311,7 +311,7 @@ def test_compiled_yaml_train_step_is_the_launcher(tmp_path):
     from pipelines.training import compile_pipeline
 
     settings = make_settings(tmp_path, tmp_path / "x.parquet", **{
-        "model.learner": "xgboost", "model.gpu": True, "model.distributed.workers": 4,
+        "model.learner": "xgboost", "model.params": {"n_estimators": 40}, "model.gpu": True, "model.distributed.workers": 4,
         "model.distributed.gpus_per_worker": 1, "kfp.queue_name": "team-a"})
     docs = list(yaml.safe_load_all(compile_pipeline(settings, tmp_path / "train.yaml").read_text()))
     spec, platform = docs[0], docs[1]

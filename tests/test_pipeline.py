@@ -72,7 +72,7 @@ def test_bad_data_fails_clearly_and_registers_nothing(tmp_path, scenario_path):
 def test_compiled_yaml_has_gate_accelerator_toleration_and_secret(tmp_path):
     from pipelines.training import compile_pipeline
 
-    settings = make_settings(tmp_path, tmp_path / "x.parquet", **{"model.gpu": True, "model.learner": "xgboost",
+    settings = make_settings(tmp_path, tmp_path / "x.parquet", **{"model.gpu": True, "model.learner": "xgboost", "model.params": {"n_estimators": 40},
                                                                    "model.gpu_node_selector": {"gpu": "h100"}})
     path = compile_pipeline(settings, tmp_path / "train.yaml")
     docs = list(yaml.safe_load_all(path.read_text()))

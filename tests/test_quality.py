@@ -131,7 +131,7 @@ def test_pure_concept_drift_raises_one_quality_alert_and_one_retraining_run(tmp_
                                                                           monkeypatch):
     service, runner = _service(tmp_path, trained, monkeypatch)
     concept = generate(rows=600, drift_at=0.0, drift=SCENARIOS["concept"], seed=21)
-    with TestClient(service.app) as client:
+    with TestClient(service.app, headers={"authorization": f"Bearer {service.ingest_token}"}) as client:
         _serve_and_label(client, concept.iloc[:150], champion_sklearn)
         early = client.post("/quality/check").json()["versions"]["1"]
         assert early["verdict"] == "insufficient labels" and early["labelled_rows"] == 150
@@ -178,7 +178,7 @@ def test_pure_concept_drift_raises_one_quality_alert_and_one_retraining_run(tmp_
 def test_no_alert_while_the_relation_holds(tmp_path, trained, champion_sklearn, monkeypatch):
     service, runner = _service(tmp_path, trained, monkeypatch)
     calm = generate(rows=2000, drift_at=None, seed=33).iloc[-200:]
-    with TestClient(service.app) as client:
+    with TestClient(service.app, headers={"authorization": f"Bearer {service.ingest_token}"}) as client:
         _serve_and_label(client, calm, champion_sklearn)
         outcome = client.post("/quality/check").json()["versions"]["1"]
     assert outcome["verdict"] == "ok", outcome["verdicts"]

@@ -9,6 +9,7 @@ drift alert → one real kfp.local retraining run. And promtool on the same rule
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import threading
 import time
@@ -110,7 +111,8 @@ def _send(url: str, rows: pd.DataFrame, model) -> None:
         events.append(structured(ce_id, "request", {"instances": instances[i:i + 20]}))
         events.append(structured(ce_id, "response", {"predictions": preds[i:i + 20]}, version="1", role="champion"))
     r = httpx.post(f"{url}/events", content=json.dumps(events), timeout=30,
-                   headers={"content-type": "application/cloudevents-batch+json"})
+                   headers={"content-type": "application/cloudevents-batch+json",
+                            "authorization": f"Bearer {os.environ['DRIFTLOOP_INGEST_TOKEN']}"})
     assert r.status_code == 200, r.text
 
 
@@ -160,6 +162,7 @@ def test_drift_fires_through_prometheus_and_alertmanager_and_starts_one_run(tmp_
     model = registry.load_pyfunc("models:/churn@champion")
 
     monkeypatch.setenv(WEBHOOK_TOKEN_ENV, TOKEN)
+    monkeypatch.setenv("DRIFTLOOP_INGEST_TOKEN", "ingest-token")  # what _send posts /events with
     token_file = tmp_path / "webhook-token"  # where the Secret driftloop-webhook would be mounted
     token_file.write_text("not-the-token")
     service = MonitorService(settings)

@@ -466,7 +466,7 @@ def monitor(tmp_path, monkeypatch):
     monkeypatch.setenv(WEBHOOK_TOKEN_ENV, TOKEN)
     s = settings_at(tmp_path, **{"rollout.shadow_percent": 10})
     service = MonitorService(s, runner=RecordingRunner())
-    with TestClient(service.app) as client:
+    with TestClient(service.app, headers={"authorization": f"Bearer {service.ingest_token}"}) as client:
         yield service, client
 
 

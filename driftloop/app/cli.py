@@ -54,8 +54,30 @@ def _quiet_libraries() -> None:
 def _root(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
     # before anything creates a file: the workspace (MLflow store, logs, state) is its owner's only
     private_umask()
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s")
+    root = logging.getLogger()
+    if not any(isinstance(h, _StderrHandler) for h in root.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        root.addHandler(handler)
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
     _quiet_libraries()
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a line is logged, not to the stream that was current when
+    the CLI first ran (``basicConfig`` binds that one: a later command in the same process, or one whose
+    stderr was redirected, would write to a closed stream and print a logging traceback)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
 
 
 # --- compile -------------------------------------------------------------------------
