@@ -54,7 +54,11 @@ DEFAULT_IMAGE = "ghcr.io/driftloop/driftloop:0.1.0"
 
 # Environment variables that carry secrets; never accepted from a config file.
 SECRET_ENV = ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_PASSWORD", "KFP_TOKEN", "DRIFTLOOP_WEBHOOK_TOKEN",
-              "DRIFTLOOP_GATEWAY_TOKEN")
+              "DRIFTLOOP_GATEWAY_TOKEN", "DRIFTLOOP_INGEST_TOKEN")
+# DRIFTLOOP_* variables the processes read for themselves (set by the CLI for its children, or by infra/):
+# they are not configuration keys, so a user or a Deployment that sets them must not make every load fail.
+PROCESS_ENV = ("DRIFTLOOP_CONFIG", "DRIFTLOOP_ERROR_FILE", "DRIFTLOOP_LOG_SCORES", "DRIFTLOOP_TASK_SERVER",
+               "DRIFTLOOP_TRACKER", "DRIFTLOOP_TRACKER_BIND")
 
 
 def _is_number(annotation: Any) -> bool:
@@ -570,7 +574,7 @@ def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
     for name, raw in environ.items():
         if not name.startswith(ENV_PREFIX) or name in SECRET_ENV:
             continue
-        if name in ("DRIFTLOOP_CONFIG",):
+        if name in PROCESS_ENV:
             continue
         if name == "DRIFTLOOP_EVENTS_AUTH":  # the monitor's /events auth mode, short as infra/ sets it
             _set_path(out, ["monitor", "events_auth"], raw.strip())
