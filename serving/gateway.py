@@ -779,11 +779,14 @@ class _Gateway:
     async def feedback(self, request: Request) -> Response:
         """``{"id": <x-request-id>, "label": <value or one per row>}`` or a list of them.
 
-        Refused whole (4xx, nothing recorded) when the body is not ``application/json`` (a
+        Needs ``Authorization: Bearer <ingest token>`` (401 otherwise). Refused whole (4xx, nothing
+        recorded) when the body is not ``application/json`` (a
         cross-site form post cannot send that type), too large, not strict JSON, or an item is
         malformed. Otherwise each item is accepted once per request id; unknown ids and repeats
         are reported, not counted.
         """
+        if (denied := self._unauthorized(request, use="feedback")) is not None:
+            return denied
         if not _is_json(request):
             self.metrics.rejected.labels(reason="feedback_content_type").inc()
             return _error(415, "feedback must be sent as application/json, got "
@@ -882,17 +885,20 @@ class _Gateway:
     async def status(self, request: Request) -> Response:
         return _JSON(self.status_doc())
 
-    def _unauthorized(self, request: Request) -> Response | None:
-        """401 unless the request carries the admin bearer token."""
-        token = self.cfg.admin_token
+    def _unauthorized(self, request: Request, *, use: str = "admin") -> Response | None:
+        """401 unless the request carries the bearer token for ``use``: ``admin`` (the split and the
+        upstreams: the gateway's admin token) or ``feedback`` (labels: the workspace's ingest token, the one
+        the monitor's own ``/feedback`` takes — labels decide quality alerts and rollouts)."""
+        token, env = (self.cfg.admin_token, ADMIN_TOKEN_ENV) if use == "admin" else (self.cfg.ingest_token,
+                                                                                    INGEST_TOKEN_ENV)
         if not token:
-            self.metrics.rejected.labels(reason="admin_not_configured").inc()
-            return _error(401, f"admin endpoints are locked: {ADMIN_TOKEN_ENV} is not set on the gateway")
+            self.metrics.rejected.labels(reason=f"{use}_not_configured").inc()
+            return _error(401, f"{use} endpoints are locked: {env} is not set on the gateway")
         given = request.headers.get("authorization", "")
         if not given.lower().startswith("bearer ") or not hmac.compare_digest(given[7:].strip().encode(),
                                                                                token.encode()):
-            self.metrics.rejected.labels(reason="admin_unauthorized").inc()
-            return _error(401, f"missing or wrong bearer token (the gateway's {ADMIN_TOKEN_ENV})")
+            self.metrics.rejected.labels(reason=f"{use}_unauthorized").inc()
+            return _error(401, f"missing or wrong bearer token (the gateway's {env})")
         return None
 
     async def _admin_doc(self, request: Request) -> Any:

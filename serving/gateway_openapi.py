@@ -99,13 +99,15 @@ def gateway_openapi(served: str) -> dict[str, Any]:
         "/v2/models/{name}/infer": {"post": v2_infer},
         "/v2/models/{name}/versions/{version}/infer": {"post": v2_infer_version},
         "/feedback": {"post": {
-            "summary": "Ground truth for served requests, joined by x-request-id and forwarded to the monitor",
+            "summary": "Ground truth for served requests, joined by x-request-id and forwarded to the monitor "
+                       "(bearer: the workspace's ingest token)",
+            "security": [{"bearer": []}],
             "requestBody": {"required": True, "content": _json({"oneOf": [
                 {"$ref": "#/components/schemas/Label"},
                 {"type": "array", "minItems": 1, "items": {"$ref": "#/components/schemas/Label"}}]})},
             "responses": {**_answers({"type": "object", "properties": {
                 "accepted": {"type": "integer"}, "unknown": {"type": "array", "items": {"type": "string"}},
-                "duplicate": {"type": "array", "items": {"type": "string"}}}}, 400, 404, 409, 413, 415),
+                "duplicate": {"type": "array", "items": {"type": "string"}}}}, 400, 401, 404, 409, 413, 415),
                 "202": {"description": "Kept in the gateway's durable outbox until the monitor takes them",
                         "content": _json({"type": "object"})}}}},
         "/admin/split": {"put": _admin("Set the canary's share of traffic", {

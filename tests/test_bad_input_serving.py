@@ -54,12 +54,13 @@ def served(trained, good_row, tmp_path_factory):
         with httpx.Client(base_url=ms_url, timeout=30) as direct:
             _wait_ready(direct, proc)
             cfg = GatewayConfig(name="churn", primary=Upstream(ms_url, "1"), canary=Upstream(ms_url, "1c"),
-                                canary_percent=0, admin_token=TOKEN, max_payload_bytes=MAX_PAYLOAD,
+                                canary_percent=0, admin_token=TOKEN, ingest_token=TOKEN, max_payload_bytes=MAX_PAYLOAD,
                                 max_feedback_bytes=4096)
             with serve_app(create_gateway_app(cfg)) as gw_url, httpx.Client(base_url=gw_url, timeout=30) as gw:
                 r = gw.post(V1, json={"instances": [good_row]}, headers={"x-request-id": "accepted-1"})
                 assert r.status_code == 200, r.text
-                assert gw.post("/feedback", json={"id": "accepted-1", "label": r.json()["predictions"][0]}).status_code == 200
+                assert gw.post("/feedback", json={"id": "accepted-1", "label": r.json()["predictions"][0]},
+                               headers=AUTH).status_code == 200  # the ingest token (one token in these tests)
                 assert gw.put("/admin/split", json={"canary_percent": 5}, headers=AUTH).status_code == 200
                 yield {"direct": direct, "gateway": gw, "proc": proc, "gw_url": gw_url, "ms_url": ms_url}
     finally:
@@ -192,6 +193,8 @@ def test_a_refused_request_is_one_line_in_the_model_servers_log_without_a_traceb
 
 
 FEEDBACK_CASES = [
+    ("wrong-token", {"id": "accepted-1", "label": 0}, {"authorization": "Bearer not-it"}, 401, "DRIFTLOOP_INGEST_TOKEN"),
+    ("not-bearer", {"id": "accepted-1", "label": 0}, {"authorization": f"Basic {TOKEN}"}, 401, "bearer token"),
     ("text-plain", b'{"id":"accepted-1","label":1}', {"content-type": "text/plain"}, 415, "application/json"),
     ("form", b"id=accepted-1&label=1", {"content-type": "application/x-www-form-urlencoded"}, 415, "application/json"),
     ("not-json", b"{not json", None, 400, "not valid JSON"),
@@ -210,7 +213,7 @@ FEEDBACK_CASES = [
 
 @pytest.mark.parametrize("name,body,headers,status,message", FEEDBACK_CASES, ids=[c[0] for c in FEEDBACK_CASES])
 def test_malformed_feedback(served, good_row, name, body, headers, status, message):
-    r = _send(served["gateway"], "POST", "/feedback", body, headers)
+    r = _send(served["gateway"], "POST", "/feedback", body, {**AUTH, **(headers or {})})
     assert r.status_code == status, (r.status_code, r.text)
     assert message in r.json()["error"], r.text
     _still_up_and_nothing_lost(served, good_row)

@@ -37,6 +37,7 @@ AUTH = {"authorization": f"Bearer {TOKEN}"}
 
 def gateway(p_url, c_url=None, pct=0.0, **kw):
     kw.setdefault("admin_token", TOKEN)
+    kw.setdefault("ingest_token", TOKEN)  # labels (POST /feedback) take the ingest token; one token in these tests
     cfg = GatewayConfig(name="churn", namespace="test", primary=Upstream(p_url, "1"),
                         canary=Upstream(c_url, "2") if c_url else None, canary_percent=pct, **kw)
     return serve_app(create_gateway_app(cfg))

@@ -26,6 +26,7 @@ from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 INGEST_TOKEN = "quality-feedback-ingest-token"
+INGEST_AUTH = {"authorization": f"Bearer {INGEST_TOKEN}"}
 
 
 def _model_app() -> Starlette:
@@ -104,7 +105,7 @@ def test_labels_posted_to_the_gateway_are_stored_by_the_monitor_and_survive_rest
                feedback_url=f"http://127.0.0.1:{port}/feedback", feedback_outbox=str(outbox), ingest_token=INGEST_TOKEN)
     monitor = _start_monitor(store, port)
     try:
-        with TestClient(create_gateway_app(GatewayConfig(**cfg))) as gw:
+        with TestClient(create_gateway_app(GatewayConfig(**cfg)), headers=INGEST_AUTH) as gw:
             ids = []
             for x in (1.0, -1.0, 2.0):
                 r = gw.post("/v1/models/m:predict", json={"instances": [[x]]})
@@ -129,7 +130,7 @@ def test_labels_posted_to_the_gateway_are_stored_by_the_monitor_and_survive_rest
             assert pred.status_code == 200  # predictions never wait on the monitor
         # the gateway restarts while the monitor is still down; then the monitor comes back
         monitor = _start_monitor(store, port)
-        with TestClient(create_gateway_app(GatewayConfig(**cfg))) as gw:
+        with TestClient(create_gateway_app(GatewayConfig(**cfg)), headers=INGEST_AUTH) as gw:
             _wait(lambda: _quality(port).get("1", {}).get("n") == 2)
             r = gw.post("/feedback", json={"id": ids[2], "label": 0})  # served before the restart
             assert r.status_code == 200 and r.json()["monitor"] == "stored", r.text

@@ -59,7 +59,7 @@ def live_rollout(workspace, model, *, labels=False, **rollout):
     primary, canary = FakeModelServer(model, "1"), FakeModelServer(model, "2")
     with serve_app(primary.app) as p_url, serve_app(canary.app) as c_url:
         cfg = GatewayConfig(name=model, primary=Upstream(p_url, "1"), canary=Upstream(c_url, "2"), seed=1,
-                            admin_token=TOKEN)
+                            admin_token=TOKEN, ingest_token=TOKEN)
         with serve_app(create_gateway_app(cfg)) as gw_url:
             stop = threading.Event()
 
@@ -70,7 +70,8 @@ def live_rollout(workspace, model, *, labels=False, **rollout):
                         i += 1
                         r = c.post(f"/v1/models/{model}:predict", json={"instances": [row(i)]})
                         if labels and r.status_code == 200:
-                            c.post("/feedback", json={"id": r.headers["ce-id"], "label": truth(row(i))})
+                            c.post("/feedback", json={"id": r.headers["ce-id"], "label": truth(row(i))},
+                                   headers={"authorization": f"Bearer {TOKEN}"})
 
             workers = [threading.Thread(target=traffic, daemon=True) for _ in range(3)]
             for w in workers:

@@ -88,6 +88,7 @@ class DroppingUpstream:
 @contextlib.contextmanager
 def gateway(primary_url: str, canary_url: str | None = None, pct: float = 0.0, **kw):
     kw.setdefault("admin_token", TOKEN)
+    kw.setdefault("ingest_token", TOKEN)  # labels (POST /feedback) take the ingest token; one token in these tests
     cfg = GatewayConfig(name="churn", primary=Upstream(primary_url, "1"),
                         canary=Upstream(canary_url, "2") if canary_url else None, canary_percent=pct, **kw)
     with serve_app(create_gateway_app(cfg)) as url, httpx.Client(base_url=url, timeout=10) as client:
@@ -148,17 +149,18 @@ def test_nan_label_is_refused_and_stats_keep_answering(upstream):
     _, p_url = upstream
     with gateway(p_url) as (_, c):
         assert predict(c, 3, **{"x-request-id": "rq-nan"}).status_code == 200
-        as_text = c.post("/feedback", content=b'{"id":"rq-nan","label":NaN}', headers={"content-type": "text/plain"})
+        as_text = c.post("/feedback", content=b'{"id":"rq-nan","label":NaN}',
+                         headers={**AUTH, "content-type": "text/plain"})
         assert as_text.status_code == 415 and "application/json" in as_text.json()["error"]
         as_json = c.post("/feedback", content=b'{"id":"rq-nan","label":NaN}',
-                         headers={"content-type": "application/json"})
+                         headers={**AUTH, "content-type": "application/json"})
         assert as_json.status_code == 400 and "NaN" in as_json.json()["error"]
         for bad in ({"id": "rq-nan", "label": {"a": 1}}, {"id": "rq-nan", "label": None}, {"id": 7, "label": 1},
                     {"id": "rq-nan", "label": []}, {"id": "rq-nan", "label": 1, "extra": 2}):
-            assert c.post("/feedback", json=bad).status_code == 400, bad
+            assert c.post("/feedback", json=bad, headers=AUTH).status_code == 400, bad
         stats = c.get("/admin/stats")
         assert stats.status_code == 200 and stats.json()["versions"]["1"]["labels"] == 0
-        assert c.post("/feedback", json={"id": "rq-nan", "label": 1}).json()["accepted"] == 1
+        assert c.post("/feedback", json={"id": "rq-nan", "label": 1}, headers=AUTH).json()["accepted"] == 1
         assert c.get("/admin/stats").json()["versions"]["1"]["labels"] == 1
 
 
@@ -166,21 +168,22 @@ def test_one_label_per_request_id_so_no_client_can_tilt_a_comparison(upstream):
     _, p_url = upstream
     with gateway(p_url) as (_, c):
         ids = [predict(c, i).headers["x-request-id"] for i in range(3)]
-        first = c.post("/feedback", json=[{"id": ids[0], "label": 1}, {"id": ids[0], "label": 0}])
+        first = c.post("/feedback", json=[{"id": ids[0], "label": 1}, {"id": ids[0], "label": 0}], headers=AUTH)
         assert first.json() == {"accepted": 1, "unknown": [], "duplicate": [ids[0]]}
         for _ in range(5):
-            again = c.post("/feedback", json={"id": ids[0], "label": 0})
+            again = c.post("/feedback", json={"id": ids[0], "label": 0}, headers=AUTH)
             assert again.status_code == 409 and ids[0] in again.json()["error"]
-        mixed = c.post("/feedback", json=[{"id": ids[1], "label": 1}, {"id": ids[0], "label": 1}, {"id": "x", "label": 1}])
+        mixed = c.post("/feedback", json=[{"id": ids[1], "label": 1}, {"id": ids[0], "label": 1}, {"id": "x", "label": 1}],
+                       headers=AUTH)
         assert mixed.status_code == 200 and mixed.json() == {"accepted": 1, "unknown": ["x"], "duplicate": [ids[0]]}
         # a batch with a malformed item records nothing
-        bad = c.post("/feedback", json=[{"id": ids[2], "label": 1}, {"id": ids[1], "label": {"x": 1}}])
+        bad = c.post("/feedback", json=[{"id": ids[2], "label": 1}, {"id": ids[1], "label": {"x": 1}}], headers=AUTH)
         assert bad.status_code == 400 and "item 1" in bad.json()["error"]
         inf = c.post("/feedback", content=json.dumps([{"id": ids[2], "label": 1}, {"id": ids[2], "label": 1e999}]),
-                     headers={"content-type": "application/json"})  # json.dumps writes Infinity
+                     headers={**AUTH, "content-type": "application/json"})  # json.dumps writes Infinity
         assert inf.status_code == 400 and "Infinity" in inf.json()["error"]
         assert c.get("/admin/stats").json()["versions"]["1"]["labels"] == 2
-        assert c.post("/feedback", json={"id": ids[2], "label": 1}).json()["accepted"] == 1
+        assert c.post("/feedback", json={"id": ids[2], "label": 1}, headers=AUTH).json()["accepted"] == 1
 
 
 def test_feedback_body_has_a_limit(upstream):
@@ -188,9 +191,9 @@ def test_feedback_body_has_a_limit(upstream):
     with gateway(p_url, max_feedback_bytes=2048) as (_, c):
         rid = predict(c).headers["x-request-id"]
         big = [{"id": rid, "label": 1}] * 200
-        r = c.post("/feedback", json=big)
+        r = c.post("/feedback", json=big, headers=AUTH)
         assert r.status_code == 413 and "2048" in r.json()["error"]
-        assert c.post("/feedback", json={"id": rid, "label": 1}).json()["accepted"] == 1
+        assert c.post("/feedback", json={"id": rid, "label": 1}, headers=AUTH).json()["accepted"] == 1
 
 
 def test_stats_stay_json_when_an_upstream_answered_nan():

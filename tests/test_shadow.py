@@ -22,7 +22,7 @@ AUTH = {"authorization": f"Bearer {TOKEN}"}
 def _gateway(p_url: str, s_url: str, *, shadow_percent: float = 100.0, sink_url: str | None = None,
              shadow_timeout: float = 0.3):
     cfg = GatewayConfig(name="churn", namespace="test", primary=Upstream(p_url, "1"), canary=Upstream(s_url, "2"),
-                        canary_percent=0.0, admin_token=TOKEN, sink_url=sink_url, shadow_percent=shadow_percent,
+                        canary_percent=0.0, admin_token=TOKEN, ingest_token=TOKEN, sink_url=sink_url, shadow_percent=shadow_percent,
                         shadow_timeout=shadow_timeout, seed=1)
     return serve_app(create_gateway_app(cfg))
 
@@ -72,7 +72,7 @@ def test_shadow_answers_are_joined_with_the_primary_and_logged_as_shadow():
             ids.append(resp.headers["x-request-id"])
         stats = _wait_shadow(client, 60)
         labels = [{"id": rid, "label": truth(row(i)) if i % 4 else 1 - truth(row(i))} for i, rid in enumerate(ids)]
-        assert client.post("/feedback", json=labels).status_code == 200
+        assert client.post("/feedback", json=labels, headers=AUTH).status_code == 200
         stats = client.get("/admin/shadow").json()["stats"]
         events = sink.wait_for(60 * 2 * 2)
     assert stats["requests"] == 60 and stats["errors"] == 0 and stats["agreement"] == 1.0

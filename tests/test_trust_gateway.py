@@ -399,8 +399,14 @@ def test_events_and_labels_carry_the_ingest_token(stack, good_rows):
     r = stack["gw"].post(V1, json={"instances": good_rows[:1]}, headers={"x-request-id": rid})
     assert r.status_code == 200
     rec.request_event(rid)
-    fb = stack["gw"].post("/feedback", json={"id": rid, "label": r.json()["predictions"][0]})
-    assert fb.status_code == 200, fb.text
+    label = {"id": rid, "label": r.json()["predictions"][0]}
+    forwarded = len(rec.labels)
+    for headers in ({}, {"authorization": "Bearer not-the-token"}, {"authorization": f"Bearer {TOKEN}"}):
+        refused = stack["gw"].post("/feedback", json=label, headers=headers)  # a label decides quality: token only
+        assert refused.status_code == 401 and "DRIFTLOOP_INGEST_TOKEN" in refused.json()["error"], refused.text
+    assert len(rec.labels) == forwarded  # nothing reached the monitor
+    fb = stack["gw"].post("/feedback", json=label, headers={"authorization": f"Bearer {INGEST}"})
+    assert fb.status_code == 200 and fb.json()["accepted"] == 1, fb.text  # the refused ones took no slot
     assert rec.labels and rec.labels[-1][0]["id"] == rid
     assert rec.auth and set(rec.auth) == {f"Bearer {INGEST}"}
     _still_serving(stack, good_rows)
@@ -418,7 +424,8 @@ def test_reused_request_id_with_other_rows_is_refused_and_labels_stay_joined(sta
     assert stack["rec"].request_event(rid)["instances"] == good_rows[:1]
     assert not [e for e in stack["rec"].events if e["headers"].get("ce-id") == rid
                 and json.loads(e["body"]).get("instances") == good_rows[1:3]]
-    fb = gw.post("/feedback", json={"id": rid, "label": first.json()["predictions"][0]})
+    fb = gw.post("/feedback", json={"id": rid, "label": first.json()["predictions"][0]},
+                 headers={"authorization": f"Bearer {INGEST}"})
     assert fb.status_code == 200 and fb.json()["accepted"] == 1
     _still_serving(stack, good_rows)
 
@@ -431,6 +438,7 @@ def test_openapi_documents_describe_every_route(stack, good_rows):
                  "/healthz", "/", "/v2/health/ready", "/v2/models/{name}"):
         assert path in doc["paths"], path
     assert doc["paths"]["/admin/split"]["put"]["security"] == [{"bearer": []}]
+    assert doc["paths"]["/feedback"]["post"]["security"] == [{"bearer": []}]
     assert doc["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
     model_doc = stack["direct"].get("/openapi.json").json()
     validate(model_doc)

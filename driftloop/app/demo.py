@@ -234,6 +234,8 @@ class Demo:
         lock = threading.Lock()
         batches = [(i, min(i + batch, len(rows))) for i in range(0, len(rows), batch)]
 
+        auth = self.monitor_auth()  # the gateway's /feedback takes the same ingest token
+
         def worker(mine: list[tuple[int, int]]) -> None:
             with httpx.Client(timeout=10.0) as client:
                 for lo, hi in mine:
@@ -242,7 +244,8 @@ class Demo:
                         ok = r.status_code == 200
                         if ok and labels:
                             client.post(f"{self.gateway}/feedback",
-                                        json={"id": r.headers.get("x-request-id"), "label": truth[lo:hi]})
+                                        json={"id": r.headers.get("x-request-id"), "label": truth[lo:hi]},
+                                        headers=auth)
                     except httpx.HTTPError:
                         ok = False
                     with lock:
@@ -256,7 +259,8 @@ class Demo:
         return counts
 
     def monitor_auth(self) -> dict[str, str]:
-        """The ingest token the monitor's POST /check and /quality/check need (env, else the workspace's file)."""
+        """The ingest token the monitor's POST /check and /quality/check and the gateway's /feedback need (env,
+        else the workspace's file)."""
         from driftloop.core.files import workspace_token
 
         token = workspace_token(self.settings().workspace_dir / "monitor" / "ingest.token", "DRIFTLOOP_INGEST_TOKEN")

@@ -129,8 +129,9 @@ def _serve_until_interrupted(settings: Any, backend: Any, registry: Any, state: 
                   f"  (V1 {url}/v1/models/{settings.serving.name}:predict, V2 {url}/v2/models/{settings.serving.name}/infer)")
     if canary:
         console.print(f"canary v{canary[0]} takes {percent:g}% of traffic")
-    console.print("feedback: POST /feedback {\"id\": <x-request-id>, \"label\": ...} as application/json; "
-                  "Ctrl-C stops everything")
+    console.print("feedback: POST /feedback {\"id\": <x-request-id>, \"label\": ...} as application/json with "
+                  "'Authorization: Bearer <ingest token>' (DRIFTLOOP_INGEST_TOKEN, else the workspace's "
+                  "monitor/ingest.token); Ctrl-C stops everything")
     from serving.local_backend import Supervisor
 
     target = target_for(settings)
