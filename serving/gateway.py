@@ -53,6 +53,7 @@ import zlib
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -133,6 +134,7 @@ class GatewayConfig:
     event_outbox_max_bytes: int = 512 * 1024 * 1024
     event_retry_seconds: float = 1.0
     request_ids: int = 100_000  # client request ids remembered, to refuse one reused for other rows
+    serving_state: str | None = None  # serve's state file: its restarts and what is down, exposed in /metrics
 
     def __post_init__(self) -> None:
         check_percent(self.canary_percent)
@@ -201,6 +203,37 @@ class _Metrics:
                                      ["state"], registry=r)
         self.event_outbox = Gauge("driftloop_gateway_event_outbox", "Inference-log events in the gateway's outbox: "
                                   "waiting for the sink (pending) or refused by it (dead)", ["state"], registry=r)
+
+
+class _ServeSupervision:
+    """``driftloop serve``'s supervision in the gateway's ``/metrics``: restarts per role (a counter that
+    survives the gateway's own restarts, since ``serve`` counts them in its state file) and what is down
+    now. Read from the state file when scraped; an unreadable file exposes no samples rather than failing
+    the scrape."""
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+
+    def collect(self):  # noqa: ANN201 (prometheus_client's collector protocol)
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        restarts = CounterMetricFamily("driftloop_serve_restarts", "Processes driftloop serve restarted after "
+                                       "they died or failed readiness, by role", labels=["role"])
+        down = GaugeMetricFamily("driftloop_serve_down", "1 while serve's process of this role is down and "
+                                 "waiting for its restart", labels=["role"])
+        try:
+            state = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            state = {}
+        counts = state.get("restarts") if isinstance(state, dict) else None
+        for role, n in sorted((counts or {}).items()):
+            if isinstance(n, int):
+                restarts.add_metric([str(role)], n)
+        out = state.get("down") if isinstance(state, dict) else None
+        for role in sorted({"primary", "canary", "gateway", *(out or {})}):
+            down.add_metric([str(role)], 1.0 if role in (out or {}) else 0.0)
+        yield restarts
+        yield down
 
 
 class _DropLog:
@@ -541,6 +574,8 @@ class _Gateway:
     def __init__(self, cfg: GatewayConfig) -> None:
         self.cfg = cfg
         self.metrics = _Metrics()
+        if cfg.serving_state:
+            self.metrics.registry.register(_ServeSupervision(cfg.serving_state))
         self.splitter = Splitter(cfg.canary_percent, seed=cfg.seed)
         self.metrics.canary_percent.set(cfg.canary_percent)
         self.stats = TrafficStats()
@@ -1146,6 +1181,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--canary-percent", type=float, default=0.0)
     p.add_argument("--sticky-key")
     p.add_argument("--sink-url", help="inference-log sink (POST /events); unset = no logging")
+    p.add_argument("--serving-state", help="driftloop serve's state file: its restart counts and what is down "
+                   "are exposed in /metrics (driftloop_serve_restarts_total, driftloop_serve_down)")
     p.add_argument("--feedback-url", help="the monitor's POST /feedback (default: the sink URL's /feedback)")
     p.add_argument("--feedback-outbox", help="SQLite file for labels the monitor has not taken yet; "
                                              "unset = labels stay in the gateway only")
@@ -1170,7 +1207,7 @@ def main(argv: list[str] | None = None) -> None:
                         feedback_outbox=args.feedback_outbox, event_outbox=args.event_outbox,
                         event_outbox_max_rows=args.event_outbox_max_rows,
                         event_outbox_max_bytes=args.event_outbox_max_bytes,
-                        ingest_token=os.environ.get(INGEST_TOKEN_ENV) or None,
+                        ingest_token=os.environ.get(INGEST_TOKEN_ENV) or None, serving_state=args.serving_state,
                         replicas=[Upstream(u, args.primary_version) for u in args.replica_url],
                         admin_token=os.environ.get(ADMIN_TOKEN_ENV) or None)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

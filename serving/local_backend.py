@@ -279,6 +279,7 @@ class LocalBackend:
                 "--primary-version", primary.version, "--sink-url", self.sink_url(),
                 "--feedback-outbox", str(s.workspace_dir / "serving" / "feedback-outbox.db"),
                 "--event-outbox", str(s.workspace_dir / "serving" / "events-outbox.db"),
+                "--serving-state", str(self.state_path),
                 "--max-payload-bytes", str(s.serving.max_payload_bytes)]
         if canary is not None:
             argv += ["--canary-url", canary.url, "--canary-version", canary.version, "--canary-percent", str(percent)]

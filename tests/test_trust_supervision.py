@@ -239,6 +239,9 @@ def test_a_killed_process_is_restarted_and_traffic_flows_again(served, role, sig
     status = subprocess.run([sys.executable, "-m", "driftloop.app.cli", "serve", "status", "--json", "-p",
                              f"workspace={s.workspace_dir}"], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert json.loads(status.stdout)["restarts"][role] == 1
+    metrics = httpx.get(url + "/metrics", timeout=5).text  # and Prometheus sees it on the gateway
+    assert f'driftloop_serve_restarts_total{{role="{role}"}} 1.0' in metrics, metrics
+    assert f'driftloop_serve_down{{role="{role}"}} 0.0' in metrics
 
 
 # -- 1b. a canary that keeps dying is rolled back through the rollout --------------------------------
