@@ -725,10 +725,6 @@ class InferenceStore:
         where, params = _range(since, until, model_name)
         return self._frame(where, params, limit=limit, desc=limit is not None)
 
-    def latest_rows(self, n: int, model_name: str | None = None) -> pd.DataFrame:
-        """The ``n`` most recent paired rows, oldest first."""
-        return self.rows(limit=n, model_name=model_name)
-
     def count(self, since: float | str | pd.Timestamp | None = None, model_name: str | None = None) -> int:
         """Number of paired rows (received at or after ``since``)."""
         where, params = _range(since, None, model_name)

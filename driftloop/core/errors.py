@@ -14,7 +14,6 @@ __all__ = [
     "DataValidationError",
     "TrainingError",
     "DeviceUnavailableError",
-    "QualityGateFailed",
     "RegistryError",
     "PipelineRunError",
     "ServingError",
@@ -53,10 +52,6 @@ class TrainingError(DriftloopError):
 
 class DeviceUnavailableError(TrainingError):
     """A GPU was required explicitly but none is visible."""
-
-
-class QualityGateFailed(DriftloopError):
-    """The new model did not pass the evaluation gate."""
 
 
 class RegistryError(DriftloopError):

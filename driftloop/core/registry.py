@@ -282,10 +282,6 @@ class Registry:
         with self.translate_errors(f"cannot set alias {name}@{alias} -> {version}"):
             self.client.set_registered_model_alias(name, alias, str(version))
 
-    def delete_alias(self, name: str, alias: str) -> None:
-        with self.translate_errors(f"cannot delete alias {name}@{alias}"):
-            self.client.delete_registered_model_alias(name, alias)
-
     def tag_version(self, name: str, version: str, tags: dict[str, str]) -> None:
         with self.translate_errors(f"cannot tag {name}/{version}"):
             for key, value in tags.items():

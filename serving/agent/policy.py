@@ -14,7 +14,6 @@ cluster) stops every action while it is set.
 
 from __future__ import annotations
 
-import math
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -187,7 +186,3 @@ class Guard:
             clamp = "" if applied == action.target else f" (wanted {action.target}; policy allows {applied})"
             return Decision(now, p.mode, action, True, f"{action.reason}{clamp}".strip() or "allowed", applied)
         return Decision(now, p.mode, action, True, action.reason or "allowed", applied)
-
-
-def ceil_div(x: float, y: float) -> int:
-    return max(0, int(math.ceil(x / y - 1e-9)))
