@@ -23,6 +23,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any
 
+from driftloop.core.errors import ServingError
 from driftloop.core.shadow import quality_of
 
 __all__ = ["PRIMARY", "CANARY", "Splitter", "TrafficStats", "DuplicateLabel", "predictions_of", "quality_of",
@@ -89,7 +90,7 @@ class _Served:
     labelled: bool = False
 
 
-class DuplicateLabel(Exception):
+class DuplicateLabel(ServingError):
     """A label for this request id was accepted before: one label per request id."""
 
 

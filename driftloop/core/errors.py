@@ -2,7 +2,29 @@
 
 Every failure a user can fix has its own class; third-party exceptions are
 translated at the boundary with ``raise ... from exc`` so the CLI can print one
-clear line instead of a traceback.
+clear line instead of a traceback. Catch :class:`DriftloopError` to catch them all.
+
+The whole hierarchy (classes defined beside their code are marked with the module)::
+
+    DriftloopError
+    ├── ConfigError
+    ├── DataSourceError
+    │   └── OutputExistsError      (components.score)
+    ├── DataValidationError
+    ├── TrainingError
+    │   └── DeviceUnavailableError
+    ├── RegistryError
+    ├── PipelineRunError
+    ├── ServingError
+    │   └── DuplicateLabel         (serving.traffic)
+    ├── RolloutAborted
+    ├── MonitorError
+    │   └── EventError             (monitoring.events)
+    │       └── StoreUnavailable   (monitoring.store)
+    ├── ScheduleError
+    ├── InfraCheckError
+    ├── TenantError                (driftloop.app.tenants)
+    └── WorkspaceBusy
 """
 
 from __future__ import annotations
