@@ -1,19 +1,21 @@
 """The pipeline-runner adapter: one interface, two homes.
 
-``LocalRunner`` runs the training pipeline with ``kfp.local`` (SubprocessRunner in
-this environment, no cluster). ``KfpRunner`` compiles it, uploads it as a version
-of a stably named pipeline and starts a run in a named experiment through
-``kfp.Client``. ``runner_for(settings)`` picks one from the configuration; the CLI,
-the drift trigger and the scheduler all go through it.
+Both run any pipeline — ``run(pipeline, arguments, request)``, the pipeline described by a
+:class:`~driftloop.core.runs.Pipeline` — and know none in particular. ``LocalRunner`` runs it
+with ``kfp.local`` (SubprocessRunner in this environment, no cluster). ``KfpRunner`` compiles
+it, uploads it as a version of a stably named pipeline and starts a run in a named experiment
+through ``kfp.Client``. ``runner_for(settings)`` picks one from the configuration; the CLI, the
+drift trigger and the scheduler all go through it. ``run_training`` is the training pipeline
+with its arguments (:mod:`pipelines.training`); scoring does the same in :mod:`pipelines.scoring`.
 
 A request is checked before anything starts (:func:`check_request`: the trigger and the data
 window). On the embedded default every task process starts through
 :func:`driftloop.core.processes.spawn`, so no task outlives the process running the pipeline
 however that one ends, and kfp.local's output (each task's executor input and logs) goes to
-``<workspace>/pipeline-root/logs/<request-id>.log``, not to the terminal: a failed run reports
+``<workspace>/pipeline-root/logs/<prefix><request-id>.log``, not to the terminal: a failed run reports
 one line naming the step and the error, and where the full log is.
 
-One run at a time per workspace: :meth:`LocalRunner.run_training` holds the workspace lock
+One run at a time per workspace: :meth:`LocalRunner.run` holds the workspace lock
 (:func:`driftloop.core.workspace.workspace_lock`) for the whole run, deploy step included. The
 trigger's worker and the scheduler wait their turn (the default); the CLI refuses a second run
 unless ``--wait``. After a failed run, :func:`registry_outcome` reads back what the run left in
@@ -43,14 +45,14 @@ from driftloop.core.config import Settings
 from driftloop.core.errors import DriftloopError, PipelineRunError, RegistryError
 from driftloop.core.files import private_dir
 from driftloop.core.processes import spawn, stop_process
-from driftloop.core.runs import PipelineRunner, RunRequest, RunResult
+from driftloop.core.runs import Pipeline, PipelineRunner, RunRequest, RunResult
 from driftloop.core.workspace import workspace_lock
 from pipelines import task_server
 from pipelines.task_server import parse_task_command, read_status, send_task
 
 TASK_SERVER_ENV = "DRIFTLOOP_TASK_SERVER"
 
-__all__ = ["RunRequest", "RunResult", "PipelineRunner", "LocalRunner", "KfpRunner", "runner_for", "summarize_run",
+__all__ = ["Pipeline", "RunRequest", "RunResult", "PipelineRunner", "LocalRunner", "KfpRunner", "runner_for",
            "check_request", "check_trigger", "check_window", "TaskEvent", "task_detail", "task_server_enabled",
            "registry_outcome", "plain_text"]
 
@@ -326,37 +328,8 @@ def task_server_enabled() -> bool:
 log = logging.getLogger(__name__)
 
 
-def summarize_run(settings: Settings, request_id: str) -> dict[str, Any]:
-    """Read what the pipeline recorded in MLflow for this request: rows, metrics, gate, version."""
-    from driftloop.core.registry import TAG, Registry
-
-    registry = Registry.from_settings(settings)
-    runs = registry.find_runs(f"tags.`{TAG.REQUEST}` = '{request_id}'", max_results=1)
-    if not runs:
-        return {}
-    run = runs[0]
-    params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
-    summary: dict[str, Any] = {
-        "mlflow_run_id": run.info.run_id,
-        "train_rows": int(params.get("train_rows", 0)),
-        "test_rows": int(params.get("test_rows", 0)),
-        "metrics": {k: v for k, v in metrics.items() if not k.startswith("champion_") and k != "gate_passed"},
-        "champion_metrics": {k[len("champion_"):]: v for k, v in metrics.items() if k.startswith("champion_")},
-        "gate": tags.get(TAG.GATE, "unknown"),
-        "reason": tags.get(TAG.GATE_REASON, ""),
-        "window": tags.get(TAG.WINDOW, ""),
-        "trigger": tags.get(TAG.TRIGGER, ""),
-        "device": tags.get(TAG.DEVICE, ""),
-    }
-    info = registry.version_of_run(settings.mlflow.model_name, run.info.run_id) if summary["gate"] == "passed" else None
-    if info is not None:
-        summary["model_version"] = info.version
-        summary["aliases"] = list(info.aliases)
-    return summary
-
-
 class LocalRunner:
-    """Runs the pipeline on this machine with ``kfp.local`` (the embedded default)."""
+    """Runs any pipeline on this machine with ``kfp.local`` (the embedded default)."""
 
     home = "local"
 
@@ -367,44 +340,55 @@ class LocalRunner:
     def pipeline_root(self) -> Path:
         return self.settings.workspace_dir / "pipeline-root"
 
-    def log_path(self, request: RunRequest) -> Path:
+    def log_path(self, request: RunRequest, pipeline: Pipeline | None = None) -> Path:
         """Where kfp.local's output of this run goes."""
-        return self.pipeline_root / "logs" / f"{request.request_id}.log"
+        prefix = pipeline.log_prefix if pipeline is not None else ""
+        return self.pipeline_root / "logs" / f"{prefix}{request.request_id}.log"
 
     def run_training(self, request: RunRequest, *, wait: bool = True, progress: ProgressFn | None = None,
                      echo: Any = None, on_wait: Callable[[str], None] | None = None) -> RunResult:
-        """Run the pipeline; ``progress`` gets each task's start and end, ``echo`` a copy of the task output.
+        """The training pipeline through :meth:`run`, with the arguments of this request."""
+        from pipelines.training import pipeline_arguments, training_pipeline_for
+
+        check_request(request)
+        args = pipeline_arguments(self.settings, trigger=request.trigger, request_id=request.request_id,
+                                  window_start=request.window_start, window_end=request.window_end)
+        return self.run(training_pipeline_for(self.settings), args, request, wait=wait, progress=progress, echo=echo,
+                        on_wait=on_wait)
+
+    def run(self, pipeline: Pipeline, arguments: dict[str, Any], request: RunRequest, *, wait: bool = True,
+            progress: ProgressFn | None = None, echo: Any = None,
+            on_wait: Callable[[str], None] | None = None) -> RunResult:
+        """Run ``pipeline`` with ``arguments``; ``progress`` gets each task's start and end, ``echo`` a copy of the task output.
 
         The run holds the workspace lock throughout: with ``wait`` a run already in progress in the
         workspace is waited for (``on_wait`` gets the message saying whom for), else
         :class:`~driftloop.core.errors.WorkspaceBusy` is raised before anything starts.
         """
-        check_request(request)
         with workspace_lock(self.settings.workspace_dir, request.request_id, wait=wait, on_wait=on_wait):
-            log_path = self.log_path(request)
+            pipeline.prepare()
+            log_path = self.log_path(request, pipeline)
             private_dir(log_path.parent)
             with open(log_path, "a") as server_log, _tasks_for_run(server_log, progress, fork=task_server_enabled()):
                 # the task server imports the step libraries while this process prepares the run
-                return self._run(request, log_path, echo)
+                return self._run(pipeline, arguments, request, log_path, echo)
 
-    def _run(self, request: RunRequest, log_path: Path, echo: Any) -> RunResult:
+    def _run(self, pipeline: Pipeline, arguments: dict[str, Any], request: RunRequest, log_path: Path,
+             echo: Any) -> RunResult:
         import kfp.local
 
         from driftloop.core.registry import Registry
-        from pipelines.training import build_training_pipeline, pipeline_arguments
 
         registry = Registry.from_settings(self.settings)
         try:
             registry.experiment_id()  # creates the experiment with the workspace's artifact folder
         except RegistryError as exc:
             raise PipelineRunError(f"cannot start the run: {exc}") from exc
-        args = pipeline_arguments(self.settings, trigger=request.trigger, request_id=request.request_id,
-                                  window_start=request.window_start, window_end=request.window_end)
         private_dir(self.pipeline_root)
         kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(self.pipeline_root),
                        raise_on_error=True)
         _tasks_through_spawn()
-        pipeline = build_training_pipeline(self.settings)
+        pipeline_func = pipeline.build()
         # Display names, resources and accelerators matter on Kubeflow; kfp.local says so once per task.
         warnings.filterwarnings("ignore", message=".*have no effect in the current local runner")
         # The step image is this environment's own package set on the embedded default.
@@ -412,14 +396,14 @@ class LocalRunner:
         with _error_file() as err_path:
             try:
                 with _output_to(log_path, echo):
-                    pipeline(**args)
+                    pipeline_func(**arguments)
             except RuntimeError as exc:
                 detail = _read_error(err_path)
                 message = f"step {detail['step']!r} failed: {detail['message']}" if detail else _first_line(exc)
                 return RunResult(request.request_id, request.request_id, "FAILED", self.home,
                                  error=plain_text(f"{message} (full log: {log_path})"))
         return RunResult(request.request_id, request.request_id, "SUCCEEDED", self.home,
-                         summary=summarize_run(self.settings, request.request_id))
+                         summary=pipeline.summarize(request.request_id))
 
 
 @contextlib.contextmanager
@@ -581,19 +565,21 @@ class KfpRunner:
             raise PipelineRunError(f"{what} failed on {self.settings.kfp.host}: {type(exc).__name__}: {exc}") from exc
 
     def compile(self, directory: Path) -> Path:
-        from pipelines.training import compile_pipeline
+        """The training pipeline's package, written into ``directory``."""
+        from pipelines.training import training_pipeline_for
 
-        return compile_pipeline(self.settings, directory / f"{self.settings.kfp.pipeline_name}.yaml")
+        return training_pipeline_for(self.settings).compile(directory)
 
-    def ensure_pipeline_version(self, package: Path) -> tuple[str, str]:
-        """Upload ``package`` as a version of the named pipeline; return (pipeline_id, version_id)."""
-        name = self.settings.kfp.pipeline_name
+    def ensure_pipeline_version(self, package: Path, *, name: str | None = None,
+                                description: str = "driftloop training pipeline") -> tuple[str, str]:
+        """Upload ``package`` as a version of the named pipeline (``kfp.pipeline_name`` unless ``name``); return (pipeline_id, version_id)."""
+        name = name or self.settings.kfp.pipeline_name
         digest = hashlib.sha256(package.read_bytes()).hexdigest()[:12]
         version_name = f"{name}-{digest}"
         pipeline_id = self._call("looking up the pipeline", self.client.get_pipeline_id, name)
         if pipeline_id is None:
             created = self._call("uploading the pipeline", self.client.upload_pipeline, str(package), pipeline_name=name,
-                                 description="driftloop training pipeline")
+                                 description=description)
             pipeline_id = created.pipeline_id
         versions = self._call("listing pipeline versions", self.client.list_pipeline_versions, pipeline_id, page_size=100,
                               filter=_name_filter(version_name))
@@ -604,16 +590,21 @@ class KfpRunner:
                              pipeline_version_name=version_name, pipeline_id=pipeline_id)
         return pipeline_id, created.pipeline_version_id
 
-    def upload(self) -> tuple[str, str]:
-        """Compile the pipeline and make sure it is uploaded; return (pipeline_id, version_id)."""
+    def upload(self, pipeline: Pipeline | None = None) -> tuple[str, str]:
+        """Compile ``pipeline`` (the training pipeline unless given) and make sure it is uploaded; return (pipeline_id, version_id)."""
         if not self.settings.mlflow.tracking_uri:
             # The embedded default is a SQLite file on this machine; pipeline pods cannot reach it.
             raise PipelineRunError(
                 f"mlflow.tracking_uri is not set: runs on Kubeflow ({self.settings.kfp.host}) need an MLflow "
                 "tracking server the cluster can reach (e.g. -p mlflow.tracking_uri=http://mlflow.mlflow:5000)"
             )
+        if pipeline is None:
+            from pipelines.training import training_pipeline_for
+
+            pipeline = training_pipeline_for(self.settings)
         with tempfile.TemporaryDirectory() as tmp:
-            return self.ensure_pipeline_version(self.compile(Path(tmp)))
+            return self.ensure_pipeline_version(pipeline.compile(Path(tmp)), name=pipeline.name,
+                                                description=pipeline.description)
 
     def experiment_id(self, create: bool = True) -> str | None:
         """The id of the named experiment, created when missing (or None when ``create`` is False)."""
@@ -635,17 +626,23 @@ class KfpRunner:
 
     def run_training(self, request: RunRequest, *, wait: bool = False, timeout: int = 3600,
                      progress: ProgressFn | None = None, poll_seconds: float | None = None) -> RunResult:
-        """Start the run; with ``wait`` follow it to the end (``progress`` gets each task's state changes)."""
-        from pipelines.training import pipeline_arguments
+        """The training pipeline through :meth:`run`, with the arguments of this request."""
+        from pipelines.training import pipeline_arguments, training_pipeline_for
 
         check_request(request)
         args = pipeline_arguments(self.settings, trigger=request.trigger, request_id=request.request_id,
                                   window_start=request.window_start, window_end=request.window_end)
-        pipeline_id, version_id = self.upload()
+        return self.run(training_pipeline_for(self.settings), args, request, wait=wait, timeout=timeout,
+                        progress=progress, poll_seconds=poll_seconds)
+
+    def run(self, pipeline: Pipeline, arguments: dict[str, Any], request: RunRequest, *, wait: bool = False,
+            timeout: int = 3600, progress: ProgressFn | None = None, poll_seconds: float | None = None) -> RunResult:
+        """Start ``pipeline`` with ``arguments``; with ``wait`` follow it to the end (``progress`` gets each task's state changes)."""
+        pipeline_id, version_id = self.upload(pipeline)
         experiment_id = self.experiment_id()
-        job_name = f"{self.settings.kfp.pipeline_name}-{request.trigger.replace(':', '-')}-{request.request_id[:8]}"
+        job_name = f"{pipeline.name}-{request.trigger.replace(':', '-')}-{request.request_id[:8]}"
         run = self._call("starting the run", self.client.run_pipeline, experiment_id=experiment_id, job_name=job_name,
-                         params=args, pipeline_id=pipeline_id, version_id=version_id, enable_caching=False,
+                         params=arguments, pipeline_id=pipeline_id, version_id=version_id, enable_caching=False,
                          service_account=self.settings.kfp.service_account or None)
         result = RunResult(request.request_id, run.run_id, "SUBMITTED", self.home,
                            url=f"{self.settings.kfp.host.rstrip('/')}/#/runs/details/{run.run_id}")
@@ -656,11 +653,10 @@ class KfpRunner:
                 done = self._follow(run.run_id, timeout, progress, KFP_POLL_SECONDS if poll_seconds is None else poll_seconds)
             result.state = str(getattr(done, "state", "UNKNOWN"))
             if result.state == "SUCCEEDED":
-                result.summary = summarize_run(self.settings, request.request_id)
+                result.summary = pipeline.summarize(request.request_id)
             elif result.state in _FINAL_STATES:
                 result.error = f"run {run.run_id} ended {result.state} on Kubeflow (its tasks and logs: {result.url})"
         return result
-
 
     def _follow(self, run_id: str, timeout: float, progress: ProgressFn, poll_seconds: float) -> Any:
         """Poll the run (``kfp.Client.get_run``) until it ends, reporting each task's state as it changes."""
@@ -709,6 +705,6 @@ def _name_filter(display_name: str) -> str:
     return json.dumps({"predicates": [{"operation": 1, "key": "display_name", "stringValue": display_name}]})
 
 
-def runner_for(settings: Settings) -> LocalRunner | KfpRunner:
-    """The runner for this configuration: Kubeflow when ``kfp.host`` is set, else kfp.local."""
-    return KfpRunner(settings) if settings.is_cluster else LocalRunner(settings)
+def runner_for(settings: Settings, *, client: Any | None = None) -> LocalRunner | KfpRunner:
+    """The runner for this configuration: Kubeflow when ``kfp.host`` is set (through ``client`` if given), else kfp.local."""
+    return KfpRunner(settings, client=client) if settings.is_cluster else LocalRunner(settings)

@@ -7,10 +7,8 @@ score``). On a cluster every chunk is a pod; kfp.local runs the iterations as su
 """
 
 
-import contextlib
 import datetime as dt
 import uuid
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,12 +17,12 @@ from kfp import compiler, dsl
 
 from components.ops import score_chunk_op, score_drift_op, score_plan_op, score_write_op
 from driftloop.core.config import Settings
-from driftloop.core.errors import PipelineRunError, RegistryError
-from driftloop.core.runs import RunResult
+from driftloop.core.errors import PipelineRunError
+from driftloop.core.runs import Pipeline, RunRequest, RunResult
 from pipelines.training import ClusterOptions, _use_mlflow_secret
 
 __all__ = ["SCORE_PIPELINE_NAME", "ScoreRequest", "scoring_pipeline", "make_scoring_pipeline", "score_arguments",
-           "ALERT_POD_LABELS", "compile_scoring_pipeline", "run_scoring", "alert_url"]
+           "ALERT_POD_LABELS", "compile_scoring_pipeline", "run_scoring", "alert_url", "scoring_pipeline_for", "upload_scoring"]
 
 SCORE_PIPELINE_NAME = "driftloop-score"
 WEBHOOK_SECRET_KEYS = {"token": "DRIFTLOOP_WEBHOOK_TOKEN"}  # Secret driftloop-webhook, key token
@@ -161,53 +159,43 @@ def _check(args: dict[str, Any]) -> None:
         raise PipelineRunError("no output for the predictions: pass --output or set score.output")
 
 
+def scoring_pipeline_for(settings: Settings, args: dict[str, Any] | None = None) -> Pipeline:
+    """The scoring pipeline as a runner runs it; with ``args``, a local run checks its plan first."""
+
+    def prepare() -> None:
+        if args is None:
+            return
+        from components.score import plan_scoring
+        from driftloop.core.registry import Registry
+
+        # The plan's checks, here first: bad input is one line before any task starts.
+        plan_scoring(Registry.from_settings(settings), model_ref=args["model_ref"], input_uri=args["input_uri"],
+                     output_uri=args["output_uri"], fmt=args["fmt"], id_column=args["id_column"],
+                     chunks=args["chunks"], overwrite=args["overwrite"])
+
+    return Pipeline(name=SCORE_PIPELINE_NAME, description="driftloop batch scoring pipeline",
+                    build=lambda: build_scoring_pipeline(settings),
+                    compile=lambda directory: compile_scoring_pipeline(settings, directory / f"{SCORE_PIPELINE_NAME}.yaml"),
+                    summarize=lambda request_id: summarize_scoring(settings, request_id), prepare=prepare,
+                    log_prefix="score-")
+
+
 def run_scoring(settings: Settings, request: ScoreRequest, *, wait: bool = True, client: Any | None = None) -> RunResult:
     """Run the scoring pipeline: kfp.local on the embedded default, Kubeflow when ``kfp.host`` is set."""
+    from pipelines.runner import LocalRunner, runner_for
+
     args = score_arguments(settings, request)
     _check(args)
-    if settings.is_cluster:
-        return _run_on_kubeflow(settings, request, args, wait=wait, client=client)
-    from driftloop.core.workspace import workspace_lock
-
+    runner = runner_for(settings, client=client)
+    pipeline = scoring_pipeline_for(settings, args)
+    run_request = RunRequest(trigger=request.trigger, request_id=request.request_id)
+    if not isinstance(runner, LocalRunner):
+        return runner.run(pipeline, args, run_request, wait=wait)
     # one run at a time per workspace; a scheduled scoring run waits its turn (the CLI decides before)
-    with workspace_lock(settings.workspace_dir, request.request_id, wait=True):
-        return _run_locally(settings, request, args)
-
-
-def _run_locally(settings: Settings, request: ScoreRequest, args: dict[str, Any]) -> RunResult:
-    import kfp.local
-
-    from components.score import plan_scoring
-    from driftloop.core.registry import Registry
-    from pipelines.runner import _error_file, _first_line, _read_error, _tasks_through_spawn
-
-    registry = Registry.from_settings(settings)
-    # The plan's checks, here first: bad input is one line before any task starts.
-    plan_scoring(registry, model_ref=args["model_ref"], input_uri=args["input_uri"], output_uri=args["output_uri"],
-                 fmt=args["fmt"], id_column=args["id_column"], chunks=args["chunks"], overwrite=args["overwrite"])
-    try:
-        registry.experiment_id()
-    except RegistryError as exc:
-        raise PipelineRunError(f"cannot start the run: {exc}") from exc
-    root = settings.workspace_dir / "pipeline-root"
-    log_path = root / "logs" / f"score-{request.request_id}.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
-    _tasks_through_spawn()
-    warnings.filterwarnings("ignore", message=".*have no effect in the current local runner")
-    warnings.filterwarnings("ignore", message=".*custom or non-Python base image", category=RuntimeWarning)
-    pipeline = build_scoring_pipeline(settings)
-    with _error_file() as err_path:
-        try:
-            with open(log_path, "a") as out, contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-                pipeline(**args)
-        except RuntimeError as exc:
-            detail = _read_error(err_path)
-            message = f"step {detail['step']!r} failed: {detail['message']}" if detail else _first_line(exc)
-            return RunResult(request.request_id, request.request_id, "FAILED", "local",
-                             error=f"{message} (full log: {log_path})")
-    return RunResult(request.request_id, request.request_id, "SUCCEEDED", "local",
-                     summary=summarize_scoring(settings, request.request_id) | {"log": str(log_path)})
+    result = runner.run(pipeline, args, run_request, wait=True)
+    if result.state == "SUCCEEDED":
+        result.summary = result.summary | {"log": str(runner.log_path(run_request, pipeline))}
+    return result
 
 
 def summarize_scoring(settings: Settings, request_id: str) -> dict[str, Any]:
@@ -228,40 +216,9 @@ def summarize_scoring(settings: Settings, request_id: str) -> dict[str, Any]:
             "report": f"runs:/{run.info.run_id}/batch_drift/batch_drift.html"}
 
 
-def _score_runner(settings: Settings, client: Any | None) -> Any:
-    from pipelines.runner import KfpRunner
-
-    named = settings.model_copy(update={"kfp": settings.kfp.model_copy(update={"pipeline_name": SCORE_PIPELINE_NAME})})
-    return KfpRunner(named, client=client)
-
-
 def upload_scoring(settings: Settings, client: Any | None = None) -> tuple[Any, str, str]:
     """Compile and upload the scoring pipeline as a version of ``driftloop-score``: (runner, pipeline, version)."""
-    import tempfile
+    from pipelines.runner import KfpRunner
 
-    if not settings.mlflow.tracking_uri:
-        raise PipelineRunError(f"mlflow.tracking_uri is not set: runs on Kubeflow ({settings.kfp.host}) need an MLflow "
-                               "tracking server the cluster can reach")
-    runner = _score_runner(settings, client)
-    with tempfile.TemporaryDirectory() as tmp:
-        pipeline_id, version_id = runner.ensure_pipeline_version(
-            compile_scoring_pipeline(settings, Path(tmp) / f"{SCORE_PIPELINE_NAME}.yaml"))
-    return runner, pipeline_id, version_id
-
-
-def _run_on_kubeflow(settings: Settings, request: ScoreRequest, args: dict[str, Any], *, wait: bool,
-                     client: Any | None) -> RunResult:
-    runner, pipeline_id, version_id = upload_scoring(settings, client)
-    experiment_id = runner.experiment_id()
-    job_name = f"{SCORE_PIPELINE_NAME}-{request.trigger.replace(':', '-')}-{request.request_id[:8]}"
-    run = runner._call("starting the run", runner.client.run_pipeline, experiment_id=experiment_id, job_name=job_name,
-                       params=args, pipeline_id=pipeline_id, version_id=version_id, enable_caching=False,
-                       service_account=settings.kfp.service_account or None)
-    result = RunResult(request.request_id, run.run_id, "SUBMITTED", "kubeflow",
-                       url=f"{settings.kfp.host.rstrip('/')}/#/runs/details/{run.run_id}")
-    if wait:
-        done = runner._call("waiting for the run", runner.client.wait_for_run_completion, run.run_id, 3600)
-        result.state = str(getattr(done, "state", "UNKNOWN"))
-        if result.state == "SUCCEEDED":
-            result.summary = summarize_scoring(settings, request.request_id)
-    return result
+    runner = KfpRunner(settings, client=client)
+    return (runner, *runner.upload(scoring_pipeline_for(settings)))

@@ -8,10 +8,13 @@ from typing import Any
 
 from kfp import compiler, dsl, kubernetes
 
+from driftloop.core.runs import Pipeline
+
 from components.ops import (deploy_op, evaluate_op, ingest_op, register_op, reject_op, train_distributed_op, train_op,
                             validate_op)
 
-__all__ = ["training_pipeline", "pipeline_arguments", "compile_pipeline", "make_training_pipeline", "build_training_pipeline", "ClusterOptions", "GPU_TOLERATION_EFFECT"]
+__all__ = ["training_pipeline", "pipeline_arguments", "compile_pipeline", "make_training_pipeline", "build_training_pipeline", "training_pipeline_for", "summarize_run", "ClusterOptions",
+           "GPU_TOLERATION_EFFECT"]
 
 GPU_TOLERATION_EFFECT = "NoSchedule"
 # Kueue admits a pod labelled with its tenant's LocalQueue (Kueue has no KFP integration).
@@ -234,3 +237,41 @@ def compile_pipeline(settings: Any, package_path: str | Path) -> Path:
 def build_training_pipeline(settings: Any):
     """The pipeline with this config's cluster settings (GPU, secrets) applied to its steps."""
     return make_training_pipeline(ClusterOptions.from_settings(settings))
+
+
+def training_pipeline_for(settings: Any) -> Pipeline:
+    """The training pipeline as a runner runs it (its arguments: :func:`pipeline_arguments`)."""
+    name = settings.kfp.pipeline_name
+    return Pipeline(name=name, description="driftloop training pipeline",
+                    build=lambda: build_training_pipeline(settings),
+                    compile=lambda directory: compile_pipeline(settings, directory / f"{name}.yaml"),
+                    summarize=lambda request_id: summarize_run(settings, request_id))
+
+
+def summarize_run(settings: Any, request_id: str) -> dict[str, Any]:
+    """Read what the pipeline recorded in MLflow for this request: rows, metrics, gate, version."""
+    from driftloop.core.registry import TAG, Registry
+
+    registry = Registry.from_settings(settings)
+    runs = registry.find_runs(f"tags.`{TAG.REQUEST}` = '{request_id}'", max_results=1)
+    if not runs:
+        return {}
+    run = runs[0]
+    params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
+    summary: dict[str, Any] = {
+        "mlflow_run_id": run.info.run_id,
+        "train_rows": int(params.get("train_rows", 0)),
+        "test_rows": int(params.get("test_rows", 0)),
+        "metrics": {k: v for k, v in metrics.items() if not k.startswith("champion_") and k != "gate_passed"},
+        "champion_metrics": {k[len("champion_"):]: v for k, v in metrics.items() if k.startswith("champion_")},
+        "gate": tags.get(TAG.GATE, "unknown"),
+        "reason": tags.get(TAG.GATE_REASON, ""),
+        "window": tags.get(TAG.WINDOW, ""),
+        "trigger": tags.get(TAG.TRIGGER, ""),
+        "device": tags.get(TAG.DEVICE, ""),
+    }
+    info = registry.version_of_run(settings.mlflow.model_name, run.info.run_id) if summary["gate"] == "passed" else None
+    if info is not None:
+        summary["model_version"] = info.version
+        summary["aliases"] = list(info.aliases)
+    return summary

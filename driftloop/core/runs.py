@@ -1,22 +1,27 @@
-"""The contract of a training run, shared by whoever asks for one and whoever runs it.
+"""The contract of a pipeline run, shared by whoever asks for one and whoever runs it.
 
-``pipelines.runner`` implements :class:`PipelineRunner` (kfp.local or ``kfp.Client``); the CLI,
-the scheduler and the retraining trigger build :class:`RunRequest` values and read
-:class:`RunResult` values without importing the runner itself.
+``pipelines.runner`` implements :class:`PipelineRunner` (kfp.local or ``kfp.Client``): its one
+verb is :meth:`PipelineRunner.run` — this :class:`Pipeline`, with these arguments, for this
+:class:`RunRequest` — and it knows no particular pipeline (as Kedro's ``AbstractRunner.run(pipeline,
+catalog)``). A pipeline module (training, scoring) describes itself as a :class:`Pipeline` and
+builds its arguments. The CLI, the scheduler and the retraining trigger build :class:`RunRequest`
+values and read :class:`RunResult` values without importing the runner itself.
 """
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
-__all__ = ["RunRequest", "RunResult", "PipelineRunner"]
+__all__ = ["RunRequest", "RunResult", "Pipeline", "PipelineRunner"]
 
 
 @dataclass(frozen=True)
 class RunRequest:
-    """One training run: who asked (trigger) and on which data window."""
+    """One run: who asked (trigger) and on which data window."""
 
     trigger: str = "manual"
     window_start: str | None = None
@@ -35,5 +40,27 @@ class RunResult:
     url: str | None = None
 
 
+def _nothing() -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """What a runner needs of a pipeline, on either home; built for one configuration."""
+
+    name: str  # the stable KFP pipeline name: uploaded versions and job names derive from it
+    description: str  # shown with the pipeline in the Kubeflow UI
+    build: Callable[[], Any]  # the ``dsl.pipeline`` function kfp.local calls with the arguments
+    compile: Callable[[Path], Path]  # the KFP YAML package, written into a folder (what Kubeflow gets)
+    summarize: Callable[[str], dict[str, Any]]  # what a finished run recorded, by request id
+    prepare: Callable[[], None] = _nothing  # checks made in the workspace lock, before any local task starts
+    log_prefix: str = ""  # a local run's task output: ``<pipeline-root>/logs/<prefix><request-id>.log``
+
+
 class PipelineRunner(Protocol):
+    home: str
+
+    def run(self, pipeline: Pipeline, arguments: dict[str, Any], request: RunRequest, *,
+            wait: bool = True) -> RunResult: ...
+
     def run_training(self, request: RunRequest, *, wait: bool = True) -> RunResult: ...
