@@ -9,41 +9,29 @@ import pandas as pd
 
 from driftloop.core.calibration import expected_calibration_error
 from driftloop.core.config import higher_is_better
+from driftloop.core.statistics import classification_metrics, regression_metrics
 
 __all__ = ["score", "gate", "Decision", "evaluate_models", "decision_markdown"]
 
 
 def score(model: Any, test: pd.DataFrame, *, target: str, task: str, numeric: list[str], categorical: list[str]) -> dict[str, float]:
-    """The task's metrics of ``model`` on ``test``."""
-    from sklearn import metrics as skm
+    """The task's metrics of ``model`` on ``test`` (``driftloop.core.statistics``, as the monitor's).
 
+    Read as scikit-learn does: regression refuses non-finite values (``ValueError``), and the
+    macro F1 of several classes averages over the classes present in the holdout or predictions.
+    """
     from components.train import prepare_features
 
     X = prepare_features(test, numeric, categorical)
     y = test[target]
     pred = model.predict(X)
     if task == "regression":
-        return {
-            "rmse": float(math.sqrt(skm.mean_squared_error(y, pred))),
-            "mae": float(skm.mean_absolute_error(y, pred)),
-            "r2": float(skm.r2_score(y, pred)),
-        }
+        metrics = regression_metrics(y, pred, strict=True)
+        return {key: metrics[key] for key in ("rmse", "mae", "r2")}
     classes = list(getattr(model, "classes_", sorted(pd.unique(y))))
-    out = {"accuracy": float(skm.accuracy_score(y, pred))}
-    if len(classes) == 2:
-        out["f1"] = float(skm.f1_score(y, pred, pos_label=classes[1], zero_division=0))
-    else:
-        out["f1"] = float(skm.f1_score(y, pred, average="macro", zero_division=0))
-    if hasattr(model, "predict_proba") and y.nunique() > 1:
-        proba = model.predict_proba(X)
-        try:
-            if len(classes) == 2:
-                out["roc_auc"] = float(skm.roc_auc_score(y == classes[1], proba[:, 1]))
-            else:
-                out["roc_auc"] = float(skm.roc_auc_score(y, proba, multi_class="ovr", labels=classes))
-        except ValueError:
-            pass  # a class missing from the holdout: AUC undefined, other metrics stand
-    return out
+    # AUC is undefined when a class is missing from the holdout; the other metrics stand.
+    scores = model.predict_proba(X) if hasattr(model, "predict_proba") and y.nunique() > 1 else None
+    return classification_metrics(y, pred, classes, scores, macro_over_classes=False, ece=False)
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from driftloop.core.errors import MonitorError
+from driftloop.core.statistics import in_blackout
 
 __all__ = [
     "STARTED",
@@ -162,20 +163,6 @@ def alertmanager_alerts(payload: Any, *, now: float | None = None) -> list[Alert
             .astimezone(dt.UTC).isoformat(),
         ))
     return out
-
-
-def in_blackout(windows: list[str], now: float) -> str | None:
-    """The blackout window (``HH:MM-HH:MM`` UTC, may wrap midnight) that ``now`` falls in, if any."""
-    t = dt.datetime.fromtimestamp(now, dt.UTC)
-    minute = t.hour * 60 + t.minute
-    for window in windows:
-        start_s, end_s = window.split("-")
-        start = int(start_s[:2]) * 60 + int(start_s[3:])
-        end = int(end_s[:2]) * 60 + int(end_s[3:])
-        inside = start <= minute < end if start <= end else (minute >= start or minute < end)
-        if inside:
-            return window
-    return None
 
 
 def decide(alert: Alert, config: Any, *, now: float, seen: bool, in_flight: str | None,

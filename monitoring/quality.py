@@ -37,8 +37,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from driftloop.core.calibration import expected_calibration_error
 from driftloop.core.errors import MonitorError, RegistryError
+from driftloop.core.statistics import classification_metrics as _classification_metrics
+from driftloop.core.statistics import regression_metrics
 from monitoring.estimate import Calibration
 
 __all__ = [
@@ -201,19 +202,6 @@ def _finite_scores(scores: Any) -> bool:
 
 
 # -- the metrics (fast path) ---------------------------------------------------------------------
-def regression_metrics(y_true: Any, y_pred: Any) -> dict[str, float]:
-    y = np.asarray(y_true, dtype=float)
-    p = np.asarray(y_pred, dtype=float)
-    if y.size == 0:
-        return {}
-    with np.errstate(over="ignore", invalid="ignore"):  # values not cleaned may overflow: inf, judged by nobody
-        err = p - y
-        ss_res = float(np.sum(err ** 2))
-        ss_tot = float(np.sum((y - y.mean()) ** 2))
-    return {"rmse": math.sqrt(ss_res / y.size), "mae": float(np.mean(np.abs(err))),
-            "r2": (1.0 - ss_res / ss_tot) if ss_tot > 0 else float("nan"), "mean_error": float(err.mean())}
-
-
 def _as_class(values: Any, classes: list[Any] | None) -> np.ndarray:
     """Labels and predictions in one comparable form: the model's class values where known."""
     arr = pd.Series(list(values))
@@ -228,28 +216,14 @@ def _as_class(values: Any, classes: list[Any] | None) -> np.ndarray:
 
 def classification_metrics(y_true: Any, y_pred: Any, scores: np.ndarray | None = None,
                            classes: list[Any] | None = None) -> dict[str, float]:
-    """Accuracy, F1, and — with scores (``n × k``, columns in ``classes`` order) — ROC AUC and ECE."""
-    from sklearn import metrics as skm
+    """Accuracy, F1, and — with scores (``n × k``, columns in ``classes`` order) — ROC AUC and ECE.
 
+    ``driftloop.core.statistics`` computes them, as for the evaluate step; the macro F1 of several
+    classes averages over every class the model knows (one absent from the window counts 0)."""
     y = _as_class(y_true, classes)
     p = _as_class(y_pred, classes)
     order = list(_as_class(classes, classes)) if classes is not None else sorted(set(y) | set(p))
-    out = {"accuracy": float(np.mean(y == p))}
-    if len(order) == 2:
-        out["f1"] = float(skm.f1_score(y, p, pos_label=order[1], zero_division=0))
-    else:
-        out["f1"] = float(skm.f1_score(y, p, average="macro", labels=order, zero_division=0))
-    if scores is not None and len(np.unique(y)) > 1:
-        try:
-            if len(order) == 2:
-                out["roc_auc"] = float(skm.roc_auc_score(y == order[1], scores[:, 1]))
-            else:
-                out["roc_auc"] = float(skm.roc_auc_score(y, scores, multi_class="ovr", labels=order))
-        except ValueError:
-            pass  # a class the model knows is absent from the window
-    if scores is not None:
-        out["ece"] = expected_calibration_error((y == p).astype(float), scores.max(axis=1))
-    return out
+    return _classification_metrics(y, p, order, scores, macro_over_classes=True)
 
 
 def quality_metrics(task: str, labels: Any, predictions: Any, scores: np.ndarray | None = None,

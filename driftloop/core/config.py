@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from driftloop.core.errors import ConfigError
+from driftloop.core.statistics import check_blackout_windows
 from driftloop.core.workspace import check_workspace_path
 
 __all__ = [
@@ -390,12 +391,7 @@ class TriggerConfig(_Section):
     @field_validator("blackout")
     @classmethod
     def _blackout(cls, v: list[str]) -> list[str]:
-        import re
-
-        for item in v:
-            if not re.fullmatch(r"([01]\d|2[0-3]):[0-5]\d-([01]\d|2[0-3]):[0-5]\d", item):
-                raise ValueError(f"blackout window {item!r} is not HH:MM-HH:MM")
-        return v
+        return check_blackout_windows(v)
 
 
 class ScheduleConfig(_Section):
@@ -481,12 +477,7 @@ class AgentConfig(_Section):
     @field_validator("blackout")
     @classmethod
     def _blackout(cls, v: list[str]) -> list[str]:
-        import re
-
-        for item in v:
-            if not re.fullmatch(r"([01]\d|2[0-3]):[0-5]\d-([01]\d|2[0-3]):[0-5]\d", item):
-                raise ValueError(f"blackout window {item!r} is not HH:MM-HH:MM")
-        return v
+        return check_blackout_windows(v)
 
     @model_validator(mode="after")
     def _bounds(self) -> "AgentConfig":

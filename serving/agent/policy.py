@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable, Literal
 
+from driftloop.core.statistics import in_blackout
+
 __all__ = ["Action", "Decision", "Policy", "Guard", "in_blackout", "urgent_step", "MODES", "SET_FLOOR", "ROLLBACK",
            "ALERT"]
 
@@ -104,23 +106,6 @@ def urgent_step(max_step: int, current: int) -> int:
     more. ``max_step`` bounds what the agent does on a forecast; observed load is not a guess, and
     holding it to ``max_step`` would make the agent take a burst step by step, as the HPA it replaces."""
     return max(max_step, current, 4)
-
-
-def _minutes(hhmm: str) -> int:
-    h, m = hhmm.split(":")
-    return int(h) * 60 + int(m)
-
-
-def in_blackout(windows: tuple[str, ...] | list[str], now: float) -> str | None:
-    """The blackout window ``now`` (epoch seconds, UTC) falls in, or None. ``22:00-06:00`` wraps midnight."""
-    t = datetime.fromtimestamp(now, timezone.utc)
-    minute = t.hour * 60 + t.minute
-    for window in windows:
-        start, end = (_minutes(x) for x in window.split("-"))
-        inside = start <= minute < end if start <= end else (minute >= start or minute < end)
-        if inside:
-            return window
-    return None
 
 
 class Guard:
