@@ -7,9 +7,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from driftloop.core.calibration import expected_calibration_error
 from driftloop.core.config import higher_is_better
-from driftloop.core.statistics import classification_metrics, regression_metrics
+from driftloop.core.statistics import classification_metrics, expected_calibration_error, regression_metrics
 
 __all__ = ["score", "gate", "Decision", "evaluate_models", "decision_markdown"]
 
@@ -172,7 +171,7 @@ def holdout_quality(model: Any, test: pd.DataFrame, *, target: str, task: str, n
     y = test[target].to_numpy()
     pred = np.asarray(model.predict(X))
     if task == "regression":
-        metrics["mean_error"] = float(np.mean(pred.astype(float) - y.astype(float)))
+        metrics["mean_error"] = regression_metrics(y, pred)["mean_error"]
         return out
     if not hasattr(model, "predict_proba"):
         return out

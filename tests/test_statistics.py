@@ -37,6 +37,7 @@ def _score(model, y, task):
 def test_both_callers_use_the_one_definition():
     assert evaluate.classification_metrics is statistics.classification_metrics
     assert evaluate.regression_metrics is statistics.regression_metrics
+    assert evaluate.expected_calibration_error is statistics.expected_calibration_error
     assert quality.regression_metrics is statistics.regression_metrics
     assert quality._classification_metrics is statistics.classification_metrics
 

@@ -7,7 +7,8 @@ import math
 import re
 from typing import Any
 
-__all__ = ["psi", "accuracy", "f1", "roc_auc", "classification_metrics", "regression_metrics", "in_blackout",
+__all__ = ["psi", "accuracy", "f1", "roc_auc", "classification_metrics", "regression_metrics",
+           "expected_calibration_error", "in_blackout",
            "BLACKOUT_WINDOW", "check_blackout_windows"]
 
 
@@ -78,6 +79,27 @@ def roc_auc(y_true: Any, scores: Any, classes: list[Any]) -> float | None:
         return None
 
 
+def expected_calibration_error(correct: Any, confidence: Any, bins: int = 10) -> float:
+    """ECE: mean |accuracy - confidence| over equal-width confidence bins, weighted by their rows.
+
+    The value recorded at registration (the evaluate step's holdout) and the one the monitor
+    computes on labelled windows, so the two compare."""
+    import numpy as np
+
+    correct = np.asarray(correct, dtype=float)
+    confidence = np.asarray(confidence, dtype=float)
+    if confidence.size == 0:
+        return float("nan")
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
+    total = 0.0
+    for b in range(bins):
+        mask = which == b
+        if mask.any():
+            total += mask.sum() * abs(correct[mask].mean() - confidence[mask].mean())
+    return float(total / confidence.size)
+
+
 def classification_metrics(y_true: Any, y_pred: Any, classes: list[Any], scores: Any = None, *,
                            macro_over_classes: bool = True, ece: bool = True) -> dict[str, float]:
     """Accuracy, F1 and — with scores — ROC AUC (when the truth has two classes or more) and the
@@ -85,8 +107,6 @@ def classification_metrics(y_true: Any, y_pred: Any, classes: list[Any], scores:
     comparable values; see :func:`f1` for ``macro_over_classes``."""
     import numpy as np
     import pandas as pd
-
-    from driftloop.core.calibration import expected_calibration_error
 
     out = {"accuracy": accuracy(y_true, y_pred), "f1": f1(y_true, y_pred, classes, macro_over_classes=macro_over_classes)}
     if scores is not None and pd.Series(np.asarray(y_true)).nunique() > 1:
