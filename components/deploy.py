@@ -1,5 +1,6 @@
 """The deploy step: put a newly registered version out as a canary and hand over to the rollout.
 
+Where it goes is the serving backend of the configuration (:func:`serving.backend.backend_for`).
 Cluster home: the InferenceService gets the new version as a canary revision at the first
 rollout weight (at 0 % — dark — when a shadow phase comes first, on both homes) (``KServeBackend.set_canary``). Embedded default: the canary model server starts
 behind the running local gateway at the first weight; when nothing is served the canary is
@@ -14,6 +15,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from serving.backend import backend_for, serving_home
+
 __all__ = ["DeployResult", "deploy_canary", "serving_home"]
 
 log = logging.getLogger(__name__)
@@ -26,17 +29,13 @@ class DeployResult:
     percent: int = 0
 
 
-def serving_home(settings: Any) -> str:
-    """``kserve``, ``local`` or ``none`` from ``rollout.deploy`` (auto: kserve on a cluster)."""
-    home = settings.rollout.deploy
-    if home == "auto":
-        return "kserve" if settings.is_cluster else "local"
-    return home
-
-
 def deploy_canary(settings: Any, *, version: str, model_uri: str | None = None, home: str | None = None,
                   registry: Any | None = None, backend: Any | None = None) -> DeployResult:
-    """Put ``version`` of the configured model out as a canary at the first rollout weight."""
+    """Put ``version`` of the configured model out as a canary at the first rollout weight.
+
+    ``home`` defaults to :func:`serving_home`; ``backend`` is that home's client to drive (a
+    ``LocalBackend`` or ``KServeBackend``, see :func:`serving.backend.backend_for`).
+    """
     from driftloop.core.registry import CHAMPION, TAG, Registry
     from serving.rollout import RolloutController, weight_schedule
 
@@ -53,18 +52,8 @@ def deploy_canary(settings: Any, *, version: str, model_uri: str | None = None, 
     percent = weight_schedule(settings.rollout)[0]
     if settings.rollout.shadow_percent > 0:
         percent = 0  # dark: the shadow phase comes first, no user sees the candidate's answers before it passes
-    if home == "kserve":
-        from serving.kserve_backend import KServeBackend
-
-        (backend or KServeBackend(settings)).set_canary(uri, percent)
-        message = f"InferenceService {settings.serving.namespace}/{settings.serving.name}: canary v{info.version} at {percent}%"
-        action = "canary"
-    else:
-        from serving.local_backend import LocalBackend
-
-        local = backend or LocalBackend(settings)
-        message = local.deploy_canary(info.version, uri, percent)
-        action = "canary" if local.status().get("canary") else "pending"
+    out = backend_for(settings, home, using=backend).deploy_canary(info.version, uri, percent)
+    message, action = out.message, out.action
     RolloutController.begin(settings, canary_version=info.version, primary_version=champion.version, canary_uri=uri)
     # The handover shared by both homes: a controller elsewhere (a cluster Deployment) finds it in MLflow.
     registry.tag_version(name, info.version, {TAG.ROLLOUT: "pending", TAG.ROLLOUT_REASON: message[:500]})

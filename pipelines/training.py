@@ -8,10 +8,10 @@ from typing import Any
 
 from kfp import compiler, dsl, kubernetes
 
-from driftloop.core.runs import Pipeline
-
 from components.ops import (deploy_op, evaluate_op, ingest_op, register_op, reject_op, train_distributed_op, train_op,
                             validate_op)
+from driftloop.core.runs import Pipeline
+from serving.backend import serving_home
 
 __all__ = ["training_pipeline", "pipeline_arguments", "compile_pipeline", "make_training_pipeline", "build_training_pipeline", "training_pipeline_for", "summarize_run", "ClusterOptions",
            "GPU_TOLERATION_EFFECT"]
@@ -210,24 +210,17 @@ def pipeline_arguments(settings: Any, *, trigger: str = "manual", request_id: st
         "model_name": settings.mlflow.model_name,
         "trigger": trigger,
         "request_id": request_id or uuid.uuid4().hex,
-        "serving_home": _serving_home(settings),
+        "serving_home": serving_home(settings),
         # absolute workspace: a step's working directory need not be the caller's
         "settings_json": settings.model_copy(update={"workspace": settings.workspace_dir}).model_dump_json(),
     }
-
-
-def _serving_home(settings: Any) -> str:
-    from components.deploy import serving_home
-
-    return serving_home(settings)
 
 
 def compile_pipeline(settings: Any, package_path: str | Path) -> Path:
     """Compile the training pipeline to KFP YAML with the config's values as parameter defaults."""
     args = pipeline_arguments(settings, request_id="")
     args.pop("request_id")
-    if settings.rollout.deploy == "auto":
-        args["serving_home"] = "kserve"  # compiled YAML runs on Kubeflow: the canary is an InferenceService
+    args["serving_home"] = serving_home(settings, cluster=True)  # compiled YAML runs on Kubeflow
     path = Path(package_path)
     path.parent.mkdir(parents=True, exist_ok=True)
     compiler.Compiler().compile(build_training_pipeline(settings), str(path), pipeline_parameters=args)

@@ -38,29 +38,9 @@ def _registry(settings: Any):  # noqa: ANN202
 
 def target_for(settings: Any) -> Any:
     """The rollout target of this configuration: the InferenceService or the running local gateway."""
-    from components.deploy import serving_home
-    from serving.rollout import GatewayTarget, KServeTarget, MonitorQuality, MonitorShadow, PrometheusMetrics
+    from serving.backend import backend_for
 
-    if serving_home(settings) == "kserve":
-        import os
-
-        from serving.kserve_backend import KServeBackend
-
-        if not settings.rollout.prometheus_url:
-            raise ServingError("rollout.prometheus_url is not set; the controller reads canary metrics from Prometheus")
-        monitor = settings.serving.logger_url.removesuffix("/events")
-        # the monitor's GET /shadow asks for the token its webhook takes (Secret driftloop-webhook)
-        token = os.environ.get("DRIFTLOOP_WEBHOOK_TOKEN") or None
-        return KServeTarget(KServeBackend(settings),
-                            PrometheusMetrics(settings.rollout.prometheus_url, settings.serving.namespace),
-                            MonitorQuality(monitor, settings.model.task), MonitorShadow(monitor, token=token))
-    from serving.local_backend import LocalBackend
-
-    backend = LocalBackend(settings)
-    url = backend.gateway_url
-    if url is None:
-        raise ServingError("nothing is being served in this workspace; start it with `driftloop serve`")
-    return GatewayTarget(url, backend=backend, token=backend.admin_token())
+    return backend_for(settings).rollout_target()
 
 
 serve_app = typer.Typer(help="Serve the champion (and a pending canary) behind the local gateway until Ctrl-C.")
