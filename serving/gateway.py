@@ -230,7 +230,10 @@ class _ServeSupervision:
             if isinstance(n, int):
                 restarts.add_metric([str(role)], n)
         out = state.get("down") if isinstance(state, dict) else None
-        for role in sorted({"primary", "canary", "gateway", *(out or {})}):
+        replicas = state.get("replicas") if isinstance(state, dict) else None
+        roles = {"primary", "canary", "gateway", *(out or {}), *(counts or {}),
+                 *(r.get("role") for r in (replicas or []) if isinstance(r, dict) and r.get("role"))}
+        for role in sorted(roles):
             down.add_metric([str(role)], 1.0 if role in (out or {}) else 0.0)
         yield restarts
         yield down
