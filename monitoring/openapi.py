@@ -170,7 +170,7 @@ def monitor_openapi(*, events_auth: str = "token") -> dict[str, Any]:
         }},
         "/alerts": {"get": {
             "summary": "Recent alerts with their decisions and runs",
-            "parameters": [_query("limit", "how many", {"type": "integer", "minimum": 1})],
+            "parameters": [_query("limit", "how many", {"type": "integer", "minimum": 1, "maximum": 10_000})],
             "responses": _answers(_json_ok("alerts"), 400),
         }},
         "/check": {"post": {

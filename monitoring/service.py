@@ -76,6 +76,7 @@ WEBHOOK_TOKEN_ENV = "DRIFTLOOP_WEBHOOK_TOKEN"
 REPORT_ARTIFACT_DIR = "drift_report"
 PREDICTIONS_LIMIT = 5_000  # per version, when the request names none
 MAX_PREDICTIONS_LIMIT = 50_000
+MAX_ALERTS_LIMIT = 10_000
 
 
 def _json(status: int, payload: Any) -> Response:
@@ -322,6 +323,8 @@ class MonitorService:
                 limit = int(request.query_params.get("limit", "20"))
             except ValueError:
                 return _json(400, {"error": "limit must be an integer"})
+            if not 1 <= limit <= MAX_ALERTS_LIMIT:  # SQLite: past 64 bits a 500, below 0 no limit
+                return _json(400, {"error": f"limit must be from 1 to {MAX_ALERTS_LIMIT}, got {limit}"})
             return _json(200, {"alerts": await asyncio.to_thread(self.alerts.recent, limit)})
 
         def unauthorized(request: Request, what: str) -> Response | None:

@@ -23,7 +23,9 @@ def _answers(ok: dict[str, Any] | None, *errors: int, ok_status: str = "200") ->
     text = {400: "The request is malformed; the message names the problem", 401: "Missing or wrong bearer token",
             404: "Unknown route or model, or unknown request id", 405: "Method not allowed on this route",
             409: "Conflict (a reused request id, or a label given twice)", 413: "The body is too large",
-            415: "Unsupported Content-Type or Content-Encoding", 502: "The model server failed or is unreachable"}
+            415: "Unsupported Content-Type or Content-Encoding",
+            422: "The monitor refused the labels (e.g. not one of the model's classes); the message names the label",
+            502: "The model server failed or is unreachable"}
     out: dict[str, Any] = {ok_status: {"description": "OK", "content": _json(ok or {"type": "object"})}}
     for code in errors:
         out[str(code)] = {"description": text[code], "content": _json(_ERROR)}
@@ -101,20 +103,21 @@ def gateway_openapi(served: str) -> dict[str, Any]:
         "/feedback": {"post": {
             "summary": "Ground truth for served requests, joined by x-request-id and forwarded to the monitor "
                        "(bearer: the workspace's ingest token)",
-            "security": [{"bearer": []}],
+            "security": [{"ingestToken": []}],
             "requestBody": {"required": True, "content": _json({"oneOf": [
                 {"$ref": "#/components/schemas/Label"},
                 {"type": "array", "minItems": 1, "items": {"$ref": "#/components/schemas/Label"}}]})},
             "responses": {**_answers({"type": "object", "properties": {
                 "accepted": {"type": "integer"}, "unknown": {"type": "array", "items": {"type": "string"}},
-                "duplicate": {"type": "array", "items": {"type": "string"}}}}, 400, 401, 404, 409, 413, 415),
+                "duplicate": {"type": "array", "items": {"type": "string"}}}}, 400, 401, 404, 409, 413, 415, 422),
                 "202": {"description": "Kept in the gateway's durable outbox until the monitor takes them",
                         "content": _json({"type": "object"})}}}},
         "/admin/split": {"put": _admin("Set the canary's share of traffic", {
             "type": "object", "required": ["canary_percent"], "additionalProperties": False,
             "properties": {"canary_percent": percent}})},
         "/admin/upstreams": {"put": _admin("Replace the primary and/or the canary model server", {
-            "type": "object", "additionalProperties": False, "minProperties": 1, "properties": {
+            "type": "object", "additionalProperties": False, "anyOf": [{"required": ["primary"]},
+                                                                       {"required": ["canary"]}], "properties": {
                 "primary": upstream, "canary": {"oneOf": [upstream, {"type": "null"}]}, "canary_percent": percent}})},
         "/admin/replicas": {"put": _admin("Set the primary's extra replicas", {
             "type": "object", "required": ["replicas"], "additionalProperties": False,
@@ -138,7 +141,7 @@ def gateway_openapi(served: str) -> dict[str, Any]:
     }
     tensor = {"type": "object", "required": ["name", "shape", "datatype"], "properties": {
         "name": {"type": "string"}, "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
-        "datatype": {"type": "string", "enum": _DATATYPES}, "parameters": {"type": "object"},
+        "datatype": {"type": "string", "enum": _DATATYPES}, "parameters": {"type": ["object", "null"]},
         "data": {"type": "array"}}}
     scalar = [{"type": "string", "maxLength": 256}, {"type": "number"}, {"type": "boolean"}]
     schemas = {
@@ -154,10 +157,10 @@ def gateway_openapi(served: str) -> dict[str, Any]:
             "outputs": {"type": "array", "items": {"type": "object", "required": ["name"], "properties": {
                 "name": {"type": "string"}, "parameters": {"type": "object"}}}}}},
         "InferenceResponse": {"type": "object", "required": ["model_name", "outputs"], "properties": {
-            "model_name": {"type": "string"}, "model_version": {"type": "string"}, "id": {"type": "string"},
-            "parameters": {"type": "object"}, "outputs": {"type": "array", "items": tensor}}},
+            "model_name": {"type": "string"}, "model_version": {"type": ["string", "null"]}, "id": {"type": "string"},
+            "parameters": {"type": ["object", "null"]}, "outputs": {"type": "array", "items": tensor}}},
         "ModelMetadata": {"type": "object", "required": ["name", "platform", "inputs", "outputs"], "properties": {
-            "name": {"type": "string"}, "versions": {"type": "array", "items": {"type": "string"}},
+            "name": {"type": "string"}, "versions": {"type": ["array", "null"], "items": {"type": "string"}},
             "platform": {"type": "string"},
             "inputs": {"type": "array", "items": {"$ref": "#/components/schemas/TensorMetadata"}},
             "outputs": {"type": "array", "items": {"$ref": "#/components/schemas/TensorMetadata"}}}},
@@ -176,5 +179,7 @@ def gateway_openapi(served: str) -> dict[str, Any]:
         "paths": paths,
         "components": {"schemas": schemas,
                        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
-                                                      "description": "DRIFTLOOP_GATEWAY_TOKEN"}}},
+                                                      "description": "DRIFTLOOP_GATEWAY_TOKEN"},
+                                           "ingestToken": {"type": "http", "scheme": "bearer",
+                                                           "description": "DRIFTLOOP_INGEST_TOKEN"}}},
     }

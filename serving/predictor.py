@@ -33,6 +33,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import uuid
 import warnings
@@ -529,6 +530,16 @@ def wants_scores(headers: dict[str, str] | None) -> bool:
 
 
 # -- the server ---------------------------------------------------------------------------------
+async def _answer_json(send: Any, status: int, doc: dict[str, Any]) -> None:
+    """Answer an ASGI request with ``doc`` as JSON."""
+    import orjson
+
+    body = orjson.dumps(doc)
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
 class PayloadLimit:
     """ASGI middleware: refuse request bodies over ``max_bytes`` with 413 and a message, before parsing."""
 
@@ -566,16 +577,50 @@ class PayloadLimit:
                 await self._refuse(send, exc.size)
 
     async def _refuse(self, send: Any, size: int) -> None:
-        import orjson
-
-        body = orjson.dumps({"error": f"payload of {size} bytes exceeds the limit of {self.max_bytes} bytes "
-                                      "(serving.max_payload_bytes)"})
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+        await _answer_json(send, 413, {"error": f"payload of {size} bytes exceeds the limit of {self.max_bytes} "
+                                                "bytes (serving.max_payload_bytes)"})
 
 
 REPOSITORY_PREFIX = "/v2/repository"
+_VERSIONED = re.compile(r"/v2/models/(?P<name>[^/]+)/versions/(?P<version>[^/]+)(?P<rest>/ready|/infer)?")
+_V2_MODEL = re.compile(r"/v2/models/(?P<name>[^/]+)(?:/ready|/infer)?")
+
+
+class ModelVersions:
+    """ASGI middleware for the V2 routes that name a model version (``/v2/models/{name}/versions/{v}``
+    with ``/ready`` or ``/infer``, or ``?model_version=v``), which kserve answers with 501 whatever the
+    version: the version this server serves is answered as the route without it, another one is a 404
+    naming the version served (a model name it does not serve gets kserve's 404)."""
+
+    def __init__(self, app: Any, version_of: Any) -> None:
+        self.app = app
+        self.version_of = version_of  # model name -> the version served, or None when not served here
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or not scope.get("path", "").startswith("/v2/models/"):
+            return await self.app(scope, receive, send)
+        from urllib.parse import parse_qsl, quote, urlencode
+
+        path = scope["path"]
+        query = parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
+        asked = [v for k, v in query if k == "model_version" and v]
+        found = _VERSIONED.fullmatch(path)
+        if found is not None:
+            name, rest = found["name"], found["rest"] or ""
+            asked.append(found["version"])
+            path = f"/v2/models/{name}{rest}"
+        elif asked and (plain := _V2_MODEL.fullmatch(path)) is not None:
+            name = plain["name"]
+        else:
+            return await self.app(scope, receive, send)
+        served = self.version_of(name)
+        wrong = [v for v in asked if v != served]
+        if served is not None and wrong:
+            return await _answer_json(send, 404, {"error": f"model {name!r} version {wrong[0][:60]!r} is not "
+                                                           f"served here; this server serves version {served!r}"})
+        rest_query = urlencode([(k, v) for k, v in query if k != "model_version"]).encode()
+        scope = {**scope, "path": path, "raw_path": quote(path).encode(), "query_string": rest_query}
+        await self.app(scope, receive, send)
 
 
 class RequestEncoding:
@@ -592,14 +637,8 @@ class RequestEncoding:
         headers = dict(scope.get("headers", ()))
         encoding = headers.get(b"content-encoding", b"identity").strip().lower()
         if encoding != b"identity":
-            import orjson
-
-            body = orjson.dumps({"error": f"Content-Encoding {encoding.decode('latin-1')!r} is not supported; send "
-                                          "the body uncompressed"})
-            await send({"type": "http.response.start", "status": 415,
-                        "headers": [(b"content-type", b"application/json"),
-                                    (b"content-length", str(len(body)).encode())]})
-            return await send({"type": "http.response.body", "body": body})
+            return await _answer_json(send, 415, {"error": f"Content-Encoding {encoding.decode('latin-1')!r} is not "
+                                                           "supported; send the body uncompressed"})
         if b"content-type" not in headers and b"inference-header-content-length" not in headers:
             scope = {**scope, "headers": [*scope.get("headers", ()), (b"content-type", b"application/json")]}
         await self.app(scope, receive, send)
@@ -632,13 +671,7 @@ class CatchAll:
             log.error("request %s failed", scope.get("path"), exc_info=exc)
             if started:
                 raise
-            import orjson
-
-            body = orjson.dumps({"error": f"{type(exc).__name__} : {exc}"[:2000]})
-            await send({"type": "http.response.start", "status": 500,
-                        "headers": [(b"content-type", b"application/json"),
-                                    (b"content-length", str(len(body)).encode())]})
-            await send({"type": "http.response.body", "body": body})
+            await _answer_json(send, 500, {"error": f"{type(exc).__name__} : {exc}"[:2000]})
 
 
 class _TooLarge(Exception):
@@ -679,12 +712,17 @@ class _DriftloopRESTServer(RESTServer):
     def create_application(self) -> None:
         from fastapi.exceptions import RequestValidationError
         from kserve.model_server import app
+        from starlette.exceptions import HTTPException
 
         super().create_application()
         app.add_middleware(RequestEncoding)
+        registry = self.dataplane.model_registry
+        app.add_middleware(ModelVersions, version_of=lambda name: getattr(registry.get_model(name), "model_version",
+                                                                          None))
         app.add_middleware(PayloadLimit, max_bytes=self.max_payload_bytes)
         app.add_middleware(CatchAll)  # added last: outside the payload limit, inside starlette's error middleware
         app.add_exception_handler(RequestValidationError, _request_error)
+        app.add_exception_handler(HTTPException, _http_error)
         # kserve's handlers for the client's errors log a traceback for each; these log one line
         app.add_exception_handler(InvalidInput, _client_error(400))
         app.add_exception_handler(ModelNotFound, _client_error(404))
@@ -739,6 +777,14 @@ def _client_error(status: int) -> Any:
         return JSONResponse(status_code=status, content={"error": str(exc)})
 
     return handler
+
+
+async def _http_error(request: Any, exc: Any) -> Any:
+    """FastAPI's own refusals (a body it cannot decode, an unknown route, a method not allowed) as one
+    ``{"error": ...}`` like every other refusal here, instead of ``{"detail": ...}``."""
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse(status_code=exc.status_code, content={"error": str(exc.detail)}, headers=exc.headers)
 
 
 async def _request_error(request: Any, exc: Any) -> Any:

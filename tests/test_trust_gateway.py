@@ -471,7 +471,7 @@ def test_openapi_documents_describe_every_route(stack, good_rows):
                  "/healthz", "/", "/v2/health/ready", "/v2/models/{name}"):
         assert path in doc["paths"], path
     assert doc["paths"]["/admin/split"]["put"]["security"] == [{"bearer": []}]
-    assert doc["paths"]["/feedback"]["post"]["security"] == [{"bearer": []}]
+    assert doc["paths"]["/feedback"]["post"]["security"] == [{"ingestToken": []}]
     assert doc["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
     model_doc = stack["direct"].get("/openapi.json").json()
     validate(model_doc)
