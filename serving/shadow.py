@@ -11,7 +11,7 @@ errors and latency of the shadow, agreement with the primary (classification: sh
 labels; regression: mean absolute and relative difference), both prediction samples for an output
 PSI, and — when labels for those requests arrive at ``POST /feedback`` — the quality of both on the
 same rows. Both answers are logged to the monitor, the shadow's with ``ce-servingrole: shadow``.
-:func:`shadow_checks` turns a summary into the checks the rollout controller judges.
+:func:`serving.rollout.analysis.shadow_checks` turns a summary into the checks the rollout controller judges.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import httpx
 from driftloop.core.shadow import SHADOW_ROLE, compare_rows
 from serving.traffic import predictions_of
 
-__all__ = ["SHADOW", "ShadowMirror", "ShadowStats", "shadow_checks"]
+__all__ = ["SHADOW", "ShadowMirror", "ShadowStats"]
 
 log = logging.getLogger(__name__)
 
@@ -144,51 +144,3 @@ class ShadowMirror:
             self.stats.record(request_id, primary, shadow, (time.perf_counter() - start) * 1000.0)
             if shadow is not None and self._log_event is not None:
                 self._log_event(request_id, self.version, path, body, content)
-
-
-def _check(name: str, value: float | None, limit: float, ok: bool | None, detail: str = "") -> Any:
-    from serving.rollout import Check
-
-    return Check(name, value, limit, ok, detail)
-
-
-def shadow_checks(summary: dict[str, Any], cfg: Any) -> list[Any]:
-    """The shadow phase's analysis: errors, latency, agreement, output PSI and, with labels, quality."""
-    from serving.rollout import _MIN_DISTRIBUTION_SAMPLES, psi
-
-    requests = int(summary.get("requests") or 0)
-    mirrored = requests >= cfg.shadow_min_requests
-    # On a cluster the answers are joined by the monitor, behind the logger: the phase passes only
-    # once that many are joined too, never on errors and latency alone.
-    joined = summary.get("joined_requests")
-    enough = mirrored and (joined is None or joined >= cfg.shadow_min_requests)
-    detail = ("" if enough else f"{requests} < {cfg.shadow_min_requests} mirrored requests" if not mirrored else
-              f"{joined} of {requests} mirrored requests joined with the primary's answer by request id "
-              f"< {cfg.shadow_min_requests}")
-    checks = [_check("shadow_requests", requests, cfg.shadow_min_requests, enough, detail)]
-    rate = summary.get("error_rate")
-    checks.append(_check("shadow_error_rate", rate, cfg.max_error_rate,
-                         None if rate is None or not mirrored else rate <= cfg.max_error_rate))
-    p99 = summary.get("p99_ms")
-    checks.append(_check("shadow_p99_ms", p99, cfg.max_p99_latency_ms,
-                         None if p99 is None or not mirrored else p99 <= cfg.max_p99_latency_ms))
-    if "agreement" in summary:
-        a = summary["agreement"]
-        checks.append(_check("agreement", a, cfg.shadow_min_agreement, None if not enough else a >= cfg.shadow_min_agreement,
-                             f"share of equal labels on {summary['rows']} rows"))
-    elif summary.get("relative_diff") is not None:
-        r = summary["relative_diff"]
-        checks.append(_check("relative_diff", r, cfg.shadow_max_relative_diff,
-                             None if not enough else r <= cfg.shadow_max_relative_diff,
-                             f"mean |shadow - primary| {summary['mean_abs_diff']:.4g} on {summary['rows']} rows"))
-    p, s = summary.get("primary_predictions") or [], summary.get("shadow_predictions") or []
-    if len(p) >= _MIN_DISTRIBUTION_SAMPLES and len(s) >= _MIN_DISTRIBUTION_SAMPLES:
-        value = psi(p, s)
-        checks.append(_check("shadow_prediction_psi", value, cfg.max_prediction_psi, value <= cfg.max_prediction_psi))
-    labels = int(summary.get("labels") or 0)
-    if "shadow_quality" in summary and labels >= max(cfg.min_labels, 1):
-        delta = summary["shadow_quality"] - summary["primary_quality"]
-        checks.append(_check("shadow_quality_delta", delta, cfg.min_quality_delta, delta >= cfg.min_quality_delta,
-                             f"{summary['quality_metric']}: shadow {summary['shadow_quality']:.4f} vs primary "
-                             f"{summary['primary_quality']:.4f} on the same {labels} labelled rows"))
-    return checks

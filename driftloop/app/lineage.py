@@ -190,7 +190,7 @@ def _format_step(step: dict[str, Any]) -> str:
 
 
 # --- the shadow phase of a rollout ------------------------------------------------------------
-# the checks serving.shadow.shadow_checks records, in the order a person reads them
+# the checks serving.rollout.analysis.shadow_checks records, in the order a person reads them
 SHADOW_CHECKS = ("shadow_requests", "shadow_error_rate", "shadow_p99_ms", "agreement", "relative_diff",
                  "shadow_prediction_psi", "shadow_quality_delta")
 _SHADOW_LABELS = {"shadow_requests": "mirrored requests", "shadow_error_rate": "errors (share)",
