@@ -13,6 +13,22 @@ os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 warnings.filterwarnings("ignore", category=FutureWarning)
 
 
+_TOKEN_ENV = ("DRIFTLOOP_GATEWAY_TOKEN", "DRIFTLOOP_INGEST_TOKEN")
+
+
+@pytest.fixture(autouse=True)
+def _tokens_do_not_leak_between_tests():
+    """An in-process ``serve`` puts the workspace's tokens into ``os.environ`` for its children; a later
+    test's workspace has other tokens, so each test ends with the token variables it started with."""
+    before = {k: os.environ.get(k) for k in _TOKEN_ENV}
+    yield
+    for k, v in before.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 def make_settings(workspace: Path, source: Path, **overrides):
     """Settings for a test workspace (embedded default), with dotted-key overrides."""
     from driftloop.core.config import load_settings

@@ -150,6 +150,8 @@ def _wait(cond, timeout: float, what: str):  # noqa: ANN001, ANN202
 def served(tmp_path, monkeypatch):
     """A serve with the champion v1, the canary v2 at 50 % (a pending rollout) and a recording sink."""
     monkeypatch.setattr(LocalBackend, "model_server_argv", _fake_argv)  # replicas this process starts
+    for var in ("DRIFTLOOP_GATEWAY_TOKEN", "DRIFTLOOP_INGEST_TOKEN"):  # the workspace's own token files decide
+        monkeypatch.delenv(var, raising=False)
     sink = RecordingSink()
     started: list[Serve] = []
     with serve_app(sink.app) as sink_url:
