@@ -58,12 +58,9 @@ def _admin(summary: str, schema: dict[str, Any]) -> dict[str, Any]:
             "responses": _answers({"type": "object"}, 400, 401, 413)}
 
 
-def gateway_openapi(served: str) -> dict[str, Any]:
-    """The document for a gateway serving the model named ``served``."""
+def _inference_paths(served: str) -> dict[str, Any]:
+    """The Open Inference Protocol routes (V1 and V2) forwarded to the model servers."""
     name = _name(served)
-    upstream = {"type": "object", "required": ["url", "version"], "additionalProperties": False,
-                "properties": {"url": {"type": "string", "format": "uri"}, "version": {"type": "string", "minLength": 1}}}
-    percent = {"type": "number", "minimum": 0, "maximum": 100}
     v2_infer = {
         "summary": "V2 (Open Inference Protocol) inference; logged and split between primary and canary",
         "parameters": [name, _LENGTH],
@@ -75,7 +72,7 @@ def gateway_openapi(served: str) -> dict[str, Any]:
     v2_infer_version = {**v2_infer, "parameters": [name, _VERSION, _LENGTH]}
     meta = {"$ref": "#/components/schemas/ModelMetadata"}
     ready = {"type": "object", "properties": {"name": {"type": "string"}, "ready": {"type": "boolean"}}}
-    paths: dict[str, Any] = {
+    return {
         "/": _get("Liveness of the model server (KServe V1)", {"type": "object", "properties": {
             "status": {"type": "string"}}}, 502),
         "/v1/models": _get("Models served (V1)", {"type": "object", "properties": {
@@ -100,6 +97,12 @@ def gateway_openapi(served: str) -> dict[str, Any]:
                                                            params=[name, _VERSION]),
         "/v2/models/{name}/infer": {"post": v2_infer},
         "/v2/models/{name}/versions/{version}/infer": {"post": v2_infer_version},
+    }
+
+
+def _feedback_paths() -> dict[str, Any]:
+    """``POST /feedback``: labels for served requests (the ingest token)."""
+    return {
         "/feedback": {"post": {
             "summary": "Ground truth for served requests, joined by x-request-id and forwarded to the monitor "
                        "(bearer: the workspace's ingest token)",
@@ -112,6 +115,16 @@ def gateway_openapi(served: str) -> dict[str, Any]:
                 "duplicate": {"type": "array", "items": {"type": "string"}}}}, 400, 401, 404, 409, 413, 415, 422),
                 "202": {"description": "Kept in the gateway's durable outbox until the monitor takes them",
                         "content": _json({"type": "object"})}}}},
+    }
+
+
+def _admin_paths() -> dict[str, Any]:
+    """The ``/admin`` routes: the split, the upstreams, the replicas and the shadow mirror (admin token), status
+    and statistics."""
+    upstream = {"type": "object", "required": ["url", "version"], "additionalProperties": False,
+                "properties": {"url": {"type": "string", "format": "uri"}, "version": {"type": "string", "minLength": 1}}}
+    percent = {"type": "number", "minimum": 0, "maximum": 100}
+    return {
         "/admin/split": {"put": _admin("Set the canary's share of traffic", {
             "type": "object", "required": ["canary_percent"], "additionalProperties": False,
             "properties": {"canary_percent": percent}})},
@@ -134,17 +147,27 @@ def gateway_openapi(served: str) -> dict[str, Any]:
                                  "parameters": [{"name": "since", "in": "query", "required": False,
                                                  "schema": {"type": "string"}}],
                                  "responses": _answers({"type": "object"}, 400)}},
+    }
+
+
+def _service_paths() -> dict[str, Any]:
+    """The gateway's own routes: metrics, health and this document."""
+    return {
         "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {
             "description": "OK", "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
         "/healthz": _get("The gateway is up", {"type": "object", "properties": {"ok": {"type": "boolean"}}}),
         "/openapi.json": _get("This document"),
     }
+
+
+def _schemas() -> dict[str, Any]:
+    """The bodies the routes take and answer: OIP requests and responses, labels, errors."""
     tensor = {"type": "object", "required": ["name", "shape", "datatype"], "properties": {
         "name": {"type": "string"}, "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
         "datatype": {"type": "string", "enum": _DATATYPES}, "parameters": {"type": ["object", "null"]},
         "data": {"type": "array"}}}
     scalar = [{"type": "string", "maxLength": 256}, {"type": "number"}, {"type": "boolean"}]
-    schemas = {
+    return {
         "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
         "V1Request": {"type": "object", "required": ["instances"], "properties": {"instances": {
             "type": "array", "minItems": 1, "items": {"oneOf": [{"type": "object"}, {"type": "array"}]},
@@ -171,13 +194,17 @@ def gateway_openapi(served: str) -> dict[str, Any]:
             "id": {"type": "string", "minLength": 1, "maxLength": 256},
             "label": {"anyOf": [*scalar, {"type": "array", "minItems": 1, "items": {"anyOf": scalar}}]}}},
     }
+
+
+def gateway_openapi(served: str) -> dict[str, Any]:
+    """The document for a gateway serving the model named ``served``."""
     return {
         "openapi": "3.1.0",
         "info": {"title": "driftloop gateway", "version": "1",
                  "description": "Routes a request to the primary or canary model server of one model and logs it. "
                                 "Only the routes listed here are answered; nothing else reaches a model server."},
-        "paths": paths,
-        "components": {"schemas": schemas,
+        "paths": {**_inference_paths(served), **_feedback_paths(), **_admin_paths(), **_service_paths()},
+        "components": {"schemas": _schemas(),
                        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
                                                       "description": "DRIFTLOOP_GATEWAY_TOKEN"},
                                            "ingestToken": {"type": "http", "scheme": "bearer",
