@@ -1,0 +1,86 @@
+"""What ``driftloop demo`` prints: a line per event with the time since the start, and the closing summary
+(the registered versions, where the MLflow store, the Evidently reports and the logs are, the quality
+check on the labelled traffic)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+from rich.table import Table
+
+if TYPE_CHECKING:
+    from driftloop.core.registry import Registry
+
+__all__ = ["console", "Narrator", "drift_summary", "version_rows", "versions_table", "quality_text"]
+
+console = Console(highlight=False)
+
+
+@dataclass
+class Narrator:
+    """One line per event, with the seconds since the demo started."""
+
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def say(self, phase: str, text: str) -> None:
+        console.print(f"[dim]{self.elapsed:6.1f}s[/] [bold cyan]{phase:<9}[/] {text}")
+
+
+def drift_summary(outcome: dict[str, Any]) -> str:
+    """A monitor check's drifted columns and share, in one line."""
+    result = outcome.get("result") or {}
+    cols = result.get("columns") or []
+    drifted = [c["column"] for c in cols if c.get("drifted")]
+    share = result.get("share")
+    text = f"{len(drifted)}/{len(cols)} columns drifted" if cols else outcome.get("reason", "")
+    if drifted:
+        text += ": " + ", ".join(drifted)
+    if share is not None:
+        text += f"; share {share:.2f}"
+    return text
+
+
+def version_rows(registry: Registry, model_name: str) -> list[dict[str, Any]]:
+    """Each registered version: its trigger, gate decision, accuracy, rollout outcome and aliases."""
+    rows = []
+    for v in registry.list_versions(model_name):
+        v = registry.get_version(model_name, v.version)
+        acc = registry.run(v.run_id).data.metrics.get("accuracy") if v.run_id else None
+        rows.append({"version": v.version, "trigger": v.tags.get("driftloop.trigger", ""),
+                     "gate": v.tags.get("driftloop.gate.decision", ""), "accuracy": acc,
+                     "rollout": v.tags.get("driftloop.rollout.outcome", ""), "aliases": list(v.aliases)})
+    return rows
+
+
+def versions_table(rows: list[dict[str, Any]]) -> Table:
+    table = Table(title="driftloop demo — the loop closed")
+    for col in ("version", "trigger", "gate", "accuracy", "rollout", "aliases"):
+        table.add_column(col, overflow="fold")  # a long trigger folds in 80 columns; summary.json has all
+    for row in rows:
+        acc = row["accuracy"]
+        table.add_row(row["version"], row["trigger"], row["gate"], f"{acc:.3f}" if acc else "-", row["rollout"],
+                      ", ".join(row["aliases"]))
+    return table
+
+
+def quality_text(outcome: dict[str, Any]) -> str:
+    """The monitor's quality check per version: the realised accuracy on its labelled window, the estimate
+    from calibrated scores, the holdout."""
+    parts = []
+    for version, q in sorted(outcome.get("versions", {}).items()):
+        if "holdout" not in q:
+            parts.append(f"v{version}: {q.get('reason', q.get('verdict'))}")
+            continue
+        live = (q.get("live") or {}).get("accuracy")
+        est = (q.get("estimated") or q.get("estimated_latest") or {}).get("accuracy")
+        parts.append(f"v{version} {q['verdict']}: accuracy realised "
+                     f"{f'{live:.3f}' if live is not None else '-'} ({q['labelled_rows']} labels), estimated "
+                     f"{f'{est:.3f}' if est is not None else '-'}, holdout {q['holdout'].get('accuracy', 0):.3f}")
+    return "; ".join(parts) or "no labelled predictions"

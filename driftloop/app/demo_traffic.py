@@ -1,0 +1,92 @@
+"""What ``driftloop demo`` sends and asks over HTTP: production traffic through the gateway, labels
+as feedback, and the monitor's checks and alerts."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pandas as pd
+
+__all__ = ["Traffic"]
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """The gateway and the monitor of one demo, as a client sees them."""
+
+    gateway_port: int
+    monitor_port: int
+    token_path: Callable[[], Path]  # the monitor's ingest token file (read at each call: the monitor makes it)
+
+    @property
+    def gateway(self) -> str:
+        return f"http://127.0.0.1:{self.gateway_port}"
+
+    @property
+    def monitor(self) -> str:
+        return f"http://127.0.0.1:{self.monitor_port}"
+
+    def monitor_auth(self) -> dict[str, str]:
+        """The ingest token the monitor's POST /check and /quality/check and the gateway's /feedback need (env,
+        else the workspace's file)."""
+        from driftloop.core.files import workspace_token
+
+        token = workspace_token(self.token_path(), "DRIFTLOOP_INGEST_TOKEN")
+        return {"authorization": f"Bearer {token}"}
+
+    def send(self, frame: pd.DataFrame, *, labels: bool = True, workers: int = 4, batch: int = 5) -> dict[str, int]:
+        """Production traffic through the gateway: V1 requests of ``batch`` rows; labels arrive as feedback."""
+        from driftloop.app.scenario import FEATURES_CATEGORICAL, FEATURES_NUMERIC
+
+        features = frame[FEATURES_NUMERIC + FEATURES_CATEGORICAL].astype(object).where(frame.notna(), None)
+        rows = features.to_dict(orient="records")
+        truth = frame["label"].tolist()
+        url = f"{self.gateway}/v1/models/churn:predict"
+        counts = {"ok": 0, "error": 0}
+        lock = threading.Lock()
+        batches = [(i, min(i + batch, len(rows))) for i in range(0, len(rows), batch)]
+
+        auth = self.monitor_auth()  # the gateway's /feedback takes the same ingest token
+
+        def worker(mine: list[tuple[int, int]]) -> None:
+            with httpx.Client(timeout=10.0) as client:
+                for lo, hi in mine:
+                    try:
+                        r = client.post(url, json={"instances": rows[lo:hi]})
+                        ok = r.status_code == 200
+                        if ok and labels:
+                            client.post(f"{self.gateway}/feedback",
+                                        json={"id": r.headers.get("x-request-id"), "label": truth[lo:hi]},
+                                        headers=auth)
+                    except httpx.HTTPError:
+                        ok = False
+                    with lock:
+                        counts["ok" if ok else "error"] += hi - lo
+
+        threads = [threading.Thread(target=worker, args=(batches[i::workers],), daemon=True) for i in range(workers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return counts
+
+    def check(self) -> dict[str, Any]:
+        """The monitor's drift check on what it has logged, now."""
+        r = httpx.post(f"{self.monitor}/check", timeout=120.0, headers=self.monitor_auth())
+        r.raise_for_status()
+        return r.json()
+
+    def quality_check(self) -> dict[str, Any]:
+        """The monitor's quality check on the labels that flowed through the gateway (``httpx.HTTPError`` if refused)."""
+        r = httpx.post(f"{self.monitor}/quality/check", timeout=120.0, headers=self.monitor_auth())
+        r.raise_for_status()
+        return r.json()
+
+    def alerts(self) -> Any:
+        """The monitor's GET /alerts, as it answers."""
+        return httpx.get(f"{self.monitor}/alerts", timeout=10.0).json()
