@@ -749,123 +749,183 @@ def _selects_only(selector: dict[str, Any] | None, allowed: set[str]) -> bool:
     return names is not None and names <= allowed
 
 
+class _Findings:
+    """The problems found so far, and which tenant owns each thing that must be one tenant's alone."""
+
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+        self._owners: dict[str, dict[Any, str]] = {}
+
+    def add(self, problem: str) -> None:
+        self.problems.append(problem)
+
+    def unique(self, kind: str, key: Any, owner: str) -> None:
+        other = self._owners.setdefault(kind, {}).get(key)
+        if other is not None and other != owner:
+            self.add(f"{kind} {key} is shared by tenants {other} and {owner}")
+        self._owners[kind][key] = owner
+
+
 def check_invariants(pool: Pool, tenants: list[Tenant], objects: dict[str, list[dict[str, Any]]],
                      configs: dict[str, dict[str, Any]] | None = None) -> list[str]:
     """Everything that keeps tenants apart and within the pool; one line per violation."""
-    problems: list[str] = []
+    found = _Findings()
     nominal = sum(t.gpu for t in tenants)
     if nominal > pool.gpus:
-        problems.append(f"nominal GPU quotas add up to {nominal}, over the pool of {pool.gpus}")
-    seen: dict[str, dict[Any, str]] = {}
-
-    def unique(kind: str, key: Any, owner: str) -> None:
-        other = seen.setdefault(kind, {}).get(key)
-        if other is not None and other != owner:
-            problems.append(f"{kind} {key} is shared by tenants {other} and {owner}")
-        seen[kind][key] = owner
-
+        found.add(f"nominal GPU quotas add up to {nominal}, over the pool of {pool.gpus}")
     for t in tenants:
-        ns = t.namespace
         objs = objects.get(t.name, [])
-        allowed = {ns, *PLATFORM_NAMESPACES}
-        if ns in {o.name for o in tenants if o is not t}:
-            problems.append(f"{t.name}: namespace {ns} is another tenant's")
+        if t.namespace in {o.name for o in tenants if o is not t}:
+            found.add(f"{t.name}: namespace {t.namespace} is another tenant's")
         for obj in objs:
-            kind, meta = obj.get("kind"), obj.get("metadata") or {}
-            what = f"{t.name}: {kind} {meta.get('name')}"
-            if kind in CLUSTER_SCOPED_KINDS:
-                if "namespace" in meta:
-                    problems.append(f"{what}: cluster-scoped kind with a namespace")
-                unique(f"cluster-scoped {kind}", meta.get("name"), t.name)
-                if kind in ("Namespace", "Profile") and meta.get("name") != ns:
-                    problems.append(f"{what}: not the tenant's namespace {ns}")
-            elif meta.get("namespace") != ns:
-                problems.append(f"{what}: in namespace {meta.get('namespace')}, not {ns}")
-            if (meta.get("labels") or {}).get(TENANT_LABEL) != t.name:
-                problems.append(f"{what}: label {TENANT_LABEL} is not {t.name}")
-            spec = obj.get("spec") or {}
-            if kind == "ServiceAccount":
-                unique("ServiceAccount", (meta.get("namespace"), meta.get("name")), t.name)
-            elif kind == "RoleBinding":
-                if (obj.get("roleRef") or {}).get("kind") != "Role":
-                    problems.append(f"{what}: binds a {obj['roleRef'].get('kind')}, not a Role of its namespace")
-                for s in obj.get("subjects") or []:
-                    if s.get("kind") != "ServiceAccount" or s.get("namespace") != ns:
-                        problems.append(f"{what}: subject {s.get('kind')} {s.get('namespace')}/{s.get('name')} "
-                                        f"is not a ServiceAccount of {ns}")
-            elif kind in ("ClusterRole", "ClusterRoleBinding"):
-                problems.append(f"{what}: cluster-wide RBAC")
-            elif kind == "NetworkPolicy":
-                for rule in (spec.get("ingress") or []) + (spec.get("egress") or []):
-                    for peer in (rule.get("from") or []) + (rule.get("to") or []):
-                        if "ipBlock" in peer:
-                            problems.append(f"{what}: ipBlock peers can reach other tenants")
-                        if "namespaceSelector" in peer and not _selects_only(peer["namespaceSelector"], allowed):
-                            problems.append(f"{what}: a namespaceSelector that may match other tenants' namespaces")
-            elif kind == "ClusterQueue":
-                unique("ClusterQueue", meta.get("name"), t.name)
-                if spec.get("namespaceSelector") != {"matchLabels": {NAME_LABEL: ns}}:
-                    problems.append(f"{what}: namespaceSelector does not select exactly {ns}")
-                if spec.get("cohort") != pool.cohort:
-                    problems.append(f"{what}: cohort {spec.get('cohort')} is not the pool's {pool.cohort}")
-                for group in spec.get("resourceGroups") or []:
-                    for flavor in group.get("flavors") or []:
-                        for res in flavor.get("resources") or []:
-                            if res.get("name") == GPU:
-                                if res.get("nominalQuota") != t.gpu:
-                                    problems.append(f"{what}: GPU nominalQuota {res.get('nominalQuota')} != {t.gpu}")
-                                if res.get("borrowingLimit", 0) != t.borrow:
-                                    problems.append(f"{what}: GPU borrowingLimit {res.get('borrowingLimit')} != {t.borrow}")
-                                if "borrowingLimit" in res and not pool.cohort:
-                                    problems.append(f"{what}: borrowingLimit without a cohort")
-            elif kind == "LocalQueue":
-                unique("LocalQueue", meta.get("name"), t.name)
-                if spec.get("clusterQueue") != t.cluster_queue:
-                    problems.append(f"{what}: points at ClusterQueue {spec.get('clusterQueue')}, not {t.cluster_queue}")
-            elif kind in ("ResourceQuota", "Profile"):
-                hard = (spec.get("resourceQuotaSpec") or {}).get("hard") if kind == "Profile" else spec.get("hard")
-                gpus = int(str((hard or {}).get(f"requests.{GPU}", "0")))
-                if gpus < t.gpu + t.borrow:
-                    problems.append(f"{what}: quota of {gpus} GPUs does not cover nominal {t.gpu} + borrowed {t.borrow}")
-            elif kind == "ServiceMonitor":
-                if (spec.get("namespaceSelector") or {}) != {"matchNames": [ns]}:
-                    problems.append(f"{what}: scrapes outside {ns}")
-            elif kind == "AlertmanagerConfig":
-                for receiver in spec.get("receivers") or []:
-                    for hook in receiver.get("webhookConfigs") or []:
-                        if f".{ns}.svc" not in hook.get("url", ""):
-                            problems.append(f"{what}: sends alerts to {hook.get('url')}, not to {ns}'s monitor")
-                        cred = ((hook.get("httpConfig") or {}).get("authorization") or {}).get("credentials") or {}
-                        unique("webhook token Secret", (ns, cred.get("name")), t.name)
-            for path, container in _containers(obj):
-                for env in container.get("env") or []:
-                    ref = ((env.get("valueFrom") or {}).get("secretKeyRef") or {})
-                    if env.get("name") == "DRIFTLOOP_WEBHOOK_TOKEN":
-                        unique("webhook token Secret", (ns, ref.get("name")), t.name)
-                    if env.get("name") == "MLFLOW_WORKSPACE" and env.get("value") != t.name:
-                        problems.append(f"{what}: {path} uses MLflow workspace {env.get('value')}")
-            if kind == "Secret" and (obj.get("data") or obj.get("stringData")):
-                problems.append(f"{what}: a Secret with values is rendered")
+            _check_object(found, pool, t, obj)
         kinds = {o.get("kind") for o in objs}
         if objs and not {"LocalQueue", "ClusterQueue", "NetworkPolicy"} <= kinds:
-            problems.append(f"{t.name}: missing {sorted({'LocalQueue', 'ClusterQueue', 'NetworkPolicy'} - kinds)}")
+            found.add(f"{t.name}: missing {sorted({'LocalQueue', 'ClusterQueue', 'NetworkPolicy'} - kinds)}")
         for flavor, cfg in (configs or {}).get(t.name, {}).items():
-            mlflow = cfg.get("mlflow") or {}
-            unique(f"{flavor} MLflow experiment", (mlflow.get("tracking_uri"), mlflow.get("workspace"), mlflow.get("experiment")), t.name)
-            unique(f"{flavor} model name", mlflow.get("model_name"), t.name)
-            if mlflow.get("workspace"):
-                unique(f"{flavor} MLflow workspace", mlflow.get("workspace"), t.name)
-            if flavor == "cluster":
-                kfp = cfg.get("kfp") or {}
-                if kfp.get("namespace") != ns or (cfg.get("serving") or {}).get("namespace") != ns:
-                    problems.append(f"{t.name}: cluster config runs outside namespace {ns}")
-                if kfp.get("queue_name") != t.queue:
-                    problems.append(f"{t.name}: cluster config uses queue {kfp.get('queue_name')}, not {t.queue}")
-            else:
-                unique("local workspace", cfg.get("workspace"), t.name)
-                unique("local port", (cfg.get("serving") or {}).get("gateway_port"), t.name)
-                unique("local port", (cfg.get("monitor") or {}).get("port"), t.name)
-    return problems
+            _check_loop_config(found, t, flavor, cfg)
+    return found.problems
+
+
+def _check_object(found: _Findings, pool: Pool, t: Tenant, obj: dict[str, Any]) -> None:
+    """One rendered object of tenant ``t``: its scope and label, its kind's rules, its containers, no Secret values."""
+    ns = t.namespace
+    kind, meta = obj.get("kind"), obj.get("metadata") or {}
+    what = f"{t.name}: {kind} {meta.get('name')}"
+    if kind in CLUSTER_SCOPED_KINDS:
+        if "namespace" in meta:
+            found.add(f"{what}: cluster-scoped kind with a namespace")
+        found.unique(f"cluster-scoped {kind}", meta.get("name"), t.name)
+        if kind in ("Namespace", "Profile") and meta.get("name") != ns:
+            found.add(f"{what}: not the tenant's namespace {ns}")
+    elif meta.get("namespace") != ns:
+        found.add(f"{what}: in namespace {meta.get('namespace')}, not {ns}")
+    if (meta.get("labels") or {}).get(TENANT_LABEL) != t.name:
+        found.add(f"{what}: label {TENANT_LABEL} is not {t.name}")
+    check = _KIND_CHECKS.get(kind)
+    if check is not None:
+        check(found, pool, t, obj, what)
+    for path, container in _containers(obj):
+        for env in container.get("env") or []:
+            ref = ((env.get("valueFrom") or {}).get("secretKeyRef") or {})
+            if env.get("name") == "DRIFTLOOP_WEBHOOK_TOKEN":
+                found.unique("webhook token Secret", (ns, ref.get("name")), t.name)
+            if env.get("name") == "MLFLOW_WORKSPACE" and env.get("value") != t.name:
+                found.add(f"{what}: {path} uses MLflow workspace {env.get('value')}")
+    if kind == "Secret" and (obj.get("data") or obj.get("stringData")):
+        found.add(f"{what}: a Secret with values is rendered")
+
+
+def _check_rbac(found: _Findings, pool: Pool, t: Tenant, obj: dict[str, Any], what: str) -> None:
+    """ServiceAccounts are the tenant's own; RoleBindings bind a Role of its namespace to its ServiceAccounts;
+    nothing cluster-wide."""
+    kind, meta = obj.get("kind"), obj.get("metadata") or {}
+    if kind == "ServiceAccount":
+        found.unique("ServiceAccount", (meta.get("namespace"), meta.get("name")), t.name)
+    elif kind == "RoleBinding":
+        if (obj.get("roleRef") or {}).get("kind") != "Role":
+            found.add(f"{what}: binds a {obj['roleRef'].get('kind')}, not a Role of its namespace")
+        for s in obj.get("subjects") or []:
+            if s.get("kind") != "ServiceAccount" or s.get("namespace") != t.namespace:
+                found.add(f"{what}: subject {s.get('kind')} {s.get('namespace')}/{s.get('name')} "
+                          f"is not a ServiceAccount of {t.namespace}")
+    else:
+        found.add(f"{what}: cluster-wide RBAC")
+
+
+def _check_network_policy(found: _Findings, pool: Pool, t: Tenant, obj: dict[str, Any], what: str) -> None:
+    """Peers are the tenant's namespace or the platform's, never an ipBlock."""
+    spec = obj.get("spec") or {}
+    allowed = {t.namespace, *PLATFORM_NAMESPACES}
+    for rule in (spec.get("ingress") or []) + (spec.get("egress") or []):
+        for peer in (rule.get("from") or []) + (rule.get("to") or []):
+            if "ipBlock" in peer:
+                found.add(f"{what}: ipBlock peers can reach other tenants")
+            if "namespaceSelector" in peer and not _selects_only(peer["namespaceSelector"], allowed):
+                found.add(f"{what}: a namespaceSelector that may match other tenants' namespaces")
+
+
+def _check_cluster_queue(found: _Findings, pool: Pool, t: Tenant, obj: dict[str, Any], what: str) -> None:
+    """The tenant's own ClusterQueue: its namespace only, the pool's cohort, its nominal and borrowed GPUs."""
+    meta, spec = obj.get("metadata") or {}, obj.get("spec") or {}
+    found.unique("ClusterQueue", meta.get("name"), t.name)
+    if spec.get("namespaceSelector") != {"matchLabels": {NAME_LABEL: t.namespace}}:
+        found.add(f"{what}: namespaceSelector does not select exactly {t.namespace}")
+    if spec.get("cohort") != pool.cohort:
+        found.add(f"{what}: cohort {spec.get('cohort')} is not the pool's {pool.cohort}")
+    for group in spec.get("resourceGroups") or []:
+        for flavor in group.get("flavors") or []:
+            for res in flavor.get("resources") or []:
+                if res.get("name") != GPU:
+                    continue
+                if res.get("nominalQuota") != t.gpu:
+                    found.add(f"{what}: GPU nominalQuota {res.get('nominalQuota')} != {t.gpu}")
+                if res.get("borrowingLimit", 0) != t.borrow:
+                    found.add(f"{what}: GPU borrowingLimit {res.get('borrowingLimit')} != {t.borrow}")
+                if "borrowingLimit" in res and not pool.cohort:
+                    found.add(f"{what}: borrowingLimit without a cohort")
+
+
+def _check_local_queue(found: _Findings, pool: Pool, t: Tenant, obj: dict[str, Any], what: str) -> None:
+    meta, spec = obj.get("metadata") or {}, obj.get("spec") or {}
+    found.unique("LocalQueue", meta.get("name"), t.name)
+    if spec.get("clusterQueue") != t.cluster_queue:
+        found.add(f"{what}: points at ClusterQueue {spec.get('clusterQueue')}, not {t.cluster_queue}")
+
+
+def _check_quota(found: _Findings, pool: Pool, t: Tenant, obj: dict[str, Any], what: str) -> None:
+    """A ResourceQuota (or a Profile's) covers the tenant's nominal plus borrowed GPUs."""
+    spec = obj.get("spec") or {}
+    hard = (spec.get("resourceQuotaSpec") or {}).get("hard") if obj.get("kind") == "Profile" else spec.get("hard")
+    gpus = int(str((hard or {}).get(f"requests.{GPU}", "0")))
+    if gpus < t.gpu + t.borrow:
+        found.add(f"{what}: quota of {gpus} GPUs does not cover nominal {t.gpu} + borrowed {t.borrow}")
+
+
+def _check_monitoring(found: _Findings, pool: Pool, t: Tenant, obj: dict[str, Any], what: str) -> None:
+    """Scrapes stay in the tenant's namespace; alerts go to its own monitor with its own token Secret."""
+    ns, spec = t.namespace, obj.get("spec") or {}
+    if obj.get("kind") == "ServiceMonitor":
+        if (spec.get("namespaceSelector") or {}) != {"matchNames": [ns]}:
+            found.add(f"{what}: scrapes outside {ns}")
+        return
+    for receiver in spec.get("receivers") or []:
+        for hook in receiver.get("webhookConfigs") or []:
+            if f".{ns}.svc" not in hook.get("url", ""):
+                found.add(f"{what}: sends alerts to {hook.get('url')}, not to {ns}'s monitor")
+            cred = ((hook.get("httpConfig") or {}).get("authorization") or {}).get("credentials") or {}
+            found.unique("webhook token Secret", (ns, cred.get("name")), t.name)
+
+
+# kind -> what must hold of an object of that kind (besides scope, label, containers and Secret values)
+_KIND_CHECKS = {
+    "ServiceAccount": _check_rbac, "RoleBinding": _check_rbac, "ClusterRole": _check_rbac,
+    "ClusterRoleBinding": _check_rbac, "NetworkPolicy": _check_network_policy, "ClusterQueue": _check_cluster_queue,
+    "LocalQueue": _check_local_queue, "ResourceQuota": _check_quota, "Profile": _check_quota,
+    "ServiceMonitor": _check_monitoring, "AlertmanagerConfig": _check_monitoring,
+}
+
+
+def _check_loop_config(found: _Findings, t: Tenant, flavor: str, cfg: dict[str, Any]) -> None:
+    """A tenant's driftloop configuration (``cluster`` or ``local``): its own MLflow space, model name,
+    namespace and queue on the cluster, workspace folder and ports on the embedded default."""
+    ns = t.namespace
+    mlflow = cfg.get("mlflow") or {}
+    found.unique(f"{flavor} MLflow experiment", (mlflow.get("tracking_uri"), mlflow.get("workspace"),
+                                                 mlflow.get("experiment")), t.name)
+    found.unique(f"{flavor} model name", mlflow.get("model_name"), t.name)
+    if mlflow.get("workspace"):
+        found.unique(f"{flavor} MLflow workspace", mlflow.get("workspace"), t.name)
+    if flavor == "cluster":
+        kfp = cfg.get("kfp") or {}
+        if kfp.get("namespace") != ns or (cfg.get("serving") or {}).get("namespace") != ns:
+            found.add(f"{t.name}: cluster config runs outside namespace {ns}")
+        if kfp.get("queue_name") != t.queue:
+            found.add(f"{t.name}: cluster config uses queue {kfp.get('queue_name')}, not {t.queue}")
+    else:
+        found.unique("local workspace", cfg.get("workspace"), t.name)
+        found.unique("local port", (cfg.get("serving") or {}).get("gateway_port"), t.name)
+        found.unique("local port", (cfg.get("monitor") or {}).get("port"), t.name)
 
 
 def _containers(obj: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
