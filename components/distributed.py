@@ -325,14 +325,60 @@ def _die(exc: BaseException) -> None:
 
 def _train_in_group(*, train: str, schema: dict[str, Any], out: str, checkpoints: str | None, target: str, task: str,
                     params: dict[str, Any], used: str, checkpoint_rounds: int, rank_boosters: str | None) -> None:
-    import joblib
     import xgboost as xgb
-    from sklearn.pipeline import Pipeline
     from xgboost import collective
 
     from components.train import prepare_features
 
     rank, world = collective.get_rank(), collective.get_world_size()
+    frame, sizes, on_gpu = _group_shard(train, target, used, rank, world)
+    y, n_classes = _labels(frame[target], task, schema, target)
+    encoder = build_encoder(schema)
+    X = encoder.transform(prepare_features(frame, schema["numeric"], schema["categorical"]))
+    del frame
+    booster_params, rounds = xgb_params(task, params, n_classes, used)
+    dtrain = xgb.QuantileDMatrix(X, label=y, feature_types=feature_types(schema), enable_categorical=True)
+    del X
+    start_model, done = _resume(checkpoints, rank, rounds)
+    clock = _RoundClock(rank, checkpoint_rounds, checkpoints)
+    sent0, received0 = _tcp_bytes()
+    started = time.perf_counter()
+    try:
+        booster = xgb.train(booster_params, dtrain, num_boost_round=max(rounds - done, 0), xgb_model=start_model,
+                            callbacks=[clock.callback])
+    except xgb.core.XGBoostError as exc:
+        raise TrainingError(f"training failed on worker {rank}: {str(exc).splitlines()[0]}") from exc
+    seconds = time.perf_counter() - started
+    sent1, received1 = _tcp_bytes()
+    raw_model = bytes(booster.save_raw("ubj"))
+    digest = _same_booster(raw_model, world)
+    if rank_boosters:
+        _write_bytes(_join(rank_boosters, f"rank-{rank}.ubj"), raw_model)
+    per_round, stats = _group_stats(clock.seconds, rank, world, sent1 - sent0, received1 - received0)
+    if rank == 0:
+        record = {
+            "workers": world,
+            "devices": ["cuda" if on_gpu[r] else "cpu" for r in range(world)],
+            "rows": [int(s) for s in sizes],
+            "rounds": booster.num_boosted_rounds(),
+            "resumed_from_round": done,
+            "round_seconds": [float(v) for v in per_round.max(axis=0)][:len(clock.seconds)],
+            "seconds": seconds,
+            "booster_sha256": digest,
+            # measured on each worker: peak resident memory, and bytes its TCP sockets sent/received per round
+            "peak_rss_mb": [round(float(v), 1) for v in stats[:, 0]],
+            "bytes_sent_per_round": [int(v) for v in stats[:, 1]],
+            "bytes_received_per_round": [int(v) for v in stats[:, 2]],
+        }
+        _write_model(out, raw_model, encoder, schema, task, used, record)
+        print(f"worker 0: {record['rounds']} rounds on {world} workers in {seconds:.2f}s", flush=True)
+
+
+def _group_shard(train: str, target: str, used: str, rank: int, world: int
+                 ) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+    """This rank's labelled rows, and every rank's row count and device (1.0 = GPU), shared over the group."""
+    from xgboost import collective
+
     frame, total = read_shard(train, rank, world)
     if total < world:
         raise TrainingError(f"{world} workers but only {total} training rows: each worker needs at least one row")
@@ -349,14 +395,14 @@ def _train_in_group(*, train: str, schema: dict[str, Any], out: str, checkpoints
                             "none with a label): use fewer workers")
     if target not in frame.columns:
         raise TrainingError(f"target column {target!r} is not in the training data")
-    y, n_classes = _labels(frame[target], task, schema, target)
-    encoder = build_encoder(schema)
-    X = encoder.transform(prepare_features(frame, schema["numeric"], schema["categorical"]))
-    del frame
-    booster_params, rounds = xgb_params(task, params, n_classes, used)
-    dtrain = xgb.QuantileDMatrix(X, label=y, feature_types=feature_types(schema), enable_categorical=True)
-    del X
-    # Resume: rank 0 finds the last checkpoint and hands it to every rank.
+    return frame, sizes, on_gpu
+
+
+def _resume(checkpoints: str | None, rank: int, rounds: int) -> tuple[Any, int]:
+    """Rank 0 finds the last checkpoint and hands it to every rank: (booster to go on from or None, rounds done)."""
+    import xgboost as xgb
+    from xgboost import collective
+
     saved = _checkpoints(checkpoints) if rank == 0 and checkpoints else []
     latest = saved[-1] if saved else None
     raw = collective.broadcast(_read_bytes(latest[1]) if latest else b"", 0)
@@ -364,56 +410,52 @@ def _train_in_group(*, train: str, schema: dict[str, Any], out: str, checkpoints
     done = start_model.num_boosted_rounds() if start_model is not None else 0
     if done:
         print(f"worker {rank}: resuming from the checkpoint at round {done} of {rounds}", flush=True)
-    clock = _RoundClock(rank, checkpoint_rounds, checkpoints)
-    sent0, received0 = _tcp_bytes()
-    started = time.perf_counter()
-    try:
-        booster = xgb.train(booster_params, dtrain, num_boost_round=max(rounds - done, 0), xgb_model=start_model,
-                            callbacks=[clock.callback])
-    except xgb.core.XGBoostError as exc:
-        raise TrainingError(f"training failed on worker {rank}: {str(exc).splitlines()[0]}") from exc
-    seconds = time.perf_counter() - started
-    sent1, received1 = _tcp_bytes()
-    raw_model = bytes(booster.save_raw("ubj"))
+    return start_model, done
+
+
+def _same_booster(raw_model: bytes, world: int) -> str:
+    """The booster's SHA-256, checked equal on every rank (else the collective is broken)."""
+    from xgboost import collective
+
     digest = hashlib.sha256(raw_model).hexdigest()
     digests = [collective.broadcast(digest, r) for r in range(world)]
     if len(set(digests)) != 1:
         raise TrainingError(f"workers ended with different boosters ({digests}); the collective is broken")
-    if rank_boosters:
-        _write_bytes(_join(rank_boosters, f"rank-{rank}.ubj"), raw_model)
-    per_round = np.zeros((world, max(len(clock.seconds), 1)), dtype=np.float64)
-    per_round[rank, :len(clock.seconds)] = clock.seconds
-    per_round = collective.allreduce(per_round, collective.Op.SUM).reshape(per_round.shape)
-    n_rounds = max(len(clock.seconds), 1)
-    stats = np.zeros((world, 3), dtype=np.float64)
-    stats[rank] = [_peak_rss_mb(), (sent1 - sent0) / n_rounds, (received1 - received0) / n_rounds]
-    stats = collective.allreduce(stats, collective.Op.SUM).reshape(stats.shape)
-    if rank == 0:
-        est = (xgb.XGBClassifier if task == "classification" else xgb.XGBRegressor)(
-            feature_types=feature_types(schema), enable_categorical=True, device=used)
-        est.load_model(bytearray(raw_model))
-        model = Pipeline([("prepare", encoder), ("model", est)])
-        import io
+    return digest
 
-        buf = io.BytesIO()
-        joblib.dump(model, buf)
-        record = {
-            "workers": world,
-            "devices": ["cuda" if on_gpu[r] else "cpu" for r in range(world)],
-            "rows": [int(s) for s in sizes],
-            "rounds": booster.num_boosted_rounds(),
-            "resumed_from_round": done,
-            "round_seconds": [float(v) for v in per_round.max(axis=0)][:len(clock.seconds)],
-            "seconds": seconds,
-            "booster_sha256": digest,
-            # measured on each worker: peak resident memory, and bytes its TCP sockets sent/received per round
-            "peak_rss_mb": [round(float(v), 1) for v in stats[:, 0]],
-            "bytes_sent_per_round": [int(v) for v in stats[:, 1]],
-            "bytes_received_per_round": [int(v) for v in stats[:, 2]],
-        }
-        _write_bytes(_join(out, MODEL_FILE), buf.getvalue())
-        _write_bytes(_join(out, RECORD_FILE), json.dumps(record).encode())
-        print(f"worker 0: {record['rounds']} rounds on {world} workers in {seconds:.2f}s", flush=True)
+
+def _group_stats(round_seconds: list[float], rank: int, world: int, sent: int, received: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Every rank's seconds per round, and its peak memory and TCP bytes sent and received per round."""
+    from xgboost import collective
+
+    per_round = np.zeros((world, max(len(round_seconds), 1)), dtype=np.float64)
+    per_round[rank, :len(round_seconds)] = round_seconds
+    per_round = collective.allreduce(per_round, collective.Op.SUM).reshape(per_round.shape)
+    n_rounds = max(len(round_seconds), 1)
+    stats = np.zeros((world, 3), dtype=np.float64)
+    stats[rank] = [_peak_rss_mb(), sent / n_rounds, received / n_rounds]
+    stats = collective.allreduce(stats, collective.Op.SUM).reshape(stats.shape)
+    return per_round, stats
+
+
+def _write_model(out: str, raw_model: bytes, encoder: Any, schema: dict[str, Any], task: str, used: str,
+                 record: dict[str, Any]) -> None:
+    """Rank 0's model (the encoder and the booster as one scikit-learn Pipeline) and the training record."""
+    import io
+
+    import joblib
+    import xgboost as xgb
+    from sklearn.pipeline import Pipeline
+
+    est = (xgb.XGBClassifier if task == "classification" else xgb.XGBRegressor)(
+        feature_types=feature_types(schema), enable_categorical=True, device=used)
+    est.load_model(bytearray(raw_model))
+    model = Pipeline([("prepare", encoder), ("model", est)])
+    buf = io.BytesIO()
+    joblib.dump(model, buf)
+    _write_bytes(_join(out, MODEL_FILE), buf.getvalue())
+    _write_bytes(_join(out, RECORD_FILE), json.dumps(record).encode())
 
 
 def worker_command(*, train: str, schema_uri: str, out: str, checkpoints: str | None, target: str, task: str,
@@ -514,10 +556,36 @@ def launch_local(*, train: str, schema_uri: str, work_dir: str | Path, workers: 
     raises one :class:`TrainingError` naming the worker and why. Nothing is written to ``work_dir``'s
     model unless every worker finished.
     """
-    from driftloop.core.processes import free_port, spawn, stop_process
-
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
+    port, gpus = _check_local_launch(train, workers, tracker_port, device)
+    out = str(work / "out")
+    for stale in (work / "out" / MODEL_FILE, work / "out" / RECORD_FILE):
+        stale.unlink(missing_ok=True)
+    procs: list[Any] = []
+    logs = {r: work / f"worker-{r}.log" for r in range(workers)}
+    started = time.perf_counter()
+    try:
+        _start_tracker(procs, work / "tracker.log", workers, port, timeout)
+        cmd = worker_command(train=train, schema_uri=schema_uri, out=out, checkpoints=checkpoints, target=target,
+                             task=task, params=params, device=device, checkpoint_rounds=checkpoint_rounds,
+                             rank_boosters=str(work / "boosters") if rank_boosters else None, python=sys.executable)
+        workers_p = _start_workers(procs, cmd, logs, port, gpus)
+        if on_started is not None:
+            on_started(workers_p)
+        _wait_workers(workers_p, logs, timeout)
+        model, record = load_record(out)
+    finally:
+        texts = _stop_all(procs, logs, echo)
+    devices = set(record["devices"])
+    return DistributedResult(model, record, "cuda" if devices == {"cuda"} else ("mixed" if len(devices) > 1 else "cpu"),
+                             time.perf_counter() - started, texts)
+
+
+def _check_local_launch(train: str, workers: int, tracker_port: int, device: str) -> tuple[int, int]:
+    """Refuse a local run that cannot work, before anything starts: (tracker port, GPUs to hand out)."""
+    from driftloop.core.processes import free_port
+
     if workers < 1:
         raise TrainingError(f"model.distributed.workers must be at least 1, not {workers}")
     rows = _parquet_rows(train)
@@ -531,77 +599,86 @@ def launch_local(*, train: str, schema_uri: str, work_dir: str | Path, workers: 
     if device == "cuda" and gpus < workers:
         raise TrainingError(f"model.device 'cuda' with {workers} local workers needs {workers} GPUs; {gpus} visible "
                             "(two ranks cannot share one GPU)")
-    out = str(work / "out")
-    for stale in (work / "out" / MODEL_FILE, work / "out" / RECORD_FILE):
-        stale.unlink(missing_ok=True)
-    procs: list[Any] = []
-    logs = {r: work / f"worker-{r}.log" for r in range(workers)}
-    tracker_log = work / "tracker.log"
-    started = time.perf_counter()
-    try:
-        with open(tracker_log, "wb") as fh:
-            tracker = spawn([sys.executable, "-m", WORKER_MODULE, "tracker", "--workers", str(workers),
-                             "--port", str(port), "--timeout", str(int(timeout))], stdout=fh, stderr=subprocess_stdout())
-        procs.append(tracker)
-        deadline = time.monotonic() + 30
-        while not _port_taken("127.0.0.1", port):
-            if tracker.poll() is not None:
-                raise TrainingError(f"the tracker could not listen on 127.0.0.1:{port} ({_why(tracker.returncode)}): "
-                                    f"{_last_error(tracker_log)}")
-            if time.monotonic() > deadline:
-                raise TrainingError(f"the tracker did not listen on 127.0.0.1:{port} within 30 s")
-            time.sleep(0.02)
-        cmd = worker_command(train=train, schema_uri=schema_uri, out=out, checkpoints=checkpoints, target=target,
-                             task=task, params=params, device=device, checkpoint_rounds=checkpoint_rounds,
-                             rank_boosters=str(work / "boosters") if rank_boosters else None, python=sys.executable)
-        workers_p = []
-        for r in range(workers):
-            env = {**os.environ, TRACKER_ENV: "external", "DMLC_TRACKER_URI": "127.0.0.1",
-                   "DMLC_TRACKER_PORT": str(port), "DMLC_TASK_ID": str(r), "DMLC_NUM_WORKER": str(workers),
-                   "PYTHONUNBUFFERED": "1",
-                   # share the cores: spinning OpenMP threads of N ranks on the same cores stall every allreduce
-                   "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // workers))}
-            if gpus:  # one GPU per rank; ranks beyond the GPUs run on the CPU
-                env["CUDA_VISIBLE_DEVICES"] = str(r) if r < gpus else ""
-            with open(logs[r], "wb") as fh:
-                p = spawn(cmd, stdout=fh, stderr=subprocess_stdout(), env=env)
-            workers_p.append(p)
-            procs.append(p)
-        if on_started is not None:
-            on_started(workers_p)
-        deadline = time.monotonic() + timeout
-        while True:
-            codes = [p.poll() for p in workers_p]
-            failed = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
-            if failed:
-                # A rank killed by a signal is the cause; the others fail after it on a broken connection.
-                r, code = sorted(failed, key=lambda rc: (rc[1] >= 0, rc[0]))[0]
-                detail = _last_error(logs[r])
-                raise TrainingError(f"distributed training failed: worker {r} of {workers} {_why(code)}"
-                                    + (f": {detail}" if detail and code > 0 else "") + "; nothing was registered")
-            if all(c == 0 for c in codes):
-                break
-            if time.monotonic() > deadline:
-                raise TrainingError(f"distributed training did not finish within {timeout:.0f} s "
-                                    "(model.distributed.timeout_seconds)")
-            time.sleep(0.05)
-        model, record = load_record(out)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                stop_process(p.pid, timeout=5)
-            with contextlib.suppress(Exception):
-                p.wait(timeout=5)
-        texts = {}
-        for r, path in logs.items():
-            with contextlib.suppress(OSError):
-                texts[r] = path.read_text(errors="replace")
-        for r, text in texts.items():
-            for line in text.splitlines()[-20:]:
-                echo(f"[worker {r}] {line}")
-    devices = set(record["devices"])
-    return DistributedResult(model, record, "cuda" if devices == {"cuda"} else ("mixed" if len(devices) > 1 else "cpu"),
-                             time.perf_counter() - started, texts)
+    return port, gpus
+
+
+def _start_tracker(procs: list[Any], log_path: Path, workers: int, port: int, timeout: float) -> None:
+    """The collective's tracker process (added to ``procs``), once it listens on 127.0.0.1:``port``."""
+    from driftloop.core.processes import spawn
+
+    with open(log_path, "wb") as fh:
+        tracker = spawn([sys.executable, "-m", WORKER_MODULE, "tracker", "--workers", str(workers),
+                         "--port", str(port), "--timeout", str(int(timeout))], stdout=fh, stderr=subprocess_stdout())
+    procs.append(tracker)
+    deadline = time.monotonic() + 30
+    while not _port_taken("127.0.0.1", port):
+        if tracker.poll() is not None:
+            raise TrainingError(f"the tracker could not listen on 127.0.0.1:{port} ({_why(tracker.returncode)}): "
+                                f"{_last_error(log_path)}")
+        if time.monotonic() > deadline:
+            raise TrainingError(f"the tracker did not listen on 127.0.0.1:{port} within 30 s")
+        time.sleep(0.02)
+
+
+def _start_workers(procs: list[Any], cmd: list[str], logs: dict[int, Path], port: int, gpus: int) -> list[Any]:
+    """One worker process per rank (each added to ``procs``), its output to ``logs[rank]``."""
+    from driftloop.core.processes import spawn
+
+    workers = len(logs)
+    started = []
+    for r in range(workers):
+        env = {**os.environ, TRACKER_ENV: "external", "DMLC_TRACKER_URI": "127.0.0.1",
+               "DMLC_TRACKER_PORT": str(port), "DMLC_TASK_ID": str(r), "DMLC_NUM_WORKER": str(workers),
+               "PYTHONUNBUFFERED": "1",
+               # share the cores: spinning OpenMP threads of N ranks on the same cores stall every allreduce
+               "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // workers))}
+        if gpus:  # one GPU per rank; ranks beyond the GPUs run on the CPU
+            env["CUDA_VISIBLE_DEVICES"] = str(r) if r < gpus else ""
+        with open(logs[r], "wb") as fh:
+            p = spawn(cmd, stdout=fh, stderr=subprocess_stdout(), env=env)
+        started.append(p)
+        procs.append(p)
+    return started
+
+
+def _wait_workers(workers_p: list[Any], logs: dict[int, Path], timeout: float) -> None:
+    """Until every worker exits 0; the first failure (a killed rank before the ranks it broke) is raised."""
+    workers = len(workers_p)
+    deadline = time.monotonic() + timeout
+    while True:
+        codes = [p.poll() for p in workers_p]
+        failed = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
+        if failed:
+            # A rank killed by a signal is the cause; the others fail after it on a broken connection.
+            r, code = sorted(failed, key=lambda rc: (rc[1] >= 0, rc[0]))[0]
+            detail = _last_error(logs[r])
+            raise TrainingError(f"distributed training failed: worker {r} of {workers} {_why(code)}"
+                                + (f": {detail}" if detail and code > 0 else "") + "; nothing was registered")
+        if all(c == 0 for c in codes):
+            return
+        if time.monotonic() > deadline:
+            raise TrainingError(f"distributed training did not finish within {timeout:.0f} s "
+                                "(model.distributed.timeout_seconds)")
+        time.sleep(0.05)
+
+
+def _stop_all(procs: list[Any], logs: dict[int, Path], echo: Callable[[str], None]) -> dict[int, str]:
+    """Stop what still runs; echo the last lines of each worker's log and return the logs."""
+    from driftloop.core.processes import stop_process
+
+    for p in procs:
+        if p.poll() is None:
+            stop_process(p.pid, timeout=5)
+        with contextlib.suppress(Exception):
+            p.wait(timeout=5)
+    texts = {}
+    for r, path in logs.items():
+        with contextlib.suppress(OSError):
+            texts[r] = path.read_text(errors="replace")
+    for r, text in texts.items():
+        for line in text.splitlines()[-20:]:
+            echo(f"[worker {r}] {line}")
+    return texts
 
 
 def _default_checkpoints(model_path: str, model_uri: str, on_cluster: bool) -> str:
