@@ -35,136 +35,73 @@ supervising ``serve`` lives (it restarts them); ``down`` lists them and ``restar
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import json
 import logging
 import os
-import signal
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from driftloop.core.errors import ServingError
-from driftloop.core.files import atomic_write, private_dir, workspace_token
-from driftloop.core.processes import free_port, process_alive, spawn, stop_process, stop_processes
+from driftloop.core.processes import free_port, process_alive, stop_process, stop_processes
+from serving.gateway_client import GatewayAdminClient
+from serving.local_processes import ProcessInfo, ProcessLauncher
+from serving.local_state import ServingState
+
+if TYPE_CHECKING:
+    from driftloop.core.config import Settings
 
 __all__ = ["LocalBackend", "ProcessInfo", "Supervisor", "stop_process", "process_alive", "free_port"]
 
-#: the environment variable and workspace file of the monitor's ingest token (the gateway sends it)
-INGEST_TOKEN_ENV = "DRIFTLOOP_INGEST_TOKEN"
 MODEL_ROLES = ("primary", "canary")
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class ProcessInfo:
-    role: str  # primary | canary | gateway | replica-<n>
-    pid: int
-    port: int
-    url: str
-    version: str = ""
-    model_uri: str = ""
-
-
 class LocalBackend:
-    """Start, change and stop the local serving processes; the state file is the truth."""
+    """Start, change and stop the local serving processes; the state file is the truth.
 
-    def __init__(self, settings: Any, *, ready_timeout: float = 180.0, stop_timeout: float = 10.0) -> None:
+    Its parts: the state file (``state``, :class:`serving.local_state.ServingState`), the processes it
+    starts (``launcher``, :class:`serving.local_processes.ProcessLauncher`) and the gateway's admin API
+    (``gateway_admin``, :class:`serving.gateway_client.GatewayAdminClient`)."""
+
+    #: readiness route of a model server (KServe V2; the predictor always serves it)
+    READY_PATH = "/v2/health/ready"
+
+    def __init__(self, settings: Settings, *, ready_timeout: float = 180.0, stop_timeout: float = 10.0) -> None:
         self.settings = settings
         self.dir = settings.workspace_dir / "serving"
-        self.state_path = self.dir / "state.json"
-        self.ready_timeout = ready_timeout
-        self.stop_timeout = stop_timeout
-        self._children: dict[int, subprocess.Popen] = {}  # processes this object started, by pid
-
-    # -- state ----------------------------------------------------------------------
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[dict[str, Any]]:
-        """Read-modify-write the state under an exclusive file lock."""
-        private_dir(self.dir)
-        fd = os.open(self.dir / "state.lock", os.O_WRONLY | os.O_CREAT, 0o600)
-        with os.fdopen(fd, "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            state = self._read()
-            yield state
-            atomic_write(self.state_path, json.dumps(state, indent=1))
-
-    def _read(self) -> dict[str, Any]:
-        """The state as it stands. While the owning ``serve`` lives, entries of dead processes are kept
-        (its supervisor restarts them); without one they are dropped — a canary that was out becomes
-        pending at the weight it ran at, so the next ``serve`` resumes its rollout."""
-        state: dict[str, Any] = {"primary": None, "canary": None, "gateway": None, "canary_percent": 0,
-                                 "pending_canary": None, "owner": None, "replicas": [], "down": {},
-                                 "restarts": {}}
-        if self.state_path.is_file():
-            try:
-                state.update(json.loads(self.state_path.read_text()))
-            except ValueError:
-                log.warning("serving state %s is unreadable; starting from empty", self.state_path)
-        if state.get("owner") and not process_alive(int(state["owner"])):
-            state["owner"] = None
-        if state["owner"]:
-            return state  # supervised: the owner's supervisor restarts what died
-        for role in ("primary", "canary", "gateway"):
-            entry = state.get(role)
-            if entry and not process_alive(int(entry["pid"])):
-                log.info("dropping stale %s entry (pid %s is gone)", role, entry["pid"])
-                if role == "canary":
-                    self._keep_canary_pending(state)
-                state[role] = None
-        live = [r for r in state.get("replicas") or [] if process_alive(int(r["pid"]))]
-        if len(live) != len(state.get("replicas") or []):
-            log.info("dropping %d stale replica entries", len(state["replicas"]) - len(live))
-        state["replicas"] = live
-        state["down"] = {}
-        return state
-
-    @staticmethod
-    def _keep_canary_pending(state: dict[str, Any]) -> None:
-        """A canary that is out but whose processes go becomes pending at its weight (unless one already is)."""
-        canary = state.get("canary")
-        if canary and not state.get("pending_canary"):
-            state["pending_canary"] = {"version": canary["version"], "model_uri": canary["model_uri"],
-                                       "percent": state.get("canary_percent", 0)}
+        self.state = ServingState(self.dir)
+        self.state_path = self.state.path
+        self.gateway_admin = GatewayAdminClient(self.dir / "gateway.token")
+        self.launcher = ProcessLauncher(settings, self.state, ready_timeout=ready_timeout, stop_timeout=stop_timeout)
 
     @property
+    def ready_timeout(self) -> float:
+        return self.launcher.ready_timeout
+
+    @property
+    def stop_timeout(self) -> float:
+        return self.launcher.stop_timeout
+
+    # -- tokens -----------------------------------------------------------------------
+    @property
     def token_path(self) -> Path:
-        return self.dir / "gateway.token"
+        return self.gateway_admin.token_path
 
     def admin_token(self) -> str | None:
         """The gateway's admin bearer token: ``DRIFTLOOP_GATEWAY_TOKEN``, else the workspace's token file."""
-        from serving.gateway import ADMIN_TOKEN_ENV
-
-        token = os.environ.get(ADMIN_TOKEN_ENV)
-        if token:
-            return token
-        try:
-            return self.token_path.read_text().strip() or None
-        except OSError:
-            return None
+        return self.gateway_admin.admin_token()
 
     def _ensure_admin_token(self) -> None:
-        """A serve without ``DRIFTLOOP_GATEWAY_TOKEN`` makes one for itself, its children and the workspace."""
-        from serving.gateway import ADMIN_TOKEN_ENV
-
-        if os.environ.get(ADMIN_TOKEN_ENV):
-            return
-        existed = self.token_path.is_file()
-        os.environ[ADMIN_TOKEN_ENV] = workspace_token(self.token_path, ADMIN_TOKEN_ENV)
-        log.info("%s is not set: %s the workspace's (%s, mode 0600)", ADMIN_TOKEN_ENV,
-                 "using" if existed else "made", self.token_path)
+        self.gateway_admin.ensure_admin_token()
 
     def ingest_token(self) -> str:
         """The monitor's ingest token, which the gateway sends on its POSTs to /events and /feedback."""
-        return workspace_token(self.settings.workspace_dir / "monitor" / "ingest.token", INGEST_TOKEN_ENV)
+        return self.launcher.ingest_token()
 
+    # -- state ------------------------------------------------------------------------
     def _claim(self, state: dict[str, Any]) -> None:
         """Refuse (touching nothing) while another live serve owns this workspace; stop what a dead one left."""
         running = [role for role in ("gateway", "canary", "primary") if state.get(role)]
@@ -179,11 +116,11 @@ class LocalBackend:
             raise ServingError(f"already serving at {gw.get('url', '?')} from this process; stop it first")
         log.warning("taking over: the serve that started %s is gone; stopping what it left (pids %s)",
                     ", ".join(running), ", ".join(str(state[r]["pid"]) for r in running))
-        self._keep_canary_pending(state)
+        self.state.keep_canary_pending(state)
         self._stop_all(state)
 
     def status(self) -> dict[str, Any]:
-        with self._locked() as state:
+        with self.state.locked() as state:
             return dict(state)
 
     @property
@@ -193,64 +130,7 @@ class LocalBackend:
 
     # -- processes --------------------------------------------------------------------
     def _spawn(self, role: str, argv: list[str], port: int, ready_path: str, **info: str) -> ProcessInfo:
-        host = self.settings.serving.host
-        logs = private_dir(self.dir / "logs")
-        fd = os.open(logs / f"{role}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        log_file = os.fdopen(fd, "ab")  # handed to the child
-        env = dict(os.environ, PYTHONUNBUFFERED="1", MLFLOW_TRACKING_URI=self.settings.tracking_uri)
-        if role == "gateway":
-            env[INGEST_TOKEN_ENV] = self.ingest_token()
-        # A canary started beside a running gateway by another process (e.g. a pipeline step that then
-        # exits) lives as long as that gateway; everything else dies with the process that starts it.
-        current = self._read()
-        owner = ((current.get("gateway") or {}).get("pid")
-                 if (role == "canary" or role.startswith("replica")) and current.get("owner") != os.getpid()
-                 else None)
-        proc = spawn([sys.executable, "-m", *argv], owner_pid=owner, stop_timeout=self.stop_timeout,
-                     stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                     cwd=str(Path(__file__).resolve().parent.parent))
-        log_file.close()
-        self._children[proc.pid] = proc
-        url = f"http://{host}:{port}"
-        try:
-            self._wait_ready(proc, url + ready_path, logs / f"{role}.log")
-        except BaseException:
-            stop_process(proc.pid, self.stop_timeout)
-            raise
-        return ProcessInfo(role=role, pid=proc.pid, port=port, url=url, **info)
-
-    def _wait_ready(self, proc: subprocess.Popen, url: str, log_path: Path) -> None:
-        import httpx
-
-        deadline = time.monotonic() + self.ready_timeout
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                tail = log_path.read_text(errors="replace")[-1500:] if log_path.is_file() else ""
-                raise ServingError(f"process exited with status {proc.returncode} before it was ready "
-                                   f"({log_path}):\n{tail}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(url, timeout=2.0).status_code == 200:
-                    return
-            time.sleep(0.2)
-        raise ServingError(f"{url} was not ready within {self.ready_timeout:.0f} s (log: {log_path})")
-
-    def exit_status(self, pid: int) -> str:
-        """How a process this object started ended ("exit code 1", "signal SIGKILL"), as far as is known."""
-        proc = self._children.get(pid)
-        code = proc.poll() if proc is not None else None
-        if code is None:
-            return "exit status unknown"
-        if code < 0 or code > 128:  # killed by a signal (a watcher reports its command's as 128 + N)
-            num = -code if code < 0 else code - 128
-            with contextlib.suppress(ValueError):
-                return f"signal {signal.Signals(num).name}"
-        return f"exit code {code}"
-
-    def forget(self, pid: int) -> None:
-        self._children.pop(pid, None)
-
-    #: readiness route of a model server (KServe V2; the predictor always serves it)
-    READY_PATH = "/v2/health/ready"
+        return self.launcher.spawn(role, argv, port, ready_path, **info)
 
     def model_server_argv(self, version: str, model_uri: str, port: int) -> list[str]:
         """``python -m`` arguments of one model server (``serving.predictor``)."""
@@ -303,7 +183,7 @@ class LocalBackend:
 
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ServingError(f"replicas must be an integer of at least 1, got {n!r}")
-        with self._locked() as state:
+        with self.state.locked() as state:
             primary, gateway = state.get("primary"), state.get("gateway")
             if not primary or not gateway:
                 raise ServingError("nothing is being served here; start it with `driftloop serve`")
@@ -320,7 +200,7 @@ class LocalBackend:
                         started.append(self.start_model_server(f"replica-{i}", primary["version"],
                                                                primary["model_uri"]))
                     keep = extras + [asdict(p) for p in started]
-                    self._admin(gateway, "PUT", "/admin/replicas",
+                    self.gateway_admin.call(gateway, "PUT", "/admin/replicas",
                                 {"replicas": [{"url": r["url"], "version": r["version"]} for r in keep]})
                 except BaseException:
                     for proc in started:
@@ -330,7 +210,7 @@ class LocalBackend:
                 log.info("primary v%s now on %d replicas", primary["version"], n)
                 return n
             keep, drop = extras[: n - 1], extras[n - 1:]
-            self._admin(gateway, "PUT", "/admin/replicas",
+            self.gateway_admin.call(gateway, "PUT", "/admin/replicas",
                         {"replicas": [{"url": r["url"], "version": r["version"]} for r in keep]})
             state["replicas"] = keep
             urls = {r["url"] for r in drop}
@@ -353,7 +233,7 @@ class LocalBackend:
               ) -> dict[str, Any]:
         """Start the champion, an optional canary ``(version, model_uri)`` and the gateway."""
         name = self.settings.mlflow.model_name
-        with self._locked() as state:
+        with self.state.locked() as state:
             self._claim(state)
             self._ensure_admin_token()
             started: list[ProcessInfo] = []
@@ -375,22 +255,9 @@ class LocalBackend:
                          canary_percent=percent if can else 0, pending_canary=None, owner=os.getpid(), down={})
             return dict(state)
 
-    def _admin(self, gateway: dict[str, Any], method: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        import httpx
-
-        token = self.admin_token()
-        headers = {"authorization": f"Bearer {token}"} if token else {}
-        try:
-            resp = httpx.request(method, gateway["url"] + path, json=body, headers=headers, timeout=10.0)
-        except httpx.HTTPError as exc:
-            raise ServingError(f"gateway at {gateway['url']} is unreachable: {exc}") from exc
-        if resp.status_code >= 400:
-            raise ServingError(f"gateway refused {path}: {resp.text[:300]}")
-        return resp.json()
-
     def deploy_canary(self, version: str, model_uri: str, percent: float) -> str:
         """Start the canary behind the running gateway at ``percent``, or record it as pending."""
-        with self._locked() as state:
+        with self.state.locked() as state:
             if not state["gateway"] or not state["primary"]:
                 state["pending_canary"] = {"version": str(version), "model_uri": model_uri, "percent": percent}
                 return (f"nothing is being served here; canary v{version} is pending and starts with "
@@ -400,7 +267,7 @@ class LocalBackend:
                 state["canary"] = None
             canary = self.start_model_server("canary", str(version), model_uri, self.settings.serving.canary_port)
             try:
-                self._admin(state["gateway"], "PUT", "/admin/upstreams",
+                self.gateway_admin.call(state["gateway"], "PUT", "/admin/upstreams",
                             {"canary": {"url": canary.url, "version": canary.version}, "canary_percent": percent})
             except ServingError:
                 stop_process(canary.pid, self.stop_timeout)
@@ -409,18 +276,18 @@ class LocalBackend:
             return f"canary v{version} serves {percent:g}% of traffic at {state['gateway']['url']}"
 
     def set_split(self, percent: float) -> None:
-        with self._locked() as state:
+        with self.state.locked() as state:
             if state["gateway"]:
-                self._admin(state["gateway"], "PUT", "/admin/split", {"canary_percent": percent})
+                self.gateway_admin.call(state["gateway"], "PUT", "/admin/split", {"canary_percent": percent})
             state["canary_percent"] = percent
 
     def promote(self) -> None:
         """The canary becomes the primary (100 %); the old primary is stopped."""
-        with self._locked() as state:
+        with self.state.locked() as state:
             canary, old = state["canary"], state["primary"]
             if not canary or not state["gateway"]:
                 raise ServingError("no canary is being served here; nothing to promote")
-            self._admin(state["gateway"], "PUT", "/admin/upstreams",
+            self.gateway_admin.call(state["gateway"], "PUT", "/admin/upstreams",
                         {"primary": {"url": canary["url"], "version": canary["version"]}, "canary": None})
             canary["role"] = "primary"
             state.update(primary=canary, canary=None, canary_percent=0)
@@ -430,9 +297,9 @@ class LocalBackend:
 
     def rollback(self) -> None:
         """0 % to the canary; its server is stopped; the primary keeps serving."""
-        with self._locked() as state:
+        with self.state.locked() as state:
             if state["gateway"]:
-                self._admin(state["gateway"], "PUT", "/admin/upstreams", {"canary": None})
+                self.gateway_admin.call(state["gateway"], "PUT", "/admin/upstreams", {"canary": None})
             if state["canary"]:
                 stop_process(int(state["canary"]["pid"]), self.stop_timeout)
             state.update(canary=None, canary_percent=0, pending_canary=None)
@@ -445,12 +312,12 @@ class LocalBackend:
         taken over stops nothing). A canary still out becomes pending again, so the next serve
         puts it back and its rollout resumes; a pending canary is kept. Returns whether it stopped.
         """
-        with self._locked() as state:
+        with self.state.locked() as state:
             if owner is not None and state.get("owner") not in (owner, None):
                 return False
             if owner is not None and state.get("owner") is None and state.get("gateway"):
                 return False
-            self._keep_canary_pending(state)
+            self.state.keep_canary_pending(state)
             self._stop_all(state)
             state["canary_percent"] = 0
             state["owner"] = None
@@ -464,10 +331,7 @@ class LocalBackend:
             state[role] = None
         state["replicas"] = []
         state["down"] = {}
-        for proc in self._children.values():
-            with contextlib.suppress(OSError):
-                proc.poll()  # reap
-        self._children.clear()
+        self.launcher.reap()
 
 
 # -- supervision ------------------------------------------------------------------------------
@@ -556,7 +420,7 @@ class Supervisor:
     def _check(self, role: str, entry: dict[str, Any], w: _Watch, now: float) -> str | None:
         """Why this process is down (None: it is fine)."""
         if not process_alive(w.pid):
-            return self.backend.exit_status(w.pid)
+            return self.backend.launcher.exit_status(w.pid)
         if now - w.last_probe < self.probe_period:
             return None
         w.last_probe = now
@@ -587,7 +451,7 @@ class Supervisor:
             reason = (f"canary v{entry['version']} died {len(w.deaths)} times within "
                       f"{self.crashloop_window:g} s (last: pid {w.pid}, {why})")
             log.error("%s; rolling it back", reason)
-            self.backend.forget(w.pid)
+            self.backend.launcher.forget(w.pid)
             try:
                 self.on_crashloop(reason)
             except Exception:  # noqa: BLE001 (supervision outlives a failed rollback; it is retried)
@@ -600,7 +464,7 @@ class Supervisor:
             return False
         w.backoff = self.backoff_initial if not w.backoff else min(w.backoff * 2, self.backoff_max)
         w.next_try = now + w.backoff
-        self.backend.forget(w.pid)
+        self.backend.launcher.forget(w.pid)
         log.warning("%s v%s (pid %s) is down: %s; restart in %g s", role, entry.get("version") or "-", w.pid, why,
                     w.backoff)
         return True
@@ -608,7 +472,7 @@ class Supervisor:
     # -- acting ---------------------------------------------------------------------------
     def _publish(self, restarted: str | None = None) -> None:
         """Write what is down (and a restart's count) into the state file."""
-        with self.backend._locked() as state:
+        with self.backend.state.locked() as state:
             state["down"] = {role: {"pid": w.pid, "restart_in_s": round(max(0.0, w.next_try - time.monotonic()), 1)}
                              for role, w in self._watch.items() if w.down}
             if restarted is not None:
@@ -634,9 +498,10 @@ class Supervisor:
             log.error("no model server is up; the gateway answers 502 until one is back")
             return
         try:
-            self.backend._admin(gateway, "PUT", "/admin/upstreams", {
+            self.backend.gateway_admin.call(gateway, "PUT", "/admin/upstreams", {
                 "primary": _upstream(head), "canary": _upstream(canary) if canary else None, "canary_percent": percent})
-            self.backend._admin(gateway, "PUT", "/admin/replicas", {"replicas": [_upstream(r) for r in extra]})
+            self.backend.gateway_admin.call(gateway, "PUT", "/admin/replicas",
+                                            {"replicas": [_upstream(r) for r in extra]})
         except ServingError as exc:
             log.warning("could not reroute the gateway (retried at the next change): %s", exc)
 
@@ -663,7 +528,7 @@ class Supervisor:
             log.warning("restarting %s failed (next try in %g s): %s", role, w.backoff, exc)
             self._publish()
             return
-        with backend._locked() as state:
+        with backend.state.locked() as state:
             current = _entries(state).get(role)
             if current is None or int(current["pid"]) != w.pid:  # replaced or removed while it started
                 stop_process(info.pid, backend.stop_timeout)
