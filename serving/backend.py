@@ -11,9 +11,12 @@ branch on the home. A new home is one class with these methods and one entry in 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from driftloop.core.errors import ServingError
+
+if TYPE_CHECKING:
+    from driftloop.core.config import Settings
 
 __all__ = ["CanaryOut", "ServingBackend", "LocalServing", "KServeServing", "backend_for", "serving_home"]
 
@@ -45,7 +48,7 @@ class LocalServing:
 
     home = "local"
 
-    def __init__(self, settings: Any, processes: Any | None = None) -> None:
+    def __init__(self, settings: Settings, processes: Any | None = None) -> None:
         """``processes``: the :class:`~serving.local_backend.LocalBackend` to use (default: this workspace's)."""
         from serving.local_backend import LocalBackend
 
@@ -70,7 +73,7 @@ class KServeServing:
 
     home = "kserve"
 
-    def __init__(self, settings: Any, inference_service: Any | None = None) -> None:
+    def __init__(self, settings: Settings, inference_service: Any | None = None) -> None:
         """``inference_service``: the :class:`~serving.kserve_backend.KServeBackend` to use (default: a new client)."""
         from serving.kserve_backend import KServeBackend
 
@@ -105,7 +108,7 @@ _HOMES: dict[str, type[LocalServing] | type[KServeServing]] = {"local": LocalSer
 _CLUSTER_HOME = "kserve"  # what ``auto`` means where the pipeline runs on a cluster
 
 
-def serving_home(settings: Any, *, cluster: bool | None = None) -> str:
+def serving_home(settings: Settings, *, cluster: bool | None = None) -> str:
     """``kserve``, ``local`` or ``none`` from ``rollout.deploy`` (auto: kserve on a cluster).
 
     ``cluster`` overrides where it runs (compiled YAML always runs on Kubeflow).
@@ -117,7 +120,7 @@ def serving_home(settings: Any, *, cluster: bool | None = None) -> str:
     return home
 
 
-def backend_for(settings: Any, home: str | None = None, *, using: Any | None = None) -> ServingBackend:
+def backend_for(settings: Settings, home: str | None = None, *, using: Any | None = None) -> ServingBackend:
     """The serving backend of ``home`` (default: :func:`serving_home` of ``settings``).
 
     ``using``: the home's own client to drive (a ``LocalBackend`` or ``KServeBackend``), else a new one.

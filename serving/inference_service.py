@@ -31,11 +31,14 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from driftloop.core.errors import ServingError
 from driftloop.core.shadow import REQUEST_ID_HEADER, ROLE_ANNOTATION, SHADOW_ROLE, VERSION_ANNOTATION
 from driftloop.core.shadow import shadow_name as _shadow_name
+
+if TYPE_CHECKING:
+    from driftloop.core.config import ServingConfig, Settings
 
 __all__ = [
     "API_VERSION",
@@ -86,13 +89,13 @@ def check_percent(percent: Any) -> int:
     return percent
 
 
-def default_model_uri(settings: Any) -> str:
+def default_model_uri(settings: Settings) -> str:
     from driftloop.core.registry import CHAMPION
 
     return f"models:/{settings.mlflow.model_name}@{CHAMPION}"
 
 
-def _resources(serving: Any) -> Any:
+def _resources(serving: ServingConfig) -> Any:
     from kubernetes.client import V1ResourceRequirements
 
     requests = {"cpu": serving.cpu_request, "memory": serving.memory_request}
@@ -102,7 +105,7 @@ def _resources(serving: Any) -> Any:
     return V1ResourceRequirements(requests=requests, limits=limits)
 
 
-def _predictor_container(settings: Any, model_uri: str) -> Any:
+def _predictor_container(settings: Settings, model_uri: str) -> Any:
     from kubernetes.client import (V1Container, V1ContainerPort, V1EnvFromSource, V1EnvVar, V1HTTPGetAction,
                                    V1Probe, V1SecretEnvSource)
 
@@ -134,7 +137,7 @@ def _predictor_container(settings: Any, model_uri: str) -> Any:
     )
 
 
-def _mlflow_model(settings: Any, storage_uri: str | None) -> Any:
+def _mlflow_model(settings: Settings, storage_uri: str | None) -> Any:
     from kserve import V1beta1ModelFormat, V1beta1ModelSpec
 
     storage = storage_uri or settings.serving.storage_uri
@@ -145,7 +148,7 @@ def _mlflow_model(settings: Any, storage_uri: str | None) -> Any:
                             protocol_version="v2", resources=_resources(settings.serving))
 
 
-def _logger(settings: Any, **extra: Any) -> Any:
+def _logger(settings: Settings, **extra: Any) -> Any:
     """The predictor's inference logger: every request and response to the monitor, each event
     carrying the request's ``X-Request-Id`` in its ``metadata`` extension. Envoy gives every mesh
     request one and a mirrored copy keeps it, so the monitor can join a shadow's answer with the
@@ -156,7 +159,7 @@ def _logger(settings: Any, **extra: Any) -> Any:
                              metadata_headers=[REQUEST_ID_HEADER], **extra)
 
 
-def build_inference_service(settings: Any, *, storage_uri: str | None = None, model_uri: str | None = None,
+def build_inference_service(settings: Settings, *, storage_uri: str | None = None, model_uri: str | None = None,
                             canary_traffic_percent: int | None = None) -> Any:
     """The InferenceService for ``settings.serving`` serving ``model_uri`` (default ``models:/<name>@champion``)."""
     from kserve import V1beta1InferenceService, V1beta1InferenceServiceSpec, V1beta1PredictorSpec
@@ -323,11 +326,11 @@ KNATIVE_LOCAL_GATEWAY = "knative-local-gateway.istio-system.svc.cluster.local"
 MESH_GATEWAY = "mesh"
 
 
-def shadow_name(settings: Any) -> str:
+def shadow_name(settings: Settings) -> str:
     return _shadow_name(settings.serving.name)
 
 
-def mirror_name(settings: Any) -> str:
+def mirror_name(settings: Settings) -> str:
     return f"{settings.serving.name}{MIRROR_SUFFIX}"
 
 
@@ -343,7 +346,7 @@ def check_mirror_percent(percent: Any) -> float:
     return float(percent)
 
 
-def build_shadow_inference_service(settings: Any, model_uri: str, version: str | None = None) -> Any:
+def build_shadow_inference_service(settings: Settings, model_uri: str, version: str | None = None) -> Any:
     """The InferenceService ``<name>-shadow`` that serves the candidate to mirrored copies only.
 
     It is the production predictor with the candidate's model, never a canary (no split), at
@@ -366,7 +369,7 @@ def build_shadow_inference_service(settings: Any, model_uri: str, version: str |
     return isvc
 
 
-def build_mirror_virtual_service(settings: Any, percent: float, shadow_revision: str) -> dict[str, Any]:
+def build_mirror_virtual_service(settings: Settings, percent: float, shadow_revision: str) -> dict[str, Any]:
     """The Istio VirtualService that copies ``percent`` % of the InferenceService's requests to the shadow.
 
     Bound to the ``mesh`` gateway only, for the InferenceService's cluster-local host: KServe's own
@@ -405,7 +408,7 @@ def build_mirror_virtual_service(settings: Any, percent: float, shadow_revision:
     }
 
 
-def shadow_objects(settings: Any, model_uri: str, version: str | None, percent: float,
+def shadow_objects(settings: Settings, model_uri: str, version: str | None, percent: float,
                    shadow_revision: str | None = None) -> list[dict[str, Any]]:
     """Both shadow objects as JSON-ready dicts (``deploy --dry-run``): the shadow InferenceService and
     the mirror. Without a known revision the mirror names the shadow's first one."""

@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from driftloop.core.errors import ServingError
 from serving import inference_service as isvcs
+
+if TYPE_CHECKING:
+    from driftloop.core.config import Settings
 
 __all__ = ["KServeBackend", "ServingStatus", "TrafficTarget"]
 
@@ -82,7 +85,7 @@ def parse_status(obj: dict[str, Any]) -> ServingStatus:
 class KServeBackend:
     """One InferenceService on a cluster, driven through ``kserve.KServeClient``."""
 
-    def __init__(self, settings: Any, client: Any | None = None, *, custom_api: Any | None = None) -> None:
+    def __init__(self, settings: Settings, client: Any | None = None, *, custom_api: Any | None = None) -> None:
         """``custom_api``: a ``kubernetes.client.CustomObjectsApi`` (default: the one ``client`` holds)."""
         self.settings = settings
         self.name = settings.serving.name
