@@ -13,9 +13,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from serving.backend import backend_for, serving_home
+
+if TYPE_CHECKING:
+    from driftloop.core.config import Settings
+    from driftloop.core.registry import Registry
 
 __all__ = ["DeployResult", "deploy_canary", "serving_home"]
 
@@ -29,8 +33,8 @@ class DeployResult:
     percent: int = 0
 
 
-def deploy_canary(settings: Any, *, version: str, model_uri: str | None = None, home: str | None = None,
-                  registry: Any | None = None, backend: Any | None = None) -> DeployResult:
+def deploy_canary(settings: Settings, *, version: str, model_uri: str | None = None, home: str | None = None,
+                  registry: Registry | None = None, backend: Any | None = None) -> DeployResult:
     """Put ``version`` of the configured model out as a canary at the first rollout weight.
 
     ``home`` defaults to :func:`serving_home`; ``backend`` is that home's client to drive (a

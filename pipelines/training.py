@@ -4,7 +4,7 @@
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kfp import compiler, dsl, kubernetes
 
@@ -12,6 +12,9 @@ from components.ops import (deploy_op, evaluate_op, ingest_op, register_op, reje
                             validate_op)
 from driftloop.core.runs import Pipeline
 from serving.backend import serving_home
+
+if TYPE_CHECKING:
+    from driftloop.core.config import Settings
 
 __all__ = ["training_pipeline", "pipeline_arguments", "compile_pipeline", "make_training_pipeline", "build_training_pipeline", "training_pipeline_for", "summarize_run", "ClusterOptions",
            "GPU_TOLERATION_EFFECT"]
@@ -43,7 +46,7 @@ class ClusterOptions:
         return int(dict(self.distributed).get("workers", 1))
 
     @classmethod
-    def from_settings(cls, settings: Any) -> "ClusterOptions":
+    def from_settings(cls, settings: "Settings") -> "ClusterOptions":
         m = settings.model
         return cls(gpu=m.gpu, accelerator_type=m.accelerator_type, accelerator_limit=m.accelerator_limit,
                    toleration_key=m.gpu_toleration_key, node_selector=tuple(sorted(m.gpu_node_selector.items())),
@@ -62,7 +65,7 @@ MLFLOW_SECRET_KEYS = {
 }
 
 
-def _distributed(settings: Any) -> tuple[tuple[str, Any], ...]:
+def _distributed(settings: "Settings") -> tuple[tuple[str, Any], ...]:
     d, m = settings.model.distributed, settings.model
     if d.workers <= 1:
         return ()
@@ -180,7 +183,7 @@ def _tasks(pipeline: Any) -> dict[str, Any]:
     return {name: t for name, t in pipeline.pipeline_spec.root.dag.tasks.items()}
 
 
-def pipeline_arguments(settings: Any, *, trigger: str = "manual", request_id: str | None = None,
+def pipeline_arguments(settings: "Settings", *, trigger: str = "manual", request_id: str | None = None,
                        window_start: str | None = None, window_end: str | None = None) -> dict[str, Any]:
     """The pipeline's parameters from the configuration (plus per-run trigger and window)."""
     d = settings.data
@@ -216,7 +219,7 @@ def pipeline_arguments(settings: Any, *, trigger: str = "manual", request_id: st
     }
 
 
-def compile_pipeline(settings: Any, package_path: str | Path) -> Path:
+def compile_pipeline(settings: "Settings", package_path: str | Path) -> Path:
     """Compile the training pipeline to KFP YAML with the config's values as parameter defaults."""
     args = pipeline_arguments(settings, request_id="")
     args.pop("request_id")
@@ -227,12 +230,12 @@ def compile_pipeline(settings: Any, package_path: str | Path) -> Path:
     return path
 
 
-def build_training_pipeline(settings: Any):
+def build_training_pipeline(settings: "Settings"):
     """The pipeline with this config's cluster settings (GPU, secrets) applied to its steps."""
     return make_training_pipeline(ClusterOptions.from_settings(settings))
 
 
-def training_pipeline_for(settings: Any) -> Pipeline:
+def training_pipeline_for(settings: "Settings") -> Pipeline:
     """The training pipeline as a runner runs it (its arguments: :func:`pipeline_arguments`)."""
     name = settings.kfp.pipeline_name
     return Pipeline(name=name, description="driftloop training pipeline",
@@ -241,7 +244,7 @@ def training_pipeline_for(settings: Any) -> Pipeline:
                     summarize=lambda request_id: summarize_run(settings, request_id))
 
 
-def summarize_run(settings: Any, request_id: str) -> dict[str, Any]:
+def summarize_run(settings: "Settings", request_id: str) -> dict[str, Any]:
     """Read what the pipeline recorded in MLflow for this request: rows, metrics, gate, version."""
     from driftloop.core.registry import TAG, Registry
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import pandas as pd
 import typer
@@ -12,6 +12,9 @@ from rich.table import Table
 
 from driftloop.core.console import ConfigOpt, ParamOpt
 from driftloop.core.errors import MonitorError
+
+if TYPE_CHECKING:
+    from driftloop.core.config import Settings
 
 __all__ = ["infer_columns", "register"]
 
@@ -114,7 +117,7 @@ def drift_check_cmd(
         console.print(f"JSON report -> {json_out}")
 
 
-def _versions_by_alert(settings: Any) -> dict[str, str]:
+def _versions_by_alert(settings: Settings) -> dict[str, str]:
     """alert id -> model version, from the MLflow tag ``driftloop.alert_id`` on model versions."""
     from driftloop.core.errors import RegistryError
     from driftloop.core.registry import TAG, Registry

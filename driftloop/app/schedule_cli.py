@@ -5,9 +5,13 @@ from __future__ import annotations
 import json
 import signal
 import threading
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
+
+if TYPE_CHECKING:
+    from driftloop.core.config import Settings
+    from pipelines.schedule import KfpSchedules, LocalSchedules, Schedule
 
 __all__ = ["register", "schedule_app"]
 
@@ -28,7 +32,7 @@ WindowOpt = Annotated[Optional[float], typer.Option(
     "--window-days", min=0.0, help="Train on the last N days before each slot (local scheduler).")]
 
 
-def _backend(config: Any, kfp_host: str | None) -> Any:
+def _backend(config: str | None, kfp_host: str | None) -> tuple[Settings, LocalSchedules | KfpSchedules]:
     from driftloop.core.console import settings_from
     from pipelines.schedule import schedule_backend
 
@@ -36,7 +40,7 @@ def _backend(config: Any, kfp_host: str | None) -> Any:
     return settings, schedule_backend(settings)
 
 
-def _check(schedule: Any, settings: Any) -> None:
+def _check(schedule: Schedule, settings: Settings) -> None:
     schedule.settings_for(settings)  # bad overrides fail now, not at the first slot
 
 

@@ -16,7 +16,7 @@ import signal
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 from rich.table import Table
@@ -24,19 +24,24 @@ from rich.table import Table
 from driftloop.core.console import ConfigOpt, ParamOpt
 from driftloop.core.errors import ServingError
 
+if TYPE_CHECKING:
+    from driftloop.core.config import Settings
+    from driftloop.core.registry import Registry
+    from serving.rollout import RolloutController, RolloutTarget
+
 __all__ = ["register", "rollout_app", "serve_app", "target_for"]
 
 rollout_app = typer.Typer(help="Canary rollouts: status, run the analysis, promote or roll back by hand.",
                           no_args_is_help=True)
 
 
-def _registry(settings: Any):  # noqa: ANN202
+def _registry(settings: Settings) -> Registry:
     from driftloop.core.registry import Registry
 
     return Registry.from_settings(settings)
 
 
-def target_for(settings: Any) -> Any:
+def target_for(settings: Settings) -> RolloutTarget:
     """The rollout target of this configuration: the InferenceService or the running local gateway."""
     from serving.backend import backend_for
 
@@ -98,7 +103,7 @@ def serve(
         signal.signal(signal.SIGTERM, previous)
 
 
-def _serve_until_interrupted(settings: Any, backend: Any, registry: Any, state: dict[str, Any], name: str,
+def _serve_until_interrupted(settings: Settings, backend: Any, registry: Any, state: dict[str, Any], name: str,
                              version: str, canary: tuple[str, str] | None, percent: float, rollout: bool) -> None:
     from driftloop.core.console import console, err_console
     from driftloop.core.errors import DriftloopError
@@ -224,7 +229,7 @@ def deploy(
     console.print(f"applied InferenceService {settings.serving.namespace}/{settings.serving.name}")
 
 
-def _shadow_yaml(settings: Any, model_uri: str | None, version: str | None) -> str:
+def _shadow_yaml(settings: Settings, model_uri: str | None, version: str | None) -> str:
     """The shadow phase's cluster objects for ``rollout.shadow_percent``: the shadow InferenceService and
     the Istio mirror, checked like infra/ (kserve's model classes, the pinned VirtualService schema).
 
@@ -256,7 +261,7 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def _controller(config: Any, params: Any, *, need_target: bool = True):  # noqa: ANN202
+def _controller(config: str | None, params: list[str] | None, *, need_target: bool = True) -> RolloutController:
     from driftloop.core.console import settings_from
     from serving.rollout import RolloutController
 

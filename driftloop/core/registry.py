@@ -15,9 +15,12 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from driftloop.core.errors import RegistryError
+
+if TYPE_CHECKING:
+    from driftloop.core.config import Settings
 
 __all__ = ["Registry", "VersionInfo", "CHAMPION", "CHALLENGER", "TAG"]
 
@@ -97,7 +100,7 @@ class Registry:
             Path(tracking_uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
 
     @classmethod
-    def from_settings(cls, settings: Any) -> "Registry":
+    def from_settings(cls, settings: Settings) -> "Registry":
         return cls(
             settings.tracking_uri,
             registry_uri=settings.mlflow.registry_uri,
