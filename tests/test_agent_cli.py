@@ -45,7 +45,19 @@ def test_simulate_a_trace_file_prints_the_table(tmp_path) -> None:
     assert "agent" in out.output and "kpa" in out.output and "SLO" in out.output
 
 
+def test_simulate_a_real_trace_slice(tmp_path) -> None:
+    out = runner.invoke(app, ["agent", "simulate", "--real", "bank-calls", "--history-days", "15", "--eval-days", "1",
+                              "--baseline", "kpa", "--json", *args(tmp_path)])
+    assert out.exit_code == 0, out.output
+    doc = json.loads(out.output)
+    rows = {r["policy"]: r for r in doc["results"]}
+    assert doc["trace"] == "bank-calls" and rows["agent"]["minutes"] == 1440
+    assert rows["agent"]["slo_violation_minutes"] <= rows["kpa"]["slo_violation_minutes"]
+
+
 @pytest.mark.parametrize("argv, message", [
+    (["agent", "simulate", "--real", "taxis"], "--real must be one of"),
+    (["agent", "simulate", "--synthetic", "daily", "--eval-days", "2"], "cut a --real trace"),
     (["agent", "simulate"], "exactly one of --trace"),
     (["agent", "simulate", "--synthetic", "hourly"], "--synthetic must be one of"),
     (["agent", "simulate", "--synthetic", "daily", "--baseline", "vpa"], "unknown baseline(s) vpa"),

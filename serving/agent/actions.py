@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from driftloop.core.errors import ServingError
+
+if TYPE_CHECKING:
+    from driftloop.core.config import Settings
 
 __all__ = ["Actuator", "LocalActuator", "KServeActuator", "floor_patch"]
 
@@ -95,7 +98,7 @@ class KServeActuator:
     it); otherwise only ``minReplicas``, a floor under KServe's HPA/KPA (and ``maxReplicas`` back to
     ``serving.max_replicas`` if the agent had owned the count before)."""
 
-    def __init__(self, settings: Any, client: Any | None = None, *, owns: bool = False) -> None:
+    def __init__(self, settings: Settings, client: Any | None = None, *, owns: bool = False) -> None:
         from serving.kserve_backend import KServeBackend
 
         self.settings = settings

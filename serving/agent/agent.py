@@ -19,7 +19,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from driftloop.core.errors import DriftloopError
 from serving.agent.anomaly import AnomalyEvent, default_detectors
@@ -28,6 +28,9 @@ from serving.agent.forecast import ForecastSelector
 from serving.agent.policy import ALERT, HAND_BACK, ROLLBACK, SET_FLOOR, Action, Decision, Guard, Policy
 from serving.agent.scaling import FloorPlanner, horizons
 
+if TYPE_CHECKING:
+    from driftloop.core.config import AgentConfig, Settings
+
 __all__ = ["ServingAgent", "GatewaySampler", "PrometheusSampler", "Sampler", "agent_paths", "merge_samples",
            "owns_count"]
 
@@ -35,7 +38,7 @@ log = logging.getLogger(__name__)
 DAY = 86400.0
 
 
-def agent_paths(settings: Any) -> dict[str, Path]:
+def agent_paths(settings: Settings) -> dict[str, Path]:
     a = settings.agent
     base = settings.workspace_dir / "agent"
     return {"decisions": Path(a.decision_log) if a.decision_log else base / "decisions.jsonl",
@@ -43,7 +46,7 @@ def agent_paths(settings: Any) -> dict[str, Path]:
             "samples": base / "samples.jsonl"}
 
 
-def owns_count(agent: Any, mode: str | None = None) -> bool:
+def owns_count(agent: AgentConfig, mode: str | None = None) -> bool:
     """Whether the agent owns the replica count (``agent.reactive: own``). Owning it needs lowering it,
     so in scale-up mode the agent only raises a floor under the reactive autoscaler, whatever
     ``agent.reactive`` says."""
@@ -128,7 +131,7 @@ class PrometheusSampler:
 class ServingAgent:
     """One served model's agent. ``actuator``: serving.agent.actions.LocalActuator / KServeActuator."""
 
-    def __init__(self, settings: Any, actuator: Any, *, mode: str | None = None, log_: DecisionLog | None = None,
+    def __init__(self, settings: Settings, actuator: Any, *, mode: str | None = None, log_: DecisionLog | None = None,
                  alert: Callable[[dict[str, Any]], None] | None = None) -> None:
         a = settings.agent
         self.settings = settings
@@ -285,7 +288,7 @@ class ServingAgent:
         current = self._current()
         if current is None:
             return []
-        action = self.planner.react(self.selector, current, observed_rps)
+        action = self.planner.react(self.selector, current, observed_rps, now=now)
         return [] if action is None else [self._carry_out(self.guard.check(action, now))]
 
     def hand_back(self, now: float) -> dict[str, Any] | None:

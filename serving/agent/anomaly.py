@@ -124,7 +124,7 @@ def fault_traces(days: int = 3, *, seed: int = 0, step: float = 60.0, faults_per
 
     Faults: a latency step (x1.6 for 30-90 min), an error burst (5 % for 10-30 min) and a traffic
     drop (-50 % for 20-60 min), ``faults_per_day`` of each per day at random, non-overlapping times."""
-    from serving.agent.simulate import _business_day
+    from serving.agent.traces import _business_day
 
     rng = np.random.default_rng(seed)
     n = int(days * DAY / step)

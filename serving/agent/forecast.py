@@ -30,6 +30,8 @@ __all__ = ["SeasonalNaive", "HoltWinters", "fit_holt_winters", "detect_season", 
 
 log = logging.getLogger(__name__)
 
+IDLE_RPS = 1.0  # below this on both sides (value and forecast) a step is idle: a closed night, a weekend
+
 
 def statsmodels_available() -> bool:
     try:
@@ -51,8 +53,8 @@ class _Clipper:
         self.seen = self.clipped = 0
 
     def clean(self, y: float, pred: float) -> float:
-        if not self.clip:
-            return y
+        if not self.clip or abs(pred) < IDLE_RPS:
+            return y  # from idle (a closed night, a gap) any load is new, not an outlier: no measure of the spread
         base = max(abs(pred), 1.0)
         rel = (y - pred) / base
         bound = self.clip * self.scale if self.scale else math.inf
@@ -75,29 +77,34 @@ class SeasonalNaive:
     def __init__(self, m: int | None, clip: float | None = 4.0) -> None:
         self.m = m
         self.name = f"seasonal-naive(m={m})" if m else "naive"
-        self._hist: deque[float] = deque(maxlen=m or 1)
+        self._ring = np.zeros(m or 1)  # the last season; _next is the oldest value's slot
+        self._next = self._seen = 0
         self._clipper = _Clipper(clip)
 
     def update(self, y: float) -> None:
-        if self._hist:
+        if self._seen:
             y = self._clipper.clean(float(y), self.forecast(1))
-        self._hist.append(float(y))
+        self._ring[self._next] = float(y)
+        self._next = (self._next + 1) % len(self._ring)
+        self._seen += 1
+
+    def _last(self) -> float:
+        return float(self._ring[self._next - 1])
 
     def forecast(self, h: int) -> float:
-        if not self._hist:
+        if not self._seen:
             return 0.0
-        if not self.m or len(self._hist) < self.m:
-            return self._hist[-1]
-        return self._hist[(h - 1) % self.m]  # deque index 0 is the value m steps back
+        if not self.m or self._seen < self.m:
+            return self._last()
+        return float(self._ring[(self._next + h - 1) % self.m])  # the value m steps before t+h
 
     def path(self, hs: np.ndarray) -> np.ndarray:
         """Forecasts for every horizon in ``hs`` at once."""
-        if not self._hist:
+        if not self._seen:
             return np.zeros(len(hs))
-        hist = np.asarray(self._hist)
-        if not self.m or len(hist) < self.m:
-            return np.full(len(hs), hist[-1])
-        return hist[(np.asarray(hs) - 1) % self.m]
+        if not self.m or self._seen < self.m:
+            return np.full(len(hs), self._last())
+        return self._ring[(self._next + np.asarray(hs) - 1) % self.m]
 
 
 class HoltWinters:
@@ -140,7 +147,10 @@ class HoltWinters:
         """Forecasts for every horizon in ``hs`` at once."""
         hs = np.asarray(hs)
         damp = self.phi * (1 - self.phi ** hs) / (1 - self.phi) if self.phi < 1 else hs.astype(float)
-        season = np.asarray(self.season)[(self.t + hs - 1) % self.m] if self.m else 0.0
+        if self.m:
+            season = np.array([self.season[i] for i in ((self.t + hs - 1) % self.m).tolist()])
+        else:
+            season = 0.0
         return self.level + damp * self.trend + season
 
 
@@ -179,6 +189,16 @@ def _initial_state(y: np.ndarray, m: int | None) -> tuple[float, float, np.ndarr
     return level, trend, season.copy()
 
 
+def _recent_load(history: list[float], alpha: float = 0.5, beta: float = 0.05, phi: float = 0.9) -> HoltWinters:
+    """Recent load: Holt's damped linear trend (no season), run over the last few hundred values."""
+    tail = history[-300:] if len(history) >= 2 else [*history, *history, 0.0][:2]
+    model = HoltWinters(None, alpha, beta, 0.0, phi, level=tail[0], t=1, clip=None)
+    model.name = "recent-load"
+    for value in tail[1:]:
+        model.update(value)
+    return model
+
+
 _STATSMODELS_MAX_SEASON = 2016  # steps: a day of minutes, a week of 5-minute steps
 _GRID = [(a, b, g) for a in (0.05, 0.1, 0.3) for b in (0.0, 0.02) for g in (0.05, 0.2, 0.5)]
 
@@ -208,8 +228,10 @@ def _grid_fit(y: np.ndarray, m: int | None, phi: float, extra: list[tuple[float,
         # the same robust update as HoltWinters (without the run-length limit): outliers neither
         # drive the error the parameters are chosen on nor the state
         bound = clip * scale if clip and n > 100 else np.inf
-        outlier = np.abs(rel) > bound
-        scale = np.abs(rel) if n == 0 else 0.98 * scale + 0.02 * np.minimum(np.abs(rel), bound)
+        idle = np.abs(pred) < IDLE_RPS  # as _Clipper: from idle nothing is clipped nor measured
+        outlier = (np.abs(rel) > bound) & ~idle
+        step_scale = np.abs(rel) if n == 0 else 0.98 * scale + 0.02 * np.minimum(np.abs(rel), bound)
+        scale = np.where(idle, scale, step_scale)
         err = np.where(outlier, bound * base, rel * base)  # an outlier costs what the bound does
         yt = np.where(outlier, pred, y[t])
         sse += err * err
@@ -305,11 +327,20 @@ class Band:
 class ForecastSelector:
     """Runs the candidate models online, scores their ``horizon``-step forecasts on a rolling
     window, and forecasts with the best one. Intervals come from the selected model's own
-    relative errors at ``horizon`` (the last ``error_window`` of them)."""
+    relative errors at ``horizon`` (the last ``error_window`` of them).
+
+    A day unlike its season -- a holiday, a storm, an outage -- is noticed within the day: when the
+    median ratio of the load to the best seasonal model's one-step forecasts over the last
+    ``unlike_steps`` is beyond ``unlike_ratio`` (either way), the selector falls back on recent load
+    (Holt's damped linear trend over the last values, :attr:`recent`) until the ratio is back within
+    its square root; meanwhile, for at most ``unlike_max_steps``, the seasonal models take their own
+    forecast instead of the load, so the odd day is not learnt into the season (a longer change is
+    taken as it comes). A median, so a burst shorter than half the window does not count."""
 
     def __init__(self, history: Sequence[float], *, season_candidates: Sequence[int], horizon: int,
                  level: float = 0.9, engine: str = "auto", score_window: int = 360, error_window: int = 1440,
-                 min_acf: float = 0.3, outlier_mads: float = 6.0) -> None:
+                 min_acf: float = 0.3, outlier_mads: float = 6.0, unlike_steps: int = 60,
+                 unlike_ratio: float = 1.3, unlike_max_steps: int = 1440) -> None:
         if horizon < 1:
             raise ValueError("horizon must be at least 1 step")
         y = [float(v) for v in history]
@@ -327,14 +358,23 @@ class ForecastSelector:
         except ValueError as exc:
             log.info("no Holt-Winters model yet: %s", exc)
         self.engine = getattr(self.models[-1], "engine", "none") if len(self.models) > 1 else "none"
+        self.seasonal = len(self.models)  # models[:seasonal] follow the season; the last one recent load
+        self.recent = _recent_load(y)
+        self.models.append(self.recent)
         self._pending: list[deque[float]] = [deque() for _ in self.models]  # forecasts for t+horizon
         self._abs: list[deque[float]] = [deque() for _ in self.models]
         self._abs_sum = [0.0 for _ in self.models]
         self._score_window = score_window
         self._rel: list[deque[float]] = [deque(maxlen=error_window) for _ in self.models]
+        self._ratios: deque[float] = deque(maxlen=unlike_steps)
+        self.unlike_ratio, self.unlike_max_steps = unlike_ratio, unlike_max_steps
+        self.unlike = False  # today is unlike its season: forecasting recent load
+        self._unlike_for = 0
         # Warm the scores on the tail of the history so the first choice is already a backtest.
-        self._seasonal_scale = self._scale(y)
+        self.seasonal_scale = self._scale(y)  # in-sample seasonal-naive error: MASE's denominator
         self.selected = 0
+        self._updates = 0
+        self._q_cache: tuple[tuple[int, int], tuple[float, float]] | None = None
         self._issue()
 
     def _scale(self, y: list[float]) -> float:
@@ -355,28 +395,58 @@ class ForecastSelector:
 
     def update(self, y: float) -> None:
         """One new value; forecasts made ``horizon`` steps ago are scored."""
+        best = self._best(range(self.seasonal)) if self.season else 0
+        ahead = [model.forecast(1) for model in self.models]
+        self._judge_day(y, ahead[best])
+        keep_season = self.unlike and self._unlike_for <= self.unlike_max_steps
         for i, model in enumerate(self.models):
             pend = self._pending[i]
             if len(pend) >= self.horizon:
                 f = pend.popleft()
-                self._abs[i].append(abs(y - f))
-                self._abs_sum[i] += abs(y - f)
-                if len(self._abs[i]) > self._score_window:
-                    self._abs_sum[i] -= self._abs[i].popleft()
-                self._rel[i].append((y - f) / max(abs(f), 1.0))
-            model.update(y)
+                # idle steps (closed nights) say nothing of a model's error, nor does an odd day of a seasonal one's
+                if max(abs(y), abs(f)) >= IDLE_RPS and not (keep_season and i < self.seasonal):
+                    self._abs[i].append(abs(y - f))
+                    self._abs_sum[i] += abs(y - f)
+                    if len(self._abs[i]) > self._score_window:
+                        self._abs_sum[i] -= self._abs[i].popleft()
+                    self._rel[i].append((y - f) / max(abs(f), 1.0))
+            model.update(ahead[i] if keep_season and i < self.seasonal else y)
+        self._updates += 1
         self._issue()
-        scores = [s / len(a) if len(a) >= 10 else math.inf for s, a in zip(self._abs_sum, self._abs)]
-        if all(math.isinf(s) for s in scores):
-            self.selected = len(self.models) - 1
-        else:
-            self.selected = min(range(len(scores)), key=scores.__getitem__)
+        self.selected = len(self.models) - 1 if self.unlike else self._best(range(self.seasonal))
+
+    def _best(self, candidates: range) -> int:
+        """The candidate with the lowest rolling error (the last one until ten errors are measured)."""
+        scores = {i: self._abs_sum[i] / len(self._abs[i]) for i in candidates if len(self._abs[i]) >= 10}
+        return min(scores, key=scores.__getitem__) if scores else candidates[-1]
+
+    def _judge_day(self, y: float, seasonal: float) -> None:
+        if not self.season:
+            return
+        if max(abs(y), abs(seasonal)) >= IDLE_RPS:
+            self._ratios.append(max(y, 0.0) / max(seasonal, IDLE_RPS))
+        if len(self._ratios) < self._ratios.maxlen // 2:
+            return
+        ratio = float(np.median(self._ratios))
+        far, near = self.unlike_ratio, math.sqrt(self.unlike_ratio)
+        if not self.unlike and (ratio > far or ratio < 1 / far):
+            self.unlike, self._unlike_for = True, 0
+            log.debug("load at %.2fx its season: forecasting recent load", ratio)
+        elif self.unlike and 1 / near <= ratio <= near:
+            self.unlike = False
+        self._unlike_for += self.unlike
 
     @property
     def model_name(self) -> str:
         return self.models[self.selected].name
 
     def _quantiles(self) -> tuple[float, float]:
+        key = (self.selected, self._updates)
+        if self._q_cache is None or self._q_cache[0] != key:
+            self._q_cache = (key, self._measure_quantiles())
+        return self._q_cache[1]
+
+    def _measure_quantiles(self) -> tuple[float, float]:
         rel = self._rel[self.selected]
         if len(rel) < 20:
             return -0.25, 0.25  # until errors are measured: a wide, honest default

@@ -17,9 +17,12 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Callable, Literal
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
 from driftloop.core.statistics import in_blackout
+
+if TYPE_CHECKING:
+    from driftloop.core.config import AgentConfig
 
 __all__ = ["Action", "Decision", "Policy", "Guard", "in_blackout", "urgent_step", "MODES", "SET_FLOOR", "ROLLBACK",
            "ALERT"]
@@ -88,7 +91,7 @@ class Policy:
             raise ValueError("max_step must be at least 1")
 
     @classmethod
-    def from_config(cls, agent: Any, mode: str | None = None) -> "Policy":
+    def from_config(cls, agent: AgentConfig, mode: str | None = None) -> "Policy":
         """From ``settings.agent`` (``AgentConfig``); ``mode`` overrides the configured one."""
         return cls(mode=mode or agent.mode, floor=agent.floor, ceiling=agent.ceiling, max_step=agent.max_step,
                    cooldown_seconds=agent.cooldown_seconds, max_actions_per_hour=agent.max_actions_per_hour,

@@ -25,7 +25,8 @@ Two ways to use the level (``agent.reactive``):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -48,24 +49,28 @@ def cheapest_first_level(needs: np.ndarray, current: int, change_cost: float) ->
 
     A path costs its levels summed over the steps plus ``change_cost`` (in replica-steps) for every
     change, starting from ``current``, and never goes below a step's need. Solved exactly by a
-    dynamic programme over (step, level): O(steps x levels).
+    dynamic programme over (run of equal needs, level): a path changes level only where a run begins
+    (a lower level is cheaper from a run's first step on, a higher one is needed only by a later run),
+    so O(runs x levels).
     """
     needs = np.asarray(needs, dtype=int)
     if len(needs) == 0:
         return current
+    starts = np.flatnonzero(np.r_[True, needs[1:] != needs[:-1]])
+    lengths = np.diff(np.r_[starts, len(needs)])
     top = int(max(needs.max(), current)) + 1
     levels = np.arange(top)
     cost = np.where(levels == current, 0.0, np.inf)
-    came_from = np.empty((len(needs), top), dtype=int)  # the level one step earlier
-    for j, need in enumerate(needs):
+    came_from = np.empty((len(starts), top), dtype=int)  # the level of the run before
+    for j, (need, length) in enumerate(zip(needs[starts].tolist(), lengths.tolist())):
         best = int(np.argmin(cost))
         switch = cost[best] + change_cost
         stay = cost <= switch
         came_from[j] = np.where(stay, levels, best)
-        cost = np.where(stay, cost, switch) + levels
+        cost = np.where(stay, cost, switch) + levels * length
         cost[:need] = np.inf
     level = int(np.argmin(cost))
-    for j in range(len(needs) - 1, 0, -1):
+    for j in range(len(starts) - 1, 0, -1):
         level = int(came_from[j, level])
     return level
 
@@ -85,7 +90,10 @@ class FloorPlanner:
     change_cost: float = 3600.0  # replica-seconds a change must save to be worth making
     raise_tolerance: float = 0.03  # a raise this close is left to the reactive part (guard or HPA)
     owns: bool = False  # the agent owns the replica count (no HPA moving it): see ``react``
-    react_tolerance: float = 0.03  # owning the count: the guard raises when the load is this much over target
+    react_tolerance: float = 0.03  # owning the count: the guard raises when the load now is this much over target
+    # (or when the load's trend reaches the target within the lead)
+    trend_seconds: float = 300.0  # the guard's trend of the load: a least-squares line over this long
+    _seen: deque[tuple[float, float]] = field(default_factory=deque, repr=False)  # the guard's looks
 
     def _need(self, upper: np.ndarray | float) -> np.ndarray:
         per_replica = self.capacity_rps * self.target_utilisation
@@ -146,7 +154,10 @@ class FloorPlanner:
                           f"forecast upper bound {upper[at]:.1f} req/s from {self.lead_seconds:g} s ahead needs "
                           f"{need_now} replicas; {target} is the cheapest level over the next "
                           f"{self.horizon_seconds:g} s", detail)
-        low = max(target, need_plan, need_obs if self.owns else 0)
+        # owning the count, a lowering leaves the load now a hysteresis share of headroom, so the
+        # guard does not raise it again at the next look
+        keep = int(self._need(observed_rps * (1 + self.down_hysteresis))) if self.owns and observed_rps else 0
+        low = max(target, need_plan, keep)
         if target < current and low <= current * (1 - self.down_hysteresis) and low <= current - 1:
             return Action(SET_FLOOR, self.model, low, current,
                           f"forecast upper bound over the next {self.plan_seconds:g} s needs only {need_plan} "
@@ -154,25 +165,51 @@ class FloorPlanner:
                           f"{self.horizon_seconds:g} s", detail)
         return None
 
-    def react(self, selector: ForecastSelector | None, current: int, observed_rps: float) -> Action | None:
-        """The reactive guard (when the agent owns the count), run every few seconds: when the load now
-        is more than ``current`` replicas serve at the target utilisation, one urgent raise to cover it
-        and what the forecast says may come within the lead (its upper bound, and the growth it expects
-        from now to then applied to the load now) -- one step, not the HPA's several."""
+    def _projected(self, now: float | None, observed_rps: float) -> float:
+        """The load a lead from now on its recent trend: a least-squares line through what the guard saw
+        over the last ``trend_seconds``, at ``now + lead`` when it rises (at ``now`` when it falls); a
+        line, not the last look, so a one-look blip -- over before a new replica could serve -- does not
+        count. The last look itself until there are three."""
+        if now is None:
+            return observed_rps
+        seen = self._seen
+        seen.append((now, observed_rps))
+        while seen and now - seen[0][0] > self.trend_seconds:
+            seen.popleft()
+        if len(seen) < 3:
+            return observed_rps
+        t = np.array([p[0] for p in seen]) - now
+        y = np.array([p[1] for p in seen])
+        dt = t - t.mean()
+        slope = float((dt * (y - y.mean())).sum() / ((dt * dt).sum() or 1.0))
+        at_now = float(y.mean() - slope * t.mean())
+        return at_now + max(0.0, slope) * self.lead_seconds
+
+    def react(self, selector: ForecastSelector | None, current: int, observed_rps: float, *,
+              now: float | None = None) -> Action | None:
+        """The reactive guard (when the agent owns the count), run every few seconds (``now``: the time it
+        looks, for the trend of the load). A replica asked for now serves a cold start later, so the guard
+        judges the load it will meet then (:meth:`_projected`): when that is more than ``current``
+        replicas serve at the target utilisation -- below the knee of the latency curve -- or the load now
+        is ``react_tolerance`` over it (a jump), one urgent raise covers both and what the forecast says
+        may come within the lead (its upper bound, and the rise it expects from now to then on top of
+        the load now): one step, not the HPA's several."""
         per = self.capacity_rps * self.target_utilisation
-        if observed_rps <= current * per * (1 + self.react_tolerance):
+        projected = self._projected(now, observed_rps)
+        if projected <= current * per and observed_rps <= current * per * (1 + self.react_tolerance):
             return None
-        want = observed_rps
-        detail: dict[str, Any] = {"observed_rps": round(observed_rps, 2)}
+        want = max(min(projected, observed_rps * (1 + self.react_tolerance)), observed_rps)
+        detail: dict[str, Any] = {"observed_rps": round(observed_rps, 2), "projected_rps": round(projected, 2)}
         if selector is not None and not selector.reactive:
             first, last = horizons(self.lead_seconds, self.interval_seconds, self.step_seconds)
             point, _, upper = selector.bands(1, last)
             ahead = float(upper[first - 1:].max())
-            growth = max(1.0, ahead / max(float(point[0]), 1e-9))
-            want = max(observed_rps * growth, ahead)
-            detail.update({"upper_rps": round(ahead, 2), "growth": round(growth, 3)})
+            rise = max(0.0, ahead - float(point[0]))  # what the forecast expects on top of now, within the lead
+            want = max(projected, observed_rps + rise, ahead)
+            detail.update({"upper_rps": round(ahead, 2), "rise_rps": round(rise, 2)})
         target = max(int(self._need(want)), current + 1, self.floor)
+        self._seen.clear()  # the trend so far is what this raise covers: a jump's slope is not a ramp's
         return Action(SET_FLOOR, self.model, target, current,
-                      f"load now {observed_rps:.1f} req/s is over what {current} replicas serve at "
-                      f"{self.target_utilisation:.0%}: {target} cover it and the forecast's upper bound "
-                      f"{self.lead_seconds:g} s ahead", detail, urgent=True)
+                      f"load {observed_rps:.1f} req/s, {projected:.1f} a lead ({self.lead_seconds:g} s) on at its "
+                      f"trend, is over what {current} replicas serve at {self.target_utilisation:.0%}: {target} "
+                      f"cover it and the forecast's upper bound then", detail, urgent=True)

@@ -32,142 +32,29 @@ error) and the coverage of its prediction interval.
 from __future__ import annotations
 
 import math
+from bisect import bisect_right
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
 from serving.agent.decisions import DecisionLog
-from serving.agent.forecast import ForecastSelector
-from serving.agent.policy import Guard, Policy
+from serving.agent.forecast import Band, ForecastSelector
+from serving.agent.policy import Action, Guard, Policy
 from serving.agent.scaling import FloorPlanner, horizons
+from serving.agent.traces import REAL, SYNTHETIC, Trace, load_trace, real, synthetic
 
-__all__ = ["Trace", "ServiceModel", "SimResult", "synthetic", "SYNTHETIC", "load_trace", "simulate", "compare",
-           "BASELINES", "plot"]
+__all__ = ["Trace", "ServiceModel", "SimResult", "synthetic", "SYNTHETIC", "real", "REAL", "load_trace", "simulate",
+           "compare", "BASELINES", "plot"]
+
+if TYPE_CHECKING:
+    from driftloop.core.config import AgentConfig
 
 DAY = 86400
 BASELINES = ("hpa", "kpa", "static")
 REACTIVE = ("own", "hpa", "kpa")  # who reacts to load for the agent: its own guard, or an autoscaler above its floor
-SYNTHETIC = ("daily", "weekly", "growth", "bursts")
-
-
-@dataclass
-class Trace:
-    """Requests per second, one value per ``step`` seconds from ``start`` (epoch seconds)."""
-
-    name: str
-    rate: np.ndarray
-    step: float = 60.0
-    start: float = 0.0
-    warmup_steps: int = 0  # history the agent may learn from before the evaluated span
-    faults: list[dict[str, Any]] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self.rate = np.asarray(self.rate, dtype=float)
-        if self.rate.ndim != 1 or len(self.rate) < 2:
-            raise ValueError(f"trace {self.name!r} needs at least two values")
-        if not np.all(np.isfinite(self.rate)) or (self.rate < 0).any():
-            raise ValueError(f"trace {self.name!r} has negative or non-finite request rates")
-
-
-# -- traces ---------------------------------------------------------------------------------
-def _business_day(minute_of_day: np.ndarray) -> np.ndarray:
-    """0..1 shape of a working day: a steep morning ramp, a lunch bump, an evening decline."""
-    h = minute_of_day / 60.0
-    ramp_up = 1 / (1 + np.exp(-(h - 8.5) / 0.2))
-    ramp_down = 1 / (1 + np.exp((h - 18.0) / 0.5))
-    lunch = 0.25 * np.exp(-((h - 12.5) / 0.6) ** 2)
-    evening = 0.2 * np.exp(-((h - 21.0) / 1.0) ** 2)
-    return 0.12 + 0.88 * (ramp_up * ramp_down * (0.8 + lunch)) + evening
-
-
-def synthetic(kind: str, *, seed: int = 0, peak_rps: float = 400.0, step: float = 60.0,
-              days: int | None = None, eval_days: float = 1.0) -> Trace:
-    """A synthetic trace: ``daily`` (working-day cycle), ``weekly`` (quiet weekends), ``growth``
-    (+15 % a day) or ``bursts`` (the daily cycle plus unannounced 1.8-2.5x bursts). Counts are
-    Poisson over a rate with 6 % multiplicative noise per step."""
-    if kind not in SYNTHETIC:
-        raise ValueError(f"unknown synthetic trace {kind!r} (one of {', '.join(SYNTHETIC)})")
-    rng = np.random.default_rng(seed)
-    history_days = 14 if kind == "weekly" else 3
-    total_days = days or history_days + eval_days
-    n = int(round(total_days * DAY / step))
-    t = np.arange(n) * step
-    minute = (t % DAY) / 60.0
-    base = _business_day(minute)
-    if kind == "weekly":
-        weekday = (t // DAY).astype(int) % 7
-        base = np.where(weekday >= 5, 0.35 * base + 0.03, base)
-    if kind == "growth":
-        base = base * np.power(1.15, t / DAY)
-    rate = peak_rps * base
-    faults: list[dict[str, Any]] = []
-    if kind == "bursts":
-        per_day = 4
-        for d in range(int(math.ceil(total_days))):
-            for _ in range(per_day):
-                begin = d * DAY + rng.uniform(7 * 3600, 21 * 3600)
-                length = rng.uniform(300, 1200)
-                factor = rng.uniform(1.8, 2.5)
-                mask = (t >= begin) & (t < begin + length)
-                rate[mask] *= factor
-                faults.append({"kind": "burst", "start": float(begin), "end": float(begin + length),
-                               "factor": round(float(factor), 2)})
-    rate = rate * rng.lognormal(0.0, 0.06, n)
-    counts = rng.poisson(rate * step)
-    warmup = int(round(history_days * DAY / step)) if days is None else int(round((total_days - eval_days) * DAY / step))
-    return Trace(kind, counts / step, step=step, start=0.0, warmup_steps=max(0, min(warmup, n - 2)), faults=faults)
-
-
-def load_trace(path: str | Path, *, step: float = 60.0, warmup_fraction: float = 0.75) -> Trace:
-    """A trace from csv/parquet: ``timestamp`` plus ``requests`` (count per row), ``rate`` (per second);
-    or only ``timestamp`` (one row per request, e.g. an export of the inference log)."""
-    import pandas as pd
-
-    from driftloop.core.tables import read_table
-
-    p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"trace file not found: {p}")
-    try:
-        df = read_table(str(p))
-    except Exception as exc:  # noqa: BLE001 (any reader failure is the file's problem)
-        raise ValueError(f"cannot read trace {p}: {exc}") from exc
-    cols = {c.lower(): c for c in df.columns}
-    ts_col = cols.get("timestamp") or cols.get("time") or cols.get("ts")
-    if ts_col is None:
-        raise ValueError(f"trace {p} needs a 'timestamp' column (has: {', '.join(map(str, df.columns))})")
-    ts = df[ts_col]
-    if pd.api.types.is_numeric_dtype(ts):
-        seconds = ts.astype(float).to_numpy()
-    else:
-        parsed = pd.to_datetime(ts, utc=True, errors="coerce")
-        if parsed.isna().any():
-            bad = ts[parsed.isna()].iloc[0]
-            raise ValueError(f"trace {p}: timestamp {bad!r} is neither epoch seconds nor an ISO time")
-        seconds = (parsed.astype("int64") // 10**9).to_numpy().astype(float)
-    if len(seconds) == 0:
-        raise ValueError(f"trace {p} is empty")
-    value_col = cols.get("requests") or cols.get("count") or cols.get("rate")
-    if value_col is not None and not pd.api.types.is_numeric_dtype(df[value_col]):
-        raise ValueError(f"trace {p}: column {value_col!r} must be numeric")
-    start = float(np.floor(seconds.min() / step) * step)
-    idx = ((seconds - start) // step).astype(int)
-    n = int(idx.max()) + 1
-    if n < 2:
-        raise ValueError(f"trace {p} spans less than two steps of {step:g} s")
-    if value_col is None:
-        counts = np.bincount(idx, minlength=n).astype(float)
-    else:
-        values = df[value_col].astype(float).to_numpy()
-        if not np.all(np.isfinite(values)) or (values < 0).any():
-            raise ValueError(f"trace {p}: column {value_col!r} has negative or missing values")
-        if value_col == cols.get("rate"):
-            values = values * step
-        counts = np.bincount(idx, weights=values, minlength=n)
-    return Trace(p.stem, counts / step, step=step, start=start, warmup_steps=int(n * warmup_fraction))
 
 
 # -- the service ------------------------------------------------------------------------------
@@ -257,222 +144,324 @@ class SimResult:
                 "floor_changes": self.floor_changes, "minutes": self.minutes}
 
 
-def _agent_policy(agent: Any, model: ServiceModel) -> Policy:
+class _Service:
+    """The replicas (their ready-at times, ascending: a new one is never ready before an older one)
+    and the queue of work the ready ones could not take."""
+
+    def __init__(self, model: ServiceModel) -> None:
+        self.m = model
+        self.pods: list[float] = []
+        self.backlog = 0.0
+
+    def ready(self, now: float) -> int:
+        return bisect_right(self.pods, now)
+
+    def resize(self, now: float, want: int) -> None:
+        if len(self.pods) < want:
+            self.pods.extend([now + self.m.cold_start] * (want - len(self.pods)))
+        elif len(self.pods) > want:
+            del self.pods[want:]  # the last to be ready go first
+
+    def serve(self, now: float, rate: float) -> tuple[float, float]:
+        """One tick at ``rate``: the requests that arrived and the share of them slower than the SLO."""
+        m = self.m
+        ready = self.ready(now)
+        arrivals = rate * m.tick
+        self.backlog = max(0.0, self.backlog + arrivals - ready * m.capacity_rps * m.tick)
+        if ready == 0:
+            return arrivals, 1.0
+        lam, mu = rate / ready, m.capacity_rps
+        wait = self.backlog / (ready * mu)
+        if lam >= mu or wait >= m.slo_p99:
+            return arrivals, 1.0
+        return arrivals, min(1.0, math.exp(-(mu - lam) * (m.slo_p99 - wait)))
+
+
+@dataclass
+class _Meter:
+    """SLO-violation minutes, replica-seconds and scale changes over the evaluated span."""
+
+    replica_seconds: float = 0.0
+    changes: int = 0
+    minutes: int = 0
+    violation_minutes: int = 0
+    minute: int | None = None
+    requests: float = 0.0
+    slow: float = 0.0
+    last_want: int | None = None
+
+    def count(self, now: float, want: int, replicas: int, arrivals: float, slow_share: float, tick: float,
+              evaluated: bool) -> None:
+        if self.last_want is not None and want != self.last_want and evaluated:
+            self.changes += 1
+        self.last_want = want
+        if not evaluated:
+            return
+        self.replica_seconds += replicas * tick
+        m = int(now // 60)
+        if self.minute is None:
+            self.minute = m
+        if m != self.minute:
+            self._close()
+            self.minute = m
+        self.requests += arrivals
+        self.slow += arrivals * slow_share
+
+    def _close(self) -> None:
+        self.minutes += 1
+        if self.requests > 0 and self.slow / self.requests > 0.01:
+            self.violation_minutes += 1
+        self.requests = self.slow = 0.0
+
+    def finish(self) -> None:
+        if self.requests > 0:
+            self._close()
+
+
+def _agent_policy(agent: AgentConfig | Policy | None, model: ServiceModel) -> Policy:
     if agent is None:
         return Policy(mode="full", floor=model.min_replicas, ceiling=model.max_replicas, max_step=50,
                       cooldown_seconds=600.0, max_actions_per_hour=30)
-    return Policy.from_config(agent, mode="full") if not isinstance(agent, Policy) else agent
+    return agent if isinstance(agent, Policy) else Policy.from_config(agent, mode="full")
 
 
-def simulate(trace: Trace, policy: str, model: ServiceModel = ServiceModel(), *, agent: Any = None,
-             interval: float = 60.0, lead: float | None = None, target_utilisation: float = 0.75,
-             plan: float = 600.0, down_hysteresis: float = 0.1,
+class _Agent:
+    """The agent inside the simulator: its forecast updated every step, the planner every ``interval``,
+    owning the count its reactive guard every ``guard_seconds`` on the load seen since it last looked --
+    every change checked by the same :class:`Guard` as ``agent run``. Its forecasts for the last
+    horizon are scored as they come true (MASE, interval coverage)."""
+
+    def __init__(self, trace: Trace, model: ServiceModel, policy: Policy, *, interval: float, lead: float,
+                 target_utilisation: float, plan: float, down_hysteresis: float, level: float, engine: str,
+                 owns: bool, guard_seconds: float, log: DecisionLog | None,
+                 planner_options: dict[str, Any] | None) -> None:
+        step, first = trace.step, trace.warmup_steps
+        history = trace.rate[:first]
+        if len(history) < 3:
+            raise ValueError("the agent needs a warm-up history in the trace (warmup_steps)")
+        self.trace, self.owns, self.log, self.guard_seconds = trace, owns, log, guard_seconds
+        _, self.h_last = horizons(lead, interval, step)
+        self.selector = ForecastSelector(history, season_candidates=[int(DAY / step), int(7 * DAY / step)],
+                                         horizon=self.h_last, level=level, engine=engine,
+                                         error_window=int(DAY / step))
+        self.guard = Guard(policy)
+        lowest = policy.bounds("sim")[0]
+        self.planner = FloorPlanner("sim", model.capacity_rps, target_utilisation, lead, interval, step,
+                                    floor=lowest, down_hysteresis=down_hysteresis, plan_seconds=plan, owns=owns,
+                                    **(planner_options or {}))
+        self.floor = max(model.min_replicas, lowest)
+        self.decide_every = max(1, int(round(interval / model.tick)))
+        self.guard_next = -math.inf
+        self.observed: list[float] = []
+        self.pending: deque[tuple[int, float, float, float]] = deque()  # (step due, point, lower, upper)
+        self.abs_err: list[float] = []
+        self.covered: list[bool] = []
+        self.decisions = self.refused = self.floor_changes = 0
+
+    def step(self, s: int) -> Band:
+        """Step ``s`` of the evaluated span begins: the one before it is known; forecast ``h_last`` ahead."""
+        rate, first = self.trace.rate, self.trace.warmup_steps
+        if s > first:
+            self.selector.update(float(rate[s - 1]))
+        while self.pending and self.pending[0][0] <= s - 1:
+            due, point, lo, hi = self.pending.popleft()
+            actual = float(rate[due])
+            self.abs_err.append(abs(actual - point))
+            self.covered.append(lo <= actual <= hi)
+        band = self.selector.band(self.h_last)
+        self.pending.append((s - 1 + self.h_last, band.point, band.lower, band.upper))
+        return band
+
+    def tick(self, now: float, rate: float, tick_no: int, evaluated: bool) -> None:
+        """The agent's loop at one tick; owning the count it also runs through the warm-up hour,
+        reactively (no forecast yet)."""
+        sel = self.selector if evaluated else None
+        self.observed.append(rate)
+        if tick_no % self.decide_every == 0:
+            self._judge(self.planner.propose(sel, self.floor, rate if self.owns else None), now, evaluated)
+        if self.owns and now >= self.guard_next:
+            self.guard_next = now + self.guard_seconds
+            seen = sum(self.observed) / len(self.observed)
+            self.observed = []
+            self._judge(self.planner.react(sel, self.floor, seen, now=now), now, evaluated)
+
+    def _judge(self, action: Action | None, now: float, counted: bool) -> None:
+        if action is None:
+            return
+        decision = self.guard.check(action, now)
+        allowed = decision.allowed and decision.applied is not None
+        if allowed:
+            self.floor = int(decision.applied)
+        if counted:
+            if self.log is not None:
+                self.log.record(decision)
+            self.decisions += 1
+            self.floor_changes += allowed
+            self.refused += not allowed
+
+    def fill(self, result: SimResult) -> None:
+        result.decisions, result.refused, result.floor_changes = self.decisions, self.refused, self.floor_changes
+        if self.abs_err:
+            result.mase = float(np.mean(self.abs_err)) / self.selector.seasonal_scale
+            result.coverage = float(np.mean(self.covered))
+
+
+def _check(trace: Trace, policy: str, reactive: str) -> None:
+    if policy not in ("agent", *BASELINES):
+        raise ValueError(f"unknown policy {policy!r} (agent, {', '.join(BASELINES)})")
+    if reactive not in REACTIVE:
+        raise ValueError(f"the agent's reactive part is one of {', '.join(REACTIVE)}, got {reactive!r}")
+
+
+def simulate(trace: Trace, policy: str, model: ServiceModel = ServiceModel(), *,
+             agent: AgentConfig | Policy | None = None, interval: float = 60.0, lead: float | None = None,
+             target_utilisation: float = 0.75, plan: float = 600.0, down_hysteresis: float = 0.1,
              level: float = 0.9, engine: str = "auto", keep_series: bool = False,
              log: DecisionLog | None = None, reactive: str = "own", guard_seconds: float = 15.0,
-             planner_options: dict[str, Any] | None = None) -> SimResult:
+             planner_options: dict[str, Any] | None = None,
+             progress: Callable[[float], None] | None = None) -> SimResult:
     """Run ``policy`` (``agent``, ``hpa``, ``kpa`` or ``static``) over the evaluated span of ``trace``.
 
     ``agent``: a :class:`Policy` (or ``AgentConfig``) for the agent's guard; default: full mode,
     floors between the model's min and max replicas. ``reactive``: the autoscaler above the agent's
-    floor, ``hpa`` (Standard mode) or ``kpa`` (Serverless mode).
+    floor, ``hpa`` (Standard mode) or ``kpa`` (Serverless mode). ``progress`` is called with the share
+    done (0..1) about a hundred times.
     """
-    if policy not in ("agent", *BASELINES):
-        raise ValueError(f"unknown policy {policy!r} (agent, {', '.join(BASELINES)})")
-    step, tick = trace.step, model.tick
+    _check(trace, policy, reactive)
+    step, tick, first = trace.step, model.tick, trace.warmup_steps
     per_step = max(1, int(round(step / tick)))
-    lead = model.cold_start + 30.0 if lead is None else lead
-    first = trace.warmup_steps
     begin = max(0, first - int(3600 / step))  # an hour of warm-up for the autoscalers' own state
-    peak = float(trace.rate[first:].max())
-    static_n = max(model.min_replicas, math.ceil(peak / (model.capacity_rps * model.reactive_target)))
-    if reactive not in REACTIVE:
-        raise ValueError(f"the agent's reactive part is one of {', '.join(REACTIVE)}, got {reactive!r}")
+    static_n = max(model.min_replicas,
+                   math.ceil(float(trace.rate[first:].max()) / (model.capacity_rps * model.reactive_target)))
     owns = policy == "agent" and reactive == "own"
-    scaler: Any = _HPA(model) if policy == "hpa" or (policy == "agent" and reactive == "hpa") else _KPA(model)
-    floor = static_n if policy == "static" else model.min_replicas
-
-    selector = planner = guard = None
-    h_first, h_last = horizons(lead, interval, step)
-    pending: deque[tuple[int, float, float, float]] = deque()  # (step due, point, lower, upper)
-    abs_err: list[float] = []
-    covered: list[bool] = []
-    decisions = refused = floor_changes = 0
+    scaler = _HPA(model) if policy == "hpa" or (policy == "agent" and reactive == "hpa") else _KPA(model)
+    bot = None
     if policy == "agent":
-        history = trace.rate[:first]
-        if len(history) < 3:
-            raise ValueError("the agent needs a warm-up history in the trace (warmup_steps)")
-        candidates = [int(DAY / step), int(7 * DAY / step)]
-        selector = ForecastSelector(history, season_candidates=candidates, horizon=h_last, level=level,
-                                    engine=engine, error_window=int(DAY / step))
-        pol = _agent_policy(agent, model)
-        guard = Guard(pol)
-        planner = FloorPlanner("sim", model.capacity_rps, target_utilisation, lead, interval, step,
-                               floor=pol.bounds("sim")[0], down_hysteresis=down_hysteresis, plan_seconds=plan,
-                               owns=owns, **(planner_options or {}))
-        floor = max(floor, pol.bounds("sim")[0])
-        scale = selector._seasonal_scale
-    decide_every = max(1, int(round(interval / tick)))
-    guard_next = -math.inf
-    observed: list[float] = []
-
-    def judge(action: Any, now: float, counted: bool) -> None:
-        nonlocal floor, decisions, floor_changes, refused
-        decision = guard.check(action, now)
-        if log is not None and counted:
-            log.record(decision)
-        allowed = decision.allowed and decision.applied is not None
-        if allowed:
-            floor = decision.applied
-        if counted:
-            decisions += 1
-            floor_changes += allowed
-            refused += not allowed
-
-    pods: list[float] = []  # ready-at times
-    backlog = 0.0
-    desired_prev = None
-    changes = 0
-    replica_seconds = 0.0
-    minute_req = minute_slow = 0.0
-    minute_start = None
-    violation_minutes = minutes = 0
-    series: dict[str, list[float]] = {k: [] for k in ("t", "rate", "replicas", "floor", "point", "lower", "upper",
-                                                      "slow")}
+        bot = _Agent(trace, model, _agent_policy(agent, model), interval=interval,
+                     lead=model.cold_start + 30.0 if lead is None else lead, target_utilisation=target_utilisation,
+                     plan=plan, down_hysteresis=down_hysteresis, level=level, engine=engine, owns=owns,
+                     guard_seconds=guard_seconds, log=log, planner_options=planner_options)
+    floor = static_n if policy == "static" else (bot.floor if bot else model.min_replicas)
+    service, meter = _Service(model), _Meter()
+    series: dict[str, list[float]] = {k: [] for k in SERIES}
+    report_every = max(1, (len(trace.rate) - begin) // 100)
     tick_no = 0
     for s in range(begin, len(trace.rate)):
+        rate, evaluated = float(trace.rate[s]), s >= first
+        band = bot.step(s) if bot is not None and evaluated else None
         step_req = step_slow = 0.0
-        rate = float(trace.rate[s])
-        evaluated = s >= first
-        if selector is not None and s >= first:
-            if s > first:
-                selector.update(float(trace.rate[s - 1]))  # the step that just completed
-            while pending and pending[0][0] <= s - 1:
-                due, point, lo, hi = pending.popleft()
-                actual = float(trace.rate[due])
-                abs_err.append(abs(actual - point))
-                covered.append(lo <= actual <= hi)
-            band = selector.band(h_last)
-            pending.append((s - 1 + h_last, band.point, band.lower, band.upper))
-            if keep_series:
-                series["point"].append(band.point)
-                series["lower"].append(band.lower)
-                series["upper"].append(band.upper)
         for k in range(per_step):
             now = trace.start + s * step + k * tick
-            if policy == "agent" and (evaluated or owns):
-                # the agent's loop: the planner every interval, the reactive guard every guard_seconds
-                # (owning the count), on the load measured since the guard last looked; owning the
-                # count, it also runs through the warm-up hour, reactively (no forecast yet)
-                sel = selector if evaluated else None
-                observed.append(rate)
-                if tick_no % decide_every == 0:
-                    action = planner.propose(sel, floor, rate if owns else None)
-                    if action is not None:
-                        judge(action, now, evaluated)
-                if owns and now >= guard_next:
-                    guard_next = now + guard_seconds
-                    seen = sum(observed) / len(observed)
-                    observed = []
-                    action = planner.react(sel, floor, seen)
-                    if action is not None:
-                        judge(action, now, evaluated)
+            if bot is not None and (evaluated or owns):
+                bot.tick(now, rate, tick_no, evaluated)
+                floor = bot.floor
             tick_no += 1
-            ready = sum(1 for r in pods if r <= now)
-            if policy == "static":
-                want = static_n
-            elif owns:
+            if policy == "static" or owns:
                 want = floor
             else:
-                want = scaler.desired(now, rate, ready, len(pods), floor)
-            if len(pods) < want:
-                pods.extend([now + model.cold_start] * (want - len(pods)))
-            elif len(pods) > want:
-                pods.sort()
-                del pods[want:]  # the last to be ready go first
-            if desired_prev is not None and want != desired_prev and evaluated:
-                changes += 1
-            desired_prev = want
-            ready = sum(1 for r in pods if r <= now)
-            arrivals = rate * tick
-            capacity = ready * model.capacity_rps * tick
-            backlog = max(0.0, backlog + arrivals - capacity)
-            if ready == 0:
-                slow_share = 1.0
-            else:
-                lam = rate / ready
-                mu = model.capacity_rps
-                wait = backlog / (ready * mu)
-                slow_share = 1.0 if lam >= mu or wait >= model.slo_p99 else min(
-                    1.0, math.exp(-(mu - lam) * (model.slo_p99 - wait)))
-            if evaluated:
-                replica_seconds += len(pods) * tick
-                m = int(now // 60)
-                if minute_start is None:
-                    minute_start = m
-                if m != minute_start:
-                    minutes += 1
-                    if minute_req > 0 and minute_slow / minute_req > 0.01:
-                        violation_minutes += 1
-                    minute_req = minute_slow = 0.0
-                    minute_start = m
-                minute_req += arrivals
-                minute_slow += arrivals * slow_share
-                step_req += arrivals
-                step_slow += arrivals * slow_share
+                want = scaler.desired(now, rate, service.ready(now), len(service.pods), floor)
+            service.resize(now, want)
+            arrivals, slow_share = service.serve(now, rate)
+            meter.count(now, want, len(service.pods), arrivals, slow_share, tick, evaluated)
+            step_req += arrivals
+            step_slow += arrivals * slow_share
         if keep_series and evaluated:
-            series["t"].append(trace.start + s * step)
-            series["rate"].append(rate)
-            series["replicas"].append(len(pods))
-            series["floor"].append(floor)
-            series["slow"].append(step_slow / step_req if step_req else 0.0)  # share slower than the SLO
-    if minute_req > 0:
-        minutes += 1
-        if minute_slow / minute_req > 0.01:
-            violation_minutes += 1
-    result = SimResult(policy, violation_minutes, replica_seconds, changes, minutes, decisions=decisions,
-                       refused=refused, floor_changes=floor_changes, series=series if keep_series else {})
-    if selector is not None and abs_err:
-        result.mase = float(np.mean(abs_err)) / scale
-        result.coverage = float(np.mean(covered))
+            _record(series, trace.start + s * step, rate, len(service.pods), floor, band,
+                    step_slow / step_req if step_req else 0.0)
+        if progress is not None and (s - begin) % report_every == 0:
+            progress((s - begin) / (len(trace.rate) - begin))
+    meter.finish()
+    result = SimResult(policy, meter.violation_minutes, meter.replica_seconds, meter.changes, meter.minutes,
+                       series=series if keep_series else {})
+    if bot is not None:
+        bot.fill(result)
     return result
 
 
+SERIES = ("t", "rate", "replicas", "floor", "point", "lower", "upper", "slow")
+
+
+def _record(series: dict[str, list[float]], t: float, rate: float, replicas: int, floor: int, band: Band | None,
+            slow: float) -> None:
+    """One evaluated step of the series a plot draws (``slow``: the share of its requests slower than the SLO)."""
+    for key, value in (("t", t), ("rate", rate), ("replicas", replicas), ("floor", floor), ("slow", slow)):
+        series[key].append(value)
+    if band is not None:
+        series["point"].append(band.point)
+        series["lower"].append(band.lower)
+        series["upper"].append(band.upper)
+
+
 def compare(trace: Trace, policies: Sequence[str] = ("agent", *BASELINES), model: ServiceModel = ServiceModel(),
-            **kwargs: Any) -> dict[str, SimResult]:
-    return {p: simulate(trace, p, model, **kwargs) for p in policies}
+            progress: Callable[[float], None] | None = None, **kwargs: Any) -> dict[str, SimResult]:
+    """Every policy over the same trace; ``progress`` gets the share of all of them done (the agent,
+    forecasting and planning every step, weighs as much as the baselines together)."""
+    weights = [len(policies) if p == "agent" else 1 for p in policies]
+    out: dict[str, SimResult] = {}
+    done = 0.0
+    for p, w in zip(policies, weights):
+        report = None
+        if progress is not None:
+            report = (lambda share, done=done, w=w: progress((done + w * share) / sum(weights)))
+        out[p] = simulate(trace, p, model, progress=report, **kwargs)
+        done += w
+    if progress is not None:
+        progress(1.0)
+    return out
 
 
-def plot(results: dict[str, SimResult], path: str | Path, title: str = "") -> Path:
-    """A PNG of traffic, the agent's forecast band and replicas per policy over time (needs matplotlib)."""
+def plot(results: dict[str, SimResult], path: str | Path, title: str = "", *, days_per_panel: float = 7.0) -> Path:
+    """A PNG of traffic, the agent's forecast band and replicas per policy over time (needs matplotlib):
+    one panel per ``days_per_panel`` (a week) with dates on the x-axis, so months stay readable."""
     import matplotlib
 
     matplotlib.use("Agg")
+    import matplotlib.dates as mdates
     import matplotlib.pyplot as plt
 
     agent = results.get("agent")
     base = agent or next(iter(results.values()))
     if not base.series:
         raise ValueError("the results hold no series; simulate with keep_series=True")
-    hours = (np.asarray(base.series["t"]) - base.series["t"][0]) / 3600.0
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(12, 6.5), sharex=True)
-    ax1.plot(hours, base.series["rate"], lw=0.6, color="black", label="requests/s")
-    if agent is not None and agent.series.get("upper"):
-        n = min(len(hours), len(agent.series["upper"]))
-        ax1.fill_between(hours[:n], agent.series["lower"][:n], agent.series["upper"][:n], color="tab:blue",
-                         alpha=0.25, label="agent's 90 % band (next steps)")
-    ax1.set_ylabel("requests/s")
-    ax1.legend(loc="upper left")
-    for name, res in results.items():
-        if res.series:
-            ax2.step(hours, res.series["replicas"], where="post", lw=0.9, label=name)
-    ax2.set_ylabel("replicas")
-    ax2.set_xlabel("hours")
-    ax2.legend(loc="upper left")
+    t = np.asarray(base.series["t"], dtype=float)
+    when = np.asarray(t * 1000, dtype="datetime64[ms]")
+    span = days_per_panel * DAY
+    panels = max(1, math.ceil((t[-1] - t[0] + 1) / span))
+    fig, axes = plt.subplots(panels, 1, figsize=(13, 1.2 + 2.6 * panels), squeeze=False)
+    for p, ax in enumerate(axes[:, 0]):
+        part = slice(*np.searchsorted(t, [t[0] + p * span, t[0] + (p + 1) * span]))
+        _panel(ax, when[part], part, results, agent, legend=p == 0)
+        ax.set_xlim(when[part][0], when[part][0] + np.timedelta64(int(span * 1000), "ms"))
+        locator = mdates.AutoDateLocator(minticks=5, maxticks=10)
+        ax.xaxis.set_major_locator(locator)
+        ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))
     if title:
         fig.suptitle(title)
     fig.tight_layout()
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=90)
+    fig.savefig(out, dpi=80)
     plt.close(fig)
     return out
+
+
+def _panel(ax: Any, when: np.ndarray, part: slice, results: dict[str, SimResult], agent: SimResult | None,
+           legend: bool) -> None:
+    """One panel: requests/s and the agent's band on the left axis, replicas per policy on the right."""
+    base = agent or next(iter(results.values()))
+    ax.plot(when, base.series["rate"][part], lw=0.6, color="black", label="requests/s")
+    if agent is not None and agent.series.get("upper"):
+        ax.fill_between(when, agent.series["lower"][part], agent.series["upper"][part], color="tab:blue",
+                        alpha=0.25, label="agent's 90 % band")
+    ax.set_ylabel("requests/s")
+    right = ax.twinx()
+    for name, res in results.items():
+        if res.series and name != "static":
+            right.step(when, res.series["replicas"][part], where="post", lw=0.8, label=f"{name} replicas")
+    right.set_ylabel("replicas")
+    right.set_ylim(bottom=0)
+    ax.set_ylim(bottom=0)
+    if legend:
+        lines = ax.get_legend_handles_labels()
+        more = right.get_legend_handles_labels()
+        ax.legend(lines[0] + more[0], lines[1] + more[1], loc="upper left", ncol=5, fontsize="small")
