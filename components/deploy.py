@@ -7,23 +7,50 @@ behind the running local gateway at the first weight; when nothing is served the
 recorded as pending (``driftloop serve`` starts it) — the run never fails because nothing is
 being served. The first version of a model is the champion already and needs no canary. In
 every case the rollout is recorded as pending for the rollout controller.
+
+The step is given only the part of the configuration it reads (:class:`DeployConfig`: the
+workspace, the registry and model name, the serving and rollout sections), not the whole document.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pydantic import BaseModel, ConfigDict
+
+from driftloop.core.config import MlflowConfig, RolloutConfig, ServingConfig, Settings
 from serving.backend import backend_for, serving_home
 
 if TYPE_CHECKING:
-    from driftloop.core.config import Settings
     from driftloop.core.registry import Registry
 
-__all__ = ["DeployResult", "deploy_canary", "serving_home"]
+__all__ = ["DeployConfig", "DeployResult", "deploy_canary", "serving_home"]
 
 log = logging.getLogger(__name__)
+
+
+class DeployConfig(BaseModel):
+    """What the deploy step reads of the configuration: the document its pipeline parameter carries."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    workspace: Path  # absolute (a step's working directory need not be the caller's): serving state, rollout record
+    mlflow: MlflowConfig  # the registry (and the embedded store in the workspace) and the model's name
+    serving: ServingConfig  # the local model servers or the InferenceService the canary joins
+    rollout: RolloutConfig  # the first weight, the shadow phase
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> DeployConfig:
+        return cls(workspace=settings.workspace_dir, mlflow=settings.mlflow, serving=settings.serving,
+                   rollout=settings.rollout)
+
+    def settings(self) -> Settings:
+        """As the configuration object the serving backends and the rollout record take; the sections the
+        step does not read keep their defaults."""
+        return Settings(workspace=self.workspace, mlflow=self.mlflow, serving=self.serving, rollout=self.rollout)
 
 
 @dataclass(frozen=True)

@@ -321,17 +321,20 @@ def reject_op(
 
 
 @dsl.component(base_image=DEFAULT_IMAGE, install_kfp_package=False)
-def deploy_op(version: str, serving_home: str, settings_json: str) -> NamedTuple(
+def deploy_op(version: str, serving_home: str, deploy_config: str) -> NamedTuple(
         "Deployed", [("action", str), ("message", str), ("percent", int)]):
-    """Put the registered version out as a canary at the first rollout weight; hand over to the rollout."""
+    """Put the registered version out as a canary at the first rollout weight; hand over to the rollout.
+
+    ``deploy_config`` is a :class:`components.deploy.DeployConfig` document: the part of the
+    configuration the step reads (workspace, MLflow, serving, rollout), not the whole of it.
+    """
     from collections import namedtuple
 
     from components._runtime import step
-    from components.deploy import deploy_canary
-    from driftloop.core.config import Settings
+    from components.deploy import DeployConfig, deploy_canary
 
     with step("deploy"):
-        settings = Settings.model_validate_json(settings_json)
+        settings = DeployConfig.model_validate_json(deploy_config).settings()
         result = deploy_canary(settings, version=version, home=serving_home)
         print(f"deploy: {result.action}: {result.message}", flush=True)
     return namedtuple("Deployed", ["action", "message", "percent"])(result.action, result.message, result.percent)

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from kfp import compiler, dsl, kubernetes
 
+from components.deploy import DeployConfig
 from components.ops import (deploy_op, evaluate_op, ingest_op, register_op, reject_op, train_distributed_op, train_op,
                             validate_op)
 from driftloop.core.runs import Pipeline
@@ -123,7 +124,7 @@ def make_training_pipeline(opts: ClusterOptions = ClusterOptions()):
         trigger: str = "manual",
         request_id: str = "",
         serving_home: str = "none",
-        settings_json: str = "",
+        deploy_config: str = "",
     ):
         ingest = ingest_op(
             source=source, fmt=fmt, target=target, time_column=time_column, window_start=window_start,
@@ -168,7 +169,7 @@ def make_training_pipeline(opts: ClusterOptions = ClusterOptions()):
             _use_mlflow_secret(register.set_display_name("register").set_caching_options(False), opts)
             with dsl.If(serving_home != "none", name="deploy-enabled"):
                 deploy = deploy_op(version=register.outputs["version"], serving_home=serving_home,
-                                   settings_json=settings_json)
+                                   deploy_config=deploy_config)
                 _use_mlflow_secret(deploy.set_display_name("deploy canary").set_caching_options(False), opts)
         with dsl.Else(name="gate-rejected"):
             _use_mlflow_secret(reject_op(**common).set_display_name("record rejection").set_caching_options(False), opts)
@@ -214,8 +215,8 @@ def pipeline_arguments(settings: "Settings", *, trigger: str = "manual", request
         "trigger": trigger,
         "request_id": request_id or uuid.uuid4().hex,
         "serving_home": serving_home(settings),
-        # absolute workspace: a step's working directory need not be the caller's
-        "settings_json": settings.model_copy(update={"workspace": settings.workspace_dir}).model_dump_json(),
+        # the deploy step's part of the configuration, with the workspace absolute
+        "deploy_config": DeployConfig.from_settings(settings).model_dump_json(),
     }
 
 

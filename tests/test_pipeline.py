@@ -5,6 +5,7 @@ from typer.testing import CliRunner
 
 from driftloop.core.registry import CHALLENGER, CHAMPION, TAG, Registry
 from pipelines.runner import LocalRunner, RunRequest
+from pipelines.training import run_training
 from tests.conftest import make_settings
 
 
@@ -31,7 +32,7 @@ def test_gate_rejects_and_registry_is_unchanged(trained):
     settings, _ = trained
     strict = make_settings(settings.workspace_dir, settings.data.source, **{"gate.margin": 0.5})
     before = Registry.from_settings(strict).list_versions("churn")
-    result = LocalRunner(strict).run_training(RunRequest(trigger="drift:alert-42", window_end="2026-01-31"))
+    result = run_training(LocalRunner(strict), RunRequest(trigger="drift:alert-42", window_end="2026-01-31"))
     assert result.state == "SUCCEEDED"
     assert result.summary["gate"] == "rejected" and "does not beat" in result.summary["reason"]
     assert result.summary["trigger"] == "drift:alert-42"
@@ -47,7 +48,7 @@ def test_regression_pipeline(tmp_path, scenario_path):
     source = write_scenario(tmp_path / "reg.parquet", "regression", rows=3000)
     settings = make_settings(tmp_path / "ws", source, **{"model.task": "regression", "mlflow.model_name": "spend",
                                                          "gate.metric": "rmse"})
-    result = LocalRunner(settings).run_training(RunRequest(trigger="schedule:nightly"))
+    result = run_training(LocalRunner(settings), RunRequest(trigger="schedule:nightly"))
     assert result.state == "SUCCEEDED", result.error
     assert result.summary["gate"] == "passed" and result.summary["model_version"] == "1"
     assert {"rmse", "mae", "r2"} <= set(result.summary["metrics"])
@@ -63,7 +64,7 @@ def test_bad_data_fails_clearly_and_registers_nothing(tmp_path, scenario_path):
     bad = tmp_path / "bad.parquet"
     df.to_parquet(bad)
     settings = make_settings(tmp_path / "ws", bad)
-    result = LocalRunner(settings).run_training(RunRequest())
+    result = run_training(LocalRunner(settings), RunRequest())
     assert result.state == "FAILED"
     assert "validate" in result.error and "'tenure'" in result.error and "max_missing" in result.error
     assert Registry.from_settings(settings).list_versions("churn") == []
@@ -115,3 +116,30 @@ def test_cli_reports_errors_as_one_line(tmp_path):
                            "-p", f"data.source={tmp_path / 'missing.parquet'}"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1
     assert "data source not found" in proc.stderr and "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_the_deploy_step_gets_only_its_part_of_the_configuration(tmp_path):
+    """Not the whole settings document: the workspace, MLflow, serving and rollout sections, as one typed
+    parameter; the compiled package still parses as the KFP backend parses an upload."""
+    import json
+
+    from google.protobuf import json_format
+    from kfp.pipeline_spec import pipeline_spec_pb2
+
+    from components.deploy import DeployConfig
+    from pipelines.training import compile_pipeline
+
+    settings = make_settings(tmp_path / "ws", tmp_path / "x.parquet", **{"rollout.step_weights": [10, 50],
+                                                                         "rollout.shadow_percent": 5.0,
+                                                                         "serving.canary_port": 9123})
+    spec = next(yaml.safe_load_all(compile_pipeline(settings, tmp_path / "train.yaml").read_text()))
+    json_format.ParseDict(spec, pipeline_spec_pb2.PipelineSpec())  # refuses an unknown field
+    assert set(spec["components"]["comp-deploy-op"]["inputDefinitions"]["parameters"]) == {
+        "version", "serving_home", "deploy_config"}
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert "settings_json" not in params
+    document = params["deploy_config"]["defaultValue"]
+    assert set(json.loads(document)) == {"workspace", "mlflow", "serving", "rollout"}
+    rebuilt = DeployConfig.model_validate_json(document).settings()
+    assert rebuilt.workspace_dir == settings.workspace_dir and rebuilt.tracking_uri == settings.tracking_uri
+    assert (rebuilt.mlflow, rebuilt.serving, rebuilt.rollout) == (settings.mlflow, settings.serving, settings.rollout)
