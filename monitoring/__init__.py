@@ -1,0 +1,30 @@
+"""The drift monitor: stores the inference log, checks drift and quality, alerts, starts retraining.
+
+Where each concern lives:
+
+* process and wiring — :mod:`monitoring.service` (``MonitorService``: builds the parts, one app,
+  the check loop); its own HTTP routes in :mod:`monitoring.routes`, the OpenAPI document in
+  :mod:`monitoring.openapi`, Prometheus metrics in :mod:`monitoring.metrics`;
+* ingest — :mod:`monitoring.sink` (``POST /events``, ``/feedback``, ``/quality``, health; group
+  commit) on :mod:`monitoring.events` (parsing and flattening KServe's CloudEvents);
+* the inference log — :mod:`monitoring.store` (``InferenceStore``: one SQLite file, its
+  durability), composed of :mod:`~monitoring.store_write` (events paired into rows),
+  :mod:`~monitoring.store_labels` (labels written), :mod:`~monitoring.store_query` (reads),
+  :mod:`~monitoring.store_window` (the drift windows) and :mod:`~monitoring.store_schema`
+  (tables, migrations);
+* drift — :mod:`monitoring.drift_check` (the check of the current window, its report and alert)
+  on :mod:`monitoring.drift` (the statistics: the fast path and Evidently) and
+  :mod:`monitoring.reference` (the champion's reference sample and profile);
+* shadow comparison on a cluster — :mod:`monitoring.shadow_check`;
+* alerts and retraining — :mod:`monitoring.alerts` (the alert store, the guardrails) and
+  :mod:`monitoring.trigger` (starts the training pipeline for an alert that passes them).
+
+Labelled quality runs across four modules, from the label to the alert. Labels are posted to
+``/feedback`` (:mod:`monitoring.sink`) and written by :mod:`monitoring.store_labels`;
+:mod:`monitoring.labels` checks what a label may be and reads the labelled (and scored)
+predictions back out of the log; :mod:`monitoring.quality` holds the metrics, the holdout
+baseline of each version, the rules that compare the two and the tumbling blocks;
+:mod:`monitoring.estimate` estimates accuracy from calibrated scores before labels arrive (CBPE);
+:mod:`monitoring.quality_check` (``QualityMonitor``) puts them together per version and raises
+quality alerts through the same trigger as drift.
+"""

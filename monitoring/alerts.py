@@ -28,10 +28,13 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from driftloop.core.errors import MonitorError
 from driftloop.core.statistics import in_blackout
+
+if TYPE_CHECKING:
+    from driftloop.core.config import Settings, TriggerConfig
 
 __all__ = [
     "STARTED",
@@ -165,7 +168,7 @@ def alertmanager_alerts(payload: Any, *, now: float | None = None) -> list[Alert
     return out
 
 
-def decide(alert: Alert, config: Any, *, now: float, seen: bool, in_flight: str | None,
+def decide(alert: Alert, config: TriggerConfig, *, now: float, seen: bool, in_flight: str | None,
            last_started: float | None, started_last_day: int, duplicate_of: str | None = None,
            why: str = "") -> tuple[str, str]:
     """The guardrails (``TriggerConfig``) as one pure function → (decision, reason).
@@ -196,7 +199,7 @@ def decide(alert: Alert, config: Any, *, now: float, seen: bool, in_flight: str 
     return STARTED, "guardrails passed"
 
 
-def alerts_path(settings: Any) -> Path:
+def alerts_path(settings: Settings) -> Path:
     return settings.workspace_dir / "monitor" / "alerts.db"
 
 
@@ -225,7 +228,7 @@ class AlertStore:
                     raise
 
     @classmethod
-    def from_settings(cls, settings: Any) -> AlertStore:
+    def from_settings(cls, settings: Settings) -> AlertStore:
         return cls(alerts_path(settings))
 
     def close(self) -> None:
@@ -352,7 +355,7 @@ def _row(row: sqlite3.Row) -> dict[str, Any]:
     return out
 
 
-def lookup_alert(settings: Any, alert_id: str) -> dict[str, Any] | None:
+def lookup_alert(settings: Settings, alert_id: str) -> dict[str, Any] | None:
     """One alert from the workspace's alert store (used by lineage and ``driftloop alerts``)."""
     path = alerts_path(settings)
     if not path.exists():

@@ -47,12 +47,15 @@ import logging
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from driftloop.core.errors import MonitorError
+
+if TYPE_CHECKING:
+    from driftloop.core.config import MonitorConfig
 
 __all__ = [
     "CATEGORICAL",
@@ -96,7 +99,7 @@ class DriftOptions:
     max_set_aside: int = 100  # one request's rows at most (monitor.max_rows_per_request)
 
     @classmethod
-    def from_config(cls, monitor: Any) -> DriftOptions:
+    def from_config(cls, monitor: MonitorConfig) -> DriftOptions:
         return cls(
             drift_share=monitor.drift_share,
             num_method=monitor.num_method,

@@ -32,7 +32,7 @@ import re
 import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -41,6 +41,9 @@ from driftloop.core.errors import MonitorError, RegistryError
 from driftloop.core.statistics import classification_metrics as _classification_metrics
 from driftloop.core.statistics import regression_metrics
 from monitoring.estimate import Calibration
+
+if TYPE_CHECKING:
+    from driftloop.core.config import QualityConfig
 
 __all__ = [
     "HOLDOUT_ARTIFACT",
@@ -354,7 +357,7 @@ class MetricVerdict:
     degraded: bool
 
 
-def compare(live: dict[str, float], baseline: dict[str, float], config: Any) -> list[MetricVerdict]:
+def compare(live: dict[str, float], baseline: dict[str, float], config: QualityConfig) -> list[MetricVerdict]:
     """Each metric with a rule (``max_relative`` / ``max_absolute``) against the holdout value.
 
     Lower-is-better metrics (rmse, mae, ece, |mean_error|) may grow by ``holdout × (1 + rel)`` or

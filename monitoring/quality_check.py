@@ -20,7 +20,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -31,6 +31,9 @@ from monitoring.estimate import estimate_performance, finite_rows
 from monitoring.labels import labelled_count, labelled_window, score_matrix, scored_window, versions_seen
 from monitoring.quality import (Block, BaselineCache, clean_labelled, compare, evidently_quality, quality_alert_id,
                                 quality_metrics, tumbling_block, verdicts_dict)
+
+if TYPE_CHECKING:
+    from driftloop.core.config import Settings
 
 __all__ = ["QualityMonitor"]
 
@@ -46,7 +49,7 @@ def _iso(ts: float | None) -> str | None:
 class QualityMonitor:
     """Runs the quality check for one monitor (store, registry, alerts, trigger, metrics)."""
 
-    def __init__(self, settings: Any, *, store_path: Any, registry: Any, alerts: Any, trigger: Any, metrics: Any,
+    def __init__(self, settings: Settings, *, store_path: Any, registry: Any, alerts: Any, trigger: Any, metrics: Any,
                  reports_dir: Any) -> None:
         self.settings = settings
         self.cfg = settings.monitor.quality

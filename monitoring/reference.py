@@ -15,13 +15,16 @@ import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 from driftloop.core.errors import MonitorError, RegistryError
 from driftloop.core.registry import CHAMPION, Registry
 from monitoring.drift import CATEGORICAL, NUMERICAL, ReferenceProfile
+
+if TYPE_CHECKING:
+    from driftloop.core.config import Settings
 
 __all__ = ["PREDICTION", "ChampionReference", "ReferenceCache", "load_champion_reference"]
 
@@ -70,7 +73,7 @@ def _predictions(registry: Registry, uri: str, features: pd.DataFrame) -> list[A
         raise MonitorError(f"cannot compute the champion's predictions on its reference: {exc}") from exc
 
 
-def load_champion_reference(settings: Any, registry: Registry | None = None) -> ChampionReference:
+def load_champion_reference(settings: Settings, registry: Registry | None = None) -> ChampionReference:
     """The current champion's reference (with its predictions), from MLflow and the local cache."""
     registry = registry or Registry.from_settings(settings)
     name = settings.mlflow.model_name
@@ -109,7 +112,7 @@ def load_champion_reference(settings: Any, registry: Registry | None = None) -> 
 class ReferenceCache:
     """Keeps the champion's reference in memory; rebuilds it when the champion alias moves."""
 
-    def __init__(self, settings: Any, registry: Registry | None = None) -> None:
+    def __init__(self, settings: Settings, registry: Registry | None = None) -> None:
         self.settings = settings
         self.registry = registry or Registry.from_settings(settings)
         self._current: ChampionReference | None = None

@@ -360,18 +360,7 @@ def build_routes(store: InferenceStore, *, metrics: MonitorMetrics, model_names:
 
     async def feedback(request: Request) -> Response:
         try:
-            if auth is not None and (refusal := auth.refusal(request.headers.get("authorization"),
-                                                             "POST /feedback")) is not None:
-                raise refusal
-            ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-            if ctype != "application/json":  # a cross-site form can post text/plain, never application/json
-                raise EventError(415, f"POST /feedback takes application/json, got {ctype or 'no content type'!r}",
-                                 reason="bad_content_type")
-            payload = _loads_any(await _read_body(request, max_body_bytes))
-            items = payload if isinstance(payload, list) else [payload]
-            if not items:
-                raise EventError(422, "feedback is an empty list", reason="bad_feedback")
-            _check_labels(items, policy)
+            items = await _feedback_items(request, auth, max_body_bytes, policy)
             result = await asyncio.to_thread(store.add_labels, items)
         except EventError as exc:
             return refuse(exc)
@@ -418,6 +407,25 @@ def build_routes(store: InferenceStore, *, metrics: MonitorMetrics, model_names:
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics_route, methods=["GET"]),
     ]
+
+
+async def _feedback_items(request: Request, auth: IngestAuth | None, max_body_bytes: int,
+                          policy: LabelPolicy) -> list[Any]:
+    """The feedback items of a ``POST /feedback``; raises :class:`EventError` (401, 413, 415, 400, 422)
+    for a request without the token, of another content type, or with a body or label that cannot be used."""
+    if auth is not None and (refusal := auth.refusal(request.headers.get("authorization"),
+                                                     "POST /feedback")) is not None:
+        raise refusal
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype != "application/json":  # a cross-site form can post text/plain, never application/json
+        raise EventError(415, f"POST /feedback takes application/json, got {ctype or 'no content type'!r}",
+                         reason="bad_content_type")
+    payload = _loads_any(await _read_body(request, max_body_bytes))
+    items = payload if isinstance(payload, list) else [payload]
+    if not items:
+        raise EventError(422, "feedback is an empty list", reason="bad_feedback")
+    _check_labels(items, policy)
+    return items
 
 
 def _check_labels(items: list[Any], policy: LabelPolicy) -> None:

@@ -54,13 +54,16 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from driftloop.core.errors import DriftloopError, MonitorError
 from driftloop.core.files import atomic_write, private_dir
 from driftloop.core.processes import process_alive, spawn, stop_process
 from driftloop.core.runs import PipelineRunner, RunRequest
 from monitoring.alerts import STARTED, Alert, AlertStore, Decision, day_ago, decide
+
+if TYPE_CHECKING:
+    from driftloop.core.config import Settings
 
 __all__ = [
     "DRIFT_ALERTNAMES",
@@ -104,7 +107,7 @@ def _iso(value: Any) -> str | None:
     return str(value)
 
 
-def retrain_window(settings: Any, window_end: str | None) -> tuple[str | None, str | None]:
+def retrain_window(settings: Settings, window_end: str | None) -> tuple[str | None, str | None]:
     """(window_start, window_end) of the retraining run's data, as described in the module doc."""
     end = window_end
     cfg = settings.trigger
@@ -126,7 +129,7 @@ def _to_timestamp(value: str) -> Any:
     return ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
 
 
-def _nth_last_time(settings: Any, end: Any, n: int) -> Any:
+def _nth_last_time(settings: Settings, end: Any, n: int) -> Any:
     """Time of the n-th last row of the training source before ``end`` (None: fewer rows)."""
     import pandas as pd
 
@@ -142,8 +145,8 @@ def _nth_last_time(settings: Any, end: Any, n: int) -> Any:
 class Trigger:
     """Applies the guardrails to alerts and starts (and follows) retraining runs."""
 
-    def __init__(self, settings: Any, alerts: AlertStore, *, runner: PipelineRunner | None = None,
-                 runner_factory: Callable[[Any], PipelineRunner] | None = None, metrics: Any | None = None,
+    def __init__(self, settings: Settings, alerts: AlertStore, *, runner: PipelineRunner | None = None,
+                 runner_factory: Callable[[Settings], PipelineRunner] | None = None, metrics: Any | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
         self.alerts = alerts
