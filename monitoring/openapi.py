@@ -155,7 +155,7 @@ def sink_openapi(*, events_auth: str = "token") -> dict[str, Any]:
 
 
 def monitor_openapi(*, events_auth: str = "token") -> dict[str, Any]:
-    """The sink's routes plus the monitor's: checks, alerts, reports, shadow and predictions."""
+    """The sink's routes plus the monitor's: checks, alerts, reports, shadow, predictions and labelled rows."""
     doc = sink_openapi(events_auth=events_auth)
     ingest, webhook = [{"ingestToken": []}], [{"webhookToken": []}]
     since = _query("since", "ISO time or epoch seconds")
@@ -205,6 +205,13 @@ def monitor_openapi(*, events_auth: str = "token") -> dict[str, Any]:
             "parameters": [since, {**_query("versions", "comma-separated model versions"), "required": True},
                            _query("limit", "per version", {"type": "integer", "minimum": 1, "maximum": 50_000})],
             "responses": _answers(_json_ok("predictions per version"), 400, 401, 503),
+        }},
+        "/labelled": {"get": {
+            "summary": "Labelled requests served since a time: features, version, prediction, label",
+            "security": webhook + ingest,
+            "parameters": [since, _query("model", "the served model's name"),
+                           _query("limit", "the latest rows", {"type": "integer", "minimum": 1, "maximum": 50_000})],
+            "responses": _answers(_json_ok("labelled rows, oldest first"), 400, 401, 503),
         }},
         "/openapi.json": {"get": {"summary": "This document", "responses": {"200": _json_ok("OpenAPI 3.0")}}},
     })

@@ -8,7 +8,9 @@ Grouped by who calls them, each group built by one function:
   (the last quality outcome / a quality check now); running a check needs the ingest token;
 * :func:`report_routes` — ``GET /reports/{alert_id}``, an alert's Evidently HTML report;
 * :func:`rollout_routes` — ``GET /shadow`` and ``GET /predictions``, read by the rollout
-  controller on a cluster; same bearer token as the webhook;
+  controller on a cluster; same bearer token as the webhook; ``GET /labelled``, the labelled
+  requests a canary's quality is judged on, read by the controller in both homes: the webhook token
+  or the ingest token (the embedded default's controller has the workspace's);
 * :func:`openapi_route` — ``GET /openapi.json``, the document of the sink's and the monitor's routes.
 
 A refused request gets a 401 JSON ``{"error": ...}`` and is counted in
@@ -44,12 +46,14 @@ if TYPE_CHECKING:
     from monitoring.store import InferenceStore
     from monitoring.trigger import Trigger
 
-__all__ = ["MAX_ALERTS_LIMIT", "MAX_PREDICTIONS_LIMIT", "PREDICTIONS_LIMIT", "WEBHOOK_TOKEN_ENV", "MonitorParts",
+__all__ = ["MAX_ALERTS_LIMIT", "MAX_LABELLED_LIMIT", "MAX_PREDICTIONS_LIMIT", "PREDICTIONS_LIMIT", "WEBHOOK_TOKEN_ENV",
+           "MonitorParts",
            "alert_routes", "check_routes", "monitor_routes", "openapi_route", "report_routes", "rollout_routes"]
 
 WEBHOOK_TOKEN_ENV = "DRIFTLOOP_WEBHOOK_TOKEN"
 PREDICTIONS_LIMIT = 5_000  # per version, when the request names none
 MAX_PREDICTIONS_LIMIT = 50_000
+MAX_LABELLED_LIMIT = 50_000
 MAX_ALERTS_LIMIT = 10_000
 
 Refusal = Callable[[Request, str], Response | None]  # the 401 for a request without the right token, else None
@@ -206,8 +210,18 @@ def report_routes(monitor: MonitorParts) -> list[Route]:
     return [Route("/reports/{alert_id}", report, methods=["GET"])]
 
 
+def _limit(raw: str | None, default: int, most: int) -> int | None:
+    """``limit`` as an integer from 1 to ``most`` (``default`` when absent); None when it is not."""
+    try:
+        limit = int(raw) if raw is not None else default
+    except ValueError:
+        return None
+    return limit if 1 <= limit <= most else None
+
+
 def rollout_routes(monitor: MonitorParts, refusal: Refusal) -> list[Route]:
-    """``GET /shadow`` and ``GET /predictions`` (the rollout controller's reads on a cluster)."""
+    """``GET /shadow`` and ``GET /predictions`` (the rollout controller's reads on a cluster) and
+    ``GET /labelled`` (its read in both homes)."""
 
     async def shadow(request: Request) -> Response:
         if (refused := refusal(request, "shadow")) is not None:
@@ -231,11 +245,8 @@ def rollout_routes(monitor: MonitorParts, refusal: Refusal) -> list[Route]:
         versions = list(dict.fromkeys(v.strip() for v in query.get("versions", "").split(",") if v.strip()))
         if not versions:
             return _json(400, {"error": "'versions' must name at least one model version, e.g. versions=3,4"})
-        try:
-            limit = int(query.get("limit", PREDICTIONS_LIMIT))
-        except ValueError:
-            limit = 0
-        if not 1 <= limit <= MAX_PREDICTIONS_LIMIT:
+        limit = _limit(query.get("limit"), PREDICTIONS_LIMIT, MAX_PREDICTIONS_LIMIT)
+        if limit is None:
             return _json(400, {"error": f"'limit' must be an integer from 1 to {MAX_PREDICTIONS_LIMIT}, "
                                         f"got {query.get('limit')!r}"})
         try:
@@ -245,9 +256,31 @@ def rollout_routes(monitor: MonitorParts, refusal: Refusal) -> list[Route]:
         return _json(200, {"since": since, "limit": limit,
                            "versions": {v: {"n": len(p), "predictions": p} for v, p in found.items()}})
 
+    async def labelled(request: Request) -> Response:
+        # the ingest token (the embedded default's controller reads the workspace's), else the webhook's
+        ingest = monitor.auth.refusal(request.headers.get("authorization"), "GET /labelled")
+        if ingest is not None and refusal(request, "labelled") is not None:
+            return _json(401, {"error": f"{ingest.message}, or {WEBHOOK_TOKEN_ENV}'s"})
+        query = request.query_params
+        try:
+            since = since_param(query.get("since"))
+        except EventError as exc:
+            return _json(exc.status, {"error": exc.message})
+        limit = _limit(query.get("limit"), MAX_LABELLED_LIMIT, MAX_LABELLED_LIMIT)
+        if limit is None:
+            return _json(400, {"error": f"'limit' must be an integer from 1 to {MAX_LABELLED_LIMIT}, "
+                                        f"got {query.get('limit')!r}"})
+        try:
+            rows = await asyncio.to_thread(monitor.store.labelled_requests, since, model_name=query.get("model") or None,
+                                           limit=limit)
+        except EventError as exc:  # StoreUnavailable: 503 saying why
+            return _json(exc.status, {"error": exc.message})
+        return _json(200, {"since": since, "limit": limit, "n": len(rows), "rows": rows})
+
     return [
         Route("/shadow", shadow, methods=["GET"]),
         Route("/predictions", predictions, methods=["GET"]),
+        Route("/labelled", labelled, methods=["GET"]),
     ]
 
 

@@ -1,4 +1,4 @@
-"""The inference store's queries: paired rows, counts, labelled rows, shadow pairs, predictions.
+"""The inference store's queries: paired rows, counts, labelled rows (with their features), shadow pairs, predictions.
 
 Every query opens its own read-only connection (``_reader`` of
 :class:`monitoring.store.InferenceStore`, which mixes :class:`StoreQueries` in), so readers see a
@@ -123,6 +123,27 @@ class StoreQueries:
         df["label"] = _json_list(list(df["label"]))
         df["ts"] = pd.to_datetime(df["ts"], unit="s", utc=True)
         return df
+
+    def labelled_requests(self, since: float | str | pd.Timestamp | None = None, *, model_name: str | None = None,
+                          limit: int = 50_000) -> list[dict[str, Any]]:
+        """The latest ``limit`` labelled rows served since ``since``, oldest first, shadow rows left out:
+        ``request_id, row_index, ts, version, features, prediction, label`` — what the rollout
+        controller scores with both versions of a canary (``GET /labelled``)."""
+        where, params = _range(since, None, model_name, prefix="r.")
+        served = "(r.role IS NULL OR r.role != 'shadow')"
+        where = f"{where} AND {served}" if where else f"WHERE {served}"
+        db = self._reader()
+        try:
+            data = db.execute(
+                "SELECT r.request_id, r.row_index, r.ts, r.model_version, r.features, r.prediction, l.label "
+                f"FROM rows r JOIN labels l ON l.request_id = r.request_id AND l.row_index = r.row_index {where} "
+                "ORDER BY r.seq DESC LIMIT ?", [*params, int(limit)]).fetchall()
+        finally:
+            db.close()
+        data.reverse()
+        features, predictions, labels = (_json_list([d[k] for d in data]) for k in (4, 5, 6))
+        return [{"request_id": d[0], "row_index": d[1], "ts": d[2], "version": d[3], "features": f, "prediction": p,
+                 "label": y} for d, f, p, y in zip(data, features, predictions, labels)]
 
     def quality_by_version(self, since: float | str | pd.Timestamp | None = None,
                            task: Literal["classification", "regression"] = "classification",

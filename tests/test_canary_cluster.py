@@ -2,9 +2,11 @@
 
 KServe's logger on the InferenceService logs the primary's and the canary's revision alike; the
 model server names its version in every response (``model_version``), so the monitor's
-``GET /predictions`` returns what each version answered and the controller judges
-``prediction_psi`` with the embedded default's limit. The monitor runs for real, in-process;
-Prometheus and the Kubernetes API are stood in for at their boundary (tests/test_shadow_cluster.py).
+``GET /predictions`` returns what each version answered, and where no labelled request decides, the
+controller judges ``prediction_psi`` as on the embedded default: the canary's answers against the
+champion's latest, limited by how much 19 earlier blocks of the champion's own answers differ.
+The monitor runs for real, in-process; Prometheus and the Kubernetes API are stood in for at their
+boundary (tests/test_shadow_cluster.py).
 """
 
 import time
@@ -33,9 +35,12 @@ def canary_cluster(tmp_path):
     return s, KServeBackend(s, client=client, custom_api=RecordingCustomObjects()), client
 
 
-def log_served(client, version: str, predictions: list, *, per_request: int = 10, shadow: bool = False) -> None:
+def log_served(client, version: str, predictions: list, *, per_request: int = 10, shadow: bool = False,
+               first: int = 0) -> list[str]:
     """``predictions`` answered by ``version`` of the InferenceService, as its logger sends them:
-    the version in the response body (the model server's ``model_version``), no role."""
+    the version in the response body (the model server's ``model_version``), no role; the rows are
+    ``instance(first + k)``. Returns each request's ce-id (the key labels are posted under)."""
+    ids = []
     isvc, annotations = "churn", None
     if shadow:
         isvc, annotations = "churn-shadow", {"driftloop.io/serving-role": "shadow",
@@ -43,12 +48,14 @@ def log_served(client, version: str, predictions: list, *, per_request: int = 10
     for start in range(0, len(predictions), per_request):
         preds = predictions[start:start + per_request]
         ce_id, rid = str(uuid.uuid4()), f"req-{uuid.uuid4().hex[:8]}"
-        for kind, data in (("request", {"instances": [instance(start + i) for i in range(len(preds))]}),
+        ids.append(ce_id)
+        for kind, data in (("request", {"instances": [instance(first + start + i) for i in range(len(preds))]}),
                            ("response", {"predictions": preds, "model_version": version})):
             headers, body = kserve_logged(kind, data, isvc=isvc, ce_id=ce_id, request_id=rid,
                                           annotations=annotations, namespace=NS)
             r = client.post("/events", content=body, headers=headers)
             assert r.status_code == 200, r.text
+    return ids
 
 
 def alternating(n: int) -> list[int]:
@@ -91,12 +98,47 @@ def test_monitor_refuses_predictions_without_the_token_or_with_a_bad_query(monit
         assert r.status_code == 400 and needle in r.json()["error"], (params, r.text)
 
 
+def label(client, ids: list[str], labels: list, per_request: int = 10) -> None:
+    """One label per row of each request (its ce-id), posted to the monitor's /feedback."""
+    items = [{"id": ce_id, "row_index": j, "label": y} for k, ce_id in enumerate(ids)
+             for j, y in enumerate(labels[k * per_request:(k + 1) * per_request])]
+    r = client.post("/feedback", json=items)
+    assert r.status_code == 200 and r.json()["stored"] == len(items), r.text
+
+
+def test_monitor_answers_the_labelled_requests_with_their_features_for_either_token(monitor):
+    service, client = monitor
+    v1 = log_served(client, "1", alternating(30))
+    v2 = log_served(client, "2", [1] * 20, first=100)
+    log_served(client, "2", [0] * 10, shadow=True, first=200)  # mirrored copies: never a user's answer
+    label(client, v1[:2], [1] * 20)  # the third request of v1 gets no label
+    later = time.time()
+    label(client, v2, [0, 1] * 10)
+    found = client.get("/labelled", params={"since": 0}).json()  # the client sends the ingest token
+    assert found["n"] == 40 and len(found["rows"]) == 40
+    first = found["rows"][0]
+    assert first["features"] == instance(0) and first["version"] == "1" and first["prediction"] == 0
+    assert first["label"] == 1 and first["request_id"] == v1[0] and first["row_index"] == 0
+    assert [r["version"] for r in found["rows"]] == ["1"] * 20 + ["2"] * 20  # oldest first, shadow rows left out
+    assert client.get("/labelled", params={"since": 0}, headers=AUTH).json()["n"] == 40  # the webhook token too
+    latest = client.get("/labelled", params={"limit": 5, "model": "churn"}).json()["rows"]
+    assert [r["features"] for r in latest] == [instance(115 + k) for k in range(5)]
+    assert client.get("/labelled", params={"model": "other"}).json()["n"] == 0
+    assert client.get("/labelled", params={"since": later + 60}).json()["n"] == 0  # served before that time
+    refused = client.get("/labelled", headers={"authorization": "Bearer wrong"})
+    assert refused.status_code == 401 and "ingest token" in refused.json()["error"] and "rows" not in refused.json()
+    for params, needle in (({"limit": "0"}, "limit"), ({"limit": "x"}, "limit"), ({"since": "not a time"}, "since")):
+        r = client.get("/labelled", params=params)
+        assert r.status_code == 400 and needle in r.json()["error"], (params, r.text)
+
+
 # -- the controller on the cluster target -------------------------------------------------------
 def canary_interval(canary_cluster, monitor, canary_predictions: list, *, target: KServeTarget | None = None):
     """start at 20 %, then one judged interval in which the primary (v1) answered 0/1 alternately
-    and the canary (v2) answered ``canary_predictions``."""
+    — as it had 2,000 times before — and the canary (v2) answered ``canary_predictions``."""
     s, backend, _ = canary_cluster
     _, monitor_client = monitor
+    log_served(monitor_client, "1", alternating(2000), per_request=100)  # the champion's own recent answers
     RolloutController.begin(s, canary_version="2", primary_version="1", canary_uri="models:/churn/2")
     target = target or KServeTarget(backend, prometheus(0.0)[0], predictions=MonitorPredictions(
         "http://testserver", client=monitor_client, token=TOKEN))
@@ -115,10 +157,12 @@ def test_a_canary_answering_differently_is_rolled_back_on_prediction_psi(canary_
     s, _, client = canary_cluster
     ctl, first = canary_interval(canary_cluster, monitor, [1] * 60)
     psi = checks_of(first)["prediction_psi"]
-    assert psi["limit"] == s.rollout.max_prediction_psi  # the embedded default's limit
-    assert psi["value"] > s.rollout.max_prediction_psi and psi["passed"] is False
-    assert first["decision"] == "hold" and "prediction_psi=" in first["reason"]
+    assert psi["limit"] == pytest.approx(0.0, abs=1e-9)  # the champion answers 0/1 alike in every block
+    assert psi["value"] > 1.0 and psi["passed"] is False and "19 earlier blocks of 52" in psi["detail"]
+    assert checks_of(first)["quality_delta"]["value"] is None  # no labelled request: the guard judges
+    assert first["decision"] == "fail" and "prediction_psi=" in first["reason"]
     assert all(checks_of(first)[name]["passed"] for name in ("requests", "error_rate", "p99_ms"))
+    log_served(monitor[1], "2", [1] * 60)  # the next analysis judges the canary's fresh answers
     second = ctl.step()
     assert second["decision"] == "rollback" and ctl.state().status == ROLLED_BACK
     assert "prediction_psi=" in second["reason"]
@@ -171,3 +215,40 @@ def test_a_monitor_that_cannot_be_read_makes_the_canary_interval_unavailable(can
     assert state.status == PROGRESSING and state.weight == 20 and state.failed_checks == 0  # neither pass nor fail
     with pytest.raises(ServingError):
         unreadable.samples(0.0, ["1", "2"])
+
+
+class RuleScorer:
+    """The two versions as functions of a request's features: v1 always answers 0, v2 the truth
+    (churn when tenure is short) — what RegistryScorer does with MLflow models."""
+
+    def answers(self, version: str, rows: list[dict]):
+        from serving.rollout import Answers
+
+        return Answers([truth(r) if version == "2" else 0 for r in rows])
+
+
+def truth(row: dict) -> int:
+    return int(row["tenure"] < 12)
+
+
+def test_on_labels_the_cluster_canary_is_judged_on_the_same_requests_not_on_its_output_psi(canary_cluster, monitor):
+    """The canary answers unlike the champion (it is right where the champion is not): without labels the
+    PSI guard would fail it; with 300 labelled requests from the monitor, both versions scored on each, it
+    is better on the same requests, and that decides."""
+    s, backend, _ = canary_cluster
+    _, client = monitor
+    log_served(client, "1", alternating(2000), per_request=100, first=5000)  # the champion's recent answers
+    RolloutController.begin(s, canary_version="2", primary_version="1", canary_uri="models:/churn/2")
+    target = KServeTarget(backend, prometheus(0.0)[0], shadow=MonitorShadow("http://testserver", client=client,
+                                                                            token=TOKEN))
+    ctl = RolloutController(s, target, scorer=RuleScorer())
+    assert ctl.step()["decision"] == "start"
+    rows_1, rows_2 = [instance(i) for i in range(200)], [instance(i) for i in range(200, 300)]
+    label(client, log_served(client, "1", [0] * 200), [truth(r) for r in rows_1])
+    label(client, log_served(client, "2", [truth(r) for r in rows_2], first=200), [truth(r) for r in rows_2])
+    first = ctl.step()
+    quality, guard = checks_of(first)["quality_delta"], checks_of(first)["prediction_psi"]
+    assert first["decision"] == "advance", first["reason"]
+    assert quality["passed"] is True and quality["value"] == pytest.approx(0.24)  # 76 % -> 100 % on all 300
+    assert "accuracy on the same 300 labelled requests" in quality["detail"]
+    assert guard["passed"] is None and "labelled requests decide" in guard["detail"]

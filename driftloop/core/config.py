@@ -286,18 +286,35 @@ class ServingConfig(_Section):
 
 
 class RolloutConfig(_Section):
+    """The canary's steps and how each step is judged (docs/rollouts.md, "How a step is judged")."""
+
     step_weight: int = Field(20, ge=1, le=100)
     step_weights: list[int] | None = None
     max_weight: int = Field(100, ge=1, le=100)
     interval_seconds: float = Field(30.0, gt=0)
-    threshold: int = Field(2, ge=1, description="failed checks before rollback")
+    threshold: int = Field(2, ge=1, description="failed analyses in a row that roll the canary back")
     manual_approval: bool = False
     max_error_rate: float = Field(0.05, ge=0.0, le=1.0)
     max_p99_latency_ms: float = Field(500.0, gt=0)
     min_requests: int = Field(20, ge=0)
-    max_prediction_psi: float = Field(0.25, gt=0)
-    min_quality_delta: float = Field(-0.05, description="canary quality minus primary's, on labelled feedback")
-    min_labels: int = Field(20, ge=0)
+    quality_margin: float = Field(0.05, ge=0.0, lt=1.0, description=(
+        "how much worse than the champion the canary may be on the gate's metric, on the same labelled "
+        "requests: points of accuracy, F1 or ROC AUC; a relative change of RMSE or MAE (0.05 = 5 % higher)"))
+    confidence: float = Field(0.95, gt=0.5, lt=1.0, description=(
+        "confidence of each bound of the canary-vs-champion comparison, over the whole rollout: a canary at "
+        "least as good is rolled back on quality, and one worse by the margin promoted, at most 1 - this often"))
+    min_labels: int = Field(100, ge=0, description=(
+        "labelled requests, scored by both versions, before quality is judged; below it the output-PSI guard "
+        "judges instead"))
+    max_holds: int = Field(40, ge=1, description=(
+        "analyses in a row at one weight whose quality comparison is inconclusive before the canary is "
+        "rolled back as not shown to be within quality_margin"))
+    max_prediction_psi: float = Field(0.25, gt=0, description=(
+        "shadow phase: the shadow's output PSI against the primary (canary steps judge PSI against the "
+        "champion's own spread)"))
+    min_quality_delta: float = Field(-0.05, description=(
+        "shadow phase: shadow quality minus the primary's on the same labelled rows (canary steps: "
+        "quality_margin)"))
     deploy: Literal["auto", "local", "kserve", "none"] = Field(
         "auto", description="where the pipeline's deploy step puts a canary; auto: kserve on a cluster, else local")
     prometheus_url: str | None = Field(None, description="Prometheus for InferenceService canary metrics")

@@ -1,10 +1,20 @@
 """The analysis of one interval: the checks a canary step or a shadow phase is judged on, and the weights.
 
-Canary steps (Flagger's analysis): minimum request count, error rate, p99 latency, canary-vs-primary
-prediction distribution (PSI) and — when labels arrived — model quality (canary − primary ≥
-``min_quality_delta``). The shadow phase (:mod:`serving.shadow`): the same errors, latency, PSI and
-quality limits on mirrored requests, plus agreement with the primary's answers to the same requests.
-A check with too little data has the verdict ``None``: it counts as neither a pass nor a failure.
+Canary steps (Flagger's analysis, judged as docs/rollouts.md "How a step is judged" states):
+
+* minimum request count, error rate and p99 latency — hard limits;
+* ``quality_delta`` — where enough labelled requests were scored by both versions
+  (:mod:`serving.rollout.paired`), the candidate against the champion on the gate's metric with
+  time-uniform bounds (``driftloop.core.statistics.paired_comparison``): passed when it is not worse
+  by more than ``quality_margin``, failed when it is worse, no verdict (a hold) when the bounds allow
+  both;
+* ``prediction_psi`` — only where labels are missing: the canary's answers against the champion's
+  latest ones, failing when they differ more than any of 19 earlier blocks of the champion's own
+  answers do (:func:`psi_guard`).
+
+The shadow phase (:mod:`serving.shadow`): the same errors and latency limits on mirrored requests,
+agreement with the primary's answers to the same requests, output PSI and quality delta against fixed
+limits. A check with too little data has the verdict ``None``: it counts as neither a pass nor a failure.
 """
 
 from __future__ import annotations
@@ -12,11 +22,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from driftloop.core.statistics import psi
+from driftloop.core.statistics import MIN_EFFECTIVE_PAIRS, psi
+from serving.rollout.paired import Pairing
 
-__all__ = ["Check", "evaluate_checks", "shadow_checks", "weight_schedule"]
+__all__ = ["Check", "evaluate_checks", "judge", "psi_guard", "quality_check", "shadow_checks", "weight_schedule",
+           "PASS", "FAIL", "HOLD", "WAIT", "PSI_BLOCKS"]
 
 _MIN_DISTRIBUTION_SAMPLES = 50
+PSI_BLOCKS = 19  # earlier blocks of the champion's own answers: a steady canary exceeds them all 1 time in 20
+
+# what one analysis comes to (:func:`judge`)
+PASS, FAIL, HOLD, WAIT = "pass", "fail", "hold", "wait"
 
 
 @dataclass(frozen=True)
@@ -39,32 +55,95 @@ def _health_checks(stats: dict[str, Any], cfg: Any, *, prefix: str, counted: boo
                   None if p99 is None or not counted else p99 <= cfg.max_p99_latency_ms)]
 
 
-def evaluate_checks(canary: dict[str, Any] | None, primary: dict[str, Any] | None, cfg: Any) -> list[Check]:
-    """The analysis of one interval from per-version stats (as ``/admin/stats`` reports them)."""
+def quality_check(pairing: Pairing | None, cfg: Any, note: str = "") -> Check:
+    """``quality_delta``: the candidate's change against the champion on the same labelled requests
+    (higher is better; limit ``-quality_margin``). Its value is set exactly when the labels decide —
+    enough requests scored by both versions — and then its verdict is the comparison's
+    (``PairedComparison.verdict``): True, False, or None for a hold. Without a value the labels are
+    missing and :func:`psi_guard` judges instead."""
+    margin, need = cfg.quality_margin, max(cfg.min_labels, 1)
+    if pairing is None:
+        return Check("quality_delta", None, -margin, None, note or "no labelled requests")
+    skipped = "".join(f"; {n} left out: {why}" for why, n in pairing.skipped.items())
+    cmp = pairing.comparison
+    if cmp is None or pairing.compared < need:
+        why = f"; {pairing.problem}" if pairing.problem else ""
+        return Check("quality_delta", None, -margin, None, f"needs {need} labelled requests scored by both versions; "
+                                                           f"{pairing.rows} labelled, {pairing.compared} scored{skipped}{why}")
+    scale = "relative: 1 - candidate/champion" if cmp.relative else "points"
+    numbers = (f"{cmp.metric} on the same {cmp.n} labelled requests: candidate {cmp.candidate:.4g}, champion "
+               f"{cmp.champion:.4g}; change {cmp.change:+.4f} ({scale}) within [{cmp.lower:+.4f}, {cmp.upper:+.4f}] "
+               f"at {cmp.confidence:.0%} each side, valid at every look{skipped}")
+    if pairing.problem:
+        return Check("quality_delta", cmp.change, -margin, None, f"{numbers}; no verdict: {pairing.problem}")
+    verdict = cmp.verdict(margin)
+    if verdict is True:
+        said = f"not worse than the champion by more than {margin:g}"
+    elif verdict is False:
+        said = "worse than the champion"
+    elif cmp.effective < MIN_EFFECTIVE_PAIRS:
+        said = f"inconclusive: the error is carried by few requests ({cmp.effective:.0f} effective), more needed"
+    else:
+        said = "inconclusive: more labelled requests needed"
+    return Check("quality_delta", cmp.change, -margin, verdict, f"{numbers}; {said}")
+
+
+def psi_guard(canary: list[Any], champion: list[Any]) -> Check:
+    """Where labels are missing: do the canary's answers differ from the champion's more than the
+    champion's own answers do from one block of requests to the next?
+
+    ``champion``: its latest answers, oldest first. With ``m`` = the canary's answers, at most 1/40 of
+    the champion's: the newest ``len - 19 m`` of the champion's answers are the reference; the value is
+    the PSI of ``m`` canary answers against it, the limit the largest PSI of the 19 blocks of ``m``
+    before the reference against it. A canary answering like the champion exceeds all 19 one time in
+    20 when the champion's outputs are steady, less often when they move (the blocks are older)."""
+    m = min(len(canary), len(champion) // (2 * PSI_BLOCKS + 2))
+    if m < _MIN_DISTRIBUTION_SAMPLES:
+        return Check("prediction_psi", None, None, None,
+                     f"needs {_MIN_DISTRIBUTION_SAMPLES} canary answers and {_MIN_DISTRIBUTION_SAMPLES * (2 * PSI_BLOCKS + 2)} "
+                     f"of the champion's latest, has {len(canary)} and {len(champion)}")
+    reference = champion[PSI_BLOCKS * m:]
+    value = psi(reference, canary[:m])
+    limit = max(psi(reference, champion[j * m:(j + 1) * m]) for j in range(PSI_BLOCKS))
+    return Check("prediction_psi", value, limit, value <= limit,
+                 f"{m} canary answers against the champion's latest {len(reference)}; limit: the largest PSI of "
+                 f"{PSI_BLOCKS} earlier blocks of {m} of the champion's own answers")
+
+
+def evaluate_checks(canary: dict[str, Any] | None, primary: dict[str, Any] | None, cfg: Any, *,
+                    pairing: Pairing | None = None, quality_note: str = "", champion: list[Any] | None = None
+                    ) -> list[Check]:
+    """The analysis of one interval: per-version stats (as ``/admin/stats`` reports them), the
+    rollout's labelled requests scored by both versions (``pairing``) and the champion's latest
+    answers (``champion``, oldest first) for the output-PSI guard where labels are missing."""
     canary = canary or {}
-    primary = primary or {}
     requests = int(canary.get("requests") or 0)
     enough = requests >= cfg.min_requests
     checks = [Check("requests", requests, cfg.min_requests, enough,
                     "" if enough else f"{requests} < {cfg.min_requests} requests reached the canary")]
     checks += _health_checks(canary, cfg, prefix="", counted=enough)
-    c_pred, p_pred = canary.get("predictions") or [], primary.get("predictions") or []
-    if len(c_pred) >= _MIN_DISTRIBUTION_SAMPLES and len(p_pred) >= _MIN_DISTRIBUTION_SAMPLES:
-        value = psi(p_pred, c_pred)
-        checks.append(Check("prediction_psi", value, cfg.max_prediction_psi, value <= cfg.max_prediction_psi))
+    quality = quality_check(pairing, cfg, quality_note)
+    if quality.value is not None:
+        checks.append(Check("prediction_psi", None, None, None, "not judged: labelled requests decide"))
     else:
-        checks.append(Check("prediction_psi", None, cfg.max_prediction_psi, None,
-                            f"needs {_MIN_DISTRIBUTION_SAMPLES} predictions on each side"))
-    c_q, p_q = canary.get("quality"), primary.get("quality")
-    labels = min(int(canary.get("labels") or 0), int(primary.get("labels") or 0))
-    if c_q is not None and p_q is not None and labels >= max(cfg.min_labels, 1):
-        delta = c_q - p_q
-        checks.append(Check("quality_delta", delta, cfg.min_quality_delta, delta >= cfg.min_quality_delta,
-                            f"{canary.get('quality_metric')}: canary {c_q:.4f} vs primary {p_q:.4f} on {labels}+ labels"))
-    else:
-        checks.append(Check("quality_delta", None, cfg.min_quality_delta, None,
-                            f"needs {cfg.min_labels} labels on each side"))
+        checks.append(psi_guard(canary.get("predictions") or [], champion or []))
+    checks.append(quality)
     return checks
+
+
+def judge(checks: list[Check]) -> str:
+    """What one analysis comes to: FAIL when a check failed (a hard limit broken, quality worse than
+    the champion, or — labels missing — answers unlike the champion's); WAIT when too few requests
+    reached the canary to judge it; HOLD when the labels decide and are inconclusive; else PASS."""
+    by_name = {c.name: c for c in checks}
+    if any(c.passed is False for c in checks if c.name != "requests"):
+        return FAIL
+    if not by_name["requests"].passed:
+        return WAIT
+    quality = by_name.get("quality_delta")
+    if quality is not None and quality.value is not None and quality.passed is None:
+        return HOLD
+    return PASS
 
 
 def weight_schedule(cfg: Any) -> list[int]:

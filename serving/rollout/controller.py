@@ -1,15 +1,26 @@
 """The rollout controller: Flagger-style canary analysis aimed at the local gateway or an InferenceService.
 
-Each interval the controller reads the canary's and the primary's numbers over the window
-since the last weight change and runs the checks: error rate, p99 latency, minimum request
-count, canary-vs-primary prediction distribution (PSI) and — when labels arrived — model
-quality (canary − primary ≥ ``min_quality_delta``). All checks passing moves the weight one
-step up (``step_weights`` or multiples of ``step_weight`` up to ``max_weight``); after the last
-step the canary is promoted (MLflow alias ``champion`` moves, 100 % traffic), or waits for
-a manual approval. A failed check counts; at ``threshold`` failed checks the canary is
-rolled back (0 %, ``champion`` unchanged, the version tagged with the reason). An interval
-whose numbers cannot be read (the target refuses or is unreachable) is recorded as
-``unavailable`` and counts as neither a pass nor a failure.
+Each interval the controller reads the canary's and the primary's numbers over the window since the
+last weight change (or the last failed analysis), and the labelled requests logged since the canary
+steps began, each scored by both versions (:mod:`serving.rollout.paired`); it runs the checks
+(:func:`~serving.rollout.analysis.evaluate_checks`) and acts on what they come to
+(:func:`~serving.rollout.analysis.judge`), by the rule docs/rollouts.md states:
+
+* **pass** — the weight moves one step up (``step_weights`` or multiples of ``step_weight`` up to
+  ``max_weight``); after the last step the canary is promoted (MLflow alias ``champion``, 100 %
+  traffic), or waits for a manual approval;
+* **fail** — a hard limit broken, quality worse than the champion, or (labels missing) answers
+  unlike the champion's: ``threshold`` failed analyses in a row roll back (0 %, ``champion``
+  unchanged, the version tagged with the reason); a failed analysis restarts the window, so the
+  next one judges fresh requests, and any analysis that judged the canary without a failure ends
+  the row;
+* **hold** — the labels decide and are inconclusive: the weight stays and more labelled requests
+  are awaited; ``max_holds`` holds at one weight roll back (not shown to be within the margin);
+* **wait** — too few requests reached the canary: nothing is judged.
+
+An interval whose numbers cannot be read (the target refuses or is unreachable, the monitor holding
+the labels or the registry holding the versions is down) is recorded as ``unavailable`` and counts as
+nothing.
 
 Every step (time, weight, each check's number and verdict, decision, reason) is appended to
 the state in ``<workspace>/rollout/<model>/state.json`` (written atomically, so the
@@ -27,7 +38,9 @@ from datetime import datetime, timezone
 from typing import Any
 
 from driftloop.core.errors import RolloutAborted, ServingError
-from serving.rollout.analysis import Check, evaluate_checks, shadow_checks, weight_schedule
+from serving.rollout.analysis import (FAIL, HOLD, WAIT, Check, evaluate_checks, judge, quality_check, shadow_checks,
+                                      weight_schedule)
+from serving.rollout.paired import Pairing, RegistryScorer, Scorer, compare_versions
 from serving.rollout.state import (AWAITING_APPROVAL, PENDING, PROGRESSING, PROMOTED, ROLLED_BACK, SHADOW, RolloutState,
                                    RolloutStore)
 from serving.rollout.targets import RolloutTarget
@@ -38,6 +51,7 @@ log = logging.getLogger(__name__)
 
 WEIGHT_TAG = "driftloop.rollout.weight"
 HISTORY_ARTIFACT = "rollout/history.json"
+_CHAMPION_SAMPLE = 4_000  # the champion's latest answers the output-PSI guard reads
 
 
 def _iso(ts: float) -> str:
@@ -48,7 +62,9 @@ class RolloutController:
     """Drives one canary rollout step by step; state survives restarts."""
 
     def __init__(self, settings: Any, target: RolloutTarget, registry: Any | None = None, *,
-                 model_name: str | None = None) -> None:
+                 model_name: str | None = None, scorer: Scorer | None = None) -> None:
+        """``scorer``: how both versions answer the labelled requests (default: each version loaded from
+        the MLflow registry, :class:`~serving.rollout.paired.RegistryScorer`)."""
         self.settings = settings
         self.cfg = settings.rollout
         self.target = target
@@ -56,6 +72,7 @@ class RolloutController:
         self.model_name = model_name or settings.mlflow.model_name
         self.store = RolloutStore(settings.workspace_dir / "rollout", self.model_name)
         self.schedule = weight_schedule(self.cfg)
+        self._scorer = scorer
 
     # -- lifecycle ------------------------------------------------------------------
     @classmethod
@@ -138,7 +155,7 @@ class RolloutController:
             state.weight = self.schedule[0]
             self.target.set_weight(state.weight)
             state.status = PROGRESSING
-            state.window_start = time.time()
+            state.window_start = state.quality_since = time.time()
             self._tag(state, {WEIGHT_TAG: str(state.weight)})
             return self._record(state, "start", f"canary v{state.canary_version} at {state.weight}%")
         if state.status == AWAITING_APPROVAL:
@@ -147,22 +164,38 @@ class RolloutController:
             return self._record(state, "await_approval", "analysis passed; waiting for manual approval")
         try:
             canary, primary = self.target.stats(state.window_start, state.canary_version, state.primary_version)
+            pairing, note = self._pairing(state, canary, primary)
+            labels_missing = quality_check(pairing, self.cfg, note).value is None  # then the PSI guard judges
+            champion = (self.target.champion_predictions(state.primary_version, _CHAMPION_SAMPLE)
+                        if state.primary_version and labels_missing else [])
         except ServingError as exc:
             # no numbers is not a failed check: the canary keeps its weight and is judged next interval
             return self._record(state, "unavailable", f"statistics unavailable, judged next interval: {exc}")
-        checks = evaluate_checks(canary, primary, self.cfg)
-        failed = [c for c in checks if c.passed is False and c.name != "requests"]
-        if failed:
+        checks = evaluate_checks(canary, primary, self.cfg, pairing=pairing, quality_note=note, champion=champion)
+        outcome = judge(checks)
+        if outcome == FAIL:
             state.failed_checks += 1
+            state.window_start = time.time()  # the next analysis judges fresh requests
+            failed = [c for c in checks if c.passed is False]
             reason = "; ".join(f"{c.name}={_fmt(c.value)} breaks limit {_fmt(c.limit)}" for c in failed)
             if state.failed_checks >= self.cfg.threshold:
-                return self._rollback(state, f"{state.failed_checks} failed checks: {reason}", checks)
-            return self._record(state, "hold", f"failed check {state.failed_checks}/{self.cfg.threshold}: {reason}", checks)
-        if not checks[0].passed:
+                return self._rollback(state, f"{state.failed_checks} failed analyses in a row: {reason}", checks)
+            return self._record(state, "fail", f"failed analysis {state.failed_checks}/{self.cfg.threshold} in a row: "
+                                f"{reason}", checks)
+        if outcome == WAIT:
             return self._record(state, "wait", checks[0].detail, checks)
+        state.failed_checks = 0  # judged, and nothing failed: the row of failed analyses ends
+        if outcome == HOLD:
+            state.holds += 1
+            quality = next(c for c in checks if c.name == "quality_delta")
+            if state.holds >= self.cfg.max_holds:
+                return self._rollback(state, f"quality not shown within rollout.quality_margin after {state.holds} "
+                                             f"inconclusive analyses: {quality.detail}", checks)
+            return self._record(state, "hold", f"hold {state.holds}/{self.cfg.max_holds}: {quality.detail}", checks)
         if state.step_index + 1 < len(self.schedule):
             state.step_index += 1
             state.weight = self.schedule[state.step_index]
+            state.holds = 0
             self.target.set_weight(state.weight)
             state.window_start = time.time()
             self._tag(state, {WEIGHT_TAG: str(state.weight)})
@@ -172,6 +205,32 @@ class RolloutController:
             return self._record(state, "await_approval", "analysis passed at max weight; waiting for manual approval",
                                 checks)
         return self._promote(state, f"checks passed at {state.weight}%", checks)
+
+    def _pairing(self, state: RolloutState, canary: dict[str, Any] | None, primary: dict[str, Any] | None
+                 ) -> tuple[Pairing | None, str]:
+        """The labelled requests since the canary steps began, scored by both versions; or None and why
+        not (then the labels count as missing). Raises ``ServingError`` when labels exist but the monitor
+        or the registry cannot be read: the interval is then unavailable."""
+        if state.primary_version is None:
+            return None, "no champion to compare with"
+        since = state.quality_since or state.started_at
+        try:
+            rows = self.target.labelled_rows(since, self.settings.serving.name)
+        except ServingError as exc:
+            seen = [s.get("labels") for s in (canary, primary) if s is not None]
+            if seen and not any(seen):  # the target's own count says no label came in this window
+                return None, f"no labels reached the canary or the primary, and the monitor cannot be read: {exc}"
+            raise
+        if rows is None:
+            return None, "no monitor holds this target's labelled requests"
+        if len(rows) < max(self.cfg.min_labels, 1):  # not worth loading two models yet
+            return Pairing(rows=len(rows)), ""
+        if self._scorer is None:
+            self._scorer = RegistryScorer(self.model_name, self.settings.tracking_uri)
+        pairing = compare_versions(rows, self._scorer, candidate=state.canary_version, champion=state.primary_version,
+                                   metric=self.settings.gate_metric, task=self.settings.model.task,
+                                   confidence=self.cfg.confidence)
+        return pairing, ""
 
     # -- shadow phase (serving.shadow mirrors, shadow_checks judges) ------------------
     def _start_shadow(self, state: RolloutState) -> dict[str, Any]:

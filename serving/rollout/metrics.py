@@ -1,8 +1,10 @@
-"""What the controller reads about an InferenceService's canary: Prometheus by revision, the monitor by version.
+"""What the controller reads about a canary: Prometheus by revision, the monitor by version.
 
 :class:`PrometheusMetrics` gives requests, error rate and p99 latency per Knative revision; the
 monitor's read-only API gives labelled quality (:class:`MonitorQuality`), both versions' answers
-(:class:`MonitorPredictions`) and the shadow phase's join by request id (:class:`MonitorShadow`).
+(:class:`MonitorPredictions`), the shadow phase's join by request id (:class:`MonitorShadow`) and the
+labelled requests themselves, features and label (:class:`MonitorLabelled`), which the canary's
+quality check scores with both versions (:mod:`serving.rollout.paired`) in both homes.
 A source that cannot be read raises ``ServingError``: the interval is then unavailable.
 """
 
@@ -13,9 +15,11 @@ from typing import Any
 
 from driftloop.core.errors import ServingError
 
-__all__ = ["PrometheusMetrics", "MonitorClient", "MonitorQuality", "MonitorShadow", "MonitorPredictions"]
+__all__ = ["PrometheusMetrics", "MonitorClient", "MonitorQuality", "MonitorShadow", "MonitorPredictions",
+           "MonitorLabelled", "LABELLED_LIMIT"]
 
 _MAX_DISTRIBUTION_SAMPLES = 2_000  # per version, as the local gateway's /admin/stats keeps them
+LABELLED_LIMIT = 50_000  # labelled requests a quality check scores at most (the latest of the window)
 
 
 class PrometheusMetrics:
@@ -74,17 +78,28 @@ class MonitorClient:
         self._client = client
         self._token = token
 
-    def _get(self, path: str, params: dict[str, Any], what: str) -> dict[str, Any]:
+    def _get(self, path: str, params: dict[str, Any], what: str, *, missing_ok: bool = False) -> dict[str, Any] | None:
+        """The JSON answer; None for a 404 with ``missing_ok`` (a monitor without that route)."""
         import httpx
 
         client = self._client or httpx.Client(timeout=self.timeout)
         headers = {"authorization": f"Bearer {self._token}"} if self._token else {}
         try:
             resp = client.get(f"{self.url}{path}", params=params, headers=headers)
+            if missing_ok and resp.status_code == 404:
+                return None
             resp.raise_for_status()
             return resp.json()
         except (httpx.HTTPError, ValueError) as exc:
             raise ServingError(f"monitor {what} query failed at {self.url}: {exc}") from exc
+
+    @property
+    def token(self) -> str | None:
+        return self._token
+
+    def sibling(self, cls: type[MonitorClient]) -> MonitorClient:
+        """A client of another kind for the same monitor: URL, timeout, HTTP client and token."""
+        return cls(self.url, timeout=self.timeout, client=self._client, token=self._token)
 
 
 class MonitorQuality(MonitorClient):
@@ -141,3 +156,26 @@ class MonitorPredictions(MonitorClient):
             raise ServingError(f"monitor predictions query at {self.url} answered without versions")
         return {str(v): list((d or {}).get("predictions") or []) for v, d in by_version.items()}
 
+
+
+class MonitorLabelled(MonitorClient):
+    """The labelled requests of a window from the monitor's ``GET /labelled`` (its inference log joined
+    with the labels posted for it): per row the features as the model server received them, the
+    version that answered, what it answered and the label — so both versions can be scored on the same
+    requests (:mod:`serving.rollout.paired`), whichever of them served each one."""
+
+    def rows(self, since: float, *, model: str | None = None, limit: int = LABELLED_LIMIT
+             ) -> list[dict[str, Any]] | None:
+        """The latest ``limit`` labelled rows served since ``since``, oldest first, shadow rows left out
+        (``request_id, row_index, ts, version, features, prediction, label``); None when the monitor
+        has no such route (a monitor older than the paired quality check)."""
+        params: dict[str, Any] = {"since": since, "limit": limit}
+        if model:
+            params["model"] = model
+        found = self._get("/labelled", params, "labelled requests", missing_ok=True)
+        if found is None:
+            return None
+        rows = found.get("rows") if isinstance(found, dict) else None
+        if not isinstance(rows, list):
+            raise ServingError(f"monitor labelled query at {self.url} answered without rows")
+        return rows

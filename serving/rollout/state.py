@@ -38,9 +38,11 @@ class RolloutState:
     status: str = PENDING
     weight: int = 0
     step_index: int = -1
-    failed_checks: int = 0
+    failed_checks: int = 0  # failed analyses in a row (rollout.threshold of them roll back)
+    holds: int = 0  # inconclusive analyses at the current weight (rollout.max_holds of them roll back)
     approved: bool = False
     window_start: float = 0.0
+    quality_since: float = 0.0  # when the canary steps began: the labelled requests judged are those since
     started_at: float = field(default_factory=time.time)
     updated_at: float = field(default_factory=time.time)
     reason: str = ""

@@ -1,7 +1,9 @@
 """Where the canary runs: the local gateway (through its admin API) or an InferenceService (through ``KServeBackend``).
 
-A target moves the traffic split, reports each version's numbers over a window, and promotes or
-rolls back; :class:`GatewayTarget` and :class:`KServeTarget` also run the shadow phase.
+A target moves the traffic split, reports each version's numbers over a window, the champion's latest
+answers (the output-PSI guard's reference) and the rollout's labelled requests (from the monitor its
+inference log goes to), and promotes or rolls back; :class:`GatewayTarget` and :class:`KServeTarget`
+also run the shadow phase.
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ import time
 from typing import Any, Protocol
 
 from driftloop.core.errors import ServingError
-from serving.rollout.metrics import MonitorPredictions, MonitorQuality, MonitorShadow, PrometheusMetrics
+from serving.rollout.metrics import (LABELLED_LIMIT, MonitorLabelled, MonitorPredictions, MonitorQuality, MonitorShadow,
+                                    PrometheusMetrics)
 from serving.rollout.state import RolloutState
 
 __all__ = ["RolloutTarget", "GatewayTarget", "KServeTarget"]
@@ -25,6 +28,15 @@ class RolloutTarget(Protocol):
     def stats(self, since: float, canary_version: str, primary_version: str | None
               ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]: ...
 
+    def champion_predictions(self, version: str, limit: int) -> list[Any]:
+        """The latest ``limit`` answers ``version`` served, oldest first."""
+        ...
+
+    def labelled_rows(self, since: float, model: str) -> list[dict[str, Any]] | None:
+        """The labelled requests served since ``since`` (:class:`MonitorLabelled`); None where no
+        monitor holds them."""
+        ...
+
     def promote(self, state: RolloutState) -> None: ...
 
     def rollback(self, state: RolloutState) -> None: ...
@@ -35,14 +47,18 @@ class GatewayTarget:
     that also manages the model-server processes (``LocalBackend``)."""
 
     def __init__(self, admin_url: str, backend: Any | None = None, timeout: float = 10.0, *,
-                 token: str | None = None) -> None:
-        """``token``: the gateway's admin bearer token (default: ``DRIFTLOOP_GATEWAY_TOKEN``)."""
+                 token: str | None = None, labelled: MonitorLabelled | None = None) -> None:
+        """``token``: the gateway's admin bearer token (default: ``DRIFTLOOP_GATEWAY_TOKEN``).
+        ``labelled``: where the labelled requests are read (default: the monitor the gateway logs to,
+        :meth:`labelled_rows`)."""
         import httpx
 
         if token is None:
             token = os.environ.get("DRIFTLOOP_GATEWAY_TOKEN") or None
         self.admin_url = admin_url.rstrip("/")
         self.backend = backend
+        self.timeout = timeout
+        self._labelled = labelled
         headers = {"authorization": f"Bearer {token}"} if token else {}
         self._http = httpx.Client(base_url=self.admin_url, timeout=timeout, headers=headers)
 
@@ -78,6 +94,25 @@ class GatewayTarget:
         versions = self._call("GET", "/admin/stats", params={"since": since})["versions"]
         return versions.get(str(canary_version)), versions.get(str(primary_version)) if primary_version else None
 
+    def champion_predictions(self, version: str, limit: int) -> list[Any]:
+        """What the gateway keeps of ``version``'s latest answers (up to 2,000), oldest first."""
+        found = self._call("GET", "/admin/stats")["versions"].get(str(version)) or {}
+        return list(reversed(found.get("predictions") or []))[-limit:]  # the gateway lists the newest first
+
+    def labelled_rows(self, since: float, model: str) -> list[dict[str, Any]] | None:
+        """From the monitor the gateway sends its inference log to (``/admin/status``'s ``sink_url``),
+        with the workspace's ingest token (the backend's) or ``DRIFTLOOP_WEBHOOK_TOKEN``; None when the
+        gateway logs nowhere."""
+        if self._labelled is None:
+            sink = self._call("GET", "/admin/status").get("sink_url")
+            if not sink:
+                return None
+            token = (self.backend.ingest_token() if hasattr(self.backend, "ingest_token") else None) or \
+                os.environ.get("DRIFTLOOP_WEBHOOK_TOKEN") or os.environ.get("DRIFTLOOP_INGEST_TOKEN") or None
+            self._labelled = MonitorLabelled(sink.rstrip("/").removesuffix("/events"), timeout=self.timeout,
+                                             token=token)
+        return self._labelled.rows(since, model=model, limit=LABELLED_LIMIT)
+
     def promote(self, state: RolloutState) -> None:
         if self.backend is not None:
             self.backend.promote()
@@ -99,16 +134,20 @@ class KServeTarget:
     version, and the shadow phase's join."""
 
     def __init__(self, backend: Any, metrics: PrometheusMetrics, quality: MonitorQuality | None = None,
-                 shadow: MonitorShadow | None = None, predictions: MonitorPredictions | None = None) -> None:
-        """``predictions`` defaults to the monitor ``shadow`` reads (same URL and bearer token)."""
+                 shadow: MonitorShadow | None = None, predictions: MonitorPredictions | None = None,
+                 labelled: MonitorLabelled | None = None) -> None:
+        """``predictions`` and ``labelled`` default to the monitor ``shadow`` reads (same URL and bearer
+        token), ``labelled`` else to the one ``predictions`` reads."""
         self.backend = backend
         self.metrics = metrics
         self.quality = quality
         self.shadow = shadow
         if predictions is None and shadow is not None:
-            predictions = MonitorPredictions(shadow.url, timeout=shadow.timeout, client=shadow._client,
-                                             token=shadow._token)
+            predictions = shadow.sibling(MonitorPredictions)
         self.predictions = predictions
+        if labelled is None and (shadow or predictions) is not None:
+            labelled = (shadow or predictions).sibling(MonitorLabelled)
+        self.labelled = labelled
 
     def set_weight(self, percent: int) -> None:
         self.backend.set_traffic(percent)
@@ -138,6 +177,17 @@ class KServeTarget:
             for stats, version in sides:
                 stats["predictions"] = samples.get(version, [])
         return canary, primary
+
+    def champion_predictions(self, version: str, limit: int) -> list[Any]:
+        """From the monitor's inference log (``GET /predictions``); none without a monitor."""
+        if self.predictions is None:
+            return []
+        return self.predictions.samples(0.0, [str(version)], limit=limit).get(str(version), [])
+
+    def labelled_rows(self, since: float, model: str) -> list[dict[str, Any]] | None:
+        if self.labelled is None:
+            return None
+        return self.labelled.rows(since, model=model, limit=LABELLED_LIMIT)
 
     def promote(self, state: RolloutState) -> None:
         self.backend.promote(state.canary_uri or f"models:/{state.model_name}/{state.canary_version}")
