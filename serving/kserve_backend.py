@@ -14,6 +14,7 @@ client) and the Istio mirror (a ``VirtualService``, through the kubernetes clien
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -24,7 +25,7 @@ from serving import inference_service as isvcs
 if TYPE_CHECKING:
     from driftloop.core.config import Settings
 
-__all__ = ["KServeBackend", "ServingStatus", "TrafficTarget"]
+__all__ = ["KServeBackend", "ServingStatus", "TrafficTarget", "api_error_line"]
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,35 @@ class ServingStatus:
 def _is_not_found(exc: Exception) -> bool:
     text = str(exc)
     return "(404)" in text or "Not Found" in text
+
+
+def _api_exception(exc: BaseException) -> Any:
+    """The kubernetes ``ApiException`` behind ``exc`` (KServeClient wraps it in a RuntimeError), or None."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if hasattr(seen, "status") and hasattr(seen, "body"):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _status(exc: BaseException) -> int | None:
+    api = _api_exception(exc)
+    return getattr(api, "status", None) if api is not None else None
+
+
+def api_error_line(exc: BaseException) -> str:
+    """What the API server said, on one line: ``403 Forbidden: <its message>`` (not the client's dump of
+    headers and body); other errors (connection refused, …) as their own text, folded onto one line."""
+    api = _api_exception(exc)
+    if api is not None:
+        message = ""
+        try:
+            message = json.loads(api.body or "{}").get("message", "")
+        except (ValueError, AttributeError, TypeError):
+            message = str(api.body or "")
+        return " ".join(f"{api.status} {api.reason or ''}: {message or ''}".split()).rstrip(": ")
+    return " ".join(str(exc).split())
 
 
 def parse_status(obj: dict[str, Any]) -> ServingStatus:
@@ -117,7 +147,7 @@ class KServeBackend:
         except ServingError:
             raise
         except Exception as exc:  # KServeClient wraps every ApiException in RuntimeError
-            raise ServingError(f"{what} InferenceService {self.namespace}/{self.name}: {exc}") from exc
+            raise ServingError(f"{what} InferenceService {self.namespace}/{self.name}: {api_error_line(exc)}") from exc
 
     # -- reading ----------------------------------------------------------------------------
     def get(self) -> dict[str, Any] | None:
@@ -129,7 +159,7 @@ class KServeBackend:
         except Exception as exc:
             if _is_not_found(exc):
                 return None
-            raise ServingError(f"cannot read InferenceService {self.namespace}/{self.name}: {exc}") from exc
+            raise ServingError(f"cannot read InferenceService {self.namespace}/{self.name}: {api_error_line(exc)}") from exc
 
     def current(self) -> Any:
         """The current object parsed into kserve's model classes; ServingError when it is not there."""
@@ -157,8 +187,8 @@ class KServeBackend:
     def set_canary(self, model_uri: str, percent: int) -> dict[str, Any]:
         """Put ``model_uri`` out as a canary with ``percent`` % of traffic (a new predictor revision)."""
         isvcs.check_percent(percent)
-        desired = isvcs.with_canary(self.current(), self._model_ref(model_uri), percent)
-        return self._replace(desired)
+        ref = self._model_ref(model_uri)
+        return self._update(lambda current: isvcs.with_canary(current, ref, percent))
 
     def set_traffic(self, percent: int) -> dict[str, Any]:
         """Move the split between the rolled-out and the canary revision (no new revision)."""
@@ -171,7 +201,8 @@ class KServeBackend:
 
     def promote(self, model_uri: str) -> dict[str, Any]:
         """The new model as the predictor without ``canaryTrafficPercent``: it takes 100 %."""
-        return self._replace(isvcs.promote(self.current(), self._model_ref(model_uri)))
+        ref = self._model_ref(model_uri)
+        return self._update(lambda current: isvcs.promote(current, ref))
 
     def wait_ready(self, timeout: float = 600.0, polling_interval: float = 10.0) -> None:
         interval = max(1, min(int(polling_interval), int(timeout) or 1))
@@ -187,7 +218,7 @@ class KServeBackend:
         except Exception as exc:
             if _is_not_found(exc):
                 return None
-            raise ServingError(f"cannot read InferenceService {self.namespace}/{name}: {exc}") from exc
+            raise ServingError(f"cannot read InferenceService {self.namespace}/{name}: {api_error_line(exc)}") from exc
         return parse_status(obj)
 
     def mirror(self) -> dict[str, Any] | None:
@@ -199,7 +230,7 @@ class KServeBackend:
         except Exception as exc:
             if _is_not_found(exc):
                 return None
-            raise ServingError(f"cannot read VirtualService {self.namespace}/{name}: {exc}") from exc
+            raise ServingError(f"cannot read VirtualService {self.namespace}/{name}: {api_error_line(exc)}") from exc
 
     def set_shadow(self, model_uri: str, version: str | None, percent: float, *,
                    ready_timeout: float = 600.0) -> dict[str, Any] | None:
@@ -245,7 +276,7 @@ class KServeBackend:
             log.info("replacing VirtualService %s/%s", self.namespace, name)
             return api.replace_namespaced_custom_object(*args, name, body)
         except Exception as exc:  # kubernetes.client ApiException and connection errors
-            raise ServingError(f"cannot apply VirtualService {self.namespace}/{name}: {exc}") from exc
+            raise ServingError(f"cannot apply VirtualService {self.namespace}/{name}: {api_error_line(exc)}") from exc
 
     def remove_shadow(self) -> None:
         """Delete the mirror first (no copy goes out any more), then the shadow InferenceService; gone is fine."""
@@ -256,19 +287,32 @@ class KServeBackend:
             log.info("deleted VirtualService %s/%s", self.namespace, vs)
         except Exception as exc:
             if not _is_not_found(exc):
-                raise ServingError(f"cannot delete VirtualService {self.namespace}/{vs}: {exc}") from exc
+                raise ServingError(f"cannot delete VirtualService {self.namespace}/{vs}: {api_error_line(exc)}") from exc
         shadow = isvcs.shadow_name(self.settings)
         try:
             self.client.delete(shadow, namespace=self.namespace)
             log.info("deleted shadow InferenceService %s/%s", self.namespace, shadow)
         except Exception as exc:
             if not _is_not_found(exc):
-                raise ServingError(f"cannot delete InferenceService {self.namespace}/{shadow}: {exc}") from exc
+                raise ServingError(f"cannot delete InferenceService {self.namespace}/{shadow}: {api_error_line(exc)}") from exc
 
     # -- helpers ----------------------------------------------------------------------------
-    def _replace(self, isvc: Any) -> dict[str, Any]:
-        isvc.metadata.resource_version = None  # KServeClient.replace reads the current one
-        return self._call("cannot replace", self.client.replace, self.name, isvc, namespace=self.namespace)
+    def _update(self, change: Any, attempts: int = 3) -> dict[str, Any]:
+        """Read the object, ``change`` it, write it back with the resourceVersion that was read. A write by
+        someone else in between (the agent's minReplicas, a person's annotation) makes the API server
+        answer 409 Conflict instead of losing that write; the change is then made again on a fresh read."""
+        attempt = 1
+        while True:
+            desired = change(self.current())  # keeps metadata.resource_version of this read
+            try:
+                return self.client.replace(self.name, desired, namespace=self.namespace)
+            except Exception as exc:  # KServeClient wraps every ApiException in RuntimeError
+                if _status(exc) != 409 or attempt >= attempts:
+                    raise ServingError(f"cannot replace InferenceService {self.namespace}/{self.name}: "
+                                       f"{api_error_line(exc)}") from exc
+            attempt += 1
+            log.info("InferenceService %s/%s changed since it was read (409 Conflict); reading it again",
+                     self.namespace, self.name)
 
     def _model_ref(self, model_uri: str) -> str:
         """The predictor image takes registry URIs; KServe's mlflow runtime needs the version's files."""

@@ -124,6 +124,7 @@ class KServeActuator:
         from kserve import constants
 
         from serving.inference_service import API_VERSION, to_dict
+        from serving.kserve_backend import api_error_line
 
         predictor = (self._object().get("spec") or {}).get("predictor") or {}
         configured = int(self.settings.serving.max_replicas)
@@ -147,7 +148,7 @@ class KServeActuator:
                 to_dict(patch), dry_run="All")
         except Exception as exc:
             raise ServingError(f"the API server refused minReplicas={replicas} on {namespace}/{name} "
-                               f"(dry run): {exc}") from exc
+                               f"(dry run): {api_error_line(exc)}") from exc
         self.backend._call("cannot patch", self.client.patch, name, patch, namespace=namespace)
         extra = "" if max_replicas is None else f", maxReplicas={max_replicas}"
         return f"spec.predictor.minReplicas={replicas}{extra} on InferenceService {namespace}/{name}"
