@@ -636,3 +636,5 @@ def test_on_the_embedded_default_the_labels_come_from_the_monitor_the_gateway_lo
     assert first["decision"] == "fail" and quality["passed"] is False and quality["value"] == pytest.approx(-1.0)
     assert "on the same 120 labelled requests" in quality["detail"]
     assert second["decision"] == "rollback" and ctl.state().status == ROLLED_BACK
+    # no request reached the canary after the failure restarted the window: quality alone failed, and says so
+    assert "quality_delta=-1" in second["reason"] and "requests=" not in second["reason"]
