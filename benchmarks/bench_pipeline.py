@@ -53,10 +53,11 @@ import sys, warnings
 warnings.filterwarnings("ignore")
 from driftloop.core.config import load_settings
 from pipelines.runner import LocalRunner, RunRequest
+from pipelines.training import run_training
 src, ws = sys.argv[1], sys.argv[2]
 s = load_settings(overrides={"workspace": ws, "data.source": src, "data.time_column": "event_time",
                              "mlflow.model_name": "bench", "mlflow.experiment": "bench"}, environ={})
-res = LocalRunner(s).run_training(RunRequest())
+res = run_training(LocalRunner(s), RunRequest())
 assert res.state == "SUCCEEDED", res.error
 """
 

@@ -23,6 +23,7 @@ from driftloop.core.runs import RunRequest
 from monitoring.alerts import AlertStore
 from monitoring.trigger import WORKER_MODULE, record_result, trigger_of
 from pipelines.runner import runner_for
+from pipelines.training import run_training
 
 __all__ = ["main"]
 
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
                          window_end=args.window_end, request_id=args.request_id)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        result = runner_for(settings).run_training(request)
+        result = run_training(runner_for(settings), request)
         record_result(alerts, args.alert_id, result, time.time())
         log.info("alert %s: run %s %s", args.alert_id, result.run_id, result.state)
     except KeyboardInterrupt:

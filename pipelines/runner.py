@@ -5,8 +5,9 @@ Both run any pipeline — ``run(pipeline, arguments, request)``, the pipeline de
 with ``kfp.local`` (SubprocessRunner in this environment, no cluster). ``KfpRunner`` compiles
 it, uploads it as a version of a stably named pipeline and starts a run in a named experiment
 through ``kfp.Client``. ``runner_for(settings)`` picks one from the configuration; the CLI, the
-drift trigger and the scheduler all go through it. ``run_training`` is the training pipeline
-with its arguments (:mod:`pipelines.training`); scoring does the same in :mod:`pipelines.scoring`.
+drift trigger and the scheduler all go through it. A pipeline module describes its pipeline, its
+arguments and its steps' names (:func:`pipelines.training.run_training`,
+:func:`pipelines.scoring.run_scoring`); the runners take them as given.
 
 A request is checked before anything starts (:func:`check_request`: the trigger and the data
 window). On the embedded default every task process starts through
@@ -53,7 +54,7 @@ from pipelines.task_server import parse_task_command, read_status, send_task
 TASK_SERVER_ENV = "DRIFTLOOP_TASK_SERVER"
 
 __all__ = ["Pipeline", "RunRequest", "RunResult", "PipelineRunner", "LocalRunner", "KfpRunner", "runner_for",
-           "check_request", "check_trigger", "check_window", "TaskEvent", "task_detail", "task_server_enabled",
+           "check_request", "check_trigger", "check_window", "TaskEvent", "task_server_enabled",
            "registry_outcome", "plain_text"]
 
 
@@ -106,12 +107,6 @@ class TaskEvent:
 
 ProgressFn = Callable[[TaskEvent], None]
 
-# kfp component function -> the step name a person reads
-_STEP_NAMES = {"ingest_op": "ingest", "validate_op": "validate", "train_op": "train", "train_distributed_op": "train",
-               "evaluate_op": "evaluate", "register_op": "register", "reject_op": "record rejection",
-               "deploy_op": "deploy", "score_plan_op": "plan", "score_chunk_op": "score chunk",
-               "score_write_op": "write", "score_drift_op": "batch drift"}
-
 
 def _task_of(cmd: list[str]) -> tuple[str, str] | None:
     """(function name, executor output file) of a kfp.local task command, from its executor arguments."""
@@ -123,39 +118,16 @@ def _task_of(cmd: list[str]) -> tuple[str, str] | None:
         return None
 
 
-def task_detail(func: str, output: dict[str, Any]) -> str:
-    """The key output of a finished step, from its executor output (parameters and artifact metadata)."""
-    params = output.get("parameterValues") or {}
-    meta: dict[str, Any] = {}
-    for art in (output.get("artifacts") or {}).values():
-        for a in art.get("artifacts") or []:
-            meta.update(a.get("metadata") or {})
-    if func == "ingest_op":
-        return f"{params.get('rows', '?')} rows" + (f", window {params['window']}" if params.get("window") else "")
-    if func == "validate_op":
-        return f"{len(meta.get('numeric', []))} numeric, {len(meta.get('categorical', []))} categorical columns"
-    if func in ("train_op", "train_distributed_op"):
-        return f"on {params.get('device', '?')}"
-    if func == "evaluate_op":
-        verdict = "PASS" if params.get("passed") else "REJECT"
-        return f"gate {verdict}: {params.get('reason', '')}"
-    if func == "register_op":
-        return f"version {params.get('version', '?')}" + (f" ({params['aliases']})" if params.get("aliases") else "")
-    if func == "reject_op":
-        return f"MLflow run {params.get('Output', '')}"
-    if func == "deploy_op":
-        return f"{params.get('action', '')}: {params.get('message', '')}".strip(": ")
-    return ""
-
-
 class _Watched:
-    """A task process as kfp.local uses it (``with``, ``stdout``, ``wait``), reporting start and end."""
+    """A task process as kfp.local uses it (``with``, ``stdout``, ``wait``), reporting start and end under the
+    names and with the details its pipeline gives (:attr:`Pipeline.step_names`, :attr:`Pipeline.step_detail`)."""
 
-    def __init__(self, proc: Any, func: str, output_file: str, progress: ProgressFn) -> None:
+    def __init__(self, proc: Any, func: str, output_file: str, progress: ProgressFn, pipeline: Pipeline) -> None:
         self._proc, self._func, self._output_file, self._progress = proc, func, output_file, progress
+        self._pipeline = pipeline
         self._start = time.monotonic()
         self._reported = False
-        progress(TaskEvent(_STEP_NAMES.get(func, func), "running"))
+        progress(TaskEvent(pipeline.step_names.get(func, func), "running"))
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._proc, name)
@@ -178,13 +150,13 @@ class _Watched:
             return
         self._reported = True
         seconds = time.monotonic() - self._start
-        name = _STEP_NAMES.get(self._func, self._func)
+        name = self._pipeline.step_names.get(self._func, self._func)
         if code != 0:
             detail = _read_error(os.environ.get(ERROR_FILE_ENV, "")) or {}
             self._progress(TaskEvent(name, "failed", seconds, detail.get("message", f"exit status {code}")))
             return
         try:
-            detail = task_detail(self._func, json.loads(Path(self._output_file).read_text()))
+            detail = self._pipeline.step_detail(self._func, json.loads(Path(self._output_file).read_text()))
         except (OSError, ValueError, TypeError, AttributeError):
             detail = ""
         self._progress(TaskEvent(name, "succeeded", seconds, detail))
@@ -264,6 +236,7 @@ class _TaskServer:
 class _Active:
     server: _TaskServer | None = None
     progress: ProgressFn | None = None
+    pipeline: Pipeline | None = None
 
 
 _active = _Active()
@@ -282,7 +255,7 @@ class _TaskSubprocess:
 
     @staticmethod
     def Popen(cmd: Any, **kwargs: Any) -> Any:  # noqa: N802 (subprocess's name)
-        server, progress = _active.server, _active.progress
+        server, progress, pipeline = _active.server, _active.progress, _active.pipeline
         proc: Any = None
         if (server is not None and parse_task_command(list(cmd)) is not None
                 and kwargs.get("stdout") == subprocess.PIPE and kwargs.get("stderr") == subprocess.STDOUT
@@ -295,8 +268,8 @@ class _TaskSubprocess:
                 server.usable = False
         if proc is None:
             proc = spawn(cmd, kill_group=True, **kwargs)
-        task = _task_of(list(cmd)) if progress is not None else None
-        return _Watched(proc, task[0], task[1], progress) if task and progress else proc
+        task = _task_of(list(cmd)) if progress is not None and pipeline is not None else None
+        return _Watched(proc, task[0], task[1], progress, pipeline) if task and progress and pipeline else proc
 
 
 def _tasks_through_spawn() -> None:
@@ -307,15 +280,15 @@ def _tasks_through_spawn() -> None:
 
 
 @contextlib.contextmanager
-def _tasks_for_run(log_file: Any, progress: ProgressFn | None, *, fork: bool):
-    """While the pipeline runs: the task server (``fork``) and where task start/end events go."""
+def _tasks_for_run(log_file: Any, progress: ProgressFn | None, pipeline: Pipeline, *, fork: bool):
+    """While ``pipeline`` runs: the task server (``fork``) and where task start/end events go."""
     server = _TaskServer(log_file) if fork else None
-    previous = (_active.server, _active.progress)
-    _active.server, _active.progress = server, progress
+    previous = (_active.server, _active.progress, _active.pipeline)
+    _active.server, _active.progress, _active.pipeline = server, progress, pipeline
     try:
         yield
     finally:
-        _active.server, _active.progress = previous
+        _active.server, _active.progress, _active.pipeline = previous
         if server is not None:
             server.close()
 
@@ -345,17 +318,6 @@ class LocalRunner:
         prefix = pipeline.log_prefix if pipeline is not None else ""
         return self.pipeline_root / "logs" / f"{prefix}{request.request_id}.log"
 
-    def run_training(self, request: RunRequest, *, wait: bool = True, progress: ProgressFn | None = None,
-                     echo: Any = None, on_wait: Callable[[str], None] | None = None) -> RunResult:
-        """The training pipeline through :meth:`run`, with the arguments of this request."""
-        from pipelines.training import pipeline_arguments, training_pipeline_for
-
-        check_request(request)
-        args = pipeline_arguments(self.settings, trigger=request.trigger, request_id=request.request_id,
-                                  window_start=request.window_start, window_end=request.window_end)
-        return self.run(training_pipeline_for(self.settings), args, request, wait=wait, progress=progress, echo=echo,
-                        on_wait=on_wait)
-
     def run(self, pipeline: Pipeline, arguments: dict[str, Any], request: RunRequest, *, wait: bool = True,
             progress: ProgressFn | None = None, echo: Any = None,
             on_wait: Callable[[str], None] | None = None) -> RunResult:
@@ -369,7 +331,8 @@ class LocalRunner:
             pipeline.prepare()
             log_path = self.log_path(request, pipeline)
             private_dir(log_path.parent)
-            with open(log_path, "a") as server_log, _tasks_for_run(server_log, progress, fork=task_server_enabled()):
+            with open(log_path, "a") as server_log, _tasks_for_run(server_log, progress, pipeline,
+                                                                   fork=task_server_enabled()):
                 # the task server imports the step libraries while this process prepares the run
                 return self._run(pipeline, arguments, request, log_path, echo)
 
@@ -564,16 +527,8 @@ class KfpRunner:
         except Exception as exc:
             raise PipelineRunError(f"{what} failed on {self.settings.kfp.host}: {type(exc).__name__}: {exc}") from exc
 
-    def compile(self, directory: Path) -> Path:
-        """The training pipeline's package, written into ``directory``."""
-        from pipelines.training import training_pipeline_for
-
-        return training_pipeline_for(self.settings).compile(directory)
-
-    def ensure_pipeline_version(self, package: Path, *, name: str | None = None,
-                                description: str = "driftloop training pipeline") -> tuple[str, str]:
-        """Upload ``package`` as a version of the named pipeline (``kfp.pipeline_name`` unless ``name``); return (pipeline_id, version_id)."""
-        name = name or self.settings.kfp.pipeline_name
+    def ensure_pipeline_version(self, package: Path, *, name: str, description: str) -> tuple[str, str]:
+        """Upload ``package`` as a version of the pipeline named ``name``; return (pipeline_id, version_id)."""
         digest = hashlib.sha256(package.read_bytes()).hexdigest()[:12]
         version_name = f"{name}-{digest}"
         pipeline_id = self._call("looking up the pipeline", self.client.get_pipeline_id, name)
@@ -590,18 +545,14 @@ class KfpRunner:
                              pipeline_version_name=version_name, pipeline_id=pipeline_id)
         return pipeline_id, created.pipeline_version_id
 
-    def upload(self, pipeline: Pipeline | None = None) -> tuple[str, str]:
-        """Compile ``pipeline`` (the training pipeline unless given) and make sure it is uploaded; return (pipeline_id, version_id)."""
+    def upload(self, pipeline: Pipeline) -> tuple[str, str]:
+        """Compile ``pipeline`` and make sure it is uploaded; return (pipeline_id, version_id)."""
         if not self.settings.mlflow.tracking_uri:
             # The embedded default is a SQLite file on this machine; pipeline pods cannot reach it.
             raise PipelineRunError(
                 f"mlflow.tracking_uri is not set: runs on Kubeflow ({self.settings.kfp.host}) need an MLflow "
                 "tracking server the cluster can reach (e.g. -p mlflow.tracking_uri=http://mlflow.mlflow:5000)"
             )
-        if pipeline is None:
-            from pipelines.training import training_pipeline_for
-
-            pipeline = training_pipeline_for(self.settings)
         with tempfile.TemporaryDirectory() as tmp:
             return self.ensure_pipeline_version(pipeline.compile(Path(tmp)), name=pipeline.name,
                                                 description=pipeline.description)
@@ -623,17 +574,6 @@ class KfpRunner:
         except Exception as exc:
             raise PipelineRunError(f"looking up experiment {name!r} failed on {self.settings.kfp.host}: {exc}") from exc
         return exp.experiment_id
-
-    def run_training(self, request: RunRequest, *, wait: bool = False, timeout: int = 3600,
-                     progress: ProgressFn | None = None, poll_seconds: float | None = None) -> RunResult:
-        """The training pipeline through :meth:`run`, with the arguments of this request."""
-        from pipelines.training import pipeline_arguments, training_pipeline_for
-
-        check_request(request)
-        args = pipeline_arguments(self.settings, trigger=request.trigger, request_id=request.request_id,
-                                  window_start=request.window_start, window_end=request.window_end)
-        return self.run(training_pipeline_for(self.settings), args, request, wait=wait, timeout=timeout,
-                        progress=progress, poll_seconds=poll_seconds)
 
     def run(self, pipeline: Pipeline, arguments: dict[str, Any], request: RunRequest, *, wait: bool = False,
             timeout: int = 3600, progress: ProgressFn | None = None, poll_seconds: float | None = None) -> RunResult:

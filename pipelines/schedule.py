@@ -497,7 +497,7 @@ class KfpSchedules:
     # writing ------------------------------------------------------------------------------
     def _submit(self, schedule: Schedule, generation: int, *, deleted: bool = False,
                 version: tuple[str, str] | None = None) -> str:
-        from pipelines.training import pipeline_arguments
+        from pipelines.training import pipeline_arguments, training_pipeline_for
 
         if schedule.window_days is not None:
             raise ScheduleError(
@@ -515,7 +515,7 @@ class KfpSchedules:
             params = pipeline_arguments(settings, trigger=schedule.trigger, request_id="")
             # An empty request id makes the register step use the KFP run id, one per run.
             params["request_id"] = ""
-            pipeline_id, version_id = version or self.runner.upload()
+            pipeline_id, version_id = version or self.runner.upload(training_pipeline_for(self.settings))
         experiment_id = self.runner.experiment_id()
         job_name = f"{schedule.name}-v{generation}"
         description = json.dumps({_DESC_KEY: {**schedule.to_dict(), "generation": generation, "deleted": deleted}},

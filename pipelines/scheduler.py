@@ -87,11 +87,11 @@ class Scheduler:
         if settings.is_cluster:
             raise ScheduleError(f"kfp.host is set ({settings.kfp.host}): Kubeflow runs the schedules there, "
                                 "no local scheduler is needed")
-        from pipelines.runner import runner_for
+        from pipelines.training import training_runner_for
 
         self.settings = settings
         self.store = store or LocalSchedules.from_settings(settings)
-        self.runner_factory = runner_factory or runner_for
+        self.runner_factory = runner_factory or training_runner_for
         self.clock = clock
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 

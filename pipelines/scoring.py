@@ -25,6 +25,9 @@ __all__ = ["SCORE_PIPELINE_NAME", "ScoreRequest", "scoring_pipeline", "make_scor
            "ALERT_POD_LABELS", "compile_scoring_pipeline", "run_scoring", "alert_url", "scoring_pipeline_for", "upload_scoring"]
 
 SCORE_PIPELINE_NAME = "driftloop-score"
+# kfp component function -> the step name a person reads
+STEP_NAMES = {"score_plan_op": "plan", "score_chunk_op": "score chunk", "score_write_op": "write",
+              "score_drift_op": "batch drift"}
 WEBHOOK_SECRET_KEYS = {"token": "DRIFTLOOP_WEBHOOK_TOKEN"}  # Secret driftloop-webhook, key token
 ALERT_POD_LABELS = {"app.kubernetes.io/part-of": "driftloop", "app.kubernetes.io/component": "batch-drift"}
 
@@ -177,7 +180,7 @@ def scoring_pipeline_for(settings: Settings, args: dict[str, Any] | None = None)
                     build=lambda: build_scoring_pipeline(settings),
                     compile=lambda directory: compile_scoring_pipeline(settings, directory / f"{SCORE_PIPELINE_NAME}.yaml"),
                     summarize=lambda request_id: summarize_scoring(settings, request_id), prepare=prepare,
-                    log_prefix="score-")
+                    log_prefix="score-", step_names=STEP_NAMES)
 
 
 def run_scoring(settings: Settings, request: ScoreRequest, *, wait: bool = True, client: Any | None = None) -> RunResult:

@@ -1,4 +1,10 @@
-"""The training pipeline: ingest → validate → train → evaluate vs champion → (gate) register."""
+"""The training pipeline: ingest → validate → train → evaluate vs champion → (gate) register → deploy.
+
+Besides the ``dsl.pipeline`` function, what a runner needs of it: its arguments from the
+configuration (:func:`pipeline_arguments`), its description (:func:`training_pipeline_for`: name,
+package, summary of a finished run, the steps' names and key outputs for the progress lines) and
+:func:`run_training`, which runs it on a runner of either home.
+"""
 
 
 import uuid
@@ -11,14 +17,15 @@ from kfp import compiler, dsl, kubernetes
 from components.deploy import DeployConfig
 from components.ops import (deploy_op, evaluate_op, ingest_op, register_op, reject_op, train_distributed_op, train_op,
                             validate_op)
-from driftloop.core.runs import Pipeline
+from driftloop.core.runs import Pipeline, RunRequest, RunResult
+from pipelines.runner import KfpRunner, LocalRunner, check_request, runner_for
 from serving.backend import serving_home
 
 if TYPE_CHECKING:
     from driftloop.core.config import Settings
 
 __all__ = ["training_pipeline", "pipeline_arguments", "compile_pipeline", "make_training_pipeline", "build_training_pipeline", "training_pipeline_for", "summarize_run", "ClusterOptions",
-           "GPU_TOLERATION_EFFECT"]
+           "GPU_TOLERATION_EFFECT", "STEP_NAMES", "step_detail", "run_training", "TrainingRunner", "training_runner_for"]
 
 GPU_TOLERATION_EFFECT = "NoSchedule"
 # Kueue admits a pod labelled with its tenant's LocalQueue (Kueue has no KFP integration).
@@ -180,10 +187,6 @@ def make_training_pipeline(opts: ClusterOptions = ClusterOptions()):
 training_pipeline = make_training_pipeline()
 
 
-def _tasks(pipeline: Any) -> dict[str, Any]:
-    return {name: t for name, t in pipeline.pipeline_spec.root.dag.tasks.items()}
-
-
 def pipeline_arguments(settings: "Settings", *, trigger: str = "manual", request_id: str | None = None,
                        window_start: str | None = None, window_end: str | None = None) -> dict[str, Any]:
     """The pipeline's parameters from the configuration (plus per-run trigger and window)."""
@@ -242,7 +245,69 @@ def training_pipeline_for(settings: "Settings") -> Pipeline:
     return Pipeline(name=name, description="driftloop training pipeline",
                     build=lambda: build_training_pipeline(settings),
                     compile=lambda directory: compile_pipeline(settings, directory / f"{name}.yaml"),
-                    summarize=lambda request_id: summarize_run(settings, request_id))
+                    summarize=lambda request_id: summarize_run(settings, request_id),
+                    step_names=STEP_NAMES, step_detail=step_detail)
+
+
+# kfp component function -> the step name a person reads
+STEP_NAMES = {"ingest_op": "ingest", "validate_op": "validate", "train_op": "train", "train_distributed_op": "train",
+              "evaluate_op": "evaluate", "register_op": "register", "reject_op": "record rejection",
+              "deploy_op": "deploy"}
+
+
+def step_detail(func: str, output: dict[str, Any]) -> str:
+    """The key output of a finished step, from its executor output (parameters and artifact metadata)."""
+    params = output.get("parameterValues") or {}
+    meta: dict[str, Any] = {}
+    for art in (output.get("artifacts") or {}).values():
+        for a in art.get("artifacts") or []:
+            meta.update(a.get("metadata") or {})
+    if func == "ingest_op":
+        return f"{params.get('rows', '?')} rows" + (f", window {params['window']}" if params.get("window") else "")
+    if func == "validate_op":
+        return f"{len(meta.get('numeric', []))} numeric, {len(meta.get('categorical', []))} categorical columns"
+    if func in ("train_op", "train_distributed_op"):
+        return f"on {params.get('device', '?')}"
+    if func == "evaluate_op":
+        verdict = "PASS" if params.get("passed") else "REJECT"
+        return f"gate {verdict}: {params.get('reason', '')}"
+    if func == "register_op":
+        return f"version {params.get('version', '?')}" + (f" ({params['aliases']})" if params.get("aliases") else "")
+    if func == "reject_op":
+        return f"MLflow run {params.get('Output', '')}"
+    if func == "deploy_op":
+        return f"{params.get('action', '')}: {params.get('message', '')}".strip(": ")
+    return ""
+
+
+def run_training(runner: LocalRunner | KfpRunner, request: RunRequest, **options: Any) -> RunResult:
+    """The training pipeline on ``runner`` with this request's arguments; ``options`` are the runner's
+    ``run`` options (``wait``, ``progress``, ...). A bad trigger or data window is refused before anything starts."""
+    check_request(request)
+    args = pipeline_arguments(runner.settings, trigger=request.trigger, request_id=request.request_id,
+                              window_start=request.window_start, window_end=request.window_end)
+    return runner.run(training_pipeline_for(runner.settings), args, request, **options)
+
+
+class TrainingRunner:
+    """A runner with the training pipeline to run: what the retraining trigger and the scheduler are given
+    (they call ``run_training(request)``); every other attribute is the runner's own (``home``, ``client``, ...)."""
+
+    def __init__(self, runner: LocalRunner | KfpRunner) -> None:
+        self.runner = runner
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "runner":  # not set yet (a copy being made): no runner to ask
+            raise AttributeError(name)
+        return getattr(self.runner, name)
+
+    def run_training(self, request: RunRequest, **options: Any) -> RunResult:
+        return run_training(self.runner, request, **options)
+
+
+def training_runner_for(settings: "Settings") -> TrainingRunner:
+    """The configuration's runner (:func:`~pipelines.runner.runner_for`) with the training pipeline to run."""
+    return TrainingRunner(runner_for(settings))
 
 
 def summarize_run(settings: "Settings", request_id: str) -> dict[str, Any]:

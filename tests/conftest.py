@@ -62,8 +62,9 @@ def trained(tmp_path_factory, scenario_path):
     tests that change the registry make their own workspace.
     """
     from pipelines.runner import LocalRunner, RunRequest
+    from pipelines.training import run_training
 
     settings = make_settings(tmp_path_factory.mktemp("ws"), scenario_path)
-    result = LocalRunner(settings).run_training(RunRequest(window_end="2026-01-31"))
+    result = run_training(LocalRunner(settings), RunRequest(window_end="2026-01-31"))
     assert result.state == "SUCCEEDED", result.error
     return settings, result

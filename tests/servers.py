@@ -305,6 +305,7 @@ def tracking(tmp_path_factory) -> Iterator[Tracking]:
 
     from driftloop.app.scenario import generate
     from pipelines.runner import LocalRunner, RunRequest
+    from pipelines.training import run_training
 
     home = tmp_path_factory.mktemp("tracking")
     with s3_server() as s3:
@@ -329,7 +330,7 @@ def tracking(tmp_path_factory) -> Iterator[Tracking]:
                 for key, value in env.items():
                     mp.setenv(key, value)
                 settings = tracking.settings(home / "ws")
-                result = LocalRunner(settings).run_training(RunRequest(window_end=str(start + dt.timedelta(days=30))))
+                result = run_training(LocalRunner(settings), RunRequest(window_end=str(start + dt.timedelta(days=30))))
             assert result.state == "SUCCEEDED", result.error
             tracking.champion = result
             yield tracking

@@ -281,11 +281,12 @@ def test_trainjob_nodes_run_the_entrypoint_with_node_0_hosting_the_tracker(tmp_p
 def test_pipeline_with_two_workers_makes_one_run_and_one_version_with_the_record(tmp_path, scenario_path):
     from driftloop.core.registry import Registry
     from pipelines.runner import LocalRunner, RunRequest
+    from pipelines.training import run_training
 
     settings = make_settings(tmp_path / "ws", scenario_path, **{
         "model.learner": "xgboost", "model.params": {"n_estimators": 40, "max_depth": 4},
         "model.distributed.workers": 2, "model.distributed.checkpoint_rounds": 10, "mlflow.model_name": "dist"})
-    result = LocalRunner(settings).run_training(RunRequest(window_end="2026-01-31"))
+    result = run_training(LocalRunner(settings), RunRequest(window_end="2026-01-31"))
     assert result.state == "SUCCEEDED", result.error
     assert result.summary["gate"] == "passed" and result.summary["model_version"] == "1"
     registry = Registry.from_settings(settings)

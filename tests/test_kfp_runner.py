@@ -6,7 +6,7 @@ import pytest
 
 from driftloop.core.errors import PipelineRunError
 from pipelines.runner import KfpRunner, RunRequest, runner_for
-from pipelines.training import pipeline_arguments
+from pipelines.training import pipeline_arguments, run_training, training_pipeline_for
 from tests.conftest import free_port, make_settings
 from tests.kfp_recording import RecordingKfpClient
 
@@ -28,7 +28,7 @@ def test_first_submission_uploads_a_version_creates_the_experiment_and_starts_th
     client = RecordingKfpClient()
     request = RunRequest(trigger="drift:alert-7", window_start="2026-01-05", window_end="2026-01-31")
 
-    result = KfpRunner(cluster_settings, client=client).run_training(request)
+    result = run_training(KfpRunner(cluster_settings, client=client), request)
 
     assert client.names() == ["get_pipeline_id", "upload_pipeline", "list_pipeline_versions",
                               "upload_pipeline_version", "get_experiment", "create_experiment", "run_pipeline"]
@@ -57,7 +57,7 @@ def _compiled_tasks(settings, tmp_path):
     """Every task of the package KfpRunner uploads (top level and inside the gate's branches), by name."""
     import yaml
 
-    package = KfpRunner(settings, client=RecordingKfpClient()).compile(tmp_path)
+    package = training_pipeline_for(settings).compile(tmp_path)
     spec = next(yaml.safe_load_all(package.read_text()))
     tasks = dict(spec["root"]["dag"]["tasks"])
     for comp in spec["components"].values():
@@ -87,10 +87,10 @@ def test_the_kfp_run_id_reaches_the_mlflow_steps_as_a_task_argument(cluster_sett
 def test_resubmitting_the_same_pipeline_reuses_its_version_and_experiment(cluster_settings):
     client = RecordingKfpClient()
     runner = KfpRunner(cluster_settings, client=client)
-    runner.run_training(RunRequest())
+    run_training(runner, RunRequest())
     client.calls.clear()
 
-    runner.run_training(RunRequest())
+    run_training(runner, RunRequest())
 
     assert client.names() == ["get_pipeline_id", "list_pipeline_versions", "get_experiment", "run_pipeline"]
     first, second = client.runs
@@ -100,13 +100,13 @@ def test_resubmitting_the_same_pipeline_reuses_its_version_and_experiment(cluste
 
 def test_a_changed_pipeline_becomes_a_new_version_of_the_same_pipeline(cluster_settings, tmp_path, scenario_path):
     client = RecordingKfpClient()
-    KfpRunner(cluster_settings, client=client).run_training(RunRequest())
+    run_training(KfpRunner(cluster_settings, client=client), RunRequest())
     gpu = make_settings(tmp_path / "ws", scenario_path, **{"kfp.host": "http://kfp.example:8888",
                                                            "kfp.experiment": "churn-retrain", "model.gpu": True,
                                                            **TRACKING})
     client.calls.clear()
 
-    KfpRunner(gpu, client=client).run_training(RunRequest())
+    run_training(KfpRunner(gpu, client=client), RunRequest())
 
     assert "upload_pipeline" not in client.names()
     (upload,) = client.of("upload_pipeline_version")
@@ -119,7 +119,7 @@ def test_a_changed_pipeline_becomes_a_new_version_of_the_same_pipeline(cluster_s
 
 def test_waiting_reports_the_final_state(cluster_settings):
     client = RecordingKfpClient()
-    result = KfpRunner(cluster_settings, client=client).run_training(RunRequest(), wait=True, timeout=60)
+    result = run_training(KfpRunner(cluster_settings, client=client), RunRequest(), wait=True, timeout=60)
     assert client.of("wait_for_run_completion")[0]["run_id"] == result.run_id
     assert result.state == "FAILED"
 
@@ -139,7 +139,7 @@ def test_the_embedded_mlflow_store_is_refused_for_cluster_runs(tmp_path, scenari
     client = RecordingKfpClient()
     settings = make_settings(tmp_path / "ws", scenario_path, **{"kfp.host": "http://kfp.example:8888"})
     with pytest.raises(PipelineRunError, match="mlflow.tracking_uri is not set"):
-        KfpRunner(settings, client=client).run_training(RunRequest())
+        run_training(KfpRunner(settings, client=client), RunRequest())
     assert client.calls == []
 
 
@@ -147,7 +147,7 @@ def test_an_unreachable_host_is_a_clear_error(tmp_path, scenario_path):
     host = f"http://127.0.0.1:{free_port()}"
     settings = make_settings(tmp_path / "ws", scenario_path, **{"kfp.host": host, **TRACKING})
     with pytest.raises(PipelineRunError, match=f"Kubeflow Pipelines at {host}"):
-        KfpRunner(settings).run_training(RunRequest())
+        run_training(KfpRunner(settings), RunRequest())
 
 
 def test_cli_run_train_on_an_unreachable_host_prints_one_line(tmp_path, scenario_path, monkeypatch, capsys):
@@ -188,3 +188,19 @@ def test_a_failed_local_run_prints_one_line_and_where_the_log_is(tmp_path, scena
     log_path = re.search(r"\(full log: (\S+)\)", text).group(1)
     log = open(log_path).read()
     assert "executor_main" in log or "Executing task" in log  # the executor's log is kept, just not printed
+
+
+def test_the_training_runner_the_trigger_and_the_scheduler_get_submits_the_training_pipeline(cluster_settings):
+    """``run_training`` on the runner the monitor and the scheduler are given; everything else is the runner's."""
+    from pipelines.training import TrainingRunner, training_runner_for
+
+    assert isinstance(training_runner_for(cluster_settings).runner, KfpRunner)
+    client = RecordingKfpClient()
+    runner = TrainingRunner(KfpRunner(cluster_settings, client=client))
+    assert runner.client is client and runner.home == "kubeflow"
+    result = runner.run_training(RunRequest(trigger="drift:alert-9"))
+    assert result.state == "SUBMITTED"
+    assert client.of("upload_pipeline")[0]["pipeline_name"] == "driftloop-train"
+    assert client.of("run_pipeline")[0]["params"]["trigger"] == "drift:alert-9"
+    with pytest.raises(PipelineRunError, match="trigger"):
+        runner.run_training(RunRequest(trigger="cron"))

@@ -138,16 +138,16 @@ def test_verbose_streams_the_task_log_and_a_failure_is_one_task_line(tmp_path, s
     assert re.search(r"^\S+ ingest\s+failed", loud.output, re.M)
 
 
-def test_task_detail_reads_each_steps_key_output():
-    from pipelines.runner import task_detail
+def test_step_detail_reads_each_training_steps_key_output():
+    from pipelines.training import step_detail
 
-    assert task_detail("ingest_op", {"parameterValues": {"rows": 4000, "window": "a .. b"}}) == "4000 rows, window a .. b"
-    assert task_detail("evaluate_op", {"parameterValues": {"passed": False, "reason": "too weak"}}) == \
+    assert step_detail("ingest_op", {"parameterValues": {"rows": 4000, "window": "a .. b"}}) == "4000 rows, window a .. b"
+    assert step_detail("evaluate_op", {"parameterValues": {"passed": False, "reason": "too weak"}}) == \
         "gate REJECT: too weak"
-    assert task_detail("register_op", {"parameterValues": {"version": "2", "aliases": "challenger"}}) == \
+    assert step_detail("register_op", {"parameterValues": {"version": "2", "aliases": "challenger"}}) == \
         "version 2 (challenger)"
     meta = {"artifacts": {"schema": {"artifacts": [{"metadata": {"numeric": ["a", "b"], "categorical": ["c"]}}]}}}
-    assert task_detail("validate_op", meta) == "2 numeric, 1 categorical columns"
+    assert step_detail("validate_op", meta) == "2 numeric, 1 categorical columns"
 
 
 def test_only_kfps_own_task_script_goes_to_the_task_server():
@@ -253,3 +253,46 @@ def test_alerts_fit_80_columns_and_json_parses(tmp_path, monkeypatch):
     assert started["decision"] == "started" and started["model_version"] == "7" and started["model"] == "churn"
     assert started["pipeline_run_id"] == "4f1c2d9e8b7a6f5e4d3c2b1a" and started["report_path"].endswith("drift.html")
     assert alerts["am-fedcba9876543210"]["reason"].endswith("trigger.min_samples is 500")
+
+
+def test_a_local_runs_progress_lines_take_the_pipelines_own_step_names_and_details(tmp_path):
+    """The runner knows no pipeline: a task is named and described by the pipeline being run."""
+    from driftloop.core.runs import Pipeline
+    from pipelines.runner import TaskEvent, _Watched
+
+    output = tmp_path / "executor_output.json"
+    output.write_text(json.dumps({"parameterValues": {"rows": 7}}))
+    pipeline = Pipeline(name="p", description="", build=lambda: None, compile=lambda d: d, summarize=lambda r: {},
+                        step_names={"count_op": "count rows"},
+                        step_detail=lambda func, out: f"{func}: {out['parameterValues']['rows']} rows")
+
+    class Finished:
+        returncode = 0
+
+        def wait(self, timeout=None):
+            return 0
+
+    events: list[TaskEvent] = []
+    _Watched(Finished(), "count_op", str(output), events.append, pipeline).wait()
+    _Watched(Finished(), "other_op", str(output), events.append, Pipeline("q", "", lambda: None, lambda d: d,
+                                                                           lambda r: {})).wait()
+    assert [(e.task, e.state, e.detail) for e in events] == [
+        ("count rows", "running", ""), ("count rows", "succeeded", "count_op: 7 rows"),
+        ("other_op", "running", ""), ("other_op", "succeeded", "")]
+
+
+def test_every_step_of_both_pipelines_has_a_name_in_the_progress_lines(tmp_path):
+    from pipelines.scoring import scoring_pipeline_for
+    from pipelines.training import training_pipeline_for
+
+    one = make_settings(tmp_path, tmp_path / "x.parquet")
+    many = make_settings(tmp_path, tmp_path / "x.parquet", **{"model.learner": "xgboost",
+                                                             "model.params": {"n_estimators": 10},
+                                                             "model.distributed.workers": 2})
+    for pipeline in (training_pipeline_for(one), training_pipeline_for(many), scoring_pipeline_for(one)):
+        spec = next(yaml.safe_load_all(pipeline.compile(tmp_path / pipeline.name).read_text()))
+        functions = set()
+        for executor in spec["deploymentSpec"]["executors"].values():
+            args = executor["container"]["args"]
+            functions.add(args[args.index("--function_to_execute") + 1])
+        assert functions and functions <= set(pipeline.step_names), (pipeline.name, functions)

@@ -120,6 +120,7 @@ def run_train(
     unless ``--wait``, which queues it behind the other.
     """
     from pipelines.runner import RunRequest, check_window, runner_for
+    from pipelines.training import run_training
 
     validate_trigger(trigger)
     check_window(window_start, window_end, names=("--window-start", "--window-end"))  # before anything starts
@@ -133,10 +134,10 @@ def run_train(
     lines = TaskLines(sys.stdout, spinner=not verbose)  # the terminal, before kfp.local's output is redirected
     try:
         if settings.is_cluster:
-            result = runner.run_training(request, wait=wait, progress=lines if wait else None)
+            result = run_training(runner, request, wait=wait, progress=lines if wait else None)
         else:
-            result = runner.run_training(request, progress=lines, echo=sys.stdout if verbose else None, wait=wait,
-                                         on_wait=_say_waiting)
+            result = run_training(runner, request, progress=lines, echo=sys.stdout if verbose else None, wait=wait,
+                                  on_wait=_say_waiting)
     finally:
         lines.close()
     print_run_result(settings, result)

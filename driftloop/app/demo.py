@@ -118,10 +118,11 @@ class Demo:
 
     def train_champion(self) -> None:
         from pipelines.runner import RunRequest, runner_for
+        from pipelines.training import run_training
 
         self.say("train", "training pipeline on kfp.local (first half of the data) ...")
         with self.processes.pipeline_log("champion"):
-            result = runner_for(self.settings()).run_training(RunRequest(window_end=self.drift_time.isoformat()))
+            result = run_training(runner_for(self.settings()), RunRequest(window_end=self.drift_time.isoformat()))
         if result.state != "SUCCEEDED":
             raise DriftloopError(f"champion training failed: {result.error}")
         s = result.summary
@@ -215,13 +216,14 @@ class Demo:
     def bad_candidate(self) -> None:
         from driftloop.core.config import load_settings
         from pipelines.runner import RunRequest, runner_for
+        from pipelines.training import run_training
 
         lenient = load_settings(self.config_path, overrides={"gate.margin": -1.0, "gate.min_value": 0.0,
                                                              "model.learner": "linear",
                                                              "model.params": {"C": 0.0001}})
         self.say("train", "a weak candidate (tiny linear model, lenient gate) — it should not survive the rollout ...")
         with self.processes.pipeline_log("weak-candidate"):
-            result = runner_for(lenient).run_training(RunRequest(
+            result = run_training(runner_for(lenient), RunRequest(
                 window_start=(pd.Timestamp.now(tz="UTC") - pd.Timedelta(days=self.days / 3)).isoformat()))
         if result.state != "SUCCEEDED" or "model_version" not in result.summary:
             raise DriftloopError(f"the weak candidate was not registered: {result.error or result.summary}")

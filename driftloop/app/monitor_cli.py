@@ -34,11 +34,11 @@ def monitor_cmd(
     from driftloop.core.files import private_umask
     from monitoring.service import WEBHOOK_TOKEN_ENV, MonitorService, ingest_token_path
     from monitoring.sink import INGEST_TOKEN_ENV
-    from pipelines.runner import runner_for
+    from pipelines.training import training_runner_for
 
     private_umask()  # inference log, alert store, reports, their -wal/-shm: owner-only from the start
     settings = settings_from(config, params)
-    service = MonitorService(settings, runner_factory=runner_for)
+    service = MonitorService(settings, runner_factory=training_runner_for)
     bind_host = host or settings.monitor.host
     bind_port = settings.monitor.port if port is None else port
     console.print(f"[bold]driftloop monitor[/] on http://{bind_host}:{bind_port} — POST /events, GET /metrics, "

@@ -11,7 +11,7 @@ values and read :class:`RunResult` values without importing the runner itself.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -44,6 +44,10 @@ def _nothing() -> None:
     return None
 
 
+def _no_detail(func: str, output: dict[str, Any]) -> str:
+    return ""
+
+
 @dataclass(frozen=True)
 class Pipeline:
     """What a runner needs of a pipeline, on either home; built for one configuration."""
@@ -55,6 +59,10 @@ class Pipeline:
     summarize: Callable[[str], dict[str, Any]]  # what a finished run recorded, by request id
     prepare: Callable[[], None] = _nothing  # checks made in the workspace lock, before any local task starts
     log_prefix: str = ""  # a local run's task output: ``<pipeline-root>/logs/<prefix><request-id>.log``
+    # A local run's progress lines: component function -> the step name a person reads, and a finished
+    # step's key output from its executor output (parameters and artifact metadata)
+    step_names: Mapping[str, str] = field(default_factory=dict)
+    step_detail: Callable[[str, dict[str, Any]], str] = _no_detail
 
 
 class PipelineRunner(Protocol):
