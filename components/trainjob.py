@@ -172,9 +172,14 @@ class TrainJobLauncher:
 
     def __init__(self, custom_api: Any, core_api: Any = None, *, poll_seconds: float = 5.0,
                  echo: Callable[[str], None] = print, clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep):
+                 sleep: Callable[[float], None] = time.sleep, watch: bool = False, watch_seconds: int = 60):
+        """``watch``: wait with a watch on the TrainJob (resumed from the last version seen each time it
+        ends, read afresh when that version is too old to watch from) instead of a get every
+        ``poll_seconds``; ``poll_seconds`` then only spaces the retries while the API server is away."""
         self.api, self.core = custom_api, core_api
         self.poll, self.echo, self.clock, self.sleep = poll_seconds, echo, clock, sleep
+        self.watch, self.watch_seconds = watch, max(1, int(watch_seconds))
+        self.expired = 0  # watches that could not resume (410 Gone) and started again from now
 
     @classmethod
     def in_cluster(cls, **kwargs: Any) -> "TrainJobLauncher":
@@ -184,7 +189,7 @@ class TrainJobLauncher:
             config.load_incluster_config()
         except config.ConfigException:
             config.load_kube_config()
-        return cls(client.CustomObjectsApi(), client.CoreV1Api(), **kwargs)
+        return cls(client.CustomObjectsApi(), client.CoreV1Api(), **{"watch": True, **kwargs})
 
     def runtime_kind(self, namespace: str, runtime: str) -> str:
         """``TrainingRuntime`` when the namespace has one of that name, else the cluster-wide kind."""
@@ -207,7 +212,7 @@ class TrainJobLauncher:
         runtime = body["spec"]["runtimeRef"]["name"]
         deadline_s = int(body["spec"].get("activeDeadlineSeconds") or 3600)
         try:
-            self.api.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, body)
+            created = self.api.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, body)
         except Exception as exc:  # noqa: BLE001 - kubernetes ApiException
             status, message = getattr(exc, "status", None), _api_message(exc)
             if status == 403 and "denied" not in message:
@@ -222,16 +227,10 @@ class TrainJobLauncher:
             raise TrainingError(f"cannot create TrainJob {name!r}: {message or exc}") from exc
         self.echo(f"TrainJob {ns}/{name}: {body['spec']['trainer']['numNodes']} nodes on runtime {runtime!r}")
         give_up = self.clock() + deadline_s + grace_seconds
-        obj: dict[str, Any] = {}
+        obj: dict[str, Any] = created if self.watch and isinstance(created, dict) else {}
         try:
             while True:
-                try:
-                    obj = self.api.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name)
-                except Exception as exc:  # noqa: BLE001
-                    if getattr(exc, "status", None) == 404:
-                        raise TrainingError(f"TrainJob {ns}/{name} was deleted while the step waited for it") from exc
-                    log.warning("TrainJob %s: status read failed (%s); retrying", name, _api_message(exc))
-                    obj = {}
+                obj = self._observe(ns, name, obj, give_up)
                 done = _condition(obj, "Complete")
                 failed = _condition(obj, "Failed")
                 if done or failed:
@@ -249,10 +248,61 @@ class TrainJobLauncher:
                     self._delete(ns, name)
                     raise TrainingError(f"TrainJob {ns}/{name} did not finish within {deadline_s} s "
                                         "(model.distributed.timeout_seconds); deleted it")
-                self.sleep(self.poll)
+                if not self.watch:
+                    self.sleep(self.poll)
         except KeyboardInterrupt:
             self._delete(ns, name)
             raise
+
+    def _observe(self, ns: str, name: str, last: dict[str, Any], give_up: float) -> dict[str, Any]:
+        """The TrainJob now: read (polling), or its next change since ``last`` (watching). A failed read
+        is logged and answered with ``{}`` (read afresh next time): the API server may be away a while."""
+        try:
+            if self.watch and (last.get("metadata") or {}).get("resourceVersion"):
+                return self._next_change(ns, name, last, give_up)
+            return self.api.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name)
+        except TrainingError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - kubernetes ApiException, connection errors
+            if getattr(exc, "status", None) == 404:
+                raise TrainingError(f"TrainJob {ns}/{name} was deleted while the step waited for it") from exc
+            log.warning("TrainJob %s: status read failed (%s); retrying", name, _api_message(exc))
+            if self.watch:
+                self.sleep(self.poll)
+            return {}
+
+    def _next_change(self, ns: str, name: str, last: dict[str, Any], give_up: float) -> dict[str, Any]:
+        """Watch the TrainJob from the version last seen until it changes or the watch ends (at most
+        ``watch_seconds``); the object as it is then. When that version is gone from the API server's
+        history (410 Gone: the watch expired) the watch starts again from now, whose first event is the
+        object as it is (only ``watch`` is granted, not ``list``)."""
+        from kubernetes import watch
+
+        seconds = int(max(1, min(self.watch_seconds, give_up - self.clock() + 1)))
+        seen = last["metadata"]["resourceVersion"]
+        since: str | None = seen
+        while True:
+            stream = watch.Watch()
+            where = {"resource_version": since} if since else {}
+            try:
+                for event in stream.stream(self.api.list_namespaced_custom_object, GROUP, VERSION, ns, PLURAL,
+                                           field_selector=f"metadata.name={name}", timeout_seconds=seconds, **where):
+                    if event["type"] == "DELETED":
+                        raise TrainingError(f"TrainJob {ns}/{name} was deleted while the step waited for it")
+                    version = ((event["object"] or {}).get("metadata") or {}).get("resourceVersion")
+                    if event["type"] in ("ADDED", "MODIFIED") and version != seen:
+                        return event["object"]
+                return last  # the watch ended with no change: resume from the same version
+            except TrainingError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - kubernetes ApiException
+                if getattr(exc, "status", None) != 410 or since is None:
+                    raise
+                self.expired += 1
+                log.info("TrainJob %s: the watch expired (%s); watching again from now", name, _api_message(exc))
+                since = None
+            finally:
+                stream.stop()
 
     def _delete(self, ns: str, name: str) -> None:
         try:

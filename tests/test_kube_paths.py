@@ -291,7 +291,7 @@ def trainjob(name: str, deadline: int = 600) -> dict:
 def launcher_as_pipeline(kube, lines: list[str], **kwargs) -> TrainJobLauncher:
     api = kube.api_client(kube.token(KFP_NS, "driftloop-pipeline"))
     return TrainJobLauncher(k8s.CustomObjectsApi(api), k8s.CoreV1Api(api), poll_seconds=0.2, echo=lines.append,
-                            **kwargs)
+                            watch=True, watch_seconds=1, **kwargs)
 
 
 def test_trainjob_launcher_creates_waits_shows_nodes_and_finishes_as_the_pipeline_account(kube):
@@ -329,6 +329,42 @@ def test_trainjob_failure_and_timeout_are_one_line_and_a_timed_out_job_is_delete
     with pytest.raises(ApiException) as gone:
         k8s.CustomObjectsApi(kube.admin).get_namespaced_custom_object(GROUP, VERSION, KFP_NS, PLURAL, "tj-slow")
     assert gone.value.status == 404
+
+
+def test_trainjob_watch_expires_and_resumes(kube):
+    """The launcher waits with a watch (verb watch, granted; list is not). Each watch ends after its
+    timeout and resumes from the version it saw; once etcd is compacted past that version the API
+    server answers 410 Gone, and the launcher watches again from now -- and still sees the job finish."""
+    lines: list[str] = []
+    launcher = launcher_as_pipeline(kube, lines)
+    watches: list[str | None] = []
+    real_list = launcher.api.list_namespaced_custom_object
+
+    def counted(*args, **kwargs):
+        watches.append(kwargs.get("resource_version"))
+        return real_list(*args, **kwargs)
+
+    launcher.api.list_namespaced_custom_object = counted
+    result: dict = {}
+    waiting = threading.Thread(target=lambda: result.update(launcher.run(trainjob("tj-watch"))), daemon=True)
+    waiting.start()
+    wait_for_count = time.monotonic() + 60
+    while len(watches) < 2 and time.monotonic() < wait_for_count:  # one watch expired by its timeout, resumed
+        time.sleep(0.1)
+    assert len(watches) >= 2 and watches[0] == watches[1] is not None, watches
+    # move etcd on (two writes: a watch from version v starts at v + 1) and compact it: the version the
+    # launcher resumes from is gone
+    for i in range(2):
+        k8s.CoreV1Api(kube.admin).create_namespaced_config_map(KFP_NS, {"metadata": {"name": f"advance-etcd-{i}"}})
+    kube.compact()
+    deadline = time.monotonic() + 60
+    while not launcher.expired and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert launcher.expired >= 1 and None in watches  # a 410, then watching again from now
+    TrainerController(kube, "tj-watch", "Complete").start()
+    waiting.join(timeout=60)
+    assert result["status"]["conditions"][0]["type"] == "Complete"
+    assert lines[-1] == "TrainJob kubeflow/tj-watch complete"
 
 
 # -- `driftloop deploy --apply` ------------------------------------------------------------------------------
