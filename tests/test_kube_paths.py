@@ -477,3 +477,31 @@ def test_an_api_server_that_goes_away_and_comes_back(kube, tmp_path):
     waiting.join(timeout=120)
     assert not waiting.is_alive() and waited["status"]["conditions"][0]["type"] == "Complete"
     assert lines[-1] == "TrainJob kubeflow/tj-outage complete"
+
+
+# -- the shadow phase: a second InferenceService and the Istio mirror -------------------------------------------
+def test_shadow_phase_puts_up_and_takes_down_its_objects_as_the_rollout_account(kube, tmp_path):
+    """infra/'s InferenceService (driftloop-model): the rollout controller creates the shadow, waits for
+    KServe to call it ready (the test plays KServe), creates the mirror VirtualService, replaces it with a
+    new percentage and deletes both -- update and delete granted for those two names only."""
+    s = settings_for(tmp_path, "driftloop-model")
+    backend = KServeBackend(s, client=kserve_client(kube, NS, "driftloop-rollout"))
+    shadow = KServeController(kube, "driftloop-model-shadow")
+
+    def play_kserve() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                shadow.reconcile()
+                return
+            except ApiException:
+                time.sleep(0.2)
+
+    threading.Thread(target=play_kserve, daemon=True).start()
+    mirror = backend.set_shadow("models:/churn/2", "2", 5.0, ready_timeout=60)
+    assert mirror["spec"]["http"][0]["mirrorPercentage"] == {"value": 5.0}
+    assert mirror["spec"]["http"][0]["mirror"]["host"].startswith("driftloop-model-shadow-predictor-00001")
+    again = backend.set_shadow("models:/churn/2", "2", 10.0, ready_timeout=60)
+    assert again["spec"]["http"][0]["mirrorPercentage"] == {"value": 10.0}
+    backend.remove_shadow()
+    assert backend.mirror() is None and backend.shadow_status() is None
