@@ -16,8 +16,14 @@ Where each concern lives:
   on :mod:`monitoring.drift` (the statistics: the fast path and Evidently) and
   :mod:`monitoring.reference` (the champion's reference sample and profile);
 * shadow comparison on a cluster — :mod:`monitoring.shadow_check`;
-* alerts and retraining — :mod:`monitoring.alerts` (the alert store, the guardrails) and
-  :mod:`monitoring.trigger` (starts the training pipeline for an alert that passes them).
+* alerts and retraining — :mod:`monitoring.alerts` (the alert store, the guardrails),
+  :mod:`monitoring.trigger` (starts the training pipeline for an alert that passes them, in the
+  data's time window, and follows it), :mod:`monitoring.outcomes` (what became of a run: its
+  rollout's outcome read from MLflow, needs-attention when a degraded champion stays),
+  :mod:`monitoring.duplicates` (Alertmanager's alert for a drift the monitor raised itself);
+* episodes — :mod:`monitoring.alert_episodes` (the stretches of failing windows, table
+  ``episodes`` of the alert store) and :mod:`monitoring.episodes` (one alert per episode: what the
+  drift and quality checks do with a window's verdict).
 
 Labelled quality runs across four modules, from the label to the alert. Labels are posted to
 ``/feedback`` (:mod:`monitoring.sink`) and written by :mod:`monitoring.store_labels`;

@@ -8,13 +8,19 @@ row and starts at most one run.
 The store also keeps the monitor's drift episodes (table ``drift_episodes``: when its check's
 verdict turned to drift and when it turned back), so the trigger can tell that an Alertmanager
 alert reports a drift the monitor already raised (``duplicate_of`` on the alert; see
-``monitoring.trigger``).
+``monitoring.trigger``), and the episodes of its own checks (table ``episodes``,
+:mod:`monitoring.alert_episodes`): one alert per stretch of failing windows.
 
 :func:`decide` applies the guardrails in a fixed order (first failing one is the reason):
 duplicate (the same id again, or the duplicate of another alert) → trigger disabled → minimum
-samples → blackout window → a run in flight → cooldown since the last started run → daily budget
-(runs started in the last 24 hours). Every decision, duplicates included, is appended to the
-``decisions`` table with its reason.
+samples → blackout window → a run in flight (the monitor's own alerts are **attached** to that run
+and re-checked when its rollout ends; others are held) → cooldown since the last started run
+whose rollout was not rolled back → daily budget (runs started in the last 24 hours). Every
+decision, duplicates included, is appended to the ``decisions`` table with its reason.
+
+After its run, a started alert records the run's **outcome** (``promoted``, ``rolled_back``,
+``not_registered``, ``no_rollout``, ``failed``; :mod:`monitoring.outcomes`); a ``needs-attention``
+alert (source ``needs-attention``) says that a retrain did not replace a degraded champion.
 """
 
 from __future__ import annotations
@@ -32,11 +38,16 @@ from typing import TYPE_CHECKING, Any
 
 from driftloop.core.errors import MonitorError
 from driftloop.core.statistics import in_blackout
+from monitoring.alert_episodes import EPISODE_SCHEMA, EpisodeTables
 
 if TYPE_CHECKING:
     from driftloop.core.config import Settings, TriggerConfig
 
 __all__ = [
+    "ATTACHED",
+    "ATTENTION",
+    "COOLDOWN_WAIVED",
+    "OWN_SOURCES",
     "STARTED",
     "Alert",
     "AlertStore",
@@ -52,6 +63,13 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 STARTED = "started"
+ATTACHED = "attached"  # waits for the run in flight; re-checked when that run's rollout ends
+ATTENTION = "needs-attention"  # source of the alert that a retrain left a degraded champion in place
+#: Sources of the monitor's own checks: attached to a run in flight instead of held behind it.
+OWN_SOURCES = ("drift", "quality")
+#: Outcomes of a run after which its start no longer holds the next one back (trigger.cooldown_seconds):
+#: the canary was judged and rolled back, so the champion is still the degraded one.
+COOLDOWN_WAIVED = ("rolled_back",)
 _DAY = 86400.0
 
 _SCHEMA = """
@@ -75,7 +93,13 @@ CREATE TABLE IF NOT EXISTS alerts (
     started REAL,
     finished REAL,
     deliveries INTEGER NOT NULL DEFAULT 1,
-    duplicate_of TEXT
+    duplicate_of TEXT,
+    episode INTEGER,
+    attached_to TEXT,
+    outcome TEXT,
+    outcome_reason TEXT,
+    followed REAL,
+    resolved REAL
 );
 CREATE INDEX IF NOT EXISTS alerts_started ON alerts (started);
 CREATE TABLE IF NOT EXISTS decisions (
@@ -94,7 +118,11 @@ CREATE TABLE IF NOT EXISTS drift_episodes (
     closed REAL
 );
 CREATE INDEX IF NOT EXISTS drift_episodes_model ON drift_episodes (model, opened);
-"""
+""" + EPISODE_SCHEMA
+
+#: Columns added since the first release, with their types: a store written earlier gains them when opened.
+_ADDED_COLUMNS = {"duplicate_of": "TEXT", "episode": "INTEGER", "attached_to": "TEXT", "outcome": "TEXT",
+                  "outcome_reason": "TEXT", "followed": "REAL", "resolved": "REAL"}
 
 #: Decisions of the monitor's own drift alerts that did not go to the trigger (no drift raised).
 _NOT_RAISED = ("report_only", "not_confirmed")
@@ -118,7 +146,7 @@ class Alert:
 @dataclass(frozen=True)
 class Decision:
     alert_id: str
-    decision: str  # started | duplicate | disabled | insufficient_samples | blackout | in_flight | cooldown | budget | failed
+    decision: str  # started | attached | duplicate | disabled | insufficient_samples | blackout | in_flight | cooldown | budget | failed
     reason: str
     request_id: str | None = None
     duplicate_of: str | None = None  # the alert this one duplicates (another alert's id)
@@ -189,6 +217,9 @@ def decide(alert: Alert, config: TriggerConfig, *, now: float, seen: bool, in_fl
     blackout = in_blackout(list(config.blackout), now)
     if blackout:
         return "blackout", f"inside blackout window {blackout} UTC"
+    if in_flight and alert.source in OWN_SOURCES:
+        return ATTACHED, (f"attached to the retraining run of alert {in_flight}, still in flight (its run or its "
+                          "canary's rollout); re-checked when that rollout ends")
     if in_flight:
         return "in_flight", f"retraining run for alert {in_flight} is still in flight"
     if last_started is not None and now - last_started < config.cooldown_seconds:
@@ -203,8 +234,8 @@ def alerts_path(settings: Settings) -> Path:
     return settings.workspace_dir / "monitor" / "alerts.db"
 
 
-class AlertStore:
-    """The alerts and decisions tables (SQLite, WAL); safe to share between threads."""
+class AlertStore(EpisodeTables):
+    """The alerts, decisions and episodes tables (SQLite, WAL); safe to share between threads."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -220,9 +251,11 @@ class AlertStore:
     def _migrate(self) -> None:
         """Add the columns a store written by an earlier release lacks."""
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(alerts)")}
-        if "duplicate_of" not in columns:
+        for name, kind in _ADDED_COLUMNS.items():
+            if name in columns:
+                continue
             try:
-                self._db.execute("ALTER TABLE alerts ADD COLUMN duplicate_of TEXT")
+                self._db.execute(f"ALTER TABLE alerts ADD COLUMN {name} {kind}")
             except sqlite3.OperationalError as exc:  # another process added it first
                 if "duplicate column" not in str(exc):
                     raise
@@ -264,19 +297,26 @@ class AlertStore:
             return
         allowed = {"report_path", "report_uri", "request_id", "pipeline_run_id", "model_version", "run_state",
                    "worker_pid", "started", "finished", "decision", "reason", "window_start", "window_end",
-                   "duplicate_of"}
+                   "duplicate_of", "episode", "attached_to", "outcome", "outcome_reason", "followed", "resolved",
+                   "samples"}
         unknown = set(fields) - allowed
         if unknown:
             raise ValueError(f"unknown alert fields {sorted(unknown)}")
         cols = ", ".join(f"{k} = ?" for k in fields)
         self._tx(f"UPDATE alerts SET {cols} WHERE id = ?", (*fields.values(), alert_id))
 
+    def set_details(self, alert_id: str, details: dict[str, Any]) -> None:
+        self._tx("UPDATE alerts SET details = ? WHERE id = ?", (json.dumps(details, default=str), alert_id))
+
     def get(self, alert_id: str) -> dict[str, Any] | None:
         row = self._tx("SELECT * FROM alerts WHERE id = ?", (alert_id,)).fetchone()
         return _row(row) if row else None
 
     def recent(self, limit: int = 20) -> list[dict[str, Any]]:
-        rows = self._tx("SELECT * FROM alerts ORDER BY created DESC LIMIT ?", (limit,)).fetchall()
+        """The latest alerts, each with its episode's failing windows and state (``episode_*``) where it has one."""
+        rows = self._tx("SELECT a.*, e.failing AS episode_windows, e.opened AS episode_opened, "
+                        "e.closed AS episode_closed FROM alerts a LEFT JOIN episodes e ON e.seq = a.episode "
+                        "ORDER BY a.created DESC LIMIT ?", (limit,)).fetchall()
         return [_row(r) for r in rows]
 
     def decisions(self, alert_id: str | None = None) -> list[dict[str, Any]]:
@@ -293,7 +333,29 @@ class AlertStore:
         return [_row(r) for r in rows]
 
     def last_started(self) -> float | None:
-        return self._tx("SELECT MAX(started) FROM alerts WHERE decision = ?", (STARTED,)).fetchone()[0]
+        """When the last run started that the cooldown counts from: runs rolled back do not count
+        (:data:`COOLDOWN_WAIVED`; the champion they left in place is still degraded)."""
+        marks = ",".join("?" * len(COOLDOWN_WAIVED))
+        return self._tx(f"SELECT MAX(started) FROM alerts WHERE decision = ? AND (outcome IS NULL OR outcome NOT IN "
+                        f"({marks}))", (STARTED, *COOLDOWN_WAIVED)).fetchone()[0]
+
+    def unfollowed(self, since: float) -> list[dict[str, Any]]:
+        """Started alerts whose run finished since ``since`` and whose outcome has not been followed up yet."""
+        rows = self._tx("SELECT * FROM alerts WHERE decision = ? AND finished IS NOT NULL AND finished >= ? "
+                        "AND followed IS NULL ORDER BY finished", (STARTED, since)).fetchall()
+        return [_row(r) for r in rows]
+
+    def attached_to(self, alert_id: str) -> list[dict[str, Any]]:
+        """Alerts attached to the run of ``alert_id`` and not judged again since, oldest first."""
+        rows = self._tx("SELECT * FROM alerts WHERE attached_to = ? AND decision = ? ORDER BY created",
+                        (alert_id, ATTACHED)).fetchall()
+        return [_row(r) for r in rows]
+
+    def unresolved(self, source: str) -> list[dict[str, Any]]:
+        """Alerts of ``source`` not resolved yet (``needs-attention``), oldest first."""
+        rows = self._tx("SELECT * FROM alerts WHERE source = ? AND resolved IS NULL ORDER BY created",
+                        (source,)).fetchall()
+        return [_row(r) for r in rows]
 
     def started_since(self, since: float) -> int:
         return int(self._tx("SELECT COUNT(*) FROM alerts WHERE decision = ? AND started >= ?",

@@ -3,7 +3,8 @@
 A dedicated ``CollectorRegistry`` (not the process-global one) lets several monitors — and the
 tests — live in one process without "duplicated timeseries" errors, and keeps ``/metrics`` to
 what the monitor itself measures. The sink sets the ingest metrics; the drift check and the
-trigger set the drift and decision metrics.
+trigger set the drift and decision metrics; the checks' episodes set ``open_episodes``, and the
+trigger's follow-up of finished runs sets ``needs_attention`` (monitoring.outcomes).
 """
 
 from __future__ import annotations
@@ -64,6 +65,12 @@ class MonitorMetrics:
         self.trigger_decisions = Counter(f"{_PREFIX}_trigger_decisions", "Retraining trigger decisions, by decision",
                                          ["decision"], registry=r)
         self.alerts = Counter(f"{_PREFIX}_alerts", "Alerts received or raised, by source", ["source"], registry=r)
+        # episodes and what became of their runs
+        self.open_episodes = Gauge(f"{_PREFIX}_open_episodes", "1 while the model's drift or quality episode is "
+                                   "open (one alert stands for all its failing windows)", ["kind"], registry=r)
+        self.needs_attention = Gauge(f"{_PREFIX}_needs_attention", "1 while a retrain failed to replace a degraded "
+                                     "champion (rolled back, nothing registered, not rolled out, failed)", ["model"],
+                                     registry=r)
 
     def render(self) -> tuple[bytes, str]:
         """The Prometheus text exposition of the registry and its content type."""

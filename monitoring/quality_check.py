@@ -4,15 +4,18 @@ For every model version with labelled predictions in the log it takes the latest
 tumbling block (:func:`monitoring.quality.tumbling_block`), computes the metrics on the fast
 path, compares them with the version's holdout baseline, estimates accuracy from calibrated
 scores (classifiers, CBPE) on the same rows and on the latest predictions (labelled or not),
-and exports all of it to Prometheus. A degraded block of the CHAMPION raises a ``quality``
-alert: Evidently's preset runs on the block (the report of record, HTML + JSON, saved with the
-alert and logged to MLflow), its values decide, and the alert goes through the same trigger and
-guardrails as a drift alert (``trigger=quality:<alert-id>``). While a quality alert of the same
-version is younger than ``trigger.cooldown_seconds``, a later degraded block is reported, not
-raised again: the version is known to be wrong and its retraining is under way.
+and exports all of it to Prometheus. Only complete blocks are judged. The CHAMPION's verdicts go
+to its quality episode (:mod:`monitoring.episodes`): the first degraded block of an episode raises
+a ``quality`` alert — Evidently's preset runs on the block (the report of record, HTML + JSON,
+saved with the alert and logged to MLflow), its values decide, and the alert goes through the same
+trigger and guardrails as a drift alert (``trigger=quality:<alert-id>``); each later degraded
+block of the episode is counted on that alert, not raised again, until
+``monitor.quality.resolve_windows`` blocks in a row pass. A quality alert that arrives while a run
+is in flight is attached to it and re-checked when its rollout ends (:mod:`monitoring.trigger`).
 
 With ``monitor.quality.estimate_alerts``, a drop of the ESTIMATED accuracy of the champion's
-latest predictions below the accuracy rule raises an alert too, before any label arrives.
+latest predictions below the accuracy rule raises an alert too, before any label arrives (episodes
+of their own, kind ``estimate``).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import pandas as pd
 
 from driftloop.core.errors import MonitorError
 from monitoring.alerts import Alert
+from monitoring.episodes import EpisodeAlerts
 from monitoring.estimate import estimate_performance, finite_rows
 from monitoring.labels import labelled_count, labelled_window, score_matrix, scored_window, versions_seen
 from monitoring.quality import (Block, BaselineCache, clean_labelled, compare, evidently_quality, quality_alert_id,
@@ -62,6 +66,10 @@ class QualityMonitor:
         self.task = settings.model.task
         self.model = settings.mlflow.model_name
         self.baselines = BaselineCache(registry, self.model, self.task)
+        self.episodes = EpisodeAlerts(alerts, trigger, kind="quality", resolve_after=self.cfg.resolve_windows,
+                                      metrics=metrics)
+        self.estimates = EpisodeAlerts(alerts, trigger, kind="estimate", resolve_after=self.cfg.resolve_windows,
+                                       metrics=metrics)
         self.last_outcome: dict[str, Any] | None = None
 
     def _champion(self) -> str | None:
@@ -74,6 +82,8 @@ class QualityMonitor:
         """Check every version with labelled rows; returns ``{"checked_at", "champion", "versions": {...}}``."""
         now = time.time() if now is None else now
         champion = self._champion()
+        if champion is not None:
+            self.alerts.close_superseded(self.model, champion, now=now)  # earlier champions' episodes end
         outcome: dict[str, Any] = {"checked_at": _iso(now), "champion": champion, "task": self.task, "versions": {}}
         for version in versions_seen(self.store_path):
             try:
@@ -134,9 +144,14 @@ class QualityMonitor:
         if scores is not None and baseline.calibration is not None and cfg.estimate:
             est = estimate_performance(scores, baseline.calibration)
             out["estimated"] = {"accuracy": est.accuracy, "confusion": est.confusion, "classes": est.classes}
-        if degraded and version == champion:
-            out["alert"] = self._raise(version, block, rows, scores, classes, baseline, live, verdicts, now)
-        elif version == champion and cfg.estimate_alerts and estimate is not None:
+        if version != champion:
+            return out
+        step = self.episodes.verdict(self.model, version, failed=bool(degraded), window=block.key, now=now)
+        out["episode"] = self.episodes.summary(step)
+        if degraded:
+            out["alert"] = self.episodes.counted(step, samples=len(rows), now=now) or self._raise(
+                version, block, rows, scores, classes, baseline, live, verdicts, now, step)
+        elif cfg.estimate_alerts and estimate is not None:
             out["estimate_alert"] = self._estimate_alert(version, baseline, estimate, now)
         return out
 
@@ -173,24 +188,10 @@ class QualityMonitor:
         return {"accuracy": est.accuracy, "rows": est.rows, "confusion": est.confusion, "classes": est.classes}
 
     # -- alerts ---------------------------------------------------------------------------------
-    def _recent_alert(self, version: str, now: float) -> dict[str, Any] | None:
-        cooldown = self.settings.trigger.cooldown_seconds
-        for rec in self.alerts.recent(200):
-            if rec["source"] == "quality" and (rec.get("details") or {}).get("version") == version \
-                    and now - rec["created"] < cooldown and rec.get("decision") not in ("not_confirmed",):
-                return rec
-        return None
-
     def _raise(self, version: str, block: Any, rows: Any, scores: np.ndarray | None, classes: Any, baseline: Any,
-               live: dict[str, float], verdicts: list, now: float) -> dict[str, Any]:
+               live: dict[str, float], verdicts: list, now: float, step: Any) -> dict[str, Any]:
         alert_id = quality_alert_id(self.model, version, block.key)
-        if self.alerts.get(alert_id) is None:
-            earlier = self._recent_alert(version, now)
-            if earlier is not None:
-                return {"id": earlier["id"], "decision": "already_raised",
-                        "reason": f"quality alert {earlier['id']} for v{version} was raised "
-                                  f"{now - earlier['created']:.0f}s ago (trigger.cooldown_seconds)"}
-        else:  # the same block re-checked: the trigger records a duplicate
+        if self.alerts.get(alert_id) is not None:  # the same block re-checked: the trigger records a duplicate
             d = self.trigger.submit(Alert(alert_id, "quality", samples=len(rows)))
             return {"id": alert_id, "decision": d.decision, "reason": d.reason}
         sample = rows
@@ -219,18 +220,22 @@ class QualityMonitor:
             return {"id": alert_id, "decision": "not_confirmed", "report": f"/reports/{alert_id}"}
         self.metrics.alerts.labels(source="quality").inc()
         d = self.trigger.submit(alert)
+        self.episodes.bind(step, alert_id)
         return {"id": alert_id, "decision": d.decision, "reason": d.reason, "request_id": d.request_id,
                 "degraded_metrics": degraded, "report": f"/reports/{alert_id}", "report_uri": uri}
 
     def _estimate_alert(self, version: str, baseline: Any, estimate: dict[str, Any], now: float) -> dict[str, Any] | None:
         verdicts = compare({"accuracy": estimate["accuracy"]}, baseline.metrics, self.cfg)
-        if not any(v.degraded for v in verdicts):
-            return None
+        degraded = any(v.degraded for v in verdicts)
         block = f"estimate:{int(now // max(self.cfg.window_seconds or 3600.0, 1.0))}"
+        step = self.estimates.verdict(self.model, version, failed=degraded, window=block, now=now)
+        if not degraded:
+            return None
+        counted = self.estimates.counted(step, samples=estimate["rows"], now=now)
+        if counted is not None:
+            return counted
         alert_id = quality_alert_id(self.model, version, block)
         fresh = self.alerts.get(alert_id) is None
-        if fresh and self._recent_alert(version, now) is not None:
-            return {"id": alert_id, "decision": "already_raised"}
         details = {"version": version, "champion_version": version, "estimated": True, "window": block,
                    "estimated_accuracy": estimate["accuracy"], "holdout": baseline.metrics,
                    "degraded_metrics": ["accuracy (estimated)"], "verdicts": verdicts_dict(verdicts)}
@@ -238,6 +243,8 @@ class QualityMonitor:
         if fresh:  # a re-check of the same window is the trigger's duplicate, not another alert
             self.metrics.alerts.labels(source="quality_estimate").inc()
         d = self.trigger.submit(alert)
+        if fresh:
+            self.estimates.bind(step, alert_id)
         return {"id": alert_id, "decision": d.decision, "reason": d.reason}
 
     def _log_to_mlflow(self, alert_id: str, version: str, files: list, judged: dict[str, float], rows: int) -> str | None:

@@ -27,11 +27,14 @@ annotations) are kept for that join and left out of the drift windows.
 
 A background thread checks every ``monitor.check_interval_seconds``: the current window (from
 ``monitor.window_*``) is compared with the champion's reference by the fast path; below
-``monitor.min_samples`` rows the verdict is "insufficient data" and nothing is raised. When the
-fast path finds dataset drift, Evidently (the judge of record) runs on the window (sampled down
-to ``monitor.report_sample_rows``), its HTML + JSON report is saved under
+``monitor.min_samples`` rows, or while the window is not complete, the verdict is "insufficient
+data" and nothing is raised. When the fast path finds dataset drift and the drift episode has no
+alert yet, Evidently (the judge of record) runs on the window (sampled down to
+``monitor.report_sample_rows``), its HTML + JSON report is saved under
 ``<workspace>/monitor/reports/<alert-id>/`` and logged to MLflow (a run tagged with the alert id
-and the champion version), and — if Evidently confirms — the alert goes to the trigger.
+and the champion version), and — if Evidently confirms — the alert goes to the trigger; later
+drifted windows of the episode are counted on it. After the checks the trigger follows finished
+runs to their rollout's outcome (:meth:`monitoring.trigger.Trigger.follow`).
 
 This module is the composition root: :class:`MonitorService` builds the parts, wires them into
 one app and runs the check loop. The parts live apart: the routes above in
@@ -113,7 +116,7 @@ class MonitorService:
         self.registry = registry or Registry.from_settings(settings)
         self.references = ReferenceCache(settings, self.registry)
         self.trigger = Trigger(settings, self.alerts, runner=runner, runner_factory=runner_factory,
-                               metrics=self.metrics)
+                               metrics=self.metrics, registry=self.registry)
         self.reports_dir = settings.workspace_dir / "monitor" / "reports"
         self.drift = DriftMonitor(settings, store=self.store, references=self.references, alerts=self.alerts,
                                   trigger=self.trigger, metrics=self.metrics, registry=self.registry,
@@ -185,6 +188,10 @@ class MonitorService:
                     log.warning("quality check skipped: %s", exc)
                 except Exception:  # the service keeps running; the next check tries again
                     log.exception("quality check failed")
+            try:
+                self.trigger.follow()  # finished runs to their rollout's outcome; attached alerts; needs-attention
+            except Exception:  # noqa: BLE001 - the service keeps running; the next round tries again
+                log.exception("following the retraining runs failed")
 
     def shadow_summary(self, since: float | None = None, version: str | None = None) -> dict[str, Any]:
         """The shadow's logged answers since ``since`` joined with the primary's and compared

@@ -1,12 +1,11 @@
 """The retraining trigger: an alert that passes the guardrails starts the training pipeline.
 
-Runs go through the same runner adapter as ``driftloop run train``
-(``pipelines.runner.runner_for(settings).run_training(RunRequest(trigger="drift:<alert-id>", …))``),
-so the registered model version carries ``driftloop.trigger=drift:<id>`` and
-``driftloop.alert_id``. The monitor is a service below ``pipelines/``: it never imports the
-runner. Whoever builds the trigger hands it a ``runner_factory`` (the monitor command passes
-``pipelines.runner.runner_for``), and the embedded default's worker is a process of its own.
-Where the run executes:
+Runs go through the runner the monitor is given (``runner.run_training(RunRequest(trigger=
+"drift:<alert-id>", …))``, the same pipeline as ``driftloop run train``), so the registered model
+version carries ``driftloop.trigger=drift:<id>`` and ``driftloop.alert_id``. The monitor is a
+service below ``pipelines/``: it never imports the runner. Whoever builds the trigger hands it a
+``runner_factory`` (the monitor command passes ``pipelines.training.training_runner_for``), and
+the embedded default's worker is a process of its own. Where the run executes:
 
 * embedded default (kfp.local): a background worker process (``python -m pipelines.retrain``)
   runs the pipeline and writes its outcome into the alert store, so the monitor keeps ingesting.
@@ -17,37 +16,33 @@ Where the run executes:
   the runner from ``runner_factory``; the in-flight guard asks Kubeflow for the run's state.
 * an injected runner (tests, embedding): called in a background thread of this process.
 
-Data window of the retraining run: it ends at the alert's window end (the time of the last row
-the drift check saw, or the Alertmanager ``startsAt``); it starts ``trigger.recent_days`` before
-that, or at the time of the ``trigger.recent_rows``-th last row of the training source before the
-end; with neither set, all data up to the end is used.
+**Data window** of the retraining run, in the data's own time (``data.time_column``), never the
+wall clock: it ends just after the newest event time in the training source (the end is
+exclusive: the newest second is inside), and starts ``trigger.recent_days`` before that end, or at
+the time of the ``trigger.recent_rows``-th last row; with neither, all rows up to the end. So data
+whose times are historical gives the last days *of the data*. Without a time column there is no
+window (every row). When the source cannot be read here (a monitor without the pipeline's storage
+credentials) the default window is left open (the run reads up to the data's end itself);
+``recent_days`` / ``recent_rows`` then fail the start, naming the source.
 
-One drift, one alert. On a cluster the same drift reaches the trigger twice: as the monitor's own
-alert and, ``for:`` later, as Alertmanager's (the PrometheusRule ``DriftloopDatasetDrift`` fires
-on the monitor's ``driftloop_monitor_dataset_drift_share``). The monitor's **drift episode** is
-the time from the check whose verdict turned to drift (the check that sets
-``driftloop_monitor_dataset_drift`` to 1) to the first later check that finds none, or to the
-start of a new monitor process (its gauges read 0 until its first check); the drift check reports
-each verdict through :meth:`Trigger.observe_drift`, and the episodes are stored with the alerts.
-A firing ``DriftloopDatasetDrift`` whose labels fit this monitor (``namespace`` = the loop's
-``serving.namespace``; ``model`` and ``version``, where a rule sets them, = its model and the own
-alert's champion version) reports the episode that was open at its ``startsAt`` (give or take
-:data:`EPISODE_MARGIN_SECONDS`). When the monitor raised an alert in that episode, the
-Alertmanager alert is recorded as its duplicate (``duplicate_of``; decision ``duplicate``, reason
-``duplicate of <id>: …``) and starts nothing; the original is the latest of the episode's own
-alerts that started a run, else its latest. Failing that, an earlier Alertmanager alert with the
-same fingerprint in the same episode is the original. Anything else — no episode at ``startsAt``
-(drift seen only by Prometheus, a monitor whose store is new), no own alert in it (Evidently did
-not confirm the drift), another alert name (``DriftloopBatchDrift``) — goes through the
-guardrails as before. See docs/monitoring.md ("One drift, one alert").
+**A run is in flight** from its start until its rollout has an outcome (:mod:`monitoring.outcomes`:
+promoted, rolled back, nothing registered, no rollout, failed). An alert of the monitor's own
+checks that arrives meanwhile is **attached** to that run (decision ``attached``) and re-checked
+when it has an outcome (:meth:`Trigger.follow`): superseded when the canary was promoted, resolved
+when its episode ended meanwhile, otherwise judged by the guardrails again. A run whose canary was
+rolled back does not start the cooldown: the next attempt for the degraded champion is not held
+for ``trigger.cooldown_seconds`` (the daily budget still counts it). Alertmanager's alerts are held
+(``in_flight``) as before.
+
+Alertmanager's alert for a drift the monitor raised itself is its duplicate
+(:mod:`monitoring.duplicates`); the monitor's own checks raise one alert per episode
+(:mod:`monitoring.episodes`).
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import os
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -60,7 +55,9 @@ from driftloop.core.errors import DriftloopError, MonitorError
 from driftloop.core.files import atomic_write, private_dir
 from driftloop.core.processes import process_alive, spawn, stop_process
 from driftloop.core.runs import PipelineRunner, RunRequest
-from monitoring.alerts import STARTED, Alert, AlertStore, Decision, day_ago, decide
+from monitoring.alerts import ATTACHED, STARTED, Alert, AlertStore, Decision, day_ago, decide
+from monitoring.duplicates import DRIFT_ALERTNAMES, EPISODE_MARGIN_SECONDS, GaugeEpisodes
+from monitoring.outcomes import PROMOTED, Outcome, RunOutcomes
 
 if TYPE_CHECKING:
     from driftloop.core.config import Settings
@@ -84,81 +81,80 @@ WORKER_MODULE = "pipelines.retrain"
 
 _TERMINAL = {"SUCCEEDED", "FAILED", "SKIPPED", "CANCELED", "CANCELLED", "CANCELING"}
 
-#: Alertmanager alerts that report the monitor's own drift gauge (infra/base/monitoring/prometheus-rule.yaml
-#: and each tenant's rule); only these can be duplicates of the monitor's drift alerts.
-DRIFT_ALERTNAMES = frozenset({"DriftloopDatasetDrift"})
-
-#: How far a ``startsAt`` may lie outside a drift episode and still report it: Prometheus sees the
-#: gauge a scrape and an evaluation interval late, keeps a series that is no longer scraped for its
-#: 5-minute lookback, and its clock is not the monitor's.
-EPISODE_MARGIN_SECONDS = 300.0
-
 
 def worker_alive(pid: int | None) -> bool:
     """True while ``pid`` is a live (non-zombie) retraining worker process (or this process)."""
     return process_alive(pid, cmdline_contains=WORKER_MODULE.encode())
 
 
-def _iso(value: Any) -> str | None:
-    if value is None:
-        return None
-    if isinstance(value, (int, float)):
-        return dt.datetime.fromtimestamp(value, dt.UTC).isoformat()
-    return str(value)
-
-
-def retrain_window(settings: Settings, window_end: str | None) -> tuple[str | None, str | None]:
-    """(window_start, window_end) of the retraining run's data, as described in the module doc."""
-    end = window_end
-    cfg = settings.trigger
-    if end is None:
-        return None, None
-    end_ts = _to_timestamp(end)
-    if cfg.recent_days is not None:
-        return (end_ts - dt.timedelta(days=cfg.recent_days)).isoformat(), end_ts.isoformat()
-    if cfg.recent_rows is not None and settings.data.time_column:
-        start = _nth_last_time(settings, end_ts, cfg.recent_rows)
-        return (start.isoformat() if start is not None else None), end_ts.isoformat()
-    return None, end_ts.isoformat()
-
-
-def _to_timestamp(value: str) -> Any:
+def retrain_window(settings: Settings) -> tuple[str | None, str | None]:
+    """(window_start, window_end) of a retraining run's data, in data time (module doc): ISO times,
+    the end exclusive; None for an open side."""
     import pandas as pd
 
-    ts = pd.Timestamp(value)
-    return ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
+    cfg = settings.trigger
+    if not settings.data.time_column:
+        return None, None
+    recency = cfg.recent_days is not None or cfg.recent_rows is not None
+    try:
+        times = _source_times(settings)
+    except (DriftloopError, OSError, ValueError) as exc:
+        if recency:
+            what = "recent_days" if cfg.recent_days is not None else "recent_rows"
+            raise MonitorError(f"trigger.{what} needs the times in data.source {settings.data.source!r} "
+                               f"(column {settings.data.time_column!r}), which the monitor cannot read: {exc}") from exc
+        log.warning("data window left open: the times in %s are not readable here (%s)", settings.data.source, exc)
+        return None, None
+    if times.empty:
+        return None, None
+    end = times.iloc[-1].floor("s") + pd.Timedelta(seconds=1)  # exclusive: the newest event is inside
+    if cfg.recent_days is not None:
+        return (end - pd.Timedelta(days=cfg.recent_days)).isoformat(), end.isoformat()
+    if cfg.recent_rows is not None and len(times) > cfg.recent_rows:
+        return times.iloc[-cfg.recent_rows].isoformat(), end.isoformat()
+    return None, end.isoformat()
 
 
-def _nth_last_time(settings: Settings, end: Any, n: int) -> Any:
-    """Time of the n-th last row of the training source before ``end`` (None: fewer rows)."""
+def _source_times(settings: Settings) -> Any:
+    """The event times of the training source (UTC, sorted; rows without a time left out)."""
     import pandas as pd
 
     from driftloop.core.tables import read_table
 
-    col = settings.data.time_column
+    col = str(settings.data.time_column)
     frame = read_table(settings.data.source, settings.data.format)
-    times = pd.to_datetime(frame[col], utc=True)
-    times = times[times < end].sort_values()
-    return None if len(times) <= n else times.iloc[-n]
+    if col not in frame.columns:
+        raise MonitorError(f"data.time_column {col!r} is not a column of {settings.data.source}")
+    values = frame[col]
+    if pd.api.types.is_datetime64_any_dtype(values) or pd.api.types.is_numeric_dtype(values):
+        times = pd.to_datetime(values, utc=True, errors="coerce")
+    else:
+        times = pd.to_datetime(values.astype("string").str.strip(), utc=True, errors="coerce", format="mixed")
+    return times.dropna().sort_values().reset_index(drop=True)
 
 
 class Trigger:
-    """Applies the guardrails to alerts and starts (and follows) retraining runs."""
+    """Applies the guardrails to alerts, starts retraining runs and follows them to their rollout's outcome."""
 
     def __init__(self, settings: Settings, alerts: AlertStore, *, runner: PipelineRunner | None = None,
                  runner_factory: Callable[[Settings], PipelineRunner] | None = None, metrics: Any | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, registry: Any | None = None) -> None:
+        """``registry``: where the rollouts' outcomes are read (MLflow); without one a run is over when it ends."""
         self.settings = settings
         self.alerts = alerts
         self.runner = runner
         self.runner_factory = runner_factory
         self.metrics = metrics
         self.clock = clock
-        self._born = clock()  # this process's drift gauge reads 0 from here until its first check
-        self._observed: set[str] = set()
-        self._lock = threading.Lock()
+        self.gauge = GaugeEpisodes(settings, alerts, clock)
+        self.outcomes = RunOutcomes(settings, alerts, registry=registry, metrics=metrics, since=self.gauge.born)
+        self._lock = threading.RLock()
         self._threads: dict[str, threading.Thread] = {}
         self._workers: dict[str, subprocess.Popen] = {}
+
+    @property
+    def _born(self) -> float:
+        return self.gauge.born
 
     # -- in flight --------------------------------------------------------------------------
     def refresh(self) -> str | None:
@@ -171,6 +167,10 @@ class Trigger:
                 self.alerts.update(rec["id"], finished=self.clock(), run_state="LOST")
                 log.warning("retraining run for alert %s is gone without a result; marked LOST", rec["id"])
         return in_flight
+
+    def in_flight(self) -> str | None:
+        """The alert whose run is running, or whose rollout has no outcome yet."""
+        return self.refresh() or self.outcomes.pending()
 
     def _still_running(self, rec: dict[str, Any]) -> bool:
         alert_id = rec["id"]
@@ -206,106 +206,98 @@ class Trigger:
             self.runner = self.runner_factory(self.settings)
         return self.runner
 
-    # -- drift episodes ----------------------------------------------------------------------
+    # -- Alertmanager duplicates (monitoring.duplicates) ------------------------------------
     def observe_drift(self, model: str, drift: bool) -> None:
-        """The drift check's verdict, as just exported on ``driftloop_monitor_dataset_drift``.
-
-        Opens ``model``'s drift episode on drift, closes it on no drift; the first call of a new
-        monitor process closes an episode an earlier one left open (at this process's start). A
-        store that cannot be written costs only the de-duplication of Alertmanager alerts.
-        """
-        restarted = None if model in self._observed else self._born
-        try:
-            self.alerts.observe_drift(model, drift, now=self.clock(), restarted_at=restarted)
-        except sqlite3.Error as exc:
-            log.warning("drift episode of %s not recorded: %s", model, exc)
-            return
-        self._observed.add(model)
+        """The drift check's verdict as exported on the gauge (:meth:`GaugeEpisodes.observe_drift`)."""
+        self.gauge.observe_drift(model, drift)
 
     def duplicate_of(self, alert: Alert, now: float) -> tuple[str, str] | None:
-        """(id of the alert that ``alert`` duplicates, how it was recognised), or None (module doc)."""
-        if alert.source != "alertmanager":
-            return None
-        details = alert.details or {}
-        labels = details.get("labels") if isinstance(details.get("labels"), dict) else {}
-        name = labels.get("alertname")
-        if not isinstance(name, str) or name not in DRIFT_ALERTNAMES or alert.window_end is None:
-            return None
-        s = self.settings
-        if "namespace" in labels and str(labels["namespace"]) != s.serving.namespace:
-            return None
-        if "model" in labels and str(labels["model"]) not in (s.mlflow.model_name, s.serving.name):
-            return None
-        model = s.mlflow.model_name
-        try:
-            starts = dt.datetime.fromisoformat(alert.window_end).timestamp()
-            return self._original(alert, model, labels, starts, now)
-        except Exception as exc:  # noqa: BLE001 - the alert is stored already; the guardrails still judge it
-            log.warning("alert %s not checked for duplicates: %s", alert.id, exc)
-            return None
-
-    def _original(self, alert: Alert, model: str, labels: dict[str, Any], starts: float,
-                  now: float) -> tuple[str, str] | None:
-        margin = EPISODE_MARGIN_SECONDS
-        episodes = self.alerts.drift_episodes(model, since=starts - margin, until=starts + margin)
-        if not episodes:
-            return None
-        # the episode open at startsAt, else the latest one within the margin of it
-        holding = [e for e in episodes if e["opened"] <= starts and (e["closed"] is None or e["closed"] >= starts)]
-        episode = (holding or episodes)[-1]
-        since = _iso(episode["opened"])
-        end = now if episode["closed"] is None else episode["closed"]
-        own = self.alerts.raised_between(episode["opened"], end)
-        if "version" in labels:
-            own = [a for a in own if str((a.get("details") or {}).get("champion_version")) == str(labels["version"])]
-        if own:
-            started = [a for a in own if a.get("decision") == STARTED]
-            original = (started or own)[-1]
-            return original["id"], (f"the monitor raised this drift of {model} itself (its alert's decision: "
-                                    f"{original['decision']}); drift episode since {since}, Alertmanager's "
-                                    f"startsAt {alert.window_end}")
-        fingerprint = (alert.details or {}).get("fingerprint")
-        for earlier in self.alerts.alertmanager_by_fingerprint(str(fingerprint)):
-            if earlier["id"] == alert.id or not earlier.get("window_end"):
-                continue
-            at = dt.datetime.fromisoformat(earlier["window_end"]).timestamp()
-            if episode["opened"] - margin <= at <= end + margin:
-                return earlier.get("duplicate_of") or earlier["id"], (
-                    f"Alertmanager alert {fingerprint} again, with startsAt {alert.window_end}, in the same drift "
-                    f"episode of {model} (since {since})")
-        return None
+        """(id of the alert that ``alert`` duplicates, how it was recognised), or None."""
+        return self.gauge.duplicate_of(alert, now)
 
     # -- decisions ---------------------------------------------------------------------------
     def submit(self, alert: Alert) -> Decision:
         """Record the alert, apply the guardrails, start a run when they pass. Never raises for a refusal."""
         with self._lock:
+            self.follow()  # outcomes known by now count (in flight, cooldown) before this alert is judged
             now = self.clock()
             fresh = self.alerts.insert(alert)
             if fresh:
                 original, why = self.duplicate_of(alert, now) or (None, "")
             else:  # a repeat delivery: the duplicate of what its first delivery duplicated
                 original, why = (self.alerts.get(alert.id) or {}).get("duplicate_of"), ""
-            in_flight = self.refresh() if fresh and original is None else None
-            decision, reason = decide(alert, self.settings.trigger, now=now, seen=not fresh, in_flight=in_flight,
-                                      last_started=self.alerts.last_started(),
-                                      started_last_day=self.alerts.started_since(day_ago(now)),
-                                      duplicate_of=original, why=why)
             if fresh and original is not None:
                 self.alerts.update(alert.id, duplicate_of=original)
-            request_id = None
-            if decision == STARTED:
-                try:
-                    request_id = self._start(alert, now)
-                except DriftloopError as exc:
-                    decision, reason = "failed", f"could not start the run: {exc}"
-            self.alerts.record_decision(alert.id, decision, reason, now=now, final=fresh)
-            if self.metrics is not None:
-                self.metrics.trigger_decisions.labels(decision=decision).inc()
-            log.info("alert %s (%s): %s — %s", alert.id, alert.source, decision, reason)
-            return Decision(alert.id, decision, reason, request_id, original)
+            return self._judge(alert, now, seen=not fresh, original=original, why=why)
 
+    def rejudge(self, alert_id: str, *, samples: int | None = None, why: str = "") -> Decision | None:
+        """Apply the guardrails again to a known alert that has not started a run (held or attached), e.g.
+        when its episode's next window fails or the run it waited for has an outcome; None if it has one."""
+        with self._lock:
+            rec = self.alerts.get(alert_id)
+            if rec is None or rec.get("decision") == STARTED:
+                return None
+            if samples is not None:
+                self.alerts.update(alert_id, samples=samples)
+            alert = Alert(rec["id"], rec["source"], created=rec["created"], details=rec.get("details") or {},
+                          samples=rec["samples"] if samples is None else samples, window_start=rec.get("window_start"),
+                          window_end=rec.get("window_end"), report_path=rec.get("report_path"),
+                          report_uri=rec.get("report_uri"))
+            return self._judge(alert, self.clock(), seen=False, original=None, why="", note=why)
+
+    def _judge(self, alert: Alert, now: float, *, seen: bool, original: str | None, why: str,
+               note: str = "") -> Decision:
+        in_flight = self.in_flight() if not seen and original is None else None
+        decision, reason = decide(alert, self.settings.trigger, now=now, seen=seen, in_flight=in_flight,
+                                  last_started=self.alerts.last_started(),
+                                  started_last_day=self.alerts.started_since(day_ago(now)),
+                                  duplicate_of=original, why=why)
+        request_id = None
+        if decision == ATTACHED:
+            self.alerts.update(alert.id, attached_to=in_flight)
+        elif decision == STARTED:
+            try:
+                request_id = self._start(alert, now)
+            except DriftloopError as exc:
+                decision, reason = "failed", f"could not start the run: {exc}"
+        reason = f"{note}: {reason}" if note else reason
+        self.alerts.record_decision(alert.id, decision, reason, now=now, final=not seen)
+        if self.metrics is not None:
+            self.metrics.trigger_decisions.labels(decision=decision).inc()
+        log.info("alert %s (%s): %s — %s", alert.id, alert.source, decision, reason)
+        return Decision(alert.id, decision, reason, request_id, original)
+
+    # -- after a run -------------------------------------------------------------------------
+    def follow(self) -> list[Outcome]:
+        """Follow finished runs to their rollout's outcome; for each outcome re-check the alerts attached
+        to its run and raise needs-attention when a degraded champion stays. Returns the new outcomes."""
+        with self._lock:
+            self.refresh()
+            now = self.clock()
+            ended = self.outcomes.ended(now)
+            for outcome in ended:
+                self.outcomes.attention(outcome, now)
+                for rec in self.alerts.attached_to(outcome.alert["id"]):
+                    self._recheck(rec, outcome, now)
+            self.outcomes.resolve(now)
+            return ended
+
+    def _recheck(self, rec: dict[str, Any], ended: Outcome, now: float) -> None:
+        """An alert attached to the run that ``ended``: superseded, resolved, or judged again."""
+        run = ended.alert["id"]
+        episode = self.alerts.episode(int(rec["episode"])) if rec.get("episode") else None
+        if ended.outcome == PROMOTED:
+            self.alerts.record_decision(rec["id"], "superseded", f"the run of alert {run} it waited for was promoted "
+                                        f"({ended.reason}); the new champion's windows are judged afresh", now=now)
+        elif episode is not None and not episode.open:
+            self.alerts.record_decision(rec["id"], "resolved", f"its {episode.kind} episode ended before the run of "
+                                        f"alert {run} had an outcome ({episode.close_reason})", now=now)
+        else:
+            self.rejudge(rec["id"], why=f"re-checked after the run of alert {run} ({ended.outcome})")
+
+    # -- starting a run ----------------------------------------------------------------------
     def _start(self, alert: Alert, now: float) -> str:
-        start, end = retrain_window(self.settings, alert.window_end)
+        start, end = retrain_window(self.settings)
         request = RunRequest(trigger=trigger_of(alert.source, alert.id), window_start=start, window_end=end)
         self.alerts.update(alert.id, request_id=request.request_id, started=now, run_state="RUNNING",
                            window_start=start, window_end=end)
@@ -393,13 +385,17 @@ def trigger_of(source: str | None, alert_id: str) -> str:
 
 
 def record_result(alerts: AlertStore, alert_id: str, result: Any, now: float) -> None:
-    """Write a RunResult (state, pipeline run id, model version) onto the alert."""
+    """Write a RunResult (state, pipeline run id, model version) onto the alert; for a run that
+    registered nothing, why (the gate's reason, or that it equals the champion) for its outcome."""
     fields: dict[str, Any] = {"pipeline_run_id": result.run_id, "run_state": result.state}
     if result.state not in ("SUBMITTED", "RUNNING"):
         fields["finished"] = now
-    version = (result.summary or {}).get("model_version")
+    summary = result.summary or {}
+    version = summary.get("model_version")
     if version:
         fields["model_version"] = str(version)
+    elif result.state == "SUCCEEDED" and summary.get("gate"):
+        fields["outcome_reason"] = f"gate {summary['gate']}: {summary.get('reason', '')}".strip(": ")
     if result.error:
         fields["reason"] = f"run failed: {result.error}"
     alerts.update(alert_id, **fields)

@@ -114,7 +114,7 @@ def test_one_large_request_cannot_raise_an_alert_or_start_a_run(tmp_path, traine
     """A single V1 request of many identical drifted rows fills no window: requests count, rows are capped."""
     service, runner = _service(tmp_path, trained, monkeypatch, **{"monitor.min_requests": 5,
                                                                   "monitor.max_rows_per_request": 40,
-                                                                  "monitor.window_rows": 2000})
+                                                                  "monitor.window_rows": 1500})
     with TestClient(service.app, headers=_auth(service)) as client:
         row = _rows(drift=True, n=1)
         _send_one_request(client, pd.concat([row] * 1500, ignore_index=True), champion_model)
@@ -123,14 +123,61 @@ def test_one_large_request_cannot_raise_an_alert_or_start_a_run(tmp_path, traine
         assert outcome["window"]["rows"] == 40 and outcome["window"]["requests"] == 1
         assert "monitor.min_requests=5" in outcome["reason"] and "no run starts" in outcome["reason"]
         assert "alert" not in outcome and client.get("/alerts").json()["alerts"] == []
-        # many requests, each capped, make a window: the same drift is then judged and acted on
+        # many requests, each capped, make the next window: the same drift is then judged and acted on
         for seed in range(6):
-            _send_one_request(client, _rows(drift=True, n=40, seed=seed), champion_model)
+            _send_one_request(client, _rows(drift=True, n=250, seed=seed), champion_model)
         judged = client.post("/check").json()
-        assert judged["verdict"] == "drift" and judged["window"]["requests"] == 7, judged
+        assert judged["verdict"] == "drift" and judged["window"]["requests"] == 6, judged
         assert judged["alert"]["decision"] == "started"
         service.trigger.wait(judged["alert"]["id"], timeout=30)
     assert len(runner.requests) == 1
+
+
+def test_a_partial_window_is_never_judged(tmp_path, trained, champion_model, monkeypatch):
+    """315 drifted rows of a 500-row window: no verdict, no alert, until the window is complete."""
+    service, runner = _service(tmp_path, trained, monkeypatch, **{"monitor.window_rows": 500})
+    with TestClient(service.app, headers=_auth(service)) as client:
+        _send(client, _rows(drift=True, n=315), champion_model)
+        partial = client.post("/check").json()
+        assert partial["verdict"] == "insufficient data" and partial["window"]["complete"] is False, partial
+        assert "not complete yet (315 rows so far; monitor.window_rows=500)" in partial["reason"]
+        assert "alert" not in partial and client.get("/alerts").json()["alerts"] == []
+        assert "driftloop_monitor_dataset_drift 0.0" in client.get("/metrics").text  # nothing judged, nothing set
+        _send(client, _rows(drift=True, n=185, seed=7), champion_model)
+        complete = client.post("/check").json()
+        assert complete["verdict"] == "drift" and complete["window"]["rows"] == 500
+        assert complete["alert"]["decision"] == "started"
+        service.trigger.wait(complete["alert"]["id"], timeout=30)
+    assert len(runner.requests) == 1
+
+
+def test_a_drift_storm_raises_one_alert_per_episode(tmp_path, trained, champion_model, monkeypatch):
+    """Window after drifted window: one alert, one report, one run; the others are counted on it. Calm
+    windows end the episode (monitor.resolve_windows in a row), and drift after that is a new alert."""
+    service, runner = _service(tmp_path, trained, monkeypatch, **{"monitor.resolve_windows": 2})
+    with TestClient(service.app, headers=_auth(service)) as client:
+        outcomes = []
+        for seed in range(4):
+            _send(client, _rows(drift=True, seed=20 + seed), champion_model)
+            outcomes.append(client.post("/check").json())
+        first = outcomes[0]["alert"]
+        assert first["decision"] == "started" and all(o["verdict"] == "drift" for o in outcomes)
+        assert [o["alert"]["id"] for o in outcomes] == [first["id"]] * 4
+        assert [o["alert"]["decision"] for o in outcomes[1:]] == ["counted"] * 3
+        assert outcomes[-1]["episode"]["failing_windows"] == 4 and outcomes[-1]["episode"]["alert"] == first["id"]
+        service.trigger.wait(first["id"], timeout=30)
+        listed = client.get("/alerts").json()["alerts"]
+        assert [a["id"] for a in listed] == [first["id"]] and listed[0]["episode_windows"] == 4
+        assert sorted(p.name for p in service.reports_dir.iterdir()) == [first["id"]]  # one Evidently report
+        assert 'driftloop_monitor_alerts_total{source="drift"} 1.0' in client.get("/metrics").text
+        for seed in range(2):
+            _send(client, _rows(drift=False, seed=40 + seed), champion_model)
+            calm = client.post("/check").json()
+        assert calm["verdict"] == "no drift" and calm["episode"]["closed"] is not None
+        _send(client, _rows(drift=True, seed=50), champion_model)
+        again = client.post("/check").json()
+        assert again["alert"]["id"] != first["id"] and again["episode"]["failing_windows"] == 1
+    assert len(runner.requests) == 2
 
 
 def _send_one_request(client: TestClient, rows: pd.DataFrame, model) -> None:
@@ -181,7 +228,8 @@ def test_alertmanager_webhook_needs_the_token(tmp_path, trained, monkeypatch):
         assert 'driftloop_monitor_events_rejected_total{reason="webhook_unauthorized"} 2.0' in metrics
         assert 'driftloop_monitor_events_rejected_total{reason="webhook_malformed"} 2.0' in metrics
     assert len(runner.requests) == 1
-    assert runner.requests[0].window_end == "2026-01-31T00:00:00+00:00"
+    newest = pd.read_parquet(service.settings.data.source)["event_time"].max()  # the data's end, not startsAt
+    assert runner.requests[0].window_end == (newest.floor("s") + pd.Timedelta(seconds=1)).isoformat()
 
 
 def test_missing_reference_is_an_error_not_a_pass(tmp_path, scenario_path, monkeypatch):

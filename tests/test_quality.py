@@ -155,7 +155,8 @@ def test_pure_concept_drift_raises_one_quality_alert_and_one_retraining_run(tmp_
         assert client.post("/quality/check").json()["versions"]["1"]["alert"]["decision"] == "duplicate"
         _serve_and_label(client, concept.iloc[300:500], champion_sklearn)
         later = client.post("/quality/check").json()["versions"]["1"]
-        assert later["verdict"] == "degraded" and later["alert"]["decision"] == "already_raised"
+        assert later["verdict"] == "degraded" and later["alert"]["decision"] == "counted"
+        assert later["alert"]["id"] == alert["id"] and later["episode"]["failing_windows"] == 2
         assert len(runner.requests) == 1
 
         listed = [a for a in client.get("/alerts").json()["alerts"] if a["source"] == "quality"]
@@ -173,6 +174,53 @@ def test_pure_concept_drift_raises_one_quality_alert_and_one_retraining_run(tmp_
     registry = Registry.from_settings(service.settings)
     runs = registry.find_runs(f"tags.`driftloop.alert_id` = '{alert['id']}'")
     assert len(runs) == 1 and runs[0].data.tags["driftloop.kind"] == "quality-report"
+
+
+class RejectingRunner(RecordingRunner):
+    """The retraining run succeeds and registers nothing: its gate rejects the model."""
+
+    def run_training(self, request, *, wait: bool = True):
+        from pipelines.runner import RunResult
+
+        self.requests.append(request)
+        self.release.wait(30)
+        return RunResult(request.request_id, f"run-{len(self.requests)}", "SUCCEEDED", "local",
+                         summary={"gate": "rejected", "reason": "accuracy 0.70 < champion's 0.78"})
+
+
+def test_a_quality_alert_during_the_drift_run_is_attached_and_acted_on_when_it_ends(tmp_path, trained,
+                                                                                   champion_sklearn, monkeypatch):
+    """Drifted inputs and a broken relation together: the drift alert starts a run; the quality alert raised
+    while it runs is attached to it, not dropped, and judged again when the run has an outcome. The run
+    registered nothing, so the champion stays degraded: needs-attention, in /alerts and on /metrics."""
+    base, _ = trained
+    monkeypatch.setenv(WEBHOOK_TOKEN_ENV, "token")
+    runner = RejectingRunner(hold=True)
+    settings = make_settings(tmp_path / "ws", base.data.source, **{
+        "mlflow.tracking_uri": base.tracking_uri, "monitor.window_rows": 300, "monitor.min_samples": 200,
+        "monitor.check_interval_seconds": 3600, "trigger.cooldown_seconds": 0, "trigger.min_samples": 100,
+        "serving.name": "churn", "monitor.quality.window_rows": 200, "monitor.quality.min_labels": 200})
+    service = MonitorService(settings, runner=runner)
+    both = generate(rows=300, drift_at=0.0, seed=23)  # covariate and concept drift
+    with TestClient(service.app, headers={"authorization": f"Bearer {service.ingest_token}"}) as client:
+        _serve_and_label(client, both, champion_sklearn)
+        drift = client.post("/check").json()["alert"]
+        assert drift["decision"] == "started"
+        quality = client.post("/quality/check").json()["versions"]["1"]["alert"]
+        assert quality["decision"] == "attached" and drift["id"] in quality["reason"], quality
+        runner.release.set()
+        service.trigger.wait(drift["id"], timeout=30)
+        service.trigger.follow()
+        rec = client.get("/alerts").json()["alerts"]
+        by_id = {a["id"]: a for a in rec}
+        assert by_id[drift["id"]]["outcome"] == "not_registered"
+        assert by_id[drift["id"]]["outcome_reason"] == "gate rejected: accuracy 0.70 < champion's 0.78"
+        assert by_id[quality["id"]]["decision"] == "started", by_id[quality["id"]]["reason"]
+        assert [r.trigger for r in runner.requests] == [f"drift:{drift['id']}", f"quality:{quality['id']}"]
+        [attention] = [a for a in rec if a["source"] == "needs-attention"]
+        assert attention["decision"] == "notify" and "registered no model version" in attention["reason"]
+        assert 'driftloop_monitor_needs_attention{model="churn"} 1.0' in client.get("/metrics").text
+        service.trigger.wait(quality["id"], timeout=30)
 
 
 def test_no_alert_while_the_relation_holds(tmp_path, trained, champion_sklearn, monkeypatch):

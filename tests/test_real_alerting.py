@@ -242,3 +242,61 @@ def test_drift_fires_through_prometheus_and_alertmanager_and_starts_one_run(tmp_
     assert listed[dup["id"]]["decision"] == "duplicate" and listed[dup["id"]]["duplicate_of"] == alert["id"]
     assert listed[dup["id"]]["reason"].startswith(f"duplicate of {alert['id']}")
     assert [a["id"] for a in listed.values() if a["decision"] == "started"] == [alert["id"]]
+
+
+def test_needs_attention_reaches_alertmanager_for_people_not_the_retrain_route(tmp_path, monkeypatch):
+    """A retrain rolled back while the champion's drift episode is open: the monitor's needs-attention gauge
+    → infra's DriftloopNeedsAttention in a real Prometheus → a real Alertmanager, labelled for people
+    (driftloop_action=notify): the webhook route to the trigger never sees it. Resolved, it ends."""
+    from monitoring.alerts import Alert
+    from monitoring.episodes import EpisodeAlerts
+    from tests.conftest import make_settings
+    from tests.test_episodes import Versions
+    from tests.test_trigger import RecordingRunner
+
+    monkeypatch.setenv(WEBHOOK_TOKEN_ENV, TOKEN)
+    settings = make_settings(tmp_path / "ws", tmp_path / "none.parquet", **{
+        "trigger.min_samples": 1, "monitor.check_interval_seconds": 3600, "monitor.resolve_windows": 1})
+    service = MonitorService(settings, runner=RecordingRunner())
+    versions = Versions()
+    service.trigger.outcomes.registry = versions  # what the rollout controller leaves in MLflow
+    drift = EpisodeAlerts(service.alerts, service.trigger, kind="drift", resolve_after=1)
+    step = drift.verdict("churn", "1", failed=True, window="tumbling:0-300", now=time.time())
+    started = service.trigger.submit(Alert("drift-0", "drift", samples=300))
+    drift.bind(step, "drift-0")
+    service.trigger.wait("drift-0", timeout=30)
+    service.alerts.update("drift-0", model_version="2")
+    versions.tag("2", "rolled_back", "canary error rate 9 % > 5 %")
+    service.trigger.follow()
+    assert started.decision == "started"
+    token_file = tmp_path / "webhook-token"
+    token_file.write_text(TOKEN)
+
+    def am_alerts(url: str) -> list[dict]:
+        return [a for a in httpx.get(f"{url}/api/v2/alerts", timeout=5).json()
+                if a["labels"]["alertname"] == "DriftloopNeedsAttention"]
+
+    try:
+        with _ServedMonitor(service) as monitor, \
+                alertmanager(tmp_path / "am", alertmanager_config(monitor.url, token_file, group_wait="1s",
+                                                                  group_interval="1s")) as am, \
+                prometheus(tmp_path / "prom", targets=[f"127.0.0.1:{monitor.port}"], rules=rule_groups(),
+                           target_labels={"namespace": "driftloop", "service": "driftloop-monitor"},
+                           alertmanager_url=am.url):
+            assert 'driftloop_monitor_needs_attention{model="churn"} 1.0' in httpx.get(f"{monitor.url}/metrics").text
+            [fired] = wait_until(lambda: am_alerts(am.url), timeout=60, what="DriftloopNeedsAttention in Alertmanager",
+                                 log=am.log)
+            assert {k: fired["labels"][k] for k in ("severity", "driftloop_action", "namespace", "model")} == {
+                "severity": "critical", "driftloop_action": "notify", "namespace": "driftloop", "model": "churn"}
+            assert fired["annotations"]["description"].startswith("Model churn: the champion is still degraded")
+            assert [r["name"] for r in fired["receivers"]] == ["null"]  # not the retrain webhook's route
+            # the champion recovers: the episode ends, the gauge drops, the alert resolves in Alertmanager
+            drift.verdict("churn", "1", failed=False, window="tumbling:300-600", now=time.time())
+            service.trigger.follow()
+            wait_until(lambda: not [a for a in am_alerts(am.url) if a["status"]["state"] == "active"], timeout=60,
+                       what="DriftloopNeedsAttention resolved", log=am.log)
+        assert not [a for a in service.alerts.recent(50) if a["source"] == "alertmanager"]
+        assert [a["decision"] for a in service.alerts.recent(50) if a["source"] == "needs-attention"] == ["resolved"]
+    finally:
+        service.store.close()
+        service.alerts.close()

@@ -108,15 +108,27 @@ def test_blackout_and_min_samples_hold(tmp_path):
 
 
 def test_one_run_in_flight(tmp_path):
+    """One run at a time: the monitor's own alerts are attached to the run in flight and judged again when it
+    ends; Alertmanager's are held."""
     runner = RecordingRunner(hold=True)
     trig, _ = _trigger(tmp_path, runner=runner)
     assert trig.submit(_alert(1)).decision == "started"
     busy = trig.submit(_alert(2))
-    assert busy.decision == "in_flight" and _alert(1).id in busy.reason
+    assert busy.decision == "attached" and _alert(1).id in busy.reason
+    assert trig.alerts.get(_alert(2).id)["attached_to"] == _alert(1).id
+    held = _deliver(trig, _am("f1", trig.clock(), alertname="SomethingElse"))[0]
+    assert held.decision == "in_flight" and _alert(1).id in held.reason
     runner.release.set()
     _finish(trig, _alert(1).id)
+    trig.follow()  # the run has an outcome (registered; no registry to follow its rollout): attached alerts re-checked
+    rechecked = trig.alerts.get(_alert(2).id)
+    assert rechecked["decision"] == "started" and rechecked["reason"].startswith(f"re-checked after the run of alert "
+                                                                                 f"{_alert(1).id} (registered)")
+    assert [d["decision"] for d in trig.alerts.decisions(_alert(2).id)] == ["attached", "started"]
+    _finish(trig, _alert(2).id)
     assert trig.submit(_alert(3)).decision == "started"
-    assert len(runner.requests) == 2
+    assert len(runner.requests) == 3
+    assert trig.alerts.get(held.alert_id)["decision"] == "in_flight"  # Alertmanager's: held, as before
 
 
 def test_in_flight_guard_survives_a_monitor_restart(tmp_path):
@@ -130,31 +142,81 @@ def test_in_flight_guard_survives_a_monitor_restart(tmp_path):
         trig.alerts.update(alert.id, started=trig.clock(), worker_pid=worker.pid, run_state="RUNNING")
         assert worker_alive(worker.pid)
         restarted, _ = _trigger(tmp_path)  # a new monitor process on the same workspace
-        assert restarted.submit(_alert(2)).decision == "in_flight"
+        assert restarted.submit(_alert(2)).decision == "attached"
     finally:
         worker.kill()
         worker.wait()
     assert not worker_alive(worker.pid)
-    assert restarted.submit(_alert(3)).decision == "started"
-    assert restarted.alerts.get(alert.id)["run_state"] == "LOST"
+    restarted.follow()  # the run it waited for is gone: LOST, failed; the attached alert is judged again
+    lost = restarted.alerts.get(alert.id)
+    assert (lost["run_state"], lost["outcome"]) == ("LOST", "failed")
+    assert restarted.alerts.get(_alert(2).id)["decision"] == "started"
 
 
-def test_retrain_window_from_recent_days(tmp_path):
-    settings = make_settings(tmp_path, tmp_path / "x.parquet", **{"trigger.recent_days": 7})
-    start, end = retrain_window(settings, "2026-02-01T00:00:00+00:00")
-    assert (start, end) == ("2026-01-25T00:00:00+00:00", "2026-02-01T00:00:00+00:00")
-    plain = make_settings(tmp_path, tmp_path / "x.parquet")
-    assert retrain_window(plain, "2026-02-01T00:00:00Z") == (None, "2026-02-01T00:00:00+00:00")
+def _historical(path) -> str:
+    """A source whose event times end years ago: a row every 6 hours of 2014, the last at 18:00 on 31 December."""
+    import pandas as pd
+
+    times = pd.date_range("2014-01-01", "2014-12-31T18:00", freq="6h", tz="UTC")
+    pd.DataFrame({"event_time": times, "x": range(len(times)), "label": [i % 2 for i in range(len(times))]}
+                 ).to_parquet(path)
+    return str(path)
+
+
+def test_retrain_window_is_in_the_datas_time_not_the_wall_clocks(tmp_path):
+    """Data whose times end on 31 December 2014: recent_days counts back from there, and the exclusive end
+    keeps the newest day in the window (today's wall clock would give an empty window)."""
+    from components.ingest import ingest
+
+    source = _historical(tmp_path / "history.parquet")
+    settings = make_settings(tmp_path, source, **{"trigger.recent_days": 7})
+    start, end = retrain_window(settings)
+    assert (start, end) == ("2014-12-24T18:00:01+00:00", "2014-12-31T18:00:01+00:00")
+    import pandas as pd
+
+    cut = ingest(pd.read_parquet(source), target="label", time_column="event_time", window_start=start,
+                 window_end=end, test_size=0.2)
+    times = pd.concat([cut.train, cut.test])["event_time"]
+    assert len(times) == 7 * 4 and times.max() == pd.Timestamp("2014-12-31T18:00:00Z")  # 31 December is in
+    plain = make_settings(tmp_path, source)
+    assert retrain_window(plain) == (None, "2014-12-31T18:00:01+00:00")  # every row up to the data's end
+    untimed = make_settings(tmp_path, source, **{"data.time_column": None})
+    assert retrain_window(untimed) == (None, None)
+
+
+def test_a_triggered_run_gets_the_datas_window_and_the_alert_keeps_it(tmp_path):
+    source = _historical(tmp_path / "history.parquet")
+    trig, _ = _trigger(tmp_path, **{"recent_days": 30})
+    trig.settings = make_settings(tmp_path / "ws", source, **{"trigger.recent_days": 30, "trigger.cooldown_seconds": 0,
+                                                              "trigger.min_samples": 10})
+    decision = trig.submit(_alert(1))  # the alert's own window ends at the wall-clock time of its rows
+    _finish(trig, decision.alert_id)
+    request = trig.runner.requests[0]
+    assert (request.window_start, request.window_end) == ("2014-12-01T18:00:01+00:00", "2014-12-31T18:00:01+00:00")
+    rec = trig.alerts.get(decision.alert_id)
+    assert (rec["window_start"], rec["window_end"]) == (request.window_start, request.window_end)
+
+
+def test_recent_days_on_a_source_the_monitor_cannot_read_fails_the_start_naming_it(tmp_path):
+    trig, _ = _trigger(tmp_path, recent_days=7)
+    failed = trig.submit(_alert(1))
+    assert failed.decision == "failed" and "trigger.recent_days needs the times in data.source" in failed.reason
+    assert "none.parquet" in failed.reason and trig.runner.requests == []
+    open_window, _ = _trigger(tmp_path / "default")  # no recency asked: the run reads up to the data's end itself
+    started = open_window.submit(_alert(2))
+    _finish(open_window, started.alert_id)
+    assert started.decision == "started"
+    assert (open_window.runner.requests[0].window_start, open_window.runner.requests[0].window_end) == (None, None)
 
 
 def test_retrain_window_from_recent_rows(tmp_path, scenario_path):
     import pandas as pd
 
     settings = make_settings(tmp_path, scenario_path, **{"trigger.recent_rows": 500})
-    start, end = retrain_window(settings, "2026-02-01T00:00:00Z")
+    start, end = retrain_window(settings)
     times = pd.read_parquet(scenario_path)["event_time"]
     inside = times[(times >= pd.Timestamp(start)) & (times < pd.Timestamp(end))]
-    assert len(inside) == 500
+    assert len(inside) == 500 and times.max() < pd.Timestamp(end)
 
 
 def test_alertmanager_payload_parsing():
@@ -192,8 +254,11 @@ def test_triggered_run_carries_the_alert_id(tmp_path, scenario_path):
     assert version.tags[TAG.ALERT] == alert.id
     assert version.tags[TAG.TRIGGER] == f"drift:{alert.id}"
     assert version.tags[TAG.REQUEST] == decision.request_id
-    last_row = version.tags[TAG.WINDOW].split(" .. ")[1]  # the data window ended at the alert's window end
-    assert "2026-01-30" <= last_row < "2026-01-31"
+    import pandas as pd
+
+    newest = pd.read_parquet(scenario_path)["event_time"].max()  # the data's end, not the alert's wall clock
+    assert rec["window_end"] == (newest.floor("s") + pd.Timedelta(seconds=1)).isoformat()
+    assert newest.isoformat() in version.tags[TAG.WINDOW]
 
 
 class RecordingKfpRunner:
@@ -224,11 +289,13 @@ def test_cluster_runs_are_submitted_and_followed_through_kubeflow(tmp_path):
     first = trig.submit(_alert(1))
     rec = trig.alerts.get(first.alert_id)
     assert first.decision == "started" and rec["pipeline_run_id"] == "kfp-1" and rec["run_state"] == "SUBMITTED"
-    assert trig.submit(_alert(2)).decision == "in_flight"  # Kubeflow says RUNNING
+    assert trig.submit(_alert(2)).decision == "attached"  # Kubeflow says RUNNING
     runner.state = "SUCCEEDED"
     assert trig.submit(_alert(3)).decision == "started"
     assert trig.alerts.get(first.alert_id)["run_state"] == "SUCCEEDED"
-    assert [r.trigger for r in runner.requests] == [f"drift:{_alert(1).id}", f"drift:{_alert(3).id}"]
+    # the attached alert was judged again when the first run ended, before the new one
+    assert trig.alerts.get(_alert(2).id)["decision"] == "started"
+    assert [r.trigger for r in runner.requests] == [f"drift:{_alert(i).id}" for i in (1, 2, 3)]
 
 
 # -- one drift, one alert: Alertmanager's alert for a drift the monitor raised itself ------------------

@@ -136,7 +136,10 @@ def alerts_cmd(
     limit: Annotated[int, typer.Option(min=1, help="How many recent alerts.")] = 20,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON document (every field) for scripts.")] = False,
 ) -> None:
-    """Recent alerts: their decision and reason, the run they started and its model version."""
+    """Recent alerts: their decision and reason, the run they started and its model version.
+
+    An unresolved ``needs-attention`` alert (a retrain that left a degraded champion in place) is
+    printed above the table; an alert that stands for an episode shows its failing windows."""
     import datetime as dt
     import json
 
@@ -164,7 +167,11 @@ def alerts_cmd(
         typer.echo(json.dumps({"alerts": rows}, default=str))
         return
     from rich import box
+    from rich.markup import escape
 
+    for a in rows:
+        if a["source"] == "needs-attention" and a.get("resolved") is None:
+            console.print(f"[bold red]needs attention[/] ({a['id']}): {escape(a.get('reason') or '')}")
     # Fits 80 columns: the first line of a row is alert, decision, run and model; under them the time,
     # the reason (folded, never cut) and the run's state. The report path and all fields are in --json.
     table = Table(title=f"alerts ({settings.workspace_dir})", box=box.ROUNDED)
@@ -175,7 +182,8 @@ def alerts_cmd(
     for a in rows:
         created = dt.datetime.fromtimestamp(a["created"], dt.UTC).strftime("%Y-%m-%d %H:%M")
         version = a["model_version"]
-        table.add_row(f"{a['id']}\n{created}", f"{a.get('decision') or ''}\n[dim]{a.get('reason') or ''}[/]",
+        windows = f" · {a['episode_windows']} windows" if (a.get("episode_windows") or 0) > 1 else ""
+        table.add_row(f"{a['id']}\n{created}", f"{a.get('decision') or ''}{windows}\n[dim]{escape(a.get('reason') or '')}[/]",
                       a.get("pipeline_run_id") or a.get("request_id") or "",
                       (f"{settings.mlflow.model_name} v{version}" if version else "") + f"\n{a.get('run_state') or ''}")
         table.add_section()

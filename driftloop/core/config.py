@@ -352,6 +352,9 @@ class QualityConfig(_Section):
     estimate: bool = Field(True, description="estimate classifiers' accuracy from calibrated scores (CBPE)")
     estimate_alerts: bool = Field(False, description="a drop of the ESTIMATED accuracy raises an alert too")
     report_sample_rows: int = Field(50_000, ge=100, description="rows of a window in the Evidently quality report")
+    resolve_windows: int = Field(3, ge=1, description=(
+        "complete labelled windows in a row that pass before a quality episode ends; until then the champion's "
+        "failing windows are counted on the episode's one alert (docs/monitoring.md, \"One alert per episode\")"))
 
     @field_validator("max_relative", "max_absolute")
     @classmethod
@@ -384,6 +387,9 @@ class MonitorConfig(_Section):
     per_column_method: dict[str, str] = Field(default_factory=dict)
     per_column_threshold: dict[str, float] = Field(default_factory=dict)
     report_sample_rows: int = Field(50_000, ge=100)
+    resolve_windows: int = Field(3, ge=1, description=(
+        "complete windows in a row without drift before a drift episode ends; until then each drifted window is "
+        "counted on the episode's one alert (docs/monitoring.md, \"One alert per episode\")"))
     store: Path | None = Field(None, description="inference-log SQLite file; default <workspace>/monitor/inference.db, "
                                                  "relative paths are inside the workspace")
     store_synchronous: Literal["NORMAL", "FULL"] = Field(
@@ -403,7 +409,12 @@ class TriggerConfig(_Section):
     daily_budget: int = Field(4, ge=0)
     blackout: list[str] = Field(default_factory=list, description='windows like "22:00-06:00" (UTC)')
     recent_rows: int | None = Field(None, ge=1, description="retrain on the last N rows of the source")
-    recent_days: float | None = Field(None, gt=0, description="retrain on the last N days of the source")
+    recent_days: float | None = Field(None, gt=0, description=(
+        "retrain on the last N days of the source, counted back from its newest event time (data.time_column), "
+        "not from today"))
+    rollout_wait_seconds: float = Field(21600.0, gt=0, description=(
+        "how long a retrain's canary may go without a rollout outcome in MLflow (promoted / rolled back) before "
+        "the trigger stops counting its run as in flight and re-checks the alerts attached to it"))
 
     @field_validator("blackout")
     @classmethod
