@@ -32,7 +32,7 @@ from serving.inference_service import build_inference_service, to_dict
 from serving.kserve_backend import KServeBackend
 from serving.rollout import PROMOTED, ROLLED_BACK, KServeTarget, RolloutController
 from tests.conftest import make_settings
-from tests.kube_server import guardrails, infra_applied, service_account_user
+from tests.kube_server import DEFAULT_AGENT_POLICY, guardrails, infra_applied, service_account_user
 from tests.test_shadow_cluster import prometheus
 
 NS = "driftloop"
@@ -220,9 +220,10 @@ def test_a_stale_resource_version_is_a_409_that_the_backend_answers_with_a_re_re
 
 
 # -- the agent ---------------------------------------------------------------------------------------------
-def test_agent_dry_run_and_min_replicas_patch_then_hand_back(kube, tmp_path):
+def test_agent_dry_run_and_min_replicas_patch_then_hand_back(kube, tmp_path, request):
     s = settings_for(tmp_path, "churn-agent", **{"serving.max_replicas": 5, "agent.mode": "full"})
-    guardrails().use({"mode": "full", "floor": 1, "ceiling": 10, "max_step": 4}, max_replicas=5)
+    guardrails().use(DEFAULT_AGENT_POLICY, max_replicas=5)  # the webhook reads the agent's serving.max_replicas
+    request.addfinalizer(lambda: guardrails().use(DEFAULT_AGENT_POLICY))
     put_up(kube, s)
     actuator = KServeActuator(s, client=kserve_client(kube, NS, "driftloop-agent"), owns=True)
     assert actuator.current_floor("churn-agent") == 1 and actuator.paused("churn-agent") is None
