@@ -20,10 +20,13 @@ limits. A check with too little data has the verdict ``None``: it counts as neit
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from driftloop.core.statistics import MIN_EFFECTIVE_PAIRS, psi
 from serving.rollout.paired import Pairing
+
+if TYPE_CHECKING:
+    from driftloop.core.config import RolloutConfig
 
 __all__ = ["Check", "evaluate_checks", "judge", "psi_guard", "quality_check", "shadow_checks", "weight_schedule",
            "PASS", "FAIL", "HOLD", "WAIT", "PSI_BLOCKS"]
@@ -46,7 +49,7 @@ class Check:
     detail: str = ""
 
 
-def _health_checks(stats: dict[str, Any], cfg: Any, *, prefix: str, counted: bool) -> list[Check]:
+def _health_checks(stats: dict[str, Any], cfg: RolloutConfig, *, prefix: str, counted: bool) -> list[Check]:
     """Error rate and p99 latency against their limits; no verdict until enough requests were ``counted``."""
     rate, p99 = stats.get("error_rate"), stats.get("p99_ms")
     return [Check(f"{prefix}error_rate", rate, cfg.max_error_rate,
@@ -55,7 +58,7 @@ def _health_checks(stats: dict[str, Any], cfg: Any, *, prefix: str, counted: boo
                   None if p99 is None or not counted else p99 <= cfg.max_p99_latency_ms)]
 
 
-def quality_check(pairing: Pairing | None, cfg: Any, note: str = "") -> Check:
+def quality_check(pairing: Pairing | None, cfg: RolloutConfig, note: str = "") -> Check:
     """``quality_delta``: the candidate's change against the champion on the same labelled requests
     (higher is better; limit ``-quality_margin``). Its value is set exactly when the labels decide —
     enough requests scored by both versions — and then its verdict is the comparison's
@@ -110,7 +113,7 @@ def psi_guard(canary: list[Any], champion: list[Any]) -> Check:
                  f"{PSI_BLOCKS} earlier blocks of {m} of the champion's own answers")
 
 
-def evaluate_checks(canary: dict[str, Any] | None, primary: dict[str, Any] | None, cfg: Any, *,
+def evaluate_checks(canary: dict[str, Any] | None, primary: dict[str, Any] | None, cfg: RolloutConfig, *,
                     pairing: Pairing | None = None, quality_note: str = "", champion: list[Any] | None = None
                     ) -> list[Check]:
     """The analysis of one interval: per-version stats (as ``/admin/stats`` reports them), the
@@ -146,7 +149,7 @@ def judge(checks: list[Check]) -> str:
     return PASS
 
 
-def weight_schedule(cfg: Any) -> list[int]:
+def weight_schedule(cfg: RolloutConfig) -> list[int]:
     """The canary weights, in order: ``step_weights`` or multiples of ``step_weight``, capped at ``max_weight``."""
     if cfg.step_weights:
         weights = [w for w in cfg.step_weights if w <= cfg.max_weight]
@@ -157,7 +160,7 @@ def weight_schedule(cfg: Any) -> list[int]:
     return weights
 
 
-def shadow_checks(summary: dict[str, Any], cfg: Any) -> list[Check]:
+def shadow_checks(summary: dict[str, Any], cfg: RolloutConfig) -> list[Check]:
     """The shadow phase's analysis: errors, latency, agreement, output PSI and, with labels, quality."""
     requests = int(summary.get("requests") or 0)
     mirrored = requests >= cfg.shadow_min_requests

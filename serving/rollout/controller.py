@@ -35,7 +35,7 @@ import logging
 import time
 from dataclasses import asdict
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from driftloop.core.errors import RolloutAborted, ServingError
 from serving.rollout.analysis import (FAIL, HOLD, WAIT, Check, evaluate_checks, judge, quality_check, shadow_checks,
@@ -44,6 +44,9 @@ from serving.rollout.paired import Pairing, RegistryScorer, Scorer, compare_vers
 from serving.rollout.state import (AWAITING_APPROVAL, PENDING, PROGRESSING, PROMOTED, ROLLED_BACK, SHADOW, RolloutState,
                                    RolloutStore)
 from serving.rollout.targets import RolloutTarget
+
+if TYPE_CHECKING:
+    from driftloop.core.config import Settings
 
 __all__ = ["RolloutController", "HISTORY_ARTIFACT", "WEIGHT_TAG"]
 
@@ -61,7 +64,7 @@ def _iso(ts: float) -> str:
 class RolloutController:
     """Drives one canary rollout step by step; state survives restarts."""
 
-    def __init__(self, settings: Any, target: RolloutTarget, registry: Any | None = None, *,
+    def __init__(self, settings: Settings, target: RolloutTarget, registry: Any | None = None, *,
                  model_name: str | None = None, scorer: Scorer | None = None) -> None:
         """``scorer``: how both versions answer the labelled requests (default: each version loaded from
         the MLflow registry, :class:`~serving.rollout.paired.RegistryScorer`)."""
@@ -76,7 +79,7 @@ class RolloutController:
 
     # -- lifecycle ------------------------------------------------------------------
     @classmethod
-    def begin(cls, settings: Any, *, canary_version: str, primary_version: str | None, canary_uri: str = "",
+    def begin(cls, settings: Settings, *, canary_version: str, primary_version: str | None, canary_uri: str = "",
               model_name: str | None = None) -> RolloutState:
         """Record a new pending rollout (the deploy step calls this); a finished one is replaced."""
         name = model_name or settings.mlflow.model_name
