@@ -34,7 +34,7 @@ from typing import Any
 import httpx
 import yaml
 
-from driftloop.core.processes import free_port, spawn, stop_process
+from driftloop.core.processes import free_port, process_alive, spawn, stop_process
 from tests.servers import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -289,7 +289,13 @@ def start_cluster(home: Path) -> KubeCluster:
     folder = binaries()
     home.mkdir(parents=True, exist_ok=True)
     shm = Path("/dev/shm")
-    data = Path(tempfile.mkdtemp(prefix="driftloop-etcd-", dir=shm if shm.is_dir() and os.access(shm, os.W_OK) else home))
+    in_memory = shm.is_dir() and os.access(shm, os.W_OK)
+    if in_memory:  # what a test process killed with SIGKILL left in memory
+        for stale in shm.glob("driftloop-etcd-*-*"):
+            owner = stale.name.split("-")[2]
+            if owner.isdigit() and not process_alive(int(owner)):
+                shutil.rmtree(stale, ignore_errors=True)
+    data = Path(tempfile.mkdtemp(prefix=f"driftloop-etcd-{os.getpid()}-", dir=shm if in_memory else home))
     atexit.register(shutil.rmtree, data, True)
     client_port, peer_port, api_port = free_port(), free_port(), free_port()
     etcd_url = f"http://127.0.0.1:{client_port}"
