@@ -37,11 +37,9 @@ servers:
 # The cluster tests run a real etcd + kube-apiserver 1.20.2 on loopback, built once from Debian's
 # packages and source (no binary package ships kube-apiserver) and cached outside the clone:
 # ${XDG_CACHE_HOME:-~/.cache}/driftloop/kube-apiserver-1.20.2-<recipe>/. The first build takes ~8 min
-# of one core (it says so while it builds); later runs find it. Their Gatekeeper test evaluates Rego
-# with regopy (rego-cpp), a test-only tool installed into the virtualenv here.
+# of one core (it says so while it builds); later runs find it.
 cluster: setup
 	@bash infra/cluster/build.sh >/dev/null
-	@$(BIN)/python -c "import regopy" 2>/dev/null || $(BIN)/python -m pip install --quiet "regopy==1.5.2"
 
 test: setup kubectl servers cluster
 	$(BIN)/python -m pytest -q
