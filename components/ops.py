@@ -52,7 +52,8 @@ def ingest_op(
         for art, frame in ((train, result.train), (test, result.test), (reference, result.reference)):
             # row groups of 64k rows: a distributed train step's workers each read only their shard's groups
             frame.to_parquet(art.path, index=False, row_group_size=65_536)
-            art.metadata.update({"rows": len(frame), "columns": list(map(str, frame.columns)), "window": result.window})
+            art.metadata.update({"rows": len(frame), "columns": list(map(str, frame.columns)), "window": result.window,
+                                 "window_start": window_start, "window_end": window_end})  # as asked (half-open)
         rows = len(result.train) + len(result.test)
     return namedtuple("IngestOutputs", ["rows", "window"])(rows, result.window)
 
@@ -273,7 +274,9 @@ def register_op(
             from components.distributed import record_on_run
 
             record_on_run(tracking_uri, run_id, dict(model.metadata["distributed"]))
-        print(f"registered {model_name} version {version} aliases {','.join(aliases)}", flush=True)
+        print(f"registered {model_name} version {version} aliases {','.join(aliases)}" if aliases else
+              f"nothing registered: {model_name} v{version} (the champion) was trained on the same data and "
+              "parameters", flush=True)
     return namedtuple("Registered", ["version", "aliases", "mlflow_run_id"])(version, ",".join(aliases), run_id)
 
 

@@ -3,8 +3,22 @@
 The first model of a name (no champion yet) also gets ``champion``. When the gate
 rejects the model, :func:`record_rejection` logs the run and the reason without
 registering anything, so every retraining run is tracked.
+
+Each version carries the **fingerprint** of what it was trained on (:func:`fingerprint`: the
+train and test rows, the learner, its parameters and the columns; tag
+``driftloop.data_fingerprint``). A run whose fingerprint equals the champion's registers nothing:
+it logs the run (tag ``driftloop.registered`` says why) and hands the champion's version on, which
+the deploy step does not roll out again. Retraining on the same data with the same parameters
+adds no version and no canary.
+
+The data window a run was asked for is logged as the run parameter ``data_window``, half-open
+(``[start, end)``, ``-inf`` / ``+inf`` for an open side: ``data.window_end`` is exclusive), beside
+the tag ``driftloop.data_window`` that names the first and last row read; :func:`describe_window`
+is how the run summary and lineage print the two.
 """
 
+import hashlib
+import json
 import logging
 import tempfile
 from dataclasses import dataclass
@@ -14,9 +28,29 @@ from typing import Any
 import pandas as pd
 
 
-__all__ = ["HOLDOUT_QUALITY_ARTIFACT", "RunContext", "trusted_types", "model_requirements", "register_model", "record_rejection"]
+__all__ = ["FINGERPRINT_TAG", "HOLDOUT_QUALITY_ARTIFACT", "REGISTERED_TAG", "RunContext", "describe_window",
+           "fingerprint", "half_open", "trusted_types", "model_requirements", "register_model", "record_rejection"]
 
 log = logging.getLogger(__name__)
+
+#: Version and run tag: what the model was trained on (:func:`fingerprint`).
+FINGERPRINT_TAG = "driftloop.data_fingerprint"
+#: Run tag of a run that registered nothing although its gate passed, saying why.
+REGISTERED_TAG = "driftloop.registered"
+
+
+def half_open(start: str | None, end: str | None) -> str:
+    """A data window as the half-open interval it is: ``[start, end)``; an open side is ``-inf`` / ``+inf``."""
+    return f"[{start or '-inf'}, {end or '+inf'})"
+
+
+def describe_window(requested: str | None, rows: str | None) -> str:
+    """How a run's data window is printed: the window asked for (half-open) and the rows it held
+    (``first .. last``, both read). Runs logged before the requested window was recorded: the rows."""
+    rows = rows or ""
+    if not requested or rows in ("", "all rows"):
+        return rows or (requested or "")
+    return f"{requested}: rows {rows}"
 
 
 @dataclass(frozen=True)
@@ -32,6 +66,7 @@ class RunContext:
     task: str
     device: str
     params: dict[str, Any]
+    requested_window: str = ""  # half-open, as asked of the ingest step ("" when the step did not say)
 
 
 def _run_tags(ctx: RunContext, decision: dict[str, Any]) -> dict[str, str]:
@@ -59,6 +94,7 @@ def _log_run_body(mlflow: Any, ctx: RunContext, decision: dict[str, Any], train:
     mlflow.log_params({
         "learner": ctx.learner, "task": ctx.task, "device": ctx.device, "target": target,
         "train_rows": len(train), "test_rows": len(test), "gate_metric": decision.get("metric"),
+        **({"data_window": ctx.requested_window} if ctx.requested_window else {}),
         **{f"learner.{k}": v for k, v in (ctx.params or {}).items()},
     })
     mlflow.log_metrics({k: float(v) for k, v in (decision.get("new_metrics") or {}).items()})
@@ -114,6 +150,40 @@ def model_requirements(model: Any) -> list[str]:
     return [f"{name}=={version(name)}" for name in packages]
 
 
+def fingerprint(train: pd.DataFrame, test: pd.DataFrame, schema: dict[str, Any], ctx: RunContext) -> str:
+    """What a model is trained on, as one hash: the train and test rows (values, columns, dtypes), the
+    learner, its parameters, the task and the feature columns. Equal fingerprints, equal training."""
+    digest = hashlib.sha256()
+    for frame in (train, test):
+        digest.update(json.dumps([[str(c), str(t)] for c, t in frame.dtypes.items()]).encode())
+        digest.update(pd.util.hash_pandas_object(frame, index=False).to_numpy().tobytes())
+    digest.update(json.dumps({"learner": ctx.learner, "task": ctx.task, "params": ctx.params or {},
+                              "target": schema.get("target"), "numeric": schema.get("numeric"),
+                              "categorical": schema.get("categorical")}, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+def _unchanged(registry: Any, model_name: str, *, train: pd.DataFrame, test: pd.DataFrame, schema: dict[str, Any],
+               decision: dict[str, Any], ctx: RunContext, fp: str) -> tuple[str, list[str], str] | None:
+    """When the champion was trained on the same data with the same parameters: log the run, register
+    nothing, and return the champion's version (no aliases); else None."""
+    import mlflow
+
+    from driftloop.core.registry import CHAMPION
+
+    champion = registry.version_by_alias(model_name, CHAMPION)
+    if champion is None or champion.tags.get(FINGERPRINT_TAG) != fp:
+        return None
+    why = (f"nothing registered: the same data fingerprint and parameters as champion v{champion.version} "
+           f"({fp[:12]}); retraining on them gives that model again")
+    with registry.translate_errors("cannot log the unchanged run"):
+        with mlflow.start_run(experiment_id=registry.experiment_id(), run_name=f"unchanged-{ctx.request_id[:8]}") as run:
+            _log_run_body(mlflow, ctx, decision, train, test, schema, schema["target"])
+            mlflow.set_tags({FINGERPRINT_TAG: fp, REGISTERED_TAG: why})
+    log.info("%s %s", model_name, why)
+    return champion.version, [], run.info.run_id
+
+
 def register_model(
     model: Any,
     *,
@@ -128,7 +198,9 @@ def register_model(
 ) -> tuple[str, list[str], str]:
     """Log run + model + datasets; register a version; set aliases. Returns (version, aliases, run_id).
 
-    Aliases are moved last, so a failure earlier leaves the registry's aliases untouched.
+    Aliases are moved last, so a failure earlier leaves the registry's aliases untouched. A model
+    trained like the champion (same :func:`fingerprint`) registers nothing: the champion's version
+    comes back with no aliases.
     """
     import mlflow
     from mlflow.models import infer_signature
@@ -140,6 +212,11 @@ def register_model(
 
     # MLflow warns about integer outputs and ambiguous local dataset sources; neither applies here.
     warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow\..*")
+    fp = fingerprint(train, test, schema, ctx)
+    same = _unchanged(registry, model_name, train=train, test=test, schema=schema, decision=decision, ctx=ctx,
+                      fp=fp)
+    if same is not None:
+        return same
     target = schema["target"]
     numeric, categorical = schema["numeric"], schema["categorical"]
     features = prepare_features(train, numeric, categorical)
@@ -149,6 +226,7 @@ def register_model(
     with registry.translate_errors(f"cannot register model {model_name!r}"):
         with mlflow.start_run(experiment_id=exp_id, run_name=f"train-{ctx.request_id[:8]}") as run:
             _log_run_body(mlflow, ctx, decision, train, test, schema, target)
+            mlflow.set_tag(FINGERPRINT_TAG, fp)
             _log_holdout_quality(mlflow, model, test, schema)
             with tempfile.TemporaryDirectory() as tmp:
                 ref_path = Path(tmp) / "reference.parquet"
@@ -161,7 +239,8 @@ def register_model(
             )
             version = str(info.registered_model_version)
         first = registry.version_by_alias(model_name, CHAMPION) is None
-        registry.tag_version(model_name, version, {**_run_tags(ctx, decision), "driftloop.mlflow_run_id": run.info.run_id})
+        registry.tag_version(model_name, version, {**_run_tags(ctx, decision), "driftloop.mlflow_run_id": run.info.run_id,
+                                                   FINGERPRINT_TAG: fp})
         aliases = [CHALLENGER]
         registry.set_alias(model_name, CHALLENGER, version)
         if first:
@@ -186,6 +265,8 @@ def record_rejection(*, registry: Any, train: pd.DataFrame, test: pd.DataFrame, 
 
 def _ctx(train_meta: dict, trigger: str, pipeline_run_id: str, request_id: str, source: str, learner: str, task: str,
          device: str, params: dict) -> RunContext:
+    asked = "window_start" in train_meta or "window_end" in train_meta  # the ingest step says what it was asked
+    requested = half_open(train_meta.get("window_start") or None, train_meta.get("window_end") or None) if asked else ""
     return RunContext(trigger=trigger or "manual", pipeline_run_id=pipeline_run_id, request_id=request_id or pipeline_run_id,
                       data_window=str(train_meta.get("window", "")), data_source=source, learner=learner, task=task,
-                      device=device, params=params)
+                      device=device, params=params, requested_window=requested)

@@ -124,6 +124,10 @@ CREATE INDEX IF NOT EXISTS drift_episodes_model ON drift_episodes (model, opened
 _ADDED_COLUMNS = {"duplicate_of": "TEXT", "episode": "INTEGER", "attached_to": "TEXT", "outcome": "TEXT",
                   "outcome_reason": "TEXT", "followed": "REAL", "resolved": "REAL"}
 
+#: An alert row with its episode's failing windows, opening and closing time.
+_WITH_EPISODE = ("SELECT a.*, e.failing AS episode_windows, e.opened AS episode_opened, e.closed AS episode_closed "
+                 "FROM alerts a LEFT JOIN episodes e ON e.seq = a.episode")
+
 #: Decisions of the monitor's own drift alerts that did not go to the trigger (no drift raised).
 _NOT_RAISED = ("report_only", "not_confirmed")
 
@@ -309,14 +313,13 @@ class AlertStore(EpisodeTables):
         self._tx("UPDATE alerts SET details = ? WHERE id = ?", (json.dumps(details, default=str), alert_id))
 
     def get(self, alert_id: str) -> dict[str, Any] | None:
-        row = self._tx("SELECT * FROM alerts WHERE id = ?", (alert_id,)).fetchone()
+        """One alert, with its episode's failing windows and state (``episode_*``) where it has one."""
+        row = self._tx(f"{_WITH_EPISODE} WHERE a.id = ?", (alert_id,)).fetchone()
         return _row(row) if row else None
 
     def recent(self, limit: int = 20) -> list[dict[str, Any]]:
         """The latest alerts, each with its episode's failing windows and state (``episode_*``) where it has one."""
-        rows = self._tx("SELECT a.*, e.failing AS episode_windows, e.opened AS episode_opened, "
-                        "e.closed AS episode_closed FROM alerts a LEFT JOIN episodes e ON e.seq = a.episode "
-                        "ORDER BY a.created DESC LIMIT ?", (limit,)).fetchall()
+        rows = self._tx(f"{_WITH_EPISODE} ORDER BY a.created DESC LIMIT ?", (limit,)).fetchall()
         return [_row(r) for r in rows]
 
     def decisions(self, alert_id: str | None = None) -> list[dict[str, Any]]:

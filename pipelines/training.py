@@ -271,8 +271,10 @@ def step_detail(func: str, output: dict[str, Any]) -> str:
     if func == "evaluate_op":
         verdict = "PASS" if params.get("passed") else "REJECT"
         return f"gate {verdict}: {params.get('reason', '')}"
-    if func == "register_op":
-        return f"version {params.get('version', '?')}" + (f" ({params['aliases']})" if params.get("aliases") else "")
+    if func == "register_op":  # no aliases: nothing registered, the champion's version handed on
+        version = params.get("version", "?")
+        return f"version {version} ({params['aliases']})" if params.get("aliases") else \
+            f"nothing registered: same data and parameters as champion v{version}"
     if func == "reject_op":
         return f"MLflow run {params.get('Output', '')}"
     if func == "deploy_op":
@@ -312,6 +314,7 @@ def training_runner_for(settings: "Settings") -> TrainingRunner:
 
 def summarize_run(settings: "Settings", request_id: str) -> dict[str, Any]:
     """Read what the pipeline recorded in MLflow for this request: rows, metrics, gate, version."""
+    from components.register import REGISTERED_TAG, describe_window
     from driftloop.core.registry import TAG, Registry
 
     registry = Registry.from_settings(settings)
@@ -328,10 +331,13 @@ def summarize_run(settings: "Settings", request_id: str) -> dict[str, Any]:
         "champion_metrics": {k[len("champion_"):]: v for k, v in metrics.items() if k.startswith("champion_")},
         "gate": tags.get(TAG.GATE, "unknown"),
         "reason": tags.get(TAG.GATE_REASON, ""),
-        "window": tags.get(TAG.WINDOW, ""),
+        "window": describe_window(params.get("data_window"), tags.get(TAG.WINDOW, "")),  # [start, end): rows
         "trigger": tags.get(TAG.TRIGGER, ""),
         "device": tags.get(TAG.DEVICE, ""),
     }
+    if tags.get(REGISTERED_TAG):  # the gate passed, and the model is the champion's again: said with the reason
+        summary["registered"] = tags[REGISTERED_TAG]
+        summary["reason"] = f"{summary['reason']}; {tags[REGISTERED_TAG]}"
     info = registry.version_of_run(settings.mlflow.model_name, run.info.run_id) if summary["gate"] == "passed" else None
     if info is not None:
         summary["model_version"] = info.version

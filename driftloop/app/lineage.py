@@ -5,6 +5,10 @@ Everything comes from what the loop recorded: MLflow version tags and run data
 drift report behind a ``drift:<alert-id>`` trigger) and the rollout history — including
 the shadow phase before the canary steps (:func:`shadow_phase`, also used by
 ``driftloop rollout status``).
+
+Windows are the data's (its time column), printed half-open as ``[start, end)`` — the end is
+exclusive, as ``data.window_end`` is: the data window the run was asked for with the first and
+last row it read, and the window the alert's retraining run was given.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import logging
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from components.register import describe_window, half_open
 from driftloop.core.config import Settings
 from driftloop.core.errors import RegistryError
 from driftloop.core.registry import TAG, Registry
@@ -77,7 +82,8 @@ def _alert_detail(settings: Settings, alert_id: str) -> dict[str, Any]:
             "labelled rows": details.get("labelled_rows"),
             "quality report": found.get("report_uri") or found.get("report_path"),
             "decision": f"{found.get('decision')}: {found.get('reason')}" if found.get("decision") else None,
-            "data window": " .. ".join(filter(None, [found.get("window_start"), found.get("window_end")])) or None,
+            "data window": _alert_window(found),
+            "run outcome": _outcome(found),
         }
     return {
         "alert_id": alert_id,
@@ -86,8 +92,21 @@ def _alert_detail(settings: Settings, alert_id: str) -> dict[str, Any]:
         "drift share": details.get("share"),
         "drift report": found.get("report_uri") or found.get("report_path"),
         "decision": f"{found.get('decision')}: {found.get('reason')}" if found.get("decision") else None,
-        "data window": " .. ".join(filter(None, [found.get("window_start"), found.get("window_end")])) or None,
+        "data window": _alert_window(found),
+        "drift windows": found.get("episode_windows"),
+        "run outcome": _outcome(found),
     }
+
+
+def _alert_window(alert: dict[str, Any]) -> str | None:
+    """The data window of the alert's retraining run, half-open (None before a run was started)."""
+    if not alert.get("started"):
+        return None
+    return half_open(alert.get("window_start"), alert.get("window_end"))
+
+
+def _outcome(alert: dict[str, Any]) -> str | None:
+    return f"{alert['outcome']}: {alert.get('outcome_reason') or ''}".rstrip(": ") if alert.get("outcome") else None
 
 
 def _rollout_steps(settings: Settings, registry: Registry, model: str, version: str, run_id: str | None) -> list[dict[str, Any]]:
@@ -133,6 +152,7 @@ def build_lineage(settings: Settings, ref: str) -> Lineage:
         lineage.champion_metrics = {k[len("champion_"):]: v for k, v in metrics.items() if k.startswith("champion_")}
         params = run.data.params
         lineage.train_rows = int(params["train_rows"]) if "train_rows" in params else None
+        lineage.data_window = describe_window(params.get("data_window"), lineage.data_window)
         lineage.test_rows = int(params["test_rows"]) if "test_rows" in params else None
     lineage.rollout_steps = _rollout_steps(settings, registry, info.name, info.version, info.run_id)
     lineage.shadow = shadow_phase(lineage.rollout_steps)
