@@ -7,7 +7,8 @@ the champion). A failing window of an open episode is **counted on the episode's
 alert of the same kind for the model, no second report — while that alert:
 
 * started a run that has no outcome yet (:mod:`monitoring.outcomes`: the run, then its rollout);
-* is attached to another run in flight (it is re-checked when that run has an outcome); or
+* is attached to another run in flight (it is re-checked when that run has an outcome; should that
+  run be over with nothing in flight any more, the window judges it again); or
 * was held by a guardrail (cooldown, budget, blackout, too few rows, a start that failed): then it
   is judged again, with this window's rows — the window starts its run once the guardrails pass.
 
@@ -86,7 +87,10 @@ class EpisodeAlerts:
         self.alerts.record_decision(rec["id"], "counted", f"{note}: counted on this alert", now=now, final=False)
         entry = {"id": rec["id"], "decision": "counted", "reason": f"{note}, counted on alert {rec['id']} "
                  f"(its decision: {rec['decision']})", "episode_windows": ep.failing}
-        if rec["decision"] not in (STARTED, ATTACHED):  # held by a guardrail: this window may pass it
+        held = rec["decision"] not in (STARTED, ATTACHED)  # by a guardrail: this window may pass it
+        # attached to a run that is over without its follow-up (a monitor down past trigger.rollout_wait_seconds)
+        stranded = rec["decision"] == ATTACHED and self.trigger.in_flight() is None
+        if held or stranded:
             decision = self.trigger.rejudge(rec["id"], samples=samples, why=note)
             if decision is not None:
                 entry.update(decision=decision.decision, reason=decision.reason, request_id=decision.request_id)

@@ -219,6 +219,20 @@ def test_needs_attention_is_one_per_degraded_spell_and_resolved_when_the_champio
     assert "2 complete window(s) in a row passed" in resolved["reason"]
 
 
+def test_an_alert_attached_to_a_run_whose_follow_up_was_missed_is_judged_by_its_next_window(loop):
+    """The monitor was down longer than trigger.rollout_wait_seconds: the run it waited for ended unobserved.
+    The attached alert is not stranded: its episode's next failing window judges it again."""
+    lp = loop(**{"cooldown_seconds": 0})
+    drift = lp.window(lp.drift, True)
+    quality = lp.window(lp.quality, True)
+    assert quality["decision"] == "attached"
+    lp.finish(drift["id"], None)
+    lp.alerts.update(drift["id"], followed=lp.clock.now, outcome="not_registered")  # as if followed elsewhere
+    assert lp.trigger.follow() == [] and lp.alerts.get(quality["id"])["decision"] == "attached"
+    nxt = lp.window(lp.quality, True)
+    assert (nxt["id"], nxt["decision"]) == (quality["id"], "started")
+
+
 def test_a_promoted_canary_supersedes_what_waited_and_the_cooldown_still_holds(loop):
     lp = loop()
     drift = lp.window(lp.drift, True)
