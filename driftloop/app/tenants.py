@@ -489,7 +489,14 @@ def _monitoring_docs(t: Tenant) -> list[dict[str, Any]]:
              "expr": f'max by (namespace) (driftloop_monitor_dataset_drift_share{{namespace="{ns}"}}) >= 0.5',
              "for": "10m",
              "labels": {"severity": "warning", "driftloop_action": "retrain"},
-             "annotations": {"summary": f"Input drift on the served model of {t.name}"}}]}]}},
+             "annotations": {"summary": f"Input drift on the served model of {t.name}"}}]},
+             # the monitor's own needs-attention (a retrain left the degraded champion in place) goes to
+             # people, never back to the trigger (infra/base/monitoring/prometheus-rule.yaml has the same)
+             {"name": f"driftloop.{t.name}.loop", "rules": [{
+                 "alert": "DriftloopNeedsAttention",
+                 "expr": f'max by (namespace, model) (driftloop_monitor_needs_attention{{namespace="{ns}"}}) == 1',
+                 "labels": {"severity": "critical", "driftloop_action": "notify"},
+                 "annotations": {"summary": f"A retrain did not replace the degraded champion of {t.name}"}}]}]}},
         # The Prometheus Operator adds a namespace="<ns>" matcher to this route: only this
         # tenant's alerts reach this tenant's monitor, with this tenant's token.
         {"apiVersion": "monitoring.coreos.com/v1alpha1", "kind": "AlertmanagerConfig",
