@@ -21,6 +21,9 @@ Where each concern lives:
   data's time window, and follows it), :mod:`monitoring.outcomes` (what became of a run: its
   rollout's outcome read from MLflow, needs-attention when a degraded champion stays),
   :mod:`monitoring.duplicates` (Alertmanager's alert for a drift the monitor raised itself);
+* history — :mod:`monitoring.history` (every check, alert, run and rollout outcome a snapshot in the
+  model's Evidently project, through :mod:`driftloop.core.history`; written off the checks' path) and
+  :mod:`monitoring.loglines` (the check loop's log: a line per change, a summary a minute);
 * episodes — :mod:`monitoring.alert_episodes` (the stretches of failing windows, table
   ``episodes`` of the alert store) and :mod:`monitoring.episodes` (one alert per episode: what the
   drift and quality checks do with a window's verdict).

@@ -34,7 +34,10 @@ alert yet, Evidently (the judge of record) runs on the window (sampled down to
 ``<workspace>/monitor/reports/<alert-id>/`` and logged to MLflow (a run tagged with the alert id
 and the champion version), and — if Evidently confirms — the alert goes to the trigger; later
 drifted windows of the episode are counted on it. After the checks the trigger follows finished
-runs to their rollout's outcome (:meth:`monitoring.trigger.Trigger.follow`).
+runs to their rollout's outcome (:meth:`monitoring.trigger.Trigger.follow`). Every check (the loop's
+and ``POST /check``'s) and every outcome is also a snapshot in the model's Evidently project
+(:mod:`monitoring.history`, written off the check's path); the loop logs a line when a verdict
+changes and a summary at most every minute (:mod:`monitoring.loglines`), each verdict with ``-v``.
 
 This module is the composition root: :class:`MonitorService` builds the parts, wires them into
 one app and runs the check loop. The parts live apart: the routes above in
@@ -60,6 +63,8 @@ from driftloop.core.shadow import shadow_name
 from monitoring.alerts import AlertStore
 from monitoring.drift_check import DriftMonitor, log_report_to_mlflow
 from monitoring.events import RowSchema
+from monitoring.history import CheckHistory
+from monitoring.loglines import LoopLines
 from monitoring.metrics import MonitorMetrics
 from monitoring.quality_check import QualityMonitor
 from monitoring.reference import ChampionReference, ReferenceCache
@@ -124,6 +129,7 @@ class MonitorService:
         self.options = self.drift.options
         self.quality = QualityMonitor(settings, store_path=self.store.path, registry=self.registry, alerts=self.alerts,
                                       trigger=self.trigger, metrics=self.metrics, reports_dir=self.reports_dir)
+        self.history = CheckHistory(settings, metrics=self.metrics)  # every check in the model's Evidently project
         self.last_outcome: dict[str, Any] | None = None
         self.ingest_token = workspace_token(ingest_token_path(settings), INGEST_TOKEN_ENV)
         self.auth = IngestAuth(self.ingest_token, settings.monitor.events_auth)
@@ -138,6 +144,7 @@ class MonitorService:
         with self._check_lock:
             outcome = self.drift.check(force=force, report=report)
             self.last_outcome = outcome
+            self.history.drift(outcome)
             return outcome
 
     # -- HTTP ---------------------------------------------------------------------------------
@@ -173,25 +180,34 @@ class MonitorService:
     # -- process ------------------------------------------------------------------------------
     def _loop(self) -> None:
         interval = self.settings.monitor.check_interval_seconds
+        lines = LoopLines(log)  # a line per change, a summary a minute; each verdict with -v (monitoring.loglines)
         while not self._stop.wait(interval):
-            try:
-                outcome = self.check()
-                log.info("drift check: %s (%s rows)", outcome["verdict"], outcome["window"]["rows"])
-            except DriftloopError as exc:
-                log.warning("drift check skipped: %s", exc)
-            except Exception:  # the service keeps running; the next check tries again
-                log.exception("drift check failed")
-            if self.settings.monitor.quality.enabled:
-                try:
-                    self.check_quality()
-                except DriftloopError as exc:
-                    log.warning("quality check skipped: %s", exc)
-                except Exception:  # the service keeps running; the next check tries again
-                    log.exception("quality check failed")
-            try:
-                self.trigger.follow()  # finished runs to their rollout's outcome; attached alerts; needs-attention
-            except Exception:  # noqa: BLE001 - the service keeps running; the next round tries again
-                log.exception("following the retraining runs failed")
+            self._round(lines)
+
+    def _round(self, lines: LoopLines) -> None:
+        """One round of the loop: drift, quality, the runs' outcomes; each failure leaves the others running."""
+        self._guarded(lines, "drift", self.check, lines.drift)
+        if self.settings.monitor.quality.enabled:
+            self._guarded(lines, "quality", self.check_quality, lines.quality)
+        self._guarded(lines, "follow-up", self._follow, None)  # the runs' outcomes
+        lines.summary(f"history: {self.history.written} written, {self.history.failed} failed")
+
+    def _follow(self) -> None:
+        ended = self.trigger.follow()  # finished runs to their rollout's outcome; attached alerts; needs-attention
+        self.history.rollouts(ended, self.alerts)
+
+    @staticmethod
+    def _guarded(lines: LoopLines, name: str, run: Any, said: Any) -> None:
+        try:
+            outcome = run()
+        except DriftloopError as exc:  # no champion yet, MLflow away: said once while it lasts
+            lines.skipped(name, exc)
+            return
+        except Exception as exc:  # noqa: BLE001 - the service keeps running; the next round tries again
+            lines.failed(name, exc)
+            return
+        if said is not None:
+            said(outcome)
 
     def shadow_summary(self, since: float | None = None, version: str | None = None) -> dict[str, Any]:
         """The shadow's logged answers since ``since`` joined with the primary's and compared
@@ -201,7 +217,9 @@ class MonitorService:
     def check_quality(self) -> dict[str, Any]:
         """One quality check of the labelled windows of every version (see monitoring.quality_check)."""
         with self._check_lock:
-            return self.quality.check()
+            outcome = self.quality.check()
+            self.history.quality(outcome)
+            return outcome
 
     def start_checks(self) -> None:
         if self._thread is None:
@@ -237,6 +255,7 @@ class MonitorService:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             self.stop_checks()
+            self.history.close()  # what the last checks recorded, written (bounded)
             self.trigger.stop()  # a retraining run started here stops with the monitor, with what it started
             self.store.close()
             self.alerts.close()

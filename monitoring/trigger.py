@@ -264,7 +264,9 @@ class Trigger:
         self.alerts.record_decision(alert.id, decision, reason, now=now, final=not seen)
         if self.metrics is not None:
             self.metrics.trigger_decisions.labels(decision=decision).inc()
-        log.info("alert %s (%s): %s — %s", alert.id, alert.source, decision, reason)
+        # a re-delivered alert (Alertmanager repeats, a re-checked window) is no news: only with -v
+        log.log(logging.DEBUG if decision == "duplicate" else logging.INFO, "alert %s (%s): %s — %s", alert.id,
+                alert.source, decision, reason)
         return Decision(alert.id, decision, reason, request_id, original)
 
     # -- after a run -------------------------------------------------------------------------

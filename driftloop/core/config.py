@@ -55,7 +55,7 @@ DEFAULT_IMAGE = "ghcr.io/driftloop/driftloop:0.1.0"
 
 # Environment variables that carry secrets; never accepted from a config file.
 SECRET_ENV = ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_PASSWORD", "KFP_TOKEN", "DRIFTLOOP_WEBHOOK_TOKEN",
-              "DRIFTLOOP_GATEWAY_TOKEN", "DRIFTLOOP_INGEST_TOKEN")
+              "DRIFTLOOP_GATEWAY_TOKEN", "DRIFTLOOP_INGEST_TOKEN", "DRIFTLOOP_EVIDENTLY_SECRET")
 # DRIFTLOOP_* variables the processes read for themselves (set by the CLI for its children, or by infra/):
 # they are not configuration keys, so a user or a Deployment that sets them must not make every load fail.
 PROCESS_ENV = ("DRIFTLOOP_CONFIG", "DRIFTLOOP_ERROR_FILE", "DRIFTLOOP_LOG_SCORES", "DRIFTLOOP_TASK_SERVER",
@@ -399,6 +399,9 @@ class MonitorConfig(_Section):
         "token", description="POST /events: token = the ingest bearer token is required; network = a request "
                              "without one is accepted (KServe's logger sends no header; the NetworkPolicy is the "
                              "boundary), a wrong one is still refused. Env DRIFTLOOP_EVENTS_AUTH")
+    history_url: str | None = Field(None, pattern=r"^https?://", description=(
+        "Evidently UI service that stores every check as a snapshot (writes carry DRIFTLOOP_EVIDENTLY_SECRET); "
+        "unset: the Evidently workspace <workspace>/evidently (docs/monitoring.md, \"History\")"))
     quality: QualityConfig = QualityConfig()
 
 
