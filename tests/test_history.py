@@ -256,3 +256,50 @@ def test_the_loop_says_a_verdict_once_while_it_holds(tmp_path, trained, champion
     assert service.history.flush(30)
     kinds = [r["kind"] for r in HistoryWorkspace(history_target(service.settings)).records("churn")]
     assert kinds.count("drift") == 1 and kinds.count("quality") == 1  # one window each, recorded once
+
+
+def test_on_a_cluster_the_monitor_writes_to_the_evidently_ui_service_with_its_secret():
+    """infra/: the Evidently UI Deployment serves its volume's workspace with the write secret from Secret
+    driftloop-evidently; the monitor's monitor.history_url is that Service and it holds the same secret; only
+    the monitor and the scoring pipeline's drift step may reach it."""
+    from pathlib import Path
+    from urllib.parse import urlparse
+
+    from driftloop.app.infra_check import build, objects_by_kind, settings_from_objects
+    from driftloop.core.history import SECRET_ENV
+
+    root = Path(__file__).resolve().parents[1]
+    for env in ("dev", "prod"):
+        objects = build(root / "infra" / "overlays" / env)
+        settings = settings_from_objects(objects)
+
+        def one(kind: str, name: str) -> dict:
+            [found] = [o for o in objects_by_kind(objects, kind) if o["metadata"]["name"] == name]
+            return found
+
+        ui, service = one("Deployment", "evidently-ui"), one("Service", "evidently-ui")
+        pod = ui["spec"]["template"]["spec"]
+        [container] = pod["containers"]
+        args = container["command"] + container["args"]
+        workspace = args[args.index("--workspace") + 1]
+        [mount] = [m for m in container["volumeMounts"] if workspace.startswith(m["mountPath"] + "/")]
+        [volume] = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+        one("PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"])
+        assert args[:2] == ["evidently", "ui"] and args[args.index("--host") + 1] == "0.0.0.0"
+        secret = next(e for e in container["env"] if e["name"] == "EVIDENTLY_SECRET")["valueFrom"]["secretKeyRef"]
+        assert secret == {"name": "driftloop-evidently", "key": "secret"}
+
+        url = urlparse(settings.monitor.history_url)
+        assert url.hostname == "evidently-ui.driftloop.svc.cluster.local" and url.port == service["spec"]["ports"][0]["port"]
+        monitor = one("Deployment", "driftloop-monitor")["spec"]["template"]
+        mine = next(e for e in monitor["spec"]["containers"][0]["env"] if e["name"] == SECRET_ENV)
+        assert {k: v for k, v in mine["valueFrom"]["secretKeyRef"].items() if k != "optional"} == secret
+
+        policy = one("NetworkPolicy", "evidently-ui-ingress")
+        assert policy["spec"]["podSelector"]["matchLabels"].items() <= ui["spec"]["template"]["metadata"]["labels"].items()
+        selectors = [f["podSelector"]["matchLabels"] for rule in policy["spec"]["ingress"] for f in rule["from"]]
+        assert any(s.items() <= monitor["metadata"]["labels"].items() for s in selectors)
+        from pipelines.scoring import ALERT_POD_LABELS
+
+        assert ALERT_POD_LABELS in selectors  # the batch drift step's pod
+        assert [p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]] == [8000]

@@ -197,6 +197,8 @@ def dashboard_panels(model: str, quality_metrics: tuple[str, ...] = ()) -> list[
         bar_plot_panel(title="Drifted columns", size="half",
                        values=[_metric("DriftedColumnsCount", "drifted columns", drift, value_type="count")]),
         line_plot_panel(title="Drift score per column (method's statistic)", size="full",
+                        description="ks, chisquare, z: a p-value, drift below the threshold; wasserstein, "
+                                    "jensenshannon, psi: a distance, drift above it",
                         values=[_metric("ValueDrift", "{{column}} ({{method}})", drift)]),
     ]
     quality = KIND_TAGS["quality"]
