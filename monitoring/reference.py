@@ -92,7 +92,9 @@ def load_champion_reference(settings: Settings, registry: Registry | None = None
         except RegistryError as exc:
             raise MonitorError(f"no drift reference for {name} v{info.version}: {exc}") from exc
         numeric, categorical = list(schema.get("numeric", [])), list(schema.get("categorical", []))
-        features = frame[[*numeric, *categorical]]
+        # numeric columns as the model servers send them (float64): an MLflow signature of doubles refuses
+        # int64 columns ("Can not safely convert int64 to float64"), which real tables have
+        features = frame[[*numeric, *categorical]].astype({c: "float64" for c in numeric})
         frame = features.copy()
         frame[PREDICTION] = _predictions(registry, info.uri, features)
         cache.parent.mkdir(parents=True, exist_ok=True)
