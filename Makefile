@@ -7,16 +7,19 @@ BIN    := $(VENV)/bin
 
 .PHONY: demo test setup kubectl servers cluster compile bench clean
 
+# One line on screen while it installs; pip's own errors (and warnings from the machine's pip
+# configuration) still show.
 $(BIN)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
-	touch $@
+	@echo "setting up $(VENV): driftloop and its dependencies (once; a few minutes)"
+	@$(PYTHON) -m venv $(VENV)
+	@$(BIN)/python -m pip install --quiet --upgrade pip
+	@$(BIN)/python -m pip install --quiet -e ".[dev]"
+	@touch $@
 
 setup: $(BIN)/.installed
 
 demo: setup
-	$(BIN)/driftloop demo
+	@$(BIN)/driftloop demo
 
 # The manifest tests build infra/ with a real kustomize (kubectl's built-in one).
 kubectl:

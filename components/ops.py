@@ -346,8 +346,10 @@ def deploy_op(version: str, serving_home: str, deploy_config: str) -> NamedTuple
 # -- batch scoring (pipelines/scoring.py) ----------------------------------------------------------
 @dsl.component(base_image=DEFAULT_IMAGE, install_kfp_package=False)
 def score_plan_op(model_ref: str, input_uri: str, output_uri: str, fmt: str, id_column: str, chunks: int,
-                  overwrite: bool, tracking_uri: str, plan: Output[Artifact]) -> list:
-    """Check the model, the input's columns and the output; return the chunks (each says what to score with).
+                  overwrite: bool, tracking_uri: str, plan: Output[Artifact], keep_columns: str = "",
+                  id_required: bool = False) -> list:
+    """Check the model, the input's columns and the output; return the chunks (each says what to score with:
+    the model, the features, the id column or row numbers, the input columns kept).
 
     The chunk list is the component's only parameter output: kfp.local (2.17) fans a ParallelFor out
     over a task's ``Output`` only, not over a named output of a NamedTuple.
@@ -361,7 +363,9 @@ def score_plan_op(model_ref: str, input_uri: str, output_uri: str, fmt: str, id_
 
     with step("plan"):
         result = plan_scoring(Registry(tracking_uri), model_ref=model_ref, input_uri=input_uri, output_uri=output_uri,
-                              fmt=fmt, id_column=id_column, chunks=chunks, overwrite=overwrite)
+                              fmt=fmt, id_column=id_column, chunks=chunks, overwrite=overwrite,
+                              keep_columns=[c.strip() for c in keep_columns.split(",") if c.strip()],
+                              id_required=id_required)
         info = {k: v for k, v in dataclasses.asdict(result).items() if k != "chunks"}
         with open(plan.path, "w") as fh:
             json.dump(info, fh)
@@ -369,7 +373,8 @@ def score_plan_op(model_ref: str, input_uri: str, output_uri: str, fmt: str, id_
                               "rows": result.rows or -1})
         print(f"scoring {input_uri} with {result.model_name} v{result.version} in {len(result.chunks)} chunk(s)",
               flush=True)
-    return [dict(c, **{k: info[k] for k in ("model_uri", "version", "fmt", "numeric", "categorical")})
+    return [dict(c, **{k: info[k] for k in ("model_uri", "version", "fmt", "numeric", "categorical", "id_column",
+                                            "keep")})
             for c in result.chunks]
 
 
@@ -384,9 +389,9 @@ def score_chunk_op(chunk: dict, input_uri: str, id_column: str, batch_rows: int,
     with step("score"):
         model = Registry(tracking_uri).load_sklearn(chunk["model_uri"])
         rows = score_chunk(model, uri=input_uri, fmt=chunk["fmt"], chunk=chunk, numeric=list(chunk["numeric"]),
-                           categorical=list(chunk["categorical"]), id_column=id_column, version=chunk["version"],
-                           part_path=part.path, sample_path=sample.path, sample_rows=sample_rows,
-                           batch_rows=batch_rows)
+                           categorical=list(chunk["categorical"]), id_column=chunk.get("id_column", id_column),
+                           version=chunk["version"], part_path=part.path, sample_path=sample.path,
+                           sample_rows=sample_rows, batch_rows=batch_rows, keep=list(chunk.get("keep", [])))
         part.metadata.update({"rows": rows, "chunk": int(chunk["index"]), "model_version": chunk["version"]})
         print(f"chunk {int(chunk['index'])}: {rows} rows scored", flush=True)
     return rows
@@ -421,8 +426,7 @@ def score_drift_op(samples: Input[List[Dataset]], plan: Input[Artifact], drift_s
     import pandas as pd
 
     from components._runtime import step
-    from components.score import alert_payload, batch_drift, log_batch_run, send_alert
-    from driftloop.core.errors import DriftloopError
+    from components.score import alert_payload, batch_drift, deliver_alert, log_batch_run
     from driftloop.core.registry import Registry
 
     with step("drift"):
@@ -448,9 +452,9 @@ def score_drift_op(samples: Input[List[Dataset]], plan: Input[Artifact], drift_s
             snapshot.save_html(str(html))
             snapshot.save_json(str(js))
             shutil.copyfile(html, report.path)
-            _, uri = log_batch_run(registry, [html, js], verdict=verdict, model=model_name, version=version,
-                                   input_uri=input_uri, output_uri=output_uri, rows=rows, request_id=request_id,
-                                   trigger=trigger)
+            run_id, uri = log_batch_run(registry, [html, js], verdict=verdict, model=model_name, version=version,
+                                        input_uri=input_uri, output_uri=output_uri, rows=rows, request_id=request_id,
+                                        trigger=trigger, id_column=info.get("id_column", ""), keep=info.get("keep"))
         metrics.log_metric("drift_share", verdict["share"])
         metrics.log_metric("dataset_drift", 1.0 if verdict["dataset_drift"] else 0.0)
         metrics.log_metric("rows", float(rows))
@@ -458,11 +462,9 @@ def score_drift_op(samples: Input[List[Dataset]], plan: Input[Artifact], drift_s
         if verdict["dataset_drift"]:
             payload = alert_payload(model=model_name, version=version, input_uri=input_uri, request_id=request_id,
                                     started=started, verdict=verdict, rows=rows, report_uri=uri)
-            try:
-                answer = send_alert(alert_url, payload, token=os.environ.get("DRIFTLOOP_WEBHOOK_TOKEN"))
-                outcome = json.dumps(answer.get("decisions", []))
-            except DriftloopError as exc:  # the predictions stand; the report is in MLflow; say why no alert
-                outcome = f"not sent: {exc}"
+            # the predictions stand and the report is in MLflow either way; the run records why no alert went out
+            outcome = deliver_alert(registry, run_id, alert_url, payload,
+                                    token=os.environ.get("DRIFTLOOP_WEBHOOK_TOKEN"))
             print(f"batch drift ({verdict['share']:.2f} of columns: {', '.join(verdict['drifted_columns'])}); "
                   f"alert {outcome}", flush=True)
         else:

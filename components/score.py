@@ -3,18 +3,21 @@
 Plain functions the scoring pipeline's steps call (``components.ops``):
 
 * :func:`plan_scoring` checks everything a user can get wrong before any work starts — the
-  model reference, the input (readable, the model's feature columns and the id column present),
-  the output (absent, or ``overwrite``) — and cuts the input into contiguous row ranges
-  (parquet: by rows over the row groups; csv: by bytes at line ends, so no chunk reads the file
-  before its range).
+  model reference, the input (readable, the model's feature columns present, the id column when
+  one is required, the columns to keep), the output (absent, or ``overwrite``) — and cuts the
+  input into contiguous row ranges (parquet: by rows over the row groups; csv: by bytes at line
+  ends, so no chunk reads the file before its range).
 * :func:`score_chunk` streams one chunk (``batch_rows`` at a time: parquet record batches, csv
-  reader chunks), predicts, appends ``<id>, prediction, model_version`` to a parquet part and
-  keeps a bounded random sample of the features for the drift check. Memory is bounded by the
-  batch and the sample, never by the input or its row groups (parquet pages stream through a
-  read buffer; nothing is read ahead).
+  reader chunks), predicts, appends ``<id>, prediction, model_version`` (and the columns kept) to
+  a parquet part and keeps a bounded random sample of the features for the drift check. An input
+  without an id column is scored in order and each prediction carries its row number (``row``,
+  from 0: the row's position in the input), as batch transform jobs do. Memory is bounded by the
+  batch and the sample, never by the input or its row groups (parquet pages stream through a read
+  buffer; nothing is read ahead).
 * :func:`write_predictions` streams the parts, in chunk order, to a temporary name beside the
   output and renames it only when every row is written: an interrupted run leaves no
-  complete-looking output.
+  complete-looking output. A chunk numbers its rows from 0; the writer adds the rows of the
+  chunks before it.
 * :func:`batch_drift` compares the batch sample with the model's reference sample with Evidently's
   ``DataDriftPreset`` (the judge of record the monitor uses too). It lives here, not in
   ``monitoring/``, because a step may import the core only (tests/test_layers.py); the statistics
@@ -22,7 +25,8 @@ Plain functions the scoring pipeline's steps call (``components.ops``):
 * :func:`alert_payload` / :func:`send_alert` turn a drifted batch into one Alertmanager-format
   alert for the monitor's ``POST /alerts/alertmanager`` — the same trigger and guardrails as every
   other alert; the id (fingerprint + startsAt) is fixed per scoring request, so a retried step
-  raises it once.
+  raises it once. :func:`deliver_alert` sends it and records on the batch's MLflow run whether it
+  went out, and why not (tag ``driftloop.score.alert``), for the run's summary.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import io
 import json
 import logging
 import contextlib
+import dataclasses
 import os
 import uuid
 from collections.abc import Iterator
@@ -47,6 +52,8 @@ from driftloop.core.errors import DataSourceError, DataValidationError, Driftloo
 __all__ = [
     "PREDICTION",
     "MODEL_VERSION",
+    "ROW",
+    "ALERT_TAG",
     "ScorePlan",
     "OutputExistsError",
     "resolve_format",
@@ -60,6 +67,8 @@ __all__ = [
     "log_batch_run",
     "alert_payload",
     "send_alert",
+    "deliver_alert",
+    "ids_text",
     "default_chunks",
 ]
 
@@ -67,6 +76,9 @@ log = logging.getLogger(__name__)
 
 PREDICTION = "prediction"
 MODEL_VERSION = "model_version"
+ROW = "row"  # the row number of a prediction when the input has no id column
+ALERT_TAG = "driftloop.score.alert"  # on the batch's MLflow run: "sent to …", "not sent: <why>"
+_ROWS_KEY = b"driftloop.rows"  # a part's schema metadata: its ``row`` numbers count from the chunk's start
 _TMP_MARK = ".driftloop-partial-"
 _READ_BUFFER = 1 << 20  # parquet pages are read through a buffer this size
 
@@ -86,6 +98,8 @@ class ScorePlan:
     task: str
     rows: int | None  # known for parquet; csv is counted while scoring
     chunks: list[dict[str, Any]]
+    id_column: str = ""  # the input's id column; "" = the predictions carry row numbers (``row``)
+    keep: list[str] = dataclasses.field(default_factory=list)  # input columns copied beside each prediction
 
 
 # -- files ------------------------------------------------------------------------------------
@@ -193,8 +207,13 @@ def plan_chunks(uri: str, fmt: str, chunks: int) -> tuple[list[dict[str, Any]], 
 
 
 def plan_scoring(registry: Any, *, model_ref: str, input_uri: str, output_uri: str, fmt: str = "auto",
-                 id_column: str = "id", chunks: int = 0, overwrite: bool = False) -> ScorePlan:
-    """Check model, input and output before anything is scored; cut the input into chunks."""
+                 id_column: str = "id", chunks: int = 0, overwrite: bool = False, keep_columns: list[str] | None = None,
+                 id_required: bool = False) -> ScorePlan:
+    """Check model, input and output before anything is scored; cut the input into chunks.
+
+    An input without ``id_column`` is scored with row numbers, unless ``id_required`` (the user named the
+    column). ``keep_columns`` (``["*"]``: every column) are copied from the input beside each prediction.
+    """
     if not input_uri:
         raise DataSourceError("no input given (--input or score.input)")
     if not output_uri:
@@ -211,14 +230,41 @@ def plan_scoring(registry: Any, *, model_ref: str, input_uri: str, output_uri: s
     fmt = resolve_format(input_uri, fmt)
     plan, columns, rows = plan_chunks(input_uri, fmt, chunks or default_chunks())
     numeric, categorical = list(schema["numeric"]), list(schema["categorical"])
-    missing = [c for c in [id_column, *numeric, *categorical] if c not in columns]
+    has = f"it has: {', '.join(columns[:20])}{', …' if len(columns) > 20 else ''}"
+    missing = [c for c in [*numeric, *categorical] if c not in columns]
     if missing:
-        raise DataValidationError(
-            f"input {input_uri} lacks column(s) {', '.join(map(repr, missing))} that "
-            f"{'the id column' if missing == [id_column] else f'model {info.name} v{info.version} needs'} "
-            f"(it has: {', '.join(columns[:20])})", column=missing[0], rule="required")
+        raise DataValidationError(f"input {input_uri} lacks column(s) {', '.join(map(repr, missing))} that model "
+                                  f"{info.name} v{info.version} needs ({has})", column=missing[0], rule="required")
+    if id_column not in columns:
+        if id_required:
+            raise DataValidationError(f"input {input_uri} has no id column {id_column!r} ({has}); name another with "
+                                      "--id-column, or leave it out to number the rows", column=id_column,
+                                      rule="required")
+        id_column = ""
+    keep = _kept(keep_columns or [], columns, id_column, input_uri, has)
     return ScorePlan(info.uri, info.name, info.version, fmt, numeric, categorical, schema.get("task", "classification"),
-                     rows, plan)
+                     rows, plan, id_column, keep)
+
+
+def _kept(names: list[str], columns: list[str], id_column: str, input_uri: str, has: str) -> list[str]:
+    """The input columns to copy beside each prediction: present, and named unlike the output's own."""
+    wanted = list(columns) if "*" in names else list(dict.fromkeys(names))
+    absent = [c for c in wanted if c not in columns]
+    if absent:
+        raise DataValidationError(f"--keep-columns names {', '.join(map(repr, absent))}, which input {input_uri} "
+                                  f"lacks ({has})", column=absent[0], rule="required")
+    wanted = [c for c in wanted if c != id_column]  # the id is in the output anyway
+    taken = [c for c in wanted if c in (PREDICTION, MODEL_VERSION) or (c == ROW and not id_column)]
+    if taken:
+        raise DataValidationError(f"input column(s) {', '.join(map(repr, taken))} cannot be kept: the output has a "
+                                  "column of that name; rename the input's column or keep the others only",
+                                  column=taken[0], rule="unique_columns")
+    return wanted
+
+
+def ids_text(id_column: str) -> str:
+    """How the predictions are identified, in words (the run's summary)."""
+    return f"column {id_column!r}" if id_column else f"row number (column {ROW!r}, from 0)"
 
 
 # -- reading a chunk ---------------------------------------------------------------------------
@@ -302,39 +348,57 @@ def score_frame(model: Any, frame: pd.DataFrame, numeric: list[str], categorical
 
 def score_chunk(model: Any, *, uri: str, fmt: str, chunk: dict[str, Any], numeric: list[str], categorical: list[str],
                 id_column: str, version: str, part_path: str | Path, sample_path: str | Path, sample_rows: int,
-                batch_rows: int, seed: int = 0) -> int:
+                batch_rows: int, seed: int = 0, keep: list[str] | None = None) -> int:
     """Score one chunk into a parquet part; keep a uniform sample of its features (≤ ``sample_rows``).
 
+    Each prediction carries the row's ``id_column`` or, when that is empty, its row number within the
+    chunk (:func:`write_predictions` makes it the row's position in the input), and the ``keep`` columns.
     The model's native threads (OpenMP in scikit-learn's boosting) are held to this chunk's share of
     the cores: chunks side by side on one machine would otherwise oversubscribe it several times over.
     """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
     from threadpoolctl import threadpool_limits
 
     with threadpool_limits(limits=max(1, default_chunks() // max(1, int(chunk.get("of", 1))))):
         return _score_chunk(model, uri=uri, fmt=fmt, chunk=chunk, numeric=numeric, categorical=categorical,
                             id_column=id_column, version=version, part_path=part_path, sample_path=sample_path,
-                            sample_rows=sample_rows, batch_rows=batch_rows, seed=seed, pa=pa, pq=pq)
+                            sample_rows=sample_rows, batch_rows=batch_rows, seed=seed, keep=list(keep or []))
+
+
+def _prediction_table(frame: pd.DataFrame, preds: np.ndarray, *, id_column: str, first_row: int, version: str,
+                      keep: list[str]) -> Any:
+    """One batch of the output: the id (or row number), the prediction, the model version, the kept columns."""
+    import pyarrow as pa
+
+    ids = (pa.array(frame[id_column].to_numpy()) if id_column
+           else pa.array(np.arange(first_row, first_row + len(frame), dtype=np.int64)))
+    out = pa.table({id_column or ROW: ids, PREDICTION: pa.array(preds),
+                    MODEL_VERSION: pa.array([version] * len(frame), pa.string())})
+    if keep:
+        kept = pa.Table.from_pandas(frame[keep], preserve_index=False)
+        for name in keep:
+            out = out.append_column(name, kept.column(name))
+    return out.replace_schema_metadata(None if id_column else {_ROWS_KEY: b"chunk"})
 
 
 def _score_chunk(model: Any, *, uri: str, fmt: str, chunk: dict[str, Any], numeric: list[str], categorical: list[str],
                  id_column: str, version: str, part_path: str | Path, sample_path: str | Path, sample_rows: int,
-                 batch_rows: int, seed: int, pa: Any, pq: Any) -> int:
-    columns = list(dict.fromkeys([id_column, *numeric, *categorical]))
+                 batch_rows: int, seed: int, keep: list[str]) -> int:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    columns = list(dict.fromkeys([*([id_column] if id_column else []), *numeric, *categorical, *keep]))
     writer, rows = None, 0
     rng = np.random.default_rng(seed + int(chunk["index"]))
     sample: pd.DataFrame | None = None
     sample_keys: np.ndarray | None = None
     try:
         for frame in iter_chunk(uri, fmt, chunk, columns, batch_rows):
-            if frame[id_column].isna().any():
+            if id_column and frame[id_column].isna().any():
                 at = rows + int(np.flatnonzero(frame[id_column].isna().to_numpy())[0])
                 raise DataValidationError(f"id column {id_column!r} is empty in row {at} of chunk {chunk['index']}",
                                           column=id_column, rule="not_null")
             preds = score_frame(model, frame, numeric, categorical)
-            out = pa.table({id_column: pa.array(frame[id_column].to_numpy()), PREDICTION: pa.array(preds),
-                            MODEL_VERSION: pa.array([version] * len(frame), pa.string())})
+            out = _prediction_table(frame, preds, id_column=id_column, first_row=rows, version=version, keep=keep)
             if writer is None:
                 writer = pq.ParquetWriter(str(part_path), out.schema)
             writer.write_table(out.cast(writer.schema))
@@ -348,8 +412,8 @@ def _score_chunk(model: Any, *, uri: str, fmt: str, chunk: dict[str, Any], numer
                 sample = pd.concat([sample, feats], ignore_index=True)
                 sample_keys = np.concatenate([sample_keys, keys])
             if len(sample) > sample_rows:
-                keep = np.argpartition(sample_keys, sample_rows)[:sample_rows]
-                sample, sample_keys = sample.iloc[keep].reset_index(drop=True), sample_keys[keep]
+                keep_rows = np.argpartition(sample_keys, sample_rows)[:sample_rows]
+                sample, sample_keys = sample.iloc[keep_rows].reset_index(drop=True), sample_keys[keep_rows]
             # Arrow's allocator (mimalloc) keeps freed batches cached; handing them back each batch
             # (~1 ms) keeps ~8 MB less resident (benchmarks/bench_score.py).
             pa.default_memory_pool().release_unused()
@@ -357,7 +421,7 @@ def _score_chunk(model: Any, *, uri: str, fmt: str, chunk: dict[str, Any], numer
         if writer is not None:
             writer.close()
     if writer is None:  # an empty chunk still hands on a (typed-later) empty part
-        pq.write_table(pa.table({id_column: pa.array([], pa.null())}), str(part_path))
+        pq.write_table(pa.table({id_column or ROW: pa.array([], pa.null())}), str(part_path))
     (sample if sample is not None else pd.DataFrame(columns=[*numeric, *categorical])).to_parquet(sample_path, index=False)
     return rows
 
@@ -365,6 +429,7 @@ def _score_chunk(model: Any, *, uri: str, fmt: str, chunk: dict[str, Any], numer
 def write_predictions(parts: list[str | Path], output_uri: str, *, overwrite: bool = False) -> int:
     """Stream the parts, in order, to the output: a temporary name first, renamed when complete."""
     import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
@@ -387,8 +452,13 @@ def write_predictions(parts: list[str | Path], output_uri: str, *, overwrite: bo
                     pf = _open_parquet(str(part))
                     if pf.metadata.num_rows == 0:
                         continue
+                    numbered = (pf.schema_arrow.metadata or {}).get(_ROWS_KEY) == b"chunk"
+                    offset = rows  # a chunk's row numbers count from its start: add the rows before it
                     for batch in pf.iter_batches(batch_size=65_536):
-                        table = pa.Table.from_batches([batch])
+                        table = pa.Table.from_batches([batch]).replace_schema_metadata(None)
+                        if numbered:
+                            at = table.schema.get_field_index(ROW)
+                            table = table.set_column(at, ROW, pc.add(table.column(at), offset))
                         if schema is None:
                             schema = table.schema
                             writer = (pacsv.CSVWriter(sink, schema) if as_csv else pq.ParquetWriter(sink, schema))
@@ -457,7 +527,8 @@ def batch_drift(reference: pd.DataFrame, sample: pd.DataFrame, numeric: list[str
 
 
 def log_batch_run(registry: Any, files: list[Path], *, verdict: dict[str, Any], model: str, version: str,
-                  input_uri: str, output_uri: str, rows: int, request_id: str, trigger: str) -> tuple[str, str]:
+                  input_uri: str, output_uri: str, rows: int, request_id: str, trigger: str, id_column: str = "",
+                  keep: list[str] | None = None) -> tuple[str, str]:
     """An MLflow run for the scoring request with the Evidently report; returns (run id, the HTML's URI)."""
     with registry.translate_errors("cannot log the batch drift report to MLflow"):
         client = registry.client
@@ -466,7 +537,9 @@ def log_batch_run(registry: Any, files: list[Path], *, verdict: dict[str, Any], 
             "driftloop.score.input": input_uri, "driftloop.score.output": output_uri,
             "driftloop.score.request_id": request_id, "driftloop.trigger": trigger,
             "driftloop.score.drift": "drifted" if verdict["dataset_drift"] else "ok",
-            "driftloop.score.drifted_columns": ",".join(verdict["drifted_columns"])})
+            "driftloop.score.drifted_columns": ",".join(verdict["drifted_columns"]),
+            "driftloop.score.ids": ids_text(id_column), "driftloop.score.kept": ",".join(keep or []),
+            ALERT_TAG: "none: the batch did not drift" if not verdict["dataset_drift"] else "not sent yet"})
         run_id = run.info.run_id
         client.log_metric(run_id, "rows", rows)
         client.log_metric(run_id, "drift_share", verdict["share"])
@@ -500,7 +573,8 @@ def send_alert(url: str, payload: dict[str, Any], *, token: str | None, timeout:
     import httpx
 
     if not token:
-        raise DriftloopError("DRIFTLOOP_WEBHOOK_TOKEN is not set: the drift alert cannot be sent to the monitor")
+        raise DriftloopError("DRIFTLOOP_WEBHOOK_TOKEN is not set in the scoring step's environment (the monitor's "
+                             "webhook needs it)")
     headers = {"authorization": f"Bearer {token}", "content-type": "application/json"}
     try:
         if client is not None:
@@ -512,3 +586,20 @@ def send_alert(url: str, payload: dict[str, Any], *, token: str | None, timeout:
     if resp.status_code != 200:
         raise DriftloopError(f"the monitor at {url} refused the drift alert: HTTP {resp.status_code} {resp.text[:200]}")
     return resp.json()
+
+
+def deliver_alert(registry: Any, run_id: str, url: str, payload: dict[str, Any], *, token: str | None) -> str:
+    """Send a drifted batch's alert to the monitor and record on the batch's MLflow run whether it went out
+    (tag ``driftloop.score.alert``): ``sent to <url>: <the monitor's decision>`` or ``not sent: <why>``.
+    A failure to send stops nothing: the predictions and the report stand."""
+    try:
+        answer = send_alert(url, payload, token=token)
+    except DriftloopError as exc:
+        outcome = f"not sent: {exc}"
+    else:
+        decisions = [f"{d.get('decision')}" + (f" ({d['reason']})" if d.get("reason") else "")
+                     for d in answer.get("decisions") or []]
+        outcome = f"sent to {url}: " + ("; ".join(decisions) or "the monitor took it")
+    with registry.translate_errors("cannot record the drift alert's delivery in MLflow"):
+        registry.client.set_tag(run_id, ALERT_TAG, outcome[:4000])
+    return outcome

@@ -358,7 +358,7 @@ class LocalRunner:
         warnings.filterwarnings("ignore", message=".*custom or non-Python base image", category=RuntimeWarning)
         with _error_file() as err_path:
             try:
-                with _output_to(log_path, echo):
+                with _output_to(log_path, echo), _job_id_is(request.request_id):
                     pipeline_func(**arguments)
             except RuntimeError as exc:
                 detail = _read_error(err_path)
@@ -367,6 +367,34 @@ class LocalRunner:
                                  error=plain_text(f"{message} (full log: {log_path})"))
         return RunResult(request.request_id, request.request_id, "SUCCEEDED", self.home,
                          summary=pipeline.summarize(request.request_id))
+
+
+class _PlaceholderIds:
+    """What kfp.local's pipeline orchestrator sees as ``placeholder_utils``: the run's pipeline job id
+    (``dsl.PIPELINE_JOB_ID_PLACEHOLDER``, recorded by the steps as the pipeline run id) is the request
+    id -- the id that names the run's log file and that ``driftloop alerts`` and ``driftloop lineage``
+    show -- instead of the random 8-digit number kfp.local makes up per run."""
+
+    def __init__(self, module: Any, job_id: str) -> None:
+        self._module, self._job_id = module, job_id
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._module, name)
+
+    def make_random_id(self) -> str:
+        return self._job_id
+
+
+@contextlib.contextmanager
+def _job_id_is(job_id: str):
+    from kfp.local import pipeline_orchestrator
+
+    previous = pipeline_orchestrator.placeholder_utils
+    pipeline_orchestrator.placeholder_utils = _PlaceholderIds(previous, job_id)
+    try:
+        yield
+    finally:
+        pipeline_orchestrator.placeholder_utils = previous
 
 
 @contextlib.contextmanager
@@ -404,12 +432,23 @@ class _Tee:
 
 @contextlib.contextmanager
 def _output_to(path: Path, echo: Any = None):
-    """Everything kfp.local prints or logs (root logger) while the pipeline runs goes to ``path`` (and ``echo``)."""
+    """Everything kfp.local prints or logs (root logger) while the pipeline runs goes to ``path`` (and ``echo``).
+
+    kfp.local runs a ``ParallelFor``'s tasks in threads, and each swaps the root logger's handlers and
+    ``builtins.print`` (an indenting one) for its time and puts back what it found: threads that overlap
+    can leave another task's handler or print in place. Both are put back here when the run ends, so no
+    task output reaches the terminal afterwards."""
+    import builtins
+
     root = logging.getLogger()
+    printer = builtins.print
     with open(path, "a", buffering=1) as fh:
         out: Any = _Tee(fh, echo) if echo is not None else fh
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-            yield from _root_logging_to(root, out)
+        try:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+                yield from _root_logging_to(root, out)
+        finally:
+            builtins.print = printer
 
 
 def _root_logging_to(root: logging.Logger, out: Any):

@@ -42,6 +42,11 @@ class ScoreRequest:
     chunks: int | None = None
     overwrite: bool | None = None
     trigger: str = "manual"
+    # input columns copied beside each prediction ("*": all of them)
+    keep_columns: tuple[str, ...] = ()
+    # the id column, named by the user: then the input must have it (else ``score.id_column`` if the input has
+    # it, or row numbers)
+    id_column: str | None = None
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     started: str = field(default_factory=lambda: dt.datetime.now(dt.UTC).isoformat())
 
@@ -67,9 +72,12 @@ def make_scoring_pipeline(opts: ClusterOptions = ClusterOptions(), webhook_secre
         trigger: str = "manual",
         request_id: str = "",
         started: str = "",
+        keep_columns: str = "",
+        id_required: bool = False,
     ):
         plan = score_plan_op(model_ref=model_ref, input_uri=input_uri, output_uri=output_uri, fmt=fmt,
-                             id_column=id_column, chunks=chunks, overwrite=overwrite, tracking_uri=tracking_uri)
+                             id_column=id_column, chunks=chunks, overwrite=overwrite, tracking_uri=tracking_uri,
+                             keep_columns=keep_columns, id_required=id_required)
         _use_mlflow_secret(plan.set_display_name("plan: model, input, output, chunks"), opts)
         with dsl.ParallelFor(plan.outputs["Output"], name="chunks") as chunk:
             score = score_chunk_op(chunk=chunk, input_uri=input_uri, id_column=id_column, batch_rows=batch_rows,
@@ -119,12 +127,16 @@ def score_arguments(settings: Settings, request: ScoreRequest | None = None) -> 
     request = request or ScoreRequest()
     s = settings.score
     chunks = request.chunks if request.chunks is not None else s.chunks
+    # a column the user named must be there; the default one is used when the input has it (else row numbers)
+    id_required = request.id_column is not None or "id_column" in s.model_fields_set
     return {
         "input_uri": request.input if request.input is not None else s.input,
         "output_uri": request.output if request.output is not None else s.output,
         "model_ref": request.model or s.model or f"{settings.mlflow.model_name}@champion",
         "fmt": s.format,
-        "id_column": s.id_column,
+        "id_column": request.id_column or s.id_column,
+        "id_required": id_required,
+        "keep_columns": ",".join(request.keep_columns),
         "chunks": chunks or default_chunks(),
         "overwrite": request.overwrite if request.overwrite is not None else s.overwrite,
         "batch_rows": s.batch_rows,
@@ -174,7 +186,8 @@ def scoring_pipeline_for(settings: Settings, args: dict[str, Any] | None = None)
         # The plan's checks, here first: bad input is one line before any task starts.
         plan_scoring(Registry.from_settings(settings), model_ref=args["model_ref"], input_uri=args["input_uri"],
                      output_uri=args["output_uri"], fmt=args["fmt"], id_column=args["id_column"],
-                     chunks=args["chunks"], overwrite=args["overwrite"])
+                     chunks=args["chunks"], overwrite=args["overwrite"],
+                     keep_columns=[c for c in args["keep_columns"].split(",") if c], id_required=args["id_required"])
 
     return Pipeline(name=SCORE_PIPELINE_NAME, description="driftloop batch scoring pipeline",
                     build=lambda: build_scoring_pipeline(settings),
@@ -183,8 +196,13 @@ def scoring_pipeline_for(settings: Settings, args: dict[str, Any] | None = None)
                     log_prefix="score-", step_names=STEP_NAMES)
 
 
-def run_scoring(settings: Settings, request: ScoreRequest, *, wait: bool = True, client: Any | None = None) -> RunResult:
-    """Run the scoring pipeline: kfp.local on the embedded default, Kubeflow when ``kfp.host`` is set."""
+def run_scoring(settings: Settings, request: ScoreRequest, *, wait: bool = True, client: Any | None = None,
+                **options: Any) -> RunResult:
+    """Run the scoring pipeline: kfp.local on the embedded default, Kubeflow when ``kfp.host`` is set.
+
+    ``options`` go to the runner's ``run`` (``progress``: each task's start and end; ``echo``, locally: a
+    copy of the task output); the result's ``run_id`` names the run everywhere (its log file, its MLflow run).
+    """
     from pipelines.runner import LocalRunner, runner_for
 
     args = score_arguments(settings, request)
@@ -193,16 +211,19 @@ def run_scoring(settings: Settings, request: ScoreRequest, *, wait: bool = True,
     pipeline = scoring_pipeline_for(settings, args)
     run_request = RunRequest(trigger=request.trigger, request_id=request.request_id)
     if not isinstance(runner, LocalRunner):
-        return runner.run(pipeline, args, run_request, wait=wait)
+        options.pop("echo", None)
+        return runner.run(pipeline, args, run_request, wait=wait, **(options if wait else {}))
     # one run at a time per workspace; a scheduled scoring run waits its turn (the CLI decides before)
-    result = runner.run(pipeline, args, run_request, wait=True)
+    result = runner.run(pipeline, args, run_request, wait=True, **options)
     if result.state == "SUCCEEDED":
         result.summary = result.summary | {"log": str(runner.log_path(run_request, pipeline))}
     return result
 
 
 def summarize_scoring(settings: Settings, request_id: str) -> dict[str, Any]:
-    """What the run recorded in MLflow: model version, rows, drift verdict and report."""
+    """What the run recorded in MLflow: model version, rows, drift verdict and report, how the predictions are
+    identified, the columns kept, whether a drift alert went out."""
+    from components.score import ALERT_TAG
     from driftloop.core.registry import Registry
 
     registry = Registry.from_settings(settings)
@@ -216,7 +237,10 @@ def summarize_scoring(settings: Settings, request_id: str) -> dict[str, Any]:
             "output": tags.get("driftloop.score.output", ""), "rows": int(metrics.get("rows", 0)),
             "drift": tags.get("driftloop.score.drift", ""), "drift_share": metrics.get("drift_share", 0.0),
             "drifted_columns": [c for c in tags.get("driftloop.score.drifted_columns", "").split(",") if c],
-            "report": f"runs:/{run.info.run_id}/batch_drift/batch_drift.html"}
+            "report": f"runs:/{run.info.run_id}/batch_drift/batch_drift.html",
+            "ids": tags.get("driftloop.score.ids", ""),
+            "kept": [c for c in tags.get("driftloop.score.kept", "").split(",") if c],
+            "alert": tags.get(ALERT_TAG, "")}
 
 
 def upload_scoring(settings: Settings, client: Any | None = None) -> tuple[Any, str, str]:

@@ -5,11 +5,19 @@ per-version quality for the rollout controller (and the shadow mirror's comparis
 forwarded, one row per item with the version that answered, to the monitor's ``/feedback``
 through a durable outbox (:class:`serving.feedback.FeedbackForwarder`). The route needs the
 workspace's ingest token; a malformed body is refused whole and records nothing.
+
+The gateway's log gets one line a minute at most about the labels it forwarded (how many, how
+many the monitor stored, queued, refused), not httpx's line per request to the monitor -- that
+one only at debug level.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import time
+from collections import Counter
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from starlette.requests import Request
@@ -23,9 +31,49 @@ from serving.traffic import TrafficStats
 if TYPE_CHECKING:
     from serving.shadow import ShadowMirror
 
-__all__ = ["GatewayFeedback"]
+__all__ = ["GatewayFeedback", "LabelSummary"]
+
+log = logging.getLogger(__name__)
 
 _MAX_LABEL_CHARS = 256
+SUMMARY_SECONDS = 60.0  # at most one line a minute about the labels forwarded
+
+
+class LabelSummary:
+    """Counts the label rows forwarded to the monitor by outcome; logs them in one line at most every
+    ``every`` seconds (when the next labels come, and when the gateway stops)."""
+
+    def __init__(self, every: float = SUMMARY_SECONDS, clock: Callable[[], float] = time.monotonic) -> None:
+        self.every, self.clock = every, clock
+        self.since = clock()
+        self.rows: Counter[str] = Counter()
+
+    def add(self, outcome: str, rows: int) -> None:
+        self.rows[outcome] += rows
+        if self.clock() - self.since >= self.every:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.rows:
+            counts = ", ".join(f"{n} {outcome}" for outcome, n in sorted(self.rows.items()))
+            log.info("labels: %d rows forwarded to the monitor in the last %.0f s (%s)", sum(self.rows.values()),
+                     self.clock() - self.since, counts)
+        self.rows.clear()
+        self.since = self.clock()
+
+
+class _PerRequestLines(logging.Filter):
+    """Holds back httpx's INFO line for each request to ``url`` (one a labelled request: thousands in a
+    rollout) unless the root logger is at debug level; :class:`LabelSummary` stands for them."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__()
+        self.url = url
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno > logging.INFO or logging.getLogger().isEnabledFor(logging.DEBUG):
+            return True
+        return self.url not in record.getMessage()
 
 
 class _Served(Protocol):
@@ -67,6 +115,8 @@ class GatewayFeedback:
     def __init__(self, gw: _Served) -> None:
         self.gw = gw
         self.forwarder: FeedbackForwarder | None = None
+        self.summary = LabelSummary()
+        self._quiet: _PerRequestLines | None = None
 
     def start(self) -> None:
         """Start forwarding labels when the gateway has the monitor's ``/feedback`` and an outbox for it."""
@@ -75,6 +125,8 @@ class GatewayFeedback:
             self.forwarder = FeedbackForwarder(cfg.feedback_url, cfg.feedback_outbox,
                                                headers={"authorization": f"Bearer {token}"} if token else None)
             self.forwarder.start()
+            self._quiet = _PerRequestLines(cfg.feedback_url)
+            logging.getLogger("httpx").addFilter(self._quiet)
             forwarder = self.forwarder  # read when scraped: a dead letter (> 0) is worth an alert
             for state in ("pending", "dead"):
                 self.gw.metrics.feedback_outbox.labels(state).set_function(lambda s=state: forwarder.counts()[s])
@@ -82,6 +134,9 @@ class GatewayFeedback:
     async def close(self) -> None:
         if self.forwarder is not None:
             await self.forwarder.close()
+        self.summary.flush()
+        if self._quiet is not None:
+            logging.getLogger("httpx").removeFilter(self._quiet)
 
     async def feedback(self, request: Request) -> Response:
         """``{"id": <x-request-id>, "label": <value or one per row>}`` or a list of them.
@@ -146,6 +201,7 @@ class GatewayFeedback:
                 rows.append({"id": rid, "row_index": i, "label": lab, **({"model_version": version} if version else {})})
         assert self.forwarder is not None
         result = await self.forwarder.forward(rows)
+        self.summary.add(result.outcome, len(rows))
         if result.outcome == "refused":
             self.gw.metrics.rejected.labels(reason="feedback_monitor_refused").inc()
             detail = result.detail.get("error") if isinstance(result.detail, dict) else result.detail

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -17,6 +18,14 @@ def test_demo_closes_the_loop_and_leaves_nothing_running(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "driftloop.app.cli", "demo", "--workdir", str(workdir), "--rows", "8000"],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # what the terminal shows (a pipe: 80 columns): one screen per phase of the loop, no warnings, no task logs
+    screens = demo_screens(proc.stdout)
+    assert [name for name, _ in screens][:3] == ["data", "train", "monitor"] and screens[-1][0] == "summary"
+    assert all(len(lines) <= 24 for _, lines in screens), screens
+    assert len(proc.stdout.splitlines()) <= 90, proc.stdout
+    for noise in ("Warning", "WARNING", "Traceback", "KFP Executor", "executor_input", "HTTP Request"):
+        assert noise not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+    assert max(len(line) for line in proc.stdout.splitlines()) <= 80
     facts = json.loads((workdir / "summary.json").read_text())
     assert facts["calm_check"]["verdict"] == "no drift"
     assert facts["drift_check"]["verdict"] == "drift"
@@ -55,3 +64,20 @@ def test_demo_closes_the_loop_and_leaves_nothing_running(tmp_path):
         raise AssertionError("the gateway still answers after the demo")
     except httpx.HTTPError:
         pass
+
+
+def demo_screens(out: str) -> list[tuple[str, list[str]]]:
+    """The demo's output cut where its narration moves to another phase (``  12.3s drift  …``): the
+    lines of each, the narrated line with its wrapped tail and the steps under it; the closing summary
+    table on a screen of its own."""
+    screens: list[tuple[str, list[str]]] = []
+    for line in out.splitlines():
+        said = re.match(r"^\s*\d+\.\ds (\S+)", line)
+        if said and (not screens or screens[-1][0] != said.group(1)) and said.group(1) != "done":
+            screens.append((said.group(1), []))
+        elif "driftloop demo — the loop closed" in line:
+            screens.append(("summary", []))
+        if screens:
+            screens[-1][1].append(line)
+    return screens
+

@@ -219,40 +219,85 @@ def test_run_train_wait_on_kubeflow_prints_one_line_per_task_from_the_runs_task_
     assert "wait_for_run_completion" not in client.names()
 
 
+def _alerts_column(output: str, index: int) -> str:
+    """One column of the alerts table, its folded lines joined (spaces dropped)."""
+    cells = [line.split("│")[index + 1] for line in output.splitlines() if line.count("│") == 4]
+    return "".join("".join(cells).split())
+
+
 def test_alerts_fit_80_columns_and_json_parses(tmp_path, monkeypatch):
+    """In 80 columns (a pipe's width) every column stays on screen: the longest alert ids, a long model name
+    and a full pipeline run id fold instead of pushing the right-hand columns off (issue: cropped when piped)."""
     from driftloop.app.cli import app, console
     from monitoring.alerts import Alert, AlertStore
 
+    model = "churn-propensity-gradient-boosted-eu-west"
+    run_id = "e75d1be132ef46c1ad1302f1b2502060"
     settings = make_settings(tmp_path / "ws", tmp_path / "none.parquet")
     store = AlertStore.from_settings(settings)
     store.insert(Alert("drift-0123456789abcdef", "drift", created=1_780_000_000.0, samples=500,
                        report_path=str(tmp_path / "ws" / "monitor" / "reports" / "drift-0123456789abcdef" / "drift.html")))
     store.record_decision("drift-0123456789abcdef", "started", "retraining run started for the drifted window "
                           "2026-01-01 .. 2026-01-31 (12 of 20 columns drifted)", now=1_780_000_001.0)
-    store.update("drift-0123456789abcdef", pipeline_run_id="4f1c2d9e8b7a6f5e4d3c2b1a", run_state="SUCCEEDED",
-                 model_version="7")
+    store.update("drift-0123456789abcdef", pipeline_run_id=run_id, run_state="SUCCEEDED", model_version="7")
+    store.insert(Alert("quality-82f8bd1b5ba58c63", "quality", created=1_780_000_050.0))
+    store.record_decision("quality-82f8bd1b5ba58c63", "insufficient_samples", "100 rows < trigger.min_samples=300",
+                          now=1_780_000_051.0)
     store.insert(Alert("am-fedcba9876543210", "alertmanager", created=1_780_000_100.0))
     store.record_decision("am-fedcba9876543210", "insufficient_samples", "only 12 samples in the window; "
                           "trigger.min_samples is 500", now=1_780_000_101.0)
     store.close()
-    for key, value in {"WORKSPACE": str(settings.workspace_dir), "MLFLOW__MODEL_NAME": "churn",
+    for key, value in {"WORKSPACE": str(settings.workspace_dir), "MLFLOW__MODEL_NAME": model,
                        "MLFLOW__EXPERIMENT": "test"}.items():
         monkeypatch.setenv(f"DRIFTLOOP_{key}", value)
     monkeypatch.setattr(console, "width", 80)
     table = CliRunner().invoke(app, ["alerts"])
     assert table.exit_code == 0, table.output
-    assert max(len(line) for line in table.output.splitlines()) <= 80, table.output
-    assert "drift-0123456789abcdef" in table.output and "am-fedcba9876543210" in table.output
-    assert "churn v7" in table.output and "insufficient_samples" in table.output
-    reasons = " ".join(line.split("│")[2].strip() for line in table.output.splitlines() if line.count("│") == 5)
+    lines = table.output.splitlines()
+    assert max(len(line) for line in lines) <= 80, table.output
+    assert all(line.endswith(("│", "╮", "╯", "┤")) for line in lines if line.startswith(("│", "╭", "╰", "├"))), \
+        table.output  # the right-hand border is there: no column was cropped
+    first = _alerts_column(table.output, 0)
+    for alert_id in ("drift-0123456789abcdef", "quality-82f8bd1b5ba58c63", "am-fedcba9876543210"):
+        assert alert_id in first, table.output
+    assert "insufficient_samples" in table.output
+    reasons = " ".join(line.split("│")[2].strip() for line in lines if line.count("│") == 4)
     assert "only 12 samples in the window; trigger.min_samples is 500" in reasons  # folded, nothing cut off
+    runs = _alerts_column(table.output, 2)
+    assert f"{run_id}{model}v7SUCCEEDED" in runs  # the whole run id, the model and the run's state
     as_json = CliRunner().invoke(app, ["alerts", "--json"])
     assert as_json.exit_code == 0, as_json.output
     alerts = {a["id"]: a for a in json.loads(as_json.output)["alerts"]}
     started = alerts["drift-0123456789abcdef"]
-    assert started["decision"] == "started" and started["model_version"] == "7" and started["model"] == "churn"
-    assert started["pipeline_run_id"] == "4f1c2d9e8b7a6f5e4d3c2b1a" and started["report_path"].endswith("drift.html")
+    assert started["decision"] == "started" and started["model_version"] == "7" and started["model"] == model
+    assert started["pipeline_run_id"] == run_id and started["report_path"].endswith("drift.html")
     assert alerts["am-fedcba9876543210"]["reason"].endswith("trigger.min_samples is 500")
+
+
+def test_one_run_id_names_the_log_file_the_lineage_and_the_alert(cli_run, monkeypatch):
+    """The id a local run prints is the one its log file is named by, the one `driftloop lineage` shows as
+    the pipeline run (kfp.local's own would be a random number) and the one `driftloop alerts` shows."""
+    from driftloop.app.cli import app, console
+    from monitoring.alerts import Alert, AlertStore
+    from tests.conftest import make_settings as settings_for
+
+    tmp, out = cli_run
+    run_id = re.search(r"pipeline run\s+│ ([0-9a-f]{32})", out.output).group(1)
+    log_path = Path(re.search(r"task output: (\S+\.log)", out.output).group(1))
+    assert log_path.name == f"{run_id}.log"
+    cfg = str(tmp / "driftloop.yaml")
+    lineage = CliRunner().invoke(app, ["lineage", "churn@champion", "--json", "-c", cfg])
+    assert lineage.exit_code == 0, lineage.output
+    assert json.loads(lineage.output)["pipeline_run_id"] == run_id
+    store = AlertStore.from_settings(settings_for(tmp / "ws", tmp / "none.parquet"))
+    store.insert(Alert("drift-00112233445566aa", "drift", created=1_780_000_000.0))
+    store.record_decision("drift-00112233445566aa", "started", "guardrails passed", now=1_780_000_001.0)
+    store.update("drift-00112233445566aa", pipeline_run_id=run_id, run_state="SUCCEEDED", model_version="1")
+    store.close()
+    monkeypatch.setattr(console, "width", 80)
+    table = CliRunner().invoke(app, ["alerts", "-c", cfg])
+    assert table.exit_code == 0, table.output
+    assert run_id in _alerts_column(table.output, 2), table.output
 
 
 def test_a_local_runs_progress_lines_take_the_pipelines_own_step_names_and_details(tmp_path):

@@ -15,8 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from components.score import (MODEL_VERSION, PREDICTION, OutputExistsError, plan_chunks, plan_scoring, score_chunk,
-                              score_frame, write_predictions)
+from components.score import (MODEL_VERSION, PREDICTION, ROW, OutputExistsError, plan_chunks, plan_scoring,
+                              score_chunk, score_frame, write_predictions)
 from driftloop.app.scenario import FEATURES_CATEGORICAL, FEATURES_NUMERIC, generate
 from driftloop.core.errors import DataSourceError, DataValidationError, RegistryError
 from driftloop.core.registry import Registry
@@ -73,6 +73,38 @@ def test_chunks_stream_in_batches_and_equal_in_process_predict(tmp_path, champio
     assert set(got[MODEL_VERSION]) == {info.version}
 
 
+@pytest.mark.parametrize("fmt", ["parquet", "csv"])
+def test_rows_without_an_id_are_scored_in_order_with_their_row_number_and_kept_columns(tmp_path, champion, fmt):
+    """The scenario's own data has no id column: each prediction carries its row's position in the input,
+    across chunks (a csv chunk cannot know its first row: the writer numbers on), and the columns asked for."""
+    _, registry, info, model = champion
+    frame = generate(rows=1_700, seed=5)  # event_time, the features, label: no id
+    assert "id" not in frame.columns
+    src = tmp_path / f"in.{fmt}"
+    if fmt == "parquet":
+        frame.to_parquet(src, index=False, row_group_size=300)
+    else:
+        frame.to_csv(src, index=False)
+    plan = plan_scoring(registry, model_ref="churn@champion", input_uri=str(src), output_uri=str(tmp_path / "o"),
+                        chunks=3, keep_columns=["label", "event_time"])
+    assert plan.id_column == "" and plan.keep == ["label", "event_time"] and len(plan.chunks) == 3
+    parts = []
+    for chunk in plan.chunks:
+        parts.append(tmp_path / f"part{chunk['index']}.parquet")
+        score_chunk(model, uri=str(src), fmt=plan.fmt, chunk=chunk, numeric=plan.numeric, categorical=plan.categorical,
+                    id_column=plan.id_column, version=plan.version, part_path=parts[-1],
+                    sample_path=tmp_path / f"s{chunk['index']}.parquet", sample_rows=50, batch_rows=130,
+                    keep=plan.keep)
+    out = tmp_path / f"out.{fmt}"
+    assert write_predictions(parts, str(out)) == len(frame)
+    got = pd.read_parquet(out) if fmt == "parquet" else pd.read_csv(out)
+    assert list(got.columns) == [ROW, PREDICTION, MODEL_VERSION, "label", "event_time"]
+    assert got[ROW].tolist() == list(range(len(frame)))  # 0..n-1, in input order, once each
+    np.testing.assert_array_equal(got[PREDICTION].to_numpy(), _expected(model, frame))
+    assert got["label"].tolist() == frame["label"].tolist()
+    assert set(got[MODEL_VERSION].astype(str)) == {info.version}
+
+
 def test_csv_chunks_cut_at_line_ends_cover_every_row_once(tmp_path):
     frame = pd.DataFrame({"id": range(1000), "text": ["x" * (i % 37) for i in range(1000)]})
     src = tmp_path / "rows.csv"
@@ -104,8 +136,18 @@ def test_bad_input_is_one_clear_error(tmp_path, champion):
     _batch(300, drifted=False).drop(columns=["monthly_spend"]).to_parquet(no_spend, index=False)
     with pytest.raises(DataValidationError, match="lacks column.*'monthly_spend'"):
         plan(input_uri=str(no_spend))
-    with pytest.raises(DataValidationError, match="lacks column.*'customer'.*the id column"):
-        plan_scoring(registry, model_ref="churn@champion", input_uri=str(good), output_uri=out, id_column="customer")
+    # an id column the user named must be there; the sentence says what the input has and what to do
+    with pytest.raises(DataValidationError, match=r"has no id column 'customer' \(it has: id, event_time, .*\); "
+                                                  "name another with --id-column, or leave it out to number"):
+        plan(id_column="customer", id_required=True)
+    assert plan(id_column="customer").id_column == ""  # the default one missing: row numbers
+    with pytest.raises(DataValidationError, match="--keep-columns names 'segment', which input .* lacks"):
+        plan(keep_columns=["region", "segment"])
+    with_prediction = tmp_path / "with_prediction.parquet"
+    _batch(300, drifted=False).assign(prediction=1).to_parquet(with_prediction, index=False)
+    with pytest.raises(DataValidationError, match="'prediction' cannot be kept: the output has a column of that name"):
+        plan(input_uri=str(with_prediction), keep_columns=["*"])
+    assert plan(keep_columns=["*"]).keep == [c for c in _batch(1, drifted=False).columns if c != "id"]
     corrupt = tmp_path / "corrupt.parquet"
     corrupt.write_bytes(b"PAR1 this is not parquet")
     with pytest.raises(DataSourceError, match="cannot read .*corrupt.parquet as parquet"):
@@ -223,6 +265,9 @@ def test_drifted_batch_pipeline_scores_every_chunk_and_raises_one_alert(tmp_path
         assert len(parts) == 3  # three chunk tasks ran
         s = result.summary
         assert s["rows"] == len(frame) and s["drift"] == "drifted" and s["version"] == info.version
+        assert s["ids"] == "column 'id'" and s["kept"] == []
+        # the summary says the alert reached the monitor, and what the monitor decided
+        assert s["alert"] == f"sent to {settings.score.alert_url}: started (guardrails passed)", s["alert"]
         assert {"tenure", "monthly_spend", "sessions"} <= set(s["drifted_columns"])
         report = Registry(settings.tracking_uri).download(s["mlflow_run_id"], "batch_drift/batch_drift.html")
         assert report.stat().st_size > 10_000  # Evidently's report is in MLflow
@@ -331,3 +376,41 @@ def test_cli_run_score_errors_are_one_line_and_compile_writes_both(tmp_path, tra
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in (tmp_path / "compiled").iterdir()) == ["driftloop-score.yaml", "driftloop-train.yaml"]
+
+
+def test_cli_run_score_without_ids_keeps_columns_and_says_the_alert_was_not_sent(tmp_path, trained):
+    """The issue's case: scenario rows (no id column), a drifted batch, no webhook token where the step runs.
+    The summary numbers the rows, names the columns kept and says the drift alert was not sent and why;
+    the tasks' output is in the run's log file only, never on the terminal, during the run or after it."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    base, _ = trained
+    frame = generate(rows=1_500, drift_at=0.0, seed=3)  # event_time, features, label: no id
+    src, out = tmp_path / "scenario.parquet", tmp_path / "scored.parquet"
+    frame.to_parquet(src, index=False)
+    env = {k: v for k, v in os.environ.items() if k != "DRIFTLOOP_WEBHOOK_TOKEN"}
+    env.update({"DRIFTLOOP_WORKSPACE": str(base.workspace_dir), "DRIFTLOOP_MLFLOW__MODEL_NAME": "churn",
+                "DRIFTLOOP_MLFLOW__EXPERIMENT": "test", "COLUMNS": "200"})
+    proc = subprocess.run([sys.executable, "-m", "driftloop.app.cli", "run", "score", "--input", str(src), "--output",
+                           str(out), "--keep-columns", "label,event_time", "--chunks", "2"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    text = proc.stdout + proc.stderr
+    assert "identified by" in text and "row number (column 'row', from 0)" in text
+    assert re.search(r"columns kept\s+│ label, event_time", text), text
+    assert re.search(r"batch drift\s+│ drifted", text), text
+    assert re.search(r"drift alert\s+│ not sent: DRIFTLOOP_WEBHOOK_TOKEN is not set in the scoring step's "
+                     r"environment \(the monitor's webhook needs it\)", text), text
+    got = pd.read_parquet(out)
+    assert got["row"].tolist() == list(range(len(frame))) and got["label"].tolist() == frame["label"].tolist()
+    # one run id: the summary's pipeline run names the log file, which holds every task's output
+    run_id = re.search(r"pipeline run\s+│ ([0-9a-f]{32})", text).group(1)
+    log = Path(re.search(r"task output\s+│ (\S+\.log)", text).group(1))
+    assert log.name == f"score-{run_id}.log" and log.read_text().count("KFP Executor") >= 4
+    for noise in ("KFP Executor", "executor_input", "Running pipeline", "Wrote executor output", "Task '"):
+        assert noise not in text, text
+    assert len(text.splitlines()) < 25, text
+

@@ -1,14 +1,15 @@
-"""Every table of the CLI fits an 80-column terminal, and ``--json`` carries every field (issue 17).
+"""Every table of the CLI fits an 80-column terminal (a pipe's width), and ``--json`` carries every field.
 
 Each command reads data written here directly (no server, no pipeline run), with realistic long
 values: long model and schedule names, long reasons and URIs. A table must keep every line within
 80 columns, fold free text instead of cutting it, and still show the values a person looks for.
-``driftloop alerts`` has its own test in ``tests/test_progress.py``.
+``driftloop alerts`` has its own test in ``tests/test_progress.py``, beside the run ids it shows.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import types
 from datetime import datetime, timezone
 
@@ -193,6 +194,64 @@ def test_training_run_summary_folds_long_paths(capsys, monkeypatch):
                "train_rows": 3000, "test_rows": 1000, "device": "cpu", "metrics": {"accuracy": 0.81, "f1": 0.7},
                "gate": "passed", "reason": "accuracy 0.8100 >= champion 0.7900 + margin 0.0000",
                "model_version": "12", "aliases": ["challenger"], "mlflow_run_id": "0a1b2c3d4e5f60718293a4b5c6d7e8f9"}
-    print_run_result(settings, types.SimpleNamespace(state="SUCCEEDED", summary=summary))
+    run_id = "4f1c2d9e8b7a6f5e4d3c2b1a00112233"
+    print_run_result(settings, types.SimpleNamespace(state="SUCCEEDED", summary=summary, run_id=run_id))
     table = fits(capsys.readouterr().out)
     assert tracking in column(table, 1, 2) and f"{MODEL}v12" in column(table, 1, 2) and "…" not in table
+    assert run_id in column(table, 1, 2)  # the pipeline run, the id its log file and lineage name
+
+
+def test_scoring_run_summary_folds_and_says_where_the_alert_went(capsys, monkeypatch):
+    from driftloop.app.cli import score_table
+    from driftloop.core.console import console
+
+    monkeypatch.setattr(console, "width", 80)
+    kept = ["customer_segment_code", "acquisition_channel_detail", "contract_start_date"]
+    summary = {"model": MODEL, "version": "12", "input": "s3://driftloop-data/exports/churn/eu-west/2026-01-31.parquet",
+               "output": "s3://driftloop-data/scored/churn/eu-west/2026-01-31/predictions.parquet", "rows": 3_000_000,
+               "ids": "row number (column 'row', from 0)", "kept": kept, "drift": "drifted", "drift_share": 0.62,
+               "drifted_columns": ["tenure", "monthly_spend", "sessions", "region", "support_calls"],
+               "alert": "not sent: DRIFTLOOP_WEBHOOK_TOKEN is not set in the scoring step's environment (the "
+                        "monitor's webhook needs it)",
+               "report": "runs:/0a1b2c3d4e5f60718293a4b5c6d7e8f9/batch_drift/batch_drift.html",
+               "log": "/var/lib/driftloop/workspaces/team-fraud/pipeline-root/logs/score-0a1b2c3d4e5f6071.log"}
+    console.print(score_table("0a1b2c3d4e5f60718293a4b5c6d7e8f9", summary))
+    table = fits(capsys.readouterr().out)
+    values = column(table, 1, 2)
+    for value in (summary["input"], summary["output"], summary["report"], summary["log"], ", ".join(kept),
+                  summary["alert"], "0a1b2c3d4e5f60718293a4b5c6d7e8f9", summary["ids"]):
+        assert "".join(value.split()) in values, value  # folded, nothing cut
+    assert "…" not in table
+
+
+def test_serve_status(tmp_path, narrow):
+    from serving.local_state import ServingState
+
+    settings = make_settings(tmp_path, tmp_path / "none.parquet")
+    url = "http://serving-gateway.team-fraud-detection-payments.example.internal:31080"
+    with ServingState(settings.workspace_dir / "serving").locked() as state:
+        state.update({"gateway": {"role": "gateway", "pid": 4_194_301, "url": url},
+                      "primary": {"role": "primary", "version": "12", "pid": 4_194_302, "url": f"{url}/primary"},
+                      "canary": {"role": "canary", "version": "13", "pid": 4_194_303, "url": f"{url}/canary"},
+                      "canary_percent": 20, "down": {"canary": "not ready"}, "restarts": {"canary": 3},
+                      "owner": os.getpid()})  # a live serve owns them: entries kept as they are
+    args = ("-p", f"workspace={tmp_path}")
+
+    table = fits(narrow("serve", "status", *args))
+    assert f"{url}/canary" in column(table, 3, 6) and "down" in table and "canary weight: 20%" in table
+    assert "4194303" in column(table, 2, 6) and "…" not in table
+    doc = json.loads(narrow("serve", "status", *args, "--json"))
+    assert doc["canary"]["url"] == f"{url}/canary" and doc["restarts"] == {"canary": 3}
+
+
+def test_drift_check(tmp_path, narrow):
+    rng = np.random.default_rng(0)
+    long_name = "average_monthly_spend_over_the_last_ninety_days_in_euros"
+    ref = pd.DataFrame({long_name: rng.normal(0, 1, 400), "region": rng.choice(list("abc"), 400)})
+    cur = pd.DataFrame({long_name: rng.normal(2, 1, 400), "region": rng.choice(list("abc"), 400)})
+    ref.to_parquet(tmp_path / "ref.parquet")
+    cur.to_parquet(tmp_path / "cur.parquet")
+
+    table = fits(narrow("drift", "check", "--reference", str(tmp_path / "ref.parquet"), "--current",
+                        str(tmp_path / "cur.parquet"), "-p", f"workspace={tmp_path}"))
+    assert long_name in column(table, 0, 5) and "yes" in table and "…" not in table

@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import signal
-import sys
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Callable, Optional, TextIO
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich import box
@@ -18,6 +17,7 @@ from rich.table import Table
 
 from driftloop.core.console import ConfigOpt, ParamOpt, console, settings_from
 from driftloop.core.errors import DriftloopError
+from driftloop.core.progress import Progress
 
 if TYPE_CHECKING:
     from serving.agent.simulate import ServiceModel, Trace
@@ -94,49 +94,6 @@ def run_cmd(
         rec = agent.hand_back(time.time())
         if rec is not None:
             console.print(f"{rec['reason']}: {rec.get('result') or rec.get('error', '')}")
-
-
-class Progress:
-    """A progress line on stderr -- percent done and the time left -- once a run has taken longer than
-    ``after`` seconds. On a terminal it rewrites itself; elsewhere it is quiet unless ``verbose``, and
-    then prints a line every tenth."""
-
-    def __init__(self, label: str, *, stream: TextIO | None = None, verbose: bool = False, after: float = 3.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.label, self.after, self.clock = label, after, clock
-        self.stream = stream or sys.stderr
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.enabled = self.tty or verbose
-        self.started = clock()
-        self.shown = -1.0
-        self.width = 0
-
-    def __call__(self, share: float) -> None:
-        elapsed = self.clock() - self.started
-        if not self.enabled or elapsed < self.after or share <= 0 or share >= 1:
-            return
-        if not self.tty and share < self.shown + 0.1:
-            return
-        left = elapsed * (1 - share) / share
-        line = f"{self.label}: {share:4.0%}, {_duration(elapsed)} so far, about {_duration(left)} left"
-        if self.tty:
-            self.stream.write("\r" + line.ljust(self.width))
-            self.width = len(line)
-        else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
-        self.shown = share
-
-    def close(self) -> None:
-        """Wipe the line on a terminal (the results follow)."""
-        if self.tty and self.width:
-            self.stream.write("\r" + " " * self.width + "\r")
-            self.stream.flush()
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
 
 
 def _trace(trace: Path | None, synthetic: str | None, real: str | None, seed: int, step: float,

@@ -131,7 +131,8 @@ def run_train(
     request = RunRequest(trigger=trigger, window_start=window_start, window_end=window_end)
     if hasattr(runner, "log_path"):
         console.print(f"task output: {runner.log_path(request)}", soft_wrap=True)  # one line: a path to copy
-    lines = TaskLines(sys.stdout, spinner=not verbose)  # the terminal, before kfp.local's output is redirected
+    # the terminal, before kfp.local's output is redirected
+    lines = TaskLines(sys.stdout, spinner=not verbose, tasks=TRAINING_TASKS, label="training run")
     try:
         if settings.is_cluster:
             result = run_training(runner, request, wait=wait, progress=lines if wait else None)
@@ -153,6 +154,12 @@ def run_score(
                                                       "by suffix; default score.output).")] = None,
     model: Annotated[Optional[str], typer.Option("--model", help="name@alias or name/version "
                                                  "(default <mlflow.model_name>@champion).")] = None,
+    keep_columns: Annotated[Optional[list[str]], typer.Option(
+        "--keep-columns", help="Input columns copied beside each prediction: names, comma-separated or repeated; "
+                               "'*' for all.")] = None,
+    id_column: Annotated[Optional[str], typer.Option(
+        "--id-column", help="The input's id column, copied to each prediction (then required). Default "
+                            "score.id_column when the input has it, else each prediction carries its row number.")] = None,
     chunks: Annotated[Optional[int], typer.Option("--chunks", min=1, max=1000, help="Chunks scored in parallel "
                                                   "(default: one per CPU core).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")] = False,
@@ -161,45 +168,67 @@ def run_score(
     kfp_host: Annotated[Optional[str], typer.Option("--kfp-host", help="Kubeflow Pipelines endpoint (cluster run).")] = None,
     trigger: Annotated[str, typer.Option(help="What started this run: manual or schedule:<name>.")] = "manual",
     wait: Annotated[bool, typer.Option(help=WAIT_HELP)] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Stream the tasks' full output too.")] = False,
 ) -> None:
-    """Run the batch scoring pipeline: chunks in parallel, predictions with id and model version, drift of the batch.
+    """Run the batch scoring pipeline: chunks in parallel, predictions with id (or row number) and model version,
+    drift of the batch, and whether its alert reached the monitor.
 
+    One line per task as it ends; the full task output goes to the run's log file (``-v`` streams it as well).
     One run at a time per workspace: refused while another runs there, unless ``--wait``.
     """
     from driftloop.core.workspace import workspace_lock
-    from pipelines.scoring import ScoreRequest, run_scoring
+    from pipelines.scoring import ScoreRequest, run_scoring, score_arguments
 
     validate_trigger(trigger)
     settings = settings_from(config, params, **{"kfp.host": kfp_host})
-    request = ScoreRequest(input=input_uri, output=output_uri, model=model, chunks=chunks,
-                           overwrite=True if overwrite else None, trigger=trigger)
+    kept = tuple(c.strip() for value in keep_columns or [] for c in value.split(",") if c.strip())
+    request = ScoreRequest(input=input_uri, output=output_uri, model=model, chunks=chunks, keep_columns=kept,
+                           id_column=id_column or None, overwrite=True if overwrite else None, trigger=trigger)
     where = f"Kubeflow at {settings.kfp.host}" if settings.is_cluster else "kfp.local (embedded default)"
     console.print(f"[bold]driftloop[/] batch scoring on {where}")
-    if settings.is_cluster:
-        result = run_scoring(settings, request, wait=wait)
-    else:
-        with workspace_lock(settings.workspace_dir, request.request_id, wait=wait, on_wait=_say_waiting):
-            result = run_scoring(settings, request)
+    lines = TaskLines(sys.stdout, spinner=not verbose, tasks=score_arguments(settings, request)["chunks"] + 3,
+                      label="scoring run")
+    try:
+        if settings.is_cluster:
+            result = run_scoring(settings, request, wait=wait, progress=lines)
+        else:
+            with workspace_lock(settings.workspace_dir, request.request_id, wait=wait, on_wait=_say_waiting):
+                result = run_scoring(settings, request, progress=lines, echo=sys.stdout if verbose else None)
+    finally:
+        lines.close()
     if result.state == "FAILED":
         err_console.print(f"[red]scoring failed[/]: {escape(result.error or '')}")
         err_console.print("No complete output was written.")
         raise typer.Exit(1)
-    s = result.summary
-    if not s:
+    if not result.summary:
         console.print(f"run [bold]{result.run_id}[/] {result.state.lower()}" + (f": {result.url}" if result.url else ""))
         return
+    console.print(score_table(result.run_id, result.summary))
+
+
+def score_table(run_id: str, s: dict) -> Table:
+    """A scoring run's summary in 80 columns (values fold, never cut)."""
     table = Table(title="batch scoring run", show_header=False)
     table.add_column(no_wrap=True)
     table.add_column(overflow="fold")  # paths and URIs fold in 80 columns, never cut
+    table.add_row("pipeline run", run_id)
     table.add_row("model", f"{s['model']} v{s['version']}")
     table.add_row("input", s["input"])
     table.add_row("predictions", f"{s['rows']} rows -> {s['output']}")
-    colour = "yellow" if s["drift"] == "drifted" else "green"
-    table.add_row("batch drift", f"[{colour}]{s['drift']}[/] ({s['drift_share']:.2f} of columns"
-                  + (f": {', '.join(s['drifted_columns'])}" if s["drifted_columns"] else "") + ")")
+    if s.get("ids"):
+        table.add_row("identified by", s["ids"])
+    if s.get("kept"):
+        table.add_row("columns kept", ", ".join(s["kept"]))
+    drifted = s["drift"] == "drifted"
+    table.add_row("batch drift", f"[{'yellow' if drifted else 'green'}]{s['drift']}[/] ({s['drift_share']:.2f} of "
+                  "columns" + (f": {', '.join(s['drifted_columns'])}" if s["drifted_columns"] else "") + ")")
+    if drifted:
+        alert = s.get("alert") or "not recorded"
+        colour = "green" if alert.startswith("sent") else "red"
+        table.add_row("drift alert", f"[{colour}]{escape(alert)}[/]")
     table.add_row("report (MLflow)", s["report"])
     table.add_row("task output", s.get("log", ""))
-    console.print(table)
+    return table
 
 
 WAIT_HELP = ("On Kubeflow: wait for the run to finish. On the embedded default: if another run holds the "
@@ -210,30 +239,44 @@ def _say_waiting(message: str) -> None:
     err_console.print(escape(message))
 
 
+# tasks of a training run: ingest, validate, train, evaluate, register (or record rejection), deploy
+TRAINING_TASKS = 6
+
+
 class TaskLines:
-    """The progress view of a run: one line per task as it ends, a spinner while one runs (on a terminal)."""
+    """The progress view of a run: one line per task as it ends; on a terminal, a spinner while one runs,
+    with the run's share done and the time left (:class:`~driftloop.core.progress.Progress`, once the run
+    has taken a few seconds; ``tasks``: how many the run has)."""
 
     MARKS = {"succeeded": "[green]✓[/]", "failed": "[red]✗[/]", "skipped": "[dim]-[/]"}
 
-    def __init__(self, out, *, spinner: bool = True) -> None:  # noqa: ANN001 (a text stream)
+    def __init__(self, out, *, spinner: bool = True, tasks: int = 0, label: str = "run") -> None:  # noqa: ANN001
         from rich.console import Console
+
+        from driftloop.core.progress import Progress
 
         self.console = Console(file=out, highlight=False)
         self._spinner = spinner and self.console.is_terminal
         self._live = None
+        self.progress = Progress(label, stream=out)
+        self.tasks, self.done = tasks, 0
+
+    def share(self) -> float:
+        """The share of the run's tasks that have ended (below 1 until the run itself has)."""
+        return min(self.done / self.tasks, 0.99) if self.tasks else 0.0
 
     def __call__(self, event) -> None:  # noqa: ANN001 (pipelines.runner.TaskEvent)
         self._stop()
         if event.state == "running":
             if self._spinner:
                 from rich.live import Live
-                from rich.spinner import Spinner
 
                 # no stdout redirection: kfp.local's own output goes to the run's log file meanwhile
-                self._live = Live(Spinner("dots", text=f"{event.task} running"), console=self.console, transient=True,
+                self._live = Live(_Running(event.task, self), console=self.console, transient=True,
                                   redirect_stdout=False, redirect_stderr=False, refresh_per_second=8)
                 self._live.start()
             return
+        self.done += 1
         mark = self.MARKS.get(event.state, "·")
         self.console.print(f"{mark} {event.task:<16} {event.state:<9} {event.seconds:6.1f}s  {escape(event.detail)}".rstrip(),
                            no_wrap=True, overflow="ellipsis")
@@ -245,6 +288,21 @@ class TaskLines:
 
     def close(self) -> None:
         self._stop()
+
+
+class _Running:
+    """The spinner of a running task; its text is read at every refresh, so the time left moves."""
+
+    def __init__(self, task: str, lines: TaskLines) -> None:
+        from rich.spinner import Spinner
+
+        self.task, self.lines = task, lines
+        self.spinner = Spinner("dots", text=f"{task} running")
+
+    def __rich_console__(self, console, options):  # noqa: ANN001, ANN204 (rich's protocol)
+        done = self.lines.progress.text(self.lines.share())
+        self.spinner.update(text=f"{self.task} running" + (f" · {done}" if done else ""))
+        yield self.spinner
 
 
 def validate_trigger(trigger: str) -> None:
@@ -267,6 +325,7 @@ def print_run_result(settings: Settings, result) -> None:  # noqa: ANN001 (RunRe
     table = Table(title="training run", show_header=False)
     table.add_column(no_wrap=True)
     table.add_column(overflow="fold")  # paths and URIs fold in 80 columns, never cut
+    table.add_row("pipeline run", result.run_id)
     table.add_row("trigger", s.get("trigger", ""))
     table.add_row("data window", s.get("window", ""))
     table.add_row("rows (train/test)", f"{s['train_rows']} / {s['test_rows']}")
@@ -320,7 +379,7 @@ def _register_plugins() -> None:
     """Attach the command groups of the serving and monitoring packages."""
     import importlib
 
-    for module in ("driftloop.app.serving_cli", "driftloop.app.monitor_cli", "driftloop.app.schedule_cli", "driftloop.app.loop_cli", "driftloop.app.infra_cli", "driftloop.app.tenant_cli", "driftloop.app.agent_cli"):
+    for module in ("driftloop.app.serving_cli", "driftloop.app.monitor_cli", "driftloop.app.schedule_cli", "driftloop.app.loop_cli", "driftloop.app.infra_cli", "driftloop.app.tenant_cli", "driftloop.app.agent_cli", "driftloop.app.history_cli"):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as exc:

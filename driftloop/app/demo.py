@@ -49,7 +49,11 @@ from driftloop.core.processes import free_port
 if TYPE_CHECKING:
     from driftloop.core.config import Settings
 
-__all__ = ["demo_cmd", "Demo"]
+__all__ = ["demo_cmd", "Demo", "PHASES"]
+
+# The demo's phases and the seconds each took in a measured run (2 shared cores): the progress line's scale.
+PHASES = {"data": 3.0, "train": 16.0, "serve": 24.0, "calm": 7.0, "drift": 4.0, "retrain": 55.0, "rollout": 32.0,
+          "weak": 34.0, "rollback": 21.0, "summary": 8.0}
 
 
 @dataclass
@@ -60,7 +64,7 @@ class Demo:
     rows: int = 12_000
     days: float = 60.0
     interval: float = 1.0
-    narrator: Narrator = field(default_factory=Narrator)
+    narrator: Narrator = field(default_factory=lambda: Narrator(phases=PHASES))
     facts: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -209,8 +213,14 @@ class Demo:
             raise DriftloopError(f"the rollout did not finish: {(output or '')[-2000:]}")
         colour = "green" if state.status == "promoted" else "red"
         self.say("rollout", f"{label}: v{state.canary_version} [{colour}]{state.status}[/] — {state.reason}")
+        from driftloop.app.serving_cli import StepLines
+
+        last = None
         for step in state.history:
-            self.say("", f"  {step.get('weight'):>3}%  {step.get('decision'):<8} {step.get('reason', '')}")
+            key = (step.get("decision"), step.get("weight"))
+            if key != last or key[0] not in StepLines.QUIET_REPEATS:  # a repeated wait changes nothing
+                self.say("", f"  {step.get('weight'):>3}%  {step.get('decision'):<8} {step.get('reason', '')}")
+            last = key
         return asdict(state)
 
     def bad_candidate(self) -> None:
@@ -238,8 +248,11 @@ class Demo:
         rows = version_rows(Registry.from_settings(s), "churn")
         console.print(versions_table(rows))
         reports = sorted((s.workspace_dir / "monitor" / "reports").glob("*/*.html"))
+        drift = [str(r) for r in reports if r.name == "drift.html"]
+        others = len(reports) - len(drift)
         console.print(f"MLflow store:      {s.tracking_uri}   (mlflow ui --backend-store-uri {s.tracking_uri})")
-        console.print(f"Evidently reports: {', '.join(map(str, reports)) or '-'}")
+        console.print(f"Evidently reports: {', '.join(drift) or '-'}"
+                      + (f" and {others} quality report{'s' if others != 1 else ''} beside it" if others else ""))
         console.print(f"quality:           {self.quality_line()}")
         console.print(f"logs:              {self.workdir / 'logs'}")
         console.print(f"lineage:           driftloop lineage churn@champion -c {self.config_path}")
@@ -264,20 +277,32 @@ class Demo:
         os.environ.setdefault("DRIFTLOOP_GATEWAY_TOKEN", secrets.token_urlsafe(24))
         self.processes.prepare()
         self.write_config()
+        phase = self.narrator.phase
         try:
+            phase("data")
             df = self.data()
+            phase("train")
             self.train_champion()
+            phase("serve")
             self.serve_and_monitor()
+            phase("calm")
             self.no_drift_phase(df)
+            phase("drift")
             alert = self.drift_phase(df)
+            phase("retrain")
             self.wait_retrain(alert["id"])
             recent = df[df["event_time"] >= self.drift_time]
+            phase("rollout")
             self.facts["rollout_good"] = self.rollout(recent, "retrained model")
+            phase("weak")
             self.bad_candidate()
+            phase("rollback")
             self.facts["rollout_bad"] = self.rollout(recent, "weak model")
+            phase("summary")
             self.summary()
         finally:
             self.processes.stop()
+            self.narrator.close()
             self.say("done", f"all processes stopped; {self.narrator.elapsed:.0f}s in all")
 
 

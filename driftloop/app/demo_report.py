@@ -1,15 +1,19 @@
 """What ``driftloop demo`` prints: a line per event with the time since the start, and the closing summary
 (the registered versions, where the MLflow store, the Evidently reports and the logs are, the quality
-check on the labelled traffic)."""
+check on the labelled traffic). On a terminal a progress line (share done, time left) stands under the
+last event while the demo waits."""
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
+
+from driftloop.core.progress import Progress
 
 if TYPE_CHECKING:
     from driftloop.core.registry import Registry
@@ -21,16 +25,57 @@ console = Console(highlight=False)
 
 @dataclass
 class Narrator:
-    """One line per event, with the seconds since the demo started."""
+    """One line per event, with the seconds since the demo started; on a terminal, a progress line under it.
+
+    ``phases`` are the demo's steps with the seconds each took in a measured run: :meth:`phase` marks
+    the start of one, and the share done is the finished phases' seconds (plus the current one's, up to
+    its measure) over the sum."""
 
     started: float = field(default_factory=time.monotonic)
+    phases: dict[str, float] = field(default_factory=dict)
+    progress: Progress = field(default_factory=lambda: Progress("demo"))
+
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()
+        self._done = 0.0
+        self._current: tuple[str, float] | None = None
+        self._stop = threading.Event()
+        if self.progress.tty and self.phases:
+            threading.Thread(target=self._tick, name="demo-progress", daemon=True).start()
 
     @property
     def elapsed(self) -> float:
         return time.monotonic() - self.started
 
     def say(self, phase: str, text: str) -> None:
-        console.print(f"[dim]{self.elapsed:6.1f}s[/] [bold cyan]{phase:<9}[/] {text}")
+        with self._lock:
+            self.progress.close()  # the event line takes the progress line's place; the next tick redraws it
+            console.print(f"[dim]{self.elapsed:6.1f}s[/] [bold cyan]{phase:<9}[/] {text}")
+
+    def phase(self, name: str) -> None:
+        """The demo enters phase ``name`` (one of ``phases``)."""
+        with self._lock:
+            if self._current is not None:
+                self._done += self.phases.get(self._current[0], 0.0)
+            self._current = (name, time.monotonic())
+
+    def share(self) -> float:
+        total = sum(self.phases.values())
+        if not total or self._current is None:
+            return 0.0
+        name, since = self._current
+        expected = self.phases.get(name, 0.0)
+        return (self._done + min(time.monotonic() - since, 0.95 * expected)) / total
+
+    def close(self) -> None:
+        self._stop.set()
+        with self._lock:
+            self.progress.close()
+
+    def _tick(self) -> None:
+        while not self._stop.wait(0.5):
+            with self._lock:
+                self.progress(self.share())
 
 
 def drift_summary(outcome: dict[str, Any]) -> str:

@@ -166,28 +166,38 @@ def alerts_cmd(
     if as_json:
         typer.echo(json.dumps({"alerts": rows}, default=str))
         return
-    from rich import box
     from rich.markup import escape
 
     for a in rows:
         if a["source"] == "needs-attention" and a.get("resolved") is None:
             console.print(f"[bold red]needs attention[/] ({a['id']}): {escape(a.get('reason') or '')}")
-    # Fits 80 columns: the first line of a row is alert, decision, run and model; under them the time,
-    # the reason (folded, never cut) and the run's state. The report path and all fields are in --json.
+    console.print(_alerts_table(settings, rows))
+
+
+def _alerts_table(settings: Settings, rows: list[dict[str, Any]]) -> Table:
+    """The alerts in 80 columns, also in a pipe: each cell folds, nothing is cut. Left, the alert and when
+    (UTC); in the middle, the decision and its reason; right, the pipeline run (the id that names its log
+    file and that ``driftloop lineage`` shows), the model version and the run's state. ``--json`` has all."""
+    import datetime as dt
+
+    from rich import box
+    from rich.markup import escape
+
     table = Table(title=f"alerts ({settings.workspace_dir})", box=box.ROUNDED)
-    table.add_column("alert / created (UTC)", no_wrap=True, min_width=16)
+    table.add_column("alert / created (UTC)", overflow="fold", max_width=26)
     table.add_column("decision / reason", overflow="fold", ratio=1, min_width=20)
-    table.add_column("run", no_wrap=True, overflow="ellipsis", max_width=12)
-    table.add_column("model / state", no_wrap=True, overflow="ellipsis", max_width=14)
+    table.add_column("run / model / state", overflow="fold", max_width=18)
     for a in rows:
         created = dt.datetime.fromtimestamp(a["created"], dt.UTC).strftime("%Y-%m-%d %H:%M")
         version = a["model_version"]
         windows = f" · {a['episode_windows']} windows" if (a.get("episode_windows") or 0) > 1 else ""
+        run = "\n".join(x for x in (a.get("pipeline_run_id") or a.get("request_id") or "",
+                                    f"{settings.mlflow.model_name} v{version}" if version else "",
+                                    a.get("run_state") or "") if x)
         table.add_row(f"{a['id']}\n{created}", f"{a.get('decision') or ''}{windows}\n[dim]{escape(a.get('reason') or '')}[/]",
-                      a.get("pipeline_run_id") or a.get("request_id") or "",
-                      (f"{settings.mlflow.model_name} v{version}" if version else "") + f"\n{a.get('run_state') or ''}")
+                      escape(run))
         table.add_section()
-    console.print(table)
+    return table
 
 
 def register(app: typer.Typer) -> None:

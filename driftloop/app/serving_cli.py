@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from driftloop.core.registry import Registry
     from serving.rollout import RolloutController, RolloutTarget
 
-__all__ = ["register", "rollout_app", "serve_app", "target_for"]
+__all__ = ["register", "rollout_app", "serve_app", "target_for", "StepLines"]
 
 rollout_app = typer.Typer(help="Canary rollouts: status, run the analysis, promote or roll back by hand.",
                           no_args_is_help=True)
@@ -133,6 +133,7 @@ def _serve_until_interrupted(settings: Settings, backend: Any, registry: Any, st
         err_console.print(f"[red]rolled back:[/] {reason}")
 
     supervisor = Supervisor(backend, on_crashloop=roll_back_crash_looping_canary)
+    show_step = StepLines(console)
     next_step = 0.0
     while True:
         supervisor.tick()
@@ -143,8 +144,7 @@ def _serve_until_interrupted(settings: Settings, backend: Any, registry: Any, st
                 current = controller.store.load()
                 if current is not None and current.status in (PENDING, PROGRESSING) and backend.status().get("canary"):
                     next_step = time.monotonic() + settings.rollout.interval_seconds
-                    rec = controller.step()
-                    console.print(f"rollout: {rec.get('decision')} at {rec.get('weight')}% — {rec.get('reason')}")
+                    show_step(controller.step())
             except Exception as exc:  # noqa: BLE001 (serving outlives any one rollout step)
                 detail = str(exc) if isinstance(exc, DriftloopError) else f"{type(exc).__name__}: {exc}"
                 err_console.print(f"[yellow]rollout step failed, retried next interval:[/] {detail}")
@@ -169,7 +169,7 @@ def serve_status(
         return
     table = Table(title="driftloop serve")
     for col in ("role", "version", "pid", "url", "state", "restarts"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")  # a long URL or version folds in 80 columns; --json has all
     down, restarts = state.get("down") or {}, state.get("restarts") or {}
     entries = [state[r] for r in ("gateway", "primary", "canary") if state.get(r)] + list(state.get("replicas") or [])
     for e in entries:
@@ -296,6 +296,33 @@ def rollout_status(
     console.print(_steps_table("rollout steps", state.history, CANARY_CHECKS, weight=True))
 
 
+class StepLines:
+    """Each rollout step as one line, printed once: ``rollout: <decision> at <weight>% — <reason>``.
+
+    A step that changes nothing -- another wait for requests, another unavailable interval, another
+    wait for approval -- repeats the one before it and is shown only with ``-v``."""
+
+    QUIET_REPEATS = frozenset({"wait", "unavailable", "shadow_wait", "await_approval"})
+
+    def __init__(self, out: Any) -> None:
+        self.out = out
+        self._last: tuple[Any, Any] | None = None
+
+    def __call__(self, rec: dict[str, Any]) -> None:
+        import logging
+
+        from rich.markup import escape
+
+        key = (rec.get("decision"), rec.get("weight"))
+        repeat = key == self._last and key[0] in self.QUIET_REPEATS
+        self._last = key
+        if repeat and not logging.getLogger().isEnabledFor(logging.DEBUG):
+            return
+        colour = {"promote": "green", "rollback": "red"}.get(str(rec.get("decision")), "bold")
+        self.out.print(f"rollout: [{colour}]{escape(str(rec.get('decision')))}[/] at {rec.get('weight')}% — "
+                       f"{escape(str(rec.get('reason', '')))}")
+
+
 # the checks serving.rollout records at each canary step, in the order a person reads them
 CANARY_CHECKS = ("requests", "error_rate", "p99_ms", "prediction_psi", "quality_delta")
 _MARKS = {True: "[green]ok[/]", False: "[red]fail[/]", None: "[dim]n/a[/]"}
@@ -352,12 +379,12 @@ def rollout_run(
 
     ctl = _controller(config, params)
     try:
-        state = ctl.run(until_done=True, max_steps=max_steps)
+        state = ctl.run(until_done=True, max_steps=max_steps, on_step=StepLines(console))
     except KeyboardInterrupt:
         state = ctl.state()
         console.print("interrupted; the rollout resumes where it stopped with `driftloop rollout run`")
-    colour = {"promoted": "green", "rolled_back": "red"}.get(state.status, "yellow")
-    console.print(f"[{colour}]{state.status}[/] at {state.weight}%: {state.reason}")
+    if not state.done:  # a finished rollout's last step line said how it ended
+        console.print(f"[yellow]{state.status}[/] at {state.weight}%: {state.reason}")
 
 
 @rollout_app.command("promote")

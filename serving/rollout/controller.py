@@ -35,6 +35,7 @@ import logging
 import time
 from dataclasses import asdict
 from datetime import datetime, timezone
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from driftloop.core.errors import RolloutAborted, ServingError
@@ -135,7 +136,9 @@ class RolloutController:
         state.history.append(rec)
         state.reason = reason
         self.store.save(state, rec)
-        log.info("rollout %s v%s: %s at %s%% — %s", state.model_name, state.canary_version, decision, state.weight, reason)
+        # debug only: the command driving the rollout prints each step once (``on_step`` of :meth:`run`)
+        log.debug("rollout %s v%s: %s at %s%% — %s", state.model_name, state.canary_version, decision, state.weight,
+                  reason)
         return rec
 
     # -- one interval -----------------------------------------------------------------
@@ -267,12 +270,16 @@ class RolloutController:
                      checks)
         return None
 
-    def run(self, until_done: bool = True, max_steps: int | None = None) -> RolloutState:
-        """Step every ``interval_seconds`` until promoted/rolled back (or ``max_steps``)."""
+    def run(self, until_done: bool = True, max_steps: int | None = None,
+            on_step: Callable[[dict[str, Any]], None] | None = None) -> RolloutState:
+        """Step every ``interval_seconds`` until promoted/rolled back (or ``max_steps``); ``on_step`` gets each
+        recorded step."""
         steps = 0
         while True:
             started = time.monotonic()
-            self.step()
+            rec = self.step()
+            if on_step is not None:
+                on_step(rec)
             steps += 1
             state = self.state()
             if state.done or (max_steps is not None and steps >= max_steps) or not until_done:
