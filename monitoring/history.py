@@ -14,8 +14,9 @@ What is recorded:
 * each quality check's verdict per version and labelled window (the same window re-checked with
   the same verdict and alert once);
 * what the loop did: the alert a check raised (event ``alert``), the retraining run it started
-  (event ``run``), and each run's rollout outcome (:meth:`CheckHistory.rollouts`, events
-  ``promoted``, ``rolled_back``, ``not_registered``, ``no_rollout``, ``failed``).
+  (event ``run``), and each run's rollout outcome once the trigger has followed it
+  (:meth:`CheckHistory.rollouts`, events ``promoted``, ``rolled_back``, ``not_registered``,
+  ``no_rollout``, ``failed``).
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ if TYPE_CHECKING:
     from driftloop.core.config import Settings
     from monitoring.alerts import AlertStore
     from monitoring.metrics import MonitorMetrics
-    from monitoring.outcomes import Outcome
 
 __all__ = ["CheckHistory", "drift_record", "quality_records", "rollout_record"]
 
@@ -91,12 +91,13 @@ def quality_records(outcome: dict[str, Any], model: str) -> list[dict[str, Any]]
     return out
 
 
-def rollout_record(ended: Outcome, alert: dict[str, Any], model: str, now: float) -> dict[str, Any]:
-    """The record of a retraining run's outcome (:meth:`monitoring.trigger.Trigger.follow`)."""
+def rollout_record(alert: dict[str, Any], model: str) -> dict[str, Any]:
+    """The record of a retraining run's outcome, from its alert as the alert store has it once the trigger
+    followed the run (:meth:`monitoring.trigger.Trigger.follow`: ``outcome``, ``outcome_reason``, ``followed``)."""
     return {"kind": "rollout", "model": model, "version": alert.get("model_version"),
-            "time": dt.datetime.fromtimestamp(now, dt.UTC).isoformat(), "verdict": ended.outcome,
-            "outcome": ended.outcome, "reason": ended.reason, "alert": alert.get("id"),
-            "run": alert.get("request_id"), "events": [ended.outcome]}
+            "time": dt.datetime.fromtimestamp(alert["followed"], dt.UTC).isoformat(), "verdict": alert["outcome"],
+            "outcome": alert["outcome"], "reason": alert.get("outcome_reason"), "alert": alert["id"],
+            "run": alert.get("request_id"), "events": [alert["outcome"]]}
 
 
 class CheckHistory:
@@ -118,6 +119,7 @@ class CheckHistory:
         self._last: dict[tuple[str, str, str], tuple[Any, ...]] = {}
         self._events: OrderedDict[tuple[str, str], None] = OrderedDict()  # (event, alert id) already recorded
         self._failing = False
+        self._since = time.time()  # outcomes followed before this process are not news
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
@@ -131,11 +133,14 @@ class CheckHistory:
         for record in quality_records(outcome, self.model):
             self._put(record)
 
-    def rollouts(self, ended: list[Outcome], alerts: AlertStore | None = None) -> None:
-        now = time.time()
-        for outcome in ended:
-            alert = (alerts.get(outcome.alert["id"]) if alerts is not None else None) or outcome.alert
-            self._put(rollout_record(outcome, alert, self.model, now))
+    def rollouts(self, alerts: AlertStore, *, recent: int = 200) -> None:
+        """Record the outcome of each run the trigger followed since this recorder started (whoever followed
+        it: the loop, or a new alert's guardrails), once."""
+        for alert in reversed(alerts.recent(recent)):
+            if alert.get("outcome") and (alert.get("followed") or 0) >= self._since \
+                    and ("outcome", alert["id"]) not in self._events:
+                self._events[("outcome", alert["id"])] = None
+                self._put(rollout_record(alert, self.model))
 
     def _put(self, record: dict[str, Any]) -> None:
         counted = record.pop("_counted", False)

@@ -44,10 +44,12 @@ class LoopLines:
         verdict = outcome["verdict"]
         result = outcome.get("result")
         window = outcome.get("window") or {}
-        detail = (f"share {result['share']:.2f} of {len(result['columns'])} columns"
-                  + (f" ({', '.join(result['drifted_columns'])})" if result["drifted_columns"] else "")
-                  if result else outcome.get("reason", ""))
-        text = f"{verdict}, {detail}, {window.get('rows', 0)} rows, window {window.get('id')}"
+        if result:
+            drifted = f" ({', '.join(result['drifted_columns'])})" if result["drifted_columns"] else ""
+            text = (f"{verdict}, share {result['share']:.2f} of {len(result['columns'])} columns{drifted}, "
+                    f"{window.get('rows', 0)} rows, window {window.get('id')}")
+        else:
+            text = f"{verdict}: {outcome.get('reason', '')}"
         self._counts[verdict] += 1
         self._last["drift"] = text
         self.change("drift", f"{outcome.get('champion')}:{verdict}", "drift check of %s: %s", outcome.get("champion"),

@@ -193,8 +193,8 @@ class MonitorService:
         lines.summary(f"history: {self.history.written} written, {self.history.failed} failed")
 
     def _follow(self) -> None:
-        ended = self.trigger.follow()  # finished runs to their rollout's outcome; attached alerts; needs-attention
-        self.history.rollouts(ended, self.alerts)
+        self.trigger.follow()  # finished runs to their rollout's outcome; attached alerts; needs-attention
+        self.history.rollouts(self.alerts)  # every outcome followed so far (a new alert's guardrails follow too)
 
     @staticmethod
     def _guarded(lines: LoopLines, name: str, run: Any, said: Any) -> None:

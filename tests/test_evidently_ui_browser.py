@@ -69,6 +69,9 @@ def open_dashboard(url: str, project_id: str, *, screenshot: Path | None = None)
     """Load the project's dashboard once in headless Chromium; what the page showed, logged and asked for."""
     from playwright.sync_api import sync_playwright
 
+    if not Path(CHROMIUM).exists():
+        raise AssertionError(f"{CHROMIUM} is missing: install Debian's chromium (apt-get install chromium "
+                             "chromium-driver; .ci/run does) - nothing is downloaded at run time")
     seen: dict[str, Any] = {"errors": [], "elsewhere": [], "series": []}
 
     def route(r: Any) -> None:  # nothing but the UI itself is reached (or downloaded)

@@ -20,7 +20,6 @@ from starlette.testclient import TestClient
 from driftloop.core.history import HistoryWorkspace, history_target
 from monitoring.history import CheckHistory
 from monitoring.loglines import LoopLines
-from monitoring.outcomes import Outcome
 from driftloop.app.scenario import SCENARIOS, generate
 from tests.conftest import free_port, make_settings
 from tests.test_quality import _serve_and_label, _service, champion_sklearn  # noqa: F401 (fixture)
@@ -75,8 +74,11 @@ def test_every_check_is_a_snapshot_in_the_models_evidently_project(tmp_path, tra
         assert alert["decision"] == "started"
         service.trigger.wait(alert["id"], timeout=30)
         client.post("/quality/check")  # the same window judged alike: nothing new to record
-        rec = service.alerts.get(alert["id"])
-        service.history.rollouts([Outcome(rec, "rolled_back", "v2 was rolled back: error rate")], service.alerts)
+        # the run's rollout, as the trigger records it when it follows the run (monitoring.outcomes)
+        service.alerts.update(alert["id"], outcome="rolled_back", outcome_reason="v2 was rolled back: error rate",
+                              followed=time.time(), model_version="2")
+        service.history.rollouts(service.alerts)
+        service.history.rollouts(service.alerts)  # once
         assert service.history.flush(60)
     assert service.history.failed == 0 and service.history.written == 3
 
@@ -91,6 +93,7 @@ def test_every_check_is_a_snapshot_in_the_models_evidently_project(tmp_path, tra
     assert q["decision"] == "started" and q["events"] == ["alert", "run"] and q["run"] == alert["request_id"]
     assert f"accuracy {quality['live']['accuracy']:.4g}" in q["values"]
     assert r["outcome"] == "rolled_back" and r["alert"] == alert["id"] and r["events"] == ["rolled_back"]
+    assert r["version"] == "2" and r["reason"] == "v2 was rolled back: error rate"
 
     series = panel_series(target, "churn")
     [(_, share)] = series["Share of drifted columns"]
