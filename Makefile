@@ -5,7 +5,7 @@ PYTHON ?= python3.11
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test setup kubectl servers cluster compile bench clean
+.PHONY: demo test setup kubectl servers browser cluster compile bench clean
 
 # One line on screen while it installs; pip's own errors (and warnings from the machine's pip
 # configuration) still show.
@@ -37,6 +37,14 @@ servers:
 	    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus prometheus-alertmanager >/dev/null; \
 	  else echo "missing:$$missing - the alerting tests need Prometheus and Alertmanager: install them (Debian: apt-get install prometheus prometheus-alertmanager)" >&2; exit 1; fi; }
 
+# The Evidently UI test opens the dashboard in Debian's headless Chromium (playwright drives it;
+# its own browser download is never used).
+browser:
+	@command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	  else echo "the browser test needs Chromium: install it (Debian: apt-get install chromium chromium-driver)" >&2; exit 1; fi; }
+
 # The cluster tests run a real etcd + kube-apiserver 1.20.2 on loopback, built once from Debian's
 # packages and source (no binary package ships kube-apiserver) and cached outside the clone:
 # ${XDG_CACHE_HOME:-~/.cache}/driftloop/kube-apiserver-1.20.2-<recipe>/. The first build takes ~8 min
@@ -44,7 +52,7 @@ servers:
 cluster: setup
 	@bash infra/cluster/build.sh >/dev/null
 
-test: setup kubectl servers cluster
+test: setup kubectl servers browser cluster
 	$(BIN)/python -m pytest -q
 
 compile: setup
