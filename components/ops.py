@@ -413,7 +413,7 @@ def score_write_op(parts: Input[List[Dataset]], output_uri: str, overwrite: bool
 def score_drift_op(samples: Input[List[Dataset]], plan: Input[Artifact], drift_share: float, sample_rows: int, rows: int, input_uri: str, output_uri: str, request_id: str,
                    started: str, trigger: str, tracking_uri: str, experiment: str, alert_url: str,
                    report: Output[HTML], metrics: Output[Metrics],
-                   pipeline_run_id: str = dsl.PIPELINE_JOB_ID_PLACEHOLDER) -> NamedTuple(
+                   pipeline_run_id: str = dsl.PIPELINE_JOB_ID_PLACEHOLDER, history: str = "") -> NamedTuple(
         "BatchDrift", [("drifted", bool), ("share", float), ("alert", str)]):
     """Evidently's drift report of the batch against the model's reference, in MLflow; a drifted batch alerts."""
     import json
@@ -469,4 +469,12 @@ def score_drift_op(samples: Input[List[Dataset]], plan: Input[Artifact], drift_s
                   f"alert {outcome}", flush=True)
         else:
             print(f"no batch drift ({verdict['share']:.2f} of columns)", flush=True)
+        if history:  # the batch's check in the model's Evidently project (driftloop history, evidently ui)
+            from components.score import batch_record
+            from driftloop.core.history import SECRET_ENV, write_record
+
+            record = batch_record(verdict, model=model_name, version=version, input_uri=input_uri,
+                                  request_id=request_id, rows=rows, drift_share=drift_share, report_uri=uri,
+                                  alert=outcome)
+            print(f"history: {write_record(history, record, secret=os.environ.get(SECRET_ENV))}", flush=True)
     return namedtuple("BatchDrift", ["drifted", "share", "alert"])(verdict["dataset_drift"], verdict["share"], outcome)

@@ -66,6 +66,7 @@ __all__ = [
     "batch_drift",
     "log_batch_run",
     "alert_payload",
+    "batch_record",
     "send_alert",
     "deliver_alert",
     "ids_text",
@@ -548,6 +549,20 @@ def log_batch_run(registry: Any, files: list[Path], *, verdict: dict[str, Any], 
             client.log_artifact(run_id, str(path), "batch_drift")
         client.set_terminated(run_id)
     return run_id, f"runs:/{run_id}/batch_drift/{files[0].name}"
+
+
+def batch_record(verdict: dict[str, Any], *, model: str, version: str, input_uri: str, request_id: str, rows: int,
+                 drift_share: float, report_uri: str | None, alert: str) -> dict[str, Any]:
+    """The batch's drift check as a record of the model's history (:mod:`driftloop.core.history`)."""
+    import datetime as dt
+
+    return {"kind": "batch", "model": model, "version": str(version), "time": dt.datetime.now(dt.UTC).isoformat(),
+            "rows": rows, "verdict": "drift" if verdict["dataset_drift"] else "no drift", "share": verdict["share"],
+            "drift_share": drift_share, "drifted_columns": list(verdict["drifted_columns"]),
+            "columns": [{"column": c["column"], "method": c["method"], "score": c["value"], "threshold": c["threshold"],
+                         "drifted": c["drifted"]} for c in verdict["columns"]],
+            "input": input_uri, "request": request_id, "report": report_uri,
+            "reason": None if alert == "none" else f"alert {alert}"}
 
 
 def alert_payload(*, model: str, version: str, input_uri: str, request_id: str, started: str,

@@ -243,10 +243,11 @@ class Trigger:
                           samples=rec["samples"] if samples is None else samples, window_start=rec.get("window_start"),
                           window_end=rec.get("window_end"), report_path=rec.get("report_path"),
                           report_uri=rec.get("report_uri"))
-            return self._judge(alert, self.clock(), seen=False, original=None, why="", note=why)
+            return self._judge(alert, self.clock(), seen=False, original=None, why="", note=why,
+                               previous=rec.get("decision"))
 
     def _judge(self, alert: Alert, now: float, *, seen: bool, original: str | None, why: str,
-               note: str = "") -> Decision:
+               note: str = "", previous: str | None = None) -> Decision:
         in_flight = self.in_flight() if not seen and original is None else None
         decision, reason = decide(alert, self.settings.trigger, now=now, seen=seen, in_flight=in_flight,
                                   last_started=self.alerts.last_started(),
@@ -264,9 +265,9 @@ class Trigger:
         self.alerts.record_decision(alert.id, decision, reason, now=now, final=not seen)
         if self.metrics is not None:
             self.metrics.trigger_decisions.labels(decision=decision).inc()
-        # a re-delivered alert (Alertmanager repeats, a re-checked window) is no news: only with -v
-        log.log(logging.DEBUG if decision == "duplicate" else logging.INFO, "alert %s (%s): %s — %s", alert.id,
-                alert.source, decision, reason)
+        # a re-delivered alert (Alertmanager repeats, a re-checked window) or one held again is no news: only with -v
+        log.log(logging.DEBUG if decision in ("duplicate", previous) else logging.INFO, "alert %s (%s): %s — %s",
+                alert.id, alert.source, decision, reason)
         return Decision(alert.id, decision, reason, request_id, original)
 
     # -- after a run -------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from kfp import compiler, dsl
 from components.ops import score_chunk_op, score_drift_op, score_plan_op, score_write_op
 from driftloop.core.config import Settings
 from driftloop.core.errors import PipelineRunError
+from driftloop.core.history import step_history_target
 from driftloop.core.runs import Pipeline, RunRequest, RunResult
 from pipelines.training import ClusterOptions, _use_mlflow_secret
 
@@ -29,6 +30,7 @@ SCORE_PIPELINE_NAME = "driftloop-score"
 STEP_NAMES = {"score_plan_op": "plan", "score_chunk_op": "score chunk", "score_write_op": "write",
               "score_drift_op": "batch drift"}
 WEBHOOK_SECRET_KEYS = {"token": "DRIFTLOOP_WEBHOOK_TOKEN"}  # Secret driftloop-webhook, key token
+HISTORY_SECRET, HISTORY_SECRET_KEYS = "driftloop-evidently", {"secret": "DRIFTLOOP_EVIDENTLY_SECRET"}
 ALERT_POD_LABELS = {"app.kubernetes.io/part-of": "driftloop", "app.kubernetes.io/component": "batch-drift"}
 
 
@@ -74,6 +76,7 @@ def make_scoring_pipeline(opts: ClusterOptions = ClusterOptions(), webhook_secre
         started: str = "",
         keep_columns: str = "",
         id_required: bool = False,
+        history: str = "",
     ):
         plan = score_plan_op(model_ref=model_ref, input_uri=input_uri, output_uri=output_uri, fmt=fmt,
                              id_column=id_column, chunks=chunks, overwrite=overwrite, tracking_uri=tracking_uri,
@@ -90,13 +93,16 @@ def make_scoring_pipeline(opts: ClusterOptions = ClusterOptions(), webhook_secre
             samples=dsl.Collected(score.outputs["sample"]), plan=plan.outputs["plan"], drift_share=drift_share,
             sample_rows=sample_rows, rows=write.output, input_uri=input_uri, output_uri=output_uri,
             request_id=request_id, started=started, trigger=trigger, tracking_uri=tracking_uri, experiment=experiment,
-            alert_url=alert_url, pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+            alert_url=alert_url, pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, history=history,
         )
         _use_mlflow_secret(drift.set_display_name("batch drift vs reference"), opts)
         if webhook_secret:
             from kfp import kubernetes
 
             kubernetes.use_secret_as_env(drift, secret_name=webhook_secret, secret_key_to_env=WEBHOOK_SECRET_KEYS,
+                                         optional=True)
+            # writes the batch's check to the Evidently UI service (infra/base/evidently-ui.yaml)
+            kubernetes.use_secret_as_env(drift, secret_name=HISTORY_SECRET, secret_key_to_env=HISTORY_SECRET_KEYS,
                                          optional=True)
             # the monitor's NetworkPolicy admits this step's pod (it posts the batch's drift alert) by these labels
             for key, value in ALERT_POD_LABELS.items():
@@ -148,6 +154,7 @@ def score_arguments(settings: Settings, request: ScoreRequest | None = None) -> 
         "trigger": request.trigger,
         "request_id": request.request_id,
         "started": request.started,
+        "history": step_history_target(settings),  # the batch's check in the model's Evidently project
     }
 
 

@@ -239,9 +239,12 @@ def test_a_repeated_alert_is_no_news_at_the_default_level(tmp_path, trained, mon
     with caplog.at_level(logging.INFO, logger="monitoring.trigger"):
         first = service.trigger.submit(Alert("am-1", "alertmanager", samples=500))
         again = service.trigger.submit(Alert("am-1", "alertmanager", samples=500))
+        held = service.trigger.submit(Alert("am-2", "alertmanager", samples=500))  # a run in flight or cooldown
+        held_again = service.trigger.rejudge("am-2", why="its episode's next failing window")
     assert again.decision == "duplicate" and first.decision != "duplicate"
+    assert held.decision not in ("started", "duplicate") and held_again.decision == held.decision
     said = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO and r.name == "monitoring.trigger"]
-    assert len(said) == 1 and "am-1" in said[0] and "already received" not in said[0]
+    assert len(said) == 2 and "am-1" in said[0] and "already received" not in said[0] and "am-2" in said[1]
 
 
 def test_the_loop_says_a_verdict_once_while_it_holds(tmp_path, trained, champion_sklearn, monkeypatch, caplog):
@@ -306,3 +309,53 @@ def test_on_a_cluster_the_monitor_writes_to_the_evidently_ui_service_with_its_se
 
         assert ALERT_POD_LABELS in selectors  # the batch drift step's pod
         assert [p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]] == [8000]
+
+
+def test_each_batch_drift_check_is_a_snapshot_in_the_models_project(tmp_path, trained):
+    """The scoring pipeline's drift step (kfp.local) writes the batch's check beside the monitor's; compiled for a
+    cluster, the step gets the Evidently UI's write secret and the service's address as a parameter."""
+    import pandas as pd
+    import yaml
+
+    from pipelines.scoring import ScoreRequest, compile_scoring_pipeline, run_scoring
+    from tests.test_score import _batch
+
+    base, _ = trained
+    settings = make_settings(tmp_path / "ws", base.data.source, **{"mlflow.tracking_uri": base.tracking_uri,
+                                                                    "score.batch_rows": 300})
+    src = tmp_path / "batch.parquet"
+    _batch(600, drifted=True).to_parquet(src, index=False)
+    result = run_scoring(settings, ScoreRequest(input=str(src), output=str(tmp_path / "out.parquet"), chunks=1))
+    assert result.state == "SUCCEEDED", result.error
+    [record] = HistoryWorkspace(history_target(settings)).records("churn")
+    s = result.summary
+    assert record["kind"] == "batch" and record["verdict"] == "drift" and record["input"] == str(src)
+    assert record["drifted_columns"] == s["drifted_columns"] and record["share"] == pytest.approx(s["drift_share"])
+    assert record["rows"] == 600 and record["version"] == s["version"] and record["report"].startswith("runs:/")
+    assert len(pd.read_parquet(tmp_path / "out.parquet")) == 600  # and the predictions, of course
+
+    cluster = make_settings(tmp_path / "kws", base.data.source, **{
+        "kfp.host": "http://kfp.example:8888", "mlflow.tracking_uri": "http://mlflow.example:5000",
+        "monitor.history_url": "http://evidently-ui.driftloop.svc.cluster.local:8000"})
+    spec, platform = yaml.safe_load_all(compile_scoring_pipeline(cluster, tmp_path / "score.yaml").read_text())
+    assert spec["root"]["inputDefinitions"]["parameters"]["history"]["defaultValue"] == cluster.monitor.history_url
+    drift_env = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-score-drift-op"]["secretAsEnv"]
+    assert {"secretName": "driftloop-evidently", "key": "secret", "env": "DRIFTLOOP_EVIDENTLY_SECRET"} in [
+        {"secretName": e["secretName"], "key": k["secretKey"], "env": k["envVar"]} for e in drift_env for k in e["keyToEnv"]]
+
+
+def test_a_step_writing_its_record_says_why_not_and_never_waits_long():
+    import socket
+
+    from driftloop.core.history import write_record
+
+    record = {"kind": "batch", "model": "churn", "time": "2026-12-01T10:00:00+00:00", "verdict": "no drift"}
+    assert write_record(f"http://127.0.0.1:{free_port()}", record).startswith("not written: cannot write to the "
+                                                                             "Evidently workspace http://127.0.0.1:")
+    with socket.socket() as silent:  # accepts connections (the backlog), never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        started = time.perf_counter()
+        assert write_record(url, record, timeout=1.0) == f"not written: {url} did not answer within 1s"
+        assert time.perf_counter() - started < 3

@@ -40,7 +40,8 @@ from driftloop.core.history_snapshots import LIST_KEYS, dashboard_panels, record
 if TYPE_CHECKING:
     from driftloop.core.config import Settings
 
-__all__ = ["HISTORY_DIR", "SECRET_ENV", "HistoryError", "HistoryWorkspace", "history_target"]
+__all__ = ["HISTORY_DIR", "SECRET_ENV", "HistoryError", "HistoryWorkspace", "history_target", "step_history_target",
+           "write_record"]
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,32 @@ class HistoryError(DriftloopError):
 def history_target(settings: Settings) -> str:
     """Where the history goes: ``monitor.history_url`` (an Evidently UI service), else ``<workspace>/evidently``."""
     return settings.monitor.history_url or str(settings.workspace_dir / HISTORY_DIR)
+
+
+def step_history_target(settings: Settings) -> str:
+    """Where a pipeline step (the batch drift check) writes: the Evidently UI service, else on the embedded
+    default the workspace's folder; "" on a cluster without a service (a pod has no shared folder)."""
+    if settings.monitor.history_url:
+        return settings.monitor.history_url
+    return "" if settings.is_cluster else history_target(settings)
+
+
+def write_record(target: str, record: dict[str, Any], *, secret: str | None = None, timeout: float = 60.0) -> str:
+    """Write one record and say how it went, in a few words; never raises and never waits past ``timeout``
+    (a step's check stands whether or not its history could be written)."""
+    said: list[str] = []
+
+    def write() -> None:
+        try:
+            HistoryWorkspace(target, secret=secret).add(record)
+            said.append(f"written to {target}")
+        except Exception as exc:  # noqa: BLE001 - reported, never raised: the check itself is done
+            said.append(f"not written: {exc}")
+
+    worker = threading.Thread(target=write, name="history-write", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    return said[0] if said else f"not written: {target} did not answer within {timeout:g}s"
 
 
 def _is_url(target: str) -> bool:
