@@ -15,13 +15,14 @@ from driftloop.core.processes import process_alive
 @pytest.mark.timeout(660)  # the demo's own limit is 600 s; on a shared, loaded machine it can take 4 min
 def test_demo_closes_the_loop_and_leaves_nothing_running(tmp_path):
     workdir = tmp_path / "demo"
-    proc = subprocess.run([sys.executable, "-m", "driftloop.app.cli", "demo", "--workdir", str(workdir), "--rows", "8000"],
-                          capture_output=True, text=True, timeout=600)
+    # run as `make demo` runs it: from the project's folder, the demo's folder under it
+    proc = subprocess.run([sys.executable, "-m", "driftloop.app.cli", "demo", "--workdir", "demo", "--rows", "8000"],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     # what the terminal shows (a pipe: 80 columns): one screen per phase of the loop, no warnings, no task logs
     screens = demo_screens(proc.stdout)
     assert [name for name, _ in screens][:3] == ["data", "train", "monitor"] and screens[-1][0] == "summary"
-    assert all(len(lines) <= 24 for _, lines in screens), screens
+    assert all(len(lines) <= 24 for _, lines in screens), [(name, len(lines)) for name, lines in screens]
     assert len(proc.stdout.splitlines()) <= 90, proc.stdout
     for noise in ("Warning", "WARNING", "Traceback", "KFP Executor", "executor_input", "HTTP Request"):
         assert noise not in proc.stdout + proc.stderr, proc.stdout + proc.stderr

@@ -117,7 +117,8 @@ class Demo:
         path = Path(self.settings().data.source)
         path.parent.mkdir(parents=True, exist_ok=True)
         df.to_parquet(path, index=False)
-        self.say("data", f"{len(df)} rows {self.start_time:%Y-%m-%d} .. now, drift from {self.drift_time:%Y-%m-%d} -> {path}")
+        self.say("data", f"{len(df)} rows {self.start_time:%Y-%m-%d} .. now, drift from {self.drift_time:%Y-%m-%d} -> "
+                         f"{shown(path)}")
         return df
 
     def train_champion(self) -> None:
@@ -163,7 +164,7 @@ class Demo:
         listed = self.traffic.alerts().get("alerts", [])
         first = next((a for a in listed if a.get("id") == alert["id"]), alert)
         self.say("alert", f"alert {alert['id']} ({len(first.get('details', {}).get('drifted_columns', []) or [])} "
-                          f"columns, report {first.get('report_path', alert.get('report', ''))}): trigger "
+                          f"columns, report {shown(first.get('report_path', alert.get('report', '')))}): trigger "
                           f"[bold]{first.get('decision')}[/] — {first.get('reason', '')}")
         self.facts["alert"] = alert
         return alert
@@ -248,14 +249,14 @@ class Demo:
         rows = version_rows(Registry.from_settings(s), "churn")
         console.print(versions_table(rows))
         reports = sorted((s.workspace_dir / "monitor" / "reports").glob("*/*.html"))
-        drift = [str(r) for r in reports if r.name == "drift.html"]
+        drift = [shown(r) for r in reports if r.name == "drift.html"]
         others = len(reports) - len(drift)
-        console.print(f"MLflow store:      {s.tracking_uri}   (mlflow ui --backend-store-uri {s.tracking_uri})")
+        console.print(f"MLflow:            mlflow ui --backend-store-uri {s.tracking_uri}")
         console.print(f"Evidently reports: {', '.join(drift) or '-'}"
                       + (f" and {others} quality report{'s' if others != 1 else ''} beside it" if others else ""))
         console.print(f"quality:           {self.quality_line()}")
-        console.print(f"logs:              {self.workdir / 'logs'}")
-        console.print(f"lineage:           driftloop lineage churn@champion -c {self.config_path}")
+        console.print(f"logs:              {shown(self.workdir / 'logs')}")
+        console.print(f"lineage:           driftloop lineage churn@champion -c {shown(self.config_path)}")
         self.facts["versions"] = rows
         self.facts["reports"] = [str(r) for r in reports]
         self.facts["tracking_uri"] = s.tracking_uri
@@ -304,6 +305,16 @@ class Demo:
             self.processes.stop()
             self.narrator.close()
             self.say("done", f"all processes stopped; {self.narrator.elapsed:.0f}s in all")
+
+
+def shown(path: str | Path) -> str:
+    """A path as printed: relative to the current folder when it lies under it (``make demo``'s
+    ``.driftloop/demo/…``), else as it is."""
+    text = str(path)
+    try:
+        return str(Path(text).resolve().relative_to(Path.cwd())) if text else text
+    except ValueError:
+        return text
 
 
 def demo_cmd(
