@@ -54,7 +54,7 @@ from typing import TYPE_CHECKING, Any
 from driftloop.core.errors import DriftloopError, MonitorError
 from driftloop.core.files import atomic_write, private_dir
 from driftloop.core.processes import process_alive, spawn, stop_process
-from driftloop.core.runs import PipelineRunner, RunRequest
+from driftloop.core.runs import RunRequest, TrainingRuns
 from monitoring.alerts import ATTACHED, STARTED, Alert, AlertStore, Decision, day_ago, decide
 from monitoring.duplicates import DRIFT_ALERTNAMES, EPISODE_MARGIN_SECONDS, GaugeEpisodes
 from monitoring.outcomes import PROMOTED, Outcome, RunOutcomes
@@ -136,8 +136,8 @@ def _source_times(settings: Settings) -> Any:
 class Trigger:
     """Applies the guardrails to alerts, starts retraining runs and follows them to their rollout's outcome."""
 
-    def __init__(self, settings: Settings, alerts: AlertStore, *, runner: PipelineRunner | None = None,
-                 runner_factory: Callable[[Settings], PipelineRunner] | None = None, metrics: Any | None = None,
+    def __init__(self, settings: Settings, alerts: AlertStore, *, runner: TrainingRuns | None = None,
+                 runner_factory: Callable[[Settings], TrainingRuns] | None = None, metrics: Any | None = None,
                  clock: Callable[[], float] = time.time, registry: Any | None = None) -> None:
         """``registry``: where the rollouts' outcomes are read (MLflow); without one a run is over when it ends."""
         self.settings = settings

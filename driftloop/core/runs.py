@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-__all__ = ["RunRequest", "RunResult", "Pipeline", "PipelineRunner"]
+__all__ = ["RunRequest", "RunResult", "Pipeline", "PipelineRunner", "TrainingRuns"]
 
 
 @dataclass(frozen=True)
@@ -66,9 +66,18 @@ class Pipeline:
 
 
 class PipelineRunner(Protocol):
+    """Runs any :class:`Pipeline` on one home (``pipelines.runner``: kfp.local or ``kfp.Client``)."""
+
     home: str
 
     def run(self, pipeline: Pipeline, arguments: dict[str, Any], request: RunRequest, *,
             wait: bool = True) -> RunResult: ...
+
+
+class TrainingRuns(Protocol):
+    """A runner bound to the training pipeline (``pipelines.training.TrainingRunner``): what the
+    retraining trigger and the scheduler are given, since they start only training runs."""
+
+    home: str
 
     def run_training(self, request: RunRequest, *, wait: bool = True) -> RunResult: ...
