@@ -110,7 +110,9 @@ def open_dashboard(url: str, project_id: str, *, screenshot: Path | None = None)
 def _loop_workspace(tmp_path: Path, trained: Any, model: Any, monkeypatch: Any) -> tuple[Path, dict[str, Any]]:
     """What the monitor writes: a calm window whose labels show a degraded champion (quality alert, a run),
     then a window of drifted inputs (drift alert)."""
-    service, _ = _service(tmp_path, trained, monkeypatch, **{"trigger.cooldown_seconds": 0})
+    # its alerts' report runs in an experiment of its own (tests/test_quality.py counts those of the same ids)
+    service, _ = _service(tmp_path, trained, monkeypatch, **{"trigger.cooldown_seconds": 0,
+                                                             "mlflow.experiment": "history-browser-test"})
     concept = generate(rows=300, drift_at=0.0, drift=SCENARIOS["concept"], seed=21)
     covariate = generate(rows=300, drift_at=0.0, drift=SCENARIOS["covariate"], seed=22)
     with TestClient(service.app, headers={"authorization": f"Bearer {service.ingest_token}"}) as client:

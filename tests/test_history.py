@@ -25,6 +25,11 @@ from tests.conftest import free_port, make_settings
 from tests.test_quality import _serve_and_label, _service, champion_sklearn  # noqa: F401 (fixture)
 
 
+#: MLflow runs (the alerts' reports) of these tests in an experiment of their own: the shared tracking server
+#: holds tests/test_quality.py's too, which count the runs of the same alert ids (the same windows of v1)
+OWN_RUNS = {"mlflow.experiment": "history-tests"}
+
+
 def panel_series(target: str, model: str) -> dict[str, list[tuple[dict[str, str], list[float]]]]:
     """Panel title -> (series params, values) as the Evidently UI's dashboard API answers them."""
     from evidently.ui.service.base import SeriesFilter
@@ -63,7 +68,7 @@ def test_every_check_is_a_snapshot_in_the_models_evidently_project(tmp_path, tra
     """Drift and quality checks, the alert and run a check started and the run's rollout outcome land in the
     model's project; the dashboard's series hold the numbers the monitor computed; ``driftloop history``
     prints the same timeline."""
-    service, runner = _service(tmp_path, trained, monkeypatch)
+    service, runner = _service(tmp_path, trained, monkeypatch, **OWN_RUNS)
     concept = generate(rows=600, drift_at=0.0, drift=SCENARIOS["concept"], seed=21)
     with TestClient(service.app, headers={"authorization": f"Bearer {service.ingest_token}"}) as client:
         _serve_and_label(client, concept.iloc[:300], champion_sklearn)
@@ -136,7 +141,7 @@ class _StuckWorkspace:
 def test_a_stuck_or_broken_history_neither_slows_nor_breaks_a_check(tmp_path, trained, champion_sklearn, monkeypatch,
                                                                    caplog):
     stuck = _StuckWorkspace()
-    service, _ = _service(tmp_path, trained, monkeypatch)
+    service, _ = _service(tmp_path, trained, monkeypatch, **OWN_RUNS)
     service.history = CheckHistory(service.settings, workspace=stuck)
     calm = generate(rows=2000, drift_at=None, seed=33)
     with TestClient(service.app, headers={"authorization": f"Bearer {service.ingest_token}"}) as client:
@@ -154,7 +159,7 @@ def test_a_stuck_or_broken_history_neither_slows_nor_breaks_a_check(tmp_path, tr
     settings = make_settings(tmp_path / "ws2", trained[0].data.source, **{
         "mlflow.tracking_uri": trained[0].tracking_uri, "monitor.window_rows": 300, "monitor.min_samples": 200,
         "monitor.check_interval_seconds": 3600, "serving.name": "churn",
-        "monitor.history_url": f"http://127.0.0.1:{free_port()}"})
+        "monitor.history_url": f"http://127.0.0.1:{free_port()}", **OWN_RUNS})
     from monitoring.service import MonitorService
 
     service = MonitorService(settings, runner=object())
@@ -235,7 +240,7 @@ def test_the_loop_says_what_changed_once_and_sums_up_at_most_every_minute(caplog
 def test_a_repeated_alert_is_no_news_at_the_default_level(tmp_path, trained, monkeypatch, caplog):
     from monitoring.alerts import Alert
 
-    service, runner = _service(tmp_path, trained, monkeypatch)
+    service, runner = _service(tmp_path, trained, monkeypatch, **OWN_RUNS)
     with caplog.at_level(logging.INFO, logger="monitoring.trigger"):
         first = service.trigger.submit(Alert("am-1", "alertmanager", samples=500))
         again = service.trigger.submit(Alert("am-1", "alertmanager", samples=500))
@@ -248,7 +253,7 @@ def test_a_repeated_alert_is_no_news_at_the_default_level(tmp_path, trained, mon
 
 
 def test_the_loop_says_a_verdict_once_while_it_holds(tmp_path, trained, champion_sklearn, monkeypatch, caplog):
-    service, _ = _service(tmp_path, trained, monkeypatch)
+    service, _ = _service(tmp_path, trained, monkeypatch, **OWN_RUNS)
     lines = LoopLines(logging.getLogger("monitoring.service"))
     with TestClient(service.app, headers={"authorization": f"Bearer {service.ingest_token}"}) as client:
         _serve_and_label(client, generate(rows=2000, drift_at=None, seed=33).iloc[:300], champion_sklearn)
@@ -322,7 +327,7 @@ def test_each_batch_drift_check_is_a_snapshot_in_the_models_project(tmp_path, tr
 
     base, _ = trained
     settings = make_settings(tmp_path / "ws", base.data.source, **{"mlflow.tracking_uri": base.tracking_uri,
-                                                                    "score.batch_rows": 300})
+                                                                    "score.batch_rows": 300, **OWN_RUNS})
     src = tmp_path / "batch.parquet"
     _batch(600, drifted=True).to_parquet(src, index=False)
     result = run_scoring(settings, ScoreRequest(input=str(src), output=str(tmp_path / "out.parquet"), chunks=1))
