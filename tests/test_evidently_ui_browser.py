@@ -145,6 +145,13 @@ def test_the_monitors_history_shows_in_evidently_ui_in_a_real_browser(tmp_path, 
             HistoryWorkspace(url, secret="wrong").add({"kind": "rollout", "model": "churn", "verdict": "promoted",
                                                        "time": now, "events": ["x"]})
         kinds = [r["kind"] for r in HistoryWorkspace(url).records("churn")]
+        # a model the service has not seen yet: its project and dashboard are made through the service
+        remote.add({"kind": "rollout", "model": "churn-eu", "version": "1", "time": now, "verdict": "promoted",
+                    "outcome": "promoted", "events": ["promoted"]})
+        fresh = HistoryWorkspace(url)
+        assert fresh.models() == ["churn", "churn-eu"] and len(fresh.records("churn-eu")) == 1
+        panels = httpx.get(f"{url}/api/v2/dashboards/{fresh.project_id('churn-eu', create=False)}").json()["panels"]
+        assert {"Share of drifted columns", "Alerts, retraining runs and rollouts"} <= {p["title"] for p in panels}
 
     assert seen["errors"] == [] and seen["elsewhere"] == []
     text = seen["text"]
