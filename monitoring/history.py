@@ -118,7 +118,7 @@ class CheckHistory:
         self._queue: queue.Queue = queue.Queue(max_pending)
         self._last: dict[tuple[str, str, str], tuple[Any, ...]] = {}
         self._events: OrderedDict[tuple[str, str], None] = OrderedDict()  # (event, alert id) already recorded
-        self._failing = False
+        self._failing = self._dropping = False
         self._since = time.time()  # outcomes followed before this process are not news
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -155,7 +155,8 @@ class CheckHistory:
             self._queue.put_nowait(record)
         except queue.Full:
             self._count("dropped")
-            if not self._failing:
+            if not self._dropping:  # once, until a write goes through again
+                self._dropping = True
                 log.warning("history: %d records wait to be written to %s; this one is dropped",
                             self._queue.qsize(), self.workspace.target)
             return
@@ -205,6 +206,7 @@ class CheckHistory:
                             record.get("version"), exc)
             return
         self._count("written")
+        self._dropping = False
         if self._failing:
             self._failing = False
             log.info("history: writing to %s again", self.workspace.target)

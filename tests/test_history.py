@@ -364,3 +364,18 @@ def test_a_step_writing_its_record_says_why_not_and_never_waits_long():
         started = time.perf_counter()
         assert write_record(url, record, timeout=1.0) == f"not written: {url} did not answer within 1s"
         assert time.perf_counter() - started < 3
+
+
+def test_a_full_queue_drops_records_counts_them_and_says_so_once(tmp_path, scenario_path, caplog):
+    stuck = _StuckWorkspace()
+    history = CheckHistory(make_settings(tmp_path, scenario_path), workspace=stuck, max_pending=2)
+    with caplog.at_level(logging.WARNING, logger="monitoring.history"):
+        history.drift(_drift_outcome("tumbling:0", "no drift"))
+        deadline = time.monotonic() + 10
+        while stuck.calls == 0 and time.monotonic() < deadline:  # the writer holds the first
+            time.sleep(0.01)
+        for i in range(1, 6):  # two wait in the queue; three find no room
+            history.drift(_drift_outcome(f"tumbling:{i}", "no drift"))
+    stuck.release.set()
+    assert history.flush(10) and (history.written, history.dropped) == (3, 3)
+    assert len([r for r in caplog.records if "dropped" in r.getMessage()]) == 1
