@@ -312,7 +312,14 @@ def test_alerts_command_lists_decisions_and_runs(tmp_path, monkeypatch):
     monkeypatch.setattr(console, "width", 250)
     result = CliRunner().invoke(app, ["alerts"])
     assert result.exit_code == 0, result.output
-    rows = {line.split("│")[1].strip(): line for line in result.output.splitlines() if "drift-" in line}
+    rows, block = {}, []  # each alert is one row of the table, folded over several lines
+    for line in result.output.splitlines():
+        if line.startswith(("├", "╰")):
+            if block and "drift-" in block[0]:
+                rows[block[0].split("│")[1].strip()] = " ".join(block)
+            block = []
+        elif line.startswith("│"):
+            block.append(line)
     assert "started" in rows["drift-aaaa"] and "churn v1" in rows["drift-aaaa"] and "run-1" in rows["drift-aaaa"]
     assert "cooldown" in rows["drift-bbbb"] and "SUCCEEDED" not in rows["drift-bbbb"]
 
