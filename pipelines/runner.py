@@ -34,6 +34,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -334,7 +335,8 @@ class LocalRunner:
             with open(log_path, "a") as server_log, _tasks_for_run(server_log, progress, pipeline,
                                                                    fork=task_server_enabled()):
                 # the task server imports the step libraries while this process prepares the run
-                return self._run(pipeline, arguments, request, log_path, echo)
+                with _KFP_LOCAL:
+                    return self._run(pipeline, arguments, request, log_path, echo)
 
     def _run(self, pipeline: Pipeline, arguments: dict[str, Any], request: RunRequest, log_path: Path,
              echo: Any) -> RunResult:
@@ -367,6 +369,12 @@ class LocalRunner:
                                  error=plain_text(f"{message} (full log: {log_path})"))
         return RunResult(request.request_id, request.request_id, "SUCCEEDED", self.home,
                          summary=pipeline.summarize(request.request_id))
+
+
+# kfp.local keeps its configuration (kfp.local.init) in module globals, and a local run also swaps
+# print, the root log handlers and the orchestrator's id maker (below) for its duration: one local run
+# at a time per process (runs of other workspaces in other threads wait here; other processes are free).
+_KFP_LOCAL = threading.RLock()
 
 
 class _PlaceholderIds:
