@@ -66,6 +66,7 @@ def validate_op(
     task: str,
     time_column: str,
     max_missing: float,
+    max_missing_increase: float,
     max_unseen_share: float,
     column_rules: dict,
     schema: Output[Artifact],
@@ -88,6 +89,7 @@ def validate_op(
             task=task,
             time_column=time_column or None,
             max_missing=max_missing,
+            max_missing_increase=max_missing_increase,
             max_unseen_share=max_unseen_share,
             columns=column_rules,
         )

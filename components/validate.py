@@ -6,7 +6,9 @@ import pandas as pd
 
 from driftloop.core.errors import DataValidationError
 
-__all__ = ["infer_schema", "validate_frames", "feature_columns", "data_summary_markdown"]
+__all__ = ["infer_schema", "validate_frames", "feature_columns", "data_summary_markdown", "SPARSE_NOTE"]
+
+SPARSE_NOTE = 0.3  # the data summary names columns with more gaps than this (a note, never a stop)
 
 
 def feature_columns(df: pd.DataFrame, target: str, time_column: str | None = None) -> tuple[list[str], list[str]]:
@@ -66,6 +68,33 @@ def _check_target(df: pd.DataFrame, target: str, task: str, split: str) -> None:
         )
 
 
+def _check_gaps(col: str, train: pd.Series, test: pd.Series, rule: dict[str, Any], max_missing: float,
+                max_missing_increase: float) -> None:
+    """Gaps stop a run when the column has nothing to learn from, when they pass the column's (or the default)
+    max_missing, or when the test split (the newest rows under a time column) has many more than training."""
+    limit = rule.get("max_missing")
+    explicit_empty_ok = limit is not None and limit >= 1.0
+    limit = max_missing if limit is None else limit
+    train_share, test_share = float(train.isna().mean()), float(test.isna().mean())
+    if train_share >= 1.0 and not explicit_empty_ok:
+        raise DataValidationError(
+            f"column {col!r} has no values in the training split (remove it from the source, or accept it with "
+            f"validation.columns.{col}.max_missing: 1.0)", column=col, rule="empty",
+        )
+    share = float(pd.concat([train, test], ignore_index=True).isna().mean())
+    if share > limit:
+        raise DataValidationError(
+            f"column {col!r}: {share:.1%} missing values exceeds max_missing {limit:.1%}", column=col, rule="max_missing"
+        )
+    increase = rule.get("max_missing_increase")
+    increase = max_missing_increase if increase is None else increase
+    if test_share - train_share > increase:
+        raise DataValidationError(
+            f"column {col!r}: {test_share:.1%} missing in the test split against {train_share:.1%} in training, "
+            f"more than max_missing_increase {increase:.1%} (did the feed break?)", column=col, rule="max_missing_increase",
+        )
+
+
 def validate_frames(
     train: pd.DataFrame,
     test: pd.DataFrame,
@@ -73,7 +102,8 @@ def validate_frames(
     target: str,
     task: str,
     time_column: str | None = None,
-    max_missing: float = 0.3,
+    max_missing: float = 1.0,
+    max_missing_increase: float = 0.3,
     max_unseen_share: float = 0.05,
     columns: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
@@ -103,13 +133,7 @@ def validate_frames(
     both = pd.concat([train, test], ignore_index=True)
     for col in schema["numeric"] + schema["categorical"]:
         rule = columns.get(col, {})
-        limit = rule.get("max_missing")
-        limit = max_missing if limit is None else limit
-        share = float(both[col].isna().mean())
-        if share > limit:
-            raise DataValidationError(
-                f"column {col!r}: {share:.1%} missing values exceeds max_missing {limit:.1%}", column=col, rule="max_missing"
-            )
+        _check_gaps(col, train[col], test[col], rule, max_missing, max_missing_increase)
         values = both[col].dropna()
         if rule.get("min") is not None and col in schema["numeric"] and (values < rule["min"]).any():
             raise DataValidationError(
@@ -144,7 +168,10 @@ def validate_frames(
 def data_summary_markdown(train: pd.DataFrame, test: pd.DataFrame, schema: dict[str, Any]) -> str:
     """The validated data as a person reads it in the Kubeflow UI: per column its kind, gaps, range or levels,
     and the test split's levels never seen in training."""
-    both = pd.concat([train, test], ignore_index=True)
+
+    def gaps(col: str) -> str:  # train / test: a jump in the newest rows is what a broken feed looks like
+        return f"{float(train[col].isna().mean()):.1%} / {float(test[col].isna().mean()):.1%}"
+
     lines = [
         "# Data summary",
         "",
@@ -152,21 +179,24 @@ def data_summary_markdown(train: pd.DataFrame, test: pd.DataFrame, schema: dict[
         + (f", classes {', '.join(map(str, schema['classes']))}" if schema.get("classes") else "")
         + (f"; time column `{schema['time_column']}`" if schema.get("time_column") else "") + ".",
         "",
-        "| column | kind | missing | range / levels | unseen in test |",
+        "| column | kind | missing (train / test) | range / levels | unseen in test |",
         "| --- | --- | ---: | --- | --- |",
     ]
     for col in schema["numeric"]:
-        missing = float(both[col].isna().mean())
         lo_hi = schema["ranges"].get(col)
         span = f"{lo_hi[0]:.4g} .. {lo_hi[1]:.4g}" if lo_hi else "(all missing)"
-        lines.append(f"| `{col}` | numeric | {missing:.1%} | {span} | |")
+        lines.append(f"| `{col}` | numeric | {gaps(col)} | {span} | |")
     for col in schema["categorical"]:
-        missing = float(both[col].isna().mean())
         levels = schema["levels"][col]
         shown = ", ".join(levels[:8]) + (f" … ({len(levels)} levels)" if len(levels) > 8 else "")
         test_values = test[col].dropna().astype(str)
         unseen = sorted(set(test_values.unique()) - set(levels))
         unseen_text = (f"{', '.join(unseen[:5])} ({float((~test_values.isin(levels)).mean()):.1%} of rows)"
                        if unseen else "none")
-        lines.append(f"| `{col}` | categorical | {missing:.1%} | {shown} | {unseen_text} |")
+        lines.append(f"| `{col}` | categorical | {gaps(col)} | {shown} | {unseen_text} |")
+    both = pd.concat([train, test], ignore_index=True)
+    sparse = [f"`{c}` ({float(both[c].isna().mean()):.0%})" for c in schema["numeric"] + schema["categorical"]
+              if float(both[c].isna().mean()) > SPARSE_NOTE]
+    if sparse:
+        lines += ["", f"Sparse columns (over {SPARSE_NOTE:.0%} missing; the model imputes their gaps): {', '.join(sparse)}."]
     return "\n".join(lines) + "\n"

@@ -130,10 +130,6 @@ class Loop:
             "serving": {"gateway_port": self.gateway_port},
             "monitor": {"port": self.monitor_port},
         }
-        if self.table.name == "weather":
-            # the one thing the product asked for: validate stops on low_wind (38 % missing, more than the
-            # default validation.max_missing of 30 %); the model imputes it, so the user allows it by name
-            cfg["validation"] = {"columns": {"low_wind": {"max_missing": 0.5}}}
         if self.interval is not None:  # timing only: how often the rollout's analysis runs
             cfg["rollout"] = {"interval_seconds": self.interval}
         self.config.write_text(yaml.safe_dump(cfg, sort_keys=False))

@@ -115,7 +115,8 @@ def make_training_pipeline(opts: ClusterOptions = ClusterOptions()):
         test_size: float = 0.2,
         reference_size: int = 5000,
         seed: int = 42,
-        max_missing: float = 0.3,
+        max_missing: float = 1.0,
+        max_missing_increase: float = 0.3,
         max_unseen_share: float = 0.05,
         column_rules: dict = {},
         task: str = "classification",
@@ -139,7 +140,8 @@ def make_training_pipeline(opts: ClusterOptions = ClusterOptions()):
         ).set_display_name("ingest")
         validate = validate_op(
             train=ingest.outputs["train"], test=ingest.outputs["test"], target=target, task=task, time_column=time_column,
-            max_missing=max_missing, max_unseen_share=max_unseen_share, column_rules=column_rules,
+            max_missing=max_missing, max_missing_increase=max_missing_increase, max_unseen_share=max_unseen_share,
+            column_rules=column_rules,
         ).set_display_name("validate")
         if opts.workers > 1:  # a launcher: the workers (TrainJob nodes or local processes) get the GPUs
             train = train_distributed_op(
@@ -203,6 +205,7 @@ def pipeline_arguments(settings: "Settings", *, trigger: str = "manual", request
         "reference_size": d.reference_size,
         "seed": d.seed,
         "max_missing": settings.validation.max_missing,
+        "max_missing_increase": settings.validation.max_missing_increase,
         "max_unseen_share": settings.validation.max_unseen_share,
         "column_rules": rules,
         "task": settings.model.task,

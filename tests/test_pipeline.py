@@ -59,14 +59,14 @@ def test_regression_pipeline(tmp_path, scenario_path):
 def test_bad_data_fails_clearly_and_registers_nothing(tmp_path, scenario_path):
     import pandas as pd
 
-    df = pd.read_parquet(scenario_path)
-    df.loc[: len(df) // 2, "tenure"] = None
+    df = pd.read_parquet(scenario_path).sort_values("event_time", kind="stable").reset_index(drop=True)
+    df.loc[len(df) // 2 :, "tenure"] = None  # the feed broke half-way: the newest rows lost the column
     bad = tmp_path / "bad.parquet"
     df.to_parquet(bad)
     settings = make_settings(tmp_path / "ws", bad)
     result = run_training(LocalRunner(settings), RunRequest())
     assert result.state == "FAILED"
-    assert "validate" in result.error and "'tenure'" in result.error and "max_missing" in result.error
+    assert "validate" in result.error and "'tenure'" in result.error and "max_missing_increase" in result.error
     assert Registry.from_settings(settings).list_versions("churn") == []
 
 

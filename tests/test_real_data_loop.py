@@ -9,9 +9,7 @@ an alert and its retraining run finishes; later rows again while the rollout run
 on a shuffled target goes out as a canary through ``driftloop run train`` and must be rolled back.
 
 Non-defaults, timing and environment only: free loopback ports for the gateway and the monitor, and
-``rollout.interval_seconds`` 3 s instead of 30 s (a rollout of five steps takes 15 s, not 150 s). The
-weather table's config also allows 50 % missing values in its one sparse column, as the product asks
-(docs/real-data.md). Every process a loop starts is stopped by it; the test checks that none answers.
+``rollout.interval_seconds`` 3 s instead of 30 s (a rollout of five steps takes 15 s, not 150 s). Every process a loop starts is stopped by it; the test checks that none answers.
 """
 
 import importlib.util

@@ -7,7 +7,7 @@ import pytest
 from components.evaluate import evaluate_models, gate
 from components.ingest import ingest, read_table
 from components.train import resolve_device, train_model
-from components.validate import validate_frames
+from components.validate import data_summary_markdown, validate_frames
 from driftloop.core.errors import DataSourceError, DataValidationError, DeviceUnavailableError, TrainingError
 from driftloop.app.scenario import generate
 
@@ -69,9 +69,44 @@ def test_validate_passes_and_infers_schema(frame):
 def test_validate_missing_share_names_column_and_rule(frame):
     train, test = _split(frame.copy())
     train.loc[: len(train) // 2, "tenure"] = np.nan
+    # a sparse column is not an error by default (the learners impute) ...
+    validate_frames(train, test, target="label", task="classification", time_column="event_time")
+    # ... only past a limit the user sets
     with pytest.raises(DataValidationError, match="'tenure'.*max_missing") as exc:
-        validate_frames(train, test, target="label", task="classification", time_column="event_time")
+        validate_frames(train, test, target="label", task="classification", time_column="event_time", max_missing=0.3)
     assert (exc.value.column, exc.value.rule) == ("tenure", "max_missing")
+
+
+def test_validate_stops_on_an_empty_column_and_on_gaps_jumping_in_the_newest_rows(frame):
+    train, test = _split(frame.copy())
+    empty = train.assign(tenure=np.nan)
+    with pytest.raises(DataValidationError, match="'tenure' has no values in the training split") as exc:
+        validate_frames(empty, test, target="label", task="classification", time_column="event_time")
+    assert exc.value.rule == "empty"
+    # the user who means it says so for that column
+    validate_frames(empty, test, target="label", task="classification", time_column="event_time",
+                    columns={"tenure": {"max_missing": 1.0}})
+    # the feed broke: the newest rows (the test split under a time column) lost most of a column
+    broken = test.copy()
+    broken.loc[broken.index[: int(len(broken) * 0.6)], "sessions"] = np.nan
+    with pytest.raises(DataValidationError, match=r"'sessions': 60\.\d% missing in the test split against 0\.0% in "
+                       "training, more than max_missing_increase 30\.0%") as exc:
+        validate_frames(train, broken, target="label", task="classification", time_column="event_time")
+    assert exc.value.rule == "max_missing_increase"
+    validate_frames(train, broken, target="label", task="classification", time_column="event_time",
+                    columns={"sessions": {"max_missing_increase": 0.7}})
+    validate_frames(train, broken, target="label", task="classification", time_column="event_time",
+                    max_missing_increase=0.7)
+
+
+def test_data_summary_shows_gaps_per_split_and_names_sparse_columns(frame):
+    train, test = _split(frame.copy())
+    train.loc[train.index[: int(len(train) * 0.5)], "tenure"] = np.nan
+    schema = validate_frames(train, test, target="label", task="classification", time_column="event_time")
+    text = data_summary_markdown(train, test, schema)
+    assert "| `tenure` | numeric | 50.0% / 0.0% |" in text
+    assert "Sparse columns (over 30% missing; the model imputes their gaps): `tenure` (40%)." in text
+    assert "monthly_spend` (" not in text.split("Sparse columns", 1)[1]
 
 
 def test_validate_ordinary_gaps_tolerated_and_per_column_rule(frame):

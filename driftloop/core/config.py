@@ -114,14 +114,23 @@ class DataConfig(_Section):
 class ColumnRule(_Section):
     """Quality rules for one column; unset fields fall back to the defaults."""
 
-    max_missing: float | None = Field(None, ge=0.0, le=1.0)
+    max_missing: float | None = Field(None, ge=0.0, le=1.0, description="1.0 also accepts a column with no values")
+    max_missing_increase: float | None = Field(None, ge=0.0, le=1.0)
     min: float | None = None
     max: float | None = None
     allowed: list[str] | None = Field(None, description="allowed categorical levels")
 
 
 class ValidationConfig(_Section):
-    max_missing: float = Field(0.3, ge=0.0, le=1.0, description="default share of missing values tolerated")
+    """Data checks before training. Gaps in a feature are not an error by themselves (the learners impute them, and
+    sparse columns are common in real tables: pool quality in house sales, a low wind reading some stations never
+    send); what stops a run is a column with no values to learn from, or one whose gaps jump in the later rows (a
+    feed that broke), checked on the test split, which is the newest rows when data.time_column is set."""
+
+    max_missing: float = Field(1.0, ge=0.0, le=1.0, description="share of missing values above which a column stops "
+                               "the run (default: no limit; a column with no values at all always stops it)")
+    max_missing_increase: float = Field(0.3, ge=0.0, le=1.0, description="how much larger the test split's missing "
+                                        "share may be than the training split's")
     max_unseen_share: float = Field(0.05, ge=0.0, le=1.0, description="share of test rows with levels unseen in training")
     columns: dict[str, ColumnRule] = Field(default_factory=dict)
 
