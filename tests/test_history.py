@@ -379,3 +379,24 @@ def test_a_full_queue_drops_records_counts_them_and_says_so_once(tmp_path, scena
     stuck.release.set()
     assert history.flush(10) and (history.written, history.dropped) == (3, 3)
     assert len([r for r in caplog.records if "dropped" in r.getMessage()]) == 1
+
+
+def test_a_regression_metric_without_a_rule_still_makes_a_snapshot():
+    """mean_error is measured but has no limit by default: the snapshot shows a dash, it is not lost (it was: a
+    TypeError formatting the missing limit dropped every quality snapshot of a regression model)."""
+    from driftloop.core.history_snapshots import record_metadata, record_snapshot
+    from monitoring.history import quality_records
+
+    outcome = {"checked_at": "2026-12-07T00:12:00+00:00", "versions": {"1": {
+        "verdict": "degraded", "window": {"id": "tumbling:0-500", "start": "a", "end": "b", "rows": 500},
+        "live": {"rmse": 31.5, "mae": 22.0, "mean_error": -4.0, "r2": None},
+        "holdout": {"rmse": 20.0, "mae": 14.0, "mean_error": -1.0},
+        "verdicts": [{"metric": "rmse", "limit": 24.0, "rule": "+20%", "degraded": True},
+                     {"metric": "mae", "limit": 16.8, "rule": "+20%", "degraded": True}]}}}
+    [record] = quality_records(outcome, "hotels")
+    snapshot = record_snapshot(record)
+    rows = {row[0]: row for w in snapshot.widgets for row in (w.params or {}).get("data", [])}
+    assert rows["rmse"][1:4] == ["31.5", "20", "24"] and rows["rmse"][-1] == "yes"
+    assert rows["mean_error"][1:4] == ["-4", "-1", "—"] and rows["mean_error"][-1] == "no"
+    assert "r2" not in rows  # no live value: nothing to show
+    assert record_metadata(record)["values"] == "rmse 31.5 (limit 24), mae 22 (limit 16.8), mean_error -4"

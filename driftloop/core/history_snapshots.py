@@ -99,6 +99,12 @@ def _event_results(record: dict[str, Any]) -> dict[str, Any]:
     return results
 
 
+def _num(value: Any, spec: str = ".4g") -> str:
+    """A figure of a record as the dashboard shows it; a metric without a limit (or a score Evidently left out)
+    shows a dash instead of failing the whole snapshot."""
+    return "—" if value is None else format(float(value), spec)
+
+
 def _widgets(record: dict[str, Any]) -> list[Any]:
     from evidently.legacy.renderers.html_widgets import CounterData, WidgetSize, counter, table_data, text_widget
 
@@ -113,12 +119,12 @@ def _widgets(record: dict[str, Any]) -> list[Any]:
     if record.get("columns"):
         widgets.append(table_data(
             title="columns", column_names=["column", "method", "score", "threshold", "drifted"],
-            data=[[c["column"], c["method"], f"{c['score']:.4g}", f"{c['threshold']:g}", "yes" if c["drifted"] else "no"]
+            data=[[c["column"], c["method"], _num(c.get("score")), _num(c.get("threshold"), "g"), "yes" if c["drifted"] else "no"]
                   for c in record["columns"]]))
     if record.get("metrics"):
         widgets.append(table_data(
             title="metrics against the holdout", column_names=["metric", "live", "holdout", "limit", "rule", "degraded"],
-            data=[[m["metric"], f"{m['live']:.4g}", f"{m['holdout']:.4g}", f"{m['limit']:.4g}", m.get("rule", ""),
+            data=[[m["metric"], _num(m.get("live")), _num(m.get("holdout")), _num(m.get("limit")), m.get("rule", ""),
                    "yes" if m.get("degraded") else "no"] for m in record["metrics"]]))
     lines = [f"{key}: {record[key]}" for key in ("window", "alert", "decision", "reason", "run", "outcome", "input",
                                                  "report") if record.get(key)]
@@ -145,8 +151,8 @@ def record_metadata(record: dict[str, Any]) -> dict[str, str]:
         if value is None or value == [] or value == "":
             continue
         meta[key] = ", ".join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
-    values = [f"{c['column']} {c['score']:.4g}" for c in record.get("columns") or [] if c.get("drifted")]
-    values += [f"{m['metric']} {m['live']:.4g}" + (f" (limit {m['limit']:.4g})" if m.get("limit") is not None else "")
+    values = [f"{c['column']} {_num(c.get('score'))}" for c in record.get("columns") or [] if c.get("drifted")]
+    values += [f"{m['metric']} {_num(m.get('live'))}" + (f" (limit {_num(m['limit'])})" if m.get("limit") is not None else "")
                for m in record.get("metrics") or []]
     if values:
         meta["values"] = ", ".join(values)  # how bad: each drifted column's score, each metric against its limit
