@@ -55,6 +55,7 @@ from driftloop.core.errors import DriftloopError, MonitorError
 from driftloop.core.files import atomic_write, private_dir
 from driftloop.core.processes import process_alive, spawn, stop_process
 from driftloop.core.runs import RunRequest, TrainingRuns
+from driftloop.core.tables import event_times
 from monitoring.alerts import ATTACHED, STARTED, Alert, AlertStore, Decision, day_ago, decide
 from monitoring.duplicates import DRIFT_ALERTNAMES, EPISODE_MARGIN_SECONDS, GaugeEpisodes
 from monitoring.outcomes import PROMOTED, Outcome, RunOutcomes
@@ -97,7 +98,7 @@ def retrain_window(settings: Settings) -> tuple[str | None, str | None]:
         return None, None
     recency = cfg.recent_days is not None or cfg.recent_rows is not None
     try:
-        times = _source_times(settings)
+        times = event_times(settings.data.source, str(settings.data.time_column), settings.data.format)
     except (DriftloopError, OSError, ValueError) as exc:
         if recency:
             what = "recent_days" if cfg.recent_days is not None else "recent_rows"
@@ -113,24 +114,6 @@ def retrain_window(settings: Settings) -> tuple[str | None, str | None]:
     if cfg.recent_rows is not None and len(times) > cfg.recent_rows:
         return times.iloc[-cfg.recent_rows].isoformat(), end.isoformat()
     return None, end.isoformat()
-
-
-def _source_times(settings: Settings) -> Any:
-    """The event times of the training source (UTC, sorted; rows without a time left out)."""
-    import pandas as pd
-
-    from driftloop.core.tables import read_table
-
-    col = str(settings.data.time_column)
-    frame = read_table(settings.data.source, settings.data.format)
-    if col not in frame.columns:
-        raise MonitorError(f"data.time_column {col!r} is not a column of {settings.data.source}")
-    values = frame[col]
-    if pd.api.types.is_datetime64_any_dtype(values) or pd.api.types.is_numeric_dtype(values):
-        times = pd.to_datetime(values, utc=True, errors="coerce")
-    else:
-        times = pd.to_datetime(values.astype("string").str.strip(), utc=True, errors="coerce", format="mixed")
-    return times.dropna().sort_values().reset_index(drop=True)
 
 
 class Trigger:

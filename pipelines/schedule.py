@@ -152,11 +152,15 @@ class Schedule:
             problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
             raise ConfigError(f"schedule {self.name!r}: invalid --param override ({problems})") from exc
 
-    def window(self, slot: datetime) -> tuple[str | None, str | None]:
-        """The data window of the run for ``slot``: the last ``window_days`` before it, or none."""
+    def window(self, slot: datetime, data_end: datetime | None = None) -> tuple[str | None, str | None]:
+        """The data window of the run for ``slot``: the last ``window_days`` before it, or none.
+
+        ``data_end`` (exclusive: just after the source's newest event time) moves the window back into the
+        data's own time when the data ends before the slot — a table whose times are historical, or a feed
+        that lags — so the run trains on the last days *of the data*, never on an empty window."""
         if self.window_days is None:
             return None, None
-        end = utc(slot)
+        end = utc(slot) if data_end is None else min(utc(slot), utc(data_end))
         return _iso(end - timedelta(days=self.window_days)), _iso(end)
 
     def to_dict(self) -> dict[str, Any]:

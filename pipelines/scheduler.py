@@ -135,12 +135,30 @@ class Scheduler:
             outcomes.append(self._run(schedule, plan.run))
         return outcomes
 
+    def _data_end(self, schedule: Schedule) -> datetime | None:
+        """Just after the newest event time of the schedule's source (None without a window or a time column,
+        or when the source cannot be read here: the window then ends at the slot, and the run says what it read)."""
+        settings = schedule.settings_for(self.settings)
+        if schedule.window_days is None or not settings.data.time_column:
+            return None
+        from driftloop.core.tables import event_times
+
+        try:
+            times = event_times(settings.data.source, settings.data.time_column, settings.data.format)
+        except (DriftloopError, OSError, ValueError) as exc:
+            log.warning("schedule %s: the window ends at the slot (the times in %s are not readable here: %s)",
+                        schedule.name, settings.data.source, exc)
+            return None
+        if times.empty:
+            return None
+        return (times.iloc[-1].floor("s") + timedelta(seconds=1)).to_pydatetime()
+
     def _run(self, schedule: Schedule, slot: datetime) -> SlotOutcome:
         from pipelines.runner import RunRequest
 
         name = schedule.name
         self.store.set_slot(name, slot, "running", now=self.clock())
-        window_start, window_end = schedule.window(slot)
+        window_start, window_end = schedule.window(slot, self._data_end(schedule))
         log.info("schedule %s: running slot %s (window %s .. %s)", name, slot.isoformat(), window_start or "-",
                  window_end or "-")
         try:

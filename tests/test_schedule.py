@@ -290,6 +290,29 @@ def test_a_due_slot_runs_once_with_its_trigger_window_and_overrides(local):
     assert (slot.slot, slot.state, slot.run_id) == (T0 + timedelta(hours=3), "done", "run-1")
 
 
+def test_a_window_counts_back_from_the_datas_newest_event_when_the_data_ends_before_the_slot(tmp_path):
+    """A table whose times are historical (or a feed that lags): the last 7 days *of the data*, not 7 empty days
+    before today; a source that cannot be read here leaves the window at the slot."""
+    import pandas as pd
+
+    times = pd.date_range("2016-09-01", "2016-09-30 17:45:12", periods=300, tz="UTC")
+    frame = pd.DataFrame({"event_time": times, "x": range(300), "label": [0, 1] * 150})
+    frame.sample(frac=1.0, random_state=0).to_parquet(tmp_path / "hotels.parquet")  # row order is not time order
+    settings = make_settings(tmp_path / "ws", tmp_path / "hotels.parquet")
+    store = LocalSchedules.from_settings(settings)
+    store.create(Schedule("weekly", "0 3 * * *", window_days=7), now=T0)
+    runner = RecordingRunner()
+    _scheduler(settings, store, runner, Clock(T0 + timedelta(hours=3, seconds=5))).tick()
+    (req,) = runner.requests
+    assert (req.window_start, req.window_end) == ("2016-09-23T17:45:13+00:00", "2016-09-30T17:45:13+00:00")
+
+    (tmp_path / "hotels.parquet").write_bytes(b"not parquet")
+    store.create(Schedule("later", "0 4 * * *", window_days=7), now=T0)
+    _scheduler(settings, store, runner, Clock(T0 + timedelta(hours=4, seconds=5))).tick()
+    assert (runner.requests[-1].window_start, runner.requests[-1].window_end) == (
+        "2026-01-03T04:00:00+00:00", "2026-01-10T04:00:00+00:00")
+
+
 def test_two_schedulers_never_run_the_same_slot(local):
     settings, store = local
     store.create(Schedule("often", "*/5 * * * *"), now=T0)

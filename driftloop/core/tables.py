@@ -1,7 +1,7 @@
 """Reading a table from a URI: a local path or any fsspec URI (s3://, gs://, http(s)://), parquet or csv.
 
-Shared by the ingest step, the retraining trigger (the data window of a retrain) and the
-``monitor report`` command.
+Shared by the ingest step, the retraining trigger and the scheduler (the data window of a run, in the
+data's own time: :func:`event_times`) and the ``monitor report`` command.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pandas as pd
 
 from driftloop.core.errors import DataSourceError, DataValidationError
 
-__all__ = ["read_table"]
+__all__ = ["read_table", "event_times"]
 
 
 def _normalise_uri(uri: str) -> str:
@@ -85,3 +85,17 @@ def read_table(uri: str, fmt: str = "auto") -> pd.DataFrame:
     if df.empty:
         raise DataSourceError(f"data source {uri} has no rows")
     return df
+
+
+def event_times(uri: str, time_column: str, fmt: str = "auto") -> pd.Series:
+    """The event times of a table (UTC, sorted; rows without a readable time left out)."""
+    frame = read_table(uri, fmt)
+    if time_column not in frame.columns:
+        raise DataValidationError(f"data.time_column {time_column!r} is not a column of {uri}",
+                                  column=time_column, rule="column_present")
+    values = frame[time_column]
+    if pd.api.types.is_datetime64_any_dtype(values) or pd.api.types.is_numeric_dtype(values):
+        times = pd.to_datetime(values, utc=True, errors="coerce")
+    else:
+        times = pd.to_datetime(values.astype("string").str.strip(), utc=True, errors="coerce", format="mixed")
+    return times.dropna().sort_values().reset_index(drop=True)
