@@ -67,6 +67,7 @@ __all__ = [
     "SCORES_HEADER",
     "wants_scores",
     "CatchAll",
+    "FastInferV2",
     "serve",
     "main",
 ]
@@ -680,6 +681,111 @@ class _TooLarge(Exception):
         self.size = size
 
 
+_V2_INFER = re.compile(r"/v2/models/(?P<name>[^/]+)/infer")
+_V2_REQUEST_KEYS = frozenset({"id", "inputs", "outputs"})
+_V2_INPUT_KEYS = frozenset({"name", "shape", "datatype", "data"})
+
+
+def _plain_v2(doc: Any) -> bool:
+    """True for a V2 request body of exactly the documented JSON shape, with no ``parameters``
+    anywhere (they switch on binary outputs and typed extensions that kserve's models coerce)."""
+    if not isinstance(doc, dict) or not doc.keys() <= _V2_REQUEST_KEYS or not isinstance(doc.get("id", ""), str):
+        return False
+    inputs = doc.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        return False
+    for inp in inputs:
+        if (not isinstance(inp, dict) or inp.keys() != _V2_INPUT_KEYS or not isinstance(inp["name"], str)
+                or not isinstance(inp["datatype"], str) or inp["datatype"] == "FP16"
+                or not isinstance(inp["data"], list) or not isinstance(inp["shape"], list)
+                or not all(d.__class__ is int for d in inp["shape"])):
+            return False
+    outputs = doc.get("outputs")
+    return outputs is None or (isinstance(outputs, list)
+                               and all(isinstance(o, dict) and o.keys() == {"name"} and isinstance(o["name"], str)
+                                       for o in outputs))
+
+
+class FastInferV2:
+    """ASGI middleware: a plain JSON V2 ``POST /v2/models/{name}/infer`` answered without kserve's
+    pydantic round trips, with the same bytes.
+
+    kserve's V2 route has FastAPI parse the body (stdlib ``json``) into its ``InferenceRequest``
+    pydantic model, copies that into an ``InferRequest``, and sends the answer through its
+    ``InferenceResponse`` model and FastAPI's ``jsonable_encoder`` (pure Python over every value):
+    that costs more than the model's predict at batch 1. Here the body is parsed with orjson and
+    built into the ``InferRequest`` kserve's ``from_inference_request`` would build, kserve's own
+    dataplane runs the model (readiness, pre/post-processing, its metrics), and the answer is dumped
+    by the same ``InferenceResponse`` model in one call (``model_dump(mode="json")``, what
+    ``jsonable_encoder`` yields for it) — byte-identical to kserve's answer (tests/test_predictor_v2.py).
+
+    Everything else goes to kserve's route unchanged, with the body it sent: a body of any other
+    shape (``parameters``, binary tensors, a CloudEvent, another content type), a model not served
+    or not ready, and any error — so every refusal keeps kserve's status and message.
+    """
+
+    def __init__(self, app: Any, dataplane: Any) -> None:
+        self.app = app
+        self.dataplane = dataplane
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        path = scope.get("path", "")
+        found = _V2_INFER.fullmatch(path) if scope["type"] == "http" and scope.get("method") == "POST" else None
+        if found is None or any(k[:3] == b"ce-" or k == b"inference-header-content-length"
+                                or (k == b"content-type" and v != b"application/json") for k, v in scope["headers"]):
+            return await self.app(scope, receive, send)
+        body, message = b"", {"more_body": True}
+        while message.get("more_body", False):
+            message = await receive()
+            if message["type"] != "http.request":  # the client left
+                return
+            body += message.get("body", b"")
+        answer = await self._answer(found["name"], body, scope["headers"])
+        if answer is not None:
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-length", str(len(answer)).encode()),
+                                    (b"content-type", b"application/json")]})
+            await send({"type": "http.response.body", "body": answer})
+            return
+        replayed = False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _answer(self, name: str, body: bytes, raw_headers: list) -> bytes | None:
+        """The answer's bytes, or None to leave the request to kserve's route."""
+        import orjson
+        from kserve.protocol.infer_type import RequestedOutput
+        from kserve.protocol.rest.v2_datamodels import InferenceResponse
+
+        try:
+            doc = orjson.loads(body)
+            if not _plain_v2(doc) or not await self.dataplane.model_ready(name, True):
+                return None
+            outputs = doc.get("outputs")
+            request = InferRequest(
+                request_id=doc.get("id"), model_name=name, parameters=None,
+                infer_inputs=[InferInput(name=i["name"], shape=i["shape"], datatype=i["datatype"], data=i["data"],
+                                         parameters={}) for i in doc["inputs"]],
+                request_outputs=None if not outputs else [RequestedOutput(name=o["name"], parameters={})
+                                                          for o in outputs])
+            headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in raw_headers}
+            response, response_headers = await self.dataplane.infer(model_name=name, request=request, headers=headers)
+            response, encode_headers = self.dataplane.encode(model_name=name, response=response, headers=headers,
+                                                             req_attributes={})
+            if not isinstance(response, dict) or {**response_headers, **encode_headers}:
+                return None  # binary outputs or extra headers: kserve's route says them
+            return orjson.dumps(InferenceResponse.model_validate(response).model_dump(mode="json"))
+        except Exception:  # noqa: BLE001 - kserve's route answers (and logs) every error its own way
+            return None
+
+
 class _DriftloopRESTServer(RESTServer):
     """kserve's REST server plus the payload limit, a 400 for bodies FastAPI cannot parse, one log
     line (not a traceback) per refused request, and quiet per-request logging.
@@ -690,6 +796,7 @@ class _DriftloopRESTServer(RESTServer):
 
     max_payload_bytes: int = 8 * 1024 * 1024
     enable_model_repository: bool = False
+    fast_v2: bool = True  # FastInferV2; off only to compare with kserve's own V2 route
 
     def _register_endpoints(self, app: Any) -> None:
         """kserve's routes; without ``enable_model_repository``, its V2 router loses the repository
@@ -715,6 +822,8 @@ class _DriftloopRESTServer(RESTServer):
         from starlette.exceptions import HTTPException
 
         super().create_application()
+        if self.fast_v2:
+            app.add_middleware(FastInferV2, dataplane=self.dataplane)  # innermost: after the checks below
         app.add_middleware(RequestEncoding)
         registry = self.dataplane.model_registry
         app.add_middleware(ModelVersions, version_of=lambda name: getattr(registry.get_model(name), "model_version",
@@ -738,11 +847,12 @@ class LocalModelServer(kserve.ModelServer):
     """
 
     def __init__(self, *, host: str = "127.0.0.1", max_payload_bytes: int = 8 * 1024 * 1024,
-                 enable_model_repository: bool = False, **kwargs: Any) -> None:
+                 enable_model_repository: bool = False, fast_v2: bool = True, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.host = host
         self.max_payload_bytes = max_payload_bytes
         self.enable_model_repository = enable_model_repository
+        self.fast_v2 = fast_v2
 
     async def _serve(self) -> None:
         rest = self._rest_server or getattr(self._rest_multiprocess_server, "_rest_server", None)
@@ -751,6 +861,7 @@ class LocalModelServer(kserve.ModelServer):
             rest.__class__ = _DriftloopRESTServer  # kserve constructs it inside start(); same state, one more step
             rest.max_payload_bytes = self.max_payload_bytes
             rest.enable_model_repository = self.enable_model_repository
+            rest.fast_v2 = self.fast_v2
         await super()._serve()
 
 
@@ -805,8 +916,11 @@ async def _request_error(request: Any, exc: Any) -> Any:
 
 def serve(model: DriftloopModel, *, http_port: int, host: str = "127.0.0.1", workers: int = 1,
           max_payload_bytes: int = 8 * 1024 * 1024, enable_grpc: bool = False, threads: int | None = 1,
-          enable_model_repository: bool = False) -> None:
+          enable_model_repository: bool = False, fast_v2: bool = True) -> None:
     """Serve a loaded model with kserve's ModelServer until stopped (blocks).
+
+    ``fast_v2`` answers plain JSON V2 requests through :class:`FastInferV2` (same bytes, no pydantic
+    round trips); off, every V2 request takes kserve's own route.
 
     ``threads`` caps the OpenMP/BLAS threads of each predict call: requests of a few rows gain
     nothing from a thread team, and on a busy host its spin-waits cost more than the prediction
@@ -822,7 +936,7 @@ def serve(model: DriftloopModel, *, http_port: int, host: str = "127.0.0.1", wor
 
     server = LocalModelServer(host=host, max_payload_bytes=max_payload_bytes, http_port=http_port, workers=workers,
                               enable_grpc=enable_grpc, enable_latency_logging=False,
-                              enable_model_repository=enable_model_repository)
+                              enable_model_repository=enable_model_repository, fast_v2=fast_v2)
     _quiet_per_request_logging()
     log.info("serving %r on http://%s:%d", model.name, host, http_port)
     server.start([model])
@@ -842,6 +956,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--enable-model-repository", action="store_true",
                    help="mount kserve's repository extension (POST /v2/repository/models/<name>/load|unload, "
                         "without a token); off by default")
+    p.add_argument("--kserve-v2-route", action="store_true",
+                   help="answer every V2 request through kserve's own route (pydantic models), not the faster "
+                        "path that gives the same bytes; for comparisons")
     p.add_argument("--threads", type=int, default=1,
                    help="OpenMP/BLAS threads per prediction (0 = the libraries' default)")
     return p
@@ -867,7 +984,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     serve(model, http_port=args.http_port, host=args.host, workers=args.workers, max_payload_bytes=limit,
           enable_grpc=args.enable_grpc, threads=args.threads or None,
-          enable_model_repository=args.enable_model_repository)
+          enable_model_repository=args.enable_model_repository, fast_v2=not args.kserve_v2_route)
     return 0
 
 
