@@ -29,6 +29,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
+import gc
 import hmac
 import logging
 import math
@@ -51,7 +53,7 @@ from monitoring.metrics import MonitorMetrics
 from monitoring.store import GroupResult, InferenceStore
 
 __all__ = ["create_sink_app", "build_routes", "SinkApp", "EventsEndpoint", "GroupCommitter", "DEFAULT_MAX_BODY_BYTES",
-           "INGEST_TOKEN_ENV", "IngestAuth", "LabelPolicy", "since_param", "main"]
+           "INGEST_TOKEN_ENV", "IngestAuth", "LabelPolicy", "since_param", "sink_http_protocol", "main"]
 
 log = logging.getLogger(__name__)
 
@@ -501,6 +503,57 @@ def create_sink_app(store: InferenceStore, *, metrics: MonitorMetrics, model_nam
     return app
 
 
+class _OneWriteTransport:
+    """A socket transport that holds a response's header block until its body is written — at the
+    latest until the event loop's next turn — so that each answer leaves in one ``send()``.
+
+    uvicorn writes the status line and headers, then the body, each straight to the socket: for the
+    sink's small answers that is two system calls and two TCP segments per request, and the client
+    wakes twice. Everything else passes through unchanged (``100 Continue`` is never held).
+    """
+
+    __slots__ = ("_transport", "_held", "_loop")
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self._held: bytes | None = None
+        self._loop = asyncio.get_running_loop()
+
+    def write(self, data: bytes) -> None:
+        if self._held is not None:
+            data, self._held = self._held + data, None
+        elif data[:9] == b"HTTP/1.1 " and data[9:13] != b"100 " and data[-4:] == b"\r\n\r\n":
+            self._held = data
+            self._loop.call_soon(self._flush)
+            return
+        self._transport.write(data)
+
+    def _flush(self) -> None:
+        if self._held is not None:
+            data, self._held = self._held, None
+            self._transport.write(data)
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
+@functools.cache
+def sink_http_protocol() -> type[asyncio.Protocol]:
+    """uvicorn's httptools protocol, answering through :class:`_OneWriteTransport`; pass it as
+    ``uvicorn.run(..., http=sink_http_protocol())``."""
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    class SinkHttpProtocol(HttpToolsProtocol):
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(_OneWriteTransport(transport))  # type: ignore[arg-type]
+
+    return SinkHttpProtocol
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the sink alone: ``python -m monitoring.sink --store PATH [--port N] ...``."""
     import uvicorn
@@ -526,7 +579,8 @@ def main(argv: list[str] | None = None) -> None:
     app = create_sink_app(store, metrics=MonitorMetrics(), model_names=set(args.models) if args.models else None,
                           reference_columns=args.columns.split(",") if args.columns else None, close_store=True,
                           auth=IngestAuth(token, args.events_auth))
-    uvicorn.run(app, host=args.host, port=args.port, loop="uvloop", http="httptools", access_log=False,
+    gc.freeze()  # the objects of the imports and the app live as long as the process: keep them out of each GC pass
+    uvicorn.run(app, host=args.host, port=args.port, loop="uvloop", http=sink_http_protocol(), access_log=False,
                 proxy_headers=False, log_level=args.log_level, lifespan="on")
 
 
