@@ -16,6 +16,12 @@ however that one ends, and kfp.local's output (each task's executor input and lo
 ``<workspace>/pipeline-root/logs/<prefix><request-id>.log``, not to the terminal: a failed run reports
 one line naming the step and the error, and where the full log is.
 
+kfp.local's lightweight tasks are forked by a task server (:mod:`pipelines.task_server`) that the
+process starts at its first local run and keeps warm for its later runs of the same workspace
+(:class:`_WarmServer`: the scheduler, the retraining worker and the demo run many): the step
+libraries are imported once per process, not once per task or per run. ``DRIFTLOOP_TASK_SERVER=0``
+starts every task as a fresh interpreter instead, kfp.local's own way.
+
 One run at a time per workspace: :meth:`LocalRunner.run` holds the workspace lock
 (:func:`driftloop.core.workspace.workspace_lock`) for the whole run, deploy step included. The
 trigger's worker and the scheduler wait their turn (the default); the CLI refuses a second run
@@ -25,6 +31,7 @@ the registry, so the message says what is really there.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import json
@@ -55,7 +62,7 @@ from pipelines.task_server import parse_task_command, read_status, send_task
 TASK_SERVER_ENV = "DRIFTLOOP_TASK_SERVER"
 
 __all__ = ["Pipeline", "RunRequest", "RunResult", "PipelineRunner", "LocalRunner", "KfpRunner", "runner_for",
-           "check_request", "check_trigger", "check_window", "TaskEvent", "task_server_enabled",
+           "check_request", "check_trigger", "check_window", "TaskEvent", "task_server_enabled", "ensure_experiment",
            "registry_outcome", "plain_text"]
 
 
@@ -191,7 +198,7 @@ _RUN_FILE = "import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv
 
 
 class _TaskServer:
-    """The run's fork-server (:mod:`pipelines.task_server`): started once, forks every task."""
+    """The fork-server (:mod:`pipelines.task_server`): started once, forks every task."""
 
     def __init__(self, log_file: Any) -> None:
         self._dir = tempfile.mkdtemp(prefix="driftloop-tasks-")  # 0700: only this user can connect
@@ -204,15 +211,25 @@ class _TaskServer:
         self.usable = True
 
     def ready(self, timeout: float = 300.0) -> bool:
-        """True once the server listens (its socket appears); False if it died (tasks then start on their own)."""
+        """True once the server answers (its socket appears); False if it died (tasks then start on their own)."""
+        return self._wait_for(self.socket_path, timeout)
+
+    def loaded(self, timeout: float = 300.0) -> bool:
+        """True once the server's loader has imported every step library and serves (or False, as :meth:`ready`)."""
+        return self._wait_for(self.socket_path + ".loaded", timeout)
+
+    def _wait_for(self, path: str, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
-        while self.usable and not os.path.exists(self.socket_path):
+        while self.usable and not os.path.exists(path):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 log.warning("the task server did not start; each task starts a process of its own")
                 self.usable = False
             else:
-                time.sleep(0.02)
+                time.sleep(0.01)
         return self.usable
+
+    def alive(self) -> bool:
+        return self.usable and self.proc.poll() is None
 
     def start(self, cmd: list[str], env: dict[str, str] | None, cwd: str | None) -> _ForkedTask:
         read_fd, write_fd = os.pipe()
@@ -231,6 +248,42 @@ class _TaskServer:
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(5.0)
         shutil.rmtree(self._dir, ignore_errors=True)
+
+
+class _WarmServer:
+    """The process's task server, kept warm between local runs: the scheduler, the retraining worker and the
+    demo start many runs in one process, and only the first pays the server's start.
+
+    One at a time, for one workspace (its log is ``<pipeline-root>/logs/task-server.log``) and the
+    ``PYTHONPATH`` it was started with (a task's ``sys.path`` comes from the server); a run of another
+    workspace replaces it. Only called under ``_KFP_LOCAL`` (one local run at a time per process), so a
+    server is never replaced while a run uses it. It stops with the process (``atexit``), and dies with
+    it however the process ends (``spawn`` with ``kill_group``).
+    """
+
+    def __init__(self) -> None:
+        self.server: _TaskServer | None = None
+        self.key: tuple[str, str] | None = None
+
+    def get(self, pipeline_root: Path) -> _TaskServer:
+        key = (str(pipeline_root.resolve()), os.environ.get("PYTHONPATH", ""))
+        if self.server is not None and (self.key != key or not self.server.alive()):
+            self.close()
+        if self.server is None:
+            log_path = pipeline_root / "logs" / "task-server.log"
+            private_dir(log_path.parent)
+            with open(log_path, "a") as log_file:  # the server holds its own copy
+                self.server, self.key = _TaskServer(log_file), key
+        return self.server
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        self.server, self.key = None, None
+
+
+_warm = _WarmServer()
+atexit.register(_warm.close)
 
 
 @dataclass
@@ -281,17 +334,27 @@ def _tasks_through_spawn() -> None:
 
 
 @contextlib.contextmanager
-def _tasks_for_run(log_file: Any, progress: ProgressFn | None, pipeline: Pipeline, *, fork: bool):
-    """While ``pipeline`` runs: the task server (``fork``) and where task start/end events go."""
-    server = _TaskServer(log_file) if fork else None
+def _tasks_for_run(server: _TaskServer | None, progress: ProgressFn | None, pipeline: Pipeline):
+    """While ``pipeline`` runs: the task server its tasks are forked by (if any) and where task start/end events go."""
     previous = (_active.server, _active.progress, _active.pipeline)
     _active.server, _active.progress, _active.pipeline = server, progress, pipeline
     try:
         yield
     finally:
         _active.server, _active.progress, _active.pipeline = previous
-        if server is not None:
-            server.close()
+
+
+def ensure_experiment(settings: Settings) -> None:
+    """The MLflow experiment with the workspace's artifact folder, made before a run's first task (a pipeline's
+    ``prepare``, for the pipelines whose steps track to MLflow): a store that cannot be opened stops the run
+    before anything starts. The runner itself does not call it — a pipeline that tracks nothing does not pay
+    for importing MLflow."""
+    from driftloop.core.registry import Registry
+
+    try:
+        Registry.from_settings(settings).experiment_id()
+    except RegistryError as exc:
+        raise PipelineRunError(f"cannot start the run: {exc}") from exc
 
 
 def task_server_enabled() -> bool:
@@ -328,27 +391,19 @@ class LocalRunner:
         workspace is waited for (``on_wait`` gets the message saying whom for), else
         :class:`~driftloop.core.errors.WorkspaceBusy` is raised before anything starts.
         """
-        with workspace_lock(self.settings.workspace_dir, request.request_id, wait=wait, on_wait=on_wait):
+        with workspace_lock(self.settings.workspace_dir, request.request_id, wait=wait, on_wait=on_wait), _KFP_LOCAL:
+            # a cold task server imports the step libraries while this process prepares the run
+            server = _warm.get(self.pipeline_root) if task_server_enabled() else None
             pipeline.prepare()
             log_path = self.log_path(request, pipeline)
             private_dir(log_path.parent)
-            with open(log_path, "a") as server_log, _tasks_for_run(server_log, progress, pipeline,
-                                                                   fork=task_server_enabled()):
-                # the task server imports the step libraries while this process prepares the run
-                with _KFP_LOCAL:
-                    return self._run(pipeline, arguments, request, log_path, echo)
+            with _tasks_for_run(server, progress, pipeline):
+                return self._run(pipeline, arguments, request, log_path, echo)
 
     def _run(self, pipeline: Pipeline, arguments: dict[str, Any], request: RunRequest, log_path: Path,
              echo: Any) -> RunResult:
         import kfp.local
 
-        from driftloop.core.registry import Registry
-
-        registry = Registry.from_settings(self.settings)
-        try:
-            registry.experiment_id()  # creates the experiment with the workspace's artifact folder
-        except RegistryError as exc:
-            raise PipelineRunError(f"cannot start the run: {exc}") from exc
         private_dir(self.pipeline_root)
         kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(self.pipeline_root),
                        raise_on_error=True)

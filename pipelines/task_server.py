@@ -1,23 +1,26 @@
-"""A fork-server for kfp.local's tasks: import the step libraries once per run, fork each task.
+"""A fork-server for kfp.local's tasks: import the step libraries once, fork each task.
 
 kfp.local (SubprocessRunner) starts every task as ``sh -ec '<script>' <component source> <args>``
 where the script writes the component's source to ``$(mktemp -d)/ephemeral_component.py`` and runs
 ``_KFP_RUNTIME=true python -m kfp.dsl.executor_main --component_module_path <that file> <args>``.
 A fresh interpreter then imports kfp, pandas, scikit-learn and MLflow again — seconds per task.
 
-This server is started once per pipeline run (this file run as ``__main__`` with ``--socket PATH``
-and ``_KFP_RUNTIME=true`` — not through the ``pipelines`` package, whose ``__init__`` imports kfp's
-compiler — through :func:`driftloop.core.processes.spawn` with ``kill_group``, so it and every task it forks
-die with the process running the pipeline). It imports those libraries — with ``_KFP_RUNTIME=true``,
-as a task sees kfp — and opens nothing: no MLflow store, SQLite connection, file or Python thread,
-so a fork shares none (the only other threads are idle native pools of OpenBLAS and jemalloc, which
+This server is started at a process's first local run of a workspace and kept warm for its later
+runs (:mod:`pipelines.runner`; this file run as ``__main__`` with ``--socket PATH`` and
+``_KFP_RUNTIME=true`` — not through the ``pipelines`` package, whose ``__init__`` imports kfp's
+compiler — through :func:`driftloop.core.processes.spawn` with ``kill_group``, so it and every task it
+forks die with the process running the pipelines). It answers as soon as kfp's executor is
+imported, and a loader it forks imports the rest on another core and then takes over (:func:`serve`):
+a cold start costs the first tasks no wait. Those imports happen with ``_KFP_RUNTIME=true``, as a
+task sees kfp, and open nothing: no MLflow store, SQLite connection, file or Python thread, so a
+fork shares none (the only other threads are idle native pools of OpenBLAS and jemalloc, which
 handle fork themselves; OpenMP starts its pool at the first parallel region, in the task).
 For each task the runner connects, sends the command, environment and working
 directory with the write end of the task's output pipe (``SCM_RIGHTS``); the server forks a child
 that does exactly what the script does — writes the source to a fresh temporary directory, sets
 argv, environment and cwd, points fds 1 and 2 at the pipe — and runs ``kfp.dsl.executor_main``
 as ``__main__`` (KFP's own executor, the code a pod runs). The server answers with the child's
-exit status as a shell reports it.
+exit status as a shell reports it; tasks may run side by side (a ``ParallelFor``).
 
 Only the exact shape kfp.local's lightweight components produce is accepted
 (:func:`parse_task_command`); the runner starts anything else as a process of its own.
@@ -31,6 +34,7 @@ import contextlib
 import importlib
 import json
 import os
+import select
 import signal
 import socket
 import struct
@@ -40,7 +44,8 @@ from typing import Any
 
 __all__ = ["PRELOAD", "parse_task_command", "send_task", "read_status", "serve"]
 
-# What the steps import (kfp's executor first, as a task sees it): imported once, before any fork.
+# What the steps import (kfp's executor first, as a task sees it: the server answers once it is imported; the
+# loader imports the rest before it takes over).
 PRELOAD = (
     "kfp.dsl.executor_main",
     "pandas", "pyarrow.parquet", "numpy", "joblib",
@@ -183,51 +188,155 @@ def _status(wait_status: int) -> int:
     return os.WEXITSTATUS(wait_status)
 
 
-def serve(sock_path: str) -> None:
-    """Preload, listen on ``sock_path``, then fork one child per request, one request at a time."""
-    from driftloop.core.processes import die_with_parent
-
-    os.environ["_KFP_RUNTIME"] = "true"
+def _preload() -> None:
     for name in PRELOAD:
         try:
             importlib.import_module(name)
         except ImportError as exc:  # an optional library; the task imports it itself if it needs it
             print(f"task server: not preloaded: {name}: {exc}", file=sys.stderr, flush=True)
+
+
+class _Server:
+    """One serving process's accept loop: a forked child per request, several at a time (kfp.local runs a
+    ``ParallelFor``'s tasks in threads), each child's end seen through its pidfd.
+
+    ``handover``: a pipe the loader writes one byte to once it has preloaded everything; this process then
+    accepts no more requests and returns once its own tasks have ended (the loader serves from then on).
+    """
+
+    def __init__(self, listener: socket.socket, handover: int | None = None) -> None:
+        self.listener, self.handover = listener, handover
+        self.running: dict[int, tuple[int, socket.socket]] = {}  # pidfd -> (pid, connection)
+
+    def loop(self) -> None:
+        accepting = True
+        while accepting or self.running:
+            watch: list[Any] = list(self.running)
+            if accepting:
+                watch.append(self.listener)
+                if self.handover is not None:
+                    watch.append(self.handover)
+            try:
+                readable, _, _ = select.select(watch, [], [])
+            except InterruptedError:
+                continue
+            for item in readable:
+                if item is self.listener:
+                    self._accept()
+                elif item == self.handover:
+                    if os.read(self.handover, 1):  # the loader is ready: it takes the requests from here on
+                        accepting = False
+                    os.close(self.handover)  # (nothing read: the loader died; this process goes on serving)
+                    self.handover = None
+                else:
+                    self._finish(item)
+
+    def _accept(self) -> None:
+        try:
+            conn, _ = self.listener.accept()
+        except (BlockingIOError, InterruptedError):  # the other serving process took it
+            return
+        conn.setblocking(True)
+        try:
+            request, out_fd = _receive(conn)
+            if parse_task_command(request["cmd"]) is None:
+                os.close(out_fd)
+                raise ValueError("not a kfp.local lightweight task")
+        except (ValueError, KeyError, OSError) as exc:
+            print(f"task server: refused a request: {exc}", file=sys.stderr, flush=True)
+            with contextlib.suppress(OSError):
+                conn.sendall(struct.pack("!i", 127))
+            conn.close()
+            return
+        from driftloop.core.processes import die_with_parent
+
+        die_with_server = die_with_parent(signal.SIGKILL)  # made here: it checks for this pid
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                self._close_inherited(conn)
+                code = _run_task(request, out_fd, die_with_server)
+            finally:
+                os._exit(code)
+        os.close(out_fd)
+        try:
+            pidfd = os.pidfd_open(pid)
+        except (AttributeError, OSError):  # no pidfd (kernel < 5.3): this task alone, as before
+            _, wait_status = os.waitpid(pid, 0)
+            _answer(conn, wait_status)
+            return
+        self.running[pidfd] = (pid, conn)
+
+    def _close_inherited(self, conn: socket.socket) -> None:
+        """In a forked task: what belongs to the server (listener, other tasks' connections and pidfds)."""
+        self.listener.close()
+        conn.close()
+        for pidfd, (_pid, other) in self.running.items():
+            os.close(pidfd)
+            other.close()
+        if self.handover is not None:
+            os.close(self.handover)
+
+    def _finish(self, pidfd: int) -> None:
+        pid, conn = self.running.pop(pidfd)
+        os.close(pidfd)
+        _, wait_status = os.waitpid(pid, 0)
+        _answer(conn, wait_status)
+
+
+def _answer(conn: socket.socket, wait_status: int) -> None:
+    with contextlib.suppress(OSError):
+        conn.sendall(struct.pack("!i", _status(wait_status)))
+    conn.close()
+
+
+def serve(sock_path: str) -> None:
+    """Listen on ``sock_path`` as soon as kfp's executor is imported, and preload the rest in a loader.
+
+    The first tasks of a cold start do not wait for the step libraries: this process forks them with
+    kfp's executor alone (a task imports what else it needs, as a fresh interpreter would, and much
+    cheaper), while a forked loader imports :data:`PRELOAD` on another core. Once loaded, the loader
+    takes over the same listening socket and forks every later task with everything imported; this
+    process lets its own tasks end and then waits on the loader (and ends with it). The loader and
+    every task die with the process they were forked from (``PR_SET_PDEATHSIG``).
+    """
+    from driftloop.core.processes import die_with_parent
+
+    os.environ["_KFP_RUNTIME"] = "true"
+    importlib.import_module(PRELOAD[0])  # kfp's executor: what every task runs
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(sock_path + ".tmp")
-    os.rename(sock_path + ".tmp", sock_path)  # the path appears when the server is ready
-    listener.listen(16)
-    print(f"task server {os.getpid()}: ready, {len(PRELOAD)} modules preloaded, "
-          f"{len(os.listdir('/proc/self/task')) if os.path.isdir('/proc/self/task') else '?'} native threads",
-          file=sys.stderr, flush=True)
+    listener.listen(64)
+    listener.setblocking(False)  # two processes may wait on it during the handover: a lost race is no hang
+    os.rename(sock_path + ".tmp", sock_path)  # the path appears when the server answers
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    while True:
-        conn, _ = listener.accept()
-        with conn:
-            try:
-                request, out_fd = _receive(conn)
-                if parse_task_command(request["cmd"]) is None:
-                    os.close(out_fd)
-                    raise ValueError("not a kfp.local lightweight task")
-            except (ValueError, KeyError, OSError) as exc:
-                print(f"task server: refused a request: {exc}", file=sys.stderr, flush=True)
-                with contextlib.suppress(OSError):
-                    conn.sendall(struct.pack("!i", 127))
-                continue
-            die_with_server = die_with_parent(signal.SIGKILL)  # made here: it checks for this pid
-            pid = os.fork()
-            if pid == 0:
-                listener.close()
-                conn.close()
-                code = 1
-                try:
-                    code = _run_task(request, out_fd, die_with_server)
-                finally:
-                    os._exit(code)
-            os.close(out_fd)
-            _, wait_status = os.waitpid(pid, 0)
-            with contextlib.suppress(OSError):
-                conn.sendall(struct.pack("!i", _status(wait_status)))
+    ready_r, ready_w = os.pipe()
+    die_with_server = die_with_parent(signal.SIGKILL)
+    loader = os.fork()
+    if loader == 0:
+        code = 1
+        try:
+            die_with_server()
+            os.close(ready_r)
+            _preload()
+            open(sock_path + ".loaded", "w").close()  # noqa: SIM115 (a marker, closed at once)
+            print(f"task server {os.getpid()}: ready, {len(PRELOAD)} modules preloaded, {_threads()} native threads",
+                  file=sys.stderr, flush=True)
+            os.write(ready_w, b"1")
+            os.close(ready_w)
+            _Server(listener).loop()
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(ready_w)
+    _Server(listener, ready_r).loop()
+    _, wait_status = os.waitpid(loader, 0)
+    sys.exit(_status(wait_status))
+
+
+def _threads() -> str:
+    return str(len(os.listdir("/proc/self/task"))) if os.path.isdir("/proc/self/task") else "?"
 
 
 def main(argv: list[str] | None = None) -> None:

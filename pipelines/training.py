@@ -18,7 +18,7 @@ from components.deploy import DeployConfig
 from components.ops import (deploy_op, evaluate_op, ingest_op, register_op, reject_op, train_distributed_op, train_op,
                             validate_op)
 from driftloop.core.runs import Pipeline, RunRequest, RunResult
-from pipelines.runner import KfpRunner, LocalRunner, check_request, runner_for
+from pipelines.runner import KfpRunner, LocalRunner, check_request, ensure_experiment, runner_for
 from serving.backend import serving_home
 
 if TYPE_CHECKING:
@@ -249,7 +249,7 @@ def training_pipeline_for(settings: "Settings") -> Pipeline:
                     build=lambda: build_training_pipeline(settings),
                     compile=lambda directory: compile_pipeline(settings, directory / f"{name}.yaml"),
                     summarize=lambda request_id: summarize_run(settings, request_id),
-                    step_names=STEP_NAMES, step_detail=step_detail)
+                    prepare=lambda: ensure_experiment(settings), step_names=STEP_NAMES, step_detail=step_detail)
 
 
 # kfp component function -> the step name a person reads

@@ -60,16 +60,19 @@ def test_run_train_prints_one_line_per_task_and_where_the_full_log_is(cli_run):
     assert len(lines) < 40, out.output  # header, log path, six task lines, the summary table
 
 
-def test_every_task_ran_kfps_executor_in_a_forked_child_and_no_server_is_left(cli_run):
+def test_every_task_ran_kfps_executor_and_the_task_server_stays_warm_until_closed(cli_run):
     tmp, out = cli_run
     log = Path(re.search(r"task output: (\S+\.log)", out.output).group(1)).read_text()
     # kfp.dsl.executor_main ran for each task: it logs where it loaded the component from
     assert log.count("Loading KFP component") == len(STEPS)
     assert "ephemeral_component.py" in log
     from driftloop.core.processes import process_alive
+    from pipelines.runner import _warm
 
-    (pid,) = re.findall(r"task server (\d+): ready", log)
-    assert not process_alive(int(pid)), "the task server outlived its run"
+    server_log = (tmp / "ws" / "pipeline-root" / "logs" / "task-server.log").read_text()
+    (pid,) = re.findall(r"task server (\d+): ready", server_log)
+    _warm.close()  # what the process does on its way out (atexit); it also dies with the process
+    assert not process_alive(int(pid)), "the task server outlived its close"
 
 
 def test_the_gate_decision_and_data_summary_are_markdown_outputs_of_a_local_run(cli_run):
