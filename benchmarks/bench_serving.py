@@ -39,6 +39,7 @@ Not a test: numbers depend on the machine. Every response is checked to be a 200
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -183,6 +184,16 @@ def serve_fastapi(model_uri: str, tracking_uri: str, port: int) -> None:
         frame = pd.DataFrame(body["instances"])
         return Response(orjson.dumps({"predictions": model.predict(frame).tolist()}), media_type="application/json")
 
+    @app.post("/v2/predict")
+    async def predict_v2(request: Request) -> Response:
+        """The V2 floor: one tensor per column in, an Open Inference Protocol answer out, no checks."""
+        body = orjson.loads(await request.body())
+        frame = pd.DataFrame({t["name"]: t["data"] for t in body["inputs"]})
+        preds = model.predict(frame)
+        out = {"model_name": "bench", "id": body.get("id"), "outputs": [
+            {"name": "predictions", "shape": [len(preds)], "datatype": "INT64", "data": preds.tolist()}]}
+        return Response(orjson.dumps(out), media_type="application/json")
+
     @app.get("/ready")
     async def ready() -> dict[str, bool]:
         return {"ready": True}
@@ -205,10 +216,19 @@ def cpus(spec: str) -> set[int]:
 class Proc:
     """A server subprocess pinned to some CPUs; always stopped."""
 
-    def __init__(self, cmd: list[str], cpu_set: set[int], ready_url: str, log_path: Path) -> None:
+    def __init__(self, cmd: list[str], cpu_set: set[int], ready_url: str, log_path: Path,
+                 env: dict[str, str] | None = None) -> None:
+        from driftloop.core.processes import die_with_parent
+
         self.log = open(log_path, "wb")
-        self.p = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
-                                  preexec_fn=lambda: os.sched_setaffinity(0, cpu_set))
+        dies = die_with_parent()
+
+        def pin_and_tie() -> None:  # pinned to its CPUs, and gone when the benchmark is
+            dies()
+            os.sched_setaffinity(0, cpu_set)
+
+        self.p = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, env=env,
+                                  preexec_fn=pin_and_tie)
         self.ready_url = ready_url
         self.log_path = log_path
 
@@ -237,6 +257,90 @@ class Proc:
                 self.p.kill()
                 self.p.wait()
         self.log.close()
+
+
+# -- the peer: MLServer ------------------------------------------------------------------------------
+MLSERVER_HOME = Path.home() / ".cache" / "driftloop" / "bench-mlserver"
+# uvloop 0.23 crashes stock MLServer 1.7.1 at start; mlserver's fastapi<0.116 pin conflicts with
+# kserve's fastapi, hence a venv of its own
+MLSERVER_PINS = ["mlserver==1.7.1", "mlserver-sklearn==1.7.1", "uvloop==0.21.0"]
+
+
+def mlserver_home() -> Path:
+    """The MLServer venv, made once (with pip's cache) and reused: mlserver + mlserver-sklearn with this
+    venv's scikit-learn, numpy and pandas (the joblib file must load the same); httptools apart in
+    ``httptools/``, on the path of the tuned server only (stock MLServer as pip installs it has none)."""
+    from importlib.metadata import version
+
+    pins = MLSERVER_PINS + [f"{d}=={version(d)}" for d in ("scikit-learn", "numpy", "pandas")]
+    marker = MLSERVER_HOME / "driftloop-bench.txt"
+    if marker.exists() and marker.read_text() == " ".join(pins):
+        return MLSERVER_HOME
+    print(f"setting up MLServer in {MLSERVER_HOME} (once): {' '.join(pins)}", flush=True)
+    subprocess.run([sys.executable, "-m", "venv", "--clear", str(MLSERVER_HOME)], check=True)
+    pip = [str(MLSERVER_HOME / "bin" / "python"), "-m", "pip", "install", "-q"]
+    subprocess.run([*pip, *pins], check=True)
+    subprocess.run([*pip, "--target", str(MLSERVER_HOME / "httptools"), f"httptools=={version('httptools')}"],
+                   check=True)
+    subprocess.run([str(MLSERVER_HOME / "bin" / "python"), "-m", "pip", "uninstall", "-q", "-y", "httptools"],
+                   check=False)
+    marker.write_text(" ".join(pins))
+    return MLSERVER_HOME
+
+
+def mlserver_proc(home: Path, work: Path, model_file: Path, tuned: bool, cpu_set: set[int]) -> tuple["Proc", int]:
+    """MLServer serving ``model_file`` with its scikit-learn runtime on 127.0.0.1; stock settings, or
+    tuned: request log off (``debug: false``), inference in the server process (``parallel_workers:
+    0``), uvicorn on httptools."""
+    variant = "tuned" if tuned else "stock"
+    folder = work / f"mlserver-{variant}"
+    (folder / MODEL_NAME).mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    settings: dict[str, Any] = {"host": "127.0.0.1", "http_port": port, "grpc_port": free_port(),
+                                "metrics_port": free_port()}
+    if tuned:
+        settings.update(debug=False, parallel_workers=0)
+    (folder / "settings.json").write_text(json.dumps(settings))
+    (folder / MODEL_NAME / "model-settings.json").write_text(json.dumps(
+        {"name": MODEL_NAME, "implementation": "mlserver_sklearn.SKLearnModel", "parameters": {"uri": str(model_file)}}))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")  # one thread, like the others
+    if tuned:
+        env["PYTHONPATH"] = str(home / "httptools")
+    return Proc([str(home / "bin" / "mlserver"), "start", str(folder)], cpu_set,
+                f"http://127.0.0.1:{port}/v2/models/{MODEL_NAME}/ready", work / f"mlserver-{variant}.log", env=env), port
+
+
+def mlserver_body(rows: list[dict[str, Any]]) -> bytes:
+    """MLServer's cheapest V2 form for the sklearn runtime: one 2-D FP64 tensor, row-major."""
+    data = [r[c] for r in rows for c in NUMERIC]
+    return json.dumps({"id": "bench", "inputs": [{"name": "input-0", "shape": [len(rows), len(NUMERIC)],
+                                                  "datatype": "FP64", "data": data}]}).encode()
+
+
+def _predictions(doc: dict[str, Any]) -> list[Any]:
+    if "predictions" in doc:
+        return list(doc["predictions"])
+    data = doc["outputs"][0]["data"]
+    return [x[0] if isinstance(x, list) else x for x in data]
+
+
+def check_same_predictions(cases: list["Case"]) -> None:
+    """One request per case: every server must answer the same predictions for the same rows."""
+    import httpx
+
+    for batch in sorted({c.batch for c in cases}):
+        answers = {}
+        for case in (c for c in cases if c.batch == batch):
+            r = httpx.post(case.url, content=case.body, headers={"content-type": "application/json", **case.headers},
+                           timeout=30)
+            r.raise_for_status()
+            answers[case.label] = [int(x) for x in _predictions(r.json())]
+        first = next(iter(answers.values()))
+        differ = [label for label, preds in answers.items() if preds != first]
+        if differ:
+            raise SystemExit(f"batch {batch}: predictions differ from {next(iter(answers))}: {differ}")
+        print(f"batch {batch:>3}: the same {len(first)} predictions from all {len(answers)} cases", flush=True)
 
 
 # -- load generator ---------------------------------------------------------------------------------
@@ -305,8 +409,11 @@ def server_cpu(pids: list[int]) -> float:
 
     total = 0.0
     for pid in pids:
-        t = psutil.Process(pid).cpu_times()
-        total += t.user + t.system
+        proc = psutil.Process(pid)
+        for one in [proc, *proc.children(recursive=True)]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                t = one.cpu_times()
+                total += t.user + t.system
     return total
 
 
@@ -387,6 +494,10 @@ def main() -> None:
     p.add_argument("--gateway-cpus", default=None, help="CPUs of the gateway and the sink (default: --server-cpus)")
     p.add_argument("--client-cpus", default="1", help="CPUs of the load generator")
     p.add_argument("--workdir", type=Path, default=None)
+    p.add_argument("--no-mlserver", dest="mlserver", action="store_false",
+                   help=f"leave out the MLServer peer (its venv: {MLSERVER_HOME}, made on first use)")
+    p.add_argument("--no-kserve-route", dest="kserve_route", action="store_false",
+                   help="leave out the predictor on kserve's own V2 route (what the fast V2 path saves)")
     args = p.parse_args()
 
     server_cpus, client_cpus = cpus(args.server_cpus), cpus(args.client_cpus)
@@ -413,7 +524,6 @@ def main() -> None:
         have_gateway = False
         print(f"note: case (c) skipped, the local gateway is not available ({exc})")
 
-    py = sys.executable
     batches = [int(b) for b in args.batches.split(",")]
     bodies = {b: request_rows(b) for b in batches}
     inprocess = {}
@@ -422,50 +532,96 @@ def main() -> None:
         print(f"{'in-process predict':<28} batch {b:>3}  {rate:8.0f} calls/s {rate * b:9.0f} rows/s", flush=True)
     procs: list[Proc] = []
     try:
-        pa, pb = free_port(), free_port()
-        procs.append(Proc([py, str(Path(__file__).resolve()), "_fastapi", model_uri, tracking_uri, str(pa)],
-                          server_cpus, f"http://127.0.0.1:{pa}/ready", work / "fastapi.log"))
-        procs.append(Proc([py, "-m", "serving.predictor", "--model-name", MODEL_NAME, "--model-uri", model_uri,
-                           "--tracking-uri", tracking_uri, "--http-port", str(pb)],
-                          server_cpus, f"http://127.0.0.1:{pb}/v2/health/ready", work / "predictor.log"))
-        fastapi_pid, predictor_pid = procs[0].p.pid, procs[1].p.pid
-        cases = [Case("a", "(a) bare FastAPI", f"http://127.0.0.1:{pa}/predict", v1_body(bodies[b]), b, [],
-                      [fastapi_pid]) for b in batches]
-        cases += kserve_cases("b", "(b) KServe predictor", pb, bodies, [predictor_pid])
-        # what the gateway asks of the predictor when it logs: the class scores too (for the quality estimate)
-        cases += kserve_cases("s", "(b+) predictor + scores", pb, bodies, [predictor_pid],
-                              headers={"x-driftloop-scores": "true"})
-        if have_gateway:
-            ps, pg = free_port(), free_port()
-            procs.append(Proc([py, "-m", "monitoring.sink", "--store", str(work / "inference.db"), "--port", str(ps),
-                               "--model", MODEL_NAME], gateway_cpus, f"http://127.0.0.1:{ps}/readyz", work / "sink.log"))
-            procs.append(Proc([py, "-m", "serving.gateway", "--name", MODEL_NAME, "--port", str(pg),
-                               "--primary-url", f"http://127.0.0.1:{pb}", "--primary-version", model_uri.rsplit("/", 1)[1],
-                               "--sink-url", f"http://127.0.0.1:{ps}/events"],
-                              gateway_cpus, f"http://127.0.0.1:{pg}/admin/status", work / "gateway.log"))
-            cases += kserve_cases("c", "(c) gateway+logging", pg, bodies,
-                                  [predictor_pid, procs[2].p.pid, procs[3].p.pid])
+        cases, gateway_port = start_servers(args, work, model_uri, tracking_uri, bodies, procs,
+                                            (server_cpus, gateway_cpus), have_gateway)
         for proc in procs:
             proc.wait_ready()
+        check_same_predictions(cases)
         results = run_interleaved(cases, args, inprocess)
-        if have_gateway:
-            _report_logged(work / "inference.db", pg)
+        if gateway_port is not None:
+            _report_logged(work / "inference.db", gateway_port)
     finally:
         for proc in reversed(procs):
             proc.stop()
+    print_ratios(results, batches)
 
-    print(f"\nload average at the end {os.getloadavg()[0]:.1f} (other work on the host skews every case)")
-    print("ratios            req/s   by server CPU per request   target")
-    pairs = [("b/a V1", "b1", "a", 0.85), ("b/a V2", "b2", "a", 0.75)]
+
+def start_servers(args: argparse.Namespace, work: Path, model_uri: str, tracking_uri: str,
+                  bodies: dict[int, list[dict[str, Any]]], procs: list["Proc"], cpu_sets: tuple[set[int], set[int]],
+                  have_gateway: bool) -> tuple[list["Case"], int | None]:
+    """Start every server of the comparison (appended to ``procs`` as they start) and make the cases."""
+    py, (server_cpus, gateway_cpus) = sys.executable, cpu_sets
+    pa, pb, pk = free_port(), free_port(), free_port()
+    procs.append(Proc([py, str(Path(__file__).resolve()), "_fastapi", model_uri, tracking_uri, str(pa)],
+                      server_cpus, f"http://127.0.0.1:{pa}/ready", work / "fastapi.log"))
+    predictor = [py, "-m", "serving.predictor", "--model-name", MODEL_NAME, "--model-uri", model_uri,
+                 "--tracking-uri", tracking_uri]
+    procs.append(Proc([*predictor, "--http-port", str(pb)], server_cpus, f"http://127.0.0.1:{pb}/v2/health/ready",
+                      work / "predictor.log"))
+    fastapi_pid, predictor_pid = procs[0].p.pid, procs[1].p.pid
+    cases = []
+    for b, rows in bodies.items():
+        cases += [Case("a1", "(a) bare FastAPI V1", f"http://127.0.0.1:{pa}/predict", v1_body(rows), b, [], [fastapi_pid]),
+                  Case("a2", "(a) bare FastAPI V2", f"http://127.0.0.1:{pa}/v2/predict", v2_body(rows), b, [],
+                       [fastapi_pid])]
+    cases += kserve_cases("b", "(b) KServe predictor", pb, bodies, [predictor_pid])
+    if args.kserve_route:  # the same predictor with every V2 request on kserve's own (pydantic) route
+        procs.append(Proc([*predictor, "--http-port", str(pk), "--kserve-v2-route"], server_cpus,
+                          f"http://127.0.0.1:{pk}/v2/health/ready", work / "predictor-kserve-route.log"))
+        cases += [c for c in kserve_cases("k", "(b') kserve's V2 route", pk, bodies, [procs[-1].p.pid])
+                  if c.key == "k2"]
+    # what the gateway asks of the predictor when it logs: the class scores too (for the quality estimate)
+    cases += kserve_cases("s", "(b+) predictor + scores", pb, bodies, [predictor_pid],
+                          headers={"x-driftloop-scores": "true"})
+    gateway_port = None
     if have_gateway:
-        pairs += [("c/b V1", "c1", "b1", 0.60), ("c/b V2", "c2", "b2", 0.60),
-                  ("c/b+ V1", "c1", "s1", 0.60), ("c/b+ V2", "c2", "s2", 0.60)]
+        ps, gateway_port = free_port(), free_port()
+        os.environ["DRIFTLOOP_INGEST_TOKEN"] = "bench-serving-ingest"  # the sink refuses events without it
+        procs.append(Proc([py, "-m", "monitoring.sink", "--store", str(work / "inference.db"), "--port", str(ps),
+                           "--model", MODEL_NAME], gateway_cpus, f"http://127.0.0.1:{ps}/readyz", work / "sink.log"))
+        procs.append(Proc([py, "-m", "serving.gateway", "--name", MODEL_NAME, "--port", str(gateway_port),
+                           "--primary-url", f"http://127.0.0.1:{pb}", "--primary-version", model_uri.rsplit("/", 1)[1],
+                           "--sink-url", f"http://127.0.0.1:{ps}/events"],
+                          gateway_cpus, f"http://127.0.0.1:{gateway_port}/admin/status", work / "gateway.log"))
+        cases += kserve_cases("c", "(c) gateway+logging", gateway_port, bodies,
+                              [predictor_pid, procs[-2].p.pid, procs[-1].p.pid])
+    if args.mlserver and CATEGORICAL:
+        print("note: MLServer cases skipped: its sklearn runtime takes one numeric tensor (use --model hgb)")
+    elif args.mlserver:
+        import joblib
+        import mlflow
+
+        home = mlserver_home()
+        model_file = work / "model.joblib"  # the registered model as MLflow loads it, in the runtime's format
+        joblib.dump(mlflow.sklearn.load_model(model_uri), model_file)
+        for key, tuned in (("m", False), ("t", True)):
+            proc, port = mlserver_proc(home, work, model_file, tuned, server_cpus)
+            procs.append(proc)
+            label = f"(m) MLServer {'tuned' if tuned else 'stock'} V2"
+            cases += [Case(key + "2", label, f"http://127.0.0.1:{port}/v2/models/{MODEL_NAME}/infer",
+                           mlserver_body(rows), b, [], [proc.p.pid]) for b, rows in bodies.items()]
+    return cases, gateway_port
+
+
+TARGETS = [("b/a V1", "b1", "a1", 0.90), ("b/a V2", "b2", "a2", 0.85), ("c/b V1", "c1", "b1", 0.80),
+           ("c/b V2", "c2", "b2", 0.80), ("c/b+ V1", "c1", "s1", None), ("c/b+ V2", "c2", "s2", None),
+           ("b2/b' (fast V2 path vs kserve's route)", "b2", "k2", None),
+           ("b/MLServer tuned V2", "b2", "t2", 1.30), ("b/MLServer stock V2", "b2", "m2", None)]
+
+
+def print_ratios(results: dict[tuple[str, int], "Result"], batches: list[int]) -> None:
+    print(f"\nload average at the end {' '.join(f'{x:.2f}' for x in os.getloadavg())} "
+          "(other work on the host skews every case)")
+    print("ratios            req/s   by server CPU per request   target")
     for b in batches:
-        for name, num, den, target in pairs:
+        for name, num, den, target in TARGETS:
+            if (num, b) not in results or (den, b) not in results:
+                continue
             hi, lo = results[num, b], results[den, b]
             ratio = hi.rps / lo.rps
-            print(f"  batch {b:>3}  {name}  {ratio:5.2f}   {lo.cpu_ms / hi.cpu_ms:5.2f}"
-                  f"                       >= {target:.2f}  {'met' if ratio >= target else 'MISSED'}")
+            verdict = "" if target is None else f">= {target:.2f}  {'met' if ratio >= target else 'MISSED'}"
+            print(f"  batch {b:>3}  {name:<24}  {ratio:5.2f}   {lo.cpu_ms / hi.cpu_ms:5.2f}                       "
+                  f"{verdict}")
 
 
 def _report_logged(store: Path, gateway_port: int) -> None:

@@ -122,3 +122,42 @@ def test_fast_v2_answers_plain_requests_itself_and_hands_the_rest_to_kserve(trai
     with_parameters = _columns(rows[:3], id="p", parameters={"binary_data_output": False})
     assert asyncio.run(post(with_parameters))[0] == 299
     assert passed == [orjson.dumps(with_parameters)]
+
+
+def test_an_all_numeric_estimator_predicts_on_the_array_with_the_frames_answers():
+    """A plain estimator fitted on exactly the signature's numeric columns is given the float64 array
+    (sklearn's frame checks skipped): same predictions and scores as on the DataFrame; a pipeline, a
+    string column or another column order keeps the DataFrame."""
+    import numpy as np
+    import pandas as pd
+    from kserve.protocol.infer_type import InferInput, InferRequest
+    from sklearn.ensemble import HistGradientBoostingClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from serving.predictor import DriftloopModel, InputSchema, _takes_array
+
+    rng = np.random.default_rng(3)
+    cols = tuple(f"x{i}" for i in range(6))
+    train = pd.DataFrame(rng.normal(size=(400, 6)), columns=cols)
+    train.iloc[::17, 2] = np.nan
+    fitted = HistGradientBoostingClassifier(max_iter=20, random_state=0).fit(train, train["x0"] + train["x1"] > 0)
+    schema = InputSchema(cols, frozenset(cols))
+    assert _takes_array(fitted, schema)
+    assert not _takes_array(make_pipeline(StandardScaler(), HistGradientBoostingClassifier()).fit(train, train["x0"] > 0),
+                            schema)
+    assert not _takes_array(fitted, InputSchema(cols[::-1], frozenset(cols)))
+    assert not _takes_array(fitted, InputSchema(cols, frozenset(cols[:-1])))
+
+    model = DriftloopModel("m", "unused")
+    model._model, model.schema, model._as_array, model.model_version = fitted, schema, True, "1"
+    rows = pd.DataFrame(rng.normal(size=(50, 6)), columns=cols)
+    rows.iloc[3, 4] = np.nan
+    instances = [{c: (None if pd.isna(v) else v) for c, v in r.items()} for r in rows.to_dict("records")]
+    expected = fitted.predict(rows).tolist()
+    assert model.predict({"instances": instances})["predictions"] == expected
+    scored = model.predict({"instances": instances}, headers={"x-driftloop-scores": "true"})
+    assert np.array_equal(np.asarray(scored["scores"]), fitted.predict_proba(rows))
+    v2 = InferRequest(model_name="m", request_id="r", infer_inputs=[
+        InferInput(name=c, shape=[50], datatype="FP64", data=[i[c] for i in instances]) for c in cols])
+    assert model.predict(v2).outputs[0].data == expected
