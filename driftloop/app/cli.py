@@ -111,6 +111,9 @@ def run_train(
     window_end: Annotated[Optional[str], typer.Option(help="Exclusive end of the data window (ISO time).")] = None,
     wait: Annotated[bool, typer.Option(help=WAIT_HELP)] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Stream the tasks' full output too.")] = False,
+    model: Annotated[Optional[str], typer.Option("--model", help="Of a fleet (docs/fleet.md): train this model "
+                                                 "only (default: every model, fleet.max_concurrent_runs at once).")] = None,
+    result_file: Annotated[Optional[Path], typer.Option("--result-file", hidden=True)] = None,
 ) -> None:
     """Run the training pipeline and print a summary: rows, metrics, gate decision, model version.
 
@@ -124,7 +127,16 @@ def run_train(
 
     validate_trigger(trigger)
     check_window(window_start, window_end, names=("--window-start", "--window-end"))  # before anything starts
-    settings = settings_from(config, params, **{"kfp.host": kfp_host})
+    from driftloop.app.fleet_cli import fleet_from, pick, train_fleet, write_result
+
+    params = [*(params or []), *([f"kfp.host={kfp_host}"] if kfp_host else [])]
+    fleet = fleet_from(config, params)
+    chosen = pick(fleet, model)
+    if chosen is None:  # a fleet: one child process per model
+        train_fleet(fleet, params, {"--trigger": trigger, "--window-start": window_start,
+                                    "--window-end": window_end, "--wait": wait})
+        return
+    settings = chosen.settings
     runner = runner_for(settings)
     where = f"Kubeflow at {settings.kfp.host}" if settings.is_cluster else "kfp.local (embedded default)"
     console.print(f"[bold]driftloop[/] training pipeline on {where}; data {settings.data.source}")
@@ -141,6 +153,8 @@ def run_train(
                                   on_wait=_say_waiting)
     finally:
         lines.close()
+    if result_file is not None:
+        write_result(result_file, result)
     print_run_result(settings, result)
     if result.state == "FAILED":
         raise typer.Exit(1)
@@ -379,7 +393,7 @@ def _register_plugins() -> None:
     """Attach the command groups of the serving and monitoring packages."""
     import importlib
 
-    for module in ("driftloop.app.serving_cli", "driftloop.app.monitor_cli", "driftloop.app.schedule_cli", "driftloop.app.loop_cli", "driftloop.app.infra_cli", "driftloop.app.tenant_cli", "driftloop.app.agent_cli", "driftloop.app.history_cli"):
+    for module in ("driftloop.app.serving_cli", "driftloop.app.monitor_cli", "driftloop.app.schedule_cli", "driftloop.app.loop_cli", "driftloop.app.infra_cli", "driftloop.app.tenant_cli", "driftloop.app.agent_cli", "driftloop.app.history_cli", "driftloop.app.status_cli"):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as exc:

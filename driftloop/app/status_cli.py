@@ -1,0 +1,272 @@
+"""``driftloop status``: one row per model of the fleet, what needs attention first (docs/fleet.md).
+
+Each row is read from the model's own workspace by the readers the single-model commands use: the
+champion from the MLflow registry (``driftloop lineage``), the canary from the rollout controller's
+state (``driftloop rollout status``), open alerts and the last retrain from the monitor's alert store
+(``driftloop alerts``), the last drift and quality verdicts from the history (``driftloop history``).
+A part that cannot be read is named in its row; it never stops the other rows.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import Annotated, Any, Optional
+
+import typer
+from rich import box
+from rich.markup import escape
+from rich.table import Table
+
+from driftloop.core.config import Settings
+from driftloop.core.console import ConfigOpt, ParamOpt
+from driftloop.core.fleet import FleetModel
+
+__all__ = ["attention", "model_row", "register", "status_cmd", "status_rows", "status_table"]
+
+log = logging.getLogger(__name__)
+
+# ranks of what a row needs, most urgent first (the view is sorted by them)
+UNREADABLE, ALERTS, ROLLED_BACK, DEGRADED, DRIFT, CANARY, OK, UNTRAINED = range(8)
+
+
+def _embedded_store_missing(settings: Settings) -> bool:
+    uri = settings.tracking_uri
+    return uri.startswith("sqlite:///") and not os.path.exists(uri[len("sqlite:///"):])
+
+
+def _registry_part(settings: Settings, row: dict[str, Any]) -> None:
+    """The champion, and the newest version as the last retrain where no alert started one."""
+    from driftloop.core.registry import TAG, Registry
+
+    if _embedded_store_missing(settings):
+        return
+    registry = Registry.from_settings(settings)
+    name = settings.mlflow.model_name
+    champion = registry.version_by_alias(name, "champion")
+    row["champion"] = champion.version if champion else None
+    versions = registry.list_versions(name)
+    if versions:
+        newest = versions[-1]
+        row["newest_version"] = {"version": newest.version, "trigger": newest.tags.get(TAG.TRIGGER),
+                                 "gate": newest.tags.get(TAG.GATE), "rollout": newest.tags.get(TAG.ROLLOUT)}
+
+
+def _rollout_part(settings: Settings, row: dict[str, Any]) -> None:
+    from serving.rollout import RolloutStore
+
+    state = RolloutStore(settings.workspace_dir / "rollout", settings.mlflow.model_name).load()
+    if state is not None:
+        row["rollout"] = {"status": state.status, "canary_version": state.canary_version,
+                          "primary_version": state.primary_version, "weight": state.weight,
+                          "reason": state.reason, "updated": _iso(state.updated_at)}
+
+
+def _alerts_part(settings: Settings, row: dict[str, Any]) -> None:
+    """Open alerts (open drift and quality episodes, unresolved needs-attention) and the last retrain."""
+    from monitoring.alerts import ATTENTION, STARTED, AlertStore, alerts_path
+
+    if not alerts_path(settings).exists():
+        return
+    store = AlertStore.from_settings(settings)
+    try:
+        episodes = store.open_episodes(settings.mlflow.model_name)
+        attention = store.unresolved(ATTENTION)
+        started = [a for a in store.recent(200) if a.get("decision") == STARTED]
+    finally:
+        store.close()
+    row["open_alerts"] = len(episodes) + len(attention)
+    row["open"] = [f"{e.kind} episode since {_iso(e.opened)} ({e.failing} windows)" for e in episodes] + \
+                  [f"needs attention: {a.get('reason') or a['id']}" for a in attention]
+    if started:
+        last = started[0]
+        row["last_retrain"] = {"alert": last["id"], "started": _iso(last.get("started")),
+                               "run": last.get("pipeline_run_id") or last.get("request_id"),
+                               "outcome": last.get("outcome") or _run_state(last)}
+
+
+def _run_state(alert: dict[str, Any]) -> str:
+    state = (alert.get("run_state") or "").lower()
+    return {"failed": "failed", "": "running"}.get(state, state if alert.get("finished") else "running")
+
+
+def _history_part(settings: Settings, row: dict[str, Any]) -> None:
+    """The last drift and quality verdicts the monitor recorded."""
+    from driftloop.core.history import SECRET_ENV, HistoryWorkspace, history_target
+
+    target = history_target(settings)
+    workspace = HistoryWorkspace(target, secret=os.environ.get(SECRET_ENV))
+    if not (workspace.remote or os.path.isdir(target)):
+        return
+    for record in workspace.records(settings.mlflow.model_name):
+        if record.get("kind") == "drift":
+            row["drift"] = {"verdict": record.get("verdict"), "share": record.get("share"), "time": record["time"]}
+        elif record.get("kind") == "quality" and record.get("verdict") in ("ok", "degraded"):
+            row["quality"] = {"verdict": record["verdict"], "time": record["time"],
+                              "degraded": [m["metric"] for m in record.get("metrics") or [] if m.get("degraded")]}
+
+
+#: what each part of a row reads: (name in the row's errors, reader)
+PARTS: tuple[tuple[str, Callable[[Settings, dict[str, Any]], None]], ...] = (
+    ("registry", _registry_part), ("rollout", _rollout_part), ("alerts", _alerts_part), ("history", _history_part))
+
+
+def model_row(model: FleetModel) -> dict[str, Any]:
+    """One model's row; a part that cannot be read is named in ``errors``, the others are still read."""
+    s = model.settings
+    row: dict[str, Any] = {"model": model.name, "team": model.team, "workspace": str(s.workspace_dir),
+                           "champion": None, "rollout": None, "drift": None, "quality": None, "open_alerts": 0,
+                           "open": [], "last_retrain": None, "newest_version": None, "errors": []}
+    if s.workspace_dir.exists() and not s.workspace_dir.is_dir():
+        row["errors"].append(f"workspace: {s.workspace_dir} is not a folder")
+    elif s.workspace_dir.is_dir():  # (no workspace yet: not trained)
+        for name, read in PARTS:
+            try:
+                read(s, row)
+            except Exception as exc:  # noqa: BLE001 - one unreadable part must not hide the rest
+                log.debug("status of %s: %s unreadable", model.name, name, exc_info=True)
+                row["errors"].append(f"{name}: {' '.join(str(exc).split()) or type(exc).__name__}")
+    rank, reason = attention(row)
+    row["attention"] = {"rank": rank, "reason": reason}
+    return row
+
+
+def attention(row: dict[str, Any]) -> tuple[int, str]:
+    """(rank, reason): what the row needs, most urgent first."""
+    rollout, retrain = row.get("rollout") or {}, row.get("last_retrain") or {}
+    if row["errors"]:
+        return UNREADABLE, "unreadable: " + "; ".join(row["errors"])
+    if row["open_alerts"]:
+        return ALERTS, f"{row['open_alerts']} open alert" + ("s" if row["open_alerts"] > 1 else "")
+    if rollout.get("status") == "rolled_back" or retrain.get("outcome") in ("rolled_back", "failed"):
+        return ROLLED_BACK, "retrain failed" if retrain.get("outcome") == "failed" else "rolled back"
+    if (row.get("quality") or {}).get("verdict") == "degraded":
+        return DEGRADED, "quality degraded"
+    if (row.get("drift") or {}).get("verdict") == "drift":
+        return DRIFT, "drift"
+    if rollout and rollout.get("status") not in ("promoted", "rolled_back"):
+        return CANARY, f"canary {rollout.get('status')}"
+    if row["champion"] is None:
+        return UNTRAINED, "not trained yet"
+    return OK, "ok"
+
+
+def status_rows(models: list[FleetModel]) -> list[dict[str, Any]]:
+    """Every model's row, what needs attention first (then by name)."""
+    return sorted((model_row(m) for m in models), key=lambda r: (r["attention"]["rank"], r["model"]))
+
+
+def _iso(ts: float | None) -> str | None:
+    return None if ts is None else dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="seconds")
+
+
+def _ago(iso: str | None, now: float) -> str:
+    if not iso:
+        return ""
+    seconds = max(0.0, now - dt.datetime.fromisoformat(iso).timestamp())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit} ago"
+    return f"{seconds:.0f}s ago"
+
+
+_COLOURS = {UNREADABLE: "red", ALERTS: "red", ROLLED_BACK: "red", DEGRADED: "yellow", DRIFT: "yellow",
+            CANARY: "cyan", OK: "green", UNTRAINED: "dim"}
+
+
+def _serving_cell(row: dict[str, Any]) -> str:
+    champion = f"v{row['champion']}" if row["champion"] else "–"
+    r = row.get("rollout") or {}
+    if r and r.get("status") not in ("promoted", "rolled_back"):
+        return f"{champion}\ncanary v{r['canary_version']} {r['weight']}%"
+    if r.get("status") == "rolled_back":
+        return f"{champion}\nv{r['canary_version']} rolled back"
+    return champion
+
+
+def _monitor_cells(row: dict[str, Any], now: float) -> tuple[str, str]:
+    d, q = row.get("drift"), row.get("quality")
+    drift = "–" if not d else f"{d['verdict']}" + (f" {d['share']:.2f}" if isinstance(d.get("share"), float) else "") \
+        + f"\n[dim]{_ago(d['time'], now)}[/]"
+    quality = "–" if not q else q["verdict"] + (f": {', '.join(q['degraded'])}" if q["degraded"] else "") \
+        + f"\n[dim]{_ago(q['time'], now)}[/]"
+    return drift, quality
+
+
+def _retrain_cell(row: dict[str, Any], now: float) -> str:
+    r = row.get("last_retrain")
+    if r:
+        return f"{r['outcome']}\n[dim]{_ago(r['started'], now)}[/]"
+    v = row.get("newest_version")
+    if v:
+        return f"v{v['version']} {v.get('trigger') or ''}".strip() + (f"\n{v['rollout']}" if v.get("rollout") else "")
+    return "–"
+
+
+def status_table(rows: list[dict[str, Any]], *, now: float | None = None, title: str = "driftloop status") -> Table:
+    """The rows in 80 columns: every cell folds, nothing is cut (``--json`` has every field)."""
+    now = time.time() if now is None else now
+    table = Table(title=title, box=box.ROUNDED)
+    table.add_column("model / team", overflow="fold", max_width=18)
+    table.add_column("needs", overflow="fold", ratio=1, min_width=10)
+    table.add_column("champion", overflow="fold", max_width=14)
+    table.add_column("drift", overflow="fold", max_width=11)
+    table.add_column("quality", overflow="fold", max_width=10)
+    table.add_column("alerts", overflow="fold", max_width=6, justify="right")
+    table.add_column("last run", overflow="fold", max_width=11)
+    for row in rows:
+        rank, reason = row["attention"]["rank"], row["attention"]["reason"]
+        drift, quality = _monitor_cells(row, now)
+        table.add_row(escape(row["model"]) + (f"\n[dim]{escape(row['team'])}[/]" if row["team"] else ""),
+                      f"[{_COLOURS[rank]}]{escape(reason)}[/]", _serving_cell(row), drift, escape(quality),
+                      str(row["open_alerts"]), escape(_retrain_cell(row, now)))
+    return table
+
+
+def status_cmd(
+    config: ConfigOpt = None,
+    params: ParamOpt = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="Only this model of the fleet.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON document (every field) for scripts.")] = False,
+    watch: Annotated[bool, typer.Option("--watch", help="Redraw every --interval seconds until Ctrl-C.")] = False,
+    interval: Annotated[float, typer.Option(min=0.5, help="Seconds between redraws with --watch.")] = 5.0,
+) -> None:
+    """One row per model: team, champion and canary, drift, quality, open alerts, last retrain -- what needs
+    attention first (open alerts, rolled back, degraded). A model whose workspace cannot be read says so in its
+    row; the others are still shown."""
+    from driftloop.app.fleet_cli import fleet_from
+    from driftloop.core.console import console
+
+    fleet = fleet_from(config, params)
+    models = fleet.select(model)
+
+    def render() -> Any:  # noqa: ANN401 (a rich renderable or a JSON line)
+        rows = status_rows(models)
+        if as_json:
+            return json.dumps({"source": str(fleet.source) if fleet.source else None, "models": rows}, default=str)
+        return status_table(rows)
+
+    if not watch:
+        out = render()
+        typer.echo(out) if as_json else console.print(out)
+        return
+    try:
+        while True:
+            out = render()
+            if as_json:
+                typer.echo(out)
+            else:
+                console.clear()
+                console.print(out)
+                console.print(f"[dim]every {interval:g}s · Ctrl-C to stop[/]")
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        return
+
+
+def register(app: typer.Typer) -> None:
+    app.command("status")(status_cmd)
