@@ -44,6 +44,7 @@ import orjson
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from driftloop.core.processes import die_with_parent  # noqa: E402
 from tests.ce_events import COLUMNS, binary, instance, structured  # noqa: E402
 
 TOKEN = "bench-ingest-token"
@@ -202,11 +203,12 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
     return int(fields[11]) / tick, int(fields[12]) / tick
 
 
-def _start_sink(store: Path, port: int, core: int) -> subprocess.Popen:
+def _start_sink(store: Path, port: int, core: int, root: Path = ROOT) -> subprocess.Popen:
     env = {**os.environ, "DRIFTLOOP_INGEST_TOKEN": TOKEN}
     sink = subprocess.Popen(
         ["taskset", "-c", str(core), sys.executable, "-m", "monitoring.sink", "--store", str(store),
-         "--port", str(port), "--model", "churn", "--columns", ",".join(COLUMNS)], cwd=ROOT, env=env)
+         "--port", str(port), "--model", "churn", "--columns", ",".join(COLUMNS)], cwd=root, env=env,
+        preexec_fn=die_with_parent())
     deadline = time.time() + 30
     while True:
         try:
@@ -227,7 +229,7 @@ def run_mode(name: str, maker: Callable[[int], Callable[[], bytes]], per_request
     store = tmp / "log.db"
     port = free_port()
     make = maker(port)
-    sink = _start_sink(store, port, args.sink_core)
+    sink = _start_sink(store, port, args.sink_core, args.sink_root)
     try:
         load = _Load(make, args.warmup, args.seconds, sink.pid)
         if args.py_spy:
@@ -266,6 +268,9 @@ def main() -> None:
     p.add_argument("--sink-core", type=int, default=0)
     p.add_argument("--load-core", type=int, default=1)
     p.add_argument("--mode", choices=["single", "batch", "both"], default="both")
+    p.add_argument("--sink-root", type=Path, default=ROOT,
+                   help="run the sink of another checkout (e.g. `git archive REV monitoring driftloop`), to compare "
+                        "versions under the same load")
     p.add_argument("--py-spy", help="path of py-spy: sample the sink during the measured window (slows it a little)")
     p.add_argument("--profile-dir", default=".", help="where the py-spy stacks go (ingest-<mode>.txt, collapsed)")
     args = p.parse_args()
