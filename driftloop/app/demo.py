@@ -56,6 +56,11 @@ PHASES = {"data": 3.0, "train": 16.0, "serve": 24.0, "calm": 7.0, "drift": 4.0, 
           "weak": 34.0, "rollback": 21.0, "summary": 8.0}
 
 
+# The rollout's labelled traffic: 80 rows (16 requests of 5 rows, with their labels) at most every FEED_SECONDS,
+# about 80 requests/s: at a 20 % canary weight ~16 a second reach the canary (rollout.min_requests: 10 an interval).
+FEED_SECONDS = 0.2
+
+
 @dataclass
 class Demo:
     """The demo's phases, in the order :meth:`run` takes them; what each found goes into ``facts``."""
@@ -136,10 +141,13 @@ class Demo:
                           f" — {s['reason']}")
 
     def serve_and_monitor(self) -> None:
+        # Both start at once (their imports and model loading share the two cores instead of following each
+        # other): the gateway's inference log waits in its outbox until the monitor answers, and the two agree
+        # on the workspace's ingest token whichever makes it first (driftloop.core.files.workspace_token).
         monitor = self.processes.service("monitor", "monitor")
+        serve = self.processes.service("serve", "serve", "--no-rollout")
         self.processes.wait_http(f"{self.traffic.monitor}/healthz", monitor)
         self.say("monitor", f"sink + drift checks + trigger on {self.traffic.monitor}")
-        serve = self.processes.service("serve", "serve", "--no-rollout")
         self.processes.wait_http(f"{self.traffic.gateway}/admin/status", serve, timeout=90)
         self.say("serve", f"champion behind the gateway at {self.traffic.gateway}")
 
@@ -184,22 +192,31 @@ class Demo:
                     self.say("retrain", f"run finished: gate passed, churn v{rec['model_version']} registered as "
                                         "challenger and deployed as a canary")
                     return rec
-            time.sleep(1.0)
+            time.sleep(0.2)  # a GET /alerts costs the monitor little; the run's end is seen within 0.2 s
         raise DriftloopError(f"the retraining run for alert {alert_id} did not finish in {timeout:.0f}s")
 
     def rollout(self, traffic: pd.DataFrame, label: str) -> dict[str, Any]:
         """Run the controller (``driftloop rollout run``) while labelled traffic flows."""
         from dataclasses import asdict
 
-        from serving.rollout import RolloutStore
+        from serving.rollout import PENDING, RolloutStore
 
+        settings = self.settings()
+        store = RolloutStore(settings.workspace_dir / "rollout", settings.mlflow.model_name)
         stop = threading.Event()
 
         def flow() -> None:
+            # Traffic only once the controller has started the canary steps (before, it would only compete for the
+            # two cores with the controller's start), and at a bounded pace: enough labelled requests for every
+            # analysis interval (rollout.min_requests at the canary's weight, min_labels), not as many as fit.
+            while not stop.wait(0.05) and _status(store) == PENDING:
+                pass
             i = 0
             while not stop.is_set():
+                started = time.monotonic()
                 self.traffic.send(traffic.iloc[i:i + 80], labels=True, workers=2)
                 i = (i + 80) % max(1, len(traffic) - 80)
+                stop.wait(max(0.0, FEED_SECONDS - (time.monotonic() - started)))
 
         feeder = threading.Thread(target=flow, daemon=True)
         feeder.start()
@@ -208,8 +225,7 @@ class Demo:
         finally:
             stop.set()
             feeder.join(30)
-        settings = self.settings()
-        state = RolloutStore(settings.workspace_dir / "rollout", settings.mlflow.model_name).load()
+        state = store.load()
         if state is None or not state.done:
             raise DriftloopError(f"the rollout did not finish: {(output or '')[-2000:]}")
         colour = "green" if state.status == "promoted" else "red"
@@ -303,8 +319,29 @@ class Demo:
             self.summary()
         finally:
             self.processes.stop()
+            if hasattr(self, "traffic"):
+                self.traffic.close()
             self.narrator.close()
-            self.say("done", f"all processes stopped; {self.narrator.elapsed:.0f}s in all")
+            self.say("done", f"all processes stopped; {self.narrator.elapsed:.0f}s in all (seconds a phase: "
+                             f"{self.narrator.timings()}; load average {_load_average()})")
+
+
+def _status(store: Any) -> str:
+    """A rollout's status as its store has it now (pending while there is none or it cannot be read yet)."""
+    from serving.rollout import PENDING
+
+    try:
+        state = store.load()
+    except DriftloopError:
+        return PENDING
+    return state.status if state is not None else PENDING
+
+
+def _load_average() -> str:
+    try:
+        return " ".join(f"{v:.2f}" for v in os.getloadavg()) + f", {os.cpu_count()} cores"
+    except OSError:
+        return "unknown"
 
 
 def shown(path: str | Path) -> str:

@@ -39,6 +39,7 @@ class Narrator:
         self._lock = threading.Lock()
         self._done = 0.0
         self._current: tuple[str, float] | None = None
+        self._took: dict[str, float] = {}  # seconds each finished phase took in this run
         self._stop = threading.Event()
         if self.progress.tty and self.phases:
             threading.Thread(target=self._tick, name="demo-progress", daemon=True).start()
@@ -55,9 +56,18 @@ class Narrator:
     def phase(self, name: str) -> None:
         """The demo enters phase ``name`` (one of ``phases``)."""
         with self._lock:
-            if self._current is not None:
-                self._done += self.phases.get(self._current[0], 0.0)
+            self._end_phase()
             self._current = (name, time.monotonic())
+
+    def _end_phase(self) -> None:
+        if self._current is not None:
+            self._done += self.phases.get(self._current[0], 0.0)
+            self._took[self._current[0]] = time.monotonic() - self._current[1]
+            self._current = None
+
+    def timings(self) -> str:
+        """The seconds each phase took in this run (the phases :meth:`phase` marked), in one line."""
+        return ", ".join(f"{name} {seconds:.1f}" for name, seconds in self._took.items())
 
     def share(self) -> float:
         total = sum(self.phases.values())
@@ -70,6 +80,7 @@ class Narrator:
     def close(self) -> None:
         self._stop.set()
         with self._lock:
+            self._end_phase()
             self.progress.close()
 
     def _tick(self) -> None:

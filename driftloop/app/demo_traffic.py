@@ -3,9 +3,10 @@ as feedback, and the monitor's checks and alerts."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,29 @@ class Traffic:
 
     gateway_port: int
     monitor_port: int
-    token_path: Callable[[], Path]  # the monitor's ingest token file (read at each call: the monitor makes it)
+    token_path: Callable[[], Path]  # the monitor's ingest token file (read once it exists: the monitor makes it)
+    # HTTP clients kept between calls: making one loads the CA bundle (tens of ms of CPU), and the demo polls
+    # and sends many times a second while the two cores are busy with the loop's processes
+    _idle: list[httpx.Client] = field(default_factory=list, compare=False, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, compare=False, repr=False)
+    _token: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    @contextlib.contextmanager
+    def client(self) -> Iterator[httpx.Client]:
+        """A client of the pool (one per thread at a time), returned to it after use."""
+        with self._lock:
+            client = self._idle.pop() if self._idle else httpx.Client(timeout=120.0)
+        try:
+            yield client
+        finally:
+            with self._lock:
+                self._idle.append(client)
+
+    def close(self) -> None:
+        with self._lock:
+            for client in self._idle:
+                client.close()
+            self._idle.clear()
 
     @property
     def gateway(self) -> str:
@@ -36,8 +59,9 @@ class Traffic:
         else the workspace's file)."""
         from driftloop.core.files import workspace_token
 
-        token = workspace_token(self.token_path(), "DRIFTLOOP_INGEST_TOKEN")
-        return {"authorization": f"Bearer {token}"}
+        if "token" not in self._token:
+            self._token["token"] = workspace_token(self.token_path(), "DRIFTLOOP_INGEST_TOKEN")
+        return {"authorization": f"Bearer {self._token['token']}"}
 
     def send(self, frame: pd.DataFrame, *, labels: bool = True, workers: int = 4, batch: int = 5) -> dict[str, int]:
         """Production traffic through the gateway: V1 requests of ``batch`` rows; labels arrive as feedback."""
@@ -54,15 +78,15 @@ class Traffic:
         auth = self.monitor_auth()  # the gateway's /feedback takes the same ingest token
 
         def worker(mine: list[tuple[int, int]]) -> None:
-            with httpx.Client(timeout=10.0) as client:
+            with self.client() as client:
                 for lo, hi in mine:
                     try:
-                        r = client.post(url, json={"instances": rows[lo:hi]})
+                        r = client.post(url, json={"instances": rows[lo:hi]}, timeout=10.0)
                         ok = r.status_code == 200
                         if ok and labels:
                             client.post(f"{self.gateway}/feedback",
                                         json={"id": r.headers.get("x-request-id"), "label": truth[lo:hi]},
-                                        headers=auth)
+                                        headers=auth, timeout=10.0)
                     except httpx.HTTPError:
                         ok = False
                     with lock:
@@ -77,16 +101,19 @@ class Traffic:
 
     def check(self) -> dict[str, Any]:
         """The monitor's drift check on what it has logged, now."""
-        r = httpx.post(f"{self.monitor}/check", timeout=120.0, headers=self.monitor_auth())
+        with self.client() as client:
+            r = client.post(f"{self.monitor}/check", headers=self.monitor_auth())
         r.raise_for_status()
         return r.json()
 
     def quality_check(self) -> dict[str, Any]:
         """The monitor's quality check on the labels that flowed through the gateway (``httpx.HTTPError`` if refused)."""
-        r = httpx.post(f"{self.monitor}/quality/check", timeout=120.0, headers=self.monitor_auth())
+        with self.client() as client:
+            r = client.post(f"{self.monitor}/quality/check", headers=self.monitor_auth())
         r.raise_for_status()
         return r.json()
 
     def alerts(self) -> Any:
         """The monitor's GET /alerts, as it answers."""
-        return httpx.get(f"{self.monitor}/alerts", timeout=10.0).json()
+        with self.client() as client:
+            return client.get(f"{self.monitor}/alerts", timeout=10.0).json()
