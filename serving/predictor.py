@@ -163,7 +163,10 @@ def _strings(rows: list[list[Any]], names: tuple[str, ...]) -> np.ndarray:
     return out
 
 
-def _frame(numbers: np.ndarray, strings: np.ndarray, schema: InputSchema) -> pd.DataFrame:
+def _frame(numbers: np.ndarray, strings: np.ndarray, schema: InputSchema, as_array: bool = False
+           ) -> pd.DataFrame | np.ndarray:
+    if as_array and not schema.string_columns:  # the model takes the float64 block itself (_takes_array)
+        return numbers
     parts = []
     if schema.numeric_columns:
         parts.append(pd.DataFrame(numbers, columns=list(schema.numeric_columns), copy=False))
@@ -187,8 +190,9 @@ def _check_names(given: Any, schema: InputSchema, where: str) -> None:
     raise InvalidInput(f"{where}: " + "; ".join(parts) + f" (expected {list(schema.columns)})")
 
 
-def frame_from_instances(instances: Any, schema: InputSchema) -> pd.DataFrame:
-    """V1 ``instances`` (rows as mappings or as lists in signature order) → a validated DataFrame."""
+def frame_from_instances(instances: Any, schema: InputSchema, *, as_array: bool = False) -> pd.DataFrame | np.ndarray:
+    """V1 ``instances`` (rows as mappings or as lists in signature order) → a validated DataFrame
+    (``as_array``, all columns numeric: its float64 array, columns in signature order)."""
     if not isinstance(instances, list):
         raise InvalidInput('"instances" must be a list of rows')
     if not instances:
@@ -215,7 +219,8 @@ def frame_from_instances(instances: Any, schema: InputSchema) -> pd.DataFrame:
     else:
         raise InvalidInput(f"instance 0 is a {type(first).__name__}; rows must be mappings {{column: value}} "
                            "or lists of values in signature order")
-    return _frame(_numbers(num_rows, schema.numeric_columns), _strings(str_rows, schema.string_columns), schema)
+    return _frame(_numbers(num_rows, schema.numeric_columns), _strings(str_rows, schema.string_columns), schema,
+                  as_array)
 
 
 def _tensor(inp: InferInput) -> np.ndarray:
@@ -312,8 +317,9 @@ def _tensor_column(inp: InferInput, name: str, numeric: bool) -> np.ndarray:
     return _strings([[v] for v in _from_bytes(arr)], (name,))[:, 0]
 
 
-def frame_from_v2(request: InferRequest, schema: InputSchema) -> pd.DataFrame:
-    """V2 inputs (one tensor per column, or one 2-D tensor in signature order) → a validated DataFrame."""
+def frame_from_v2(request: InferRequest, schema: InputSchema, *, as_array: bool = False) -> pd.DataFrame | np.ndarray:
+    """V2 inputs (one tensor per column, or one 2-D tensor in signature order) → a validated DataFrame
+    (``as_array``: as :func:`frame_from_instances`)."""
     inputs = request.inputs
     if not inputs:
         raise InvalidInput('"inputs" is empty: send one tensor per column or one 2-D tensor')
@@ -328,12 +334,13 @@ def frame_from_v2(request: InferRequest, schema: InputSchema) -> pd.DataFrame:
             raise InvalidInput(f"input tensor {inp.name!r} has no rows")
         if inp.datatype == "BYTES":
             rows = [_from_bytes(r) for r in arr]
-            return frame_from_instances(rows, schema)
+            return frame_from_instances(rows, schema, as_array=as_array)
         if inp.datatype not in _NUMERIC_V2 or schema.numeric != schema.column_set:
             strings = sorted(schema.column_set - schema.numeric)
             raise InvalidInput(f"input tensor {inp.name!r} is {inp.datatype}; "
                                + (f"the columns {strings} are strings, send BYTES" if strings else "send numbers"))
-        return pd.DataFrame(arr.astype(np.float64), columns=list(schema.columns))
+        numbers = arr.astype(np.float64)
+        return numbers if as_array else pd.DataFrame(numbers, columns=list(schema.columns))
     by_name = {inp.name: inp for inp in inputs}
     if len(by_name) != len(inputs):
         raise InvalidInput("input tensors have duplicate names")
@@ -347,7 +354,7 @@ def frame_from_v2(request: InferRequest, schema: InputSchema) -> pd.DataFrame:
         raise InvalidInput("input tensors have no rows")
     numbers = np.column_stack([data[c] for c in schema.numeric_columns]) if schema.numeric_columns else None
     strings = np.column_stack([data[c] for c in schema.string_columns]) if schema.string_columns else None
-    return _frame(numbers, strings, schema)
+    return _frame(numbers, strings, schema, as_array)
 
 
 def _finite(preds: np.ndarray) -> np.ndarray:
@@ -436,8 +443,8 @@ class DriftloopModel(kserve.Model):
                                                                              else -1]})
         return out
 
-    def _model_input(self, frame: pd.DataFrame) -> pd.DataFrame | np.ndarray:
-        return frame.to_numpy() if self._as_array else frame
+    def _model_input(self, frame: pd.DataFrame | np.ndarray) -> pd.DataFrame | np.ndarray:
+        return frame.to_numpy() if self._as_array and isinstance(frame, pd.DataFrame) else frame
 
     def _predict_frame(self, frame: pd.DataFrame) -> np.ndarray:
         return np.asarray(self._model.predict(self._model_input(frame)))
@@ -445,7 +452,7 @@ class DriftloopModel(kserve.Model):
     def predict(self, payload: dict | InferRequest, headers: dict[str, str] | None = None) -> dict | InferResponse:
         assert self.schema is not None, "load() first"
         if isinstance(payload, InferRequest):
-            frame = frame_from_v2(payload, self.schema)
+            frame = frame_from_v2(payload, self.schema, as_array=self._as_array)
             preds, scored = self._predict_and_score(frame, headers)
             if preds.dtype.kind in "OUS":
                 preds = preds.astype(object)
@@ -465,7 +472,7 @@ class DriftloopModel(kserve.Model):
             raise InvalidInput('a V1 request must be a JSON object {"instances": [...]} sent as application/json')
         if "instances" not in payload:
             raise InvalidInput(f'a V1 request needs "instances"; got keys {sorted(payload)[:10]}')
-        frame = frame_from_instances(payload["instances"], self.schema)
+        frame = frame_from_instances(payload["instances"], self.schema, as_array=self._as_array)
         preds, scored = self._predict_and_score(frame, headers)
         body = {"predictions": preds.tolist(), "model_version": self.model_version}
         if scored is not None:
