@@ -190,9 +190,9 @@ def _serving_cell(row: dict[str, Any]) -> str:
 
 def _monitor_cells(row: dict[str, Any], now: float) -> tuple[str, str]:
     d, q = row.get("drift"), row.get("quality")
-    drift = "–" if not d else f"{d['verdict']}" + (f" {d['share']:.2f}" if isinstance(d.get("share"), float) else "") \
-        + f"\n[dim]{_ago(d['time'], now)}[/]"
-    quality = "–" if not q else q["verdict"] + (f": {', '.join(q['degraded'])}" if q["degraded"] else "") \
+    drift = "–" if not d else escape(f"{d['verdict']}" + (f" {d['share']:.2f}" if isinstance(d.get("share"), float)
+                                                          else "")) + f"\n[dim]{_ago(d['time'], now)}[/]"
+    quality = "–" if not q else escape(q["verdict"] + (f": {', '.join(q['degraded'])}" if q["degraded"] else "")) \
         + f"\n[dim]{_ago(q['time'], now)}[/]"
     return drift, quality
 
@@ -200,30 +200,36 @@ def _monitor_cells(row: dict[str, Any], now: float) -> tuple[str, str]:
 def _retrain_cell(row: dict[str, Any], now: float) -> str:
     r = row.get("last_retrain")
     if r:
-        return f"{r['outcome']}\n[dim]{_ago(r['started'], now)}[/]"
+        return f"{escape(r['outcome'].replace('_', ' '))}\n[dim]{_ago(r['started'], now)}[/]"
     v = row.get("newest_version")
     if v:
-        return f"v{v['version']} {v.get('trigger') or ''}".strip() + (f"\n{v['rollout']}" if v.get("rollout") else "")
+        return escape(f"v{v['version']} {v.get('trigger') or ''}".strip() + (f"\n{v['rollout']}" if v.get("rollout") else ""))
     return "–"
+
+
+def _alerts_line(row: dict[str, Any]) -> str:
+    """The open alerts, where the row's first need is another one."""
+    n = row["open_alerts"]
+    return f"\n{n} open alert" + ("s" if n > 1 else "") if n and row["attention"]["rank"] != ALERTS else ""
 
 
 def status_table(rows: list[dict[str, Any]], *, now: float | None = None, title: str = "driftloop status") -> Table:
     """The rows in 80 columns: every cell folds, nothing is cut (``--json`` has every field)."""
     now = time.time() if now is None else now
     table = Table(title=title, box=box.ROUNDED)
-    table.add_column("model / team", overflow="fold", max_width=18)
-    table.add_column("needs", overflow="fold", ratio=1, min_width=10)
-    table.add_column("champion", overflow="fold", max_width=14)
-    table.add_column("drift", overflow="fold", max_width=11)
-    table.add_column("quality", overflow="fold", max_width=10)
-    table.add_column("alerts", overflow="fold", max_width=6, justify="right")
+    table.add_column("model", overflow="fold", max_width=14)
+    table.add_column("needs", overflow="fold", ratio=1, min_width=9)
+    table.add_column("champion", overflow="fold", max_width=11)
+    table.add_column("drift", overflow="fold", max_width=9)
+    table.add_column("quality", overflow="fold", max_width=9)
     table.add_column("last run", overflow="fold", max_width=11)
     for row in rows:
         rank, reason = row["attention"]["rank"], row["attention"]["reason"]
         drift, quality = _monitor_cells(row, now)
         table.add_row(escape(row["model"]) + (f"\n[dim]{escape(row['team'])}[/]" if row["team"] else ""),
-                      f"[{_COLOURS[rank]}]{escape(reason)}[/]", _serving_cell(row), drift, escape(quality),
-                      str(row["open_alerts"]), escape(_retrain_cell(row, now)))
+                      f"[{_COLOURS[rank]}]{escape(reason)}[/]" + _alerts_line(row), escape(_serving_cell(row)),
+                      drift, quality,
+                      _retrain_cell(row, now))
     return table
 
 
