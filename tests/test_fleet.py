@@ -262,3 +262,26 @@ def test_run_train_model_trains_that_model_with_its_own_settings(tmp_path, monke
     assert [s.mlflow.model_name for s in used] == ["demand"] and used[0].model.task == "regression"
     assert used[0].workspace_dir == tmp_path / "ws" / "models" / "demand"
     assert '"state": "FAILED"' in result.read_text()
+
+
+def test_run_train_on_a_fleet_runs_a_real_child_per_model_and_reports_each(tmp_path, monkeypatch, capsys):
+    """The whole path: the parent starts ``driftloop run train -c FLEET --model NAME`` per model, each child
+    loads its own model's settings and ends (here refused at once: this test holds every model's workspace
+    lock), and the parent prints one line per model with the child's own error and exits 1."""
+    import contextlib
+
+    from driftloop.core.workspace import workspace_lock
+
+    path = write(tmp_path, TWO.replace("models:", "fleet: {max_concurrent_runs: 2}\nmodels:") + "  third: {}\n")
+    fleet = load_fleet(path, environ={})
+    with contextlib.ExitStack() as stack:
+        for m in fleet.models:
+            stack.enter_context(workspace_lock(m.settings.workspace_dir, f"held-{m.name}", wait=False))
+        code, out, err = run_cli(["run", "train", "-c", str(path)], monkeypatch, capsys)
+    assert code == 1 and err.strip() == "3 of 3 models failed: churn, demand, third"
+    text = " ".join(out.split())
+    assert text.count("started (output:") == 3 and "2 at a time" in text
+    for m in fleet.models:
+        assert f"✗ {m.name}" in text
+        assert f"error: run held-{m.name} (pid " in text  # each child's own one-line error, its workspace's holder
+        assert (m.settings.workspace_dir / "fleet" / "train.log").is_file()
