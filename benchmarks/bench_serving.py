@@ -1,17 +1,30 @@
-"""Serving throughput: bare FastAPI vs the driftloop KServe predictor (V1, V2) vs the local gateway.
+"""Serving throughput: bare FastAPI vs the driftloop KServe predictor (V1, V2) vs the local gateway vs MLServer.
 
 Serves the same registered model through
 
-  (a) a bare FastAPI endpoint that calls the model's ``predict`` in-process (no validation): it
-      parses with ``orjson.loads`` and answers ``orjson.dumps`` in a plain ``Response`` with
-      FastAPI's deprecation warnings filtered — the honest floor (FastAPI's deprecated
-      ``ORJSONResponse`` warns on every request, because scikit-learn resets the warning registry
-      on each predict, and ``request.json()`` is the slow parser: together they halve (a)),
+  (a) a bare FastAPI endpoint that calls the model's ``predict`` in-process (no validation), V1
+      (``/predict``) and V2 (``/v2/predict``: one tensor per column in, an Open Inference Protocol
+      answer out): it parses with ``orjson.loads`` and answers ``orjson.dumps`` in a plain
+      ``Response`` with FastAPI's deprecation warnings filtered — the honest floor of each protocol
+      (FastAPI's deprecated ``ORJSONResponse`` warns on every request, because scikit-learn resets
+      the warning registry on each predict, and ``request.json()`` is the slow parser: together
+      they halve (a)),
   (b) kserve's ModelServer with ``serving.predictor`` — V1 and V2 requests,
+  (b') the same predictor with ``--kserve-v2-route``: V2 on kserve's own (pydantic) route, what
+      the predictor's fast V2 path saves,
   (b+) the same predictor asked for class scores too (``x-driftloop-scores``), as the gateway
       asks when it logs (the quality estimate needs them): c/b+ is the gateway and sink alone,
   (c) the local gateway (``serving.gateway``) in front of (b), logging every request and
       response as CloudEvents to the real inference-log sink (``monitoring.sink``),
+  (m) MLServer 1.7.1 + mlserver-sklearn, the peer a user would pick instead, V2 REST, stock
+      (its defaults) and tuned (request log off, ``parallel_workers: 0``, httptools), serving the
+      registered model written with joblib (its sklearn runtime reads joblib/pickle files; MLflow
+      stores skops). MLServer pins ``fastapi<0.116``, which conflicts with kserve's, so it runs
+      from a venv of its own that this script makes on first use, with pip's cache:
+      ``~/.cache/driftloop/bench-mlserver`` (mlserver==1.7.1, mlserver-sklearn==1.7.1,
+      uvloop==0.21.0 — stock 1.7.1 crashes at start with uvloop 0.23 —, and this venv's
+      scikit-learn, numpy and pandas; httptools apart in ``httptools/``, on the tuned server's path
+      only). ``--no-mlserver`` leaves it out; hgb model only,
 
 for one of two models (``--model``):
 
@@ -26,10 +39,13 @@ concurrency (asyncio + aiohttp keep-alive connections over loopback). Servers ar
 ``--server-cpus`` and the load generator to ``--client-cpus``; a warm-up is excluded; each
 case runs for a bounded time and request count. Prints req/s, rows/s, p50 and p99 per case, each
 case also as a fraction of in-process predict calls at the same batch size, the load average
-while it ran, and the ratios b/a and c/b against their targets.
+while it ran, and the ratios against their targets, by req/s and by server CPU per request (the
+steadier figure on a shared machine: under load a server with more processes — stock MLServer's
+inference worker — gets more scheduler shares of the pinned core). Before timing, every case must
+answer the same predictions for the same rows.
 
     python benchmarks/bench_serving.py [--model hgb|pipeline] [--seconds 8] [--concurrency 8]
-                                       [--server-cpus 0] [--client-cpus 1]
+                                       [--server-cpus 0] [--client-cpus 1] [--no-mlserver] [--no-kserve-route]
 
 Model servers (and (a)) run one OpenMP thread per prediction, as ``serving.predictor`` does.
 
