@@ -7,12 +7,14 @@ several times and builds charts even for ``.dict()`` (~2 min and 2 GB at 1M rows
 the continuous check uses a fast path instead:
 
 * the reference side is summarised once per champion (:class:`ReferenceProfile`: sorted finite
-  values, std and two grids of cells (:class:`_Grid`) for numeric columns, category counts for
-  every column with few levels);
-* each window is reduced with numpy (one ``value_counts`` per categorical column; a numeric column
-  is binned on a grid, with only the values in cells that hold a reference value or a CDF
-  crossing sorted, or sorted whole when the window is smaller than the grid) and compared with
-  exactly the statistic Evidently would use — normalised Wasserstein (to rounding), scipy's K-S,
+  values and std for numeric columns, category counts for every column with few levels; a grid of
+  cells (:class:`_Grid`) per numeric column, built the first time a window large enough for it
+  comes);
+* each window is reduced with numpy (a categorical column counted per object when a few objects
+  make it, else with one ``value_counts``; a numeric column binned on a grid — per cell a count and
+  a sum, cells holding reference values split at them, and only the values in cells where the two
+  CDFs cross sorted — or sorted whole when the window is small) and compared with exactly the
+  statistic Evidently would use — normalised Wasserstein (to rounding), scipy's K-S,
   chi-square / Z-test / Jensen-Shannon on category counts; any other configured method falls back
   to Evidently's own implementation of that method for that column.
 
@@ -209,8 +211,18 @@ def _column_type(kind: str) -> Any:
     return ColumnType.Numerical if kind == NUMERICAL else ColumnType.Categorical
 
 
+_STATTESTS: dict[tuple[str, str, bool], Any] = {}
+
+
 def _stattest(method: str, kind: str, *, default: bool = False) -> Any:
     """Evidently's StatTest for a configured method (type-checked, as Evidently does) or a default one."""
+    key = (method, kind, default)
+    if key not in _STATTESTS:
+        _STATTESTS[key] = _find_stattest(method, kind, default=default)
+    return _STATTESTS[key]
+
+
+def _find_stattest(method: str, kind: str, *, default: bool = False) -> Any:
     from evidently.legacy.calculations.stattests.registry import (
         StatTestNotFoundError,
         _registered_stat_tests,
@@ -285,8 +297,42 @@ class _ColumnProfile:
     std: float
     levels: dict[Any, int] | None  # value -> count when at most _KEEP_LEVELS distinct values
     n_levels: int
-    raw: pd.Series  # non-missing values, for methods without a fast path
-    grids: tuple[_Grid, ...] = ()  # numeric: cells for the Wasserstein distance of large windows, fine first
+    values: np.ndarray  # non-missing values (numeric: sorted), for methods without a fast path
+    level_values: np.ndarray | None = None  # numeric with levels: the distinct values, sorted
+    _grids: dict[int, _Grid | None] = field(default_factory=dict)  # cells per reference value -> grid
+
+    @property
+    def raw(self) -> pd.Series:
+        """The reference's values as Evidently's stattests take them (methods without a fast path)."""
+        return pd.Series(self.values)
+
+    def _grid(self, per_value: int) -> _Grid | None:
+        if per_value not in self._grids:
+            self._grids[per_value] = _Grid.build(self.sorted_values, self.n_levels, per_value)
+        return self._grids[per_value]
+
+    @property
+    def grids(self) -> tuple[_Grid, ...]:
+        """Numeric: cells for the Wasserstein distance of large windows, fine first (all of them built)."""
+        if self.kind != NUMERICAL:
+            return ()
+        grids = (self._grid(per_value) for per_value in _CELLS_PER_REFERENCE_VALUE)
+        return tuple(g for g in grids if g is not None)
+
+    def grid_for(self, n: int) -> _Grid | None:
+        """The finest grid with fewer cells than a window of ``n`` values, built the first time a window
+        needs it (a champion judged on small windows never pays for one)."""
+        for per_value in _CELLS_PER_REFERENCE_VALUE:
+            layout = _Grid.layout(self.sorted_values, self.n_levels, per_value)
+            if layout is not None and n > layout[2]:
+                return self._grid(per_value)
+        return None
+
+    @property
+    def reach(self) -> tuple[float, float]:
+        """The window values a check compares as they are: within the reference's width of its range."""
+        lo, hi = float(self.sorted_values[0]), float(self.sorted_values[-1])
+        return lo - (hi - lo), hi + (hi - lo)
 
 
 @dataclass
@@ -308,16 +354,17 @@ class ReferenceProfile:
             if values.size == 0:
                 raise MonitorError(f"reference column {col!r} has no values")
             uniques, counts = _sorted_uniques(values)
-            levels = dict(zip(uniques.tolist(), counts.tolist())) if uniques.size <= _KEEP_LEVELS else None
+            few = uniques.size <= _KEEP_LEVELS
+            levels = dict(zip(uniques.tolist(), counts.tolist())) if few else None
             profiles[col] = _ColumnProfile(NUMERICAL, values.size, values, max(float(np.std(values)), 0.001), levels,
-                                           int(uniques.size), pd.Series(values), _grids(values, int(uniques.size)))
+                                           int(uniques.size), values, uniques if few else None)
         for col in categorical:
             series = pd.Series(frame[col]).dropna()
             if series.empty:
                 raise MonitorError(f"reference column {col!r} has no values")
             counts = series.value_counts()
             profiles[col] = _ColumnProfile(CATEGORICAL, int(series.size), None, 0.0, counts.to_dict(), int(counts.size),
-                                           series.reset_index(drop=True))
+                                           series.to_numpy())
         return cls(list(numeric), list(categorical), frame, profiles)
 
     @property
@@ -369,11 +416,13 @@ def _wasserstein_sorted(u: np.ndarray, v: np.ndarray) -> float:
 
 
 # Cells of the Wasserstein grids per distinct reference value (the more, the fewer window values
-# share a cell with a reference value and need sorting; the fewer, the cheaper the per-cell sums):
-# a fine grid for windows of ~1M rows, a coarse one for ~100k; a window smaller than a grid's
-# cell count is sorted instead. And a cap on the cells.
+# share a cell with a reference value and are placed among its pieces; the fewer, the cheaper the
+# per-cell sums): a fine grid for windows of ~1M rows, a coarse one for ~100k (measured from 1 to
+# 64 per value, these are the fastest there or within the noise of it); a window smaller than a
+# grid's cell count, or than _MIN_GRID_WINDOW, is sorted instead. And a cap on the cells.
 _CELLS_PER_REFERENCE_VALUE = (32, 8)
 _MAX_CELLS = 1 << 19
+_MIN_GRID_WINDOW = 16_384  # smaller windows are sorted whatever the grids (no grid is built for them)
 
 
 @dataclass(frozen=True)
@@ -385,7 +434,9 @@ class _Grid:
     bracket it). Bin 0 is ``(-inf, e_0)``, bin ``i + 1`` the cell ``[e_i, e_i+1)``, the last bin
     ``[e_G, inf)``. ``k[b]`` is the number of reference values ``<= `` the bin's left edge, which
     is the reference CDF (times its size) on the whole bin when ``clean[b]``: no reference value
-    lies strictly inside.
+    lies strictly inside. A cell that is not clean is cut into pieces at the reference values
+    inside it (``fixed``: those values and the cells' edges, sorted), on each of which the
+    reference CDF is constant again.
     """
 
     h: float
@@ -393,11 +444,22 @@ class _Grid:
     cells: int
     k: np.ndarray  # int64, one per bin
     clean: np.ndarray  # bool, one per bin
-    ref_bins: np.ndarray  # the bin of every (sorted) reference value
     fixed: np.ndarray  # sorted: the reference values in cells that are not clean and those cells' edges
+    # The pieces [fixed[j], fixed[j+1]) of the cells that are not clean, on which F_r is constant:
+    piece_k: np.ndarray  # reference values <= fixed[j]
+    piece_bin: np.ndarray  # the bin of fixed[j]
+    piece_first: np.ndarray  # the first piece of that bin
+    piece_dirty: np.ndarray  # whether the piece lies in a cell that is not clean
+    # per cell that is not clean, in order: its first piece, and its one reference value strictly
+    # inside with the piece that starts there (NaN: several values, the piece is searched for)
+    dirty_first: np.ndarray
+    dirty_split: np.ndarray
+    dirty_upper: np.ndarray
+    starts_at: np.ndarray  # fixed's places in cells from e_0 - h (as bin_index gives them)
 
-    @classmethod
-    def build(cls, ref: np.ndarray, distinct: int, per_value: int) -> _Grid | None:
+    @staticmethod
+    def layout(ref: np.ndarray, distinct: int, per_value: int) -> tuple[float, int, int] | None:
+        """``(h, off, cells)`` of the grid over the sorted reference ``ref``, or None where it has none."""
         lo, hi = float(ref[0]), float(ref[-1])
         if not hi > lo:
             return None
@@ -409,16 +471,42 @@ class _Grid:
         cells = int(math.floor(hi / h) - off + 1)
         if abs(off) + cells >= 2**52 or cells > 2 * _MAX_CELLS + 2:
             return None  # the cell edges would not be exact floats
-        edges = (off + np.arange(cells + 1, dtype=np.float64)) * h
-        right = ref.searchsorted(edges, "right")  # reference values <= e_i
-        k = np.concatenate(([0], right[:-1], [ref.size])).astype(np.int64)
-        inside = ref.searchsorted(edges[1:], "left") > right[:-1]  # some value strictly in (e_i, e_i+1)
+        return h, off, cells
+
+    @classmethod
+    def build(cls, ref: np.ndarray, distinct: int, per_value: int) -> _Grid | None:
+        layout = cls.layout(ref, distinct, per_value)
+        if layout is None:
+            return None
+        h, off, cells = layout
+        # the reference's cells and offsets in them (all inside the grid): counts per cell, no search
+        none = np.zeros(0, np.intp)
+        ref_bins, frac = cls(h, float(off), cells, *[none] * 11).bins(ref)
+        cell = ref_bins - 1
+        per_cell = np.bincount(cell, minlength=cells)
+        on_edge = np.bincount(cell[frac == 0], minlength=cells)  # values exactly on the cell's left edge e_i
+        right = np.cumsum(per_cell) - per_cell + on_edge  # reference values <= e_i
+        inside = per_cell > on_edge  # some value strictly in (e_i, e_i+1)
+        k = np.concatenate(([0], right, [ref.size])).astype(np.int64)
         clean = np.concatenate(([True], ~inside, [True]))
-        ref_bins = cls(h, float(off), cells, k, clean, np.zeros(0, np.intp), np.zeros(0)).bins(ref)[0]
-        dirty = np.flatnonzero(inside)
-        fixed = np.concatenate((ref[~clean[ref_bins]], edges[dirty], edges[dirty + 1]))
+        dirty = np.flatnonzero(inside).astype(np.float64)
+        fixed = np.concatenate((ref[inside[cell]], (off + dirty) * h, (off + dirty + 1.0) * h))
         fixed.sort()
-        return cls(h, float(off), cells, k, clean, ref_bins, fixed)
+        piece_bin = cls(h, float(off), cells, k, clean, fixed, *[none] * 8).bins(fixed)[0]
+        # a value v lies in piece fixed.searchsorted(v, "right") - 1: a cell's first piece starts at its left edge
+        first = fixed.searchsorted((off + piece_bin - 1.0) * h, "right") - 1
+        strictly = frac > 0
+        values_in, cells_in = ref[strictly], cell[strictly]
+        distinct = np.ones(values_in.size, dtype=bool)
+        distinct[1:] = values_in[1:] != values_in[:-1]
+        split = np.full(cells, np.nan)
+        split[cells_in] = values_in
+        split[np.bincount(cells_in[distinct], minlength=cells) > 1] = np.nan
+        split = split[inside]
+        upper = fixed.searchsorted(split, "right") - 1  # the piece starting at the value (its last copy)
+        return cls(h, float(off), cells, k, clean, fixed, ref.searchsorted(fixed, "right"), piece_bin, first,
+                   ~clean[piece_bin], fixed.searchsorted((off + dirty) * h, "right") - 1, split, upper,
+                   fixed * (1.0 / h) - (off - 1.0))
 
     def bins(self, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The bin of every value and its offset ``(v - e) / h`` from an edge: the cell's left edge for
@@ -430,21 +518,38 @@ class _Grid:
         f -= self.off - 1.0
         return f.astype(np.intp), frac
 
-    def wasserstein(self, ref: np.ndarray, cur: np.ndarray) -> float:
+    def bin_index(self, values: np.ndarray, low: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The bins of :meth:`bins`, in fewer passes over a large window (``low``: its least value,
+        when known; at or above 0, truncation is the floor), and each value's place ``v / h - off + 1``
+        in cells from ``e_0 - h`` (bin ``b`` starts at ``b``; rounded, so only summed, never compared)."""
+        t = values * (1.0 / self.h)  # exact: h is a power of two
+        floor = t if low is not None and low >= 0 else np.floor(t)
+        b = floor.astype(np.intp)
+        b -= int(self.off) - 1
+        np.clip(b, 0, self.cells + 1, out=b)
+        t -= self.off - 1.0
+        return b, t
+
+    def wasserstein(self, ref: np.ndarray, cur: np.ndarray, low: float | None = None) -> float:
         """First Wasserstein distance of the reference (sorted) and an unsorted window, exactly.
 
         ``n_r n |F_r - F_w|`` is integrated bin by bin in integers times lengths. On a clean
         bin ``F_r`` is constant and ``F_w`` rises from ``L/n`` (``L``: window values left of the
         bin) by the bin's values, so while the two do not cross inside, the integral is a sum of
         nonnegative terms over the bin's count and the values' offsets from its edges — no sort.
-        Bins holding a reference value, and bins where the CDFs cross, are integrated on the
-        merged grid of their sorted values, as scipy does for the whole sample.
+        Bins holding reference values are integrated the same way piece by piece between those
+        values (:meth:`_dirty_part`); bins or pieces where the CDFs cross, on the merged grid of
+        their sorted values, as scipy does for the whole sample (:meth:`_exact_part`).
         """
         n_r, n = ref.size, cur.size
-        bins, frac = self.bins(cur)
+        bins, place = self.bin_index(cur, low)
         last = self.cells + 1
         cnt = np.bincount(bins, minlength=last + 1)
-        below = np.bincount(bins, weights=frac, minlength=last + 1)  # sum of (v - e_i) / h per cell
+        # sum of (v - e) / h per bin, e its left edge (e_0 - h for the left tail, e_G for the right):
+        # the values' places less the bin's number, once per value (offsets from the grid, not from 0,
+        # so a reference far from 0 loses no digits)
+        below = np.bincount(bins, weights=place, minlength=last + 1)
+        below -= cnt * np.arange(last + 1, dtype=np.float64)
         left = np.cumsum(cnt) - cnt  # window values left of each bin
         d = left * n_r - self.k * n  # n_r n (F_w - F_r) at each bin's left edge
         d_end = d + cnt * n_r  # ... and at its right edge
@@ -452,26 +557,68 @@ class _Grid:
         total = n_r * h * (float(cnt[0] - below[0]) + float(below[last]))  # the tails, where F_r is 0 or 1
         # A clean cell where F_w stays on one side of F_r (d >= 0: above; d_end <= 0: below) adds
         # h |d_end - n_r sum((v - e_i) / h)|: above, d h + n_r sum(e_i+1 - v); below, the mirror image.
-        inner = slice(1, last)
-        one_side = self.clean[inner] & ((d[inner] >= 0) | (d_end[inner] <= 0))
-        part = np.abs(d_end[inner] - n_r * below[inner])
-        part[~one_side] = 0.0
-        total += h * float(part.sum())
-        exact = np.zeros(last + 1, dtype=bool)
-        exact[inner] = ~one_side
+        one_side = self.clean & ((d >= 0) | (d_end <= 0))
+        one_side[0] = one_side[last] = False  # the tails, counted above
+        total += h * float(np.sum(np.abs(d_end - n_r * below), where=one_side))
+        # the other cells: those holding reference values, and clean ones where the CDFs cross
+        other = ~one_side
+        other[0] = other[last] = False
+        pick = np.flatnonzero(other[bins])
+        values, where = cur[pick], bins[pick]
+        in_dirty = ~self.clean[where]
+        dirty = values[in_dirty]
+        places = dirty * (1.0 / h)
+        places -= self.off - 1.0  # as bin_index places them
+        dirty_part, exact = self._dirty_part(dirty, places, where[in_dirty], cnt, left, n_r, n)
+        total += dirty_part
+        exact |= other & self.clean
         if exact.any():
-            total += self._exact_part(ref, cur, bins, exact, cnt, left)
+            keep = exact[where]
+            total += self._exact_part(ref, values[keep], where[keep], n, exact, cnt, left)
         return total / (n * n_r)
 
-    def _exact_part(self, ref: np.ndarray, cur: np.ndarray, bins: np.ndarray, exact: np.ndarray, cnt: np.ndarray,
-                    left: np.ndarray) -> float:
-        """``n_r n`` times the integral over the ``exact`` cells, on the merged grid of their values and edges."""
-        n_r, n = ref.size, cur.size
-        window = cur[exact[bins]]
-        window.sort()
+    def _dirty_part(self, values: np.ndarray, places: np.ndarray, where: np.ndarray, cnt: np.ndarray,
+                    left: np.ndarray, n_r: int, n: int) -> tuple[float, np.ndarray]:
+        """``n_r n`` times the integral over the cells holding reference values (``values``: the window's
+        values in them), piece by piece: between consecutive reference values and edges ``F_r`` is
+        constant, so a piece where ``F_w`` stays on one side of it adds ``|d_b len - n_r sum(v - a)|``
+        (``a``: its start, ``d_b``: ``n_r n (F_w - F_r)`` at its end), as a clean cell does. A cell
+        with a piece where the CDFs cross is left out and marked in the returned bins for
+        :meth:`_exact_part`."""
+        starts = self.fixed
+        exact = np.zeros(cnt.size, dtype=bool)
+        if starts.size == 0:  # every reference value on a cell edge: no cell holds one inside
+            return 0.0, exact
+        rank = (np.cumsum(~self.clean) - 1)[where]  # the cell's place among those not clean
+        split = self.dirty_split[rank]
+        j = np.where(values >= split, self.dirty_upper[rank], self.dirty_first[rank])
+        several = np.isnan(split)
+        if several.any():
+            j[several] = starts.searchsorted(values[several], "right") - 1
+        c = np.bincount(j, minlength=starts.size)
+        sums = np.bincount(j, weights=places, minlength=starts.size)  # in cells from e_0 - h, as starts_at
+        before = np.cumsum(c) - c
+        d_a = (left[self.piece_bin] + before - before[self.piece_first]) * n_r - self.piece_k * n
+        d_b = d_a + c * n_r
+        crossing = self.piece_dirty & (d_a < 0) & (d_b > 0)
+        exact[self.piece_bin[crossing]] = True
+        length = np.diff(starts, append=starts[-1])
+        part = np.abs(d_b * length - (n_r * self.h) * (sums - c * self.starts_at))
+        part[~self.piece_dirty | exact[self.piece_bin]] = 0.0
+        return float(part.sum()), exact
+
+    def _exact_part(self, ref: np.ndarray, window: np.ndarray, wbins: np.ndarray, n: int, exact: np.ndarray,
+                    cnt: np.ndarray, left: np.ndarray) -> float:
+        """``n_r n`` times the integral over the ``exact`` cells (``window``: the window's values in
+        them, ``wbins`` their bins; ``n``: the window's size), on the merged grid of their values and edges."""
+        n_r = ref.size
+        window = np.sort(window)
         crossing = np.flatnonzero(exact & self.clean) - 1  # clean cells where the CDFs cross: edges only
         edges = np.sort((self.off + np.concatenate((crossing, crossing + 1)).astype(np.float64)) * self.h)
-        extra = np.insert(self.fixed, self.fixed.searchsorted(edges), edges)
+        # the reference values and edges of the exact cells that are not clean (a cell's right edge is
+        # the next bin's left edge)
+        fixed = self.fixed[exact[self.piece_bin] | exact[self.piece_bin - 1]]
+        extra = np.insert(fixed, fixed.searchsorted(edges), edges)
         # merge the (few) reference values and edges into the sorted window values; at each point,
         # the number of those window values at or below it (exact at the last point of a tie, the
         # only one whose segment has a length)
@@ -488,21 +635,17 @@ class _Grid:
         return float(np.sum(gaps * np.abs(f * n - g * n_r)))
 
 
-def _wasserstein(prof: _ColumnProfile, cur: np.ndarray) -> float:
-    """Wasserstein distance of the profile and a window's finite values (sorted or not).
+def _wasserstein(prof: _ColumnProfile, cur: np.ndarray, low: float | None = None) -> float:
+    """Wasserstein distance of the profile and a window's finite values (sorted or not; ``low``:
+    their least value, when known).
 
     Large windows go through the reference's grid (no sort of the window); small ones through
     the merged sorted samples.
     """
-    for grid in prof.grids:
-        if cur.size > grid.cells:
-            return grid.wasserstein(prof.sorted_values, cur)
+    grid = prof.grid_for(cur.size) if cur.size > _MIN_GRID_WINDOW else None
+    if grid is not None:
+        return grid.wasserstein(prof.sorted_values, cur, low)
     return _wasserstein_sorted(prof.sorted_values, np.sort(cur))
-
-
-def _grids(ref: np.ndarray, distinct: int) -> tuple[_Grid, ...]:
-    grids = [_Grid.build(ref, distinct, per_value) for per_value in _CELLS_PER_REFERENCE_VALUE]
-    return tuple(g for g in grids if g is not None)
 
 
 def _count_vectors(ref: dict[Any, int], cur: dict[Any, int]) -> tuple[list[Any], np.ndarray, np.ndarray]:
@@ -577,21 +720,98 @@ def _numeric_values(series: pd.Series, name: str) -> np.ndarray:
     return values[~nan] if nan.any() else values
 
 
-def _levels_of_sorted(values: np.ndarray) -> dict[Any, int] | None:
-    """value -> count of a sorted array, or None when it has more than ``_KEEP_LEVELS`` values."""
-    if values.size and np.count_nonzero(values[1:] != values[:-1]) + 1 > _KEEP_LEVELS:
-        return None
-    uniques, counts = _sorted_uniques(values)
-    return dict(zip(uniques.tolist(), counts.tolist()))
+def _on_levels(values: np.ndarray, levels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each value, the index of the first of ``levels`` (sorted) not below it, and whether it is
+    that level (``np.isin`` in one search, NaN never on a level)."""
+    at = np.minimum(levels.searchsorted(values), levels.size - 1)
+    return at, levels[at] == values
+
+
+def _levels_of(values: np.ndarray, levels: np.ndarray) -> dict[Any, int] | None:
+    """value -> count of finite ``values`` (in sorted order), or None when they take more than
+    ``_KEEP_LEVELS`` values; ``levels``: the reference's distinct values, which most of them take
+    (only the others are sorted)."""
+    at, hit = _on_levels(values, levels)
+    counts = np.bincount(at[hit], minlength=levels.size)
+    found = {k: c for k, c in zip(levels.tolist(), counts.tolist()) if c}
+    others = values[~hit]
+    if others.size:
+        others = np.sort(others)
+        if np.count_nonzero(others[1:] != others[:-1]) + 1 + len(found) > _KEEP_LEVELS:
+            return None
+        uniques, n = _sorted_uniques(others)
+        found.update(zip(uniques.tolist(), n.tolist()))
+        found = dict(sorted(found.items()))
+    return found if len(found) <= _KEEP_LEVELS else None
 
 
 def _category_counts(series: pd.Series) -> dict[Any, int]:
-    """Counts per level as strings (the same levels ``prepare_frame`` makes), missing values left out."""
+    """Counts per level as strings (what ``prepare_frame`` makes of each value: ``str(value)``),
+    missing values left out."""
+    values = series.to_numpy() if series.dtype == object else None
+    if values is not None and values.size >= _IDENTITY_MIN_ROWS:
+        counts = _counts_by_identity(values)
+        if counts is not None:
+            return counts
     counts: dict[Any, int] = {}
-    for key, n in series.value_counts(dropna=True).items():
-        k = str(key)
-        counts[k] = counts.get(k, 0) + int(n)
+    found = series.value_counts(dropna=True)
+    if series.dtype == object and not all(type(key) is str for key in found.index):
+        # equal values of other types (1, 1.0, True) are one key to value_counts but three strings
+        found = series[series.notna()].astype(str).value_counts()
+    for key, n in found.items():
+        if n:
+            k = str(key)
+            counts[k] = counts.get(k, 0) + int(n)
     return counts
+
+
+# Counting an object column by its objects: a column whose values come from a few objects (what
+# pyarrow's ``to_pandas`` and ``pd.read_csv`` give, or ``np.array(levels)[codes]``) is counted by
+# the objects' addresses, with no string hashed or compared per row; the few distinct objects are
+# then read (``str``), and objects with the same text add up. A column of distinct objects per row
+# (strings decoded row by row, as the monitor's store does) is recognised on a sample and counted
+# by value instead.
+_IDENTITY_MIN_ROWS = 4096
+_IDENTITY_SAMPLE = 4096  # rows looked at to guess how many distinct objects a column holds
+_IDENTITY_PASSES = 16  # up to this many objects in the sample: one comparison pass each
+_IDENTITY_MAX_SAMPLED = 256  # more distinct objects than this in the sample: counted by value
+
+
+class _Addresses:
+    """The object pointers of an object array, as a read-only ``uintp`` array (``np.asarray`` of it);
+    holds the array, so the objects and the memory outlive every view made of it."""
+
+    def __init__(self, values: np.ndarray) -> None:
+        self.values = values
+        face = values.__array_interface__
+        self.__array_interface__ = {"shape": face["shape"], "strides": face["strides"], "version": 3,
+                                    "data": (face["data"][0], True), "typestr": np.dtype(np.uintp).str}
+
+
+def _counts_by_identity(values: np.ndarray) -> dict[Any, int] | None:
+    """``_category_counts`` of an object array counted by object, or None when it holds many."""
+    addresses = np.asarray(_Addresses(values))
+    step = max(1, values.size // _IDENTITY_SAMPLE)
+    sampled, first = np.unique(addresses[::step], return_index=True)
+    if sampled.size > _IDENTITY_MAX_SAMPLED:
+        return None
+    objects, counts = values[::step][first], []
+    if sampled.size <= _IDENTITY_PASSES:
+        counts = [int(np.count_nonzero(addresses == a)) for a in sampled]
+    if sum(counts) != values.size:  # objects the sample missed, or too many for a pass each: hash the addresses
+        codes, uniques = pd.factorize(addresses)
+        if uniques.size > _IDENTITY_MAX_SAMPLED * 4:
+            return None
+        # codes are numbered in order of first appearance: code c first shows where their running
+        # maximum reaches c
+        firsts = np.maximum.accumulate(codes).searchsorted(np.arange(uniques.size))
+        objects, counts = values[firsts], np.bincount(codes, minlength=uniques.size).tolist()
+    out: dict[Any, int] = {}
+    for obj, missing, n in zip(objects, pd.isna(objects), counts):
+        if not missing:
+            k = str(obj)
+            out[k] = out.get(k, 0) + n
+    return out
 
 
 @dataclass
@@ -603,6 +823,7 @@ class _WindowColumn:
     levels: dict[Any, int] | None  # categorical: counts of the levels compared
     set_aside: dict[str, int]  # reason -> values not compared
     aligned: np.ndarray | None = None  # when asked: one cell per row, NaN/None where not compared
+    low: float | None = None  # numeric: the least value compared, when known
 
 
 def _set_aside_limit(n: int, options: DriftOptions) -> int:
@@ -619,6 +840,10 @@ def _window_column(prof: _ColumnProfile, series: pd.Series, options: DriftOption
                    aligned: bool = False, requests: np.ndarray | None = None) -> _WindowColumn:
     if prof.kind == CATEGORICAL:
         return _categorical_window(prof, series, options, aligned, requests)
+    if not aligned and prof.levels is None:
+        clean = _clean_numeric(prof, series)
+        if clean is not None:
+            return clean
     values, counts = _numeric_column(series)
     owned = False
     budget = _set_aside_limit(values.size, options)
@@ -639,7 +864,7 @@ def _window_column(prof: _ColumnProfile, series: pd.Series, options: DriftOption
                 np.clip(values, lo - reach, hi + reach, out=values)
                 counts["clipped"] = far
     if prof.levels is not None and budget:
-        unseen = ~np.isin(values, np.fromiter(prof.levels, np.float64, len(prof.levels))) & ~np.isnan(values)
+        unseen = ~_on_levels(values, prof.level_values)[1] & ~np.isnan(values)
         n_unseen = int(np.count_nonzero(unseen))
         if 0 < n_unseen <= budget and _one_request(requests, unseen):  # a level the reference never had: one row would be chi-square drift
             values = values if owned else values.copy()
@@ -648,6 +873,20 @@ def _window_column(prof: _ColumnProfile, series: pd.Series, options: DriftOption
     nan = np.isnan(values)
     kept = values[~nan] if nan.any() else values
     return _WindowColumn(int(kept.size), kept, None, counts, values if aligned else None)
+
+
+def _clean_numeric(prof: _ColumnProfile, series: pd.Series) -> _WindowColumn | None:
+    """A float64 column whose least and greatest values are finite and within the reference's reach
+    has nothing to set aside (no missing, infinite or far value): compared as it is, not copied.
+    None for any other column (the general cleaning)."""
+    if series.dtype != np.float64 or len(series) == 0:
+        return None
+    values = series.to_numpy()
+    low, high = float(values.min()), float(values.max())  # NaN if any value is NaN
+    lo, hi = prof.reach
+    if not (lo <= low and high <= hi):
+        return None
+    return _WindowColumn(values.size, values, None, {}, None, low)
 
 
 def _categorical_window(prof: _ColumnProfile, series: pd.Series, options: DriftOptions,
@@ -680,8 +919,8 @@ def _column_check(name: str, prof: _ColumnProfile, wc: _WindowColumn, options: D
     n_cur = wc.n
     if prof.kind == NUMERICAL:
         cur = wc.values
-        # a window is sorted only where its levels matter (a reference with few levels) or a method needs it
-        cur_levels = _levels_of_sorted(np.sort(cur)) if prof.levels is not None else None
+        # a window's levels matter only where the reference has few
+        cur_levels = _levels_of(cur, prof.level_values) if prof.levels is not None else None
     else:
         cur_levels = wc.levels
     method = options.method_for(name, prof.kind)
@@ -699,7 +938,7 @@ def _column_check(name: str, prof: _ColumnProfile, wc: _WindowColumn, options: D
     score: float | None = None
     with np.errstate(over="ignore", divide="ignore", invalid="ignore"):  # degenerate counts: scipy's inf/0 p-values
         if method == "wasserstein" and prof.kind == NUMERICAL:
-            score = _wasserstein(prof, cur) / prof.std
+            score = _wasserstein(prof, cur, wc.low) / prof.std
         elif method == "ks" and prof.kind == NUMERICAL:
             from scipy.stats import ks_2samp
 

@@ -221,8 +221,14 @@ def classification_metrics(y_true: Any, y_pred: Any, scores: np.ndarray | None =
                            classes: list[Any] | None = None) -> dict[str, float]:
     """Accuracy, F1, and — with scores (``n × k``, columns in ``classes`` order) — ROC AUC and ECE.
 
-    ``driftloop.core.statistics`` computes them, as for the evaluate step; the macro F1 of several
-    classes averages over every class the model knows (one absent from the window counts 0)."""
+    The definitions are ``driftloop.core.statistics``' (scikit-learn's, as for the evaluate step);
+    the macro F1 of several classes averages over every class the model knows (one absent from the
+    window counts 0). Arrays whose type already says what each value is (integer or string labels,
+    finite scores) take :func:`_encoded_metrics`, which computes the same values from class codes;
+    anything else (lists, wrapped values, unknown labels) goes through ``core.statistics``."""
+    fast = _encoded_metrics(y_true, y_pred, scores, classes)
+    if fast is not None:
+        return fast
     y = _as_class(y_true, classes)
     p = _as_class(y_pred, classes)
     order = list(_as_class(classes, classes)) if classes is not None else sorted(set(y) | set(p))
@@ -233,10 +239,213 @@ def quality_metrics(task: str, labels: Any, predictions: Any, scores: np.ndarray
                     classes: list[Any] | None = None) -> dict[str, float]:
     """The task's metrics on one window (the fast path)."""
     if task == "regression":
-        return regression_metrics(pd.to_numeric(pd.Series(list(labels)), errors="raise"),
-                                  pd.to_numeric(pd.Series([p[0] if isinstance(p, list) else p for p in predictions]),
-                                                errors="raise"))
+        y, p = _float_array(labels), _float_array(predictions)
+        if y is None or p is None:
+            y = pd.to_numeric(pd.Series(list(labels)), errors="raise")
+            p = pd.to_numeric(pd.Series([v[0] if isinstance(v, list) else v for v in predictions]), errors="raise")
+        return regression_metrics(y, p)
     return classification_metrics(labels, predictions, scores, classes)
+
+
+# -- the vectorised reading: class codes, counts, one sort per score column ----------------------
+# ``_as_class`` looks at every value in Python (1M rows: most of a second). Where the array's type
+# already answers what it would find, the values are read as a whole instead and each is replaced
+# by its class's index (its code); the metrics are then counts of codes, computed the way
+# scikit-learn computes them from those counts, so the values are the same to the last bit
+# (tests/test_quality_fast.py). ``None`` from any helper below means "not this reading": the
+# caller takes the general path, which gives the same answer, only slower.
+_EXACT_INT = 2 ** 53  # integers a float64 holds exactly (``_as_class`` reads numbers as float64)
+_LOOKUP_SPAN = 1 << 16  # integer classes within this span are coded by a table, others by a search
+
+
+def _raw(values: Any) -> np.ndarray | None:
+    if isinstance(values, pd.Series):
+        values = values.to_numpy()
+    return values if isinstance(values, np.ndarray) and values.ndim == 1 else None
+
+
+def _float_array(values: Any) -> np.ndarray | None:
+    """Regression values as float64 where the array holds numbers only (what ``pd.to_numeric`` gives)."""
+    arr = _raw(values)
+    if arr is None:
+        return None
+    if arr.dtype.kind in "iuf":
+        return arr
+    if arr.dtype.kind == "O" and pd.api.types.infer_dtype(arr, skipna=False) in (
+            "integer", "floating", "mixed-integer-float"):
+        try:
+            return arr.astype(np.float64)
+        except (TypeError, ValueError, OverflowError):
+            return None
+    return None
+
+
+def _numeric_classes(classes: list[Any] | None) -> bool:
+    return classes is not None and all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in classes)
+
+
+def _class_values(values: Any, numeric: bool) -> np.ndarray | None:
+    """What ``_as_class`` returns (int64 for integral numbers, str objects for text), read as a
+    whole array; None where that needs a look at each value (lists, NaN, fractions, mixed types)."""
+    arr = _raw(values)
+    if arr is None:
+        return None
+    kind = arr.dtype.kind
+    if kind == "O":
+        inferred = pd.api.types.infer_dtype(arr, skipna=False)
+        if inferred == "string" and not numeric:
+            return arr
+        if not numeric or inferred not in ("integer", "floating", "mixed-integer-float"):
+            return None
+        try:
+            arr = arr.astype(np.int64) if inferred == "integer" else arr.astype(np.float64)
+        except (TypeError, ValueError, OverflowError):
+            return None
+        kind = arr.dtype.kind
+    elif kind == "U":
+        return arr.astype(object) if not numeric else None
+    if not numeric or kind not in "iuf" or arr.size == 0:
+        return None
+    lo, hi = arr.min(), arr.max()
+    if kind == "f":
+        if not (np.isfinite(lo) and np.isfinite(hi) and -_EXACT_INT < lo and hi < _EXACT_INT):
+            return None
+        as_int = arr.astype(np.int64)
+        return as_int if np.array_equal(as_int, arr) else None  # fractions: scikit-learn reads them otherwise
+    if -_EXACT_INT < int(lo) and int(hi) < _EXACT_INT:  # beyond: float64 would round them, as _as_class does
+        return arr.astype(np.int64, copy=False)
+    return None
+
+
+def _codes(values: np.ndarray, order: list[Any]) -> np.ndarray | None:
+    """Each value's index in ``order``; None when one is not in it (or ``order`` repeats a class)."""
+    if values.dtype == object:
+        index = pd.Index(order, dtype=object)
+        if not index.is_unique:
+            return None
+        codes = index.get_indexer(values)
+        return codes if codes.size == 0 or codes.min() >= 0 else None
+    keys = np.asarray(order, dtype=np.int64)
+    if keys.size == 0 or np.unique(keys).size != keys.size:
+        return None
+    lo, hi = int(keys.min()), int(keys.max())
+    vlo, vhi = int(values.min()), int(values.max())
+    if vlo < lo or vhi > hi:
+        return None
+    if np.array_equal(keys, np.arange(keys.size)):  # classes 0..k-1: the values are their codes
+        return values
+    if hi - lo <= _LOOKUP_SPAN:
+        table = np.full(hi - lo + 1, -1, dtype=np.int64)
+        table[keys - lo] = np.arange(keys.size)
+        codes = table[values - lo]
+        return codes if codes.min() >= 0 else None
+    sorter = np.argsort(keys)
+    at = np.minimum(keys.searchsorted(values, sorter=sorter), keys.size - 1)
+    found = sorter[at]
+    return found if np.array_equal(keys[found], values) else None
+
+
+def _encoded_metrics(y_true: Any, y_pred: Any, scores: Any, classes: list[Any] | None) -> dict[str, float] | None:
+    """``core.statistics.classification_metrics`` (macro over the classes) from class codes, or None."""
+    numeric = _numeric_classes(classes)  # without classes, _as_class reads every value as text
+    y, p = _class_values(y_true, numeric), _class_values(y_pred, numeric)
+    if y is None or p is None or y.size != p.size or y.size == 0 or (y.dtype == object) != (p.dtype == object):
+        return None
+    if classes is not None:
+        order = list(_as_class(classes, classes))
+    else:
+        both = np.concatenate((y, p))
+        order = sorted(pd.unique(both).tolist()) if both.dtype == object else np.unique(both).tolist()
+    cy, cp = _codes(y, order), _codes(p, order)
+    if cy is None or cp is None:
+        return None
+    n, k = y.size, len(order)
+    score_matrix = None
+    if scores is not None:
+        score_matrix = np.asarray(scores)
+        if score_matrix.dtype != np.float64 or score_matrix.shape != (n, k) or not np.isfinite(score_matrix).all():
+            return None
+    counts = np.bincount(cy * k + cp, minlength=k * k).reshape(k, k)  # truth × prediction
+    tp = np.diagonal(counts)
+    true_sum, pred_sum = counts.sum(axis=1), counts.sum(axis=0)
+    # scikit-learn's F-score: (1 + β²) tp / (β² true + pred), 0 where nothing is true nor predicted
+    denom = true_sum.astype(np.float64) + pred_sum
+    f = np.where(denom == 0, 0.0, 2.0 * tp / np.where(denom == 0, 1.0, denom))
+    out = {"accuracy": int(tp.sum()) / n, "f1": float(f[1]) if k == 2 else float(np.mean(f))}
+    if score_matrix is None:
+        return out
+    if np.count_nonzero(true_sum) > 1:
+        auc = _roc_auc_codes(cy, score_matrix, order, true_sum)
+        if auc is not None:
+            out["roc_auc"] = auc
+    out["ece"] = _ece(cy == cp, _row_reduce(np.maximum, score_matrix))
+    return out
+
+
+def _row_reduce(op: Any, matrix: np.ndarray) -> np.ndarray:
+    """``op`` over each row, column by column (the same values as ``matrix.max(axis=1)`` or, for a few
+    columns, ``sum(axis=1)``, at a fraction of the time for a tall matrix)."""
+    out = matrix[:, 0].copy()
+    for j in range(1, matrix.shape[1]):
+        op(out, matrix[:, j], out=out)
+    return out
+
+
+def _roc_auc_codes(codes: np.ndarray, scores: np.ndarray, order: list[Any], true_sum: np.ndarray) -> float | None:
+    """``core.statistics.roc_auc``: the positive class's column for two classes; else one-vs-rest,
+    macro, only for classes given in sorted order and rows of scores summing to 1 (NaN when a class
+    is missing from the truth), as scikit-learn's ``roc_auc_score`` answers."""
+    k = len(order)
+    if k == 2:
+        return _binary_auc(codes == 1, scores[:, 1])
+    if any(not order[i] < order[i + 1] for i in range(k - 1)):  # scikit-learn: labels must be ordered
+        return None
+    if not np.allclose(1, _row_reduce(np.add, scores)):
+        return None
+    per_class = [_binary_auc(codes == c, scores[:, c]) if 0 < true_sum[c] < codes.size else np.nan for c in range(k)]
+    return float(np.average(np.asarray(per_class, dtype=np.float64)))
+
+
+def _binary_auc(positive: np.ndarray, score: np.ndarray) -> float:
+    """scikit-learn's ROC AUC of one column: its ROC curve (``drop_intermediate``) and trapezoids.
+
+    The curve's points are counts at each distinct score from the top: one sort of the scores
+    (any order within ties: only each distinct score's counts matter) gives, at the start of each
+    run of equal scores, how many rows and how many positives lie below it. The counts are the
+    integers scikit-learn accumulates in float64, so the curve, and the area, are the same."""
+    from sklearn.metrics import auc
+
+    order = np.argsort(score)
+    ranked = score[order]
+    starts = np.flatnonzero(np.concatenate(([True], ranked[1:] != ranked[:-1])))
+    below = np.concatenate(([0], np.cumsum(positive[order], dtype=np.int64)))[starts]  # positives below each run
+    n_pos = int(np.count_nonzero(positive))
+    tps = (n_pos - below)[::-1].astype(np.float64)  # descending thresholds: positives at or above
+    fps = (positive.size - starts)[::-1].astype(np.float64) - tps
+    if fps.size > 2:
+        keep = np.concatenate(([True], np.logical_or(np.diff(fps, 2), np.diff(tps, 2)), [True]))
+        fps, tps = fps[keep], tps[keep]
+    fps, tps = np.concatenate(([0.0], fps)), np.concatenate(([0.0], tps))
+    return auc(fps / fps[-1], tps / tps[-1])
+
+
+def _ece(correct: np.ndarray, confidence: np.ndarray, bins: int = 10) -> float:
+    """``core.statistics.expected_calibration_error``, bin by bin in the same order and with the
+    same sums: rows are grouped by bin with a stable sort, so each bin's mean adds its rows in
+    their original order, as the masked mean does."""
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.zeros(confidence.size, dtype=np.uint8)  # np.digitize(right=True): the inner edges below each value
+    for edge in edges[1:-1]:
+        which += confidence > edge
+    order = np.argsort(which, kind="stable")
+    conf, hits = confidence[order], correct[order]
+    bounds = np.concatenate(([0], np.cumsum(np.bincount(which, minlength=bins))))
+    total = 0.0
+    for b in range(bins):
+        lo, hi = bounds[b], bounds[b + 1]
+        if hi > lo:
+            total += (hi - lo) * abs(hits[lo:hi].astype(float).mean() - conf[lo:hi].mean())
+    return float(total / confidence.size)
 
 
 # -- Evidently (report of record) ----------------------------------------------------------------
