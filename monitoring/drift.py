@@ -1005,8 +1005,12 @@ def evidently_report(reference: pd.DataFrame, current: pd.DataFrame, numeric: li
     definition = DataDefinition(numerical_columns=num, categorical_columns=cat)
     report = Report([DataDriftPreset(**options.preset_kwargs())], include_tests=True)
     try:
-        snapshot = report.run(current_data=Dataset.from_pandas(cur, data_definition=definition),
-                              reference_data=Dataset.from_pandas(ref, data_definition=definition))
+        # Evidently's report also computes the columns' correlations (np.corrcoef), which divides by zero for a
+        # constant column and prints a RuntimeWarning into the monitor's log at every report: not the user's
+        # concern and not part of the verdict. errstate is this thread's only, unlike a warnings filter.
+        with np.errstate(invalid="ignore", divide="ignore"):
+            snapshot = report.run(current_data=Dataset.from_pandas(cur, data_definition=definition),
+                                  reference_data=Dataset.from_pandas(ref, data_definition=definition))
     except ValueError as exc:
         raise MonitorError(f"Evidently could not compare the data: {exc}") from exc
     result = result_from_snapshot(snapshot.dict(), numeric, options.drift_share, len(ref), len(cur),

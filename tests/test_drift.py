@@ -151,3 +151,18 @@ def test_large_window_check_matches_evidently_score():
         assert col.score == pytest.approx(judge.column(col.column).score, rel=1e-9, abs=1e-12)
         assert col.drifted == judge.column(col.column).drifted
     assert fast.column("a").drifted and fast.column("b").drifted
+
+
+def test_a_constant_column_leaves_no_numpy_warning_in_the_monitors_log():
+    """A constant column (the hotels table's `company` in a window) made Evidently's correlations divide by zero,
+    and numpy's RuntimeWarning went into the monitor's log at every report; the verdict is unaffected."""
+    import warnings
+
+    rng = np.random.default_rng(3)
+    ref = pd.DataFrame({"a": rng.normal(0, 1, 500), "flat": np.full(500, 7.0)})
+    cur = pd.DataFrame({"a": rng.normal(0, 1, 400), "flat": np.full(400, 7.0)})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, judge = evidently_report(ref, cur, ["a", "flat"], [], DriftOptions())
+    assert [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)] == []
+    assert not judge.column("flat").drifted
