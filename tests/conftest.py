@@ -68,3 +68,15 @@ def trained(tmp_path_factory, scenario_path):
     result = run_training(LocalRunner(settings), RunRequest(window_end="2026-01-31"))
     assert result.state == "SUCCEEDED", result.error
     return settings, result
+
+
+# The longest modules go first. `make test` runs two test processes (pytest-xdist, a module at a time per
+# process, in this order: --no-loadscope-reorder), so these run beside the many short modules instead of
+# alone at the end.
+_LONG_FIRST = ("test_real_data_loop.py", "test_e2e_loop.py")
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(_LONG_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order

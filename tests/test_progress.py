@@ -84,9 +84,9 @@ def test_the_gate_decision_and_data_summary_are_markdown_outputs_of_a_local_run(
     assert "first model passes by the bootstrap rule" in text and "| **accuracy** |" in text
     (summary,) = [p for p in root.rglob("data_summary") if p.is_file()]
     text = summary.read_text()
-    assert "| column | kind | missing | range / levels | unseen in test |" in text
-    assert re.search(r"\| `\w+` \| numeric \| \d+\.\d% \| -?[\d.e+-]+ \.\. -?[\d.e+-]+ \| \|", text), text
-    assert re.search(r"\| `\w+` \| categorical \| \d+\.\d% \| .+ \| none \|", text), text
+    assert "| column | kind | missing (train / test) | range / levels | unseen in test |" in text
+    assert re.search(r"\| `\w+` \| numeric \| \d+\.\d% / \d+\.\d% \| -?[\d.e+-]+ \.\. -?[\d.e+-]+ \| \|", text), text
+    assert re.search(r"\| `\w+` \| categorical \| \d+\.\d% / \d+\.\d% \| .+ \| none \|", text), text
 
 
 def test_compiled_yaml_declares_the_markdown_artifacts(tmp_path):
@@ -120,8 +120,9 @@ def test_data_summary_names_gaps_ranges_levels_and_unseen_levels():
     schema = validate_frames(train, test, target="label", task="classification", max_unseen_share=1.0)
     text = data_summary_markdown(train, test, schema)
     assert "4 training rows, 2 test rows; target `label` (classification), classes 0, 1." in text
-    assert "| `x` | numeric | 16.7% | 1 .. 4 | |" in text
-    assert "| `c` | categorical | 0.0% | a, b | z (50.0% of rows) |" in text
+    assert "| `x` | numeric | 25.0% / 0.0% | 1 .. 4 | |" in text
+    assert "| `c` | categorical | 0.0% / 0.0% | a, b | z (50.0% of rows) |" in text
+    assert "Sparse columns" not in text  # 1 gap in 6 values: under the 30 % note
 
 
 def test_verbose_streams_the_task_log_and_a_failure_is_one_task_line(tmp_path, scenario_path):
