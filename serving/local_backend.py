@@ -386,6 +386,7 @@ class Supervisor:
         self.crashloop_restarts, self.crashloop_window = crashloop_restarts, crashloop_window
         self.on_crashloop = on_crashloop or (lambda reason: backend.rollback())
         self._watch: dict[str, _Watch] = {}
+        self._probe_client: Any = None  # one client for every probe: a new one per probe loads the CA bundle
 
     @property
     def degraded(self) -> bool:
@@ -438,8 +439,13 @@ class Supervisor:
     def _ready(self, url: str) -> bool:
         import httpx
 
+        if self._probe_client is None:
+            # plain loopback HTTP: no TLS context (creating one per probe was most of serve's own CPU), no
+            # kept connection (a restarted server comes back on a new port; a probe always dials afresh)
+            self._probe_client = httpx.Client(timeout=self.probe_timeout, verify=False, trust_env=False,
+                                              limits=httpx.Limits(max_keepalive_connections=0))
         try:
-            return httpx.get(url, timeout=self.probe_timeout).status_code == 200
+            return self._probe_client.get(url).status_code == 200
         except httpx.HTTPError:
             return False
 
