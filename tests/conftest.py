@@ -1,6 +1,7 @@
 """Shared fixtures: scenario data, settings in a temporary workspace, one trained champion per session."""
 
 import os
+import signal
 import warnings
 from pathlib import Path
 
@@ -10,6 +11,12 @@ from driftloop.core.processes import free_port  # noqa: F401 (tests import it fr
 from tests.servers import tracking  # noqa: F401 (a real MLflow server on S3, one per session)
 
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+
+# A test run started in the background of a script (`make test &`, CI runners) inherits SIGINT ignored, and an
+# ignored signal stays ignored across exec: the `driftloop serve` a test starts would then never see the Ctrl-C
+# the test sends it. Python's own handler here means every child starts with the default action.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 warnings.filterwarnings("ignore", category=FutureWarning)
 
 

@@ -218,9 +218,12 @@ def test_cli_serve_until_interrupted_leaves_nothing_behind(served_pair):
         pids = [state[k]["pid"] for k in ("gateway", "primary", "canary")]
     finally:
         proc.send_signal(signal.SIGINT)
-        # each server gets its own stop timeout (10 s) before a kill; on a machine loaded far past its cores
-        # (a second test process beside this one) the orderly stop of three servers has taken over 60 s
-        out, _ = proc.communicate(timeout=180)
+        try:
+            out, _ = proc.communicate(timeout=90)
+        except subprocess.TimeoutExpired:
+            proc.kill()  # never left running, whatever the test found (its servers die with it)
+            proc.wait(30)
+            raise
     assert proc.returncode == 0, out
     assert url in out and "stopped" in out
     assert not any(process_alive(p) for p in pids)

@@ -116,7 +116,7 @@ def test_every_check_is_a_snapshot_in_the_models_evidently_project(tmp_path, tra
     code, out, err = run_cli(["history", *ws], monkeypatch, capsys)
     assert code == 0, err
     assert 0 <= out.index("no drift") < out.index("degraded") < out.index("rolled_back")
-    flat = "".join(out.split())  # 80 columns: a long id may fold onto the row's next line
+    flat = "".join(out.split())  # 80 columns: a long id folds onto the row's next lines, never cropped
     assert alert["id"] in flat and "started" in out and "rolled_back" in out and "errorrate" in flat
     code, out, _ = run_cli(["history", *ws, "--json", "--since", "1h"], monkeypatch, capsys)
     assert [x["kind"] for x in json.loads(out)["records"]] == ["drift", "quality", "rollout"]

@@ -100,7 +100,7 @@ def _print(model: str, target: str, rows: list[dict[str, Any]], n: int) -> None:
     table.add_column("check", no_wrap=True)
     table.add_column("version", no_wrap=True)
     table.add_column("verdict", no_wrap=True)
-    table.add_column("what was found, what the loop did", overflow="fold", ratio=1, min_width=24)
+    table.add_column("what was found, what the loop did", overflow="fold", ratio=1, min_width=16)
     for row in rows:
         when = _clock(row["time"]) + (f"\n… {_clock(row['until'])} ×{row['count']}" if row["count"] > 1 else "")
         colour = colours.get(row["verdict"], "")
