@@ -123,7 +123,8 @@ def alert_url(settings: Settings) -> str:
     if settings.is_cluster:
         base = settings.serving.logger_url.rsplit("/", 1)[0]  # the monitor's in-cluster Service
         return f"{base}/alerts/alertmanager"
-    return f"http://{settings.monitor.host}:{settings.monitor.port}/alerts/alertmanager"
+    m = settings.monitor
+    return f"http://{m.host}:{m.port}{m.base_path}/alerts/alertmanager"
 
 
 def score_arguments(settings: Settings, request: ScoreRequest | None = None) -> dict[str, Any]:

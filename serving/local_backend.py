@@ -148,7 +148,7 @@ class LocalBackend:
 
     def sink_url(self) -> str:
         m = self.settings.monitor
-        return f"http://{m.host}:{m.port}/events"
+        return f"http://{m.host}:{m.port}{m.base_path}/events"
 
     def start_gateway(self, primary: ProcessInfo, canary: ProcessInfo | None, percent: float, *,
                       replicas: list[dict[str, Any]] = (), port: int = 0) -> ProcessInfo:

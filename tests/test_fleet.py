@@ -56,8 +56,14 @@ def test_the_example_fleet_loads_with_a_workspace_names_and_ports_per_model():
         assert s.mlflow.model_name == s.serving.name == m.name
         assert s.data.source == str(root / "data" / f"{m.name}.parquet")  # relative to the file's folder
         assert s.data.time_column == "event_time" and s.trigger.daily_budget == 3  # from defaults
-    assert [m.settings.serving.gateway_port for m in fleet.models] == [8080, 8081, 8082, 8083]
-    assert [m.settings.monitor.port for m in fleet.models] == [8090, 8091, 8092, 8093]
+    # one gateway and one monitor for the fleet: the same ports, a path of its own on the monitor
+    assert {m.settings.serving.gateway_port for m in fleet.models} == {8080}
+    assert {m.settings.monitor.port for m in fleet.models} == {8090}
+    assert [m.settings.monitor.base_path for m in fleet.models] == [f"/models/{n}" for n in fleet.names]
+    for m in fleet.models:
+        member = m.settings.fleet
+        assert member.name == m.name and member.team == m.team and member.root == root
+        assert member.models == tuple(fleet.names) and member.limits == fleet.limits
     assert fleet.models[1].settings.rollout.step_weight == 25 and fleet.models[0].settings.rollout.step_weight == 20
     assert fleet.limits.max_concurrent_runs == 2 and fleet.limits.daily_runs == 12 and fleet.limits.gpus == 0
 
@@ -84,10 +90,11 @@ def test_params_address_the_file_or_every_model_and_the_environment_every_model(
     assert churn.workspace_dir == tmp_path / "w2" / "models" / "churn"
 
 
-def test_a_model_that_sets_its_own_port_keeps_it_and_the_others_go_around_it(tmp_path):
-    fleet = load_fleet(write(tmp_path, TWO + "  extra:\n    serving: {gateway_port: 8080}\n"), environ={})
-    assert [m.settings.serving.gateway_port for m in fleet.models] == [8081, 8082, 8080]
-    assert len({m.settings.monitor.port for m in fleet.models}) == 3
+def test_the_shared_ports_are_set_under_defaults(tmp_path):
+    fleet = load_fleet(write(tmp_path, TWO.replace("defaults:\n", "defaults:\n  serving: {gateway_port: 9100}\n"
+                                                                 "  monitor: {port: 9200}\n")), environ={})
+    assert {(m.settings.serving.gateway_port, m.settings.monitor.port) for m in fleet.models} == {(9100, 9200)}
+    assert load_fleet(ROOT / "examples" / "demo.yaml", environ={}).models[0].settings.fleet is None
 
 
 def test_gpus_a_model_may_hold():
@@ -118,9 +125,16 @@ BAD = [
     ("two models on one MLflow model name",
      TWO + "  other:\n    mlflow: {model_name: demand}\n",
      "models.other.mlflow.model_name: demand is also models.demand.mlflow.model_name; each model needs its own"),
-    ("two models on one port",
-     TWO + "  other:\n    monitor: {port: 9000}\n  more:\n    serving: {gateway_port: 9000}\n",
-     "models.more.serving.gateway_port: 9000 is also models.other.monitor.port; each model needs its own"),
+    ("two models on one model-server port",
+     TWO + "  other:\n    serving: {primary_port: 9000}\n  more:\n    serving: {canary_port: 9000}\n",
+     "models.more.serving.canary_port: 9000 is also models.other.serving.primary_port; each model needs its own"),
+    ("a model with a gateway of its own",
+     TWO + "  other:\n    serving: {gateway_port: 9000}\n",
+     "models.other.serving.gateway_port: the fleet's models share one gateway; set serving.gateway_port under "
+     "defaults"),
+    ("two models on one monitor path",
+     TWO + "  other:\n    monitor: {base_path: /models/churn}\n",
+     "models.other.monitor.base_path: /models/churn is also models.churn.monitor.base_path; each model needs its own"),
     ("a fleet over its GPU budget",
      TWO.replace("models:", "fleet: {gpus: 2}\nmodels:") + "  big:\n    model: {gpu: true}\n"
      "    serving: {gpu: 1, max_replicas: 2}\n",

@@ -43,7 +43,14 @@ __all__ = [
     "DistributedConfig",
     "AgentConfig",
     "AgentModelPolicy",
+    "FleetLimits",
+    "FleetMembership",
     "load_settings",
+    "merge_trees",
+    "read_yaml",
+    "env_overrides",
+    "split_override",
+    "dns_label",
     "apply_overrides",
     "ENV_PREFIX",
     "DEFAULT_IMAGE",
@@ -90,7 +97,7 @@ class _Section(BaseModel):
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 
 
-def _dns_label(value: str) -> str:
+def dns_label(value: str) -> str:
     if len(value) > 63 or not _DNS_LABEL.fullmatch(value):
         raise ValueError(f"{value!r} is not a valid model name: use 1-63 lower-case letters, digits and '-', "
                          "starting and ending with a letter or digit (a DNS-1123 label, e.g. churn-model)")
@@ -232,7 +239,7 @@ class MlflowConfig(_Section):
     @field_validator("model_name")
     @classmethod
     def _model_name(cls, v: str) -> str:
-        return _dns_label(v)
+        return dns_label(v)
 
 
 class KfpConfig(_Section):
@@ -269,11 +276,14 @@ class ServingConfig(_Section):
     gpu: int = Field(0, ge=0)
     logger_url: str = "http://driftloop-monitor.driftloop.svc.cluster.local/events"
     logger_mode: Literal["all", "request", "response"] = "all"
+    kube_context: str | None = Field(None, description="kubeconfig context of the cluster this model is served on "
+                                                       "(default: the current context; a fleet's models may name "
+                                                       "different clusters)")
 
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        return _dns_label(v)
+        return dns_label(v)
 
     @field_validator("cpu_request", "memory_request", "cpu_limit", "memory_limit", mode="before")
     @classmethod
@@ -380,6 +390,9 @@ class QualityConfig(_Section):
 class MonitorConfig(_Section):
     host: str = "127.0.0.1"
     port: int = Field(8090, ge=0, le=65535)
+    base_path: str = Field("", pattern=r"^(/[a-z0-9][a-z0-9-]*)*$", description=(
+        "path of this model's API on the monitor: '' for a one-model monitor; a fleet's one monitor serves model "
+        "NAME under /models/NAME (set by the fleet file)"))
     window_rows: int = Field(1000, ge=1, description="rows per window (count windows)")
     window_seconds: float | None = Field(None, gt=0, description="time window; None = count windows only")
     window_kind: Literal["tumbling", "sliding"] = "tumbling"
@@ -529,6 +542,30 @@ class AgentConfig(_Section):
         return self
 
 
+class FleetLimits(_Section):
+    """Limits across a fleet's models (the fleet file's ``fleet:``, docs/fleet.md)."""
+
+    max_concurrent_runs: int = Field(2, ge=1, description="training runs of different models at once "
+                                                          "(`driftloop run train` on the whole fleet, retraining runs)")
+    daily_runs: int | None = Field(None, ge=0, description="retraining runs a day across the models: the models' "
+                                                           "trigger.daily_budget must add up to at most this")
+    gpus: int | None = Field(None, ge=0, description="GPUs the models may hold at once: each model's train step "
+                                                     "plus its serving replicas at serving.max_replicas")
+    replicas: int | None = Field(None, ge=1, description="model-server replicas the agent may give all models "
+                                                         "together (each model stays inside its own policy)")
+
+
+class FleetMembership(_Section):
+    """Which fleet a model's settings belong to: set by the fleet file for each of its models, never written
+    in a one-model file (docs/fleet.md)."""
+
+    root: Path = Field(description="the fleet's workspace (model NAME's is <root>/models/NAME)")
+    name: str = Field(description="the model's name in the fleet file")
+    team: str | None = None
+    models: tuple[str, ...] = Field(description="every model of the fleet, in file order")
+    limits: FleetLimits = FleetLimits()
+
+
 class Settings(_Section):
     """Everything driftloop needs, validated once and frozen."""
 
@@ -547,6 +584,7 @@ class Settings(_Section):
     schedule: ScheduleConfig = ScheduleConfig()
     score: ScoreConfig = ScoreConfig()
     agent: AgentConfig = AgentConfig()
+    fleet: FleetMembership | None = Field(None, description="set by a fleet file for each of its models")
 
     @model_validator(mode="after")
     def _gate_metric(self) -> "Settings":
@@ -599,7 +637,7 @@ def _format_validation_error(exc: ValidationError, source: str) -> str:
     return f"invalid configuration ({source}): " + "; ".join(lines)
 
 
-def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
+def env_overrides(environ: dict[str, str]) -> dict[str, Any]:
     """``DRIFTLOOP_SECTION__KEY=value`` → ``{"section": {"key": value}}`` (values parsed as YAML scalars)."""
     out: dict[str, Any] = {}
     for name, raw in environ.items():
@@ -632,11 +670,11 @@ def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def merge_trees(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
+            merged[key] = merge_trees(merged[key], value)
         else:
             merged[key] = value
     return merged
@@ -645,13 +683,13 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 def apply_overrides(raw: dict[str, Any], overrides: list[str] | dict[str, Any]) -> dict[str, Any]:
     """Apply ``key.sub=value`` overrides (CLI ``--param``) to a raw config tree."""
     extra: dict[str, Any] = {}
-    items = overrides.items() if isinstance(overrides, dict) else [_split_override(o) for o in overrides]
+    items = overrides.items() if isinstance(overrides, dict) else [split_override(o) for o in overrides]
     for key, value in items:
         _set_path(extra, key.split("."), _parse_scalar(value) if isinstance(value, str) else value)
-    return _merge(raw, extra)
+    return merge_trees(raw, extra)
 
 
-def _split_override(item: str) -> tuple[str, str]:
+def split_override(item: str) -> tuple[str, str]:
     if "=" not in item:
         raise ConfigError(f"override {item!r} is not key=value")
     key, value = item.split("=", 1)
@@ -675,7 +713,7 @@ def load_settings(
         source = str(p)
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
-        loaded = _read_yaml(p) or {}
+        loaded = read_yaml(p) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {p} must hold a mapping at the top level")
         raw = loaded
@@ -686,7 +724,7 @@ def load_settings(
         src = (raw.get("data") or {}).get("source") if isinstance(raw.get("data"), dict) else None
         if src and "://" not in src and not Path(src).is_absolute():
             raw["data"]["source"] = str((base / src).resolve())
-    raw = _merge(raw, _env_overrides(environ))
+    raw = merge_trees(raw, env_overrides(environ))
     if overrides:
         raw = apply_overrides(raw, overrides)
     try:
@@ -713,7 +751,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def _read_yaml(path: Path) -> Any:
+def read_yaml(path: Path) -> Any:
     """The YAML document of a config file; unreadable text, bad YAML or a repeated key is a ConfigError."""
     data = path.read_bytes()
     try:

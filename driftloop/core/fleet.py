@@ -16,13 +16,16 @@ A fleet file is YAML with four top-level keys::
 
 Each model's merged configuration is validated by :class:`~driftloop.core.config.Settings`, exactly as
 a one-model file is; unless its own section says otherwise a model gets its own workspace
-(``<workspace>/models/<name>``), its name as MLflow model name and serving name, and gateway and
-monitor ports of its own (the defaults' port, or the next free one). A file without ``models:`` (every
+(``<workspace>/models/<name>``), its name as MLflow model name and serving name, and its path on the
+fleet's one monitor (``monitor.base_path`` ``/models/<name>``); the models share one gateway and one
+monitor, so their ports are set under ``defaults`` only. Each model's settings carry the fleet they
+belong to (``Settings.fleet``: root, name, team, every model's name, the limits). A file without ``models:`` (every
 one-model configuration) loads as a fleet of one whose settings are :func:`load_settings`'s.
 
 Every problem is one :class:`~driftloop.core.errors.ConfigError` line at load time naming the key
 path: a model named twice, a model section that fails validation (``models.<name>.<section>.<key>``),
-two models on one route (serving name, MLflow model name, workspace or port), a fleet over its GPU or
+two models on one route (serving name, MLflow model name, workspace, monitor path or model-server port), a model
+setting the shared gateway or monitor port of its own, a fleet over its GPU or
 daily run budget, an unknown top-level key.
 """
 
@@ -37,15 +40,16 @@ import yaml
 from pydantic import Field, ValidationError
 
 from driftloop.core.config import (
+    FleetLimits,
+    FleetMembership,
     Settings,
-    _dns_label,
-    _env_overrides,
-    _merge,
-    _read_yaml,
-    _Section,
-    _split_override,
     apply_overrides,
+    dns_label,
+    env_overrides,
     load_settings,
+    merge_trees,
+    read_yaml,
+    split_override,
 )
 from driftloop.core.errors import ConfigError
 from driftloop.core.workspace import check_workspace_path
@@ -59,19 +63,9 @@ MODELS_DIR = "models"
 # override keys that address the fleet file itself; any other ``--param`` applies to every model
 _FLEET_OVERRIDES = ("defaults", "fleet", "models", "workspace")
 # ports a model holds on this machine, and which of them the fleet gives out when a model sets none
-_PORTS = (("serving", "gateway_port"), ("serving", "primary_port"), ("serving", "canary_port"), ("monitor", "port"))
-_ALLOCATED = (("serving", "gateway_port"), ("monitor", "port"))
-
-
-class FleetLimits(_Section):
-    """Limits across the fleet's models (``fleet:``)."""
-
-    max_concurrent_runs: int = Field(2, ge=1, description="training runs of different models at once "
-                                                          "(`driftloop run train` on the whole fleet)")
-    daily_runs: int | None = Field(None, ge=0, description="retraining runs a day across the models: the models' "
-                                                           "trigger.daily_budget must add up to at most this")
-    gpus: int | None = Field(None, ge=0, description="GPUs the models may hold at once: each model's train step "
-                                                     "plus its serving replicas at serving.max_replicas")
+_PORTS = (("serving", "primary_port"), ("serving", "canary_port"))
+# ports of the fleet's one gateway and one monitor (every model has the same: set under defaults)
+_SHARED = (("serving", "gateway_port"), ("monitor", "port"))
 
 
 @dataclass(frozen=True)
@@ -145,7 +139,7 @@ def _read_file(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     _refuse_repeated_models(path)
-    loaded = _read_yaml(path) or {}
+    loaded = read_yaml(path) or {}
     if not isinstance(loaded, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
     return loaded
@@ -176,7 +170,7 @@ def _split_overrides(overrides: list[str]) -> tuple[list[str], dict[str, Any]]:
     of_file: list[str] = []
     of_models: dict[str, Any] = {}
     for item in overrides:
-        key, value = _split_override(item)
+        key, value = split_override(item)
         if key.split(".", 1)[0] in _FLEET_OVERRIDES:
             of_file.append(item)
         else:
@@ -186,7 +180,7 @@ def _split_overrides(overrides: list[str]) -> tuple[list[str], dict[str, Any]]:
 
 def _build(path: Path, raw: dict[str, Any], overrides: list[str], environ: dict[str, str]) -> Fleet:
     of_file, of_models = _split_overrides(overrides)
-    env = _env_overrides(environ)
+    env = env_overrides(environ)
     if "workspace" in env:
         of_file.append(f"workspace={env.pop('workspace')}")
     raw = apply_overrides(raw, of_file) if of_file else raw
@@ -207,8 +201,11 @@ def _build(path: Path, raw: dict[str, Any], overrides: list[str], environ: dict[
         raise ConfigError(f"models: the fleet in {path} declares no model")
     trees = {name: _model_tree(name, own, defaults, env, of_models, root, base)
              for name, own in models_raw.items()}
-    _allocate_ports(trees, models_raw)
+    _shared_ports(models_raw)
+    names = tuple(trees)
     models = tuple(_validate(name, tree, path) for name, tree in trees.items())
+    models = tuple(FleetModel(m.name, m.settings.model_copy(update={"fleet": FleetMembership(
+        root=Path(root), name=m.name, team=m.team, models=names, limits=limits)}), m.team) for m in models)
     _check_routes(models)
     _check_budgets(models, limits)
     return Fleet(models, limits, path, single=False)
@@ -240,7 +237,7 @@ def _model_tree(name: Any, own: Any, defaults: dict[str, Any], env: dict[str, An
                 root: str, base: Path) -> dict[str, Any]:
     """The model's configuration tree: its defaults, the fleet's defaults, its own sections, environment, --param."""
     try:
-        _dns_label(str(name))
+        dns_label(str(name))
     except ValueError as exc:
         raise ConfigError(f"models.{name}: {exc}") from exc
     own = dict(_section_map(own, f"models.{name}"))
@@ -249,8 +246,8 @@ def _model_tree(name: Any, own: Any, defaults: dict[str, Any], env: dict[str, An
         raise ConfigError(f"models.{name}.team: {team!r} is not a team name (a DNS-1123 label: lower-case "
                           "letters, digits and '-', e.g. growth)")
     tree = {"workspace": str(Path(root) / MODELS_DIR / name), "mlflow": {"model_name": name},
-            "serving": {"name": name}}
-    tree = _merge(_merge(_merge(_merge(tree, defaults), own), env), of_models)
+            "serving": {"name": name}, "monitor": {"base_path": f"/{MODELS_DIR}/{name}"}}
+    tree = merge_trees(merge_trees(merge_trees(merge_trees(tree, defaults), own), env), of_models)
     if "workspace" in own:
         tree["workspace"] = _resolve(base, str(own["workspace"]))
     source = tree.get("data", {}).get("source") if isinstance(tree.get("data"), dict) else None
@@ -262,37 +259,21 @@ def _model_tree(name: Any, own: Any, defaults: dict[str, Any], env: dict[str, An
 
 def _is_label(value: str) -> bool:
     try:
-        _dns_label(value)
+        dns_label(value)
     except ValueError:
         return False
     return True
 
 
-def _field_default(section: str, key: str) -> Any:
-    return Settings.model_fields[section].annotation.model_fields[key].default  # type: ignore[union-attr]
-
-
-def _allocate_ports(trees: dict[str, dict[str, Any]], models_raw: dict[str, Any]) -> None:
-    """A gateway and a monitor port of its own for each model that does not set one in its own section:
-    the merged value (defaults, environment, --param, else Settings') or the next port no model holds."""
-    def own_port(name: str, section: str, key: str) -> bool:
-        own = models_raw[name] if isinstance(models_raw[name], dict) else {}
-        return isinstance(own.get(section), dict) and key in own[section]
-
-    taken = {tree.get(s, {}).get(k) for name, tree in trees.items() for s, k in _PORTS
-             if own_port(name, s, k) and isinstance(tree.get(s), dict)}
-    for name, tree in trees.items():
-        for section, key in _ALLOCATED:
-            if own_port(name, section, key):
-                continue
-            sub = tree.get(section) if isinstance(tree.get(section), dict) else {}
-            port = sub.get(key, _field_default(section, key))
-            if not isinstance(port, int) or isinstance(port, bool) or port == 0:
-                continue  # a wrong value fails validation; 0 = a free port at start
-            while port in taken and port < 65535:
-                port += 1
-            taken.add(port)
-            tree[section] = {**sub, key: port}
+def _shared_ports(models_raw: dict[str, Any]) -> None:
+    """The fleet's models share one gateway and one monitor: their ports are set under ``defaults`` only."""
+    for name, own in models_raw.items():
+        for section, key in _SHARED:
+            sub = own.get(section) if isinstance(own, dict) else None
+            if isinstance(sub, dict) and key in sub:
+                what = "gateway" if section == "serving" else "monitor"
+                raise ConfigError(f"models.{name}.{section}.{key}: the fleet's models share one {what}; set "
+                                  f"{section}.{key} under defaults")
 
 
 def _validate(name: str, tree: dict[str, Any], path: Path) -> FleetModel:
@@ -319,12 +300,12 @@ def _one_line(exc: ValidationError, prefix: str) -> str:
 
 
 def _check_routes(models: tuple[FleetModel, ...]) -> None:
-    """No two models on one route: serving name, MLflow model name, workspace or port."""
+    """No two models on one route: serving name, MLflow model name, workspace, monitor path or model-server port."""
     routes: dict[tuple[str, Any], str] = {}
     for m in models:
         s = m.settings
         keys = [("serving.name", s.serving.name), ("mlflow.model_name", s.mlflow.model_name),
-                ("workspace", str(s.workspace_dir))]
+                ("workspace", str(s.workspace_dir)), ("monitor.base_path", s.monitor.base_path)]
         keys += [(f"{sec}.{key}", getattr(getattr(s, sec), key)) for sec, key in _PORTS
                  if getattr(getattr(s, sec), key)]
         for key, value in keys:
