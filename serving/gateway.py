@@ -115,6 +115,7 @@ class _Gateway:
         self.inflight: dict[str, int] = {}  # requests in flight per upstream URL
         self.request_ids: OrderedDict[str, bytes] = OrderedDict()  # client request id -> digest of its body
         self._rr = 0
+        self._own_client = True
         self.admin = GatewayAdmin(self)
         self.labels = GatewayFeedback(self)
 
@@ -128,8 +129,10 @@ class _Gateway:
         return min(order, key=lambda u: self.inflight.get(u.url, 0))
 
     # -- lifecycle ------------------------------------------------------------------
-    async def startup(self) -> None:
-        self.client = http_session(256, self.cfg.upstream_timeout)
+    async def startup(self, client: aiohttp.ClientSession | None = None) -> None:
+        """Start its senders; ``client``: a connection pool shared with other gateways (kept open at shutdown)."""
+        self._own_client = client is None
+        self.client = client or http_session(256, self.cfg.upstream_timeout)
         self.events = start_event_logger(self.cfg, self.metrics)
         self.labels.start()
         if self.cfg.shadow_percent > 0 and self.cfg.canary is not None:
@@ -143,7 +146,7 @@ class _Gateway:
             if self.events.outbox is not None:
                 self.events.outbox.close()
         await self.labels.close()
-        if self.client is not None:
+        if self.client is not None and self._own_client:
             await self.client.close()
 
     @contextlib.asynccontextmanager
@@ -333,6 +336,20 @@ class _Gateway:
     async def healthz(self, request: Request) -> Response:
         return StrictJSON({"ok": True})
 
+    def model_routes(self) -> list[tuple[str, Any, list[str]]]:
+        """The routes of this model other than the inference protocol's: ``(path, endpoint, methods)``.
+        A one-model gateway serves them at its root; the fleet gateway under ``/models/<name>``."""
+        return [
+            ("/feedback", self.labels.feedback, ["POST"]),
+            ("/admin/split", self.admin.split, ["PUT"]),
+            ("/admin/upstreams", self.admin.upstreams, ["PUT"]),
+            ("/admin/replicas", self.admin.replicas, ["PUT"]),
+            ("/admin/status", self.admin.status, ["GET"]),
+            ("/admin/stats", self.admin.stats_route, ["GET"]),
+            ("/admin/shadow", self.admin.shadow_route, ["GET", "PUT"]),
+            ("/metrics", self.metrics_route, ["GET"]),
+        ]
+
 
 def _without_scores(content: bytes) -> bytes:
     """The response as the client would have had it without the scores the gateway asked for
@@ -380,25 +397,20 @@ def _feedback_url(sink_url: str | None) -> str | None:
     return sink_url.rstrip("/")[: -len("/events")] + "/feedback"
 
 
+def oip_routes(endpoint: Any) -> list[Route]:
+    """Every path the Open Inference Protocol may use, to ``endpoint`` (which checks the raw path and answers
+    404, or 405 with ``Allow``, itself)."""
+    every = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]
+    return [Route(path, endpoint, methods=every) for path in ("/", "/v1", "/v1/{tail:path}", "/v2", "/v2/{tail:path}")]
+
+
 def create_gateway_app(cfg: GatewayConfig) -> Starlette:
     """The gateway as an ASGI app (serve it with uvicorn on 127.0.0.1)."""
     gw = _Gateway(cfg)
-    every = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]  # gw.oip answers 405 itself
     routes = [
-        Route("/", gw.oip, methods=every),
-        Route("/v1", gw.oip, methods=every),
-        Route("/v1/{tail:path}", gw.oip, methods=every),
-        Route("/v2", gw.oip, methods=every),
-        Route("/v2/{tail:path}", gw.oip, methods=every),
+        *oip_routes(gw.oip),
         Route("/openapi.json", gw.openapi, methods=["GET"]),
-        Route("/feedback", gw.labels.feedback, methods=["POST"]),
-        Route("/admin/split", gw.admin.split, methods=["PUT"]),
-        Route("/admin/upstreams", gw.admin.upstreams, methods=["PUT"]),
-        Route("/admin/replicas", gw.admin.replicas, methods=["PUT"]),
-        Route("/admin/status", gw.admin.status, methods=["GET"]),
-        Route("/admin/stats", gw.admin.stats_route, methods=["GET"]),
-        Route("/admin/shadow", gw.admin.shadow_route, methods=["GET", "PUT"]),
-        Route("/metrics", gw.metrics_route, methods=["GET"]),
+        *(Route(path, endpoint, methods=methods) for path, endpoint, methods in gw.model_routes()),
         Route("/healthz", gw.healthz, methods=["GET"]),
     ]
     app = Starlette(routes=routes, lifespan=gw.lifespan)

@@ -56,8 +56,9 @@ class Match:
     allow: str = ""
 
 
-def match_route(method: str, raw_path: bytes | str, served: str) -> Match:
-    """Check a request against the allow-list; ``served`` is the one model name this gateway serves."""
+def match_route(method: str, raw_path: bytes | str, served: str | None) -> Match:
+    """Check a request against the allow-list; ``served`` is the one model name this gateway serves
+    (None: any name passes, for a gateway that dispatches by the name itself)."""
     path = raw_path.decode("latin-1") if isinstance(raw_path, bytes) else raw_path
     path = path.split("?", 1)[0]
     for pattern, methods, kind in _ROUTES:
@@ -72,7 +73,7 @@ def match_route(method: str, raw_path: bytes | str, served: str) -> Match:
             return Match(status=405, error=f"{method} is not allowed on {path}; use {' or '.join(methods)}",
                          allow=", ".join(methods))
         name = groups.get("name")
-        if name is not None and name != served:
+        if name is not None and served is not None and name != served:
             return Match(status=404, error=f"model {name!r} is not served here; this gateway serves {served!r}")
         return Match(kind=kind, path=path, name=name)
     return Match(status=404, error=f"no route {method} {path!r:.200} here; the gateway forwards only the Open "
