@@ -946,7 +946,7 @@ async def _request_error(request: Any, exc: Any) -> Any:
     return ORJSONResponse(status_code=400, content={"error": "malformed request: " + "; ".join(problems[:5])})
 
 
-def serve(model: DriftloopModel, *, http_port: int, host: str = "127.0.0.1", workers: int = 1,
+def serve(model: DriftloopModel | list[DriftloopModel], *, http_port: int, host: str = "127.0.0.1", workers: int = 1,
           max_payload_bytes: int = 8 * 1024 * 1024, enable_grpc: bool = False, threads: int | None = 1,
           enable_model_repository: bool = False, fast_v2: bool = True) -> None:
     """Serve a loaded model with kserve's ModelServer until stopped (blocks).
@@ -971,8 +971,9 @@ def serve(model: DriftloopModel, *, http_port: int, host: str = "127.0.0.1", wor
                               enable_model_repository=enable_model_repository, fast_v2=fast_v2)
     _quiet_per_request_logging()
     _use_uvloop()
-    log.info("serving %r on http://%s:%d", model.name, host, http_port)
-    server.start([model])
+    models = model if isinstance(model, list) else [model]  # several in one process: serving.model_pack
+    log.info("serving %s on http://%s:%d", ", ".join(repr(m.name) for m in models), host, http_port)
+    server.start(models)
 
 
 def _use_uvloop() -> None:
