@@ -8,18 +8,20 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 from rich import box
 from rich.markup import escape
 from rich.table import Table
 
-from driftloop.core.console import ConfigOpt, ParamOpt, console, settings_from
+from driftloop.app.fleet_cli import fleet_from, pick
+from driftloop.core.console import ConfigOpt, ModelOpt, ParamOpt, console, settings_from
 from driftloop.core.errors import DriftloopError
 from driftloop.core.progress import Progress
 
 if TYPE_CHECKING:
+    from driftloop.core.config import Settings
     from serving.agent.simulate import ServiceModel, Trace
 
 __all__ = ["register", "agent_app", "Progress"]
@@ -39,57 +41,80 @@ def _check_mode(mode: str | None) -> None:
         raise DriftloopError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
 
 
+def _wire(settings: Settings, mode: str | None, cluster: bool | None) -> tuple[Any, Any, str, bool]:
+    """One model's actuator, traffic sampler, where its actions land (words) and whether on a cluster."""
+    from serving.agent.actions import KServeActuator, LocalActuator
+    from serving.agent.agent import GatewaySampler, PrometheusSampler, agent_paths, owns_count
+    from serving.local_backend import LocalBackend
+
+    on_cluster = settings.is_cluster if cluster is None else cluster
+    s = settings.serving
+    owns = owns_count(settings.agent, mode)
+    if not on_cluster:
+        backend = LocalBackend(settings)
+        sampler = GatewaySampler(settings.agent.gateway_url or (lambda: backend.gateway_url))
+        return (LocalActuator(backend, agent_paths(settings)["kill_switch"]), sampler,
+                "the local model servers behind the gateway (replicas)", False)
+    where = f"InferenceService {s.namespace}/{s.name} ({'minReplicas = maxReplicas' if owns else 'minReplicas'})"
+    if settings.rollout.prometheus_url:
+        sampler = PrometheusSampler(settings.rollout.prometheus_url, s.name, s.namespace,
+                                    settings.agent.guard_seconds if owns else settings.agent.interval_seconds)
+    elif settings.agent.gateway_url:
+        sampler = GatewaySampler(settings.agent.gateway_url)
+    else:
+        raise DriftloopError("the agent needs a traffic source on a cluster: set rollout.prometheus_url "
+                             "(Knative's queue-proxy metrics) or agent.gateway_url")
+    return KServeActuator(settings, owns=owns), sampler, where, True
+
+
+def _stop_event() -> threading.Event:
+    """Set on SIGINT/SIGTERM: the loop stops after its round."""
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    return stop
+
+
+def show_record(rec: dict, model: str | None = None) -> None:
+    console.print(f"{escape(model) + ': ' if model else ''}{'[green]ran[/]' if rec['allowed'] else '[yellow]refused[/]'} "
+                  f"{rec['action']['kind']}: {escape(rec['reason'])}")
+
+
 @agent_app.command("run")
 def run_cmd(
     config: ConfigOpt = None,
     params: ParamOpt = None,
+    model: ModelOpt = None,
     mode: ModeOpt = None,
     cluster: Annotated[bool, typer.Option("--cluster/--local", help="Act on the InferenceService (cluster) or on "
                                           "the local model servers (default: cluster when kfp.host is set).")] = None,
     rounds: Annotated[Optional[int], typer.Option("--rounds", min=1, help="Stop after this many decisions "
                                                   "rounds (default: run until stopped).")] = None,
 ) -> None:
-    """Run the agent: every interval it samples traffic, forecasts, detects anomalies and acts as the policy allows."""
-    from serving.agent.actions import KServeActuator, LocalActuator
-    from serving.agent.agent import GatewaySampler, PrometheusSampler, ServingAgent, agent_paths, owns_count
-    from serving.local_backend import LocalBackend
+    """Run the agent: every interval it samples traffic, forecasts, detects anomalies and acts as the policy
+    allows. On a fleet file without --model: every model, sharing fleet.replicas."""
+    from serving.agent.agent import ServingAgent, agent_paths, owns_count
 
     _check_mode(mode)
-    settings = settings_from(config, params)
-    on_cluster = settings.is_cluster if cluster is None else cluster
+    fleet = fleet_from(config, params)
+    one = pick(fleet, model)
+    if one is None:
+        from driftloop.app.agent_fleet_cli import run_fleet
+
+        run_fleet(fleet, mode, cluster, rounds, _wire, _stop_event(), show_record)
+        return
+    settings = one.settings
+    actuator, sampler, where, on_cluster = _wire(settings, mode, cluster)
     paths = agent_paths(settings)
-    s = settings.serving
     owns = owns_count(settings.agent, mode)
-    if on_cluster:
-        actuator = KServeActuator(settings, owns=owns)
-        where = f"InferenceService {s.namespace}/{s.name} ({'minReplicas = maxReplicas' if owns else 'minReplicas'})"
-        if settings.rollout.prometheus_url:
-            sampler = PrometheusSampler(settings.rollout.prometheus_url, s.name, s.namespace,
-                                        settings.agent.guard_seconds if owns else settings.agent.interval_seconds)
-        elif settings.agent.gateway_url:
-            sampler = GatewaySampler(settings.agent.gateway_url)
-        else:
-            raise DriftloopError("the agent needs a traffic source on a cluster: set rollout.prometheus_url "
-                                 "(Knative's queue-proxy metrics) or agent.gateway_url")
-    else:
-        backend = LocalBackend(settings)
-        actuator = LocalActuator(backend, paths["kill_switch"])
-        sampler = GatewaySampler(settings.agent.gateway_url or (lambda: backend.gateway_url))
-        where = "the local model servers behind the gateway (replicas)"
     agent = ServingAgent(settings, actuator, mode=mode)
     guard = f", reactive guard every {settings.agent.guard_seconds:g} s" if owns else ""
     console.print(f"[bold]driftloop agent[/] in [bold]{agent.policy.mode}[/] mode on {where}; every "
                   f"{settings.agent.interval_seconds:g} s{guard}; decisions -> {paths['decisions']}; kill switch: "
                   f"{paths['kill_switch']}" + (f" or annotation {settings.agent.kill_switch_annotation}=true"
                                               if on_cluster else ""))
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    def show(rec: dict) -> None:
-        console.print(f"{'[green]ran[/]' if rec['allowed'] else '[yellow]refused[/]'} "
-                      f"{rec['action']['kind']}: {rec['reason']}")
-
-    agent.run(sampler, stop, rounds=rounds, on_record=show if rounds is not None else None)
+    stop = _stop_event()
+    agent.run(sampler, stop, rounds=rounds, on_record=show_record if rounds is not None else None)
     if stop.is_set():  # stopped (SIGTERM/Ctrl-C), not done with --rounds: don't leave the count pinned
         rec = agent.hand_back(time.time())
         if rec is not None:
@@ -145,6 +170,7 @@ def simulate_cmd(
                                           "terminal.")] = False,
     config: ConfigOpt = None,
     params: ParamOpt = None,
+    model: ModelOpt = None,
 ) -> None:
     """Replay a traffic trace under the agent and under HPA, KPA and a static floor; print the figures."""
     from serving.agent.simulate import BASELINES, ServiceModel, compare
@@ -154,7 +180,7 @@ def simulate_cmd(
     unknown = [b for b in baselines if b not in BASELINES]
     if unknown:
         raise DriftloopError(f"unknown baseline(s) {', '.join(unknown)} (use {', '.join(BASELINES)})")
-    settings = settings_from(config, params)
+    settings = settings_from(config, params, model=model)
     a = settings.agent
     tr = _trace(trace, synthetic, real, seed, a.interval_seconds, history_days, eval_days)
     if tr.warmup_steps < 3:
@@ -212,18 +238,24 @@ def recommend_cmd(
                                                   "(run in the experiment, artifact right-sizing.json).")] = False,
     config: ConfigOpt = None,
     params: ParamOpt = None,
+    model: ModelOpt = None,
 ) -> None:
-    """Recommend CPU/memory requests and limits per model and list idle models. A report: nothing is applied."""
+    """Recommend CPU/memory requests and limits per model and list idle models. A report: nothing is applied.
+    On a fleet file without --model: every model's sizes now."""
     from driftloop.core.tables import read_table
     from serving.agent.recommend import recommend
 
-    settings = settings_from(config, params)
+    fleet = fleet_from(config, params)
+    one = pick(fleet, model)
+    if one is None and mlflow_artifact:
+        raise DriftloopError(f"--mlflow logs to one model's MLflow: pass --model NAME (models: {', '.join(fleet.names)})")
     if not usage.is_file():
         raise DriftloopError(f"usage file not found: {usage}")
+    settings = (one or fleet.models[0]).settings
     try:
         frame = read_table(str(usage))
-        s = settings.serving
-        recs = recommend(frame, current={s.name: (s.cpu_request, s.memory_request)})
+        serving = [m.settings.serving for m in ([one] if one else fleet.models)]
+        recs = recommend(frame, current={s.name: (s.cpu_request, s.memory_request) for s in serving})
     except ValueError as exc:
         raise DriftloopError(f"{usage}: {exc}") from exc
     doc = [r.to_dict() for r in recs]
@@ -260,13 +292,17 @@ def decisions_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines.")] = False,
     config: ConfigOpt = None,
     params: ParamOpt = None,
+    model: ModelOpt = None,
 ) -> None:
-    """Show the agent's latest decisions, taken or refused, with their reasons."""
+    """Show the agent's latest decisions, taken or refused, with their reasons (on a fleet file without
+    --model: every model's, merged by time)."""
     from serving.agent.agent import agent_paths
     from serving.agent.decisions import DecisionLog
 
-    settings = settings_from(config, params)
-    records = DecisionLog(agent_paths(settings)["decisions"]).tail(last)
+    fleet = fleet_from(config, params)
+    one = pick(fleet, model)
+    logs = [DecisionLog(agent_paths(m.settings)["decisions"]) for m in ([one] if one else fleet.models)]
+    records = sorted((r for log_ in logs for r in log_.tail(last)), key=lambda r: r.get("time", 0))[-last:]
     if as_json:
         for r in records:
             console.print(json.dumps(r), soft_wrap=True)
@@ -297,10 +333,12 @@ def patch_cmd(
     replicas: Annotated[int, typer.Option("--replicas", min=0, help="The replica count (own) or floor (hpa).")],
     config: ConfigOpt = None,
     params: ParamOpt = None,
+    model: ModelOpt = None,
     mode: ModeOpt = None,
 ) -> None:
     """Print the InferenceService merge patch the agent would send (for review or kubectl): minReplicas and
-    maxReplicas both when it owns the count (agent.reactive: own, not in scale-up mode), else minReplicas."""
+    maxReplicas both when it owns the count (agent.reactive: own, not in scale-up mode), else minReplicas.
+    On a fleet file without --model: one YAML document per model."""
     import yaml
 
     from serving.agent.actions import floor_patch
@@ -308,10 +346,14 @@ def patch_cmd(
     from serving.inference_service import to_dict
 
     _check_mode(mode)
-    settings = settings_from(config, params)
-    own = owns_count(settings.agent, mode)
-    patch = floor_patch(settings.serving.name, settings.serving.namespace, replicas, replicas if own else None)
-    console.print(yaml.safe_dump(to_dict(patch), sort_keys=False))
+    fleet = fleet_from(config, params)
+    one = pick(fleet, model)
+    docs = []
+    for m in [one] if one else fleet.models:
+        s = m.settings
+        own = owns_count(s.agent, mode)
+        docs.append(to_dict(floor_patch(s.serving.name, s.serving.namespace, replicas, replicas if own else None)))
+    console.print(yaml.safe_dump_all(docs, sort_keys=False))
 
 
 def register(app: typer.Typer) -> None:

@@ -257,39 +257,48 @@ class ServingAgent:
         except DriftloopError:
             return False
 
-    def _current(self) -> int | None:
+    def current(self) -> int | None:
+        """The replica count in force (observe mode: the one it would have set); None when unreadable."""
         if self.policy.mode == "observe" and self._would_be is not None:
             return self._would_be
         try:
             return self.actuator.current_floor(self.model)
         except DriftloopError as exc:
-            log.warning("cannot read the current replicas: %s", exc)
+            log.warning("%s: cannot read the current replicas: %s", self.model, exc)
             return None
+
+    _current = current
 
     def decide(self, now: float, events: list[AnomalyEvent], observed_rps: float | None = None) -> list[dict[str, Any]]:
         """Judge and carry out this round's proposals; returns the log records. ``observed_rps``: the
         load now (default: the last sample's)."""
-        current = self._current()
+        current = self.current()
         if current is None:
             return []
-        if observed_rps is None and self.history:
-            observed_rps = self.history[-1].get("rps")
         records = []
-        for action in self.proposals(events, current, observed_rps):
+        for action in self.proposals(events, current, self.observed_rps(observed_rps)):
             decision = self.guard.check(action, now)
-            records.append(self._carry_out(decision))
+            records.append(self.carry_out(decision))
         return records
+
+    def observed_rps(self, given: float | None = None) -> float | None:
+        """The load now: ``given``, else the last sample's."""
+        if given is None and self.history:
+            return self.history[-1].get("rps")
+        return given
+
+    def guard_proposal(self, now: float, observed_rps: float, current: int) -> Action | None:
+        """The reactive guard's raise for the load now (owning the count), not yet judged."""
+        return self.planner.react(self.selector, current, observed_rps, now=now) if self.owns else None
 
     def guard_round(self, now: float, observed_rps: float) -> list[dict[str, Any]]:
         """The reactive guard between rounds (owning the count): one urgent raise when the load now is
         more than the replicas serve, checked by the policy like every action."""
-        if not self.owns:
-            return []
-        current = self._current()
+        current = self.current() if self.owns else None
         if current is None:
             return []
-        action = self.planner.react(self.selector, current, observed_rps, now=now)
-        return [] if action is None else [self._carry_out(self.guard.check(action, now))]
+        action = self.guard_proposal(now, observed_rps, current)
+        return [] if action is None else [self.carry_out(self.guard.check(action, now))]
 
     def hand_back(self, now: float) -> dict[str, Any] | None:
         """On a graceful stop while owning the count (full mode): KServe's autoscaler gets its range back,
@@ -309,7 +318,8 @@ class ServingAgent:
             return None
         return self.log.record(Decision(now, self.policy.mode, action, True, action.reason), result=result)
 
-    def _carry_out(self, d: Decision) -> dict[str, Any]:
+    def carry_out(self, d: Decision) -> dict[str, Any]:
+        """Run a judged decision (when allowed) and record it with what came of it."""
         if d.action.kind == SET_FLOOR and self.policy.mode == "observe" and d.applied is not None:
             self._would_be = d.applied
         if not d.allowed:

@@ -121,9 +121,10 @@ class Guard:
         self._last_change: dict[str, float] = {}
         self._recent: deque[float] = deque()
 
-    def check(self, action: Action, now: float) -> Decision:
+    def check(self, action: Action, now: float, *, commit: bool = True) -> Decision:
         """The decision on ``action`` at ``now``. An allowed action counts against the hourly budget
-        (and starts the model's cooldown) whether or not carrying it out then succeeds."""
+        (and starts the model's cooldown) whether or not carrying it out then succeeds; ``commit``
+        False asks what the answer would be and counts nothing (the fleet's allocation probes with it)."""
         p = self.policy
 
         def refuse(reason: str, applied: int | None = None) -> Decision:
@@ -168,9 +169,11 @@ class Guard:
             self._recent.popleft()
         if len(self._recent) >= p.max_actions_per_hour:
             return refuse(f"budget: {p.max_actions_per_hour} actions in the last hour", applied)
-        self._recent.append(now)
+        if commit:
+            self._recent.append(now)
+            if action.kind == SET_FLOOR:
+                self._last_change[action.model] = now
         if action.kind == SET_FLOOR:
-            self._last_change[action.model] = now
             clamp = "" if applied == action.target else f" (wanted {action.target}; policy allows {applied})"
             return Decision(now, p.mode, action, True, f"{action.reason}{clamp}".strip() or "allowed", applied)
         return Decision(now, p.mode, action, True, action.reason or "allowed", applied)
