@@ -175,6 +175,16 @@ def test_the_fleet_moves_a_replica_from_the_idle_model_to_the_busy_one(tmp_path)
     assert dict(calls) == {"idle": 1, "busy": 4}
 
 
+def test_a_raise_the_budget_cannot_give_is_recorded_as_refused(tmp_path) -> None:
+    path = write_fleet(tmp_path, budget=4, idle={"agent": {"floor": 2, "down_hysteresis": 0.7}}, busy={})
+    calls: list = []
+    run(FleetAgent(members(path, {"idle": 2, "busy": 2}, {"idle": 5.0, "busy": 44.0}, calls), 4))
+    assert calls == []  # idle is at its floor: nothing to give
+    refused = [r for r in decisions(path, "busy") if r["action"]["kind"] == SET_FLOOR]
+    assert refused and not refused[0]["allowed"] and refused[0]["applied"] == 2
+    assert "wanted 3: fleet.replicas 4 is spent" in refused[0]["reason"]
+
+
 def test_without_a_budget_each_model_has_its_own_decision(tmp_path) -> None:
     path = write_fleet(tmp_path, idle={"agent": {"down_hysteresis": 0.7}}, busy={})
     calls: list = []
