@@ -15,8 +15,10 @@ alert reports a drift the monitor already raised (``duplicate_of`` on the alert;
 duplicate (the same id again, or the duplicate of another alert) → trigger disabled → minimum
 samples → blackout window → a run in flight (the monitor's own alerts are **attached** to that run
 and re-checked when its rollout ends; others are held) → cooldown since the last started run
-whose rollout was not rolled back → daily budget (runs started in the last 24 hours). Every
-decision, duplicates included, is appended to the ``decisions`` table with its reason.
+whose rollout was not rolled back → daily budget (runs started in the last 24 hours). In a fleet an
+alert that passes them may still be **queued** (:data:`QUEUED`) behind the fleet's limits or held by
+its daily pool (``monitoring.fleet_runs``). Every decision, duplicates included, is appended to the
+``decisions`` table with its reason.
 
 After its run, a started alert records the run's **outcome** (``promoted``, ``rolled_back``,
 ``not_registered``, ``no_rollout``, ``failed``; :mod:`monitoring.outcomes`); a ``needs-attention``
@@ -48,6 +50,7 @@ __all__ = [
     "ATTENTION",
     "COOLDOWN_WAIVED",
     "OWN_SOURCES",
+    "QUEUED",
     "STARTED",
     "Alert",
     "AlertStore",
@@ -64,6 +67,7 @@ log = logging.getLogger(__name__)
 
 STARTED = "started"
 ATTACHED = "attached"  # waits for the run in flight; re-checked when that run's rollout ends
+QUEUED = "queued"  # passed the guardrails; waits for a free slot of its fleet (monitoring.fleet_runs)
 ATTENTION = "needs-attention"  # source of the alert that a retrain left a degraded champion in place
 #: Sources of the monitor's own checks: attached to a run in flight instead of held behind it.
 OWN_SOURCES = ("drift", "quality")
@@ -150,7 +154,7 @@ class Alert:
 @dataclass(frozen=True)
 class Decision:
     alert_id: str
-    decision: str  # started | attached | duplicate | disabled | insufficient_samples | blackout | in_flight | cooldown | budget | failed
+    decision: str  # started | attached | queued | duplicate | disabled | insufficient_samples | blackout | in_flight | cooldown | budget | failed
     reason: str
     request_id: str | None = None
     duplicate_of: str | None = None  # the alert this one duplicates (another alert's id)

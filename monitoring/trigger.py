@@ -34,6 +34,18 @@ rolled back does not start the cooldown: the next attempt for the degraded champ
 for ``trigger.cooldown_seconds`` (the daily budget still counts it). Alertmanager's alerts are held
 (``in_flight``) as before.
 
+**In a fleet** (``settings.fleet``) the models' triggers also share the fleet's limits, kept in one
+ledger in the fleet's root (:mod:`monitoring.fleet_runs`, safe across processes): an alert that
+passes its model's guardrails starts a run only while fewer than ``fleet.max_concurrent_runs`` runs
+are in flight and their train steps' GPUs stay inside ``fleet.gpus``; otherwise it is **queued**
+(decision ``queued``, the reason naming the limit) and started by :meth:`Trigger.follow` (each round
+of the monitor's checks) when a slot frees, oldest first across the fleet. A run's slot frees when
+its run ends, or when its process is gone. A queued alert whose episode ended meanwhile is
+resolved; one judged otherwise on a re-check (attached to another run of its model, held by a
+guardrail) leaves the queue. ``fleet.daily_runs`` is one pool of runs started in the last 24 hours
+across the models: when it is spent the alert is held (``budget``), as by its own daily budget.
+Nothing of this applies to a one-model configuration.
+
 Alertmanager's alert for a drift the monitor raised itself is its duplicate
 (:mod:`monitoring.duplicates`); the monitor's own checks raise one alert per episode
 (:mod:`monitoring.episodes`).
@@ -43,6 +55,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -56,8 +69,9 @@ from driftloop.core.files import atomic_write, private_dir
 from driftloop.core.processes import process_alive, spawn, stop_process
 from driftloop.core.runs import RunRequest, TrainingRuns
 from driftloop.core.tables import event_times
-from monitoring.alerts import ATTACHED, STARTED, Alert, AlertStore, Decision, day_ago, decide
+from monitoring.alerts import ATTACHED, QUEUED, STARTED, Alert, AlertStore, Decision, day_ago, decide
 from monitoring.duplicates import DRIFT_ALERTNAMES, EPISODE_MARGIN_SECONDS, GaugeEpisodes
+from monitoring.fleet_runs import FleetRuns
 from monitoring.outcomes import PROMOTED, Outcome, RunOutcomes
 
 if TYPE_CHECKING:
@@ -131,6 +145,7 @@ class Trigger:
         self.clock = clock
         self.gauge = GaugeEpisodes(settings, alerts, clock)
         self.outcomes = RunOutcomes(settings, alerts, registry=registry, metrics=metrics, since=self.gauge.born)
+        self.fleet = FleetRuns.of(settings)  # the fleet's shared limits; None for a one-model configuration
         self._lock = threading.RLock()
         self._threads: dict[str, threading.Thread] = {}
         self._workers: dict[str, subprocess.Popen] = {}
@@ -237,6 +252,8 @@ class Trigger:
                                   started_last_day=self.alerts.started_since(day_ago(now)),
                                   duplicate_of=original, why=why)
         request_id = None
+        if self.fleet is not None and not seen:
+            decision, reason = self._admit(alert.id, now, decision, reason)
         if decision == ATTACHED:
             self.alerts.update(alert.id, attached_to=in_flight)
         elif decision == STARTED:
@@ -244,6 +261,8 @@ class Trigger:
                 request_id = self._start(alert, now)
             except DriftloopError as exc:
                 decision, reason = "failed", f"could not start the run: {exc}"
+                if self.fleet is not None:
+                    self.fleet.release(alert.id)
         reason = f"{note}: {reason}" if note else reason
         self.alerts.record_decision(alert.id, decision, reason, now=now, final=not seen)
         if self.metrics is not None:
@@ -266,7 +285,44 @@ class Trigger:
                 for rec in self.alerts.attached_to(outcome.alert["id"]):
                     self._recheck(rec, outcome, now)
             self.outcomes.resolve(now)
+            if self.fleet is not None:
+                self._drain(now)
             return ended
+
+    # -- the fleet's limits (monitoring.fleet_runs) -------------------------------------------
+    def _admit(self, alert_id: str, now: float, decision: str, reason: str) -> tuple[str, str]:
+        """(decision, reason) after the fleet's limits: passed by the model's guardrails → started, queued or
+        held by the pool; not passed → out of the fleet's queue."""
+        if decision != STARTED:
+            self.fleet.dequeue(alert_id)
+            return decision, reason
+        try:
+            admission = self.fleet.admit(alert_id, now)
+        except DriftloopError as exc:
+            return "failed", f"could not start the run: {exc}"
+        if admission.started:
+            return STARTED, f"{reason}; {admission.reason}"
+        return ("budget" if admission.spent else QUEUED), admission.reason
+
+    def _drain(self, now: float) -> None:
+        """Free the slots of this model's runs that ended; start its queued alerts that a slot fits now."""
+        try:
+            self.fleet.release_ended({rec["id"] for rec in self.alerts.running()})
+            for alert_id in self.fleet.queued():
+                rec = self.alerts.get(alert_id)
+                episode = self.alerts.episode(int(rec["episode"])) if rec and rec.get("episode") else None
+                if rec is None or rec.get("decision") != QUEUED:
+                    self.fleet.dequeue(alert_id)
+                elif episode is not None and not episode.open:
+                    self.fleet.dequeue(alert_id)
+                    self.alerts.record_decision(alert_id, "resolved", f"its {episode.kind} episode ended while it "
+                                                f"was queued ({episode.close_reason})", now=now)
+                elif self.in_flight():  # a run of its model started meanwhile: attached to it, or held
+                    self.rejudge(alert_id, why="a run of its model is in flight")
+                elif self.fleet.ready(alert_id):
+                    self.rejudge(alert_id, why="a slot of the fleet is free")
+        except DriftloopError as exc:  # the ledger unreadable: the queue waits for the next round
+            log.warning("the fleet's queue was not drained: %s", exc)
 
     def _recheck(self, rec: dict[str, Any], ended: Outcome, now: float) -> None:
         """An alert attached to the run that ``ended``: superseded, resolved, or judged again."""
@@ -307,6 +363,9 @@ class Trigger:
         except Exception as exc:  # the monitor keeps running; the failure is recorded on the alert
             log.exception("retraining run for alert %s failed", alert_id)
             self.alerts.update(alert_id, run_state="FAILED", finished=self.clock(), reason=f"run failed: {exc}")
+        finally:
+            if self.fleet is not None:  # the run ended: its slot is free for the next follow() of any model
+                self.fleet.release(alert_id)
 
     def _spawn_worker(self, alert_id: str, request: Any) -> None:
         settings_file = self.settings.workspace_dir / "monitor" / "runs" / f"{alert_id}.settings.json"
@@ -327,6 +386,8 @@ class Trigger:
                          env=env)
         self._workers[alert_id] = proc
         self.alerts.update(alert_id, worker_pid=proc.pid)
+        if self.fleet is not None:
+            self.fleet.hold(alert_id, proc.pid)
         log.info("retraining worker pid %d for alert %s (log %s)", proc.pid, alert_id, log_file)
 
     def stop(self, timeout: float = 10.0) -> None:

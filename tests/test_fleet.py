@@ -139,10 +139,6 @@ BAD = [
      TWO.replace("models:", "fleet: {gpus: 2}\nmodels:") + "  big:\n    model: {gpu: true}\n"
      "    serving: {gpu: 1, max_replicas: 2}\n",
      "fleet.gpus: the fleet is over its budget of 2: 3 GPUs the models request (big 3)"),
-    ("a fleet over its daily run budget",
-     TWO.replace("models:", "fleet: {daily_runs: 6}\nmodels:") + "  third: {}\n",
-     "fleet.daily_runs: the fleet is over its budget of 6: 12 runs a day the models' trigger.daily_budget allow "
-     "(churn 4, demand 4, third 4)"),
     ("an unknown top-level key",
      TWO + "servng: {}\n",
      "servng: unknown top-level key in fleet file TMP/fleet.yaml; a fleet file takes defaults, fleet, models, "

@@ -547,10 +547,10 @@ class FleetLimits(_Section):
 
     max_concurrent_runs: int = Field(2, ge=1, description="training runs of different models at once "
                                                           "(`driftloop run train` on the whole fleet, retraining runs)")
-    daily_runs: int | None = Field(None, ge=0, description="retraining runs a day across the models: the models' "
-                                                           "trigger.daily_budget must add up to at most this")
-    gpus: int | None = Field(None, ge=0, description="GPUs the models may hold at once: each model's train step "
-                                                     "plus its serving replicas at serving.max_replicas")
+    daily_runs: int | None = Field(None, ge=0, description="retraining runs a day across the models: one pool "
+                                                           "their triggers share (besides each trigger.daily_budget)")
+    gpus: int | None = Field(None, ge=0, description="GPUs the models may hold at once: their serving replicas at "
+                                                     "serving.max_replicas plus the train steps running")
     replicas: int | None = Field(None, ge=1, description="model-server replicas the agent may give all models "
                                                          "together (each model stays inside its own policy)")
 
@@ -564,6 +564,8 @@ class FleetMembership(_Section):
     team: str | None = None
     models: tuple[str, ...] = Field(description="every model of the fleet, in file order")
     limits: FleetLimits = FleetLimits()
+    serving_gpus: int = Field(0, ge=0, description="GPUs all the fleet's models' serving may hold (at "
+                                                   "serving.max_replicas): kept out of fleet.gpus for train steps")
 
 
 class Settings(_Section):

@@ -25,8 +25,9 @@ one-model configuration) loads as a fleet of one whose settings are :func:`load_
 Every problem is one :class:`~driftloop.core.errors.ConfigError` line at load time naming the key
 path: a model named twice, a model section that fails validation (``models.<name>.<section>.<key>``),
 two models on one route (serving name, MLflow model name, workspace, monitor path or model-server port), a model
-setting the shared gateway or monitor port of its own, a fleet over its GPU or
-daily run budget, an unknown top-level key.
+setting the shared gateway or monitor port of its own, a fleet whose serving and largest train step
+are over its GPU budget, an unknown top-level key. The runs' limits (``fleet.max_concurrent_runs``,
+``fleet.daily_runs``, ``fleet.gpus``) are kept at run time by the models' triggers (monitoring.fleet_runs).
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ from driftloop.core.config import (
 from driftloop.core.errors import ConfigError
 from driftloop.core.workspace import check_workspace_path
 
-__all__ = ["Fleet", "FleetLimits", "FleetModel", "load_fleet", "model_gpus", "FLEET_KEYS", "MODELS_DIR"]
+__all__ = ["Fleet", "FleetLimits", "FleetModel", "load_fleet", "model_gpus", "serving_gpus", "train_gpus",
+           "FLEET_KEYS", "MODELS_DIR"]
 
 #: The top-level keys of a fleet file.
 FLEET_KEYS = ("defaults", "fleet", "models", "workspace")
@@ -103,15 +105,23 @@ class Fleet:
         return list(self.models) if name is None else [self.model(name)]
 
 
+def train_gpus(settings: Settings) -> int:
+    """GPUs one model's train step holds while it runs (every worker of a distributed one)."""
+    m = settings.model
+    if m.distributed.workers > 1:
+        return m.distributed.workers * m.distributed.gpus_per_worker
+    return m.accelerator_limit if m.gpu else 0
+
+
+def serving_gpus(settings: Settings) -> int:
+    """GPUs one model's serving may hold: its replicas at ``serving.max_replicas``."""
+    return settings.serving.gpu * settings.serving.max_replicas
+
+
 def model_gpus(settings: Settings) -> int:
     """GPUs one model may hold at once: its train step (every worker of a distributed one) and its
     serving replicas at ``serving.max_replicas``."""
-    m = settings.model
-    if m.distributed.workers > 1:
-        train = m.distributed.workers * m.distributed.gpus_per_worker
-    else:
-        train = m.accelerator_limit if m.gpu else 0
-    return train + settings.serving.gpu * settings.serving.max_replicas
+    return train_gpus(settings) + serving_gpus(settings)
 
 
 def load_fleet(path: str | Path | None = None, overrides: list[str] | None = None,
@@ -204,8 +214,10 @@ def _build(path: Path, raw: dict[str, Any], overrides: list[str], environ: dict[
     _shared_ports(models_raw)
     names = tuple(trees)
     models = tuple(_validate(name, tree, path) for name, tree in trees.items())
+    serving = sum(serving_gpus(m.settings) for m in models)
     models = tuple(FleetModel(m.name, m.settings.model_copy(update={"fleet": FleetMembership(
-        root=Path(root), name=m.name, team=m.team, models=names, limits=limits)}), m.team) for m in models)
+        root=Path(root), name=m.name, team=m.team, models=names, limits=limits, serving_gpus=serving)}), m.team)
+        for m in models)
     _check_routes(models)
     _check_budgets(models, limits)
     return Fleet(models, limits, path, single=False)
@@ -317,16 +329,15 @@ def _check_routes(models: tuple[FleetModel, ...]) -> None:
 
 
 def _check_budgets(models: tuple[FleetModel, ...], limits: FleetLimits) -> None:
-    for limit, what, of_model in (
-        ("gpus", "GPUs the models request", model_gpus),
-        ("daily_runs", "runs a day the models' trigger.daily_budget allow",
-         lambda s: s.trigger.daily_budget if s.trigger.enabled else 0),
-    ):
-        budget = getattr(limits, limit)
-        if budget is None:
-            continue
-        each = {m.name: of_model(m.settings) for m in models}
-        if sum(each.values()) > budget:
-            parts = ", ".join(f"{n} {v}" for n, v in each.items() if v)
-            raise ConfigError(f"fleet.{limit}: the fleet is over its budget of {budget}: {sum(each.values())} "
-                              f"{what} ({parts})")
+    """``fleet.gpus`` must hold every model's serving at ``serving.max_replicas`` beside the largest train
+    step; the train steps running at once are kept inside it at run time (monitoring.fleet_runs), as is
+    ``fleet.daily_runs``, one pool the models' triggers share."""
+    if limits.gpus is None:
+        return
+    each = {m.name: serving_gpus(m.settings) for m in models}
+    largest = max(models, key=lambda m: train_gpus(m.settings))
+    each[largest.name] += train_gpus(largest.settings)
+    if sum(each.values()) > limits.gpus:
+        parts = ", ".join(f"{n} {v}" for n, v in each.items() if v)
+        raise ConfigError(f"fleet.gpus: the fleet is over its budget of {limits.gpus}: {sum(each.values())} "
+                          f"GPUs the models request ({parts})")
