@@ -5,13 +5,23 @@ tests — live in one process without "duplicated timeseries" errors, and keeps 
 what the monitor itself measures. The sink sets the ingest metrics; the drift check and the
 trigger set the drift and decision metrics; the checks' episodes set ``open_episodes``, and the
 trigger's follow-up of finished runs sets ``needs_attention`` (monitoring.outcomes).
+
+A fleet's one monitor (:mod:`monitoring.fleet_service`) keeps a registry per model, so each model's
+series keep their one-model names; its ``/metrics`` is one scrape of all of them, each sample
+labelled ``model="<name>"`` by :class:`ModelLabelled` (the same family of every model under one
+``HELP``/``TYPE``, as Prometheus requires).
 """
 
 from __future__ import annotations
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from collections.abc import Iterator, Mapping
 
-__all__ = ["MonitorMetrics", "CONTENT_TYPE_LATEST"]
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
+
+__all__ = ["MonitorMetrics", "ModelLabelled", "CONTENT_TYPE_LATEST"]
 
 _PREFIX = "driftloop_monitor"
 
@@ -75,3 +85,24 @@ class MonitorMetrics:
     def render(self) -> tuple[bytes, str]:
         """The Prometheus text exposition of the registry and its content type."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class ModelLabelled(Collector):
+    """Every model's registry as one collector: each sample gets the label ``model="<name>"`` (a series'
+    own ``model`` label, e.g. ``needs_attention``'s, is the same model and is replaced by the fleet's name)."""
+
+    def __init__(self, registries: Mapping[str, CollectorRegistry], label: str = "model") -> None:
+        self.registries = registries
+        self.label = label
+
+    def collect(self) -> Iterator[Metric]:
+        families: dict[str, Metric] = {}
+        for model, registry in self.registries.items():
+            for family in registry.collect():
+                out = families.get(family.name)
+                if out is None:
+                    out = families[family.name] = Metric(family.name, family.documentation, family.type, family.unit)
+                for s in family.samples:
+                    labels = {self.label: model, **{k: v for k, v in s.labels.items() if k != self.label}}
+                    out.samples.append(Sample(s.name, labels, s.value, s.timestamp, s.exemplar))
+        yield from families.values()

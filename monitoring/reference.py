@@ -26,11 +26,15 @@ from monitoring.drift import CATEGORICAL, NUMERICAL, ReferenceProfile
 if TYPE_CHECKING:
     from driftloop.core.config import Settings
 
-__all__ = ["PREDICTION", "ChampionReference", "ReferenceCache", "load_champion_reference"]
+__all__ = ["PREDICTION", "ChampionReference", "NoChampionError", "ReferenceCache", "load_champion_reference"]
 
 log = logging.getLogger(__name__)
 
 PREDICTION = "prediction"
+
+
+class NoChampionError(MonitorError):
+    """The model has no champion yet (nothing trained and promoted): its monitor waits for one."""
 
 
 @dataclass
@@ -127,7 +131,7 @@ class ReferenceCache:
         except RegistryError as exc:
             raise MonitorError(f"no drift reference: {exc}") from exc
         if info is None:
-            raise MonitorError(f"no drift reference: model {name!r} has no {CHAMPION!r} version in MLflow")
+            raise NoChampionError(f"no drift reference: model {name!r} has no {CHAMPION!r} version in MLflow")
         with self._lock:
             if self._current is None or self._current.version != info.version:
                 self._current = load_champion_reference(self.settings, self.registry)

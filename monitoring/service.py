@@ -51,10 +51,12 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
+from starlette.routing import Mount
 
 from driftloop.core.errors import DriftloopError, MonitorError
 from driftloop.core.files import workspace_token
@@ -77,7 +79,8 @@ from monitoring.trigger import Trigger
 if TYPE_CHECKING:
     from driftloop.core.config import Settings
 
-__all__ = ["WEBHOOK_TOKEN_ENV", "MonitorService", "ingest_token_path", "log_report_to_mlflow", "row_schema"]
+__all__ = ["WEBHOOK_TOKEN_ENV", "MonitorService", "ingest_token_path", "log_report_to_mlflow", "mounted_app",
+           "row_schema", "serve_until_stopped"]
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +111,39 @@ def row_schema(champion: ChampionReference, task: str) -> RowSchema:
     return RowSchema(kinds, task)
 
 
+def mounted_app(routes: list[Any], apps: list[Starlette]) -> Starlette:
+    """A Starlette app of ``routes`` (each model's app in a ``Mount``) whose lifespan runs every one of ``apps``'
+    own (a ``Mount`` does not: the sink's group-commit writer must finish what is queued on shutdown)."""
+    import contextlib
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: Starlette) -> Any:
+        async with contextlib.AsyncExitStack() as stack:
+            for app in apps:
+                await stack.enter_async_context(app.router.lifespan_context(app))
+            yield
+
+    return Starlette(routes=routes, lifespan=lifespan)
+
+
+def serve_until_stopped(app: Any, host: str, port: int) -> None:
+    """Serve ``app`` with uvicorn until SIGTERM or Ctrl-C; returns normally (exit 0) after a graceful stop."""
+    import uvicorn
+
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="on")
+    server = uvicorn.Server(config)
+    # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal with the handler it
+    # found; a no-op handler here turns that into a normal return, so the stores close cleanly (exit 0).
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        server.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 class MonitorService:
     """The monitor's parts wired together; ``app`` serves them, ``run`` blocks until SIGTERM/Ctrl-C."""
 
@@ -131,6 +167,8 @@ class MonitorService:
                                       trigger=self.trigger, metrics=self.metrics, reports_dir=self.reports_dir)
         self.history = CheckHistory(settings, metrics=self.metrics)  # every check in the model's Evidently project
         self.last_outcome: dict[str, Any] | None = None
+        self.last_errors: dict[str, BaseException] = {}  # the loop's checks that failed or were skipped last round
+        self.last_round: float | None = None  # unix time the loop's last round ended
         self.ingest_token = workspace_token(ingest_token_path(settings), INGEST_TOKEN_ENV)
         self.auth = IngestAuth(self.ingest_token, settings.monitor.events_auth)
         self._check_lock = threading.Lock()
@@ -191,21 +229,24 @@ class MonitorService:
             self._guarded(lines, "quality", self.check_quality, lines.quality)
         self._guarded(lines, "follow-up", self._follow, None)  # the runs' outcomes
         lines.summary(f"history: {self.history.written} written, {self.history.failed} failed")
+        self.last_round = time.time()
 
     def _follow(self) -> None:
         self.trigger.follow()  # finished runs to their rollout's outcome; attached alerts; needs-attention
         self.history.rollouts(self.alerts)  # every outcome followed so far (a new alert's guardrails follow too)
 
-    @staticmethod
-    def _guarded(lines: LoopLines, name: str, run: Any, said: Any) -> None:
+    def _guarded(self, lines: LoopLines, name: str, run: Any, said: Any) -> None:
         try:
             outcome = run()
         except DriftloopError as exc:  # no champion yet, MLflow away: said once while it lasts
+            self.last_errors[name] = exc
             lines.skipped(name, exc)
             return
         except Exception as exc:  # noqa: BLE001 - the service keeps running; the next round tries again
+            self.last_errors[name] = exc
             lines.failed(name, exc)
             return
+        self.last_errors.pop(name, None)
         if said is not None:
             said(outcome)
 
@@ -233,30 +274,29 @@ class MonitorService:
             self._thread.join(timeout=30)
             self._thread = None
 
+    @property
+    def served_app(self) -> Starlette:
+        """What ``run`` serves: ``app``, under ``monitor.base_path`` when one is set (a fleet's model run alone
+        answers on the same paths as on the fleet's monitor: ``/models/<name>/events``)."""
+        base = self.settings.monitor.base_path
+        return mounted_app([Mount(base, app=self.app)], [self.app]) if base else self.app
+
+    def close(self) -> None:
+        """Stop the check loop, write what the last checks recorded, stop the retraining workers, close the stores."""
+        self.stop_checks()
+        self.history.close()  # what the last checks recorded, written (bounded)
+        self.trigger.stop()  # a retraining run started here stops with the monitor, with what it started
+        self.store.close()
+        self.alerts.close()
+
     def run(self, host: str | None = None, port: int | None = None) -> None:
         """Serve until SIGTERM or Ctrl-C (uvicorn handles both), then stop the check loop cleanly."""
-        import uvicorn
-
         host = host or self.settings.monitor.host
         port = self.settings.monitor.port if port is None else port
-        config = uvicorn.Config(self.app, host=host, port=port, log_level="warning", access_log=False, lifespan="on")
-        server = uvicorn.Server(config)
         self.start_checks()
-        log.info("driftloop monitor on http://%s:%d (checks every %.0fs)", host, port,
-                 self.settings.monitor.check_interval_seconds)
-        # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal with the handler it
-        # found; a no-op handler here turns that into a normal return, so the stores close cleanly (exit 0).
-        previous = {}
-        if threading.current_thread() is threading.main_thread():
-            previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
+        log.info("driftloop monitor on http://%s:%d%s (checks every %.0fs)", host, port,
+                 self.settings.monitor.base_path, self.settings.monitor.check_interval_seconds)
         try:
-            server.run()
+            serve_until_stopped(self.served_app, host, port)
         finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-            self.stop_checks()
-            self.history.close()  # what the last checks recorded, written (bounded)
-            self.trigger.stop()  # a retraining run started here stops with the monitor, with what it started
-            self.store.close()
-            self.alerts.close()
-
+            self.close()

@@ -294,7 +294,8 @@ class SinkApp(Starlette):
     """The sink's Starlette app; ``POST /events`` is dispatched before the middleware stack.
 
     Everything else (more routes added with ``add_route``/``mount``, lifespan, 404/405) is plain
-    Starlette.
+    Starlette. Mounted under a path (``root_path`` set, as a fleet's monitor mounts each model's), the
+    path below it is matched.
     """
 
     def __init__(self, *args: Any, events: EventsEndpoint, **kwargs: Any):
@@ -302,9 +303,13 @@ class SinkApp(Starlette):
         self._events = events
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["path"] == "/events" and scope["method"] == "POST":
-            await self._events(scope, receive, send)
-            return
+        if scope["type"] == "http" and scope["method"] == "POST":
+            path, root = scope["path"], scope.get("root_path")
+            if root and path.startswith(root):  # mounted (a fleet's model under /models/<name>): its own path
+                path = path[len(root):]
+            if path == "/events":
+                await self._events(scope, receive, send)
+                return
         await super().__call__(scope, receive, send)
 
 

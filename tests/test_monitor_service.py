@@ -54,17 +54,19 @@ def _auth(service: MonitorService) -> dict[str, str]:
     return {"authorization": f"Bearer {service.ingest_token}"}
 
 
-def _send(client: TestClient, rows: pd.DataFrame, model) -> None:
-    """The rows as request/response CloudEvents (one batch of structured events), predicted by ``model``."""
+def _send(client: TestClient, rows: pd.DataFrame, model, *, isvc: str = "churn", path: str = "/events") -> None:
+    """The rows as request/response CloudEvents (one batch of structured events), predicted by ``model``,
+    logged by InferenceService ``isvc``, posted to ``path``."""
     features = rows[FEATURES]
     preds = [int(p) for p in model.predict(features)]
     instances = json.loads(features.to_json(orient="records"))  # NaN -> null, as a JSON client sends it
     events = []
     for i in range(0, len(rows), 50):
         ce_id = uuid.uuid4().hex
-        events.append(structured(ce_id, "request", {"instances": instances[i:i + 50]}))
-        events.append(structured(ce_id, "response", {"predictions": preds[i:i + 50]}, version="1", role="champion"))
-    r = client.post("/events", content=json.dumps(events), headers={"content-type": "application/cloudevents-batch+json"})
+        events.append(structured(ce_id, "request", {"instances": instances[i:i + 50]}, model=isvc))
+        events.append(structured(ce_id, "response", {"predictions": preds[i:i + 50]}, model=isvc, version="1",
+                                 role="champion"))
+    r = client.post(path, content=json.dumps(events), headers={"content-type": "application/cloudevents-batch+json"})
     assert r.status_code == 200, r.text
 
 

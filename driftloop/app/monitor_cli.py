@@ -10,7 +10,7 @@ import pandas as pd
 import typer
 from rich.table import Table
 
-from driftloop.core.console import ConfigOpt, ParamOpt
+from driftloop.core.console import ConfigOpt, ModelOpt, ParamOpt
 from driftloop.core.errors import MonitorError
 
 if TYPE_CHECKING:
@@ -26,26 +26,53 @@ drift_app = typer.Typer(help="One-off drift reports with Evidently.", no_args_is
 def monitor_cmd(
     config: ConfigOpt = None,
     params: ParamOpt = None,
+    model: ModelOpt = None,
     host: Annotated[str | None, typer.Option(help="Bind address (default monitor.host, 127.0.0.1).")] = None,
     port: Annotated[int | None, typer.Option(help="Port (default monitor.port).")] = None,
+    workers: Annotated[int, typer.Option(min=1, help="A fleet's check workers: threads running the models' "
+                                                     "checks when due.")] = 2,
 ) -> None:
-    """Run the monitor: inference-log sink, periodic drift checks, metrics, alerts and the retraining trigger."""
+    """Run the monitor: inference-log sink, periodic drift checks, metrics, alerts and the retraining trigger.
+
+    On a fleet file: one monitor for every model (or the one ``--model`` names), each under /models/NAME."""
+    import os
+
     from driftloop.core.console import console, settings_from
     from driftloop.core.files import private_umask
+    from driftloop.core.fleet import load_fleet
+    from driftloop.core.workspace import tighten_workspace
     from monitoring.service import WEBHOOK_TOKEN_ENV, MonitorService, ingest_token_path
     from monitoring.sink import INGEST_TOKEN_ENV
     from pipelines.training import training_runner_for
 
     private_umask()  # inference log, alert store, reports, their -wal/-shm: owner-only from the start
-    settings = settings_from(config, params)
-    service = MonitorService(settings, runner_factory=training_runner_for)
+    fleet = load_fleet(config, list(params or []))
+    if fleet.single:
+        settings = settings_from(config, params, model=model)
+    else:
+        chosen = fleet.select(model)
+        for m in chosen:
+            tighten_workspace(m.settings.workspace_dir)
+        settings = chosen[0].settings
     bind_host = host or settings.monitor.host
     bind_port = settings.monitor.port if port is None else port
-    console.print(f"[bold]driftloop monitor[/] on http://{bind_host}:{bind_port} — POST /events, GET /metrics, "
-                  f"GET /alerts; checks every {settings.monitor.check_interval_seconds:g}s")
-    import os
+    where = "" if os.environ.get(INGEST_TOKEN_ENV) else None
+    if fleet.single:
+        service = MonitorService(settings, runner_factory=training_runner_for)
+        console.print(f"[bold]driftloop monitor[/] on http://{bind_host}:{bind_port}{settings.monitor.base_path} — "
+                      f"POST /events, GET /metrics, GET /alerts; checks every "
+                      f"{settings.monitor.check_interval_seconds:g}s")
+        where = INGEST_TOKEN_ENV if where is not None else str(ingest_token_path(settings))
+    else:
+        from monitoring.fleet_service import FleetMonitor
 
-    where = INGEST_TOKEN_ENV if os.environ.get(INGEST_TOKEN_ENV) else str(ingest_token_path(settings))
+        service = FleetMonitor(chosen, workers=workers, runner_factory=training_runner_for)
+        console.print(f"[bold]driftloop monitor[/] of {len(chosen)} model(s) of {fleet.source} on "
+                      f"http://{bind_host}:{bind_port} — POST /models/NAME/events, GET /models, GET /metrics; "
+                      f"{workers} check worker(s)")
+        for name, why in service.broken.items():
+            console.print(f"[red]model {name}: its monitor cannot start: {why}[/]")
+        where = INGEST_TOKEN_ENV if where is not None else "<model workspace>/monitor/ingest.token, one per model"
     console.print(f"POST /events and /feedback need the ingest token ({where}); /events without one: "
                   f"{'accepted (monitor.events_auth=network)' if settings.monitor.events_auth == 'network' else 'refused'}")
     if not os.environ.get(WEBHOOK_TOKEN_ENV):
@@ -83,12 +110,13 @@ def drift_check_cmd(
     exclude: Annotated[list[str] | None, typer.Option("--exclude", help="Column to leave out (repeatable).")] = None,
     config: ConfigOpt = None,
     params: ParamOpt = None,
+    model: ModelOpt = None,
 ) -> None:
     """Compare two files with Evidently's DataDriftPreset (methods/thresholds from monitor.*)."""
     from driftloop.core.console import console, settings_from
     from monitoring.drift import DriftOptions, evidently_report
 
-    settings = settings_from(config, params)
+    settings = settings_from(config, params, model=model)
     ref, cur = _read(reference), _read(current)
     numeric, categorical = infer_columns(ref, list(exclude or []))
     if not numeric and not categorical:
@@ -133,6 +161,7 @@ def _versions_by_alert(settings: Settings) -> dict[str, str]:
 def alerts_cmd(
     config: ConfigOpt = None,
     params: ParamOpt = None,
+    model: ModelOpt = None,
     limit: Annotated[int, typer.Option(min=1, help="How many recent alerts.")] = 20,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON document (every field) for scripts.")] = False,
 ) -> None:
@@ -146,7 +175,7 @@ def alerts_cmd(
     from driftloop.core.console import console, settings_from
     from monitoring.alerts import AlertStore, alerts_path
 
-    settings = settings_from(config, params)
+    settings = settings_from(config, params, model=model)
     if not alerts_path(settings).exists():
         if as_json:
             typer.echo(json.dumps({"alerts": []}))

@@ -1,0 +1,161 @@
+"""A fleet's one monitor: every model's monitor in one app on one port, one check loop for all of them.
+
+Three models share the session's trained champion (its version copied to each model's name in a copy of
+its MLflow store) and a fourth has no champion yet; each keeps its own store, alerts, trigger and token."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+
+import pytest
+from mlflow.tracking import MlflowClient
+from starlette.testclient import TestClient
+from typer.testing import CliRunner
+
+from driftloop.core.fleet import load_fleet
+from monitoring.fleet_service import WAITING, FleetChecks, FleetMonitor
+from monitoring.service import MonitorService
+from tests.test_monitor_service import _rows, _send, champion_model  # noqa: F401 (a fixture)
+from tests.test_trigger import RecordingRunner
+
+MODELS = ("alpha", "beta", "gamma")  # each with a champion; "delta" has none yet
+
+
+@pytest.fixture(scope="module")
+def fleet_file(tmp_path_factory, trained):
+    """A fleet file of four models over a copy of the trained MLflow store (the session's stays as it is)."""
+    base, _ = trained
+    root = tmp_path_factory.mktemp("fleet")
+    db = root / "mlflow.db"
+    shutil.copy(base.tracking_uri.removeprefix("sqlite:///"), db)
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    for name in MODELS:
+        version = client.copy_model_version("models:/churn/1", name)
+        client.set_registered_model_alias(name, "champion", version.version)
+    path = root / "fleet.yaml"
+    path.write_text(f"""\
+workspace: {root / "ws"}
+defaults:
+  data: {{source: {base.data.source}, time_column: event_time, reference_size: 1000}}
+  mlflow: {{tracking_uri: "sqlite:///{db}", experiment: test}}
+  monitor: {{window_rows: 300, min_samples: 200, min_requests: 2, check_interval_seconds: 3600}}
+  trigger: {{cooldown_seconds: 0, min_samples: 100}}
+models:
+  alpha: {{team: growth}}
+  beta: {{team: growth}}
+  gamma: {{team: planning}}
+  delta: {{team: planning}}
+""")
+    return path
+
+
+def _as(client: TestClient, fleet: FleetMonitor, name: str) -> None:
+    """The client speaks with model ``name``'s ingest token from now on."""
+    client.headers["authorization"] = f"Bearer {fleet.services[name].ingest_token}"
+
+
+def test_one_monitor_keeps_each_model_apart(fleet_file, champion_model):
+    runners = {name: RecordingRunner() for name in (*MODELS, "delta")}
+    fleet = FleetMonitor(load_fleet(fleet_file).models,
+                         service=lambda m: MonitorService(m.settings, runner=runners[m.name]))
+    with TestClient(fleet) as client:
+        for name in MODELS:  # drifted traffic on beta only
+            _as(client, fleet, name)
+            _send(client, _rows(drift=name == "beta", seed=3), champion_model, isvc=name,
+                  path=f"/models/{name}/events")
+        counts = {name: fleet.services[name].store.count() for name in MODELS}
+        assert counts == dict.fromkeys(MODELS, 300)  # each model's events in its own store only
+        assert fleet.services["delta"].store.count() == 0
+
+        fleet.checks.round_all()  # the fleet's pool: every model's round
+        alert = fleet.services["beta"].last_outcome["alert"]
+        assert alert["decision"] == "started"
+        fleet.services["beta"].trigger.wait(alert["id"], timeout=30)
+        assert [r.trigger for r in runners["beta"].requests] == [f"drift:{alert['id']}"]
+        assert all(not runners[n].requests for n in ("alpha", "gamma", "delta"))
+        states = {row["name"]: row for row in client.get("/models").json()["models"]}
+        assert states["beta"]["state"] == "drift" and states["beta"]["open_alerts"] == 1
+        assert [states[n]["state"] for n in ("alpha", "gamma")] == ["no drift", "no drift"]
+        assert states["alpha"]["open_alerts"] == 0 and states["alpha"]["last_check"] is not None
+        assert states["delta"]["state"] == WAITING and states["delta"]["error"] is None
+        assert client.get("/models/beta/alerts").json()["alerts"][0]["id"] == alert["id"]
+        assert client.get("/models/alpha/alerts").json()["alerts"] == []
+
+        metrics = client.get("/metrics").text
+        assert 'driftloop_monitor_dataset_drift{model="beta"} 1.0' in metrics
+        assert 'driftloop_monitor_dataset_drift{model="alpha"} 0.0' in metrics
+        assert 'driftloop_monitor_rows_stored_total{model="gamma"} 300.0' in metrics
+        assert metrics.count("# TYPE driftloop_monitor_dataset_drift gauge") == 1  # one family, every model
+
+        # an unknown model is a 404 naming it; another model's token, or none, is refused as today
+        missing = client.post("/models/nope/events", content=b"[]")
+        assert missing.status_code == 404 and "'nope'" in missing.json()["error"]
+        _as(client, fleet, "beta")
+        wrong = client.post("/models/alpha/events", content=b"{}",
+                            headers={"content-type": "application/cloudevents+json"})
+        assert wrong.status_code == 401
+        del client.headers["authorization"]
+        assert client.post("/models/alpha/check").status_code == 401
+        assert client.get("/openapi.json").json()["paths"]["/models/{model}/events"]["post"]
+
+        # a corrupt store stops its own model's checks only
+        store = fleet.services["gamma"].store.path
+        store.write_bytes(b"this is no database" * 512)
+        before = {n: fleet.services[n].last_round for n in MODELS}
+        fleet.checks.round_all()
+        states = {row["name"]: row for row in client.get("/models").json()["models"]}
+        assert states["gamma"]["state"] in ("check failing", "check skipped"), states["gamma"]
+        assert "database" in states["gamma"]["error"]
+        assert all(fleet.services[n].last_round > before[n] for n in ("alpha", "beta"))
+        assert states["alpha"]["state"] == "no drift" and states["beta"]["state"] == "drift"
+    fleet.close()
+
+
+class _Stub:
+    """What the loop uses of a model's monitor: its interval and its round."""
+
+    def __init__(self, interval: float, fail: bool = False) -> None:
+        self.settings = type("S", (), {"monitor": type("M", (), {"check_interval_seconds": interval})()})()
+        self.rounds = 0
+        self.fail = fail
+        self.done = threading.Event()
+
+    def _round(self, lines) -> None:
+        self.rounds += 1
+        if self.rounds >= 2:
+            self.done.set()
+        if self.fail:
+            raise RuntimeError("store is garbage")
+
+
+def test_the_loop_honours_each_interval_and_survives_a_failing_round():
+    stubs = {"fast": _Stub(0.02), "slow": _Stub(0.2), "broken": _Stub(0.02, fail=True)}
+    checks = FleetChecks(stubs, workers=2)
+    checks.start()
+    try:
+        assert stubs["slow"].done.wait(30) and stubs["broken"].done.wait(30)
+    finally:
+        checks.stop()
+    assert stubs["fast"].rounds > stubs["slow"].rounds >= 2  # the broken one's failures stopped nothing
+    ran = stubs["fast"].rounds
+    time.sleep(0.1)
+    assert stubs["fast"].rounds == ran  # stopped
+
+
+def test_monitor_command_on_a_fleet(fleet_file, monkeypatch):
+    from driftloop.app.cli import app
+
+    served = []
+    monkeypatch.setattr(FleetMonitor, "run", lambda self, host, port: served.append((list(self.models), port)))
+    result = CliRunner().invoke(app, ["monitor", "-c", str(fleet_file), "--port", "0"])
+    assert result.exit_code == 0, result.output
+    assert served == [(["alpha", "beta", "gamma", "delta"], 0)]
+    result = CliRunner().invoke(app, ["monitor", "-c", str(fleet_file), "--model", "gamma", "--port", "0"])
+    assert result.exit_code == 0, result.output
+    assert served[-1] == (["gamma"], 0)
+    refused = CliRunner().invoke(app, ["alerts", "-c", str(fleet_file)])
+    assert refused.exit_code != 0 and "pass --model NAME (models: alpha, beta, gamma, delta)" in str(refused.exception)
+    listed = CliRunner().invoke(app, ["alerts", "-c", str(fleet_file), "--model", "delta", "--json"])
+    assert listed.exit_code == 0 and '"alerts"' in listed.output
