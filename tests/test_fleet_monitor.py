@@ -110,6 +110,12 @@ def test_one_monitor_keeps_each_model_apart(fleet_file, champion_model):
         assert "database" in states["gamma"]["error"]
         assert all(fleet.services[n].last_round > before[n] for n in ("alpha", "beta"))
         assert states["alpha"]["state"] == "no drift" and states["beta"]["state"] == "drift"
+    # a fleet's model run alone answers on the same path (the gateway's sink URL works either way)
+    with TestClient(fleet.services["alpha"].served_app) as alone:
+        _as(alone, fleet, "alpha")
+        _send(alone, _rows(drift=False, n=50, seed=9), champion_model, isvc="alpha", path="/models/alpha/events")
+        assert alone.post("/events").status_code == 404
+    assert fleet.services["alpha"].store.count() == 350
     fleet.close()
 
 
