@@ -210,10 +210,18 @@ class TimingRunner:
 
 
 def _fleet(fleet_file: Path, params: list[str]):
+    """The fleet monitor of every model, on empty stores and alert stores, each with a timing runner."""
     from driftloop.core.fleet import load_fleet
+    from monitoring.alerts import alerts_path
     from monitoring.fleet_service import FleetMonitor
     from monitoring.service import MonitorService
 
+    fleet = load_fleet(fleet_file, params)
+    _empty_stores(fleet_file, fleet.names)  # not part (a)'s synthetic rows: they drift from the reference
+    for m in fleet.models:
+        shutil.rmtree(m.settings.workspace_dir / "monitor" / "reports", ignore_errors=True)
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{alerts_path(m.settings)}{suffix}").unlink(missing_ok=True)
     runners: dict[str, TimingRunner] = {}
 
     def service(m):
@@ -221,7 +229,7 @@ def _fleet(fleet_file: Path, params: list[str]):
         return MonitorService(m.settings, runner=runners[m.name])
 
     started = time.perf_counter()
-    fleet = FleetMonitor(load_fleet(fleet_file, params).models, service=service)
+    fleet = FleetMonitor(fleet.models, service=service)
     return fleet, runners, time.perf_counter() - started
 
 
@@ -268,10 +276,17 @@ def part_checks(fleet_file: Path, names: list[str], model) -> None:
             _post(client, name, _fresh(calm, ids, name))
         rounds = [fleet.checks.round_all() for _ in range(2)]
         verdicts = sorted({str((s.last_outcome or {}).get("verdict")) for s in fleet.services.values()})
+        drifted, ids = _events(generate(rows=300, drift_at=0.0, seed=12), model, "churn")
+        for name in names:  # every model drifts at once: each confirms with Evidently, reports, alerts
+            _post(client, name, _fresh(drifted, ids, name))
+        storm = fleet.checks.round_all()
+        storm_verdicts = sorted({str((s.last_outcome or {}).get("verdict")) for s in fleet.services.values()})
     fleet.close()
     print(f"(b) checks: {len(names)} models built in {built:.1f} s; one round of every model's checks "
-          f"(2 workers): {rounds[0]:.2f} s, again {rounds[1]:.2f} s = {rounds[1] / interval:.0%} of the "
-          f"{interval:g} s interval (verdicts: {', '.join(verdicts)}); load average {_load()}")
+          f"(2 workers, calm windows): {rounds[0]:.2f} s, again {rounds[1]:.2f} s = {rounds[1] / interval:.0%} of "
+          f"the {interval:g} s interval (verdicts: {', '.join(verdicts)}); a round in which all {len(names)} drift "
+          f"at once (Evidently report + MLflow + alert each): {storm:.1f} s = {storm / interval:.1f} intervals "
+          f"(verdicts: {', '.join(storm_verdicts)}); load average {_load()}")
 
 
 def part_retrain(fleet_file: Path, names: list[str], model, interval: float) -> None:

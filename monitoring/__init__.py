@@ -4,7 +4,9 @@ Where each concern lives:
 
 * process and wiring — :mod:`monitoring.service` (``MonitorService``: builds the parts, one app,
   the check loop); its own HTTP routes in :mod:`monitoring.routes`, the OpenAPI document in
-  :mod:`monitoring.openapi`, Prometheus metrics in :mod:`monitoring.metrics`;
+  :mod:`monitoring.openapi`, Prometheus metrics in :mod:`monitoring.metrics`; a fleet's one monitor
+  (every model's ``MonitorService`` under ``/models/<name>``, one check loop) in
+  :mod:`monitoring.fleet_service`;
 * ingest — :mod:`monitoring.sink` (``POST /events``, ``/feedback``, ``/quality``, health; group
   commit) on :mod:`monitoring.events` (parsing and flattening KServe's CloudEvents);
 * the inference log — :mod:`monitoring.store` (``InferenceStore``: one SQLite file, its

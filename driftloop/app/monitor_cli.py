@@ -34,7 +34,7 @@ def monitor_cmd(
 ) -> None:
     """Run the monitor: inference-log sink, periodic drift checks, metrics, alerts and the retraining trigger.
 
-    On a fleet file: one monitor for every model (or the one ``--model`` names), each under /models/NAME."""
+    On a fleet file: one monitor for every model (or the one --model names), each under /models/NAME."""
     import os
 
     from driftloop.core.console import console, settings_from
