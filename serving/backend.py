@@ -49,10 +49,15 @@ class LocalServing:
     home = "local"
 
     def __init__(self, settings: Settings, processes: Any | None = None) -> None:
-        """``processes``: the :class:`~serving.local_backend.LocalBackend` to use (default: this workspace's)."""
+        """``processes``: the :class:`~serving.local_backend.LocalBackend` to use (default: this workspace's;
+        a fleet's model: :class:`~serving.fleet_backend.FleetModelBackend`, its part of the fleet gateway)."""
         from serving.local_backend import LocalBackend
 
         self.settings = settings
+        if processes is None and settings.fleet is not None:
+            from serving.fleet_backend import FleetModelBackend
+
+            processes = FleetModelBackend(settings)
         self.processes = processes or LocalBackend(settings)
 
     def deploy_canary(self, version: str, model_uri: str, percent: int) -> CanaryOut:

@@ -119,6 +119,11 @@ class LocalBackend:
         self.state.keep_canary_pending(state)
         self._stop_all(state)
 
+    def shared(self, entry: dict[str, Any]) -> bool:
+        """Whether a process of the state also serves other models (a fleet's gateway or packed model server,
+        :mod:`serving.fleet_backend`): this model never stops or restarts it alone. Here: none is."""
+        return False
+
     def status(self) -> dict[str, Any]:
         with self.state.locked() as state:
             return dict(state)
@@ -292,7 +297,8 @@ class LocalBackend:
             canary["role"] = "primary"
             state.update(primary=canary, canary=None, canary_percent=0)
             # the replicas served the old version
-            stop_processes([int(e["pid"]) for e in [old, *(state.get("replicas") or [])] if e], self.stop_timeout)
+            stop_processes([int(e["pid"]) for e in [old, *(state.get("replicas") or [])] if e and not self.shared(e)],
+                           self.stop_timeout)
             state["replicas"] = []
 
     def rollback(self) -> None:
@@ -326,7 +332,8 @@ class LocalBackend:
     def _stop_all(self, state: dict[str, Any]) -> None:
         """Stop every process of ``state`` at once (one shared grace period, then SIGKILL) and clear them."""
         entries = [state[role] for role in ("gateway", "canary", "primary") if state.get(role)]
-        stop_processes([int(e["pid"]) for e in [*entries, *(state.get("replicas") or [])]], self.stop_timeout)
+        stop_processes([int(e["pid"]) for e in [*entries, *(state.get("replicas") or [])] if not self.shared(e)],
+                       self.stop_timeout)
         for role in ("gateway", "canary", "primary"):
             state[role] = None
         state["replicas"] = []
@@ -396,7 +403,7 @@ class Supervisor:
     def tick(self) -> None:
         """One round: notice what died or stopped answering, reroute, restart what is due."""
         now = time.monotonic()
-        entries = _entries(self.backend.status())
+        entries = {role: e for role, e in _entries(self.backend.status()).items() if not self.backend.shared(e)}
         for role in set(self._watch) - set(entries):
             del self._watch[role]  # removed on purpose (rollback, promotion, scaling down)
         changed = False

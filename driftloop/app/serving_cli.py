@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 import typer
 from rich.table import Table
 
-from driftloop.core.console import ConfigOpt, ParamOpt
+from driftloop.core.console import ConfigOpt, ModelOpt, ParamOpt
 from driftloop.core.errors import ServingError
 
 if TYPE_CHECKING:
@@ -56,6 +56,7 @@ def serve(
     ctx: typer.Context,
     config: ConfigOpt = None,
     params: ParamOpt = None,
+    model: ModelOpt = None,
     port: Annotated[Optional[int], typer.Option(help="Gateway port (default serving.gateway_port; 0 = free port).")] = None,
     rollout: Annotated[bool, typer.Option(help="Also drive a pending canary rollout while serving.")] = True,
 ) -> None:
@@ -63,15 +64,21 @@ def serve(
 
     Every model server and the gateway are supervised: one that dies or stops answering its
     readiness probe is restarted (back-off 1 s doubling to 60 s) while the gateway routes around
-    it; a canary that dies 3 times within 10 minutes is rolled back."""
+    it; a canary that dies 3 times within 10 minutes is rolled back. A fleet file serves every
+    trained model of it (or --model's) behind one gateway (docs/fleet.md)."""
     if ctx.invoked_subcommand is not None:
         return
     from driftloop.core.console import console, settings_from
+    from driftloop.core.fleet import load_fleet
 
     from driftloop.core.registry import CHAMPION
     from serving.local_backend import LocalBackend
 
-    settings = settings_from(config, params, **{"serving.gateway_port": port})
+    fleet = load_fleet(config, [*(params or []), *([f"serving.gateway_port={port}"] if port is not None else [])])
+    if not fleet.single:
+        _serve_fleet(fleet, model, port, rollout)
+        return
+    settings = settings_from(config, params, model=model, **{"serving.gateway_port": port})
     name = settings.mlflow.model_name
     registry = _registry(settings)
     champion = registry.version_by_alias(name, CHAMPION)
@@ -81,17 +88,25 @@ def serve(
     pending = backend.status().get("pending_canary")
     canary = (pending["version"], pending["model_uri"]) if pending and pending["version"] != champion.version else None
     percent = float(pending.get("percent", 0)) if canary else 0.0
+    # backend.serve refuses while another serve owns the workspace, before anything is touched
+    _serving(backend, lambda: backend.serve(champion.version, canary=canary, percent=percent),
+             lambda state: _serve_until_interrupted(settings, backend, registry, state, name, champion.version,
+                                                    canary, percent, rollout))
+
+
+def _serving(backend: Any, start: Any, run: Any) -> None:
+    """``start()`` the processes, then ``run(state)`` until Ctrl-C or SIGTERM; always stop what this serve owns."""
+    from driftloop.core.console import console
+
     previous = signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
         try:
-            # refuses while another serve owns the workspace, before anything is touched
-            state = backend.serve(champion.version, canary=canary, percent=percent)
+            state = start()
         except KeyboardInterrupt:
             console.print("interrupted before serving; nothing left running")
             return
         try:
-            _serve_until_interrupted(settings, backend, registry, state, name, champion.version, canary, percent,
-                                     rollout)
+            run(state)
         except KeyboardInterrupt:
             console.print("stopping…")
         finally:
@@ -105,9 +120,7 @@ def serve(
 
 def _serve_until_interrupted(settings: Settings, backend: Any, registry: Any, state: dict[str, Any], name: str,
                              version: str, canary: tuple[str, str] | None, percent: float, rollout: bool) -> None:
-    from driftloop.core.console import console, err_console
-    from driftloop.core.errors import DriftloopError
-    from serving.rollout import PENDING, PROGRESSING, RolloutController
+    from driftloop.core.console import console
 
     url = state["gateway"]["url"]
     console.print(f"serving [bold]{name}[/] v{version} at [bold]{url}[/]"
@@ -117,64 +130,127 @@ def _serve_until_interrupted(settings: Settings, backend: Any, registry: Any, st
     console.print("feedback: POST /feedback {\"id\": <x-request-id>, \"label\": ...} as application/json with "
                   "'Authorization: Bearer <ingest token>' (DRIFTLOOP_INGEST_TOKEN, else the workspace's "
                   "monitor/ingest.token); Ctrl-C stops everything")
-    from serving.local_backend import Supervisor
-
-    target = target_for(settings)
-    controller = RolloutController(settings, target, registry)
-
-    def roll_back_crash_looping_canary(reason: str) -> None:
-        """Through the rollout's own path when one is open for this canary, else straight at the backend."""
-        current = controller.store.load()
-        canary_now = backend.status().get("canary") or {}
-        if current is not None and not current.done and current.canary_version == canary_now.get("version"):
-            controller.rollback(reason)
-        else:
-            backend.rollback()
-        err_console.print(f"[red]rolled back:[/] {reason}")
-
-    supervisor = Supervisor(backend, on_crashloop=roll_back_crash_looping_canary)
-    show_step = StepLines(console)
-    next_step = 0.0
+    loop = _ModelLoop(settings, backend, registry, rollout, StepLines(console))
     while True:
-        supervisor.tick()
-        # a failing rollout step (gateway busy or refusing, registry down) is reported and retried at the
-        # next interval; it never stops serving. While a process is down the rollout waits.
-        if rollout and not supervisor.degraded and time.monotonic() >= next_step:
-            try:
-                current = controller.store.load()
-                if current is not None and current.status in (PENDING, PROGRESSING) and backend.status().get("canary"):
-                    next_step = time.monotonic() + settings.rollout.interval_seconds
-                    show_step(controller.step())
-            except Exception as exc:  # noqa: BLE001 (serving outlives any one rollout step)
-                detail = str(exc) if isinstance(exc, DriftloopError) else f"{type(exc).__name__}: {exc}"
-                err_console.print(f"[yellow]rollout step failed, retried next interval:[/] {detail}")
+        loop.tick()
         time.sleep(0.5)
+
+
+def _serve_fleet(fleet: Any, model: str | None, port: int | None, rollout: bool) -> None:
+    """Every trained model of ``fleet`` (or ``model``) behind one gateway, packed model servers, each model's
+    canary in its own process; one round drives each model's supervisor and rollout until Ctrl-C."""
+    from driftloop.core.console import console
+    from driftloop.core.registry import CHAMPION
+    from serving.fleet_backend import FleetBackend, FleetSupervisor, champion
+
+    served, champions, registries = [], {}, {}
+    for m in fleet.select(model):
+        s = m.settings
+        registries[s.serving.name] = registry = _registry(s)
+        version = registry.version_by_alias(s.mlflow.model_name, CHAMPION)
+        if version is None:
+            console.print(f"· {m.name}: not trained yet (no {CHAMPION!r} alias); skipped")
+            continue
+        served.append(s)
+        champions[s.serving.name] = champion(s, version.version)
+    if not champions:
+        raise ServingError(f"no model of {fleet.source} has a {CHAMPION!r} alias yet; train them with "
+                           f"`driftloop run train -c {fleet.source}`")
+    backend = FleetBackend(served)
+
+    def run(state: dict[str, Any]) -> None:
+        url = state["gateway"]["url"]
+        console.print(f"serving {len(champions)} models of {fleet.source} at [bold]{url}[/] "
+                      f"({len(state['packs'])} model server(s) for the champions)")
+        for name, champ in champions.items():
+            canary = backend.models[name].status().get("canary")
+            console.print(f"· {name} v{champ.version}: {url}/v1/models/{name}:predict, admin {url}/models/{name}/"
+                          f"admin/…" + (f", canary v{canary['version']}" if canary else ""))
+        console.print("Ctrl-C stops everything")
+        shared = FleetSupervisor(backend)
+        loops = [_ModelLoop(backend.models[name].settings, backend.models[name], registries[name], rollout,
+                            StepLines(console, name)) for name in champions]
+        while True:
+            shared.tick()
+            for loop in loops:
+                loop.tick(degraded=shared.degraded)
+            time.sleep(0.5)
+
+    _serving(backend, lambda: backend.serve(champions, port=port), run)
+
+
+class _ModelLoop:
+    """One served model's round, every 0.5 s: its supervisor's tick, then its rollout's step when one is due.
+
+    A failing rollout step (gateway busy or refusing, registry down) is reported and retried at the next
+    interval; it never stops serving. While a process is down the rollout waits. A canary that keeps dying
+    is rolled back through the rollout's own path when one is open for it, else straight at the backend."""
+
+    def __init__(self, settings: Settings, backend: Any, registry: Any, rollout: bool, show_step: StepLines) -> None:
+        from serving.backend import backend_for
+        from serving.local_backend import Supervisor
+        from serving.rollout import RolloutController
+
+        self.settings, self.backend, self.rollout, self.show_step = settings, backend, rollout, show_step
+        self.controller = RolloutController(settings, backend_for(settings, using=backend).rollout_target(), registry)
+        self.supervisor = Supervisor(backend, on_crashloop=self.roll_back_crash_looping_canary)
+        self.next_step = 0.0
+
+    def roll_back_crash_looping_canary(self, reason: str) -> None:
+        from driftloop.core.console import err_console
+
+        current = self.controller.store.load()
+        canary_now = self.backend.status().get("canary") or {}
+        if current is not None and not current.done and current.canary_version == canary_now.get("version"):
+            self.controller.rollback(reason)
+        else:
+            self.backend.rollback()
+        err_console.print(f"[red]rolled back{self.show_step.label}:[/] {reason}")
+
+    def tick(self, degraded: bool = False) -> None:
+        """``degraded``: a shared process (the fleet's gateway or a packed server) is down; the rollout waits."""
+        from driftloop.core.console import err_console
+        from driftloop.core.errors import DriftloopError
+        from serving.rollout import PENDING, PROGRESSING
+
+        self.supervisor.tick()
+        if not self.rollout or degraded or self.supervisor.degraded or time.monotonic() < self.next_step:
+            return
+        try:
+            current = self.controller.store.load()
+            if current is not None and current.status in (PENDING, PROGRESSING) and self.backend.status().get("canary"):
+                self.next_step = time.monotonic() + self.settings.rollout.interval_seconds
+                self.show_step(self.controller.step())
+        except Exception as exc:  # noqa: BLE001 (serving outlives any one rollout step)
+            detail = str(exc) if isinstance(exc, DriftloopError) else f"{type(exc).__name__}: {exc}"
+            err_console.print(f"[yellow]rollout step{self.show_step.label} failed, retried next interval:[/] {detail}")
 
 
 @serve_app.command("status")
 def serve_status(
     config: ConfigOpt = None,
     params: ParamOpt = None,
+    model: ModelOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="The serving state as one JSON document.")] = False,
 ) -> None:
-    """What serves in this workspace: each process, the split, what is down and how often each was restarted."""
+    """What serves in this workspace: each process, the split, what is down and how often each was restarted.
+    A fleet file without --model: the fleet's gateway and packed model servers, and each model's processes."""
     import json
 
     from driftloop.core.console import console, settings_from
+    from driftloop.core.fleet import load_fleet
     from serving.local_backend import LocalBackend
 
-    state = LocalBackend(settings_from(config, params)).status()
+    fleet = load_fleet(config, params)
+    if not fleet.single and model is None:
+        _fleet_status(fleet, as_json)
+        return
+    state = LocalBackend(settings_from(config, params, model=model)).status()
     if as_json:
         typer.echo(json.dumps(state, default=str))
         return
-    table = Table(title="driftloop serve")
-    for col in ("role", "version", "pid", "url", "state", "restarts"):
-        table.add_column(col, overflow="fold")  # a long URL or version folds in 80 columns; --json has all
-    down, restarts = state.get("down") or {}, state.get("restarts") or {}
-    entries = [state[r] for r in ("gateway", "primary", "canary") if state.get(r)] + list(state.get("replicas") or [])
-    for e in entries:
-        table.add_row(e["role"], e.get("version") or "–", str(e["pid"]), e["url"],
-                      "[red]down[/]" if e["role"] in down else "up", str(restarts.get(e["role"], 0)))
+    table = _process_table("driftloop serve")
+    _process_rows(table, state)
     console.print(table)
     if state.get("canary"):
         console.print(f"canary weight: {state.get('canary_percent', 0):g}%")
@@ -182,9 +258,59 @@ def serve_status(
         p = state["pending_canary"]
         console.print(f"pending canary v{p['version']} at {p.get('percent', 0):g}% (starts with `driftloop serve`)")
 
+def _process_table(title: str) -> Table:
+    table = Table(title=title)
+    for col in ("role", "version", "pid", "url", "state", "restarts"):
+        table.add_column(col, overflow="fold")  # a long URL or version folds in 80 columns; --json has all
+    return table
+
+
+def _process_rows(table: Table, state: dict[str, Any], prefix: str = "", *, shared: bool = True) -> None:
+    """One row per process of a serving state (``shared``: also the fleet's gateway and packed primary)."""
+    down, restarts = state.get("down") or {}, state.get("restarts") or {}
+    entries = [state[r] for r in ("gateway", "primary", "canary") if state.get(r)] + list(state.get("replicas") or [])
+    for e in entries:
+        if not shared and (e["role"] == "gateway" or e.get("pack")):
+            continue
+        role = prefix + e["role"] + (f" ({e['pack']})" if e.get("pack") else "")
+        table.add_row(role, e.get("version") or "–", str(e["pid"]), e["url"],
+                      "[red]down[/]" if e["role"] in down else "up", str(restarts.get(e["role"], 0)))
+
+
+def _fleet_status(fleet: Any, as_json: bool) -> None:
+    """The fleet's shared processes, then each model's own (read without creating anything)."""
+    import json
+
+    from driftloop.core.console import console
+    from serving.local_state import ServingState
+
+    root = fleet.models[0].settings.fleet.root
+    shared = ServingState(root / "serving").read()
+    models = {m.name: ServingState(m.settings.workspace_dir / "serving").read() for m in fleet.models}
+    if as_json:
+        typer.echo(json.dumps({"fleet": shared, "models": models}, default=str))
+        return
+    table = _process_table(f"driftloop serve: {fleet.source}")
+    _process_rows(table, shared)
+    for name, state in models.items():
+        primary = state.get("primary")
+        if primary and primary.get("pack"):
+            table.add_row(f"{name}/primary ({primary['pack']})", primary.get("version") or "–", str(primary["pid"]),
+                          primary["url"], "up", "–")
+        _process_rows(table, state, f"{name}/", shared=False)
+    console.print(table)
+    for name, state in models.items():
+        if state.get("canary"):
+            console.print(f"{name}: canary weight {state.get('canary_percent', 0):g}%")
+        if state.get("pending_canary"):
+            p = state["pending_canary"]
+            console.print(f"{name}: pending canary v{p['version']} at {p.get('percent', 0):g}%")
+
+
 def deploy(
     config: ConfigOpt = None,
     params: ParamOpt = None,
+    model: ModelOpt = None,
     version: Annotated[Optional[str], typer.Option(help="Model version or alias to serve (default: the champion).")] = None,
     canary_percent: Annotated[Optional[int], typer.Option(help="Put --version out as a canary with this share.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the InferenceService YAML, change nothing.")] = False,
@@ -198,7 +324,7 @@ def deploy(
 
     from serving.inference_service import build_inference_service, check_percent, to_yaml
 
-    settings = settings_from(config, params)
+    settings = settings_from(config, params, model=model)
     if canary_percent is not None:
         check_percent(canary_percent)
         if version is None:
@@ -261,11 +387,12 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def _controller(config: str | None, params: list[str] | None, *, need_target: bool = True) -> RolloutController:
+def _controller(config: str | None, params: list[str] | None, model: str | None = None, *,
+                need_target: bool = True) -> RolloutController:
     from driftloop.core.console import settings_from
     from serving.rollout import RolloutController
 
-    settings = settings_from(config, params)
+    settings = settings_from(config, params, model=model)
     target = target_for(settings) if need_target else None
     return RolloutController(settings, target, _registry(settings))
 
@@ -274,6 +401,7 @@ def _controller(config: str | None, params: list[str] | None, *, need_target: bo
 def rollout_status(
     config: ConfigOpt = None,
     params: ParamOpt = None,
+    model: ModelOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON document (every field) for scripts.")] = False,
 ) -> None:
     """The rollout's state and its step history: weight, each check's number and verdict, decision, reason."""
@@ -283,7 +411,7 @@ def rollout_status(
     from driftloop.app.lineage import shadow_phase
     from driftloop.core.console import console
 
-    ctl = _controller(config, params, need_target=False)
+    ctl = _controller(config, params, model, need_target=False)
     state = ctl.state()
     if as_json:
         typer.echo(json.dumps({**asdict(state), "failed_checks_limit": ctl.cfg.threshold,
@@ -304,8 +432,10 @@ class StepLines:
 
     QUIET_REPEATS = frozenset({"wait", "unavailable", "shadow_wait", "await_approval"})
 
-    def __init__(self, out: Any) -> None:
+    def __init__(self, out: Any, model: str | None = None) -> None:
+        """``model``: the fleet model whose rollout it is (named in each line)."""
         self.out = out
+        self.label = f" {model}" if model else ""
         self._last: tuple[Any, Any] | None = None
 
     def __call__(self, rec: dict[str, Any]) -> None:
@@ -319,7 +449,7 @@ class StepLines:
         if repeat and not logging.getLogger().isEnabledFor(logging.DEBUG):
             return
         colour = {"promote": "green", "rollback": "red"}.get(str(rec.get("decision")), "bold")
-        self.out.print(f"rollout: [{colour}]{escape(str(rec.get('decision')))}[/] at {rec.get('weight')}% — "
+        self.out.print(f"rollout{escape(self.label)}: [{colour}]{escape(str(rec.get('decision')))}[/] at {rec.get('weight')}% — "
                        f"{escape(str(rec.get('reason', '')))}")
 
 
@@ -372,12 +502,13 @@ def _print_shadow_phase(out: Any, history: list[dict[str, Any]]) -> None:
 def rollout_run(
     config: ConfigOpt = None,
     params: ParamOpt = None,
+    model: ModelOpt = None,
     max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many intervals.")] = None,
 ) -> None:
     """Run the analysis every rollout.interval_seconds until the canary is promoted or rolled back."""
     from driftloop.core.console import console
 
-    ctl = _controller(config, params)
+    ctl = _controller(config, params, model)
     try:
         state = ctl.run(until_done=True, max_steps=max_steps, on_step=StepLines(console))
     except KeyboardInterrupt:
@@ -388,11 +519,11 @@ def rollout_run(
 
 
 @rollout_app.command("promote")
-def rollout_promote(config: ConfigOpt = None, params: ParamOpt = None) -> None:
+def rollout_promote(config: ConfigOpt = None, params: ParamOpt = None, model: ModelOpt = None) -> None:
     """Promote the canary now (alias champion moves, 100 % traffic)."""
     from driftloop.core.console import console
 
-    rec = _controller(config, params).promote("promoted by hand (driftloop rollout promote)")
+    rec = _controller(config, params, model).promote("promoted by hand (driftloop rollout promote)")
     console.print(f"[green]promoted[/]: {rec['reason']}")
 
 
@@ -400,21 +531,22 @@ def rollout_promote(config: ConfigOpt = None, params: ParamOpt = None) -> None:
 def rollout_rollback(
     config: ConfigOpt = None,
     params: ParamOpt = None,
+    model: ModelOpt = None,
     reason: Annotated[str, typer.Option(help="Why (recorded on the model version).")] = "rolled back by hand",
 ) -> None:
     """Roll the canary back now (0 %, champion unchanged, version tagged with the reason)."""
     from driftloop.core.console import console
 
-    rec = _controller(config, params).rollback(reason)
+    rec = _controller(config, params, model).rollback(reason)
     console.print(f"[red]rolled back[/]: {rec['reason']}")
 
 
 @rollout_app.command("approve")
-def rollout_approve(config: ConfigOpt = None, params: ParamOpt = None) -> None:
+def rollout_approve(config: ConfigOpt = None, params: ParamOpt = None, model: ModelOpt = None) -> None:
     """Give the manual approval a rollout waits for before promotion (rollout.manual_approval)."""
     from driftloop.core.console import console
 
-    state = _controller(config, params, need_target=False).approve()
+    state = _controller(config, params, model, need_target=False).approve()
     console.print(f"approved: v{state.canary_version} is promoted at the next interval")
 
 
