@@ -114,6 +114,17 @@ class Scheduler:
         return plan_slots(schedule.cron, start, now, catchup=schedule.catchup,
                           grace_seconds=self.settings.schedule.grace_seconds)
 
+    def has_due(self) -> bool:
+        """Whether a tick now would run or skip a slot (reads the store, claims nothing): a fleet's one
+        scheduler starts a model's tick only then."""
+        now = self.clock()
+        for schedule, since in self.store.schedules():
+            if not schedule.paused:
+                plan = self.due(schedule, since, now)
+                if plan.run is not None or plan.skipped:
+                    return True
+        return False
+
     def tick(self) -> list[SlotOutcome]:
         """Claim and run every due slot once; return what happened."""
         self.release_interrupted()

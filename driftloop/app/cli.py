@@ -18,7 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from driftloop.core.config import Settings
-from driftloop.core.console import ConfigOpt, ParamOpt, console, err_console, settings_from
+from driftloop.core.console import ConfigOpt, ModelOpt, ParamOpt, console, err_console, settings_from
 from driftloop.core.errors import DriftloopError
 from driftloop.core.files import private_umask
 
@@ -86,17 +86,23 @@ def compile_cmd(
     config: ConfigOpt = None,
     params: ParamOpt = None,
     output_dir: Annotated[Path, typer.Option("--output-dir", "-o", help="Where the YAML goes.")] = Path("compiled"),
+    model: ModelOpt = None,
 ) -> None:
-    """Compile the pipelines to Kubeflow Pipelines YAML, ready to upload in the Kubeflow UI."""
+    """Compile the pipelines to Kubeflow Pipelines YAML, ready to upload in the Kubeflow UI.
+
+    A fleet file compiles every model's pipelines into ``<output-dir>/<model>/`` (``--model``: that one only)."""
     from pipelines.training import compile_pipeline
 
+    from driftloop.app.fleet_cli import fleet_from
     from pipelines.scoring import SCORE_PIPELINE_NAME, compile_scoring_pipeline
 
-    settings = settings_from(config, params)
-    path = compile_pipeline(settings, output_dir / f"{settings.kfp.pipeline_name}.yaml")
-    console.print(f"[green]compiled[/] training pipeline -> {path}")
-    path = compile_scoring_pipeline(settings, output_dir / f"{SCORE_PIPELINE_NAME}.yaml")
-    console.print(f"[green]compiled[/] batch scoring pipeline -> {path}")
+    fleet = fleet_from(config, params)
+    for m in fleet.select(model):
+        settings, out = m.settings, output_dir if fleet.single else output_dir / m.name
+        path = compile_pipeline(settings, out / f"{settings.kfp.pipeline_name}.yaml")
+        console.print(f"[green]compiled[/] training pipeline -> {path}")
+        path = compile_scoring_pipeline(settings, out / f"{SCORE_PIPELINE_NAME}.yaml")
+        console.print(f"[green]compiled[/] batch scoring pipeline -> {path}")
     console.print("Upload it in the Kubeflow UI (Pipelines > Upload pipeline) or submit it with `driftloop run train --kfp-host …`.")
 
 
@@ -167,7 +173,8 @@ def run_score(
     output_uri: Annotated[Optional[str], typer.Option("--output", help="Where the predictions go (parquet, or csv "
                                                       "by suffix; default score.output).")] = None,
     model: Annotated[Optional[str], typer.Option("--model", help="name@alias or name/version "
-                                                 "(default <mlflow.model_name>@champion).")] = None,
+                                                 "(default <mlflow.model_name>@champion; of a fleet, the name "
+                                                 "picks the fleet's model).")] = None,
     keep_columns: Annotated[Optional[list[str]], typer.Option(
         "--keep-columns", help="Input columns copied beside each prediction: names, comma-separated or repeated; "
                                "'*' for all.")] = None,
@@ -190,11 +197,12 @@ def run_score(
     One line per task as it ends; the full task output goes to the run's log file (``-v`` streams it as well).
     One run at a time per workspace: refused while another runs there, unless ``--wait``.
     """
+    from driftloop.app.fleet_cli import model_name
     from driftloop.core.workspace import workspace_lock
     from pipelines.scoring import ScoreRequest, run_scoring, score_arguments
 
     validate_trigger(trigger)
-    settings = settings_from(config, params, **{"kfp.host": kfp_host})
+    settings = settings_from(config, params, model=model_name(model, config, params), **{"kfp.host": kfp_host})
     kept = tuple(c.strip() for value in keep_columns or [] for c in value.split(",") if c.strip())
     request = ScoreRequest(input=input_uri, output=output_uri, model=model, chunks=chunks, keep_columns=kept,
                            id_column=id_column or None, overwrite=True if overwrite else None, trigger=trigger)
@@ -381,12 +389,22 @@ def data_generate(
 
 # --- config -------------------------------------------------------------------------------
 @config_app.command("show")
-def config_show(config: ConfigOpt = None, params: ParamOpt = None) -> None:
-    """Print the validated configuration (secrets are never part of it)."""
+def config_show(config: ConfigOpt = None, params: ParamOpt = None, model: ModelOpt = None) -> None:
+    """Print the validated configuration as YAML (secrets are never part of it); of a fleet file, every
+    model's merged configuration under its name (``--model``: that one's alone)."""
     import yaml
 
-    settings = settings_from(config, params)
-    console.print(yaml.safe_dump(settings.model_dump(mode="json"), sort_keys=False))
+    from driftloop.app.fleet_cli import fleet_from
+
+    fleet = fleet_from(config, params)
+    if fleet.single or model is not None:
+        doc = fleet.model(model).settings if model is not None else fleet.models[0].settings
+        doc = doc.model_dump(mode="json")
+    else:
+        doc = {m.name: m.settings.model_dump(mode="json") for m in fleet.models}
+    # plain text: rich would fold a long path or URI, and the YAML would no longer parse
+    typer.echo(yaml.safe_dump(doc, sort_keys=False), nl=False)
+
 
 
 def _register_plugins() -> None:

@@ -29,7 +29,7 @@ from driftloop.core.fleet import Fleet, FleetModel, load_fleet
 from driftloop.core.processes import spawn, stop_processes
 from driftloop.core.workspace import tighten_workspace
 
-__all__ = ["ChildRun", "fleet_from", "outcome", "pick", "run_children", "train_command", "train_fleet",
+__all__ = ["ChildRun", "fleet_from", "model_name", "outcome", "pick", "run_children", "train_command", "train_fleet",
            "write_result"]
 
 FLEET_DIR = "fleet"
@@ -171,3 +171,13 @@ def pick(fleet: Fleet, model: str | None) -> FleetModel | None:
     if model is not None:
         return fleet.model(model)
     return fleet.models[0] if fleet.single else None
+
+
+def model_name(ref: str | None, config: Path | str | None, params: list[str] | None) -> str | None:
+    """The fleet model a model reference (``name``, ``name@alias``, ``name/version``) points to, when the
+    configuration is a fleet file; None for a one-model file (the reference is then a registry name)."""
+    if ref is None:
+        return None
+    if fleet_from(config, params).single:
+        return None
+    return ref.split("@", 1)[0].split("/", 1)[0]

@@ -112,7 +112,8 @@ def _print(model: str, target: str, rows: list[dict[str, Any]], n: int) -> None:
 def history_cmd(
     config: ConfigOpt = None,
     params: ParamOpt = None,
-    model: Annotated[str | None, typer.Option("--model", "-m", help="Model (default mlflow.model_name).")] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Model (default mlflow.model_name; of a fleet "
+                                                                    "file, the fleet's model).")] = None,
     since: Annotated[str | None, typer.Option(help="From this time on: ISO (UTC) or a span back (90m, 6h, 7d).")] = None,
     every: Annotated[bool, typer.Option("--every", help="One row per check (quiet runs are not folded).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Every record as one JSON document, for scripts.")] = False,
@@ -123,10 +124,11 @@ def history_cmd(
     UI service at ``monitor.history_url``) — ``evidently ui --workspace <workspace>/evidently`` plots it."""
     import os
 
+    from driftloop.app.fleet_cli import model_name
     from driftloop.core.console import console, settings_from
     from driftloop.core.history import SECRET_ENV, HistoryWorkspace, history_target
 
-    settings = settings_from(config, params)
+    settings = settings_from(config, params, model=model_name(model, config, params))
     model = model or settings.mlflow.model_name
     start = parse_since(since)
     target = history_target(settings)

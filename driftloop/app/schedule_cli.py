@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
@@ -32,12 +33,44 @@ WindowOpt = Annotated[Optional[float], typer.Option(
     "--window-days", min=0.0, help="Train on the last N days before each slot (local scheduler).")]
 
 
-def _backend(config: str | None, kfp_host: str | None) -> tuple[Settings, LocalSchedules | KfpSchedules]:
-    from driftloop.core.console import settings_from
+ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="The model of a fleet file (default: every "
+                                                                      "model).")]
+
+
+def _backends(config: str | None, kfp_host: str | None, model: str | None
+              ) -> list[tuple[str | None, Settings, LocalSchedules | KfpSchedules]]:
+    """Each model's schedule store: the one of a one-model file (name None), or the fleet's models
+    (``--model``: that one)."""
+    from driftloop.app.fleet_cli import fleet_from
     from pipelines.schedule import schedule_backend
 
-    settings = settings_from(config, None, **{"kfp.host": kfp_host})
-    return settings, schedule_backend(settings)
+    fleet = fleet_from(config, [f"kfp.host={kfp_host}"] if kfp_host else None)
+    return [(None if fleet.single else m.name, m.settings, schedule_backend(m.settings)) for m in fleet.select(model)]
+
+
+def _each(name: str | None, text: str) -> str:
+    return f"{name}: {text}" if name else text
+
+
+def _on_every_model(targets: list[tuple[str | None, Settings, Any]], act: Callable[[str | None, Settings, Any], str],
+                    what: str) -> None:
+    """``act`` on each model's store; of a fleet, a model that lacks the schedule is passed over (one line),
+    and only when no model has it is it an error."""
+    from driftloop.core.console import console
+    from driftloop.core.errors import ScheduleError
+
+    missing = []
+    for name, settings, backend in targets:
+        try:
+            console.print(_each(name, act(name, settings, backend)))
+        except ScheduleError as exc:
+            if len(targets) == 1:
+                raise
+            missing.append(f"{name}: {exc}")
+    if missing and len(missing) == len(targets):
+        raise ScheduleError(f"{what} on no model: " + "; ".join(missing))
+    for line in missing:
+        console.print(f"[dim]{line}[/]")
 
 
 def _check(schedule: Schedule, settings: Settings) -> None:
@@ -57,18 +90,23 @@ def create_cmd(
     kfp_host: KfpHostOpt = None,
     pipeline: Annotated[str, typer.Option("--pipeline", help="train, or score (batch scoring of score.input, "
                                           "set with -p score.input=URI -p score.output=URI)")] = "train",
+    model: ModelOpt = None,
 ) -> None:
-    """Create a schedule that runs the training (or scoring) pipeline on cron (trigger schedule:<name>)."""
+    """Create a schedule that runs the training (or scoring) pipeline on cron (trigger schedule:<name>);
+    of a fleet file, one for every model (``--model``: that one)."""
     from driftloop.core.console import console
     from pipelines.schedule import Schedule, parse_params
 
-    settings, backend = _backend(config, kfp_host)
     schedule = Schedule(name, cron, parse_params(params), window_days, max_concurrency, not no_catchup, paused,
                         pipeline)
-    _check(schedule, settings)
-    backend.create(schedule)
-    where = f"Kubeflow at {settings.kfp.host}" if settings.is_cluster else "the local scheduler (run `driftloop scheduler`)"
-    console.print(f"[green]created[/] schedule {name} ({schedule.cron}) on {where}")
+    targets = _backends(config, kfp_host, model)
+    for _, settings, _backend in targets:
+        _check(schedule, settings)  # every model's overrides before any store changes
+    for model_name, settings, backend in targets:
+        backend.create(schedule)
+        where = (f"Kubeflow at {settings.kfp.host}" if settings.is_cluster
+                 else "the local scheduler (run `driftloop scheduler`)")
+        console.print(_each(model_name, f"[green]created[/] schedule {name} ({schedule.cron}) on {where}"))
 
 
 @schedule_app.command("list")
@@ -76,19 +114,26 @@ def list_cmd(
     config: Annotated[Optional[str], typer.Option("--config", "-c", help="YAML config file.")] = None,
     kfp_host: KfpHostOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON document (every field) for scripts.")] = False,
+    model: ModelOpt = None,
 ) -> None:
-    """List the schedules (on Kubeflow this also deletes retired generations whose runs have finished)."""
+    """List the schedules (on Kubeflow this also deletes retired generations whose runs have finished);
+    of a fleet file, every model's (``--json``: ``{"models": [{"model", "home", "schedules"}]}``)."""
     from driftloop.core.console import console
 
-    _, backend = _backend(config, kfp_host)
-    statuses = backend.list()
+    docs = []
+    for name, _, backend in _backends(config, kfp_host, model):
+        statuses = backend.list()
+        docs.append({"home": backend.home, "schedules": [_status_doc(st) for st in statuses]})
+        if name is not None:
+            docs[-1] = {"model": name, **docs[-1]}
+        if as_json:
+            continue
+        if not statuses:
+            console.print(_each(name, "no schedules"))
+        else:
+            console.print(_status_table(_each(name, backend.home), statuses))
     if as_json:
-        typer.echo(json.dumps({"home": backend.home, "schedules": [_status_doc(st) for st in statuses]}))
-        return
-    if not statuses:
-        console.print("no schedules")
-        return
-    console.print(_status_table(backend.home, statuses))
+        typer.echo(json.dumps(docs[0] if docs and "model" not in docs[0] else {"models": docs}))
 
 
 def _status_doc(st: Any) -> dict[str, Any]:
@@ -127,13 +172,14 @@ def delete_cmd(
     name: NameArg,
     config: Annotated[Optional[str], typer.Option("--config", "-c", help="YAML config file.")] = None,
     kfp_host: KfpHostOpt = None,
+    model: ModelOpt = None,
 ) -> None:
-    """Delete a schedule; runs already in progress finish."""
-    from driftloop.core.console import console
+    """Delete a schedule; runs already in progress finish. Of a fleet file, from every model that has it."""
+    def delete(_model: str | None, _settings: Settings, backend: Any) -> str:
+        backend.delete(name)
+        return f"deleted schedule {name}"
 
-    _, backend = _backend(config, kfp_host)
-    backend.delete(name)
-    console.print(f"deleted schedule {name}")
+    _on_every_model(_backends(config, kfp_host, model), delete, f"schedule {name!r} deleted")
 
 
 @schedule_app.command("update")
@@ -148,9 +194,10 @@ def update_cmd(
     paused: Annotated[Optional[bool], typer.Option("--paused/--resume", help="Pause or resume.")] = None,
     config: Annotated[Optional[str], typer.Option("--config", "-c", help="YAML config file.")] = None,
     kfp_host: KfpHostOpt = None,
+    model: ModelOpt = None,
 ) -> None:
-    """Change a schedule in place by name; runs in progress are not stopped. --param replaces all overrides."""
-    from driftloop.core.console import console
+    """Change a schedule in place by name; runs in progress are not stopped. --param replaces all overrides.
+    Of a fleet file, on every model that has it."""
     from driftloop.core.errors import ScheduleError
     from pipelines.schedule import Schedule, normalize_cron, parse_params
 
@@ -167,22 +214,35 @@ def update_cmd(
     if not changes:
         raise ScheduleError("nothing to update: give --cron, --param, --window-days, --max-concurrency, "
                             "--catchup/--no-catchup or --paused/--resume")
-    settings, backend = _backend(config, kfp_host)
-    _check(Schedule(name, changes.get("cron", "* * * * *"), changes.get("params", {})), settings)
-    new = backend.update(name, **changes)
-    console.print(f"[green]updated[/] schedule {name} ({new.cron}{', paused' if new.paused else ''})")
+    targets = _backends(config, kfp_host, model)
+    for _, settings, _backend in targets:
+        _check(Schedule(name, changes.get("cron", "* * * * *"), changes.get("params", {})), settings)
+
+    def update(_model: str | None, _settings: Settings, backend: Any) -> str:
+        new = backend.update(name, **changes)
+        return f"[green]updated[/] schedule {name} ({new.cron}{', paused' if new.paused else ''})"
+
+    _on_every_model(targets, update, f"schedule {name!r} updated")
 
 
 def scheduler_cmd(
     once: Annotated[bool, typer.Option("--once", help="Run the due slots once and exit.")] = False,
     config: Annotated[Optional[str], typer.Option("--config", "-c", help="YAML config file.")] = None,
     params: Annotated[Optional[list[str]], typer.Option("--param", "-p", help="Override a config key.")] = None,
+    model: ModelOpt = None,
 ) -> None:
-    """Run the local scheduler: the stored schedules' slots, through kfp.local, until Ctrl-C."""
+    """Run the local scheduler: the stored schedules' slots, through kfp.local, until Ctrl-C. Of a fleet
+    file, one scheduler for every model: each due model's tick in a child process, fleet.max_concurrent_runs
+    at once (``--model``: that model's schedules in this process)."""
+    from driftloop.app.fleet_cli import fleet_from
     from driftloop.core.console import console, settings_from
     from pipelines.scheduler import Scheduler
 
-    scheduler = Scheduler(settings_from(config, params))
+    fleet = fleet_from(config, params)
+    if not fleet.single and model is None:
+        _fleet_scheduler(fleet, params, once)
+        return
+    scheduler = Scheduler(settings_from(config, params, model=model))
     if once:
         for outcome in scheduler.tick():
             console.print(f"{outcome.schedule} {outcome.slot.isoformat()}: {outcome.state}"
@@ -193,6 +253,27 @@ def scheduler_cmd(
     # run's task processes end with the scheduler (processes.spawn)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     console.print(f"scheduler watching {scheduler.store.path} (Ctrl-C stops it)")
+    try:
+        scheduler.run_forever(stop)
+    except KeyboardInterrupt:
+        stop.set()
+    console.print("scheduler stopped")
+
+
+def _fleet_scheduler(fleet: Any, params: list[str] | None, once: bool) -> None:
+    from driftloop.app.fleet_scheduler import FleetScheduler
+    from driftloop.core.console import console
+
+    scheduler = FleetScheduler(fleet, params, say=lambda line: console.print(line, soft_wrap=True, markup=False))
+    if once:
+        ticks = scheduler.run_once()
+        if any(t.code for t in ticks):
+            raise typer.Exit(1)
+        return
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    console.print(f"scheduler watching the schedules of {len(fleet.models)} models of {fleet.source}, "
+                  f"{scheduler.limit} runs at once (fleet.max_concurrent_runs; Ctrl-C stops it)")
     try:
         scheduler.run_forever(stop)
     except KeyboardInterrupt:
