@@ -27,16 +27,14 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import signal
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import pandas as pd
-import typer
 import yaml
 
 from driftloop.app.demo_processes import DemoProcesses
@@ -49,7 +47,7 @@ from driftloop.core.processes import free_port
 if TYPE_CHECKING:
     from driftloop.core.config import Settings
 
-__all__ = ["demo_cmd", "Demo", "PHASES"]
+__all__ = ["Demo", "PHASES", "shown"]
 
 # The demo's phases and the seconds each took in a measured run (2 shared cores): the progress line's scale.
 PHASES = {"data": 3.0, "train": 16.0, "serve": 24.0, "calm": 7.0, "drift": 4.0, "retrain": 55.0, "rollout": 32.0,
@@ -294,36 +292,43 @@ class Demo:
         os.environ.setdefault("DRIFTLOOP_GATEWAY_TOKEN", secrets.token_urlsafe(24))
         self.processes.prepare()
         self.write_config()
-        phase = self.narrator.phase
         try:
-            phase("data")
-            df = self.data()
-            phase("train")
-            self.train_champion()
-            phase("serve")
-            self.serve_and_monitor()
-            phase("calm")
-            self.no_drift_phase(df)
-            phase("drift")
-            alert = self.drift_phase(df)
-            phase("retrain")
-            self.wait_retrain(alert["id"])
-            recent = df[df["event_time"] >= self.drift_time]
-            phase("rollout")
-            self.facts["rollout_good"] = self.rollout(recent, "retrained model")
-            phase("weak")
-            self.bad_candidate()
-            phase("rollback")
-            self.facts["rollout_bad"] = self.rollout(recent, "weak model")
-            phase("summary")
-            self.summary()
+            self.phases()
         finally:
             self.processes.stop()
-            if hasattr(self, "traffic"):
-                self.traffic.close()
+            self.close_traffic()
             self.narrator.close()
             self.say("done", f"all processes stopped; {self.narrator.elapsed:.0f}s in all (seconds a phase: "
                              f"{self.narrator.timings()}; load average {_load_average()})")
+
+    def close_traffic(self) -> None:
+        if hasattr(self, "traffic"):
+            self.traffic.close()
+
+    def phases(self) -> None:
+        """The demo's phases, in order."""
+        phase = self.narrator.phase
+        phase("data")
+        df = self.data()
+        phase("train")
+        self.train_champion()
+        phase("serve")
+        self.serve_and_monitor()
+        phase("calm")
+        self.no_drift_phase(df)
+        phase("drift")
+        alert = self.drift_phase(df)
+        phase("retrain")
+        self.wait_retrain(alert["id"])
+        recent = df[df["event_time"] >= self.drift_time]
+        phase("rollout")
+        self.facts["rollout_good"] = self.rollout(recent, "retrained model")
+        phase("weak")
+        self.bad_candidate()
+        phase("rollback")
+        self.facts["rollout_bad"] = self.rollout(recent, "weak model")
+        phase("summary")
+        self.summary()
 
 
 def _status(store: Any) -> str:
@@ -352,20 +357,3 @@ def shown(path: str | Path) -> str:
         return str(Path(text).resolve().relative_to(Path.cwd())) if text else text
     except ValueError:
         return text
-
-
-def demo_cmd(
-    workdir: Annotated[Path, typer.Option(help="Where the demo keeps its workspace (wiped at start).")] = Path(".driftloop/demo"),
-    rows: Annotated[int, typer.Option(min=2000, help="Rows in the scenario.")] = 12_000,
-    interval: Annotated[float, typer.Option(min=0.2, help="Rollout check interval (seconds).")] = 1.0,
-) -> None:
-    """Run the whole loop on the embedded default: train, serve, drift, retrain, canary, promote / roll back."""
-    demo = Demo(workdir.resolve(), rows=rows, interval=interval)
-    # SIGTERM (e.g. from `timeout`) stops the demo like Ctrl-C: its services are stopped on the way out;
-    # SIGKILL cannot be caught, and then every process the demo started dies with it (processes.spawn).
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-    try:
-        demo.run()
-    except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/]: everything the demo started has been stopped; rerun to start clean")
-        raise typer.Exit(130)

@@ -18,11 +18,14 @@ __all__ = ["Traffic"]
 
 @dataclass(frozen=True)
 class Traffic:
-    """The gateway and the monitor of one demo, as a client sees them."""
+    """The gateway and the monitor of one demo's model, as a client sees them (of a fleet: ``model`` on the
+    fleet's gateway, its feedback under ``/models/<model>`` there and its monitor API under ``monitor_path``)."""
 
     gateway_port: int
     monitor_port: int
     token_path: Callable[[], Path]  # the monitor's ingest token file (read once it exists: the monitor makes it)
+    model: str = "churn"
+    monitor_path: str = ""  # the model's path on a fleet's monitor (monitor.base_path)
     # HTTP clients kept between calls: making one loads the CA bundle (tens of ms of CPU), and the demo polls
     # and sends many times a second while the two cores are busy with the loop's processes
     _idle: list[httpx.Client] = field(default_factory=list, compare=False, repr=False)
@@ -52,7 +55,12 @@ class Traffic:
 
     @property
     def monitor(self) -> str:
-        return f"http://127.0.0.1:{self.monitor_port}"
+        return f"http://127.0.0.1:{self.monitor_port}{self.monitor_path}"
+
+    @property
+    def feedback_url(self) -> str:
+        """The gateway's ``/feedback`` (of a fleet's gateway: the model's, ``/models/<model>/feedback``)."""
+        return f"{self.gateway}{'/models/' + self.model if self.monitor_path else ''}/feedback"
 
     def monitor_auth(self) -> dict[str, str]:
         """The ingest token the monitor's POST /check and /quality/check and the gateway's /feedback need (env,
@@ -70,7 +78,7 @@ class Traffic:
         features = frame[FEATURES_NUMERIC + FEATURES_CATEGORICAL].astype(object).where(frame.notna(), None)
         rows = features.to_dict(orient="records")
         truth = frame["label"].tolist()
-        url = f"{self.gateway}/v1/models/churn:predict"
+        url = f"{self.gateway}/v1/models/{self.model}:predict"
         counts = {"ok": 0, "error": 0}
         lock = threading.Lock()
         batches = [(i, min(i + batch, len(rows))) for i in range(0, len(rows), batch)]
@@ -84,7 +92,7 @@ class Traffic:
                         r = client.post(url, json={"instances": rows[lo:hi]}, timeout=10.0)
                         ok = r.status_code == 200
                         if ok and labels:
-                            client.post(f"{self.gateway}/feedback",
+                            client.post(self.feedback_url,
                                         json={"id": r.headers.get("x-request-id"), "label": truth[lo:hi]},
                                         headers=auth, timeout=10.0)
                     except httpx.HTTPError:

@@ -1,9 +1,11 @@
-"""CLI verbs over the whole loop: ``driftloop lineage`` and ``driftloop demo``."""
+"""CLI verbs over the whole loop: ``driftloop lineage`` and ``driftloop demo [--fleet]``."""
 
 from __future__ import annotations
 
 import json
-from typing import Annotated
+import signal
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
 
@@ -30,10 +32,39 @@ def lineage_cmd(
         console.print(render_lineage(lineage))
 
 
+DEMO_DIR = Path(".driftloop/demo")
+
+
+def demo_cmd(
+    workdir: Annotated[Path, typer.Option(help="Where the demo keeps its workspace (wiped at start).")] = DEMO_DIR,
+    rows: Annotated[int, typer.Option(min=2000, help="Rows in the scenario.")] = 12_000,
+    interval: Annotated[float, typer.Option(min=0.2, help="Rollout check interval (seconds).")] = 1.0,
+    fleet: Annotated[bool, typer.Option("--fleet", help="A fleet of three models on one gateway and one monitor: "
+                                                        "drift hits one, only that one retrains and rolls out "
+                                                        "(workdir default .driftloop/demo-fleet).")] = False,
+) -> None:
+    """Run the whole loop on the embedded default: train, serve, drift, retrain, canary, promote / roll back."""
+    from driftloop.app.demo import Demo
+    from driftloop.app.demo_report import console
+
+    if fleet:
+        from driftloop.app.demo_fleet import FleetDemo
+
+        if workdir == DEMO_DIR:
+            workdir = Path(".driftloop/demo-fleet")
+        demo: Any = FleetDemo(workdir.resolve(), rows=min(rows, 8_000), interval=interval)
+    else:
+        demo = Demo(workdir.resolve(), rows=rows, interval=interval)
+    # SIGTERM (e.g. from `timeout`) stops the demo like Ctrl-C: its services are stopped on the way out;
+    # SIGKILL cannot be caught, and then every process the demo started dies with it (processes.spawn).
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        demo.run()
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]: everything the demo started has been stopped; rerun to start clean")
+        raise typer.Exit(130)
+
+
 def register(app: typer.Typer) -> None:
     app.command("lineage")(lineage_cmd)
-    try:
-        from driftloop.app.demo import demo_cmd
-    except ImportError:
-        return
     app.command("demo")(demo_cmd)
