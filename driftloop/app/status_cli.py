@@ -3,8 +3,10 @@
 Each row is read from the model's own workspace by the readers the single-model commands use: the
 champion from the MLflow registry (``driftloop lineage``), the canary from the rollout controller's
 state (``driftloop rollout status``), open alerts and the last retrain from the monitor's alert store
-(``driftloop alerts``), the last drift and quality verdicts from the history (``driftloop history``).
-A part that cannot be read is named in its row; it never stops the other rows.
+(``driftloop alerts``), the last drift and quality verdicts from the history (``driftloop history``);
+replicas, error rate and p99 from what serves the model, a gateway or a cluster
+(:mod:`driftloop.app.status_serving`). A part that cannot be read, or a cluster that cannot be reached, is
+named in its row; it never stops the other rows.
 """
 
 from __future__ import annotations
@@ -22,11 +24,12 @@ from rich import box
 from rich.markup import escape
 from rich.table import Table
 
+from driftloop.app.status_serving import TIMEOUT_S, serving_cell, serving_view
 from driftloop.core.config import Settings
 from driftloop.core.console import ConfigOpt, ParamOpt
 from driftloop.core.fleet import FleetModel
 
-__all__ = ["attention", "model_row", "register", "status_cmd", "status_rows", "status_table"]
+__all__ = ["attention", "model_row", "register", "status_cmd", "status_rows", "status_table", "status_view"]
 
 log = logging.getLogger(__name__)
 
@@ -115,12 +118,16 @@ PARTS: tuple[tuple[str, Callable[[Settings, dict[str, Any]], None]], ...] = (
     ("registry", _registry_part), ("rollout", _rollout_part), ("alerts", _alerts_part), ("history", _history_part))
 
 
-def model_row(model: FleetModel) -> dict[str, Any]:
-    """One model's row; a part that cannot be read is named in ``errors``, the others are still read."""
+def model_row(model: FleetModel, serving: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One model's row; a part that cannot be read is named in ``errors``, the others are still read.
+
+    ``serving``: the model's serving fields (:func:`driftloop.app.status_serving.serving_view`)."""
     s = model.settings
     row: dict[str, Any] = {"model": model.name, "team": model.team, "workspace": str(s.workspace_dir),
                            "champion": None, "rollout": None, "drift": None, "quality": None, "open_alerts": 0,
-                           "open": [], "last_retrain": None, "newest_version": None, "errors": []}
+                           "open": [], "last_retrain": None, "newest_version": None, "errors": [],
+                           "replicas": None, "error_rate": None, "p99_ms": None, "serving_error": None,
+                           **(serving or {})}
     if s.workspace_dir.exists() and not s.workspace_dir.is_dir():
         row["errors"].append(f"workspace: {s.workspace_dir} is not a folder")
     elif s.workspace_dir.is_dir():  # (no workspace yet: not trained)
@@ -138,8 +145,9 @@ def model_row(model: FleetModel) -> dict[str, Any]:
 def attention(row: dict[str, Any]) -> tuple[int, str]:
     """(rank, reason): what the row needs, most urgent first."""
     rollout, retrain = row.get("rollout") or {}, row.get("last_retrain") or {}
-    if row["errors"]:
-        return UNREADABLE, "unreadable: " + "; ".join(row["errors"])
+    if row["errors"] or row.get("serving_error"):
+        return UNREADABLE, "; ".join((["unreadable: " + "; ".join(row["errors"])] if row["errors"] else []) +
+                                     ([row["serving_error"]] if row.get("serving_error") else []))
     if row["open_alerts"]:
         return ALERTS, f"{row['open_alerts']} open alert" + ("s" if row["open_alerts"] > 1 else "")
     if rollout.get("status") == "rolled_back" or retrain.get("outcome") in ("rolled_back", "failed"):
@@ -155,9 +163,19 @@ def attention(row: dict[str, Any]) -> tuple[int, str]:
     return OK, "ok"
 
 
-def status_rows(models: list[FleetModel]) -> list[dict[str, Any]]:
+def status_view(models: list[FleetModel], *, timeout: float = TIMEOUT_S
+                ) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+    """(every model's row, what needs attention first (then by name); ``{context: {"reachable", "error"}}``
+    of the clusters the models are served on)."""
+    serving, clusters = serving_view(models, timeout=timeout)
+    rows = sorted((model_row(m, serving.get(m.name)) for m in models),
+                  key=lambda r: (r["attention"]["rank"], r["model"]))
+    return rows, clusters
+
+
+def status_rows(models: list[FleetModel], *, timeout: float = TIMEOUT_S) -> list[dict[str, Any]]:
     """Every model's row, what needs attention first (then by name)."""
-    return sorted((model_row(m) for m in models), key=lambda r: (r["attention"]["rank"], r["model"]))
+    return status_view(models, timeout=timeout)[0]
 
 
 def _iso(ts: float | None) -> str | None:
@@ -178,7 +196,7 @@ _COLOURS = {UNREADABLE: "red", ALERTS: "red", ROLLED_BACK: "red", DEGRADED: "yel
             CANARY: "cyan", OK: "green", UNTRAINED: "dim"}
 
 
-def _serving_cell(row: dict[str, Any]) -> str:
+def _champion_cell(row: dict[str, Any]) -> str:
     champion = f"v{row['champion']}" if row["champion"] else "–"
     r = row.get("rollout") or {}
     if r and r.get("status") not in ("promoted", "rolled_back"):
@@ -219,7 +237,7 @@ def status_table(rows: list[dict[str, Any]], *, now: float | None = None, title:
     table = Table(title=title, box=box.ROUNDED)
     table.add_column("model", overflow="fold", max_width=14)
     table.add_column("needs", overflow="fold", ratio=1, min_width=9)
-    table.add_column("champion", overflow="fold", max_width=11)
+    table.add_column("serving", overflow="fold", max_width=11)
     table.add_column("drift", overflow="fold", max_width=9)
     table.add_column("quality", overflow="fold", max_width=9)
     table.add_column("last run", overflow="fold", max_width=11)
@@ -227,8 +245,8 @@ def status_table(rows: list[dict[str, Any]], *, now: float | None = None, title:
         rank, reason = row["attention"]["rank"], row["attention"]["reason"]
         drift, quality = _monitor_cells(row, now)
         table.add_row(escape(row["model"]) + (f"\n[dim]{escape(row['team'])}[/]" if row["team"] else ""),
-                      f"[{_COLOURS[rank]}]{escape(reason)}[/]" + _alerts_line(row), escape(_serving_cell(row)),
-                      drift, quality,
+                      f"[{_COLOURS[rank]}]{escape(reason)}[/]" + _alerts_line(row), escape(_champion_cell(row))
+                      + f"\n[dim]{escape(serving_cell(row))}[/]", drift, quality,
                       _retrain_cell(row, now))
     return table
 
@@ -240,10 +258,14 @@ def status_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON document (every field) for scripts.")] = False,
     watch: Annotated[bool, typer.Option("--watch", help="Redraw every --interval seconds until Ctrl-C.")] = False,
     interval: Annotated[float, typer.Option(min=0.5, help="Seconds between redraws with --watch.")] = 5.0,
+    timeout: Annotated[float, typer.Option(min=0.1, help="Seconds a cluster, a gateway or Prometheus may take "
+                                                         "to answer one read.")] = TIMEOUT_S,
 ) -> None:
-    """One row per model: team, champion and canary, drift, quality, open alerts, last retrain -- what needs
-    attention first (open alerts, rolled back, degraded). A model whose workspace cannot be read says so in its
-    row; the others are still shown."""
+    """One row per model: team, champion and canary, replicas, error rate and p99, drift, quality, open alerts,
+    last retrain -- what needs attention first (open alerts, rolled back, degraded). A model whose workspace
+    cannot be read, or whose cluster cannot be reached, says so in its row; the others are still shown. The exit
+    code is 0 whenever the view is shown (an unreachable cluster included: see ``clusters`` in --json), 2 for a
+    bad configuration or --model."""
     from driftloop.app.fleet_cli import fleet_from
     from driftloop.core.console import console
 
@@ -251,9 +273,10 @@ def status_cmd(
     models = fleet.select(model)
 
     def render() -> Any:  # noqa: ANN401 (a rich renderable or a JSON line)
-        rows = status_rows(models)
+        rows, clusters = status_view(models, timeout=timeout)
         if as_json:
-            return json.dumps({"source": str(fleet.source) if fleet.source else None, "models": rows}, default=str)
+            return json.dumps({"source": str(fleet.source) if fleet.source else None, "clusters": clusters,
+                               "models": rows}, default=str)
         return status_table(rows)
 
     if not watch:
