@@ -176,3 +176,21 @@ def test_a_models_tick_is_the_one_model_scheduler_of_that_model(fleet_file):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "often" not in done.stdout and "Traceback" not in done.stderr
+
+
+def test_a_fleets_history_is_one_evidently_workspace_with_a_project_per_model(fleet_file, monkeypatch, capsys):
+    import datetime as dt
+
+    from driftloop.core.history import HistoryWorkspace, history_target
+
+    fleet = load_fleet(fleet_file, environ={})
+    targets = {history_target(m.settings) for m in fleet.models}
+    assert targets == {str(fleet.models[0].settings.fleet.root / "evidently")}
+    target = targets.pop()
+    for m in fleet.models[:2]:
+        HistoryWorkspace(target).add({"kind": "drift", "model": m.name, "version": "1", "verdict": "no drift",
+                                      "share": 0.1, "time": dt.datetime.now(dt.timezone.utc).isoformat()})
+    assert sorted(HistoryWorkspace(target).models()) == ["churn", "demand"]
+    code, out, err = run_cli(["history", "-c", str(fleet_file), "--model", "demand", "--json"], monkeypatch, capsys)
+    assert code == 0, err
+    assert {r["model"] for r in json.loads(out)["records"]} == {"demand"}

@@ -5,7 +5,8 @@ a *record* (a plain dict, below) stored as an Evidently snapshot
 (:mod:`driftloop.core.history_snapshots`) in a workspace:
 
 * on the embedded default a folder, ``<workspace>/evidently`` — ``evidently ui --workspace
-  <workspace>/evidently`` shows it;
+  <workspace>/evidently`` shows it; a fleet's models share ``<fleet workspace>/evidently``, a project
+  each;
 * on a cluster an Evidently UI service (``monitor.history_url``, e.g.
   ``http://evidently-ui.driftloop.svc.cluster.local:8000``; infra/base/evidently-ui.yaml), written
   with the secret in ``DRIFTLOOP_EVIDENTLY_SECRET`` (the service's ``EVIDENTLY_SECRET``).
@@ -55,8 +56,13 @@ class HistoryError(DriftloopError):
 
 
 def history_target(settings: Settings) -> str:
-    """Where the history goes: ``monitor.history_url`` (an Evidently UI service), else ``<workspace>/evidently``."""
-    return settings.monitor.history_url or str(settings.workspace_dir / HISTORY_DIR)
+    """Where the history goes: ``monitor.history_url`` (an Evidently UI service), else ``<workspace>/evidently``;
+    a fleet's models share the fleet's ``<root>/evidently`` (one project per model: one ``evidently ui`` shows
+    the whole fleet)."""
+    if settings.monitor.history_url:
+        return settings.monitor.history_url
+    root = settings.fleet.root if settings.fleet is not None else settings.workspace_dir
+    return str(root / HISTORY_DIR)
 
 
 def step_history_target(settings: Settings) -> str:
