@@ -20,7 +20,7 @@ statistics and Prometheus metrics. This module only dispatches:
   gateway itself.
 
 A model whose model server is down answers 502 for that model only; the others keep answering. All
-models share one keep-alive connection pool to the model servers. Each model's inference log has one
+models share one keep-alive connection pool to the model servers and one to the monitor. Each model's inference log has one
 sender that waits up to ``0.05 s × models`` (at most 1 s) for more events before it posts a batch, so
 fifty models make about as many POSTs to the monitor as one (an event reaches the monitor up to a second
 later; nothing waits for it).
@@ -112,10 +112,11 @@ class FleetGateway:
     async def lifespan(self, app: Starlette):  # noqa: ANN201
         timeout = max(gw.cfg.upstream_timeout for gw in self.models.values())
         client = http_session(self.connections, timeout)
+        sink = http_session(16, max(gw.cfg.sink_timeout for gw in self.models.values()))
         started: list[_Gateway] = []
         try:
             for gw in self.models.values():
-                await gw.startup(client)
+                await gw.startup(client, sink)
                 started.append(gw)
             yield
         finally:
@@ -125,6 +126,7 @@ class FleetGateway:
                 except Exception:  # noqa: BLE001 (one model's failing shutdown never keeps the others' outboxes open)
                     log.exception("stopping model %s's gateway failed", gw.cfg.name)
             await client.close()
+            await sink.close()
 
     # -- dispatch -------------------------------------------------------------------
     def _unknown(self, name: str) -> Response:

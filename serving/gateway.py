@@ -129,11 +129,13 @@ class _Gateway:
         return min(order, key=lambda u: self.inflight.get(u.url, 0))
 
     # -- lifecycle ------------------------------------------------------------------
-    async def startup(self, client: aiohttp.ClientSession | None = None) -> None:
-        """Start its senders; ``client``: a connection pool shared with other gateways (kept open at shutdown)."""
+    async def startup(self, client: aiohttp.ClientSession | None = None,
+                      sink: aiohttp.ClientSession | None = None) -> None:
+        """Start its senders; ``client`` and ``sink``: connection pools to the model servers and to the sink
+        shared with other gateways (kept open at shutdown)."""
         self._own_client = client is None
         self.client = client or http_session(256, self.cfg.upstream_timeout)
-        self.events = start_event_logger(self.cfg, self.metrics)
+        self.events = start_event_logger(self.cfg, self.metrics, sink)
         self.labels.start()
         if self.cfg.shadow_percent > 0 and self.cfg.canary is not None:
             await self.set_shadow(self.cfg.shadow_percent)

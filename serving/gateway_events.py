@@ -118,8 +118,10 @@ class EventLogger:
         self.metrics.events_dropped.labels(reason=reason).inc(n)
         self.drops.note(reason, n, detail)
 
-    def start(self) -> None:
-        self._session = http_session(self.senders + 1, self.timeout)
+    def start(self, session: aiohttp.ClientSession | None = None) -> None:
+        """Start the senders; ``session``: a connection pool shared with other gateways' loggers (kept open)."""
+        self._own_session = session is None
+        self._session = session or http_session(self.senders + 1, self.timeout)
         self._wake = asyncio.Event()
         self._tasks = [asyncio.create_task(self._send_loop()) for _ in range(self.senders)]
         if self.outbox is not None:
@@ -146,7 +148,7 @@ class EventLogger:
         if left:
             self.metrics.events_dropped.labels(reason="shutdown").inc(left)
             log.warning("gateway stopping: %d inference-log events not sent", left)
-        if self._session is not None:
+        if self._session is not None and self._own_session:
             await self._session.close()
 
     def events(self, item: _Item) -> list[bytes]:
@@ -289,9 +291,11 @@ class EventLogger:
                 delay = min(2 * delay, self.max_retry_seconds)
 
 
-def start_event_logger(cfg: GatewayConfig, metrics: GatewayMetrics) -> EventLogger | None:
+def start_event_logger(cfg: GatewayConfig, metrics: GatewayMetrics,
+                       session: aiohttp.ClientSession | None = None) -> EventLogger | None:
     """The gateway's running event logger (None without a sink URL), with its outbox, when one is
-    configured, counted in ``driftloop_gateway_event_outbox{state}`` when scraped."""
+    configured, counted in ``driftloop_gateway_event_outbox{state}`` when scraped; ``session``: a shared
+    connection pool to the sink (see :meth:`EventLogger.start`)."""
     if not cfg.sink_url:
         return None
     outbox = (Outbox(cfg.event_outbox, max_rows=cfg.event_outbox_max_rows, max_bytes=cfg.event_outbox_max_bytes)
@@ -301,7 +305,7 @@ def start_event_logger(cfg: GatewayConfig, metrics: GatewayMetrics) -> EventLogg
                          queue_size=cfg.queue_size, senders=cfg.senders, timeout=cfg.sink_timeout,
                          linger=cfg.sink_linger, token=cfg.ingest_token, outbox=outbox,
                          retry_seconds=cfg.event_retry_seconds)
-    events.start()
+    events.start(session)
     if outbox is not None:
         for state in ("pending", "dead"):
             metrics.event_outbox.labels(state).set_function(lambda s=state: outbox.counts()[s])

@@ -5,6 +5,7 @@ KServe-protocol server (tests/fake_model_server.py) as real processes; no MLflow
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -199,9 +200,10 @@ def _register(settings, cols: list[str]) -> None:
     name = settings.mlflow.model_name
     artifacts = settings.fleet.root / "artifacts"
     with mlflow.start_run(experiment_id=mlflow.create_experiment(f"e2e-{name}", artifact_location=artifacts.as_uri())):
-        mlflow.sklearn.log_model(model, name="model", registered_model_name=name, pip_requirements=["scikit-learn"],
-                                 signature=infer_signature(frame, model.predict(frame)),
-                                 skops_trusted_types=trusted_types(model))
+        for _ in range(2):  # v1 the champion, v2 its challenger
+            mlflow.sklearn.log_model(model, name="model", registered_model_name=name, pip_requirements=["scikit-learn"],
+                                     signature=infer_signature(frame, model.predict(frame)),
+                                     skops_trusted_types=trusted_types(model))
     mlflow.MlflowClient(settings.tracking_uri).set_registered_model_alias(name, "champion", "1")
 
 
@@ -221,13 +223,23 @@ def test_cli_serves_a_fleet_on_one_port_with_one_packed_server(tmp_path):
         _register(models["demand"], ["x", "y", "z"])  # upsell: not trained
     finally:
         mlflow.set_tracking_uri(previous)
+    from components.deploy import deploy_canary
+    from serving.rollout import RolloutStore
+
+    for name in ("churn", "demand"):  # each a canary rollout pending, as a retraining run's deploy step leaves it
+        assert deploy_canary(models[name], version="2").action == "pending"
     env = {k: v for k, v in os.environ.items() if not k.startswith("DRIFTLOOP_")}
-    proc = subprocess.Popen([sys.executable, "-m", "driftloop.app.cli", "serve", "-c", str(path), "--no-rollout"],
+    proc = subprocess.Popen([sys.executable, "-m", "driftloop.app.cli", "serve", "-c", str(path)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     shared = FleetBackend([models["churn"], models["demand"]])
+    stores = [RolloutStore(models[n].workspace_dir / "rollout", n) for n in ("churn", "demand")]
+
+    def started() -> bool:  # serving, and both rollouts stepped by the one serve
+        return shared.gateway_url is not None and all(s.load().history for s in stores)  # begun by deploy_canary
+
     try:
         deadline = time.monotonic() + 240
-        while shared.gateway_url is None and time.monotonic() < deadline and proc.poll() is None:
+        while not started() and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.5)
         state = shared.status()
         assert state["gateway"] is not None, proc.stdout.read() if proc.poll() is not None else "not started"
@@ -236,12 +248,25 @@ def test_cli_serves_a_fleet_on_one_port_with_one_packed_server(tmp_path):
         a = httpx.post(f"{url}/v1/models/churn:predict", json={"instances": [{"a": 1.0, "b": 2.0}]}, timeout=30)
         b = httpx.post(f"{url}/v2/models/demand/infer", json={"inputs": [
             {"name": c, "shape": [1], "datatype": "FP64", "data": [1.0]} for c in ("x", "y", "z")]}, timeout=30)
-        assert a.status_code == 200 and a.json()["model_version"] == "1", a.text
+        assert a.status_code == 200 and a.json()["model_version"] in ("1", "2"), a.text
+        assert all(s.load().history[0]["decision"] == "start" for s in stores)
+        canaries = [FleetModelBackend(models[n]).status()["canary"] for n in ("churn", "demand")]
+        assert all(c["version"] == "2" and c["pid"] != state["replicas"][0]["pid"] for c in canaries)
         assert b.status_code == 200 and b.json()["model_name"] == "demand", b.text
         bad = httpx.post(f"{url}/v1/models/churn:predict", json={"instances": [{"x": 1.0}]}, timeout=30)
         assert bad.status_code == 400 and "unknown column" in bad.json()["error"]  # churn's own signature
         assert httpx.post(f"{url}/v1/models/upsell:predict", json={"instances": [{}]}).status_code == 404
-        pids = [state["gateway"]["pid"], state["replicas"][0]["pid"]]
+        pids = [state["gateway"]["pid"], state["replicas"][0]["pid"], *(c["pid"] for c in canaries)]
+        from typer.testing import CliRunner
+
+        from driftloop.app.cli import app
+
+        shown = CliRunner().invoke(app, ["serve", "status", "-c", str(path), "--json"])
+        doc = json.loads(shown.output)
+        assert doc["fleet"]["gateway"]["pid"] == pids[0] and doc["models"]["upsell"]["primary"] is None
+        assert doc["models"]["churn"]["gateway"]["url"] == f"{url}/models/churn"
+        table = CliRunner().invoke(app, ["serve", "status", "-c", str(path)]).output
+        assert "churn/primary" in table and "demand/primary" in table and table.count("(pack-0)") == 2
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -252,4 +277,5 @@ def test_cli_serves_a_fleet_on_one_port_with_one_packed_server(tmp_path):
             raise
     assert proc.returncode == 0, out
     assert "upsell: not trained yet" in out and url in out and "stopped" in out
+    assert "rollout churn: start" in out and "rollout demand: start" in out
     assert not any(process_alive(p) for p in pids)
