@@ -97,6 +97,44 @@ def test_the_shared_ports_are_set_under_defaults(tmp_path):
     assert load_fleet(ROOT / "examples" / "demo.yaml", environ={}).models[0].settings.fleet is None
 
 
+CLUSTER = """\
+workspace: ws
+defaults:
+  data: {source: data.parquet}
+models:
+  churn: {team: growth}
+  upsell: {team: growth, serving: {namespace: shared, logger_url: "http://mon.example:9000/own/events"}}
+  demand: {team: planning}
+  spend: {}
+"""
+
+
+def test_on_a_cluster_a_teams_models_live_in_its_namespace_and_log_to_their_path_on_the_one_monitor(tmp_path):
+    s = {m.name: m.settings.serving for m in load_fleet(write(tmp_path, CLUSTER), environ={}).models}
+    monitor = "http://driftloop-monitor.driftloop.svc.cluster.local"  # the one-model default's origin
+    assert {n: v.namespace for n, v in s.items()} == {"churn": "growth", "upsell": "shared", "demand": "planning",
+                                                      "spend": "driftloop"}  # no team: the one-model default
+    assert s["churn"].logger_url == f"{monitor}/models/churn/events"
+    assert s["demand"].logger_url == f"{monitor}/models/demand/events"
+    assert s["spend"].logger_url == f"{monitor}/models/spend/events"
+    assert s["upsell"].logger_url == "http://mon.example:9000/own/events"  # the model's own wins
+
+
+def test_the_defaults_namespace_wins_over_the_team_and_their_monitor_gives_the_origin(tmp_path):
+    text = CLUSTER.replace("  data: {source: data.parquet}\n", "  data: {source: data.parquet}\n  serving: "
+                           "{namespace: ml, logger_url: 'https://monitor.ml.svc:8443/base/events'}\n")
+    s = {m.name: m.settings.serving for m in load_fleet(write(tmp_path, text), environ={}).models}
+    assert {n: v.namespace for n, v in s.items()} == {"churn": "ml", "upsell": "shared", "demand": "ml", "spend": "ml"}
+    assert s["churn"].logger_url == "https://monitor.ml.svc:8443/models/churn/events"
+    assert s["upsell"].logger_url == "http://mon.example:9000/own/events"
+    # --param over every model still applies over the model's own sections, as the environment does
+    fleet = load_fleet(write(tmp_path, text), ["models.demand.serving.namespace=demand-ns"], environ={})
+    assert fleet.model("demand").settings.serving.namespace == "demand-ns"
+    # a one-model file keeps its one logger URL and namespace
+    one = load_fleet(ROOT / "examples" / "demo.yaml", environ={}).models[0].settings.serving
+    assert (one.namespace, one.logger_url) == ("driftloop", "http://driftloop-monitor.driftloop.svc.cluster.local/events")
+
+
 def test_gpus_a_model_may_hold():
     s = load_settings(overrides={"model.gpu": True, "model.accelerator_limit": 2, "serving.gpu": 1,
                                  "serving.max_replicas": 3}, environ={})

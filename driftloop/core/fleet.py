@@ -16,9 +16,10 @@ A fleet file is YAML with four top-level keys::
 
 Each model's merged configuration is validated by :class:`~driftloop.core.config.Settings`, exactly as
 a one-model file is; unless its own section says otherwise a model gets its own workspace
-(``<workspace>/models/<name>``), its name as MLflow model name and serving name, and its path on the
-fleet's one monitor (``monitor.base_path`` ``/models/<name>``); the models share one gateway and one
-monitor, so their ports are set under ``defaults`` only. Each model's settings carry the fleet they
+(``<workspace>/models/<name>``), its name as MLflow model name and serving name, its path on the
+fleet's one monitor (``monitor.base_path`` ``/models/<name>``) and, on a cluster, its team's namespace and
+its inference logger to that path (``serving.logger_url``: the defaults' origin + ``/models/<name>/events``);
+the models share one gateway and one monitor, so their ports are set under ``defaults`` only. Each model's settings carry the fleet they
 belong to (``Settings.fleet``: root, name, team, every model's name, the limits). A file without ``models:`` (every
 one-model configuration) loads as a fleet of one whose settings are :func:`load_settings`'s.
 
@@ -36,6 +37,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import Field, ValidationError
@@ -43,6 +45,7 @@ from pydantic import Field, ValidationError
 from driftloop.core.config import (
     FleetLimits,
     FleetMembership,
+    ServingConfig,
     Settings,
     apply_overrides,
     dns_label,
@@ -257,9 +260,15 @@ def _model_tree(name: Any, own: Any, defaults: dict[str, Any], env: dict[str, An
     if team is not None and not (isinstance(team, str) and _is_label(team)):
         raise ConfigError(f"models.{name}.team: {team!r} is not a team name (a DNS-1123 label: lower-case "
                           "letters, digits and '-', e.g. growth)")
+    serving: dict[str, Any] = {"name": name}
+    if team is not None:
+        serving["namespace"] = team  # a team's models live in its namespace (unless defaults or the model say)
     tree = {"workspace": str(Path(root) / MODELS_DIR / name), "mlflow": {"model_name": name},
-            "serving": {"name": name}, "monitor": {"base_path": f"/{MODELS_DIR}/{name}"}}
-    tree = merge_trees(merge_trees(merge_trees(merge_trees(tree, defaults), own), env), of_models)
+            "serving": serving, "monitor": {"base_path": f"/{MODELS_DIR}/{name}"}}
+    tree = merge_trees(tree, defaults)
+    if isinstance(tree.get("serving"), dict):  # anything else is refused by validation, naming the key
+        tree["serving"] = {**tree["serving"], "logger_url": _logger_url(tree["serving"].get("logger_url"), name)}
+    tree = merge_trees(merge_trees(merge_trees(tree, own), env), of_models)
     if "workspace" in own:
         tree["workspace"] = _resolve(base, str(own["workspace"]))
     source = tree.get("data", {}).get("source") if isinstance(tree.get("data"), dict) else None
@@ -267,6 +276,15 @@ def _model_tree(name: Any, own: Any, defaults: dict[str, Any], env: dict[str, An
         tree["data"] = {**tree["data"], "source": _resolve(base, source)}
     tree["team"] = team
     return tree
+
+
+def _logger_url(shared: Any, name: str) -> Any:
+    """The model's path on the fleet's one monitor: the origin of the defaults' ``serving.logger_url`` (or of
+    the one-model default) + ``/models/<name>/events``; a value that is no URL is left for validation."""
+    url = urlsplit(str(shared if shared is not None else ServingConfig.model_fields["logger_url"].default))
+    if not (url.scheme and url.netloc):
+        return shared
+    return f"{url.scheme}://{url.netloc}/{MODELS_DIR}/{name}/events"
 
 
 def _is_label(value: str) -> bool:
