@@ -128,10 +128,13 @@ class KServeBackend:
         if self._client is None:
             from kserve import KServeClient
 
+            context = self.settings.serving.kube_context  # None: the kubeconfig's current context
             try:
-                self._client = KServeClient()
-            except Exception as exc:  # kubeconfig missing or unreadable: say so, once
-                raise ServingError(f"cannot connect to the Kubernetes cluster: {exc}") from exc
+                self._client = KServeClient(context=context)
+            except Exception as exc:  # kubeconfig missing or unreadable, or no such context: say so, once
+                where = f" (kube context {context})" if context else ""
+                raise ServingError(f"cannot connect to the Kubernetes cluster{where}: "
+                                   f"{' '.join(str(exc).split())}") from exc
         return self._client
 
     @property

@@ -319,8 +319,14 @@ def deploy(
     """Render the InferenceService (cluster home); --apply applies it, --dry-run only prints it.
 
     With rollout.shadow_percent > 0 the printout also holds the shadow phase's objects (shadow
-    InferenceService and Istio mirror), which the rollout controller applies and removes."""
+    InferenceService and Istio mirror), which the rollout controller applies and removes. On a fleet file
+    without --model: every model's InferenceService (driftloop.app.fleet_deploy)."""
     from driftloop.core.console import console, settings_from
+
+    if model is None:
+        from driftloop.app.fleet_deploy import deploy_fleet
+
+        deploy_fleet(config, params, apply=apply and not dry_run, version=version, canary_percent=canary_percent)
 
     from serving.inference_service import build_inference_service, check_percent, to_yaml
 
