@@ -4,8 +4,7 @@
 
 * the champions in **packed model servers** (``python -m serving.model_pack``: several models in one
   KServe ``ModelServer`` process, each under its own name), grouped by :func:`serving.model_pack.pack`
-  (at most ``max_models`` models and ``max_bytes`` bytes of model files a process); without
-  ``serving.model_pack`` each champion is a one-model predictor;
+  per MLflow store (at most ``max_models`` models and ``max_bytes`` bytes of model files a process);
 * each pending **canary** in a process of its own (``serving.predictor``), so a canary that crashes
   touches no other model;
 * **one fleet gateway** (:mod:`serving.fleet_gateway`) on the fleet's ``serving.gateway_port``.
@@ -27,7 +26,6 @@ watches its canary and replicas and rolls back a canary that keeps dying, for th
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -167,7 +165,8 @@ class FleetBackend:
                 stop_processes([p.pid for p in reversed(started)], self.stop_timeout)
                 for name in champions:
                     with self.models[name].state.locked() as mstate:
-                        mstate.update(primary=None, canary=None, gateway=None, owner=None)
+                        self.models[name].state.keep_canary_pending(mstate)  # its rollout resumes next time
+                        mstate.update(primary=None, canary=None, gateway=None, owner=None, canary_percent=0)
                 raise
             self._point_models_at(gateway)
             state.update(gateway=asdict(gateway), replicas=[asdict(p) for p in started if p.role.startswith("pack-")],
@@ -176,14 +175,12 @@ class FleetBackend:
             return dict(state)
 
     def _plan(self, champions: dict[str, Champion]) -> list[list[str]]:
-        """The champions' groups, one packed server each: per MLflow store, by :func:`serving.model_pack.pack`
-        (one model each without ``serving.model_pack``)."""
+        """The champions' groups, one packed server each: per MLflow store, by :func:`serving.model_pack.pack`."""
+        from serving.model_pack import pack
+
         stores: dict[str, list[tuple[str, int]]] = {}
         for name, c in champions.items():
             stores.setdefault(c.tracking_uri, []).append((name, c.size))
-        if importlib.util.find_spec("serving.model_pack") is None:
-            return [[name] for members in stores.values() for name, _ in members]
-        from serving.model_pack import pack
 
         return [group for members in stores.values()
                 for group in pack(members, max_models=self.max_models, max_bytes=self.max_bytes)]
@@ -193,15 +190,10 @@ class FleetBackend:
         host = first.serving.host
         port = port or free_port(host)
         limit = max(self.models[m["name"]].settings.serving.max_payload_bytes for m in members)
-        if importlib.util.find_spec("serving.model_pack") is not None:
-            argv = ["serving.model_pack", "--http-port", str(port), "--host", host, "--tracking-uri",
-                    members[0].get("tracking_uri") or first.tracking_uri, "--max-payload-bytes", str(limit)]
-            for m in members:
-                argv += ["--model", f"{m['name']}={m['version']}={m['uri']}"]
-        else:
-            [m] = members
-            argv = ["serving.predictor", "--model-name", m["name"], "--model-uri", m["uri"], "--tracking-uri",
-                    m.get("tracking_uri") or first.tracking_uri, "--http-port", str(port), "--host", host, "--max-payload-bytes", str(limit)]
+        argv = ["serving.model_pack", "--http-port", str(port), "--host", host, "--tracking-uri",
+                members[0].get("tracking_uri") or first.tracking_uri, "--max-payload-bytes", str(limit)]
+        for m in members:
+            argv += ["--model", f"{m['name']}={m['version']}={m['uri']}"]
         log.info("starting %s (%s) on port %d", role, ", ".join(f"{m['name']} v{m['version']}" for m in members),
                  port)
         return self.launcher.spawn(role, argv, port, self.READY_PATH)
@@ -215,7 +207,9 @@ class FleetBackend:
                        "pack": role}
             mstate.update(primary=primary, canary=None, gateway=None, replicas=[], canary_percent=0, down={},
                           owner=os.getpid())
-        if not pending or pending["version"] == member["version"]:
+            if pending and pending["version"] == member["version"]:
+                mstate["pending_canary"] = pending = None  # it is the champion already
+        if not pending:
             return
         canary = model.start_model_server("canary", pending["version"], pending["model_uri"],
                                           model.settings.serving.canary_port)

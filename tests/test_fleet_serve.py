@@ -49,7 +49,6 @@ def _fake_server(self, version, model_uri, port):  # noqa: ANN001, ANN202 - Loca
 def fleet(tmp_path: Path, monkeypatch):
     monkeypatch.setattr(FleetBackend, "_start_pack", _fake_pack)
     monkeypatch.setattr(FleetModelBackend, "model_server_argv", _fake_server)
-    monkeypatch.setattr("serving.fleet_backend.importlib.util.find_spec", lambda name: object())  # packs of 8
     monkeypatch.delenv("DRIFTLOOP_GATEWAY_TOKEN", raising=False)
     path = tmp_path / "fleet.yaml"
     path.write_text(FLEET)
