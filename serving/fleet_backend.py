@@ -71,9 +71,10 @@ class FleetModelBackend(LocalBackend):
 
 @dataclass(frozen=True)
 class Champion:
-    """A model's champion as a packed server loads it: its version, its registry URI, the MLflow store that
-    resolves it (models share a packed server only when they share a store: one process has one tracking
-    URI) and the size of its files (0 where they are not local)."""
+    """A model's champion as a packed server loads it: its version, what to load (its artifact folder when
+    the files are local: then any models pack together, whatever their MLflow stores; else its registry URI),
+    the MLflow store that resolves a registry URI ("" for a folder; one process has one tracking URI, so
+    registry URIs pack only with their store's) and the size of its files (0 where they are not local)."""
 
     version: str
     uri: str
@@ -99,7 +100,12 @@ def champion(settings: Settings, version: str) -> Champion:
     path = Path(unquote(parts.path)) if parts.scheme in ("", "file") else None
     if path is None or not path.is_dir():
         return found
-    return Champion(version, found.uri, found.tracking_uri, sum(f.stat().st_size for f in path.rglob("*") if f.is_file()))
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    if settings.mlflow.tracking_uri:  # a tracking server: its registry resolves the version in the pack
+        return Champion(version, found.uri, found.tracking_uri, size)
+    # the embedded store (a SQLite file per model): the version's own folder, pinned now, so the champions of
+    # every model share packed servers instead of one process per store
+    return Champion(version, str(path), "", size)
 
 
 class _FleetLauncher(ProcessLauncher):

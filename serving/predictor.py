@@ -410,7 +410,9 @@ class DriftloopModel(kserve.Model):
             mlflow.set_tracking_uri(self.tracking_uri)
         uri = self._resolve()
         try:
-            info = mlflow.models.get_model_info(uri)
+            # the MLmodel file alone (get_model_info would also ask the tracking store for the logged model, which a
+            # packed server loading another store's model folder does not have)
+            info = mlflow.models.Model.load(uri)
             self.schema = input_schema(info.signature)
             if "sklearn" in info.flavors:
                 self._model = mlflow.sklearn.load_model(uri)

@@ -213,8 +213,9 @@ def test_cli_serves_a_fleet_on_one_port_with_one_packed_server(tmp_path):
     import mlflow
 
     path = tmp_path / "fleet.yaml"
-    # one MLflow store for the fleet (as one tracking server would be): models of one store share a packed server
-    path.write_text(FLEET.replace("defaults:\n", f"defaults:\n  mlflow: {{tracking_uri: 'sqlite:///{tmp_path}/mlflow.db'}}\n"))
+    # each model its own embedded MLflow store (the default): each champion is loaded from its version's folder,
+    # so the two share one packed server all the same
+    path.write_text(FLEET)
     models = {m.name: m.settings for m in load_fleet(path, environ={}).models}
     previous = mlflow.get_tracking_uri()
     try:
@@ -253,7 +254,7 @@ def test_cli_serves_a_fleet_on_one_port_with_one_packed_server(tmp_path):
         assert all(c["version"] == "2" and c["pid"] != state["replicas"][0]["pid"] for c in canaries)
         assert b.status_code == 200 and b.json()["model_name"] == "demand", b.text
         bad = httpx.post(f"{url}/v1/models/churn:predict", json={"instances": [{"x": 1.0}]}, timeout=30)
-        assert bad.status_code == 400 and "unknown column" in bad.json()["error"]  # churn's own signature
+        assert bad.status_code == 400 and "unknown column" in bad.json()["error"], bad.text  # churn's own signature
         assert httpx.post(f"{url}/v1/models/upsell:predict", json={"instances": [{}]}).status_code == 404
         pids = [state["gateway"]["pid"], state["replicas"][0]["pid"], *(c["pid"] for c in canaries)]
         from typer.testing import CliRunner
@@ -270,6 +271,7 @@ def test_cli_serves_a_fleet_on_one_port_with_one_packed_server(tmp_path):
         proc.send_signal(signal.SIGINT)
         try:
             out, _ = proc.communicate(timeout=90)
+            print(out)  # the serve's own lines, shown when an assertion above fails
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(30)
