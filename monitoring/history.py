@@ -87,6 +87,7 @@ def quality_records(outcome: dict[str, Any], model: str) -> list[dict[str, Any]]
                     "window": window.get("id"), "window_start": window.get("start"), "window_end": window.get("end"),
                     "rows": window.get("rows"), "verdict": entry["verdict"], "metrics": metrics,
                     "degraded": [m["metric"] for m in metrics if m["degraded"]],
+                    "estimated": (entry.get("estimated_latest") or {}).get("accuracy"),
                     **_alert_fields(entry.get("alert") or entry.get("estimate_alert"))})
     return out
 

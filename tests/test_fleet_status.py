@@ -49,6 +49,20 @@ def _history(settings, record: dict) -> None:
                                                     "time": dt.datetime.now(dt.UTC).isoformat(), **record})
 
 
+def _quality(settings) -> None:
+    """A quality check of the champion as the monitor records it (monitoring.history.quality_records)."""
+    from driftloop.core.history import HistoryWorkspace, history_target
+    from monitoring.history import quality_records
+
+    outcome = {"checked_at": dt.datetime.now(dt.UTC).isoformat(), "versions": {"1": {
+        "verdict": "ok", "window": {"id": "w7", "rows": 400}, "live": {"accuracy": 0.742, "f1": 0.70},
+        "holdout": {"accuracy": 0.755, "f1": 0.71},
+        "verdicts": [{"metric": "accuracy", "limit": 0.705, "rule": "holdout - 0.05", "degraded": False}],
+        "estimated_latest": {"accuracy": 0.748, "rows": 900}}}}
+    for record in quality_records(outcome, settings.mlflow.model_name):
+        HistoryWorkspace(history_target(settings)).add(record)
+
+
 @pytest.fixture(scope="module")
 def fleet_file(tmp_path_factory) -> Path:
     """Six models: one never trained, one healthy, one drifting, one whose canary was rolled back, one with an
@@ -65,6 +79,7 @@ def fleet_file(tmp_path_factory) -> Path:
         _champion(m[name], {"driftloop.trigger": "manual"})
     _history(m["drifting"], {"kind": "drift", "verdict": "drift", "share": 0.6, "rows": 500})
     _history(m["steady"], {"kind": "drift", "verdict": "no drift", "share": 0.1, "rows": 500})
+    _quality(m["steady"])
     RolloutStore(m["rolled"].workspace_dir / "rollout", "rolled").save(
         RolloutState("rolled", "2", "1", status="rolled_back", weight=0, reason="error rate 0.2 > 0.05"))
     store = AlertStore.from_settings(m["rolled"])
@@ -97,6 +112,10 @@ def test_a_row_per_model_what_needs_attention_first(fleet_file):
     assert by["rolled"]["last_retrain"]["outcome"] == "rolled_back"
     assert by["alerting"]["open_alerts"] == 1 and by["alerting"]["open"][0].startswith("drift episode since")
     assert by["steady"]["newest_version"] == {"version": "1", "trigger": "manual", "gate": None, "rollout": None}
+    quality = by["steady"]["quality"]  # realised, holdout, limit and the estimate, read back from the history
+    assert quality["verdict"] == "ok" and quality["estimated"] == 0.748 and quality["degraded"] == []
+    assert quality["metrics"][0] == {"metric": "accuracy", "live": 0.742, "holdout": 0.755, "limit": 0.705,
+                                     "degraded": False}
     assert not (fleet_file.parent / "ws" / "models" / "fresh").exists()  # status made no workspace
 
 
@@ -113,7 +132,8 @@ def test_the_table_fits_80_columns_and_names_each_state(fleet_file):
 
     rows = status_rows(list(load_fleet(fleet_file, environ={}).models))
     text = _render(status_table(rows))
-    for word in ("broken", "unreadable", "rolled back", "0.60", "not trained", "planning", "1 open alert"):
+    for word in ("broken", "unreadable", "rolled back", "0.60", "not trained", "planning", "1 open alert",
+                 "acc 0.742", "hold", "0.755", "lim", "0.705", "est", "0.748"):
         assert word in text, word
     long = {**rows[0], "model": "churn-propensity-gradient-boosted-eu-west-1", "team": "growth-and-retention-emea",
             "errors": ["alerts: " + "a long reason " * 8], "open_alerts": 3,

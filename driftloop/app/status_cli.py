@@ -109,8 +109,11 @@ def _history_part(settings: Settings, row: dict[str, Any]) -> None:
         if record.get("kind") == "drift":
             row["drift"] = {"verdict": record.get("verdict"), "share": record.get("share"), "time": record["time"]}
         elif record.get("kind") == "quality" and record.get("verdict") in ("ok", "degraded"):
+            metrics = record.get("metrics") or []
             row["quality"] = {"verdict": record["verdict"], "time": record["time"],
-                              "degraded": [m["metric"] for m in record.get("metrics") or [] if m.get("degraded")]}
+                              "degraded": list(record.get("degraded") or [m["metric"] for m in metrics
+                                                                         if m.get("degraded")]),
+                              "metrics": metrics, "estimated": record.get("estimated")}
 
 
 #: what each part of a row reads: (name in the row's errors, reader)
@@ -211,8 +214,28 @@ def _monitor_cells(row: dict[str, Any], now: float) -> tuple[str, str]:
     drift = "–" if not d else escape(f"{d['verdict']}" + (f" {d['share']:.2f}" if isinstance(d.get("share"), float)
                                                           else "")) + f"\n[dim]{_ago(d['time'], now)}[/]"
     quality = "–" if not q else escape(q["verdict"] + (f": {', '.join(q['degraded'])}" if q["degraded"] else "")) \
-        + f"\n[dim]{_ago(q['time'], now)}[/]"
+        + "".join(f"\n{escape(line)}" for line in _quality_numbers(q)) + f"\n[dim]{_ago(q['time'], now)}[/]"
     return drift, quality
+
+
+_SHORT = {"accuracy": "acc", "f1": "f1", "roc_auc": "auc", "rmse": "rmse", "mae": "mae", "r2": "r2"}
+
+
+def _quality_numbers(q: dict[str, Any]) -> list[str]:
+    """The first metric realised, its holdout and limit, and the estimate from calibrated scores, a short line
+    each (the column is 9 wide; ``--json`` has every metric)."""
+    def num(v: Any) -> str:
+        return f"{v:.3g}" if isinstance(v, (int, float)) else "–"
+
+    lines = []
+    m = next(iter(q.get("metrics") or []), None)
+    if m:
+        lines += [f"{_SHORT.get(m['metric'], m['metric'][:4])} {num(m.get('live'))}", f"hold {num(m.get('holdout'))}"]
+        if m.get("limit") is not None:
+            lines.append(f"lim {num(m['limit'])}")
+    if q.get("estimated") is not None:
+        lines.append(f"est {num(q['estimated'])}")
+    return lines
 
 
 def _retrain_cell(row: dict[str, Any], now: float) -> str:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import fcntl
+import json
 import logging
 import threading
 from collections.abc import Iterator
@@ -236,6 +237,10 @@ def _from_metadata(metadata: dict[str, Any], when: dt.datetime) -> dict[str, Any
     for key in LIST_KEYS:
         if isinstance(record.get(key), str):
             record[key] = [v for v in record[key].split(", ") if v]
+    if isinstance(record.get("quality"), str):  # a quality check's numbers (history_snapshots.record_metadata)
+        with contextlib.suppress(ValueError):
+            numbers = json.loads(record.pop("quality"))
+            record["metrics"], record["estimated"] = numbers.get("metrics") or [], numbers.get("estimated")
     for key in _NUMBERS:
         if key in record:
             with contextlib.suppress(TypeError, ValueError):

@@ -156,6 +156,12 @@ def record_metadata(record: dict[str, Any]) -> dict[str, str]:
                for m in record.get("metrics") or []]
     if values:
         meta["values"] = ", ".join(values)  # how bad: each drifted column's score, each metric against its limit
+    if record["kind"] == "quality" and (record.get("metrics") or record.get("estimated") is not None):
+        # the numbers themselves, read back by HistoryWorkspace.records (driftloop status shows them)
+        meta["quality"] = json.dumps({"metrics": [{k: m.get(k) for k in ("metric", "live", "holdout", "limit",
+                                                                          "degraded")}
+                                                  for m in record.get("metrics") or []],
+                                      "estimated": record.get("estimated")}, separators=(",", ":"))
     return meta
 
 
