@@ -77,21 +77,13 @@ def trained(tmp_path_factory, scenario_path):
     return settings, result
 
 
-# The two longest modules, each a whole loop of processes, are spread out. `make test` runs two test processes
-# (pytest-xdist, a module at a time per process, in this order: --no-loadscope-reorder): the real-data loop goes
-# first, beside the short modules, and the demo's loop half-way through the rest, so the two never start
-# together (side by side on two cores they took 450 s and 327 s, the demo alone takes about 60 s) and neither
-# runs alone at the end.
-_LONGEST = "test_real_data_loop.py"
-_HALF_WAY = "test_e2e_loop.py"
+# The longest modules go first. `make test` runs two test processes (pytest-xdist, a module at a time per
+# process, in this order: --no-loadscope-reorder), so these run beside the many short modules instead of
+# alone at the end.
+_LONG_FIRST = ("test_real_data_loop.py", "test_e2e_loop.py")
 
 
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(items):
-    first = [i for i in items if i.path.name == _LONGEST]
-    middle = [i for i in items if i.path.name == _HALF_WAY]
-    rest = [i for i in items if i.path.name not in (_LONGEST, _HALF_WAY)]  # the rest keep their order
-    half = len(rest) // 2
-    while 0 < half < len(rest) and rest[half].path == rest[half - 1].path:  # between two modules, not inside one
-        half += 1
-    items[:] = first + rest[:half] + middle + rest[half:]
+    rank = {name: i for i, name in enumerate(_LONG_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
