@@ -50,6 +50,10 @@ import yaml
 from driftloop.core.processes import spawn, stop_process
 
 CLI = [sys.executable, "-m", "driftloop.app.cli"]
+# Traffic is paced: a rollout step needs rollout.min_requests at the canary's weight within one interval (20 at 20 %
+# in 3 s is 33 requests a second), the quality check a window of labelled rows; sending as fast as the gateway
+# answers adds nothing to either and keeps every core busy (predictor, gateway, monitor and the retraining run).
+RATE = 60.0
 
 
 @dataclass(frozen=True)
@@ -106,8 +110,9 @@ class Loop:
     """One table's loop in its own folder: the config, the CLI calls, the services, the traffic."""
 
     def __init__(self, table: Table, workdir: Path, interval: float | None, log: Any = print,
-                 phase_timeout: float = 900.0) -> None:
+                 phase_timeout: float = 900.0, rate: float | None = RATE) -> None:
         self.table, self.dir, self.interval, self.log = table, workdir, interval, log
+        self.rate = rate  # requests a second through the gateway, all workers together (None: as fast as it answers)
         self.phase_timeout = phase_timeout  # each phase of the story (a busy machine makes them slow, not wrong)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.config = self.dir / "driftloop.yaml"
@@ -194,12 +199,23 @@ class Loop:
         auth = {"authorization": f"Bearer {self.token()}"}
         done = [0]
         lock = threading.Lock()
+        gap = 1.0 / self.rate if self.rate else 0.0
+        slot = [time.monotonic()]
+
+        def pace() -> None:
+            if gap:
+                with lock:
+                    slot[0] = max(slot[0] + gap, time.monotonic())
+                    wait = slot[0] - time.monotonic()
+                if wait > 0:
+                    time.sleep(wait)
 
         def worker(k: int) -> None:
             with httpx.Client(timeout=30.0) as client:
                 for i in range(k, len(records), workers):
                     if stop is not None and stop.is_set():
                         return
+                    pace()
                     with contextlib.suppress(httpx.HTTPError):
                         r = client.post(url, json={"instances": [records[i]]})
                         if r.status_code == 200:
@@ -248,14 +264,21 @@ class Loop:
     def rollout(self) -> dict[str, Any]:
         return self.cli_json("rollout", "status")
 
+    # The polls look first where it costs nothing (the monitor's GET /alerts, the rollout's state file) and ask
+    # the CLI once that shows the end: a CLI call every two seconds is a fresh interpreter each time.
     def retrained(self) -> dict[str, Any] | None:
-        """The first quality alert whose retraining run has finished, if any."""
-        for a in self.alerts():
-            if a.get("source") == "quality" and a.get("finished"):
-                return a
-        return None
+        """The first quality alert whose retraining run has finished, if any (as ``driftloop alerts`` shows it)."""
+        def finished(alerts: list[dict[str, Any]]) -> dict[str, Any] | None:
+            return next((a for a in alerts if a.get("source") == "quality" and a.get("finished")), None)
+
+        seen = httpx.get(f"http://127.0.0.1:{self.monitor_port}/alerts", params={"limit": 100}, timeout=10.0)
+        return finished(self.alerts()) if finished(seen.json().get("alerts", [])) else None
 
     def rollout_of(self, version: str) -> Any:
+        path = self.dir / ".driftloop" / "rollout" / "driftloop-model" / "state.json"
+        peek = json.loads(path.read_text()) if path.exists() else {}
+        if str(peek.get("canary_version")) != str(version) or peek.get("status") not in ("promoted", "rolled_back"):
+            return None
         state = self.rollout()
         if str(state.get("canary_version")) == str(version) and state.get("status") in ("promoted", "rolled_back"):
             return state
@@ -297,12 +320,12 @@ class Loop:
 
 
 def run_tables(names: list[str], workdir: Path, interval: float | None, log: Any = print,
-               phase_timeout: float = 900.0) -> dict[str, Any]:
+               phase_timeout: float = 900.0, rate: float | None = RATE) -> dict[str, Any]:
     """Each table's loop at the same time (own folder, ports and processes): most of a loop is waiting on its
     services, so two loops take little longer than one. A loop that fails raises after the others end."""
     from concurrent.futures import ThreadPoolExecutor
 
-    loops = {name: Loop(TABLES[name], workdir / name, interval, log, phase_timeout) for name in names}
+    loops = {name: Loop(TABLES[name], workdir / name, interval, log, phase_timeout, rate) for name in names}
     with ThreadPoolExecutor(len(loops)) as pool:
         futures = {name: pool.submit(loop.run) for name, loop in loops.items()}
         facts = {name: future.result() for name, future in futures.items()}
@@ -317,10 +340,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", type=Path, default=Path(".driftloop/real-data"))
     p.add_argument("--interval", type=float, default=None,
                    help="rollout.interval_seconds (default: the product's, 30 s)")
+    p.add_argument("--rate", type=float, default=RATE, help=f"requests a second per table (default {RATE:g}; 0: unpaced)")
     p.add_argument("--json", type=Path, default=None, help="write every figure here")
     args = p.parse_args(argv)
     names = list(TABLES) if args.table == "all" else [args.table]
-    facts = run_tables(names, args.workdir.resolve(), args.interval)
+    facts = run_tables(names, args.workdir.resolve(), args.interval, rate=args.rate or None)
     if args.json:
         args.json.write_text(json.dumps(facts, indent=2, default=str))
     print(json.dumps(facts, indent=2, default=str))
