@@ -37,7 +37,7 @@ def one(objects: list[dict], kind: str, name: str | None = None, namespace: str 
 # --- the check on the real tree ----------------------------------------------------------------------
 def test_check_passes_on_the_real_tree(capsys):
     assert main([str(ROOT)]) == 0, capsys.readouterr().err
-    assert "3 kustomizations built and valid" in capsys.readouterr().out
+    assert "4 kustomizations built and valid" in capsys.readouterr().out
 
 
 # --- broken copies ----------------------------------------------------------------------------------------

@@ -12,9 +12,13 @@ For the base and every overlay it
    :mod:`driftloop.app.infra_crds` (and an Istio VirtualService, the shadow mirror, against
    :mod:`driftloop.app.istio_crds`);
 5. checks what the manifests share with the Python side: the driftloop configuration in
-   the ``driftloop-config``/``driftloop-env`` ConfigMaps loads with :mod:`driftloop.core.config`,
-   every driftloop container runs :data:`driftloop.core.config.DEFAULT_IMAGE` (the image the
-   compiled pipelines use), and no Secret carries values;
+   the ``driftloop-config``/``driftloop-env`` ConfigMaps -- a one-model file (``config.yaml``) or a
+   fleet file (``fleet.yaml``, docs/fleet.md) -- loads with :func:`driftloop.core.fleet.load_fleet`,
+   every container's ``DRIFTLOOP_CONFIG`` names a file of the ConfigMap mounted there, each model's
+   namespace, logger Service and path and the monitor's NetworkPolicy fit the render
+   (:mod:`driftloop.app.infra_fleet`), every driftloop container runs
+   :data:`driftloop.core.config.DEFAULT_IMAGE` (the image the compiled pipelines use), and no Secret
+   carries values;
 6. builds every tenant under ``infra/tenants/`` the same way (Kueue and Kubeflow Profile objects
    against the pinned schemas of :mod:`driftloop.app.tenant_crds`) and checks the invariants that
    keep tenants apart (:func:`driftloop.app.tenants.check_invariants`).
@@ -40,8 +44,10 @@ from typing import Any, Iterable
 
 import yaml
 
-from driftloop.core.config import DEFAULT_IMAGE, Settings, load_settings
+from driftloop.core.config import DEFAULT_IMAGE, Settings
 from driftloop.core.errors import ConfigError, InfraCheckError
+from driftloop.core.fleet import Fleet
+from driftloop.app.infra_fleet import fleet_from_text, model_problems
 from driftloop.app.infra_crds import CRD_SCHEMAS
 from driftloop.app.istio_crds import ISTIO_CRD_SCHEMAS
 from driftloop.app.tenant_crds import TENANT_CRD_SCHEMAS
@@ -60,6 +66,7 @@ __all__ = [
     "check_target",
     "check_tree",
     "settings_from_objects",
+    "fleet_from_objects",
     "objects_by_kind",
     "main",
 ]
@@ -71,6 +78,8 @@ K8S_VERSION = "1.30"
 # Containers whose image starts with this run driftloop itself and must use DEFAULT_IMAGE.
 IMAGE_REPOSITORY = DEFAULT_IMAGE.rsplit(":", 1)[0]
 _ISVC = "serving.kserve.io/v1beta1/InferenceService"
+#: The keys under which the ConfigMap driftloop-config holds the configuration: one model, or a fleet.
+CONFIG_KEYS = ("config.yaml", "fleet.yaml")
 _KUSTOMIZE_TIMEOUT_S = 60
 
 
@@ -94,7 +103,7 @@ _Loader.add_constructor("tag:yaml.org,2002:value", lambda loader, node: loader.c
 
 def load_documents(text: str) -> list[dict[str, Any]]:
     """The non-empty mapping documents of a multi-document YAML stream."""
-    return [d for d in yaml.load_all(text, Loader=_Loader) if isinstance(d, dict)]
+    return [d for d in yaml.load_all(text, Loader=_Loader) if isinstance(d, dict) and d]
 
 
 def find_kubectl() -> str:
@@ -123,7 +132,13 @@ def kustomize_targets(infra: Path) -> list[Path]:
 
 
 def build(target: Path, kubectl: str | None = None) -> list[dict[str, Any]]:
-    """Render one kustomization with ``kubectl kustomize``; its error text names the file."""
+    """Render one kustomization with ``kubectl kustomize``; its error text names the file.
+
+    An object left in the render with ``$patch: delete`` at its top is dropped, as kustomize v4+ drops
+    it: the kustomize of kubectl 1.20 (v2) merges a custom resource's strategic patch as a JSON merge
+    patch and keeps the directive as a field (infra/overlays/fleet removes the one-model
+    InferenceService so), and prints a deleted core object as ``{}``; a warning names the former.
+    """
     kubectl = kubectl or find_kubectl()
     try:
         proc = subprocess.run([kubectl, "kustomize", str(target)], capture_output=True, text=True,
@@ -133,7 +148,15 @@ def build(target: Path, kubectl: str | None = None) -> list[dict[str, Any]]:
     if proc.returncode != 0:
         detail = " ".join(line.strip() for line in proc.stderr.splitlines() if line.strip() and not line.startswith("# Warning"))
         raise InfraCheckError(f"{target}/kustomization.yaml: kustomize build failed: {detail or 'no message'}")
-    return load_documents(proc.stdout)
+    objects = []
+    for obj in load_documents(proc.stdout):
+        if obj.get("$patch") == "delete":
+            log.warning("%s: %s %s is deleted by a patch that this kustomize leaves in the render (a custom "
+                        "resource with kustomize < v4, kubectl < 1.21); dropped here -- apply with kubectl >= 1.21",
+                        target, obj.get("kind"), (obj.get("metadata") or {}).get("name"))
+            continue
+        objects.append(obj)
+    return objects
 
 
 def _key(obj: dict[str, Any]) -> tuple[str, str]:
@@ -337,17 +360,35 @@ def _generated(objects: list[dict[str, Any]], prefix: str) -> dict[str, Any] | N
     return None
 
 
-def settings_from_objects(objects: list[dict[str, Any]]) -> Settings:
-    """The settings the driftloop pods of this build load: config file + DRIFTLOOP_* env."""
+def _config_file(objects: list[dict[str, Any]]) -> tuple[str, str]:
+    """(key, text) of the configuration file in the ConfigMap driftloop-config: ``config.yaml`` (one model)
+    or ``fleet.yaml`` (a fleet)."""
     config = _generated(objects, "driftloop-config")
-    if config is None or "config.yaml" not in (config.get("data") or {}):
-        raise InfraCheckError("ConfigMap driftloop-config with key config.yaml is missing")
+    data = (config or {}).get("data") or {}
+    for key in CONFIG_KEYS:
+        if key in data:
+            return key, str(data[key])
+    raise InfraCheckError(f"ConfigMap driftloop-config with key {' or '.join(CONFIG_KEYS)} is missing")
+
+
+def _environ(objects: list[dict[str, Any]]) -> dict[str, str]:
     env_map = _generated(objects, "driftloop-env")
-    environ = {k: str(v) for k, v in ((env_map or {}).get("data") or {}).items()}
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "config.yaml"
-        path.write_text(config["data"]["config.yaml"])
-        return load_settings(path, environ=environ)
+    return {k: str(v) for k, v in ((env_map or {}).get("data") or {}).items()}
+
+
+def fleet_from_objects(objects: list[dict[str, Any]]) -> Fleet:
+    """The fleet the driftloop pods of this build load (a one-model file: a fleet of one): file + DRIFTLOOP_* env."""
+    key, text = _config_file(objects)
+    return fleet_from_text(key, text, _environ(objects))
+
+
+def settings_from_objects(objects: list[dict[str, Any]]) -> Settings:
+    """The settings the driftloop pods of a one-model build load: config file + DRIFTLOOP_* env."""
+    fleet = fleet_from_objects(objects)
+    if not fleet.single:
+        raise InfraCheckError(f"ConfigMap driftloop-config holds a fleet of {len(fleet.models)} models "
+                              f"({', '.join(fleet.names)}): read it with fleet_from_objects")
+    return fleet.models[0].settings
 
 
 def _containers(obj: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
@@ -367,9 +408,13 @@ def _shared_with_python(objects: list[dict[str, Any]], where) -> list[Problem]: 
     config = _generated(objects, "driftloop-config")
     if config is not None:
         try:
-            settings_from_objects(objects)
+            key = _config_file(objects)[0]
+            fleet = fleet_from_objects(objects)
         except (ConfigError, InfraCheckError) as exc:
             problems.append(Problem(where(config), f"driftloop configuration does not load: {exc}"))
+        else:
+            problems += [Problem(where(config), f"{key}: {m}") for m in model_problems(fleet, objects)]
+        problems += _config_paths(objects, config, where)
     for obj in objects:
         for path, c in _containers(obj):
             image = str(c.get("image", ""))
@@ -381,6 +426,26 @@ def _shared_with_python(objects: list[dict[str, Any]], where) -> list[Problem]: 
                 problems.append(Problem(where(obj), f"field {path}.image: missing (a patch may have lost its target container)"))
         if obj.get("kind") == "Secret" and (obj.get("data") or obj.get("stringData")):
             problems.append(Problem(where(obj), "a Secret with values is committed; reference Secrets created with kubectl"))
+    return problems
+
+
+def _config_paths(objects: list[dict[str, Any]], config: dict[str, Any], where) -> list[Problem]:  # noqa: ANN001
+    """Every container's ``DRIFTLOOP_CONFIG`` names a file of the driftloop-config ConfigMap mounted at its folder."""
+    name, keys = config["metadata"]["name"], sorted((config.get("data") or {}))
+    problems = []
+    for obj in objects:
+        pod = ((obj.get("spec") or {}).get("template") or {}).get("spec") or {}
+        maps = {v.get("name"): (v.get("configMap") or {}).get("name") for v in pod.get("volumes") or []}
+        for path, c in _containers(obj):
+            value = next((e.get("value") for e in c.get("env") or [] if e.get("name") == "DRIFTLOOP_CONFIG"), None)
+            if not value:
+                continue
+            folder, _, file = str(value).rpartition("/")
+            mounted = [maps.get(m.get("name")) for m in c.get("volumeMounts") or []
+                       if str(m.get("mountPath", "")).rstrip("/") == folder]
+            if name in mounted and file not in keys:
+                problems.append(Problem(where(obj), f"field {path}.env DRIFTLOOP_CONFIG: {value} is not a file of "
+                                                    f"ConfigMap {name} mounted at {folder} (it holds {', '.join(keys)})"))
     return problems
 
 

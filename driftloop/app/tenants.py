@@ -53,6 +53,7 @@ __all__ = [
     "GPU",
     "QUEUE_LABEL",
     "PLATFORM_NAMESPACES",
+    "DEPLOYER_VERBS",
     "RESERVED_NAMES",
     "tenants_dir",
     "load_pool",
@@ -78,6 +79,9 @@ NAME_LABEL = "kubernetes.io/metadata.name"  # set by Kubernetes on every namespa
 # Namespaces a tenant's pods accept traffic from besides their own: Knative's activator and
 # Istio's ingress gateway (requests to the model servers), Prometheus and Alertmanager.
 PLATFORM_NAMESPACES = ("istio-system", "knative-serving", "monitoring")
+# What a team's deployer may do with InferenceServices in its namespace: create its first model, read,
+# watch and replace it (KServeClient: get, then create or replace; patches for the canary); never delete one.
+DEPLOYER_VERBS = ("get", "list", "watch", "create", "update", "patch")
 # Names a tenant cannot take: platform namespaces, the single-loop namespace, the shared folder.
 RESERVED_NAMES = frozenset({
     "shared", "default", "driftloop", "kubeflow", "kueue-system", "kserve", "cert-manager", "mlflow",
@@ -276,8 +280,9 @@ def _rbac_docs(t: Tenant) -> list[dict[str, Any]]:
         *_role(t, "driftloop-pipeline-executor",
                [{"apiGroups": ["argoproj.io"], "resources": ["workflowtaskresults"], "verbs": ["create", "patch"]}],
                "driftloop-pipeline"),
-        # deployer: the deploy step (a pipeline step) puts the canary on the tenant's InferenceService
-        *_role(t, "driftloop-pipeline-deploy", [{**isvc, "verbs": ["get", "update", "patch"]}], "driftloop-pipeline"),
+        # deployer: the deploy step (a pipeline step) puts the canary on the tenant's InferenceService, and the
+        # team's models are created in its namespace (`driftloop deploy --apply`: get, then create or replace)
+        *_role(t, "driftloop-pipeline-deploy", [{**isvc, "verbs": list(DEPLOYER_VERBS)}], "driftloop-pipeline"),
         # distributed train step (model.distributed.workers > 1): a Kubeflow Trainer TrainJob in the tenant's
         # namespace (queued like the train step's pod), its nodes' logs, deleted on timeout; as infra/base
         *_role(t, "driftloop-pipeline-trainer", [
