@@ -8,7 +8,9 @@ model's app mounted under its ``monitor.base_path`` (``/models/<name>``): the ga
 reports, metrics, openapi, the Alertmanager webhook) live there. Beside them, the fleet's routes:
 
 * ``GET /models`` — every model's state: the last drift verdict, open alerts, the last check's time,
-  "waiting for a champion" for a model not trained yet, the error of a check that fails;
+  "waiting for a champion" for a model not trained yet, the error of a check that fails; and what
+  ``driftloop status`` shows of it (open alerts, last retrain, last drift and quality verdicts), in the
+  shape the status row has (:mod:`monitoring.model_summary`);
 * ``GET /healthz``; ``GET /readyz`` (200 while at least one model's store answers, every model's
   readiness in the body; 503 when none does);
 * ``GET /metrics`` — one scrape for the process: every model's series with a ``model`` label
@@ -47,9 +49,9 @@ from starlette.responses import Response
 from starlette.routing import Mount, Route
 
 from driftloop.core.errors import DriftloopError
-from monitoring.alerts import ATTENTION
 from monitoring.loglines import LoopLines
 from monitoring.metrics import CONTENT_TYPE_LATEST, ModelLabelled
+from monitoring.model_summary import alerts_summary, verdicts_summary
 from monitoring.openapi import monitor_openapi
 from monitoring.reference import NoChampionError
 from monitoring.service import MonitorService, mounted_app, serve_until_stopped
@@ -229,7 +231,11 @@ class FleetMonitor:
 
     # -- fleet routes ---------------------------------------------------------------------------------------
     def model_state(self, name: str) -> dict[str, Any]:
-        """What ``GET /models`` says of one model: its drift verdict, open alerts, last check, error."""
+        """What ``GET /models`` says of one model: its state (the last check's verdict, or why there is none), its
+        open alerts and last retrain (``open_alerts``, ``open``, ``last_retrain``) and its last drift and quality
+        verdicts from its history (``drift``, ``quality``), in the shape ``driftloop status`` builds them from a
+        workspace (:mod:`monitoring.model_summary`); a part that cannot be read is ``alerts_error`` /
+        ``history_error``. Cheap enough to poll: the store's indexed queries and the newest snapshots only."""
         model = self.models[name]
         settings = model.settings
         row: dict[str, Any] = {"name": name, "team": model.team, "path": settings.monitor.base_path,
@@ -238,18 +244,21 @@ class FleetMonitor:
         if service is None:
             return {**row, "state": "unavailable", "error": self.broken[name]}
         outcome = service.last_outcome or {}
-        result = outcome.get("result") or {}
-        row["drift"] = {"verdict": outcome.get("verdict"), "share": result.get("share"),
-                        "champion": outcome.get("champion"), "checked_at": outcome.get("checked_at")} \
-            if outcome else None
         row["last_check"] = service.last_round
         row["overrun_rounds"] = self.checks.overrun.get(name, 0)
+        row.update(open_alerts=0, open=[], last_retrain=None, drift=None, quality=None)
         try:
-            row["open_alerts"] = len(service.alerts.open_episodes(settings.mlflow.model_name)) + \
-                len(service.alerts.unresolved(ATTENTION))
+            row.update(alerts_summary(service.alerts, settings.mlflow.model_name))
         except Exception as exc:  # noqa: BLE001 - a damaged alert store is named in the row
             row["open_alerts"] = None
             row["alerts_error"] = f"{type(exc).__name__}: {exc}"
+        try:
+            row.update(verdicts_summary(service.history.workspace, settings.mlflow.model_name))
+        except Exception as exc:  # noqa: BLE001 - an unreadable history is named in the row
+            row["history_error"] = f"{type(exc).__name__}: {exc}"
+        if row["drift"] is not None:  # the check the verdict is of
+            row["drift"].update(champion=f"{settings.mlflow.model_name} v{row['drift']['version']}",
+                                checked_at=row["drift"]["time"])
         error = service.last_errors.get("drift") or next(iter(service.last_errors.values()), None)
         if isinstance(service.last_errors.get("drift"), NoChampionError):
             row["state"], row["error"] = WAITING, None
@@ -333,7 +342,9 @@ def fleet_openapi(names: list[str], *, events_auth: str = "token") -> dict[str, 
             for method, op in ops.items()}
     ok = {"200": {"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}}}
     paths["/models"] = {"get": {"summary": "Every model's state: last drift verdict, open alerts, last check, "
-                                           "waiting for a champion or the error of a failing check", "responses": ok}}
+                                           "waiting for a champion or the error of a failing check; its open "
+                                           "alerts, last retrain and last drift and quality verdicts as driftloop "
+                                           "status shows them", "responses": ok}}
     paths["/healthz"] = {"get": {"summary": "The process answers", "responses": ok}}
     paths["/readyz"] = {"get": {"summary": "Each model's store readiness (503 when no model is ready)",
                                 "responses": {**ok, "503": {"description": "no model's store answers"}}}}

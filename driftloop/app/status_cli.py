@@ -15,8 +15,10 @@ import datetime as dt
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Any, Optional
 
 import typer
@@ -24,14 +26,21 @@ from rich import box
 from rich.markup import escape
 from rich.table import Table
 
+from driftloop.app.status_monitor import monitor_fields
 from driftloop.app.status_serving import TIMEOUT_S, serving_cell, serving_view
 from driftloop.core.config import Settings
 from driftloop.core.console import ConfigOpt, ParamOpt
+from driftloop.core.errors import ConfigError
 from driftloop.core.fleet import FleetModel
+from monitoring.model_summary import alerts_summary, iso, verdicts_summary
 
-__all__ = ["attention", "model_row", "register", "status_cmd", "status_rows", "status_table", "status_view"]
+__all__ = ["attention", "model_row", "register", "status_cmd", "status_read", "status_rows", "status_table",
+           "status_view"]
 
 log = logging.getLogger(__name__)
+
+#: what ``--monitor-url`` must look like (as ``monitor.url``)
+MONITOR_URL = r"^https?://[^\s/]+"
 
 # ranks of what a row needs, most urgent first (the view is sorted by them)
 UNREADABLE, ALERTS, ROLLED_BACK, DEGRADED, DRIFT, CANARY, OK, UNTRAINED = range(8)
@@ -66,75 +75,63 @@ def _rollout_part(settings: Settings, row: dict[str, Any]) -> None:
     if state is not None:
         row["rollout"] = {"status": state.status, "canary_version": state.canary_version,
                           "primary_version": state.primary_version, "weight": state.weight,
-                          "reason": state.reason, "updated": _iso(state.updated_at)}
+                          "reason": state.reason, "updated": iso(state.updated_at)}
 
 
 def _alerts_part(settings: Settings, row: dict[str, Any]) -> None:
     """Open alerts (open drift and quality episodes, unresolved needs-attention) and the last retrain."""
-    from monitoring.alerts import ATTENTION, STARTED, AlertStore, alerts_path
+    from monitoring.alerts import AlertStore, alerts_path
 
     if not alerts_path(settings).exists():
         return
     store = AlertStore.from_settings(settings)
     try:
-        episodes = store.open_episodes(settings.mlflow.model_name)
-        attention = store.unresolved(ATTENTION)
-        started = [a for a in store.recent(200) if a.get("decision") == STARTED]
+        row.update(alerts_summary(store, settings.mlflow.model_name))
     finally:
         store.close()
-    row["open_alerts"] = len(episodes) + len(attention)
-    row["open"] = [f"{e.kind} episode since {_iso(e.opened)} ({e.failing} windows)" for e in episodes] + \
-                  [f"needs attention: {a.get('reason') or a['id']}" for a in attention]
-    if started:
-        last = started[0]
-        row["last_retrain"] = {"alert": last["id"], "started": _iso(last.get("started")),
-                               "run": last.get("pipeline_run_id") or last.get("request_id"),
-                               "outcome": last.get("outcome") or _run_state(last)}
-
-
-def _run_state(alert: dict[str, Any]) -> str:
-    state = (alert.get("run_state") or "").lower()
-    return {"failed": "failed", "": "running"}.get(state, state if alert.get("finished") else "running")
 
 
 def _history_part(settings: Settings, row: dict[str, Any]) -> None:
-    """The last drift and quality verdicts the monitor recorded."""
+    """The last drift and quality verdicts the monitor recorded (the newest records, not the whole history)."""
     from driftloop.core.history import SECRET_ENV, HistoryWorkspace, history_target
 
     target = history_target(settings)
     workspace = HistoryWorkspace(target, secret=os.environ.get(SECRET_ENV))
     if not (workspace.remote or os.path.isdir(target)):
         return
-    for record in workspace.records(settings.mlflow.model_name):
-        if record.get("kind") == "drift":
-            row["drift"] = {"verdict": record.get("verdict"), "share": record.get("share"), "time": record["time"]}
-        elif record.get("kind") == "quality" and record.get("verdict") in ("ok", "degraded"):
-            metrics = record.get("metrics") or []
-            row["quality"] = {"verdict": record["verdict"], "time": record["time"],
-                              "degraded": list(record.get("degraded") or [m["metric"] for m in metrics
-                                                                         if m.get("degraded")]),
-                              "metrics": metrics, "estimated": record.get("estimated")}
+    row.update(verdicts_summary(workspace, settings.mlflow.model_name))
 
 
 #: what each part of a row reads: (name in the row's errors, reader)
 PARTS: tuple[tuple[str, Callable[[Settings, dict[str, Any]], None]], ...] = (
     ("registry", _registry_part), ("rollout", _rollout_part), ("alerts", _alerts_part), ("history", _history_part))
+#: the parts a monitor's API answers where a monitor URL is set (driftloop.app.status_monitor)
+MONITOR_PARTS = ("alerts", "history")
 
 
-def model_row(model: FleetModel, serving: dict[str, Any] | None = None) -> dict[str, Any]:
+def model_row(model: FleetModel, serving: dict[str, Any] | None = None,
+              monitor: dict[str, Any] | None = None) -> dict[str, Any]:
     """One model's row; a part that cannot be read is named in ``errors``, the others are still read.
 
-    ``serving``: the model's serving fields (:func:`driftloop.app.status_serving.serving_view`)."""
+    ``serving``: the model's serving fields (:func:`driftloop.app.status_serving.serving_view`); ``monitor``: its
+    monitor fields read from a monitor's API (:func:`driftloop.app.status_monitor.monitor_fields`), which then
+    stand for the alerts and history parts."""
     s = model.settings
     row: dict[str, Any] = {"model": model.name, "team": model.team, "workspace": str(s.workspace_dir),
                            "champion": None, "rollout": None, "drift": None, "quality": None, "open_alerts": 0,
                            "open": [], "last_retrain": None, "newest_version": None, "errors": [],
                            "replicas": None, "error_rate": None, "p99_ms": None, "serving_error": None,
-                           **(serving or {})}
+                           "monitor_url": None, "monitor_error": None, **(serving or {})}
+    if monitor is not None:
+        fields = dict(monitor)
+        row["errors"].extend(fields.pop("part_errors", []))
+        row.update(fields)
     if s.workspace_dir.exists() and not s.workspace_dir.is_dir():
         row["errors"].append(f"workspace: {s.workspace_dir} is not a folder")
     elif s.workspace_dir.is_dir():  # (no workspace yet: not trained)
         for name, read in PARTS:
+            if monitor is not None and name in MONITOR_PARTS:
+                continue
             try:
                 read(s, row)
             except Exception as exc:  # noqa: BLE001 - one unreadable part must not hide the rest
@@ -148,9 +145,9 @@ def model_row(model: FleetModel, serving: dict[str, Any] | None = None) -> dict[
 def attention(row: dict[str, Any]) -> tuple[int, str]:
     """(rank, reason): what the row needs, most urgent first."""
     rollout, retrain = row.get("rollout") or {}, row.get("last_retrain") or {}
-    if row["errors"] or row.get("serving_error"):
+    if row["errors"] or row.get("serving_error") or row.get("monitor_error"):
         return UNREADABLE, "; ".join((["unreadable: " + "; ".join(row["errors"])] if row["errors"] else []) +
-                                     ([row["serving_error"]] if row.get("serving_error") else []))
+                                     [row[k] for k in ("monitor_error", "serving_error") if row.get(k)])
     if row["open_alerts"]:
         return ALERTS, f"{row['open_alerts']} open alert" + ("s" if row["open_alerts"] > 1 else "")
     if rollout.get("status") == "rolled_back" or retrain.get("outcome") in ("rolled_back", "failed"):
@@ -166,29 +163,37 @@ def attention(row: dict[str, Any]) -> tuple[int, str]:
     return OK, "ok"
 
 
-def status_view(models: list[FleetModel], *, timeout: float = TIMEOUT_S
+def status_read(models: list[FleetModel], *, timeout: float = TIMEOUT_S, monitor_url: str | None = None
+                ) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """(every model's row, what needs attention first (then by name); ``{context: {"reachable", "error"}}``
+    of the clusters the models are served on; ``{url: {"reachable", "error"}}`` of the monitors read, where a
+    monitor URL is set: ``monitor_url`` (``--monitor-url``), else each model's ``monitor.url``)."""
+    with ThreadPoolExecutor(max_workers=1) as pool:  # the monitors beside the clusters and gateways
+        monitor_read = pool.submit(monitor_fields, models, override=monitor_url, timeout=timeout)
+        serving, clusters = serving_view(models, timeout=timeout)
+        monitor, monitors = monitor_read.result()
+    rows = sorted((model_row(m, serving.get(m.name), monitor.get(m.name)) for m in models),
+                  key=lambda r: (r["attention"]["rank"], r["model"]))
+    return rows, clusters, monitors
+
+
+def status_view(models: list[FleetModel], *, timeout: float = TIMEOUT_S, monitor_url: str | None = None
                 ) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
     """(every model's row, what needs attention first (then by name); ``{context: {"reachable", "error"}}``
-    of the clusters the models are served on)."""
-    serving, clusters = serving_view(models, timeout=timeout)
-    rows = sorted((model_row(m, serving.get(m.name)) for m in models),
-                  key=lambda r: (r["attention"]["rank"], r["model"]))
-    return rows, clusters
+    of the clusters the models are served on) -- :func:`status_read` without the monitors."""
+    return status_read(models, timeout=timeout, monitor_url=monitor_url)[:2]
 
 
-def status_rows(models: list[FleetModel], *, timeout: float = TIMEOUT_S) -> list[dict[str, Any]]:
+def status_rows(models: list[FleetModel], *, timeout: float = TIMEOUT_S,
+                monitor_url: str | None = None) -> list[dict[str, Any]]:
     """Every model's row, what needs attention first (then by name)."""
-    return status_view(models, timeout=timeout)[0]
+    return status_view(models, timeout=timeout, monitor_url=monitor_url)[0]
 
 
-def _iso(ts: float | None) -> str | None:
-    return None if ts is None else dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="seconds")
-
-
-def _ago(iso: str | None, now: float) -> str:
-    if not iso:
+def _ago(when: str | None, now: float) -> str:
+    if not when:
         return ""
-    seconds = max(0.0, now - dt.datetime.fromisoformat(iso).timestamp())
+    seconds = max(0.0, now - dt.datetime.fromisoformat(when).timestamp())
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size:
             return f"{seconds / size:.0f}{unit} ago"
@@ -281,8 +286,12 @@ def status_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON document (every field) for scripts.")] = False,
     watch: Annotated[bool, typer.Option("--watch", help="Redraw every --interval seconds until Ctrl-C.")] = False,
     interval: Annotated[float, typer.Option(min=0.5, help="Seconds between redraws with --watch.")] = 5.0,
-    timeout: Annotated[float, typer.Option(min=0.1, help="Seconds a cluster, a gateway or Prometheus may take "
-                                                         "to answer one read.")] = TIMEOUT_S,
+    timeout: Annotated[float, typer.Option(min=0.1, help="Seconds a cluster, a gateway, Prometheus or the monitor "
+                                                         "may take to answer one read.")] = TIMEOUT_S,
+    monitor_url: Annotated[Optional[str], typer.Option(
+        "--monitor-url", help="Read alerts, last retrain, drift and quality from the fleet monitor's GET /models at "
+                              "this URL (e.g. http://127.0.0.1:8090 through kubectl port-forward) instead of the "
+                              "local workspaces; default: monitor.url.")] = None,
 ) -> None:
     """One row per model: team, champion and canary, replicas, error rate and p99, drift, quality, open alerts,
     last retrain -- what needs attention first (open alerts, rolled back, degraded). A model whose workspace
@@ -294,12 +303,15 @@ def status_cmd(
 
     fleet = fleet_from(config, params)
     models = fleet.select(model)
+    if monitor_url is not None and not re.match(MONITOR_URL, monitor_url):
+        raise ConfigError(f"--monitor-url {monitor_url!r}: expected an http:// or https:// URL, e.g. "
+                          "http://127.0.0.1:8090")
 
     def render() -> Any:  # noqa: ANN401 (a rich renderable or a JSON line)
-        rows, clusters = status_view(models, timeout=timeout)
+        rows, clusters, monitors = status_read(models, timeout=timeout, monitor_url=monitor_url)
         if as_json:
             return json.dumps({"source": str(fleet.source) if fleet.source else None, "clusters": clusters,
-                               "models": rows}, default=str)
+                               "monitors": monitors, "models": rows}, default=str)
         return status_table(rows)
 
     if not watch:

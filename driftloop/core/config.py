@@ -424,6 +424,11 @@ class MonitorConfig(_Section):
     history_url: str | None = Field(None, pattern=r"^https?://", description=(
         "Evidently UI service that stores every check as a snapshot (writes carry DRIFTLOOP_EVIDENTLY_SECRET); "
         "unset: the Evidently workspace <workspace>/evidently (docs/monitoring.md, \"History\")"))
+    url: str | None = Field(None, pattern=r"^https?://[^\s/]+", description=(
+        "where clients reach the monitor (a fleet's one monitor: its GET /models), e.g. http://127.0.0.1:8090 "
+        "through kubectl port-forward or the monitor Service's URL in a pod; driftloop status reads each model's "
+        "alerts, last retrain, drift and quality from it instead of the local workspace. Unset: the local "
+        "workspaces (docs/fleet.md, \"The view\"). Env DRIFTLOOP_MONITOR__URL"))
     quality: QualityConfig = QualityConfig()
 
 

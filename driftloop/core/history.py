@@ -32,11 +32,14 @@ import fcntl
 import json
 import logging
 import threading
-from collections.abc import Iterator
+import time
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from driftloop.core.errors import DriftloopError
+from driftloop.core.files import atomic_write, private_dir
 from driftloop.core.history_snapshots import LIST_KEYS, dashboard_panels, record_snapshot
 
 if TYPE_CHECKING:
@@ -48,6 +51,8 @@ __all__ = ["HISTORY_DIR", "SECRET_ENV", "HistoryError", "HistoryWorkspace", "his
 log = logging.getLogger(__name__)
 
 HISTORY_DIR = "evidently"
+#: beside the projects of a history folder: each model's newest snapshot of each kind (HistoryWorkspace.latest)
+INDEX_DIR = ".driftloop-latest"
 SECRET_ENV = "DRIFTLOOP_EVIDENTLY_SECRET"
 _NUMBERS = ("rows", "share", "drift_share")
 
@@ -106,6 +111,8 @@ class HistoryWorkspace:
         self._workspace: Any = None
         self._projects: dict[str, Any] = {}
         self._lock = threading.Lock()
+        self._read: dict[str, dict[str, dict[str, Any]]] = {}  # snapshots read by latest(): id -> record, per model
+        self._reading = threading.Lock()
 
     @property
     def remote(self) -> bool:
@@ -119,8 +126,6 @@ class HistoryWorkspace:
                 self._workspace = RemoteWorkspace(self.target.rstrip("/"), secret=self.secret)
             else:
                 from evidently.ui.workspace import Workspace
-
-                from driftloop.core.files import private_dir
 
                 self._workspace = Workspace(str(private_dir(Path(self.target))))
         return self._workspace
@@ -179,11 +184,36 @@ class HistoryWorkspace:
         try:
             project = self.project_id(record["model"], quality_metrics=quality_metrics)
             ref = self._open().add_run(project, Snapshot.load_model(record_snapshot(record)))
+            if not self.remote:
+                self._index(record, str(ref.id))
         except DriftloopError:
             raise
         except Exception as exc:  # noqa: BLE001 - the folder, the service or Evidently: one line that says where
             raise HistoryError(f"cannot write to the Evidently workspace {self.target}: {_one_line(exc)}") from exc
         return str(ref.id)
+
+    def _index_path(self, model: str) -> Path:
+        return Path(self.target) / INDEX_DIR / f"{model}.json"
+
+    def _index(self, record: dict[str, Any], snapshot_id: str) -> None:
+        """Note the snapshot as its model's newest of its kind (by the record's time) in the folder's index, which
+        :meth:`latest` reads instead of the snapshots; an index made with the project's first snapshot is
+        ``complete`` (a kind it does not name has no record)."""
+        path = self._index_path(record["model"])
+        with self._exclusive():
+            index = _read_index(path)
+            if index is None:
+                project = self.project_id(record["model"], create=False)
+                index = {"complete": len(self._open().list_runs(project)) == 1, "newest": {}}
+            newest = index["newest"].get(record["kind"])
+            if newest is None or record["time"] >= newest.get("time", ""):
+                index["newest"][record["kind"]] = {"id": snapshot_id, "time": record["time"]}
+                try:
+                    private_dir(path.parent)
+                    atomic_write(path, json.dumps(index, sort_keys=True))
+                except OSError:
+                    path.unlink(missing_ok=True)  # no index rather than a stale one: latest() reads the snapshots
+                    raise
 
     # -- reading -------------------------------------------------------------------------------
     def models(self) -> list[str]:
@@ -211,6 +241,101 @@ class HistoryWorkspace:
                 continue
             out.append(_from_metadata(metadata, when))
         return sorted(out, key=lambda r: r["time"])
+
+    def latest(self, model: str, kinds: tuple[str, ...] = ("drift", "quality"), *,
+               accept: Callable[[dict[str, Any]], bool] | None = None) -> dict[str, dict[str, Any]]:
+        """The newest record of each of ``kinds`` (of those ``accept`` takes), as :meth:`records` would end with
+        them, without reading the whole history: ``{kind: record}``, a kind without a record left out.
+
+        Local folder: :meth:`add` notes each model's newest snapshot of each kind in an index beside the projects
+        (``<folder>/.driftloop-latest/<model>.json``), so a kind it names is one snapshot read. A kind it does not
+        name (a history written before the index, a snapshot deleted, a newest record ``accept`` refuses) is found
+        by reading the snapshots newest written first: their ids are UUIDv7 (Evidently's ``new_id``, the time each
+        was written to the millisecond), and the reading stops at the first one written before the newest record
+        found of each kind (a record is written after what it records, so an older snapshot cannot hold a newer
+        one); a kind with no record at all is looked for through the whole history. Each snapshot read is kept, so
+        the next call reads only what was written since (the fleet monitor's ``GET /models`` is polled). An
+        Evidently UI service: its listing of the project's snapshot metadata (one call, no snapshot bodies), as
+        :meth:`records` reads it."""
+        def wanted(record: dict[str, Any]) -> bool:
+            return record.get("kind") in kinds and (accept is None or accept(record))
+
+        if self.remote:
+            found = {r["kind"]: r for r in self.records(model) if wanted(r)}
+        else:
+            try:
+                with self._reading:
+                    found = self._latest_local(model, kinds, wanted)
+            except DriftloopError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - translated at the boundary
+                raise HistoryError(f"cannot read the Evidently workspace {self.target}: {_one_line(exc)}") from exc
+        return {kind: dict(found[kind]) for kind in kinds if kind in found}
+
+    def _latest_local(self, model: str, kinds: tuple[str, ...],
+                      wanted: Callable[[dict[str, Any]], bool]) -> dict[str, dict[str, Any]]:
+        project = self.project_id(model, create=False)
+        if project is None:
+            return {}
+        ws = self._open()
+        read = self._read.setdefault(model, {})
+        index = _read_index(self._index_path(model)) or {"complete": False, "newest": {}}
+        indexed: dict[str, dict[str, Any]] = {}
+        settled = 0  # kinds the index answers: its newest record, or none at all (a complete index)
+        for kind in kinds:
+            entry = index["newest"].get(kind)
+            if entry is None:
+                settled += index["complete"]
+                continue
+            record = read.get(entry["id"])
+            if record is None:
+                record = read[entry["id"]] = self._read_snapshot(ws, project, entry["id"])
+            if record and wanted(record):
+                indexed[kind] = record
+                settled += 1
+        if settled == len(kinds):
+            keep = {e["id"] for e in index["newest"].values()}
+            for old in set(read) - keep:  # what the next call may need: the indexed snapshots
+                del read[old]
+            return indexed
+        ids = [str(i) for i in ws.list_runs(project)]
+        written = {i: _written_at(i) for i in ids}
+        ids.sort(key=lambda i: written[i] or 0.0, reverse=True)
+        ordered = all(written.values())  # every id a UUIDv7: else the whole history is read
+        for gone in set(read) - set(ids):
+            del read[gone]
+        found: dict[str, tuple[str, float, dict[str, Any]]] = {}  # kind -> (time, written, record)
+        for snapshot_id in ids:
+            if ordered and len(found) == len(kinds) and \
+                    written[snapshot_id] < min(_epoch(t) for t, _, _ in found.values()):  # type: ignore[operator]
+                break
+            record = read.get(snapshot_id)
+            if record is None:
+                record = read[snapshot_id] = self._read_snapshot(ws, project, snapshot_id)
+            if record and wanted(record):
+                key = (record["time"], written[snapshot_id] or 0.0)
+                best = found.get(record["kind"])
+                if best is None or key > best[:2]:
+                    found[record["kind"]] = (*key, record)
+        return {kind: record for kind, (_, _, record) in found.items()}
+
+    @staticmethod
+    def _read_snapshot(ws: Any, project: Any, snapshot_id: str) -> dict[str, Any]:
+        """One snapshot's record ({} when it is gone); a snapshot being written as it is read is read again."""
+        for attempt in range(3):
+            try:
+                snap = ws.get_run(project, snapshot_id)
+                break
+            except FileNotFoundError:
+                return {}
+            except Exception:  # noqa: BLE001 - a half-written file (the monitor's writer): once more, then raise
+                if attempt == 2:
+                    raise
+                time.sleep(0.05)
+        if snap is None:
+            return {}
+        when = snap.timestamp if snap.timestamp.tzinfo else snap.timestamp.replace(tzinfo=dt.UTC)
+        return _from_metadata(dict(snap.metadata), when)
 
     def _local_entries(self, project: Any) -> list[tuple[dt.datetime, dict[str, Any]]]:
         ws = self._open()
@@ -246,6 +371,31 @@ def _from_metadata(metadata: dict[str, Any], when: dt.datetime) -> dict[str, Any
             with contextlib.suppress(TypeError, ValueError):
                 record[key] = float(record[key]) if key != "rows" else int(float(record[key]))
     return record
+
+
+def _read_index(path: Path) -> dict[str, Any] | None:
+    """A model's index: ``{"complete": bool, "newest": {kind: {"id", "time"}}}``; None when there is none, or
+    it cannot be read."""
+    try:
+        index = json.loads(path.read_text())
+        newest = {k: v for k, v in index["newest"].items() if isinstance(v, dict) and isinstance(v.get("id"), str)}
+        return {"complete": index.get("complete") is True, "newest": newest}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def _written_at(snapshot_id: str) -> float | None:
+    """When a snapshot was written (unix seconds), from its UUIDv7 id; None for an id of another version."""
+    try:
+        value = uuid.UUID(snapshot_id)
+    except ValueError:
+        return None
+    return (value.int >> 80) / 1000.0 if value.version == 7 else None
+
+
+def _epoch(iso: str) -> float:
+    when = dt.datetime.fromisoformat(iso)
+    return (when if when.tzinfo else when.replace(tzinfo=dt.UTC)).timestamp()
 
 
 def _one_line(exc: BaseException) -> str:
