@@ -83,6 +83,25 @@ def trained(tmp_path_factory, scenario_path):
 _LONG_FIRST = ("test_real_data_loop.py", "test_e2e_loop.py")
 
 
+# Modules that share a costly session fixture run in one test process, so it is built once: a real MLflow server
+# on S3 with a champion trained through it (tests/servers.py `tracking`, ~55 s of a core; built once per process
+# that needs it). `make test` runs `--dist loadfile`: every other module is a unit of its own, as loadfile makes it.
+_SHARED_UNITS = {"test_real_mlflow.py": "tracking", "test_real_s3.py": "tracking", "test_real_alerting.py": "tracking"}
+
+
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class SharedFixtureScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            scope = super()._split_scope(nodeid)
+            return _SHARED_UNITS.get(scope.rsplit("/", 1)[-1], scope)
+
+    return SharedFixtureScheduling(config, log)
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(_LONG_FIRST)}
