@@ -199,9 +199,14 @@ def test_drift_fires_through_prometheus_and_alertmanager_and_starts_one_run(tmp_
             refused = 'driftloop_monitor_events_rejected_total{reason="webhook_unauthorized"}'
             wait_until(lambda: _metric(monitor.url, refused) >= 3, timeout=60,
                        what="three refused deliveries from Alertmanager", log=am.log)
-            failed = _metric(am.url, 'alertmanager_notifications_failed_total{integration="webhook"}')
-            sent = _metric(am.url, 'alertmanager_notifications_total{integration="webhook"}')
-            assert failed >= 3 and failed == sent  # every attempt refused (401), none accepted
+
+            def attempts() -> tuple[float, float]:
+                return (_metric(am.url, 'alertmanager_notifications_failed_total{integration="webhook"}'),
+                        _metric(am.url, 'alertmanager_notifications_total{integration="webhook"}'))
+
+            # every attempt refused (401), none accepted; a delivery in flight is counted as sent before it fails
+            wait_until(lambda: (lambda failed, sent: failed >= 3 and failed == sent)(*attempts()), timeout=30,
+                       what="every delivery counted as failed (failed == sent)", log=am.log)
             assert not [a for a in service.alerts.recent(50) if a["source"] == "alertmanager"]
             # Meanwhile the monitor's own alert for the drifted window started the run.
             own = wait_until(lambda: [a for a in service.alerts.recent(50) if a["source"] == "drift" and a["decision"]],
