@@ -11,6 +11,10 @@ reports, metrics, openapi, the Alertmanager webhook) live there. Beside them, th
   "waiting for a champion" for a model not trained yet, the error of a check that fails; and what
   ``driftloop status`` shows of it (open alerts, last retrain, last drift and quality verdicts), in the
   shape the status row has (:mod:`monitoring.model_summary`);
+* ``POST /alerts/alertmanager`` — Alertmanager's webhook for the whole fleet: each firing alert goes, by
+  its ``model`` label, to that model's own ``POST /models/<name>/alerts/alertmanager`` (its guardrails,
+  decisions and alert store); an alert without the label, or naming no model of the fleet, refuses the
+  delivery with one line naming it, before any model sees it;
 * ``GET /healthz``; ``GET /readyz`` (200 while at least one model's store answers, every model's
   readiness in the body; 503 when none does);
 * ``GET /metrics`` — one scrape for the process: every model's series with a ``model`` label
@@ -35,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import logging
+import os
 import sys
 import threading
 import time
@@ -42,6 +47,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
+import httpx
 import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.requests import Request
@@ -54,7 +60,8 @@ from monitoring.metrics import CONTENT_TYPE_LATEST, ModelLabelled
 from monitoring.model_summary import alerts_summary, verdicts_summary
 from monitoring.openapi import monitor_openapi
 from monitoring.reference import NoChampionError
-from monitoring.service import MonitorService, mounted_app, serve_until_stopped
+from monitoring.routes import webhook_refusal
+from monitoring.service import WEBHOOK_TOKEN_ENV, MonitorService, mounted_app, serve_until_stopped
 
 if TYPE_CHECKING:
     from driftloop.core.fleet import FleetModel
@@ -82,6 +89,13 @@ class _ModelLog(logging.LoggerAdapter):
                 msg = f"{msg}: {type(exc).__name__}: {exc}"
             kwargs["exc_info"] = False
         return f"model {self.extra['model']}: {msg}", kwargs
+
+
+class _Rejected:
+    """What :func:`monitoring.routes.webhook_refusal` counts its refusals on, for the fleet's own webhook."""
+
+    def __init__(self, counter: Counter) -> None:
+        self.events_rejected = counter
 
 
 class FleetChecks:
@@ -190,6 +204,8 @@ class FleetMonitor:
         self._models_gauge.labels(state="unavailable").set(len(self.broken))
         self._round_seconds = Histogram("driftloop_fleet_model_round_seconds", "Duration of one model's check "
                                         "round (drift, quality, follow-up) in the fleet's pool", registry=self._registry)
+        self._webhook_rejected = Counter("driftloop_fleet_webhook_rejected", "Alertmanager deliveries to the fleet's "
+                                         "webhook refused, by reason", ["reason"], registry=self._registry)
         self._unknown = Counter("driftloop_fleet_unknown_model_requests", "Requests to /models/<name> naming no "
                                 "model of the fleet", registry=self._registry)
         self._registry.register(ModelLabelled({n: s.metrics.registry for n, s in self.services.items()}))
@@ -297,6 +313,34 @@ class FleetMonitor:
         async def metrics(request: Request) -> Response:
             return Response(generate_latest(self._registry), media_type=CONTENT_TYPE_LATEST)
 
+        # the webhook token is the process's (DRIFTLOOP_WEBHOOK_TOKEN), as every model's own route reads it
+        refusal = webhook_refusal(os.environ.get(WEBHOOK_TOKEN_ENV) or None, _Rejected(self._webhook_rejected))
+
+        async def alertmanager(request: Request) -> Response:
+            if (refused := refusal(request, "webhook")) is not None:
+                return refused
+            try:
+                payload = orjson.loads(await request.body())
+                groups = self._alerts_by_model(payload)
+            except (orjson.JSONDecodeError, ValueError) as exc:
+                self._webhook_rejected.labels(reason="webhook_malformed").inc()
+                return _json(400, {"error": f"malformed Alertmanager payload for a fleet's monitor: {exc}"})
+            decisions: list[dict[str, Any]] = []
+            transport = httpx.ASGITransport(app=self)
+            async with httpx.AsyncClient(transport=transport, base_url="http://fleet") as client:
+                for name, alerts in groups.items():  # each model's own route: its guardrails, decisions and store
+                    answer = await client.post(f"{MODELS_PREFIX}{name}/alerts/alertmanager",
+                                               content=orjson.dumps({**payload, "alerts": alerts}),
+                                               headers={"authorization": request.headers.get("authorization", ""),
+                                                        "content-type": "application/json"})
+                    if answer.status_code != 200:
+                        decisions.append({"model": name, "error": answer.json().get("error", answer.text),
+                                          "status": answer.status_code})
+                        continue
+                    decisions += [{"model": name, **d} for d in answer.json()["decisions"]]
+            failed = [d for d in decisions if "error" in d]
+            return _json(200 if not failed else failed[0]["status"], {"decisions": decisions})
+
         auth = {s.settings.monitor.events_auth for s in self.services.values()}
         document = fleet_openapi(list(self.models), events_auth="network" if auth == {"network"} else "token")
 
@@ -304,8 +348,28 @@ class FleetMonitor:
             return _json(200, document)
 
         return [Route("/models", models, methods=["GET"]), Route("/healthz", healthz, methods=["GET"]),
+                Route("/alerts/alertmanager", alertmanager, methods=["POST"]),
                 Route("/readyz", readyz, methods=["GET"]), Route("/metrics", metrics, methods=["GET"]),
                 Route("/openapi.json", openapi, methods=["GET"])]
+
+    def _alerts_by_model(self, payload: Any) -> dict[str, list[dict[str, Any]]]:
+        """The payload's alerts grouped by their ``model`` label; raises ``ValueError`` naming the first alert
+        that names no model of this fleet (nothing is handed on then)."""
+        items = payload.get("alerts") if isinstance(payload, dict) else None
+        if not isinstance(items, list) or not items:
+            raise ValueError("the payload has no 'alerts' list")
+        groups: dict[str, list[dict[str, Any]]] = {}
+        for i, item in enumerate(items):
+            labels = item.get("labels") if isinstance(item, dict) else None
+            name = labels.get("model") if isinstance(labels, dict) else None
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"alerts[{i}] has no 'model' label (a fleet's rules keep it: `by (namespace, model)`); "
+                                 f"each model's own webhook is /models/<name>/alerts/alertmanager")
+            if name not in self.services:
+                known = "its monitor is not running" if name in self.broken else f"models: {', '.join(self.models)}"
+                raise ValueError(f"alerts[{i}] names model {name!r}, not one of this fleet's running monitors ({known})")
+            groups.setdefault(name, []).append(item)
+        return groups
 
     # -- process --------------------------------------------------------------------------------------------
     def close(self) -> None:
@@ -345,6 +409,11 @@ def fleet_openapi(names: list[str], *, events_auth: str = "token") -> dict[str, 
                                            "waiting for a champion or the error of a failing check; its open "
                                            "alerts, last retrain and last drift and quality verdicts as driftloop "
                                            "status shows them", "responses": ok}}
+    webhook = one["paths"].get("/alerts/alertmanager", {}).get("post")
+    if webhook is not None:
+        paths["/alerts/alertmanager"] = {"post": {
+            **webhook, "summary": "Alertmanager's webhook for the fleet: each firing alert goes to its model's own "
+                                  "webhook by its `model` label (400 naming an alert without one, or naming no model)"}}
     paths["/healthz"] = {"get": {"summary": "The process answers", "responses": ok}}
     paths["/readyz"] = {"get": {"summary": "Each model's store readiness (503 when no model is ready)",
                                 "responses": {**ok, "503": {"description": "no model's store answers"}}}}

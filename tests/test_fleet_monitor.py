@@ -165,3 +165,52 @@ def test_monitor_command_on_a_fleet(fleet_file, monkeypatch):
     assert refused.exit_code != 0 and "pass --model NAME (models: alpha, beta, gamma, delta)" in str(refused.exception)
     listed = CliRunner().invoke(app, ["alerts", "-c", str(fleet_file), "--model", "delta", "--json"])
     assert listed.exit_code == 0 and '"alerts"' in listed.output
+
+
+def _am_alert(fingerprint: str, **labels: str) -> dict:
+    return {"status": "firing", "fingerprint": fingerprint, "startsAt": "2026-12-07T06:00:00Z",
+            "labels": {"alertname": "DriftloopDatasetDrift", "driftloop_action": "retrain", **labels}}
+
+
+def test_the_fleets_alertmanager_webhook_hands_each_alert_to_its_model(fleet_file, monkeypatch):
+    monkeypatch.setenv("DRIFTLOOP_WEBHOOK_TOKEN", "am-token")
+    runners = {name: RecordingRunner() for name in (*MODELS, "delta")}
+    fleet = FleetMonitor(load_fleet(fleet_file).models,
+                         service=lambda m: MonitorService(m.settings, runner=runners[m.name]))
+
+    def stored(name: str) -> list[dict]:
+        return [a for a in fleet.services[name].alerts.recent(50) if a["source"] == "alertmanager"]
+
+    with TestClient(fleet) as client:
+        payload = {"receiver": "driftloop-trigger", "status": "firing",
+                   "alerts": [_am_alert("f-alpha", model="alpha"), _am_alert("f-beta", model="beta")]}
+        assert client.post("/alerts/alertmanager", json=payload).status_code == 401  # no token
+        auth = {"authorization": "Bearer am-token"}
+        # a bogus alert refuses the whole delivery, naming it, before any model sees the others
+        bad = {**payload, "alerts": [payload["alerts"][0], _am_alert("f-none", namespace="growth")]}
+        r = client.post("/alerts/alertmanager", json=bad, headers=auth)
+        assert r.status_code == 400 and "alerts[1] has no 'model' label" in r.json()["error"]
+        r = client.post("/alerts/alertmanager", json={**payload, "alerts": [_am_alert("f-x", model="nope")]},
+                        headers=auth)
+        assert r.status_code == 400 and "'nope'" in r.json()["error"]
+        assert client.post("/alerts/alertmanager", content=b"{", headers=auth).status_code == 400
+        assert all(stored(n) == [] for n in fleet.services)
+
+        r = client.post("/alerts/alertmanager", json=payload, headers=auth)
+        assert r.status_code == 200, r.text
+        decisions = {d["model"]: d for d in r.json()["decisions"]}
+        assert set(decisions) == {"alpha", "beta"} and decisions["alpha"]["decision"] == "started"
+        assert [a["id"] for a in stored("alpha")] == [decisions["alpha"]["id"]]
+        assert [a["id"] for a in stored("beta")] == [decisions["beta"]["id"]]
+        assert stored("delta") == []
+        fleet.services["alpha"].trigger.wait(decisions["alpha"]["id"], timeout=30)
+        assert [r.trigger for r in runners["alpha"].requests] == [f"drift:{decisions['alpha']['id']}"]
+        assert not runners["delta"].requests
+        # Alertmanager's retry of the same delivery starts nothing new
+        again = client.post("/alerts/alertmanager", json=payload, headers=auth).json()["decisions"]
+        assert all(d["decision"] != "started" for d in again), again
+        assert client.get("/openapi.json").json()["paths"]["/alerts/alertmanager"]["post"]
+        metrics = client.get("/metrics").text
+        assert 'driftloop_fleet_webhook_rejected_total{reason="webhook_malformed"} 3.0' in metrics
+        assert 'driftloop_fleet_webhook_rejected_total{reason="webhook_unauthorized"} 1.0' in metrics
+    fleet.close()
