@@ -156,6 +156,10 @@ def test_latest_is_what_the_whole_history_ends_with(tmp_path, monkeypatch):
             record["metrics"] = [{"metric": "accuracy", "live": 0.7 - i / 100, "holdout": 0.75, "limit": 0.7,
                                   "degraded": i >= 6}]
         writer.add(record)
+        # the monitor's records are seconds apart; Evidently's UUIDv7 ids (uuid6) run ahead of the clock by a
+        # millisecond per id made within the same one (~10 ms after a burst of writes), so back-to-back records
+        # would make every snapshot look written after the next record and all of them be read (still correct)
+        time.sleep(0.05)
     for i in range(3):  # a model without labels: drift records only
         writer.add({"kind": "drift", "model": "n", "version": "1", "time": dt.datetime.now(dt.UTC).isoformat(),
                     "verdict": "no drift", "share": i / 10})

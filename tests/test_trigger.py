@@ -504,7 +504,7 @@ def test_alerts_written_by_an_earlier_release_are_read_and_migrated(tmp_path):
 
 def test_the_rule_that_reports_the_monitors_drift_is_the_one_the_trigger_knows():
     """infra's PrometheusRule and each tenant's: the retraining alert is a DRIFT_ALERTNAMES alert on the
-    monitor's gauge, grouped by namespace only, in the namespace the loop's config serves."""
+    monitor's gauge, grouped by namespace and model, in the namespace the loop's config serves."""
     import re
     from pathlib import Path
 
@@ -526,5 +526,5 @@ def test_the_rule_that_reports_the_monitors_drift_is_the_one_the_trigger_knows()
         assert {r["alert"] for r in retrain} == DRIFT_ALERTNAMES
         for rule in retrain:
             assert "driftloop_monitor_dataset_drift_share" in rule["expr"]
-            assert re.search(r"max by \(namespace\)", rule["expr"])  # the only label it keeps: namespace
+            assert re.search(r"max by \(namespace, model\)", rule["expr"])  # the labels it keeps: namespace, model
             assert f'namespace="{namespace}"' in rule["expr"]

@@ -79,9 +79,10 @@ NAME_LABEL = "kubernetes.io/metadata.name"  # set by Kubernetes on every namespa
 # Namespaces a tenant's pods accept traffic from besides their own: Knative's activator and
 # Istio's ingress gateway (requests to the model servers), Prometheus and Alertmanager.
 PLATFORM_NAMESPACES = ("istio-system", "knative-serving", "monitoring")
-# What a team's deployer may do with InferenceServices in its namespace: create its first model, read,
-# watch and replace it (KServeClient: get, then create or replace; patches for the canary); never delete one.
-DEPLOYER_VERBS = ("get", "list", "watch", "create", "update", "patch")
+# What the pipeline's deploy step may do with InferenceServices in the tenant's namespace, as in infra/base: put
+# the canary on the existing one (KServeClient.replace: get + update; patches for the canary). The tenant's
+# InferenceService is created by its install (its kustomization), never by a pipeline, which deletes none either.
+DEPLOYER_VERBS = ("get", "update", "patch")
 # Names a tenant cannot take: platform namespaces, the single-loop namespace, the shared folder.
 RESERVED_NAMES = frozenset({
     "shared", "default", "driftloop", "kubeflow", "kueue-system", "kserve", "cert-manager", "mlflow",
@@ -280,8 +281,7 @@ def _rbac_docs(t: Tenant) -> list[dict[str, Any]]:
         *_role(t, "driftloop-pipeline-executor",
                [{"apiGroups": ["argoproj.io"], "resources": ["workflowtaskresults"], "verbs": ["create", "patch"]}],
                "driftloop-pipeline"),
-        # deployer: the deploy step (a pipeline step) puts the canary on the tenant's InferenceService, and the
-        # team's models are created in its namespace (`driftloop deploy --apply`: get, then create or replace)
+        # deployer: the deploy step (a pipeline step) puts the canary on the tenant's InferenceService
         *_role(t, "driftloop-pipeline-deploy", [{**isvc, "verbs": list(DEPLOYER_VERBS)}], "driftloop-pipeline"),
         # distributed train step (model.distributed.workers > 1): a Kubeflow Trainer TrainJob in the tenant's
         # namespace (queued like the train step's pod), its nodes' logs, deleted on timeout; as infra/base
@@ -491,7 +491,7 @@ def _monitoring_docs(t: Tenant) -> list[dict[str, Any]]:
          "metadata": {**_meta(t, "driftloop"), "labels": labels},
          "spec": {"groups": [{"name": f"driftloop.{t.name}.drift", "rules": [{
              "alert": "DriftloopDatasetDrift",
-             "expr": f'max by (namespace) (driftloop_monitor_dataset_drift_share{{namespace="{ns}"}}) >= 0.5',
+             "expr": f'max by (namespace, model) (driftloop_monitor_dataset_drift_share{{namespace="{ns}"}}) >= 0.5',
              "for": "10m",
              "labels": {"severity": "warning", "driftloop_action": "retrain"},
              "annotations": {"summary": f"Input drift on the served model of {t.name}"}}]},

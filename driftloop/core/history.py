@@ -306,8 +306,10 @@ class HistoryWorkspace:
             del read[gone]
         found: dict[str, tuple[str, float, dict[str, Any]]] = {}  # kind -> (time, written, record)
         for snapshot_id in ids:
+            # an id's time is the millisecond it was made or later (uuid6 runs ahead, never behind), never before
+            # the record it holds was timed -- but both may share that millisecond, hence the margin of one
             if ordered and len(found) == len(kinds) and \
-                    written[snapshot_id] < min(_epoch(t) for t, _, _ in found.values()):  # type: ignore[operator]
+                    written[snapshot_id] + 0.001 < min(_epoch(t) for t, _, _ in found.values()):  # type: ignore[operator]
                 break
             record = read.get(snapshot_id)
             if record is None:
