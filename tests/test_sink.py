@@ -306,3 +306,62 @@ def test_group_commit_joins_concurrent_requests_and_drains_on_close(tmp_path):
     assert metrics.registry.get_sample_value("driftloop_monitor_commit_group_events_count") == 1  # one commit
     assert metrics.registry.get_sample_value("driftloop_monitor_rows_stored_total") == 20
     store.close()
+
+
+def test_a_shared_commit_loop_commits_each_store_once_a_round_and_a_failing_store_alone_is_refused(tmp_path):
+    """A fleet's monitor: one writer task for every model's store. Requests spread over four stores in one round
+    give each store ONE commit of what was sent to it (not a task and a commit per store per request); a store
+    that cannot commit (closed) and a committer whose commit breaks refuse their own requests with a 503, the
+    others' are stored in the same round; closing the committers and the loop commits what was queued."""
+    import asyncio
+
+    from monitoring.events import parse_binary
+    from monitoring.metrics import MonitorMetrics
+    from monitoring.sink import CommitLoop, GroupCommitter
+
+    loop = CommitLoop()
+    stores = [InferenceStore(tmp_path / f"m{i}" / "log.db") for i in range(4)]
+    metrics = [MonitorMetrics() for _ in stores]
+    committers = [GroupCommitter(s, m) for s, m in zip(stores, metrics)]
+    for c in committers:
+        c.share(loop)
+
+    def events(ce_id: str):
+        return [parse_binary(*ev) for ev in pair(ce_id)]
+
+    async def spread(n: int, prefix: str, targets: list[int]):
+        tasks = [asyncio.create_task(committers[targets[i % len(targets)]].submit(events(f"{prefix}{i}")))
+                 for i in range(n)]
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def main():
+        first = await spread(40, "a", [0, 1, 2, 3])  # one round: each store gets its ten pairs in one commit
+        counts.extend(s.count() for s in stores)
+        groups.extend((m.registry.get_sample_value("driftloop_monitor_commit_group_events_count"),
+                       m.registry.get_sample_value("driftloop_monitor_commit_group_events_sum")) for m in metrics)
+        stores[2].close()
+        broken = committers[3]
+        broken._commit = lambda batch, size: (_ for _ in ()).throw(RuntimeError("a defect"))
+        second = await spread(12, "b", [0, 1, 2, 3])
+        del broken._commit
+        pending = [asyncio.create_task(committers[i % 2].submit(events(f"c{i}"))) for i in range(6)]
+        await asyncio.sleep(0)  # queued, not yet committed
+        for c in committers:
+            await c.aclose()
+        await loop.aclose()
+        return first, second, await asyncio.gather(*pending)
+
+    counts: list[int] = []
+    groups: list[tuple[float, float]] = []
+    first, second, last = asyncio.run(main())
+    assert all(r.stored == 2 for r in first) and counts == [10, 10, 10, 10]
+    assert groups == [(1, 20)] * 4  # one commit of 20 events (ten pairs) each
+    refused = {i % 4 for i, r in enumerate(second) if isinstance(r, EventError)}
+    assert refused == {2, 3} and all(r.status == 503 for r in second if isinstance(r, EventError))
+    assert "closed" in next(r.message for i, r in enumerate(second) if i % 4 == 2)
+    assert "a defect" in next(r.message for i, r in enumerate(second) if i % 4 == 3)
+    assert all(r.stored == 2 for r in last) and not loop.running
+    assert [stores[0].count(), stores[1].count(), stores[3].count()] == [10 + 3 + 3, 10 + 3 + 3, 10]
+    assert "b3" not in stores[3].event_ids() and "b2" not in InferenceStore(tmp_path / "m2" / "log.db").event_ids()
+    for i in (0, 1, 3):
+        stores[i].close()
