@@ -62,7 +62,6 @@ from monitoring.openapi import monitor_openapi
 from monitoring.reference import NoChampionError
 from monitoring.routes import webhook_refusal
 from monitoring.service import WEBHOOK_TOKEN_ENV, MonitorService, mounted_app, serve_until_stopped
-from monitoring.sink import CommitLoop
 
 if TYPE_CHECKING:
     from driftloop.core.fleet import FleetModel
@@ -217,12 +216,8 @@ class FleetMonitor:
         for name in self.services:
             self._overrun.labels(model=name).set_function(lambda n=name: self.checks.overrun[n])
         self._apps = {s.settings.monitor.base_path: s.app for s in self.services.values()}
-        # one writer task commits every model's events (each in its model's store): see CommitLoop
-        self.commits = CommitLoop()
-        for app in self._apps.values():
-            app.state.committer.share(self.commits)
         self.starlette = mounted_app([*self._routes(), *(Mount(base, app=app) for base, app in self._apps.items())],
-                                     list(self._apps.values()), closing=self.commits.aclose)
+                                     list(self._apps.values()))
 
     # -- ASGI: a model's path goes straight to its app (no scan of 50 mounts per event) ---------------------
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:

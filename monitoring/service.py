@@ -111,17 +111,14 @@ def row_schema(champion: ChampionReference, task: str) -> RowSchema:
     return RowSchema(kinds, task)
 
 
-def mounted_app(routes: list[Any], apps: list[Starlette], *, closing: Any = None) -> Starlette:
+def mounted_app(routes: list[Any], apps: list[Starlette]) -> Starlette:
     """A Starlette app of ``routes`` (each model's app in a ``Mount``) whose lifespan runs every one of ``apps``'
-    own (a ``Mount`` does not: the sink's group-commit writer must finish what is queued on shutdown), then
-    awaits ``closing()`` when given (a fleet's shared commit loop, once every model's app has closed)."""
+    own (a ``Mount`` does not: the sink's group-commit writer must finish what is queued on shutdown)."""
     import contextlib
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> Any:
         async with contextlib.AsyncExitStack() as stack:
-            if closing is not None:
-                stack.push_async_callback(closing)  # the stack unwinds last in, first out: this runs last
             for app in apps:
                 await stack.enter_async_context(app.router.lifespan_context(app))
             yield

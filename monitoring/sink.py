@@ -52,7 +52,7 @@ from monitoring.labels import label_problem
 from monitoring.metrics import MonitorMetrics
 from monitoring.store import GroupResult, InferenceStore
 
-__all__ = ["create_sink_app", "build_routes", "SinkApp", "EventsEndpoint", "GroupCommitter", "CommitLoop", "DEFAULT_MAX_BODY_BYTES",
+__all__ = ["create_sink_app", "build_routes", "SinkApp", "EventsEndpoint", "GroupCommitter", "DEFAULT_MAX_BODY_BYTES",
            "INGEST_TOKEN_ENV", "IngestAuth", "LabelPolicy", "since_param", "sink_http_protocol", "main"]
 
 log = logging.getLogger(__name__)
@@ -121,17 +121,9 @@ class GroupCommitter:
         self._responses = metrics.events_ingested.labels(type="response")
         self._queue: asyncio.Queue[tuple[Sequence[ParsedEvent], asyncio.Future] | None] | None = None
         self._task: asyncio.Task | None = None
-        self._shared: CommitLoop | None = None
-
-    def share(self, loop: CommitLoop) -> None:
-        """Commit through ``loop`` (one writer task for several stores: a fleet's monitor) instead of a task of its
-        own; set before the first event."""
-        self._shared = loop
 
     @property
     def running(self) -> bool:
-        if self._shared is not None:
-            return self._shared.running
         return self._task is not None and not self._task.done()
 
     def _ensure_started(self) -> asyncio.Queue:
@@ -143,10 +135,7 @@ class GroupCommitter:
     async def submit(self, events: Sequence[ParsedEvent]) -> GroupResult:
         """Store ``events`` (all or nothing) and return what was stored once it is committed."""
         future = asyncio.get_running_loop().create_future()
-        if self._shared is not None:
-            self._shared.put(self, events, future)
-        else:
-            self._ensure_started().put_nowait((events, future))
+        self._ensure_started().put_nowait((events, future))
         return await future
 
     async def _run(self, queue: asyncio.Queue) -> None:
@@ -206,96 +195,12 @@ class GroupCommitter:
         if duplicates:
             m.events_duplicate.inc(duplicates)
 
-    def _commit_guarded(self, batch: list[tuple[Sequence[ParsedEvent], asyncio.Future]], size: int) -> None:
-        """:meth:`_commit` for a shared loop: whatever goes wrong answers this store's batch, never another's."""
-        try:
-            self._commit(batch, size)
-        except Exception as exc:  # noqa: BLE001 - a defect here must not stop the other stores' commits
-            log.exception("group commit of %d events failed", size)
-            error = EventError(503, f"the store could not commit: {exc}", reason="store_error")
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(error)
-
     async def aclose(self) -> None:
-        """Stop the writer after committing everything already submitted (shared: wait until it is committed)."""
-        if self._shared is not None:
-            await self._shared.flush()
-            return
+        """Stop the writer after committing everything already submitted."""
         if self.running and self._queue is not None:
             self._queue.put_nowait(None)
             await self._task
         self._task = None
-
-
-class CommitLoop:
-    """One writer task for the group commits of several stores: a fleet's monitor (a store per model).
-
-    Each model's :class:`GroupCommitter` (after :meth:`GroupCommitter.share`) hands its requests' events here.
-    The task takes everything that arrived while the previous round committed, for every store at once, and
-    commits each store's part in one transaction of that store (all or nothing per request, as alone), in the
-    order they came. With a task per store, traffic spread over 50 models woke 50 tasks a round, each yielding
-    once and committing a group of one or two events; here one wake and one yield collect the round for all
-    of them, so a model's group holds everything of that round sent to it. A store whose commit fails answers
-    its own requests (503) and the others commit.
-    """
-
-    def __init__(self, *, max_group_events: int = 20_000):
-        self.max_group_events = max_group_events
-        self._queue: asyncio.Queue | None = None
-        self._task: asyncio.Task | None = None
-
-    @property
-    def running(self) -> bool:
-        return self._task is not None and not self._task.done()
-
-    def put(self, committer: GroupCommitter | None, events: Sequence[ParsedEvent], future: asyncio.Future) -> None:
-        if self._queue is None or not self.running:
-            self._queue = asyncio.Queue()
-            self._task = asyncio.get_running_loop().create_task(self._run(self._queue), name="sink-shared-commit")
-        self._queue.put_nowait((committer, events, future))
-
-    async def flush(self) -> None:
-        """Return once everything put before this call is committed (or refused)."""
-        if not self.running:
-            return
-        future = asyncio.get_running_loop().create_future()
-        self.put(None, (), future)
-        await future
-
-    async def aclose(self) -> None:
-        """Commit what is queued, then end the task."""
-        await self.flush()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        self._task = self._queue = None
-
-    async def _run(self, queue: asyncio.Queue) -> None:
-        while True:
-            item = await queue.get()
-            await asyncio.sleep(0)  # let every request that is ready enqueue too: one round for all the stores
-            groups: dict[GroupCommitter, tuple[list, list[int]]] = {}
-            flushed: list[asyncio.Future] = []
-            total = 0
-            while True:
-                committer, events, future = item
-                if committer is None:
-                    flushed.append(future)
-                else:
-                    batch, size = groups.setdefault(committer, ([], [0]))
-                    batch.append((events, future))
-                    size[0] += len(events)
-                    total += len(events)
-                if total >= self.max_group_events or queue.empty():
-                    break
-                item = queue.get_nowait()
-            for committer, (batch, size) in groups.items():
-                committer._commit_guarded(batch, size[0])
-            for future in flushed:
-                if not future.done():
-                    future.set_result(None)
 
 
 def _count_refusal(metrics: MonitorMetrics, exc: EventError) -> None:
