@@ -58,15 +58,15 @@ def test_the_fleet_overlay_renders_the_fleet_for_every_process_and_no_one_model_
 
 
 def test_every_command_the_fleets_processes_run_exists():
-    """monitor, scheduler and agent take the fleet file as it is; the rollout controller runs one loop per model."""
+    """monitor, scheduler, agent and rollout controller take the fleet file as it is."""
     from driftloop.app.cli import app
 
     objects = build(FLEET)
     assert _container(objects, "driftloop-monitor")["args"] == ["monitor"]
     assert _container(objects, "driftloop-scheduler")["args"] == ["scheduler"]
     assert _container(objects, "driftloop-agent")["args"] == ["agent", "run", "--cluster"]
-    script = _container(objects, "driftloop-rollout")["args"][-1]
-    assert "driftloop config show" in script and 'driftloop rollout run --model "$model"' in script
+    script = _container(objects, "driftloop-rollout")["args"][-1]  # infra/base's loop: the whole fleet file
+    assert "driftloop rollout run & pid=$!" in script and "--model" not in script
     for args in (["monitor"], ["scheduler"], ["agent", "run"], ["rollout", "run"], ["config", "show"]):
         result = CliRunner().invoke(app, [*args, "--help"])
         assert result.exit_code == 0, f"driftloop {' '.join(args)}: {result.output}"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -511,9 +512,15 @@ def rollout_run(
     model: ModelOpt = None,
     max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many intervals.")] = None,
 ) -> None:
-    """Run the analysis every rollout.interval_seconds until the canary is promoted or rolled back."""
+    """Run the analysis every rollout.interval_seconds until the canary is promoted or rolled back.
+    A fleet file without --model: every model's open rollout, several at once, until none is open."""
     from driftloop.core.console import console
+    from driftloop.core.fleet import load_fleet
 
+    fleet = load_fleet(config, params)
+    if not fleet.single and model is None:
+        _rollout_fleet(fleet, max_steps)
+        return
     ctl = _controller(config, params, model)
     try:
         state = ctl.run(until_done=True, max_steps=max_steps, on_step=StepLines(console))
@@ -522,6 +529,49 @@ def rollout_run(
         console.print("interrupted; the rollout resumes where it stopped with `driftloop rollout run`")
     if not state.done:  # a finished rollout's last step line said how it ended
         console.print(f"[yellow]{state.status}[/] at {state.weight}%: {state.reason}")
+
+
+def _rollout_fleet(fleet: Any, max_steps: int | None) -> None:
+    """``rollout run`` on a fleet file: :class:`~driftloop.app.fleet_rollout.FleetRollouts` over every model, each
+    step a line prefixed with its model; a model that failed on its last visit makes the exit status 1."""
+    from driftloop.app.fleet_rollout import FleetRollouts, Visit
+    from driftloop.core.console import console, err_console
+    from serving.rollout import RolloutController
+
+    lines = {m.name: StepLines(console, m.name) for m in fleet.models}
+
+    def controller(m: Any, need_target: bool) -> RolloutController:
+        s = m.settings
+        return RolloutController(s, target_for(s) if need_target else None, _registry(s))
+
+    def show(visit: Visit) -> None:
+        if visit.error is not None:
+            err_console.print(f"[yellow]rollout {visit.model} failed (its next interval tries again):[/] {visit.error}",
+                              markup=True, highlight=False)
+        elif visit.step is not None:
+            lines[visit.model](visit.step)
+
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        last = FleetRollouts(fleet.models, controller, on_visit=show).run(max_steps=max_steps, stop=stop)
+    except KeyboardInterrupt:
+        stop.set()
+        console.print("interrupted; each rollout resumes where it stopped with `driftloop rollout run`")
+        return
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if stop.is_set() and any(v.open for v in last.values()):
+        console.print("stopped; each rollout resumes where it stopped with `driftloop rollout run`")
+    for name, visit in last.items():
+        if visit.open:
+            console.print(f"{name}: [yellow]{visit.status}[/] (open)")
+    idle = [name for name, visit in last.items() if not visit.open and visit.error is None and visit.step is None]
+    if len(idle) == len(fleet.models):
+        console.print(f"no open rollout in the {len(idle)} models of {fleet.source}")
+    failed = sorted(name for name, visit in last.items() if visit.error is not None)
+    if failed:
+        raise typer.Exit(1)
 
 
 @rollout_app.command("promote")
