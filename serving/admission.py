@@ -11,6 +11,12 @@ mode, and any change of another field (the agent may touch ``minReplicas``, ``ma
 configuration file as the agent (``agent:``; ``$DRIFTLOOP_CONFIG`` and the ``DRIFTLOOP_*``
 environment, reloaded when the file changes), so a bug in the agent cannot break it.
 
+A fleet file (docs/fleet.md) is judged per model: the InferenceService ``<serving.namespace>/<serving.name>`` of
+each model is held to that model's ``agent`` policy and ``serving.max_replicas``; the agent's change of an
+InferenceService that is no model of the file is refused (the agent has no policy for it). A fleet's agent runs
+in one namespace and acts in the teams' (``--agent-namespace``: the namespace of its ServiceAccount; unset, the
+ServiceAccount is looked for in each object's own namespace, as a one-model install has it).
+
 Stateless on purpose: the cooldown and the hourly budget need the agent's own history and stay
 in the agent's guard; an agent's graceful hand-back (``maxReplicas`` back to
 ``serving.max_replicas``, nothing else) is allowed in full mode unless the kill switch is on,
@@ -37,11 +43,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from driftloop.core.config import Settings, load_settings
+from driftloop.core.config import Settings
 from driftloop.core.errors import ConfigError
+from driftloop.core.fleet import load_fleet
 from serving.agent.policy import Policy, in_blackout, urgent_step
 
-__all__ = ["AGENT_SERVICE_ACCOUNT", "WEBHOOK_NAME", "Verdict", "judge", "review", "PolicySource", "AdmissionServer",
+__all__ = ["AGENT_SERVICE_ACCOUNT", "WEBHOOK_NAME", "Verdict", "judge", "review", "FleetPolicies", "PolicySource",
+           "AdmissionServer",
            "constraint_template", "main"]
 
 log = logging.getLogger(__name__)
@@ -122,20 +130,46 @@ def judge(old: dict[str, Any], new: dict[str, Any], *, policy: Policy, kill_anno
     return Verdict(True, f"within the policy: minReplicas {old_min} -> {new_min}, floor {lo}, ceiling {hi}")
 
 
-def review(doc: dict[str, Any], settings: Settings | None, *, now: float | None = None,
-           service_account: str = AGENT_SERVICE_ACCOUNT, policy_error: str | None = None) -> dict[str, Any]:
+@dataclass(frozen=True)
+class FleetPolicies:
+    """A fleet file's models by the InferenceService each is served as: ``(serving.namespace, serving.name)``."""
+
+    source: str
+    models: dict[tuple[str, str], Settings]
+
+    @classmethod
+    def of(cls, fleet: Any) -> "FleetPolicies":
+        return cls(str(fleet.source), {(m.settings.serving.namespace, m.settings.serving.name): m.settings
+                                       for m in fleet.models})
+
+    def settings_for(self, namespace: str, name: str) -> Settings | None:
+        return self.models.get((namespace, name))
+
+
+def review(doc: dict[str, Any], settings: Settings | FleetPolicies | None, *, now: float | None = None,
+           service_account: str = AGENT_SERVICE_ACCOUNT, policy_error: str | None = None,
+           agent_namespace: str | None = None) -> dict[str, Any]:
     """The AdmissionReview answer to ``doc`` (``admission.k8s.io/v1``). ``settings`` None with
-    ``policy_error``: the policy could not be read, so the agent's changes are refused (fail closed)."""
+    ``policy_error``: the policy could not be read, so the agent's changes are refused (fail closed); a
+    :class:`FleetPolicies`: the object's model's. ``agent_namespace``: where the agent's ServiceAccount is
+    (None: the object's own namespace)."""
     request = doc.get("request") or {}
     uid = request.get("uid", "")
     user = (request.get("userInfo") or {}).get("username", "")
     namespace = request.get("namespace") or ""
-    agent = f"system:serviceaccount:{namespace}:{service_account}"
+    agent = f"system:serviceaccount:{agent_namespace or namespace}:{service_account}"
     resource = request.get("resource") or {}
+    unknown = None  # a fleet file: the object is none of its models
+    if isinstance(settings, FleetPolicies):
+        name = request.get("name") or ((request.get("object") or {}).get("metadata") or {}).get("name") or ""
+        fleet, settings = settings, settings.settings_for(namespace, name)
+        if settings is None:
+            unknown = (f"InferenceService {namespace}/{name} is no model of the fleet file {fleet.source}: the agent "
+                       "has no policy for it")
     if user != agent or request.get("operation") != "UPDATE" or resource.get("resource") != "inferenceservices":
         verdict = Verdict(True, "not the agent's change")
     elif settings is None:
-        verdict = Verdict(False, f"the agent's policy cannot be read: {policy_error}")
+        verdict = Verdict(False, unknown or f"the agent's policy cannot be read: {policy_error}")
     else:
         verdict = judge(request.get("oldObject") or {}, request.get("object") or {},
                         policy=Policy.from_config(settings.agent), kill_annotation=settings.agent.kill_switch_annotation,
@@ -158,11 +192,12 @@ class PolicySource:
         found = path or self.environ.get("DRIFTLOOP_CONFIG")
         self.path = Path(found) if found else None
         self._stamp: tuple[int, int] | None = None
-        self._settings: Settings | None = None
+        self._settings: Settings | FleetPolicies | None = None
         self._error: str | None = None
         self._lock = threading.Lock()
 
-    def current(self) -> tuple[Settings | None, str | None]:
+    def current(self) -> tuple[Settings | FleetPolicies | None, str | None]:
+        """The configuration's settings (a fleet file: :class:`FleetPolicies`), or None and why it does not load."""
         with self._lock:
             stamp = None
             if self.path is not None:
@@ -174,7 +209,9 @@ class PolicySource:
                     return None, self._error
             if self._stamp is None or stamp != self._stamp:
                 try:
-                    self._settings, self._error = load_settings(self.path, environ=self.environ), None
+                    fleet = load_fleet(self.path, environ=self.environ)
+                    self._settings = fleet.models[0].settings if fleet.single else FleetPolicies.of(fleet)
+                    self._error = None
                 except ConfigError as exc:
                     self._settings, self._error = None, str(exc)
                 self._stamp = stamp or (0, 0)
@@ -221,7 +258,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(400, {"error": f"bad AdmissionReview: {exc}"})
             return
         settings, error = self.server.policy.current()
-        self._send(200, review(doc, settings, policy_error=error, service_account=self.server.service_account))
+        self._send(200, review(doc, settings, policy_error=error, service_account=self.server.service_account,
+                               agent_namespace=self.server.agent_namespace))
 
 
 class AdmissionServer(ThreadingHTTPServer):
@@ -230,7 +268,8 @@ class AdmissionServer(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, cert: str | Path, key: str | Path, policy: PolicySource, *, host: str = "127.0.0.1",
-                 port: int = 8443, service_account: str = AGENT_SERVICE_ACCOUNT) -> None:
+                 port: int = 8443, service_account: str = AGENT_SERVICE_ACCOUNT,
+                 agent_namespace: str | None = None) -> None:
         super().__init__((host, port), _Handler)
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -238,6 +277,7 @@ class AdmissionServer(ThreadingHTTPServer):
         self.socket = context.wrap_socket(self.socket, server_side=True)
         self.policy = policy
         self.service_account = service_account
+        self.agent_namespace = agent_namespace
 
     @property
     def url(self) -> str:
@@ -344,6 +384,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=8443)
     parser.add_argument("--service-account", default=AGENT_SERVICE_ACCOUNT,
                         help="the agent's ServiceAccount name (judged in the namespace of each object)")
+    parser.add_argument("--agent-namespace", default=None,
+                        help="the namespace of the agent's ServiceAccount, where it is not each object's own (a "
+                             "fleet's agent acts in the teams' namespaces)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     policy = PolicySource(args.config)
@@ -351,9 +394,11 @@ def main(argv: list[str] | None = None) -> None:
     if settings is None:
         raise SystemExit(f"the agent's policy cannot be read: {error}")
     server = AdmissionServer(args.cert, args.key, policy, host=args.host, port=args.port,
-                             service_account=args.service_account)
+                             service_account=args.service_account, agent_namespace=args.agent_namespace)
+    modes = ({s.agent.mode for s in settings.models.values()} if isinstance(settings, FleetPolicies)
+             else {settings.agent.mode})
     log.info("agent guardrails webhook on %s (policy: %s, mode %s)", server.url, policy.path or "defaults",
-             settings.agent.mode)
+             ", ".join(sorted(modes)))
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -20,7 +20,7 @@ from kubernetes.client.rest import ApiException
 from typer.testing import CliRunner
 
 from driftloop.app.infra_check import build, check_target, fleet_from_objects, objects_by_kind
-from tests.kube_server import ROOT, cluster
+from tests.kube_server import ROOT, cluster, point_webhook_here
 from tests.test_kube_infra import apply_and_compare, play_quota_controller
 
 FLEET = ROOT / "infra" / "overlays" / "fleet"
@@ -49,7 +49,9 @@ def test_the_fleet_overlay_renders_the_fleet_for_every_process_and_no_one_model_
         assert m.settings.serving.namespace == m.team
         assert m.settings.serving.logger_url == f"http://driftloop-monitor.driftloop.svc.cluster.local/models/{m.name}/events"
     assert objects_by_kind(rendered, "InferenceService") == []
-    assert not [o for o in rendered if "admission" in o["metadata"]["name"]]  # reads one model only: not rendered
+    webhook = _container(rendered, "driftloop-admission")  # the agent's guardrails: the fleet file, its agent's namespace
+    assert {e["name"]: e.get("value") for e in webhook["env"]}["DRIFTLOOP_CONFIG"] == "/etc/driftloop/config/fleet.yaml"
+    assert webhook["args"][-2:] == ["--agent-namespace", "driftloop"]
     env = next(o for o in objects_by_kind(rendered, "ConfigMap") if o["metadata"]["name"].startswith("driftloop-env"))
     assert "DRIFTLOOP_SERVING__NAMESPACE" not in env["data"]  # it would move every model into driftloop
     for name in CONTROLLERS:
@@ -114,6 +116,9 @@ def kube(rendered):
     kube = cluster()
     kube.apply([{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "kubeflow"}}])  # KFP's, not infra/'s
     apply_and_compare(kube, rendered, "infra/overlays/fleet")
+    # the webhook's Service cannot be reached here: point it at this process's webhook again, or the next
+    # InferenceService update of this test process would wait 5 s and fail (failurePolicy: Fail)
+    point_webhook_here(kube)
     for team in TEAMS:
         play_quota_controller(kube, team)
     return kube
@@ -164,3 +169,107 @@ def test_the_fleets_controllers_may_drive_the_teams_models_and_nothing_else(kube
         assert kube.can(agent, "patch", namespace=team, **isvc) and not kube.can(agent, "create", namespace=team, **isvc)
         assert kube.can(pipeline, "update", namespace=team, **isvc) and not kube.can(pipeline, "delete", namespace=team, **isvc)
     assert not kube.can(rollout, "patch", namespace="kube-system", **isvc)
+
+
+# -- the agent's admission webhook judges a fleet ----------------------------------------------------------------
+FLEET_AGENT = "system:serviceaccount:driftloop:driftloop-agent"
+
+
+def _fleet_policy(tmp_path: Path) -> Path:
+    """The overlay's fleet file with two models' own agent policies: demand full, ceiling 4; spend full, ceiling 2."""
+    text = (FLEET / "fleet.yaml").read_text()
+    for model, ceiling in (("demand", 4), ("spend", 2)):
+        text = text.replace(f"\n  {model}:\n", f"\n  {model}:\n    agent: {{mode: full, floor: 1, ceiling: {ceiling}}}\n", 1)
+    path = tmp_path / "fleet.yaml"
+    path.write_text(text)
+    return path
+
+
+def _agent_update(namespace: str, name: str, old: int, new: int, user: str = FLEET_AGENT) -> dict:
+    def obj(n: int) -> dict:
+        return {"metadata": {"name": name, "namespace": namespace}, "spec": {"predictor": {"minReplicas": n, "maxReplicas": n}}}
+    return {"request": {"uid": "u", "operation": "UPDATE", "namespace": namespace, "name": name, "userInfo": {"username": user},
+                        "resource": {"group": KSERVE[0], "version": KSERVE[1], "resource": "inferenceservices"},
+                        "oldObject": obj(old), "object": obj(new)}}
+
+
+def test_the_webhook_holds_each_models_inference_service_to_that_models_policy(tmp_path):
+    """A fleet file: each team's InferenceService by its model's own agent policy, the fleet's agent being the
+    ServiceAccount of driftloop; an InferenceService of no model is refused to the agent; anyone else passes."""
+    from serving.admission import FleetPolicies, PolicySource, review
+
+    policies, error = PolicySource(_fleet_policy(tmp_path), environ={}).current()
+    assert error is None and isinstance(policies, FleetPolicies)
+    assert set(policies.models) == {(t, n) for t, ns in TEAMS.items() for n in ns}
+
+    def answer(doc: dict) -> tuple[bool, str]:
+        out = review(doc, policies, agent_namespace="driftloop")["response"]
+        return out["allowed"], out.get("status", {}).get("message", "")
+
+    assert answer(_agent_update("planning", "demand", 2, 4)) == (True, "")
+    assert answer(_agent_update("planning", "spend", 2, 4))[1].startswith("minReplicas 4 is above the ceiling 2")
+    assert answer(_agent_update("planning", "demand", 2, 5))[1].startswith("minReplicas 5 is above the ceiling 4")
+    assert answer(_agent_update("growth", "churn", 1, 2))[1] == "observe mode: the agent may change nothing"
+    allowed, message = answer(_agent_update("planning", "stray", 1, 2))
+    assert not allowed and message == (f"InferenceService planning/stray is no model of the fleet file {tmp_path / 'fleet.yaml'}: "
+                                       "the agent has no policy for it")
+    assert answer(_agent_update("growth", "demand", 1, 2))[0] is False  # demand is planning's, not growth's
+    assert answer(_agent_update("planning", "stray", 1, 9, user="system:serviceaccount:planning:driftloop-deployer")) == (True, "")
+
+
+def test_the_api_server_asks_the_fleets_webhook_for_the_agents_patches_in_a_teams_namespace(kube, tmp_path):
+    """The overlay's webhook configuration (its own name here, its clientConfig on a webhook server of this test
+    reading the fleet file with --agent-namespace driftloop): the fleet agent's patches of planning's models are
+    judged by each model's policy, and of an InferenceService of no model refused, by the API server itself."""
+    import base64
+    import threading
+
+    from cryptography.hazmat.primitives import serialization
+
+    from serving.admission import WEBHOOK_NAME, AdmissionServer, PolicySource
+    from tests.conftest import free_port
+    from tests.kube_server import issue_cert, make_ca
+
+    ca = make_ca("driftloop-fleet-webhook-ca")
+    cert, key = issue_cert(ca, "driftloop-admission", dns=("driftloop-admission.driftloop.svc",))
+    (tmp_path / "tls.crt").write_bytes(cert)
+    (tmp_path / "tls.key").write_bytes(key)
+    server = AdmissionServer(tmp_path / "tls.crt", tmp_path / "tls.key", PolicySource(_fleet_policy(tmp_path), environ={}),
+                             port=free_port(), agent_namespace="driftloop")
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    (hooks,) = [d for d in build(FLEET) if d["kind"] == "ValidatingWebhookConfiguration"]
+    hooks["metadata"]["name"] = "driftloop-fleet-guardrails-test"
+    for hook in hooks["webhooks"]:
+        hook["clientConfig"] = {"url": server.url, "caBundle": base64.b64encode(ca[0].public_bytes(serialization.Encoding.PEM)).decode()}
+        hook["namespaceSelector"] = {"matchLabels": {"driftloop.io/team": "planning"}}
+    admin = k8s.CustomObjectsApi(kube.admin)
+    agent = k8s.CustomObjectsApi(kube.api_client(kube.token("driftloop", "driftloop-agent")))
+    play_quota_controller(kube, "planning")
+    names = ("demand", "spend", "stray")
+    try:
+        kube.apply([hooks])
+        for name in names:
+            body = _isvc(name, "planning")
+            body["spec"]["predictor"].update(minReplicas=2, maxReplicas=2)
+            admin.create_namespaced_custom_object(*KSERVE, "planning", "inferenceservices", body)
+
+        def patch(name: str, n: int) -> dict:
+            return agent.patch_namespaced_custom_object(*KSERVE, "planning", "inferenceservices", name,
+                                                        {"spec": {"predictor": {"minReplicas": n, "maxReplicas": n}}})
+
+        assert patch("demand", 4)["spec"]["predictor"]["minReplicas"] == 4  # within demand's ceiling of 4
+        for name, n, reason in (("spend", 3, "minReplicas 3 is above the ceiling 2"),
+                                ("stray", 3, "InferenceService planning/stray is no model of the fleet file")):
+            status, message = _refusal(lambda: patch(name, n))
+            assert status == 403 and f'admission webhook "{WEBHOOK_NAME}" denied the request: {reason}' in message, message
+        live = {n: admin.get_namespaced_custom_object(*KSERVE, "planning", "inferenceservices", n)["spec"]["predictor"]["minReplicas"]
+                for n in names}
+        assert live == {"demand": 4, "spend": 2, "stray": 2}
+    finally:
+        k8s.AdmissionregistrationV1Api(kube.admin).delete_validating_webhook_configuration(hooks["metadata"]["name"])
+        for name in names:
+            try:
+                admin.delete_namespaced_custom_object(*KSERVE, "planning", "inferenceservices", name)
+            except ApiException:
+                pass
+        server.shutdown()
