@@ -5,7 +5,9 @@ its MLflow store) and a fourth has no champion yet; each keeps its own store, al
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import sqlite3
 import threading
 import time
 
@@ -102,6 +104,8 @@ def test_one_monitor_keeps_each_model_apart(fleet_file, champion_model):
 
         # a corrupt store stops its own model's checks only
         store = fleet.services["gamma"].store.path
+        with contextlib.closing(sqlite3.connect(store)) as db:  # every page in the file itself: else a reader
+            assert db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0  # finds them in the WAL
         store.write_bytes(b"this is no database" * 512)
         before = {n: fleet.services[n].last_round for n in MODELS}
         fleet.checks.round_all()
