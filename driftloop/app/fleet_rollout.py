@@ -114,7 +114,7 @@ class FleetRollouts:
         m.due = clock() + interval
         visit = Visit(name)
         try:
-            probe = self._controller(m.model, False)
+            probe = m.controller or self._controller(m.model, False)  # the stepping one while a rollout is open
             try:
                 state = probe.state()  # adopts a canary the deploy step marked pending in MLflow
             except RolloutAborted:  # nothing recorded for this model: nothing to do
