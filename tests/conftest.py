@@ -80,7 +80,7 @@ def trained(tmp_path_factory, scenario_path):
 # The longest modules go first. `make test` runs two test processes (pytest-xdist, a module at a time per
 # process, in this order: --no-loadscope-reorder), so these run beside the many short modules instead of
 # alone at the end.
-_LONG_FIRST = ("test_real_data_loop.py", "test_e2e_loop.py")
+_LONG_FIRST = ("test_real_data_loop.py", "test_e2e_loop.py", "test_e2e_fleet_demo.py")
 
 
 # Modules that share a costly session fixture run in one test process, so it is built once: a real MLflow server

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,7 @@ class Traffic:
     _idle: list[httpx.Client] = field(default_factory=list, compare=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, compare=False, repr=False)
     _token: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
+    _sent: dict[str, int] = field(default_factory=lambda: {"rows": 0}, compare=False, repr=False)
 
     @contextlib.contextmanager
     def client(self) -> Iterator[httpx.Client]:
@@ -105,10 +107,32 @@ class Traffic:
             t.start()
         for t in threads:
             t.join()
+        with lock:
+            self._sent["rows"] += counts["ok"]
         return counts
 
+    def stored_rows(self) -> float:
+        """The rows the monitor has stored for this model (its ``driftloop_monitor_rows_stored_total``)."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        with self.client() as client:
+            text = client.get(f"{self.monitor}/metrics", timeout=10.0).text
+        return sum(sample.value for family in text_string_to_metric_families(text)
+                   if family.name == "driftloop_monitor_rows_stored" for sample in family.samples
+                   if sample.name.endswith("_total"))
+
+    def wait_stored(self, timeout: float = 30.0) -> None:
+        """Until the monitor has stored every row sent through the gateway so far: the gateway logs them off the
+        request path, in batches, so a check right after the traffic could judge a window without its last rows
+        (and, with tumbling windows, the previous complete one). After ``timeout`` the check goes on with what is
+        there."""
+        deadline = time.monotonic() + timeout
+        while self.stored_rows() < self._sent["rows"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+
     def check(self) -> dict[str, Any]:
-        """The monitor's drift check on what it has logged, now."""
+        """The monitor's drift check on everything sent so far (once the monitor has stored it)."""
+        self.wait_stored()
         with self.client() as client:
             r = client.post(f"{self.monitor}/check", headers=self.monitor_auth())
         r.raise_for_status()
