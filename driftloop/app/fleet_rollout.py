@@ -84,7 +84,7 @@ class FleetRollouts:
                     now = self._clock()
                     for m in self._models.values():
                         if m.future is None and now >= m.due and (max_steps is None or m.steps < max_steps):
-                            m.future = pool.submit(self._visit, m, self._clock)
+                            m.future = pool.submit(self._visit, m)
                     stop.wait(tick)
             finally:
                 for m in self._models.values():  # the steps in flight end as they would have
@@ -106,12 +106,12 @@ class FleetRollouts:
             m.steps += visit.step is not None
             self._on_visit(visit)
 
-    def _visit(self, m: _Model, clock: Callable[[], float]) -> Visit:
+    def _visit(self, m: _Model) -> Visit:
         from serving.rollout.state import AWAITING_APPROVAL, TERMINAL
 
         name = m.model.name
         interval = m.model.settings.rollout.interval_seconds
-        m.due = clock() + interval
+        m.due = self._clock() + interval
         visit = Visit(name)
         try:
             probe = m.controller or self._controller(m.model, False)  # the stepping one while a rollout is open
@@ -130,7 +130,7 @@ class FleetRollouts:
             visit.step = m.controller.step()
             visit.status = m.controller.state().status
             visit.open = visit.status not in TERMINAL
-            m.due = clock() + interval  # the next interval starts when this step has ended
+            m.due = self._clock() + interval  # the next interval starts when this step has ended
         except Exception as exc:  # noqa: BLE001 - one model's failure never stops another's rollout
             m.controller = None  # built again at the next visit (a registry or cluster back up)
             visit.open = False  # not waited for: with no other rollout open the run ends, naming it (exit 1)
