@@ -13,9 +13,10 @@ free loopback ports and, in the test, a shorter rollout interval: timing, never 
 
 1. ``driftloop run train --window-end <end of A>``: the champion;
 2. ``driftloop monitor`` and ``driftloop serve`` as processes;
-3. B's rows posted to the gateway one request each, their labels to ``POST /feedback``: the monitor's
-   quality check raises an alert and its trigger starts a retraining run on the source up to its
-   newest event time; the gate compares the new model with the champion on the same holdout and the
+3. B's rows posted to the gateway one request each, their labels to ``POST /feedback``, until the monitor's
+   quality or drift check raises an alert (whichever judges its window first; the other is attached to the
+   same run) and its trigger starts a retraining run on the source up to its newest event time; B stops
+   while the run trains; the gate compares the new model with the champion on the same holdout and the
    deploy step puts it out as a canary;
 4. later rows C flow with labels while ``driftloop serve`` drives the rollout: the paired analysis
    promotes (or not) the retrained model;
@@ -231,8 +232,9 @@ class Loop:
             th.join()
         return done[0]
 
-    def flow_until(self, rows: pd.DataFrame, done: Any, timeout: float) -> Any:
-        """Post ``rows`` round and round until ``done()`` returns something true (polled between passes)."""
+    def flow_until(self, rows: pd.DataFrame | None, done: Any, timeout: float) -> Any:
+        """Post ``rows`` round and round until ``done()`` returns something true (polled every 2 s); ``rows``
+        None: no traffic, only the wait."""
         deadline = time.monotonic() + timeout
         stop = threading.Event()
         result: list[Any] = [None]
@@ -249,12 +251,28 @@ class Loop:
 
         poller = threading.Thread(target=poll, daemon=True)
         poller.start()
-        while not stop.is_set():
+        while rows is not None and not stop.is_set():
             self.send(rows, stop)
-        poller.join(30)
+        poller.join(timeout + 30)
         if not result[0]:
-            raise RuntimeError(f"{self.table.name}: not done within {timeout:.0f}s")
+            raise RuntimeError(f"{self.table.name}: not done within {timeout:.0f}s\n{self.diagnosis()}")
         return result[0]
+
+    def diagnosis(self) -> str:
+        """What the loop's services say, for a phase that did not end: the alerts as the monitor holds them and
+        the tail of each service's log and of each retraining run's log."""
+        lines: list[str] = []
+        with contextlib.suppress(Exception):
+            got = httpx.get(f"http://127.0.0.1:{self.monitor_port}/alerts", params={"limit": 20}, timeout=10.0).json()
+            for a in got.get("alerts", []):
+                lines.append("alert " + " ".join(f"{k}={a.get(k)}" for k in (
+                    "id", "source", "decision", "reason", "run_state", "started", "finished", "model_version")))
+        logs = [*(self.dir / f"{verb}.log" for verb in ("monitor", "serve")),
+                *sorted((self.dir / ".driftloop" / "monitor" / "runs").glob("*.log"))]
+        for path in logs:
+            with contextlib.suppress(OSError):
+                lines.append(f"--- {path.name} (last lines)\n" + "\n".join(path.read_text(errors="replace").splitlines()[-25:]))
+        return "\n".join(lines)
 
     # -- the story ------------------------------------------------------------------------------------
     def alerts(self) -> list[dict[str, Any]]:
@@ -266,13 +284,20 @@ class Loop:
 
     # The polls look first where it costs nothing (the monitor's GET /alerts, the rollout's state file) and ask
     # the CLI once that shows the end: a CLI call every two seconds is a fresh interpreter each time.
-    def retrained(self) -> dict[str, Any] | None:
-        """The first quality alert whose retraining run has finished, if any (as ``driftloop alerts`` shows it)."""
-        def finished(alerts: list[dict[str, Any]]) -> dict[str, Any] | None:
-            return next((a for a in alerts if a.get("source") == "quality" and a.get("finished")), None)
-
+    # B's rows move both checks: whichever judges its complete window first starts the retraining run (drift is
+    # judged before quality in a round, so when a busy machine lets both windows fill before a round, it is the
+    # drift alert) and the other is attached to that run.
+    def started(self) -> dict[str, Any] | None:
+        """The alert whose retraining run has started, if any (the monitor's ``GET /alerts``)."""
         seen = httpx.get(f"http://127.0.0.1:{self.monitor_port}/alerts", params={"limit": 100}, timeout=10.0)
-        return finished(self.alerts()) if finished(seen.json().get("alerts", [])) else None
+        return next((a for a in seen.json().get("alerts", []) if a.get("decision") == "started"), None)
+
+    def retrained(self) -> dict[str, Any] | None:
+        """The alert that started a retraining run, once that run has finished (as ``driftloop alerts`` shows it)."""
+        alert = self.started()
+        if not (alert and alert.get("finished")):
+            return None
+        return next((a for a in self.alerts() if a.get("id") == alert["id"]), None)
 
     def rollout_of(self, version: str) -> Any:
         path = self.dir / ".driftloop" / "rollout" / "driftloop-model" / "state.json"
@@ -294,8 +319,12 @@ class Loop:
         try:
             self.start("monitor", ready=f"http://127.0.0.1:{self.monitor_port}/healthz")
             self.start("serve", ready=f"http://127.0.0.1:{self.gateway_port}/healthz")
-            self.log(f"[{t.name}] serving B ({len(b)} rows, labelled) until a quality alert's retrain finishes")
-            alert = self.flow_until(b, self.retrained, timeout=self.phase_timeout)
+            self.log(f"[{t.name}] serving B ({len(b)} rows, labelled) until an alert starts a retrain")
+            started = self.flow_until(b, self.started, timeout=self.phase_timeout)
+            # the run reads the source, not the traffic: B stops while it trains (more traffic would only take
+            # the cores the run needs)
+            self.log(f"[{t.name}] {started['id']} ({started['source']}) started a retrain; waiting for it")
+            alert = self.flow_until(None, self.retrained, timeout=self.phase_timeout)
             self.facts["alert"] = alert
             version = str(alert.get("model_version") or "")
             if not version:
@@ -344,7 +373,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=None, help="write every figure here")
     args = p.parse_args(argv)
     names = list(TABLES) if args.table == "all" else [args.table]
-    facts = run_tables(names, args.workdir.resolve(), args.interval, rate=args.rate or None)
+    t0 = time.monotonic()
+    facts = run_tables(names, args.workdir.resolve(), args.interval, rate=args.rate or None,
+                       log=lambda line: print(f"{time.monotonic() - t0:6.1f}s {line}", flush=True))
     if args.json:
         args.json.write_text(json.dumps(facts, indent=2, default=str))
     print(json.dumps(facts, indent=2, default=str))

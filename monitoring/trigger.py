@@ -53,6 +53,7 @@ Alertmanager's alert for a drift the monitor raised itself is its duplicate
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sqlite3
@@ -360,9 +361,14 @@ class Trigger:
         try:
             result = self.runner.run_training(request)
             record_result(self.alerts, alert_id, result, self.clock())
+        except sqlite3.ProgrammingError as exc:
+            # the monitor stopped (and closed its store) while the run went on: nothing to record it in; the
+            # next monitor finds the alert RUNNING with this process gone and marks it LOST (refresh)
+            log.warning("the result of the retraining run for alert %s was not recorded: %s", alert_id, exc)
         except Exception as exc:  # the monitor keeps running; the failure is recorded on the alert
             log.exception("retraining run for alert %s failed", alert_id)
-            self.alerts.update(alert_id, run_state="FAILED", finished=self.clock(), reason=f"run failed: {exc}")
+            with contextlib.suppress(sqlite3.ProgrammingError):  # closed under the run, as above
+                self.alerts.update(alert_id, run_state="FAILED", finished=self.clock(), reason=f"run failed: {exc}")
         finally:
             if self.fleet is not None:  # the run ended: its slot is free for the next follow() of any model
                 self.fleet.release(alert_id)
