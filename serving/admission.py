@@ -22,8 +22,9 @@ in the agent's guard; an agent's graceful hand-back (``maxReplicas`` back to
 ``serving.max_replicas``, nothing else) is allowed in full mode unless the kill switch is on,
 as in the agent. Everyone else's changes (deploy step, rollout controller, people) are allowed
 here untouched. ``infra/base/admission-webhook.yaml`` wires it in (why ``failurePolicy: Fail``
-and the ``namespaceSelector``: see there); :func:`constraint_template` renders the same rules as
-an OPA Gatekeeper ConstraintTemplate + Constraint for clusters that run Gatekeeper instead.
+and the ``namespaceSelector``: see there); :func:`constraint_template` renders the same rules -- of one model
+or of a fleet file -- as an OPA Gatekeeper ConstraintTemplate + Constraint for clusters that run Gatekeeper
+instead (``driftloop infra gatekeeper``).
 
 ``python -m serving.admission --cert tls.crt --key tls.key [--host 127.0.0.1] [--port 8443]``
 serves ``POST /validate`` (an ``admission.k8s.io/v1`` AdmissionReview) over TLS and ``GET /healthz``.
@@ -45,11 +46,11 @@ from typing import Any
 
 from driftloop.core.config import Settings
 from driftloop.core.errors import ConfigError
-from driftloop.core.fleet import load_fleet
+from driftloop.core.fleet import Fleet, load_fleet
 from serving.agent.policy import Policy, in_blackout, urgent_step
 
-__all__ = ["AGENT_SERVICE_ACCOUNT", "WEBHOOK_NAME", "Verdict", "judge", "review", "FleetPolicies", "PolicySource",
-           "AdmissionServer",
+__all__ = ["AGENT_SERVICE_ACCOUNT", "WEBHOOK_NAME", "Verdict", "judge", "review", "FleetPolicies", "policies_of",
+           "PolicySource", "AdmissionServer",
            "constraint_template", "main"]
 
 log = logging.getLogger(__name__)
@@ -146,6 +147,12 @@ class FleetPolicies:
         return self.models.get((namespace, name))
 
 
+def policies_of(fleet: Fleet) -> Settings | FleetPolicies:
+    """What the guardrails hold the agent to: a one-model file's settings, or a fleet file's models by their
+    InferenceService."""
+    return fleet.models[0].settings if fleet.single else FleetPolicies.of(fleet)
+
+
 def review(doc: dict[str, Any], settings: Settings | FleetPolicies | None, *, now: float | None = None,
            service_account: str = AGENT_SERVICE_ACCOUNT, policy_error: str | None = None,
            agent_namespace: str | None = None) -> dict[str, Any]:
@@ -209,8 +216,7 @@ class PolicySource:
                     return None, self._error
             if self._stamp is None or stamp != self._stamp:
                 try:
-                    fleet = load_fleet(self.path, environ=self.environ)
-                    self._settings = fleet.models[0].settings if fleet.single else FleetPolicies.of(fleet)
+                    self._settings = policies_of(load_fleet(self.path, environ=self.environ))
                     self._error = None
                 except ConfigError as exc:
                     self._settings, self._error = None, str(exc)
@@ -286,10 +292,16 @@ class AdmissionServer(ThreadingHTTPServer):
 
 
 # -- OPA Gatekeeper: the same rules as a ConstraintTemplate + Constraint --------------------------------------
+# ``policy``: the parameters themselves (one model's policy, for every InferenceService), or of a fleet the entry
+# ``fleet["<namespace>/<name>"]`` of the reviewed InferenceService (undefined for one of no model: refused).
 _REGO = """package driftloopagentguardrails
 
-agent := sprintf("system:serviceaccount:%v:%v", [input.review.namespace, input.parameters.serviceAccount])
+agent := sprintf("system:serviceaccount:%v:%v", [object.get(input.parameters, "agentNamespace", input.review.namespace), input.parameters.serviceAccount])
 is_agent { input.review.userInfo.username == agent; input.review.operation == "UPDATE" }
+key := sprintf("%v/%v", [input.review.namespace, input.review.object.metadata.name])
+is_fleet { input.parameters.fleet }
+policy := input.parameters.fleet[key] { is_fleet }
+policy := input.parameters { not is_fleet }
 old := object.get(input.review.oldObject.spec, "predictor", {})
 new := object.get(input.review.object.spec, "predictor", {})
 old_min := object.get(old, "minReplicas", 1)
@@ -299,32 +311,45 @@ rest(o) := {"spec": object.union(object.get(o, "spec", {}), {"predictor": object
             "labels": object.get(o.metadata, "labels", {}), "annotations": object.get(o.metadata, "annotations", {})}
 changed { some f; agent_fields[f]; object.get(old, f, null) != object.get(new, f, null) }
 bounds := [lo, hi] {
-  m := object.get(input.parameters.models, input.review.object.metadata.name, {})
-  lo := object.get(m, "floor", input.parameters.floor)
-  hi := object.get(m, "ceiling", input.parameters.ceiling)
+  m := object.get(object.get(policy, "models", {}), input.review.object.metadata.name, {})
+  lo := object.get(m, "floor", policy.floor)
+  hi := object.get(m, "ceiling", policy.ceiling)
 }
 now_minute := floor(time.now_ns() / 60000000000) % 1440
 in_window(w) { w.start <= w.end; now_minute >= w.start; now_minute < w.end }
 in_window(w) { w.start > w.end; now_minute >= w.start }
 in_window(w) { w.start > w.end; now_minute < w.end }
-paused { lower(object.get(object.get(input.review.oldObject.metadata, "annotations", {}), input.parameters.killSwitchAnnotation, "")) == {"true", "1", "yes"}[_] }
+paused { lower(object.get(object.get(input.review.oldObject.metadata, "annotations", {}), policy.killSwitchAnnotation, "")) == {"true", "1", "yes"}[_] }
 hand_back { new_min == old_min; object.get(old, "canaryTrafficPercent", null) == object.get(new, "canaryTrafficPercent", null)
-            object.get(new, "maxReplicas", null) == input.parameters.maxReplicas; input.parameters.mode == "full" }
-largest := s { new_min > old_min; s := max({input.parameters.maxStep, old_min, 4}) }
-largest := input.parameters.maxStep { new_min <= old_min }
+            object.get(new, "maxReplicas", null) == policy.maxReplicas; policy.mode == "full" }
+largest := s { new_min > old_min; s := max({policy.maxStep, old_min, 4}) }
+largest := policy.maxStep { new_min <= old_min }
 
+violation[{"msg": sprintf("InferenceService %v is no model of the fleet: the agent has no policy for it", [key])}] { is_agent; is_fleet; not input.parameters.fleet[key] }
 violation[{"msg": "the agent may change only minReplicas, maxReplicas and canaryTrafficPercent"}] { is_agent; rest(input.review.oldObject) != rest(input.review.object) }
-violation[{"msg": "observe mode: the agent may change nothing"}] { is_agent; changed; input.parameters.mode == "observe" }
+violation[{"msg": "observe mode: the agent may change nothing"}] { is_agent; changed; policy.mode == "observe" }
 violation[{"msg": "kill switch is on"}] { is_agent; changed; paused }
-violation[{"msg": "blackout window: no automatic change"}] { is_agent; changed; not hand_back; w := input.parameters.blackout[_]; in_window(w) }
+violation[{"msg": "blackout window: no automatic change"}] { is_agent; changed; not hand_back; w := policy.blackout[_]; in_window(w) }
 violation[{"msg": sprintf("minReplicas %v is below the floor %v", [new_min, bounds[0]])}] { is_agent; new_min != old_min; new_min < bounds[0] }
 violation[{"msg": sprintf("minReplicas %v is above the ceiling %v", [new_min, bounds[1]])}] { is_agent; new_min != old_min; new_min > bounds[1] }
-violation[{"msg": "this mode may not lower a floor"}] { is_agent; new_min < old_min; input.parameters.mode != "full" }
+violation[{"msg": "this mode may not lower a floor"}] { is_agent; new_min < old_min; policy.mode != "full" }
 violation[{"msg": sprintf("a step of %v is more than the policy allows", [abs(new_min - old_min)])}] { is_agent; abs(new_min - old_min) > largest }
 violation[{"msg": "the agent may only roll a canary back (canaryTrafficPercent: 0)"}] { is_agent; object.get(old, "canaryTrafficPercent", null) != object.get(new, "canaryTrafficPercent", null); object.get(new, "canaryTrafficPercent", null) != 0 }
-violation[{"msg": "this mode may not roll back a canary"}] { is_agent; object.get(old, "canaryTrafficPercent", null) != object.get(new, "canaryTrafficPercent", null); input.parameters.mode != "full" }
-violation[{"msg": "maxReplicas is neither minReplicas nor serving.max_replicas"}] { is_agent; m := object.get(new, "maxReplicas", null); m != object.get(old, "maxReplicas", null); m != new_min; m != input.parameters.maxReplicas }
+violation[{"msg": "this mode may not roll back a canary"}] { is_agent; object.get(old, "canaryTrafficPercent", null) != object.get(new, "canaryTrafficPercent", null); policy.mode != "full" }
+violation[{"msg": "maxReplicas is neither minReplicas nor serving.max_replicas"}] { is_agent; m := object.get(new, "maxReplicas", null); m != object.get(old, "maxReplicas", null); m != new_min; m != policy.maxReplicas }
 """
+_KIND = "DriftloopAgentGuardrails"
+
+
+def _policy_schema() -> dict[str, Any]:
+    """The schema of one model's policy in the Constraint's parameters (:func:`_policy_parameters`)."""
+    window = {"type": "object", "properties": {"start": {"type": "integer"}, "end": {"type": "integer"}}}
+    bounds = {"type": "object", "properties": {"floor": {"type": "integer"}, "ceiling": {"type": "integer"}}}
+    return {"mode": {"type": "string", "enum": ["observe", "scale-up", "full"]},
+            "floor": {"type": "integer"}, "ceiling": {"type": "integer"}, "maxStep": {"type": "integer"},
+            "maxReplicas": {"type": "integer"}, "killSwitchAnnotation": {"type": "string"},
+            "blackout": {"type": "array", "items": window},
+            "models": {"type": "object", "additionalProperties": bounds}}
 
 
 def _minutes(hhmm: str) -> int:
@@ -332,44 +357,53 @@ def _minutes(hhmm: str) -> int:
     return int(hours) * 60 + int(minutes)
 
 
-def constraint_template(settings: Settings, *, service_account: str = AGENT_SERVICE_ACCOUNT,
-                        namespaces: list[str] | None = None) -> list[dict[str, Any]]:
+def _policy_parameters(settings: Settings) -> dict[str, Any]:
+    """One model's ``agent`` policy and ``serving.max_replicas`` as the Rego reads them."""
+    a = settings.agent
+    return {
+        "mode": a.mode, "floor": a.floor, "ceiling": a.ceiling, "maxStep": a.max_step,
+        "maxReplicas": int(settings.serving.max_replicas), "killSwitchAnnotation": a.kill_switch_annotation,
+        "blackout": [{"start": _minutes(w.split("-")[0]), "end": _minutes(w.split("-")[1])} for w in a.blackout],
+        "models": {name: {k: v for k, v in (("floor", m.floor), ("ceiling", m.ceiling)) if v is not None}
+                   for name, m in a.models.items()},
+    }
+
+
+def constraint_template(settings: Settings | FleetPolicies, *, service_account: str = AGENT_SERVICE_ACCOUNT,
+                        namespaces: list[str] | None = None,
+                        agent_namespace: str | None = None) -> list[dict[str, Any]]:
     """The webhook's rules for OPA Gatekeeper: a ``ConstraintTemplate`` (Rego, parameters typed) and
     its ``Constraint`` carrying this configuration's policy -- for clusters that run Gatekeeper instead
-    of (or beside) this webhook. The policy is rendered into the Constraint, so re-render it when the
-    ``agent:`` section changes (the webhook reads the file itself)."""
-    a = settings.agent
-    kind = "DriftloopAgentGuardrails"
-    window = {"type": "object", "properties": {"start": {"type": "integer"}, "end": {"type": "integer"}}}
-    bounds = {"type": "object", "properties": {"floor": {"type": "integer"}, "ceiling": {"type": "integer"}}}
-    parameters = {"type": "object", "properties": {
-        "serviceAccount": {"type": "string"}, "mode": {"type": "string", "enum": ["observe", "scale-up", "full"]},
-        "floor": {"type": "integer"}, "ceiling": {"type": "integer"}, "maxStep": {"type": "integer"},
-        "maxReplicas": {"type": "integer"}, "killSwitchAnnotation": {"type": "string"},
-        "blackout": {"type": "array", "items": window},
-        "models": {"type": "object", "additionalProperties": bounds}}}
+    of (or beside) this webhook. One model's settings: its policy, for every InferenceService the Constraint
+    matches; a fleet (:class:`FleetPolicies`): each model's under ``fleet["<namespace>/<name>"]``, and the
+    agent's change of an InferenceService of no model refused. ``agent_namespace``: where the agent's
+    ServiceAccount is (None: each object's own namespace). The policy is rendered into the Constraint, so
+    re-render it when the configuration changes (the webhook reads the file itself)."""
+    schema = {"type": "object", "properties": {
+        "serviceAccount": {"type": "string"}, "agentNamespace": {"type": "string"}, **_policy_schema(),
+        "fleet": {"type": "object", "additionalProperties": {"type": "object", "properties": _policy_schema()}}}}
+    labels = {"app.kubernetes.io/part-of": "driftloop"}
     template = {
         "apiVersion": "templates.gatekeeper.sh/v1", "kind": "ConstraintTemplate",
-        "metadata": {"name": kind.lower(), "labels": {"app.kubernetes.io/part-of": "driftloop"}},
-        "spec": {"crd": {"spec": {"names": {"kind": kind}, "validation": {"openAPIV3Schema": parameters}}},
+        "metadata": {"name": _KIND.lower(), "labels": labels},
+        "spec": {"crd": {"spec": {"names": {"kind": _KIND}, "validation": {"openAPIV3Schema": schema}}},
                  "targets": [{"target": "admission.k8s.gatekeeper.sh", "rego": _REGO}]},
     }
-    models = {name: {k: v for k, v in (("floor", m.floor), ("ceiling", m.ceiling)) if v is not None}
-              for name, m in a.models.items()}
+    parameters: dict[str, Any] = {"serviceAccount": service_account}
+    if agent_namespace:
+        parameters["agentNamespace"] = agent_namespace
+    if isinstance(settings, FleetPolicies):
+        parameters["fleet"] = {f"{ns}/{name}": _policy_parameters(s) for (ns, name), s in settings.models.items()}
+    else:
+        parameters.update(_policy_parameters(settings))
     constraint = {
-        "apiVersion": "constraints.gatekeeper.sh/v1beta1", "kind": kind,
-        "metadata": {"name": "driftloop-agent", "labels": {"app.kubernetes.io/part-of": "driftloop"}},
+        "apiVersion": "constraints.gatekeeper.sh/v1beta1", "kind": _KIND,
+        "metadata": {"name": "driftloop-agent", "labels": labels},
         "spec": {
             "enforcementAction": "deny",
             "match": {"kinds": [{"apiGroups": ["serving.kserve.io"], "kinds": ["InferenceService"]}],
                       **({"namespaces": namespaces} if namespaces else {})},
-            "parameters": {
-                "serviceAccount": service_account, "mode": a.mode, "floor": a.floor, "ceiling": a.ceiling,
-                "maxStep": a.max_step, "maxReplicas": int(settings.serving.max_replicas),
-                "killSwitchAnnotation": a.kill_switch_annotation,
-                "blackout": [{"start": _minutes(w.split("-")[0]), "end": _minutes(w.split("-")[1])} for w in a.blackout],
-                "models": models,
-            },
+            "parameters": parameters,
         },
     }
     return [template, constraint]

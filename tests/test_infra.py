@@ -37,7 +37,7 @@ def one(objects: list[dict], kind: str, name: str | None = None, namespace: str 
 # --- the check on the real tree ----------------------------------------------------------------------
 def test_check_passes_on_the_real_tree(capsys):
     assert main([str(ROOT)]) == 0, capsys.readouterr().err
-    assert "4 kustomizations built and valid" in capsys.readouterr().out
+    assert "5 kustomizations built and valid" in capsys.readouterr().out
 
 
 # --- broken copies ----------------------------------------------------------------------------------------
@@ -74,8 +74,8 @@ def test_overlay_referencing_a_missing_file_fails_naming_it(tree):
 
 
 def test_json_patch_that_no_longer_matches_fails_naming_the_path(tree):
-    # the base loses the field the prod overlay replaces
-    edit(tree / "infra/base/inference-service.yaml", "    scaleTarget: 10\n", "")
+    # the model loses the field the prod overlay replaces
+    edit(tree / "infra/model/inference-service.yaml", "    scaleTarget: 10\n", "")
     text = problems_of(tree, "overlays/prod")
     assert "infra/overlays/prod/inference-service.yaml (patch of InferenceService driftloop-model)" in text
     assert "replace /spec/predictor/scaleTarget" in text
@@ -98,16 +98,28 @@ def test_unknown_field_in_a_core_object_names_file_and_field(tree):
 
 
 def test_unknown_field_in_the_inference_service_fails_through_kserve_classes(tree):
-    edit(tree / "infra/base/inference-service.yaml", "    scaleMetric: concurrency\n",
+    edit(tree / "infra/model/inference-service.yaml", "    scaleMetric: concurrency\n",
          "    scaleMetric: concurrency\n    canaryTraficPercent: 10\n")
-    text = problems_of(tree, "base")
-    assert "infra/base/inference-service.yaml" in text
+    text = problems_of(tree, "model")
+    assert "infra/model/inference-service.yaml (InferenceService driftloop/driftloop-model, infra/model)" in text
     assert "spec.predictor.canaryTraficPercent" in text and "V1beta1PredictorSpec" in text
 
 
 def test_wrong_type_in_the_inference_service_fails(tree):
-    edit(tree / "infra/base/inference-service.yaml", "    minReplicas: 1\n", "    minReplicas: one\n")
-    assert "spec.predictor.minReplicas: must be int" in problems_of(tree, "base")
+    edit(tree / "infra/model/inference-service.yaml", "    minReplicas: 1\n", "    minReplicas: one\n")
+    assert "spec.predictor.minReplicas: must be int" in problems_of(tree, "model")
+
+
+def test_a_patch_deleting_a_whole_object_fails_whatever_the_kustomize(tree):
+    """The kustomize of kubectl 1.20 keeps a custom resource that a strategic `$patch: delete` removes (and kubectl
+    would create it); today's kustomize deletes it. The check refuses the patch itself, so it fails on either."""
+    (tree / "infra/overlays/dev/remove-model.yaml").write_text(
+        "apiVersion: serving.kserve.io/v1beta1\nkind: InferenceService\nmetadata:\n  name: driftloop-model\n"
+        "  namespace: driftloop\n$patch: delete\n")
+    edit(tree / "infra/overlays/dev/kustomization.yaml", "  - monitor.yaml", "  - monitor.yaml\n  - remove-model.yaml")
+    text = problems_of(tree, "overlays/dev")
+    assert "infra/overlays/dev/remove-model.yaml (patch of InferenceService driftloop-model): deletes the whole " \
+           "object ($patch: delete), which the kustomize of kubectl 1.20 leaves in the render" in text
 
 
 def test_prometheus_operator_objects_are_checked_against_their_crds(tree):
@@ -285,6 +297,48 @@ def test_inference_service_manifest_matches_the_builder(rendered):
         assert [e["secretRef"]["name"] for e in m_container.pop("envFrom")] == \
             [e["secretRef"]["name"] for e in b_container.pop("envFrom")]
         assert m_container == b_container, env
+
+
+def _directives(node: object, path: str = "") -> list[str]:
+    """Where kustomize's strategic-merge directives (``$patch``, ``$setElementOrder/…``) are left in ``node``."""
+    if isinstance(node, dict):
+        return [f"{path}.{k}" for k in node if str(k).startswith("$")] + \
+            [d for k, v in node.items() for d in _directives(v, f"{path}.{k}")]
+    if isinstance(node, list):
+        return [d for i, v in enumerate(node) for d in _directives(v, f"{path}[{i}]")]
+    return []
+
+
+def _at(obj: dict, pointer: str) -> object:
+    for part in pointer.strip("/").split("/"):
+        obj = obj[int(part)] if isinstance(obj, list) else obj[part]
+    return obj
+
+
+def test_only_the_one_model_installs_render_its_inference_service_and_no_directive_is_left(rendered):
+    """infra/model holds the one-model InferenceService: dev and prod (which list it beside the base) render it
+    once with their JSON patches applied; the platform (base) and the fleet render none, so no overlay has to
+    delete it -- the kustomize of kubectl 1.20 keeps a custom resource that a `$patch: delete` removes, the
+    directive as a field, and kubectl would create it. No render carries a directive, whichever kubectl builds it."""
+    renders = {env: objects for env, (objects, _) in rendered.items()}
+    renders |= {name: build(ROOT / "infra" / path) for name, path in
+                (("base", "base"), ("model", "model"), ("fleet", "overlays/fleet"))}
+    source = yaml.safe_load((ROOT / "infra/model/inference-service.yaml").read_text())
+    for name, objects in renders.items():
+        assert [f"{o['kind']} {o['metadata']['name']}{d}" for o in objects for d in _directives(o)] == [], name
+        services = objects_by_kind(objects, "InferenceService")
+        if name in ("base", "fleet"):
+            assert services == [], name
+            continue
+        (isvc,) = services
+        assert (isvc["metadata"]["namespace"], isvc["metadata"]["name"]) == ("driftloop", "driftloop-model")
+        if name == "model":
+            assert isvc == source
+            continue
+        operations = yaml.safe_load((ROOT / "infra/overlays" / name / "inference-service.yaml").read_text())
+        assert operations and {op["op"] for op in operations} == {"replace"}
+        for op in operations:
+            assert _at(isvc, op["path"]) == op["value"] != _at(source, op["path"]), (name, op["path"])
 
 
 def test_dockerfile_builds_the_shared_image_as_a_non_root_user():

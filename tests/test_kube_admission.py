@@ -2,31 +2,46 @@
 real kube-apiserver for the agent's own ServiceAccount token, refuses every kind of out-of-policy
 change and allows an in-policy one; the policy is the file the agent reads. The same rules as an OPA
 Gatekeeper ConstraintTemplate + Constraint, applied to the API server (schemas) and evaluated with a
-Rego interpreter (regopy, rego-cpp) on the same table of cases as the webhook.
+Rego interpreter (regopy, rego-cpp) on the same table of cases as the webhook; of a fleet file, one
+Constraint deciding each model's InferenceService as the webhook does with that model's policy, and
+``driftloop infra gatekeeper`` printing both for kubectl.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
+import yaml
 from kubernetes import client as k8s
 from kubernetes.client.rest import ApiException
 
 from driftloop.core.errors import ServingError
-from serving.admission import _REGO, WEBHOOK_NAME, Verdict, constraint_template, judge, review
+from driftloop.core.fleet import load_fleet
+from serving.admission import (_REGO, WEBHOOK_NAME, FleetPolicies, Verdict, constraint_template, judge, policies_of,
+                               review)
 from serving.agent.actions import KServeActuator
 from serving.agent.policy import Policy
 from tests.conftest import make_settings
-from tests.kube_server import DEFAULT_AGENT_POLICY, guardrails, infra_applied
+from tests.kube_server import DEFAULT_AGENT_POLICY, ROOT, guardrails, infra_applied
 from tests.test_kube_paths import ISVC, NS, kserve_client, put_up, settings_for
 
 AGENT = f"system:serviceaccount:{NS}:driftloop-agent"
 KILL = "driftloop.io/agent-paused"
 NOW = dt.datetime(2026, 12, 7, 12, 0, tzinfo=dt.timezone.utc).timestamp()
 
+
+
+def around_now() -> str:
+    """A blackout window (UTC) from the hour before the present to two hours after it: a test that reads the
+    clock at different moments stays inside it."""
+    hour = time.gmtime().tm_hour
+    return f"{(hour - 1) % 24:02d}:00-{(hour + 2) % 24:02d}:00"
 
 def isvc(min_replicas: int = 2, max_replicas: int | None = 5, canary: int | None = None, **annotations: str) -> dict:
     predictor: dict = {"minReplicas": min_replicas, "containers": [{"name": "kserve-container", "image": "i"}]}
@@ -131,7 +146,7 @@ def test_the_api_server_asks_the_webhook_and_refuses_each_out_of_policy_patch_of
     hooks.use({**POLICY, "blackout": [], "max_step": 1, "ceiling": 20}, max_replicas=5)
     patch_as_admin(kube, name, min_replicas(6))  # a person may do anything the RBAC lets them
     assert "more than the 1 the policy allows" in refusal(api, name, min_replicas(4))
-    hooks.use({**POLICY, "blackout": [f"{time.gmtime().tm_hour:02d}:00-{(time.gmtime().tm_hour + 1) % 24:02d}:00"]},
+    hooks.use({**POLICY, "blackout": [around_now()]},
               max_replicas=5)
     assert refusal(api, name, min_replicas(5)).startswith("blackout window")
     hooks.use({**POLICY, "blackout": []}, max_replicas=5)
@@ -172,8 +187,9 @@ def _gatekeeper_settings(tmp_path, overrides: dict):
         "agent.kill_switch_annotation": KILL, "serving.max_replicas": 5})
 
 
-def rego_verdict(interpreter, constraint: dict, old: dict, new: dict, now: float) -> Verdict:
-    review_doc = {"operation": "UPDATE", "namespace": NS, "userInfo": {"username": AGENT}, "object": new,
+def rego_verdict(interpreter, constraint: dict, old: dict, new: dict, now: float, *, namespace: str = NS,
+                 user: str = AGENT) -> Verdict:
+    review_doc = {"operation": "UPDATE", "namespace": namespace, "userInfo": {"username": user}, "object": new,
                   "oldObject": old}
     interpreter.set_input_term(json.dumps({"review": review_doc, "parameters": constraint["spec"]["parameters"]}))
     result = json.loads(str(interpreter.query("data.driftloopagentguardrails.violation")))["expressions"][0]
@@ -187,8 +203,7 @@ def test_gatekeeper_rego_decides_every_case_as_the_webhook_does(tmp_path, name, 
     from regopy import Interpreter
 
     if overrides.get("blackout"):
-        hour = time.gmtime().tm_hour
-        overrides = {**overrides, "blackout": (f"{hour:02d}:00-{(hour + 1) % 24:02d}:00",)}
+        overrides = {**overrides, "blackout": (around_now(),)}
     now = time.time() if overrides.get("blackout") else NOW
     _, constraint = constraint_template(_gatekeeper_settings(tmp_path, overrides))
     interpreter = Interpreter()
@@ -198,12 +213,13 @@ def test_gatekeeper_rego_decides_every_case_as_the_webhook_does(tmp_path, name, 
     assert rego_verdict(interpreter, constraint, old, new, now).allowed is allowed, name
 
 
-def test_gatekeeper_template_and_constraint_pass_the_api_servers_schemas(kube, tmp_path):
-    """The ConstraintTemplate against Gatekeeper's CRD; the Constraint against the CRD Gatekeeper's controller
-    makes from the template (the test plays it: the template's parameters schema is its spec.parameters)."""
+def applied_constraint(kube, template: dict, constraint: dict) -> dict:
+    """``template`` and ``constraint`` applied as the test below says (a Constraint of an earlier test deleted
+    first: server-side apply would keep its empty maps); the Constraint as the API server keeps it."""
     from kubernetes import client
 
-    template, constraint = constraint_template(_gatekeeper_settings(tmp_path, {"blackout": ("22:00-06:00",)}))
+    from tests.kube_server import wait_for
+
     kube.apply([template])
     kind = template["spec"]["crd"]["spec"]["names"]["kind"]
     schema = {"type": "object", "properties": {"spec": {"type": "object", "properties": {
@@ -218,19 +234,180 @@ def test_gatekeeper_template_and_constraint_pass_the_api_servers_schemas(kube, t
                                   "schema": {"openAPIV3Schema": schema}}]}}
     kube.apply([crd])
     api = client.ApiextensionsV1Api(kube.admin)
-    from tests.kube_server import wait_for
-
     wait_for(lambda: any(c.type == "Established" and c.status == "True"
                          for c in api.read_custom_resource_definition(crd["metadata"]["name"]).status.conditions or []),
              what="the constraint kind's CRD")
     wait_for(lambda: kube.kubectl("get", f"{kind.lower()}.constraints.gatekeeper.sh", check=False).returncode == 0,
              what="the constraint kind in discovery")
+    kube.kubectl("delete", f"{kind.lower()}.constraints.gatekeeper.sh", "driftloop-agent", "--ignore-not-found")
     kube.apply([constraint])
-    live = json.loads(kube.kubectl("get", f"{kind.lower()}.constraints.gatekeeper.sh", "driftloop-agent",
+    return json.loads(kube.kubectl("get", f"{kind.lower()}.constraints.gatekeeper.sh", "driftloop-agent",
                                    "-o", "json").stdout)
+
+
+def refused_apply(kube, doc: dict) -> str:
+    """The API server's refusal of ``doc`` (server-side apply), its stderr."""
+    out = kube.kubectl("apply", "--server-side", "-f", "-", stdin=json.dumps(doc), check=False)
+    assert out.returncode != 0, out.stdout
+    return out.stderr
+
+
+def test_gatekeeper_template_and_constraint_pass_the_api_servers_schemas(kube, tmp_path):
+    """The ConstraintTemplate against Gatekeeper's CRD; the Constraint against the CRD Gatekeeper's controller
+    makes from the template (the test plays it: the template's parameters schema is its spec.parameters)."""
+    template, constraint = constraint_template(_gatekeeper_settings(tmp_path, {"blackout": ("22:00-06:00",)}))
+    live = applied_constraint(kube, template, constraint)
     assert live["spec"]["parameters"] == constraint["spec"]["parameters"]  # nothing pruned
     assert live["spec"]["parameters"]["blackout"] == [{"start": 1320, "end": 360}]
     bad = json.loads(json.dumps(constraint))
     bad["spec"]["parameters"]["floor"] = "two"
-    out = kube.kubectl("apply", "--server-side", "-f", "-", stdin=json.dumps(bad), check=False)
-    assert out.returncode != 0 and "spec.parameters.floor" in out.stderr, out.stderr
+    stderr = refused_apply(kube, bad)
+    assert "spec.parameters.floor" in stderr, stderr
+
+
+# -- OPA Gatekeeper: a fleet file in one Constraint -------------------------------------------------------------
+FLEET_AGENT = "system:serviceaccount:driftloop:driftloop-agent"
+
+
+def _fleet(tmp_path: Path) -> FleetPolicies:
+    """Three models of two teams, each with its own policy: churn (growth) full, ceiling 8, step 2, max 5;
+    demand (planning) scale-up, ceiling 3 but 4 for its own InferenceService, step 1, max 4; spend (planning)
+    full, in a blackout window around the present hour."""
+    own = {
+        "churn": ("growth", {"mode": "full", "floor": 2, "ceiling": 8, "max_step": 2}, 5),
+        "demand": ("planning", {"mode": "scale-up", "floor": 1, "ceiling": 3, "max_step": 1,
+                                "models": {"demand": {"ceiling": 4}}}, 4),
+        "spend": ("planning", {"mode": "full", "blackout": [around_now()]}, 5),
+    }
+    models = {name: {"team": team, "data": {"source": str(tmp_path / f"{name}.parquet")}, "agent": agent,
+                     "serving": {"max_replicas": top}} for name, (team, agent, top) in own.items()}
+    path = tmp_path / "fleet.yaml"
+    path.write_text(yaml.safe_dump({"workspace": str(tmp_path / "fleet"), "models": models,
+                                    "defaults": {"data": {"time_column": "event_time"},
+                                                 "agent": {"kill_switch_annotation": KILL}}}))
+    policies = policies_of(load_fleet(path, environ={}))
+    assert isinstance(policies, FleetPolicies)
+    return policies
+
+
+def _at(obj: dict, namespace: str, name: str) -> dict:
+    out = json.loads(json.dumps(obj))
+    out["metadata"].update(name=name, namespace=namespace)
+    return out
+
+
+def webhook_verdict(policies, old: dict, new: dict, *, namespace: str, user: str = FLEET_AGENT,
+                    agent_namespace: str | None = "driftloop") -> Verdict:
+    name = new["metadata"]["name"]
+    request = {"uid": "u", "operation": "UPDATE", "namespace": namespace, "name": name, "userInfo": {"username": user},
+               "resource": {"group": "serving.kserve.io", "version": "v1beta1", "resource": "inferenceservices"},
+               "oldObject": old, "object": new}
+    out = review({"request": request}, policies, agent_namespace=agent_namespace, now=time.time())["response"]
+    return Verdict(out["allowed"], out.get("status", {}).get("message", ""))
+
+
+# every change of the webhook's table, and two raises that only the models' ceilings tell apart
+FLEET_CHANGES = [(c[0], c[2], c[3]) for c in CASES] + [("to 4", isvc(2), isvc(4)), ("to 5", isvc(2), isvc(5))]
+
+
+def test_gatekeeper_rego_decides_each_fleet_models_changes_as_the_webhook_does(tmp_path):
+    """One Constraint for the fleet (the agent a ServiceAccount of driftloop): for each model's InferenceService
+    and each change, the Rego's verdict is the webhook's with that model's policy; the models' policies differ,
+    and so do their verdicts."""
+    from regopy import Interpreter
+
+    policies = _fleet(tmp_path)
+    _, constraint = constraint_template(policies, agent_namespace="driftloop")
+    assert set(constraint["spec"]["parameters"]["fleet"]) == {"growth/churn", "planning/demand", "planning/spend"}
+    interpreter = Interpreter()
+    interpreter.add_module("guardrails", _REGO)
+    verdicts = {}
+    for namespace, name in policies.models:
+        row = []
+        for change, old, new in FLEET_CHANGES:
+            old, new = _at(old, namespace, name), _at(new, namespace, name)
+            webhook = webhook_verdict(policies, old, new, namespace=namespace)
+            rego = rego_verdict(interpreter, constraint, old, new, time.time(), namespace=namespace, user=FLEET_AGENT)
+            assert rego.allowed is webhook.allowed, (namespace, name, change, webhook, rego)
+            row.append(webhook.allowed)
+        verdicts[namespace, name] = tuple(row)
+    assert len(set(verdicts.values())) == 3, verdicts  # each model judged by its own policy
+    at = {change: i for i, (change, _, _) in enumerate(FLEET_CHANGES)}
+    assert verdicts["growth", "churn"][at["to 5"]] and not verdicts["planning", "demand"][at["to 5"]]
+    assert verdicts["planning", "demand"][at["to 4"]]  # its own InferenceService's ceiling, not the policy's 3
+    assert not verdicts["planning", "spend"][at["in policy"]]  # the blackout
+    assert verdicts["planning", "spend"][at["hand-back in a blackout"]]
+
+
+def test_the_fleets_constraint_refuses_the_agent_an_inference_service_of_no_model_and_knows_it_by_agent_namespace(
+        tmp_path):
+    from regopy import Interpreter
+
+    policies = _fleet(tmp_path)
+    interpreter = Interpreter()
+    interpreter.add_module("guardrails", _REGO)
+    _, constraint = constraint_template(policies, agent_namespace="driftloop")
+    for namespace, name in (("planning", "stray"), ("growth", "demand")):  # demand is planning's, not growth's
+        old, new = _at(isvc(2), namespace, name), _at(isvc(3), namespace, name)
+        webhook = webhook_verdict(policies, old, new, namespace=namespace)
+        rego = rego_verdict(interpreter, constraint, old, new, NOW, namespace=namespace, user=FLEET_AGENT)
+        assert not webhook.allowed and not rego.allowed
+        assert rego.reason == (f"InferenceService {namespace}/{name} is no model of the fleet: the agent has no "
+                               "policy for it")
+    # demand's ceiling is 4: driftloop's agent is judged in planning, planning's own ServiceAccount is not the agent
+    old, new = _at(isvc(2), "planning", "demand"), _at(isvc(5), "planning", "demand")
+    assert rego_verdict(interpreter, constraint, old, new, NOW, namespace="planning", user=FLEET_AGENT).reason \
+        == "minReplicas 5 is above the ceiling 4"
+    team_agent = "system:serviceaccount:planning:driftloop-agent"
+    assert webhook_verdict(policies, old, new, namespace="planning", user=team_agent).allowed
+    assert rego_verdict(interpreter, constraint, old, new, NOW, namespace="planning", user=team_agent).allowed
+    # rendered without agentNamespace the agent is looked for in planning: driftloop's is not recognised
+    _, local = constraint_template(policies)
+    assert "agentNamespace" not in local["spec"]["parameters"]
+    assert webhook_verdict(policies, old, new, namespace="planning", agent_namespace=None).allowed
+    assert rego_verdict(interpreter, local, old, new, NOW, namespace="planning", user=FLEET_AGENT).allowed
+    assert not rego_verdict(interpreter, local, old, new, NOW, namespace="planning", user=team_agent).allowed
+
+
+def test_the_fleets_constraint_passes_the_api_servers_schema(kube, tmp_path):
+    template, constraint = constraint_template(_fleet(tmp_path), agent_namespace="driftloop")
+    live = applied_constraint(kube, template, constraint)
+    assert live["spec"]["parameters"] == constraint["spec"]["parameters"]  # nothing pruned
+    assert live["spec"]["parameters"]["fleet"]["planning/demand"]["models"] == {"demand": {"ceiling": 4}}
+    bad = json.loads(json.dumps(constraint))
+    bad["spec"]["parameters"]["fleet"]["planning/demand"]["ceiling"] = "four"
+    stderr = refused_apply(kube, bad)
+    assert "spec.parameters.fleet" in stderr and "ceiling" in stderr, stderr
+
+
+def gatekeeper_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "driftloop.app.cli", "infra", "gatekeeper", *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("config,args,render", [
+    ("infra/overlays/fleet/fleet.yaml", ["--agent-namespace", "driftloop"], {"agent_namespace": "driftloop"}),
+    ("examples/demo.yaml", ["--service-account", "guardrails-agent"], {"service_account": "guardrails-agent"})])
+def test_driftloop_infra_gatekeeper_prints_the_template_and_constraint_for_kubectl(config, args, render):
+    out = gatekeeper_cli("-c", str(ROOT / config), *args)
+    assert out.returncode == 0, out.stderr
+    docs = list(yaml.safe_load_all(out.stdout))
+    assert docs == constraint_template(policies_of(load_fleet(ROOT / config)), **render)
+    assert "rego: |" in out.stdout  # the Rego as a block a person can read
+    parameters = docs[1]["spec"]["parameters"]
+    if "fleet" in config:
+        assert parameters["agentNamespace"] == "driftloop" and parameters["serviceAccount"] == "driftloop-agent"
+        assert sorted(parameters["fleet"]) == ["growth/churn", "growth/upsell", "planning/demand", "planning/spend"]
+        assert "mode" not in parameters
+    else:
+        assert parameters["serviceAccount"] == "guardrails-agent" and parameters["mode"] == "observe"
+        assert "fleet" not in parameters and "agentNamespace" not in parameters
+
+
+def test_driftloop_infra_gatekeeper_refuses_a_broken_configuration_in_one_line(tmp_path):
+    config = tmp_path / "broken.yaml"
+    config.write_text("agent:\n  floor: two\n")
+    out = gatekeeper_cli("-c", str(config))
+    assert out.returncode == 2 and out.stdout == "", out.stdout
+    (line,) = out.stderr.strip().splitlines()
+    assert line.startswith("error:") and "agent.floor" in line, out.stderr

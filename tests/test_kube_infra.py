@@ -122,13 +122,15 @@ def test_structural_schemas_refuse_a_wrong_type_and_prune_an_unknown_field(kube)
 def test_base_and_every_overlay_apply_server_side_and_read_back_unchanged(kube):
     """The Kubeflow Pipelines namespace is KFP's (not in infra/); the test creates it as KFP's install would."""
     kube.apply([{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "kubeflow"}}])
-    targets = [t for t in kustomize_targets(ROOT / "infra") if t.parent.name != "tenants" and t.name != "fleet"]
+    targets = [t for t in kustomize_targets(ROOT / "infra")
+               if t.parent.name != "tenants" and t.name not in ("model", "fleet")]  # model: in dev and prod
     assert [t.relative_to(ROOT).as_posix() for t in targets] == ["infra/base", "infra/overlays/dev",
                                                                  "infra/overlays/prod"]  # fleet: test_fleet_infra.py
-    for target in targets:
+    for target in targets:  # the platform alone, then each one-model install (base + model)
         docs = build(target)
-        assert {d["kind"] for d in docs} >= {"InferenceService", "ServiceMonitor", "PrometheusRule",
-                                             "AlertmanagerConfig", "Role", "Deployment"}
+        assert {d["kind"] for d in docs} >= {"ServiceMonitor", "PrometheusRule", "AlertmanagerConfig", "Role",
+                                             "Deployment"}
+        assert len([d for d in docs if d["kind"] == "InferenceService"]) == (0 if target.name == "base" else 1)
         apply_and_compare(kube, docs, target.relative_to(ROOT).as_posix())
         # the webhook's Service cannot be reached here: point it at this process's driftloop webhook
         # again, or the next InferenceService update would wait 5 s and fail (failurePolicy: Fail)

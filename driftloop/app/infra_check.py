@@ -1,9 +1,12 @@
 """The one check of the Kubernetes manifests in ``infra/``, run by the tests and CI.
 
-For the base and every overlay it
+For the base (the platform every install shares), the one-model install's InferenceService
+(``infra/model``) and every overlay it
 
 1. builds the kustomization with a real kustomize (``kubectl kustomize``; ``$KUBECTL``
-   chooses the binary), so a missing file or a patch that no longer applies fails here;
+   chooses the binary), so a missing file or a patch that no longer applies fails here, and
+   checks each overlay's patches against what its bases render (a patch that deletes a whole
+   object fails: the kustomize of kubectl 1.20 keeps a custom resource so);
 2. validates every core object against the Kubernetes JSON schemas with
    ``kubernetes-validate`` in strict mode (an unknown field fails);
 3. parses the InferenceService with kserve's own model classes and fails on every field
@@ -117,11 +120,8 @@ def find_kubectl() -> str:
 
 
 def kustomize_targets(infra: Path) -> list[Path]:
-    """The base and every overlay: folders under ``infra/`` that hold a kustomization."""
-    targets = []
-    base = infra / "base"
-    if (base / "kustomization.yaml").is_file():
-        targets.append(base)
+    """The base, the one model and every overlay: folders under ``infra/`` that hold a kustomization."""
+    targets = [infra / name for name in ("base", "model") if (infra / name / "kustomization.yaml").is_file()]
     overlays = infra / "overlays"
     if overlays.is_dir():
         targets += sorted(p for p in overlays.iterdir() if (p / "kustomization.yaml").is_file())
@@ -132,13 +132,7 @@ def kustomize_targets(infra: Path) -> list[Path]:
 
 
 def build(target: Path, kubectl: str | None = None) -> list[dict[str, Any]]:
-    """Render one kustomization with ``kubectl kustomize``; its error text names the file.
-
-    An object left in the render with ``$patch: delete`` at its top is dropped, as kustomize v4+ drops
-    it: the kustomize of kubectl 1.20 (v2) merges a custom resource's strategic patch as a JSON merge
-    patch and keeps the directive as a field (infra/overlays/fleet removes the one-model
-    InferenceService so), and prints a deleted core object as ``{}``; a warning names the former.
-    """
+    """Render one kustomization with ``kubectl kustomize``; its error text names the file."""
     kubectl = kubectl or find_kubectl()
     try:
         proc = subprocess.run([kubectl, "kustomize", str(target)], capture_output=True, text=True,
@@ -148,15 +142,7 @@ def build(target: Path, kubectl: str | None = None) -> list[dict[str, Any]]:
     if proc.returncode != 0:
         detail = " ".join(line.strip() for line in proc.stderr.splitlines() if line.strip() and not line.startswith("# Warning"))
         raise InfraCheckError(f"{target}/kustomization.yaml: kustomize build failed: {detail or 'no message'}")
-    objects = []
-    for obj in load_documents(proc.stdout):
-        if obj.get("$patch") == "delete":
-            log.warning("%s: %s %s is deleted by a patch that this kustomize leaves in the render (a custom "
-                        "resource with kustomize < v4, kubectl < 1.21); dropped here -- apply with kubectl >= 1.21",
-                        target, obj.get("kind"), (obj.get("metadata") or {}).get("name"))
-            continue
-        objects.append(obj)
-    return objects
+    return load_documents(proc.stdout)
 
 
 def _key(obj: dict[str, Any]) -> tuple[str, str]:
@@ -452,7 +438,16 @@ def _config_paths(objects: list[dict[str, Any]], config: dict[str, Any], where) 
 # --- patches still match their targets ------------------------------------------------------
 # kustomize v5 turns a JSON-patch "replace" of a missing path into an "add", and a strategic
 # merge of a renamed container into a second container; both would pass silently. So each
-# overlay's patches are checked against what its bases render.
+# overlay's patches are checked against what its bases render. A strategic ``$patch: delete`` of
+# a whole object is refused outright: the kustomize of kubectl 1.20 (v2) merges a custom
+# resource's patch as a JSON merge patch, so the object stays in the render with the directive
+# as a field (and kubectl would create it); an object some installs do without belongs in a
+# kustomization of its own that only the others list (infra/model).
+_WHOLE_DELETE = ("deletes the whole object ($patch: delete), which the kustomize of kubectl 1.20 leaves in the "
+                 "render for a custom resource: put the object in a kustomization of its own that only the "
+                 "installs which need it list")
+
+
 def _pointer_exists(obj: Any, pointer: str) -> bool:
     node = obj
     for raw in pointer.lstrip("/").split("/") if pointer.strip("/") else []:
@@ -514,7 +509,7 @@ def _check_patches(target: Path, infra: Path, kubectl: str) -> list[Problem]:
         obj = find(t.get("kind", ""), t.get("name", ""), t.get("namespace"))
         where = f"{label(entry.get('path', ''))} (patch of {t.get('kind')} {t.get('name')})"
         if obj is None:
-            problems.append(Problem(where, "its target is not in the base"))
+            problems.append(Problem(where, "its target is in none of its bases"))
             continue
         for op in _patch_operations((target / entry["path"]).read_text()):
             path = str(op.get("path", ""))
@@ -527,8 +522,10 @@ def _check_patches(target: Path, infra: Path, kubectl: str) -> list[Problem]:
             meta = patch.get("metadata") or {}
             obj = find(str(patch.get("kind")), str(meta.get("name")), meta.get("namespace"))
             where = f"{label(name)} (patch of {patch.get('kind')} {meta.get('name')})"
-            if obj is None:
-                problems.append(Problem(where, "its target is not in the base"))
+            if patch.get("$patch") == "delete":
+                problems.append(Problem(where, _WHOLE_DELETE))
+            elif obj is None:
+                problems.append(Problem(where, "its target is in none of its bases"))
             else:
                 problems += [Problem(where, m) for m in _named_lists_match(patch, obj, [])]
     return problems
@@ -583,7 +580,8 @@ def check_tree(root: Path) -> list[Problem]:
     infra = Path(root) / "infra"
     targets = kustomize_targets(infra)
     if not targets:
-        return [Problem(str(infra), "no kustomization found (expected infra/base and infra/overlays/<env>)")]
+        return [Problem(str(infra), "no kustomization found "
+                                    "(expected infra/base, infra/model and infra/overlays/<env>)")]
     kubectl = find_kubectl()
     index = source_index(infra)
     problems: list[Problem] = []

@@ -1,11 +1,15 @@
-"""``driftloop infra check``: the manifest check of ``driftloop.app.infra_check`` on the command line."""
+"""``driftloop infra``: the manifest check of ``driftloop.app.infra_check`` (``check``) and the agent's
+guardrails rendered for OPA Gatekeeper (``gatekeeper``) on the command line."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
+import yaml
+
+from driftloop.core.console import ConfigOpt, ParamOpt
 
 __all__ = ["register", "infra_app"]
 
@@ -28,6 +32,40 @@ def infra_check(
         raise typer.Exit(1)
     built = ", ".join(str(t.relative_to(root / "infra")) for t in kustomize_targets(root / "infra"))
     console.print(f"[green]infra check passed[/]: {built} built with kustomize and valid")
+
+
+@infra_app.command("gatekeeper")
+def infra_gatekeeper(
+    config: ConfigOpt = None,
+    params: ParamOpt = None,
+    agent_namespace: Annotated[Optional[str], typer.Option(
+        "--agent-namespace", help="Namespace of the agent's ServiceAccount where it is not each object's own "
+                                  "(a fleet's agent in driftloop acting in the teams' namespaces).")] = None,
+    service_account: Annotated[Optional[str], typer.Option(
+        "--service-account", help="The agent's ServiceAccount name (default: driftloop-agent).")] = None,
+) -> None:
+    """Print the agent's guardrails as an OPA Gatekeeper ConstraintTemplate and Constraint, a YAML stream for
+    kubectl apply -f -: a one-model file's policy, or each model's of a fleet file by its InferenceService."""
+    from driftloop.core.fleet import load_fleet
+    from serving.admission import constraint_template, policies_of
+
+    account = {"service_account": service_account} if service_account else {}
+    docs = constraint_template(policies_of(load_fleet(config, list(params or []))), agent_namespace=agent_namespace,
+                               **account)
+    # plain text: rich would fold long lines, and the YAML would no longer parse
+    typer.echo(yaml.dump_all(docs, Dumper=_BlockDumper, sort_keys=False, width=1 << 16), nl=False)
+
+
+class _BlockDumper(yaml.SafeDumper):
+    """Safe YAML with every multi-line string (the Rego) as a literal block, as one would write it by hand, and
+    no anchors (an object used twice is written twice)."""
+
+    def ignore_aliases(self, data: object) -> bool:
+        return True
+
+
+_BlockDumper.add_representer(str, lambda dumper, text: dumper.represent_scalar(
+    "tag:yaml.org,2002:str", text, style="|" if "\n" in text else None))
 
 
 def register(app: typer.Typer) -> None:
