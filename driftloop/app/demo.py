@@ -172,8 +172,8 @@ class Demo:
         self.say("alert", f"alert {alert['id']} ({len(first.get('details', {}).get('drifted_columns', []) or [])} "
                           f"columns, report {shown(first.get('report_path', alert.get('report', '')))}): trigger "
                           f"[bold]{first.get('decision')}[/] — {first.get('reason', '')}")
-        self.facts["alert"] = alert
-        return alert
+        self.facts["alert"] = first
+        return first
 
     def wait_retrain(self, alert_id: str, timeout: float = 150.0) -> dict[str, Any]:
         self.say("retrain", f"retraining run for drift:{alert_id} on recent data (kfp.local) ...")
