@@ -60,6 +60,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from driftloop.core.files import PRIVATE_FILE_MODE, private_dir
 from monitoring.events import EventError
+from monitoring.store_checkpoint import CHECKPOINTS
 from monitoring.store_labels import LabelResult, LabelWriter
 from monitoring.store_query import ROW_COLUMNS, StoreQueries
 from monitoring.store_schema import create_schema
@@ -153,29 +154,36 @@ class InferenceStore(EventWriter, LabelWriter, WindowQueries, StoreQueries):
         self._pending_complete = True  # False: some unpaired events live only in the database
         self._load_pending(pair_lookback)
         self._closed = False
-        self._stop = threading.Event()
         self._files = self._file_state()  # the files this connection writes (see the module doc)
-        self._checkpointer = threading.Thread(target=self._checkpoint_loop, args=(checkpoint_seconds,),
-                                              name="store-checkpoint", daemon=True)
-        self._checkpointer.start()
+        # checkpoints: the process's one checkpoint thread calls checkpoint() every checkpoint_seconds
+        self.checkpoint_seconds = checkpoint_seconds
+        self._commits = 1  # commits so far (1: whatever the WAL holds from before is copied at the first visit)
+        self._checkpointed = 0  # the commit count the last complete checkpoint covered
+        self._checkpoint_db: sqlite3.Connection | None = None
+        CHECKPOINTS.add(self)
 
-    def _checkpoint_loop(self, interval: float) -> None:
-        """Copy committed WAL frames into the database file every ``interval`` seconds.
+    def checkpoint(self) -> None:
+        """Copy the committed WAL frames into the database file, if any were committed since the last
+        complete checkpoint (called by :data:`monitoring.store_checkpoint.CHECKPOINTS`).
 
         PASSIVE never blocks the writer; once a checkpoint has caught up, the writer's next
         transaction starts the WAL from its beginning again, so the ``-wal`` file stays small.
         """
-        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
+        commits = self._commits
+        if self._closed or commits == self._checkpointed:
+            return
+        if self._files_problem() is not None:  # never touch files that changed under the store
+            return
         try:
-            while not self._stop.wait(interval):
-                if self._files_problem() is not None:  # never touch files that changed under the store
-                    continue
-                try:
-                    db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-                except sqlite3.Error as exc:  # a busy database is retried at the next tick
-                    log.debug("checkpoint skipped: %s", exc)
-        finally:
-            db.close()
+            if self._checkpoint_db is None:
+                self._checkpoint_db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                                                      timeout=30.0)
+            busy, frames, copied = self._checkpoint_db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        except sqlite3.Error as exc:  # a busy database is retried at the next visit
+            log.debug("checkpoint skipped: %s", exc)
+            return
+        if not busy and copied >= frames:  # all of it: nothing to do until the next commit
+            self._checkpointed = commits
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "InferenceStore":
@@ -250,6 +258,7 @@ class InferenceStore(EventWriter, LabelWriter, WindowQueries, StoreQueries):
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise
+        self._commits += 1
         refusal = self._unavailable()  # the files changed while this committed: it may not be durable
         if refusal is not None:
             self._failure = refusal.message
@@ -304,8 +313,10 @@ class InferenceStore(EventWriter, LabelWriter, WindowQueries, StoreQueries):
     def close(self) -> None:
         """Checkpoint the WAL and close the writer connection (idempotent)."""
         self._unshrink_shm()
-        self._stop.set()
-        self._checkpointer.join()
+        CHECKPOINTS.remove(self)  # returns once a checkpoint of this store in progress has ended
+        if self._checkpoint_db is not None:
+            self._checkpoint_db.close()
+            self._checkpoint_db = None
         with self._lock:
             if self._closed:
                 return

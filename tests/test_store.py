@@ -216,3 +216,40 @@ def test_only_events_left_waiting_keep_their_flattened_rows_and_pair_after_a_res
         rows = store.rows()
     assert sorted(rows["request_id"]) == ["alone"] * 2 + ["late"] * 2 + ["together"] * 3
     assert list(rows[rows.request_id == "late"]["tenure"]) == [instance(0)["tenure"], instance(1)["tenure"]]
+
+
+def test_one_thread_checkpoints_every_store_and_leaves_an_idle_one_alone(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    calls: dict[str, list[tuple[int, int]]] = {}
+    real = InferenceStore.checkpoint
+
+    def spy(self):
+        before = self._checkpointed
+        real(self)
+        calls.setdefault(self.path.name, []).append((before, self._checkpointed))
+
+    monkeypatch.setattr(InferenceStore, "checkpoint", spy)
+    stores = [InferenceStore(tmp_path / f"m{i}.db", checkpoint_seconds=0.05) for i in range(6)]
+    try:
+        names = [t.name for t in threading.enumerate()]
+        assert names.count("store-checkpoints") == 1 and "store-checkpoint" not in names  # one thread, not six
+        sizes = {s.path.name: s.path.stat().st_size for s in stores}
+        for i, store in enumerate(stores[:5]):  # m5 stays idle after its start
+            store.append_events([e for k in range(40) for e in events_of(f"{i}-{k}", n=3)])
+        time.sleep(0.6)
+        for store in stores[:5]:
+            # the committed frames were copied into the database file by the shared thread
+            assert store.path.stat().st_size > sizes[store.path.name], store.path
+            assert store._checkpointed == store._commits
+        idle = calls["m5.db"]
+        # visited every interval, but checkpointed once (what its start left in the WAL) and then left alone
+        assert len(idle) >= 5 and sum(1 for before, after in idle if after != before) == 1
+    finally:
+        for store in stores:
+            store.close()
+    deadline = time.monotonic() + 5
+    while "store-checkpoints" in [t.name for t in threading.enumerate()] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "store-checkpoints" not in [t.name for t in threading.enumerate()]  # ends with the last store
