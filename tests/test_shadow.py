@@ -114,6 +114,7 @@ def test_a_disagreeing_shadow_is_rolled_back_before_any_canary_step(tmp_path):
         assert client.get("/admin/shadow").json()["percent"] == 100
         assert ctl.step()["decision"] == "shadow_wait"  # not enough mirrored requests yet: no verdict
         roles = _serve_until(client, 50)
+        time.sleep(0.1)  # rollout.shadow_seconds has passed (50 requests may take less on a quiet machine)
         rec = ctl.step()
         status = client.get("/admin/status").json()
         shadow_after = client.get("/admin/shadow").json()
@@ -134,6 +135,7 @@ def test_a_good_shadow_moves_on_to_the_canary_steps(tmp_path):
         assert ctl.step()["decision"] == "shadow_start"
         assert ctl.state().status == SHADOW
         roles = _serve_until(client, 50)
+        time.sleep(0.1)  # rollout.shadow_seconds has passed (50 requests may take less on a quiet machine)
         rec = ctl.step()
         status = client.get("/admin/status").json()
         shadow_after = client.get("/admin/shadow").json()

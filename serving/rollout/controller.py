@@ -262,7 +262,7 @@ class RolloutController:
             return self._rollback(state, f"shadow phase failed, no user request was served by it: {reason}", checks)
         elapsed = time.time() - state.window_start
         if not checks[0].passed or elapsed < self.cfg.shadow_seconds:
-            why = checks[0].detail or f"{elapsed:.0f}s < rollout.shadow_seconds={self.cfg.shadow_seconds:g}"
+            why = checks[0].detail or f"{elapsed:.1f}s < rollout.shadow_seconds={self.cfg.shadow_seconds:g}"
             return self._record(state, "shadow_wait", why, checks)
         self.target.set_shadow(0)
         state.status = PENDING
