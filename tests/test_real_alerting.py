@@ -216,7 +216,9 @@ def test_drift_fires_through_prometheus_and_alertmanager_and_starts_one_run(tmp_
 
             # The right token in the mounted file: Alertmanager's next delivery is the same drift.
             token_file.write_text(TOKEN)
-            delivered = wait_until(lambda: [a for a in service.alerts.recent(50) if a["source"] == "alertmanager"],
+            # (judged: the record is stored a moment before the trigger's decision on it)
+            delivered = wait_until(lambda: [a for a in service.alerts.recent(50)
+                                            if a["source"] == "alertmanager" and a["decision"]],
                                    timeout=60, what="the Alertmanager alert at the monitor", log=am.log)
             assert len(delivered) == 1, delivered
             dup = delivered[0]
