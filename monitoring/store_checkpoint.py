@@ -3,8 +3,9 @@
 A store's commits append to its ``-wal`` file (``PRAGMA wal_autocheckpoint=0``: never inside a commit
 of the sink); a checkpoint copies the committed frames into the database file, so the WAL starts
 from its beginning again and stays small. A one-model monitor has one store; a fleet monitor has
-one a model (:mod:`monitoring.fleet_service`), and a thread a store waking every second cost 15 % of
-its CPU at 50 models under load (docs/fleet.md). So one thread (:data:`CHECKPOINTS`) visits every
+one a model (:mod:`monitoring.fleet_service`): 50 threads each waking every second (together 15 % of its
+CPU at 50 models under load, most of it the checkpoints themselves, which every busy store still needs;
+docs/fleet.md). So one thread (:data:`CHECKPOINTS`) visits every
 open store at its own interval and checkpoints only a store that committed since its last complete
 checkpoint; the checkpoint itself (``PRAGMA wal_checkpoint(PASSIVE)``: never blocks the writer,
 on a connection of the store's own) and the check of its files before it are the store's
