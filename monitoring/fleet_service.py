@@ -45,6 +45,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -55,6 +56,7 @@ from starlette.responses import Response
 from starlette.routing import Mount, Route
 
 from driftloop.core.errors import DriftloopError
+from monitoring.intake import IntakeJournal
 from monitoring.loglines import LoopLines
 from monitoring.metrics import CONTENT_TYPE_LATEST, ModelLabelled
 from monitoring.model_summary import alerts_summary, verdicts_summary
@@ -184,7 +186,7 @@ class FleetMonitor:
     """
 
     def __init__(self, models: Iterable[FleetModel], *, workers: int = 2, runner_factory: Any | None = None,
-                 service: Callable[[FleetModel], MonitorService] | None = None) -> None:
+                 service: Callable[[FleetModel], MonitorService] | None = None, intake: Path | None = None) -> None:
         self.models = {m.name: m for m in models}
         if not self.models:
             raise DriftloopError("a fleet monitor needs at least one model")
@@ -209,6 +211,11 @@ class FleetMonitor:
         self._unknown = Counter("driftloop_fleet_unknown_model_requests", "Requests to /models/<name> naming no "
                                 "model of the fleet", registry=self._registry)
         self._registry.register(ModelLabelled({n: s.metrics.registry for n, s in self.services.items()}))
+        self.intake = self._open_intake(intake)
+        if self.intake is not None:
+            Gauge("driftloop_fleet_intake_waiting_events", "Events acknowledged into the fleet's intake journal and "
+                  "not yet moved into their model's store", registry=self._registry
+                  ).set_function(lambda: self.intake.waiting if self.intake is not None else 0)
         self.checks = FleetChecks(self.services, workers=workers,
                                   on_round=lambda _name, seconds: self._round_seconds.observe(seconds))
         self._overrun = Gauge("driftloop_fleet_rounds_overrun", "Rounds of a model not run because its previous "
@@ -218,6 +225,21 @@ class FleetMonitor:
         self._apps = {s.settings.monitor.base_path: s.app for s in self.services.values()}
         self.starlette = mounted_app([*self._routes(), *(Mount(base, app=app) for base, app in self._apps.items())],
                                      list(self._apps.values()))
+
+    def _open_intake(self, path: Path | None) -> IntakeJournal | None:
+        """The fleet's intake journal (:mod:`monitoring.intake`) when this monitor hosts two models or more; with
+        one, only what a previous fleet monitor left in the journal for it is moved into its store."""
+        if path is None or not self.services:
+            return None
+        committers = {name: service.app.state.committer for name, service in self.services.items()}
+        if len(committers) < 2 and not path.exists():
+            return None
+        journal = IntakeJournal(path, committers, synchronous=next(iter(self.services.values())).settings.monitor
+                                .store_synchronous)
+        if len(committers) < 2:  # one model: its events straight into its store, as a one-model monitor
+            journal.close()
+            return None
+        return journal
 
     # -- ASGI: a model's path goes straight to its app (no scan of 50 mounts per event) ---------------------
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
@@ -376,6 +398,11 @@ class FleetMonitor:
         """Stop the check loop, then every model's monitor (history written, retraining workers stopped,
         stores closed); one model's failure to close never keeps the others open."""
         self.checks.stop()
+        if self.intake is not None:
+            try:
+                self.intake.close()  # what waits goes into the stores before they close
+            except Exception as exc:  # noqa: BLE001 - the journal keeps it: the next start moves it
+                log.error("the intake journal did not close cleanly: %s", exc)
         for name, service in self.services.items():
             try:
                 service.close()

@@ -48,6 +48,7 @@ from starlette.routing import Route
 
 from monitoring.events import (MAX_ID_CHARS, EventError, ParsedEvent, RowSchema, attributes_from_raw_headers,
                                check_numeric, parse_batch, parse_binary_attributes, parse_structured)
+from monitoring.group_commit import GroupLoop
 from monitoring.labels import label_problem
 from monitoring.metrics import MonitorMetrics
 from monitoring.store import GroupResult, InferenceStore
@@ -104,88 +105,71 @@ def _json(status: int, payload: Any) -> Response:
     return Response(orjson.dumps(payload), status_code=status, media_type="application/json")
 
 
-class GroupCommitter:
-    """Collects the events of concurrent requests and commits them together.
+class GroupCommitter(GroupLoop[Sequence[ParsedEvent]]):
+    """Collects the events of concurrent requests and commits them together (:class:`GroupLoop`).
 
-    ``submit(events)`` returns once the events are durable (or raises ``EventError``). The commit
-    runs on the event loop itself: on one core a thread would only add hand-offs, and while a
-    commit runs the next group piles up in the socket buffers, which is what makes groups large.
+    ``submit(events)`` returns once the events are durable (or raises ``EventError``). With a
+    ``journal`` (a fleet monitor's :class:`monitoring.intake.IntakeJournal`), durable means in the
+    fleet's journal, committed together with every other model's events of the round; the journal moves
+    them into this committer's store in batches, before any read of the store.
     """
 
+    name = "sink-group-commit"
+
     def __init__(self, store: InferenceStore, metrics: MonitorMetrics, *, max_group_events: int = 20_000):
+        super().__init__(max_group_events=max_group_events)
         self.store = store
         self.metrics = metrics
-        self.max_group_events = max_group_events
+        self.journal: Any = None  # an IntakeJournal, set by the fleet monitor hosting this model
         # the labelled children once: a fleet's monitor makes many small commits, each counted
         self._requests = metrics.events_ingested.labels(type="request")
         self._responses = metrics.events_ingested.labels(type="response")
-        self._queue: asyncio.Queue[tuple[Sequence[ParsedEvent], asyncio.Future] | None] | None = None
-        self._task: asyncio.Task | None = None
-
-    @property
-    def running(self) -> bool:
-        return self._task is not None and not self._task.done()
-
-    def _ensure_started(self) -> asyncio.Queue:
-        if self._queue is None or not self.running:
-            self._queue = asyncio.Queue()
-            self._task = asyncio.get_running_loop().create_task(self._run(self._queue), name="sink-group-commit")
-        return self._queue
 
     async def submit(self, events: Sequence[ParsedEvent]) -> GroupResult:
         """Store ``events`` (all or nothing) and return what was stored once it is committed."""
-        future = asyncio.get_running_loop().create_future()
-        self._ensure_started().put_nowait((events, future))
-        return await future
-
-    async def _run(self, queue: asyncio.Queue) -> None:
-        stop = False
-        while not stop:
-            item = await queue.get()
-            await asyncio.sleep(0)  # let requests that are ready enqueue too: bigger groups
-            batch, size = [], 0
-            while True:
-                if item is None:  # aclose(): commit what came before, then end
-                    stop = True
-                else:
-                    batch.append(item)
-                    size += len(item[0])
-                if stop or size >= self.max_group_events or queue.empty():
-                    break
-                item = queue.get_nowait()
-            if batch:
-                self._commit(batch, size)
+        if self.journal is not None:
+            return await self.journal.submit(self, events)
+        return await self._submit(events, len(events))
 
     def _commit(self, batch: list[tuple[Sequence[ParsedEvent], asyncio.Future]], size: int) -> None:
         started = time.perf_counter()
         try:
             results = self.store.append_groups([events for events, _ in batch])
         except Exception as exc:  # the database failed: nothing of this batch is acknowledged
-            if isinstance(exc, EventError):
-                log.error("group commit of %d events refused: %s", size, exc.message)
-                error = exc
-            else:
-                log.exception("group commit of %d events failed", size)
-                error = EventError(503, f"the store could not commit: {exc}", reason="store_error")
+            error = self.store_error(exc, size)
             for _, future in batch:
                 if not future.done():
                     future.set_exception(error)
             return
-        m = self.metrics
-        m.commit_seconds.observe(time.perf_counter() - started)
-        m.commit_group_events.observe(size)
-        requests = responses = rows = duplicates = 0
+        self.metrics.commit_seconds.observe(time.perf_counter() - started)
+        self.metrics.commit_group_events.observe(size)
+        self.account(results)
         for (_, future), result in zip(batch, results):
-            if isinstance(result, GroupResult):
-                requests += result.requests
-                responses += result.responses
-                rows += result.rows
-                duplicates += result.duplicates
             if not future.done():  # the waiting request may have been cancelled (client gone)
                 if isinstance(result, EventError):
                     future.set_exception(result)
                 else:
                     future.set_result(result)
+
+    @staticmethod
+    def store_error(exc: Exception, size: int) -> EventError:
+        """The refusal to answer for ``size`` events whose commit raised ``exc`` (logged once here)."""
+        if isinstance(exc, EventError):
+            log.error("group commit of %d events refused: %s", size, exc.message)
+            return exc
+        log.exception("group commit of %d events failed", size)
+        return EventError(503, f"the store could not commit: {exc}", reason="store_error")
+
+    def account(self, results: Sequence[GroupResult | EventError]) -> None:
+        """Count what ``append_groups`` stored (events by type, rows, duplicates)."""
+        m = self.metrics
+        requests = responses = rows = duplicates = 0
+        for result in results:
+            if isinstance(result, GroupResult):
+                requests += result.requests
+                responses += result.responses
+                rows += result.rows
+                duplicates += result.duplicates
         if requests:
             self._requests.inc(requests)
         if responses:
@@ -194,13 +178,6 @@ class GroupCommitter:
             m.rows_stored.inc(rows)
         if duplicates:
             m.events_duplicate.inc(duplicates)
-
-    async def aclose(self) -> None:
-        """Stop the writer after committing everything already submitted."""
-        if self.running and self._queue is not None:
-            self._queue.put_nowait(None)
-            await self._task
-        self._task = None
 
 
 def _count_refusal(metrics: MonitorMetrics, exc: EventError) -> None:

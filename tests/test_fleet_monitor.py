@@ -123,6 +123,43 @@ def test_one_monitor_keeps_each_model_apart(fleet_file, champion_model):
     fleet.close()
 
 
+def test_the_fleets_intake_journal_serves_the_same_loop(fleet_file, champion_model, tmp_path):
+    """The monitor command's fleet path: every model's events through one intake journal. Each model's store
+    holds its own traffic (a read moves what waits), the checks judge it, a kill loses nothing."""
+    moved = tmp_path / "fleet.yaml"  # a workspace of its own: the module's other tests keep theirs
+    moved.write_text(fleet_file.read_text().replace(str(fleet_file.parent / "ws"), str(tmp_path / "ws")))
+    models = load_fleet(moved).models
+    runners = {m.name: RecordingRunner() for m in models}
+    build = lambda m: MonitorService(m.settings, runner=runners[m.name])  # noqa: E731
+    fleet = FleetMonitor(models, intake=tmp_path / "intake.db", service=build)
+    assert fleet.intake is not None and fleet.intake.drain_seconds > 0
+    with TestClient(fleet) as client:
+        for name in MODELS:
+            _as(client, fleet, name)
+            _send(client, _rows(drift=name == "beta", seed=3), champion_model, isvc=name,
+                  path=f"/models/{name}/events")
+        assert {name: fleet.services[name].store.count() for name in MODELS} == dict.fromkeys(MODELS, 300)
+        fleet.checks.round_all()
+        alert = fleet.services["beta"].last_outcome["alert"]
+        assert alert["decision"] == "started"
+        assert all(fleet.services[n].last_outcome["verdict"] == "no drift" for n in ("alpha", "gamma"))
+        assert "driftloop_fleet_intake_waiting_events 0.0" in client.get("/metrics").text
+        # acknowledged and not yet moved when the process goes away (the journal as a kill leaves it) ...
+        fleet.intake.drain_seconds = 3600
+        _as(client, fleet, "alpha")
+        _send(client, _rows(drift=False, n=50, seed=9), champion_model, isvc="alpha", path="/models/alpha/events")
+        assert fleet.intake.waiting == 2  # events: one request and one response of 50 rows
+        fleet.intake._waiting.clear()
+        fleet.intake._counts.clear()
+    fleet.close()
+    # ... a monitor of alpha alone (a one-model monitor of the fleet file) moves them into alpha's store
+    alone = FleetMonitor([m for m in models if m.name == "alpha"], intake=tmp_path / "intake.db", service=build)
+    try:
+        assert alone.intake is None and alone.services["alpha"].store.count() == 350
+    finally:
+        alone.close()
+
+
 class _Stub:
     """What the loop uses of a model's monitor: its interval and its round."""
 
@@ -158,7 +195,12 @@ def test_monitor_command_on_a_fleet(fleet_file, monkeypatch):
     from driftloop.app.cli import app
 
     served = []
-    monkeypatch.setattr(FleetMonitor, "run", lambda self, host, port: served.append((list(self.models), port)))
+    def run(self, host, port):
+        served.append((list(self.models), port))
+        assert (self.intake is not None) == (len(self.models) > 1)  # the journal when it hosts two models or more
+        self.close()
+
+    monkeypatch.setattr(FleetMonitor, "run", run)
     result = CliRunner().invoke(app, ["monitor", "-c", str(fleet_file), "--port", "0"])
     assert result.exit_code == 0, result.output
     assert served == [(["alpha", "beta", "gamma", "delta"], 0)]

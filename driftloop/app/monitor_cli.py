@@ -65,8 +65,10 @@ def monitor_cmd(
         where = INGEST_TOKEN_ENV if where is not None else str(ingest_token_path(settings))
     else:
         from monitoring.fleet_service import FleetMonitor
+        from monitoring.intake import journal_path
 
-        service = FleetMonitor(chosen, workers=workers, runner_factory=training_runner_for)
+        service = FleetMonitor(chosen, workers=workers, runner_factory=training_runner_for,
+                               intake=journal_path(fleet.workspace) if fleet.workspace is not None else None)
         console.print(f"[bold]driftloop monitor[/] of {len(chosen)} model(s) of {fleet.source} on "
                       f"http://{bind_host}:{bind_port} — POST /models/NAME/events, GET /models, GET /metrics; "
                       f"{workers} check worker(s)")

@@ -90,6 +90,7 @@ class Fleet:
     limits: FleetLimits
     source: Path | None = None
     single: bool = True
+    workspace: Path | None = None  # the fleet's root (a fleet file's ``workspace``); None for a one-model file
 
     @property
     def names(self) -> list[str]:
@@ -223,7 +224,7 @@ def _build(path: Path, raw: dict[str, Any], overrides: list[str], environ: dict[
         for m in models)
     _check_routes(models)
     _check_budgets(models, limits)
-    return Fleet(models, limits, path, single=False)
+    return Fleet(models, limits, path, single=False, workspace=Path(root))
 
 
 def _resolve(base: Path, value: str) -> str:
