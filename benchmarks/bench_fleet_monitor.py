@@ -128,10 +128,13 @@ def _stored(fleet_file: Path, names: list[str]) -> int:
 
 
 def _empty_stores(fleet_file: Path, names: list[str]) -> None:
-    """Every run starts on empty stores (bench_ingest's ce-ids start again at 0: no duplicates of a last run)."""
-    for name in names:
+    """Every run starts on empty stores and an empty intake journal (bench_ingest's ce-ids start again at 0: no
+    duplicates of a last run)."""
+    from monitoring.intake import journal_path
+
+    for path in [*(_store(fleet_file, name) for name in names), journal_path(fleet_file.parent / "fleet")]:
         for suffix in ("", "-wal", "-shm"):
-            Path(f"{_store(fleet_file, name)}{suffix}").unlink(missing_ok=True)
+            Path(f"{path}{suffix}").unlink(missing_ok=True)
 
 
 def _start_monitor(fleet_file: Path, port: int, core: int, model: str | None) -> subprocess.Popen:
@@ -165,7 +168,11 @@ def ingest_run(fleet_file: Path, names: list[str], mode: str, args: argparse.Nam
     proc = _start_monitor(fleet_file, port, args.sink_core, names[0] if len(names) == 1 else None)
     try:
         load = ingest._Load(_spread(maker, port, names, 2 if single else 1), args.warmup, args.seconds, proc.pid)
+        if args.py_spy:
+            load.profile = (args.py_spy, Path(args.profile_dir) / f"fleet-ingest-{mode}-{len(names)}.txt")
         uvloop.run(ingest._drive(port, load, args.connections))
+        if load.profiler is not None:
+            load.profiler.wait(60)
     finally:
         proc.terminate()
         proc.wait(60)
@@ -350,6 +357,8 @@ def main() -> None:
     p.add_argument("--sink-core", type=int, default=0)
     p.add_argument("--load-core", type=int, default=1)
     p.add_argument("--interval", type=float, default=5.0, help="check interval of part (c)")
+    p.add_argument("--py-spy", help="path of py-spy: sample the monitor during part (a)'s measured window")
+    p.add_argument("--profile-dir", default=".", help="where the py-spy stacks go (fleet-ingest-<mode>-<models>.txt)")
     p.add_argument("--part", default="a,b,c", help="which parts: a (ingest), b (checks), c (drift to retrain)")
     args = p.parse_args()
     os.environ["DRIFTLOOP_INGEST_TOKEN"] = ingest.TOKEN

@@ -63,6 +63,7 @@ from monitoring.model_summary import alerts_summary, verdicts_summary
 from monitoring.openapi import monitor_openapi
 from monitoring.reference import NoChampionError
 from monitoring.routes import webhook_refusal
+from monitoring.store import StoreUnavailable
 from monitoring.service import WEBHOOK_TOKEN_ENV, MonitorService, mounted_app, serve_until_stopped
 
 if TYPE_CHECKING:
@@ -234,8 +235,11 @@ class FleetMonitor:
         committers = {name: service.app.state.committer for name, service in self.services.items()}
         if len(committers) < 2 and not path.exists():
             return None
-        journal = IntakeJournal(path, committers, synchronous=next(iter(self.services.values())).settings.monitor
-                                .store_synchronous)
+        try:
+            journal = IntakeJournal(path, committers, synchronous=next(iter(self.services.values())).settings.monitor.store_synchronous)
+        except StoreUnavailable as exc:  # another monitor of the fleet holds it: each model's store takes its events
+            log.error("%s; events go straight into each model's store", exc.message)
+            return None
         if len(committers) < 2:  # one model: its events straight into its store, as a one-model monitor
             journal.close()
             return None

@@ -31,18 +31,23 @@ in memory until its store takes them again. The other models never wait for it.
 from __future__ import annotations
 
 import asyncio
+import base64
+import fcntl
 import logging
+import os
 import threading
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from driftloop.core.files import PRIVATE_FILE_MODE, private_dir
 from monitoring.events import EventError, ParsedEvent
 from monitoring.group_commit import GroupLoop
 from monitoring.store_durable import DurableSQLite, StoreUnavailable, Synchronous
-from monitoring.store_write import GroupResult
+from monitoring.store_write import GroupResult, Prepared, prepared
 
 if TYPE_CHECKING:
     from monitoring.sink import GroupCommitter
@@ -52,18 +57,14 @@ __all__ = ["IntakeJournal", "journal_path"]
 
 log = logging.getLogger(__name__)
 
+# intake: a row a commit of the sink (and the groups a drain could not move, written back); intake_kept: the
+# events of models the monitor that recovered them does not host, for the monitor that does
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS intake (
-    seq INTEGER PRIMARY KEY,
-    model TEXT NOT NULL,
-    first INTEGER NOT NULL,
-    event BLOB NOT NULL,
-    body BLOB NOT NULL,
-    received_at REAL NOT NULL
-);
+CREATE TABLE IF NOT EXISTS intake (seq INTEGER PRIMARY KEY, events BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS intake_kept (seq INTEGER PRIMARY KEY, events BLOB NOT NULL);
 """
-_INSERT = "INSERT INTO intake (model, first, event, body, received_at) VALUES (?,?,?,?,?)"
 _dumps = orjson.dumps
+_Fragment = orjson.Fragment
 
 
 def journal_path(fleet_workspace: Path) -> Path:
@@ -71,16 +72,38 @@ def journal_path(fleet_workspace: Path) -> Path:
     return fleet_workspace / "monitor" / "intake.db"
 
 
-def _encode(ev: ParsedEvent) -> bytes:
-    return _dumps([ev.id, ev.kind, ev.source, ev.model_name, ev.model_version, ev.role, ev.request_key,
-                   ev.attributes, ev.rows if ev.kind == "request" else ev.predictions])
+def _blob(groups: Iterable[tuple[str, Sequence[Prepared]]]) -> bytes:
+    """One journal row: every event of ``groups`` (model, its events), a JSON list (the attributes and the
+    instances are JSON already: embedded as they are; a body is JSON text, so UTF-8, kept as a string)."""
+    return _dumps([(model, i == 0, ev.id, ev.kind, ev.model_name, ev.model_version, ev.role, ev.request_key,
+                    _Fragment(ev.attributes), _text(ev.body), _Fragment(b"[" + b",".join(ev.items) + b"]"),
+                    ev.received_at) for model, group in groups for i, ev in enumerate(group)])
 
 
-def _decode(event: bytes, body: bytes, received_at: float) -> ParsedEvent:
-    ce_id, kind, source, model, version, role, key, attrs, flat = orjson.loads(event)
-    return ParsedEvent(id=ce_id, kind=kind, source=source, model_name=model, model_version=version, role=role,
-                       attributes=attrs, body=bytes(body), rows=flat if kind == "request" else None,
-                       predictions=None if kind == "request" else flat, received_at=received_at, request_key=key)
+def _text(body: bytes) -> str | dict[str, str]:
+    try:
+        return body.decode()
+    except UnicodeDecodeError:  # never a body the sink parsed as JSON; kept exactly all the same
+        return {"base64": base64.b64encode(body).decode()}
+
+
+def _from_entry(entry: Sequence[Any]) -> Prepared:
+    _, _, ce_id, kind, model, version, role, key, attributes, body, items, received_at = entry
+    return Prepared(ce_id, kind, model, version, role, key, _dumps(attributes),
+                    base64.b64decode(body["base64"]) if isinstance(body, dict) else body.encode(),
+                    tuple(_dumps(x) for x in items), received_at)
+
+
+def _entries(blobs: Iterable[bytes]) -> dict[str, list[tuple[Prepared, ...]]]:
+    """Each model's groups (one a request, each all or nothing in the store) in journal rows, in order."""
+    groups: dict[str, list[list[Prepared]]] = {}
+    for blob in blobs:
+        for entry in orjson.loads(blob):
+            model_groups = groups.setdefault(entry[0], [])
+            if entry[1] or not model_groups:
+                model_groups.append([])
+            model_groups[-1].append(_from_entry(entry))
+    return {model: [tuple(g) for g in model_groups] for model, model_groups in groups.items()}
 
 
 class IntakeJournal(DurableSQLite, GroupLoop[tuple["GroupCommitter", Sequence[ParsedEvent]]]):
@@ -97,18 +120,30 @@ class IntakeJournal(DurableSQLite, GroupLoop[tuple["GroupCommitter", Sequence[Pa
                  synchronous: Synchronous = "NORMAL", drain_seconds: float = 0.5,
                  max_waiting_events: int = 200_000, checkpoint_seconds: float = 1.0) -> None:
         GroupLoop.__init__(self)
+        # one monitor a journal: another one's drain would delete rows this one has not moved yet
+        private_dir(Path(path).parent)
+        self._lockfile = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, PRIVATE_FILE_MODE)
+        try:
+            fcntl.flock(self._lockfile, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lockfile)
+            raise StoreUnavailable(f"the intake journal {path} is in use by another monitor of this fleet") from None
         self._open(path, synchronous)
         self._db.executescript(SCHEMA)
         self.committers = dict(committers)
         self._names = {committer: name for name, committer in self.committers.items()}
         self.drain_seconds = drain_seconds
         self.max_waiting_events = max_waiting_events
-        self._waiting: dict[str, list[Sequence[ParsedEvent]]] = {}  # model -> groups journaled, not in its store
+        # model -> its groups journaled, not yet in its store: tuples of str, bytes and floats, which the garbage
+        # collector stops tracking (thousands of parsed events alive between two drains, dicts and lists, would be
+        # walked by each of its collections: a quarter of the monitor's CPU at 50 models)
+        self._waiting: dict[str, list[tuple[Prepared, ...]]] = {}
         self._counts: dict[str, int] = {}  # model -> events waiting
         self._upto = 0  # the newest journal row whose group waits in _waiting (or was moved)
         self._mutex = threading.Lock()  # _waiting, _counts, _upto
         self._draining = threading.RLock()
         self._failing: dict[str, str] = {}  # model -> why its store did not take its events at the last drain
+        self._next_drain = time.monotonic() + drain_seconds
         self._opened(checkpoint_seconds)
         self.recovered = self.recover()
         for committer in self.committers.values():
@@ -136,14 +171,11 @@ class IntakeJournal(DurableSQLite, GroupLoop[tuple["GroupCommitter", Sequence[Pa
 
     def _commit(self, batch: list[tuple[tuple[GroupCommitter, Sequence[ParsedEvent]], asyncio.Future]],
                 size: int) -> None:
-        params = []
-        for (committer, events), _ in batch:
-            model = self._names[committer]
-            params += [(model, int(i == 0), _encode(ev), ev.body, ev.received_at) for i, ev in enumerate(events)]
+        groups = [(self._names[committer], tuple(map(prepared, events))) for (committer, events), _ in batch]
+        blob = _blob(groups)  # one row a commit: a row per event cost twice what the store's own commit does
 
         def work(db: Any) -> int:
-            db.executemany(_INSERT, params)
-            return db.execute("SELECT last_insert_rowid()").fetchone()[0]
+            return db.execute("INSERT INTO intake (events) VALUES (?)", (blob,)).lastrowid
 
         try:
             with self._lock:
@@ -157,23 +189,25 @@ class IntakeJournal(DurableSQLite, GroupLoop[tuple["GroupCommitter", Sequence[Pa
                     future.set_exception(error)
             return
         with self._mutex:
-            for (committer, events), _ in batch:
-                model = self._names[committer]
-                self._waiting.setdefault(model, []).append(events)
-                self._counts[model] = self._counts.get(model, 0) + len(events)
+            for model, group in groups:
+                self._waiting.setdefault(model, []).append(group)
+                self._counts[model] = self._counts.get(model, 0) + len(group)
             self._upto = last
-        if self.waiting >= self.max_group_events:
-            self._wake.set()
         for (_, events), future in batch:
             if not future.done():  # the waiting request may have been cancelled (client gone)
                 requests = sum(1 for ev in events if ev.kind == "request")
                 future.set_result(GroupResult(requests=requests, responses=len(events) - requests))
+        if time.monotonic() >= self._next_drain or self.waiting >= self.max_group_events:
+            self.drain()  # here, between two commits: a drain thread would fight the event loop for the GIL
 
     # -- the drain: into each model's store ---------------------------------------------------------------
     def _drain_loop(self) -> None:
+        """Drains when no commit did for a while (ingest idle): under load, the writer drains between commits."""
         while not self._stop.is_set():
             self._wake.wait(self.drain_seconds)
             self._wake.clear()
+            if time.monotonic() < self._next_drain + self.drain_seconds:
+                continue
             try:
                 self.drain()
             except Exception:  # noqa: BLE001 - the next round tries again; each model's failure is logged in drain
@@ -182,6 +216,7 @@ class IntakeJournal(DurableSQLite, GroupLoop[tuple["GroupCommitter", Sequence[Pa
     def drain(self) -> None:
         """Move every acknowledged event into its model's store, then delete the journal rows moved. A model
         whose store refuses keeps its events (here and in the journal) for the next drain."""
+        self._next_drain = time.monotonic() + self.drain_seconds
         if not self._counts or self._closed:
             return
         with self._draining:
@@ -197,7 +232,7 @@ class IntakeJournal(DurableSQLite, GroupLoop[tuple["GroupCommitter", Sequence[Pa
                     kept[model] = groups
                     if self._failing.get(model) != str(exc):
                         log.error("model %s: %d events wait in the intake journal: its store refuses them: %s",
-                                  model, sum(len(g) for g in groups), exc)
+                                  model, sum(map(len, groups)), exc)
                     self._failing[model] = str(exc)
                     continue
                 if self._failing.pop(model, None) is not None:
@@ -213,55 +248,70 @@ class IntakeJournal(DurableSQLite, GroupLoop[tuple["GroupCommitter", Sequence[Pa
                 with self._mutex:
                     for model, groups in kept.items():
                         self._waiting[model] = groups + self._waiting.get(model, [])
-                        self._counts[model] = self._counts.get(model, 0) + sum(len(g) for g in groups)
+                        self._counts[model] = self._counts.get(model, 0) + sum(map(len, groups))
             if moved:
-                self._forget(upto, moved)
+                self._forget(upto, kept)
 
-    def _forget(self, upto: int, models: Sequence[str]) -> None:
-        marks = ",".join("?" * len(models))
+    def _forget(self, upto: int, keep: Mapping[str, Sequence[Sequence[Prepared]]]) -> None:
+        """Delete the journal's rows up to ``upto``, writing the groups of ``keep`` (not moved) back in the same
+        transaction: they stay durable until their store takes them."""
+        blob = _blob((model, group) for model, groups in keep.items() for group in groups) if keep else None
+
+        def work(db: Any) -> int | None:
+            db.execute("DELETE FROM intake WHERE seq <= ?", (upto,))
+            return db.execute("INSERT INTO intake (events) VALUES (?)", (blob,)).lastrowid if blob else None
+
         try:
             with self._lock:
-                self._write(lambda db: db.execute(f"DELETE FROM intake WHERE seq <= ? AND model IN ({marks})",
-                                                  (upto, *models)))
+                seq = self._write(work)
         except StoreUnavailable as exc:  # moved but kept: the next start moves them again (duplicates there)
             log.warning("intake journal: moved events not deleted: %s", exc.message)
+            return
+        if seq is not None:
+            with self._mutex:
+                self._upto = max(self._upto, seq)
 
     def recover(self) -> int:
         """Move the events a previous process acknowledged and did not move (of this journal's models) into
-        their stores; returns how many. Events of models this monitor does not host stay for theirs."""
+        their stores; returns how many. A hosted model whose store refuses them keeps them waiting (the drain
+        tries again); the events of models this monitor does not host stay in the journal for theirs."""
         with self._lock:
-            rows = self._db.execute("SELECT seq, model, first, event, body, received_at FROM intake ORDER BY seq"
-                                    ).fetchall()
-        if not rows:
+            kept = self._db.execute("SELECT events FROM intake_kept ORDER BY seq").fetchall()
+            rows = self._db.execute("SELECT seq, events FROM intake ORDER BY seq").fetchall()
+        if not rows and not kept:
             return 0
-        groups: dict[str, list[list[ParsedEvent]]] = {}
-        others: set[str] = set()
-        upto = rows[-1][0]
-        for _, model, first, event, body, received_at in rows:
-            if model not in self.committers:
-                others.add(model)
-                continue
-            model_groups = groups.setdefault(model, [])
-            if first or not model_groups:
-                model_groups.append([])
-            model_groups[-1].append(_decode(event, body, received_at))
-        moved = []
+        groups = _entries([blob for (blob,) in kept] + [blob for _, blob in rows])
+        foreign = {model: g for model, g in groups.items() if model not in self.committers}
         total = 0
         for model, model_groups in groups.items():
-            store = self.committers[model].store
+            if model in foreign:
+                continue
             try:
-                results = store.append_groups(model_groups)
-            except Exception as exc:  # noqa: BLE001 - left in the journal for the next start
-                log.error("model %s: %d events of the intake journal not recovered: %s", model,
-                          sum(len(g) for g in model_groups), exc)
+                results = self.committers[model].store.append_groups(model_groups)
+            except Exception as exc:  # noqa: BLE001 - waits for the drain, as events of a failing store do
+                log.error("model %s: %d events of the intake journal wait: its store refuses them: %s", model,
+                          sum(map(len, model_groups)), exc)
+                self._waiting[model] = list(model_groups)
+                self._counts[model] = sum(map(len, model_groups))
                 continue
             self.committers[model].account(results)
             total += sum(r.stored for r in results if isinstance(r, GroupResult))
-            moved.append(model)
-        if moved:
-            self._forget(upto, moved)
-        log.info("intake journal %s: %d events recovered into %d models' stores%s", self.path, total, len(moved),
-                 f"; the events of {sorted(others)} stay for their monitor" if others else "")
+        waiting = _blob((model, g) for model, groups_ in self._waiting.items() for g in groups_) if self._waiting \
+            else None
+        others = _blob((model, g) for model, groups_ in foreign.items() for g in groups_) if foreign else None
+        upto = rows[-1][0] if rows else 0
+
+        def work(db: Any) -> int | None:
+            db.execute("DELETE FROM intake WHERE seq <= ?", (upto,))
+            db.execute("DELETE FROM intake_kept")
+            if others:
+                db.execute("INSERT INTO intake_kept (events) VALUES (?)", (others,))
+            return db.execute("INSERT INTO intake (events) VALUES (?)", (waiting,)).lastrowid if waiting else None
+
+        with self._lock:
+            self._upto = self._write(work) or 0
+        log.info("intake journal %s: %d events recovered into their models' stores%s", self.path, total,
+                 f"; the events of {sorted(foreign)} stay in it for their monitor" if foreign else "")
         return total
 
     def close(self) -> None:
@@ -278,6 +328,7 @@ class IntakeJournal(DurableSQLite, GroupLoop[tuple["GroupCommitter", Sequence[Pa
                 committer.journal = None
                 committer.store._before_read = None
         super().close()
+        os.close(self._lockfile)  # the lock goes with it
 
     async def aclose(self) -> None:
         await GroupLoop.aclose(self)

@@ -48,6 +48,7 @@ comparison in :mod:`monitoring.shadow_check`.
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 import threading
@@ -137,6 +138,11 @@ def serve_until_stopped(app: Any, host: str, port: int) -> None:
     previous = {}
     if threading.current_thread() is threading.main_thread():
         previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
+    # what was built before serving (imports, every model's monitor, references, registries) lives as long as
+    # the process: out of the collector's way, a full collection no longer walks it (a fleet's monitor holds
+    # every model's reference, clients and metrics)
+    gc.collect()
+    gc.freeze()
     try:
         server.run()
     finally:

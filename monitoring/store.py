@@ -35,9 +35,10 @@ and the ``-shm`` not shrunk; a store whose files changed, or whose last commit f
 :meth:`InferenceStore.health` says the same to ``/readyz``. Readers never create a missing file.
 A commit that failed is retried by the client: ``(ce_id, kind)`` makes a retry harmless.
 
-Where each part lives (one job per module; :class:`InferenceStore` composes them as mixins and
-owns the connection, the lock, the file checks and the write transaction, all here):
+Where each part lives (one job per module; :class:`InferenceStore` composes them as mixins):
 
+* :mod:`monitoring.store_durable` — the connection, the lock, the file checks, the write transaction, the
+  checkpoints and ``health`` (shared with a fleet's intake journal, :mod:`monitoring.intake`);
 * :mod:`monitoring.store_schema` — the tables and the migrations of stores made by older versions;
 * :mod:`monitoring.store_write` — storing request/response events and pairing them into rows;
 * :mod:`monitoring.store_labels` — storing ground-truth labels (feedback);
@@ -75,8 +76,8 @@ class InferenceStore(DurableSQLite, EventWriter, LabelWriter, WindowQueries, Sto
     One process writes (the sink); the writer methods are serialised by a lock, so the store may
     be shared by threads. Readers open their own connection per call and never block the writer.
 
-    This class holds the durability (the writer connection, ``_write``, the file checks, the
-    checkpoints, ``health``) and the lifecycle; the writes and reads come from its mixins:
+    The durability (the writer connection, ``_write``, the file checks, the checkpoints, ``health``) and the
+    lifecycle come from :class:`~monitoring.store_durable.DurableSQLite`; the writes and reads from its mixins:
     :class:`~monitoring.store_write.EventWriter` (``append_events``, ``append_groups``),
     :class:`~monitoring.store_labels.LabelWriter` (``add_labels``),
     :class:`~monitoring.store_window.WindowQueries` (``window``) and

@@ -25,7 +25,7 @@ import orjson
 from monitoring.events import EventError, ParsedEvent
 from monitoring.store_schema import UNPAIRED
 
-__all__ = ["EventWriter", "GroupResult", "Pending"]
+__all__ = ["EventWriter", "GroupResult", "Pending", "Prepared", "prepared"]
 
 log = logging.getLogger("monitoring.store")  # the store's logger, wherever its parts live
 
@@ -42,6 +42,30 @@ class Pending(NamedTuple):
     role: str | None
     items: list[bytes]  # JSON of each instance: feature row (request) or prediction (response)
     received_at: float
+
+
+class Prepared(NamedTuple):
+    """An event as the store writes it: its attributes and each instance already JSON. A fleet's intake
+    journal (:mod:`monitoring.intake`) makes it once, when it journals the event, and hands it to the
+    store later; the store takes it where it takes a :class:`~monitoring.events.ParsedEvent`."""
+
+    id: str
+    kind: str
+    model_name: str
+    model_version: str | None
+    role: str | None
+    request_key: str | None
+    attributes: bytes  # JSON
+    body: bytes
+    items: tuple[bytes, ...]  # JSON of each instance: feature row (request) or prediction (response)
+    received_at: float
+
+
+def prepared(ev: ParsedEvent) -> Prepared:
+    """``ev`` serialised as :meth:`EventWriter._insert_events` would serialise it."""
+    return Prepared(ev.id, ev.kind, ev.model_name, ev.model_version, ev.role, ev.request_key, _dumps(ev.attributes),
+                    ev.body, tuple(_dumps(x) for x in (ev.rows if ev.kind == "request" else ev.predictions)),
+                    ev.received_at)
 
 
 @dataclass
@@ -116,7 +140,7 @@ class EventWriter:
             raise result
         return result.stored
 
-    def append_groups(self, groups: Sequence[Sequence[ParsedEvent]]) -> list[GroupResult | EventError]:
+    def append_groups(self, groups: Sequence[Sequence[ParsedEvent | Prepared]]) -> list[GroupResult | EventError]:
         """Group commit: store several callers' event lists in ONE transaction.
 
         Each group is all-or-nothing on its own (a bad group gets an ``EventError`` in its slot and
@@ -154,7 +178,7 @@ class EventWriter:
                 self._pending_complete = False
         return results
 
-    def _keep_unpaired_flat(self, db: sqlite3.Connection, events: list[ParsedEvent], items: list[list[bytes]],
+    def _keep_unpaired_flat(self, db: sqlite3.Connection, events: list[ParsedEvent], items: list[Sequence[bytes]],
                             fresh: set[tuple[str, str]]) -> None:
         """Store the flattened instances of the new events still waiting for their counterpart.
 
@@ -186,20 +210,24 @@ class EventWriter:
         feature row or prediction), serialised once and reused for the paired rows.
         """
         fresh: set[tuple[str, str]] = set()
-        items: list[list[bytes]] = []
+        items: list[Sequence[bytes]] = []
         for start in range(0, len(events), _INSERT_CHUNK):
             chunk = events[start:start + _INSERT_CHUNK]
             params: list[Any] = []
             for ev in chunk:
-                parts = [_dumps(x) for x in (ev.rows if ev.kind == "request" else ev.predictions)]
+                if ev.__class__ is Prepared:  # serialised where it was journaled
+                    parts, attributes = ev.items, ev.attributes
+                else:
+                    parts = [_dumps(x) for x in (ev.rows if ev.kind == "request" else ev.predictions)]
+                    attributes = _dumps(ev.attributes)
                 items.append(parts)
-                params += (ev.id, ev.kind, ev.model_name, ev.model_version, ev.role, _dumps(ev.attributes), ev.body,
+                params += (ev.id, ev.kind, ev.model_name, ev.model_version, ev.role, attributes, ev.body,
                            b"", ev.received_at, ev.request_key)
             fresh.update(db.execute(_insert_sql(len(chunk)), params).fetchall())
         return fresh, items
 
-    def _pair_groups(self, db: sqlite3.Connection, groups: Sequence[Sequence[ParsedEvent]],
-                     fresh: set[tuple[str, str]], items: list[list[bytes]], undo_all: list
+    def _pair_groups(self, db: sqlite3.Connection, groups: Sequence[Sequence[ParsedEvent | Prepared]],
+                     fresh: set[tuple[str, str]], items: list[Sequence[bytes]], undo_all: list
                      ) -> tuple[list, list, list]:
         """Pair the new events of each group with their counterparts (in memory, else in the database)."""
         inserted = frozenset(fresh)

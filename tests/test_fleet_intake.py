@@ -16,10 +16,11 @@ from pathlib import Path
 import pytest
 
 from monitoring.events import EventError, parse_binary
-from monitoring.intake import IntakeJournal, _decode, _encode
+from monitoring.intake import IntakeJournal, _blob, _entries
 from monitoring.metrics import MonitorMetrics
 from monitoring.sink import GroupCommitter
 from monitoring.store import InferenceStore, StoreUnavailable
+from monitoring.store_write import prepared
 from tests.ce_events import binary, instance, pair
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,12 +39,14 @@ def _fleet(tmp_path: Path, **kwargs):
     return committers, journal
 
 
-def _journal_rows(path: Path) -> list[str]:
+def _journal_rows(path: Path, table: str = "intake") -> list[str]:
+    """The model of each event in the journal, in order."""
     con = sqlite3.connect(path)
     try:
-        return [m for (m,) in con.execute("SELECT model FROM intake ORDER BY seq")]
+        blobs = [blob for (blob,) in con.execute(f"SELECT events FROM {table} ORDER BY seq")]
     finally:
         con.close()
+    return [model for blob in blobs for model, groups in _entries([blob]).items() for g in groups for _ in g]
 
 
 def _close(committers, journal) -> None:
@@ -69,8 +72,11 @@ def test_a_round_of_every_model_is_one_journal_commit_and_reads_see_it_before_th
         ids = {m: [f"{m}-{i}" for i in range(5)] for m in MODELS}
         results = asyncio.run(_send_round(committers, ids))
         assert all(r.stored == 1 and r.duplicates == 0 for r in results), results
-        assert journal._commits == commits + 1  # 30 events of 3 models: one commit
+        assert journal._commits == commits + 1  # 30 events of 3 models: one commit, one row
         assert journal.waiting == 30 and len(_journal_rows(journal.path)) == 30
+        con = sqlite3.connect(journal.path)
+        assert con.execute("SELECT COUNT(*) FROM intake").fetchone()[0] == 1
+        con.close()
         assert committers["a"].store._commits == 1  # nothing in the stores yet ...
         # ... but a read moves every acknowledged event in first: each model's pairs, in its own store only
         assert committers["a"].store.count() == 5
@@ -83,11 +89,24 @@ def test_a_round_of_every_model_is_one_journal_commit_and_reads_see_it_before_th
         _close(committers, journal)
 
 
-def test_the_journal_row_gives_back_the_event_it_was_made_from():
-    for kind, data in (("request", {"instances": [instance(0), instance(1)]}), ("response", {"predictions": [1, 0]})):
-        headers, body = binary("x-1", kind, data, version="3" if kind == "response" else None)
-        ev = parse_binary(headers, body, received_at=12.5)
-        assert _decode(_encode(ev), body, 12.5) == ev
+def test_the_journal_row_gives_back_the_event_and_the_store_writes_what_it_writes_for_the_parsed_one(tmp_path):
+    events = []
+    for i in range(6):
+        for kind, data in (("request", {"instances": [instance(i), instance(i + 1)]}),
+                           ("response", {"predictions": [1, 0]})):
+            headers, body = binary(f"x-{i}", kind, data, version="3" if kind == "response" else None)
+            events.append(parse_binary(headers, body, received_at=12.5 + i))
+    events[1].body = "{\"predictions\": [1, 0], \"note\": \"ü\"}".encode()  # not ASCII, spaces kept
+    journaled = [ev for group in _entries([_blob([("m", [prepared(ev) for ev in events])])])["m"] for ev in group]
+    assert journaled == [prepared(ev) for ev in events]
+    tables = []
+    for name, evs in (("parsed", events), ("journaled", journaled)):
+        with InferenceStore(tmp_path / f"{name}.db") as store:  # responses first for half: pairs either way
+            store.append_groups([[ev] for ev in evs[6:]] + [[ev] for ev in evs[:6][::-1]])
+        con = sqlite3.connect(tmp_path / f"{name}.db")
+        tables.append([con.execute(f"SELECT * FROM {t} ORDER BY 1, 2").fetchall() for t in ("events", "rows")])
+        con.close()
+    assert tables[0] == tables[1] and len(tables[0][1]) == 12
 
 
 def test_the_drain_thread_moves_events_and_close_moves_the_rest(tmp_path):
@@ -197,7 +216,7 @@ def test_events_acknowledged_before_a_kill_reach_the_stores_at_the_next_start(tm
     try:
         assert journal.recovered == 80
         assert committers["a"].store.count() == 20 and committers["b"].store.count() == 20
-        assert _journal_rows(tmp_path / "intake.db") == ["c"] * 40
+        assert _journal_rows(tmp_path / "intake.db") == [] and _journal_rows(journal.path, "intake_kept") == ["c"] * 40
     finally:
         _close(committers, journal)
     # recovering again (rows moved but not deleted, as after a kill between the two) stores nothing twice
@@ -247,6 +266,26 @@ def test_a_monitor_of_part_of_the_fleet_moves_only_its_models_events(tmp_path, h
     journal = IntakeJournal(tmp_path / "intake.db", again, drain_seconds=3600)
     try:
         assert journal.recovered == 2 * len(hosted)
-        assert _journal_rows(tmp_path / "intake.db") == [m for m in MODELS for _ in (0, 1) if m not in hosted]
+        assert _journal_rows(tmp_path / "intake.db", "intake_kept") == [m for m in MODELS for _ in (0, 1)
+                                                                        if m not in hosted]
     finally:
         _close(again, journal)
+    # the monitor of the rest moves theirs later
+    rest = {m: GroupCommitter(InferenceStore(tmp_path / m / "inference.db"), MonitorMetrics()) for m in MODELS
+            if m not in hosted}
+    journal = IntakeJournal(tmp_path / "intake.db", rest, drain_seconds=3600)
+    try:
+        assert journal.recovered == 2 * len(rest) and all(c.store.count() == 1 for c in rest.values())
+        assert _journal_rows(journal.path, "intake_kept") == [] == _journal_rows(journal.path)
+    finally:
+        _close(again, journal)
+
+
+def test_a_second_monitor_of_the_fleet_cannot_take_the_journal(tmp_path):
+    committers, journal = _fleet(tmp_path)
+    try:
+        with pytest.raises(StoreUnavailable, match="in use by another monitor of this fleet"):
+            IntakeJournal(tmp_path / "intake.db", {}, drain_seconds=3600)
+    finally:
+        _close(committers, journal)
+    IntakeJournal(tmp_path / "intake.db", {}, drain_seconds=3600).close()  # free again once closed

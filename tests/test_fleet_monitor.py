@@ -146,6 +146,7 @@ def test_the_fleets_intake_journal_serves_the_same_loop(fleet_file, champion_mod
         assert "driftloop_fleet_intake_waiting_events 0.0" in client.get("/metrics").text
         # acknowledged and not yet moved when the process goes away (the journal as a kill leaves it) ...
         fleet.intake.drain_seconds = 3600
+        fleet.intake.drain()  # the next one in an hour
         _as(client, fleet, "alpha")
         _send(client, _rows(drift=False, n=50, seed=9), champion_model, isvc="alpha", path="/models/alpha/events")
         assert fleet.intake.waiting == 2  # events: one request and one response of 50 rows
