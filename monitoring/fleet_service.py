@@ -15,7 +15,8 @@ reports, metrics, openapi, the Alertmanager webhook) live there. Beside them, th
   its ``model`` label, to that model's own ``POST /models/<name>/alerts/alertmanager`` (its guardrails,
   decisions and alert store); an alert without the label, or naming no model of the fleet, refuses the
   delivery with one line naming it, before any model sees it;
-* ``GET /healthz``; ``GET /readyz`` (200 while at least one model's store answers, every model's
+* ``GET /healthz``; ``GET /readyz`` (200 while at least one model's store answers and the intake journal, if
+  any, commits; every model's
   readiness in the body; 503 when none does);
 * ``GET /metrics`` — one scrape for the process: every model's series with a ``model`` label
   (:class:`monitoring.metrics.ModelLabelled`), plus the fleet's own (``driftloop_fleet_*``);
@@ -332,9 +333,16 @@ class FleetMonitor:
                 return out
 
             states = await asyncio.to_thread(ready)
+            body: dict[str, Any] = {}
+            if self.intake is not None:  # every model's events go through it: no model takes any while it fails
+                problem = await asyncio.to_thread(self.intake.health)
+                body["intake"] = "ready" if problem is None else problem
+                if problem is not None:
+                    states = {n: f"intake journal unavailable: {problem}" if v == "ready" else v
+                              for n, v in states.items()}
             up = sum(v == "ready" for v in states.values())
             return _json(200 if up else 503, {"status": "ready" if up else "no model ready", "ready": up,
-                                              "models": states})
+                                              "models": states, **body})
 
         async def metrics(request: Request) -> Response:
             return Response(generate_latest(self._registry), media_type=CONTENT_TYPE_LATEST)

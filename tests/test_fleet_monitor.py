@@ -6,6 +6,7 @@ its MLflow store) and a fourth has no champion yet; each keeps its own store, al
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import sqlite3
 import threading
@@ -123,12 +124,39 @@ def test_one_monitor_keeps_each_model_apart(fleet_file, champion_model):
     fleet.close()
 
 
+def _own_workspace(fleet_file, tmp_path):
+    """The fleet's models with a workspace of their own: the module's other tests keep theirs."""
+    moved = tmp_path / "fleet.yaml"
+    moved.write_text(fleet_file.read_text().replace(str(fleet_file.parent / "ws"), str(tmp_path / "ws")))
+    return load_fleet(moved).models
+
+
+def test_a_failing_intake_journal_makes_the_fleet_unready_and_refuses_events(fleet_file, champion_model, tmp_path):
+    models = _own_workspace(fleet_file, tmp_path)
+    fleet = FleetMonitor(models, intake=tmp_path / "intake.db",
+                         service=lambda m: MonitorService(m.settings, runner=RecordingRunner()))
+    try:
+        with TestClient(fleet) as client:
+            ready = client.get("/readyz")
+            assert ready.status_code == 200 and ready.json()["intake"] == "ready"
+            (tmp_path / "other.db").write_bytes((tmp_path / "intake.db").read_bytes())
+            os.replace(tmp_path / "other.db", tmp_path / "intake.db")  # the journal replaced under the monitor
+            ready = client.get("/readyz")
+            assert ready.status_code == 503 and "intake.db was replaced" in ready.json()["intake"], ready.json()
+            assert ready.json()["models"]["alpha"].startswith("intake journal unavailable")
+            _as(client, fleet, "alpha")
+            with pytest.raises(AssertionError, match="intake journal"):
+                _send(client, _rows(drift=False, n=50, seed=9), champion_model, isvc="alpha",
+                      path="/models/alpha/events")
+            assert fleet.services["alpha"].store.count() == 0  # nothing acknowledged, nothing stored
+    finally:
+        fleet.close()
+
+
 def test_the_fleets_intake_journal_serves_the_same_loop(fleet_file, champion_model, tmp_path):
     """The monitor command's fleet path: every model's events through one intake journal. Each model's store
     holds its own traffic (a read moves what waits), the checks judge it, a kill loses nothing."""
-    moved = tmp_path / "fleet.yaml"  # a workspace of its own: the module's other tests keep theirs
-    moved.write_text(fleet_file.read_text().replace(str(fleet_file.parent / "ws"), str(tmp_path / "ws")))
-    models = load_fleet(moved).models
+    models = _own_workspace(fleet_file, tmp_path)
     runners = {m.name: RecordingRunner() for m in models}
     build = lambda m: MonitorService(m.settings, runner=runners[m.name])  # noqa: E731
     fleet = FleetMonitor(models, intake=tmp_path / "intake.db", service=build)
