@@ -7,8 +7,9 @@ and InferenceService, so a fleet monitor's round of concurrent requests is sprea
 the events committed straight into the stores, each store commits about one pair a round, and a commit
 costs its WAL frames however few events it holds -- single-event ingest over 50 models ran at 0.5x one
 model's (docs/fleet.md). Here the events of a round, whatever their model, are committed in ONE
-transaction of the journal (``intake`` rows: no index but the rowid, so a commit appends), and the request
-is acknowledged once that commit is durable. The journal keeps the parsed events of every model in memory
+transaction of the journal (one ``intake`` row a commit: an append), and the request is acknowledged once
+that commit is durable. A request of ``direct_events`` events or more (a batch) is a commit worth its own:
+it goes straight into its model's store, as without the journal. The journal keeps the parsed events of every model in memory
 and a drain thread moves them into the models' stores every ``drain_seconds`` (and whenever one of them is
 read: :attr:`InferenceStore._before_read`), one ``append_groups`` a model -- the batched path, where one
 commit holds hundreds of events -- then deletes the journal rows it moved.
@@ -118,7 +119,8 @@ class IntakeJournal(DurableSQLite, GroupLoop[tuple["GroupCommitter", Sequence[Pa
 
     def __init__(self, path: str | Path, committers: Mapping[str, GroupCommitter], *,
                  synchronous: Synchronous = "NORMAL", drain_seconds: float = 0.5,
-                 max_waiting_events: int = 200_000, checkpoint_seconds: float = 1.0) -> None:
+                 max_waiting_events: int = 200_000, checkpoint_seconds: float = 1.0,
+                 direct_events: int = 32) -> None:
         GroupLoop.__init__(self)
         # one monitor a journal: another one's drain would delete rows this one has not moved yet
         private_dir(Path(path).parent)
@@ -134,6 +136,9 @@ class IntakeJournal(DurableSQLite, GroupLoop[tuple["GroupCommitter", Sequence[Pa
         self._names = {committer: name for name, committer in self.committers.items()}
         self.drain_seconds = drain_seconds
         self.max_waiting_events = max_waiting_events
+        # a request of this many events or more goes straight into its store: a commit of 32 events costs about
+        # what the journal costs them (the journal's row, then the drain's share), and a batch needs no company
+        self.direct_events = direct_events
         # model -> its groups journaled, not yet in its store: tuples of str, bytes and floats, which the garbage
         # collector stops tracking (thousands of parsed events alive between two drains, dicts and lists, would be
         # walked by each of its collections: a quarter of the monitor's CPU at 50 models)

@@ -109,9 +109,10 @@ class GroupCommitter(GroupLoop[Sequence[ParsedEvent]]):
     """Collects the events of concurrent requests and commits them together (:class:`GroupLoop`).
 
     ``submit(events)`` returns once the events are durable (or raises ``EventError``). With a
-    ``journal`` (a fleet monitor's :class:`monitoring.intake.IntakeJournal`), durable means in the
-    fleet's journal, committed together with every other model's events of the round; the journal moves
-    them into this committer's store in batches, before any read of the store.
+    ``journal`` (a fleet monitor's :class:`monitoring.intake.IntakeJournal`), a request of fewer than
+    ``journal.direct_events`` events is durable once in the fleet's journal, committed together with every
+    other model's events of the round (the journal moves them into this committer's store in batches,
+    before any read of the store); a bigger batch is a commit worth its own and goes straight to the store.
     """
 
     name = "sink-group-commit"
@@ -127,9 +128,9 @@ class GroupCommitter(GroupLoop[Sequence[ParsedEvent]]):
 
     async def submit(self, events: Sequence[ParsedEvent]) -> GroupResult:
         """Store ``events`` (all or nothing) and return what was stored once it is committed."""
-        if self.journal is not None:
+        if self.journal is not None and len(events) < self.journal.direct_events:
             return await self.journal.submit(self, events)
-        return await self._submit(events, len(events))
+        return await self._submit(events, len(events))  # a batch is a commit worth its own (no journal)
 
     def _commit(self, batch: list[tuple[Sequence[ParsedEvent], asyncio.Future]], size: int) -> None:
         started = time.perf_counter()

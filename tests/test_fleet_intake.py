@@ -289,3 +289,24 @@ def test_a_second_monitor_of_the_fleet_cannot_take_the_journal(tmp_path):
     finally:
         _close(committers, journal)
     IntakeJournal(tmp_path / "intake.db", {}, drain_seconds=3600).close()  # free again once closed
+
+
+def test_a_batch_goes_straight_into_its_store_and_pairs_with_journaled_halves(tmp_path):
+    committers, journal = _fleet(tmp_path)
+    try:
+        requests = [_events("a", f"a-{i}")[0] for i in range(40)]
+        responses = [_events("a", f"a-{i}")[1] for i in range(40)]
+
+        async def send():
+            singles = await asyncio.gather(*(committers["a"].submit([r]) for r in responses[:5]))
+            batch = await committers["a"].submit(requests)  # 40 events: a commit of its own
+            return singles, batch
+
+        singles, batch = asyncio.run(send())
+        assert journal.waiting == 5 and batch.requests == 40  # the batch is in the store already ...
+        assert committers["a"].store._commits > 1 and len(_journal_rows(journal.path)) == 5
+        assert committers["a"].store.count() == 5  # ... and a read moves the five responses, which pair with it
+        asyncio.run(committers["a"].submit(responses[5:]))  # 35 more: straight in too
+        assert journal.waiting == 0 and committers["a"].store.count() == 40
+    finally:
+        _close(committers, journal)
