@@ -48,7 +48,7 @@ from driftloop.core.files import PRIVATE_FILE_MODE, private_dir
 from monitoring.events import EventError, ParsedEvent
 from monitoring.group_commit import GroupLoop
 from monitoring.store_durable import DurableSQLite, StoreUnavailable, Synchronous
-from monitoring.store_write import GroupResult, Prepared, prepared
+from monitoring.store_write import GroupResult, Prepared, event_tuple
 
 if TYPE_CHECKING:
     from monitoring.sink import GroupCommitter
@@ -73,12 +73,14 @@ def journal_path(fleet_workspace: Path) -> Path:
     return fleet_workspace / "monitor" / "intake.db"
 
 
-def _blob(groups: Iterable[tuple[str, Sequence[Prepared]]]) -> bytes:
+def _blob(groups: Iterable[tuple[str, Sequence[tuple]]]) -> bytes:
     """One journal row: every event of ``groups`` (model, its events), a JSON list (the attributes and the
     instances are JSON already: embedded as they are; a body is JSON text, so UTF-8, kept as a string)."""
-    return _dumps([(model, i == 0, ev.id, ev.kind, ev.model_name, ev.model_version, ev.role, ev.request_key,
-                    _Fragment(ev.attributes), _text(ev.body), _Fragment(b"[" + b",".join(ev.items) + b"]"),
-                    ev.received_at) for model, group in groups for i, ev in enumerate(group)])
+    return _dumps([(model, i == 0, ce_id, kind, event_model, version, role, key, _Fragment(attributes), _text(body),
+                    _Fragment(b"[" + b",".join(items) + b"]"), received_at)
+                   for model, group in groups
+                   for i, (ce_id, kind, event_model, version, role, key, attributes, body, items, received_at)
+                   in enumerate(group)])
 
 
 def _text(body: bytes) -> str | dict[str, str]:
@@ -88,16 +90,23 @@ def _text(body: bytes) -> str | dict[str, str]:
         return {"base64": base64.b64encode(body).decode()}
 
 
-def _from_entry(entry: Sequence[Any]) -> Prepared:
+def _from_entry(entry: Sequence[Any]) -> tuple:
+    """The event of one journal entry, as :func:`monitoring.store_write.event_tuple` made it."""
     _, _, ce_id, kind, model, version, role, key, attributes, body, items, received_at = entry
-    return Prepared(ce_id, kind, model, version, role, key, _dumps(attributes),
-                    base64.b64decode(body["base64"]) if isinstance(body, dict) else body.encode(),
-                    tuple(_dumps(x) for x in items), received_at)
+    return (ce_id, kind, model, version, role, key, _dumps(attributes),
+            base64.b64decode(body["base64"]) if isinstance(body, dict) else body.encode(),
+            tuple(_dumps(x) for x in items), received_at)
 
 
-def _entries(blobs: Iterable[bytes]) -> dict[str, list[tuple[Prepared, ...]]]:
+def _prepared(groups: Iterable[Sequence[tuple]]) -> list[list[Prepared]]:
+    """Groups of event tuples as the store takes them."""
+    make = Prepared._make
+    return [[make(ev) for ev in group] for group in groups]
+
+
+def _entries(blobs: Iterable[bytes]) -> dict[str, list[tuple[tuple, ...]]]:
     """Each model's groups (one a request, each all or nothing in the store) in journal rows, in order."""
-    groups: dict[str, list[list[Prepared]]] = {}
+    groups: dict[str, list[list[tuple]]] = {}
     for blob in blobs:
         for entry in orjson.loads(blob):
             model_groups = groups.setdefault(entry[0], [])
@@ -142,7 +151,7 @@ class IntakeJournal(DurableSQLite, GroupLoop[tuple["GroupCommitter", Sequence[Pa
         # model -> its groups journaled, not yet in its store: tuples of str, bytes and floats, which the garbage
         # collector stops tracking (thousands of parsed events alive between two drains, dicts and lists, would be
         # walked by each of its collections: a quarter of the monitor's CPU at 50 models)
-        self._waiting: dict[str, list[tuple[Prepared, ...]]] = {}
+        self._waiting: dict[str, list[tuple[tuple, ...]]] = {}  # of monitoring.store_write.event_tuple
         self._counts: dict[str, int] = {}  # model -> events waiting
         self._upto = 0  # the newest journal row whose group waits in _waiting (or was moved)
         self._mutex = threading.Lock()  # _waiting, _counts, _upto
@@ -176,7 +185,7 @@ class IntakeJournal(DurableSQLite, GroupLoop[tuple["GroupCommitter", Sequence[Pa
 
     def _commit(self, batch: list[tuple[tuple[GroupCommitter, Sequence[ParsedEvent]], asyncio.Future]],
                 size: int) -> None:
-        groups = [(self._names[committer], tuple(map(prepared, events))) for (committer, events), _ in batch]
+        groups = [(self._names[committer], tuple(map(event_tuple, events))) for (committer, events), _ in batch]
         blob = _blob(groups)  # one row a commit: a row per event cost twice what the store's own commit does
 
         def work(db: Any) -> int:
@@ -232,7 +241,7 @@ class IntakeJournal(DurableSQLite, GroupLoop[tuple["GroupCommitter", Sequence[Pa
             for model, groups in waiting.items():
                 committer = self.committers[model]
                 try:
-                    results = committer.store.append_groups(groups)
+                    results = committer.store.append_groups(_prepared(groups))
                 except Exception as exc:  # noqa: BLE001 - one model's store never stops the others' events
                     kept[model] = groups
                     if self._failing.get(model) != str(exc):
@@ -257,7 +266,7 @@ class IntakeJournal(DurableSQLite, GroupLoop[tuple["GroupCommitter", Sequence[Pa
             if moved:
                 self._forget(upto, kept)
 
-    def _forget(self, upto: int, keep: Mapping[str, Sequence[Sequence[Prepared]]]) -> None:
+    def _forget(self, upto: int, keep: Mapping[str, Sequence[Sequence[tuple]]]) -> None:
         """Delete the journal's rows up to ``upto``, writing the groups of ``keep`` (not moved) back in the same
         transaction: they stay durable until their store takes them."""
         blob = _blob((model, group) for model, groups in keep.items() for group in groups) if keep else None
@@ -292,7 +301,7 @@ class IntakeJournal(DurableSQLite, GroupLoop[tuple["GroupCommitter", Sequence[Pa
             if model in foreign:
                 continue
             try:
-                results = self.committers[model].store.append_groups(model_groups)
+                results = self.committers[model].store.append_groups(_prepared(model_groups))
             except Exception as exc:  # noqa: BLE001 - waits for the drain, as events of a failing store do
                 log.error("model %s: %d events of the intake journal wait: its store refuses them: %s", model,
                           sum(map(len, model_groups)), exc)

@@ -25,7 +25,7 @@ import orjson
 from monitoring.events import EventError, ParsedEvent
 from monitoring.store_schema import UNPAIRED
 
-__all__ = ["EventWriter", "GroupResult", "Pending", "Prepared", "prepared"]
+__all__ = ["EventWriter", "GroupResult", "Pending", "Prepared", "event_tuple", "prepared"]
 
 log = logging.getLogger("monitoring.store")  # the store's logger, wherever its parts live
 
@@ -61,11 +61,17 @@ class Prepared(NamedTuple):
     received_at: float
 
 
+def event_tuple(ev: ParsedEvent) -> tuple:
+    """``ev`` serialised as :meth:`EventWriter._insert_events` would serialise it, the fields of a
+    :class:`Prepared` in a plain tuple: of strings, bytes and numbers only, the garbage collector stops
+    tracking it (a NamedTuple it tracks for as long as it lives)."""
+    return (ev.id, ev.kind, ev.model_name, ev.model_version, ev.role, ev.request_key, _dumps(ev.attributes), ev.body,
+            tuple(_dumps(x) for x in (ev.rows if ev.kind == "request" else ev.predictions)), ev.received_at)
+
+
 def prepared(ev: ParsedEvent) -> Prepared:
     """``ev`` serialised as :meth:`EventWriter._insert_events` would serialise it."""
-    return Prepared(ev.id, ev.kind, ev.model_name, ev.model_version, ev.role, ev.request_key, _dumps(ev.attributes),
-                    ev.body, tuple(_dumps(x) for x in (ev.rows if ev.kind == "request" else ev.predictions)),
-                    ev.received_at)
+    return Prepared._make(event_tuple(ev))
 
 
 @dataclass
