@@ -237,9 +237,14 @@ class FleetMonitor:
         if len(committers) < 2 and not path.exists():
             return None
         try:
-            journal = IntakeJournal(path, committers, synchronous=next(iter(self.services.values())).settings.monitor.store_synchronous)
+            journal = IntakeJournal(path, committers,
+                                    synchronous=next(iter(self.services.values())).settings.monitor.store_synchronous)
         except StoreUnavailable as exc:  # another monitor of the fleet holds it: each model's store takes its events
             log.error("%s; events go straight into each model's store", exc.message)
+            return None
+        except Exception as exc:  # noqa: BLE001 - a damaged journal file never keeps the fleet's monitor down
+            log.error("the intake journal %s cannot be opened (%s: %s); events go straight into each model's store",
+                      path, type(exc).__name__, exc)
             return None
         if len(committers) < 2:  # one model: its events straight into its store, as a one-model monitor
             journal.close()

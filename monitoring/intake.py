@@ -104,16 +104,25 @@ def _prepared(groups: Iterable[Sequence[tuple]]) -> list[list[Prepared]]:
     return [[make(ev) for ev in group] for group in groups]
 
 
-def _entries(blobs: Iterable[bytes]) -> dict[str, list[tuple[tuple, ...]]]:
-    """Each model's groups (one a request, each all or nothing in the store) in journal rows, in order."""
+def _entries(blobs: Iterable[bytes]) -> tuple[dict[str, list[tuple[tuple, ...]]], list[bytes]]:
+    """Each model's groups (one a request, each all or nothing in the store) in journal rows, in order; and
+    the rows that cannot be read (a damaged file), which nothing is taken from."""
     groups: dict[str, list[list[tuple]]] = {}
+    bad: list[bytes] = []
     for blob in blobs:
-        for entry in orjson.loads(blob):
-            model_groups = groups.setdefault(entry[0], [])
-            if entry[1] or not model_groups:
+        try:
+            events = [(entry[0], bool(entry[1]), _from_entry(entry)) for entry in orjson.loads(blob)]
+        except (orjson.JSONDecodeError, TypeError, ValueError, KeyError, IndexError, AttributeError) as exc:
+            log.error("intake journal: a row of %d bytes cannot be read (%s: %s); it is kept, nothing moved from it",
+                      len(blob), type(exc).__name__, exc)
+            bad.append(bytes(blob))
+            continue
+        for model, first, event in events:
+            model_groups = groups.setdefault(model, [])
+            if first or not model_groups:
                 model_groups.append([])
-            model_groups[-1].append(_from_entry(entry))
-    return {model: [tuple(g) for g in model_groups] for model, model_groups in groups.items()}
+            model_groups[-1].append(event)
+    return {model: [tuple(g) for g in model_groups] for model, model_groups in groups.items()}, bad
 
 
 class IntakeJournal(DurableSQLite, GroupLoop[tuple["GroupCommitter", Sequence[ParsedEvent]]]):
@@ -139,8 +148,12 @@ class IntakeJournal(DurableSQLite, GroupLoop[tuple["GroupCommitter", Sequence[Pa
         except BlockingIOError:
             os.close(self._lockfile)
             raise StoreUnavailable(f"the intake journal {path} is in use by another monitor of this fleet") from None
-        self._open(path, synchronous)
-        self._db.executescript(SCHEMA)
+        try:
+            self._open(path, synchronous)
+            self._db.executescript(SCHEMA)
+        except Exception:
+            os.close(self._lockfile)
+            raise
         self.committers = dict(committers)
         self._names = {committer: name for name, committer in self.committers.items()}
         self.drain_seconds = drain_seconds
@@ -212,7 +225,10 @@ class IntakeJournal(DurableSQLite, GroupLoop[tuple["GroupCommitter", Sequence[Pa
                 requests = sum(1 for ev in events if ev.kind == "request")
                 future.set_result(GroupResult(requests=requests, responses=len(events) - requests))
         if time.monotonic() >= self._next_drain or self.waiting >= self.max_group_events:
-            self.drain()  # here, between two commits: a drain thread would fight the event loop for the GIL
+            try:
+                self.drain()  # here, between two commits: a drain thread would fight the event loop for the GIL
+            except Exception:  # noqa: BLE001 - the writer keeps committing; what waits is moved at the next drain
+                log.exception("intake journal: drain failed")
 
     # -- the drain: into each model's store ---------------------------------------------------------------
     def _drain_loop(self) -> None:
@@ -294,7 +310,7 @@ class IntakeJournal(DurableSQLite, GroupLoop[tuple["GroupCommitter", Sequence[Pa
             rows = self._db.execute("SELECT seq, events FROM intake ORDER BY seq").fetchall()
         if not rows and not kept:
             return 0
-        groups = _entries([blob for (blob,) in kept] + [blob for _, blob in rows])
+        groups, bad = _entries([blob for (blob,) in kept] + [blob for _, blob in rows])
         foreign = {model: g for model, g in groups.items() if model not in self.committers}
         total = 0
         for model, model_groups in groups.items():
@@ -318,8 +334,7 @@ class IntakeJournal(DurableSQLite, GroupLoop[tuple["GroupCommitter", Sequence[Pa
         def work(db: Any) -> int | None:
             db.execute("DELETE FROM intake WHERE seq <= ?", (upto,))
             db.execute("DELETE FROM intake_kept")
-            if others:
-                db.execute("INSERT INTO intake_kept (events) VALUES (?)", (others,))
+            db.executemany("INSERT INTO intake_kept (events) VALUES (?)", [(blob,) for blob in [*bad, others] if blob])
             return db.execute("INSERT INTO intake (events) VALUES (?)", (waiting,)).lastrowid if waiting else None
 
         with self._lock:

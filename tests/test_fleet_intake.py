@@ -47,7 +47,7 @@ def _journal_rows(path: Path, table: str = "intake") -> list[str]:
         blobs = [blob for (blob,) in con.execute(f"SELECT events FROM {table} ORDER BY seq")]
     finally:
         con.close()
-    return [model for blob in blobs for model, groups in _entries([blob]).items() for g in groups for _ in g]
+    return [model for blob in blobs for model, groups in _entries([blob])[0].items() for g in groups for _ in g]
 
 
 def _close(committers, journal) -> None:
@@ -98,7 +98,7 @@ def test_the_journal_row_gives_back_the_event_and_the_store_writes_what_it_write
             headers, body = binary(f"x-{i}", kind, data, version="3" if kind == "response" else None)
             events.append(parse_binary(headers, body, received_at=12.5 + i))
     events[1].body = "{\"predictions\": [1, 0], \"note\": \"ü\"}".encode()  # not ASCII, spaces kept
-    journaled = [ev for group in _prepared(_entries([_blob([("m", [event_tuple(ev) for ev in events])])])["m"])
+    journaled = [ev for group in _prepared(_entries([_blob([("m", [event_tuple(ev) for ev in events])])])[0]["m"])
                  for ev in group]
     assert journaled == [prepared(ev) for ev in events]
     waiting, named = event_tuple(events[0]), prepared(events[0])
@@ -316,3 +316,46 @@ def test_a_batch_goes_straight_into_its_store_and_pairs_with_journaled_halves(tm
         assert journal.waiting == 0 and committers["a"].store.count() == 40
     finally:
         _close(committers, journal)
+
+
+def test_a_damaged_journal_row_is_kept_and_the_rest_recovered(tmp_path, caplog):
+    committers, journal = _fleet(tmp_path)
+    asyncio.run(_send_round(committers, {"a": ["a-1"], "b": ["b-1"]}))
+    journal._waiting.clear()
+    journal._counts.clear()  # as if killed
+    _close(committers, journal)
+    con = sqlite3.connect(tmp_path / "intake.db")
+    con.execute("INSERT INTO intake (events) VALUES (?)", (b'[["a", true, "half a row',))
+    con.commit()
+    con.close()
+    again = {m: GroupCommitter(InferenceStore(tmp_path / m / "inference.db"), MonitorMetrics()) for m in MODELS}
+    with caplog.at_level(logging.ERROR, logger="monitoring.intake"):
+        journal = IntakeJournal(tmp_path / "intake.db", again, drain_seconds=3600)
+    try:
+        assert journal.recovered == 4 and again["a"].store.count() == 1 and again["b"].store.count() == 1
+        assert "a row of 24 bytes cannot be read" in caplog.text
+        con = sqlite3.connect(tmp_path / "intake.db")
+        assert con.execute("SELECT events FROM intake_kept").fetchall() == [(b'[["a", true, "half a row',)]
+        con.close()
+    finally:
+        _close(again, journal)
+
+
+def test_a_journal_file_that_is_no_database_leaves_the_fleet_monitor_running(tmp_path, caplog):
+    from monitoring.fleet_service import FleetMonitor
+
+    class _Service:  # what the fleet monitor uses of a model's monitor at start
+        def __init__(self, name):
+            self.app = type("App", (), {"state": type("S", (), {"committer": GroupCommitter(
+                InferenceStore(tmp_path / name / "inference.db"), MonitorMetrics())})()})()
+            self.settings = type("Set", (), {"monitor": type("M", (), {"store_synchronous": "NORMAL"})()})()
+
+    (tmp_path / "intake.db").write_bytes(b"this is no database" * 400)
+    fleet = FleetMonitor.__new__(FleetMonitor)
+    fleet.services = {m: _Service(m) for m in MODELS}
+    with caplog.at_level(logging.ERROR, logger="monitoring.fleet_service"):
+        assert fleet._open_intake(tmp_path / "intake.db") is None
+    assert "the intake journal" in caplog.text and "events go straight into each model's store" in caplog.text
+    IntakeJournal(tmp_path / "other.db", {}, drain_seconds=3600).close()  # the lock of a failed open was let go
+    for s in fleet.services.values():
+        s.app.state.committer.store.close()
