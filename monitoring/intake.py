@@ -133,6 +133,9 @@ class IntakeJournal(DurableSQLite, GroupLoop[tuple["GroupCommitter", Sequence[Pa
     """
 
     what = "intake journal"
+    # a row is a commit's events (~35 kB at 64 events): in 16 kB pages it is written, copied at the checkpoint
+    # and freed at the drain for ~1.9 µs an event, in SQLite's 4 kB pages for ~2.9 (measured alone)
+    page_size = 16384
     name = "intake-group-commit"
 
     def __init__(self, path: str | Path, committers: Mapping[str, GroupCommitter], *,

@@ -87,6 +87,7 @@ class DurableSQLite:
     """
 
     what = "store"  # how messages name it: "the <what> cannot commit: ..."
+    page_size: int | None = None  # SQLite's page size for a new file (None: SQLite's default, 4096)
     path: Path
     synchronous: Synchronous
 
@@ -230,6 +231,8 @@ class DurableSQLite:
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
+        if self.page_size is not None:  # a new file only: the page size of one made before stays
+            db.execute(f"PRAGMA page_size={int(self.page_size)}")
         db.execute("PRAGMA journal_mode=WAL")
         db.execute(f"PRAGMA synchronous={self.synchronous}")
         db.execute("PRAGMA busy_timeout=30000")

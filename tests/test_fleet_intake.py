@@ -77,6 +77,7 @@ def test_a_round_of_every_model_is_one_journal_commit_and_reads_see_it_before_th
         assert journal.waiting == 30 and len(_journal_rows(journal.path)) == 30
         con = sqlite3.connect(journal.path)
         assert con.execute("SELECT COUNT(*) FROM intake").fetchone()[0] == 1
+        assert con.execute("PRAGMA page_size").fetchone()[0] == 16384
         con.close()
         assert committers["a"].store._commits == 1  # nothing in the stores yet ...
         # ... but a read moves every acknowledged event in first: each model's pairs, in its own store only
