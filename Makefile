@@ -53,7 +53,7 @@ cluster: setup
 	@bash infra/cluster/build.sh >/dev/null
 
 test: setup kubectl servers browser cluster
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15
 
 compile: setup
 	$(BIN)/driftloop compile -c examples/demo.yaml -o compiled
