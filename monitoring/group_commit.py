@@ -10,6 +10,7 @@ next group piles up in the socket buffers, which is what makes groups large.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
 __all__ = ["GroupLoop"]
@@ -22,6 +23,8 @@ class GroupLoop(Generic[T]):
     ``(item, future)`` and settles every future (``size``: the events in it)."""
 
     name = "group-commit"
+    #: stores a batch of ``(item, future)`` and settles every future; each subclass has its own
+    _commit: Callable[[list[tuple[T, asyncio.Future]], int], None]
 
     def __init__(self, *, max_group_events: int = 20_000) -> None:
         self.max_group_events = max_group_events
@@ -61,9 +64,6 @@ class GroupLoop(Generic[T]):
                 entry = queue.get_nowait()
             if batch:
                 self._commit(batch, size)
-
-    def _commit(self, batch: list[tuple[T, asyncio.Future]], size: int) -> None:
-        raise NotImplementedError
 
     async def aclose(self) -> None:
         """Stop the writer after committing everything already submitted."""

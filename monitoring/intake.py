@@ -10,9 +10,10 @@ model's (docs/fleet.md). Here the events of a round, whatever their model, are c
 transaction of the journal (one ``intake`` row a commit: an append), and the request is acknowledged once
 that commit is durable. A request of ``direct_events`` events or more (a batch) is a commit worth its own:
 it goes straight into its model's store, as without the journal. The journal keeps the parsed events of every model in memory
-and a drain thread moves them into the models' stores every ``drain_seconds`` (and whenever one of them is
-read: :attr:`InferenceStore._before_read`), one ``append_groups`` a model -- the batched path, where one
-commit holds hundreds of events -- then deletes the journal rows it moved.
+and moves them into the models' stores every ``drain_seconds`` -- the writer itself, between two commits (a
+thread would fight the event loop for the GIL); a thread only when ingest is idle -- and whenever one of the
+stores is read (:attr:`InferenceStore._before_read`): one ``append_groups`` a model, the batched path where
+one commit holds hundreds of events, then it deletes the journal rows it moved.
 
 Durability is the journal's: :class:`monitoring.store_durable.DurableSQLite`, the file checks and the
 refusals of the stores. A process killed after an acknowledgement leaves the events in the journal; the next
