@@ -193,7 +193,7 @@ def evaluate_op(
     import pandas as pd
 
     from components._runtime import step
-    from components.evaluate import curves, decision_markdown, evaluate_models
+    from components.evaluate import curves, decision_markdown, evaluate_models, predict
     from driftloop.core.registry import CHAMPION, Registry
 
     with step("evaluate"):
@@ -204,10 +204,12 @@ def evaluate_op(
         registry = Registry(tracking_uri)
         champ_info = registry.version_by_alias(model_name, CHAMPION)
         champion = registry.load_sklearn(champ_info.uri) if champ_info else None
+        answers = predict(new_model, frame, target=target, task=task, numeric=sch["numeric"],
+                          categorical=sch["categorical"])  # once, for the gate's metrics and the curves
         result = evaluate_models(
             new_model, champion, frame, target=target, task=task, numeric=sch["numeric"], categorical=sch["categorical"],
             metric=metric, min_value=float(min_value) if min_value.strip() else None, margin=margin,
-            champion_version=champ_info.version if champ_info else None,
+            champion_version=champ_info.version if champ_info else None, new_predictions=answers,
         )
         for key, value in result.new_metrics.items():
             metrics.log_metric(key, value)
@@ -215,7 +217,8 @@ def evaluate_op(
             metrics.log_metric(f"champion_{key}", value)
         metrics.log_metric("gate_passed", 1.0 if result.passed else 0.0)
         if task == "classification":
-            c = curves(new_model, frame, target=target, numeric=sch["numeric"], categorical=sch["categorical"])
+            c = curves(new_model, frame, target=target, numeric=sch["numeric"], categorical=sch["categorical"],
+                       predictions=answers)
             classification_metrics.log_confusion_matrix(c["labels"], c["confusion"])
             if "roc" in c:
                 classification_metrics.log_roc_curve(c["roc"]["fpr"], c["roc"]["tpr"], c["roc"]["thresholds"])

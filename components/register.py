@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 
@@ -102,12 +103,66 @@ def _log_run_body(mlflow: Any, ctx: RunContext, decision: dict[str, Any], train:
     mlflow.log_metric("gate_passed", 1.0 if decision.get("passed") else 0.0)
     mlflow.set_tags(_run_tags(ctx, decision))
     source = ctx.data_source or "unknown"
-    train_ds = mlflow.data.from_pandas(train, source=source, name="train", targets=target)
-    test_ds = mlflow.data.from_pandas(test, source=source, name="test", targets=target)
+    train_ds = _with_schema(mlflow.data.from_pandas(train, source=source, name="train", targets=target,
+                                                    digest=dataset_digest(train)), train)
+    test_ds = _with_schema(mlflow.data.from_pandas(test, source=source, name="test", targets=target,
+                                                   digest=dataset_digest(test)), test)
     mlflow.log_input(train_ds, context="training")
     mlflow.log_input(test_ds, context="evaluation")
     mlflow.log_dict(decision, "gate/decision.json")
     mlflow.log_dict(schema, "schema/schema.json")
+
+
+def dataset_schema(frame: pd.DataFrame) -> Any:
+    """The MLflow schema of ``frame``, equal to what ``mlflow.data.from_pandas(frame).schema`` infers.
+
+    Why not MLflow's own: its ``_infer_schema`` decides each column's ``required`` by calling
+    ``_is_none_or_nan`` on every value in Python -- ~1.3 s of a training run at 100k x 20 rows (the register
+    step's two datasets, profiled with py-spy), the largest cost of that step. Here each column's type is
+    MLflow's own ``_infer_pandas_column`` (it looks at the dtype; an object column's values, as MLflow does),
+    and its ``required`` is MLflow's own ``_infer_required`` run over the values pandas finds missing only:
+    every value ``_is_none_or_nan`` flags (NaN, None, ``pd.NA``, ``pd.NaT``) is one ``isna`` flags, so the
+    answer is the same (``tests/test_register_schema.py`` checks equality on real tables and edge cases)."""
+    from mlflow.types import ColSpec, Schema
+    from mlflow.types.utils import _infer_pandas_column, _infer_required
+
+    return Schema([ColSpec(type=_infer_pandas_column(frame[name]), name=name,
+                           required=_infer_required(frame[name][frame[name].isna()]))
+                   for name in frame.columns])
+
+
+def dataset_digest(frame: pd.DataFrame) -> str:
+    """The digest ``mlflow.data.from_pandas(frame)`` computes (``mlflow.data.digest_utils.compute_pandas_digest``),
+    the same string.
+
+    Why not MLflow's own: to find the string columns it calls ``type`` on every value of the whole frame
+    (``df.map(type)``), not of the 10,000 rows it hashes -- ~0.25 s a dataset at 100k x 20. A column of a
+    numpy number, bool, date or duration dtype holds no ``str``, so only the other columns go through that
+    same test; the rest is MLflow's function line by line (``tests/test_register_schema.py`` compares the two
+    on real tables and edge cases). An empty frame, where every column passes that test, is MLflow's."""
+    from mlflow.data.digest_utils import MAX_ROWS, compute_pandas_digest, get_normalized_md5_digest
+
+    if frame.empty or not frame.columns.is_unique:
+        return compute_pandas_digest(frame)
+    trimmed = frame.head(MAX_ROWS)
+    maybe = [c for c in frame.columns
+             if not (isinstance(frame[c].dtype, np.dtype) and frame[c].dtype.kind in "iufcbMm")]
+    strings = frame[maybe].columns[(frame[maybe].map(type) == str).all(0)] if maybe else frame.columns[:0]
+    numeric = trimmed.select_dtypes(include=[np.number]).columns
+    trimmed = trimmed[strings.union(numeric)]
+    return get_normalized_md5_digest([pd.util.hash_pandas_object(trimmed).values, np.int64(len(frame))]
+                                     + [str(x).encode() for x in frame.columns])
+
+
+def _with_schema(dataset: Any, frame: pd.DataFrame) -> Any:
+    """``dataset`` (a ``PandasDataset``) with its schema from :func:`dataset_schema` in place of the one its
+    ``schema`` cached property would infer; where that fails, MLflow infers it as it would."""
+    if frame.columns.is_unique:  # a frame with repeated names: MLflow's own way (column lookups differ)
+        try:
+            dataset.__dict__["schema"] = dataset_schema(frame)  # functools.cached_property reads it from here
+        except Exception:  # noqa: BLE001 - MLflow's property infers it (and logs no schema if it cannot)
+            log.debug("dataset schema left to MLflow", exc_info=True)
+    return dataset
 
 
 HOLDOUT_QUALITY_ARTIFACT = "quality/holdout.json"

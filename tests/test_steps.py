@@ -225,3 +225,34 @@ def test_evaluate_scores_both_on_same_holdout(frame):
     d = evaluate_models(weak, good, test, target="label", task="classification", numeric=NUM, categorical=CAT,
                         metric="accuracy", champion_version="1")
     assert not d.passed
+
+
+def test_the_evaluate_step_predicts_the_holdout_once_for_the_gate_and_the_curves(frame):
+    from components.evaluate import curves, predict
+
+    train, test = _split(frame)
+    model = train_model(train, target="label", task="classification", numeric=NUM, categorical=CAT).model
+    calls = {"predict": 0, "predict_proba": 0}
+
+    class Counted:  # the model, counting what it is asked
+        classes_ = model.classes_
+
+        def predict(self, X):
+            calls["predict"] += 1
+            return model.predict(X)
+
+        def predict_proba(self, X):
+            calls["predict_proba"] += 1
+            return model.predict_proba(X)
+
+    counted = Counted()
+    answers = predict(counted, test, target="label", task="classification", numeric=NUM, categorical=CAT)
+    shared = evaluate_models(counted, None, test, target="label", task="classification", numeric=NUM, categorical=CAT,
+                             metric="accuracy", new_predictions=answers)
+    drawn = curves(counted, test, target="label", numeric=NUM, categorical=CAT, predictions=answers)
+    assert calls == {"predict": 1, "predict_proba": 1}
+    # the same figures as each computing its own
+    alone = evaluate_models(model, None, test, target="label", task="classification", numeric=NUM, categorical=CAT,
+                            metric="accuracy")
+    assert shared.new_metrics == alone.new_metrics and "roc_auc" in shared.new_metrics
+    assert drawn == curves(model, test, target="label", numeric=NUM, categorical=CAT) and "roc" in drawn
