@@ -13,7 +13,12 @@ or all to the one. Every acknowledged event must be in some model's store. Targe
 one model's events/s. The fleet's monitor takes every model's events through its intake journal
 (``monitoring/intake.py``: one commit a round, moved into each model's store in batches); one model's
 commits straight into its store. ``--repeat N`` runs N pairs a mode and prints their median ratio;
-``--py-spy PATH`` samples the monitor over each measured window (``--profile-dir``).
+``--py-spy PATH`` samples the monitor over each measured window (``--profile-dir``). ``--interleave S``
+starts both monitors at once (the one-model monitor on a fleet file of its own, ``fleet-one.yaml``, with
+its own workspace) and alternates the load between them in slices of S seconds: each rate counts its own
+slices only, so a machine that slows down or speeds up during the run moves both alike; the CPU ratio is
+each monitor's events over all the CPU it used in the run (the fleet's drains and checkpoints after its
+slices included).
 
 (b) **checks**: every model's window filled (calm traffic), then one round of all 50 models' checks in
 the fleet's pool (2 workers): wall time vs ``monitor.check_interval_seconds`` (10 s by default).
@@ -23,11 +28,13 @@ the fleet's pool (2 workers): wall time vs ``monitor.check_interval_seconds`` (1
 the time from that window's acknowledgement until its retraining run starts (a recording runner).
 
     python benchmarks/bench_fleet_monitor.py [--models 50] [--seconds 8] [--interval 5] [--part a,b,c] [--repeat 3]
+                                             [--interleave 1]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import shutil
@@ -117,8 +124,26 @@ def _spread(maker, port: int, names: list[str], per: int):
     return make
 
 
+def _one_model_fleet(fleet_file: Path, name: str) -> Path:
+    """A fleet file of model ``name`` alone, with a workspace of its own (its store, its reference cache): the
+    one-model monitor beside the fleet's in ``--interleave``."""
+    one = fleet_file.with_name("fleet-one.yaml")
+    if not one.exists():
+        text = fleet_file.read_text()
+        head, models = text.split("models:\n", 1)
+        own = [line for line in models.splitlines() if line.strip().startswith(f"{name}:")]
+        one.write_text(head.replace(f"workspace: {fleet_file.parent / 'fleet'}",
+                                    f"workspace: {one.parent / 'fleet-one'}") + "models:\n" + "\n".join(own) + "\n")
+        cache = Path("monitor") / "reference" / f"{name}-v1.parquet"
+        dst = one.parent / "fleet-one" / "models" / name / cache
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(fleet_file.parent / "fleet" / "models" / name / cache, dst)
+    return one
+
+
 def _store(fleet_file: Path, name: str) -> Path:
-    return fleet_file.parent / "fleet" / "models" / name / "monitor" / "inference.db"
+    root = "fleet-one" if fleet_file.name == "fleet-one.yaml" else "fleet"
+    return fleet_file.parent / root / "models" / name / "monitor" / "inference.db"
 
 
 def _stored(fleet_file: Path, names: list[str]) -> int:
@@ -136,7 +161,7 @@ def _empty_stores(fleet_file: Path, names: list[str]) -> None:
     duplicates of a last run)."""
     from monitoring.intake import journal_path
 
-    for path in [*(_store(fleet_file, name) for name in names), journal_path(fleet_file.parent / "fleet")]:
+    for path in [*(_store(fleet_file, name) for name in names), journal_path(_store(fleet_file, names[0]).parents[3])]:
         for suffix in ("", "-wal", "-shm"):
             Path(f"{path}{suffix}").unlink(missing_ok=True)
 
@@ -190,6 +215,115 @@ def ingest_run(fleet_file: Path, names: list[str], mode: str, args: argparse.Nam
             "refused": load.refused, "stored": stored}
 
 
+class _Target:
+    """One monitor under interleaved load: its connections, and what it answered in its own slices."""
+
+    def __init__(self, label: str, make, pid: int):
+        self.label, self.make, self.pid = label, make, pid
+        self.active = self.measuring = False
+        self.ok = self.refused = self.measured = 0
+        self.slice_seconds = 0.0
+        self.parked: list[_Slice] = []
+
+
+class _Slice(asyncio.Protocol):
+    """A keep-alive connection to one target: sends while its target has the load, parks otherwise."""
+
+    def __init__(self, target: _Target):
+        self.target, self.buf, self.transport = target, b"", None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self.target.parked.append(self)
+
+    def send(self) -> None:
+        self.transport.write(self.target.make())
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        while (end := self.buf.find(b"\r\n\r\n")) >= 0:
+            head = self.buf[:end]
+            at = head.lower().find(b"content-length:")
+            stop = head.find(b"\r\n", at)
+            length = int(head[at + 15:stop if stop > 0 else None])
+            if len(self.buf) < end + 4 + length:
+                return
+            self.buf = self.buf[end + 4 + length:]
+            target = self.target
+            if head[9:12] == b"200":
+                target.ok += 1
+                target.measured += target.measuring
+            else:
+                target.refused += 1
+            if target.active:
+                self.send()
+            else:
+                target.parked.append(self)
+
+
+async def _interleave(ports: list[int], targets: list[_Target], args: argparse.Namespace) -> None:
+    """The load goes to one target at a time, ``--interleave`` seconds each, alternating: warm-up slices, then
+    measured ones, ``--seconds`` of them a target. Each target's rate is counted in its own slices only, so a
+    machine that gets slower or faster during the run moves both alike."""
+    loop = asyncio.get_running_loop()
+    for port, target in zip(ports, targets):
+        for _ in range(args.connections):
+            await loop.create_connection(lambda t=target: _Slice(t), "127.0.0.1", port)
+    rounds_warm = max(1, round(args.warmup / args.interleave))
+    rounds = max(1, round(args.seconds / args.interleave))
+    for n in range(rounds_warm + rounds):
+        for target in targets if n % 2 == 0 else targets[::-1]:
+            target.active, target.measuring = True, n >= rounds_warm
+            parked, target.parked = target.parked, []
+            for conn in parked:
+                conn.send()
+            started = time.perf_counter()
+            await asyncio.sleep(args.interleave)
+            target.active = target.measuring = False
+            if n >= rounds_warm:
+                target.slice_seconds += time.perf_counter() - started
+    for _ in range(200):  # every answer in (the last slice's requests in flight)
+        if all(len(t.parked) == args.connections for t in targets):
+            break
+        await asyncio.sleep(0.05)
+
+
+def ingest_interleaved(fleet_file: Path, one_file: Path, names: list[str], mode: str,
+                       args: argparse.Namespace) -> tuple[dict, dict]:
+    """Both monitors at once on the same core, the load alternating between them (``--interleave``)."""
+    import uvloop
+
+    single = mode == "single"
+    maker = ingest.single_requests if single else (lambda p: ingest.batch_requests(p, args.batch))
+    per_request = 1 if single else args.batch
+    _empty_stores(one_file, names[:1])
+    _empty_stores(fleet_file, names)
+    ports = [ingest.free_port(), ingest.free_port()]
+    procs = [_start_monitor(one_file, ports[0], args.sink_core, None),
+             _start_monitor(fleet_file, ports[1], args.sink_core, None)]
+    try:
+        targets = [_Target("1 model", _spread(maker, ports[0], names[:1], 2 if single else 1), procs[0].pid),
+                   _Target(f"{len(names)} models", _spread(maker, ports[1], names, 2 if single else 1), procs[1].pid)]
+        cpu0 = [ingest.cpu_seconds(p.pid) for p in procs]
+        uvloop.run(_interleave(ports, targets, args))
+        time.sleep(2 * args.interleave + 1)  # what the monitors do after their slices (drains, checkpoints) counts
+        cpu = [[b - a for a, b in zip(c, ingest.cpu_seconds(p.pid))] for p, c in zip(procs, cpu0)]
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(60)
+    out = []
+    for target, stored, used in zip(targets, (_stored(one_file, names[:1]), _stored(fleet_file, names)), cpu):
+        if stored != target.ok * per_request:
+            raise SystemExit(f"{mode}, {target.label}: {target.ok * per_request} events acknowledged but "
+                             f"{stored} stored")
+        out.append({"events_per_s": target.measured * per_request / target.slice_seconds,
+                    "events_per_cpu_s": target.ok * per_request / sum(used), "refused": target.refused,
+                    "stored": stored, "system_share": used[1] / sum(used)})
+    return out[0], out[1]
+
+
 def part_ingest(fleet_file: Path, names: list[str], args: argparse.Namespace) -> None:
     """One model and all of them in turn, ``--repeat`` times a mode: on a shared machine one model's rate moves
     by a fifth between runs, so each pair's ratio is printed and the median of the pairs is the figure."""
@@ -198,15 +332,19 @@ def part_ingest(fleet_file: Path, names: list[str], args: argparse.Namespace) ->
         label = "1 event/request" if mode == "single" else f"batches of {args.batch}"
         ratios = []
         for attempt in range(args.repeat):
-            one = ingest_run(fleet_file, names[:1], mode, args)
-            many = ingest_run(fleet_file, names, mode, args)
+            if args.interleave:
+                one, many = ingest_interleaved(fleet_file, _one_model_fleet(fleet_file, names[0]), names, mode, args)
+            else:
+                one = ingest_run(fleet_file, names[:1], mode, args)
+                many = ingest_run(fleet_file, names, mode, args)
             ratios.append(many["events_per_s"] / one["events_per_s"])
             print(f"(a) ingest, {label}{f' (pair {attempt + 1}/{args.repeat})' if args.repeat > 1 else ''}: "
                   f"1 model {one['events_per_s']:,.0f} events/s, {len(names)} models "
                   f"{many['events_per_s']:,.0f} events/s: ratio {ratios[-1]:.2f} (target >= 0.90); per monitor "
-                  f"CPU-second {one['events_per_cpu_s']:,.0f} vs {many['events_per_cpu_s']:,.0f}; refused "
+                  f"CPU-second {one['events_per_cpu_s']:,.0f} vs {many['events_per_cpu_s']:,.0f} (ratio "
+                  f"{many['events_per_cpu_s'] / one['events_per_cpu_s']:.2f}); refused "
                   f"{one['refused']} / {many['refused']}; every acknowledged event stored ({one['stored']:,} / "
-                  f"{many['stored']:,}); load average {_load()}", flush=True)
+                  f"{many['stored']:,});{_system(one, many)} load average {_load()}", flush=True)
         if args.repeat > 1:
             print(f"(a) ingest, {label}: median ratio of {args.repeat} pairs {statistics.median(ratios):.2f} "
                   f"(each: {', '.join(f'{r:.2f}' for r in ratios)})", flush=True)
@@ -356,6 +494,12 @@ def part_retrain(fleet_file: Path, names: list[str], model, interval: float) -> 
           f"{others_started} of them started a run, {overrun} rounds skipped as still running; load average {_load()}")
 
 
+def _system(one: dict, many: dict) -> str:
+    if "system_share" not in one:
+        return ""
+    return f" kernel share of the monitors' CPU {one['system_share']:.0%} / {many['system_share']:.0%};"
+
+
 def _load() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -371,6 +515,9 @@ def main() -> None:
     p.add_argument("--load-core", type=int, default=1)
     p.add_argument("--interval", type=float, default=5.0, help="check interval of part (c)")
     p.add_argument("--repeat", type=int, default=1, help="pairs of part (a) runs a mode (one model, then all)")
+    p.add_argument("--interleave", type=float, default=0.0,
+                   help="part (a): both monitors up at once, the load alternating between them in slices of this "
+                        "many seconds (a machine's drift moves both alike); 0: one run after the other")
     p.add_argument("--py-spy", help="path of py-spy: sample the monitor during part (a)'s measured window")
     p.add_argument("--profile-dir", default=".", help="where the py-spy stacks go (fleet-ingest-<mode>-<models>.txt)")
     p.add_argument("--part", default="a,b,c", help="which parts: a (ingest), b (checks), c (drift to retrain)")
