@@ -106,3 +106,70 @@ def test_every_driftloop_variable_the_processes_read_leaves_loading_alone():
     for name in sorted(names):
         settings = load_settings(environ={name: "x-value"})
         assert settings.monitor is not None, name
+
+
+# --- hyper-parameter names: from the library once per installed version, then from the user's cache ---------
+_PROBE = """
+import json, sys
+from driftloop.core.config import load_settings
+from driftloop.core.errors import ConfigError
+s = load_settings(overrides={"model.params": {"max_iter": 7}}, environ={})
+try:
+    load_settings(overrides={"model.params": {"max_iterations": 7}}, environ={})
+    refused = None
+except ConfigError as exc:
+    refused = str(exc)
+print(json.dumps({"sklearn": "sklearn.ensemble" in sys.modules, "params": s.model.params, "refused": refused}))
+"""
+
+
+def _probe(cache: Path) -> dict:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "XDG_CACHE_HOME": str(cache)}
+    out = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_hyper_parameter_names_come_from_the_library_once_then_from_the_cache(tmp_path):
+    first = _probe(tmp_path)  # nothing cached: the library is asked (and imported)
+    assert first["sklearn"] and first["params"] == {"max_iter": 7}
+    assert "unknown hyper-parameter 'max_iterations'" in first["refused"] and "max_iter" in first["refused"]
+    files = list((tmp_path / "driftloop").glob("learner-params-scikit-learn-*.json"))
+    assert len(files) == 1
+    second = _probe(tmp_path)  # the same answers, without importing scikit-learn's estimators
+    assert not second["sklearn"]
+    assert second["params"] == first["params"] and second["refused"] == first["refused"]
+    files[0].write_text("{not json")  # a damaged cache: asked of the library again, and written again
+    third = _probe(tmp_path)
+    assert third["sklearn"] and third["refused"] == first["refused"]
+    assert _probe(tmp_path)["sklearn"] is False
+
+
+@pytest.mark.parametrize("task,learner", [("classification", "hist_gradient_boosting"), ("regression", "linear"),
+                                          ("regression", "random_forest")])
+def test_cached_hyper_parameter_names_are_the_estimators_own(tmp_path, monkeypatch, task, learner):
+    import importlib
+
+    from driftloop.core import config
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    module, classifier, regressor = config._LEARNER_CLASSES[learner]
+    expected = set(getattr(importlib.import_module(module), classifier if task == "classification"
+                           else regressor)().get_params())
+    assert config.learner_params(task, learner) == expected  # asked, and written
+    assert config.learner_params(task, learner) == expected  # read back
+
+
+def test_an_unwritable_cache_is_passed_by(tmp_path, monkeypatch):
+    from driftloop.core import config
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))  # a file where the cache folder would be
+    assert "max_iter" in config.learner_params("classification", "hist_gradient_boosting")

@@ -203,16 +203,82 @@ _LEARNER_CLASSES = {
 }
 
 
+_LEARNER_PACKAGES = {"sklearn.ensemble": "scikit-learn", "sklearn.linear_model": "scikit-learn", "xgboost": "xgboost"}
+
+
 def learner_params(task: str, learner: str) -> set[str]:
-    """The hyper-parameter names the learner's estimator accepts (its ``get_params()``)."""
+    """The hyper-parameter names the learner's estimator accepts (its ``get_params()``).
+
+    Importing the estimator's library costs every process that reads a configuration with ``model.params``
+    ~0.7 s (sklearn.ensemble; more for xgboost) -- the monitor, ``driftloop serve``, ``driftloop rollout run``,
+    each retraining worker -- though most never train. So the names are kept in the user's cache
+    (``$XDG_CACHE_HOME/driftloop``, else ``~/.cache/driftloop``), one file per library version: read there,
+    asked of the library once per installed version. A cache that cannot be read or written is passed by."""
     import importlib
 
     module, classifier, regressor = _LEARNER_CLASSES[learner]
+    name = classifier if task == "classification" else regressor
+    cached = _params_cache(module)
+    if cached is not None:
+        known = _read_params(cached, name)
+        if known is not None:
+            return known
     try:
-        cls = getattr(importlib.import_module(module), classifier if task == "classification" else regressor)
+        cls = getattr(importlib.import_module(module), name)
     except ImportError as exc:
         raise ValueError(f"learner {learner!r} needs the {module} package, which is not installed") from exc
-    return set(cls().get_params())
+    known = set(cls().get_params())
+    if cached is not None:
+        _write_params(cached, name, known)
+    return known
+
+
+def _params_cache(module: str) -> Path | None:
+    """The cache file of the hyper-parameter names of ``module``'s installed version (None: not installed)."""
+    from importlib import metadata
+
+    package = _LEARNER_PACKAGES[module]
+    try:
+        version = metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "driftloop"
+    return root / f"learner-params-{package}-{re.sub(r'[^A-Za-z0-9.+-]', '_', version)}.json"
+
+
+def _read_params(path: Path, name: str) -> set[str] | None:
+    import json
+
+    try:
+        names = json.loads(path.read_text()).get(name)
+    except (OSError, ValueError, AttributeError):
+        return None  # none yet, or damaged: asked of the library (and written again)
+    return set(names) if isinstance(names, list) and all(isinstance(n, str) for n in names) else None
+
+
+def _write_params(path: Path, name: str, known: set[str]) -> None:
+    """Add ``name``'s parameters to the cache file (written whole, then renamed: a reader never sees half)."""
+    import json
+    import tempfile
+
+    try:
+        try:
+            data = json.loads(path.read_text())
+            data = data if isinstance(data, dict) else {}
+        except (OSError, ValueError):
+            data = {}
+        data[name] = sorted(known)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        try:
+            with os.fdopen(fd, "w") as fh:
+                json.dump(data, fh)
+            os.replace(tmp, path)
+        except OSError:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    except OSError:
+        pass  # a read-only or full cache: the library is asked again next time
 
 
 _HIGHER_IS_BETTER = {"accuracy": True, "f1": True, "roc_auc": True, "r2": True, "rmse": False, "mae": False}
