@@ -173,3 +173,15 @@ def test_an_unwritable_cache_is_passed_by(tmp_path, monkeypatch):
     blocker.write_text("")
     monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))  # a file where the cache folder would be
     assert "max_iter" in config.learner_params("classification", "hist_gradient_boosting")
+
+
+def test_without_a_home_directory_the_names_are_asked_of_the_library(monkeypatch):
+    from driftloop.core import config
+
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(Path, "home", staticmethod(no_home))
+    assert "C" in config.learner_params("classification", "linear")

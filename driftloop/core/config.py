@@ -242,7 +242,10 @@ def _params_cache(module: str) -> Path | None:
         version = metadata.version(package)
     except metadata.PackageNotFoundError:
         return None
-    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "driftloop"
+    try:
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "driftloop"
+    except RuntimeError:  # no home directory to be found (a bare container user): nothing cached
+        return None
     return root / f"learner-params-{package}-{re.sub(r'[^A-Za-z0-9.+-]', '_', version)}.json"
 
 
