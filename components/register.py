@@ -17,6 +17,7 @@ the tag ``driftloop.data_window`` that names the first and last row read; :func:
 is how the run summary and lineage print the two.
 """
 
+import functools
 import hashlib
 import json
 import logging
@@ -139,10 +140,11 @@ def dataset_digest(frame: pd.DataFrame) -> str:
     (``df.map(type)``), not of the 10,000 rows it hashes -- ~0.25 s a dataset at 100k x 20. A column of a
     numpy number, bool, date or duration dtype holds no ``str``, so only the other columns go through that
     same test; the rest is MLflow's function line by line (``tests/test_register_schema.py`` compares the two
-    on real tables and edge cases). An empty frame, where every column passes that test, is MLflow's."""
+    on real tables and edge cases). An empty frame, where every column passes that test, is MLflow's; so is
+    every frame when the installed MLflow's function is not the one copied here (its source is compared)."""
     from mlflow.data.digest_utils import MAX_ROWS, compute_pandas_digest, get_normalized_md5_digest
 
-    if frame.empty or not frame.columns.is_unique:
+    if frame.empty or not frame.columns.is_unique or not _digest_is_the_copied_one():
         return compute_pandas_digest(frame)
     trimmed = frame.head(MAX_ROWS)
     maybe = [c for c in frame.columns
@@ -152,6 +154,26 @@ def dataset_digest(frame: pd.DataFrame) -> str:
     trimmed = trimmed[strings.union(numeric)]
     return get_normalized_md5_digest([pd.util.hash_pandas_object(trimmed).values, np.int64(len(frame))]
                                      + [str(x).encode() for x in frame.columns])
+
+
+# sha256 of the source of mlflow.data.digest_utils.compute_pandas_digest that dataset_digest follows (MLflow 3.17)
+_COPIED_DIGEST_SOURCE = "e9108875fd64abb269fe99042d0ca9fa811860350f9b21670d57cdc3617266f7"
+
+
+@functools.cache
+def _digest_is_the_copied_one() -> bool:
+    import inspect
+
+    from mlflow.data.digest_utils import compute_pandas_digest
+
+    try:
+        source = inspect.getsource(compute_pandas_digest)
+    except (OSError, TypeError):
+        return False
+    same = hashlib.sha256(source.encode()).hexdigest() == _COPIED_DIGEST_SOURCE
+    if not same:
+        log.debug("MLflow's compute_pandas_digest changed: datasets get MLflow's own digest")
+    return same
 
 
 def _with_schema(dataset: Any, frame: pd.DataFrame) -> Any:

@@ -113,3 +113,21 @@ def test_the_digest_treats_every_column_kind_as_mlflow_does():
     _digests(frame)
     _digests(frame[["str", "z_float", "a_int"]])  # the order MLflow hashes them in
     _digests(generate(rows=500, drift_at=0.5, seed=3))
+
+
+def test_a_changed_mlflow_digest_function_is_used_as_it_is(monkeypatch):
+    """Where the installed MLflow's compute_pandas_digest is not the one copied, its own result is the digest."""
+    import components.register as register
+
+    frame = data("datasets", "iris")
+    calls = []
+    monkeypatch.setattr(register, "_COPIED_DIGEST_SOURCE", "0" * 64)
+    register._digest_is_the_copied_one.cache_clear()
+    import mlflow.data.digest_utils as digest_utils
+
+    original = digest_utils.compute_pandas_digest
+    monkeypatch.setattr(digest_utils, "compute_pandas_digest", lambda df: calls.append(len(df)) or original(df))
+    try:
+        assert dataset_digest(frame) == original(frame) and calls == [len(frame)]
+    finally:
+        register._digest_is_the_copied_one.cache_clear()
