@@ -241,16 +241,10 @@ class _Slice(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.buf += data
-        while (end := self.buf.find(b"\r\n\r\n")) >= 0:
-            head = self.buf[:end]
-            at = head.lower().find(b"content-length:")
-            stop = head.find(b"\r\n", at)
-            length = int(head[at + 15:stop if stop > 0 else None])
-            if len(self.buf) < end + 4 + length:
-                return
-            self.buf = self.buf[end + 4 + length:]
+        while (answer := ingest.take_answer(self.buf)) is not None:
+            ok, self.buf = answer
             target = self.target
-            if head[9:12] == b"200":
+            if ok:
                 target.ok += 1
                 target.measured += target.measuring
             else:

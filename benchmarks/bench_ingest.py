@@ -115,6 +115,20 @@ def batch_requests(port: int, size: int) -> Callable[[], bytes]:
     return make
 
 
+def take_answer(buf: bytes) -> tuple[bool, bytes] | None:
+    """The first complete HTTP answer in ``buf``: (its status is 200, what follows it), or None while incomplete."""
+    end = buf.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    head = buf[:end]
+    at = head.lower().find(b"content-length:")
+    stop = head.find(b"\r\n", at)
+    length = int(head[at + 15:stop if stop > 0 else None])
+    if len(buf) < end + 4 + length:
+        return None
+    return head[9:12] == b"200", buf[end + 4 + length:]
+
+
 class _Connection(asyncio.Protocol):
     """One keep-alive connection: send a request, read its answer, send the next, until the deadline."""
 
@@ -136,16 +150,11 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.buf += data
-        end = self.buf.find(b"\r\n\r\n")
-        if end < 0:
+        answer = take_answer(self.buf)
+        if answer is None:
             return
-        head = self.buf[:end]
-        at = head.lower().find(b"content-length:")
-        length = int(head[at + 15:head.find(b"\r\n", at) if head.find(b"\r\n", at) > 0 else None])
-        if len(self.buf) < end + 4 + length:
-            return
-        self.buf = self.buf[end + 4 + length:]
-        self.load.answered(head[9:12] == b"200")
+        ok, self.buf = answer
+        self.load.answered(ok)
         self._next()
 
     def connection_lost(self, exc: Exception | None) -> None:
