@@ -4,6 +4,7 @@ import sqlite3
 
 import pytest
 
+from monitoring import store_write
 from monitoring.events import EventError, parse_binary
 from monitoring.store import InferenceStore, StoreUnavailable
 from tests.ce_events import binary, instance, pair
@@ -253,3 +254,21 @@ def test_one_thread_checkpoints_every_store_and_leaves_an_idle_one_alone(tmp_pat
     visits = sum(len(v) for v in calls.values())
     time.sleep(0.3)
     assert sum(len(v) for v in calls.values()) == visits  # a closed store is not visited again
+
+
+
+def test_a_group_commit_of_any_size_stores_each_event_once_with_a_few_statement_texts(tmp_path, monkeypatch):
+    """Events of one call go in as multi-row INSERTs of a few fixed sizes (a new size is a new statement for
+    SQLite to compile): every count still stores each new event once, pairs it, and skips the duplicates,
+    wherever they fall among the statements."""
+    flat = [ev for i in range(1200) for ev in events_of(f"c{i}")]  # 2400 events: request, response, ...
+    with InferenceStore(tmp_path / "log.db") as store:
+        sizes = []
+        monkeypatch.setattr(store_write, "_insert_sql", lambda n, sql=store_write._insert_sql: sizes.append(n) or sql(n))
+        assert store.append_events(flat[:2341]) == 2341  # 2048 + 256 + 32 + 5
+        assert store.count() == 1170 and store.counts()["unpaired"] == 1
+        assert store.append_events(flat[2000:2400]) == 59  # 256 + 4 * 32 + 16: 341 stored before, 59 new
+        assert store.append_events(flat[5:42]) == 0  # 37 at once (up to 64: one statement of its own size)
+        assert store.count() == 1200 and store.counts() == {**store.counts(), "events": 2400, "unpaired": 0}
+        assert sorted(store.rows()["request_id"].unique()) == sorted(f"c{i}" for i in range(1200))
+    assert sizes == [2048, 256, 32, 5, 256, 32, 32, 32, 32, 16, 37]  # statements of 2341, 400 and 37 events
