@@ -360,3 +360,29 @@ def test_a_journal_file_that_is_no_database_leaves_the_fleet_monitor_running(tmp
     IntakeJournal(tmp_path / "other.db", {}, drain_seconds=3600).close()  # the lock of a failed open was let go
     for s in fleet.services.values():
         s.app.state.committer.store.close()
+
+
+def test_the_stores_it_feeds_are_checkpointed_at_the_journal_interval_and_as_before_once_it_closes(tmp_path):
+    """A store the journal feeds commits only at drains: it is checkpointed every ``store_checkpoint_seconds``
+    (still checkpointed: its WAL is copied into its file), and at its own interval again once the journal closes
+    (its events go straight into it)."""
+    committers = {m: GroupCommitter(InferenceStore(tmp_path / m / "inference.db", checkpoint_seconds=0.05),
+                                    MonitorMetrics()) for m in MODELS}
+    journal = IntakeJournal(tmp_path / "intake.db", committers, drain_seconds=3600, store_checkpoint_seconds=0.2)
+    try:
+        assert [c.store.checkpoint_seconds for c in committers.values()] == [0.2] * len(MODELS)
+        asyncio.run(_send_round(committers, {"a": ["a-1", "a-2"]}))
+        journal.drain()
+        store = committers["a"].store
+        deadline = 250
+        while store._checkpointed != store._commits and deadline:
+            deadline -= 1
+            asyncio.run(asyncio.sleep(0.02))
+        assert store._checkpointed == store._commits  # the drained commit was copied into the store's file
+    finally:
+        journal.close()
+    try:
+        assert [c.store.checkpoint_seconds for c in committers.values()] == [0.05] * len(MODELS)
+    finally:
+        for c in committers.values():
+            c.store.close()
