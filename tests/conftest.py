@@ -2,6 +2,7 @@
 
 import os
 import signal
+import threading
 import warnings
 from pathlib import Path
 
@@ -34,6 +35,17 @@ def _tokens_do_not_leak_between_tests():
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+@pytest.fixture(autouse=True)
+def _retraining_threads_end_with_their_test():
+    """A trigger with an in-process runner runs each retraining on a thread of its own (``retrain-<alert>``),
+    which records the result after the run returns: a test that closes its monitor as the run ends would
+    otherwise see that thread log into the next test's output ("not recorded: ... closed database")."""
+    yield
+    for thread in threading.enumerate():
+        if thread.name.startswith("retrain-") and thread is not threading.current_thread():
+            thread.join(timeout=10)
 
 
 def make_settings(workspace: Path, source: Path, **overrides):

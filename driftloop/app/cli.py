@@ -42,7 +42,8 @@ app.add_typer(config_app, name="config")
 def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
-    for name in ("mlflow", "alembic", "urllib3", "kserve", "httpx", "httpcore"):
+    # (matplotlib: "generated new fontManager" the first time a machine plots)
+    for name in ("mlflow", "alembic", "urllib3", "kserve", "httpx", "httpcore", "matplotlib"):
         logging.getLogger(name).setLevel(logging.WARNING)
     # urllib3 warns on every retry of an unreachable host; the one error line that follows names the cause
     logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
