@@ -180,10 +180,10 @@ class IntakeJournal(DurableSQLite, GroupLoop[tuple["GroupCommitter", Sequence[Pa
         self.recovered = self.recover()
         # A store the journal feeds commits only at drains, a few large commits a second. Checkpointed every second
         # as a one-model store is, a fleet's 50 stores took 2 fsyncs each a second (1000 a second at 500 models)
-        # and ~3 us of CPU an event (0.5 us at 5 s, measured in one process); each store's WAL then holds up to
-        # store_checkpoint_seconds of its model's events before they are copied into its file (a checkpoint copies
-        # committed frames: against a process kill durability is the same; with synchronous=NORMAL a power loss may
-        # drop what the last store_checkpoint_seconds committed, FULL nothing). The journal's own checkpoints, every
+        # and ~3 us of CPU an event; every store_checkpoint_seconds (5 s) 0.5-1.6 us in runs of ~6 s (measured in
+        # one process). Each store's WAL then holds up to that long of its model's events before they are copied
+        # into its file: against a process kill durability is the same; with synchronous=NORMAL a power loss may
+        # drop what the store committed in that time, with FULL nothing. The journal's own checkpoints, every
         # checkpoint_seconds, cost ~0.3 us an event (measured alone): its rows live one drain.
         self._store_checkpoints = {name: c.store.checkpoint_seconds for name, c in self.committers.items()}
         for committer in self.committers.values():
