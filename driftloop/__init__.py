@@ -9,6 +9,8 @@ Names are imported lazily: each pipeline step is a fresh process, and importing
 
 from typing import Any
 
+from driftloop.core import skops_names as _skops_names
+
 __version__ = "0.1.0"
 __all__ = ["Settings", "load_settings", "DriftloopError", "Registry", "runner_for", "__version__"]
 
@@ -27,3 +29,8 @@ def __getattr__(name: str) -> Any:
 
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'driftloop' has no attribute {name!r}")
+
+
+# Every process of the project (CLI, model servers, pipeline tasks) imports this package first: skops' import,
+# when MLflow or a step asks for it, then skips its walk of all of scikit-learn (driftloop.core.skops_names).
+_skops_names.install()

@@ -596,6 +596,50 @@ def test_the_registry_scorer_answers_as_the_model_servers_do(tmp_path):
     assert refused.comparison is None and "cannot answer the logged requests" in refused.problem
 
 
+def test_a_controller_of_its_own_loads_both_versions_while_the_canary_starts(tmp_path):
+    """``driftloop rollout run`` (preload): after the start step both versions load in the background, so the
+    first analysis with enough labels finds them loaded; a version that cannot load is left to that analysis."""
+    import mlflow
+    import numpy as np
+    import pandas as pd
+    from mlflow.models import infer_signature
+    from sklearn.linear_model import LogisticRegression
+
+    from serving.rollout import RegistryScorer
+
+    s = make_settings(tmp_path, tmp_path / "unused.parquet", **{"mlflow.model_name": "warm",
+                                                               "rollout.step_weights": [20, 50]})
+    reg = Registry.from_settings(s)
+    X = pd.DataFrame({"tenure": np.arange(40.0), "charges": np.arange(40.0)[::-1]})
+    y = (X["tenure"] < 12).astype(int)
+    with mlflow.start_run(experiment_id=reg.experiment_id()):
+        for _ in range(2):
+            mlflow.sklearn.log_model(LogisticRegression().fit(X, y), name="model", registered_model_name="warm",
+                                     signature=infer_signature(X, y))
+    RolloutController.begin(s, canary_version="2", primary_version="1")
+    ctl = RolloutController(s, ScriptedTarget([]), None, preload=True)
+    assert ctl.run(max_steps=1).status == PROGRESSING
+    scorer = ctl._scorer
+    assert isinstance(scorer, RegistryScorer)
+    loading = [t for t in threading.enumerate() if t.name == "preload-warm"]
+    for t in loading:
+        t.join(120)
+    assert sorted(scorer._models) == ["1", "2"]
+    assert scorer._models["2"].ready and scorer._models["1"].ready
+    ctl.run(max_steps=1)  # the same pair: not loaded again
+    assert not [t for t in threading.enumerate() if t.name == "preload-warm"]
+
+    RolloutController.begin(s, canary_version="9", primary_version="1")  # a version the registry lacks
+    missing = RolloutController(s, ScriptedTarget([]), None, preload=True)
+    missing.run(max_steps=1)
+    for t in [t for t in threading.enumerate() if t.name == "preload-warm"]:
+        t.join(120)
+    assert sorted(missing._scorer._models) == ["1"]  # v9 is the analysis's to report, the controller goes on
+    quiet = RolloutController(s, ScriptedTarget([]), None)  # the gateway's own controller: nothing preloaded
+    quiet.run(max_steps=1)
+    assert quiet._scorer is None
+
+
 def test_on_the_embedded_default_the_labels_come_from_the_monitor_the_gateway_logs_to(tmp_path, monkeypatch):
     """The local wiring, all real but the model servers: the gateway logs to a monitor and forwards the labels
     posted to it; GatewayTarget finds that monitor in the gateway's status and reads its GET /labelled with the

@@ -395,13 +395,13 @@ def _fmt(value: Any) -> str:
 
 
 def _controller(config: str | None, params: list[str] | None, model: str | None = None, *,
-                need_target: bool = True) -> RolloutController:
+                need_target: bool = True, preload: bool = False) -> RolloutController:
     from driftloop.core.console import settings_from
     from serving.rollout import RolloutController
 
     settings = settings_from(config, params, model=model)
     target = target_for(settings) if need_target else None
-    return RolloutController(settings, target, _registry(settings))
+    return RolloutController(settings, target, _registry(settings), preload=preload)
 
 
 @rollout_app.command("status")
@@ -521,7 +521,7 @@ def rollout_run(
     if not fleet.single and model is None:
         _rollout_fleet(fleet, max_steps)
         return
-    ctl = _controller(config, params, model)
+    ctl = _controller(config, params, model, preload=True)  # a process of its own: both versions load meanwhile
     try:
         state = ctl.run(until_done=True, max_steps=max_steps, on_step=StepLines(console))
     except KeyboardInterrupt:
@@ -542,7 +542,7 @@ def _rollout_fleet(fleet: Any, max_steps: int | None) -> None:
 
     def controller(m: Any, need_target: bool) -> RolloutController:
         s = m.settings
-        return RolloutController(s, target_for(s) if need_target else None, _registry(s))
+        return RolloutController(s, target_for(s) if need_target else None, _registry(s), preload=need_target)
 
     def show(visit: Visit) -> None:
         if visit.error is not None:

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from driftloop.core.errors import ConfigError
 from driftloop.core.statistics import check_blackout_windows
+from driftloop.core.user_cache import cache_file, read_json, write_json
 from driftloop.core.workspace import check_workspace_path
 
 __all__ = [
@@ -66,7 +67,7 @@ SECRET_ENV = ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_PASSWORD", "KFP_TOKEN", 
 # DRIFTLOOP_* variables the processes read for themselves (set by the CLI for its children, or by infra/):
 # they are not configuration keys, so a user or a Deployment that sets them must not make every load fail.
 PROCESS_ENV = ("DRIFTLOOP_CONFIG", "DRIFTLOOP_ERROR_FILE", "DRIFTLOOP_LOG_SCORES", "DRIFTLOOP_TASK_SERVER",
-               "DRIFTLOOP_TRACKER", "DRIFTLOOP_TRACKER_BIND")
+               "DRIFTLOOP_TRACKER", "DRIFTLOOP_TRACKER_BIND", "DRIFTLOOP_SKOPS_NAMES")
 
 
 def _is_number(annotation: Any) -> bool:
@@ -242,46 +243,21 @@ def _params_cache(module: str) -> Path | None:
         version = metadata.version(package)
     except metadata.PackageNotFoundError:
         return None
-    try:
-        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "driftloop"
-    except RuntimeError:  # no home directory to be found (a bare container user): nothing cached
-        return None
-    return root / f"learner-params-{package}-{re.sub(r'[^A-Za-z0-9.+-]', '_', version)}.json"
+    return cache_file("learner-params", **{package: version})
 
 
 def _read_params(path: Path, name: str) -> set[str] | None:
-    import json
-
-    try:
-        names = json.loads(path.read_text()).get(name)
-    except (OSError, ValueError, AttributeError):
-        return None  # none yet, or damaged: asked of the library (and written again)
+    data = read_json(path)
+    names = data.get(name) if isinstance(data, dict) else None
     return set(names) if isinstance(names, list) and all(isinstance(n, str) for n in names) else None
 
 
 def _write_params(path: Path, name: str, known: set[str]) -> None:
-    """Add ``name``'s parameters to the cache file (written whole, then renamed: a reader never sees half)."""
-    import json
-    import tempfile
-
-    try:
-        try:
-            data = json.loads(path.read_text())
-            data = data if isinstance(data, dict) else {}
-        except (OSError, ValueError):
-            data = {}
-        data[name] = sorted(known)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        try:
-            with os.fdopen(fd, "w") as fh:
-                json.dump(data, fh)
-            os.replace(tmp, path)
-        except OSError:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-    except OSError:
-        pass  # a read-only or full cache: the library is asked again next time
+    """Add ``name``'s parameters to the cache file."""
+    data = read_json(path)
+    data = data if isinstance(data, dict) else {}
+    data[name] = sorted(known)
+    write_json(path, data)
 
 
 _HIGHER_IS_BETTER = {"accuracy": True, "f1": True, "roc_auc": True, "r2": True, "rmse": False, "mae": False}

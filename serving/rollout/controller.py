@@ -66,9 +66,12 @@ class RolloutController:
     """Drives one canary rollout step by step; state survives restarts."""
 
     def __init__(self, settings: Settings, target: RolloutTarget, registry: Any | None = None, *,
-                 model_name: str | None = None, scorer: Scorer | None = None) -> None:
+                 model_name: str | None = None, scorer: Scorer | None = None, preload: bool = False) -> None:
         """``scorer``: how both versions answer the labelled requests (default: each version loaded from
-        the MLflow registry, :class:`~serving.rollout.paired.RegistryScorer`)."""
+        the MLflow registry, :class:`~serving.rollout.paired.RegistryScorer`). ``preload``: load both versions
+        in the background as soon as a rollout with a champion is seen, so the first analysis with enough
+        labels does not stop for it (``driftloop rollout run``, a process of its own; the gateway's own
+        controller loads them when they are needed, off its request path's interpreter time until then)."""
         self.settings = settings
         self.cfg = settings.rollout
         self.target = target
@@ -77,6 +80,8 @@ class RolloutController:
         self.store = RolloutStore(settings.workspace_dir / "rollout", self.model_name)
         self.schedule = weight_schedule(self.cfg)
         self._scorer = scorer
+        self._preload = preload
+        self._preloaded: tuple[str, str] | None = None
 
     # -- lifecycle ------------------------------------------------------------------
     @classmethod
@@ -212,6 +217,19 @@ class RolloutController:
                                 checks)
         return self._promote(state, f"checks passed at {state.weight}%", checks)
 
+    def _warm(self, state: RolloutState) -> None:
+        """Start loading both versions of an open rollout with a champion (once a pair; ``preload``)."""
+        if not self._preload or state.done or state.primary_version is None:
+            return
+        pair = (state.canary_version, state.primary_version)
+        if pair == self._preloaded:
+            return
+        if self._scorer is None:
+            self._scorer = RegistryScorer(self.model_name, self.settings.tracking_uri)
+        if isinstance(self._scorer, RegistryScorer):
+            self._scorer.preload(pair)
+        self._preloaded = pair
+
     def _pairing(self, state: RolloutState, canary: dict[str, Any] | None, primary: dict[str, Any] | None
                  ) -> tuple[Pairing | None, str]:
         """The labelled requests since the canary steps began, scored by both versions; or None and why
@@ -282,6 +300,7 @@ class RolloutController:
                 on_step(rec)
             steps += 1
             state = self.state()
+            self._warm(state)
             if state.done or (max_steps is not None and steps >= max_steps) or not until_done:
                 return state
             if state.status == AWAITING_APPROVAL and not self.cfg.manual_approval:

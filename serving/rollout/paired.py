@@ -16,13 +16,18 @@ deterministic) and the comparison gives no verdict.
 
 from __future__ import annotations
 
+import logging
 import math
+import threading
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from driftloop.core.statistics import PairedComparison, paired_comparison
 
 __all__ = ["Answers", "Scorer", "RegistryScorer", "Pairing", "compare_versions", "MAX_MISMATCH"]
+
+log = logging.getLogger(__name__)
 
 MAX_MISMATCH = 0.01  # share of re-scored answers that may differ from the logged ones
 _BATCH = 5_000
@@ -51,18 +56,37 @@ class RegistryScorer:
         self.model_name = model_name
         self.tracking_uri = tracking_uri
         self._models: dict[str, Any] = {}
+        self._lock = threading.Lock()  # one load at a time: a preload and an analysis never load a version twice
 
     def _model(self, version: str) -> Any:
-        model = self._models.get(version)
-        if model is None:
-            from serving.predictor import DriftloopModel
+        with self._lock:
+            model = self._models.get(version)
+            if model is None:
+                from serving.predictor import DriftloopModel
 
-            model = DriftloopModel(self.model_name, f"models:/{self.model_name}/{version}", self.tracking_uri)
-            model.load()  # ServingError naming the URI when it cannot be loaded
-            self._models[version] = model
-            while len(self._models) > 2:  # a rollout compares two versions; older ones go
-                self._models.pop(next(iter(self._models)))
-        return model
+                model = DriftloopModel(self.model_name, f"models:/{self.model_name}/{version}", self.tracking_uri)
+                model.load()  # ServingError naming the URI when it cannot be loaded
+                self._models[version] = model
+                while len(self._models) > 2:  # a rollout compares two versions; older ones go
+                    self._models.pop(next(iter(self._models)))
+            return model
+
+    def preload(self, versions: Iterable[str]) -> threading.Thread:
+        """Load the versions in a background thread, so the first analysis with enough labels does not wait
+        for MLflow, scikit-learn and both models (seconds) while the canary takes traffic. A version that
+        cannot be loaded is left alone here: the analysis that needs it says why (``ServingError``)."""
+        wanted = [str(v) for v in versions]
+
+        def load() -> None:
+            for version in wanted:
+                try:
+                    self._model(version)
+                except Exception as exc:  # noqa: BLE001 - reported by the analysis that needs the version
+                    log.debug("preloading %s v%s: %s", self.model_name, version, exc)
+
+        thread = threading.Thread(target=load, name=f"preload-{self.model_name}", daemon=True)
+        thread.start()
+        return thread
 
     def answers(self, version: str, rows: list[dict[str, Any]]) -> Answers:
         import numpy as np
