@@ -375,17 +375,25 @@ def _is_registry_uri(uri: str) -> bool:
 class DriftloopModel(kserve.Model):
     """One MLflow model version served by KServe, validated against its signature."""
 
-    def __init__(self, name: str, model_uri: str, tracking_uri: str | None = None) -> None:
+    def __init__(self, name: str, model_uri: str, tracking_uri: str | None = None, *, location: str | None = None,
+                 version: str | None = None) -> None:
+        """``location`` (with ``version``): where ``model_uri``'s files are, resolved already by whoever started
+        this server (:meth:`serving.local_backend.LocalBackend.files_location`): loaded without the registry."""
         super().__init__(name)
         self.model_uri = model_uri
         self.tracking_uri = tracking_uri
-        self.model_version: str | None = None
+        self.location = location
+        self.model_version: str | None = version if location else None
         self.schema: InputSchema | None = None
         self._model: Any = None
         self._as_array = False  # predict on the frame's float64 array (see _takes_array)
 
     def _resolve(self) -> str:
         """Pin a registry URI to its version now, so an alias moving later cannot change what is served."""
+        if self.location:  # a file: URI as the local path it names (MLflow finds MLmodel in a folder path only)
+            from mlflow.utils.file_utils import local_file_uri_to_path
+
+            return local_file_uri_to_path(self.location)
         if not _is_registry_uri(self.model_uri):
             return self.model_uri
         from driftloop.core.errors import RegistryError
@@ -995,6 +1003,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model-name", required=True, help="name the model answers to (/v1/models/<name>)")
     p.add_argument("--model-uri", required=True, help="models:/name@alias, models:/name/<version>, runs:/… or a path")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI)")
+    p.add_argument("--model-location", default=None,
+                   help="where --model-uri's files are, resolved by the caller (then the registry is not asked)")
+    p.add_argument("--model-version", default=None, help="the version --model-location holds")
     p.add_argument("--http-port", type=int, default=8080)
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0 in a cluster pod)")
     p.add_argument("--workers", type=int, default=1)
@@ -1024,7 +1035,11 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-    model = DriftloopModel(args.model_name, args.model_uri, tracking_uri=args.tracking_uri)
+    if bool(args.model_location) != bool(args.model_version):
+        print("error: --model-location and --model-version go together", file=sys.stderr)
+        return 2
+    model = DriftloopModel(args.model_name, args.model_uri, tracking_uri=args.tracking_uri,
+                           location=args.model_location, version=args.model_version)
     try:
         model.load()
     except ServingError as exc:

@@ -1,10 +1,12 @@
 """The KServe predictor against a real ModelServer process and a real local MLflow registry."""
 
 import contextlib
+import json
 import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -266,6 +268,38 @@ def test_pinned_version_and_run_uri_load_with_their_version(trained):
     run_id = Registry.from_settings(settings).get_version("churn", "1").run_id
     by_run = DriftloopModel("churn", f"runs:/{run_id}/model", tracking_uri=settings.tracking_uri)
     assert by_run.load() and by_run.model_version  # not a registry URI: the logged model's id
+
+
+def test_a_version_started_by_the_local_backend_loads_from_its_files_without_the_registry(trained, rows, expected,
+                                                                                          capsys):
+    """The launcher (here with MLflow loaded, as ``driftloop serve`` and the deploy step have it) hands a pinned
+    version's file location to its model server, which loads it without opening the tracking store and answers
+    as the registry-loaded version does; an alias or another version is left to the server to resolve."""
+    import subprocess
+
+    from serving.local_backend import LocalBackend
+    from serving.predictor import DriftloopModel, main
+
+    settings, _ = trained
+    argv = LocalBackend(settings).model_server_argv("1", "models:/churn/1", 0)
+    location = argv[argv.index("--model-location") + 1]
+    assert location.startswith("file://") and argv[argv.index("--model-version") + 1] == "1"
+    for unpinned in ("models:/churn@champion", "models:/churn/2", "runs:/abc/model"):
+        assert "--model-location" not in LocalBackend(settings).model_server_argv("1", unpinned, 0)
+    probe = ("import sys, driftloop\nfrom serving.predictor import DriftloopModel\n"
+             "m = DriftloopModel('churn', 'models:/churn/1', 'sqlite:////nonexistent/no.db', location=sys.argv[1],"
+             " version='1')\nm.load()\nimport json\nprint(json.dumps([m.model_version, 'sqlalchemy' in sys.modules,"
+             " m.predict({'instances': json.loads(sys.argv[2])})['predictions']]))")
+    out = subprocess.run([sys.executable, "-c", probe, location, json.dumps(rows)], capture_output=True, text=True,
+                         timeout=180, cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr[-2000:]
+    version, store_opened, predictions = json.loads(out.stdout.strip().splitlines()[-1])
+    assert version == "1" and not store_opened  # a tracking URI that does not exist was never opened
+    registry_loaded = DriftloopModel("churn", "models:/churn/1", tracking_uri=settings.tracking_uri)
+    registry_loaded.load()
+    assert predictions == registry_loaded.predict({"instances": rows})["predictions"] == expected
+    assert main(["--model-name", "churn", "--model-uri", "models:/churn/1", "--model-location", location]) == 2
+    assert "--model-location and --model-version go together" in capsys.readouterr().err
 
 
 def test_frame_from_instances_keeps_dtypes_the_model_was_trained_on():

@@ -270,6 +270,17 @@ class Registry:
             raise RegistryError(f"model {ref!r} has no {CHAMPION!r} alias")
         return info
 
+    def files_location(self, name: str, version: str) -> str:
+        """Where version ``version``'s model files are (its logged model's artifact location, e.g.
+        ``file:///…/artifacts``): a URI MLflow loads without asking the tracking store again."""
+        info = self.get_version(name, version)
+        if not info.source.startswith("models:/"):  # a runs:/ source needs the store to be found
+            if info.source.startswith("runs:/"):
+                raise RegistryError(f"model version {name}/{version} has a run source: {info.source}")
+            return info.source
+        with self.translate_errors(f"logged model of {name}/{version} not found"):
+            return self.client.get_logged_model(info.source.removeprefix("models:/")).artifact_location
+
     def list_versions(self, name: str) -> list[VersionInfo]:
         with self.translate_errors(f"cannot list versions of {name!r}"):
             found = self.client.search_model_versions(f"name = '{name}'")
