@@ -222,6 +222,16 @@ def _stattest(method: str, kind: str, *, default: bool = False) -> Any:
     return _STATTESTS[key]
 
 
+def warm_up() -> None:
+    """Import Evidently's stattest registry now (``evidently.legacy`` brings its whole package along: ~3 s of a
+    slow 2-core machine), so the first check does not pay for it: the monitor's check loop calls this before
+    its first wait. A registry that cannot be imported is left for the check to report."""
+    try:
+        import evidently.legacy.calculations.stattests.registry  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - the check that needs it says what is wrong
+        log.debug("Evidently's stattests not imported ahead of the first check: %s", exc)
+
+
 def _find_stattest(method: str, kind: str, *, default: bool = False) -> Any:
     from evidently.legacy.calculations.stattests.registry import (
         StatTestNotFoundError,

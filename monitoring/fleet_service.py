@@ -57,6 +57,7 @@ from starlette.responses import Response
 from starlette.routing import Mount, Route
 
 from driftloop.core.errors import DriftloopError
+from monitoring.drift import warm_up as drift_warm_up
 from monitoring.intake import IntakeJournal
 from monitoring.loglines import LoopLines
 from monitoring.metrics import CONTENT_TYPE_LATEST, ModelLabelled
@@ -152,6 +153,7 @@ class FleetChecks:
         return time.perf_counter() - started
 
     def _loop(self) -> None:
+        drift_warm_up()  # once for every model, while the first interval runs
         now = time.monotonic()
         due = [(now + s.settings.monitor.check_interval_seconds, name) for name, s in self.services.items()]
         heapq.heapify(due)

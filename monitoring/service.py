@@ -64,6 +64,7 @@ from driftloop.core.files import workspace_token
 from driftloop.core.registry import Registry
 from driftloop.core.shadow import shadow_name
 from monitoring.alerts import AlertStore
+from monitoring.drift import warm_up as drift_warm_up
 from monitoring.drift_check import DriftMonitor, log_report_to_mlflow
 from monitoring.events import RowSchema
 from monitoring.history import CheckHistory
@@ -225,6 +226,7 @@ class MonitorService:
     def _loop(self) -> None:
         interval = self.settings.monitor.check_interval_seconds
         lines = LoopLines(log)  # a line per change, a summary a minute; each verdict with -v (monitoring.loglines)
+        drift_warm_up()  # while the first interval runs, not in the first check
         while not self._stop.wait(interval):
             self._round(lines)
 
