@@ -22,11 +22,12 @@ models round-trip with the default trust.
 
 :func:`install` (from ``driftloop/__init__.py``) puts a finder first on ``sys.meta_path`` that acts only on
 ``skops.io._trusted_types``; ``DRIFTLOOP_SKOPS_NAMES=off`` turns it off (skops searches as it always did).
+While skops' module runs, ``sklearn.utils.all_estimators`` answers with the stand-ins: a call from another
+thread in that moment (none in this project) would get them too.
 """
 
 from __future__ import annotations
 
-import importlib.abc
 import importlib.machinery
 import os
 import sys
@@ -99,7 +100,10 @@ class _Loader(importlib.machinery.SourceFileLoader):
             write_json(path, {"estimators": list(module.SKLEARN_ESTIMATOR_TYPE_NAMES), "public": public})
 
 
-class _Finder(importlib.abc.MetaPathFinder):
+class _Finder:
+    """A meta path finder (``find_spec`` is all the import system asks of one; ``importlib.abc`` is not
+    imported for its base class: it costs every process ~20 ms)."""
+
     def find_spec(self, fullname: str, path: Any, target: Any = None) -> importlib.machinery.ModuleSpec | None:
         if fullname != MODULE or os.environ.get(OFF_ENV) == "off":
             return None
