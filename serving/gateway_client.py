@@ -27,6 +27,7 @@ class GatewayAdminClient:
 
     def __init__(self, token_path: Path) -> None:
         self.token_path = token_path
+        self._http: Any = None  # one httpx client for every call: making one loads the CA bundle (tens of ms)
 
     def admin_token(self) -> str | None:
         """The gateway's admin bearer token: ``DRIFTLOOP_GATEWAY_TOKEN``, else the workspace's token file."""
@@ -58,7 +59,9 @@ class GatewayAdminClient:
         token = self.admin_token()
         headers = {"authorization": f"Bearer {token}"} if token else {}
         try:
-            resp = httpx.request(method, gateway["url"] + path, json=body, headers=headers, timeout=10.0)
+            if self._http is None:
+                self._http = httpx.Client(timeout=10.0)
+            resp = self._http.request(method, gateway["url"] + path, json=body, headers=headers)
         except httpx.HTTPError as exc:
             raise ServingError(f"gateway at {gateway['url']} is unreachable: {exc}") from exc
         if resp.status_code >= 400:

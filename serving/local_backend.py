@@ -245,14 +245,15 @@ class LocalBackend:
             state["replicas"] = keep
             urls = {r["url"] for r in drop}
             deadline = time.monotonic() + drain_timeout
-            while time.monotonic() < deadline:  # requests already sent to a dropped replica finish first
-                try:
-                    inflight = httpx.get(gateway["url"] + "/admin/status", timeout=5.0).json().get("inflight", {})
-                except (httpx.HTTPError, ValueError):
-                    break
-                if not urls & set(inflight):
-                    break
-                time.sleep(0.05)
+            with httpx.Client(timeout=5.0) as client:  # one for every poll (a client each loads the CA bundle)
+                while time.monotonic() < deadline:  # requests already sent to a dropped replica finish first
+                    try:
+                        inflight = client.get(gateway["url"] + "/admin/status").json().get("inflight", {})
+                    except (httpx.HTTPError, ValueError):
+                        break
+                    if not urls & set(inflight):
+                        break
+                    time.sleep(0.05)
             for r in drop:
                 stop_process(int(r["pid"]), self.stop_timeout)
             log.info("primary v%s now on %d replicas", primary["version"], n)

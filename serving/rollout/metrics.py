@@ -49,7 +49,9 @@ class PrometheusMetrics:
     def query(self, promql: str) -> float | None:
         import httpx
 
-        client = self._client or httpx.Client(timeout=self.timeout)
+        if self._client is None:  # one client for every query: making one loads the CA bundle (tens of ms)
+            self._client = httpx.Client(timeout=self.timeout)
+        client = self._client
         try:
             resp = client.get(f"{self.url}/api/v1/query", params={"query": promql})
             resp.raise_for_status()
@@ -82,7 +84,9 @@ class MonitorClient:
         """The JSON answer; None for a 404 with ``missing_ok`` (a monitor without that route)."""
         import httpx
 
-        client = self._client or httpx.Client(timeout=self.timeout)
+        if self._client is None:  # one client for every query: making one loads the CA bundle (tens of ms)
+            self._client = httpx.Client(timeout=self.timeout)
+        client = self._client
         headers = {"authorization": f"Bearer {self._token}"} if self._token else {}
         try:
             resp = client.get(f"{self.url}{path}", params=params, headers=headers)
