@@ -59,6 +59,28 @@ MODEL_ROLES = ("primary", "canary")
 log = logging.getLogger(__name__)
 
 
+def files_location(settings: Settings, version: str, model_uri: str) -> str | None:
+    """Where a pinned version's files are, when this process can say so cheaply: it has MLflow loaded
+    already (``driftloop serve``, the deploy step) and ``model_uri`` names that version. The model server
+    then loads them without opening the tracking store (SQLAlchemy and the store's start cost it ~2.3 s
+    of an ~8 s start on a slow 2-core machine). Otherwise (None) it resolves ``model_uri`` itself."""
+    import re
+    import sys
+
+    name = settings.mlflow.model_name
+    if "mlflow" not in sys.modules or not re.fullmatch(rf"models:/{re.escape(name)}/{re.escape(str(version))}",
+                                                        model_uri):
+        return None
+    from driftloop.core.errors import RegistryError
+    from driftloop.core.registry import Registry
+
+    try:
+        return Registry.from_settings(settings).files_location(name, str(version))
+    except RegistryError as exc:  # the model server resolves it and reports what is wrong
+        log.debug("model files of %s: %s", model_uri, exc)
+        return None
+
+
 class LocalBackend:
     """Start, change and stop the local serving processes; the state file is the truth.
 
@@ -143,31 +165,10 @@ class LocalBackend:
         argv = ["serving.predictor", "--model-name", s.serving.name, "--model-uri", model_uri,
                 "--tracking-uri", s.tracking_uri, "--http-port", str(port), "--host", s.serving.host,
                 "--max-payload-bytes", str(s.serving.max_payload_bytes)]
-        location = self.files_location(version, model_uri)
+        location = files_location(s, version, model_uri)
         if location:
             argv += ["--model-location", location, "--model-version", str(version)]
         return argv
-
-    def files_location(self, version: str, model_uri: str) -> str | None:
-        """Where a pinned version's files are, when this process can say so cheaply: it has MLflow loaded
-        already (``driftloop serve``, the deploy step) and ``model_uri`` names that version. The model server
-        then loads them without opening the tracking store (SQLAlchemy and the store's start cost it ~1.7 s
-        of a ~8 s start on a slow 2-core machine). Otherwise (None) it resolves ``model_uri`` itself."""
-        import re
-        import sys
-
-        name = self.settings.mlflow.model_name
-        if "mlflow" not in sys.modules or not re.fullmatch(rf"models:/{re.escape(name)}/{re.escape(str(version))}",
-                                                            model_uri):
-            return None
-        from driftloop.core.errors import RegistryError
-        from driftloop.core.registry import Registry
-
-        try:
-            return Registry.from_settings(self.settings).files_location(name, str(version))
-        except RegistryError as exc:  # the model server resolves it and reports what is wrong
-            log.debug("model files of %s: %s", model_uri, exc)
-            return None
 
     def start_model_server(self, role: str, version: str, model_uri: str, port: int = 0) -> ProcessInfo:
         s = self.settings

@@ -378,7 +378,7 @@ class DriftloopModel(kserve.Model):
     def __init__(self, name: str, model_uri: str, tracking_uri: str | None = None, *, location: str | None = None,
                  version: str | None = None) -> None:
         """``location`` (with ``version``): where ``model_uri``'s files are, resolved already by whoever started
-        this server (:meth:`serving.local_backend.LocalBackend.files_location`): loaded without the registry."""
+        this server (:func:`serving.local_backend.files_location`): loaded without the registry."""
         super().__init__(name)
         self.model_uri = model_uri
         self.tracking_uri = tracking_uri
