@@ -45,7 +45,9 @@ def _probe(cache: Path, imports: str = "bare", **env: str) -> dict:
 
 
 def test_the_cached_names_are_skops_own_and_its_searches_are_skipped_once_cached(tmp_path):
-    first = _probe(tmp_path)  # nothing cached: skops searches, the answers are kept
+    # nothing cached, a model server's imports first (where the ufunc search is slowest): skops searches, the
+    # answers are kept
+    first = _probe(tmp_path, "server")
     names = first["names"]
     assert first["walked"] and len(names["SKLEARN_ESTIMATOR_TYPE_NAMES"]) > 100
     assert "sklearn.linear_model._logistic.LogisticRegression" in names["SKLEARN_ESTIMATOR_TYPE_NAMES"]
@@ -61,16 +63,25 @@ def test_the_cached_names_are_skops_own_and_its_searches_are_skipped_once_cached
     assert second["loaded"] == first["loaded"] == [[0, 1, 0, 1] * 5] * 2
     assert [m.split(".")[0] for m in second["own"]] == ["sklearn", "skops"]  # the module's names are theirs again
 
-    # a model server's imports before skops' (where the ufunc search is slowest): skops' own answer, cached
-    # or not, is the bare interpreter's
-    server = _probe(tmp_path, "server")
-    off = _probe(tmp_path, "server", DRIFTLOOP_SKOPS_NAMES="off")  # turned off: skops searches as always
-    assert off["walked"] and server["names"] == off["names"] == names
-
-    files[0].write_text('{"estimators": ["not a', encoding="utf-8")  # damaged: searched again, written again
+    # damaged: searched again (in a bare interpreter this time: skops' own answer is the same) and written again
+    files[0].write_text('{"estimators": ["not a', encoding="utf-8")
     third = _probe(tmp_path)
     assert third["walked"] and third["names"] == names
     assert json.loads(files[0].read_text()) == kept
+
+
+def test_the_finder_acts_on_skops_trusted_types_only_and_can_be_turned_off(monkeypatch):
+    from driftloop.core import skops_names
+
+    finder = skops_names._FINDER
+    assert finder in sys.meta_path  # installed by importing the package
+    import skops.io
+
+    spec = finder.find_spec(skops_names.MODULE, skops.io.__path__)
+    assert isinstance(spec.loader, skops_names._Loader) and spec.origin.endswith("_trusted_types.py")
+    assert finder.find_spec("skops.io._utils", skops.io.__path__) is None
+    monkeypatch.setenv(skops_names.OFF_ENV, "off")  # skops searches as it always did
+    assert finder.find_spec(skops_names.MODULE, skops.io.__path__) is None
 
 
 def test_an_unwritable_cache_is_passed_by(tmp_path):
