@@ -152,6 +152,7 @@ class RolloutController:
         state = self.state()
         if state.done:
             return state.history[-1] if state.history else {"decision": state.status}
+        self._warm(state)  # with ``preload``: both versions load while this and the next intervals run
         if state.status == PENDING and self.cfg.shadow_percent > 0 and not any(
                 h.get("decision") == "shadow_pass" for h in state.history):
             if hasattr(self.target, "set_shadow"):
@@ -300,7 +301,6 @@ class RolloutController:
                 on_step(rec)
             steps += 1
             state = self.state()
-            self._warm(state)
             if state.done or (max_steps is not None and steps >= max_steps) or not until_done:
                 return state
             if state.status == AWAITING_APPROVAL and not self.cfg.manual_approval:
